@@ -1,0 +1,1 @@
+"""Who may send to whom: runs the configured recipient and list plugins in order."""

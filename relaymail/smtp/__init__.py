@@ -1,0 +1,1 @@
+"""The inbound SMTP wire: addresses, replies, the dialogue, DATA and the Twisted protocol."""
