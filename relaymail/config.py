@@ -1,4 +1,35 @@
-"""The INI file to validated settings."""
+"""The INI file to validated settings.
+
+One table, :data:`SCHEMA`, names every section and key with the parser that
+checks it, its default and the attribute it becomes.  Adding a key is one
+line there (and its documentation in ``etc/relaymail.ini``, which a test
+enforces).  :func:`load_config` reads the file, applies command-line
+overrides and returns a :class:`Settings`; every problem becomes one
+:class:`ConfigError` line naming the file, the section and the key, never a
+traceback.
+
+Values are strings in the file; the parsers below turn them into ints,
+floats, lists, networks and so on.  The accepted forms are:
+
+* sizes: a whole number of bytes or one with a K, M or G suffix (binary
+  multiples: ``10M`` is 10485760);
+* durations: seconds, or a number with an ``s``, ``m``, ``h``, ``d`` or
+  ``w`` suffix, as Postfix time parameters are written (``5d``, ``1.5h``);
+* booleans: yes/no, true/false, on/off, 1/0;
+* lists: items separated by commas, white space or new lines; an empty value
+  is an empty list.
+"""
+
+import configparser
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import socket
+from typing import Any, Callable
+
+import idna
 
 
 class ConfigError(Exception):
@@ -14,3 +45,630 @@ class ConfigError(Exception):
         if key:
             where = f"{where} {key}".strip()
         super().__init__(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
+
+
+DEFAULTS_SOURCE = "<defaults>"
+COMMAND_LINE_SOURCE = "command line"
+
+# A section named "plugin:NAME" holds options for the plugin NAME, passed to
+# it as raw strings for the plugin to check itself.
+PLUGIN_SECTION_PREFIX = "plugin:"
+
+_PLUGIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+
+
+# ---------------------------------------------------------------------------
+# Value parsers.  Each takes the raw string and returns the typed value, or
+# raises ValueError whose text is the one-line problem shown to the user.
+# ---------------------------------------------------------------------------
+
+def _one_line(text):
+    """Squeeze a library's error text onto one line for a ConfigError."""
+    return " ".join(str(text).split())
+
+
+def _at_least(minimum, value, raw):
+    """Raise when ``value`` (parsed from ``raw``) is below ``minimum``."""
+    if minimum is not None and value < minimum:
+        raise ValueError(f"must be at least {minimum}, got {raw!r}")
+
+
+def integer(minimum=None):
+    """A whole number, optionally with a lower bound."""
+    def parse(raw):
+        text = raw.strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(f"expected a whole number, got {raw!r}")
+        value = int(text)
+        _at_least(minimum, value, raw)
+        return value
+    return parse
+
+
+# Binary multiples, as the brief for relaymail sizes asks; Postfix itself
+# takes plain byte counts only.
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def size(minimum=1):
+    """A number of bytes, plain or with a K/M/G suffix."""
+    def parse(raw):
+        match = re.fullmatch(r"(\d+)\s*([kmg]?)", raw.strip(), re.IGNORECASE)
+        if not match:
+            raise ValueError(
+                f"expected a size in bytes (e.g. 10485760 or 10M), got {raw!r}")
+        value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        _at_least(minimum, value, raw)
+        return value
+    return parse
+
+
+# The suffixes Postfix accepts for time parameters (postconf(5), "Time
+# units"): seconds, minutes, hours, days, weeks.
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(whole=False, minimum=0, positive=False):
+    """A time span in seconds, plain or with an s/m/h/d/w suffix.
+
+    :param whole: return an int and refuse spans that are not whole seconds
+        (queue timers); otherwise return a float (socket timeouts).
+    :param positive: refuse zero, for timeouts where zero would mean
+        "expire at once" rather than anything useful.
+    """
+    def parse(raw):
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)",
+                             raw.strip(), re.IGNORECASE)
+        if not match:
+            raise ValueError(
+                "expected a duration in seconds or with a unit "
+                f"(e.g. 300, 300s, 5m, 1.5h, 5d), got {raw!r}")
+        value = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        if whole:
+            if value != int(value):
+                raise ValueError(
+                    f"expected a whole number of seconds, got {raw!r}")
+            value = int(value)
+        if positive and value <= 0:
+            raise ValueError(f"must be more than 0, got {raw!r}")
+        _at_least(minimum, value, raw)
+        return value
+    return parse
+
+
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
+             "no": False, "false": False, "off": False, "0": False}
+
+
+def boolean(raw):
+    """yes/no, true/false, on/off or 1/0, in any case."""
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"expected yes or no (or true/false, on/off, 1/0), got {raw!r}") from None
+
+
+def _split(raw, separators=r"[\s,]+"):
+    """The non-empty items of a list value."""
+    return [item for item in re.split(separators, raw.strip()) if item]
+
+
+def listing(item):
+    """A list whose items are separated by commas, white space or new
+    lines, each checked by ``item``."""
+    def parse(raw):
+        return [item(part) for part in _split(raw)]
+    return parse
+
+
+# RFC 1123 section 2.1 host name syntax: letters, digits and hyphens in
+# labels of at most 63 octets, no hyphen at either end; RFC 1035 2.3.4 caps
+# the whole name at 255 octets, which is 253 characters in text form.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def _is_host_name(text):
+    """True when ``text`` is a syntactically valid (ASCII) host name."""
+    return (0 < len(text) <= 253
+            and all(_LABEL.match(label) for label in text.split(".")))
+
+
+def host_name(raw):
+    """The name this relay gives itself in its greeting and EHLO."""
+    text = raw.strip()
+    if not _is_host_name(text):
+        raise ValueError(
+            "expected a host name such as mail.example.com (letters, digits, "
+            f"hyphens and dots), got {raw!r}")
+    return text
+
+
+def domain(raw):
+    """A domain name, lower-cased in IDNA A-label form so it compares
+    equal to what arrives on the wire (RFC 5890)."""
+    try:
+        encoded = idna.encode(raw, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise ValueError(
+            f"expected a domain name, got {raw!r} ({_one_line(exc)})") from None
+    # "example.com." is the same domain in its absolute form; addresses
+    # never carry the dot, so neither do we.
+    return encoded.lower().removesuffix(".")
+
+
+def network(raw):
+    """An IPv4 or IPv6 network in CIDR form; a bare address is a /32 or
+    /128."""
+    try:
+        return ipaddress.ip_network(raw)
+    except ValueError:
+        pass
+    # Postfix warns about host bits set (mynetworks); we refuse, since a
+    # typo there would trust the wrong clients, but say what was meant.
+    try:
+        meant = ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValueError(
+            "expected a network in CIDR form (e.g. 192.0.2.0/24 or "
+            f"2001:db8::/32), got {raw!r}") from None
+    raise ValueError(f"{raw!r} has host bits set; did you mean '{meant}'?")
+
+
+def server_endpoints(raw):
+    """Twisted server endpoint strings, one per line (or comma-separated).
+
+    Each is built with ``serverFromString``, which parses and checks it
+    without listening, so a bad string fails at start-up with its name.
+    """
+    # Imported here, not at the top: importing the reactor installs the
+    # default one, and twistd must be free to choose another before that.
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    endpoints = [part.strip() for part in _split(raw, r"[\n,]+")]
+    endpoints = [part for part in endpoints if part]
+    for description in endpoints:
+        try:
+            serverFromString(reactor, description)
+        except Exception as exc:
+            reason = _one_line(exc) or type(exc).__name__
+            raise ValueError(
+                f"not a valid Twisted server endpoint {description!r}: {reason}") from None
+    return endpoints
+
+
+def absolute_path(raw):
+    """A file system path, made absolute against the current directory at
+    load time so a later chdir (twistd --rundir) cannot change its meaning."""
+    text = raw.strip()
+    if not text:
+        raise ValueError("expected a path, got ''")
+    return os.path.abspath(text)
+
+
+def directory(raw):
+    """An existing directory, made absolute like :func:`absolute_path`."""
+    absolute = absolute_path(raw)
+    if not os.path.isdir(absolute):
+        reason = "is not a directory" if os.path.exists(absolute) else "does not exist"
+        raise ValueError(f"directory {raw!r} {reason}")
+    return absolute
+
+
+def readable_file(raw):
+    """An optional path to a file that must be readable now; empty means
+    unset (None)."""
+    if not raw.strip():
+        return None
+    absolute = absolute_path(raw)
+    try:
+        with open(absolute, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {raw.strip()!r}: {exc.strerror}") from None
+    return absolute
+
+
+def plugin_name(raw):
+    """The name a plugin declares, as it appears in [plugin:NAME]."""
+    if not _PLUGIN_NAME.match(raw):
+        raise ValueError(
+            "expected a plugin name (letters, digits, '_', '-', '.'), "
+            f"got {raw!r}")
+    return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class Smarthost:
+    """Where all outbound mail goes instead of the recipients' MX hosts.
+
+    ``mx_lookup`` is False for the bracketed form ``[host]:port``: as in
+    Postfix relayhost, brackets mean "connect to this host's address
+    records" rather than "look up its MX records".
+    """
+
+    host: str
+    port: int
+    mx_lookup: bool
+
+    def __str__(self):
+        shown = f"[{self.host}]" if not self.mx_lookup else self.host
+        return f"{shown}:{self.port}"
+
+
+# RFC 5321 section 4.5.4.1: mail is sent to port 25 unless told otherwise.
+_SMTP_PORT = 25
+_SMARTHOST = re.compile(r"\[(?P<literal>[^\]]*)\](?::(?P<lport>[^:]*))?"
+                        r"|(?P<host>[^\[\]:]+)(?::(?P<port>[^:]*))?")
+
+
+def _port(text):
+    """A TCP port number, 1 to 65535."""
+    if not re.fullmatch(r"\d{1,5}", text) or not 0 < int(text) < 65536:
+        raise ValueError(f"port must be a number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _smarthost_host(text, raw):
+    """The host part of a smarthost: a host name (IDNA-encoded when it is
+    not ASCII) or an IP address."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    try:
+        name = domain(text)
+    except ValueError:
+        name = ""
+    if not _is_host_name(name):
+        whole = "" if text == raw.strip() else f" in {raw!r}"
+        raise ValueError(f"expected a host name or IP address, got {text!r}{whole}")
+    return name
+
+
+def smarthost(raw):
+    """``[host]:port``, ``[host]``, ``host:port`` or ``host``; empty means
+    no smarthost (None)."""
+    text = raw.strip()
+    if not text:
+        return None
+    match = _SMARTHOST.fullmatch(text)
+    if not match:
+        raise ValueError(
+            "expected [host]:port, host:port or host "
+            f"(e.g. [mail.example.net]:587; an IPv6 address in brackets), got {raw!r}")
+    bracketed = match.group("literal") is not None
+    host_text = match.group("literal") if bracketed else match.group("host")
+    port_text = match.group("lport") if bracketed else match.group("port")
+    host = _smarthost_host(host_text, raw)
+    if not bracketed and _is_ip(host):
+        # An address has no MX records to look up, so "host" form would
+        # promise a lookup that cannot happen; Postfix relayhost likewise
+        # writes addresses in brackets.
+        raise ValueError(
+            "put an IP address in brackets, e.g. "
+            f"'[{host}]:{port_text or _SMTP_PORT}', got {raw!r}")
+    port = _SMTP_PORT if port_text is None else _port(port_text)
+    return Smarthost(host=host, port=port, mx_lookup=not bracketed)
+
+
+def _is_ip(text):
+    """True when ``text`` is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# The schema.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One configuration key: how to parse it, its default and the
+    attribute it becomes (the key's own name when None).
+
+    The default is a raw string parsed exactly like a value from the file,
+    so defaults pass the same checks; or a function returning one, called
+    only when the key is unset, for defaults that depend on the host.
+    """
+
+    parse: Callable[[str], Any]
+    default: str | Callable[[], str]
+    attribute: str | None = None
+
+
+# section -> key -> Key.  Defaults cite where their numbers come from.
+SCHEMA = {
+    "server": {
+        "listen": Key(server_endpoints, "tcp:2525:interface=127.0.0.1"),
+        # Looked up through the module at load time, not bound at import.
+        "hostname": Key(host_name, lambda: socket.getfqdn()),
+        # Loopback only: narrower than Postfix's mynetworks_style = subnet,
+        # so a fresh install relays for nobody else by accident.
+        "trusted_networks": Key(listing(network), "127.0.0.0/8 ::1/128"),
+    },
+    "relay": {
+        "domains": Key(listing(domain), ""),
+    },
+    "queue": {
+        "path": Key(absolute_path, "var/spool"),
+        # Postfix minimal_backoff_time, maximal_backoff_time and
+        # maximal_queue_lifetime; delay_warning_time is off by default.
+        "min_backoff": Key(duration(whole=True, minimum=1), "300"),
+        "max_backoff": Key(duration(whole=True, minimum=1), "4000"),
+        "lifetime": Key(duration(whole=True), "5d"),
+        "delay_warning": Key(duration(whole=True), "0"),
+    },
+    "delivery": {
+        "smarthost": Key(smarthost, ""),
+    },
+    "tls": {
+        "certificate": Key(readable_file, ""),
+        "private_key": Key(readable_file, ""),
+    },
+    "limits": {
+        # 10 MiB; Postfix message_size_limit is 10240000.
+        "message_size": Key(size(), "10M"),
+        # Postfix smtpd_recipient_limit.  RFC 5321 4.5.3.1.8 wants at
+        # least 100 accepted, but a smaller value is the admin's call.
+        "recipients": Key(integer(minimum=1), "1000"),
+        # RFC 5321 4.5.3.1.6: a text line is up to 1000 octets with CRLF
+        # and a server must accept that; the lower floor is for tests.
+        "line_length": Key(integer(minimum=80), "1000"),
+        # RFC 5321 4.5.3.2.7 (server timeout, 5 minutes) and 4.5.3.2.5
+        # (data block, 3 minutes).
+        "command_timeout": Key(duration(positive=True), "300"),
+        "data_timeout": Key(duration(positive=True), "180"),
+        # Postfix smtpd_hard_error_limit.
+        "errors": Key(integer(minimum=1), "20"),
+    },
+    "plugins": {
+        "recipients": Key(listing(plugin_name), "domains"),
+        "expanders": Key(listing(plugin_name), ""),
+        "path": Key(listing(directory), ""),
+        "timeout": Key(duration(positive=True), "10"),
+    },
+}
+
+
+def _attribute(name, key):
+    """The attribute ``key`` (the Key named ``name``) becomes."""
+    return key.attribute or name
+
+
+def _section_class(section, keys):
+    """A frozen dataclass holding one section's parsed values."""
+    cls = dataclasses.make_dataclass(
+        f"{section.capitalize()}Settings",
+        [(_attribute(name, key), Any) for name, key in keys.items()],
+        frozen=True)
+    cls.__doc__ = f"The parsed values of [{section}]."
+    cls.__module__ = __name__
+    return cls
+
+
+SECTION_CLASSES = {section: _section_class(section, keys)
+                   for section, keys in SCHEMA.items()}
+
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [("source", str)]
+    + [(section, cls) for section, cls in SECTION_CLASSES.items()]
+    + [("plugin_options", dict)],
+    frozen=True)
+Settings.__module__ = __name__
+Settings.__doc__ = """All of relaymail's settings: ``source`` (the file read,
+or '<defaults>'), one attribute per section of :data:`SCHEMA`, and
+``plugin_options``, a dict of each [plugin:NAME] section's raw strings."""
+
+
+# ---------------------------------------------------------------------------
+# Reading the file.
+# ---------------------------------------------------------------------------
+
+def _suggest(word, choices):
+    """The closest of ``choices`` to ``word``, or None."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return close[0] if close else None
+
+
+def _unknown_section(source, section):
+    """The ConfigError for a section relaymail does not know."""
+    known = sorted(SCHEMA)
+    if ":" in section:
+        # [plugins:aliases] or [Plugin:aliases]: a plugin's options, mistyped.
+        guess = PLUGIN_SECTION_PREFIX + section.split(":", 1)[1]
+    else:
+        guess = _suggest(section, known)
+    if guess:
+        return ConfigError(source, section, None,
+                           f"unknown section; did you mean [{guess}]?")
+    listed = ", ".join(f"[{name}]" for name in known)
+    return ConfigError(source, section, None,
+                       f"unknown section; expected one of {listed} or [plugin:NAME]")
+
+
+def _unknown_key(source, section, key):
+    """The ConfigError for a key its section does not have."""
+    known = list(SCHEMA[section])
+    guess = _suggest(key, known)
+    if guess:
+        return ConfigError(source, section, key,
+                           f"unknown key; did you mean '{guess}'?")
+    return ConfigError(source, section, key,
+                       f"unknown key; [{section}] has {', '.join(known)}")
+
+
+def _plugin_name_of(source, section):
+    """The NAME of a [plugin:NAME] section, checked."""
+    name = section[len(PLUGIN_SECTION_PREFIX):]
+    try:
+        return plugin_name(name)
+    except ValueError as exc:
+        raise ConfigError(source, section, None, str(exc)) from None
+
+
+def _syntax_error(source, text, exc):
+    """Turn configparser's multi-line complaint into one ConfigError."""
+    lines = text.splitlines()
+
+    def line_at(number):
+        return lines[number - 1].strip() if 0 < number <= len(lines) else ""
+
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return ConfigError(source, exc.section, exc.option,
+                           f"line {exc.lineno}: set twice in this section")
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return ConfigError(source, exc.section, None,
+                           f"line {exc.lineno}: section appears twice")
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return ConfigError(source, None, None,
+                           f"line {exc.lineno}: expected a [section] header "
+                           f"before {line_at(exc.lineno)!r}")
+    if isinstance(exc, configparser.ParsingError) and exc.errors:
+        number = exc.errors[0][0]
+        return ConfigError(source, None, None,
+                           f"line {number}: expected '[section]' or "
+                           f"'key = value', got {line_at(number)!r}")
+    return ConfigError(source, None, None, _one_line(exc))
+
+
+def _read_text(source):
+    """The file's text, or a ConfigError saying why it cannot be had."""
+    try:
+        with open(source, encoding="utf-8") as stream:
+            return stream.read()
+    except OSError as exc:
+        raise ConfigError(source, None, None,
+                          f"cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, None, None,
+                          f"cannot read the file: not UTF-8 (byte {exc.start} "
+                          f"is {exc.object[exc.start]:#04x})") from None
+
+
+def _parse_ini(source, text):
+    """The file as a ConfigParser, or a ConfigError naming the bad line."""
+    parser = configparser.ConfigParser(
+        # Values are taken literally: '%' has no meaning in them.
+        interpolation=None,
+        # No section can be named "\n", so [DEFAULT] is an ordinary (and
+        # therefore unknown) section instead of silently feeding every
+        # other section its keys.
+        default_section="\n",
+    )
+    parser.optionxform = str  # keep keys as written; the schema is lower-case
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as exc:
+        raise _syntax_error(source, text, exc) from None
+    return parser
+
+
+class _Values:
+    """The raw strings gathered so far, with where each came from."""
+
+    def __init__(self):
+        self.raw = {}       # (section, key) -> (string, source)
+        self.plugins = {}   # plugin name -> {key: string}
+
+    def set(self, source, section, key, value):
+        """Record one value after checking its section and key exist."""
+        if section.startswith(PLUGIN_SECTION_PREFIX):
+            name = _plugin_name_of(source, section)
+            self.plugins.setdefault(name, {})[key] = value
+        elif section not in SCHEMA:
+            raise _unknown_section(source, section)
+        elif key not in SCHEMA[section]:
+            raise _unknown_key(source, section, key)
+        else:
+            self.raw[section, key] = (value, source)
+
+    def add_file(self, source):
+        """Gather every value in the INI file ``source``."""
+        parser = _parse_ini(source, _read_text(source))
+        for section in parser.sections():
+            if section.startswith(PLUGIN_SECTION_PREFIX):
+                # An empty [plugin:NAME] still says the section exists.
+                self.plugins.setdefault(_plugin_name_of(source, section), {})
+            elif section not in SCHEMA:
+                raise _unknown_section(source, section)
+            for key, value in parser.items(section):
+                self.set(source, section, key, value)
+
+    def source_of(self, section, key, fallback):
+        """Where the value of ``key`` came from; ``fallback`` for defaults."""
+        return self.raw.get((section, key), (None, fallback))[1]
+
+
+def _parse_value(values, section, name, key, fallback):
+    """The typed value of one key, from its raw string or its default."""
+    raw, source = values.raw.get((section, name), (None, fallback))
+    if raw is None:
+        raw = key.default() if callable(key.default) else key.default
+    try:
+        return key.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(source, section, name, str(exc)) from None
+
+
+def _build_section(values, section, fallback):
+    """One section's dataclass, every key parsed."""
+    fields = {_attribute(name, key): _parse_value(values, section, name, key, fallback)
+              for name, key in SCHEMA[section].items()}
+    return SECTION_CLASSES[section](**fields)
+
+
+_SOURCE_RANK = {DEFAULTS_SOURCE: 0, COMMAND_LINE_SOURCE: 2}
+
+
+def _later(values, section, first, second, fallback):
+    """Which of two keys to blame for a conflict between them: the one set
+    most recently (command line over file over default); ``second`` on a
+    tie.  Returns (source, key)."""
+    def rank(key):
+        return _SOURCE_RANK.get(values.source_of(section, key, DEFAULTS_SOURCE), 1)
+    key = first if rank(first) > rank(second) else second
+    return values.source_of(section, key, fallback), key
+
+
+def _check_together(values, settings, fallback):
+    """Rules that tie two keys together."""
+    queue = settings.queue
+    if queue.max_backoff < queue.min_backoff:
+        source, key = _later(values, "queue", "min_backoff", "max_backoff", fallback)
+        raise ConfigError(source, "queue", key,
+                          f"max_backoff ({queue.max_backoff}) must be at least "
+                          f"min_backoff ({queue.min_backoff})")
+    tls = settings.tls
+    if (tls.certificate is None) != (tls.private_key is None):
+        present, absent = (("certificate", "private_key") if tls.certificate
+                           else ("private_key", "certificate"))
+        raise ConfigError(values.source_of("tls", present, fallback), "tls", present,
+                          f"set but {absent} is not; set both or neither")
+
+
+def load_config(path=None, overrides=None):
+    """Read and check relaymail's settings.
+
+    :param path: the INI file, or None for the built-in defaults alone.
+    :param overrides: ``{(section, key): string}`` from the command line,
+        applied after the file and checked the same way.
+    :return: a :class:`Settings`.
+    :raise ConfigError: for the first problem found.
+    """
+    source = DEFAULTS_SOURCE if path is None else path
+    values = _Values()
+    if path is not None:
+        values.add_file(path)
+    for (section, key), value in (overrides or {}).items():
+        values.set(COMMAND_LINE_SOURCE, section, key, value)
+    sections = {section: _build_section(values, section, source)
+                for section in SCHEMA}
+    settings = Settings(source=source, plugin_options=values.plugins, **sections)
+    _check_together(values, settings, source)
+    return settings

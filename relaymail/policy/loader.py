@@ -1,0 +1,199 @@
+"""Find plugins by name and build the ones ``[plugins]`` enables.
+
+Built-in plugins live in :mod:`relaymail.plugins`; a site's plugins are
+single ``.py`` files in the directories listed in ``[plugins] path``.  Both
+kinds are module-level objects providing ``twisted.plugin.IPlugin`` and
+:class:`~relaymail.interfaces.IPluginFactory`, found with
+``twisted.plugin.getPlugins`` (see :mod:`relaymail.interfaces`).
+"""
+
+import importlib
+import os
+import sys
+import types
+
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from twisted.python.modules import getModule
+from zope.interface import implementer
+
+import relaymail
+import relaymail.plugins
+from relaymail.config import ConfigError
+from relaymail.interfaces import (
+    IListExpander, IPluginContext, IPluginFactory, IRecipientValidator)
+
+log = Logger()
+
+#: The name under which the site plugin directories are imported.  A site
+#: plugin ``foo.py`` becomes the module ``relaymail_site_plugins.foo``.
+SITE_PACKAGE = "relaymail_site_plugins"
+
+# Which [plugins] key asks for which job.
+_ROLES = (
+    ("recipients", IRecipientValidator),
+    ("expanders", IListExpander),
+)
+
+
+@implementer(IPluginContext)
+class PluginContext:
+    """What a factory gets to build its plugin (see IPluginContext)."""
+
+    def __init__(self, name, options, settings):
+        self.name = name
+        self.options = options
+        self.settings = settings
+
+    def config_error(self, key, problem):
+        """A ConfigError about ``key`` in this plugin's ``[plugin:NAME]``."""
+        return ConfigError(self.settings.source, f"plugin:{self.name}", key, problem)
+
+
+def build_plugins(settings):
+    """Build the plugins named in ``[plugins] recipients`` and ``expanders``.
+
+    A plugin named in both lists is built once and the same object is used
+    for both jobs.
+
+    :param settings: a ``relaymail.config.Settings``.
+    :return: ``(validators, expanders)``, two lists in configured order.
+    :raise ConfigError: for an unknown name, a name listed twice, a plugin
+        that cannot do the job it is listed for, a site plugin that does not
+        load or that clashes with another's name, or a bad
+        ``[plugin:NAME]`` setting.
+    """
+    factories = find_plugins(settings)
+    built = {}
+    results = []
+    for key, interface in _ROLES:
+        names = list(getattr(settings.plugins, key))
+        plugins = []
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(settings.source, "plugins", key,
+                                  f"plugin '{name}' is listed more than once")
+            if name not in factories:
+                known = ", ".join(sorted(factories)) or "none"
+                raise ConfigError(settings.source, "plugins", key,
+                                  f"no plugin named '{name}' (known: {known})")
+            if name not in built:
+                built[name] = _build(factories[name], name, settings)
+            plugin = built[name]
+            if not interface.providedBy(plugin):
+                raise ConfigError(
+                    settings.source, "plugins", key,
+                    f"plugin '{name}' cannot be used here: it does not provide "
+                    f"{interface.__name__}")
+            plugins.append(plugin)
+        results.append(plugins)
+    _warn_about_unused_sections(settings, built)
+    validators, expanders = results
+    return validators, expanders
+
+
+def find_plugins(settings):
+    """Every plugin relaymail can see, built-in and site.
+
+    :return: a dict from plugin name to its factory.
+    :raise ConfigError: when a site plugin does not load, or two plugins
+        share a name (a site plugin never silently replaces a built-in one:
+        which of the two runs would be a guess).
+    """
+    found = {}
+    for factory in getPlugins(IPluginFactory, relaymail.plugins):
+        _register(found, factory, settings)
+    paths = list(settings.plugins.path or ())
+    package = _site_package(paths, settings)
+    if package is not None:
+        for factory in getPlugins(IPluginFactory, package):
+            _register(found, factory, settings)
+    return found
+
+
+def _register(found, factory, settings):
+    name = getattr(factory, "name", None)
+    where = _describe(factory)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(settings.source, "plugins", "path",
+                          f"plugin {where} has no name")
+    if name in found:
+        raise ConfigError(
+            settings.source, "plugins", "path",
+            f"two plugins are named '{name}': {_describe(found[name])} and {where}; "
+            f"rename one")
+    found[name] = factory
+
+
+def _describe(factory):
+    """Where a factory comes from, for messages: its file when it has one."""
+    module_name = getattr(factory, "__module__", None)
+    module = sys.modules.get(module_name)
+    return getattr(module, "__file__", None) or module_name or repr(factory)
+
+
+def _site_package(paths, settings):
+    """A package whose ``__path__`` is the site plugin directories.
+
+    A synthetic package (rather than one the site has to write) is what lets
+    a site plugin be one file dropped into a directory.  Every file in it is
+    imported here, before ``getPlugins`` looks: ``getPlugins`` logs and skips
+    a module that fails to import, which would leave a broken plugin looking
+    merely unknown.
+
+    :return: the package module, or None when there are no directories.
+    """
+    # Forget an earlier search (a reload, or another configuration in the
+    # same process) so files are read afresh from the directories given now.
+    for module_name in list(sys.modules):
+        if module_name == SITE_PACKAGE or module_name.startswith(SITE_PACKAGE + "."):
+            del sys.modules[module_name]
+    importlib.invalidate_caches()
+    if not paths:
+        return None
+    directories = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ConfigError(settings.source, "plugins", "path", f"{path} is not a directory")
+        directories.append(os.path.abspath(path))
+
+    package = types.ModuleType(SITE_PACKAGE, "relaymail site plugins ([plugins] path)")
+    package.__path__ = directories
+    # twisted.python.modules finds a loaded package by its __file__, which
+    # must name an existing __init__ file whose grandparent directory is on
+    # sys.path.  relaymail's own __init__ satisfies both; only __path__ is
+    # used to find the plugin files.
+    package.__file__ = relaymail.__file__
+    sys.modules[SITE_PACKAGE] = package
+
+    for module in getModule(SITE_PACKAGE).iterModules():
+        try:
+            importlib.import_module(module.name)
+        except Exception as exc:
+            raise ConfigError(
+                settings.source, "plugins", "path",
+                f"site plugin {module.filePath.path} does not load: "
+                f"{type(exc).__name__}: {exc}") from exc
+    return package
+
+
+def _build(factory, name, settings):
+    context = PluginContext(name, dict(settings.plugin_options.get(name, {})), settings)
+    try:
+        return factory.build(context)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        # Startup stops either way; a ConfigError names the plugin, and the
+        # chained exception keeps the traceback for whoever debugs it.
+        raise ConfigError(settings.source, f"plugin:{name}", None,
+                          f"plugin could not be built: {type(exc).__name__}: {exc}") from exc
+
+
+def _warn_about_unused_sections(settings, built):
+    # A [plugin:NAME] section for a plugin that is not enabled is most likely
+    # a typo in the name; say so rather than ignore the settings in silence.
+    for name in settings.plugin_options:
+        if name not in built:
+            log.warn("{source}: [plugin:{name}] is set but no plugin of that name is "
+                     "enabled in [plugins]", source=settings.source, name=name)

@@ -1,0 +1,280 @@
+"""Who may send to whom: asks the configured plugins, in order, with a time
+limit, and applies the relay rule when none of them knows.
+
+Every plugin call is bounded by ``[plugins] timeout`` and a plugin that
+fails, times out or answers nonsense becomes ``451 4.3.0`` for the client,
+never a broken session (the fail-soft contract Haraka gives its plugins).
+"""
+
+from twisted.internet.defer import inlineCallbacks, maybeDeferred, succeed
+from twisted.logger import Logger
+
+from relaymail.interfaces import Decision
+
+log = Logger()
+
+#: Refusal for a recipient the client may not relay to.
+RELAY_DENIED = Decision.reject(554, "5.7.1", "Relay access denied")
+
+#: The answer when a plugin fails or is too slow: the client tries again.
+PLUGIN_FAILED = Decision.defer(
+    code=451, enhanced="4.3.0", text="Temporary failure checking recipient, try again later")
+
+#: How many levels of lists inside lists are expanded.  Sendmail stops at
+#: the same depth (MAXRCRSN, 10); a deeper member is delivered as written.
+MAX_EXPANSION_DEPTH = 10
+
+# Sender-specified routing in a local part: user@other@ours (RFC 5321
+# source-route leftovers), user%other@ours (the "percent hack") and
+# host!user@ours (UUCP bang paths).  Postfix refuses these from untrusted
+# clients (allow_untrusted_routing = no) because a downstream MTA that
+# honours them turns this relay into an open one.
+_ROUTING_CHARACTERS = frozenset("@%!")
+
+
+class _Failed:
+    """The type of :attr:`Policy.FAILED`."""
+
+    def __repr__(self):
+        return "Policy.FAILED"
+
+
+class ExpansionError(Exception):
+    """A list expander failed while recipients were expanded for the queue."""
+
+    def __init__(self, plugin, address):
+        super().__init__(f"plugin {plugin} failed expanding {address!r}")
+        self.plugin = plugin
+        self.address = address
+
+
+class _PluginTimedOut(Exception):
+    """A plugin did not answer within ``[plugins] timeout``."""
+
+
+class _BadAnswer(Exception):
+    """A plugin answered with something the contract does not allow."""
+
+
+class Policy:
+    """Runs the recipient validators and list expanders.
+
+    :param validators: IRecipientValidator providers, asked in this order.
+    :param expanders: IListExpander providers, asked in this order.
+    :param settings: a ``relaymail.config.Settings``; ``plugins.timeout``
+        bounds every plugin call (None for no limit).
+    :param clock: an IReactorTime for the timeouts; the global reactor
+        when None.
+
+    Plugins are named in log lines by their ``name`` attribute when they
+    have a string one (the built-ins do), else by their class.
+    """
+
+    #: What :meth:`expand` fires with when an expander failed or timed out;
+    #: the server answers ``451 4.3.0``.  Compare with ``is``.
+    FAILED = _Failed()
+
+    def __init__(self, validators, expanders, settings, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._validators = list(validators)
+        self._expanders = list(expanders)
+        self._timeout = settings.plugins.timeout
+        self._clock = clock
+
+    # -- RCPT and VRFY ----------------------------------------------------
+
+    def check_recipient(self, recipient, context):
+        """Decide about one RCPT TO address.
+
+        :param recipient: a ``relaymail.smtp.address.Mailbox``.
+        :param context: an ISessionContext.
+        :return: a Deferred firing with a Decision; it never fails.
+        """
+        may_relay = bool(context.trusted or context.authenticated_user)
+        if not may_relay and _ROUTING_CHARACTERS.intersection(recipient.local_text):
+            # Before any plugin: a plugin accepting the domain must not
+            # make the relay forward user%elsewhere@ourdomain.
+            return succeed(RELAY_DENIED)
+        d = self._first_decision("check_recipient", recipient, context)
+
+        def relay_rule(decision):
+            if decision.is_final:
+                return decision
+            return Decision.accept() if may_relay else RELAY_DENIED
+        return d.addCallback(relay_rule)
+
+    def verify(self, address, context):
+        """Answer VRFY.
+
+        :param address: the client's argument, a bare name or an address.
+        :return: a Deferred firing with the first Decision that is not
+            NO_OPINION, else ``Decision.NO_OPINION`` (the server says 252);
+            it never fails.
+        """
+        return self._first_decision("verify", address, context)
+
+    @inlineCallbacks
+    def _first_decision(self, method, address, context):
+        for plugin in self._validators:
+            try:
+                decision = yield self._call(plugin, method, address, context)
+                if not isinstance(decision, Decision):
+                    raise _BadAnswer(f"returned {decision!r}, not a Decision")
+            except Exception as exc:
+                self._log_failure(exc, plugin, method, address)
+                return PLUGIN_FAILED
+            if decision.is_final:
+                return decision
+        return Decision.NO_OPINION
+
+    # -- EXPN and queue-time expansion ------------------------------------
+
+    def expand(self, address, context):
+        """Answer EXPN.
+
+        :param address: the client's argument, a bare name or an address.
+        :return: a Deferred firing with the members of the first expander
+            that knows ``address`` as a list (bare-name members qualified
+            with the domain of ``address`` when it has one), None when no
+            expander knows it, or :attr:`FAILED` when an expander failed or
+            timed out.  It never fails.
+        """
+        d = self._first_list(address, context)
+
+        def qualified(members):
+            if members is None:
+                return None
+            return [_qualify(member, address) for member in members]
+        def failed(failure):
+            failure.trap(ExpansionError)  # already logged by _first_list
+            return self.FAILED
+        return d.addCallbacks(qualified, failed)
+
+    @inlineCallbacks
+    def expand_recipients(self, recipients, context):
+        """Replace every recipient that is a list by its members, for the queue.
+
+        Lists inside lists are expanded in turn.  The result keeps the order
+        in which addresses are first met and holds each address once
+        (domains compared without regard to case, local parts exactly, as
+        RFC 5321 2.4 says).  A list met again inside its own expansion is a
+        loop: it is kept as an address and not expanded again (as a Postfix
+        alias naming itself delivers to that mailbox).  Deeper than
+        :data:`MAX_EXPANSION_DEPTH` lists, members are kept as written.  The
+        result may be empty when lists expand to no one.
+
+        :param recipients: addresses as strings (``str(mailbox)``).
+        :param context: an ISessionContext.
+        :return: a Deferred firing with the list of addresses.  This is the
+            one method whose Deferred may fail (with :class:`ExpansionError`):
+            delivering to a list address instead of its members would be
+            wrong, so the whole message is deferred (451) instead.
+        """
+        result = []
+        seen = set()
+        expanded = set()
+
+        def keep(address):
+            key = _address_key(address)
+            if key not in seen:
+                seen.add(key)
+                result.append(address)
+
+        @inlineCallbacks
+        def walk(address, ancestors):
+            key = _address_key(address)
+            if key in ancestors:
+                log.warn("list {address!r} contains itself; delivering to it as an address",
+                         address=address)
+                keep(address)
+                return
+            if key in expanded:
+                return  # Reached before by another path; its members are in.
+            if len(ancestors) >= MAX_EXPANSION_DEPTH:
+                log.warn("{address!r} is nested more than {depth} lists deep; "
+                         "delivering to it unexpanded", address=address,
+                         depth=MAX_EXPANSION_DEPTH)
+                keep(address)
+                return
+            members = yield self._first_list(address, context)
+            if members is None:
+                keep(address)
+                return
+            expanded.add(key)
+            for member in members:
+                yield walk(_qualify(member, address), ancestors + (key,))
+
+        for recipient in recipients:
+            yield walk(recipient, ())
+        return result
+
+    @inlineCallbacks
+    def _first_list(self, address, context):
+        """The members from the first expander that knows ``address``, or
+        None; fails with ExpansionError (the cause logged)."""
+        for plugin in self._expanders:
+            try:
+                members = yield self._call(plugin, "expand", address, context)
+                if members is not None:
+                    members = _checked_members(members)
+            except Exception as exc:
+                self._log_failure(exc, plugin, "expand", address)
+                raise ExpansionError(_label(plugin), address) from exc
+            if members is not None:
+                return members
+        return None
+
+    # -- calling plugins --------------------------------------------------
+
+    def _call(self, plugin, method, *args):
+        """Call ``plugin.method(*args)``: a Deferred that fails when it
+        raises and when it takes longer than the timeout."""
+        d = maybeDeferred(lambda: getattr(plugin, method)(*args))
+        if self._timeout is not None:
+            d.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
+        return d
+
+    def _timed_out(self, result, timeout):
+        raise _PluginTimedOut(f"no answer within {timeout} seconds")
+
+    def _log_failure(self, exc, plugin, method, address):
+        if isinstance(exc, (_PluginTimedOut, _BadAnswer)):
+            # No traceback worth reading: say what went wrong.
+            log.error("plugin {plugin} {method}({address!r}): {problem}",
+                      plugin=_label(plugin), method=method, address=str(address),
+                      problem=str(exc))
+        else:
+            log.failure("plugin {plugin} {method}({address!r}) failed",
+                        plugin=_label(plugin), method=method, address=str(address))
+
+
+def _label(plugin):
+    name = getattr(plugin, "name", None)
+    if isinstance(name, str):
+        return name
+    cls = type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _checked_members(members):
+    if not isinstance(members, (list, tuple)) or not all(isinstance(m, str) for m in members):
+        raise _BadAnswer(f"returned {members!r}, not a list of addresses")
+    return list(members)
+
+
+def _address_key(address):
+    """What makes two addresses the same: the local part exactly (RFC 5321
+    2.4 leaves its case to the receiving host) and the domain without case."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return (address, "")
+    return (local, domain.lower())
+
+
+def _qualify(member, list_address):
+    """A bare name in a list means that name in the list's own domain."""
+    if "@" in member:
+        return member
+    domain = list_address.rpartition("@")[2] if "@" in list_address else ""
+    return f"{member}@{domain}" if domain else member

@@ -1,0 +1,382 @@
+"""The SMTP command state machine (RFC 5321 4.1, 4.3.2).
+
+:class:`Dialogue` takes one command line at a time and answers with a
+:class:`~relaymail.smtp.replies.Reply`, or a Deferred of one when a plugin
+or the queue must answer first.  It knows nothing of sockets: the Twisted
+protocol in :mod:`relaymail.smtp.server` feeds it, keeps replies in command
+order and streams DATA through :class:`~relaymail.smtp.data.DataReader`.
+"""
+
+import re
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relaymail.envelope import Envelope
+from relaymail.interfaces import ISessionContext
+from relaymail.smtp import address, data, replies
+from relaymail.smtp.received import received_header
+
+log = Logger(namespace="relaymail.smtp")
+
+# Commands whose arrival means a web client or proxy abuse, not SMTP
+# (SMTP-NOTES attack class 7).
+_HTTP_VERBS = frozenset({b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS", b"DELETE"})
+
+_SUPPORTED_BODIES = ("7BIT", "8BITMIME")
+
+
+@implementer(ISessionContext)
+class SessionContext:
+    """What plugins may know about the client; see ISessionContext."""
+
+    def __init__(self, client_ip, client_port=None, trusted=False):
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.trusted = trusted
+        self.helo = None
+        self.sender = None
+        self.authenticated_user = None
+
+
+class Transaction:
+    """One MAIL ... DATA transaction; replaced whole on RSET, HELO/EHLO and
+    after every DATA, so nothing of a rejected transaction leaks into the
+    next (SMTP-NOTES: left-over state has let servers skip checks)."""
+
+    def __init__(self, sender, body, smtputf8):
+        self.sender = sender
+        self.body = body
+        self.smtputf8 = smtputf8
+        self.recipients = []
+
+
+class Dialogue:
+    """One client's session, sans I/O.
+
+    :param settings: the relaymail.config.Settings.
+    :param policy: answers check_recipient/verify/expand/expand_recipients
+        (relaymail.policy); each returns a Deferred.
+    :param queue: an IMessageQueue.
+    :param context: this session's SessionContext.
+    """
+
+    def __init__(self, settings, policy, queue, context, clock=time.time):
+        self.settings = settings
+        self.policy = policy
+        self.queue = queue
+        self.context = context
+        self.hostname = settings.server.hostname
+        self._clock = clock
+        self.esmtp = False
+        self.transaction = None
+        #: Set after DATA got 354: the protocol feeds message bytes here.
+        self.data_reader = None
+        self._writer = None
+        #: Set when the reply just given ends the session.
+        self.closing = False
+
+    # -- what the protocol asks ------------------------------------------
+
+    @property
+    def enhanced_codes(self):
+        """RFC 2034: enhanced codes only once EHLO advertised them."""
+        return self.esmtp
+
+    def greeting(self):
+        return replies.greeting(self.hostname)
+
+    def extensions(self):
+        """The EHLO keywords after the greeting line."""
+        return [
+            "PIPELINING",
+            f"SIZE {self.settings.limits.message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "HELP",
+        ]
+
+    def handle(self, line):
+        """Answer one command line (bytes, without its line end)."""
+        verb, _, rest = line.partition(b" ")
+        verb = verb.upper()
+        if verb in _HTTP_VERBS or verb.endswith(b":"):
+            # "Host:", "User-Agent:" and friends: a browser talking.
+            self.closing = True
+            return replies.http_request(self.hostname)
+        handler = self._handlers.get(verb)
+        if handler is None:
+            return replies.EMPTY_COMMAND if not line.strip() else replies.COMMAND_UNRECOGNIZED
+        try:
+            argument = rest.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.BAD_CHARACTERS
+        if _has_control_characters(argument):
+            return replies.BAD_CHARACTERS
+        return handler(self, argument.strip(" "))
+
+    def connection_lost(self):
+        """Throw away a message still being received."""
+        self._discard_writer()
+
+    # -- session commands ------------------------------------------------
+
+    def _helo(self, argument):
+        if not _looks_like_host(argument):
+            return replies.HELO_NEEDS_DOMAIN if not argument else replies.BAD_HELO_DOMAIN
+        self._start_session(argument, esmtp=False)
+        return replies.Reply(250, None, self.hostname)
+
+    def _ehlo(self, argument):
+        if not _looks_like_host(argument):
+            return replies.EHLO_NEEDS_DOMAIN if not argument else replies.BAD_HELO_DOMAIN
+        self._start_session(argument, esmtp=True)
+        return replies.Reply(250, None, [f"{self.hostname} Hello {argument}"] + self.extensions())
+
+    def _start_session(self, helo, esmtp):
+        self.context.helo = helo
+        self.esmtp = esmtp
+        self._reset()
+
+    def _rset(self, argument):
+        if argument:
+            return replies.NO_ARGUMENTS_ALLOWED
+        self._reset()
+        return replies.OK
+
+    def _noop(self, argument):
+        # RFC 5321 4.1.1.9: a parameter to NOOP is allowed and ignored.
+        return replies.OK
+
+    def _quit(self, argument):
+        if argument:
+            return replies.NO_ARGUMENTS_ALLOWED
+        self.closing = True
+        return replies.closing(self.hostname)
+
+    def _help(self, argument):
+        return replies.help_reply(argument.upper() or None)
+
+    def _reset(self):
+        self.transaction = None
+        self.context.sender = None
+
+    # -- the transaction -------------------------------------------------
+
+    def _mail(self, argument):
+        if self.context.helo is None:
+            return replies.NEED_HELO
+        if self.transaction is not None:
+            return replies.NESTED_MAIL
+        try:
+            path, params = address.split_mail_argument(argument, "FROM")
+        except address.ParameterError as e:
+            return replies.bad_parameter(str(e))
+        except address.AddressError as e:
+            return replies.bad_sender(str(e)) if argument.upper().startswith("FROM:") else replies.MAIL_SYNTAX
+        if params and not self.esmtp:
+            # RFC 5321 4.1.1.11: parameters only in an EHLO session.
+            return replies.unknown_parameter(next(iter(params)))
+        body, smtputf8, problem = self._mail_parameters(params)
+        if problem is not None:
+            return problem
+        try:
+            sender = address.parse_reverse_path(path, smtputf8=smtputf8)
+        except address.NeedsSMTPUTF8:
+            return replies.NEEDS_SMTPUTF8
+        except address.AddressError as e:
+            return replies.bad_sender(str(e))
+        self.transaction = Transaction(sender, body, smtputf8)
+        self.context.sender = sender
+        return replies.SENDER_OK
+
+    def _mail_parameters(self, params):
+        """Check MAIL parameters: (body, smtputf8, error reply or None)."""
+        body, smtputf8 = "7BIT", False
+        for keyword, value in params.items():
+            if keyword == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return body, smtputf8, replies.bad_parameter("SIZE takes a number of octets")
+                if int(value) > self.settings.limits.message_size:
+                    return body, smtputf8, replies.SIZE_EXCEEDED
+            elif keyword == "BODY":
+                if value is None or value.upper() not in _SUPPORTED_BODIES:
+                    return body, smtputf8, replies.bad_parameter("BODY takes 7BIT or 8BITMIME")
+                body = value.upper()
+            elif keyword == "SMTPUTF8":
+                if value is not None:
+                    return body, smtputf8, replies.bad_parameter("SMTPUTF8 takes no value")
+                smtputf8 = True
+            else:
+                return body, smtputf8, replies.unknown_parameter(keyword)
+        return body, smtputf8, None
+
+    def _rcpt(self, argument):
+        if self.transaction is None:
+            return replies.NEED_MAIL
+        try:
+            path, params = address.split_mail_argument(argument, "TO")
+        except address.ParameterError as e:
+            return replies.bad_parameter(str(e))
+        except address.AddressError as e:
+            return replies.bad_recipient(str(e)) if argument.upper().startswith("TO:") else replies.RCPT_SYNTAX
+        if params:
+            return replies.unknown_parameter(next(iter(params)))
+        try:
+            recipient = address.parse_forward_path(path, smtputf8=self.transaction.smtputf8)
+        except address.NeedsSMTPUTF8:
+            return replies.NEEDS_SMTPUTF8
+        except address.AddressError as e:
+            return replies.bad_recipient(str(e))
+        if len(self.transaction.recipients) >= self.settings.limits.recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        transaction = self.transaction
+        d = self.policy.check_recipient(recipient, self.context)
+        d.addCallback(self._recipient_decided, transaction, recipient)
+        return d
+
+    def _recipient_decided(self, decision, transaction, recipient):
+        reply = replies.decision_reply(decision, replies.RECIPIENT_OK)
+        log.info(
+            "{client_ip} rcpt from=<{sender}> to=<{recipient}>: {code} {enhanced} {text}",
+            client_ip=self.context.client_ip, sender=transaction.sender or "",
+            recipient=str(recipient), code=reply.code, enhanced=reply.enhanced, text=reply.text)
+        if decision.kind == decision.ACCEPT_KIND and transaction is self.transaction:
+            transaction.recipients.append(recipient)
+        return reply
+
+    def _data(self, argument):
+        if argument:
+            return replies.NO_ARGUMENTS_ALLOWED
+        if self.transaction is None:
+            return replies.NEED_MAIL
+        if not self.transaction.recipients:
+            return replies.NO_VALID_RECIPIENTS
+        try:
+            self._writer = self.queue.new_message()
+            self._writer.write(self._received_header(self._writer.queue_id))
+        except OSError:
+            log.failure("cannot start a queue file")
+            self._discard_writer()
+            self._reset()
+            return replies.LOCAL_ERROR
+        self.data_reader = data.DataReader(
+            self._writer.write, self.settings.limits.message_size, self.settings.limits.line_length)
+        return replies.START_DATA
+
+    def _received_header(self, queue_id):
+        transaction = self.transaction
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if transaction.smtputf8:
+            protocol = "UTF8SMTP"  # RFC 6531 3.7.3
+        single = transaction.recipients[0] if len(transaction.recipients) == 1 else None
+        return received_header(
+            helo=self.context.helo, client_ip=self.context.client_ip, hostname=self.hostname,
+            protocol=protocol, queue_id=queue_id, recipient=single, when=self._clock())
+
+    def finish_data(self):
+        """The reader saw the final dot: store the message or say why not.
+
+        :return: a Deferred firing with the reply to the DATA content.
+        """
+        reader, writer, transaction = self.data_reader, self._writer, self.transaction
+        self.data_reader = None
+        self._writer = None
+        self._reset()
+        problem = {
+            data.BARE_NEWLINE: replies.BARE_NEWLINE,
+            data.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
+            data.TOO_BIG: replies.MESSAGE_TOO_BIG,
+            data.WRITE_FAILED: replies.LOCAL_ERROR,
+        }.get(reader.outcome)
+        if problem is not None:
+            writer.abort()
+            log.info("{client_ip} message {queue_id} refused: {code} {text}",
+                     client_ip=self.context.client_ip, queue_id=writer.queue_id,
+                     code=problem.code, text=problem.text)
+            return defer.succeed(problem)
+        recipients = [str(r) for r in transaction.recipients]
+        d = self.policy.expand_recipients(recipients, self.context)
+        d.addCallback(self._commit, writer, transaction, reader.size)
+        d.addErrback(self._commit_failed, writer)
+        return d
+
+    def _commit(self, recipients, writer, transaction, size):
+        envelope = Envelope(
+            sender=str(transaction.sender) if transaction.sender else "",
+            recipients=recipients, body=transaction.body, smtputf8=transaction.smtputf8,
+            client_ip=self.context.client_ip, helo=self.context.helo,
+            authenticated_user=self.context.authenticated_user, received_at=self._clock())
+        d = writer.commit(envelope)
+
+        def queued(queue_id):
+            log.info("{queue_id}: queued from=<{sender}> to={recipients} size={size} client={client_ip}",
+                     queue_id=queue_id, sender=envelope.sender,
+                     recipients=",".join(f"<{r}>" for r in recipients), size=size,
+                     client_ip=self.context.client_ip)
+            return replies.queued(queue_id)
+        return d.addCallback(queued)
+
+    def _commit_failed(self, failure, writer):
+        log.failure("message {queue_id} not queued", failure, queue_id=writer.queue_id)
+        writer.abort()
+        return replies.LOCAL_ERROR
+
+    def _discard_writer(self):
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self.data_reader = None
+
+    # -- VRFY, EXPN ------------------------------------------------------
+
+    def _vrfy(self, argument):
+        if not argument:
+            return replies.VRFY_SYNTAX
+        d = self.policy.verify(_strip_brackets(argument), self.context)
+        return d.addCallback(self._verified)
+
+    def _verified(self, decision):
+        if not decision.is_final:
+            return replies.CANNOT_VRFY
+        return replies.decision_reply(decision, replies.RECIPIENT_OK)
+
+    def _expn(self, argument):
+        if not argument:
+            return replies.EXPN_SYNTAX
+        d = self.policy.expand(_strip_brackets(argument), self.context)
+        return d.addCallback(self._expanded)
+
+    def _expanded(self, members):
+        if members is self.policy.FAILED:
+            return replies.PLUGIN_FAILED
+        if not members:
+            return replies.NOT_A_LIST
+        return replies.Reply(250, "2.1.5", [f"<{m}>" for m in members])
+
+    _handlers = {
+        b"HELO": _helo, b"EHLO": _ehlo, b"MAIL": _mail, b"RCPT": _rcpt, b"DATA": _data,
+        b"RSET": _rset, b"NOOP": _noop, b"QUIT": _quit, b"VRFY": _vrfy, b"EXPN": _expn,
+        b"HELP": _help,
+    }
+
+
+# Tabs count: no SMTP argument needs one, and CR/LF/NUL inside an argument
+# are how header and log injection start (SMTP-NOTES class 8).
+_has_control_characters = re.compile("[\x00-\x1f\x7f]").search
+
+
+def _looks_like_host(argument):
+    """A HELO argument: one word, a domain or an address literal.  Many real
+    clients send names that are not valid domains (underscores, bare host
+    names), so only emptiness and white space inside are refused here."""
+    return bool(argument) and " " not in argument
+
+
+def _strip_brackets(argument):
+    if argument.startswith("<") and argument.endswith(">"):
+        return argument[1:-1]
+    return argument

@@ -1,0 +1,39 @@
+"""The Received: trace header we prepend (RFC 5321 4.4)."""
+
+import ipaddress
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+
+def received_header(helo, client_ip, hostname, protocol, queue_id, recipient=None, when=None):
+    """Return the header as bytes, folded, CRLF-terminated.
+
+    ``from HELO ([ip])`` names what the client claimed and the address it
+    came from; no reverse DNS lookup is done on the accept path.  ``for``
+    is given only for a single recipient: naming several would disclose Bcc
+    recipients to each other (RFC 5321 7.2).
+    """
+    literal = _address_literal(client_ip)
+    lines = [
+        f"Received: from {helo} ({literal})",
+        f"\tby {hostname} (relaymail) with {protocol} id {queue_id}",
+    ]
+    if recipient is not None:
+        lines.append(f"\tfor <{recipient}>;")
+    else:
+        lines[-1] += ";"
+    lines.append(f"\t{format_datetime(datetime.fromtimestamp(when, timezone.utc))}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _address_literal(ip):
+    """RFC 5321 4.1.3 address literal: [192.0.2.1] or [IPv6:2001:db8::1]."""
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return f"[{ip}]" if ip else "unknown"
+    if parsed.version == 6:
+        if parsed.ipv4_mapped is not None:
+            return f"[{parsed.ipv4_mapped}]"
+        return f"[IPv6:{parsed.compressed}]"
+    return f"[{parsed}]"

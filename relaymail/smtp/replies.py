@@ -1,0 +1,177 @@
+"""Every reply the server sends, with its RFC 3463 enhanced status code.
+
+Reply codes follow RFC 5321 4.2 and 4.3.2; enhanced codes RFC 3463 and the
+IANA registry.  RFC 2034 says enhanced codes appear once ENHANCEDSTATUSCODES
+has been advertised (after EHLO), and never on the greeting or the reply to
+HELO/EHLO themselves; :meth:`Reply.encode` leaves them out otherwise.
+"""
+
+
+class Reply:
+    """One SMTP reply: a three-digit code, an enhanced code (or None) and one
+    or more lines of text."""
+
+    __slots__ = ("code", "enhanced", "lines")
+
+    def __init__(self, code, enhanced, text):
+        self.code = code
+        self.enhanced = enhanced
+        self.lines = [text] if isinstance(text, str) else list(text)
+
+    @property
+    def text(self):
+        return "\n".join(self.lines)
+
+    @property
+    def is_error(self):
+        return self.code >= 400
+
+    def with_text(self, text):
+        """The same codes with other text (used for plugin answers)."""
+        return Reply(self.code, self.enhanced, text)
+
+    def encode(self, enhanced=True):
+        """The reply as bytes on the wire, multi-line replies with ``code-``
+        on every line but the last (RFC 5321 4.2.1)."""
+        prefix = f"{self.enhanced} " if enhanced and self.enhanced else ""
+        last = len(self.lines) - 1
+        out = []
+        for i, line in enumerate(self.lines):
+            sep = " " if i == last else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __eq__(self, other):
+        return isinstance(other, Reply) and (self.code, self.enhanced, self.lines) == (
+            other.code, other.enhanced, other.lines)
+
+    def __repr__(self):
+        return f"Reply({self.code}, {self.enhanced!r}, {self.text!r})"
+
+
+# Greeting and session (the greeting text takes the host name).
+def greeting(hostname):
+    return Reply(220, None, f"{hostname} ESMTP relaymail")
+
+
+def closing(hostname):
+    return Reply(221, "2.0.0", f"{hostname} Bye")
+
+
+def service_unavailable(hostname, why="Service not available, closing transmission channel"):
+    return Reply(421, "4.3.2", f"{hostname} {why}")
+
+
+def timeout(hostname):
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
+
+
+def too_many_errors(hostname):
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
+
+
+def http_request(hostname):
+    # Postfix hangs up on these too (smtpd_forbidden_commands): a browser or
+    # a proxy abuse attempt, never a mail client.
+    return Reply(421, "4.7.0", f"{hostname} Error: HTTP request on the SMTP port")
+
+
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+
+def queued(queue_id):
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+# RFC 5321 3.5.3: 252 when the server cannot verify but will try delivery.
+CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+NOT_A_LIST = Reply(550, "5.1.1", "Not a mailing list I know")
+
+# Sequence and syntax (RFC 5321 4.3.2; enhanced codes RFC 3463 5.5.x).
+COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+EMPTY_COMMAND = Reply(500, "5.5.2", "Error: empty command")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+BAD_CHARACTERS = Reply(501, "5.5.2", "Error: control characters or invalid UTF-8 in command")
+HELO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: HELO hostname")
+EHLO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+BAD_HELO_DOMAIN = Reply(501, "5.5.4", "Error: invalid host name")
+NO_ARGUMENTS_ALLOWED = Reply(501, "5.5.4", "Syntax error: this command takes no arguments")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+EXPN_SYNTAX = Reply(501, "5.5.4", "Syntax: EXPN list")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+# RFC 2920 3.1: DATA after every RCPT failed in a pipelined group.
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+HELP_TOPIC_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
+
+
+def bad_sender(reason):
+    return Reply(501, "5.1.7", f"Bad sender address syntax: {reason}")
+
+
+def bad_recipient(reason):
+    return Reply(501, "5.1.3", f"Bad recipient address syntax: {reason}")
+
+
+def bad_parameter(reason):
+    return Reply(501, "5.5.4", f"Syntax error in parameters: {reason}")
+
+
+def unknown_parameter(keyword):
+    return Reply(555, "5.5.4", f"Unsupported parameter {keyword}")
+
+
+# RFC 6531 3.7.4.1 (and its 553 5.6.7 for non-ASCII without SMTPUTF8).
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
+# RFC 1870: a declared SIZE over our limit.
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# RFC 5321 4.5.3.1.10: excess recipients get 452 and the client sends later.
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+
+# After the final dot.
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message too big")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message has a line longer than the limit")
+# Bare CR or LF: the smuggling defence (SMTP-NOTES attack class 1).
+BARE_NEWLINE = Reply(554, "5.6.0", "Error: bare <CR> or <LF> in message; lines must end with <CR><LF>")
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary failure checking recipient, try again later")
+
+
+def decision_reply(decision, default):
+    """Turn a plugin's :class:`~relaymail.interfaces.Decision` into a reply;
+    ``default`` gives the codes and text of an accept."""
+    if decision.kind == decision.ACCEPT_KIND:
+        return default if decision.text is None else default.with_text(decision.text)
+    return Reply(decision.code, decision.enhanced, decision.text)
+
+
+HELP_TEXT = {
+    None: ["Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP",
+           "See RFC 5321; HELP command gives its syntax"],
+    "HELO": ["HELO hostname"],
+    "EHLO": ["EHLO hostname"],
+    "MAIL": ["MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]"],
+    "RCPT": ["RCPT TO:<address>"],
+    "DATA": ["DATA, then the message, ended by a line holding only a dot"],
+    "RSET": ["RSET: abandon the current transaction"],
+    "NOOP": ["NOOP: do nothing"],
+    "QUIT": ["QUIT: close the session"],
+    "VRFY": ["VRFY address"],
+    "EXPN": ["EXPN list"],
+    "HELP": ["HELP [command]"],
+}
+
+
+def help_reply(topic):
+    lines = HELP_TEXT.get(topic)
+    if lines is None:
+        return HELP_TOPIC_UNKNOWN
+    return Reply(214, "2.0.0", lines)

@@ -1,0 +1,200 @@
+"""The Twisted protocol and factory that feed :class:`Dialogue`.
+
+Pipelining (RFC 2920) is kept correct by reading input strictly in order:
+while a reply is still owed (a plugin or the queue has not answered), no
+further input is looked at, so replies leave in command order and a DATA
+after failed recipients sees the failures.  Input that piles up meanwhile
+pauses the socket rather than growing without bound.
+"""
+
+import ipaddress
+import time
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from relaymail.smtp import replies
+from relaymail.smtp.dialogue import Dialogue, SessionContext
+
+log = Logger(namespace="relaymail.smtp")
+
+# Command lines: RFC 5321 4.5.3.1.4 allows 512 octets plus what extensions
+# add; Postfix reads up to 2048 (line_length_limit) before calling a line
+# too long.
+COMMAND_LINE_LIMIT = 2048
+# Pipelined input held while a reply is pending, before the socket is paused.
+_MAX_HELD_INPUT = 256 * 1024
+
+
+class SMTPServerProtocol(Protocol, TimeoutMixin):
+    """One inbound SMTP connection."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        # TimeoutMixin schedules through this; tests give a task.Clock.
+        self.callLater = factory.reactor.callLater
+        self._buffer = b""
+        self._waiting = False
+        self._paused = False
+        self._closing = False
+        self._skipping_long_line = False
+        self._errors = 0
+        self.dialogue = None
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        ip = getattr(peer, "host", "") or ""
+        port = getattr(peer, "port", None)
+        self.context = SessionContext(ip, port, trusted=self.factory.is_trusted(ip))
+        self.dialogue = Dialogue(self.factory.settings, self.factory.policy, self.factory.queue,
+                                 self.context, clock=self.factory.clock)
+        log.info("connect from {client_ip}:{client_port} trusted={trusted}",
+                 client_ip=ip, client_port=port, trusted=self.context.trusted)
+        self.setTimeout(self.factory.settings.limits.command_timeout)
+        self._reply(self.dialogue.greeting())
+
+    def connectionLost(self, reason):
+        self._closing = True
+        self.setTimeout(None)
+        if self.dialogue is not None:
+            self.dialogue.connection_lost()
+            log.info("disconnect from {client_ip}", client_ip=self.context.client_ip)
+
+    def timeoutConnection(self):
+        log.info("timeout from {client_ip}", client_ip=self.context.client_ip)
+        self.dialogue.connection_lost()
+        self._reply(replies.timeout(self.dialogue.hostname), close=True)
+
+    def dataReceived(self, data):
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        if self._waiting:
+            if len(self._buffer) > _MAX_HELD_INPUT and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            return
+        self._process()
+
+    def _process(self):
+        """Handle buffered input until it runs out or a reply is pending."""
+        while self._buffer and not self._waiting and not self._closing:
+            reader = self.dialogue.data_reader
+            if reader is not None:
+                end = reader.feed(self._buffer)
+                if end is None:
+                    self._buffer = b""
+                    return
+                self._buffer = self._buffer[end:]
+                self.setTimeout(self.factory.settings.limits.command_timeout)
+                self._answer(self.dialogue.finish_data())
+                continue
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                if len(self._buffer) > COMMAND_LINE_LIMIT:
+                    # Drop what we have and the rest of the line when it comes;
+                    # its tail is never read as a command.
+                    self._buffer = b""
+                    if not self._skipping_long_line:
+                        self._skipping_long_line = True
+                        self._reply(replies.LINE_TOO_LONG)
+                return
+            line = self._buffer[:newline]
+            self._buffer = self._buffer[newline + 1:]
+            if self._skipping_long_line:
+                self._skipping_long_line = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > COMMAND_LINE_LIMIT:
+                self._reply(replies.LINE_TOO_LONG)
+                continue
+            self._answer(self.dialogue.handle(line))
+
+    def _answer(self, result):
+        """Send a reply now, or once its Deferred fires, holding input till then."""
+        if not isinstance(result, defer.Deferred):
+            self._reply(result)
+            return
+        early = []
+        in_call = True
+
+        def arrived(reply):
+            if in_call:
+                early.append(reply)
+            else:
+                self._late_reply(reply)
+
+        result.addErrback(self._failed)
+        result.addCallback(arrived)
+        in_call = False
+        if early:
+            self._reply(early[0])
+        else:
+            self._waiting = True
+
+    def _failed(self, failure):
+        log.failure("command failed for {client_ip}", failure, client_ip=self.context.client_ip)
+        return replies.LOCAL_ERROR
+
+    def _late_reply(self, reply):
+        self._waiting = False
+        if self.transport is None or self._closing:
+            return
+        self._reply(reply)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._process()
+
+    def _reply(self, reply, close=False):
+        if self._closing:
+            return
+        self.transport.write(reply.encode(self.dialogue.enhanced_codes))
+        if reply is replies.START_DATA:
+            self.setTimeout(self.factory.settings.limits.data_timeout)
+        if close or self.dialogue.closing:
+            self._close()
+            return
+        if reply.is_error:
+            self._errors += 1
+            if self._errors >= self.factory.settings.limits.errors:
+                log.info("too many errors from {client_ip}", client_ip=self.context.client_ip)
+                self.transport.write(replies.too_many_errors(self.dialogue.hostname).encode(
+                    self.dialogue.enhanced_codes))
+                self._close()
+
+    def _close(self):
+        self._closing = True
+        self._buffer = b""
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+
+class SMTPFactory(ServerFactory):
+    """Makes a protocol per connection; holds what all sessions share."""
+
+    def __init__(self, settings, policy, queue, clock=None, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.settings = settings
+        self.policy = policy
+        self.queue = queue
+        self.clock = clock or time.time
+        self._trusted = settings.server.trusted_networks
+
+    def buildProtocol(self, addr):
+        return SMTPServerProtocol(self)
+
+    def is_trusted(self, ip):
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._trusted)

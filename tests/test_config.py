@@ -1,0 +1,547 @@
+"""Tests for relaymail.config: the INI file to validated settings."""
+
+import configparser
+import dataclasses
+import ipaddress
+import os
+import pathlib
+
+import pytest
+
+from relaymail.config import (
+    SCHEMA, ConfigError, Smarthost, boolean, load_config)
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "etc" / "relaymail.ini"
+
+
+def write_ini(tmp_path, text, name="relay.ini"):
+    """Write ``text`` to a config file and return its path as a string."""
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def error_for(tmp_path, text):
+    """The one-line message load_config gives for the file ``text``."""
+    path = write_ini(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message.replace(path, "FILE")
+
+
+def override_error(overrides):
+    """The message load_config gives for command-line ``overrides``."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    return str(info.value)
+
+
+def load_with(tmp_path, text):
+    """Settings from a file holding ``text``."""
+    return load_config(write_ini(tmp_path, text))
+
+
+# --- defaults ---------------------------------------------------------------
+
+def test_defaults_when_path_is_none(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    settings = load_config()
+    assert settings.source == "<defaults>"
+    assert settings.server.listen == ["tcp:2525:interface=127.0.0.1"]
+    assert settings.server.trusted_networks == [
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    assert settings.relay.domains == []
+    assert settings.queue.path == str(tmp_path / "var" / "spool")
+    assert (settings.queue.min_backoff, settings.queue.max_backoff) == (300, 4000)
+    assert settings.queue.lifetime == 432000
+    assert settings.queue.delay_warning == 0
+    assert settings.delivery.smarthost is None
+    assert settings.tls.certificate is None and settings.tls.private_key is None
+    assert settings.limits.message_size == 10485760
+    assert settings.limits.recipients == 1000
+    assert settings.limits.line_length == 1000
+    assert settings.limits.command_timeout == 300.0
+    assert settings.limits.data_timeout == 180.0
+    assert settings.limits.errors == 20
+    assert settings.plugins.recipients == ["domains"]
+    assert settings.plugins.expanders == []
+    assert settings.plugins.path == []
+    assert settings.plugins.timeout == 10.0
+    assert settings.plugin_options == {}
+
+
+def test_default_hostname_is_the_fqdn(monkeypatch):
+    monkeypatch.setattr("socket.getfqdn", lambda: "mx1.example.org")
+    assert load_config().server.hostname == "mx1.example.org"
+
+
+def test_settings_are_frozen():
+    settings = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.limits.errors = 1
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    settings = load_with(tmp_path, "")
+    assert settings.limits == load_config().limits
+    assert settings.source.endswith("relay.ini")
+
+
+# --- the sample file ---------------------------------------------------------
+
+def test_sample_config_loads(monkeypatch):
+    monkeypatch.chdir(REPO)
+    settings = load_config("etc/relaymail.ini")
+    assert settings.server.listen == ["tcp:2525:interface=127.0.0.1"]
+    assert settings.server.hostname == "localhost"
+    assert settings.queue.path == str(REPO / "var" / "spool")
+    assert settings.relay.domains == ["example.com"]
+    assert settings.plugins.recipients == ["aliases", "domains"]
+    assert settings.plugins.expanders == ["aliases"]
+    assert settings.plugin_options == {"aliases": {"file": "etc/aliases"}}
+    assert (REPO / "etc" / "aliases").is_file()
+
+
+def test_sample_config_sets_every_schema_key():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(SAMPLE)
+    missing = [f"[{section}] {key}"
+               for section, keys in SCHEMA.items() for key in keys
+               if not parser.has_option(section, key)]
+    assert missing == []
+
+
+def test_sample_config_values_match_the_defaults(monkeypatch):
+    # The sample says what each default is; apart from the keys `make run`
+    # deliberately changes, its values must be those defaults.
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("socket.getfqdn", lambda: "localhost")
+    sample = load_config("etc/relaymail.ini")
+    defaults = load_config()
+    changed = {("relay", "domains"), ("plugins", "recipients"),
+               ("plugins", "expanders")}
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            if (section, key) not in changed:
+                assert (getattr(getattr(sample, section), key)
+                        == getattr(getattr(defaults, section), key)), (section, key)
+
+
+# --- reading the file ----------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.ini")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read the file: No such file or directory"
+    assert (info.value.section, info.value.key) == (None, None)
+
+
+def test_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.ini"
+    path.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == (
+        f"{path}: cannot read the file: not UTF-8 (byte 5 is 0xe9)")
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value) == f"{tmp_path}: cannot read the file: Is a directory"
+
+
+def test_syntax_error_names_the_line(tmp_path):
+    text = "[limits]\nerrors = 5\nthis line is wrong\n"
+    assert error_for(tmp_path, text) == (
+        "FILE: line 3: expected '[section]' or 'key = value', got 'this line is wrong'")
+
+
+def test_key_before_any_section(tmp_path):
+    assert error_for(tmp_path, "# hello\nerrors = 5\n") == (
+        "FILE: line 2: expected a [section] header before 'errors = 5'")
+
+
+def test_key_set_twice(tmp_path):
+    assert error_for(tmp_path, "[limits]\nerrors = 5\nerrors = 6\n") == (
+        "FILE: [limits] errors: line 3: set twice in this section")
+
+
+def test_unknown_section_with_suggestion(tmp_path):
+    assert error_for(tmp_path, "[limit]\nerrors = 5\n") == (
+        "FILE: [limit]: unknown section; did you mean [limits]?")
+
+
+def test_misspelt_plugin_section(tmp_path):
+    assert error_for(tmp_path, "[plugins:aliases]\nfile = x\n") == (
+        "FILE: [plugins:aliases]: unknown section; did you mean [plugin:aliases]?")
+
+
+def test_unknown_section_without_suggestion(tmp_path):
+    assert error_for(tmp_path, "[zzz]\n") == (
+        "FILE: [zzz]: unknown section; expected one of [delivery], [limits], "
+        "[plugins], [queue], [relay], [server], [tls] or [plugin:NAME]")
+
+
+def test_default_section_is_not_special(tmp_path):
+    assert error_for(tmp_path, "[DEFAULT]\nerrors = 5\n") == (
+        "FILE: [DEFAULT]: unknown section; expected one of [delivery], [limits], "
+        "[plugins], [queue], [relay], [server], [tls] or [plugin:NAME]")
+
+
+def test_unknown_key_with_suggestion(tmp_path):
+    assert error_for(tmp_path, "[limits]\nmessage_sise = 10M\n") == (
+        "FILE: [limits] message_sise: unknown key; did you mean 'message_size'?")
+
+
+def test_unknown_key_without_suggestion(tmp_path):
+    assert error_for(tmp_path, "[tls]\nzzz = 1\n") == (
+        "FILE: [tls] zzz: unknown key; [tls] has certificate, private_key")
+
+
+def test_percent_signs_are_literal(tmp_path):
+    settings = load_with(tmp_path, "[plugin:x]\nformat = 100%(x)s\n")
+    assert settings.plugin_options == {"x": {"format": "100%(x)s"}}
+
+
+def test_plugin_sections_are_raw_strings(tmp_path):
+    settings = load_with(tmp_path, "[plugin:aliases]\nfile = etc/aliases\n"
+                                   "[plugin:empty]\n")
+    assert settings.plugin_options == {"aliases": {"file": "etc/aliases"},
+                                       "empty": {}}
+
+
+def test_plugin_section_needs_a_name(tmp_path):
+    assert error_for(tmp_path, "[plugin:]\n") == (
+        "FILE: [plugin:]: expected a plugin name (letters, digits, '_', '-', '.'), got ''")
+
+
+# --- value types ---------------------------------------------------------------
+
+def test_bad_int(tmp_path):
+    assert error_for(tmp_path, "[limits]\nerrors = many\n") == (
+        "FILE: [limits] errors: expected a whole number, got 'many'")
+
+
+def test_int_below_minimum(tmp_path):
+    assert error_for(tmp_path, "[limits]\nline_length = 79\n") == (
+        "FILE: [limits] line_length: must be at least 80, got '79'")
+
+
+def test_bad_size(tmp_path):
+    assert error_for(tmp_path, "[limits]\nmessage_size = ten\n") == (
+        "FILE: [limits] message_size: expected a size in bytes "
+        "(e.g. 10485760 or 10M), got 'ten'")
+
+
+def test_size_message_from_the_brief(monkeypatch):
+    # The exact form the project's documentation shows.
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError) as info:
+        load_config("etc/relaymail.ini", {("limits", "message_size"): "ten"})
+    assert str(info.value) == (
+        "command line: [limits] message_size: expected a size in bytes "
+        "(e.g. 10485760 or 10M), got 'ten'")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("10485760", 10485760), ("512K", 512 * 1024), ("10M", 10485760),
+    ("10m", 10485760), ("1G", 1 << 30), (" 2 M ", 2 << 20)])
+def test_sizes(tmp_path, raw, expected):
+    settings = load_with(tmp_path, f"[limits]\nmessage_size = {raw}\n")
+    assert settings.limits.message_size == expected
+
+
+def test_bad_duration(tmp_path):
+    assert error_for(tmp_path, "[queue]\nlifetime = soon\n") == (
+        "FILE: [queue] lifetime: expected a duration in seconds or with a unit "
+        "(e.g. 300, 300s, 5m, 1.5h, 5d), got 'soon'")
+
+
+def test_fractional_duration_for_whole_seconds_key(tmp_path):
+    assert error_for(tmp_path, "[queue]\nmin_backoff = 1.5\n") == (
+        "FILE: [queue] min_backoff: expected a whole number of seconds, got '1.5'")
+
+
+def test_zero_timeout_is_refused(tmp_path):
+    assert error_for(tmp_path, "[limits]\ncommand_timeout = 0\n") == (
+        "FILE: [limits] command_timeout: must be more than 0, got '0'")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("300", 300), ("300s", 300), ("5m", 300), ("1.5h", 5400), ("5d", 432000),
+    ("1w", 604800), ("0", 0)])
+def test_durations(tmp_path, raw, expected):
+    settings = load_with(tmp_path, f"[queue]\nlifetime = {raw}\n")
+    assert settings.queue.lifetime == expected
+    assert isinstance(settings.queue.lifetime, int)
+
+
+def test_float_durations(tmp_path):
+    settings = load_with(tmp_path, "[limits]\ndata_timeout = 1.5\n"
+                                   "[plugins]\ntimeout = 2m\n")
+    assert settings.limits.data_timeout == 1.5
+    assert settings.plugins.timeout == 120.0
+
+
+def test_max_backoff_below_min_backoff(tmp_path):
+    assert error_for(tmp_path, "[queue]\nmin_backoff = 1h\nmax_backoff = 10m\n") == (
+        "FILE: [queue] max_backoff: max_backoff (600) must be at least "
+        "min_backoff (3600)")
+
+
+def test_backoff_conflict_blames_the_key_that_was_set(tmp_path):
+    assert error_for(tmp_path, "[queue]\nmin_backoff = 2h\n") == (
+        "FILE: [queue] min_backoff: max_backoff (4000) must be at least "
+        "min_backoff (7200)")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("yes", True), ("On", True), ("TRUE", True), ("1", True),
+    ("no", False), ("off", False), ("false", False), ("0", False)])
+def test_booleans(raw, expected):
+    assert boolean(raw) is expected
+
+
+def test_bad_boolean():
+    with pytest.raises(ValueError) as info:
+        boolean("maybe")
+    assert str(info.value) == (
+        "expected yes or no (or true/false, on/off, 1/0), got 'maybe'")
+
+
+# --- lists -------------------------------------------------------------------
+
+def test_list_separators(tmp_path):
+    settings = load_with(tmp_path, (
+        "[relay]\n"
+        "domains = Example.COM, example.net  example.org\n"
+        "    bücher.example,\n"
+        "    example.info.\n"
+        "[plugins]\n"
+        "recipients = aliases,domains\n"
+        "expanders =\n"))
+    assert settings.relay.domains == [
+        "example.com", "example.net", "example.org", "xn--bcher-kva.example",
+        "example.info"]
+    assert settings.plugins.recipients == ["aliases", "domains"]
+    assert settings.plugins.expanders == []
+
+
+def test_bad_domain(tmp_path):
+    message = error_for(tmp_path, "[relay]\ndomains = example.com, *.example.net\n")
+    assert message.startswith(
+        "FILE: [relay] domains: expected a domain name, got '*.example.net' (")
+
+
+def test_networks(tmp_path):
+    settings = load_with(tmp_path, (
+        "[server]\ntrusted_networks = 192.0.2.0/24, 198.51.100.7\n  2001:db8::/32\n"))
+    assert settings.server.trusted_networks == [
+        ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("198.51.100.7/32"),
+        ipaddress.ip_network("2001:db8::/32")]
+
+
+def test_empty_networks_trust_nobody(tmp_path):
+    settings = load_with(tmp_path, "[server]\ntrusted_networks =\n")
+    assert settings.server.trusted_networks == []
+
+
+def test_bad_cidr(tmp_path):
+    assert error_for(tmp_path, "[server]\ntrusted_networks = 10.0.0.0/33\n") == (
+        "FILE: [server] trusted_networks: expected a network in CIDR form "
+        "(e.g. 192.0.2.0/24 or 2001:db8::/32), got '10.0.0.0/33'")
+
+
+def test_cidr_with_host_bits(tmp_path):
+    assert error_for(tmp_path, "[server]\ntrusted_networks = 10.1.2.3/8\n") == (
+        "FILE: [server] trusted_networks: '10.1.2.3/8' has host bits set; "
+        "did you mean '10.0.0.0/8'?")
+
+
+def test_listen_one_per_line_or_comma(tmp_path):
+    settings = load_with(tmp_path, (
+        "[server]\nlisten = tcp:2525:interface=127.0.0.1\n"
+        "    tcp6:2525:interface=\\:\\:1, unix:/tmp/relaymail.sock\n"))
+    assert settings.server.listen == [
+        "tcp:2525:interface=127.0.0.1", "tcp6:2525:interface=\\:\\:1",
+        "unix:/tmp/relaymail.sock"]
+
+
+def test_bad_endpoint(tmp_path):
+    assert error_for(tmp_path, "[server]\nlisten = tcp:2525\n  bogus:25\n") == (
+        "FILE: [server] listen: not a valid Twisted server endpoint 'bogus:25': "
+        "Unknown endpoint type: 'bogus'")
+
+
+def test_endpoint_with_bad_port(tmp_path):
+    message = error_for(tmp_path, "[server]\nlisten = tcp:abc\n")
+    assert message.startswith(
+        "FILE: [server] listen: not a valid Twisted server endpoint 'tcp:abc': ")
+
+
+def test_bad_hostname(tmp_path):
+    assert error_for(tmp_path, "[server]\nhostname = mail_1.example.com\n") == (
+        "FILE: [server] hostname: expected a host name such as mail.example.com "
+        "(letters, digits, hyphens and dots), got 'mail_1.example.com'")
+
+
+# --- smarthost -----------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("[relay.example.net]:587", Smarthost("relay.example.net", 587, False)),
+    ("[relay.example.net]", Smarthost("relay.example.net", 25, False)),
+    ("relay.example.net:2525", Smarthost("relay.example.net", 2525, True)),
+    ("Relay.Example.NET", Smarthost("relay.example.net", 25, True)),
+    ("[::1]:2526", Smarthost("::1", 2526, False)),
+    ("[192.0.2.1]", Smarthost("192.0.2.1", 25, False)),
+])
+def test_smarthost_forms(tmp_path, raw, expected):
+    settings = load_with(tmp_path, f"[delivery]\nsmarthost = {raw}\n")
+    assert settings.delivery.smarthost == expected
+
+
+def test_empty_smarthost_is_none(tmp_path):
+    settings = load_with(tmp_path, "[delivery]\nsmarthost =\n")
+    assert settings.delivery.smarthost is None
+
+
+def test_smarthost_prints_like_its_config_form():
+    assert str(Smarthost("::1", 2526, False)) == "[::1]:2526"
+    assert str(Smarthost("relay.example.net", 25, True)) == "relay.example.net:25"
+
+
+@pytest.mark.parametrize("raw, problem", [
+    ("relay.example.net:99999", "port must be a number from 1 to 65535, got '99999'"),
+    ("[relay.example.net]:0", "port must be a number from 1 to 65535, got '0'"),
+    ("relay.example.net:smtp", "port must be a number from 1 to 65535, got 'smtp'"),
+    ("::1", "expected [host]:port, host:port or host (e.g. [mail.example.net]:587; "
+            "an IPv6 address in brackets), got '::1'"),
+    ("[relay.example.net", "expected [host]:port, host:port or host "
+                           "(e.g. [mail.example.net]:587; an IPv6 address in "
+                           "brackets), got '[relay.example.net'"),
+    ("192.0.2.1:25", "put an IP address in brackets, e.g. '[192.0.2.1]:25', "
+                     "got '192.0.2.1:25'"),
+    ("bad_host:25", "expected a host name or IP address, got 'bad_host' "
+                    "in 'bad_host:25'"),
+])
+def test_bad_smarthost(tmp_path, raw, problem):
+    assert error_for(tmp_path, f"[delivery]\nsmarthost = {raw}\n") == (
+        f"FILE: [delivery] smarthost: {problem}")
+
+
+# --- TLS and paths ---------------------------------------------------------------
+
+def test_tls_both_files(tmp_path):
+    (tmp_path / "cert.pem").write_text("cert")
+    (tmp_path / "key.pem").write_text("key")
+    settings = load_with(tmp_path, f"[tls]\ncertificate = {tmp_path}/cert.pem\n"
+                                   f"private_key = {tmp_path}/key.pem\n")
+    assert settings.tls.certificate == str(tmp_path / "cert.pem")
+    assert settings.tls.private_key == str(tmp_path / "key.pem")
+
+
+def test_tls_certificate_without_key(tmp_path):
+    (tmp_path / "cert.pem").write_text("cert")
+    assert error_for(tmp_path, f"[tls]\ncertificate = {tmp_path}/cert.pem\n") == (
+        "FILE: [tls] certificate: set but private_key is not; set both or neither")
+
+
+def test_tls_key_without_certificate(tmp_path):
+    (tmp_path / "key.pem").write_text("key")
+    assert error_for(tmp_path, f"[tls]\nprivate_key = {tmp_path}/key.pem\n") == (
+        "FILE: [tls] private_key: set but certificate is not; set both or neither")
+
+
+def test_tls_missing_file(tmp_path):
+    assert error_for(tmp_path, "[tls]\ncertificate = /nonexistent/cert.pem\n") == (
+        "FILE: [tls] certificate: cannot read '/nonexistent/cert.pem': "
+        "No such file or directory")
+
+
+def test_relative_queue_path_resolves_against_cwd(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    settings = load_with(tmp_path, "[queue]\npath = spool/here\n")
+    assert settings.queue.path == os.path.join(str(tmp_path), "spool", "here")
+
+
+def test_plugin_path_directories(monkeypatch, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "more").mkdir()
+    monkeypatch.chdir(tmp_path)
+    settings = load_with(tmp_path, f"[plugins]\npath = site, {tmp_path}/more\n")
+    assert settings.plugins.path == [str(tmp_path / "site"), str(tmp_path / "more")]
+
+
+def test_plugin_path_must_exist(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert error_for(tmp_path, "[plugins]\npath = nowhere\n") == (
+        "FILE: [plugins] path: directory 'nowhere' does not exist")
+
+
+def test_plugin_path_must_be_a_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert error_for(tmp_path, "[plugins]\npath = afile\n") == (
+        "FILE: [plugins] path: directory 'afile' is not a directory")
+
+
+def test_bad_plugin_name(tmp_path):
+    assert error_for(tmp_path, "[plugins]\nrecipients = domains, a/b\n") == (
+        "FILE: [plugins] recipients: expected a plugin name "
+        "(letters, digits, '_', '-', '.'), got 'a/b'")
+
+
+# --- command-line overrides ----------------------------------------------------------
+
+def test_overrides_apply_after_the_file(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    path = write_ini(tmp_path, "[server]\nhostname = file.example.com\n"
+                               "[limits]\nerrors = 5\n")
+    settings = load_config(path, {
+        ("server", "hostname"): "cli.example.com",
+        ("server", "listen"): "tcp:2526",
+        ("queue", "path"): "cli-spool",
+        ("delivery", "smarthost"): "[relay.example.net]:587",
+    })
+    assert settings.server.hostname == "cli.example.com"
+    assert settings.server.listen == ["tcp:2526"]
+    assert settings.queue.path == str(tmp_path / "cli-spool")
+    assert settings.delivery.smarthost == Smarthost("relay.example.net", 587, False)
+    assert settings.limits.errors == 5
+
+
+def test_override_errors_name_the_command_line():
+    assert override_error({("server", "listen"): "bogus:1"}) == (
+        "command line: [server] listen: not a valid Twisted server endpoint "
+        "'bogus:1': Unknown endpoint type: 'bogus'")
+    assert override_error({("delivery", "smarthost"): "relay:0"}) == (
+        "command line: [delivery] smarthost: port must be a number from 1 to "
+        "65535, got '0'")
+
+
+def test_override_error_fields():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {("server", "listen"): "bogus:1"})
+    error = info.value
+    assert (error.source, error.section, error.key) == ("command line", "server", "listen")
+
+
+def test_override_unknown_key():
+    assert override_error({("server", "hostnam"): "x"}) == (
+        "command line: [server] hostnam: unknown key; did you mean 'hostname'?")
+
+
+def test_override_conflict_blames_the_command_line(tmp_path):
+    path = write_ini(tmp_path, "[queue]\nmin_backoff = 100\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {("queue", "max_backoff"): "50"})
+    assert str(info.value) == (
+        "command line: [queue] max_backoff: max_backoff (50) must be at least "
+        "min_backoff (100)")

@@ -1,0 +1,469 @@
+"""The SMTP dialogue driven with bytes: every command's success and error replies."""
+
+import pytest
+
+from relaymail.interfaces import Decision
+from relaymail.policy.loader import build_plugins
+from tests.support import ScriptedExpander, ScriptedValidator, Session, make_settings
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def scripted():
+    return ScriptedValidator()
+
+
+def session_for(settings, scripted=None, client_ip="127.0.0.1", lists=None, **kw):
+    validators, _ = build_plugins(settings)
+    if scripted is not None:
+        validators = [scripted] + validators
+    expanders = [ScriptedExpander(lists)] if lists else []
+    return Session(settings, validators, expanders, client_ip=client_ip, **kw)
+
+
+@pytest.fixture
+def session(settings, scripted):
+    return session_for(settings, scripted)
+
+
+@pytest.fixture
+def outsider(settings, scripted):
+    """A client outside trusted_networks."""
+    return session_for(settings, scripted, client_ip="192.0.2.7")
+
+
+def ehlo(s):
+    s.command(b"EHLO client.test")
+    return s
+
+
+# -- greeting, HELO, EHLO ------------------------------------------------
+
+def test_greeting_names_the_host(session):
+    assert session.banner == b"220 mx.test ESMTP relaymail\r\n"
+
+
+def test_ehlo_lists_the_extensions(session):
+    assert session.command(b"EHLO client.test") == (
+        b"250-mx.test Hello client.test\r\n"
+        b"250-PIPELINING\r\n"
+        b"250-SIZE 10485760\r\n"
+        b"250-8BITMIME\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n"
+        b"250-SMTPUTF8\r\n"
+        b"250 HELP\r\n")
+
+
+def test_helo_has_no_enhanced_codes_afterwards(session):
+    assert session.command(b"HELO client.test") == b"250 mx.test\r\n"
+    assert session.command(b"NOOP") == b"250 Ok\r\n"
+
+
+def test_helo_and_ehlo_need_a_domain(session):
+    assert session.command(b"HELO") == b"501 Syntax: HELO hostname\r\n"
+    assert session.command(b"EHLO") == b"501 Syntax: EHLO hostname\r\n"
+    assert session.command(b"EHLO two words") == b"501 Error: invalid host name\r\n"
+
+
+def test_ehlo_resets_the_transaction(session):
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    ehlo(session)
+    assert session.command(b"RCPT TO:<b@example.com>") == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+# -- MAIL ------------------------------------------------------------------
+
+def test_mail_before_helo_is_503(session):
+    assert session.command(b"MAIL FROM:<a@example.org>") == b"503 Error: send HELO/EHLO first\r\n"
+
+
+def test_mail_accepts_sender(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<a@example.org>") == b"250 2.1.0 Ok\r\n"
+
+
+def test_mail_accepts_null_sender(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<>") == b"250 2.1.0 Ok\r\n"
+
+
+def test_mail_tolerates_space_after_colon(session):
+    ehlo(session)
+    assert session.command(b"mail from: <a@example.org>") == b"250 2.1.0 Ok\r\n"
+
+
+def test_nested_mail_is_503(session):
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"MAIL FROM:<a@example.org>") == b"503 5.5.1 Error: nested MAIL command\r\n"
+
+
+def test_mail_syntax_errors_are_501(session):
+    ehlo(session)
+    assert session.command(b"MAIL") == b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+    assert session.command(b"MAIL TO:<a@example.org>") == b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+    assert session.command(b"MAIL FROM:a@example.org").startswith(b"501 5.1.7 Bad sender address syntax")
+    assert session.command(b"MAIL FROM:<a@@example.org>").startswith(b"501 5.1.7 ")
+    assert session.command(b"MAIL FROM:<a@-bad-.example>").startswith(b"501 5.1.7 ")
+
+
+def test_mail_unknown_parameter_is_555(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<a@example.org> RET=FULL") == b"555 5.5.4 Unsupported parameter RET\r\n"
+
+
+def test_mail_parameters_need_ehlo(session):
+    session.command(b"HELO client.test")
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=10") == b"555 Unsupported parameter SIZE\r\n"
+
+
+def test_mail_size_parameter(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=10485761") == (
+        b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=ten") == (
+        b"501 5.5.4 Syntax error in parameters: SIZE takes a number of octets\r\n")
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=10485760") == b"250 2.1.0 Ok\r\n"
+
+
+def test_mail_body_parameter(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<a@example.org> BODY=BINARYMIME") == (
+        b"501 5.5.4 Syntax error in parameters: BODY takes 7BIT or 8BITMIME\r\n")
+    assert session.command(b"MAIL FROM:<a@example.org> BODY=8bitmime") == b"250 2.1.0 Ok\r\n"
+
+
+def test_non_ascii_sender_needs_smtputf8(session):
+    ehlo(session)
+    assert session.command("MAIL FROM:<jörg@example.org>".encode()) == (
+        b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter\r\n")
+    assert session.command("MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode()) == b"250 2.1.0 Ok\r\n"
+
+
+def test_smtputf8_takes_no_value(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<a@example.org> SMTPUTF8=yes") == (
+        b"501 5.5.4 Syntax error in parameters: SMTPUTF8 takes no value\r\n")
+
+
+def test_invalid_utf8_and_control_characters_are_501(session):
+    ehlo(session)
+    assert session.command(b"MAIL FROM:<\xff@example.org>") == (
+        b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n")
+    assert session.command(b"MAIL FROM:<a\x00b@example.org>") == (
+        b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n")
+
+
+# -- RCPT ------------------------------------------------------------------
+
+def test_rcpt_before_mail_is_503(session):
+    ehlo(session)
+    assert session.command(b"RCPT TO:<b@example.com>") == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_rcpt_in_relay_domain_is_accepted_from_anyone(outsider):
+    ehlo(outsider)
+    outsider.command(b"MAIL FROM:<a@example.org>")
+    assert outsider.command(b"RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+    assert outsider.command(b"RCPT TO:<b@EXAMPLE.COM>") == b"250 2.1.5 Ok\r\n"
+
+
+def test_rcpt_elsewhere_from_untrusted_client_is_relay_denied(outsider):
+    ehlo(outsider)
+    outsider.command(b"MAIL FROM:<a@example.org>")
+    assert outsider.command(b"RCPT TO:<b@example.net>") == b"554 5.7.1 Relay access denied\r\n"
+
+
+def test_rcpt_elsewhere_from_trusted_client_is_accepted(session):
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<b@example.net>") == b"250 2.1.5 Ok\r\n"
+
+
+@pytest.mark.parametrize("recipient", [
+    b"<b%example.net@example.com>", b'<"b@example.net"@example.com>', b"<example.net!b@example.com>",
+])
+def test_sender_routing_in_our_domain_is_relay_denied_for_outsiders(outsider, recipient):
+    ehlo(outsider)
+    outsider.command(b"MAIL FROM:<a@example.org>")
+    assert outsider.command(b"RCPT TO:" + recipient) == b"554 5.7.1 Relay access denied\r\n"
+
+
+def test_source_route_is_ignored_and_the_final_domain_decides(outsider):
+    ehlo(outsider)
+    outsider.command(b"MAIL FROM:<a@example.org>")
+    assert outsider.command(b"RCPT TO:<@example.com:b@example.net>") == b"554 5.7.1 Relay access denied\r\n"
+    assert outsider.command(b"RCPT TO:<@example.net:b@example.com>") == b"250 2.1.5 Ok\r\n"
+
+
+def test_rcpt_syntax_errors(session):
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT") == b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+    assert session.command(b"RCPT TO:<>").startswith(b"501 5.1.3 Bad recipient address syntax")
+    assert session.command(b"RCPT TO:<b@example.com> NOTIFY=NEVER") == (
+        b"555 5.5.4 Unsupported parameter NOTIFY\r\n")
+
+
+def test_rcpt_postmaster_without_domain_is_accepted_from_trusted(session):
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<Postmaster>") == b"250 2.1.5 Ok\r\n"
+
+
+def test_plugin_rejection_is_passed_on(session, scripted):
+    scripted.answers["nobody"] = Decision.reject(550, "5.1.1", "User unknown")
+    scripted.answers["busy"] = Decision.defer("Mailbox busy, try later")
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<nobody@example.com>") == b"550 5.1.1 User unknown\r\n"
+    assert session.command(b"RCPT TO:<busy@example.com>") == b"450 4.2.0 Mailbox busy, try later\r\n"
+
+
+def test_plugin_that_raises_gives_451_and_session_goes_on(session, scripted):
+    scripted.answers["boom"] = RuntimeError("plugin bug")
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<boom@example.com>") == (
+        b"451 4.3.0 Temporary failure checking recipient, try again later\r\n")
+    assert session.command(b"RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+
+
+def test_too_many_recipients_is_452(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__recipients="2"))
+    ehlo(s)
+    s.command(b"MAIL FROM:<a@example.org>")
+    assert s.command(b"RCPT TO:<b1@example.com>") == b"250 2.1.5 Ok\r\n"
+    assert s.command(b"RCPT TO:<b2@example.com>") == b"250 2.1.5 Ok\r\n"
+    assert s.command(b"RCPT TO:<b3@example.com>") == b"452 4.5.3 Error: too many recipients\r\n"
+
+
+# -- DATA ------------------------------------------------------------------
+
+def transaction(s, rcpt=b"b@example.com"):
+    ehlo(s)
+    s.command(b"MAIL FROM:<a@example.org>")
+    assert s.command(b"RCPT TO:<" + rcpt + b">") == b"250 2.1.5 Ok\r\n"
+
+
+def test_data_before_mail_is_503(session):
+    ehlo(session)
+    assert session.command(b"DATA") == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_data_without_accepted_recipient_is_554(outsider):
+    ehlo(outsider)
+    outsider.command(b"MAIL FROM:<a@example.org>")
+    outsider.command(b"RCPT TO:<b@example.net>")
+    assert outsider.command(b"DATA") == b"554 5.5.1 Error: no valid recipients\r\n"
+
+
+def test_data_with_argument_is_501(session):
+    transaction(session)
+    assert session.command(b"DATA now") == b"501 5.5.4 Syntax error: this command takes no arguments\r\n"
+
+
+def test_message_is_queued_with_received_header(session):
+    transaction(session)
+    assert session.command(b"DATA") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert session.send(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q0001\r\n"
+    envelope, message = session.queue.messages["Q0001"]
+    assert message == (
+        b"Received: from client.test ([127.0.0.1])\r\n"
+        b"\tby mx.test (relaymail) with ESMTP id Q0001\r\n"
+        b"\tfor <b@example.com>;\r\n"
+        b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n"
+        b"Subject: hi\r\n\r\n.dot\r\nbody\r\n")
+    assert (envelope.sender, envelope.recipients, envelope.body, envelope.client_ip, envelope.helo) == (
+        "a@example.org", ["b@example.com"], "7BIT", "127.0.0.1", "client.test")
+
+
+def test_transaction_is_cleared_after_data(session):
+    transaction(session)
+    session.command(b"DATA")
+    session.send(b"x\r\n.\r\n")
+    assert session.command(b"RCPT TO:<b@example.com>") == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_oversize_message_is_552_after_the_dot_and_session_in_sync(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__message_size="100"))
+    transaction(s)
+    s.command(b"DATA")
+    assert s.send(b"x" * 80 + b"\r\n" + b"y" * 80 + b"\r\n") == b""
+    assert s.send(b".\r\nNOOP\r\n") == b"552 5.3.4 Error: message too big\r\n250 2.0.0 Ok\r\n"
+    assert s.queue.messages == {} and s.queue.writers[0].aborted
+
+
+def test_long_line_in_data_is_refused_and_session_in_sync(session):
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(b"a" * 5000 + b"\r\nRSET\r\n.\r\nNOOP\r\n") == (
+        b"500 5.5.2 Error: message has a line longer than the limit\r\n250 2.0.0 Ok\r\n")
+
+
+def test_bare_lf_in_data_is_refused(session):
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(b"a\n.\nMAIL FROM:<x@example.org>\r\n.\r\n") == (
+        b"554 5.6.0 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>\r\n")
+    assert session.queue.messages == {}
+
+
+def test_queue_write_error_is_451(session):
+    transaction(session)
+    session.command(b"DATA")
+    session.queue.fail_writes = True
+    assert session.send(b"a\r\n.\r\n") == b"451 4.3.0 Error: local error in processing, try again later\r\n"
+
+
+def test_queue_commit_error_is_451(session):
+    transaction(session)
+    session.command(b"DATA")
+    session.queue.fail_commits = True
+    assert session.send(b"a\r\n.\r\n") == b"451 4.3.0 Error: local error in processing, try again later\r\n"
+    assert session.queue.writers[0].aborted
+
+
+def test_lists_are_expanded_when_queued(settings):
+    s = session_for(settings, lists={"staff@example.com": ["alice@example.com", "bob@example.org"]})
+    transaction(s, b"staff@example.com")
+    s.command(b"DATA")
+    s.send(b"x\r\n.\r\n")
+    envelope, _ = s.queue.messages["Q0001"]
+    assert envelope.recipients == ["alice@example.com", "bob@example.org"]
+
+
+# -- PIPELINING with plugins that answer later -----------------------------
+
+def test_replies_leave_in_order_when_a_plugin_answers_later(session, scripted):
+    ehlo(session)
+    out = session.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<later1@example.net>\r\n"
+                       b"RCPT TO:<b@example.com>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n")
+    assert out == b"250 2.1.0 Ok\r\n"
+    scripted.pending["later1"].callback(Decision.accept())
+    assert session.take() == (
+        b"250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        b"250 2.0.0 Ok: queued as Q0001\r\n221 2.0.0 mx.test Bye\r\n")
+    assert session.queue.messages["Q0001"][0].recipients == ["later1@example.net", "b@example.com"]
+
+
+def test_data_after_late_rejections_is_554(session, scripted):
+    ehlo(session)
+    out = session.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<later2@example.com>\r\nDATA\r\nQUIT\r\n")
+    assert out == b"250 2.1.0 Ok\r\n"
+    scripted.pending["later2"].callback(Decision.reject(550, "5.1.1", "User unknown"))
+    assert session.take() == (
+        b"550 5.1.1 User unknown\r\n554 5.5.1 Error: no valid recipients\r\n221 2.0.0 mx.test Bye\r\n")
+
+
+def test_plugin_timeout_gives_451(tmp_path, scripted):
+    s = session_for(make_settings(tmp_path, plugins__timeout="2"), scripted)
+    ehlo(s)
+    assert s.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<later3@example.com>\r\nNOOP\r\n") == b"250 2.1.0 Ok\r\n"
+    s.clock.advance(2.5)
+    assert s.take() == (
+        b"451 4.3.0 Temporary failure checking recipient, try again later\r\n250 2.0.0 Ok\r\n")
+
+
+# -- RSET, NOOP, QUIT, VRFY, EXPN, HELP, unknown ---------------------------
+
+def test_rset(session):
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RSET") == b"250 2.0.0 Ok\r\n"
+    assert session.command(b"MAIL FROM:<a@example.org>") == b"250 2.1.0 Ok\r\n"
+    assert session.command(b"RSET now") == b"501 5.5.4 Syntax error: this command takes no arguments\r\n"
+
+
+def test_noop_with_and_without_argument(session):
+    ehlo(session)
+    assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+    assert session.command(b"NOOP hello") == b"250 2.0.0 Ok\r\n"
+
+
+def test_quit_closes(session):
+    ehlo(session)
+    assert session.command(b"QUIT") == b"221 2.0.0 mx.test Bye\r\n"
+    assert session.closed
+
+
+def test_vrfy(session):
+    ehlo(session)
+    assert session.command(b"VRFY known@example.com") == b"250 2.1.5 <known@example.com>\r\n"
+    assert session.command(b"VRFY someone") == (
+        b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n")
+    assert session.command(b"VRFY") == b"501 5.5.4 Syntax: VRFY address\r\n"
+
+
+def test_expn(settings):
+    s = session_for(settings, lists={"staff": ["alice@example.com", "bob@example.com"]})
+    ehlo(s)
+    assert s.command(b"EXPN staff") == b"250-2.1.5 <alice@example.com>\r\n250 2.1.5 <bob@example.com>\r\n"
+    assert s.command(b"EXPN nobody") == b"550 5.1.1 Not a mailing list I know\r\n"
+    assert s.command(b"EXPN") == b"501 5.5.4 Syntax: EXPN list\r\n"
+
+
+def test_help(session):
+    ehlo(session)
+    assert session.command(b"HELP") == (
+        b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP\r\n"
+        b"214 2.0.0 See RFC 5321; HELP command gives its syntax\r\n")
+    assert session.command(b"HELP rcpt") == b"214 2.0.0 RCPT TO:<address>\r\n"
+    assert session.command(b"HELP FOO") == b"504 5.5.1 HELP topic unknown\r\n"
+
+
+def test_unknown_and_empty_commands_are_500(session):
+    ehlo(session)
+    assert session.command(b"BDAT 10") == b"500 5.5.2 Error: command not recognized\r\n"
+    assert session.command(b"") == b"500 5.5.2 Error: empty command\r\n"
+
+
+def test_overlong_command_line_is_500_and_session_in_sync(session):
+    ehlo(session)
+    assert session.send(b"NOOP " + b"x" * 3000) == b"500 5.5.2 Error: line too long\r\n"
+    assert session.send(b"y" * 100 + b"\r\nNOOP\r\n") == b"250 2.0.0 Ok\r\n"
+
+
+def test_http_request_hangs_up(session):
+    assert session.command(b"GET / HTTP/1.1") == b"421 mx.test Error: HTTP request on the SMTP port\r\n"
+    assert session.closed
+
+
+def test_too_many_errors_closes(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__errors="3"))
+    ehlo(s)
+    assert s.command(b"FOO") == b"500 5.5.2 Error: command not recognized\r\n"
+    assert s.command(b"FOO") == b"500 5.5.2 Error: command not recognized\r\n"
+    assert s.command(b"FOO") == (
+        b"500 5.5.2 Error: command not recognized\r\n421 4.7.0 mx.test Error: too many errors\r\n")
+    assert s.closed
+    assert s.command(b"NOOP") == b""
+
+
+def test_data_timeout_closes(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__data_timeout="3", limits__command_timeout="100"))
+    transaction(s)
+    s.command(b"DATA")
+    s.send(b"some data\r\n")
+    s.clock.advance(2.9)
+    s.send(b"more\r\n")
+    s.clock.advance(2.9)
+    assert s.take() == b""
+    s.clock.advance(0.2)
+    assert s.take() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    assert s.closed
+    assert s.queue.writers[0].aborted
+
+
+def test_command_timeout_closes(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__command_timeout="5"))
+    s.clock.advance(4.9)
+    assert s.take() == b""
+    s.clock.advance(0.2)
+    assert s.take() == b"421 mx.test Error: timeout exceeded\r\n"
+    assert s.closed

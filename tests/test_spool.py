@@ -1,0 +1,560 @@
+"""Tests for relaymail.queue.spool: real files, real fsync."""
+
+import errno
+import json
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+
+import pytest
+from twisted.internet import defer
+from twisted.logger import Logger, formatEvent
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from relaymail.envelope import Envelope
+from relaymail.interfaces import IMessageQueue, IMessageWriter
+from relaymail.queue import record as records
+from relaymail.queue.durable import GroupSync
+from relaymail.queue.queue_id import ALPHABET, is_queue_id, new_queue_id
+from relaymail.queue.spool import Spool
+
+BODY = (b"Received: from client.example.org by relay.example.net\r\n"
+        b"Subject: hello\r\n\r\nline one\r\n.leading dot kept unstuffed\r\n")
+
+
+def make_envelope(**changes):
+    values = dict(sender="alice@example.org",
+                  recipients=["bob@example.com", "carol@example.com"],
+                  client_ip="192.0.2.7", helo="client.example.org",
+                  received_at=1767225600.5)
+    values.update(changes)
+    return Envelope(**values)
+
+
+def listing(spool, directory):
+    return sorted(os.listdir(os.path.join(spool.path, directory)))
+
+
+def queue_sync(spool, body=BODY, envelope=None):
+    writer = spool.new_message()
+    writer.write(body)
+    return writer.commit_sync(envelope or make_envelope())
+
+
+def capture_log(spool):
+    events = []
+    spool.log = Logger(observer=events.append)
+    return events
+
+
+def log_text(events):
+    return "\n".join(formatEvent(event) for event in events)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.start()
+    yield spool
+    spool.stop()
+
+
+# -- layout and interfaces ----------------------------------------------------
+
+def test_start_creates_private_layout(spool):
+    for name in ("", "tmp", "active", "hold", "corrupt"):
+        mode = os.stat(os.path.join(spool.path, name)).st_mode
+        assert stat.S_ISDIR(mode)
+        assert stat.S_IMODE(mode) & 0o077 == 0
+
+
+def test_spool_and_writer_provide_the_interfaces(spool):
+    assert verifyObject(IMessageQueue, spool)
+    writer = spool.new_message()
+    assert verifyObject(IMessageWriter, writer)
+    writer.abort()
+
+
+def test_new_message_before_start_is_refused(tmp_path):
+    with pytest.raises(RuntimeError):
+        Spool(str(tmp_path)).new_message()
+
+
+# -- writing ----------------------------------------------------------------------
+
+def test_queue_id_is_known_and_file_open_before_the_body(spool):
+    writer = spool.new_message()
+    assert is_queue_id(writer.queue_id)
+    assert listing(spool, "tmp") == [writer.queue_id + ".msg"]
+    writer.abort()
+
+
+def test_commit_writes_body_and_record_exactly(spool):
+    writer = spool.new_message()
+    writer.write(BODY[:10])
+    writer.write(BODY[10:])
+    before = time.time()
+    queue_id = writer.commit_sync(make_envelope())
+
+    assert queue_id == writer.queue_id
+    assert listing(spool, "active") == [queue_id + ".json", queue_id + ".msg"]
+    assert listing(spool, "tmp") == []
+    with open(spool.message_path(queue_id), "rb") as file:
+        assert file.read() == BODY
+    with open(os.path.join(spool.path, "active", queue_id + ".json")) as file:
+        record = json.load(file)
+    assert record["version"] == 1
+    assert record["id"] == queue_id
+    assert record["size"] == len(BODY)
+    assert record["attempts"] == 0
+    assert record["last_error"] is None
+    assert before <= record["created_at"] == record["next_attempt_at"] <= time.time()
+    assert record["recipients"] == [
+        {"address": address, "status": "pending", "attempts": 0,
+         "last_error": None, "updated_at": None}
+        for address in ("bob@example.com", "carol@example.com")]
+
+
+def test_record_round_trips_the_envelope(spool):
+    envelope = make_envelope(sender="", recipients=["jos\u00e9@b\u00fccher.example"],
+                             body="8BITMIME", smtputf8=True,
+                             authenticated_user="alice")
+    queue_id = queue_sync(spool, envelope=envelope)
+    assert Envelope.from_dict(spool.load(queue_id)["envelope"]) == envelope
+
+
+def test_record_file_is_ascii_json(spool):
+    queue_id = queue_sync(spool, envelope=make_envelope(
+        recipients=["jos\u00e9@example.com"]))
+    with open(os.path.join(spool.path, "active", queue_id + ".json"), "rb") as file:
+        data = file.read()
+    assert data.isascii()
+    assert json.loads(data)["recipients"][0]["address"] == "jos\u00e9@example.com"
+
+
+def test_abort_leaves_nothing(spool):
+    writer = spool.new_message()
+    writer.write(BODY)
+    writer.abort()
+    writer.abort()
+    for directory in ("tmp", "active", "corrupt"):
+        assert listing(spool, directory) == []
+
+
+def test_write_after_abort_is_refused(spool):
+    writer = spool.new_message()
+    writer.abort()
+    with pytest.raises(RuntimeError):
+        writer.write(b"late\r\n")
+
+
+def test_abort_after_commit_keeps_the_message(spool):
+    writer = spool.new_message()
+    writer.write(BODY)
+    queue_id = writer.commit_sync(make_envelope())
+    writer.abort()
+    assert list(spool.ids()) == [queue_id]
+
+
+def test_commit_twice_is_refused(spool):
+    writer = spool.new_message()
+    writer.commit_sync(make_envelope())
+    with pytest.raises(RuntimeError):
+        writer.commit_sync(make_envelope())
+
+
+def test_envelope_json_cannot_hold_fails_and_leaves_nothing(spool):
+    writer = spool.new_message()
+    writer.write(BODY)
+    with pytest.raises(TypeError):
+        writer.commit_sync(make_envelope(received_at=object()))
+    assert listing(spool, "tmp") == listing(spool, "active") == []
+
+
+class FaultInjector:
+    """Makes the ``n``-th call of ``os.<name>`` fail with EIO."""
+
+    def __init__(self, monkeypatch, name, n):
+        self.real = getattr(os, name)
+        self.name, self.n, self.calls = name, n, 0
+        monkeypatch.setattr(os, name, self)
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(errno.EIO, f"injected {self.name} failure")
+        return self.real(*args)
+
+
+# A commit calls fsync on the body, the record and active/, in that order,
+# and renames the body, then the record.
+@pytest.mark.parametrize("name, n", [
+    ("fsync", 1), ("fsync", 2), ("fsync", 3), ("rename", 1), ("rename", 2)])
+def test_commit_failure_at_any_step_leaves_nothing(spool, monkeypatch, name, n):
+    queue_sync(spool)        # an earlier message must survive
+    kept = listing(spool, "active")
+    events = capture_log(spool)
+    writer = spool.new_message()
+    writer.write(BODY)
+    FaultInjector(monkeypatch, name, n)
+    with pytest.raises(OSError) as raised:
+        writer.commit_sync(make_envelope())
+    monkeypatch.undo()
+    assert raised.value.errno == errno.EIO
+    assert listing(spool, "active") == kept
+    assert listing(spool, "tmp") == []
+    assert writer.queue_id in log_text(events)
+
+
+# -- recovery ------------------------------------------------------------------------
+
+def active_file(spool, queue_id, suffix):
+    return os.path.join(spool.path, "active", queue_id + suffix)
+
+
+def rewrite_record(spool, queue_id, change):
+    path = active_file(spool, queue_id, ".json")
+    with open(path) as file:
+        record = json.load(file)
+    change(record)
+    with open(path, "w") as file:
+        json.dump(record, file)
+
+
+def spoil_entries(spool):
+    """Queue messages and break all but one; return the good id and the
+    broken ids with the words their log line must contain."""
+    good = queue_sync(spool)
+    broken = {}
+
+    def spoil(words, how):
+        queue_id = queue_sync(spool)
+        how(queue_id)
+        broken[queue_id] = words
+
+    def truncate(queue_id):
+        os.truncate(active_file(spool, queue_id, ".msg"), len(BODY) - 1)
+
+    def garble(queue_id):
+        with open(active_file(spool, queue_id, ".json"), "wb") as file:
+            file.write(b'{"version": 1, "id": ')
+
+    spoil("truncated", truncate)
+    spoil("JSON", garble)
+    spoil("missing", lambda queue_id: os.unlink(active_file(spool, queue_id, ".msg")))
+    spoil("version", lambda queue_id: rewrite_record(
+        spool, queue_id, lambda record: record.update(version=2)))
+    spoil("missing keys: size", lambda queue_id: rewrite_record(
+        spool, queue_id, lambda record: record.pop("size")))
+    spoil("size", lambda queue_id: rewrite_record(
+        spool, queue_id, lambda record: record.update(size="many")))
+    return good, broken
+
+
+def test_recover_quarantines_entries_it_cannot_trust(spool):
+    good, broken = spoil_entries(spool)
+    restarted = Spool(spool.path)
+    events = capture_log(restarted)
+
+    assert restarted.recover() == [good]
+
+    assert list(restarted.ids()) == [good]
+    assert listing(spool, "active") == [good + ".json", good + ".msg"]
+    quarantined = listing(spool, "corrupt")
+    for queue_id, words in broken.items():
+        assert queue_id + ".json" in quarantined
+        line = [formatEvent(event) for event in events
+                if event.get("queue_id") == queue_id]
+        assert len(line) == 1 and words in line[0], (words, line)
+    assert len(quarantined) == 2 * len(broken) - 1   # one had no body
+
+
+def test_recover_removes_unfinished_and_uncommitted_files(spool):
+    good = queue_sync(spool)
+    orphan = new_queue_id()
+    with open(active_file(spool, orphan, ".msg"), "wb") as file:
+        file.write(BODY)
+    for name in (new_queue_id() + ".msg", new_queue_id() + ".json", "junk"):
+        with open(os.path.join(spool.path, "tmp", name), "wb") as file:
+            file.write(b"partial")
+    restarted = Spool(spool.path)
+    capture_log(restarted)
+
+    assert restarted.recover() == [good]
+    assert listing(spool, "tmp") == []
+    assert listing(spool, "active") == [good + ".json", good + ".msg"]
+    assert listing(spool, "corrupt") == []
+
+
+def test_recover_leaves_unexpected_names_alone(spool):
+    stray = os.path.join(spool.path, "active", "README")
+    open(stray, "w").close()
+    events = capture_log(spool)
+    assert spool.recover() == []
+    assert os.path.exists(stray)
+    assert "README" in log_text(events)
+
+
+def test_recover_never_raises_for_an_unreadable_record(spool):
+    queue_id = queue_sync(spool)
+    path = active_file(spool, queue_id, ".json")
+    os.unlink(path)
+    os.mkdir(path)     # unreadable even as root
+    capture_log(spool)
+    assert spool.recover() == []
+
+
+def test_recover_refuses_while_a_message_is_being_written(spool):
+    writer = spool.new_message()
+    with pytest.raises(RuntimeError):
+        spool.recover()
+    writer.abort()
+    assert spool.recover() == []
+
+
+# -- reading and changing --------------------------------------------------------
+
+def test_ids_lists_only_committed_messages(spool):
+    committed = sorted(queue_sync(spool) for _ in range(3))
+    unfinished = spool.new_message()
+    unfinished.write(BODY)
+    with open(active_file(spool, new_queue_id(), ".msg"), "wb"):
+        pass
+    assert sorted(spool.ids()) == committed
+    unfinished.abort()
+
+
+def test_update_replaces_the_record(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    record["recipients"][0].update(status=records.SENT, attempts=1,
+                                   updated_at=1767225700.0)
+    record["attempts"] = 1
+    spool.update(queue_id, record)
+    assert spool.load(queue_id) == record
+    assert listing(spool, "tmp") == []
+
+
+def test_update_refuses_a_record_recover_would_quarantine(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    del record["recipients"]
+    with pytest.raises(records.CorruptRecord):
+        spool.update(queue_id, record)
+    assert "recipients" in spool.load(queue_id)
+
+
+def test_update_of_a_removed_message_does_not_bring_it_back(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    assert spool.remove(queue_id) is True
+    with pytest.raises(FileNotFoundError):
+        spool.update(queue_id, record)
+    assert listing(spool, "active") == listing(spool, "tmp") == []
+
+
+def test_remove_deletes_both_files(spool):
+    queue_id = queue_sync(spool)
+    assert spool.remove(queue_id) is True
+    assert spool.remove(queue_id) is False
+    assert listing(spool, "active") == []
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "0" * 15, "0" * 15 + "u", ""])
+def test_helpers_refuse_what_is_not_a_queue_id(spool, bad):
+    for helper in (spool.load, spool.message_path, spool.remove):
+        with pytest.raises(ValueError):
+            helper(bad)
+
+
+# -- queue ids ----------------------------------------------------------------------
+
+def test_queue_ids_are_unique_and_sort_by_creation():
+    made = [new_queue_id() for _ in range(10_000)]
+    assert len(set(made)) == len(made)
+    assert made == sorted(made)
+    assert all(len(queue_id) == 16 and set(queue_id) <= set(ALPHABET)
+               for queue_id in made)
+
+
+def test_queue_ids_from_later_sort_later():
+    first = new_queue_id()
+    time.sleep(0.002)
+    assert new_queue_id() > first
+
+
+def test_queue_ids_from_threads_are_unique():
+    made = []
+
+    def make():
+        made.extend(new_queue_id() for _ in range(1_000))
+
+    workers = [threading.Thread(target=make) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(set(made)) == 4_000
+
+
+# -- group commit ---------------------------------------------------------------------
+
+class BlockingFsync:
+    """A directory fsync that waits to be let go, one gate per call."""
+
+    def __init__(self, fail_on=()):
+        self.started = [threading.Event() for _ in range(5)]
+        self.release = [threading.Event() for _ in range(5)]
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def __call__(self, path):
+        number = self.calls
+        self.calls += 1
+        self.started[number].set()
+        assert self.release[number].wait(5)
+        if number in self.fail_on:
+            raise OSError(errno.EIO, "injected")
+
+
+def run_in_thread(function):
+    outcome = {}
+
+    def run():
+        try:
+            function()
+            outcome["returned"] = True
+        except OSError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def wait_until(condition):
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def start_batch(fake):
+    """One sync running and two more callers waiting behind it."""
+    syncer = GroupSync("unused", fsync=fake)
+    first = run_in_thread(syncer.sync)
+    assert fake.started[0].wait(5)
+    later = [run_in_thread(syncer.sync) for _ in range(2)]
+    wait_until(lambda: syncer.waiting == 2)
+    return syncer, first, later
+
+
+def test_callers_during_a_sync_wait_for_the_next_one_and_share_it():
+    fake = BlockingFsync()
+    syncer, first, later = start_batch(fake)
+    fake.release[0].set()
+    first[0].join(5)
+    assert first[1] == {"returned": True}
+    # Their renames may have missed the first fsync: they must still wait.
+    assert fake.started[1].wait(5)
+    assert not any(outcome for _, outcome in later)
+    fake.release[1].set()
+    for thread, outcome in later:
+        thread.join(5)
+        assert outcome == {"returned": True}
+    assert syncer.count == fake.calls == 2
+
+
+def test_a_failed_shared_sync_fails_every_caller_relying_on_it():
+    fake = BlockingFsync(fail_on={1})
+    syncer, first, later = start_batch(fake)
+    fake.release[0].set()
+    fake.release[1].set()
+    for thread, outcome in [first] + later:
+        thread.join(5)
+    assert first[1] == {"returned": True}
+    for _, outcome in later:
+        assert outcome["error"].errno == errno.EIO
+
+
+# -- the Deferred path, with the reactor running (trial) ----------------------------
+
+class DeferredCommitTests(unittest.TestCase):
+    """commit() through the spool's own thread pool."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.spool = Spool(os.path.join(directory, "spool"))
+        self.spool.start()
+        self.addCleanup(self.spool.stop)
+
+    def begin(self):
+        writer = self.spool.new_message()
+        writer.write(BODY)
+        return writer
+
+    @defer.inlineCallbacks
+    def test_commit_fires_with_the_queue_id(self):
+        writer = self.begin()
+        queue_id = yield writer.commit(make_envelope())
+        self.assertEqual(queue_id, writer.queue_id)
+        self.assertEqual(list(self.spool.ids()), [queue_id])
+        self.assertEqual(self.spool.load(queue_id)["size"], len(BODY))
+
+    @defer.inlineCallbacks
+    def test_fifty_concurrent_commits_all_land(self):
+        writers = [self.begin() for _ in range(50)]
+        landed = yield defer.gatherResults(
+            [writer.commit(make_envelope()) for writer in writers])
+        self.assertEqual(sorted(landed), sorted(w.queue_id for w in writers))
+        self.assertEqual(sorted(self.spool.ids()), sorted(landed))
+        self.assertEqual(listing(self.spool, "tmp"), [])
+        for queue_id in landed:
+            with open(self.spool.message_path(queue_id), "rb") as file:
+                self.assertEqual(file.read(), BODY)
+
+    @defer.inlineCallbacks
+    def test_failed_commit_fails_the_deferred_and_leaves_nothing(self):
+        capture_log(self.spool)
+        real_fsync = os.fsync
+
+        def failing_for_directories(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOSPC, "injected")
+            return real_fsync(fd)
+
+        self.patch(os, "fsync", failing_for_directories)
+        with self.assertRaises(OSError):
+            yield self.begin().commit(make_envelope())
+        self.assertEqual(listing(self.spool, "active"), [])
+        self.assertEqual(listing(self.spool, "tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_commits_in_flight(self):
+        committed = self.begin().commit(make_envelope())
+        yield self.spool.stop()
+        self.assertEqual(len(list(self.spool.ids())), 1)
+        queue_id = yield committed
+        self.assertEqual(list(self.spool.ids()), [queue_id])
+
+    @defer.inlineCallbacks
+    def test_commit_after_stop_fails_and_abort_cleans_up(self):
+        writer = self.begin()
+        yield self.spool.stop()
+        with self.assertRaises(RuntimeError):
+            yield writer.commit(make_envelope())
+        writer.abort()
+        self.assertEqual(listing(self.spool, "tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_update_in_thread(self):
+        queue_id = yield self.begin().commit(make_envelope())
+        record = self.spool.load(queue_id)
+        record["next_attempt_at"] += 300
+        yield self.spool.update_in_thread(queue_id, record)
+        self.assertEqual(self.spool.load(queue_id), record)
