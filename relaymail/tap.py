@@ -3,7 +3,6 @@
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.logger import Logger
 from twisted.python import usage
 
 from relaymail.config import ConfigError, load_config
@@ -11,8 +10,6 @@ from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.queue.spool import Spool
 from relaymail.smtp.server import SMTPFactory
-
-log = Logger(namespace="relaymail")
 
 # Command-line options that override one config key each.
 _OVERRIDES = {
@@ -47,23 +44,6 @@ def _overrides(options):
     return {key: options[name] for name, key in _OVERRIDES.items() if options[name] is not None}
 
 
-class SpoolService(service.Service):
-    """Recovers the queue at start-up and runs the spool's fsync threads."""
-
-    def __init__(self, spool):
-        self.spool = spool
-
-    def startService(self):
-        good = self.spool.recover()
-        log.info("queue {path}: {count} messages", path=self.spool.path, count=len(good))
-        self.spool.start()
-        super().startService()
-
-    def stopService(self):
-        super().stopService()
-        return self.spool.stop()
-
-
 def build_service(settings, reactor=None):
     """The whole relay as a MultiService, from validated settings."""
     if reactor is None:
@@ -72,7 +52,8 @@ def build_service(settings, reactor=None):
     policy = Policy(validators, expanders, settings)
     spool = Spool(settings.queue.path, reactor=reactor)
     top = service.MultiService()
-    SpoolService(spool).setServiceParent(top)
+    # Started first: the queue is recovered before any listener accepts mail.
+    spool.setServiceParent(top)
     factory = SMTPFactory(settings, policy, spool)
     for description in settings.server.listen:
         endpoint = endpoints.serverFromString(reactor, description)

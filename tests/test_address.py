@@ -174,7 +174,8 @@ def test_backslash_outside_quotes_is_refused():
 
 # -- control characters -------------------------------------------------------
 
-@pytest.mark.parametrize("char", ["\x00", "\r", "\n", "\t", "\x1b", "\x7f", "\x85", "\x9f"])
+@pytest.mark.parametrize("char", [
+    "\x00", "\r", "\n", "\t", "\x1b", "\x7f", "\x85", "\x9f", "\u2028", "\u2029"])
 @pytest.mark.parametrize("template", [
     "<us{}er@example.com>",
     '<"us{}er"@example.com>',
@@ -461,6 +462,12 @@ def test_split_mail_argument(arg, keyword, path, params):
     assert split_mail_argument(arg, keyword) == (path, params)
 
 
+def test_split_keyword_matches_ascii_only():
+    # 'ı'.upper() == 'I': a Unicode case fold must not make a keyword match.
+    with pytest.raises(AddressError, match="^expected 'VIA:'$"):
+        split_mail_argument("vıa:<a@b.example>", "VIA")
+
+
 def test_split_keeps_parameter_order():
     _, params = split_mail_argument("FROM:<a@b> B=1 A=2 C", "FROM")
     assert list(params) == ["B", "A", "C"]
@@ -537,7 +544,8 @@ tricky_text = st.one_of(
     st.text(),
     st.text(alphabet=st.characters(codec=None, categories=["Cs", "Cc", "Ll", "Lo", "P", "Zs"])),
     st.lists(st.sampled_from(_FRAGMENTS), max_size=25).map("".join),
-    st.lists(st.sampled_from(_FRAGMENTS), max_size=25).map(lambda parts: "<" + "".join(parts) + ">"),
+    st.lists(st.sampled_from(_FRAGMENTS), max_size=25).map(
+        lambda parts: "<" + "".join(parts) + ">"),
 )
 
 
@@ -601,7 +609,8 @@ def test_quoted_local_parts_round_trip(content):
 
 
 keywords = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9-]{0,10}", fullmatch=True)
-values = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="="),
+values = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126,
+                                        exclude_characters="="),
                  min_size=1, max_size=12)
 
 

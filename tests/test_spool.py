@@ -79,6 +79,28 @@ def test_spool_and_writer_provide_the_interfaces(spool):
     writer.abort()
 
 
+def test_recover_before_start_creates_the_layout(tmp_path):
+    spool = Spool(str(tmp_path / "new" / "spool"))
+    assert spool.recover() == []
+    assert listing(spool, "") == ["active", "corrupt", "hold", "tmp"]
+
+
+def test_as_a_service_it_recovers_on_start_and_stops(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    leftover = os.path.join(spool.path, "tmp", new_queue_id() + ".msg")
+    open(leftover, "wb").close()
+    capture_log(spool)
+    spool.startService()
+    assert spool.running and not os.path.exists(leftover)
+    spool.new_message().abort()
+    stopped = []
+    spool.stopService().addCallback(stopped.append)
+    assert stopped and not spool.running
+    with pytest.raises(RuntimeError):
+        spool.new_message()
+
+
 def test_new_message_before_start_is_refused(tmp_path):
     with pytest.raises(RuntimeError):
         Spool(str(tmp_path)).new_message()

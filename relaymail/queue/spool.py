@@ -67,8 +67,11 @@ class Spool(service.Service):
         spool runs its own of :data:`COMMIT_THREADS` threads between
         :meth:`start` and :meth:`stop`.
 
-    As a twisted.application Service, starting it runs :meth:`start` and
-    :meth:`recover`, and stopping it runs :meth:`stop`.
+    At start-up call :meth:`recover`, then :meth:`start` (either order
+    works; recover() creates the directories it needs).  As a
+    twisted.application Service it does both when started, and
+    :meth:`stop` when stopped: add it to the MultiService before the
+    listeners so the queue is recovered before mail is accepted.
 
     The read helpers (:meth:`load`, :meth:`update`, :meth:`remove` ...)
     assume one owner per message at a time: the delivery engine, or the
@@ -97,6 +100,8 @@ class Spool(service.Service):
     def start(self):
         """Create the spool directories and, if the spool owns one, start
         its thread pool.  Messages may be written from now on."""
+        if self._accepting:
+            return
         self._make_layout()
         if self._owns_threadpool:
             # A fresh pool each time: a stopped ThreadPool cannot restart.

@@ -56,9 +56,10 @@ MAX_LABEL_OCTETS = 63            # RFC 1035 section 2.3.4
 # C0 controls and DEL are never valid in a path or a parameter (RFC 5321
 # 4.1.2 has no production that admits them).  C1 controls are rejected too:
 # RFC 5198 section 2 says they MUST NOT be used in network Unicode, and some
-# software treats U+0085 as a line break.  Lone surrogates are what a
+# software treats U+0085 as a line break.  U+2028 and U+2029 go for the same
+# reason (str.splitlines() breaks at them).  Lone surrogates are what a
 # surrogateescape decode makes of invalid UTF-8; they are not characters.
-_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 # RFC 5322 section 3.2.3 atext, plus '.' so one pass finds a whole
 # Dot-string; the atoms are checked for emptiness afterwards.  The UTF-8
@@ -88,10 +89,10 @@ _DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
 
 # esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
 # esmtp-value = 1*(%d33-60 / %d62-126), plus UTF8-non-ascii (RFC 6531 3.3)
-# but without C1 controls or surrogates, for the reasons given above.
+# but without what _FORBIDDEN refuses, for the reasons given there.
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESMTP_VALUE = re.compile(
-    r"[\x21-\x3c\x3e-\x7e\u00a0-\ud7ff\ue000-\U0010ffff]+")
+    r"[\x21-\x3c\x3e-\x7e\u00a0-\u2027\u202a-\ud7ff\ue000-\U0010ffff]+")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,11 @@ class Mailbox:
     def domain_key(self) -> str:
         """The domain for routing and comparisons: lower case, U-labels
         turned into A-labels (``xn--...``); address literals lower-cased
-        as they are."""
+        as they are.
+
+        :raises AddressError: if the domain is invalid, which only a
+            Mailbox built by hand rather than by the parsers can be.
+        """
         if self.domain == "" or self.is_address_literal:
             return self.domain.lower()
         return _check_domain(self.domain, smtputf8=True)
@@ -168,8 +173,12 @@ def parse_forward_path(text: str, smtputf8: bool = False) -> Mailbox:
         any non-ASCII raises :class:`NeedsSMTPUTF8`.
     :raises AddressError: with a short reason for any syntax error.
     """
+    # Counting characters first bounds the work done on a huge argument;
+    # a character is at least one octet.
+    if len(text) > MAX_PATH_OCTETS:
+        raise AddressError("path too long")
     _check_characters(text, smtputf8)
-    if len(text.encode("utf-8")) > MAX_PATH_OCTETS:
+    if _octets(text) > MAX_PATH_OCTETS:
         raise AddressError("path too long")
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
         raise AddressError("path must be enclosed in angle brackets")
@@ -179,7 +188,8 @@ def parse_forward_path(text: str, smtputf8: bool = False) -> Mailbox:
     return _parse_path_body(body, smtputf8)
 
 
-def split_mail_argument(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+def split_mail_argument(
+        arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     """Split the argument of MAIL or RCPT into its path and parameters.
 
     ``split_mail_argument('FROM:<a@b.example> SIZE=100', 'FROM')`` gives
@@ -197,7 +207,9 @@ def split_mail_argument(arg: str, keyword: str) -> tuple[str, dict[str, str | No
     """
     pos = _skip_spaces(arg, 0)
     prefix = keyword + ":"
-    if arg[pos:pos + len(prefix)].upper() != prefix.upper():
+    given = arg[pos:pos + len(prefix)]
+    # isascii() first: 'ı'.upper() is 'I', and no such letter may pass.
+    if not given.isascii() or given.upper() != prefix.upper():
         raise AddressError(f"expected '{prefix}'")
     # RFC 5321 has no space here, but many clients send 'MAIL FROM: <a@b>'
     # and refusing them helps nobody.

@@ -177,6 +177,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 class SMTPFactory(ServerFactory):
     """Makes a protocol per connection; holds what all sessions share."""
 
+    # Our own connect/disconnect lines say more than Twisted's start/stop ones.
+    noisy = False
+
     def __init__(self, settings, policy, queue, clock=None, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
