@@ -1,0 +1,223 @@
+"""The relay as users run it: twistd, a real socket, smtplib and raw pipelined writes."""
+
+import json
+import os
+import re
+import smtplib
+import textwrap
+
+import pytest
+
+from tests.relay_process import RelayProcess, converse, twistd
+
+SITE_PLUGIN = textwrap.dedent('''\
+    """A site plugin as a site would write it: answers later, or fails."""
+    from twisted.internet import reactor, task
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer, provider
+
+    from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
+
+
+    @implementer(IRecipientValidator)
+    class Slow:
+        def check_recipient(self, recipient, context):
+            name = recipient.local_text
+            if name.startswith("slow"):
+                return task.deferLater(reactor, 0.2, lambda: Decision.accept())
+            if name.startswith("unknown"):
+                return task.deferLater(reactor, 0.1, lambda: Decision.reject(550, "5.1.1", "User unknown"))
+            if name.startswith("crash"):
+                raise RuntimeError("site plugin bug")
+            return Decision.NO_OPINION
+
+        def verify(self, address, context):
+            return Decision.NO_OPINION
+
+
+    @provider(IPlugin, IPluginFactory)
+    class slowpoke:
+        name = "slowpoke"
+
+        @staticmethod
+        def build(context):
+            return Slow()
+''')
+
+QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n")
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("relay")
+    plugins = workdir / "plugins"
+    plugins.mkdir()
+    (plugins / "slowpoke.py").write_text(SITE_PLUGIN)
+    (workdir / "aliases").write_text("staff: alice@example.com, bob@example.com\n")
+    process = RelayProcess(workdir, {
+        "server": {"trusted_networks": "10.9.9.0/24"},   # loopback is an outsider here
+        "relay": {"domains": "example.com"},
+        "limits": {"message_size": "2000"},
+        "plugins": {"recipients": "slowpoke, aliases, domains", "expanders": "aliases",
+                    "path": str(plugins)},
+        "plugin:aliases": {"file": str(workdir / "aliases")},
+    }).start()
+    yield process
+    process.stop()
+
+
+def test_smtplib_transaction_lands_in_the_queue(relay):
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+        code, lines = client.ehlo()
+        assert code == 250
+        assert lines.split(b"\n")[1:] == [b"PIPELINING", b"SIZE 2000", b"8BITMIME",
+                                          b"ENHANCEDSTATUSCODES", b"SMTPUTF8", b"HELP"]
+        assert client.mail("sender@example.org") == (250, b"2.1.0 Ok")
+        assert client.rcpt("bob@example.com") == (250, b"2.1.5 Ok")
+        code, text = client.data(b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n")
+    assert code == 250
+    queue_id = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]+)", text).group(1).decode()
+    message = relay.message(queue_id)
+    header, body = message.split(b"Subject: test\r\n", 1)
+    assert re.fullmatch(
+        rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
+        rb"\tby relay\.test \(relaymail\) with ESMTP id " + queue_id.encode() + rb"\r\n"
+        rb"\tfor <bob@example\.com>;\r\n"
+        rb"\t\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000\r\n", header)
+    # smtplib stuffed the dot; the queue holds it unstuffed.
+    assert body == b"\r\n.leading dot\r\nbody\r\n"
+    with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
+        record = json.load(f)
+    assert record["envelope"]["sender"] == "sender@example.org"
+    assert [r["address"] for r in record["recipients"]] == ["bob@example.com"]
+    assert f"{queue_id}: queued from=<sender@example.org> to=<bob@example.com>" in relay.log()
+
+
+def test_smtplib_sees_relay_denied_and_unknown_users(relay):
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.ehlo("client.test")
+        client.mail("sender@example.org")
+        assert client.rcpt("someone@example.net") == (554, b"5.7.1 Relay access denied")
+        assert client.rcpt("unknown1@example.com") == (550, b"5.1.1 User unknown")
+        assert client.rcpt("crash@example.com") == (
+            451, b"4.3.0 Temporary failure checking recipient, try again later")
+        with pytest.raises(smtplib.SMTPDataError) as caught:
+            client.data(b"x\r\n")
+        assert (caught.value.smtp_code, caught.value.smtp_error) == (554, b"5.5.1 Error: no valid recipients")
+        assert client.noop() == (250, b"2.0.0 Ok")
+    assert "site plugin bug" in relay.log()
+
+
+def test_smtplib_size_limit(relay):
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as caught:
+            client.sendmail("a@example.org", ["bob@example.com"], b"x" * 3000)
+        assert caught.value.smtp_code == 552
+        client.rset()
+        client.mail("a@example.org")
+        client.rcpt("bob@example.com")
+        assert client.data(b"y" * 900 + b"\r\n" + b"z" * 900 + b"\r\n" + b"w" * 900 + b"\r\n") == (
+            552, b"5.3.4 Error: message too big")
+        assert client.noop() == (250, b"2.0.0 Ok")
+
+
+def test_whole_transaction_in_one_write_with_a_late_plugin(relay):
+    out = converse(relay.port, (
+        b"EHLO client.test\r\n"
+        b"MAIL FROM:<a@example.org>\r\n"
+        b"RCPT TO:<slow1@example.com>\r\n"
+        b"RCPT TO:<far@example.net>\r\n"
+        b"RCPT TO:<unknown2@example.com>\r\n"
+        b"RCPT TO:<staff@example.com>\r\n"
+        b"DATA\r\n"
+        b"Subject: pipelined\r\n\r\nhello\r\n.\r\n"
+        b"QUIT\r\n"))
+    replies = out.split(b"\r\n")
+    assert replies[0] == b"220 relay.test ESMTP relaymail"
+    assert replies[1:8] == [b"250-relay.test Hello client.test", b"250-PIPELINING", b"250-SIZE 2000",
+                            b"250-8BITMIME", b"250-ENHANCEDSTATUSCODES", b"250-SMTPUTF8", b"250 HELP"]
+    assert replies[8:14] == [
+        b"250 2.1.0 Ok",
+        b"250 2.1.5 Ok",
+        b"554 5.7.1 Relay access denied",
+        b"550 5.1.1 User unknown",
+        b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+    ]
+    queue_id = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)", replies[14]).group(1).decode()
+    assert replies[15:] == [b"221 2.0.0 relay.test Bye", b""]
+    with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
+        record = json.load(f)
+    # The list was expanded when queued.
+    assert record["envelope"]["recipients"] == ["slow1@example.com", "alice@example.com", "bob@example.com"]
+
+
+def test_two_messages_pipelined_in_one_write(relay):
+    message = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<slow2@example.com>\r\nDATA\r\nbody\r\n.\r\n"
+    out = converse(relay.port, b"EHLO client.test\r\n" + message + message + b"QUIT\r\n")
+    ids = QUEUED.findall(out)
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert out.endswith(b"\r\n221 2.0.0 relay.test Bye\r\n")
+
+
+def test_data_after_pipelined_rejections_is_554_and_the_body_is_not_run(relay):
+    out = converse(relay.port, (
+        b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<unknown3@example.com>\r\n"
+        b"DATA\r\nQUIT\r\n"))
+    assert out.split(b"\r\n")[-5:] == [
+        b"250 2.1.0 Ok", b"550 5.1.1 User unknown", b"554 5.5.1 Error: no valid recipients",
+        b"221 2.0.0 relay.test Bye", b""]
+
+
+def test_smuggled_end_of_data_starts_no_second_message(relay):
+    before = relay.active_files()
+    out = converse(relay.port, (
+        b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+        b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<bob@example.com>\r\n"
+        b"DATA\r\nsmuggled\r\n.\r\nQUIT\r\n"))
+    assert out.split(b"\r\n")[-4:] == [
+        b"354 End data with <CR><LF>.<CR><LF>",
+        b"554 5.6.0 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>",
+        b"221 2.0.0 relay.test Bye", b""]
+    assert relay.active_files() == before
+
+
+def test_http_on_the_smtp_port_is_hung_up_on(relay):
+    out = converse(relay.port, b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+    assert out == b"220 relay.test ESMTP relaymail\r\n421 relay.test Error: HTTP request on the SMTP port\r\n"
+
+
+def test_twistd_help_documents_every_option():
+    result = twistd("--help")
+    assert result.returncode == 0
+    for option in ("--config=", "--listen=", "--hostname=", "--spool=", "--smarthost="):
+        assert option in result.stdout
+
+
+def test_bad_config_stops_start_up_with_one_line(tmp_path):
+    config = tmp_path / "bad.ini"
+    config.write_text("[limits]\nmessage_size = ten\n")
+    result = twistd("--config", str(config), timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"relaymail: {config}: [limits] message_size: expected a size in bytes "
+        "(e.g. 10485760 or 10M), got 'ten'")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_key_and_bad_endpoint_are_named(tmp_path):
+    config = tmp_path / "bad.ini"
+    config.write_text("[server]\nlisten = tcp:notaport\n")
+    result = twistd("--config", str(config))
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"relaymail: {config}: [server] listen: ")
+    config.write_text("[server]\nhostnme = x.test\n")
+    result = twistd("--config", str(config))
+    assert result.stderr.startswith(f"relaymail: {config}: [server] hostnme: unknown key")
+
+
+def test_command_line_overrides_the_file(tmp_path):
+    result = twistd("--listen", "tcp:bogus")
+    assert result.returncode != 0
+    assert result.stderr.startswith("relaymail: command line: [server] listen: ")
