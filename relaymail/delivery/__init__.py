@@ -1,0 +1,1 @@
+"""Outbound delivery: routing (smarthost, routes, MX), the ESMTP client, TLS policy."""
