@@ -3,10 +3,12 @@
 One table, :data:`SCHEMA`, names every section and key with the parser that
 checks it, its default and the attribute it becomes.  Adding a key is one
 line there (and its documentation in ``etc/relaymail.ini``, which a test
-enforces).  :func:`load_config` reads the file, applies command-line
-overrides and returns a :class:`Settings`; every problem becomes one
-:class:`ConfigError` line naming the file, the section and the key, never a
-traceback.
+enforces).  Two small tables sit beside it: :data:`TABLES`, the sections
+whose keys the admin chooses ([routes]), and :data:`SECRETS`, values read
+from files that other keys name.  :func:`load_config` reads the file,
+applies command-line overrides and returns a :class:`Settings`; every
+problem becomes one :class:`ConfigError` line naming the file, the section
+and the key, never a traceback.
 
 Values are strings in the file; the parsers below turn them into ints,
 floats, lists, networks and so on.  The accepted forms are:
@@ -270,6 +272,50 @@ def readable_file(raw):
     return absolute
 
 
+# The PEM armour line that opens a certificate (RFC 7468 section 2 and 5.1).
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def pem_certificates(raw):
+    """An optional readable file holding at least one PEM certificate
+    (trust roots); empty means unset (None).
+
+    Checked now so that a key file or a DER file given by mistake fails at
+    start-up rather than at the first delivery that needs it.
+    """
+    absolute = readable_file(raw)
+    if absolute is None:
+        return None
+    with open(absolute, "rb") as stream:
+        found = _PEM_CERTIFICATE in stream.read()
+    if not found:
+        raise ValueError(f"no PEM certificate ({_PEM_CERTIFICATE.decode()}) "
+                         f"in {raw.strip()!r}")
+    return absolute
+
+
+def optional_text(raw):
+    """A free-form string such as a user name; empty means unset (None)."""
+    return raw.strip() or None
+
+
+def optional(parse):
+    """``parse``, except that an empty value means unset (None)."""
+    def parse_optional(raw):
+        return parse(raw) if raw.strip() else None
+    return parse_optional
+
+
+def choice(*options):
+    """One of a fixed set of words, compared without regard to case."""
+    def parse(raw):
+        word = raw.strip().lower()
+        if word not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {raw!r}")
+        return word
+    return parse
+
+
 def plugin_name(raw):
     """The name a plugin declares, as it appears in [plugin:NAME]."""
     if not _PLUGIN_NAME.match(raw):
@@ -327,6 +373,11 @@ def _smarthost_host(text, raw):
     return name
 
 
+def port_number(raw):
+    """A TCP port number, 1 to 65535."""
+    return _port(raw.strip())
+
+
 def smarthost(raw):
     """``[host]:port``, ``[host]``, ``host:port`` or ``host``; empty means
     no smarthost (None)."""
@@ -351,6 +402,16 @@ def smarthost(raw):
             f"'[{host}]:{port_text or _SMTP_PORT}', got {raw!r}")
     port = _SMTP_PORT if port_text is None else _port(port_text)
     return Smarthost(host=host, port=port, mx_lookup=not bracketed)
+
+
+def next_hop(raw):
+    """A next hop written like a smarthost, where a value is required: an
+    empty [routes] entry would say nothing about where the mail goes."""
+    hop = smarthost(raw)
+    if hop is None:
+        raise ValueError("expected a next hop: [host]:port, host:port or host "
+                         "(e.g. [10.0.0.5]:25), got ''")
+    return hop
 
 
 def _is_ip(text):
@@ -405,6 +466,30 @@ SCHEMA = {
     },
     "delivery": {
         "smarthost": Key(smarthost, ""),
+        # SMTP AUTH (RFC 4954) at the smarthost; both or neither.  The
+        # password lives in its own file so this one can be world-readable.
+        "smarthost_user": Key(optional_text, ""),
+        "smarthost_password_file": Key(readable_file, ""),
+        # Postfix smtp_tls_security_level names.  Postfix defaults to none;
+        # may (opportunistic STARTTLS, RFC 3207) costs nothing when the
+        # peer lacks it and defeats passive eavesdropping when it has it.
+        "smarthost_tls": Key(choice("none", "may", "encrypt", "verify"), "may"),
+        "tls_ca_file": Key(pem_certificates, ""),
+        # None means [server] hostname; resolved by whoever builds the client.
+        "helo_name": Key(optional(host_name), ""),
+        # Postfix smtp_connect_timeout is 30s.  RFC 5321 4.5.3.2 asks a
+        # client to wait 5 minutes for the greeting and the MAIL and RCPT
+        # replies (4.5.3.2.1-3) and 10 minutes after the final dot
+        # (4.5.3.2.6).
+        "connect_timeout": Key(duration(positive=True), "30"),
+        "command_timeout": Key(duration(positive=True), "300"),
+        "data_timeout": Key(duration(positive=True), "600"),
+        # Postfix default_destination_concurrency_limit, and a global cap
+        # in the spirit of its default_process_limit (100).
+        "destination_concurrency": Key(integer(minimum=1), "20"),
+        "max_connections": Key(integer(minimum=1), "100"),
+        # RFC 5321 4.5.4.1: MX hosts are reached on port 25; tests move it.
+        "mx_port": Key(port_number, "25"),
     },
     "tls": {
         "certificate": Key(readable_file, ""),
@@ -435,6 +520,37 @@ SCHEMA = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A section whose keys the admin chooses (the domains of [routes]):
+    each key is checked by ``parse_key``, each value by ``parse_value``,
+    and the section becomes a dict of the results."""
+
+    parse_key: Callable[[str], Any]
+    parse_value: Callable[[str], Any]
+
+
+# section -> Table.  Kept apart from SCHEMA, whose sections have a fixed
+# set of keys each with a default; a Table's default is the empty dict.
+TABLES = {
+    # Per-domain next hops, like a Postfix transport(5) map holding only
+    # "domain smtp:[host]:port" lines; exact domains only.
+    "routes": Table(domain, next_hop),
+}
+
+
+# section -> attribute -> the key naming the file it is read from.  These
+# are secrets: read once at load time (so a bad file fails at start-up),
+# never shown in an error or in the settings' repr.
+SECRETS = {
+    "delivery": {"smarthost_password": "smarthost_password_file"},
+}
+
+# Longest secret line read; a password longer than this is surely the
+# wrong file.
+_SECRET_LIMIT = 4096
+
+
 def _attribute(name, key):
     """The attribute ``key`` (the Key named ``name``) becomes."""
     return key.attribute or name
@@ -442,10 +558,11 @@ def _attribute(name, key):
 
 def _section_class(section, keys):
     """A frozen dataclass holding one section's parsed values."""
+    fields = [(_attribute(name, key), Any) for name, key in keys.items()]
+    fields += [(name, Any, dataclasses.field(repr=False))
+               for name in SECRETS.get(section, {})]
     cls = dataclasses.make_dataclass(
-        f"{section.capitalize()}Settings",
-        [(_attribute(name, key), Any) for name, key in keys.items()],
-        frozen=True)
+        f"{section.capitalize()}Settings", fields, frozen=True)
     cls.__doc__ = f"The parsed values of [{section}]."
     cls.__module__ = __name__
     return cls
@@ -458,11 +575,13 @@ Settings = dataclasses.make_dataclass(
     "Settings",
     [("source", str)]
     + [(section, cls) for section, cls in SECTION_CLASSES.items()]
+    + [(section, dict) for section in TABLES]
     + [("plugin_options", dict)],
     frozen=True)
 Settings.__module__ = __name__
 Settings.__doc__ = """All of relaymail's settings: ``source`` (the file read,
-or '<defaults>'), one attribute per section of :data:`SCHEMA`, and
+or '<defaults>'), one attribute per section of :data:`SCHEMA`, one dict per
+section of :data:`TABLES` (``routes``: domain -> :class:`Smarthost`), and
 ``plugin_options``, a dict of each [plugin:NAME] section's raw strings."""
 
 
@@ -478,7 +597,7 @@ def _suggest(word, choices):
 
 def _unknown_section(source, section):
     """The ConfigError for a section relaymail does not know."""
-    known = sorted(SCHEMA)
+    known = sorted([*SCHEMA, *TABLES])
     if ":" in section:
         # [plugins:aliases] or [Plugin:aliases]: a plugin's options, mistyped.
         guess = PLUGIN_SECTION_PREFIX + section.split(":", 1)[1]
@@ -581,6 +700,8 @@ class _Values:
         if section.startswith(PLUGIN_SECTION_PREFIX):
             name = _plugin_name_of(source, section)
             self.plugins.setdefault(name, {})[key] = value
+        elif section in TABLES:
+            self.raw[section, key] = (value, source)
         elif section not in SCHEMA:
             raise _unknown_section(source, section)
         elif key not in SCHEMA[section]:
@@ -595,7 +716,7 @@ class _Values:
             if section.startswith(PLUGIN_SECTION_PREFIX):
                 # An empty [plugin:NAME] still says the section exists.
                 self.plugins.setdefault(_plugin_name_of(source, section), {})
-            elif section not in SCHEMA:
+            elif section not in SCHEMA and section not in TABLES:
                 raise _unknown_section(source, section)
             for key, value in parser.items(section):
                 self.set(source, section, key, value)
@@ -616,11 +737,64 @@ def _parse_value(values, section, name, key, fallback):
         raise ConfigError(source, section, name, str(exc)) from None
 
 
+def _read_secret(values, section, file_key, path, fallback):
+    """The first line of the file at ``path``, without its line end.
+
+    Errors name the file key and the path, never any of the file's text.
+    """
+    def fail(problem):
+        return ConfigError(values.source_of(section, file_key, fallback),
+                           section, file_key, problem)
+
+    try:
+        with open(path, "rb") as stream:
+            line = stream.readline(_SECRET_LIMIT + 1)
+    except OSError as exc:
+        raise fail(f"cannot read {path!r}: {exc.strerror}") from None
+    line = line.removesuffix(b"\n").removesuffix(b"\r")
+    if len(line) > _SECRET_LIMIT:
+        raise fail(f"the first line of {path!r} is longer than "
+                   f"{_SECRET_LIMIT} bytes")
+    if not line:
+        raise fail(f"the first line of {path!r} is empty")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise fail(f"the first line of {path!r} is not UTF-8") from None
+
+
 def _build_section(values, section, fallback):
-    """One section's dataclass, every key parsed."""
+    """One section's dataclass, every key parsed and every secret read."""
     fields = {_attribute(name, key): _parse_value(values, section, name, key, fallback)
               for name, key in SCHEMA[section].items()}
+    for name, file_key in SECRETS.get(section, {}).items():
+        path = fields[_attribute(file_key, SCHEMA[section][file_key])]
+        fields[name] = (None if path is None
+                        else _read_secret(values, section, file_key, path, fallback))
     return SECTION_CLASSES[section](**fields)
+
+
+def _build_table(values, section):
+    """One admin-keyed section as a dict, every key and value checked."""
+    table = TABLES[section]
+    built = {}
+    written = {}   # parsed key -> the key as written, to name duplicates
+    for (where, key), (raw, source) in values.raw.items():
+        if where != section:
+            continue
+        try:
+            parsed_key = table.parse_key(key)
+            parsed_value = table.parse_value(raw)
+        except ValueError as exc:
+            raise ConfigError(source, section, key, str(exc)) from None
+        if parsed_key in written and written[parsed_key] != key:
+            # configparser keeps case, so Example.com and example.com
+            # arrive as two keys that mean one domain.
+            raise ConfigError(source, section, key,
+                              f"same domain as {written[parsed_key]!r}")
+        written[parsed_key] = key
+        built[parsed_key] = parsed_value
+    return built
 
 
 _SOURCE_RANK = {DEFAULTS_SOURCE: 0, COMMAND_LINE_SOURCE: 2}
@@ -644,11 +818,20 @@ def _check_together(values, settings, fallback):
         raise ConfigError(source, "queue", key,
                           f"max_backoff ({queue.max_backoff}) must be at least "
                           f"min_backoff ({queue.min_backoff})")
-    tls = settings.tls
-    if (tls.certificate is None) != (tls.private_key is None):
-        present, absent = (("certificate", "private_key") if tls.certificate
-                           else ("private_key", "certificate"))
-        raise ConfigError(values.source_of("tls", present, fallback), "tls", present,
+    _check_pair(values, settings, fallback, "tls", "certificate", "private_key")
+    _check_pair(values, settings, fallback, "delivery",
+                "smarthost_user", "smarthost_password_file")
+
+
+def _check_pair(values, settings, fallback, section, first, second):
+    """Refuse one of two keys that only make sense together set without
+    the other, naming the one that was set."""
+    parsed = getattr(settings, section)
+    first_set = getattr(parsed, first) is not None
+    second_set = getattr(parsed, second) is not None
+    if first_set != second_set:
+        present, absent = (first, second) if first_set else (second, first)
+        raise ConfigError(values.source_of(section, present, fallback), section, present,
                           f"set but {absent} is not; set both or neither")
 
 
@@ -669,6 +852,7 @@ def load_config(path=None, overrides=None):
         values.set(COMMAND_LINE_SOURCE, section, key, value)
     sections = {section: _build_section(values, section, source)
                 for section in SCHEMA}
+    sections.update((section, _build_table(values, section)) for section in TABLES)
     settings = Settings(source=source, plugin_options=values.plugins, **sections)
     _check_together(values, settings, source)
     return settings

@@ -6,8 +6,14 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from relaymail.config import ConfigError, load_config
+from relaymail.delivery.destinations import DestinationPool, client_configs
+from relaymail.delivery.routing import Router
 from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
+from relaymail.queue.control import listen_control
+from relaymail.queue.intake import NotifyingQueue
+from relaymail.queue.lock import SpoolLock
+from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
 from relaymail.smtp.server import SMTPFactory
 
@@ -44,17 +50,51 @@ def _overrides(options):
     return {key: options[name] for name, key in _OVERRIDES.items() if options[name] is not None}
 
 
+class ControlService(service.Service):
+    """The queue tool's socket, QUEUE/control, while the daemon runs."""
+
+    def __init__(self, reactor, spool_path, manager):
+        self._args = (reactor, spool_path, manager)
+        self._port = None
+
+    def startService(self):
+        super().startService()
+        self._port = listen_control(*self._args)
+
+    def stopService(self):
+        super().stopService()
+        if self._port is not None:
+            return self._port.stopListening()
+
+
 def build_service(settings, reactor=None):
-    """The whole relay as a MultiService, from validated settings."""
+    """The whole relay as a MultiService, from validated settings.
+
+    :raise ConfigError: for a plugin problem, or a spool another daemon owns.
+    """
     if reactor is None:
         from twisted.internet import reactor
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
+    lock = SpoolLock(settings.queue.path)
+    if not lock.acquire():
+        raise ConfigError(settings.source, "queue", "path",
+                          f"{settings.queue.path} is in use by another relaymail")
     spool = Spool(settings.queue.path, reactor=reactor)
+    router = Router(settings, reactor=reactor)
+    pool = DestinationPool(reactor, router, client_configs(settings),
+                           settings.delivery.destination_concurrency,
+                           settings.delivery.max_connections)
+    scheduler = Scheduler(spool, pool, router, settings, reactor)
     top = service.MultiService()
-    # Started first: the queue is recovered before any listener accepts mail.
+    # Started in this order: the queue is recovered before the scheduler
+    # reads it and before any listener accepts mail.
     spool.setServiceParent(top)
-    factory = SMTPFactory(settings, policy, spool)
+    scheduler.setServiceParent(top)
+    ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
+    # The lock lives as long as the process: keep a reference to it.
+    top.spool_lock = lock
+    factory = SMTPFactory(settings, policy, NotifyingQueue(spool, scheduler.message_queued))
     for description in settings.server.listen:
         endpoint = endpoints.serverFromString(reactor, description)
         listener = StreamServerEndpointService(endpoint, factory)

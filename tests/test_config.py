@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from relaymail.config import (
-    SCHEMA, ConfigError, Smarthost, boolean, load_config)
+    SCHEMA, TABLES, ConfigError, Smarthost, boolean, load_config)
 
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -60,6 +60,19 @@ def test_defaults_when_path_is_none(monkeypatch, tmp_path):
     assert settings.queue.lifetime == 432000
     assert settings.queue.delay_warning == 0
     assert settings.delivery.smarthost is None
+    assert settings.delivery.smarthost_user is None
+    assert settings.delivery.smarthost_password_file is None
+    assert settings.delivery.smarthost_password is None
+    assert settings.delivery.smarthost_tls == "may"
+    assert settings.delivery.tls_ca_file is None
+    assert settings.delivery.helo_name is None
+    assert settings.delivery.connect_timeout == 30.0
+    assert settings.delivery.command_timeout == 300.0
+    assert settings.delivery.data_timeout == 600.0
+    assert settings.delivery.destination_concurrency == 20
+    assert settings.delivery.max_connections == 100
+    assert settings.delivery.mx_port == 25
+    assert settings.routes == {}
     assert settings.tls.certificate is None and settings.tls.private_key is None
     assert settings.limits.message_size == 10485760
     assert settings.limits.recipients == 1000
@@ -116,6 +129,14 @@ def test_sample_config_sets_every_schema_key():
     assert missing == []
 
 
+def test_sample_config_documents_every_table_section():
+    # [routes] has no fixed keys to list; the sample shows the section
+    # and explains its entries in comments.
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(SAMPLE)
+    assert [section for section in TABLES if not parser.has_section(section)] == []
+
+
 def test_sample_config_values_match_the_defaults(monkeypatch):
     # The sample says what each default is; apart from the keys `make run`
     # deliberately changes, its values must be those defaults.
@@ -130,6 +151,8 @@ def test_sample_config_values_match_the_defaults(monkeypatch):
             if (section, key) not in changed:
                 assert (getattr(getattr(sample, section), key)
                         == getattr(getattr(defaults, section), key)), (section, key)
+    for section in TABLES:
+        assert getattr(sample, section) == getattr(defaults, section) == {}
 
 
 # --- reading the file ----------------------------------------------------------
@@ -186,13 +209,13 @@ def test_misspelt_plugin_section(tmp_path):
 def test_unknown_section_without_suggestion(tmp_path):
     assert error_for(tmp_path, "[zzz]\n") == (
         "FILE: [zzz]: unknown section; expected one of [delivery], [limits], "
-        "[plugins], [queue], [relay], [server], [tls] or [plugin:NAME]")
+        "[plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
 
 
 def test_default_section_is_not_special(tmp_path):
     assert error_for(tmp_path, "[DEFAULT]\nerrors = 5\n") == (
         "FILE: [DEFAULT]: unknown section; expected one of [delivery], [limits], "
-        "[plugins], [queue], [relay], [server], [tls] or [plugin:NAME]")
+        "[plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
 
 
 def test_unknown_key_with_suggestion(tmp_path):
@@ -545,3 +568,228 @@ def test_override_conflict_blames_the_command_line(tmp_path):
     assert str(info.value) == (
         "command line: [queue] max_backoff: max_backoff (50) must be at least "
         "min_backoff (100)")
+
+
+# --- outbound delivery keys -------------------------------------------------------
+
+PASSWORD = "s3cret-Pa55"
+
+
+def password_file(tmp_path, content=PASSWORD + "\n", name="password"):
+    """A password file holding ``content`` (str or bytes); its path."""
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+def test_smarthost_login(tmp_path):
+    path = password_file(tmp_path, PASSWORD + "\r\nsecond line\n")
+    settings = load_with(tmp_path, "[delivery]\nsmarthost = [relay.example.net]:587\n"
+                                   "smarthost_user = relay-user@example.com\n"
+                                   f"smarthost_password_file = {path}\n")
+    assert settings.delivery.smarthost_user == "relay-user@example.com"
+    assert settings.delivery.smarthost_password_file == path
+    assert settings.delivery.smarthost_password == PASSWORD
+
+
+def test_password_may_hold_spaces_and_lack_a_line_end(tmp_path):
+    path = password_file(tmp_path, " two words ")
+    settings = load_with(tmp_path, "[delivery]\nsmarthost_user = u\n"
+                                   f"smarthost_password_file = {path}\n")
+    assert settings.delivery.smarthost_password == " two words "
+
+
+def test_password_is_not_in_the_settings_repr(tmp_path):
+    path = password_file(tmp_path)
+    settings = load_with(tmp_path, "[delivery]\nsmarthost_user = u\n"
+                                   f"smarthost_password_file = {path}\n")
+    assert PASSWORD not in repr(settings)
+    assert PASSWORD not in repr(settings.delivery)
+
+
+def test_user_without_password_file(tmp_path):
+    assert error_for(tmp_path, "[delivery]\nsmarthost_user = u\n") == (
+        "FILE: [delivery] smarthost_user: set but smarthost_password_file is not; "
+        "set both or neither")
+
+
+def test_password_file_without_user(tmp_path):
+    path = password_file(tmp_path)
+    message = error_for(tmp_path, f"[delivery]\nsmarthost_password_file = {path}\n")
+    assert message == (
+        "FILE: [delivery] smarthost_password_file: set but smarthost_user is not; "
+        "set both or neither")
+    assert PASSWORD not in message
+
+
+def test_missing_password_file(tmp_path):
+    assert error_for(tmp_path, "[delivery]\nsmarthost_user = u\n"
+                               "smarthost_password_file = /nonexistent/pw\n") == (
+        "FILE: [delivery] smarthost_password_file: cannot read '/nonexistent/pw': "
+        "No such file or directory")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("\n" + PASSWORD + "\n", "is empty"),
+    ("", "is empty"),
+    (PASSWORD.encode() + b"\xff\n", "is not UTF-8"),
+    (PASSWORD * 1000, "is longer than 4096 bytes"),
+])
+def test_bad_password_file_never_shows_the_password(tmp_path, content, problem):
+    path = password_file(tmp_path, content)
+    message = error_for(tmp_path, "[delivery]\nsmarthost_user = u\n"
+                                  f"smarthost_password_file = {path}\n")
+    assert message == ("FILE: [delivery] smarthost_password_file: "
+                       f"the first line of {path!r} {problem}")
+    assert PASSWORD not in message
+
+
+def test_password_written_in_the_config_is_not_echoed(tmp_path):
+    # smarthost_password is not a key: the password belongs in its own file.
+    message = error_for(tmp_path, f"[delivery]\nsmarthost_password = {PASSWORD}\n")
+    assert message == ("FILE: [delivery] smarthost_password: unknown key; "
+                       "did you mean 'smarthost_password_file'?")
+
+
+@pytest.mark.parametrize("level", ["none", "may", "encrypt", "verify", "Verify"])
+def test_smarthost_tls_levels(tmp_path, level):
+    settings = load_with(tmp_path, f"[delivery]\nsmarthost_tls = {level}\n")
+    assert settings.delivery.smarthost_tls == level.lower()
+
+
+def test_bad_smarthost_tls(tmp_path):
+    assert error_for(tmp_path, "[delivery]\nsmarthost_tls = secure\n") == (
+        "FILE: [delivery] smarthost_tls: expected one of none, may, encrypt, "
+        "verify, got 'secure'")
+
+
+def test_tls_ca_file(tmp_path):
+    (tmp_path / "ca.pem").write_text(
+        "# roots\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    settings = load_with(tmp_path, f"[delivery]\ntls_ca_file = {tmp_path}/ca.pem\n")
+    assert settings.delivery.tls_ca_file == str(tmp_path / "ca.pem")
+
+
+def test_tls_ca_file_must_hold_a_pem_certificate(tmp_path):
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    assert error_for(tmp_path, f"[delivery]\ntls_ca_file = {tmp_path}/key.pem\n") == (
+        "FILE: [delivery] tls_ca_file: no PEM certificate "
+        f"(-----BEGIN CERTIFICATE-----) in '{tmp_path}/key.pem'")
+
+
+def test_tls_ca_file_must_exist(tmp_path):
+    assert error_for(tmp_path, "[delivery]\ntls_ca_file = /nonexistent/ca.pem\n") == (
+        "FILE: [delivery] tls_ca_file: cannot read '/nonexistent/ca.pem': "
+        "No such file or directory")
+
+
+def test_helo_name(tmp_path):
+    settings = load_with(tmp_path, "[delivery]\nhelo_name = out.example.com\n")
+    assert settings.delivery.helo_name == "out.example.com"
+
+
+def test_bad_helo_name(tmp_path):
+    assert error_for(tmp_path, "[delivery]\nhelo_name = out_1.example.com\n") == (
+        "FILE: [delivery] helo_name: expected a host name such as mail.example.com "
+        "(letters, digits, hyphens and dots), got 'out_1.example.com'")
+
+
+def test_delivery_timeouts(tmp_path):
+    settings = load_with(tmp_path, "[delivery]\nconnect_timeout = 1.5\n"
+                                   "command_timeout = 2m\ndata_timeout = 1h\n")
+    assert settings.delivery.connect_timeout == 1.5
+    assert settings.delivery.command_timeout == 120.0
+    assert settings.delivery.data_timeout == 3600.0
+
+
+@pytest.mark.parametrize("key", ["connect_timeout", "command_timeout", "data_timeout"])
+def test_zero_delivery_timeout_is_refused(tmp_path, key):
+    assert error_for(tmp_path, f"[delivery]\n{key} = 0\n") == (
+        f"FILE: [delivery] {key}: must be more than 0, got '0'")
+
+
+def test_connection_limits(tmp_path):
+    settings = load_with(tmp_path, "[delivery]\ndestination_concurrency = 2\n"
+                                   "max_connections = 7\n")
+    assert settings.delivery.destination_concurrency == 2
+    assert settings.delivery.max_connections == 7
+
+
+@pytest.mark.parametrize("key", ["destination_concurrency", "max_connections"])
+def test_connection_limits_are_at_least_one(tmp_path, key):
+    assert error_for(tmp_path, f"[delivery]\n{key} = 0\n") == (
+        f"FILE: [delivery] {key}: must be at least 1, got '0'")
+
+
+def test_mx_port(tmp_path):
+    assert load_with(tmp_path, "[delivery]\nmx_port = 2525\n").delivery.mx_port == 2525
+
+
+@pytest.mark.parametrize("raw", ["0", "65536", "smtp", ""])
+def test_bad_mx_port(tmp_path, raw):
+    assert error_for(tmp_path, f"[delivery]\nmx_port = {raw}\n") == (
+        f"FILE: [delivery] mx_port: port must be a number from 1 to 65535, got {raw!r}")
+
+
+# --- routes ----------------------------------------------------------------------
+
+def test_routes(tmp_path):
+    settings = load_with(tmp_path, (
+        "[routes]\n"
+        "example.com = [10.0.0.5]:25\n"
+        "Example.ORG = mail.example.net:2525\n"
+        "bücher.example = relay.example.net\n"
+        "v6.example = [2001:db8::5]\n"))
+    assert settings.routes == {
+        "example.com": Smarthost("10.0.0.5", 25, False),
+        "example.org": Smarthost("mail.example.net", 2525, True),
+        "xn--bcher-kva.example": Smarthost("relay.example.net", 25, True),
+        "v6.example": Smarthost("2001:db8::5", 25, False),
+    }
+
+
+def test_empty_routes_section(tmp_path):
+    assert load_with(tmp_path, "[routes]\n").routes == {}
+
+
+def test_bad_route_value(tmp_path):
+    assert error_for(tmp_path, "[routes]\nexample.com = 10.0.0.5:25\n") == (
+        "FILE: [routes] example.com: put an IP address in brackets, "
+        "e.g. '[10.0.0.5]:25', got '10.0.0.5:25'")
+
+
+def test_empty_route_value(tmp_path):
+    assert error_for(tmp_path, "[routes]\nexample.com =\n") == (
+        "FILE: [routes] example.com: expected a next hop: [host]:port, host:port "
+        "or host (e.g. [10.0.0.5]:25), got ''")
+
+
+def test_bad_route_domain(tmp_path):
+    message = error_for(tmp_path, "[routes]\n*.example.com = [10.0.0.5]\n")
+    assert message.startswith(
+        "FILE: [routes] *.example.com: expected a domain name, got '*.example.com' (")
+
+
+def test_route_domain_twice_in_different_case(tmp_path):
+    assert error_for(tmp_path, "[routes]\nexample.com = [10.0.0.5]\n"
+                               "EXAMPLE.com = [10.0.0.6]\n") == (
+        "FILE: [routes] EXAMPLE.com: same domain as 'example.com'")
+
+
+def test_route_from_the_command_line():
+    settings = load_config(None, {("routes", "example.com"): "[10.0.0.5]:2525"})
+    assert settings.routes == {"example.com": Smarthost("10.0.0.5", 2525, False)}
+    assert override_error({("routes", "example.com"): "[10.0.0.5]:0"}) == (
+        "command line: [routes] example.com: port must be a number from 1 to "
+        "65535, got '0'")
+
+
+def test_route_error_fields(tmp_path):
+    path = write_ini(tmp_path, "[routes]\nexample.com = bad_host\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert (error.source, error.section, error.key) == (path, "routes", "example.com")

@@ -580,3 +580,312 @@ class DeferredCommitTests(unittest.TestCase):
         record["next_attempt_at"] += 300
         yield self.spool.update_in_thread(queue_id, record)
         self.assertEqual(self.spool.load(queue_id), record)
+
+
+# -- hold, release and administration -------------------------------------------------
+
+def held_file(spool, queue_id, suffix):
+    return os.path.join(spool.path, "hold", queue_id + suffix)
+
+
+def both_files(queue_id):
+    return [queue_id + ".json", queue_id + ".msg"]
+
+
+def test_hold_moves_the_message_out_of_delivery_s_sight(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+
+    assert spool.hold(queue_id) is True
+
+    assert listing(spool, "active") == []
+    assert listing(spool, "hold") == both_files(queue_id)
+    assert listing(spool, "tmp") == []
+    assert list(spool.ids()) == [] and list(spool.held_ids()) == [queue_id]
+    assert spool.load_any(queue_id) == (record, "hold")
+    with open(spool.message_path(queue_id, "hold"), "rb") as file:
+        assert file.read() == BODY
+
+
+def test_hold_of_a_held_message_is_true_and_of_none_false(spool):
+    queue_id = queue_sync(spool)
+    spool.hold(queue_id)
+    assert spool.hold(queue_id) is True
+    assert spool.hold(new_queue_id()) is False
+    assert listing(spool, "hold") == both_files(queue_id)
+
+
+def test_release_brings_it_back_due_now(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    spool.hold(queue_id)
+
+    assert spool.release(queue_id, now=1767230000.0) is True
+
+    assert listing(spool, "hold") == listing(spool, "tmp") == []
+    assert listing(spool, "active") == both_files(queue_id)
+    record["next_attempt_at"] = 1767230000.0
+    assert spool.load_any(queue_id) == (record, "active")
+    with open(spool.message_path(queue_id), "rb") as file:
+        assert file.read() == BODY
+
+
+def test_release_of_an_active_message_is_true_and_of_none_false(spool):
+    queue_id = queue_sync(spool)
+    before = spool.load(queue_id)
+    assert spool.release(queue_id) is True
+    assert spool.load(queue_id) == before
+    assert spool.release(new_queue_id()) is False
+
+
+def test_release_uses_the_spool_clock_by_default(spool):
+    queue_id = queue_sync(spool)
+    spool.hold(queue_id)
+    spool._now = lambda: 1767240000.0
+    spool.release(queue_id)
+    assert spool.load(queue_id)["next_attempt_at"] == 1767240000.0
+
+
+def test_release_of_a_bad_held_record_raises_and_keeps_it_held(spool):
+    queue_id = queue_sync(spool)
+    spool.hold(queue_id)
+    with open(held_file(spool, queue_id, ".json"), "wb") as file:
+        file.write(b"{")
+    with pytest.raises(records.CorruptRecord):
+        spool.release(queue_id)
+    assert listing(spool, "hold") == both_files(queue_id)
+    assert listing(spool, "active") == []
+
+
+def test_make_due_sets_next_attempt_at(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    record["next_attempt_at"] = 1767300000.0
+    spool.update(queue_id, record)
+
+    assert spool.make_due(queue_id, 1767290000.0) is True
+    assert spool.load(queue_id)["next_attempt_at"] == 1767290000.0
+    assert listing(spool, "tmp") == []
+
+
+def test_make_due_leaves_a_due_message_alone(spool):
+    queue_id = queue_sync(spool)
+    path = active_file(spool, queue_id, ".json")
+    inode = os.stat(path).st_ino
+    assert spool.make_due(queue_id, time.time() + 60) is True
+    # Not rewritten: a flush of a big queue costs nothing for these.
+    assert os.stat(path).st_ino == inode
+
+
+def test_make_due_is_false_for_a_held_or_missing_message(spool):
+    queue_id = queue_sync(spool)
+    spool.hold(queue_id)
+    assert spool.make_due(queue_id, time.time()) is False
+    assert spool.make_due(new_queue_id(), time.time()) is False
+    assert listing(spool, "active") == []
+
+
+def test_delete_removes_a_message_wherever_it_is(spool):
+    active, held = queue_sync(spool), queue_sync(spool)
+    spool.hold(held)
+    assert spool.delete(active) is True
+    assert spool.delete(held) is True
+    assert spool.delete(held) is False
+    for directory in ("active", "hold", "tmp"):
+        assert listing(spool, directory) == []
+
+
+def test_delete_all_counts_each_message_once(spool):
+    queued = [queue_sync(spool) for _ in range(3)]
+    spool.hold(queued[0])
+    # Left in both by an interrupted move: still one message.
+    os.link(active_file(spool, queued[1], ".msg"), held_file(spool, queued[1], ".msg"))
+    os.link(active_file(spool, queued[1], ".json"), held_file(spool, queued[1], ".json"))
+    assert spool.delete_all() == 3
+    assert listing(spool, "active") == listing(spool, "hold") == []
+    assert spool.delete_all() == 0
+
+
+def test_load_any_of_a_missing_message_raises(spool):
+    with pytest.raises(FileNotFoundError):
+        spool.load_any(new_queue_id())
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "0" * 15, ""])
+def test_administration_refuses_what_is_not_a_queue_id(spool, bad):
+    for helper in (spool.hold, spool.release, spool.delete, spool.load_any,
+                   lambda queue_id: spool.make_due(queue_id, 0.0),
+                   lambda queue_id: spool.read_record(queue_id, "hold")):
+        with pytest.raises(ValueError):
+            helper(bad)
+
+
+def test_a_new_message_never_takes_the_id_of_a_held_one(spool, monkeypatch):
+    from relaymail.queue import spool as spool_module
+    held = queue_sync(spool)
+    spool.hold(held)
+    fresh = new_queue_id()
+    monkeypatch.setattr(spool_module, "new_queue_id", iter([held, fresh]).__next__)
+    writer = spool.new_message()
+    assert writer.queue_id == fresh
+    writer.abort()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_hold_failing_half_way_leaves_the_message_active(spool, monkeypatch, n):
+    queue_id = queue_sync(spool)
+    capture_log(spool)
+    FaultInjector(monkeypatch, "link", n)
+    with pytest.raises(OSError):
+        spool.hold(queue_id)
+    monkeypatch.undo()
+    assert listing(spool, "active") == both_files(queue_id)
+    assert listing(spool, "hold") == listing(spool, "tmp") == []
+
+
+def test_release_failing_half_way_leaves_the_message_held(spool, monkeypatch):
+    queue_id = queue_sync(spool)
+    spool.hold(queue_id)
+    capture_log(spool)
+    # The record's fsync, after the body was linked into active/.
+    FaultInjector(monkeypatch, "fsync", 1)
+    with pytest.raises(OSError):
+        spool.release(queue_id)
+    monkeypatch.undo()
+    assert listing(spool, "hold") == both_files(queue_id)
+    assert listing(spool, "active") == listing(spool, "tmp") == []
+
+
+# -- crashes in the middle of a move: do the first steps by hand, then recover() --
+
+def link(spool, queue_id, suffix, source, target):
+    os.link(os.path.join(spool.path, source, queue_id + suffix),
+            os.path.join(spool.path, target, queue_id + suffix))
+
+
+def crash_during_hold(spool, queue_id, steps):
+    """Do the first ``steps`` steps of Spool.hold by hand."""
+    if steps >= 1:
+        link(spool, queue_id, ".msg", "active", "hold")
+    if steps >= 2:
+        link(spool, queue_id, ".json", "active", "hold")
+    if steps >= 3:
+        os.unlink(active_file(spool, queue_id, ".json"))
+
+
+def crash_during_release(spool, queue_id, steps, due):
+    """Do the first ``steps`` steps of Spool.release by hand."""
+    if steps >= 1:
+        link(spool, queue_id, ".msg", "hold", "active")
+    if steps >= 2:
+        record = spool.read_record(queue_id, "hold")
+        record["next_attempt_at"] = due
+        with open(active_file(spool, queue_id, ".json"), "wb") as file:
+            file.write(records.encode(record))
+    if steps >= 3:
+        os.unlink(held_file(spool, queue_id, ".json"))
+
+
+def restart(spool):
+    restarted = Spool(spool.path)
+    events = capture_log(restarted)
+    return restarted, restarted.recover(), events
+
+
+# After steps 1 and 2 the hold is undone; after step 3 it is done.
+@pytest.mark.parametrize("steps, held", [(1, False), (2, False), (3, True)])
+def test_recover_after_a_crash_during_hold(spool, steps, held):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    crash_during_hold(spool, queue_id, steps)
+
+    restarted, good, _ = restart(spool)
+
+    where = "hold" if held else "active"
+    other = "active" if held else "hold"
+    assert good == ([] if held else [queue_id])
+    assert list(restarted.held_ids()) == ([queue_id] if held else [])
+    assert listing(spool, where) == both_files(queue_id)
+    assert listing(spool, other) == listing(spool, "corrupt") == []
+    assert restarted.load_any(queue_id) == (record, where)
+
+
+# After step 1 the message stays held; after steps 2 and 3 it is released.
+@pytest.mark.parametrize("steps, released", [(1, False), (2, True), (3, True)])
+def test_recover_after_a_crash_during_release(spool, steps, released):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    spool.hold(queue_id)
+    crash_during_release(spool, queue_id, steps, due=1767250000.0)
+
+    restarted, good, _ = restart(spool)
+
+    where = "active" if released else "hold"
+    other = "hold" if released else "active"
+    assert good == ([queue_id] if released else [])
+    assert listing(spool, where) == both_files(queue_id)
+    assert listing(spool, other) == listing(spool, "corrupt") == []
+    if released:
+        record["next_attempt_at"] = 1767250000.0
+    assert restarted.load_any(queue_id) == (record, where)
+
+
+def test_load_any_prefers_active_when_a_move_was_interrupted(spool):
+    queue_id = queue_sync(spool)
+    crash_during_hold(spool, queue_id, 2)
+    assert spool.load_any(queue_id)[1] == "active"
+
+
+def test_hold_and_release_finish_after_an_interrupted_move(spool):
+    queue_id = queue_sync(spool)
+    crash_during_hold(spool, queue_id, 2)
+    # The tool, offline, before any recover(): the moves still come out whole.
+    assert spool.release(queue_id) is True
+    assert listing(spool, "hold") == []
+    crash_during_hold(spool, queue_id, 1)
+    assert spool.hold(queue_id) is True
+    assert listing(spool, "active") == listing(spool, "tmp") == []
+    assert listing(spool, "hold") == both_files(queue_id)
+
+
+def test_recover_quarantines_bad_held_entries(spool):
+    good, bad, bodiless = queue_sync(spool), queue_sync(spool), queue_sync(spool)
+    for queue_id in (good, bad, bodiless):
+        spool.hold(queue_id)
+    with open(held_file(spool, bad, ".json"), "wb") as file:
+        file.write(b"not json")
+    os.unlink(held_file(spool, bodiless, ".msg"))
+
+    restarted, active, events = restart(spool)
+
+    assert active == []
+    assert list(restarted.held_ids()) == [good]
+    assert listing(spool, "corrupt") == sorted(both_files(bad) + [bodiless + ".json"])
+    assert "JSON" in log_text(events) and "missing" in log_text(events)
+
+
+def test_recover_keeps_the_held_copy_when_the_active_one_is_bad(spool):
+    queue_id = queue_sync(spool)
+    crash_during_hold(spool, queue_id, 2)
+    # A copy, not a link, so that spoiling one leaves the other good.
+    path = active_file(spool, queue_id, ".json")
+    with open(path, "rb") as file:
+        data = file.read()
+    os.unlink(path)
+    with open(path, "wb") as file:
+        file.write(data.replace(b'"version": 1', b'"version": 9'))
+
+    restarted, good, _ = restart(spool)
+
+    assert good == []
+    assert list(restarted.held_ids()) == [queue_id]
+    assert listing(spool, "corrupt") == both_files(queue_id)
+
+
+def test_recover_removes_lone_bodies_in_hold(spool):
+    orphan = new_queue_id()
+    with open(held_file(spool, orphan, ".msg"), "wb") as file:
+        file.write(BODY)
+    restarted, _, events = restart(spool)
+    assert listing(spool, "hold") == []
+    assert orphan in log_text(events)

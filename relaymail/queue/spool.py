@@ -4,7 +4,8 @@ Layout under the spool directory (created mode 0700 by :meth:`Spool.start`)::
 
     tmp/      messages being written; emptied by recover() at start-up
     active/   committed messages, ID.msg and ID.json: what delivery reads
-    hold/     messages put aside by the queue tool (not used here yet)
+    hold/     messages put aside by an administrator: ID.msg and ID.json,
+              never delivered until released back to active/
     corrupt/  entries recover() could not trust, kept for a person to read
 
 ``ID.msg`` is the message exactly as received and ``ID.json`` its envelope
@@ -20,6 +21,18 @@ then does the commit's Deferred fire and the client hear 250.  After a
 crash at any step, :meth:`Spool.recover` finds either the whole message or
 leftovers that it removes; a record that cannot be trusted goes to
 ``corrupt/`` rather than being delivered or deleted.
+
+Moving a message between ``active/`` and ``hold/`` (:meth:`Spool.hold`,
+:meth:`Spool.release`) cannot be one rename: it is two files, and a
+rename of either one alone would leave a record without its body, which
+recover() must treat as corrupt.  So a move *links* both files into the
+destination, body first, makes that directory durable, and only then
+unlinks the source, record first.  Whatever step a crash interrupts, the
+message is complete in exactly one directory, with at most a lone body
+(a leftover) in the other, or complete in both.  recover() removes lone
+bodies in either directory and, for a message complete in both, keeps
+the ``active/`` copy: a hold that did not finish is undone, a release
+that did not finish is completed.  Both are safe, neither loses mail.
 """
 
 import errno
@@ -45,8 +58,15 @@ from relaymail.queue.queue_id import is_queue_id, new_queue_id
 #: (SMTP-NOTES.md, "Measured").
 COMMIT_THREADS = 16
 
+#: Where a message can be, as :meth:`Spool.load_any` says it.
+ACTIVE = "active"
+HOLD = "hold"
+
 #: Large enough that a typical message is a handful of write(2) calls.
 _WRITE_BUFFER = 64 * 1024
+
+#: A record is a few hundred bytes; one read(2) takes most of them whole.
+_READ_CHUNK = 64 * 1024
 
 #: Fresh ids to try if one is taken; a second collision means a bug.
 _ID_ATTEMPTS = 3
@@ -90,6 +110,7 @@ class Spool(service.Service):
         self._threadpool = threadpool
         self._owns_threadpool = threadpool is None
         self._active_sync = GroupSync(self._active)
+        self._hold_sync = GroupSync(self._hold)
         self._open_ids = set()      # writers neither aborted nor finished
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
@@ -173,12 +194,14 @@ class Spool(service.Service):
 
     def _create_body(self, queue_id):
         """Open ``tmp/ID.msg`` for writing, or return None if the id is
-        taken here or in ``active/``."""
+        taken here, in ``active/`` or in ``hold/``."""
         # The rename into active/ would replace an existing message, so an
-        # id is refused if it is there already (a clock stepped back).
-        for suffix in (".json", ".msg"):
-            if os.path.lexists(self._in(self._active, queue_id, suffix)):
-                return None
+        # id is refused if it is there already (a clock stepped back); and
+        # one on hold, which recover() would drop in favour of the new one.
+        for directory in (self._active, self._hold):
+            for suffix in (".json", ".msg"):
+                if os.path.lexists(self._in(directory, queue_id, suffix)):
+                    return None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             fd = os.open(self._in(self._tmp, queue_id, ".msg"), flags, _FILE_MODE)
@@ -250,25 +273,49 @@ class Spool(service.Service):
         or whose body is missing or shorter than the record says, to
         ``corrupt/`` with a log line.  Never raises for a bad file.
 
+        Then it does the same in ``hold/``, and finishes moves between
+        ``active/`` and ``hold/`` that a crash interrupted: a message
+        complete in both keeps its ``active/`` copy (see the module
+        docstring for why that is right for both directions).
+
         Call it before the server accepts mail: it must not run while
         messages are being written.
 
-        :return: the ids of the good messages in ``active/``, sorted.
+        :return: the ids of the good messages in ``active/``, sorted
+            (held messages are not among them: see :meth:`held_ids`).
         """
         if self._open_ids:
             raise RuntimeError("recover() while messages are being written")
         self._make_layout()
         self._empty_tmp()
-        bodies, records, strays = self._scan_active()
+        good = self._recover_directory(self._active)
+        held = self._recover_directory(self._hold, keep_elsewhere=set(good))
+        if held:
+            self.log.info("{count} messages are on hold in {directory}",
+                          count=len(held), directory=self._hold)
+        return good
+
+    def _recover_directory(self, directory, keep_elsewhere=frozenset()):
+        """Clean one of ``active/`` and ``hold/``; return its good ids.
+
+        :param keep_elsewhere: ids whose good copy is in another directory:
+            a complete copy here is a leftover of an interrupted move.
+        """
+        bodies, records, strays = self._scan(directory)
         for queue_id in sorted(bodies - records):
-            self.log.info("Removing {queue_id}.msg: it was never committed",
-                          queue_id=queue_id)
-            self._unlink_quietly(self._in(self._active, queue_id, ".msg"))
+            self.log.info("Removing {queue_id}.msg from {directory}: it was never "
+                          "committed there", queue_id=queue_id, directory=directory)
+            self._unlink_quietly(self._in(directory, queue_id, ".msg"))
         for name in strays:
             self.log.warn("Ignoring unexpected entry {name!r} in {directory}",
-                          name=name, directory=self._active)
-        return [queue_id for queue_id in sorted(records)
-                if self._check_or_quarantine(queue_id)]
+                          name=name, directory=directory)
+        for queue_id in sorted(records & keep_elsewhere):
+            self.log.info("Removing the copy of {queue_id} in {directory}: a move "
+                          "was interrupted and the copy in {kept} wins",
+                          queue_id=queue_id, directory=directory, kept=self._active)
+            self._remove_entry(directory, queue_id)
+        return [queue_id for queue_id in sorted(records - keep_elsewhere)
+                if self._check_or_quarantine(queue_id, directory)]
 
     def _empty_tmp(self):
         with os.scandir(self._tmp) as entries:
@@ -280,11 +327,12 @@ class Spool(service.Service):
             self.log.info("Removed {count} unfinished files from {directory}",
                           count=len(names), directory=self._tmp)
 
-    def _scan_active(self):
+    @staticmethod
+    def _scan(directory):
         """Return the ids with a body, the ids with a record, and the names
-        of anything else, in ``active/``."""
+        of anything else, in ``directory``."""
         bodies, records, strays = set(), set(), []
-        with os.scandir(self._active) as entries:
+        with os.scandir(directory) as entries:
             for entry in entries:
                 stem, suffix = os.path.splitext(entry.name)
                 if not is_queue_id(stem) or entry.is_dir(follow_symlinks=False):
@@ -297,22 +345,25 @@ class Spool(service.Service):
                     strays.append(entry.name)
         return bodies, records, strays
 
-    def _check_or_quarantine(self, queue_id):
+    def _check_or_quarantine(self, queue_id, directory=None):
         """Return True if the entry is good; else move it to ``corrupt/``."""
+        directory = directory or self._active
         try:
-            problem = self._problem_with(queue_id)
+            problem = self._problem_with(queue_id, directory)
         except Exception as error:
             # Whatever it is, it is about this entry: set it aside and go on.
             problem = f"could not be checked: {error!r}"
         if problem is None:
             return True
-        self._quarantine(queue_id, problem)
+        self._quarantine(queue_id, problem, directory)
         return False
 
-    def _problem_with(self, queue_id):
-        """Say what is wrong with an entry in ``active/``, or return None."""
+    def _problem_with(self, queue_id, directory=None):
+        """Say what is wrong with an entry in ``directory`` (``active/``
+        when None), or return None."""
+        directory = directory or self._active
         try:
-            with open(self._in(self._active, queue_id, ".json"), "rb") as file:
+            with open(self._in(directory, queue_id, ".json"), "rb") as file:
                 data = file.read()
         except OSError as error:
             return f"record unreadable: {error.strerror}"
@@ -321,7 +372,7 @@ class Spool(service.Service):
         except records.CorruptRecord as error:
             return f"bad record: {error}"
         try:
-            actual = os.stat(self._in(self._active, queue_id, ".msg")).st_size
+            actual = os.stat(self._in(directory, queue_id, ".msg")).st_size
         except FileNotFoundError:
             return "message file missing"
         except OSError as error:
@@ -330,16 +381,23 @@ class Spool(service.Service):
             return f"message file truncated: {actual} of {record['size']} bytes"
         return None
 
-    def _quarantine(self, queue_id, reason):
+    def _quarantine(self, queue_id, reason, directory=None):
+        directory = directory or self._active
         self.log.warn("Moving queue entry {queue_id} to {directory}: {reason}",
                       queue_id=queue_id, directory=self._corrupt, reason=reason)
+        # A second bad copy of one id (active/ and hold/ after an
+        # interrupted move) gets a name of its own rather than replacing
+        # the first one a person may want to read.
+        stem = queue_id
+        if os.path.lexists(self._in(self._corrupt, queue_id, ".json")):
+            stem = f"{queue_id}-{os.path.basename(directory)}"
         # Body first, as in remove(): a crash in between leaves a record
         # without a body, which the next recover() quarantines too, never
         # a body without a record, which it would delete.
         for suffix in (".msg", ".json"):
             try:
-                os.rename(self._in(self._active, queue_id, suffix),
-                          self._in(self._corrupt, queue_id, suffix))
+                os.rename(self._in(directory, queue_id, suffix),
+                          self._in(self._corrupt, stem, suffix))
             except FileNotFoundError:
                 pass
             except OSError as error:
@@ -353,11 +411,7 @@ class Spool(service.Service):
         """Iterate over the ids of the committed messages in ``active/``, in
         directory order (``sorted()`` them for oldest first).  Reads no
         file, so it stays fast with 100,000 messages."""
-        with os.scandir(self._active) as entries:
-            for entry in entries:
-                stem, suffix = os.path.splitext(entry.name)
-                if suffix == ".json" and is_queue_id(stem):
-                    yield stem
+        return self._ids_in(self._active)
 
     def load(self, queue_id):
         """Return the record of a committed message, a dict in the format
@@ -366,12 +420,12 @@ class Spool(service.Service):
         :raise FileNotFoundError: when there is no such message.
         :raise relaymail.queue.record.CorruptRecord: when its record is bad.
         """
-        with open(self._record_path(queue_id), "rb") as file:
-            return records.decode(file.read(), queue_id)
+        return records.decode(_read_small_file(self._record_path(queue_id)), queue_id)
 
-    def message_path(self, queue_id):
-        """Return the path of a message's body (``active/ID.msg``)."""
-        return self._in(self._active, self._checked(queue_id), ".msg")
+    def message_path(self, queue_id, where=ACTIVE):
+        """Return the path of a message's body (``active/ID.msg``, or
+        ``hold/ID.msg`` when ``where`` is :data:`HOLD`)."""
+        return self._in(self._directory(where), self._checked(queue_id), ".msg")
 
     def update(self, queue_id, state):
         """Replace the record of a committed message, atomically and
@@ -422,7 +476,239 @@ class Spool(service.Service):
         self._unlink_if_present(self.message_path(queue_id))
         return removed
 
+    # -- hold, release and administration (scheduler and queue tool) ---------
+    #
+    # Like update(), these block on fsync: from the reactor thread, run
+    # them with call_in_thread().  Like the read helpers they assume the
+    # caller owns the message: the scheduler must not be delivering a
+    # message it holds, releases or deletes.
+
+    def held_ids(self):
+        """Iterate over the ids of the messages in ``hold/``, in directory
+        order.  Reads no file."""
+        return self._ids_in(self._hold)
+
+    def read_record(self, queue_id, where=ACTIVE):
+        """Return the record of a message in ``active/`` (or ``hold/``
+        when ``where`` is :data:`HOLD`), checked as :meth:`load` does.
+
+        :raise FileNotFoundError: when there is no such message there.
+        :raise relaymail.queue.record.CorruptRecord: when its record is bad.
+        """
+        path = self._in(self._directory(where), self._checked(queue_id), ".json")
+        return records.decode(_read_small_file(path), queue_id)
+
+    def load_any(self, queue_id):
+        """Return ``(record, where)`` for a message in ``active/`` or
+        ``hold/``; ``where`` is :data:`ACTIVE` or :data:`HOLD`.  A message
+        complete in both (an interrupted move) is reported in ``active/``,
+        where recover() keeps it.
+
+        :raise FileNotFoundError: when it is in neither.
+        :raise relaymail.queue.record.CorruptRecord: when its record is bad.
+        """
+        self._checked(queue_id)
+        # Two rounds: a move running in the daemon while the tool reads can
+        # take the message from the directory not yet looked at to the one
+        # just looked at, but not twice in a row in the same direction.
+        for _ in range(2):
+            for where in (ACTIVE, HOLD):
+                try:
+                    return self.read_record(queue_id, where), where
+                except FileNotFoundError:
+                    pass
+        raise FileNotFoundError(errno.ENOENT, "no such message in the queue", queue_id)
+
+    def hold(self, queue_id):
+        """Move a message from ``active/`` to ``hold/``, where delivery
+        does not look, durably.
+
+        The steps, and what :meth:`recover` makes of a crash after each:
+
+        1. link the body into ``hold/``: a lone body there, removed;
+        2. link the record into ``hold/`` and fsync ``hold/``: complete in
+           both, the ``active/`` copy wins, so the hold is undone;
+        3. unlink the record in ``active/``: a lone body there, removed,
+           so the message is held;
+        4. unlink the body in ``active/`` and fsync ``active/``: done.
+
+        :return: True when the message is on hold now (moved, or held
+            already), False when there is no such message.
+        :raise OSError: when the disk refused; the message stays active.
+        """
+        self._checked(queue_id)
+        record = self._in(self._active, queue_id, ".json")
+        body = self._in(self._active, queue_id, ".msg")
+        held_record = self._in(self._hold, queue_id, ".json")
+        if not os.path.exists(record):
+            return os.path.exists(held_record)
+        try:
+            self._link_into(body, self._in(self._hold, queue_id, ".msg"))
+            self._link_into(record, held_record)
+            self._hold_sync.sync()
+        except BaseException:
+            self._undo_link(self._hold, queue_id)
+            raise
+        os.unlink(record)
+        self._unlink_if_present(body)
+        self._active_sync.sync()
+        return True
+
+    def release(self, queue_id, now=None):
+        """Move a message from ``hold/`` back to ``active/``, due for
+        delivery at ``now`` (the spool's clock when None), durably.
+
+        The steps, and what :meth:`recover` makes of a crash after each:
+
+        1. link the body into ``active/``: a lone body there, removed, so
+           the message stays held;
+        2. write its record, due now, into ``active/`` (a new file renamed
+           in) and fsync ``active/``: complete in both, the ``active/``
+           copy wins, so the message is released;
+        3. unlink the record in ``hold/``: a lone body there, removed;
+        4. unlink the body in ``hold/`` and fsync ``hold/``: done.
+
+        :return: True when the message is in ``active/`` now (moved, or
+            not held in the first place), False when there is no such
+            message.
+        :raise relaymail.queue.record.CorruptRecord: when the held record
+            is bad; the message stays held.
+        :raise OSError: when the disk refused; the message stays held.
+        """
+        self._checked(queue_id)
+        record = self._in(self._active, queue_id, ".json")
+        if os.path.exists(record):
+            # Left complete in both by a crash: settle it as recover() would.
+            if os.path.exists(self._in(self._hold, queue_id, ".json")):
+                self._remove_entry(self._hold, queue_id)
+                self._hold_sync.sync()
+            return True
+        try:
+            state = self.read_record(queue_id, HOLD)
+        except FileNotFoundError:
+            return False
+        state["next_attempt_at"] = self._now() if now is None else now
+        payload = records.encode(state)
+        temporary = os.path.join(self._tmp, f"{queue_id}-{secrets.token_hex(4)}.json")
+        try:
+            self._link_into(self._in(self._hold, queue_id, ".msg"),
+                            self._in(self._active, queue_id, ".msg"))
+            write_durably(temporary, payload)
+            os.rename(temporary, record)
+            self._active_sync.sync()
+        except BaseException:
+            self._unlink_quietly(temporary)
+            self._undo_link(self._active, queue_id)
+            raise
+        self._remove_entry(self._hold, queue_id)
+        self._hold_sync.sync()
+        return True
+
+    def make_due(self, queue_id, now=None):
+        """Make a message in ``active/`` due for delivery at ``now`` (the
+        spool's clock when None) by setting its ``next_attempt_at``, with
+        the atomic, durable replace of :meth:`update`.  A message already
+        due is left alone: flushing a big queue then costs an fsync only
+        per message that was waiting.
+
+        :return: True when the message is in ``active/`` and due, False
+            when it is not in ``active/`` (no such message, or held).
+        :raise relaymail.queue.record.CorruptRecord: when its record is bad.
+        """
+        now = self._now() if now is None else now
+        try:
+            state = self.load(queue_id)
+            due = state["next_attempt_at"]
+            if isinstance(due, (int, float)) and due <= now:
+                return True
+            state["next_attempt_at"] = now
+            self.update(queue_id, state)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, queue_id):
+        """Delete a message from ``active/`` or ``hold/``, durably: unlike
+        :meth:`remove` after a delivery, a message an administrator
+        deleted must not come back after a crash.
+
+        :return: True if there was such a message.
+        """
+        self._checked(queue_id)
+        found = False
+        for directory, sync in ((self._active, self._active_sync),
+                                (self._hold, self._hold_sync)):
+            if self._remove_entry(directory, queue_id):
+                found = True
+                sync.sync()
+        return found
+
+    def delete_all(self):
+        """Delete every message, active or held, with one directory fsync
+        each for ``active/`` and ``hold/`` rather than one per message.
+
+        :return: how many messages were deleted.
+        """
+        deleted = set()
+        for directory, sync in ((self._active, self._active_sync),
+                                (self._hold, self._hold_sync)):
+            for queue_id in list(self._ids_in(directory)):
+                if self._remove_entry(directory, queue_id):
+                    deleted.add(queue_id)
+            sync.sync()
+        return len(deleted)
+
+    def call_in_thread(self, function, *args):
+        """Run ``function(*args)`` (one of the blocking methods above) in
+        the spool's thread pool, which :meth:`stop` waits for.
+
+        :return: a Deferred of its result.
+        """
+        return self._in_thread(function, *args)
+
     # -- helpers --------------------------------------------------------------
+
+    def _ids_in(self, directory):
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                stem, suffix = os.path.splitext(entry.name)
+                if suffix == ".json" and is_queue_id(stem):
+                    yield stem
+
+    def _directory(self, where):
+        if where == ACTIVE:
+            return self._active
+        if where == HOLD:
+            return self._hold
+        raise ValueError(f"not a queue directory: {where!r}")
+
+    def _link_into(self, source, target):
+        """Give the file ``source`` the second name ``target``, replacing
+        whatever ``target`` names (a leftover of an interrupted move)."""
+        # link(2) refuses an existing target and rename(2) replaces one
+        # atomically: so link to a fresh name in tmp/, then rename that.
+        staging = os.path.join(
+            self._tmp, f"{os.path.basename(target)}-{secrets.token_hex(4)}.link")
+        os.link(source, staging)
+        try:
+            os.rename(staging, target)
+        finally:
+            # When both names already are links to one file, rename(2)
+            # succeeds doing nothing and the staging name is still there.
+            self._unlink_quietly(staging)
+
+    def _undo_link(self, directory, queue_id):
+        """After a move into ``directory`` failed: remove the body linked
+        there, unless a record there makes it part of a message."""
+        if not os.path.exists(self._in(directory, queue_id, ".json")):
+            self._unlink_quietly(self._in(directory, queue_id, ".msg"))
+
+    def _remove_entry(self, directory, queue_id):
+        """Unlink a message's files in ``directory``, record first (as in
+        :meth:`remove`); return True if there was a record."""
+        removed = self._unlink_if_present(self._in(directory, queue_id, ".json"))
+        self._unlink_if_present(self._in(directory, queue_id, ".msg"))
+        return removed
 
     def _record_path(self, queue_id):
         return self._in(self._active, self._checked(queue_id), ".json")
@@ -558,6 +844,20 @@ class SpoolWriter:
     def _log_failure(self, error):
         self._spool.log.error("Could not queue {queue_id}: {error}",
                               queue_id=self.queue_id, error=error)
+
+
+def _read_small_file(path):
+    """Return the bytes of the file at ``path``.  Plain os.read() rather
+    than open(): reading every record of a 100,000-message queue (the
+    queue tool's list) spends most of its time per file, not per byte."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _close_quietly(file):

@@ -1,0 +1,444 @@
+"""relaymail's outbound ESMTP client: the API the delivery scheduler calls.
+
+:func:`connect` opens a session to one :class:`Hop` -- greeting, EHLO (HELO
+for old servers), STARTTLS as the TLS policy says, AUTH when configured --
+and :meth:`OutboundSession.deliver` runs one mail transaction on it, as
+often as the scheduler likes.  Failures before per-recipient answers are
+one :class:`DeliveryError`; per-recipient answers are
+:class:`RecipientResult`.
+
+The dialogue's order lives here; bytes, timers and TLS switching live in
+:mod:`relaymail.delivery.wire`, the pure pieces in
+:mod:`~relaymail.delivery.responses`, :mod:`~relaymail.delivery.transaction`,
+:mod:`~relaymail.delivery.stuffing`, :mod:`~relaymail.delivery.sasl` and
+:mod:`~relaymail.delivery.tls`.
+"""
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
+
+from relaymail.delivery import sasl, tls
+from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply
+from relaymail.delivery.responses import parse_ehlo
+from relaymail.delivery.transaction import (
+    BODY_TYPES, assemble_results, check_message, mail_command, rcpt_command)
+from relaymail.delivery.wire import ClientConnection
+
+__all__ = ["ClientConfig", "DeliveryError", "Hop", "OutboundSession", "RecipientResult", "connect"]
+
+# RFC 5321 4.5.3.2.2: the client waits 2 minutes for the reply to DATA.
+DATA_INITIATION_TIMEOUT = 120
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One place to try, as the routing module finds it.
+
+    :ivar name: the host name (for TLS verification and logs), or the IP
+        address when routed by an address literal.
+    :ivar address: the IP address to connect to.
+    :ivar port: the TCP port.
+    """
+
+    name: str
+    address: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        """Postfix style ``'name[address]:port'``, e.g.
+        ``'mx.example.com[192.0.2.1]:25'``."""
+        return f"{self.name}[{self.address}]:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to talk to a hop.  Timeouts are seconds, defaults from RFC 5321
+    4.5.3.2 (commands 5 minutes, each data block 3, after the final dot 10).
+
+    ``tls`` is ``'none'``, ``'may'``, ``'encrypt'`` or ``'verify'``, as
+    Postfix's ``smtp_tls_security_level`` (see :mod:`relaymail.delivery.tls`).
+    ``auth_password`` stays out of ``repr`` so it cannot reach a log.
+    """
+
+    helo_name: str
+    tls: str = "may"
+    ca_file: str | None = None
+    auth_user: str | None = None
+    auth_password: str | None = field(default=None, repr=False)
+    connect_timeout: float = 30
+    command_timeout: float = 300       # initial 220, EHLO, MAIL, RCPT, STARTTLS, AUTH
+    data_timeout: float = 600          # the reply after the final dot
+    data_block_timeout: float = 180    # the server taking no data at all for this long
+    quit_timeout: float = 10           # not in the RFC: QUIT must not hold a connection long
+
+    def __post_init__(self):
+        if self.tls not in tls.POLICIES:
+            raise ValueError(f"tls must be one of {', '.join(tls.POLICIES)}, not {self.tls!r}")
+        name = self.helo_name
+        if not name or not name.isascii() or any(c.isspace() for c in name):
+            raise ValueError(f"helo_name must be one ASCII word, not {name!r}")
+
+
+def connect(reactor, hop, config):
+    """Open a session to ``hop``, ready for MAIL.
+
+    Connects within ``connect_timeout``, reads the 220 greeting, says EHLO
+    (HELO when EHLO gets a 5xx, RFC 5321 3.2), starts TLS as ``config.tls``
+    says and authenticates when ``config.auth_user`` is set.
+
+    :return: a Deferred firing with an :class:`OutboundSession`, or failing
+        with :class:`DeliveryError` (the connection is then closed).
+    """
+    return defer.Deferred.fromCoroutine(_open_session(reactor, hop, config))
+
+
+async def _open_session(reactor, hop, config):
+    connection = ClientConnection(reactor, hop.label, hop.name)
+    endpoint = _endpoint(reactor, hop, config.connect_timeout)
+    try:
+        await endpoint.connect(_OneConnection(connection))
+    except defer.CancelledError:
+        raise
+    except Exception as exc:
+        raise DeliveryError(temporary=True, code=None, enhanced="4.4.1",
+                            text=f"connect to {hop.label}: {_connect_problem(exc)}",
+                            remote=hop.label) from None
+    session = OutboundSession(reactor, hop, config, connection)
+    try:
+        await session._start()
+    except BaseException:
+        session._hang_up()
+        raise
+    return session
+
+
+class OutboundSession:
+    """An open, greeted (and perhaps encrypted and authenticated) session.
+
+    :ivar remote: the hop's label.
+    :ivar extensions: EHLO keywords (upper-case) -> parameters, from the
+        latest EHLO (the one after STARTTLS when TLS is on).
+    :ivar tls: True when TLS is active.
+    """
+
+    def __init__(self, clock, hop, config, connection):
+        self._clock = clock
+        self._hop = hop
+        self._config = config
+        self._connection = connection
+        self._busy = False
+        self._needs_reset = False
+        self.remote = hop.label
+        self.extensions = {}
+
+    @property
+    def tls(self):
+        """True when TLS is active."""
+        return self._connection.tls_active
+
+    def is_open(self):
+        """True while the connection can carry another transaction."""
+        return self._connection.usable
+
+    def deliver(self, sender, recipients, message_path, *, body="7BIT", smtputf8=False):
+        """Run one mail transaction and report each recipient's result.
+
+        ``sender`` ``''`` is the null sender.  ``message_path`` is the
+        spooled message (CRLF line ends), streamed from disk.  MAIL carries
+        SIZE when offered, BODY=8BITMIME when ``body`` says so and SMTPUTF8
+        when ``smtputf8``.  With PIPELINING (RFC 2920) MAIL, every RCPT and
+        DATA go in one write.
+
+        :return: a Deferred firing with a list of :class:`RecipientResult`
+            in the order of ``recipients``, or failing with
+            :class:`DeliveryError` (MAIL refused, the message too big or
+            needing an extension the server lacks, a timeout, a lost
+            connection).  May be called again once it has fired.
+        """
+        return defer.Deferred.fromCoroutine(
+            self._deliver(sender, list(recipients), message_path, body, smtputf8))
+
+    def quit(self):
+        """Say QUIT and close; wait for the 221 or the close, at most
+        ``quit_timeout`` seconds.  Never fails."""
+        return defer.Deferred.fromCoroutine(self._quit())
+
+    def abort(self):
+        """Drop the connection now."""
+        self._connection.abort()
+
+    def wait_closed(self):
+        """A Deferred firing once the connection is gone."""
+        return self._connection.wait_closed()
+
+    # -- opening -----------------------------------------------------------
+
+    async def _start(self):
+        greeting = await self._reply("receiving the initial server greeting")
+        if greeting.code != 220:
+            raise error_from_reply(greeting, self.remote)
+        await self._hello()
+        policy = self._config.tls
+        if policy != "none":
+            if "STARTTLS" in self.extensions:
+                await self._start_tls()
+            elif tls.tls_required(policy):
+                raise self._error(
+                    "4.7.4", f"TLS is required, but was not offered by host {self.remote}")
+        if self._config.auth_user is not None:
+            await self._authenticate()
+
+    async def _hello(self):
+        name = self._config.helo_name.encode("ascii")
+        self._connection.send(b"EHLO " + name)
+        reply = await self._reply("receiving the reply to EHLO")
+        if reply.positive:
+            self.extensions = parse_ehlo(reply)
+            return
+        if not reply.permanent:
+            raise error_from_reply(reply, self.remote)
+        # RFC 5321 3.2: a server that does not know EHLO says 5xx; HELO
+        # still works, without any extension.
+        self._connection.send(b"HELO " + name)
+        reply = await self._reply("receiving the reply to HELO")
+        if not reply.positive:
+            raise error_from_reply(reply, self.remote)
+        self.extensions = {}
+
+    async def _start_tls(self):
+        policy = self._config.tls
+        try:
+            options = tls.client_options(policy, self._hop.name, self._config.ca_file)
+        except (OSError, ValueError) as exc:
+            raise self._error("4.7.5", f"cannot set up TLS for {self.remote}: {exc}") from None
+        reply = await self._connection.start_tls(options, self._config.command_timeout)
+        if reply.code != 220:
+            if not tls.tls_required(policy):
+                # Opportunistic TLS: a refusal leaves the session in plain
+                # text and in step, so carry on as if it was not offered.
+                return
+            raise DeliveryError(
+                temporary=True, code=reply.code, enhanced="4.7.4",
+                text=f"TLS is required, but host {self.remote} refused to start TLS: {reply}",
+                remote=self.remote)
+        # RFC 3207 4.2: everything learned before TLS is void; ask again.
+        self.extensions = {}
+        await self._hello()
+
+    async def _authenticate(self):
+        if not self.tls:
+            raise self._error("4.7.0", "refusing to send credentials without TLS")
+        offered = sasl.offered_mechanisms(self.extensions)
+        if not offered:
+            raise self._error("4.7.0", f"authentication is configured, but host {self.remote} "
+                                       "does not offer AUTH")
+        mechanism = sasl.choose_mechanism(offered)
+        if mechanism is None:
+            raise self._error("4.7.0", f"host {self.remote} offers no AUTH mechanism we support "
+                                       f"({' '.join(sorted(offered))})")
+        user = self._config.auth_user
+        password = self._config.auth_password or ""
+        send = self._connection.send
+        what = f"receiving the reply to AUTH {mechanism}"
+        if mechanism == "PLAIN":
+            send(b"AUTH PLAIN " + sasl.plain_response(user, password).encode("ascii"))
+            reply = await self._reply(what)
+        else:
+            send(b"AUTH LOGIN")
+            reply = await self._reply(what)
+            # Two challenges, user name then password (both 334).
+            for answer in (user, password):
+                if reply.code != 334:
+                    break
+                send(sasl.login_response(answer).encode("ascii"))
+                reply = await self._reply(what)
+        if reply.code != 235:
+            raise error_from_reply(reply, self.remote)
+
+    # -- transactions ------------------------------------------------------
+
+    async def _deliver(self, sender, recipients, message_path, body, smtputf8):
+        if body not in BODY_TYPES:
+            raise ValueError(f"body must be one of {', '.join(BODY_TYPES)}, not {body!r}")
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        if self._busy:
+            raise RuntimeError("deliver() called while another transaction is running")
+        self._busy = True
+        try:
+            with self._open_message(message_path) as file:
+                size = os.fstat(file.fileno()).st_size
+                check_message(self.extensions, size, body, smtputf8, self.remote)
+                mail = mail_command(sender, self.extensions, size, body, smtputf8, self.remote)
+                rcpts = [rcpt_command(r, smtputf8, self.remote) for r in recipients]
+                await self._ready_for_mail()
+                return await self._transaction(mail, rcpts, recipients, file)
+        finally:
+            self._busy = False
+
+    def _open_message(self, path):
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
+                                text=f"cannot read the message file: {exc.strerror}",
+                                remote=self.remote) from None
+
+    async def _ready_for_mail(self):
+        connection = self._connection
+        if not connection.usable:
+            raise self._error("4.4.2", f"connection to {self.remote} is closed")
+        if tls.tls_required(self._config.tls) and not self.tls:
+            raise self._error("4.7.4", f"TLS is required, but not active with {self.remote}")
+        stray = connection.unread_reply()
+        if stray is not None:
+            # Said while we were idle, typically 421 before a hang-up.
+            connection.abort()
+            raise error_from_reply(stray, self.remote)
+        if self._needs_reset:
+            connection.send(b"RSET")
+            reply = await self._reply("receiving the reply to RSET")
+            if not reply.positive:
+                connection.abort()
+                raise error_from_reply(reply, self.remote)
+            self._needs_reset = False
+
+    async def _transaction(self, mail, rcpts, recipients, file):
+        connection = self._connection
+        # Cleared only when the final reply after the message ends the
+        # transaction (RFC 5321 4.1.1.4); any other ending leaves server
+        # state that the next transaction resets first.
+        self._needs_reset = True
+        data_timeout = min(DATA_INITIATION_TIMEOUT, self._config.command_timeout)
+        if "PIPELINING" in self.extensions:
+            # RFC 2920 3.1: MAIL and RCPT may go anywhere in a group, DATA
+            # only last.
+            connection.send(mail, *rcpts, b"DATA")
+            mail_reply = await self._reply("receiving the reply to MAIL FROM")
+            rcpt_replies = [await self._reply("receiving the reply to RCPT TO") for _ in rcpts]
+            data_reply = await self._reply("receiving the reply to DATA", data_timeout)
+            if not mail_reply.positive:
+                if data_reply.code == 354:
+                    connection.abort()
+                raise error_from_reply(mail_reply, self.remote)
+        else:
+            connection.send(mail)
+            mail_reply = await self._reply("receiving the reply to MAIL FROM")
+            if not mail_reply.positive:
+                raise error_from_reply(mail_reply, self.remote)
+            rcpt_replies = []
+            for rcpt in rcpts:
+                connection.send(rcpt)
+                rcpt_replies.append(await self._reply("receiving the reply to RCPT TO"))
+            data_reply = None
+            if any(reply.positive for reply in rcpt_replies):
+                connection.send(b"DATA")
+                data_reply = await self._reply("receiving the reply to DATA", data_timeout)
+        for reply in rcpt_replies:
+            self._expect_decision(reply)
+        if not any(reply.positive for reply in rcpt_replies):
+            if data_reply is not None and data_reply.code == 354:
+                # A server that takes DATA with no recipient: ending the
+                # data would make an empty message; hanging up makes none.
+                connection.abort()
+            return assemble_results(recipients, rcpt_replies, None)
+        if data_reply.code != 354:
+            if data_reply.positive:
+                # "250" to DATA: no message went, so nothing was delivered.
+                connection.abort()
+                raise error_from_reply(data_reply, self.remote)
+            self._expect_decision(data_reply)
+            return assemble_results(recipients, rcpt_replies, data_reply)
+        await connection.send_message(file, self._config.data_block_timeout)
+        final = await self._reply("receiving the reply to the end of data",
+                                  self._config.data_timeout)
+        self._needs_reset = False
+        self._expect_decision(final)
+        return assemble_results(recipients, rcpt_replies, final)
+
+    def _expect_decision(self, reply):
+        """A reply that should accept or refuse (2xx, 4xx, 5xx); anything
+        else means the server is out of step."""
+        if not (reply.positive or reply.transient or reply.permanent):
+            self._connection.abort()
+            raise error_from_reply(reply, self.remote)
+
+    # -- closing -----------------------------------------------------------
+
+    async def _quit(self):
+        connection = self._connection
+        if not connection.usable:
+            connection.abort()
+            return None
+        if not self._busy:
+            connection.send(b"QUIT")
+            try:
+                await self._reply("receiving the reply to QUIT", self._config.quit_timeout)
+            except DeliveryError:
+                pass
+        connection.close(self._config.quit_timeout)
+        await connection.wait_closed()
+        return None
+
+    def _hang_up(self):
+        """End a session that failed while opening: politely when the server
+        is still in step (RFC 5321 3.1 asks for QUIT even after a refusal),
+        at once otherwise."""
+        connection = self._connection
+        if connection.usable:
+            connection.send(b"QUIT")
+            connection.close(self._config.quit_timeout)
+        else:
+            connection.abort()
+
+    # -- helpers -----------------------------------------------------------
+
+    def _reply(self, what, timeout=None):
+        if timeout is None:
+            timeout = self._config.command_timeout
+        return self._connection.next_reply(timeout, what)
+
+    def _error(self, enhanced, text):
+        """A temporary failure of our own making (no server reply)."""
+        return DeliveryError(temporary=True, code=None, enhanced=enhanced, text=text,
+                             remote=self.remote)
+
+
+class _OneConnection(Factory):
+    """Hands the endpoint our already-built protocol; quiet, because the
+    scheduler opens many connections and logs them itself."""
+
+    noisy = False
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def buildProtocol(self, addr):
+        self._connection.factory = self
+        return self._connection
+
+
+def _endpoint(reactor, hop, timeout):
+    try:
+        version = ipaddress.ip_address(hop.address).version
+    except ValueError:
+        return HostnameEndpoint(reactor, hop.address, hop.port, timeout=timeout)
+    kind = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
+    return kind(reactor, hop.address, hop.port, timeout=timeout)
+
+
+def _connect_problem(exc):
+    """The connect failure in the words Postfix logs use."""
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "Connection refused"
+    if isinstance(exc, error.TimeoutError):
+        return "Connection timed out"
+    if isinstance(exc, error.NoRouteError):
+        return "No route to host"
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,250 @@
+"""Connections per destination: concurrency caps and connection reuse.
+
+Jobs (one message's recipients at one destination) wait in a queue per
+destination.  Up to ``destination_concurrency`` connections per destination
+and ``max_connections`` in all (Postfix default_destination_concurrency_limit
+is 20) take jobs from it; a connection that finished a job takes the next
+one queued for the same destination, so a burst of mail to one smarthost
+shares a few sessions instead of opening one per message.
+
+Hops are tried in order: a connection failure or a refusal before MAIL
+(greeting, EHLO, STARTTLS, AUTH) moves on to the next one, as Postfix does
+with MX hosts (it skips 5xx greetings too, smtp_skip_5xx_greeting).
+"""
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from relaymail.delivery.client import ClientConfig, DeliveryError, connect
+from relaymail.delivery.routing import RoutingError
+
+log = Logger(namespace="relaymail.delivery")
+
+SENT = "sent"
+DEFERRED = "deferred"
+BOUNCED = "bounced"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one recipient in one attempt."""
+
+    address: str
+    status: str          # SENT, DEFERRED or BOUNCED
+    code: int            # the SMTP reply code, or None when none was had
+    enhanced: str
+    text: str
+    remote: str = None   # Hop.label of the server that answered
+    remote_name: str = None
+
+    @property
+    def diagnostic(self):
+        """The reply as a DSN Diagnostic-Code wants it, or None."""
+        if self.code is None:
+            return None
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@dataclass
+class Job:
+    """One message's recipients for one destination."""
+
+    queue_id: str
+    destination: object
+    sender: str
+    recipients: list
+    message_path: str
+    body: str = "7BIT"
+    smtputf8: bool = False
+    #: Called with (job, [Outcome]) once, when the job is over.
+    on_done: object = None
+    queued_at: float = field(default_factory=time.time)
+
+
+class _DestinationQueue:
+    def __init__(self, destination):
+        self.destination = destination
+        self.jobs = collections.deque()
+        self.connections = 0
+
+
+class DestinationPool:
+    """Runs delivery jobs with per-destination and global connection caps.
+
+    :param router: a relaymail.delivery.routing.Router.
+    :param client_config_for: a function of a Destination giving the
+        ClientConfig to use for it (TLS policy and AUTH differ for the
+        smarthost).
+    """
+
+    def __init__(self, reactor, router, client_config_for, per_destination, total,
+                 connect=connect):
+        self._reactor = reactor
+        self._router = router
+        self._config_for = client_config_for
+        self._per_destination = per_destination
+        self._total = total
+        self._connect = connect
+        self._queues = {}
+        self._connections = 0
+        self._sessions = set()
+        self._stopping = False
+
+    @property
+    def busy(self):
+        return self._connections > 0 or any(q.jobs for q in self._queues.values())
+
+    def submit(self, job):
+        queue = self._queues.get(job.destination)
+        if queue is None:
+            queue = self._queues[job.destination] = _DestinationQueue(job.destination)
+        queue.jobs.append(job)
+        self._pump()
+
+    def stop(self):
+        """Drop every session; jobs still queued are left to the next start
+        (their messages stay in the spool)."""
+        self._stopping = True
+        for session in list(self._sessions):
+            session.abort()
+
+    def _pump(self):
+        """Open connections where jobs wait and the caps allow."""
+        if self._stopping:
+            return
+        for queue in list(self._queues.values()):
+            # No more connections than jobs waiting: a busy connection takes
+            # the next job of its destination when it is free.
+            while (queue.jobs and queue.connections < min(self._per_destination, len(queue.jobs))
+                   and self._connections < self._total):
+                queue.connections += 1
+                self._connections += 1
+                d = self._run_connection(queue)
+                d.addErrback(lambda f: log.failure("delivery connection failed", f))
+                d.addBoth(self._connection_over, queue)
+            if not queue.jobs and queue.connections == 0:
+                self._queues.pop(queue.destination, None)
+
+    def _connection_over(self, _, queue):
+        queue.connections -= 1
+        self._connections -= 1
+        self._pump()
+
+    @defer.inlineCallbacks
+    def _run_connection(self, queue):
+        destination = queue.destination
+        try:
+            hops = yield self._router.hops(destination)
+        except RoutingError as error:
+            self._fail_queued(queue, error, None)
+            return
+        session, error = yield self._open_session(destination, hops)
+        if session is None:
+            self._fail_queued(queue, error, error.remote if error else None)
+            return
+        self._sessions.add(session)
+        try:
+            while queue.jobs and session.is_open() and not self._stopping:
+                job = queue.jobs.popleft()
+                try:
+                    results = yield session.deliver(
+                        job.sender, job.recipients, job.message_path,
+                        body=job.body, smtputf8=job.smtputf8)
+                except DeliveryError as error:
+                    self._finish(job, [_from_error(a, error, session) for a in job.recipients])
+                    session.abort()
+                    break
+                except Exception as error:
+                    log.failure("delivery of {queue_id} failed", queue_id=job.queue_id)
+                    self._finish(job, [Outcome(a, DEFERRED, None, "4.3.0", f"local error: {error}")
+                                       for a in job.recipients])
+                    session.abort()
+                    break
+                self._finish(job, [_from_result(r, session) for r in results])
+            if session.is_open():
+                yield session.quit()
+        finally:
+            self._sessions.discard(session)
+
+    @defer.inlineCallbacks
+    def _open_session(self, destination, hops):
+        """Try the hops in order; return (session, None) or (None, last error)."""
+        config = self._config_for(destination)
+        error = None
+        for hop in hops:
+            try:
+                session = yield self._connect(self._reactor, hop, config)
+            except DeliveryError as failure:
+                log.info("connect to {remote}: {text}", remote=hop.label, text=failure.text)
+                error = failure
+                continue
+            return session, None
+        if error is None:
+            error = DeliveryError(temporary=True, code=None, enhanced="4.4.4",
+                                  text=f"no host to try for {destination.label}", remote=None)
+        return None, error
+
+    def _fail_queued(self, queue, error, remote):
+        """A destination that cannot be reached fails every job waiting for
+        it (Postfix likewise defers the whole destination), not just one."""
+        while queue.jobs:
+            job = queue.jobs.popleft()
+            self._finish(job, [_from_error(a, error, None) for a in job.recipients])
+
+    def _finish(self, job, outcomes):
+        try:
+            job.on_done(job, outcomes)
+        except Exception:
+            log.failure("recording the outcome of {queue_id} failed", queue_id=job.queue_id)
+
+
+def _status_for(code):
+    if code is not None and 200 <= code < 300:
+        return SENT
+    if code is not None and 400 <= code < 500:
+        return DEFERRED
+    return BOUNCED
+
+
+def _from_result(result, session):
+    return Outcome(result.address, _status_for(result.code), result.code, result.enhanced,
+                   result.text, session.remote, _remote_name(session.remote))
+
+
+def _from_error(address, error, session):
+    status = DEFERRED if error.temporary else BOUNCED
+    remote = getattr(error, "remote", None) or (session.remote if session else None)
+    return Outcome(address, status, error.code, error.enhanced, error.text, remote,
+                   _remote_name(remote))
+
+
+def _remote_name(label):
+    """'mx.example.com[192.0.2.1]:25' -> 'mx.example.com'."""
+    if not label:
+        return None
+    return label.split("[", 1)[0]
+
+
+def client_configs(settings):
+    """The function DestinationPool uses to pick a ClientConfig: the
+    smarthost gets its TLS policy and credentials, other hops opportunistic
+    TLS and no AUTH."""
+    delivery = settings.delivery
+    common = dict(
+        helo_name=delivery.helo_name or settings.server.hostname,
+        ca_file=delivery.tls_ca_file,
+        connect_timeout=delivery.connect_timeout,
+        command_timeout=delivery.command_timeout,
+        data_timeout=delivery.data_timeout,
+    )
+    smarthost = ClientConfig(tls=delivery.smarthost_tls, auth_user=delivery.smarthost_user,
+                             auth_password=delivery.smarthost_password, **common)
+    others = ClientConfig(tls="may", **common)
+
+    def config_for(destination):
+        return smarthost if destination.kind == "smarthost" else others
+    return config_for

@@ -1,0 +1,77 @@
+"""What a delivery attempt reports back: a failed session or per-recipient results.
+
+The scheduler reads these and nothing else: :class:`DeliveryError` when the
+session failed before per-recipient answers existed, a list of
+:class:`RecipientResult` otherwise.  Enhanced status codes follow RFC 3463.
+"""
+
+import re
+from dataclasses import dataclass
+
+# RFC 3463 2: class "." subject "." detail, class 2, 4 or 5, subject and
+# detail one to three digits.
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
+
+
+def is_enhanced_code(text):
+    """True when ``text`` is an RFC 3463 status code such as ``'5.1.1'``."""
+    return bool(_ENHANCED.match(text))
+
+
+def derived_enhanced(code):
+    """The generic enhanced code for a reply code, for servers that send none
+    (``550`` -> ``'5.0.0'``, RFC 3463 3.1: X.0.0 is "other undefined")."""
+    return f"{code // 100}.0.0"
+
+
+class DeliveryError(Exception):
+    """The session failed before per-recipient results: connect failure,
+    timeout, bad greeting, EHLO/HELO/STARTTLS/AUTH/MAIL refused, TLS policy
+    not met, connection lost, or a message the server cannot take.
+
+    :ivar temporary: True to try the next hop or retry later, False to bounce.
+    :ivar code: the server's reply code when it said something, else None.
+    :ivar enhanced: the RFC 3463 code, the server's or ours.
+    :ivar text: for logs and the DSN Diagnostic-Code; the server's reply
+        text when the server's reply is the reason.  Never holds credentials.
+    :ivar remote: the ``Hop.label`` of the server, when there was one.
+    """
+
+    def __init__(self, temporary, code, enhanced, text, remote=None):
+        super().__init__(text)
+        self.temporary = temporary
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+        self.remote = remote
+
+    def __repr__(self):
+        return (f"DeliveryError(temporary={self.temporary!r}, code={self.code!r}, "
+                f"enhanced={self.enhanced!r}, text={self.text!r}, remote={self.remote!r})")
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The server's last word on one recipient.
+
+    ``code`` 2xx means delivered, 4xx deferred, 5xx bounced.  ``enhanced`` is
+    the server's enhanced code, or one derived from ``code`` when it sent
+    none.  ``text`` is the reply text, its lines joined with a space.
+    """
+
+    address: str
+    code: int
+    enhanced: str
+    text: str
+
+
+def error_from_reply(reply, remote):
+    """The :class:`DeliveryError` for a reply that ends the session or the
+    transaction: temporary for 4xx, permanent for 5xx.  Any other code where
+    a refusal or a success was due means the server is not following the
+    protocol; that is temporary, as another hop may be sane."""
+    if 400 <= reply.code < 600:
+        return DeliveryError(temporary=reply.code < 500, code=reply.code,
+                             enhanced=reply.enhanced_or_derived, text=reply.text, remote=remote)
+    return DeliveryError(temporary=True, code=reply.code, enhanced="4.5.0",
+                         text=f"unexpected reply from {remote}: {reply}", remote=remote)

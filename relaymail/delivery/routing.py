@@ -1,0 +1,345 @@
+"""Where a recipient's mail goes next, and the addresses to try there.
+
+:meth:`Router.destination` picks the next hop for a recipient domain: its
+[routes] entry, else the [delivery] smarthost, else the domain's own MX
+hosts.  Messages are grouped by that :class:`Destination` for connection
+reuse and concurrency caps.  :meth:`Router.hops` then turns a destination
+into the ordered list of :class:`Hop` (host name, IP address, port) the
+client tries one after another, or fails with a :class:`RoutingError` that
+says whether to retry later or bounce now.
+
+DNS follows RFC 5321 section 5.1 (MX records by preference, equal
+preferences in random order, the domain's own addresses when it has no MX
+records) and RFC 7505 (null MX).
+"""
+
+import ipaddress
+import random
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.names import client, dns
+from twisted.names.error import (
+    AuthoritativeDomainError, DNSFormatError, DNSNameError,
+    DNSNotImplementedError, DNSQueryRefusedError, DNSServerError,
+    DNSUnknownError)
+
+from relaymail.delivery.client import Hop
+
+# Addresses handed to the client for one destination.  Postfix caps
+# addresses at smtp_mx_address_limit (5) and sessions at
+# smtp_mx_session_limit (2); we allow more addresses because we try IPv4
+# and IPv6 of each host, so 10 covers five dual-stack MX hosts, and the
+# client's own connect timeout bounds the time spent on dead ones.
+MAX_HOPS = 10
+
+# MX hosts whose addresses we look up for one domain: a hostile or broken
+# zone may list hundreds, and each costs two queries.
+MAX_MX_HOSTS = 10
+
+# RFC 3463: X.4.3 "directory server failure" covers a DNS lookup that could
+# not be completed; 5.1.2 "bad destination system address" a domain that
+# does not exist.  RFC 7505 section 4 gives the null MX reply.
+_DNS_FAILURE = "4.4.3"
+_NO_SUCH_DOMAIN = "5.1.2"
+_NULL_MX_CODE = 556
+_NULL_MX = "5.1.10"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """What messages are grouped by for connection reuse and concurrency.
+
+    ``kind`` is ``'smarthost'``, ``'route'`` (a [routes] entry) or ``'mx'``
+    (the recipient domain's own MX hosts).  ``host`` is the next hop's host
+    for the first two, and the recipient domain (its ``domain_key``, which
+    may be an address literal such as ``'[192.0.2.1]'``) for ``'mx'``.
+    ``mx_lookup`` is False when ``host`` is to be connected to directly.
+    """
+
+    kind: str
+    host: str
+    port: int
+    mx_lookup: bool
+
+    @property
+    def label(self) -> str:
+        """How logs name the destination: ``'[10.0.0.5]:25'``,
+        ``'relay.example:587'`` or ``'example.com'``."""
+        if self.kind == "mx":
+            return self.host
+        if not self.mx_lookup:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class RoutingError(Exception):
+    """No hop could be found for a destination.
+
+    ``temporary`` says whether to try again later (True) or bounce now;
+    ``code`` is the SMTP reply code to report when one is fixed by a
+    standard (556 for null MX), else None and the caller picks 4xx or 5xx;
+    ``enhanced`` is the RFC 3463 code and ``text`` the human-readable
+    reason, which never holds anything but domain names and DNS results.
+    """
+
+    def __init__(self, temporary, code, enhanced, text):
+        super().__init__(text)
+        self.temporary = temporary
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    def __repr__(self):
+        return (f"RoutingError(temporary={self.temporary!r}, code={self.code!r}, "
+                f"enhanced={self.enhanced!r}, text={self.text!r})")
+
+
+class Router:
+    """Chooses destinations and looks up their hops.
+
+    :param settings: relaymail settings; uses ``routes``,
+        ``delivery.smarthost`` and ``delivery.mx_port``.
+    :param resolver: a ``twisted.names`` IResolver; None builds one from
+        ``/etc/resolv.conf`` (and ``/etc/hosts``).
+    :param reactor: the reactor for that default resolver.
+    :param rng: a ``random.Random`` for shuffling MX hosts of equal
+        preference; tests pass a seeded one.
+    """
+
+    def __init__(self, settings, resolver=None, reactor=None, rng=None):
+        self._routes = settings.routes
+        self._smarthost = settings.delivery.smarthost
+        self._mx_port = settings.delivery.mx_port
+        if resolver is None:
+            # The system resolver (/etc/resolv.conf, /etc/hosts, a cache);
+            # it runs on the global reactor.
+            resolver = client.createResolver()
+        self._resolver = resolver
+        self._random = rng if rng is not None else random.Random()
+
+    def destination(self, recipient_domain: str) -> Destination:
+        """The next hop for mail to ``recipient_domain``.
+
+        :param recipient_domain: a ``Mailbox.domain_key``: a lower-case
+            A-label domain, or an address literal such as ``'[192.0.2.1]'``.
+        """
+        route = self._routes.get(recipient_domain)
+        if route is not None:
+            return Destination("route", route.host, route.port, route.mx_lookup)
+        if self._smarthost is not None:
+            hop = self._smarthost
+            return Destination("smarthost", hop.host, hop.port, hop.mx_lookup)
+        # An address literal names the host itself (RFC 5321 4.1.3): there
+        # is nothing to look up.
+        literal = recipient_domain.startswith("[")
+        return Destination("mx", recipient_domain, self._mx_port, not literal)
+
+    def hops(self, destination: Destination):
+        """The addresses to try for ``destination``, best first.
+
+        :return: a Deferred firing with a non-empty list of :class:`Hop`,
+            or failing with :class:`RoutingError`.
+        """
+        return defer.ensureDeferred(self._hops(destination))
+
+    async def _hops(self, destination):
+        """The body of :meth:`hops`."""
+        port = destination.port
+        if destination.kind == "mx" and not destination.mx_lookup:
+            address = _literal_address(destination.host)
+            return [Hop(address, address, port)]
+        # Only the recipient's own domain can be told "does not exist" by
+        # DNS; a smarthost or route that fails to resolve is our own
+        # configuration (or our DNS) at fault, so its mail waits for a fix
+        # instead of bouncing, as Postfix defers mail for a bad relayhost.
+        final = destination.kind == "mx"
+        if not destination.mx_lookup:
+            hosts = [destination.host]
+        else:
+            hosts = await self._mail_exchangers(destination.host, final)
+        hops = await self._resolve_hosts(hosts, port)
+        if not hops.found:
+            raise RoutingError(
+                True, None, _DNS_FAILURE,
+                f"No address found for {destination.label}: {hops.why()}")
+        return hops.found
+
+    async def _mail_exchangers(self, domain, final):
+        """The host names to try for ``domain``, in order (RFC 5321 5.1)."""
+        try:
+            answers, _authority, _additional = (
+                await self._resolver.lookupMailExchange(domain))
+        except Exception as exc:
+            raise _lookup_error(domain, "MX", exc, final) from None
+        records = [answer.payload for answer in answers if answer.type == dns.MX]
+        if not records:
+            # No MX records: the domain itself is the implicit MX.
+            return [domain]
+        # The null MX of RFC 7505 has the root as its exchange.  Section 3
+        # forbids other MX records beside it; if a broken zone has some,
+        # those are still worth trying.
+        usable = [record for record in records if _name(record.name)]
+        if not usable:
+            if final:
+                raise RoutingError(False, _NULL_MX_CODE, _NULL_MX,
+                                   "Recipient address has null MX")
+            raise RoutingError(True, None, _DNS_FAILURE,
+                               f"Next hop {domain} has null MX")
+        return self._order(usable)[:MAX_MX_HOSTS]
+
+    def _order(self, records):
+        """Host names by preference, shuffling hosts of equal preference
+        (RFC 5321 5.1) so they share the load; duplicates dropped."""
+        groups = {}
+        for record in records:
+            groups.setdefault(record.preference, []).append(_name(record.name))
+        ordered = []
+        for preference in sorted(groups):
+            group = groups[preference]
+            self._random.shuffle(group)
+            for name in group:
+                if name not in ordered:
+                    ordered.append(name)
+        return ordered
+
+    async def _resolve_hosts(self, hosts, port):
+        """Every host's addresses as Hops, in host order, IPv4 first."""
+        lookups = [defer.ensureDeferred(self._addresses(host)) for host in hosts]
+        results = await defer.gatherResults(lookups)
+        hops = _Hops()
+        for host, (addresses, problem) in zip(hosts, results):
+            if not addresses:
+                hops.skipped.append(f"{host}: {problem}")
+            for address in addresses:
+                hops.add(Hop(host, address, port))
+        return hops
+
+    async def _addresses(self, host):
+        """``(addresses, problem)``: the host's IPv4 then IPv6 addresses,
+        and why there are none when there are none.  Never fails."""
+        if _is_ip(host):
+            # An MX pointing at an address is against RFC 5321 5.1 but
+            # common enough to honour rather than defer forever.
+            return [host], None
+        # IPv4 first rather than Postfix's random smtp_address_preference:
+        # many hosts have IPv6 addresses but no working IPv6 route, and a
+        # dead first address costs a whole connect timeout per attempt.
+        results = await defer.DeferredList(
+            [self._resolver.lookupAddress(host),
+             self._resolver.lookupIPV6Address(host)],
+            consumeErrors=True)
+        addresses = []
+        problems = []
+        for (ok, result), (kind, record_type) in zip(
+                results, [("A", dns.A), ("AAAA", dns.AAAA)]):
+            if ok:
+                answers = result[0]
+                # A resolver that followed a CNAME returns it too; only the
+                # address records at the end of the chain matter.
+                addresses.extend(_address_text(answer.payload)
+                                 for answer in answers if answer.type == record_type)
+            else:
+                problems.append(f"{kind} {_describe(result.value)}")
+        return addresses, "; ".join(problems) or "no A or AAAA records"
+
+
+class _Hops:
+    """Hops gathered for one destination: deduplicated by address and
+    capped at :data:`MAX_HOPS`, with the reasons hosts were skipped."""
+
+    def __init__(self):
+        self.found = []
+        self.skipped = []
+        self._seen = set()
+
+    def add(self, hop):
+        """Keep ``hop`` unless its address is already listed or the list
+        is full."""
+        if hop.address not in self._seen and len(self.found) < MAX_HOPS:
+            self._seen.add(hop.address)
+            self.found.append(hop)
+
+    def why(self):
+        """Why nothing was found, one clause per host."""
+        return ", ".join(self.skipped) or "no usable hosts"
+
+
+def _lookup_error(name, kind, exc, final):
+    """The RoutingError for a failed ``kind`` lookup of ``name``."""
+    if _is_nxdomain(exc):
+        text = f"Host or domain name not found: {name} (NXDOMAIN)"
+        if final:
+            return RoutingError(False, None, _NO_SUCH_DOMAIN, text)
+        return RoutingError(True, None, _DNS_FAILURE, text)
+    return RoutingError(True, None, _DNS_FAILURE,
+                        f"DNS {kind} lookup for {name} failed: {_describe(exc)}")
+
+
+def _is_nxdomain(exc):
+    """True when ``exc`` says the name does not exist at all.
+
+    The other response codes subclass DomainError too, so the test is for
+    the name error itself, not its base class.
+    """
+    return isinstance(exc, (DNSNameError, AuthoritativeDomainError))
+
+
+# Response codes by the names dig and RFC 1035 4.1.1 use; most specific
+# first, since all of them subclass DomainError.
+_FAILURE_NAMES = [
+    (DNSNameError, "NXDOMAIN"),
+    (AuthoritativeDomainError, "NXDOMAIN"),
+    (DNSServerError, "SERVFAIL"),
+    (DNSQueryRefusedError, "REFUSED"),
+    (DNSFormatError, "FORMERR"),
+    (DNSNotImplementedError, "NOTIMP"),
+    (DNSUnknownError, "unknown response code"),
+    (defer.TimeoutError, "timed out"),
+]
+
+
+def _describe(exc):
+    """A short, one-line name for a DNS failure."""
+    for cls, name in _FAILURE_NAMES:
+        if isinstance(exc, cls):
+            return name
+    detail = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def _name(name):
+    """A DNS name as text without the trailing dot; '' for the root."""
+    text = name.name.decode("ascii", "replace") if isinstance(name, dns.Name) else str(name)
+    return text.rstrip(".").lower()
+
+
+def _address_text(payload):
+    """The IP address of an A or AAAA record as text."""
+    return str(ipaddress.ip_address(payload.address))
+
+
+def _is_ip(text):
+    """True when ``text`` is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _literal_address(literal):
+    """The IP address in an address literal (RFC 5321 4.1.3):
+    ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``."""
+    inner = literal.removeprefix("[").removesuffix("]")
+    if inner.lower().startswith("ipv6:"):
+        text, family = inner[len("ipv6:"):], ipaddress.IPv6Address
+    else:
+        text, family = inner, ipaddress.IPv4Address
+    try:
+        return str(family(text))
+    except ValueError:
+        # A General-address-literal (a tag other than IPv6) has no
+        # standard meaning we can connect to.
+        raise RoutingError(False, None, _NO_SUCH_DOMAIN,
+                           f"Unsupported address literal: {literal}") from None

@@ -1,0 +1,70 @@
+"""Streaming a spooled message to the server during DATA.
+
+The message is read from disk a chunk at a time and only when the transport
+asks for more (a pull producer), so a slow server holds back our reads
+instead of filling memory with the message.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaymail.delivery.stuffing import DotStuffer
+
+# Large enough that a message costs few reactor turns, small enough that a
+# few sessions in parallel keep memory flat.
+CHUNK_SIZE = 64 * 1024
+
+
+class StreamStopped(Exception):
+    """The transport stopped the producer (the connection went away)."""
+
+
+@implementer(IPullProducer)
+class MessageProducer:
+    """Writes a message file, dot-stuffed and terminated, to a consumer.
+
+    :ivar done: fires with None once the final ``.CRLF`` is written; fails
+        with :class:`StreamStopped` when the transport stops us, or with the
+        ``OSError`` when the file cannot be read.
+    """
+
+    def __init__(self, file, consumer, chunk_size=CHUNK_SIZE, on_progress=None):
+        self._file = file
+        self._consumer = consumer
+        self._chunk_size = chunk_size
+        self._on_progress = on_progress
+        self._stuffer = DotStuffer()
+        self.done = Deferred()
+
+    def start(self):
+        """Register with the consumer, which then pulls the chunks."""
+        self._consumer.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self):
+        """Write the next chunk (or the end of data)."""
+        if self.done.called:
+            return
+        if self._on_progress is not None:
+            self._on_progress()
+        try:
+            chunk = self._file.read(self._chunk_size)
+        except OSError:
+            # The caller must drop the connection: ending DATA now would
+            # deliver a truncated message.
+            self._consumer.unregisterProducer()
+            self.done.errback(Failure())
+            return
+        if chunk:
+            self._consumer.write(self._stuffer.feed(chunk))
+        else:
+            self._consumer.write(self._stuffer.finish())
+            self._consumer.unregisterProducer()
+            self.done.callback(None)
+
+    def stopProducing(self):
+        """The connection is going away."""
+        if not self.done.called:
+            self.done.errback(StreamStopped())

@@ -1,0 +1,90 @@
+"""One mail transaction's pure parts: checks before sending, commands, results.
+
+Nothing here does I/O; the session in :mod:`relaymail.delivery.client`
+sends what these functions build and feeds back what the server said.
+"""
+
+from relaymail.delivery.outcomes import DeliveryError, RecipientResult
+from relaymail.delivery.responses import size_limit
+
+BODY_TYPES = ("7BIT", "8BITMIME")
+
+# An address is data: these would end the command line or worse.
+_FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0")
+
+
+def check_message(extensions, size, body, smtputf8, remote):
+    """Refuse, before anything is sent, a message the server has told us it
+    cannot take.  These are bounces, not retries: the same server will say
+    the same thing next time.
+
+    :raise DeliveryError: permanent, with the RFC 3463 code that names the
+        problem.
+    """
+    limit = size_limit(extensions)
+    if limit is not None and size > limit:
+        # RFC 1870 6: a message over the announced limit is not attempted.
+        raise DeliveryError(temporary=False, code=None, enhanced="5.3.4",
+                            text=f"message size {size} exceeds the limit {limit} of {remote}",
+                            remote=remote)
+    if body == "8BITMIME" and "8BITMIME" not in extensions:
+        # RFC 6152 3 lets us downgrade instead; we relay unchanged and bounce.
+        raise DeliveryError(temporary=False, code=None, enhanced="5.6.3",
+                            text=f"8-bit message, but {remote} does not offer 8BITMIME",
+                            remote=remote)
+    if smtputf8 and "SMTPUTF8" not in extensions:
+        # RFC 6531 3.4: without SMTPUTF8 at the next hop the message cannot go on.
+        raise DeliveryError(temporary=False, code=None, enhanced="5.6.7",
+                            text=f"message needs SMTPUTF8, but {remote} does not offer it",
+                            remote=remote)
+
+
+def encode_address(address, smtputf8, remote):
+    """The bytes of a path for MAIL FROM or RCPT TO.
+
+    :raise DeliveryError: permanent, for an address that cannot be sent.
+    """
+    if any(char in address for char in _FORBIDDEN_IN_ADDRESS):
+        raise DeliveryError(temporary=False, code=None, enhanced="5.1.3",
+                            text=f"invalid address {address!r}", remote=remote)
+    if smtputf8:
+        return address.encode("utf-8")
+    try:
+        return address.encode("ascii")
+    except UnicodeEncodeError:
+        raise DeliveryError(temporary=False, code=None, enhanced="5.6.7",
+                            text=f"address {address!r} needs SMTPUTF8", remote=remote) from None
+
+
+def mail_command(sender, extensions, size, body, smtputf8, remote):
+    """``MAIL FROM:<sender>`` with the parameters the server understands;
+    ``''`` is the null sender ``<>``."""
+    parts = [b"MAIL FROM:<" + encode_address(sender, smtputf8, remote) + b">"]
+    if "SIZE" in extensions:
+        parts.append(b"SIZE=%d" % size)          # RFC 1870 6
+    if body == "8BITMIME":
+        parts.append(b"BODY=8BITMIME")           # RFC 6152 2
+    if smtputf8:
+        parts.append(b"SMTPUTF8")                # RFC 6531 3.4
+    return b" ".join(parts)
+
+
+def rcpt_command(recipient, smtputf8, remote):
+    """``RCPT TO:<recipient>``."""
+    return b"RCPT TO:<" + encode_address(recipient, smtputf8, remote) + b">"
+
+
+def result_from(address, reply):
+    """A recipient's result from the reply that decided it."""
+    return RecipientResult(address, reply.code, reply.enhanced_or_derived, reply.text)
+
+
+def assemble_results(recipients, rcpt_replies, outcome):
+    """Results in the order of ``recipients``: a refused recipient keeps its
+    RCPT reply, an accepted one gets ``outcome`` (the reply to DATA when
+    that failed, else the final reply after the message)."""
+    results = []
+    for address, reply in zip(recipients, rcpt_replies, strict=True):
+        decided_by = outcome if reply.positive and outcome is not None else reply
+        results.append(result_from(address, decided_by))
+    return results

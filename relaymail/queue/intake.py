@@ -1,0 +1,36 @@
+"""The queue as the SMTP server sees it: the spool, telling the scheduler
+about each message the moment it is committed."""
+
+from zope.interface import implementer
+
+from relaymail.interfaces import IMessageQueue, IMessageWriter
+
+
+@implementer(IMessageQueue)
+class NotifyingQueue:
+    """Wraps an IMessageQueue; ``on_committed(queue_id)`` is called after
+    each successful commit, so delivery starts without polling the spool."""
+
+    def __init__(self, queue, on_committed):
+        self._queue = queue
+        self._on_committed = on_committed
+
+    def new_message(self):
+        return _NotifyingWriter(self._queue.new_message(), self._on_committed)
+
+
+@implementer(IMessageWriter)
+class _NotifyingWriter:
+    def __init__(self, writer, on_committed):
+        self._writer = writer
+        self._on_committed = on_committed
+        self.queue_id = writer.queue_id
+        # The DATA path calls write once per block: no extra hop for it.
+        self.write = writer.write
+        self.abort = writer.abort
+
+    def commit(self, envelope):
+        def committed(queue_id):
+            self._on_committed(queue_id)
+            return queue_id
+        return self._writer.commit(envelope).addCallback(committed)

@@ -1,0 +1,393 @@
+"""When each queued message is tried, and what its results do to it.
+
+The scheduler is the queue's one owner while the daemon runs (Postfix's
+qmgr): it knows which messages are due, splits each into one job per
+destination for :class:`~relaymail.delivery.destinations.DestinationPool`,
+records every recipient's outcome in the message's queue record as it
+comes, retries deferred recipients with backoff, returns failures to the
+sender as DSNs, and removes a message once every recipient is done.
+
+Retry times follow Postfix: the first retry ``min_backoff`` after the
+first failure, doubling each time up to ``max_backoff``; after
+``lifetime`` the recipients still deferred bounce.  Crash safety: a
+recipient is marked sent in the record as soon as its job ends, so after a
+restart only the others are tried again; a crash before that write means
+that recipient gets the message twice, never none.
+"""
+
+import copy
+import heapq
+import itertools
+import time
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.queue import record as records
+from relaymail.queue.bounce import FailedRecipient, build_dsn
+from relaymail.smtp.address import AddressError, parse_forward_path
+
+log = Logger(namespace="relaymail.queue")
+
+_FINAL = (records.SENT, records.BOUNCED)
+
+
+def backoff(attempts, minimum, maximum):
+    """Seconds to wait after the ``attempts``-th failed attempt."""
+    return min(maximum, minimum * 2 ** max(0, attempts - 1))
+
+
+class _Attempt:
+    """One delivery attempt of one message, while its jobs run."""
+
+    def __init__(self, record):
+        self.record = record
+        self.jobs_left = 0
+        self.bounced = []           # Outcomes that bounced in this attempt
+        self.writes = defer.succeed(None)
+        self.after = None           # "delete" or "hold", asked for meanwhile
+
+
+class Scheduler(service.Service):
+    """Drives delivery of everything in the spool.
+
+    :param spool: the relaymail.queue.spool.Spool.
+    :param pool: a DestinationPool that runs jobs.
+    :param router: gives each recipient domain its Destination.
+    """
+
+    def __init__(self, spool, pool, router, settings, reactor, clock=time.time):
+        self.spool = spool
+        self.pool = pool
+        self.router = router
+        self.settings = settings
+        self.hostname = settings.server.hostname
+        self._reactor = reactor
+        self._clock = clock
+        self._heap = []
+        self._order = itertools.count()
+        self._scheduled = {}        # queue id -> time it is due
+        self._forced = set()        # due now whatever the record says
+        self._attempts = {}         # queue id -> _Attempt in progress
+        self._timer = None
+        self._running = False
+
+    # -- life cycle -------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._running = True
+        now = self._clock()
+        # Records are read when each message comes due, not all at start-up:
+        # a large queue would otherwise hold up the first delivery.
+        for queue_id in sorted(self.spool.ids()):
+            self._schedule(queue_id, now)
+
+    def stopService(self):
+        super().stopService()
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.pool.stop()
+
+    # -- intake -----------------------------------------------------------
+
+    def message_queued(self, queue_id):
+        """A new message was committed: try it now."""
+        self._schedule(queue_id, self._clock())
+
+    def _schedule(self, queue_id, when):
+        self._scheduled[queue_id] = when
+        heapq.heappush(self._heap, (when, next(self._order), queue_id))
+        self._arm()
+
+    def _arm(self):
+        if not self._running or not self._heap:
+            return
+        delay = max(0.0, self._heap[0][0] - self._clock())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() - self._reactor.seconds() <= delay:
+                return
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(delay, self._run_due)
+
+    def _run_due(self):
+        self._timer = None
+        now = self._clock()
+        while self._heap and self._heap[0][0] <= now:
+            when, _, queue_id = heapq.heappop(self._heap)
+            if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
+                continue            # rescheduled since, or already running
+            del self._scheduled[queue_id]
+            self._start(queue_id, now)
+        self._arm()
+
+    # -- an attempt ---------------------------------------------------------
+
+    def _start(self, queue_id, now):
+        try:
+            record = self.spool.load(queue_id)
+        except FileNotFoundError:
+            return                  # deleted or held meanwhile
+        except records.CorruptRecord as error:
+            log.error("{queue_id}: unreadable queue record, left for relaymail-queue: {error}",
+                      queue_id=queue_id, error=str(error))
+            return
+        forced = queue_id in self._forced
+        self._forced.discard(queue_id)
+        if not forced and record["next_attempt_at"] > now + 0.001:
+            self._schedule(queue_id, record["next_attempt_at"])
+            return
+        attempt = _Attempt(record)
+        jobs = self._jobs_for(queue_id, record, attempt)
+        if not jobs:
+            self._attempts[queue_id] = attempt
+            self._conclude(queue_id, attempt)
+            return
+        self._attempts[queue_id] = attempt
+        attempt.jobs_left = len(jobs)
+        for job in jobs:
+            self.pool.submit(job)
+
+    def _jobs_for(self, queue_id, record, attempt):
+        """One Job per destination of the recipients still to do."""
+        envelope = record["envelope"]
+        by_destination = {}
+        for entry in record["recipients"]:
+            if entry["status"] in _FINAL:
+                continue
+            address = entry["address"]
+            try:
+                destination = self.router.destination(_domain_key(address, envelope["smtputf8"]))
+            except AddressError as error:
+                # Cannot happen for what our server accepted; a hand-edited
+                # record could do it.
+                self._record(queue_id, attempt, Outcome(
+                    address, BOUNCED, None, "5.1.3", f"bad recipient address: {error}"))
+                continue
+            by_destination.setdefault(destination, []).append(address)
+        return [
+            Job(queue_id=queue_id, destination=destination, sender=envelope["sender"],
+                recipients=addresses, message_path=self.spool.message_path(queue_id),
+                body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
+                on_done=self._job_done)
+            for destination, addresses in by_destination.items()
+        ]
+
+    def _job_done(self, job, outcomes):
+        attempt = self._attempts.get(job.queue_id)
+        if attempt is None:
+            return
+        for outcome in outcomes:
+            self._record(job.queue_id, attempt, outcome)
+        attempt.jobs_left -= 1
+        if attempt.jobs_left > 0:
+            # Other destinations are still going: make what is done so far
+            # durable now, so a crash does not send it again.
+            self._write(job.queue_id, attempt)
+        else:
+            self._conclude(job.queue_id, attempt)
+
+    def _record(self, queue_id, attempt, outcome):
+        now = self._clock()
+        for entry in attempt.record["recipients"]:
+            if entry["address"] == outcome.address and entry["status"] not in _FINAL:
+                entry["status"] = {SENT: records.SENT, DEFERRED: records.DEFERRED,
+                                   BOUNCED: records.BOUNCED}[outcome.status]
+                entry["attempts"] += 1
+                entry["updated_at"] = now
+                if outcome.status != SENT:
+                    entry["last_error"] = _describe(outcome)
+                    attempt.record["last_error"] = entry["last_error"]
+                break
+        if outcome.status == BOUNCED:
+            attempt.bounced.append(outcome)
+        delay = now - attempt.record["created_at"]
+        log.info("{queue_id}: to=<{recipient}>, relay={relay}, delay={delay:.2f}, dsn={dsn}, "
+                 "status={status} ({text})", queue_id=queue_id, recipient=outcome.address,
+                 relay=outcome.remote or "none", delay=delay, dsn=outcome.enhanced,
+                 status=outcome.status, text=_reply_text(outcome))
+
+    def _conclude(self, queue_id, attempt):
+        """Every job of the attempt is over: bounce, retry or remove."""
+        now = self._clock()
+        record = attempt.record
+        deferred = [e for e in record["recipients"] if e["status"] not in _FINAL]
+        if deferred and now - record["created_at"] >= self.settings.queue.lifetime:
+            for entry in deferred:
+                self._record(queue_id, attempt, Outcome(
+                    entry["address"], BOUNCED, None, "4.4.7",
+                    f"delivery time expired; last error: {entry['last_error']}"))
+            deferred = []
+        d = self._bounce(queue_id, record, attempt.bounced, now)
+        if not deferred:
+            d.addCallback(lambda _: self._finished(queue_id, attempt))
+            return
+        record["attempts"] += 1
+        record["next_attempt_at"] = now + backoff(
+            record["attempts"], self.settings.queue.min_backoff, self.settings.queue.max_backoff)
+        d.addCallback(lambda _: self._maybe_warn(queue_id, record, deferred, now))
+        d.addCallback(lambda _: self._write(queue_id, attempt))
+        d.addCallback(lambda _: self._reschedule(queue_id, attempt))
+
+    def _finished(self, queue_id, attempt):
+        attempt.writes.addBoth(lambda _: self._remove(queue_id))
+
+    def _remove(self, queue_id):
+        del self._attempts[queue_id]
+        self.spool.remove(queue_id)
+        log.info("{queue_id}: removed", queue_id=queue_id)
+
+    def _reschedule(self, queue_id, attempt):
+        def done(_):
+            del self._attempts[queue_id]
+            if attempt.after == "delete":
+                self.spool.delete(queue_id)
+            elif attempt.after == "hold":
+                self.spool.hold(queue_id)
+            elif queue_id in self._forced:
+                self._schedule(queue_id, self._clock())
+            else:
+                self._schedule(queue_id, attempt.record["next_attempt_at"])
+        attempt.writes.addBoth(done)
+
+    def _write(self, queue_id, attempt):
+        """Persist the record, after any write already under way."""
+        snapshot = copy.deepcopy(attempt.record)
+
+        def write(_):
+            d = self.spool.update_in_thread(queue_id, snapshot)
+            d.addErrback(lambda f: log.failure("{queue_id}: cannot update the queue record",
+                                               f, queue_id=queue_id))
+            return d
+        attempt.writes.addCallback(write)
+        return attempt.writes
+
+    # -- DSNs -------------------------------------------------------------
+
+    def _bounce(self, queue_id, record, bounced, now):
+        if not bounced:
+            return defer.succeed(None)
+        failed = [FailedRecipient(address=o.address, action="failed", status=_final_status(o),
+                                  diagnostic=o.diagnostic, remote_mta=o.remote_name,
+                                  last_attempt=now) for o in bounced]
+        return self._send_dsn(queue_id, record, failed, now, "bounce")
+
+    def _maybe_warn(self, queue_id, record, deferred, now):
+        warn_after = self.settings.queue.delay_warning
+        if not warn_after or record.get("delay_warned") or now - record["created_at"] < warn_after:
+            return None
+        record["delay_warned"] = True
+        delayed = [FailedRecipient(address=e["address"], action="delayed", status=_delay_status(e),
+                                   diagnostic=e["last_error"], remote_mta=None, last_attempt=now)
+                   for e in deferred]
+        return self._send_dsn(queue_id, record, delayed, now, "delay warning",
+                              retry_until=record["created_at"] + self.settings.queue.lifetime)
+
+    def _send_dsn(self, queue_id, record, recipients, now, kind, **extra):
+        if record["envelope"]["sender"] == "":
+            # RFC 5321 6.1 / RFC 3464: never a DSN about a DSN.
+            log.info("{queue_id}: {kind} not sent: the sender is <>", queue_id=queue_id, kind=kind)
+            return defer.succeed(None)
+        try:
+            envelope, message = build_dsn(record, self.spool.message_path(queue_id), recipients,
+                                          self.hostname, now, **extra)
+            writer = self.spool.new_message()
+            writer.write(message)
+        except Exception:
+            log.failure("{queue_id}: cannot build the {kind}", queue_id=queue_id, kind=kind)
+            return defer.succeed(None)
+        envelope.received_at = now
+        d = writer.commit(envelope)
+
+        def queued(dsn_id):
+            log.info("{queue_id}: sender {kind}: {dsn_id}", queue_id=queue_id, kind=kind,
+                     dsn_id=dsn_id)
+            self.message_queued(dsn_id)
+        d.addCallbacks(queued, lambda f: log.failure(
+            "{queue_id}: cannot queue the {kind}", f, queue_id=queue_id, kind=kind))
+        return d
+
+    # -- the queue tool's requests (relaymail.queue.control) ---------------
+
+    def flush(self):
+        count = 0
+        now = self._clock()
+        for queue_id in list(self.spool.ids()):
+            count += self._make_due(queue_id, now)
+        return count
+
+    def retry(self, queue_id):
+        if not self._exists(queue_id):
+            return False
+        self._make_due(queue_id, self._clock())
+        return True
+
+    def _make_due(self, queue_id, now):
+        self._forced.add(queue_id)
+        if queue_id not in self._attempts:
+            self._schedule(queue_id, now)
+        return 1
+
+    def delete(self, queue_id):
+        if queue_id in self._attempts:
+            self._attempts[queue_id].after = "delete"
+            return True
+        self._scheduled.pop(queue_id, None)
+        return bool(self.spool.delete(queue_id))
+
+    def delete_all(self):
+        return sum(self.delete(queue_id) for queue_id in list(self.spool.ids())
+                   + list(self.spool.held_ids()))
+
+    def hold(self, queue_id):
+        if queue_id in self._attempts:
+            self._attempts[queue_id].after = "hold"
+            return True
+        self._scheduled.pop(queue_id, None)
+        return bool(self.spool.hold(queue_id))
+
+    def release(self, queue_id):
+        if not self.spool.release(queue_id):
+            return False
+        self._make_due(queue_id, self._clock())
+        return True
+
+    def _exists(self, queue_id):
+        return queue_id in self._attempts or queue_id in self._scheduled
+
+
+def _domain_key(address, smtputf8):
+    return parse_forward_path(f"<{address}>", smtputf8=True).domain_key
+
+
+def _describe(outcome):
+    where = f" (from {outcome.remote})" if outcome.remote else ""
+    if outcome.code is not None:
+        return f"{outcome.code} {outcome.enhanced} {outcome.text}{where}"
+    return f"{outcome.enhanced} {outcome.text}{where}"
+
+
+def _reply_text(outcome):
+    if outcome.code is not None:
+        return f"{outcome.code} {outcome.enhanced} {outcome.text}"
+    return outcome.text
+
+
+def _final_status(outcome):
+    """A bounced recipient's DSN Status: the enhanced code, made permanent
+    when it expired after temporary failures."""
+    code = outcome.enhanced or "5.0.0"
+    return "5" + code[1:] if code.startswith("4") else code
+
+
+def _delay_status(entry):
+    error = entry.get("last_error") or ""
+    first = error.split(" ", 2)
+    for word in first:
+        if len(word) >= 5 and word[0] == "4" and word[1] == ".":
+            return word
+    return "4.0.0"

@@ -1,0 +1,580 @@
+"""relaymail-queue: look at the mail queue, and change it.
+
+::
+
+    relaymail-queue [--config FILE] [--spool DIR] COMMAND [ARG]
+
+    list              one line per message, oldest first     (Postfix: mailq)
+    show ID [--body]  a message's record and headers        (postcat -q)
+    flush             make every waiting message due now     (postqueue -f)
+    retry ID          make one message due now               (postqueue -i)
+    delete ID|ALL     delete a message, or every message     (postsuper -d)
+    hold ID           keep a message from being delivered    (postsuper -h)
+    release ID        let a held message go, due now         (postsuper -H)
+
+``list`` and ``show`` only read the files, whoever is running.  The other
+commands must not move files under a running daemon's feet: they try the
+spool lock (:mod:`relaymail.queue.lock`) and, when they get it, no daemon
+runs and they change the files themselves, holding the lock so that none
+starts meanwhile; when the daemon holds it they send the request over
+``QUEUE/control`` (:mod:`relaymail.queue.control`) and print its reply.
+Both ways give the same reply lines.
+
+Exit status: 0 when done; 1 when the queue said no (no such message, an
+error reply, no daemon answering, an unreadable spool); 2 for a usage or
+configuration error.
+"""
+
+import argparse
+import collections
+import datetime
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from relaymail.config import ConfigError, load_config
+from relaymail.queue import record as records
+from relaymail.queue.control import (
+    ALL, ControlError, answer, control_path, plural)
+from relaymail.queue.lock import SpoolLock
+from relaymail.queue.queue_id import is_queue_id
+from relaymail.queue.spool import ACTIVE, HOLD, Spool
+
+PROGRAM = "relaymail-queue"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+#: How long to wait for the daemon's reply; deleting or flushing a very
+#: large queue takes the daemon a while.
+DEFAULT_TIMEOUT = 60.0
+
+#: ``list`` shows this much of a message's last error.
+ERROR_WIDTH = 80
+
+#: Threads for an offline flush: each due message costs an fsync, and
+#: fsyncs overlap (see relaymail.queue.spool.COMMIT_THREADS).
+FLUSH_THREADS = 16
+
+#: A reply is one short line; more than this is not the daemon talking.
+_REPLY_LIMIT = 4096
+
+#: Recipient states that need no more delivery.
+_FINAL = frozenset((records.SENT, records.BOUNCED))
+
+_SPOOL_DIRECTORIES = ("active", "hold", "tmp")
+
+
+class ToolError(Exception):
+    """An expected problem, told in one line; the exit status is 1."""
+
+
+class _Context:
+    """Where the output goes and what time it is, for one run."""
+
+    def __init__(self, out, err, now, timeout):
+        self.out = out
+        self.err = err
+        self.now = now
+        self.timeout = timeout
+
+
+def main(argv=None, out=None, err=None, now=None):
+    """Run the tool.
+
+    :param argv: the arguments, without the program name (``sys.argv``
+        when None).
+    :param out: where output goes (``sys.stdout`` when None), and
+        ``err`` where problems go (``sys.stderr``).
+    :param now: the time ages and due times are counted from, seconds
+        since the epoch (the clock when None).
+    :return: the exit status.
+    """
+    out = out or _tolerant(sys.stdout)
+    err = err or _tolerant(sys.stderr)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit:
+        # argparse has printed the usage and why; 2 on error, 0 for --help.
+        return exit.code
+    try:
+        spool_path = _spool_path(args)
+    except ConfigError as error:
+        err.write(f"{PROGRAM}: {error}\n")
+        return EXIT_USAGE
+    context = _Context(out, err, time.time() if now is None else now, args.timeout)
+    try:
+        return args.run(args, spool_path, context)
+    except ToolError as error:
+        err.write(f"{PROGRAM}: {error}\n")
+        return EXIT_FAILED
+
+
+def _tolerant(stream):
+    # An address or an error text the terminal cannot show must not turn
+    # into a traceback half way through a listing.
+    try:
+        stream.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
+    return stream
+
+
+# -- the command line -----------------------------------------------------
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Look at relaymail's mail queue and change it.  Works with "
+                    "the daemon running (changes are asked of it over the "
+                    "spool's control socket) or stopped (the files are changed "
+                    "directly, under the spool lock).")
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="configuration file (INI); without it, the built-in "
+                             "defaults, as for the daemon")
+    parser.add_argument("--spool", metavar="DIR",
+                        help="queue directory; overrides [queue] path")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="how long to wait for the daemon's reply "
+                             f"(default {DEFAULT_TIMEOUT:g})")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND",
+                                     required=True)
+
+    def command(name, run, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=run)
+        return sub
+
+    command("list", _list, "one line per message, oldest first; held ones "
+                           "marked '!'")
+    show = command("show", _show, "a message's envelope, delivery state and headers")
+    show.add_argument("queue_id", type=_queue_id, metavar="ID")
+    show.add_argument("--body", action="store_true",
+                      help="the whole message, not only its headers")
+    command("flush", _changer(lambda args: "flush"),
+            "make every waiting message due for delivery now")
+    for name, help_text in (("retry", "make one message due for delivery now"),
+                            ("hold", "keep a message from being delivered"),
+                            ("release", "let a held message go, due now")):
+        sub = command(name, _changer(_with_id(name)), help_text)
+        sub.add_argument("queue_id", type=_queue_id, metavar="ID")
+    delete = command("delete", _changer(_with_id("delete")),
+                     "delete a message, or every message with ALL (no question asked)")
+    delete.add_argument("queue_id", type=_queue_id_or_all, metavar="ID|ALL")
+    return parser
+
+
+def _with_id(name):
+    return lambda args: f"{name} {args.queue_id}"
+
+
+def _queue_id(text):
+    # Ids are upper case; accept them typed in lower case too.
+    queue_id = text.strip().upper()
+    if not is_queue_id(queue_id):
+        raise argparse.ArgumentTypeError(f"not a queue id: {text!r}")
+    return queue_id
+
+
+def _queue_id_or_all(text):
+    if text.strip().upper() == ALL:
+        return ALL
+    return _queue_id(text)
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
+def _spool_path(args):
+    """The spool directory, from the configuration as the daemon reads it.
+
+    :raise ConfigError: as :func:`relaymail.config.load_config` does.
+    """
+    overrides = {("queue", "path"): args.spool} if args.spool is not None else None
+    return load_config(args.config, overrides).queue.path
+
+
+# -- list ---------------------------------------------------------------------
+
+def _list(args, spool_path, context):
+    spool = _readable_spool(spool_path)
+    summaries, problems = read_queue(spool)
+    for problem in problems:
+        context.err.write(f"{PROGRAM}: {problem}\n")
+    context.out.write(format_listing(summaries, context.now, len(problems)))
+    return EXIT_OK
+
+
+#: One message as ``list`` shows it: only the fields it needs, so that a
+#: listing of 100,000 messages does not keep 100,000 parsed records (and
+#: the garbage collector does not walk them over and over, which cost
+#: more than a second at that size).
+Summary = collections.namedtuple(
+    "Summary", "queue_id held created_at size sender pending error")
+
+
+def summarise(queue_id, held, record):
+    """Return the :class:`Summary` of a checked record."""
+    pending = ",".join(_printable(recipient["address"])
+                       for recipient in record["recipients"]
+                       if recipient.get("status") not in _FINAL)
+    return Summary(queue_id, held, _number(record["created_at"]), record["size"],
+                   _printable(record["envelope"].get("sender") or ""),
+                   pending, _last_error(record))
+
+
+def read_queue(spool):
+    """Read every record in ``active/`` and ``hold/``.
+
+    Straight from the files and without the lock: messages delivered
+    while we read are left out, and a message complete in both
+    directories (an interrupted move) is shown once, as active, the way
+    recover() will settle it.
+
+    :return: ``(summaries, problems)``: a :class:`Summary` per message,
+        oldest first, and a line for each record that could not be read.
+    :raise ToolError: when the spool cannot be read at all.
+    """
+    summaries, problems, seen = [], [], set()
+    for where, ids in ((ACTIVE, spool.ids), (HOLD, spool.held_ids)):
+        try:
+            queue_ids = list(ids())
+        except FileNotFoundError:
+            continue        # a spool the daemon has not laid out yet
+        except OSError as error:
+            raise ToolError(f"cannot read the spool {spool.path}: {error.strerror}")
+        for queue_id in queue_ids:
+            if queue_id in seen:
+                continue
+            try:
+                record = spool.read_record(queue_id, where)
+            except FileNotFoundError:
+                continue    # delivered, deleted or moved since the scan
+            except records.CorruptRecord as error:
+                problems.append(f"{queue_id}: bad record: {error}")
+                continue
+            except OSError as error:
+                problems.append(f"{queue_id}: cannot read its record: {error.strerror}")
+                continue
+            seen.add(queue_id)
+            summaries.append(summarise(queue_id, where == HOLD, record))
+    summaries.sort(key=lambda summary: (summary.created_at, summary.queue_id))
+    return summaries, problems
+
+
+def format_listing(summaries, now, unreadable=0):
+    """Return the text of ``list``: a line per message, then a summary."""
+    lines = [format_summary(summary, now) for summary in summaries]
+    held = sum(1 for summary in summaries if summary.held)
+    total = f"{plural(len(summaries), 'message')}, {held} held"
+    if unreadable:
+        total += f", {unreadable} unreadable"
+    lines.append(total)
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(summary, now):
+    """One line: id (``!`` when held), age, size, sender (``<>`` for the
+    null sender), the recipients still to deliver to, and the last error,
+    shortened."""
+    line = (f"{summary.queue_id}{'!' if summary.held else ' '} "
+            f"{format_age(now - summary.created_at):>4} {summary.size:>9}  "
+            f"{summary.sender or '<>'}  {summary.pending or '-'}")
+    if summary.error:
+        line += f"  ({_shorten(summary.error, ERROR_WIDTH)})"
+    return line
+
+
+def format_age(seconds):
+    """``45s``, ``3m``, ``2h``, ``1d``: the largest unit, rounded down."""
+    seconds = max(0, int(seconds))
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds // length}{unit}"
+    return f"{seconds}s"
+
+
+def _last_error(record):
+    """The message's last error, else that of a recipient still to do."""
+    if record.get("last_error"):
+        return _printable(str(record["last_error"]))
+    for recipient in record["recipients"]:
+        if recipient.get("status") not in _FINAL and recipient.get("last_error"):
+            return _printable(str(recipient["last_error"]))
+    return ""
+
+
+def _shorten(text, width):
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _printable(text):
+    """``text`` on one line with nothing that drives a terminal: errors
+    come from remote servers, and multi-line SMTP replies are common."""
+    if text.isprintable():
+        return text         # nearly always, and a listing has 100,000 lines
+    text = " ".join(text.split())
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
+def _number(value):
+    # check() does not type every field; a listing must not stop at one.
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+# -- show -----------------------------------------------------------------------
+
+def _show(args, spool_path, context):
+    spool = _readable_spool(spool_path)
+    queue_id = args.queue_id
+    try:
+        record, where = spool.load_any(queue_id)
+    except FileNotFoundError:
+        raise ToolError(f"no such message {queue_id}")
+    except records.CorruptRecord as error:
+        raise ToolError(f"{queue_id}: bad record: {error}")
+    except OSError as error:
+        raise ToolError(f"{queue_id}: cannot read its record: {error.strerror}")
+    context.out.write(format_record(record, where == HOLD, context.now))
+    context.out.write("\n")
+    try:
+        with open(spool.message_path(queue_id, where), "rb") as message:
+            _write_message(message, context.out, args.body)
+    except FileNotFoundError:
+        raise ToolError(f"{queue_id}: the message file is gone "
+                        "(delivered, deleted or moved meanwhile?)")
+    except OSError as error:
+        raise ToolError(f"{queue_id}: cannot read the message: {error.strerror}")
+    return EXIT_OK
+
+
+def format_record(record, held, now):
+    """Return a message's record as text for people, one field a line."""
+    envelope = record["envelope"]
+    body = str(envelope.get("body", "7BIT"))
+    if envelope.get("smtputf8"):
+        body += ", SMTPUTF8"
+    if held:
+        next_attempt = "none: on hold"
+    else:
+        next_attempt = _moment(record["next_attempt_at"], now, due=True)
+    fields = [
+        ("Queue ID", record["id"] + (" (on hold)" if held else "")),
+        ("Queued", _moment(record["created_at"], now)),
+        ("Size", plural(record["size"], "byte")),
+        ("Sender", f"<{_printable(str(envelope.get('sender') or ''))}>"),
+        ("Client", _client(envelope)),
+        ("Authenticated", _printable(str(envelope.get("authenticated_user") or "-"))),
+        ("Body", body),
+        ("Attempts", str(record["attempts"])),
+        ("Next attempt", next_attempt),
+        ("Last error", _printable(str(record["last_error"] or "-"))),
+    ]
+    lines = [f"{label + ':':<15}{value}" for label, value in fields]
+    lines.append("Recipients:")
+    for recipient in record["recipients"]:
+        attempts = recipient.get("attempts", 0)
+        lines.append(f"  {_printable(recipient['address'])}: "
+                     f"{recipient.get('status', '?')}, {plural(attempts, 'attempt')}")
+        if recipient.get("last_error"):
+            lines.append(f"    last error: {_printable(str(recipient['last_error']))}")
+    return "\n".join(lines) + "\n"
+
+
+def _moment(when, now, due=False):
+    """``2026-01-01 00:00:00 UTC (3m ago)``, or ``(in 2m)``, or for a due
+    time that has passed, ``(due now)``."""
+    if not isinstance(when, (int, float)) or isinstance(when, bool):
+        return repr(when)
+    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    text = stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if when > now:
+        return f"{text} (in {format_age(when - now)})"
+    return f"{text} (due now)" if due else f"{text} ({format_age(now - when)} ago)"
+
+
+def _client(envelope):
+    helo = _printable(str(envelope.get("helo") or ""))
+    address = _printable(str(envelope.get("client_ip") or ""))
+    if address:
+        return f"{helo} [{address}]" if helo else f"[{address}]"
+    return helo or "-"
+
+
+def _write_message(message, out, whole):
+    """Copy the headers (everything with ``whole``) of a message file,
+    with CRLF line ends made local."""
+    for line in message:
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        if not text and not whole:
+            return
+        out.write(text + "\n")
+
+
+# -- commands that change the queue -----------------------------------------------
+
+def _changer(request_of):
+    """Make the runner of a command that sends ``request_of(args)``."""
+    def run(args, spool_path, context):
+        return _report(carry_out(spool_path, request_of(args), context), context)
+    return run
+
+
+def carry_out(spool_path, request, context):
+    """Carry out one control request, on the files or through the daemon.
+
+    :return: the reply line (``ok ...`` or ``error ...``).
+    :raise ToolError: when neither way is open.
+    """
+    _check_spool(spool_path)
+    lock = SpoolLock(spool_path)
+    try:
+        locked = lock.acquire()
+    except OSError as error:
+        raise ToolError(f"cannot lock the spool {spool_path}: {error.strerror}")
+    if not locked:
+        return ask_daemon(spool_path, request, context.timeout, lock.holder_pid())
+    try:
+        replies = []
+        manager = OfflineManager(Spool(spool_path), context.now)
+        # The manager answers at once, so the Deferred has fired.
+        answer(manager, request).addCallback(replies.append)
+        return replies[0]
+    finally:
+        lock.release()
+
+
+def ask_daemon(spool_path, request, timeout, pid=None):
+    """Send ``request`` to the daemon over ``QUEUE/control``.
+
+    :param pid: the daemon's process id, to name it in problems.
+    :return: its reply line.
+    :raise ToolError: when it does not answer.
+    """
+    path = control_path(spool_path)
+    who = f"relaymail (process {pid})" if pid else "the process holding the spool lock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        try:
+            connection.connect(path)
+            connection.sendall(request.encode("ascii") + b"\n")
+            return _read_reply(connection, who)
+        except FileNotFoundError:
+            raise ToolError(f"{who} holds the spool but has no control socket "
+                            f"{path}; is it still starting?")
+        except ConnectionRefusedError:
+            raise ToolError(f"{who} holds the spool but nothing answers on {path} "
+                            "(connection refused)")
+        except socket.timeout:
+            raise ToolError(f"{who} did not answer on {path} within {timeout:g} seconds")
+        except OSError as error:
+            raise ToolError(f"cannot talk to {who} on {path}: {error.strerror or error}")
+
+
+def _read_reply(connection, who):
+    data = b""
+    while b"\n" not in data:
+        chunk = connection.recv(_REPLY_LIMIT)
+        if not chunk:
+            raise ToolError(f"{who} closed the control connection without answering")
+        data += chunk
+        if len(data) > _REPLY_LIMIT:
+            raise ToolError(f"{who} sent a reply longer than {_REPLY_LIMIT} bytes")
+    return data.split(b"\n", 1)[0].rstrip(b"\r").decode("ascii", "replace")
+
+
+def _report(reply, context):
+    """Print a reply line; return the exit status it means."""
+    status, _, text = reply.partition(" ")
+    if status == "ok":
+        context.out.write(text + "\n")
+        return EXIT_OK
+    if status == "error":
+        context.err.write(f"{PROGRAM}: {text}\n")
+    else:
+        context.err.write(f"{PROGRAM}: unexpected reply: {reply!r}\n")
+    return EXIT_FAILED
+
+
+class OfflineManager:
+    """The control requests done on the spool's files, for when no daemon
+    runs (the caller holds the spool lock): an
+    :class:`relaymail.queue.control.IQueueControl` without a scheduler.
+
+    :param spool: a :class:`relaymail.queue.spool.Spool`; it need not be
+        started.
+    :param now: the time "due now" means, seconds since the epoch.
+    """
+
+    def __init__(self, spool, now):
+        self._spool = spool
+        self._now = now
+
+    def flush(self):
+        """Make every message in ``active/`` due; return how many are."""
+        queue_ids = list(self._spool.ids())
+        with ThreadPoolExecutor(FLUSH_THREADS) as pool:
+            return sum(pool.map(self._make_due, queue_ids))
+
+    def _make_due(self, queue_id):
+        try:
+            return self._spool.make_due(queue_id, self._now)
+        except records.CorruptRecord:
+            # Not deliverable anyway; the daemon's recover() sets it aside.
+            return False
+
+    def retry(self, queue_id):
+        if self._spool.make_due(queue_id, self._now):
+            return True
+        try:
+            _, where = self._spool.load_any(queue_id)
+        except FileNotFoundError:
+            return False
+        if where == HOLD:
+            raise ControlError(f"{queue_id} is on hold; release it to deliver it")
+        return False
+
+    def delete(self, queue_id):
+        return self._spool.delete(queue_id)
+
+    def delete_all(self):
+        return self._spool.delete_all()
+
+    def hold(self, queue_id):
+        return self._spool.hold(queue_id)
+
+    def release(self, queue_id):
+        return self._spool.release(queue_id, self._now)
+
+
+# -- the spool directory ---------------------------------------------------------
+
+def _readable_spool(path):
+    if not os.path.isdir(path):
+        raise ToolError(f"no spool at {path}")
+    return Spool(path)
+
+
+def _check_spool(path):
+    """Refuse a directory that is not a spool the daemon has laid out:
+    the tool changes files only where the daemon put them."""
+    _readable_spool(path)
+    for name in _SPOOL_DIRECTORIES:
+        if not os.path.isdir(os.path.join(path, name)):
+            raise ToolError(f"{path} is not a relaymail spool (it has no {name}/); "
+                            "has relaymail run on it?")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

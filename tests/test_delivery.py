@@ -1,0 +1,245 @@
+"""Queue and delivery end to end: the real relay process, a real next hop,
+real files, retries, bounces and crashes."""
+
+import email
+import email.policy
+import json
+import os
+import re
+import signal
+import smtplib
+import time
+
+import pytest
+
+from tests.nexthop import NextHop
+from tests.relay_process import RelayProcess, free_port
+
+
+def relay_with(tmp_path, nexthop_port, **sections):
+    config = {
+        "relay": {"domains": "example.com"},
+        "delivery": {"smarthost": f"[127.0.0.1]:{nexthop_port}", "smarthost_tls": "none",
+                     "connect_timeout": "2", "command_timeout": "5", "data_timeout": "5"},
+        "queue": {"min_backoff": "1", "max_backoff": "2"},
+    }
+    for section, keys in sections.items():
+        config.setdefault(section, {}).update(keys)
+    return RelayProcess(tmp_path, config)
+
+
+def send(relay, sender, recipients, body=b"Subject: test\r\n\r\nhello\r\n"):
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+        client.ehlo()
+        client.mail(sender)
+        for recipient in recipients:
+            client.rcpt(recipient)
+        code, text = client.data(body)
+    assert code == 250, text
+    return re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]+)", text).group(1).decode()
+
+
+def wait_until(predicate, timeout=20, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def queue_empty(relay):
+    return not [f for f in relay.active_files() if f.endswith(".json")]
+
+
+@pytest.fixture
+def nexthop():
+    server = NextHop()
+    yield server
+    server.stop()
+
+
+def test_message_is_relayed_to_the_smarthost_and_leaves_the_queue(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net", "carol@example.com"])
+        [message] = nexthop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert message["sender"] == "alice@example.org"
+    assert message["recipients"] == ["bob@example.net", "carol@example.com"]
+    assert message["helo"] == "relay.test"
+    assert message["mail"].startswith("MAIL FROM:<alice@example.org> SIZE=")
+    assert message["data"].startswith(b"Received: from client.test ([127.0.0.1])\r\n"
+                                      b"\tby relay.test (relaymail) with ESMTP id " + queue_id.encode())
+    assert message["data"].endswith(b"\r\nSubject: test\r\n\r\nhello\r\n")
+    assert re.search(queue_id + r": to=<bob@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:"
+                     + str(nexthop.port) + r", delay=\d+\.\d\d, dsn=2\.0\.0, status=sent "
+                     r"\(250 2\.0\.0 Ok: queued\)", log)
+
+
+def test_temporary_failure_is_retried_after_min_backoff(tmp_path, nexthop):
+    replies = iter([(451, "4.3.0 Try again later")])
+    nexthop.rcpt_reply = lambda address: next(replies, (250, "2.1.5 Ok"))
+    relay = relay_with(tmp_path, nexthop.port).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        first = time.monotonic()
+        nexthop.wait_for(1)
+        waited = time.monotonic() - first
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert waited >= 0.9
+    assert re.search(queue_id + r": to=<bob@example\.net>, .*dsn=4\.3\.0, status=deferred "
+                     r"\(451 4\.3\.0 Try again later\)", log)
+    assert re.search(queue_id + r": to=<bob@example\.net>, .*status=sent", log)
+
+
+def test_connection_refused_is_retried_until_the_next_hop_is_up(tmp_path):
+    port = free_port()
+    relay = relay_with(tmp_path, port).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        wait_until(lambda: read_record(relay, queue_id)["attempts"] == 1, what="a recorded deferral")
+        record = read_record(relay, queue_id)
+        assert record["recipients"][0]["status"] == "deferred"
+        assert record["attempts"] == 1
+        assert "4.4.1" in record["recipients"][0]["last_error"]
+        server = NextHop(port=port)
+        try:
+            [message] = server.wait_for(1)
+        finally:
+            server.stop()
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+    assert message["recipients"] == ["bob@example.net"]
+
+
+def read_record(relay, queue_id):
+    with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
+        return json.load(f)
+
+
+def dsn_parts(message):
+    parsed = email.message_from_bytes(message["data"], policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    parts = list(parsed.iter_parts())
+    return parsed, parts
+
+
+def test_permanent_failure_bounces_to_the_sender_with_a_dsn(tmp_path, nexthop):
+    nexthop.rcpt_reply = lambda address: (
+        (550, "5.1.1 User unknown") if address.startswith("nobody") else (250, "2.1.5 Ok"))
+    relay = relay_with(tmp_path, nexthop.port).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["nobody@example.net", "bob@example.net"])
+        messages = nexthop.wait_for(2)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+    delivered, bounce = messages
+    assert delivered["recipients"] == ["bob@example.net"]
+    assert bounce["sender"] == "" and bounce["recipients"] == ["alice@example.org"]
+    parsed, parts = dsn_parts(bounce)
+    assert parsed["To"] == "alice@example.org"
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    status = parts[1].get_payload()
+    per_recipient = status[1]
+    assert per_recipient["Final-Recipient"] == "rfc822; nobody@example.net"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Remote-MTA"] == "dns; 127.0.0.1"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 User unknown"
+    assert b"Subject: test" in parts[2].get_payload(decode=True) or "Subject: test" in str(parts[2])
+    assert queue_id
+
+
+def test_no_bounce_for_the_null_sender(tmp_path, nexthop):
+    nexthop.rcpt_reply = lambda address: (550, "5.1.1 User unknown")
+    relay = relay_with(tmp_path, nexthop.port).start()
+    try:
+        queue_id = send(relay, "<>", ["nobody@example.net"])
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert f"{queue_id}: bounce not sent: the sender is <>" in log
+    assert nexthop.messages == []
+
+
+def test_expired_message_bounces_with_4_4_7(tmp_path):
+    port = free_port()
+    relay = relay_with(tmp_path, port, queue={"lifetime": "2"}).start()
+    try:
+        send(relay, "alice@example.org", ["bob@example.net"])
+        wait_until(lambda: "status=deferred" in relay.log(), what="a deferral")
+        server = NextHop(port=port)
+        try:
+            server.rcpt_reply = lambda address: (
+                (451, "4.7.1 Greylisted") if address == "bob@example.net" else (250, "2.1.5 Ok"))
+            [bounce] = server.wait_for(1)
+        finally:
+            server.stop()
+    finally:
+        relay.stop()
+    assert bounce["recipients"] == ["alice@example.org"]
+    _, parts = dsn_parts(bounce)
+    per_recipient = parts[1].get_payload()[1]
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.4.7"
+
+
+def test_sigkill_after_250_loses_nothing(tmp_path):
+    port = free_port()
+    relay = relay_with(tmp_path, port).start()
+    queue_id = send(relay, "alice@example.org", ["bob@example.net"], b"Subject: survive\r\n\r\nkeep me\r\n")
+    relay.stop(signal.SIGKILL)
+    server = NextHop(port=port)
+    try:
+        restarted = relay_with(tmp_path, port)
+        restarted.start()
+        try:
+            [message] = server.wait_for(1)
+            wait_until(lambda: queue_empty(restarted), what="the queue to empty")
+        finally:
+            restarted.stop()
+    finally:
+        server.stop()
+    assert message["data"].endswith(b"Subject: survive\r\n\r\nkeep me\r\n")
+    assert queue_id.encode() in message["data"]
+
+
+def test_after_a_crash_only_undelivered_recipients_are_tried_again(tmp_path):
+    up = NextHop()
+    down_port = free_port()
+    routes = {"routes": {"example.net": f"[127.0.0.1]:{up.port}",
+                         "example.org": f"[127.0.0.1]:{down_port}"}}
+    relay = relay_with(tmp_path, down_port, **routes).start()
+    try:
+        queue_id = send(relay, "alice@example.com", ["bob@example.net", "dave@example.org"])
+        up.wait_for(1)
+
+        def recorded():
+            statuses = {r["address"]: r["status"] for r in read_record(relay, queue_id)["recipients"]}
+            return statuses == {"bob@example.net": "sent", "dave@example.org": "deferred"}
+        wait_until(recorded, what="per-recipient state on disk")
+        relay.stop(signal.SIGKILL)
+        down = NextHop(port=down_port)
+        restarted = relay_with(tmp_path, down_port, **routes).start()
+        try:
+            [second] = down.wait_for(1)
+            wait_until(lambda: queue_empty(restarted), what="the queue to empty")
+        finally:
+            restarted.stop()
+            down.stop()
+    finally:
+        up.stop()
+    assert second["recipients"] == ["dave@example.org"]
+    assert len(up.messages) == 1
