@@ -34,10 +34,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from zope.interface import implementer
+
 from relaymail.config import ConfigError, load_config
 from relaymail.queue import record as records
 from relaymail.queue.control import (
-    ALL, ControlError, answer, control_path, plural)
+    ALL, ControlError, IQueueControl, answer, control_path, plural)
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.queue_id import is_queue_id
 from relaymail.queue.spool import ACTIVE, HOLD, Spool
@@ -507,6 +509,7 @@ def _report(reply, context):
     return EXIT_FAILED
 
 
+@implementer(IQueueControl)
 class OfflineManager:
     """The control requests done on the spool's files, for when no daemon
     runs (the caller holds the spool lock): an
