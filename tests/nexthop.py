@@ -16,11 +16,12 @@ class NextHop:
     test to answer ``(code, text)``; by default everything is accepted.
     """
 
-    def __init__(self, port=0, extensions=("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+    def __init__(self, port=0, host="127.0.0.1", extensions=("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
                                           "SIZE 100000000")):
         self.extensions = list(extensions)
         self.messages = []          # dicts: helo, sender, recipients, data
         self.connections = 0
+        self.mail_reply = lambda sender: (250, "2.1.0 Ok")
         self.rcpt_reply = lambda address: (250, "2.1.5 Ok")
         self.data_reply = lambda message: (250, "2.0.0 Ok: queued")
         self.greeting = (220, "nexthop.test ESMTP")
@@ -32,7 +33,7 @@ class NextHop:
                 hop._session(self.rfile, self.wfile)
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler)
+        self.server = socketserver.ThreadingTCPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -83,8 +84,10 @@ class NextHop:
                 reply(250, "nexthop.test")
             elif verb == "MAIL":
                 sender = command.split(":", 1)[1].split(">")[0].lstrip(" <")
-                transaction = {"helo": helo, "sender": sender, "recipients": [], "mail": command}
-                reply(250, "2.1.0 Ok")
+                code, text = self.mail_reply(sender)
+                if code == 250:
+                    transaction = {"helo": helo, "sender": sender, "recipients": [], "mail": command}
+                reply(code, text)
             elif verb == "RCPT":
                 address = command.split(":", 1)[1].split(">")[0].lstrip(" <")
                 code, text = self.rcpt_reply(address)

@@ -5,10 +5,11 @@ separate process where a daemon must be running at the same time."""
 import io
 import os
 import socket
+import shutil
 import stat
+import subprocess
 import sys
 import tempfile
-import shutil
 
 import pytest
 from twisted.internet import defer, reactor
@@ -23,7 +24,6 @@ from relaymail.queue.control import (
     ControlError, ControlFactory, IQueueControl, answer, listen_control)
 from relaymail.queue.lock import SpoolBusy, SpoolLock
 from relaymail.queue.spool import Spool
-from relaymail.tools import queue_tool
 from relaymail.tools.queue_tool import OfflineManager, format_age, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,9 +320,14 @@ def test_changes_refuse_a_directory_that_is_not_a_spool(tmp_path):
 def test_a_bad_record_is_an_error_reply_not_a_traceback(three):
     with open(os.path.join(three, "active", OLD + ".json"), "wb") as file:
         file.write(b"[]")
-    status, _, err = run(three, "retry", OLD)
-    assert status == 1
-    assert err.startswith("relaymail-queue: retry failed: not a JSON object")
+    # A process of its own: Twisted would print a logged traceback to the
+    # real stderr at exit, which an in-process run would not show.
+    completed = subprocess.run(
+        [sys.executable, "-m", "relaymail.tools.queue_tool", "--spool", three,
+         "retry", OLD],
+        capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+    assert completed.returncode == 1
+    assert completed.stderr == b"relaymail-queue: retry failed: not a JSON object\n"
 
 
 # -- changes with a daemon holding the lock, when it does not answer ---------------------
@@ -344,9 +349,8 @@ def test_daemon_without_a_control_socket(locked):
 
 
 def short_socket_dir():
-    # AF_UNIX paths are limited to about 100 bytes; pytest's are long.
-    directory = tempfile.mkdtemp(prefix="rq")
-    return directory
+    # AF_UNIX paths are limited to about 100 bytes; pytest's can be longer.
+    return tempfile.mkdtemp(prefix="rq")
 
 
 def test_daemon_not_listening_on_its_socket(locked):
@@ -422,6 +426,21 @@ def test_the_lock_is_exclusive_and_names_its_holder(tmp_path):
     assert second.holder_pid() is None
     assert second.acquire() is True
     second.release()
+
+
+def test_after_a_fork_the_child_names_itself_as_the_holder(tmp_path):
+    lock = SpoolLock(str(tmp_path))
+    assert lock.acquire()
+    child = os.fork()
+    if child == 0:
+        # As twistd's daemonized child: the parent leaves, the lock stays.
+        lock.write_pid()
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert lock.holder_pid() == child
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.write_pid()
 
 
 def test_the_lock_as_a_context_manager(tmp_path):

@@ -136,59 +136,91 @@ class DestinationPool:
 
     @defer.inlineCallbacks
     def _run_connection(self, queue):
+        """Serve the destination's jobs on one connection at a time, moving
+        to the next hop when a hop fails before or during a transaction."""
         destination = queue.destination
         try:
             hops = yield self._router.hops(destination)
         except RoutingError as error:
-            self._fail_queued(queue, error, None)
+            self._fail_queued(queue, error)
             return
-        session, error = yield self._open_session(destination, hops)
-        if session is None:
-            self._fail_queued(queue, error, error.remote if error else None)
-            return
+        retry = None        # a job that met a temporary failure on the last hop
+        while (retry is not None or queue.jobs) and not self._stopping:
+            session, error, hops = yield self._open_session(destination, hops)
+            if session is None:
+                if retry is not None:
+                    self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                self._fail_queued(queue, error)
+                return
+            retry = yield self._serve(session, queue, retry[0] if retry else None, bool(hops))
+            if retry is None:
+                return
+
+    @defer.inlineCallbacks
+    def _serve(self, session, queue, first, more_hops):
+        """Deliver jobs on ``session`` until the destination has none left.
+
+        :return: (job, error) when a job failed for now and ``more_hops``
+            says another hop may take it, else None.
+        """
         self._sessions.add(session)
         try:
-            while queue.jobs and session.is_open() and not self._stopping:
-                job = queue.jobs.popleft()
+            job = first
+            while not self._stopping and session.is_open():
+                if job is None:
+                    if not queue.jobs:
+                        break
+                    job = queue.jobs.popleft()
                 try:
                     results = yield session.deliver(
                         job.sender, job.recipients, job.message_path,
                         body=job.body, smtputf8=job.smtputf8)
                 except DeliveryError as error:
-                    self._finish(job, [_from_error(a, error, session) for a in job.recipients])
                     session.abort()
-                    break
+                    if error.temporary and more_hops:
+                        log.info("{queue_id}: {remote}: {text}; trying the next host",
+                                 queue_id=job.queue_id, remote=session.remote, text=error.text)
+                        return (job, error)
+                    self._finish(job, [_from_error(a, error, session) for a in job.recipients])
+                    return None
                 except Exception as error:
                     log.failure("delivery of {queue_id} failed", queue_id=job.queue_id)
                     self._finish(job, [Outcome(a, DEFERRED, None, "4.3.0", f"local error: {error}")
                                        for a in job.recipients])
                     session.abort()
-                    break
+                    return None
                 self._finish(job, [_from_result(r, session) for r in results])
+                job = None
             if session.is_open():
                 yield session.quit()
+            return None
         finally:
             self._sessions.discard(session)
 
     @defer.inlineCallbacks
     def _open_session(self, destination, hops):
-        """Try the hops in order; return (session, None) or (None, last error)."""
+        """Try the hops in order.
+
+        :return: (session, None, hops not yet tried) or (None, last error, []).
+        """
         config = self._config_for(destination)
         error = None
-        for hop in hops:
+        hops = list(hops)
+        while hops:
+            hop = hops.pop(0)
             try:
                 session = yield self._connect(self._reactor, hop, config)
             except DeliveryError as failure:
                 log.info("connect to {remote}: {text}", remote=hop.label, text=failure.text)
                 error = failure
                 continue
-            return session, None
+            return session, None, hops
         if error is None:
             error = DeliveryError(temporary=True, code=None, enhanced="4.4.4",
                                   text=f"no host to try for {destination.label}", remote=None)
-        return None, error
+        return None, error, []
 
-    def _fail_queued(self, queue, error, remote):
+    def _fail_queued(self, queue, error):
         """A destination that cannot be reached fails every job waiting for
         it (Postfix likewise defers the whole destination), not just one."""
         while queue.jobs:

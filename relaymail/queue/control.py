@@ -33,7 +33,7 @@ import stat
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface
 
@@ -176,8 +176,11 @@ def _failed(failure, name, arguments):
     if failure.check(ControlError):
         return f"error {failure.value}"
     # Not expected: keep the traceback for the log, give the tool a line.
+    # At error, not failure()'s default critical: a process that has not
+    # begun logging (the queue tool, offline) prints critical events to
+    # stderr, and a traceback there would repeat the reply.
     _log.failure("Control request {name} {arguments} failed", failure,
-                 name=name, arguments=" ".join(arguments))
+                 level=LogLevel.error, name=name, arguments=" ".join(arguments))
     return f"error {name} failed: {_one_line(failure.value)}"
 
 

@@ -69,7 +69,7 @@ class SpoolLock:
                 return False
             raise
         self._fd = fd
-        self._write_pid()
+        self.write_pid()
         return True
 
     def release(self):
@@ -106,7 +106,13 @@ class SpoolLock:
         return (f"the spool {self.path} is locked by {who} "
                 f"(is another relaymail running on it?)")
 
-    def _write_pid(self):
+    def write_pid(self):
+        """Write this process's id into the lock file, as :meth:`acquire`
+        does.  A process that took the lock and then forked (twistd
+        daemonizing) calls it again in the child, which now holds the
+        lock, so that :meth:`describe_holder` names a live process."""
+        if self._fd is None:
+            raise RuntimeError("the spool lock is not held")
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)

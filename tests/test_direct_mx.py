@@ -1,0 +1,106 @@
+"""Direct delivery by MX, end to end in one process: the real spool,
+scheduler, destination pool, router and client, a real DNS server on
+loopback (the internet's DNS is the one thing that cannot run here) and real
+next-hop SMTP servers on 127.0.0.1 and 127.0.0.2."""
+
+import email
+import email.policy
+
+from twisted.internet import defer, reactor, task
+from twisted.names import client, dns
+
+from relaymail.delivery.destinations import DestinationPool, client_configs
+from relaymail.delivery.routing import Router
+from relaymail.envelope import Envelope
+from relaymail.queue.scheduler import Scheduler
+from relaymail.queue.spool import Spool
+from tests.nexthop import NextHop
+from tests.relay_process import free_port
+from tests.test_routing import MX, A, DNSTestCase, RecordingServer, Zone, settings_with
+
+DIRECT_ZONE = {
+    # mx1 listens on 127.0.0.2 (and can be told to refuse), mx2 on 127.0.0.1.
+    "example.net": [MX(10, "mx1.example.net"), MX(20, "mx2.example.net")],
+    "mx1.example.net": [A("127.0.0.2")],
+    "mx2.example.net": [A("127.0.0.1")],
+    "example.org": [MX(10, "mx2.example.net")],
+    "nullmx.example": [MX(0, "")],
+}
+
+
+class DirectDeliveryTests(DNSTestCase):
+    timeout = 30
+
+    def setUp(self):
+        self.dns = RecordingServer(Zone(DIRECT_ZONE))
+        port = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.dns), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.resolver = client.Resolver(servers=[("127.0.0.1", port.getHost().port)], timeout=(2,))
+        self.port = free_port()
+        self.primary = NextHop(port=self.port, host="127.0.0.2")
+        self.backup = NextHop(port=self.port, host="127.0.0.1")
+        self.addCleanup(self.primary.stop)
+        self.addCleanup(self.backup.stop)
+        settings = settings_with(
+            server__hostname="relay.test", queue__path=self.mktemp(), queue__min_backoff="1",
+            delivery__mx_port=str(self.port), delivery__connect_timeout="2",
+            delivery__command_timeout="5")
+        self.spool = Spool(settings.queue.path, reactor=reactor)
+        self.spool.start()
+        router = Router(settings, resolver=self.resolver)
+        pool = DestinationPool(reactor, router, client_configs(settings), 20, 100)
+        self.scheduler = Scheduler(self.spool, pool, router, settings, reactor)
+        self.scheduler.startService()
+        self.addCleanup(self.spool.stop)
+        self.addCleanup(self.scheduler.stopService)
+
+    @defer.inlineCallbacks
+    def queue(self, sender, recipients, body=b"Subject: direct\r\n\r\nhello\r\n"):
+        writer = self.spool.new_message()
+        writer.write(body)
+        queue_id = yield writer.commit(Envelope(sender=sender, recipients=recipients))
+        self.scheduler.message_queued(queue_id)
+        return queue_id
+
+    @defer.inlineCallbacks
+    def until(self, predicate, what):
+        for _ in range(400):
+            if predicate():
+                return
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"timed out waiting for {what}")
+
+    @defer.inlineCallbacks
+    def test_mail_goes_to_the_preferred_mx(self):
+        yield self.queue("a@example.org", ["bob@example.net"])
+        yield self.until(lambda: self.primary.messages, "delivery")
+        self.assertEqual(self.primary.messages[0]["recipients"], ["bob@example.net"])
+        self.assertEqual(self.backup.messages, [])
+        self.assertIn(("example.net", "MX"), self.dns.queries)
+
+    @defer.inlineCallbacks
+    def test_next_mx_after_a_4xx_to_mail(self):
+        self.primary.mail_reply = lambda sender: (421, "4.3.2 Shutting down")
+        yield self.queue("a@example.org", ["bob@example.net"])
+        yield self.until(lambda: self.backup.messages, "delivery to the backup MX")
+        self.assertEqual(self.primary.messages, [])
+        self.assertEqual(self.backup.messages[0]["recipients"], ["bob@example.net"])
+
+    @defer.inlineCallbacks
+    def test_next_mx_after_a_connection_failure(self):
+        self.primary.stop()
+        yield self.queue("a@example.org", ["bob@example.net"])
+        yield self.until(lambda: self.backup.messages, "delivery to the backup MX")
+
+    @defer.inlineCallbacks
+    def test_null_mx_bounces_at_once(self):
+        queue_id = yield self.queue("a@example.org", ["someone@nullmx.example"])
+        # The bounce goes to the sender's MX, mx2 (127.0.0.1).
+        yield self.until(lambda: self.backup.messages, "the bounce")
+        bounce = self.backup.messages[0]
+        self.assertEqual((bounce["sender"], bounce["recipients"]), ("", ["a@example.org"]))
+        report = email.message_from_bytes(bounce["data"], policy=email.policy.default)
+        status = list(report.iter_parts())[1].get_payload()[1]
+        self.assertEqual(status["Status"], "5.1.10")
+        self.assertEqual(status["Final-Recipient"], "rfc822; someone@nullmx.example")
+        yield self.until(lambda: queue_id not in set(self.spool.ids()), "the original to leave")
