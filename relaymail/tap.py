@@ -67,6 +67,18 @@ class ControlService(service.Service):
             return self._port.stopListening()
 
 
+class LockPidService(service.Service):
+    """Keeps the spool lock for the life of the process, and writes the pid
+    into it once twistd has forked, so the queue tool names the right one."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def startService(self):
+        super().startService()
+        self.lock.write_pid()
+
+
 def build_service(settings, reactor=None):
     """The whole relay as a MultiService, from validated settings.
 
@@ -92,8 +104,7 @@ def build_service(settings, reactor=None):
     spool.setServiceParent(top)
     scheduler.setServiceParent(top)
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
-    # The lock lives as long as the process: keep a reference to it.
-    top.spool_lock = lock
+    LockPidService(lock).setServiceParent(top)
     factory = SMTPFactory(settings, policy, NotifyingQueue(spool, scheduler.message_queued))
     for description in settings.server.listen:
         endpoint = endpoints.serverFromString(reactor, description)

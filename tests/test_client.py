@@ -497,6 +497,19 @@ class PlainDeliveryTests(ClientTestCase):
         self.assertEqual(len(server.messages), 2)
         self.assertFalse(session.is_open())
 
+    async def test_one_connection_carries_many_messages(self):
+        # Each reply to the final dot must be counted as asked for; a
+        # miscount only shows after several messages on one connection.
+        path = self.message_file(SIMPLE)
+        for pipelining in (True, False):
+            factory, session = await self.session_for(Script(pipelining=pipelining))
+            for n in range(12):
+                results = await session.deliver("a@example.org", [f"b{n}@example.com"], path)
+                self.assertEqual(results[0].code, 250)
+            self.assertTrue(session.is_open())
+            await session.quit()
+            self.assertEqual(len(factory.only.messages), 12)
+
 
 # -- replies that refuse ----------------------------------------------------------------
 

@@ -889,3 +889,49 @@ def test_recover_removes_lone_bodies_in_hold(spool):
     restarted, _, events = restart(spool)
     assert listing(spool, "hold") == []
     assert orphan in log_text(events)
+
+
+# -- reading many records --------------------------------------------------------------
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_read_records_reads_each_in_the_order_asked(spool):
+    queued = [queue_sync(spool) for _ in range(300)]    # more than read ahead
+    missing = new_queue_id()
+    rewrite_record(spool, queued[5], lambda record: record.update(version=7))
+    asked = queued[:10] + [missing] + queued[10:]
+
+    results = list(spool.read_records(asked))
+
+    assert [queue_id for queue_id, _, _ in results] == asked
+    for queue_id, record, error in results:
+        if queue_id == missing:
+            assert record is None and isinstance(error, FileNotFoundError)
+        elif queue_id == queued[5]:
+            assert record is None and isinstance(error, records.CorruptRecord)
+        else:
+            assert error is None and record == spool.load(queue_id)
+
+
+def test_read_records_from_hold(spool):
+    queue_id = queue_sync(spool)
+    spool.hold(queue_id)
+    [(_, record, error)] = spool.read_records([queue_id], "hold")
+    assert error is None and record["id"] == queue_id
+
+
+def test_read_records_closes_its_files_when_left_early(spool):
+    queued = [queue_sync(spool) for _ in range(50)]
+    before = open_descriptors()
+    reading = spool.read_records(queued)
+    next(reading)
+    assert open_descriptors() > before
+    reading.close()
+    assert open_descriptors() == before
+
+
+def test_read_records_refuses_what_is_not_a_queue_id(spool):
+    with pytest.raises(ValueError):
+        list(spool.read_records(["../../etc/passwd"]))

@@ -132,6 +132,10 @@ class ClientConnection(Protocol):
         """
         if self._error is not None:
             return defer.fail(self._error)
+        # The reply to the final dot is owed like a command's: without this
+        # every reused connection drifted one reply per message towards
+        # "unsolicited" and was dropped after a few messages.
+        self._owed += 1
         deferred = defer.Deferred()
         self._stream = wait = self._timed_wait(deferred, block_timeout, "sending the message body")
 

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.queue import record as records
+from relaymail.queue.control import ControlError
 from relaymail.queue.bounce import FailedRecipient, build_dsn
 from relaymail.smtp.address import AddressError, parse_forward_path
 
@@ -245,10 +246,10 @@ class Scheduler(service.Service):
         def done(_):
             del self._attempts[queue_id]
             if attempt.after == "delete":
-                self.spool.delete(queue_id)
-            elif attempt.after == "hold":
-                self.spool.hold(queue_id)
-            elif queue_id in self._forced:
+                return self.spool.call_in_thread(self.spool.delete, queue_id)
+            if attempt.after == "hold":
+                return self.spool.call_in_thread(self.spool.hold, queue_id)
+            if queue_id in self._forced:
                 self._schedule(queue_id, self._clock())
             else:
                 self._schedule(queue_id, attempt.record["next_attempt_at"])
@@ -322,6 +323,8 @@ class Scheduler(service.Service):
 
     def retry(self, queue_id):
         if not self._exists(queue_id):
+            if queue_id in set(self.spool.held_ids()):
+                raise ControlError(f"{queue_id} is on hold; release it to deliver it")
             return False
         self._make_due(queue_id, self._clock())
         return True
@@ -332,29 +335,37 @@ class Scheduler(service.Service):
             self._schedule(queue_id, now)
         return 1
 
+    # Moving and deleting files waits for fsync: done in the spool's
+    # threads, never in the reactor.  A message being delivered is dealt
+    # with when its attempt ends.
+
     def delete(self, queue_id):
         if queue_id in self._attempts:
             self._attempts[queue_id].after = "delete"
             return True
         self._scheduled.pop(queue_id, None)
-        return bool(self.spool.delete(queue_id))
+        return self.spool.call_in_thread(self.spool.delete, queue_id).addCallback(bool)
 
     def delete_all(self):
-        return sum(self.delete(queue_id) for queue_id in list(self.spool.ids())
-                   + list(self.spool.held_ids()))
+        for attempt in self._attempts.values():
+            attempt.after = "delete"
+        self._scheduled.clear()
+        self._forced.clear()
+        return self.spool.call_in_thread(self.spool.delete_all)
 
     def hold(self, queue_id):
         if queue_id in self._attempts:
             self._attempts[queue_id].after = "hold"
             return True
         self._scheduled.pop(queue_id, None)
-        return bool(self.spool.hold(queue_id))
+        return self.spool.call_in_thread(self.spool.hold, queue_id).addCallback(bool)
 
     def release(self, queue_id):
-        if not self.spool.release(queue_id):
-            return False
-        self._make_due(queue_id, self._clock())
-        return True
+        def released(done):
+            if done:
+                self._make_due(queue_id, self._clock())
+            return bool(done)
+        return self.spool.call_in_thread(self.spool.release, queue_id).addCallback(released)
 
     def _exists(self, queue_id):
         return queue_id in self._attempts or queue_id in self._scheduled

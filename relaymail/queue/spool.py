@@ -35,6 +35,7 @@ the ``active/`` copy: a hold that did not finish is undone, a release
 that did not finish is completed.  Both are safe, neither loses mail.
 """
 
+import collections
 import errno
 import os
 import secrets
@@ -67,6 +68,12 @@ _WRITE_BUFFER = 64 * 1024
 
 #: A record is a few hundred bytes; one read(2) takes most of them whole.
 _READ_CHUNK = 64 * 1024
+
+#: Records read_records() has asked the kernel for ahead of the one being
+#: parsed.  With the files not in the page cache, reading 100,000 records
+#: one after the other took 7.6 s on the development machine (a virtual
+#: disk); with 64 ahead 2.2 s, with 256 1.6 s; no difference when cached.
+_READ_AHEAD = 128
 
 #: Fresh ids to try if one is taken; a second collision means a bug.
 _ID_ATTEMPTS = 3
@@ -498,6 +505,54 @@ class Spool(service.Service):
         path = self._in(self._directory(where), self._checked(queue_id), ".json")
         return records.decode(_read_small_file(path), queue_id)
 
+    def read_records(self, queue_ids, where=ACTIVE):
+        """Read many records, as :meth:`read_record` would one by one, but
+        with the files of the next ids already open and being read by the
+        kernel: the disk works on many at once instead of waiting for each
+        (when the files are cached it costs nothing more).
+
+        A file is read as it was when it was opened, a moment before: a
+        message delivered or moved meanwhile may still be read.
+
+        :param queue_ids: an iterable of ids, each checked.
+        :return: an iterator of ``(queue_id, record, error)``: the checked
+            record and None, or None and the exception :meth:`read_record`
+            would have raised (FileNotFoundError when the message has
+            gone, CorruptRecord, another OSError).
+        """
+        directory = self._directory(where)
+        queue_ids = iter(queue_ids)
+        ahead = collections.deque()
+
+        def open_one():
+            for queue_id in queue_ids:
+                path = self._in(directory, self._checked(queue_id), ".json")
+                ahead.append((queue_id, _open_ahead(path)))
+                return
+
+        try:
+            for _ in range(_READ_AHEAD):
+                open_one()
+            while ahead:
+                queue_id, fd = ahead.popleft()
+                open_one()
+                if isinstance(fd, OSError):
+                    yield queue_id, None, fd
+                    continue
+                try:
+                    record = records.decode(_read_all(fd), queue_id)
+                except (OSError, records.CorruptRecord) as error:
+                    yield queue_id, None, error
+                    continue
+                finally:
+                    os.close(fd)
+                yield queue_id, record, None
+        finally:
+            # Left early: close what is still open.
+            for _, fd in ahead:
+                if not isinstance(fd, OSError):
+                    os.close(fd)
+
     def load_any(self, queue_id):
         """Return ``(record, where)`` for a message in ``active/`` or
         ``hold/``; ``where`` is :data:`ACTIVE` or :data:`HOLD`.  A message
@@ -852,12 +907,36 @@ def _read_small_file(path):
     queue tool's list) spends most of its time per file, not per byte."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while chunk := os.read(fd, _READ_CHUNK):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_all(fd)
     finally:
         os.close(fd)
+
+
+def _read_all(fd):
+    chunks = []
+    while chunk := os.read(fd, _READ_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _open_ahead(path):
+    """Open a record to be read soon, asking the kernel to start reading
+    it now; return the descriptor, or the OSError the open raised."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        return error
+    if _fadvise is not None:
+        try:
+            _fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass        # only a hint
+    return fd
+
+
+# Not on every system (macOS has none); reading works without it, slower
+# when the files are not cached.
+_fadvise = getattr(os, "posix_fadvise", None)
 
 
 def _close_quietly(file):

@@ -232,7 +232,7 @@ def summarise(queue_id, held, record):
                        for recipient in record["recipients"]
                        if recipient.get("status") not in _FINAL)
     return Summary(queue_id, held, _number(record["created_at"]), record["size"],
-                   _printable(record["envelope"].get("sender") or ""),
+                   _printable(str(record["envelope"].get("sender") or "")),
                    pending, _last_error(record))
 
 
@@ -256,21 +256,17 @@ def read_queue(spool):
             continue        # a spool the daemon has not laid out yet
         except OSError as error:
             raise ToolError(f"cannot read the spool {spool.path}: {error.strerror}")
-        for queue_id in queue_ids:
-            if queue_id in seen:
-                continue
-            try:
-                record = spool.read_record(queue_id, where)
-            except FileNotFoundError:
+        wanted = [queue_id for queue_id in queue_ids if queue_id not in seen]
+        for queue_id, record, error in spool.read_records(wanted, where):
+            if isinstance(error, FileNotFoundError):
                 continue    # delivered, deleted or moved since the scan
-            except records.CorruptRecord as error:
+            if isinstance(error, records.CorruptRecord):
                 problems.append(f"{queue_id}: bad record: {error}")
-                continue
-            except OSError as error:
+            elif error is not None:
                 problems.append(f"{queue_id}: cannot read its record: {error.strerror}")
-                continue
-            seen.add(queue_id)
-            summaries.append(summarise(queue_id, where == HOLD, record))
+            else:
+                seen.add(queue_id)
+                summaries.append(summarise(queue_id, where == HOLD, record))
     summaries.sort(key=lambda summary: (summary.created_at, summary.queue_id))
     return summaries, problems
 
