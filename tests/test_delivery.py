@@ -243,3 +243,67 @@ def test_after_a_crash_only_undelivered_recipients_are_tried_again(tmp_path):
         up.stop()
     assert second["recipients"] == ["dave@example.org"]
     assert len(up.messages) == 1
+
+
+def queue_tool(relay, *args):
+    """relaymail-queue against the running relay (through its control socket)."""
+    import subprocess
+    import sys
+    from tests.relay_process import REPO
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "relaymail.tools.queue_tool", "--config", relay.config,
+                           *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_queue_tool_while_the_relay_runs(tmp_path):
+    port = free_port()
+    relay = relay_with(tmp_path, port, queue={"min_backoff": "3600", "max_backoff": "3600"}).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        wait_until(lambda: read_record(relay, queue_id)["attempts"] == 1, what="a recorded deferral")
+        listing = queue_tool(relay, "list")
+        assert listing.returncode == 0, listing.stderr
+        [line, summary] = listing.stdout.splitlines()
+        assert line.startswith(queue_id + " ")
+        assert "alice@example.org" in line and "bob@example.net" in line and "4.4.1" in line
+        assert summary == "1 message, 0 held"
+
+        held = queue_tool(relay, "hold", queue_id)
+        assert (held.returncode, held.stdout.strip()) == (0, f"{queue_id} on hold")
+        assert os.path.exists(os.path.join(relay.spool, "hold", queue_id + ".json"))
+        assert queue_tool(relay, "list").stdout.splitlines()[0].startswith(queue_id + "! ")
+        retried = queue_tool(relay, "retry", queue_id)
+        assert retried.returncode == 1 and "on hold" in retried.stdout + retried.stderr
+
+        # The next hop comes up; release makes the message due at once,
+        # although its backoff has an hour to go.
+        server = NextHop(port=port)
+        try:
+            released = queue_tool(relay, "release", queue_id)
+            assert (released.returncode, released.stdout.strip()) == (0, f"{queue_id} released")
+            [message] = server.wait_for(1)
+            assert message["recipients"] == ["bob@example.net"]
+            wait_until(lambda: queue_empty(relay), what="the queue to empty")
+
+            # flush: a deferred message is tried again now.
+            server.rcpt_reply = lambda address: (451, "4.7.1 Later")
+            second = send(relay, "alice@example.org", ["carol@example.net"])
+            wait_until(lambda: read_record(relay, second)["attempts"] == 1, what="a deferral")
+            server.rcpt_reply = lambda address: (250, "2.1.5 Ok")
+            flushed = queue_tool(relay, "flush")
+            assert (flushed.returncode, flushed.stdout.strip()) == (0, "1 message due now")
+            server.wait_for(2)
+
+            # delete: gone from the queue, never delivered.
+            server.rcpt_reply = lambda address: (451, "4.7.1 Later")
+            third = send(relay, "alice@example.org", ["dave@example.net"])
+            wait_until(lambda: read_record(relay, third)["attempts"] == 1, what="a deferral")
+            deleted = queue_tool(relay, "delete", third)
+            assert (deleted.returncode, deleted.stdout.strip()) == (0, f"{third} deleted")
+            wait_until(lambda: queue_empty(relay), what="the queue to empty")
+            missing = queue_tool(relay, "delete", third)
+            assert missing.returncode == 1
+        finally:
+            server.stop()
+    finally:
+        relay.stop()
