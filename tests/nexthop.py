@@ -9,6 +9,15 @@ import threading
 import time
 
 
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up mid-session (a test's relay being killed)
+        # is part of the tests, not an error worth a traceback.
+        pass
+
+
 class NextHop:
     """An SMTP server on 127.0.0.1.
 
@@ -21,6 +30,8 @@ class NextHop:
         self.extensions = list(extensions)
         self.messages = []          # dicts: helo, sender, recipients, data
         self.connections = 0
+        self.active = 0             # sessions open now, and the most at once
+        self.max_active = 0
         self.mail_reply = lambda sender: (250, "2.1.0 Ok")
         self.rcpt_reply = lambda address: (250, "2.1.5 Ok")
         self.data_reply = lambda message: (250, "2.0.0 Ok: queued")
@@ -32,8 +43,7 @@ class NextHop:
             def handle(self):
                 hop._session(self.rfile, self.wfile)
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -57,6 +67,15 @@ class NextHop:
     def _session(self, rfile, wfile):
         with self._changed:
             self.connections += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self._converse(rfile, wfile)
+        finally:
+            with self._changed:
+                self.active -= 1
+
+    def _converse(self, rfile, wfile):
 
         def reply(code, text):
             wfile.write(f"{code} {text}\r\n".encode())

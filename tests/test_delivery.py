@@ -307,3 +307,23 @@ def test_queue_tool_while_the_relay_runs(tmp_path):
             server.stop()
     finally:
         relay.stop()
+
+
+def test_delay_warning_is_sent_once(tmp_path, nexthop):
+    nexthop.rcpt_reply = lambda address: (
+        (451, "4.2.2 Mailbox full") if address == "bob@example.net" else (250, "2.1.5 Ok"))
+    relay = relay_with(tmp_path, nexthop.port, queue={"delay_warning": "1"}).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        [warning] = nexthop.wait_for(1)
+        assert (warning["sender"], warning["recipients"]) == ("", ["alice@example.org"])
+        parsed, parts = dsn_parts(warning)
+        assert parsed["Subject"] == "Delayed Mail (still being retried)"
+        per_recipient = parts[1].get_payload()[1]
+        assert (per_recipient["Action"], per_recipient["Status"]) == ("delayed", "4.2.2")
+        assert per_recipient["Will-Retry-Until"]
+        # Further retries send no second warning.
+        wait_until(lambda: read_record(relay, queue_id)["attempts"] >= 3, what="more retries")
+        assert len(nexthop.messages) == 1
+    finally:
+        relay.stop()

@@ -5,6 +5,8 @@ next-hop SMTP servers on 127.0.0.1 and 127.0.0.2."""
 
 import email
 import email.policy
+import os
+import time
 
 from twisted.internet import defer, reactor, task
 from twisted.names import client, dns
@@ -44,11 +46,13 @@ class DirectDeliveryTests(DNSTestCase):
         settings = settings_with(
             server__hostname="relay.test", queue__path=self.mktemp(), queue__min_backoff="1",
             delivery__mx_port=str(self.port), delivery__connect_timeout="2",
-            delivery__command_timeout="5")
+            delivery__command_timeout="5", delivery__destination_concurrency="2")
         self.spool = Spool(settings.queue.path, reactor=reactor)
         self.spool.start()
         router = Router(settings, resolver=self.resolver)
-        pool = DestinationPool(reactor, router, client_configs(settings), 20, 100)
+        pool = DestinationPool(reactor, router, client_configs(settings),
+                               settings.delivery.destination_concurrency,
+                               settings.delivery.max_connections)
         self.scheduler = Scheduler(self.spool, pool, router, settings, reactor)
         self.scheduler.startService()
         self.addCleanup(self.spool.stop)
@@ -104,3 +108,29 @@ class DirectDeliveryTests(DNSTestCase):
         self.assertEqual(status["Status"], "5.1.10")
         self.assertEqual(status["Final-Recipient"], "rfc822; someone@nullmx.example")
         yield self.until(lambda: queue_id not in set(self.spool.ids()), "the original to leave")
+
+    @defer.inlineCallbacks
+    def test_destination_concurrency_cap_and_connection_reuse(self):
+        def slow(transaction):
+            time.sleep(0.2)
+            return 250, "2.0.0 Ok"
+        self.primary.data_reply = slow
+        for n in range(6):
+            yield self.queue("a@example.org", [f"user{n}@example.net"])
+        yield self.until(lambda: len(self.primary.messages) == 6, "six deliveries")
+        # Never more than destination_concurrency = 2 sessions at once, and
+        # the two connections carried all six messages.
+        self.assertEqual((self.primary.max_active, self.primary.connections), (2, 2))
+
+    @defer.inlineCallbacks
+    def test_record_damaged_while_queued_is_quarantined(self):
+        writer = self.spool.new_message()
+        writer.write(b"Subject: x\r\n\r\nx\r\n")
+        queue_id = yield writer.commit(Envelope(sender="a@example.org", recipients=["b@example.net"]))
+        with open(os.path.join(self.spool.path, "active", queue_id + ".json"), "w") as f:
+            f.write("{ not json")
+        self.scheduler.message_queued(queue_id)
+        corrupt = os.path.join(self.spool.path, "corrupt", queue_id + ".json")
+        yield self.until(lambda: os.path.exists(corrupt), "quarantine")
+        self.assertEqual(list(self.spool.ids()), [])
+        self.assertEqual(self.primary.messages + self.backup.messages, [])

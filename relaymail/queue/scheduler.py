@@ -134,8 +134,8 @@ class Scheduler(service.Service):
         except FileNotFoundError:
             return                  # deleted or held meanwhile
         except records.CorruptRecord as error:
-            log.error("{queue_id}: unreadable queue record, left for relaymail-queue: {error}",
-                      queue_id=queue_id, error=str(error))
+            # Damaged behind our back: set aside for a person, never fatal.
+            self.spool.quarantine(queue_id, str(error))
             return
         forced = queue_id in self._forced
         self._forced.discard(queue_id)

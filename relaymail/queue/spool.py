@@ -388,6 +388,12 @@ class Spool(service.Service):
             return f"message file truncated: {actual} of {record['size']} bytes"
         return None
 
+    def quarantine(self, queue_id, reason):
+        """Move a message of ``active/`` whose record cannot be trusted to
+        ``corrupt/``, logged with ``reason``; it is never fatal."""
+        self._checked(queue_id)
+        self._quarantine(queue_id, reason)
+
     def _quarantine(self, queue_id, reason, directory=None):
         directory = directory or self._active
         self.log.warn("Moving queue entry {queue_id} to {directory}: {reason}",
