@@ -411,7 +411,7 @@ def test_expn(settings):
 def test_help(session):
     ehlo(session)
     assert session.command(b"HELP") == (
-        b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP\r\n"
+        b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\r\n"
         b"214 2.0.0 See RFC 5321; HELP command gives its syntax\r\n")
     assert session.command(b"HELP rcpt") == b"214 2.0.0 RCPT TO:<address>\r\n"
     assert session.command(b"HELP FOO") == b"504 5.5.1 HELP topic unknown\r\n"

@@ -63,13 +63,27 @@ class Dialogue:
     :param context: this session's SessionContext.
     """
 
-    def __init__(self, settings, policy, queue, context, clock=time.time):
+    def __init__(self, settings, policy, queue, context, clock=time.time, submission=False,
+                 tls=None, auth=None):
+        """:param tls: a relaymail.smtp.tls.ServerTLS when STARTTLS may be
+            offered, else None.
+        :param auth: a relaymail.smtp.authentication.Authenticator when AUTH
+            may be offered, else None."""
         self.settings = settings
         self.policy = policy
         self.queue = queue
         self.context = context
         self.hostname = settings.server.hostname
         self._clock = clock
+        self.submission = submission
+        self.tls = tls
+        self.auth = auth
+        #: TLS is active on this connection (STARTTLS done, or an ssl: listener).
+        self.tls_active = False
+        #: Set when the reply just given is STARTTLS's 220: the protocol
+        #: starts the handshake and calls tls_started().
+        self.start_tls = False
+        self._sasl = None
         self.esmtp = False
         self.transaction = None
         #: Set after DATA got 354: the protocol feeds message bytes here.
@@ -90,17 +104,30 @@ class Dialogue:
 
     def extensions(self):
         """The EHLO keywords after the greeting line."""
-        return [
+        keywords = [
             "PIPELINING",
             f"SIZE {self.settings.limits.message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
-            "HELP",
         ]
+        if self.tls is not None and not self.tls_active:
+            keywords.append("STARTTLS")
+        if self._auth_offered():
+            keywords.append("AUTH PLAIN LOGIN")
+        keywords.append("HELP")
+        return keywords
+
+    def _auth_offered(self):
+        # RFC 4954 14: PLAIN and LOGIN send the password as it is; only
+        # over TLS unless the site says otherwise.
+        return (self.auth is not None and self.context.authenticated_user is None
+                and (self.tls_active or self.settings.auth.allow_plaintext))
 
     def handle(self, line):
         """Answer one command line (bytes, without its line end)."""
+        if self._sasl is not None:
+            return self._sasl_line(line)
         verb, _, rest = line.partition(b" ")
         verb = verb.upper()
         if verb in _HTTP_VERBS or verb.endswith(b":"):
@@ -164,6 +191,83 @@ class Dialogue:
         self.transaction = None
         self.context.sender = None
 
+    def _starttls(self, argument):
+        if self.tls is None or self.tls_active:
+            return replies.TLS_NOT_AVAILABLE if self.tls is None else replies.TLS_ALREADY_ACTIVE
+        if argument:
+            return replies.STARTTLS_SYNTAX
+        if not self.esmtp:
+            return replies.NEED_EHLO
+        if self.transaction is not None:
+            return replies.TRANSACTION_IN_PROGRESS
+        self.start_tls = True
+        return replies.READY_FOR_TLS
+
+    def tls_started(self):
+        """The protocol began the TLS handshake.  RFC 3207 4.2: forget
+        everything learned before it; the client starts again with EHLO."""
+        self.start_tls = False
+        self.tls_active = True
+        self.esmtp = False
+        self.context.helo = None
+        self.context.authenticated_user = None
+        self._reset()
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------
+
+    def _auth(self, argument):
+        if self.auth is None:
+            return replies.AUTH_NOT_ENABLED
+        if not self.esmtp:
+            return replies.NEED_EHLO
+        if self.context.authenticated_user is not None:
+            return replies.ALREADY_AUTHENTICATED
+        if self.transaction is not None:
+            return replies.TRANSACTION_IN_PROGRESS
+        if not self._auth_offered():
+            return replies.ENCRYPTION_REQUIRED
+        mechanism, _, initial = argument.partition(" ")
+        if not mechanism:
+            return replies.AUTH_SYNTAX
+        try:
+            self._sasl = self.auth.start(mechanism.upper(), initial or None)
+        except self.auth.SASLError as error:
+            return replies.Reply(error.reply_code, error.enhanced, error.text)
+        return self._sasl_step()
+
+    def _sasl_line(self, line):
+        try:
+            text = line.decode("ascii")
+            self._sasl.respond(text)
+        except UnicodeDecodeError:
+            self._sasl = None
+            return replies.AUTH_BAD_RESPONSE
+        except self.auth.SASLError as error:
+            self._sasl = None
+            return replies.Reply(error.reply_code, error.enhanced, error.text)
+        return self._sasl_step()
+
+    def _sasl_step(self):
+        try:
+            kind, value = self._sasl.next()
+        except self.auth.SASLError as error:
+            self._sasl = None
+            return replies.Reply(error.reply_code, error.enhanced, error.text)
+        if kind == "challenge":
+            return replies.Reply(334, None, value)
+        self._sasl = None
+        d = self.auth.check(value)
+        d.addCallback(self._authenticated)
+        return d
+
+    def _authenticated(self, user):
+        if user is None:
+            log.info("{client_ip} AUTH failed", client_ip=self.context.client_ip)
+            return replies.AUTH_FAILED
+        self.context.authenticated_user = user
+        log.info("{client_ip} AUTH as {user}", client_ip=self.context.client_ip, user=user)
+        return replies.AUTH_OK
+
     # -- the transaction -------------------------------------------------
 
     def _mail(self, argument):
@@ -171,6 +275,8 @@ class Dialogue:
             return replies.NEED_HELO
         if self.transaction is not None:
             return replies.NESTED_MAIL
+        if self.submission and self.context.authenticated_user is None:
+            return replies.AUTH_REQUIRED
         try:
             path, params = address.split_mail_argument(argument, "FROM")
         except address.ParameterError as e:
@@ -269,9 +375,13 @@ class Dialogue:
 
     def _received_header(self, queue_id):
         transaction = self.transaction
+        # RFC 3848 (S for TLS, A for AUTH) and RFC 6531 3.7.3 (UTF8).
         protocol = "ESMTP" if self.esmtp else "SMTP"
         if transaction.smtputf8:
-            protocol = "UTF8SMTP"  # RFC 6531 3.7.3
+            protocol = "UTF8SMTP"
+        if self.tls_active or self.context.authenticated_user is not None:
+            protocol += ("S" if self.tls_active else "") + (
+                "A" if self.context.authenticated_user is not None else "")
         single = transaction.recipients[0] if len(transaction.recipients) == 1 else None
         return received_header(
             helo=self.context.helo, client_ip=self.context.client_ip, hostname=self.hostname,
@@ -360,7 +470,7 @@ class Dialogue:
     _handlers = {
         b"HELO": _helo, b"EHLO": _ehlo, b"MAIL": _mail, b"RCPT": _rcpt, b"DATA": _data,
         b"RSET": _rset, b"NOOP": _noop, b"QUIT": _quit, b"VRFY": _vrfy, b"EXPN": _expn,
-        b"HELP": _help,
+        b"HELP": _help, b"STARTTLS": _starttls, b"AUTH": _auth,
     }
 
 

@@ -110,6 +110,24 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # RFC 2920 3.1: DATA after every RCPT failed in a pipelined group.
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 HELP_TOPIC_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
+NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+# STARTTLS (RFC 3207).
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "Error: command not implemented")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
+
+# AUTH (RFC 4954 6 for the codes).
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Error: cannot decode response")
 
 
 def bad_sender(reason):
@@ -154,7 +172,7 @@ def decision_reply(decision, default):
 
 
 HELP_TEXT = {
-    None: ["Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP",
+    None: ["Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH",
            "See RFC 5321; HELP command gives its syntax"],
     "HELO": ["HELO hostname"],
     "EHLO": ["EHLO hostname"],
@@ -167,6 +185,8 @@ HELP_TEXT = {
     "VRFY": ["VRFY address"],
     "EXPN": ["EXPN list"],
     "HELP": ["HELP [command]"],
+    "STARTTLS": ["STARTTLS: begin TLS, then EHLO again"],
+    "AUTH": ["AUTH PLAIN|LOGIN [initial-response]"],
 }
 
 

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
-from relaymail.smtp import replies
+from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
 
 log = Logger(namespace="relaymail.smtp")
@@ -41,37 +41,87 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._closing = False
         self._skipping_long_line = False
         self._errors = 0
+        self._admitted = False
+        self._proxy_peer = None      # the proxy's address, until its header came
         self.dialogue = None
+        self.context = None
 
     def connectionMade(self):
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", "") or ""
         port = getattr(peer, "port", None)
-        self.context = SessionContext(ip, port, trusted=self.factory.is_trusted(ip))
-        self.dialogue = Dialogue(self.factory.settings, self.factory.policy, self.factory.queue,
-                                 self.context, clock=self.factory.clock)
-        log.info("connect from {client_ip}:{client_port} trusted={trusted}",
-                 client_ip=ip, client_port=port, trusted=self.context.trusted)
         self.setTimeout(self.factory.settings.limits.command_timeout)
+        if self.factory.proxy:
+            if not self.factory.is_proxy_trusted(ip):
+                log.info("PROXY listener: {ip} is not in proxy_trusted; closed", ip=ip)
+                self._close()
+                return
+            self._proxy_peer = (ip, port)
+            return
+        self._start_session(ip, port)
+
+    def _start_session(self, ip, port):
+        """The client is known: check the limits, greet it."""
+        trusted = self.factory.is_trusted(ip)
+        self.context = SessionContext(ip, port, trusted=trusted)
+        self.dialogue = Dialogue(self.factory.settings, self.factory.policy, self.factory.queue,
+                                 self.context, clock=self.factory.clock,
+                                 submission=self.factory.submission,
+                                 tls=self.factory.tls, auth=self.factory.auth)
+        self.dialogue.tls_active = self.factory.implicit_tls
+        refusal = self.factory.gate.admit(ip, exempt=trusted) if self.factory.gate else None
+        if refusal is not None:
+            log.info("connect from {client_ip}:{client_port} refused: {reason}",
+                     client_ip=ip, client_port=port, reason=refusal)
+            self._reply(replies.Reply(421, "4.7.0", f"{self.dialogue.hostname} {refusal}"), close=True)
+            return
+        self._admitted = True
+        log.info("connect from {client_ip}:{client_port} trusted={trusted}",
+                 client_ip=ip, client_port=port, trusted=trusted)
         self._reply(self.dialogue.greeting())
 
     def connectionLost(self, reason):
         self._closing = True
         self.setTimeout(None)
+        if self._admitted:
+            self.factory.gate.release(self.context.client_ip)
         if self.dialogue is not None:
             self.dialogue.connection_lost()
             log.info("disconnect from {client_ip}", client_ip=self.context.client_ip)
 
     def timeoutConnection(self):
+        if self.dialogue is None:
+            self._close()       # no PROXY header in time
+            return
         log.info("timeout from {client_ip}", client_ip=self.context.client_ip)
         self.dialogue.connection_lost()
         self._reply(replies.timeout(self.dialogue.hostname), close=True)
+
+    def _read_proxy_header(self):
+        """Wait for the PROXY header; then start the session as the client
+        it names.  Return True once the session has started."""
+        try:
+            result = proxy.parse(self._buffer)
+        except proxy.ProxyHeaderError as error:
+            log.info("bad PROXY header from {ip}: {error}", ip=self._proxy_peer[0], error=str(error))
+            self._close()
+            return False
+        if result is proxy.NEED_MORE:
+            return False
+        address, consumed = result
+        self._buffer = self._buffer[consumed:]
+        ip, port = (address.host, address.port) if address else self._proxy_peer
+        self._proxy_peer = None
+        self._start_session(ip, port)
+        return True
 
     def dataReceived(self, data):
         if self._closing:
             return
         self.resetTimeout()
         self._buffer += data
+        if self._proxy_peer is not None and not self._read_proxy_header():
+            return
         if self._waiting:
             if len(self._buffer) > _MAX_HELD_INPUT and not self._paused:
                 self._paused = True
@@ -156,6 +206,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.transport.write(reply.encode(self.dialogue.enhanced_codes))
         if reply is replies.START_DATA:
             self.setTimeout(self.factory.settings.limits.data_timeout)
+        if self.dialogue.start_tls:
+            self._start_tls()
+            return
         if close or self.dialogue.closing:
             self._close()
             return
@@ -166,6 +219,14 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self.transport.write(replies.too_many_errors(self.dialogue.hostname).encode(
                     self.dialogue.enhanced_codes))
                 self._close()
+
+    def _start_tls(self):
+        # SMTP-NOTES attack class 2 (CVE-2011-0411): whatever the client sent
+        # after the STARTTLS line came in plain text and must not be read
+        # as if it came over TLS.
+        self._buffer = b""
+        self.transport.startTLS(self.factory.tls.options())
+        self.dialogue.tls_started()
 
     def _close(self):
         self._closing = True
@@ -180,7 +241,17 @@ class SMTPFactory(ServerFactory):
     # Our own connect/disconnect lines say more than Twisted's start/stop ones.
     noisy = False
 
-    def __init__(self, settings, policy, queue, clock=None, reactor=None):
+    def __init__(self, settings, policy, queue, clock=None, reactor=None, *,
+                 submission=False, proxy=False, gate=None, tls=None, auth=None,
+                 implicit_tls=False):
+        """:param submission: MAIL needs AUTH first (port 587 style).
+        :param proxy: connections start with a PROXY protocol header.
+        :param gate: a relaymail.smtp.limits.ConnectionGate, shared by all
+            listeners, or None for no connection limits.
+        :param tls: a relaymail.smtp.tls.ServerTLS for STARTTLS, or None.
+        :param auth: a relaymail.smtp.authentication.Authenticator, or None.
+        :param implicit_tls: the listener is TLS from the first byte (an
+            ``ssl:`` endpoint, port 465 style)."""
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -188,16 +259,30 @@ class SMTPFactory(ServerFactory):
         self.policy = policy
         self.queue = queue
         self.clock = clock or time.time
+        self.submission = submission
+        self.proxy = proxy
+        self.gate = gate
+        self.tls = tls
+        self.auth = auth
+        self.implicit_tls = implicit_tls
         self._trusted = settings.server.trusted_networks
+        self._proxy_trusted = getattr(settings.server, "proxy_trusted", [])
 
     def buildProtocol(self, addr):
         return SMTPServerProtocol(self)
 
     def is_trusted(self, ip):
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._trusted)
+        return _in_networks(ip, self._trusted)
+
+    def is_proxy_trusted(self, ip):
+        return _in_networks(ip, self._proxy_trusted)
+
+
+def _in_networks(ip, networks):
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
