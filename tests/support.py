@@ -105,12 +105,13 @@ class ScriptedExpander:
 class Session:
     """One client connection driven with bytes, no network."""
 
-    def __init__(self, settings, validators=(), expanders=(), client_ip="127.0.0.1", queue=None):
+    def __init__(self, settings, validators=(), expanders=(), client_ip="127.0.0.1", queue=None,
+                 factory_options=None):
         self.clock = task.Clock()
         self.queue = queue or MemoryQueue()
         self.policy = Policy(list(validators), list(expanders), settings, clock=self.clock)
         self.factory = SMTPFactory(settings, self.policy, self.queue, clock=lambda: FIXED_TIME,
-                                    reactor=self.clock)
+                                    reactor=self.clock, **(factory_options or {}))
         address_type = IPv6Address if ":" in client_ip else IPv4Address
         peer = address_type("TCP", client_ip, 40000)
         self.transport = StringTransport(peerAddress=peer)
