@@ -6,6 +6,8 @@ next-hop SMTP servers on 127.0.0.1 and 127.0.0.2."""
 import email
 import email.policy
 import os
+import shutil
+import tempfile
 import time
 
 from twisted.internet import defer, reactor, task
@@ -44,7 +46,7 @@ class DirectDeliveryTests(DNSTestCase):
         self.addCleanup(self.primary.stop)
         self.addCleanup(self.backup.stop)
         settings = settings_with(
-            server__hostname="relay.test", queue__path=self.mktemp(), queue__min_backoff="1",
+            server__hostname="relay.test", queue__path=self.spool_directory(), queue__min_backoff="1",
             delivery__mx_port=str(self.port), delivery__connect_timeout="2",
             delivery__command_timeout="5", delivery__destination_concurrency="2")
         self.spool = Spool(settings.queue.path, reactor=reactor)
@@ -57,6 +59,13 @@ class DirectDeliveryTests(DNSTestCase):
         self.scheduler.startService()
         self.addCleanup(self.spool.stop)
         self.addCleanup(self.scheduler.stopService)
+
+    def spool_directory(self):
+        # trial's mktemp() is relative to the working directory: under
+        # pytest that is the checkout, so use the system's temporary area.
+        path = tempfile.mkdtemp(prefix="relaymail-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
 
     @defer.inlineCallbacks
     def queue(self, sender, recipients, body=b"Subject: direct\r\n\r\nhello\r\n"):
