@@ -8,7 +8,9 @@ whose keys the admin chooses ([routes]), and :data:`SECRETS`, values read
 from files that other keys name.  :func:`load_config` reads the file,
 applies command-line overrides and returns a :class:`Settings`; every
 problem becomes one :class:`ConfigError` line naming the file, the section
-and the key, never a traceback.
+and the key, never a traceback.  :func:`load_server_certificate` is the one
+check of the [tls] certificate and key; the STARTTLS code loads them with it
+too.
 
 Values are strings in the file; the parsers below turn them into ints,
 floats, lists, networks and so on.  The accepted forms are:
@@ -32,6 +34,9 @@ import socket
 from typing import Any, Callable
 
 import idna
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 
 class ConfigError(Exception):
@@ -294,6 +299,133 @@ def pem_certificates(raw):
     return absolute
 
 
+# ---------------------------------------------------------------------------
+# The server's certificate and key, checked here at load time and loaded
+# again by relaymail.smtp.tls (at start-up and on reload), so both say the
+# same thing about the same files.
+# ---------------------------------------------------------------------------
+
+# A PEM block of any kind (RFC 7468 section 2); the label says what it is.
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+
+# Certificate files are a few KiB even with a long chain; past this the
+# path surely names the wrong file (or /dev/zero).
+_PEM_FILE_LIMIT = 1024 * 1024
+
+
+class TLSFileError(ValueError):
+    """A [tls] file that cannot serve; ``key`` is the config key to blame
+    ('certificate' or 'private_key') and the text is one line."""
+
+    def __init__(self, key, problem):
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCertificate:
+    """A checked certificate chain and the private key of its first
+    certificate, as ``cryptography`` objects (what pyOpenSSL takes)."""
+
+    chain: tuple        # the server's own certificate, then intermediates
+    private_key: Any
+
+    @property
+    def leaf(self):
+        """The server's own certificate."""
+        return self.chain[0]
+
+
+def _pem_blocks(key, path):
+    """(label, block) for every PEM block in the file at ``path``."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(_PEM_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise TLSFileError(key, f"cannot read {path!r}: {exc.strerror}") from None
+    if len(data) > _PEM_FILE_LIMIT:
+        raise TLSFileError(key, f"{path!r} is larger than 1 MiB; not a PEM file")
+    return [(match.group(1).decode("ascii"), match.group(0))
+            for match in _PEM_BLOCK.finditer(data)]
+
+
+def _load_chain(path):
+    """Every certificate in the file, in file order."""
+    blocks = [block for label, block in _pem_blocks("certificate", path)
+              if label == "CERTIFICATE"]
+    if not blocks:
+        raise TLSFileError("certificate", "no PEM certificate "
+                           f"({_PEM_CERTIFICATE.decode()}) in {path!r}")
+    chain = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            chain.append(x509.load_pem_x509_certificate(block))
+        except ValueError as exc:
+            raise TLSFileError("certificate", f"certificate {number} in {path!r} "
+                               f"cannot be read: {_one_line(exc)}") from None
+    return tuple(chain)
+
+
+def _load_private_key(path):
+    """The one private key in the file."""
+    # "PRIVATE KEY" (PKCS #8), "RSA PRIVATE KEY", "EC PRIVATE KEY" and
+    # "ENCRYPTED PRIVATE KEY"; other blocks (EC PARAMETERS, a certificate
+    # kept in the same file) are skipped.
+    blocks = [block for label, block in _pem_blocks("private_key", path)
+              if label.endswith("PRIVATE KEY")]
+    if not blocks:
+        raise TLSFileError("private_key", "no PEM private key "
+                           f"(-----BEGIN PRIVATE KEY-----) in {path!r}")
+    if len(blocks) > 1:
+        raise TLSFileError("private_key", f"{len(blocks)} private keys in {path!r}; "
+                           "expected one")
+    try:
+        return serialization.load_pem_private_key(blocks[0], password=None)
+    except TypeError:
+        # cryptography's way of saying a password is needed.  The relay
+        # starts unattended, so there is nobody to type one.
+        raise TLSFileError("private_key", f"the private key in {path!r} is encrypted; "
+                           "give relaymail an unencrypted key readable only "
+                           "by its user") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise TLSFileError("private_key", f"the private key in {path!r} cannot be "
+                           f"read: {_one_line(exc)}") from None
+
+
+def _public_key_bytes(public_key):
+    """A public key as comparable bytes (its DER SubjectPublicKeyInfo)."""
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_server_certificate(certificate_path, private_key_path):
+    """Read and check the server's certificate chain and private key.
+
+    The certificate file holds the server's certificate first, then any
+    intermediates (the order TLS sends them in, RFC 8446 4.4.2); the key
+    file holds one unencrypted private key, which must belong to the first
+    certificate.  Both may be the same file.
+
+    :return: a :class:`ServerCertificate`.
+    :raise TLSFileError: naming the key at fault, with a one-line problem.
+    """
+    chain = _load_chain(certificate_path)
+    private_key = _load_private_key(private_key_path)
+    wanted = _public_key_bytes(private_key.public_key())
+    if _public_key_bytes(chain[0].public_key()) != wanted:
+        for number, certificate in enumerate(chain[1:], 2):
+            if _public_key_bytes(certificate.public_key()) == wanted:
+                raise TLSFileError(
+                    "certificate", f"the private key belongs to certificate {number} "
+                    f"in {certificate_path!r}; put the server's own certificate "
+                    "first, then its intermediates")
+        raise TLSFileError("private_key", "the private key does not match the "
+                           f"certificate in {certificate_path!r}")
+    return ServerCertificate(chain=chain, private_key=private_key)
+
+
 def optional_text(raw):
     """A free-form string such as a user name; empty means unset (None)."""
     return raw.strip() or None
@@ -451,6 +583,13 @@ SCHEMA = {
         # Loopback only: narrower than Postfix's mynetworks_style = subnet,
         # so a fresh install relays for nobody else by accident.
         "trusted_networks": Key(listing(network), "127.0.0.0/8 ::1/128"),
+        # Message submission (RFC 6409, port 587): MAIL needs AUTH first.
+        "submission_listen": Key(server_endpoints, ""),
+        # Listeners behind a load balancer speaking the HAProxy PROXY
+        # protocol (v1 or v2), and the only peers whose header is believed:
+        # anyone else could claim any client address.
+        "proxy_listen": Key(server_endpoints, ""),
+        "proxy_trusted": Key(listing(network), ""),
     },
     "relay": {
         "domains": Key(listing(domain), ""),
@@ -495,6 +634,16 @@ SCHEMA = {
         "certificate": Key(readable_file, ""),
         "private_key": Key(readable_file, ""),
     },
+    "auth": {
+        # user:password-hash lines; empty means AUTH is not offered.
+        "passwords": Key(readable_file, ""),
+        # RFC 4954 section 14: PLAIN and LOGIN send the password in the
+        # clear, so they are offered only under TLS unless this says yes.
+        "allow_plaintext": Key(boolean, "no"),
+        # Wait this long before a 535 so guessing passwords is slow; the
+        # session itself is not blocked.
+        "failure_delay": Key(duration(), "1"),
+    },
     "limits": {
         # 10 MiB; Postfix message_size_limit is 10240000.
         "message_size": Key(size(), "10M"),
@@ -510,6 +659,20 @@ SCHEMA = {
         "data_timeout": Key(duration(positive=True), "180"),
         # Postfix smtpd_hard_error_limit.
         "errors": Key(integer(minimum=1), "20"),
+        # Postfix smtpd_min_data_rate (3.7 and later, default 500): a DATA
+        # block must arrive at least this fast, so a client trickling a
+        # byte at a time cannot hold a connection for hours.  0 is off.
+        "min_data_rate": Key(integer(minimum=0), "500"),
+        # Connections at once from everyone.  Not 0: an unbounded count
+        # would let a flood exhaust file descriptors.
+        "connections": Key(integer(minimum=1), "1000"),
+        # Postfix smtpd_client_connection_count_limit (default 50) and
+        # smtpd_client_connection_rate_limit (per anvil_rate_time_unit,
+        # 60 s); 0 turns either off, as in Postfix.
+        "connections_per_ip": Key(integer(minimum=0), "50"),
+        "connection_rate_per_ip": Key(integer(minimum=0), "120"),
+        # Postfix header_size_limit: 102400 bytes of message header.
+        "header_size": Key(size(), "102400"),
     },
     "plugins": {
         "recipients": Key(listing(plugin_name), "domains"),
@@ -819,6 +982,7 @@ def _check_together(values, settings, fallback):
                           f"max_backoff ({queue.max_backoff}) must be at least "
                           f"min_backoff ({queue.min_backoff})")
     _check_pair(values, settings, fallback, "tls", "certificate", "private_key")
+    _check_server_certificate(values, settings, fallback)
     _check_pair(values, settings, fallback, "delivery",
                 "smarthost_user", "smarthost_password_file")
 
@@ -833,6 +997,19 @@ def _check_pair(values, settings, fallback, section, first, second):
         present, absent = (first, second) if first_set else (second, first)
         raise ConfigError(values.source_of(section, present, fallback), section, present,
                           f"set but {absent} is not; set both or neither")
+
+
+def _check_server_certificate(values, settings, fallback):
+    """Refuse a [tls] certificate and key that could not serve a handshake,
+    now rather than at the first STARTTLS."""
+    tls = settings.tls
+    if tls.certificate is None:
+        return
+    try:
+        load_server_certificate(tls.certificate, tls.private_key)
+    except TLSFileError as exc:
+        raise ConfigError(values.source_of("tls", exc.key, fallback),
+                          "tls", exc.key, exc.problem) from None
 
 
 def load_config(path=None, overrides=None):

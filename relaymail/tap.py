@@ -5,6 +5,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from relaymail.auth.checker import make_portal
+from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
@@ -15,7 +17,10 @@ from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
+from relaymail.smtp.authentication import Authenticator
+from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
+from relaymail.smtp.tls import ServerTLS, TLSFileError
 
 # Command-line options that override one config key each.
 _OVERRIDES = {
@@ -105,14 +110,45 @@ def build_service(settings, reactor=None):
     scheduler.setServiceParent(top)
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
-    factory = SMTPFactory(settings, policy, NotifyingQueue(spool, scheduler.message_queued))
-    for description in settings.server.listen:
+    queue = NotifyingQueue(spool, scheduler.message_queued)
+    tls = _server_tls(settings)
+    auth = _authenticator(settings, reactor)
+    gate = ConnectionGate(settings, reactor)
+    shared = dict(reactor=reactor, gate=gate, tls=tls, auth=auth)
+    listeners = (
+        [(description, {}) for description in settings.server.listen]
+        + [(description, {"submission": True}) for description in settings.server.submission_listen]
+        + [(description, {"proxy": True}) for description in settings.server.proxy_listen])
+    for description, options in listeners:
+        # An ssl: endpoint is TLS from the first byte (port 465 style).
+        implicit_tls = description.split(":", 1)[0].lower() == "ssl"
+        factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
+                              **shared, **options)
         endpoint = endpoints.serverFromString(reactor, description)
         listener = StreamServerEndpointService(endpoint, factory)
         # A port we cannot bind stops start-up instead of being logged and ignored.
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
     return top
+
+
+def _server_tls(settings):
+    if not settings.tls.certificate:
+        return None
+    try:
+        return ServerTLS(settings.tls.certificate, settings.tls.private_key)
+    except TLSFileError as error:
+        raise ConfigError(settings.source, "tls", error.key, error.problem)
+
+
+def _authenticator(settings, reactor):
+    if not settings.auth.passwords:
+        return None
+    try:
+        portal = make_portal(settings.auth.passwords)
+    except PasswordFileError as error:
+        raise ConfigError(settings.source, "auth", "passwords", str(error))
+    return Authenticator(portal, settings.auth.failure_delay, reactor)
 
 
 def makeService(options):

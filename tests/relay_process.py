@@ -66,7 +66,13 @@ class RelayProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"relay exited {self.process.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.5):
+                with socket.create_connection(("127.0.0.1", self.port), 2) as probe:
+                    # A whole polite session, so the relay has let go of
+                    # it (connection limits) before a test starts.
+                    probe.recv(512)
+                    probe.sendall(b"QUIT\r\n")
+                    while probe.recv(512):
+                        pass
                     return self
             except OSError:
                 time.sleep(0.05)

@@ -9,7 +9,9 @@ import pathlib
 import pytest
 
 from relaymail.config import (
-    SCHEMA, TABLES, ConfigError, Smarthost, boolean, load_config)
+    SCHEMA, TABLES, ConfigError, Smarthost, TLSFileError, boolean, load_config,
+    load_server_certificate)
+from tests import certs
 
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -80,6 +82,17 @@ def test_defaults_when_path_is_none(monkeypatch, tmp_path):
     assert settings.limits.command_timeout == 300.0
     assert settings.limits.data_timeout == 180.0
     assert settings.limits.errors == 20
+    assert settings.limits.min_data_rate == 500
+    assert settings.limits.connections == 1000
+    assert settings.limits.connections_per_ip == 50
+    assert settings.limits.connection_rate_per_ip == 120
+    assert settings.limits.header_size == 102400
+    assert settings.server.submission_listen == []
+    assert settings.server.proxy_listen == []
+    assert settings.server.proxy_trusted == []
+    assert settings.auth.passwords is None
+    assert settings.auth.allow_plaintext is False
+    assert settings.auth.failure_delay == 1.0
     assert settings.plugins.recipients == ["domains"]
     assert settings.plugins.expanders == []
     assert settings.plugins.path == []
@@ -208,14 +221,14 @@ def test_misspelt_plugin_section(tmp_path):
 
 def test_unknown_section_without_suggestion(tmp_path):
     assert error_for(tmp_path, "[zzz]\n") == (
-        "FILE: [zzz]: unknown section; expected one of [delivery], [limits], "
-        "[plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
+        "FILE: [zzz]: unknown section; expected one of [auth], [delivery], "
+        "[limits], [plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
 
 
 def test_default_section_is_not_special(tmp_path):
     assert error_for(tmp_path, "[DEFAULT]\nerrors = 5\n") == (
-        "FILE: [DEFAULT]: unknown section; expected one of [delivery], [limits], "
-        "[plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
+        "FILE: [DEFAULT]: unknown section; expected one of [auth], [delivery], "
+        "[limits], [plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
 
 
 def test_unknown_key_with_suggestion(tmp_path):
@@ -461,13 +474,149 @@ def test_bad_smarthost(tmp_path, raw, problem):
 
 # --- TLS and paths ---------------------------------------------------------------
 
+def write_pair(tmp_path, pair, cert="cert.pem", key="key.pem"):
+    """Write a certs.KeyPair to two files; their paths as strings."""
+    (tmp_path / cert).write_bytes(pair.cert_pem)
+    (tmp_path / key).write_bytes(pair.key_pem)
+    return str(tmp_path / cert), str(tmp_path / key)
+
+
+def tls_error(tmp_path, cert, key):
+    """The one-line message for [tls] certificate = cert, private_key = key."""
+    return error_for(tmp_path, f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n")
+
+
 def test_tls_both_files(tmp_path):
-    (tmp_path / "cert.pem").write_text("cert")
-    (tmp_path / "key.pem").write_text("key")
-    settings = load_with(tmp_path, f"[tls]\ncertificate = {tmp_path}/cert.pem\n"
-                                   f"private_key = {tmp_path}/key.pem\n")
+    cert, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    settings = load_with(tmp_path, f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n")
     assert settings.tls.certificate == str(tmp_path / "cert.pem")
     assert settings.tls.private_key == str(tmp_path / "key.pem")
+
+
+def test_tls_certificate_and_key_in_one_file(tmp_path):
+    pair = certs.self_signed("mx.test")
+    (tmp_path / "both.pem").write_bytes(pair.key_pem + pair.cert_pem)
+    both = str(tmp_path / "both.pem")
+    settings = load_with(tmp_path, f"[tls]\ncertificate = {both}\nprivate_key = {both}\n")
+    assert settings.tls.certificate == settings.tls.private_key == both
+
+
+def test_tls_certificate_file_without_a_certificate(tmp_path):
+    cert, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    assert tls_error(tmp_path, cert, key) == (
+        "FILE: [tls] certificate: no PEM certificate (-----BEGIN CERTIFICATE-----) "
+        f"in '{cert}'")
+
+
+def test_tls_key_given_as_the_certificate(tmp_path):
+    _, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    assert tls_error(tmp_path, key, key) == (
+        "FILE: [tls] certificate: no PEM certificate (-----BEGIN CERTIFICATE-----) "
+        f"in '{key}'")
+
+
+def test_tls_certificate_given_as_the_key(tmp_path):
+    cert, _ = write_pair(tmp_path, certs.self_signed("mx.test"))
+    assert tls_error(tmp_path, cert, cert) == (
+        "FILE: [tls] private_key: no PEM private key (-----BEGIN PRIVATE KEY-----) "
+        f"in '{cert}'")
+
+
+def test_tls_damaged_certificate(tmp_path):
+    cert, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    (tmp_path / "cert.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n")
+    message = tls_error(tmp_path, cert, key)
+    assert message.startswith(
+        f"FILE: [tls] certificate: certificate 1 in '{cert}' cannot be read: ")
+
+
+def test_tls_damaged_key(tmp_path):
+    cert, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    (tmp_path / "key.pem").write_text(
+        "-----BEGIN PRIVATE KEY-----\nMIIBAAAA\n-----END PRIVATE KEY-----\n")
+    message = tls_error(tmp_path, cert, key)
+    assert message.startswith(
+        f"FILE: [tls] private_key: the private key in '{key}' cannot be read: ")
+
+
+def test_tls_key_that_does_not_match(tmp_path):
+    cert, _ = write_pair(tmp_path, certs.self_signed("mx.test"))
+    _, key = write_pair(tmp_path, certs.self_signed("mx.test"), "other.pem", "other.key")
+    assert tls_error(tmp_path, cert, key) == (
+        "FILE: [tls] private_key: the private key does not match the certificate "
+        f"in '{cert}'")
+
+
+def test_tls_chain_in_the_wrong_order(tmp_path):
+    authority = certs.CertificateAuthority()
+    pair = authority.issue("mx.test")
+    (tmp_path / "cert.pem").write_bytes(authority.cert_pem + pair.cert_pem)
+    (tmp_path / "key.pem").write_bytes(pair.key_pem)
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    assert tls_error(tmp_path, cert, key) == (
+        "FILE: [tls] certificate: the private key belongs to certificate 2 in "
+        f"'{cert}'; put the server's own certificate first, then its intermediates")
+
+
+def test_tls_encrypted_key(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    pair = certs.self_signed("mx.test")
+    cert, key = write_pair(tmp_path, pair)
+    private = serialization.load_pem_private_key(pair.key_pem, None)
+    (tmp_path / "key.pem").write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] private_key: the private key in '{key}' is encrypted; give "
+        "relaymail an unencrypted key readable only by its user")
+
+
+def test_tls_key_file_with_two_keys(tmp_path):
+    cert, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    (tmp_path / "key.pem").write_bytes(
+        certs.self_signed("a.test").key_pem + certs.self_signed("b.test").key_pem)
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] private_key: 2 private keys in '{key}'; expected one")
+
+
+def test_tls_huge_file(tmp_path):
+    cert, key = write_pair(tmp_path, certs.self_signed("mx.test"))
+    (tmp_path / "cert.pem").write_bytes(b"#" * (1024 * 1024 + 1))
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] certificate: '{cert}' is larger than 1 MiB; not a PEM file")
+
+
+def test_tls_error_blames_the_command_line(tmp_path):
+    cert, _ = write_pair(tmp_path, certs.self_signed("mx.test"))
+    _, key = write_pair(tmp_path, certs.self_signed("mx.test"), "other.pem", "other.key")
+    path = write_ini(tmp_path, f"[tls]\ncertificate = {cert}\nprivate_key = {cert}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {("tls", "private_key"): key})
+    assert (info.value.source, info.value.section, info.value.key) == (
+        "command line", "tls", "private_key")
+
+
+def test_load_server_certificate_keeps_the_chain_in_order(tmp_path):
+    authority = certs.CertificateAuthority()
+    pair = authority.issue("mx.test")
+    (tmp_path / "cert.pem").write_bytes(
+        b"# leaf, then the CA\n" + pair.cert_pem + authority.cert_pem)
+    (tmp_path / "key.pem").write_bytes(pair.key_pem)
+    loaded = load_server_certificate(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    names = [c.subject.rfc4514_string() for c in loaded.chain]
+    assert names == ["CN=mx.test", "CN=relaymail test CA"]
+    assert loaded.leaf is loaded.chain[0]
+
+
+def test_load_server_certificate_error_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_server_certificate(str(tmp_path / "none.pem"), str(tmp_path / "none.key"))
+    assert isinstance(info.value, TLSFileError)
+    assert info.value.key == "certificate"
+    assert str(info.value) == (
+        f"cannot read '{tmp_path}/none.pem': No such file or directory")
 
 
 def test_tls_certificate_without_key(tmp_path):
@@ -732,6 +881,87 @@ def test_mx_port(tmp_path):
 def test_bad_mx_port(tmp_path, raw):
     assert error_for(tmp_path, f"[delivery]\nmx_port = {raw}\n") == (
         f"FILE: [delivery] mx_port: port must be a number from 1 to 65535, got {raw!r}")
+
+
+# --- listeners, AUTH and connection limits ------------------------------------------
+
+def test_submission_and_proxy_listeners(tmp_path):
+    settings = load_with(tmp_path, (
+        "[server]\n"
+        "submission_listen = tcp:587\n"
+        "proxy_listen =\n    tcp:2526:interface=127.0.0.1\n    tcp6:2526:interface=\\:\\:1\n"
+        "proxy_trusted = 10.0.0.0/8, 2001:db8::1\n"))
+    assert settings.server.submission_listen == ["tcp:587"]
+    assert settings.server.proxy_listen == [
+        "tcp:2526:interface=127.0.0.1", "tcp6:2526:interface=\\:\\:1"]
+    assert settings.server.proxy_trusted == [
+        ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::1/128")]
+
+
+@pytest.mark.parametrize("key", ["submission_listen", "proxy_listen"])
+def test_bad_listener_endpoint(tmp_path, key):
+    message = error_for(tmp_path, f"[server]\n{key} = nonsense:587\n")
+    assert message.startswith(
+        f"FILE: [server] {key}: not a valid Twisted server endpoint 'nonsense:587': ")
+
+
+def test_bad_proxy_trusted(tmp_path):
+    assert error_for(tmp_path, "[server]\nproxy_trusted = 10.0.0.1/8\n") == (
+        "FILE: [server] proxy_trusted: '10.0.0.1/8' has host bits set; "
+        "did you mean '10.0.0.0/8'?")
+
+
+def test_auth_settings(tmp_path):
+    (tmp_path / "passwd").write_text("alice:$scrypt$ln=15,r=8,p=1$c2FsdA$aGFzaA\n")
+    settings = load_with(tmp_path, (
+        f"[auth]\npasswords = {tmp_path}/passwd\nallow_plaintext = yes\n"
+        "failure_delay = 0.05\n"))
+    assert settings.auth.passwords == str(tmp_path / "passwd")
+    assert settings.auth.allow_plaintext is True
+    assert settings.auth.failure_delay == 0.05
+
+
+def test_auth_failure_delay_may_be_zero(tmp_path):
+    assert load_with(tmp_path, "[auth]\nfailure_delay = 0\n").auth.failure_delay == 0.0
+
+
+def test_auth_passwords_must_be_readable(tmp_path):
+    assert error_for(tmp_path, "[auth]\npasswords = /nonexistent/passwd\n") == (
+        "FILE: [auth] passwords: cannot read '/nonexistent/passwd': "
+        "No such file or directory")
+
+
+def test_bad_allow_plaintext(tmp_path):
+    assert error_for(tmp_path, "[auth]\nallow_plaintext = maybe\n") == (
+        "FILE: [auth] allow_plaintext: expected yes or no (or true/false, on/off, "
+        "1/0), got 'maybe'")
+
+
+def test_bad_failure_delay(tmp_path):
+    assert error_for(tmp_path, "[auth]\nfailure_delay = soon\n").startswith(
+        "FILE: [auth] failure_delay: expected a duration in seconds")
+
+
+def test_connection_and_data_limits(tmp_path):
+    settings = load_with(tmp_path, (
+        "[limits]\nmin_data_rate = 0\nconnections = 10\nconnections_per_ip = 0\n"
+        "connection_rate_per_ip = 0\nheader_size = 64K\n"))
+    limits = settings.limits
+    assert (limits.min_data_rate, limits.connections, limits.connections_per_ip,
+            limits.connection_rate_per_ip, limits.header_size) == (0, 10, 0, 0, 65536)
+
+
+@pytest.mark.parametrize("key, raw, problem", [
+    ("min_data_rate", "-1", "must be at least 0, got '-1'"),
+    ("min_data_rate", "fast", "expected a whole number, got 'fast'"),
+    ("connections", "0", "must be at least 1, got '0'"),
+    ("connections_per_ip", "-5", "must be at least 0, got '-5'"),
+    ("connection_rate_per_ip", "1.5", "expected a whole number, got '1.5'"),
+    ("header_size", "0", "must be at least 1, got '0'"),
+])
+def test_bad_connection_and_data_limits(tmp_path, key, raw, problem):
+    assert error_for(tmp_path, f"[limits]\n{key} = {raw}\n") == (
+        f"FILE: [limits] {key}: {problem}")
 
 
 # --- routes ----------------------------------------------------------------------

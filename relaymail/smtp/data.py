@@ -16,6 +16,7 @@ OK = "ok"
 BARE_NEWLINE = "bare-newline"
 LINE_TOO_LONG = "line-too-long"
 TOO_BIG = "too-big"
+HEADER_TOO_BIG = "header-too-big"
 WRITE_FAILED = "write-failed"
 
 _END = b"\r\n.\r\n"
@@ -30,12 +31,17 @@ class DataReader:
     :param max_size: most message bytes accepted (``[limits] message_size``).
     :param line_length: most octets in a line, CRLF included
         (``[limits] line_length``; RFC 5321 4.5.3.1.6 says 1000).
+    :param header_limit: most octets in the header section, up to the first
+        empty line (``[limits] header_size``), or None for no limit.
     """
 
-    def __init__(self, write, max_size, line_length):
+    def __init__(self, write, max_size, line_length, header_limit=None):
         self._write = write
         self._max_size = max_size
         self._line_length = line_length
+        self._header_limit = header_limit
+        self._header_bytes = 0
+        self._in_header = header_limit is not None
         # The start of a line not yet ended by CRLF; always begins a line,
         # except after an over-long line was dropped (_at_line_start False).
         self._pending = b""
@@ -91,6 +97,8 @@ class DataReader:
         if len(block) > self._line_length and max(map(len, block.split(b"\r\n"))) > self._line_length - 2:
             self._problem(LINE_TOO_LONG)
             return
+        if self._in_header and not self._count_header(block):
+            return
         # RFC 5321 4.5.2: drop the first character of a line that starts
         # with a period.
         if block[:1] == b".":
@@ -104,6 +112,22 @@ class DataReader:
             self._write(block)
         except OSError:
             self._problem(WRITE_FAILED)
+
+    def _count_header(self, block):
+        """Add the header part of ``block`` (whole lines) to the header
+        size; False once it is over the limit."""
+        # The block starts a line, so the empty line ending the header is
+        # either at its very start or after a CRLF inside it.
+        end = 0 if block[:2] == b"\r\n" else block.find(b"\r\n\r\n")
+        if end < 0:
+            self._header_bytes += len(block)
+        else:
+            self._header_bytes += end + 2 if end else 0
+            self._in_header = False
+        if self._header_bytes > self._header_limit:
+            self._problem(HEADER_TOO_BIG)
+            return False
+        return True
 
     def _problem(self, outcome):
         if self.outcome == OK:

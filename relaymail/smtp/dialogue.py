@@ -369,8 +369,9 @@ class Dialogue:
             self._discard_writer()
             self._reset()
             return replies.LOCAL_ERROR
+        limits = self.settings.limits
         self.data_reader = data.DataReader(
-            self._writer.write, self.settings.limits.message_size, self.settings.limits.line_length)
+            self._writer.write, limits.message_size, limits.line_length, limits.header_size)
         return replies.START_DATA
 
     def _received_header(self, queue_id):
@@ -400,6 +401,7 @@ class Dialogue:
             data.BARE_NEWLINE: replies.BARE_NEWLINE,
             data.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
             data.TOO_BIG: replies.MESSAGE_TOO_BIG,
+            data.HEADER_TOO_BIG: replies.HEADER_TOO_BIG,
             data.WRITE_FAILED: replies.LOCAL_ERROR,
         }.get(reader.outcome)
         if problem is not None:

@@ -156,6 +156,8 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 
 # After the final dot.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message too big")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds limit")
+DATA_TOO_SLOW = "Error: data rate too low"
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message has a line longer than the limit")
 # Bare CR or LF: the smuggling defence (SMTP-NOTES attack class 1).
 BARE_NEWLINE = Reply(554, "5.6.0", "Error: bare <CR> or <LF> in message; lines must end with <CR><LF>")

@@ -41,6 +41,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._closing = False
         self._skipping_long_line = False
         self._errors = 0
+        self._data_started = 0.0
+        self._data_bytes = 0
         self._admitted = False
         self._proxy_peer = None      # the proxy's address, until its header came
         self.dialogue = None
@@ -73,7 +75,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if refusal is not None:
             log.info("connect from {client_ip}:{client_port} refused: {reason}",
                      client_ip=ip, client_port=port, reason=refusal)
-            self._reply(replies.Reply(421, "4.7.0", f"{self.dialogue.hostname} {refusal}"), close=True)
+            # In place of the greeting, but with its enhanced code, as
+            # Postfix does: "421 4.7.0" is what limits are known by.
+            reply = replies.Reply(421, "4.7.0", f"{self.dialogue.hostname} {refusal}")
+            self.transport.write(reply.encode(enhanced=True))
+            self._close()
             return
         self._admitted = True
         log.info("connect from {client_ip}:{client_port} trusted={trusted}",
@@ -118,7 +124,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data):
         if self._closing:
             return
-        self.resetTimeout()
+        if self.dialogue is not None and self.dialogue.data_reader is not None:
+            # RFC 5321 4.5.3.2.5: the DATA timeout is per block received;
+            # the data rate bounds the whole DATA phase.
+            self.resetTimeout()
+            self._data_bytes += len(data)
+            if self._too_slow():
+                return
         self._buffer += data
         if self._proxy_peer is not None and not self._read_proxy_header():
             return
@@ -157,6 +169,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if self._skipping_long_line:
                 self._skipping_long_line = False
                 continue
+            # A command timeout runs from one whole command to the next: a
+            # byte now and then does not keep a session alive (slowloris).
+            self.resetTimeout()
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > COMMAND_LINE_LIMIT:
@@ -194,6 +209,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._waiting = False
         if self.transport is None or self._closing:
             return
+        self.resetTimeout()
         self._reply(reply)
         if self._paused:
             self._paused = False
@@ -206,6 +222,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.transport.write(reply.encode(self.dialogue.enhanced_codes))
         if reply is replies.START_DATA:
             self.setTimeout(self.factory.settings.limits.data_timeout)
+            self._data_started = self.factory.reactor.seconds()
+            self._data_bytes = 0
         if self.dialogue.start_tls:
             self._start_tls()
             return
@@ -220,12 +238,30 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     self.dialogue.enhanced_codes))
                 self._close()
 
+    def _too_slow(self):
+        """Postfix smtpd_min_data_rate: DATA may take data_timeout plus the
+        time to send what came at min_data_rate bytes per second, no more,
+        so a trickle of bytes cannot hold a session for ever."""
+        limits = self.factory.settings.limits
+        if not limits.min_data_rate:
+            return False
+        elapsed = self.factory.reactor.seconds() - self._data_started
+        if elapsed <= limits.data_timeout + self._data_bytes / limits.min_data_rate:
+            return False
+        log.info("data rate too low from {client_ip}", client_ip=self.context.client_ip)
+        self.dialogue.connection_lost()
+        self._reply(replies.Reply(421, "4.4.2", f"{self.dialogue.hostname} {replies.DATA_TOO_SLOW}"),
+                    close=True)
+        return True
+
     def _start_tls(self):
         # SMTP-NOTES attack class 2 (CVE-2011-0411): whatever the client sent
         # after the STARTTLS line came in plain text and must not be read
         # as if it came over TLS.
         self._buffer = b""
-        self.transport.startTLS(self.factory.tls.options())
+        # The ServerTLS itself: it hands each new connection the certificate
+        # loaded now, so a reload reaches the next STARTTLS.
+        self.transport.startTLS(self.factory.tls)
         self.dialogue.tls_started()
 
     def _close(self):

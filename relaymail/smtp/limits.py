@@ -1,0 +1,175 @@
+"""Connection limits: how many clients at once, from one address, per minute.
+
+:class:`ConnectionGate` is asked once per new connection, before the
+greeting, and told when each admitted connection ends.  It keeps three
+counts, as Postfix does with its process limit and its anvil(8) server:
+
+* connections open at once from everyone (``[limits] connections``);
+* connections open at once from one IP address
+  (``connections_per_ip``, Postfix smtpd_client_connection_count_limit);
+* connections one IP address opened in the current minute
+  (``connection_rate_per_ip``, Postfix smtpd_client_connection_rate_limit).
+
+A refusal is the text of a ``421 4.7.0`` reply, worded as Postfix words it
+so that operators' log searches carry over.  The gate does no I/O and reads
+time only from the clock it is given, so tests drive it with a fake clock.
+"""
+
+import collections
+import ipaddress
+
+# anvil_rate_time_unit: Postfix counts connection rates over 60 seconds.
+RATE_WINDOW = 60.0
+
+# Most addresses whose rate is remembered at once.  A flood from many
+# addresses (easy with IPv6) must not grow the table without bound; when it
+# is full, the address whose minute started longest ago is forgotten first.
+# Each entry is a couple of hundred bytes, so this is some tens of MB.
+MAX_TRACKED = 100_000
+
+TOO_MANY = "Error: too many connections"
+
+
+def client_key(ip):
+    """The address a client is counted under: an IPv4-mapped IPv6 address
+    (``::ffff:192.0.2.1``, what a dual-stack socket reports for an IPv4
+    client) counts as the IPv4 address, so one client has one count."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip   # not an IP address (a UNIX socket): counted as given
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class _Window:
+    """One address's connection attempts since ``start``."""
+
+    __slots__ = ("start", "count")
+
+    def __init__(self, start):
+        self.start = start
+        self.count = 0
+
+
+class ConnectionGate:
+    """Counts connections overall and per client IP, and connection rate per IP.
+
+    :param settings: relaymail settings; ``settings.limits`` gives
+        ``connections``, ``connections_per_ip`` and
+        ``connection_rate_per_ip`` (0 turns either per-IP limit off).
+    :param clock: an ``IReactorTime``-like object with ``seconds()``; the
+        reactor when None.
+    :param max_tracked: most addresses whose rate is remembered (see
+        :data:`MAX_TRACKED`); for tests.
+    """
+
+    def __init__(self, settings, clock=None, *, max_tracked=MAX_TRACKED):
+        if clock is None:
+            # Imported here so that importing this module does not install
+            # the default reactor before twistd has chosen one.
+            from twisted.internet import reactor as clock
+        limits = settings.limits
+        self._clock = clock
+        self._max_total = limits.connections
+        self._max_per_ip = limits.connections_per_ip
+        self._max_rate = limits.connection_rate_per_ip
+        self._max_tracked = max_tracked
+        self._total = 0
+        self._open = {}      # address -> connections open now (never 0)
+        # address -> _Window, in the order the windows started, so that the
+        # expired ones are always at the front and pruning stops at the
+        # first live one.  An OrderedDict because taking from the front of
+        # a plain dict again and again rescans the deleted slots.
+        self._windows = collections.OrderedDict()
+
+    @property
+    def connections(self):
+        """Connections admitted and not yet released."""
+        return self._total
+
+    def connections_from(self, ip):
+        """Connections from ``ip`` admitted and not yet released."""
+        return self._open.get(client_key(ip), 0)
+
+    def tracked(self):
+        """How many addresses' connection rates are remembered now."""
+        self._prune(self._clock.seconds())
+        return len(self._windows)
+
+    def admit(self, ip, exempt):
+        """Decide whether a new connection from ``ip`` may proceed.
+
+        The overall limit applies to everyone; the per-IP count and rate
+        limits do not apply when ``exempt`` is True (the caller passes True
+        for clients in ``trusted_networks``, as Postfix exempts mynetworks
+        through smtpd_client_event_limit_exceptions).
+
+        Every attempt from a client that is not exempt counts towards its
+        rate, refused or not, as anvil counts them: a client hammering the
+        port stays refused until it slows down.  An admitted connection is
+        counted as open until :meth:`release`; a refused one is not.
+
+        :return: None when the connection may proceed, else the reason for
+            a ``421 4.7.0 <hostname> <reason>`` reply.
+        """
+        key = client_key(ip)
+        attempts = 0 if exempt else self._count_attempt(key)
+        if self._total >= self._max_total:
+            return TOO_MANY
+        if not exempt:
+            if self._max_per_ip and self._open.get(key, 0) >= self._max_per_ip:
+                return f"{TOO_MANY} from {key}"
+            if self._max_rate and attempts > self._max_rate:
+                return f"{TOO_MANY} per minute from {key}"
+        self._total += 1
+        self._open[key] = self._open.get(key, 0) + 1
+        return None
+
+    def release(self, ip):
+        """A connection admitted from ``ip`` has ended."""
+        key = client_key(ip)
+        count = self._open.get(key, 0)
+        if count == 0:
+            # Released twice, or never admitted: a caller's bug, but not
+            # one that may push the counts below what is really open.
+            return
+        self._total -= 1
+        if count == 1:
+            del self._open[key]
+        else:
+            self._open[key] = count - 1
+
+    def _count_attempt(self, key):
+        """Count one attempt from ``key``; the attempts in its window now."""
+        if not self._max_rate:
+            return 0
+        now = self._clock.seconds()
+        self._prune(now)
+        window = self._windows.get(key)
+        if window is not None and not self._live(window, now):
+            # Only reachable when the clock went backwards (the reactor's
+            # is wall-clock time); start afresh rather than trust it.
+            del self._windows[key]
+            window = None
+        if window is None:
+            if len(self._windows) >= self._max_tracked:
+                self._windows.popitem(last=False)
+            window = self._windows[key] = _Window(now)
+        window.count += 1
+        return window.count
+
+    @staticmethod
+    def _live(window, now):
+        """True while ``window``'s minute has not run out."""
+        return window.start <= now < window.start + RATE_WINDOW
+
+    def _prune(self, now):
+        """Forget the windows that ended; they sit at the front."""
+        windows = self._windows
+        while windows:
+            window = next(iter(windows.values()))
+            if self._live(window, now):
+                break
+            windows.popitem(last=False)

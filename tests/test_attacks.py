@@ -1,0 +1,171 @@
+"""The attack classes of SMTP-NOTES, each against the protocol driven with
+bytes.  (STARTTLS injection needs real TLS: tests/test_tls_auth.py.)"""
+
+import pytest
+
+from relaymail.policy.loader import build_plugins
+from tests.support import Session, make_settings
+
+
+def session_for(tmp_path, client_ip="192.0.2.7", **keys):
+    settings = make_settings(tmp_path, **keys)
+    return Session(settings, build_plugins(settings)[0], client_ip=client_ip)
+
+
+def in_data(session):
+    session.command(b"EHLO client.test")
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+    assert session.command(b"DATA").startswith(b"354 ")
+
+
+# -- 1. SMTP smuggling -------------------------------------------------------
+
+@pytest.mark.parametrize("ending", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\x00.\x00\r\n"])
+def test_smuggled_end_neither_ends_the_message_nor_starts_another(tmp_path, ending):
+    session = session_for(tmp_path)
+    in_data(session)
+    out = session.send(b"Subject: a\r\n\r\ntext" + ending
+                       + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+                       + b"forged\r\n")
+    assert out == b""                       # still inside the first message
+    final = session.send(b".\r\nNOOP\r\n").split(b"\r\n")[:-1]
+    assert len(final) == 2 and final[1] == b"250 2.0.0 Ok"
+    if ending.startswith(b"\x00"):
+        # NUL is data, not a line end: one message holding all of it.
+        assert final[0].startswith(b"250 2.0.0 Ok: queued as ")
+        [(_, message)] = session.queue.messages.values()
+        assert b"MAIL FROM:<evil@example.org>" in message
+    else:
+        assert final[0] == b"554 5.6.0 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>"
+        assert session.queue.messages == {}
+
+
+# -- 3. Open relay -------------------------------------------------------------
+
+@pytest.mark.parametrize("recipient", [
+    b"<victim@example.net>",                    # a foreign domain
+    b"<victim%example.net@example.com>",        # the percent hack
+    b"<example.net!victim@example.com>",        # a bang path
+    b'<"victim@example.net"@example.com>',      # an @ in a quoted local part
+    b"<@example.com:victim@example.net>",       # a source route through us
+    b"<victim@[192.0.2.1]>",                    # an address literal
+    b"<victim@[IPv6:2001:db8::1]>",
+    b"<victim@example.com.example.net>",        # our domain as a prefix
+])
+def test_open_relay_attempts_are_refused(tmp_path, recipient):
+    session = session_for(tmp_path)
+    session.command(b"EHLO client.test")
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:" + recipient) == b"554 5.7.1 Relay access denied\r\n"
+
+
+# -- 7. HTTP on the SMTP port --------------------------------------------------
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"POST /form HTTP/1.0", b"CONNECT mx:25 HTTP/1.1",
+                                  b"Host: relay.example", b"User-Agent: curl/8"])
+def test_http_requests_are_hung_up_on(tmp_path, line):
+    session = session_for(tmp_path)
+    assert session.command(line) == b"421 mx.test Error: HTTP request on the SMTP port\r\n"
+    assert session.closed
+
+
+# -- 4. Oversize input ---------------------------------------------------------
+
+def test_oversize_header_is_refused_after_the_dot(tmp_path):
+    session = session_for(tmp_path, limits__header_size="1000")
+    in_data(session)
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"y" * 60) for n in range(20))
+    assert session.send(headers + b"\r\nbody\r\n.\r\nNOOP\r\n") == (
+        b"552 5.3.4 Error: message header size exceeds limit\r\n250 2.0.0 Ok\r\n")
+
+
+def test_header_limit_counts_only_the_header(tmp_path):
+    session = session_for(tmp_path, limits__header_size="1000")
+    in_data(session)
+    body = b"".join(b"%s\r\n" % (b"z" * 70) for _ in range(100))
+    assert session.send(b"Subject: small\r\n\r\n" + body + b".\r\n").startswith(b"250 2.0.0 Ok: queued")
+
+
+def test_oversize_message_and_lines(tmp_path):
+    session = session_for(tmp_path, limits__message_size="1000")
+    in_data(session)
+    assert session.send(b"a" * 900 + b"\r\n" + b"b" * 900 + b"\r\n.\r\n") == (
+        b"552 5.3.4 Error: message too big\r\n")
+    session.command(b"MAIL FROM:<a@example.org>")
+    session.command(b"RCPT TO:<b@example.com>")
+    session.command(b"DATA")
+    assert session.send(b"c" * 5000 + b"\r\n.\r\n") == (
+        b"500 5.5.2 Error: message has a line longer than the limit\r\n")
+    assert session.send(b"NOOP " + b"d" * 5000 + b"\r\nNOOP\r\n") == (
+        b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n")
+
+
+# -- 5. Slow clients -------------------------------------------------------------
+
+def test_slowloris_on_commands_gets_no_extra_time(tmp_path):
+    session = session_for(tmp_path, limits__command_timeout="10")
+    session.command(b"EHLO client.test")
+    for _ in range(3):
+        session.clock.advance(3)
+        assert session.send(b"N") == b""       # a byte now and then
+    assert session.take() == b""
+    session.clock.advance(1.5)
+    assert session.take() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    assert session.closed
+
+
+def test_data_trickle_is_cut_at_the_minimum_rate(tmp_path):
+    session = session_for(tmp_path, limits__data_timeout="10", limits__min_data_rate="100")
+    in_data(session)
+    # 10 bytes every 9 seconds: each block is in time, the rate is not.
+    # DATA may last data_timeout + bytes / min_data_rate = 10.2 s here.
+    session.clock.advance(9)
+    assert session.send(b"0123456789") == b""
+    session.clock.advance(9)
+    assert session.send(b"0123456789") == b"421 4.4.2 mx.test Error: data rate too low\r\n"
+    assert session.closed
+    assert session.queue.writers[0].aborted
+
+
+def test_a_fast_enough_sender_is_not_cut(tmp_path):
+    session = session_for(tmp_path, limits__data_timeout="10", limits__min_data_rate="100")
+    in_data(session)
+    for _ in range(5):
+        session.clock.advance(9)
+        assert session.send(b"x" * 998 + b"\r\n") == b""
+    assert session.send(b".\r\n").startswith(b"250 2.0.0 Ok: queued as ")
+
+
+# -- 6. Floods -------------------------------------------------------------------
+
+def test_recipient_flood_hits_the_recipient_and_error_limits(tmp_path):
+    session = session_for(tmp_path, limits__recipients="3", limits__errors="5")
+    session.command(b"EHLO client.test")
+    session.command(b"MAIL FROM:<a@example.org>")
+    out = session.send(b"".join(b"RCPT TO:<u%d@example.com>\r\n" % n for n in range(20)))
+    lines = out.split(b"\r\n")[:-1]
+    assert lines[:3] == [b"250 2.1.5 Ok"] * 3
+    assert lines[3:8] == [b"452 4.5.3 Error: too many recipients"] * 5
+    assert lines[8:] == [b"421 4.7.0 mx.test Error: too many errors"]
+    assert session.closed
+
+
+# -- 8. Control characters and invalid UTF-8 -----------------------------------
+
+@pytest.mark.parametrize("line", [
+    b"EHLO cli\x00ent", b"EHLO \xff\xfe", b"HELO a\x1bb",
+    b"MAIL FROM:<a\x7f@example.org>", b"MAIL FROM:<a@example.org> SIZE=1\x0b",
+    b"RCPT TO:<b\tc@example.com>", b"MAIL FROM:<\xc3(@example.org>",
+])
+def test_control_characters_and_bad_utf8_are_501(tmp_path, line):
+    session = session_for(tmp_path)
+    if not line.startswith((b"EHLO", b"HELO")):
+        session.command(b"EHLO client.test")
+    if line.startswith(b"RCPT"):
+        session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(line) == (
+        b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n"
+        if not line.startswith((b"EHLO", b"HELO")) else
+        b"501 Error: control characters or invalid UTF-8 in command\r\n")
+    assert session.command(b"NOOP").startswith(b"250 ")
