@@ -1,5 +1,7 @@
 """``twistd relaymail``: command-line options and the service tree."""
 
+import os
+
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
@@ -151,10 +153,32 @@ def _authenticator(settings, reactor):
     return Authenticator(portal, settings.auth.failure_delay, reactor)
 
 
+def _run_as(options):
+    """The (uid, gid) twistd will switch to after binding, or None."""
+    parent = getattr(options, "parent", None) or {}
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None or os.geteuid() != 0:
+        return None
+    return uid, gid if gid is not None else -1
+
+
+def _hand_over_spool(path, owner):
+    """The spool and its lock are made while twistd is still root (to bind
+    port 25); give them to the user the relay will run as."""
+    uid, gid = owner
+    os.chown(path, uid, gid)
+    for name in os.listdir(path):
+        os.chown(os.path.join(path, name), uid, gid)
+
+
 def makeService(options):
     try:
         settings = load_config(options["config"], _overrides(options))
-        return build_service(settings)
+        top = build_service(settings)
+        owner = _run_as(options)
+        if owner is not None:
+            _hand_over_spool(settings.queue.path, owner)
+        return top
     except ConfigError as error:
         # twistd would print a traceback; a bad config deserves one line.
         raise SystemExit(f"relaymail: {error}")

@@ -55,18 +55,20 @@ class RelayProcess:
                 for key, value in keys.items():
                     f.write(f"{key} = {value}\n")
         self.process = None
+        self.extra_args = []
+        self.host = "127.0.0.1"
 
     def start(self, timeout=20):
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "relaymail", "--config", self.config],
+            [TWISTD, "-n", "--pidfile=", *self.extra_args, "relaymail", "--config", self.config],
             cwd=self.workdir, env=_env(), stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"relay exited {self.process.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), 2) as probe:
+                with socket.create_connection((self.host, self.port), 2) as probe:
                     # A whole polite session, so the relay has let go of
                     # it (connection limits) before a test starts.
                     probe.recv(512)

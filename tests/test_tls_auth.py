@@ -1,6 +1,7 @@
 """STARTTLS, implicit TLS, AUTH, submission and connection limits on the
 real relay over real sockets."""
 
+import os
 import smtplib
 import socket
 import ssl
@@ -176,3 +177,57 @@ def test_connections_per_ip_limit(tmp_path):
         second.close()
     finally:
         relay.stop()
+
+
+def test_proxy_listener_uses_the_client_named_in_the_header(tmp_path):
+    proxy_port = free_port()
+    relay = RelayProcess(tmp_path, {
+        "server": {"proxy_listen": f"tcp:{proxy_port}:interface=127.0.0.1",
+                   "proxy_trusted": "127.0.0.1/32"},
+        "relay": {"domains": "example.com"},
+    }).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy_port), 10) as s:
+            s.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n"
+                      b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nQUIT\r\n")
+            out = b""
+            while chunk := s.recv(4096):
+                out += chunk
+    finally:
+        relay.stop()
+    # Loopback would be trusted; the client behind the proxy is not.
+    assert b"\r\n554 5.7.1 Relay access denied\r\n" in out
+    assert "connect from 198.51.100.7:40000 trusted=False" in relay.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding port 25 and dropping privileges needs root")
+def test_binds_port_25_as_root_then_runs_as_an_unprivileged_user(tmp_path):
+    import pwd
+    import pathlib
+    import shutil
+    import tempfile
+    user = pwd.getpwnam("nobody")
+    # Somewhere the unprivileged user can reach (pytest's tmp_path is 0700).
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="relaymail-uid-"))
+    os.chmod(workdir, 0o755)
+    spool = workdir / "spool"
+    relay = RelayProcess(workdir, {"server": {"listen": "tcp:25:interface=127.0.0.2"},
+                                   "queue": {"path": str(spool)}})
+    relay.port = 25
+    relay.extra_args = ["--uid", str(user.pw_uid), "--gid", str(user.pw_gid)]
+    relay.host = "127.0.0.2"
+    relay.start()
+    try:
+        with smtplib.SMTP("127.0.0.2", 25) as client:
+            client.ehlo("client.test")
+            client.mail("a@example.org")
+            client.rcpt("b@example.com")
+            assert client.data(b"Subject: x\r\n\r\nx\r\n")[0] == 250
+        with open(f"/proc/{relay.process.pid}/status") as f:
+            uids = [line.split()[1:] for line in f if line.startswith("Uid:")][0]
+        assert set(uids) == {str(user.pw_uid)}
+        assert os.stat(spool / "active").st_uid == user.pw_uid
+        assert os.stat(spool / "lock").st_uid == user.pw_uid
+    finally:
+        relay.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
