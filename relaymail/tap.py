@@ -166,9 +166,12 @@ def _hand_over_spool(path, owner):
     """The spool and its lock are made while twistd is still root (to bind
     port 25); give them to the user the relay will run as."""
     uid, gid = owner
+    # All of it: messages queued while running as root (or by the queue tool
+    # as root) must stay readable, or recovery would set them aside.
     os.chown(path, uid, gid)
-    for name in os.listdir(path):
-        os.chown(os.path.join(path, name), uid, gid)
+    for directory, subdirectories, files in os.walk(path):
+        for name in subdirectories + files:
+            os.chown(os.path.join(directory, name), uid, gid)
 
 
 def makeService(options):

@@ -169,3 +169,39 @@ def test_control_characters_and_bad_utf8_are_501(tmp_path, line):
         if not line.startswith((b"EHLO", b"HELO")) else
         b"501 Error: control characters or invalid UTF-8 in command\r\n")
     assert session.command(b"NOOP").startswith(b"250 ")
+
+
+def test_a_client_that_does_not_read_its_replies_is_not_answered(tmp_path):
+    session = session_for(tmp_path, limits__junk_commands="1000000")
+    session.command(b"EHLO client.test")
+    # The transport says its output buffer is full (the client reads nothing).
+    session.protocol.pauseProducing()
+    assert session.send(b"HELP\r\n" * 100_000) == b""
+    # Input piled up too: the socket is no longer read.
+    assert session.transport.producerState == "paused"
+    session.protocol.resumeProducing()
+    assert session.take().count(b"214 2.0.0 See RFC 5321") == 100_000
+    assert session.transport.producerState == "producing"
+
+
+def test_junk_commands_past_the_limit_count_as_errors(tmp_path):
+    session = session_for(tmp_path, limits__junk_commands="3", limits__errors="2")
+    session.command(b"EHLO client.test")
+    for _ in range(3):
+        assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+    assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"       # first excess: one error
+    assert session.command(b"RSET") == b"250 2.0.0 Ok\r\n421 4.7.0 mx.test Error: too many errors\r\n"
+    assert session.closed
+
+
+def test_a_queued_message_resets_the_junk_count(tmp_path):
+    session = session_for(tmp_path, limits__junk_commands="2", limits__errors="1")
+    session.command(b"EHLO client.test")
+    for _ in range(3):
+        session.command(b"NOOP")
+        session.command(b"NOOP")
+        session.command(b"MAIL FROM:<a@example.org>")
+        session.command(b"RCPT TO:<b@example.com>")
+        session.command(b"DATA")
+        assert session.send(b"x\r\n.\r\n").startswith(b"250 2.0.0 Ok: queued")
+    assert not session.closed

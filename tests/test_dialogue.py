@@ -467,3 +467,16 @@ def test_command_timeout_closes(tmp_path):
     s.clock.advance(0.2)
     assert s.take() == b"421 mx.test Error: timeout exceeded\r\n"
     assert s.closed
+
+
+def test_no_timeout_while_the_server_is_the_one_busy(tmp_path, scripted):
+    s = session_for(make_settings(tmp_path, limits__command_timeout="5", plugins__timeout="1000"), scripted)
+    ehlo(s)
+    s.command(b"MAIL FROM:<a@example.org>")
+    assert s.command(b"RCPT TO:<later9@example.com>") == b""
+    s.clock.advance(60)            # a slow plugin, not a slow client
+    assert s.take() == b"" and not s.closed
+    scripted.pending["later9"].callback(Decision.accept())
+    assert s.take() == b"250 2.1.5 Ok\r\n"
+    s.clock.advance(5.1)           # now the client's clock runs again
+    assert s.take() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"

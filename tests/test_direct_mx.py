@@ -48,7 +48,8 @@ class DirectDeliveryTests(DNSTestCase):
         settings = settings_with(
             server__hostname="relay.test", queue__path=self.spool_directory(), queue__min_backoff="1",
             delivery__mx_port=str(self.port), delivery__connect_timeout="2",
-            delivery__command_timeout="5", delivery__destination_concurrency="2")
+            delivery__command_timeout="5", delivery__data_timeout="1",
+            delivery__destination_concurrency="2")
         self.spool = Spool(settings.queue.path, reactor=reactor)
         self.spool.start()
         router = Router(settings, resolver=self.resolver)
@@ -143,3 +144,19 @@ class DirectDeliveryTests(DNSTestCase):
         yield self.until(lambda: os.path.exists(corrupt), "quarantine")
         self.assertEqual(list(self.spool.ids()), [])
         self.assertEqual(self.primary.messages + self.backup.messages, [])
+
+    @defer.inlineCallbacks
+    def test_no_next_mx_once_the_content_was_sent(self):
+        # mx1 takes the message but answers the final dot too late: it may
+        # have it, so it must not also go to mx2 in the same attempt.
+        calls = []
+
+        def late(transaction):
+            calls.append(transaction)
+            if len(calls) == 1:
+                time.sleep(2.5)
+            return 250, "2.0.0 Ok"
+        self.primary.data_reply = late
+        yield self.queue("a@example.org", ["bob@example.net"])
+        yield self.until(lambda: self.primary.messages, "the slow delivery to mx1")
+        self.assertEqual(self.backup.messages, [])

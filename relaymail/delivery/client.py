@@ -355,9 +355,13 @@ class OutboundSession:
                 raise error_from_reply(data_reply, self.remote)
             self._expect_decision(data_reply)
             return assemble_results(recipients, rcpt_replies, data_reply)
-        await connection.send_message(file, self._config.data_block_timeout)
-        final = await self._reply("receiving the reply to the end of data",
-                                  self._config.data_timeout)
+        try:
+            await connection.send_message(file, self._config.data_block_timeout)
+            final = await self._reply("receiving the reply to the end of data",
+                                      self._config.data_timeout)
+        except DeliveryError as error:
+            error.after_data = True
+            raise
         self._needs_reset = False
         self._expect_decision(final)
         return assemble_results(recipients, rcpt_replies, final)

@@ -7,9 +7,10 @@ is 20) take jobs from it; a connection that finished a job takes the next
 one queued for the same destination, so a burst of mail to one smarthost
 shares a few sessions instead of opening one per message.
 
-Hops are tried in order: a connection failure or a refusal before MAIL
-(greeting, EHLO, STARTTLS, AUTH) moves on to the next one, as Postfix does
-with MX hosts (it skips 5xx greetings too, smtp_skip_5xx_greeting).
+Hops are tried in order: a connection failure, a refusal before MAIL
+(greeting, EHLO, STARTTLS, AUTH, as Postfix does with smtp_skip_5xx_greeting)
+or a temporary failure of the transaction before the message content was
+sent moves on to the next one.
 """
 
 import collections
@@ -132,7 +133,9 @@ class DestinationPool:
     def _connection_over(self, _, queue):
         queue.connections -= 1
         self._connections -= 1
-        self._pump()
+        # Later, not now: a connection that ended at once (a cached routing
+        # failure) would otherwise recurse through _pump.
+        self._reactor.callLater(0, self._pump)
 
     @defer.inlineCallbacks
     def _run_connection(self, queue):
@@ -177,7 +180,9 @@ class DestinationPool:
                         body=job.body, smtputf8=job.smtputf8)
                 except DeliveryError as error:
                     session.abort()
-                    if error.temporary and more_hops:
+                    # Another hop only when this one surely did not take
+                    # the message; after the content went, wait and retry.
+                    if error.temporary and more_hops and not error.after_data:
                         log.info("{queue_id}: {remote}: {text}; trying the next host",
                                  queue_id=job.queue_id, remote=session.remote, text=error.text)
                         return (job, error)

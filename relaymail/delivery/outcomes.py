@@ -37,6 +37,11 @@ class DeliveryError(Exception):
     :ivar remote: the ``Hop.label`` of the server, when there was one.
     """
 
+    #: True when the failure came after the message content was sent: the
+    #: server may have taken it, so it must not be offered to another hop
+    #: in the same attempt (that would deliver it twice).
+    after_data = False
+
     def __init__(self, temporary, code, enhanced, text, remote=None):
         super().__init__(text)
         self.temporary = temporary

@@ -72,6 +72,7 @@ class Scheduler(service.Service):
         self._scheduled = {}        # queue id -> time it is due
         self._forced = set()        # due now whatever the record says
         self._attempts = {}         # queue id -> _Attempt in progress
+        self._unsaved = {}          # queue id -> record whose write failed
         self._timer = None
         self._running = False
 
@@ -118,19 +119,30 @@ class Scheduler(service.Service):
     def _run_due(self):
         self._timer = None
         now = self._clock()
-        while self._heap and self._heap[0][0] <= now:
-            when, _, queue_id = heapq.heappop(self._heap)
-            if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
-                continue            # rescheduled since, or already running
-            del self._scheduled[queue_id]
-            self._start(queue_id, now)
-        self._arm()
+        try:
+            while self._heap and self._heap[0][0] <= now:
+                when, _, queue_id = heapq.heappop(self._heap)
+                if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
+                    continue            # rescheduled since, or already running
+                del self._scheduled[queue_id]
+                try:
+                    self._start(queue_id, now)
+                except Exception:
+                    # One message we cannot handle now (EMFILE, EIO...) must
+                    # not stop the others: try it again later.
+                    log.failure("{queue_id}: cannot start delivery", queue_id=queue_id)
+                    self._attempts.pop(queue_id, None)
+                    self._schedule(queue_id, now + self.settings.queue.min_backoff)
+        finally:
+            self._arm()
 
     # -- an attempt ---------------------------------------------------------
 
     def _start(self, queue_id, now):
         try:
-            record = self.spool.load(queue_id)
+            # A record whose last write failed is newer in memory than on
+            # disk: using the disk copy would send to recipients again.
+            record = self._unsaved.pop(queue_id, None) or self.spool.load(queue_id)
         except FileNotFoundError:
             return                  # deleted or held meanwhile
         except records.CorruptRecord as error:
@@ -222,17 +234,32 @@ class Scheduler(service.Service):
                 self._record(queue_id, attempt, Outcome(
                     entry["address"], BOUNCED, None, "4.4.7",
                     f"delivery time expired; last error: {entry['last_error']}"))
-            deferred = []
         d = self._bounce(queue_id, record, attempt.bounced, now)
+
+        def after_bounce(sent):
+            if not sent:
+                # The sender could not be told: keep those recipients to do,
+                # so the next attempt bounces them (and queues the DSN) again.
+                bounced = {outcome.address for outcome in attempt.bounced}
+                for entry in record["recipients"]:
+                    if entry["address"] in bounced:
+                        entry["status"] = records.DEFERRED
+            return self._retry_or_finish(queue_id, attempt, now)
+        d.addCallback(after_bounce)
+
+    def _retry_or_finish(self, queue_id, attempt, now):
+        record = attempt.record
+        deferred = [e for e in record["recipients"] if e["status"] not in _FINAL]
         if not deferred:
-            d.addCallback(lambda _: self._finished(queue_id, attempt))
-            return
+            self._finished(queue_id, attempt)
+            return None
         record["attempts"] += 1
         record["next_attempt_at"] = now + backoff(
             record["attempts"], self.settings.queue.min_backoff, self.settings.queue.max_backoff)
-        d.addCallback(lambda _: self._maybe_warn(queue_id, record, deferred, now))
+        d = defer.maybeDeferred(self._maybe_warn, queue_id, record, deferred, now)
         d.addCallback(lambda _: self._write(queue_id, attempt))
         d.addCallback(lambda _: self._reschedule(queue_id, attempt))
+        return d
 
     def _finished(self, queue_id, attempt):
         attempt.writes.addBoth(lambda _: self._remove(queue_id))
@@ -245,15 +272,24 @@ class Scheduler(service.Service):
     def _reschedule(self, queue_id, attempt):
         def done(_):
             del self._attempts[queue_id]
-            if attempt.after == "delete":
-                return self.spool.call_in_thread(self.spool.delete, queue_id)
-            if attempt.after == "hold":
-                return self.spool.call_in_thread(self.spool.hold, queue_id)
+            if attempt.after in ("delete", "hold"):
+                move = self.spool.delete if attempt.after == "delete" else self.spool.hold
+                return self._in_thread_or_keep(queue_id, move)
             if queue_id in self._forced:
                 self._schedule(queue_id, self._clock())
             else:
                 self._schedule(queue_id, attempt.record["next_attempt_at"])
         attempt.writes.addBoth(done)
+
+    def _in_thread_or_keep(self, queue_id, operation):
+        """Run a spool move or delete; if it fails, the message is still
+        queued, so keep scheduling it."""
+        def failed(failure):
+            log.failure("{queue_id}: {operation} failed", failure, queue_id=queue_id,
+                        operation=operation.__name__)
+            self._schedule(queue_id, self._clock() + self.settings.queue.min_backoff)
+            return False
+        return self.spool.call_in_thread(operation, queue_id).addCallbacks(bool, failed)
 
     def _write(self, queue_id, attempt):
         """Persist the record, after any write already under way."""
@@ -261,17 +297,23 @@ class Scheduler(service.Service):
 
         def write(_):
             d = self.spool.update_in_thread(queue_id, snapshot)
-            d.addErrback(lambda f: log.failure("{queue_id}: cannot update the queue record",
-                                               f, queue_id=queue_id))
+            d.addCallback(lambda _: self._unsaved.pop(queue_id, None))
+            d.addErrback(failed)
             return d
+
+        def failed(failure):
+            log.failure("{queue_id}: cannot update the queue record", failure, queue_id=queue_id)
+            self._unsaved[queue_id] = attempt.record
         attempt.writes.addCallback(write)
         return attempt.writes
 
     # -- DSNs -------------------------------------------------------------
 
     def _bounce(self, queue_id, record, bounced, now):
+        """Queue the DSN for ``bounced``: a Deferred firing True once it is
+        queued (or none is owed), False when it could not be."""
         if not bounced:
-            return defer.succeed(None)
+            return defer.succeed(True)
         failed = [FailedRecipient(address=o.address, action="failed", status=_final_status(o),
                                   diagnostic=o.diagnostic, remote_mta=o.remote_name,
                                   last_attempt=now) for o in bounced]
@@ -292,7 +334,8 @@ class Scheduler(service.Service):
         if record["envelope"]["sender"] == "":
             # RFC 5321 6.1 / RFC 3464: never a DSN about a DSN.
             log.info("{queue_id}: {kind} not sent: the sender is <>", queue_id=queue_id, kind=kind)
-            return defer.succeed(None)
+            return defer.succeed(True)
+        writer = None
         try:
             envelope, message = build_dsn(record, self.spool.message_path(queue_id), recipients,
                                           self.hostname, now, **extra)
@@ -300,7 +343,9 @@ class Scheduler(service.Service):
             writer.write(message)
         except Exception:
             log.failure("{queue_id}: cannot build the {kind}", queue_id=queue_id, kind=kind)
-            return defer.succeed(None)
+            if writer is not None:
+                writer.abort()
+            return defer.succeed(False)
         envelope.received_at = now
         d = writer.commit(envelope)
 
@@ -308,9 +353,12 @@ class Scheduler(service.Service):
             log.info("{queue_id}: sender {kind}: {dsn_id}", queue_id=queue_id, kind=kind,
                      dsn_id=dsn_id)
             self.message_queued(dsn_id)
-        d.addCallbacks(queued, lambda f: log.failure(
-            "{queue_id}: cannot queue the {kind}", f, queue_id=queue_id, kind=kind))
-        return d
+            return True
+
+        def failed(failure):
+            log.failure("{queue_id}: cannot queue the {kind}", failure, queue_id=queue_id, kind=kind)
+            return False
+        return d.addCallbacks(queued, failed)
 
     # -- the queue tool's requests (relaymail.queue.control) ---------------
 
@@ -344,7 +392,7 @@ class Scheduler(service.Service):
             self._attempts[queue_id].after = "delete"
             return True
         self._scheduled.pop(queue_id, None)
-        return self.spool.call_in_thread(self.spool.delete, queue_id).addCallback(bool)
+        return self._in_thread_or_keep(queue_id, self.spool.delete)
 
     def delete_all(self):
         for attempt in self._attempts.values():
@@ -358,7 +406,7 @@ class Scheduler(service.Service):
             self._attempts[queue_id].after = "hold"
             return True
         self._scheduled.pop(queue_id, None)
-        return self.spool.call_in_thread(self.spool.hold, queue_id).addCallback(bool)
+        return self._in_thread_or_keep(queue_id, self.spool.hold)
 
     def release(self, queue_id):
         def released(done):

@@ -27,6 +27,8 @@ _HTTP_VERBS = frozenset({b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS
 
 _SUPPORTED_BODIES = ("7BIT", "8BITMIME")
 
+_JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"})
+
 
 @implementer(ISessionContext)
 class SessionContext:
@@ -84,6 +86,11 @@ class Dialogue:
         #: starts the handshake and calls tls_started().
         self.start_tls = False
         self._sasl = None
+        # Postfix smtpd_junk_command_limit: past it, each NOOP, RSET, VRFY,
+        # EXPN or HELP counts as an error; a queued message starts afresh.
+        self._junk = 0
+        #: The command just handled was junk over the limit.
+        self.excess_junk = False
         self.esmtp = False
         self.transaction = None
         #: Set after DATA got 354: the protocol feeds message bytes here.
@@ -130,6 +137,10 @@ class Dialogue:
             return self._sasl_line(line)
         verb, _, rest = line.partition(b" ")
         verb = verb.upper()
+        self.excess_junk = False
+        if verb in _JUNK_VERBS:
+            self._junk += 1
+            self.excess_junk = self._junk > self.settings.limits.junk_commands
         if verb in _HTTP_VERBS or verb.endswith(b":"):
             # "Host:", "User-Agent:" and friends: a browser talking.
             self.closing = True
@@ -234,6 +245,15 @@ class Dialogue:
         except self.auth.SASLError as error:
             return replies.Reply(error.reply_code, error.enhanced, error.text)
         return self._sasl_step()
+
+    @property
+    def in_sasl(self):
+        """An AUTH exchange is waiting for the client's next line."""
+        return self._sasl is not None
+
+    def cancel_sasl(self):
+        """Drop an AUTH exchange (its line could not be read)."""
+        self._sasl = None
 
     def _sasl_line(self, line):
         try:
@@ -364,7 +384,8 @@ class Dialogue:
         try:
             self._writer = self.queue.new_message()
             self._writer.write(self._received_header(self._writer.queue_id))
-        except OSError:
+        except Exception:
+            # OSError from the disk; RuntimeError from a spool shutting down.
             log.failure("cannot start a queue file")
             self._discard_writer()
             self._reset()
@@ -425,6 +446,7 @@ class Dialogue:
         d = writer.commit(envelope)
 
         def queued(queue_id):
+            self._junk = 0
             log.info("{queue_id}: queued from=<{sender}> to={recipients} size={size} client={client_ip}",
                      queue_id=queue_id, sender=envelope.sender,
                      recipients=",".join(f"<{r}>" for r in recipients), size=size,

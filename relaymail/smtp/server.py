@@ -11,9 +11,11 @@ import ipaddress
 import time
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
@@ -24,12 +26,20 @@ log = Logger(namespace="relaymail.smtp")
 # add; Postfix reads up to 2048 (line_length_limit) before calling a line
 # too long.
 COMMAND_LINE_LIMIT = 2048
+SASL_LINE_LIMIT = 12288
 # Pipelined input held while a reply is pending, before the socket is paused.
 _MAX_HELD_INPUT = 256 * 1024
 
 
+@implementer(IPushProducer)
 class SMTPServerProtocol(Protocol, TimeoutMixin):
-    """One inbound SMTP connection."""
+    """One inbound SMTP connection.
+
+    It is also the producer of its replies: when a client pipelines
+    commands but does not read the answers, the transport's buffer fills,
+    the transport pauses us, and we stop reading commands until it drains,
+    so no client can make the server hold replies without bound.
+    """
 
     def __init__(self, factory):
         self.factory = factory
@@ -38,6 +48,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._buffer = b""
         self._waiting = False
         self._paused = False
+        self._output_blocked = False
         self._closing = False
         self._skipping_long_line = False
         self._errors = 0
@@ -49,6 +60,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.context = None
 
     def connectionMade(self):
+        self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", "") or ""
         port = getattr(peer, "port", None)
@@ -81,7 +93,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.transport.write(reply.encode(enhanced=True))
             self._close()
             return
-        self._admitted = True
+        self._admitted = self.factory.gate is not None
         log.info("connect from {client_ip}:{client_port} trusted={trusted}",
                  client_ip=ip, client_port=port, trusted=trusted)
         self._reply(self.dialogue.greeting())
@@ -134,16 +146,42 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._buffer += data
         if self._proxy_peer is not None and not self._read_proxy_header():
             return
-        if self._waiting:
-            if len(self._buffer) > _MAX_HELD_INPUT and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
+        if self._waiting or self._output_blocked:
+            self._update_reading()
             return
         self._process()
 
+    # -- flow control --------------------------------------------------------
+
+    def pauseProducing(self):
+        """The transport's output buffer is full: stop answering."""
+        self._output_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self):
+        self._output_blocked = False
+        self._update_reading()
+        self._process()
+
+    def stopProducing(self):
+        self._closing = True
+
+    def _update_reading(self):
+        """Stop reading from the socket once too much input waits for us.
+
+        Only then: a TLS transport holds our output back until its handshake
+        is done, and the handshake needs reading to go on."""
+        pause = (self._output_blocked or self._waiting) and len(self._buffer) > _MAX_HELD_INPUT
+        if pause and not self._paused and not self._closing:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif not pause and self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
     def _process(self):
         """Handle buffered input until it runs out or a reply is pending."""
-        while self._buffer and not self._waiting and not self._closing:
+        while self._buffer and not self._waiting and not self._closing and not self._output_blocked:
             reader = self.dialogue.data_reader
             if reader is not None:
                 end = reader.feed(self._buffer)
@@ -154,14 +192,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self.setTimeout(self.factory.settings.limits.command_timeout)
                 self._answer(self.dialogue.finish_data())
                 continue
+            limit = self._line_limit()
             newline = self._buffer.find(b"\n")
             if newline < 0:
-                if len(self._buffer) > COMMAND_LINE_LIMIT:
+                if len(self._buffer) > limit:
                     # Drop what we have and the rest of the line when it comes;
                     # its tail is never read as a command.
                     self._buffer = b""
                     if not self._skipping_long_line:
                         self._skipping_long_line = True
+                        self.dialogue.cancel_sasl()
                         self._reply(replies.LINE_TOO_LONG)
                 return
             line = self._buffer[:newline]
@@ -174,10 +214,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.resetTimeout()
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if len(line) > COMMAND_LINE_LIMIT:
+            if len(line) > limit:
+                self.dialogue.cancel_sasl()
                 self._reply(replies.LINE_TOO_LONG)
                 continue
             self._answer(self.dialogue.handle(line))
+
+    def _line_limit(self):
+        # RFC 4954 4: AUTH responses may be up to 12288 octets.
+        return SASL_LINE_LIMIT if self.dialogue.in_sasl else COMMAND_LINE_LIMIT
 
     def _answer(self, result):
         """Send a reply now, or once its Deferred fires, holding input till then."""
@@ -199,7 +244,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if early:
             self._reply(early[0])
         else:
+            # Our turn (a plugin, the queue's fsync): the client is not
+            # idle, so its command timeout must not run out meanwhile.
             self._waiting = True
+            self.setTimeout(None)
 
     def _failed(self, failure):
         log.failure("command failed for {client_ip}", failure, client_ip=self.context.client_ip)
@@ -209,11 +257,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._waiting = False
         if self.transport is None or self._closing:
             return
-        self.resetTimeout()
+        # The clock was stopped while we, not the client, were busy.
+        self.setTimeout(self.factory.settings.limits.command_timeout)
         self._reply(reply)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._update_reading()
         self._process()
 
     def _reply(self, reply, close=False):
@@ -230,7 +277,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if close or self.dialogue.closing:
             self._close()
             return
-        if reply.is_error:
+        if reply.is_error or self.dialogue.excess_junk:
             self._errors += 1
             if self._errors >= self.factory.settings.limits.errors:
                 log.info("too many errors from {client_ip}", client_ip=self.context.client_ip)

@@ -1,0 +1,182 @@
+"""The scheduler's decisions when its collaborators fail.
+
+Disk errors (EMFILE, ENOSPC, EIO) cannot be produced on demand with real
+files, so the spool here is an in-memory stand-in with the real spool's
+methods, failing where a test says; the real spool has its own tests, and
+tests/test_delivery.py runs the scheduler on it end to end."""
+
+import copy
+import errno
+
+from twisted.internet import defer, task
+
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
+from relaymail.delivery.routing import Router
+from relaymail.envelope import Envelope
+from relaymail.queue import record as records
+from relaymail.queue.scheduler import Scheduler
+from tests.support import make_settings
+
+T0 = 1_700_000_000.0
+
+
+class Writer:
+    def __init__(self, spool, queue_id):
+        self.spool, self.queue_id, self.data = spool, queue_id, b""
+
+    def write(self, data):
+        self.data += data
+
+    def commit(self, envelope):
+        if self.spool.fail_commit:
+            return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
+        self.spool.records[self.queue_id] = records.new_record(self.queue_id, envelope, len(self.data), T0)
+        return defer.succeed(self.queue_id)
+
+    def abort(self):
+        pass
+
+
+class Spool:
+    def __init__(self, tmp_path):
+        self.records, self.tmp = {}, tmp_path
+        self.fail_commit = False
+        self.load_errors = {}
+        self.fail_updates = False
+        self.fail_hold = False
+        self.count = 0
+
+    def add(self, queue_id, recipients, sender="s@example.org"):
+        envelope = Envelope(sender=sender, recipients=recipients, received_at=T0)
+        self.records[queue_id] = records.new_record(queue_id, envelope, 10, T0)
+        (self.tmp / f"{queue_id}.msg").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+
+    def ids(self):
+        return list(self.records)
+
+    def held_ids(self):
+        return []
+
+    def load(self, queue_id):
+        if queue_id in self.load_errors:
+            raise self.load_errors[queue_id]
+        if queue_id not in self.records:
+            raise FileNotFoundError(queue_id)
+        return copy.deepcopy(self.records[queue_id])
+
+    def message_path(self, queue_id):
+        return str(self.tmp / f"{queue_id}.msg")
+
+    def update_in_thread(self, queue_id, state):
+        if self.fail_updates:
+            return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
+        self.records[queue_id] = state
+        return defer.succeed(None)
+
+    def remove(self, queue_id):
+        return self.records.pop(queue_id, None) is not None
+
+    def new_message(self):
+        self.count += 1
+        return Writer(self, f"DSN{self.count}")
+
+    def call_in_thread(self, function, *args):
+        return defer.maybeDeferred(function, *args)
+
+    def hold(self, queue_id):
+        if self.fail_hold:
+            raise OSError(errno.EIO, "Input/output error")
+        self.records.pop(queue_id)
+        return True
+
+    def quarantine(self, queue_id, reason):
+        self.records.pop(queue_id, None)
+
+
+class Pool:
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, job):
+        self.jobs.append(job)
+
+    def take(self):
+        jobs, self.jobs = self.jobs, []
+        return jobs
+
+    def stop(self):
+        pass
+
+
+def scheduler(tmp_path):
+    settings = make_settings(tmp_path, delivery__smarthost="[127.0.0.1]:2526",
+                             queue__min_backoff="10", queue__max_backoff="10")
+    clock = task.Clock()
+    clock.advance(T0)
+    spool, pool = Spool(tmp_path), Pool()
+    return Scheduler(spool, pool, Router(settings, resolver=object()), settings, clock,
+                     clock=clock.seconds), spool, pool, clock
+
+
+def finish(job, status, code):
+    job.on_done(job, [Outcome(r, status, code, f"{str(code)[0]}.0.0", "reply", "mx[192.0.2.1]:25")
+                      for r in job.recipients])
+
+
+def test_one_unreadable_message_does_not_stop_the_others(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    spool.add("BBBB", ["b@example.net"])
+    spool.load_errors["AAAA"] = OSError(errno.EMFILE, "Too many open files")
+    sched.startService()
+    clock.advance(0)
+    assert [job.queue_id for job in pool.take()] == ["BBBB"]
+    spool.load_errors.clear()
+    clock.advance(10)
+    assert [job.queue_id for job in pool.take()] == ["AAAA"]
+
+
+def test_a_failed_record_write_does_not_resend_to_delivered_recipients(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net", "c@example.org"])
+    spool.fail_updates = True
+    sched.startService()
+    clock.advance(0)
+    [job] = pool.take()
+    job.on_done(job, [Outcome("a@example.net", SENT, 250, "2.0.0", "ok", "mx"),
+                      Outcome("c@example.org", DEFERRED, 451, "4.0.0", "later", "mx")])
+    clock.advance(10)
+    [retry] = pool.take()
+    assert retry.recipients == ["c@example.org"]
+
+
+def test_a_bounce_that_cannot_be_queued_keeps_the_message(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    sched.startService()
+    clock.advance(0)
+    spool.fail_commit = True
+    [job] = pool.take()
+    finish(job, BOUNCED, 550)
+    assert "AAAA" in spool.records
+    assert spool.records["AAAA"]["recipients"][0]["status"] == "deferred"
+    # Next time the DSN can be queued: the message bounces and goes.
+    spool.fail_commit = False
+    clock.advance(10)
+    [job] = pool.take()
+    finish(job, BOUNCED, 550)
+    assert "AAAA" not in spool.records
+    assert "DSN2" in spool.records
+
+
+def test_a_failed_hold_keeps_the_message_scheduled(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    sched.startService()
+    clock.advance(0)
+    [job] = pool.take()
+    assert sched.hold("AAAA") is True      # asked during the attempt
+    spool.fail_hold = True
+    finish(job, DEFERRED, 451)
+    clock.advance(10)
+    assert [job.queue_id for job in pool.take()] == ["AAAA"]
