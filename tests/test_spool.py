@@ -873,7 +873,7 @@ def test_recover_keeps_the_held_copy_when_the_active_one_is_bad(spool):
         data = file.read()
     os.unlink(path)
     with open(path, "wb") as file:
-        file.write(data.replace(b'"version": 1', b'"version": 9'))
+        file.write(data.replace(b'"version":1', b'"version":9'))
 
     restarted, good, _ = restart(spool)
 

@@ -6,7 +6,7 @@ fails, times out or answers nonsense becomes ``451 4.3.0`` for the client,
 never a broken session (the fail-soft contract Haraka gives its plugins).
 """
 
-from twisted.internet.defer import inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from relaymail.interfaces import Decision
@@ -114,19 +114,48 @@ class Policy:
         """
         return self._first_decision("verify", address, context)
 
-    @inlineCallbacks
-    def _first_decision(self, method, address, context):
-        for plugin in self._validators:
+    def _first_decision(self, method, address, context, start=0):
+        """Ask the validators from ``start`` on; a Deferred of the decision.
+
+        Plugins that answer at once (the built-ins do) are asked in a plain
+        loop, with no Deferred or timer each: this runs for every RCPT.
+        """
+        validators = self._validators
+        for index in range(start, len(validators)):
+            plugin = validators[index]
             try:
-                decision = yield self._call(plugin, method, address, context)
-                if not isinstance(decision, Decision):
-                    raise _BadAnswer(f"returned {decision!r}, not a Decision")
+                answer = getattr(plugin, method)(address, context)
             except Exception as exc:
                 self._log_failure(exc, plugin, method, address)
-                return PLUGIN_FAILED
+                return succeed(PLUGIN_FAILED)
+            if isinstance(answer, Deferred):
+                return self._later_decision(answer, index, method, address, context)
+            decision = self._checked_decision(answer, plugin, method, address)
+            if decision.is_final:
+                return succeed(decision)
+        return succeed(Decision.NO_OPINION)
+
+    def _later_decision(self, answer, index, method, address, context):
+        plugin = self._validators[index]
+        if self._timeout is not None:
+            answer.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
+
+        def answered(result):
+            decision = self._checked_decision(result, plugin, method, address)
             if decision.is_final:
                 return decision
-        return Decision.NO_OPINION
+            return self._first_decision(method, address, context, index + 1)
+
+        def failed(failure):
+            self._log_failure(failure.value, plugin, method, address, failure)
+            return PLUGIN_FAILED
+        return answer.addCallbacks(answered, failed)
+
+    def _checked_decision(self, answer, plugin, method, address):
+        if isinstance(answer, Decision):
+            return answer
+        self._log_failure(_BadAnswer(f"returned {answer!r}, not a Decision"), plugin, method, address)
+        return PLUGIN_FAILED
 
     # -- EXPN and queue-time expansion ------------------------------------
 
@@ -238,14 +267,16 @@ class Policy:
     def _timed_out(self, result, timeout):
         raise _PluginTimedOut(f"no answer within {timeout} seconds")
 
-    def _log_failure(self, exc, plugin, method, address):
+    def _log_failure(self, exc, plugin, method, address, failure=None):
+        """Log a plugin's failure: ``exc``, with ``failure`` (a Failure)
+        when it came through a Deferred, else the exception being handled."""
         if isinstance(exc, (_PluginTimedOut, _BadAnswer)):
             # No traceback worth reading: say what went wrong.
             log.error("plugin {plugin} {method}({address!r}): {problem}",
                       plugin=_label(plugin), method=method, address=str(address),
                       problem=str(exc))
         else:
-            log.failure("plugin {plugin} {method}({address!r}) failed",
+            log.failure("plugin {plugin} {method}({address!r}) failed", failure,
                         plugin=_label(plugin), method=method, address=str(address))
 
 

@@ -8,8 +8,10 @@ from relaymail.interfaces import IMessageQueue, IMessageWriter
 
 @implementer(IMessageQueue)
 class NotifyingQueue:
-    """Wraps an IMessageQueue; ``on_committed(queue_id)`` is called after
-    each successful commit, so delivery starts without polling the spool."""
+    """Wraps an IMessageQueue; ``on_committed(queue_id, record)`` is called
+    after each successful commit, so delivery starts without polling the
+    spool (``record`` is the committed queue record when the writer keeps
+    it, else None)."""
 
     def __init__(self, queue, on_committed):
         self._queue = queue
@@ -31,6 +33,6 @@ class _NotifyingWriter:
 
     def commit(self, envelope):
         def committed(queue_id):
-            self._on_committed(queue_id)
+            self._on_committed(queue_id, getattr(self._writer, "record", None))
             return queue_id
         return self._writer.commit(envelope).addCallback(committed)

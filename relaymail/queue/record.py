@@ -5,8 +5,9 @@ Every committed message is two files in the spool's ``active/`` directory:
 dot-unstuffed, our ``Received:`` header first), and ``ID.json``, this
 record.  The JSON file is written last; its presence is what makes a
 message committed.  It is meant to be read by people (``jq . ID.json``) and
-by other programs, so its format is a contract, versioned by ``version``
-(the ``#`` comments are annotations here, not part of the file)::
+by other programs, so its format is a contract, versioned by ``version``.
+It is written as one line (``jq . ID.json`` indents it); shown indented
+here, with ``#`` annotations that are not part of the file::
 
     {
       "version": 1,
@@ -92,9 +93,11 @@ def _new_recipient(address):
 
 def encode(record):
     """Return ``record`` as the bytes of a queue file."""
-    # Indented for people reading the spool; ASCII so that nothing in an
+    # One line: the json module's C encoder is used only without indent,
+    # and this runs for every message and every delivery attempt
+    # (``jq . ID.json`` shows it indented).  ASCII so that nothing in an
     # envelope can make the encoding fail half way.
-    return (json.dumps(record, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
 
 
 def decode(data, queue_id):

@@ -24,6 +24,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from relaymail import logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.queue import record as records
 from relaymail.queue.control import ControlError
@@ -72,7 +73,9 @@ class Scheduler(service.Service):
         self._scheduled = {}        # queue id -> time it is due
         self._forced = set()        # due now whatever the record says
         self._attempts = {}         # queue id -> _Attempt in progress
-        self._unsaved = {}          # queue id -> record whose write failed
+        # queue id -> a record newer in memory than on disk (its write
+        # failed), or as fresh (just committed): used instead of reading it.
+        self._unsaved = {}
         self._timer = None
         self._running = False
 
@@ -97,8 +100,11 @@ class Scheduler(service.Service):
 
     # -- intake -----------------------------------------------------------
 
-    def message_queued(self, queue_id):
-        """A new message was committed: try it now."""
+    def message_queued(self, queue_id, record=None):
+        """A new message was committed: try it now.  ``record``, its queue
+        record as committed, spares reading it back from the disk."""
+        if record is not None:
+            self._unsaved[queue_id] = record
         self._schedule(queue_id, self._clock())
 
     def _schedule(self, queue_id, when):
@@ -219,10 +225,12 @@ class Scheduler(service.Service):
         if outcome.status == BOUNCED:
             attempt.bounced.append(outcome)
         delay = now - attempt.record["created_at"]
-        log.info("{queue_id}: to=<{recipient}>, relay={relay}, delay={delay:.2f}, dsn={dsn}, "
-                 "status={status} ({text})", queue_id=queue_id, recipient=outcome.address,
-                 relay=outcome.remote or "none", delay=delay, dsn=outcome.enhanced,
-                 status=outcome.status, text=_reply_text(outcome))
+        relay = outcome.remote or "none"
+        logline.info(
+            log, f"{queue_id}: to=<{outcome.address}>, relay={relay}, delay={delay:.2f}, "
+                 f"dsn={outcome.enhanced}, status={outcome.status} ({_reply_text(outcome)})",
+            queue_id=queue_id, recipient=outcome.address, relay=relay, delay=delay,
+            dsn=outcome.enhanced, status=outcome.status)
 
     def _conclude(self, queue_id, attempt):
         """Every job of the attempt is over: bounce, retry or remove."""
@@ -267,7 +275,7 @@ class Scheduler(service.Service):
     def _remove(self, queue_id):
         del self._attempts[queue_id]
         self.spool.remove(queue_id)
-        log.info("{queue_id}: removed", queue_id=queue_id)
+        logline.info(log, f"{queue_id}: removed", queue_id=queue_id)
 
     def _reschedule(self, queue_id, attempt):
         def done(_):

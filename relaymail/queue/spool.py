@@ -892,7 +892,11 @@ class SpoolWriter:
             size = self._file.tell()
             record = records.new_record(self.queue_id, envelope, size,
                                         self._spool._now())
-            return records.encode(record)
+            payload = records.encode(record)
+            #: The record as committed, so the scheduler need not read back
+            #: the file it was just written to.
+            self.record = record
+            return payload
         except BaseException:
             self._spool._discard(self.queue_id, self._file)
             self._done()

