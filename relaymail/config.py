@@ -525,7 +525,7 @@ def smarthost(raw):
     host_text = match.group("literal") if bracketed else match.group("host")
     port_text = match.group("lport") if bracketed else match.group("port")
     host = _smarthost_host(host_text, raw)
-    if not bracketed and _is_ip(host):
+    if not bracketed and is_ip_address(host):
         # An address has no MX records to look up, so "host" form would
         # promise a lookup that cannot happen; Postfix relayhost likewise
         # writes addresses in brackets.
@@ -546,7 +546,7 @@ def next_hop(raw):
     return hop
 
 
-def _is_ip(text):
+def is_ip_address(text):
     """True when ``text`` is an IPv4 or IPv6 address."""
     try:
         ipaddress.ip_address(text)

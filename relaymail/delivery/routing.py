@@ -24,6 +24,7 @@ from twisted.names.error import (
     DNSNotImplementedError, DNSQueryRefusedError, DNSServerError,
     DNSUnknownError)
 
+from relaymail.config import is_ip_address
 from relaymail.delivery.client import Hop
 
 # Addresses handed to the client for one destination.  Postfix caps
@@ -218,7 +219,7 @@ class Router:
     async def _addresses(self, host):
         """``(addresses, problem)``: the host's IPv4 then IPv6 addresses,
         and why there are none when there are none.  Never fails."""
-        if _is_ip(host):
+        if is_ip_address(host):
             # An MX pointing at an address is against RFC 5321 5.1 but
             # common enough to honour rather than defer forever.
             return [host], None
@@ -317,15 +318,6 @@ def _name(name):
 def _address_text(payload):
     """The IP address of an A or AAAA record as text."""
     return str(ipaddress.ip_address(payload.address))
-
-
-def _is_ip(text):
-    """True when ``text`` is an IPv4 or IPv6 address."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _literal_address(literal):

@@ -35,6 +35,7 @@ from relaymail.config import absolute_path
 from relaymail.interfaces import Decision, IListExpander, IPluginFactory, IRecipientValidator
 from relaymail.plugins.static import address_key
 from relaymail.smtp.address import AddressError, parse_forward_path
+from relaymail.plugins.options import reject_unknown
 
 _OPTIONS = ("file",)
 
@@ -106,10 +107,7 @@ class AliasesFactory:
     def build(self, context):
         """Read the aliases file; every problem is a ConfigError."""
         options = context.options
-        for key in options:
-            if key not in _OPTIONS:
-                raise context.config_error(
-                    key, f"unknown option; [plugin:aliases] takes {', '.join(_OPTIONS)}")
+        reject_unknown(context, _OPTIONS)
         if not options.get("file", "").strip():
             raise context.config_error("file", "missing: name the aliases file")
         path = absolute_path(options["file"])

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from relaymail.config import absolute_path, boolean
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
 from relaymail.smtp.address import AddressError, parse_forward_path
+from relaymail.plugins.options import reject_unknown
 
 #: The reply for an address in a listed domain that is not listed itself.
 USER_UNKNOWN = Decision.reject(550, "5.1.1", "Recipient address rejected: User unknown")
@@ -81,10 +82,7 @@ class StaticListFactory:
     def build(self, context):
         """Read the list file; every problem is a ConfigError."""
         options = context.options
-        for key in options:
-            if key not in _OPTIONS:
-                raise context.config_error(
-                    key, f"unknown option; [plugin:static] takes {', '.join(_OPTIONS)}")
+        reject_unknown(context, _OPTIONS)
         if not options.get("file", "").strip():
             raise context.config_error("file", "missing: name the file of addresses and domains")
         try:
