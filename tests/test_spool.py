@@ -557,6 +557,41 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(listing(self.spool, "tmp"), [])
 
     @defer.inlineCallbacks
+    def test_failed_sync_fails_the_whole_batch_and_leaves_nothing(self):
+        capture_log(self.spool)
+        from relaymail.queue import spool as spool_module
+
+        def failing(directory, paths):
+            raise OSError(errno.EIO, "injected write-back error")
+        self.patch(spool_module, "sync_files", failing)
+        results = yield defer.DeferredList(
+            [self.begin().commit(make_envelope()) for _ in range(5)], consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [False] * 5)
+        self.assertTrue(all(r.check(OSError) for _, r in results))
+        self.assertEqual(listing(self.spool, "active"), [])
+        self.assertEqual(listing(self.spool, "tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_a_failed_rename_fails_only_its_own_message(self):
+        capture_log(self.spool)
+        writers = [self.begin() for _ in range(4)]
+        victim = writers[2].queue_id
+        real_rename = os.rename
+
+        def rename(source, destination):
+            if victim in source and source.endswith(".json"):
+                raise OSError(errno.ENOSPC, "injected")
+            return real_rename(source, destination)
+        self.patch(os, "rename", rename)
+        results = yield defer.DeferredList(
+            [writer.commit(make_envelope()) for writer in writers], consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, True, False, True])
+        self.assertEqual(sorted(self.spool.ids()),
+                         sorted(w.queue_id for w in writers if w.queue_id != victim))
+        self.assertEqual(listing(self.spool, "tmp"), [])
+        self.assertFalse(any(name.startswith(victim) for name in listing(self.spool, "active")))
+
+    @defer.inlineCallbacks
     def test_stop_waits_for_commits_in_flight(self):
         committed = self.begin().commit(make_envelope())
         yield self.spool.stop()

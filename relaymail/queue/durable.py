@@ -15,13 +15,20 @@ def write_durably(path, data):
     """Create (or truncate) ``path``, write ``data`` and fsync it.
 
     The file is private to the mail system (mode 0600)."""
+    write_file(path, data, fsync=True)
+
+
+def write_file(path, data, fsync=False):
+    """Create (or truncate) ``path`` (mode 0600) and write ``data``; fsync
+    it too when asked (a batch commit syncs many files at once instead)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             # os.write may write less than asked, e.g. near a quota.
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

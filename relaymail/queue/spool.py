@@ -14,10 +14,13 @@ and delivery state; the JSON format is documented, and versioned, in
 is in ``active/``; ids are described in :mod:`relaymail.queue.queue_id`.
 
 A message gets in the way Postfix's cleanup writes a queue file: the body
-goes to ``tmp/ID.msg`` while it arrives; on commit, in a worker thread, the
-body is fsync'd, ``tmp/ID.json`` is written and fsync'd, the body and then
-the record are renamed into ``active/``, and ``active/`` is fsync'd.  Only
-then does the commit's Deferred fire and the client hear 250.  After a
+goes to ``tmp/ID.msg`` while it arrives; on commit, in the commit thread
+(:mod:`relaymail.queue.batch`), ``tmp/ID.json`` is written, body and
+record reach stable storage (one ``syncfs`` for every message committing
+at that moment, or an fsync of each file where there is no syncfs), the
+body and then the record are renamed into ``active/``, and ``active/`` is
+fsync'd.  Only then does the commit's Deferred fire and the client hear
+250.  (:meth:`SpoolWriter.commit_sync`, for tools, fsyncs file by file.)  After a
 crash at any step, :meth:`Spool.recover` finds either the whole message or
 leftovers that it removes; a record that cannot be trusted goes to
 ``corrupt/`` rather than being delivered or deleted.
@@ -50,7 +53,8 @@ from zope.interface import implementer
 
 from relaymail.interfaces import IMessageQueue, IMessageWriter
 from relaymail.queue import record as records
-from relaymail.queue.durable import GroupSync, write_durably, fsync_directory
+from relaymail.queue.batch import CommitBatcher, sync_files
+from relaymail.queue.durable import GroupSync, fsync_directory, write_durably, write_file
 from relaymail.queue.queue_id import is_queue_id, new_queue_id
 
 #: Commit threads when the spool runs its own pool.  fsync latency, not
@@ -121,6 +125,7 @@ class Spool(service.Service):
         self._open_ids = set()      # writers neither aborted nor finished
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
+        self._batcher = None
         self._now = time.time
 
     # -- life cycle --------------------------------------------------------
@@ -135,6 +140,11 @@ class Spool(service.Service):
             # A fresh pool each time: a stopped ThreadPool cannot restart.
             self._threadpool = ThreadPool(0, COMMIT_THREADS, "relaymail-spool")
             self._threadpool.start()
+        if self._reactor is None:
+            from twisted.internet import reactor
+            self._reactor = reactor
+        self._batcher = CommitBatcher(self._reactor, self._store_batch)
+        self._batcher.start()
         self._accepting = True
 
     def stop(self):
@@ -160,6 +170,9 @@ class Spool(service.Service):
         return self.stop()
 
     def _stop_threadpool(self):
+        if self._batcher is not None:
+            self._batcher.stop()
+            self._batcher = None
         if self._owns_threadpool and self._threadpool is not None:
             self._threadpool.stop()
             self._threadpool = None
@@ -237,6 +250,58 @@ class Spool(service.Service):
             raise
         return queue_id
 
+    def _store_batch(self, items):
+        """Make a batch of ``(queue_id, file, payload)`` durable together
+        (runs in the commit thread, see relaymail.queue.batch): write the
+        records, flush the file system once, rename everything into
+        ``active/``, fsync ``active/`` once.
+
+        :return: per item, its queue id or the exception that stopped it
+            (whose files are then all removed).
+        """
+        results = [None] * len(items)
+        written = []
+        for index, (queue_id, file, payload) in enumerate(items):
+            try:
+                file.flush()
+                file.close()
+                write_file(self._in(self._tmp, queue_id, ".json"), payload)
+                written.append(index)
+            except BaseException as error:
+                self._discard(queue_id, file)
+                results[index] = error
+        paths = [self._in(self._tmp, items[i][0], suffix) for i in written for suffix in (".msg", ".json")]
+        try:
+            # Bodies and records on stable storage before any is renamed:
+            # a record in active/ must always have its whole body.
+            sync_files(self._tmp, paths)
+        except OSError as error:
+            for index in written:
+                self._discard(items[index][0], items[index][1])
+                results[index] = error
+            return results
+        renamed = []
+        for index in written:
+            queue_id = items[index][0]
+            try:
+                os.rename(self._in(self._tmp, queue_id, ".msg"), self._in(self._active, queue_id, ".msg"))
+                os.rename(self._in(self._tmp, queue_id, ".json"),
+                          self._in(self._active, queue_id, ".json"))
+                renamed.append(index)
+            except OSError as error:
+                self._discard(queue_id, items[index][1])
+                results[index] = error
+        try:
+            self._active_sync.sync()
+        except OSError as error:
+            for index in renamed:
+                self._discard(items[index][0], items[index][1])
+                results[index] = error
+            return results
+        for index in renamed:
+            results[index] = items[index][0]
+        return results
+
     def _discard(self, queue_id, file):
         """Remove whatever exists of a message that was not committed."""
         _close_quietly(file)
@@ -248,6 +313,19 @@ class Spool(service.Service):
 
     def _writer_done(self, queue_id):
         self._open_ids.discard(queue_id)
+
+    def _batched(self, item):
+        """Hand a commit to the commit thread; :meth:`stop` waits for it."""
+        if self._batcher is None:
+            return defer.fail(RuntimeError("the spool is not started"))
+        done = defer.Deferred()
+        self._in_flight.add(done)
+
+        def landed(result):
+            self._in_flight.discard(done)
+            done.callback(None)
+            return result
+        return self._batcher.submit(item).addBoth(landed)
 
     def _in_thread(self, function, *args):
         """Run ``function`` in the pool; return a Deferred of its result.
@@ -845,8 +923,7 @@ class SpoolWriter:
             payload = self._prepare(envelope)
         except Exception:
             return defer.fail()
-        result = self._spool._in_thread(self._spool._store, self.queue_id,
-                                        self._file, payload)
+        result = self._spool._batched((self.queue_id, self._file, payload))
         return result.addBoth(self._finished)
 
     def _finished(self, result):
