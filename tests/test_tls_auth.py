@@ -231,3 +231,29 @@ def test_binds_port_25_as_root_then_runs_as_an_unprivileged_user(tmp_path):
     finally:
         relay.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_failed_auth_counts_towards_the_error_limit(tmp_path):
+    passwords.set_password(str(tmp_path / "passwd"), "alice", "correct horse")
+    relay = RelayProcess(tmp_path, {
+        "auth": {"passwords": str(tmp_path / "passwd"), "allow_plaintext": "yes",
+                 "failure_delay": "0.2"},
+        "limits": {"errors": "3"},
+    }).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), 10) as s:
+            stream = s.makefile("rb")
+            stream.readline()
+            s.sendall(b"EHLO client.test\r\n")
+            while not stream.readline().startswith(b"250 "):
+                pass
+            replies = []
+            for _ in range(3):
+                s.sendall(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n")
+                replies.append(stream.readline())
+            replies.append(stream.readline())
+            assert stream.readline() == b""      # closed
+    finally:
+        relay.stop()
+    assert replies == [b"535 5.7.8 Error: authentication failed\r\n"] * 3 + [
+        b"421 4.7.0 relay.test Error: too many errors\r\n"]
