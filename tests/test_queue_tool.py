@@ -648,3 +648,10 @@ class OnlineTests(unittest.TestCase):
         out, err, status = yield self.tool("list")
         self.assertEqual((err, status), (b"", 0))
         self.assertEqual(out.splitlines()[-1], b"2 messages, 1 held")
+
+
+def test_an_absurd_timeout_is_a_usage_error(tmp_path, capsys):
+    from relaymail.tools.queue_tool import main
+    for value in ("1e10", "inf", "0", "-1", "soon"):
+        assert main(["--spool", str(tmp_path / "spool"), "--timeout", value, "flush"]) == 2
+    assert "up to 86400" in capsys.readouterr().err

@@ -258,6 +258,10 @@ class OutboundSession:
                     break
                 send(sasl.login_response(answer).encode("ascii"))
                 reply = await self._reply(what)
+        if reply.code == 334:
+            # Still asking after the password: the exchange is not over, so
+            # a QUIT now would be read as an answer.  Hang up instead.
+            self._connection.abort()
         if reply.code != 235:
             raise error_from_reply(reply, self.remote)
 

@@ -209,6 +209,11 @@ class ControlProtocol(LineReceiver):
         self.sendLine(reply.encode("ascii", "replace"))
 
     def lineLengthExceeded(self, line):
+        # Later reads may call this again before the close: answer once.
+        if getattr(self, "_refused", False):
+            return
+        self._refused = True
+        self.transport.pauseProducing()
         self._replies.addCallback(
             lambda _: self._send(f"error request longer than {MAX_REQUEST} bytes"))
         self._replies.addCallback(lambda _: self.transport.loseConnection())

@@ -193,8 +193,10 @@ def _seconds(text):
         value = float(text)
     except ValueError:
         value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    # A day at most: socket timeouts overflow past what time_t holds.
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds up to 86400, got {text!r}")
     return value
 
 
