@@ -988,6 +988,15 @@ def _check_together(values, settings, fallback):
     _check_server_certificate(values, settings, fallback)
     _check_pair(values, settings, fallback, "delivery",
                 "smarthost_user", "smarthost_password_file")
+    server = settings.server
+    # Listeners that could never serve anyone are a mistake, not a choice.
+    if server.proxy_listen and not server.proxy_trusted:
+        raise ConfigError(values.source_of("server", "proxy_listen", fallback), "server",
+                          "proxy_listen", "set but proxy_trusted is empty: no proxy would be believed")
+    if server.submission_listen and settings.auth.passwords is None:
+        raise ConfigError(values.source_of("server", "submission_listen", fallback), "server",
+                          "submission_listen",
+                          "set but [auth] passwords is not: nobody could log in to send")
 
 
 def _check_pair(values, settings, fallback, section, first, second):

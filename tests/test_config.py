@@ -886,7 +886,9 @@ def test_bad_mx_port(tmp_path, raw):
 # --- listeners, AUTH and connection limits ------------------------------------------
 
 def test_submission_and_proxy_listeners(tmp_path):
+    (tmp_path / "passwd").write_text("")
     settings = load_with(tmp_path, (
+        f"[auth]\npasswords = {tmp_path / 'passwd'}\n"
         "[server]\n"
         "submission_listen = tcp:587\n"
         "proxy_listen =\n    tcp:2526:interface=127.0.0.1\n    tcp6:2526:interface=\\:\\:1\n"
@@ -1023,3 +1025,17 @@ def test_route_error_fields(tmp_path):
         load_config(path)
     error = info.value
     assert (error.source, error.section, error.key) == (path, "routes", "example.com")
+
+
+def test_listeners_that_could_serve_nobody_are_refused(tmp_path):
+    from relaymail.config import ConfigError, load_config
+    import pytest as _pytest
+    with _pytest.raises(ConfigError) as caught:
+        load_config(None, {("server", "proxy_listen"): "tcp:2526"})
+    assert str(caught.value) == (
+        "command line: [server] proxy_listen: set but proxy_trusted is empty: no proxy would be believed")
+    with _pytest.raises(ConfigError) as caught:
+        load_config(None, {("server", "submission_listen"): "tcp:2587"})
+    assert str(caught.value) == (
+        "command line: [server] submission_listen: set but [auth] passwords is not: "
+        "nobody could log in to send")

@@ -480,3 +480,13 @@ def test_no_timeout_while_the_server_is_the_one_busy(tmp_path, scripted):
     assert s.take() == b"250 2.1.5 Ok\r\n"
     s.clock.advance(5.1)           # now the client's clock runs again
     assert s.take() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+
+
+def test_bare_postmaster_is_accepted_from_anyone(outsider):
+    # RFC 5321 4.5.1; it stands for the postmaster of our first relay domain.
+    ehlo(outsider)
+    outsider.command(b"MAIL FROM:<a@example.org>")
+    assert outsider.command(b"RCPT TO:<Postmaster>") == b"250 2.1.5 Ok\r\n"
+    outsider.command(b"DATA")
+    outsider.send(b"x\r\n.\r\n")
+    assert outsider.queue.messages["Q0001"][0].recipients == ["postmaster@example.com"]

@@ -358,12 +358,23 @@ class Dialogue:
             return replies.NEEDS_SMTPUTF8
         except address.AddressError as e:
             return replies.bad_recipient(str(e))
+        if recipient.domain == "":
+            recipient = self._postmaster()
         if len(self.transaction.recipients) >= self.settings.limits.recipients:
             return replies.TOO_MANY_RECIPIENTS
         transaction = self.transaction
         d = self.policy.check_recipient(recipient, self.context)
         d.addCallback(self._recipient_decided, transaction, recipient)
         return d
+
+    def _postmaster(self):
+        """RFC 5321 4.5.1: ``RCPT TO:<Postmaster>`` with no domain must be
+        accepted.  A relay has no mailbox of its own, so it stands for the
+        postmaster of the first domain we relay for (or of this host), and
+        the plugins decide as for any address there (the aliases plugin
+        can say where it goes)."""
+        domains = self.settings.relay.domains
+        return address.Mailbox("postmaster", domains[0] if domains else self.hostname)
 
     def _recipient_decided(self, decision, transaction, recipient):
         reply = replies.decision_reply(decision, replies.RECIPIENT_OK)
