@@ -7,6 +7,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from relaymail import logobserver
 from relaymail.auth.checker import make_portal
 from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config
@@ -51,6 +52,9 @@ class Options(usage.Options):
          "Next hop for all mail: [host]:port (no MX lookup) or host:port (MX of host); "
          "overrides [delivery] smarthost."],
     ]
+
+    def postOptions(self):
+        logobserver.use_for(getattr(self, "parent", None))
 
 
 def _overrides(options):
