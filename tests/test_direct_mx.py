@@ -160,3 +160,36 @@ class DirectDeliveryTests(DNSTestCase):
         yield self.queue("a@example.org", ["bob@example.net"])
         yield self.until(lambda: self.primary.messages, "the slow delivery to mx1")
         self.assertEqual(self.backup.messages, [])
+
+    @defer.inlineCallbacks
+    def test_global_connection_cap(self):
+        import threading
+        self.scheduler.stopService()
+        settings = settings_with(
+            server__hostname="relay.test", queue__path=self.spool.path,
+            delivery__mx_port=str(self.port), delivery__max_connections="1")
+        router = Router(settings, resolver=self.resolver)
+        pool = DestinationPool(reactor, router, client_configs(settings),
+                               settings.delivery.destination_concurrency,
+                               settings.delivery.max_connections)
+        self.scheduler = Scheduler(self.spool, pool, router, settings, reactor)
+        self.scheduler.startService()
+        self.addCleanup(self.scheduler.stopService)
+        lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+        def slow(transaction):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.1)
+            with lock:
+                state["now"] -= 1
+            return 250, "2.0.0 Ok"
+        self.primary.data_reply = self.backup.data_reply = slow
+        for n in range(3):
+            yield self.queue("a@example.org", [f"u{n}@example.net"])     # mx1, 127.0.0.2
+            yield self.queue("a@example.net", [f"v{n}@example.org"])     # mx2, 127.0.0.1
+        yield self.until(lambda: len(self.primary.messages) + len(self.backup.messages) == 6,
+                         "six deliveries")
+        # Two destinations, but max_connections = 1: never two at once.
+        self.assertEqual(state["most"], 1)
