@@ -303,6 +303,15 @@ def test_queue_tool_while_the_relay_runs(tmp_path):
             wait_until(lambda: queue_empty(relay), what="the queue to empty")
             missing = queue_tool(relay, "delete", third)
             assert missing.returncode == 1
+
+            # delete ALL, including a held message.
+            fourth = send(relay, "alice@example.org", ["erin@example.net"])
+            fifth = send(relay, "alice@example.org", ["frank@example.net"])
+            wait_until(lambda: read_record(relay, fifth)["attempts"] == 1, what="a deferral")
+            assert queue_tool(relay, "hold", fourth).returncode == 0
+            everything = queue_tool(relay, "delete", "ALL")
+            assert (everything.returncode, everything.stdout.strip()) == (0, "2 messages deleted")
+            assert queue_tool(relay, "list").stdout.strip() == "0 messages, 0 held"
         finally:
             server.stop()
     finally:
