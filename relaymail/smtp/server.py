@@ -183,6 +183,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _process(self):
         """Handle buffered input until it runs out or a reply is pending."""
+        if self.dialogue is None:
+            return          # still waiting for a PROXY header
         while self._buffer and not self._waiting and not self._closing and not self._output_blocked:
             reader = self.dialogue.data_reader
             if reader is not None:
