@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 
-.PHONY: install run test clean
+# Real clients the interoperability tests drive (Debian packages).
+TEST_TOOLS := swaks msmtp
+
+.PHONY: install run test test-tools clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +24,19 @@ run: install
 	mkdir -p var
 	$(VENV)/bin/twistd -n --pidfile= relaymail --config etc/relaymail.ini
 
-test: install
+test: install test-tools
 	$(PY) -m pytest -q
+
+test-tools:
+	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else \
+			echo "the tests need$$missing: sudo apt-get install$$missing" >&2; exit 1; \
+		fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
