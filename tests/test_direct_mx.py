@@ -52,13 +52,17 @@ class DirectDeliveryTests(DNSTestCase):
             delivery__destination_concurrency="2")
         self.spool = Spool(settings.queue.path, reactor=reactor)
         self.spool.start()
+        self.addCleanup(self.spool.stop)
+        self.start_scheduler(settings)
+
+    def start_scheduler(self, settings):
+        """The delivery side as tap.build_service wires it, on the test DNS."""
         router = Router(settings, resolver=self.resolver)
         pool = DestinationPool(reactor, router, client_configs(settings),
                                settings.delivery.destination_concurrency,
                                settings.delivery.max_connections)
         self.scheduler = Scheduler(self.spool, pool, router, settings, reactor)
         self.scheduler.startService()
-        self.addCleanup(self.spool.stop)
         self.addCleanup(self.scheduler.stopService)
 
     def spool_directory(self):
@@ -168,13 +172,7 @@ class DirectDeliveryTests(DNSTestCase):
         settings = settings_with(
             server__hostname="relay.test", queue__path=self.spool.path,
             delivery__mx_port=str(self.port), delivery__max_connections="1")
-        router = Router(settings, resolver=self.resolver)
-        pool = DestinationPool(reactor, router, client_configs(settings),
-                               settings.delivery.destination_concurrency,
-                               settings.delivery.max_connections)
-        self.scheduler = Scheduler(self.spool, pool, router, settings, reactor)
-        self.scheduler.startService()
-        self.addCleanup(self.scheduler.stopService)
+        self.start_scheduler(settings)
         lock, state = threading.Lock(), {"now": 0, "most": 0}
 
         def slow(transaction):

@@ -318,14 +318,19 @@ class Spool(service.Service):
         """Hand a commit to the commit thread; :meth:`stop` waits for it."""
         if self._batcher is None:
             return defer.fail(RuntimeError("the spool is not started"))
+        return self._tracked(self._batcher.submit(item))
+
+    def _tracked(self, result):
+        """Count ``result`` as work in flight until it fires: :meth:`stop`
+        waits for all of it."""
         done = defer.Deferred()
         self._in_flight.add(done)
 
-        def landed(result):
+        def landed(outcome):
             self._in_flight.discard(done)
             done.callback(None)
-            return result
-        return self._batcher.submit(item).addBoth(landed)
+            return outcome
+        return result.addBoth(landed)
 
     def _in_thread(self, function, *args):
         """Run ``function`` in the pool; return a Deferred of its result.
@@ -335,17 +340,8 @@ class Spool(service.Service):
         if self._reactor is None:
             from twisted.internet import reactor
             self._reactor = reactor
-        done = defer.Deferred()
-        self._in_flight.add(done)
-
-        def landed(result):
-            self._in_flight.discard(done)
-            done.callback(None)
-            return result
-
-        result = threads.deferToThreadPool(
-            self._reactor, self._threadpool, function, *args)
-        return result.addBoth(landed)
+        return self._tracked(threads.deferToThreadPool(
+            self._reactor, self._threadpool, function, *args))
 
     # -- recovery -----------------------------------------------------------
 

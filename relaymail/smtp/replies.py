@@ -58,10 +58,6 @@ def closing(hostname):
     return Reply(221, "2.0.0", f"{hostname} Bye")
 
 
-def service_unavailable(hostname, why="Service not available, closing transmission channel"):
-    return Reply(421, "4.3.2", f"{hostname} {why}")
-
-
 def timeout(hostname):
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
 
@@ -106,7 +102,6 @@ RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
-NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 # RFC 2920 3.1: DATA after every RCPT failed in a pipelined group.
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 HELP_TOPIC_UNKNOWN = Reply(504, "5.5.1", "HELP topic unknown")
@@ -152,7 +147,6 @@ NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 param
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 # RFC 5321 4.5.3.1.10: excess recipients get 452 and the client sends later.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 
 # After the final dot.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message too big")

@@ -353,7 +353,7 @@ class SMTPFactory(ServerFactory):
         self.auth = auth
         self.implicit_tls = implicit_tls
         self._trusted = settings.server.trusted_networks
-        self._proxy_trusted = getattr(settings.server, "proxy_trusted", [])
+        self._proxy_trusted = settings.server.proxy_trusted
 
     def buildProtocol(self, addr):
         return SMTPServerProtocol(self)
