@@ -590,6 +590,14 @@ SCHEMA = {
         # anyone else could claim any client address.
         "proxy_listen": Key(server_endpoints, ""),
         "proxy_trusted": Key(listing(network), ""),
+        # VRFY and EXPN (RFC 5321 7.3 lets a site restrict both): "off" is
+        # 502 5.5.1 for all (Postfix disable_vrfy_command), "trusted" 502
+        # 5.7.0 for clients neither in trusted_networks nor authenticated.
+        # Under vrfy = anyone such a client may ask but hears only 252
+        # (RFC 5321 3.5.3), no oracle of who exists; expn = anyone lists
+        # members to anyone, so EXPN is trusted only by default.
+        "vrfy": Key(choice("anyone", "trusted", "off"), "anyone"),
+        "expn": Key(choice("anyone", "trusted", "off"), "trusted"),
     },
     "relay": {
         "domains": Key(listing(domain), ""),

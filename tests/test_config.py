@@ -1039,3 +1039,12 @@ def test_listeners_that_could_serve_nobody_are_refused(tmp_path):
     assert str(caught.value) == (
         "command line: [server] submission_listen: set but [auth] passwords is not: "
         "nobody could log in to send")
+
+
+def test_vrfy_and_expn_access(tmp_path):
+    defaults = load_config()
+    assert (defaults.server.vrfy, defaults.server.expn) == ("anyone", "trusted")
+    settings = load_with(tmp_path, "[server]\nvrfy = Off\nexpn = anyone\n")
+    assert (settings.server.vrfy, settings.server.expn) == ("off", "anyone")
+    assert error_for(tmp_path, "[server]\nexpn = no\n") == (
+        "FILE: [server] expn: expected one of anyone, trusted, off, got 'no'")

@@ -484,10 +484,24 @@ class Dialogue:
     # -- VRFY, EXPN ------------------------------------------------------
 
     def _vrfy(self, argument):
+        access = self.settings.server.vrfy
+        if access == "off":
+            return replies.VRFY_DISABLED
+        if access == "trusted" and not self._may_look_up():
+            return replies.VRFY_NOT_ALLOWED
         if not argument:
             return replies.VRFY_SYNTAX
+        if not self._may_look_up():
+            # vrfy = anyone: the same 252 whether or not the user exists
+            # (RFC 5321 7.3), and no plugin asked, so no timing tells either.
+            return replies.CANNOT_VRFY
         d = self.policy.verify(_strip_brackets(argument), self.context)
         return d.addCallback(self._verified)
+
+    def _may_look_up(self):
+        """Whether this client gets real VRFY and EXPN answers: trusted by
+        network or logged in, as for relaying."""
+        return bool(self.context.trusted or self.context.authenticated_user)
 
     def _verified(self, decision):
         if not decision.is_final:
@@ -495,6 +509,13 @@ class Dialogue:
         return replies.decision_reply(decision, replies.RECIPIENT_OK)
 
     def _expn(self, argument):
+        # Only the command: the queue still expands lists to their members
+        # (Policy.expand_recipients), whatever this says.
+        access = self.settings.server.expn
+        if access == "off":
+            return replies.EXPN_DISABLED
+        if access == "trusted" and not self._may_look_up():
+            return replies.EXPN_NOT_ALLOWED
         if not argument:
             return replies.EXPN_SYNTAX
         d = self.policy.expand(_strip_brackets(argument), self.context)

@@ -85,6 +85,14 @@ def queued(queue_id):
 # RFC 5321 3.5.3: 252 when the server cannot verify but will try delivery.
 CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 NOT_A_LIST = Reply(550, "5.1.1", "Not a mailing list I know")
+# [server] vrfy/expn (RFC 5321 7.3 lets a site restrict both).  Off for
+# everyone is "not implemented" (502, 5.5.1), as Postfix's
+# disable_vrfy_command answers; refused to this client is a security
+# matter (5.7.0).
+VRFY_DISABLED = Reply(502, "5.5.1", "Error: VRFY command is disabled")
+EXPN_DISABLED = Reply(502, "5.5.1", "Error: EXPN command is disabled")
+VRFY_NOT_ALLOWED = Reply(502, "5.7.0", "Error: VRFY is only for trusted or authenticated clients")
+EXPN_NOT_ALLOWED = Reply(502, "5.7.0", "Error: EXPN is only for trusted or authenticated clients")
 
 # Sequence and syntax (RFC 5321 4.3.2; enhanced codes RFC 3463 5.5.x).
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
