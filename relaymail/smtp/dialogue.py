@@ -316,6 +316,18 @@ class Dialogue:
             return replies.NEEDS_SMTPUTF8
         except address.AddressError as e:
             return replies.bad_sender(str(e))
+        # Only now, so a malformed MAIL still hears what is wrong with it;
+        # before any DATA, so a full disk costs the client no upload.
+        declared = int(params.get("SIZE") or 0)
+        if not self.queue.has_room(declared):
+            # A warning, as Postfix's: the administrator has a disk to see to.
+            reply = replies.INSUFFICIENT_STORAGE
+            log.warn("{client_ip} mail from=<{sender}> size={size}: {code} {enhanced} {text}: "
+                     "the queue's file system has less than [queue] min_free={min_free} bytes "
+                     "to spare", client_ip=self.context.client_ip, sender=str(sender or ""),
+                     size=declared, code=reply.code, enhanced=reply.enhanced, text=reply.text,
+                     min_free=self.settings.queue.min_free)
+            return reply
         self.transaction = Transaction(sender, body, smtputf8)
         self.context.sender = sender
         return replies.SENDER_OK
@@ -398,8 +410,15 @@ class Dialogue:
         try:
             self._writer = self.queue.new_message()
             self._writer.write(self._received_header(self._writer.queue_id))
+        except (OSError, RuntimeError) as error:
+            # OSError from the disk (ENOSPC, EIO: no bug, so no traceback);
+            # RuntimeError from a spool shutting down.
+            log.error("{client_ip} cannot start a queue file: {error}",
+                      client_ip=self.context.client_ip, error=str(error))
+            self._discard_writer()
+            self._reset()
+            return replies.LOCAL_ERROR
         except Exception:
-            # OSError from the disk; RuntimeError from a spool shutting down.
             log.failure("cannot start a queue file")
             self._discard_writer()
             self._reset()
@@ -471,9 +490,18 @@ class Dialogue:
         return d.addCallback(queued)
 
     def _commit_failed(self, failure, writer):
-        log.failure("message {queue_id} not queued", failure, queue_id=writer.queue_id)
         writer.abort()
-        return replies.LOCAL_ERROR
+        reply = replies.LOCAL_ERROR
+        if failure.check(OSError, RuntimeError):
+            # The disk refused (ENOSPC at the last flush or the record) or
+            # the spool is stopping: one line, as for a failed write.
+            log.error("{client_ip} message {queue_id} not queued: {error}: {code} {enhanced} {text}",
+                      client_ip=self.context.client_ip, queue_id=writer.queue_id,
+                      error=str(failure.value), code=reply.code, enhanced=reply.enhanced,
+                      text=reply.text)
+        else:
+            log.failure("message {queue_id} not queued", failure, queue_id=writer.queue_id)
+        return reply
 
     def _discard_writer(self):
         if self._writer is not None:

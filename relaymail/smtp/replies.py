@@ -153,6 +153,9 @@ def unknown_parameter(keyword):
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
 # RFC 1870: a declared SIZE over our limit.
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# RFC 5321 4.2.2 (452: insufficient system storage) and RFC 3463 4.3.1
+# (mail system full), the words Postfix uses: the spool is short of space.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 # RFC 5321 4.5.3.1.10: excess recipients get 452 and the client sends later.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 
