@@ -590,6 +590,14 @@ SCHEMA = {
         # anyone else could claim any client address.
         "proxy_listen": Key(server_endpoints, ""),
         "proxy_trusted": Key(listing(network), ""),
+        # VRFY and EXPN (RFC 5321 7.3 lets a site restrict both): "off" is
+        # 502 5.5.1 for all (Postfix disable_vrfy_command), "trusted" 502
+        # 5.7.0 for clients neither in trusted_networks nor authenticated.
+        # Under vrfy = anyone such a client may ask but hears only 252
+        # (RFC 5321 3.5.3), no oracle of who exists; expn = anyone lists
+        # members to anyone, so EXPN is trusted only by default.
+        "vrfy": Key(choice("anyone", "trusted", "off"), "anyone"),
+        "expn": Key(choice("anyone", "trusted", "off"), "trusted"),
     },
     "relay": {
         "domains": Key(listing(domain), ""),
@@ -602,6 +610,13 @@ SCHEMA = {
         "max_backoff": Key(duration(whole=True, minimum=1), "4000"),
         "lifetime": Key(duration(whole=True), "5d"),
         "delay_warning": Key(duration(whole=True), "0"),
+        # Free space the spool's file system keeps: MAIL gets 452 4.3.1
+        # below it (or below it plus a declared SIZE).  Unset means 1.5 x
+        # [limits] message_size, the floor Postfix's smtpd holds
+        # (smtpd_check_queue: queue_minfree, and 1.5 x message_size_limit);
+        # a value set replaces it (Postfix keeps the larger of the two);
+        # 0 turns the check off.
+        "min_free": Key(optional(size(minimum=0)), ""),
     },
     "delivery": {
         "smarthost": Key(smarthost, ""),
@@ -1024,6 +1039,19 @@ def _check_server_certificate(values, settings, fallback):
                           "tls", exc.key, exc.problem) from None
 
 
+#: [queue] min_free when unset, in units of [limits] message_size (Postfix
+#: smtpd_space_multf): room for one whole message with half again to spare.
+MIN_FREE_FACTOR = 1.5
+
+
+def _derive_defaults(sections):
+    """Fill in the defaults that depend on another key, in place."""
+    queue = sections["queue"]
+    if queue.min_free is None:
+        sections["queue"] = dataclasses.replace(
+            queue, min_free=int(MIN_FREE_FACTOR * sections["limits"].message_size))
+
+
 def load_config(path=None, overrides=None):
     """Read and check relaymail's settings.
 
@@ -1042,6 +1070,7 @@ def load_config(path=None, overrides=None):
     sections = {section: _build_section(values, section, source)
                 for section in SCHEMA}
     sections.update((section, _build_table(values, section)) for section in TABLES)
+    _derive_defaults(sections)
     settings = Settings(source=source, plugin_options=values.plugins, **sections)
     _check_together(values, settings, source)
     return settings

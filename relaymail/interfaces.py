@@ -221,3 +221,10 @@ class IMessageQueue(Interface):
 
     def new_message():
         """Start a message: return an :class:`IMessageWriter`."""
+
+    def has_room(size):
+        """Whether a message of ``size`` bytes (0 when the client declared
+        none) may be started now and leave the queue its reserve of free
+        space (``[queue] min_free``).  Cheap enough to ask at every MAIL;
+        advisory: :meth:`IMessageWriter.commit` still fails if the disk
+        fills up after all."""

@@ -103,7 +103,7 @@ def build_service(settings, reactor=None):
     if not lock.acquire():
         raise ConfigError(settings.source, "queue", "path",
                           f"{settings.queue.path} is in use by another relaymail")
-    spool = Spool(settings.queue.path, reactor=reactor)
+    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
     router = Router(settings, reactor=reactor)
     pool = DestinationPool(reactor, router, client_configs(settings),
                            settings.delivery.destination_concurrency,

@@ -60,11 +60,18 @@ class MemoryQueue:
         self.writers = []
         self.fail_writes = False
         self.fail_commits = False
+        #: Bytes has_room() finds to spare beyond the reserve; None: no end.
+        self.room = None
+        self.room_asked = []
 
     def new_message(self):
         writer = MemoryWriter(self, f"Q{len(self.writers) + 1:04d}")
         self.writers.append(writer)
         return writer
+
+    def has_room(self, size):
+        self.room_asked.append(size)
+        return self.room is None or size <= self.room
 
 
 @implementer(IRecipientValidator)

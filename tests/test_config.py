@@ -1039,3 +1039,22 @@ def test_listeners_that_could_serve_nobody_are_refused(tmp_path):
     assert str(caught.value) == (
         "command line: [server] submission_listen: set but [auth] passwords is not: "
         "nobody could log in to send")
+
+
+def test_vrfy_and_expn_access(tmp_path):
+    defaults = load_config()
+    assert (defaults.server.vrfy, defaults.server.expn) == ("anyone", "trusted")
+    settings = load_with(tmp_path, "[server]\nvrfy = Off\nexpn = anyone\n")
+    assert (settings.server.vrfy, settings.server.expn) == ("off", "anyone")
+    assert error_for(tmp_path, "[server]\nexpn = no\n") == (
+        "FILE: [server] expn: expected one of anyone, trusted, off, got 'no'")
+
+
+def test_min_free_defaults_to_one_and_a_half_message_sizes(tmp_path):
+    assert load_config().queue.min_free == 15728640          # 1.5 x 10 MiB
+    assert load_config(None, {("limits", "message_size"): "2M"}).queue.min_free == 3145728
+    settings = load_with(tmp_path, "[queue]\nmin_free = 100M\n[limits]\nmessage_size = 2M\n")
+    assert settings.queue.min_free == 104857600
+    assert load_with(tmp_path, "[queue]\nmin_free = 0\n").queue.min_free == 0
+    assert error_for(tmp_path, "[queue]\nmin_free = lots\n") == (
+        "FILE: [queue] min_free: expected a size in bytes (e.g. 10485760 or 10M), got 'lots'")

@@ -490,3 +490,162 @@ def test_bare_postmaster_is_accepted_from_anyone(outsider):
     outsider.command(b"DATA")
     outsider.send(b"x\r\n.\r\n")
     assert outsider.queue.messages["Q0001"][0].recipients == ["postmaster@example.com"]
+
+
+# -- who may VRFY and EXPN ([server] vrfy, expn) ------------------------------
+
+CANNOT_VRFY = b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+LISTS = {"staff": ["alice@example.com", "bob@example.com"], "everyone": ["staff", "carol@example.com"]}
+STAFF = b"250-2.1.5 <alice@example.com>\r\n250 2.1.5 <bob@example.com>\r\n"
+
+
+def logged_in(s, user="alice"):
+    # What a successful AUTH leaves behind (tests/test_auth.py drives AUTH itself).
+    s.protocol.context.authenticated_user = user
+    return s
+
+
+def test_vrfy_from_an_outsider_is_252_whether_or_not_the_user_exists(outsider):
+    ehlo(outsider)
+    assert outsider.command(b"VRFY known@example.com") == CANNOT_VRFY
+    assert outsider.command(b"VRFY <known>") == CANNOT_VRFY
+    assert outsider.command(b"VRFY someone@example.com") == CANNOT_VRFY
+    assert outsider.command(b"VRFY") == b"501 5.5.4 Syntax: VRFY address\r\n"
+
+
+def test_vrfy_from_an_authenticated_outsider_is_answered(outsider):
+    logged_in(ehlo(outsider))
+    assert outsider.command(b"VRFY known@example.com") == b"250 2.1.5 <known@example.com>\r\n"
+
+
+def test_vrfy_trusted_only_is_502_5_7_0_for_outsiders(tmp_path, scripted):
+    settings = make_settings(tmp_path, server__vrfy="trusted")
+    outsider = ehlo(session_for(settings, scripted, client_ip="192.0.2.7"))
+    assert outsider.command(b"VRFY known@example.com") == (
+        b"502 5.7.0 Error: VRFY is only for trusted or authenticated clients\r\n")
+    assert outsider.command(b"VRFY") == (
+        b"502 5.7.0 Error: VRFY is only for trusted or authenticated clients\r\n")
+    assert logged_in(outsider).command(b"VRFY known@example.com") == b"250 2.1.5 <known@example.com>\r\n"
+    insider = ehlo(session_for(settings, scripted))
+    assert insider.command(b"VRFY known@example.com") == b"250 2.1.5 <known@example.com>\r\n"
+
+
+def test_vrfy_off_is_502_5_5_1_for_everyone(tmp_path, scripted):
+    settings = make_settings(tmp_path, server__vrfy="off")
+    for s in (session_for(settings, scripted), session_for(settings, scripted, client_ip="192.0.2.7")):
+        ehlo(s)
+        assert s.command(b"VRFY known@example.com") == b"502 5.5.1 Error: VRFY command is disabled\r\n"
+        assert s.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+
+
+def test_expn_from_an_outsider_is_502_5_7_0(settings):
+    s = ehlo(session_for(settings, client_ip="192.0.2.7", lists=LISTS))
+    for command in (b"EXPN staff", b"EXPN everyone", b"EXPN <staff>", b"EXPN nobody", b"EXPN"):
+        assert s.command(command) == b"502 5.7.0 Error: EXPN is only for trusted or authenticated clients\r\n"
+    assert s.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+
+
+def test_expn_from_trusted_or_authenticated_clients_lists_members(settings):
+    assert ehlo(session_for(settings, lists=LISTS)).command(b"EXPN staff") == STAFF
+    outsider = logged_in(ehlo(session_for(settings, client_ip="192.0.2.7", lists=LISTS)))
+    assert outsider.command(b"EXPN staff") == STAFF
+
+
+def test_expn_probes_from_an_outsider_count_as_errors(tmp_path):
+    s = ehlo(session_for(make_settings(tmp_path, limits__errors="3"), client_ip="192.0.2.7", lists=LISTS))
+    refused = b"502 5.7.0 Error: EXPN is only for trusted or authenticated clients\r\n"
+    assert s.command(b"EXPN staff") == refused
+    assert s.command(b"EXPN everyone") == refused
+    assert s.command(b"EXPN all") == refused + b"421 4.7.0 mx.test Error: too many errors\r\n"
+    assert s.closed
+
+
+def test_expn_anyone_lists_members_to_outsiders(tmp_path):
+    settings = make_settings(tmp_path, server__expn="anyone")
+    assert ehlo(session_for(settings, client_ip="192.0.2.7", lists=LISTS)).command(b"EXPN staff") == STAFF
+
+
+def test_expn_off_is_502_5_5_1_but_lists_are_still_expanded_when_queued(tmp_path):
+    settings = make_settings(tmp_path, server__expn="off")
+    for client_ip in ("127.0.0.1", "192.0.2.7"):
+        s = ehlo(session_for(settings, client_ip=client_ip, lists={"staff@example.com": LISTS["staff"]}))
+        assert s.command(b"EXPN staff@example.com") == b"502 5.5.1 Error: EXPN command is disabled\r\n"
+        transaction(s, b"staff@example.com")
+        s.command(b"DATA")
+        assert s.send(b"x\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q0001\r\n"
+        envelope, _ = s.queue.messages["Q0001"]
+        assert envelope.recipients == ["alice@example.com", "bob@example.com"]
+
+
+# -- no room in the queue ([queue] min_free) ----------------------------------
+
+STORAGE = b"452 4.3.1 Insufficient system storage\r\n"
+
+
+@pytest.fixture
+def events(monkeypatch):
+    """What the dialogue logs, as formatted lines and raw events."""
+    from twisted.logger import Logger
+    from relaymail.smtp import dialogue
+    captured = []
+    monkeypatch.setattr(dialogue, "log", Logger(namespace="relaymail.smtp", observer=captured.append))
+    return captured
+
+
+def formatted(events):
+    from twisted.logger import formatEvent
+    return [formatEvent(event) for event in events]
+
+
+def test_mail_is_452_4_3_1_when_the_queue_has_no_room(session, events):
+    ehlo(session)
+    session.queue.room = -1          # below the reserve already
+    assert session.command(b"MAIL FROM:<a@example.org>") == STORAGE
+    assert session.command(b"RCPT TO:<b@example.com>") == b"503 5.5.1 Error: need MAIL command\r\n"
+    assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+    assert formatted(events) == [
+        "127.0.0.1 mail from=<a@example.org> size=0: 452 4.3.1 Insufficient system storage: "
+        "the queue's file system has less than [queue] min_free=15728640 bytes to spare"]
+    assert "log_failure" not in events[0]
+    session.queue.room = None        # space freed: mail is taken again
+    assert session.command(b"MAIL FROM:<a@example.org>") == b"250 2.1.0 Ok\r\n"
+
+
+def test_a_declared_size_must_fit_beside_the_reserve(session):
+    ehlo(session)
+    session.queue.room = 5000
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=5001") == STORAGE
+    assert session.command(b"MAIL FROM:<> SIZE=5000") == b"250 2.1.0 Ok\r\n"
+    assert session.queue.room_asked == [5001, 5000]
+
+
+def test_a_malformed_mail_is_told_its_error_before_the_lack_of_room(session):
+    ehlo(session)
+    session.queue.room = -1
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=x") == (
+        b"501 5.5.4 Syntax error in parameters: SIZE takes a number of octets\r\n")
+    assert session.command(b"MAIL FROM:<a@example.org> SIZE=20000000") == (
+        b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+    assert session.queue.room_asked == []
+
+
+def test_a_commit_the_disk_refuses_is_451_and_one_line_without_traceback(session, events):
+    transaction(session)
+    session.command(b"DATA")
+    session.queue.fail_commits = True
+    assert session.send(b"a\r\n.\r\n") == b"451 4.3.0 Error: local error in processing, try again later\r\n"
+    lines = [line for line in formatted(events) if "rcpt from=" not in line]
+    assert lines == ["127.0.0.1 message Q0001 not queued: [Errno 5] Input/output error: "
+                     "451 4.3.0 Error: local error in processing, try again later"]
+    assert not any("log_failure" in event for event in events)
+
+
+def test_a_queue_file_the_disk_cannot_start_is_451_and_one_line(session, events, monkeypatch):
+    transaction(session)
+
+    def no_space():
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(session.queue, "new_message", no_space)
+    assert session.command(b"DATA") == b"451 4.3.0 Error: local error in processing, try again later\r\n"
+    assert formatted(events)[-1] == "127.0.0.1 cannot start a queue file: [Errno 28] No space left on device"
+    assert not any("log_failure" in event for event in events)

@@ -183,6 +183,21 @@ def test_smuggled_end_of_data_starts_no_second_message(relay):
     assert relay.active_files() == before
 
 
+def test_untrusted_client_learns_nothing_from_vrfy_and_expn(relay):
+    # Loopback is outside trusted_networks here; the aliases plugin knows
+    # staff, and the domains plugin would accept bob@example.com.
+    out = converse(relay.port, (
+        b"EHLO client.test\r\nEXPN staff\r\nEXPN staff@example.com\r\nVRFY bob@example.com\r\n"
+        b"VRFY nobody@example.net\r\nVRFY\r\nQUIT\r\n"))
+    assert out.split(b"\r\n")[8:] == [
+        b"502 5.7.0 Error: EXPN is only for trusted or authenticated clients",
+        b"502 5.7.0 Error: EXPN is only for trusted or authenticated clients",
+        b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        b"501 5.5.4 Syntax: VRFY address",
+        b"221 2.0.0 relay.test Bye", b""]
+
+
 def test_http_on_the_smtp_port_is_hung_up_on(relay):
     out = converse(relay.port, b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n")
     assert out == b"220 relay.test ESMTP relaymail\r\n421 relay.test Error: HTTP request on the SMTP port\r\n"

@@ -79,6 +79,21 @@ def test_spool_and_writer_provide_the_interfaces(spool):
     writer.abort()
 
 
+def test_has_room_keeps_min_free_beyond_the_declared_size(tmp_path):
+    # The real figure for the file system tmp_path is on (its exact value
+    # moves as others write; the margins here are half of it).
+    stats = os.statvfs(tmp_path)
+    free = stats.f_bavail * stats.f_frsize
+    spool = Spool(str(tmp_path), min_free=free // 2)
+    assert spool.has_room(0)
+    assert not spool.has_room(free)
+    assert not Spool(str(tmp_path), min_free=2 * free).has_room(0)
+    assert Spool(str(tmp_path), min_free=0).has_room(100 * free)
+    from relaymail.queue.intake import NotifyingQueue
+    assert verifyObject(IMessageQueue, NotifyingQueue(spool, None))
+    assert not NotifyingQueue(spool, None).has_room(free)
+
+
 def test_recover_before_start_creates_the_layout(tmp_path):
     spool = Spool(str(tmp_path / "new" / "spool"))
     assert spool.recover() == []

@@ -20,6 +20,9 @@ class NotifyingQueue:
     def new_message(self):
         return _NotifyingWriter(self._queue.new_message(), self._on_committed)
 
+    def has_room(self, size=0):
+        return self._queue.has_room(size)
+
 
 @implementer(IMessageWriter)
 class _NotifyingWriter:

@@ -316,6 +316,18 @@ class Dialogue:
             return replies.NEEDS_SMTPUTF8
         except address.AddressError as e:
             return replies.bad_sender(str(e))
+        # Only now, so a malformed MAIL still hears what is wrong with it;
+        # before any DATA, so a full disk costs the client no upload.
+        declared = int(params.get("SIZE") or 0)
+        if not self.queue.has_room(declared):
+            # A warning, as Postfix's: the administrator has a disk to see to.
+            reply = replies.INSUFFICIENT_STORAGE
+            log.warn("{client_ip} mail from=<{sender}> size={size}: {code} {enhanced} {text}: "
+                     "the queue's file system has less than [queue] min_free={min_free} bytes "
+                     "to spare", client_ip=self.context.client_ip, sender=str(sender or ""),
+                     size=declared, code=reply.code, enhanced=reply.enhanced, text=reply.text,
+                     min_free=self.settings.queue.min_free)
+            return reply
         self.transaction = Transaction(sender, body, smtputf8)
         self.context.sender = sender
         return replies.SENDER_OK
@@ -398,8 +410,15 @@ class Dialogue:
         try:
             self._writer = self.queue.new_message()
             self._writer.write(self._received_header(self._writer.queue_id))
+        except (OSError, RuntimeError) as error:
+            # OSError from the disk (ENOSPC, EIO: no bug, so no traceback);
+            # RuntimeError from a spool shutting down.
+            log.error("{client_ip} cannot start a queue file: {error}",
+                      client_ip=self.context.client_ip, error=str(error))
+            self._discard_writer()
+            self._reset()
+            return replies.LOCAL_ERROR
         except Exception:
-            # OSError from the disk; RuntimeError from a spool shutting down.
             log.failure("cannot start a queue file")
             self._discard_writer()
             self._reset()
@@ -471,9 +490,18 @@ class Dialogue:
         return d.addCallback(queued)
 
     def _commit_failed(self, failure, writer):
-        log.failure("message {queue_id} not queued", failure, queue_id=writer.queue_id)
         writer.abort()
-        return replies.LOCAL_ERROR
+        reply = replies.LOCAL_ERROR
+        if failure.check(OSError, RuntimeError):
+            # The disk refused (ENOSPC at the last flush or the record) or
+            # the spool is stopping: one line, as for a failed write.
+            log.error("{client_ip} message {queue_id} not queued: {error}: {code} {enhanced} {text}",
+                      client_ip=self.context.client_ip, queue_id=writer.queue_id,
+                      error=str(failure.value), code=reply.code, enhanced=reply.enhanced,
+                      text=reply.text)
+        else:
+            log.failure("message {queue_id} not queued", failure, queue_id=writer.queue_id)
+        return reply
 
     def _discard_writer(self):
         if self._writer is not None:
@@ -484,10 +512,24 @@ class Dialogue:
     # -- VRFY, EXPN ------------------------------------------------------
 
     def _vrfy(self, argument):
+        access = self.settings.server.vrfy
+        if access == "off":
+            return replies.VRFY_DISABLED
+        if access == "trusted" and not self._may_look_up():
+            return replies.VRFY_NOT_ALLOWED
         if not argument:
             return replies.VRFY_SYNTAX
+        if not self._may_look_up():
+            # vrfy = anyone: the same 252 whether or not the user exists
+            # (RFC 5321 7.3), and no plugin asked, so no timing tells either.
+            return replies.CANNOT_VRFY
         d = self.policy.verify(_strip_brackets(argument), self.context)
         return d.addCallback(self._verified)
+
+    def _may_look_up(self):
+        """Whether this client gets real VRFY and EXPN answers: trusted by
+        network or logged in, as for relaying."""
+        return bool(self.context.trusted or self.context.authenticated_user)
 
     def _verified(self, decision):
         if not decision.is_final:
@@ -495,6 +537,13 @@ class Dialogue:
         return replies.decision_reply(decision, replies.RECIPIENT_OK)
 
     def _expn(self, argument):
+        # Only the command: the queue still expands lists to their members
+        # (Policy.expand_recipients), whatever this says.
+        access = self.settings.server.expn
+        if access == "off":
+            return replies.EXPN_DISABLED
+        if access == "trusted" and not self._may_look_up():
+            return replies.EXPN_NOT_ALLOWED
         if not argument:
             return replies.EXPN_SYNTAX
         d = self.policy.expand(_strip_brackets(argument), self.context)

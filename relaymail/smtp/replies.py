@@ -85,6 +85,14 @@ def queued(queue_id):
 # RFC 5321 3.5.3: 252 when the server cannot verify but will try delivery.
 CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 NOT_A_LIST = Reply(550, "5.1.1", "Not a mailing list I know")
+# [server] vrfy/expn (RFC 5321 7.3 lets a site restrict both).  Off for
+# everyone is "not implemented" (502, 5.5.1), as Postfix's
+# disable_vrfy_command answers; refused to this client is a security
+# matter (5.7.0).
+VRFY_DISABLED = Reply(502, "5.5.1", "Error: VRFY command is disabled")
+EXPN_DISABLED = Reply(502, "5.5.1", "Error: EXPN command is disabled")
+VRFY_NOT_ALLOWED = Reply(502, "5.7.0", "Error: VRFY is only for trusted or authenticated clients")
+EXPN_NOT_ALLOWED = Reply(502, "5.7.0", "Error: EXPN is only for trusted or authenticated clients")
 
 # Sequence and syntax (RFC 5321 4.3.2; enhanced codes RFC 3463 5.5.x).
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
@@ -145,6 +153,9 @@ def unknown_parameter(keyword):
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
 # RFC 1870: a declared SIZE over our limit.
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# RFC 5321 4.2.2 (452: insufficient system storage) and RFC 3463 4.3.1
+# (mail system full), the words Postfix uses: the spool is short of space.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 # RFC 5321 4.5.3.1.10: excess recipients get 452 and the client sends later.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 
