@@ -343,11 +343,15 @@ def _lstat_expected(spool, directory_fd, directory, name, owners):
     """lstat ``name`` in the open directory and refuse it unless the
     layout expects that name, of that type, there."""
     shown = name if directory is None else f"{directory}/{name}"
+    info = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    actual = _kind(info.st_mode)
+    if stat.S_ISLNK(info.st_mode):
+        # Said first, whatever the name: it is what the administrator
+        # most needs to know (someone tried).
+        raise UnsafeSpool(spool, f"{shown} is a symbolic link")
     expected = expected_kind(directory, name)
     if expected is None:
         raise UnsafeSpool(spool, f"{shown} does not belong in a spool")
-    info = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-    actual = _kind(info.st_mode)
     if actual != expected:
         raise UnsafeSpool(spool, f"{shown} is {actual}, not {expected}")
     if info.st_uid not in owners:
