@@ -17,7 +17,7 @@ from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
-from relaymail.queue.layout import UnsafeSpool, hand_over, trusted_path
+from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
@@ -175,6 +175,8 @@ def makeService(options):
             # Before root makes or opens anything in there: a spool the
             # relay user could swap for a link is refused outright.
             spool = trusted_path(settings.queue.path)
+        elif os.geteuid() == 0:
+            check_root_owned(settings.queue.path)
         top = build_service(settings)
         if owner is not None:
             # The spool and its lock are made while twistd is still root

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -135,6 +136,22 @@ def test_start_as_root_refuses_a_hard_link_to_a_root_file(workdir, victim):
                              "2 hard links, 1 of them in the spool\n")
 
 
+def test_staying_root_refuses_a_spool_of_another_user(workdir, victim):
+    spool = relay_spool(workdir)
+    os.symlink(victim, os.path.join(spool, "active", ID + ".msg"))
+    config = os.path.join(workdir, "relaymail.ini")
+    with open(config, "w") as file:
+        file.write(f"[server]\nlisten = tcp:0:interface=127.0.0.1\n[queue]\npath = {spool}\n")
+    try:
+        result = twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        result = None
+    assert result is not None, "the relay started"
+    assert result.stderr == (f"relaymail: unsafe spool {spool}: it belongs to uid {UID}; "
+                             f"run as that user (twistd --uid {UID}) or give the spool to root\n")
+    assert_untouched(victim)
+
+
 # -- the hand-over itself ------------------------------------------------------
 
 def _plant_directory_link(spool, victim):
@@ -220,7 +237,10 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
 
 def test_a_real_start_as_root_hands_over_messages_queued_as_root(workdir):
     spool = relay_spool(workdir)
-    put(spool, ID, 1.0)        # root's 0600 files, as the tool as root leaves them
+    # Root's 0600 files, as the tool as root leaves them; not due for an
+    # hour, so delivery leaves them alone while the test looks.
+    now = time.time()
+    put(spool, ID, now, change=lambda record: record.update(next_attempt_at=now + 3600))
     relay = RelayProcess(workdir, {"queue": {"path": spool}})
     relay.extra_args = ["--uid", str(UID), "--gid", str(GID)]
     relay.start()

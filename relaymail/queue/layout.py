@@ -24,7 +24,7 @@ ID is a queue id (:mod:`relaymail.queue.queue_id`), XXXXXXXX eight
 lower-case hex digits.  Nothing else belongs, and nothing is nested
 deeper.
 
-Three checks, after Postfix (its ``set-permissions`` step runs apart from
+Four checks, after Postfix (its ``set-permissions`` step runs apart from
 the daemon, ``safe_open()`` refuses a link or a file whose owner or link
 count is wrong, and ``postsuper`` does its queue work as the mail system
 owner, not as root):
@@ -44,6 +44,8 @@ owner, not as root):
   promise) and only then ``fchown()``\\ s that descriptor.  Anything the
   layout does not expect stops start-up with one line: the administrator
   looks, rather than the daemon guessing what a stray entry means.
+* :func:`check_root_owned`: a relay that stays root runs only on a spool
+  of root's.
 * :func:`open_regular` is how the lock is opened: ``O_NOFOLLOW``, no
   ``O_TRUNC``, and a regular file with a single link owned as expected, or
   :class:`UnsafeSpool` before a byte is written.
@@ -204,6 +206,23 @@ def _check_writers(spool, directory, entry, last):
         raise UnsafeSpool(spool, f"{directory} is writable by others than root "
                                  f"(mode {stat.S_IMODE(info.st_mode):04o}); "
                                  "they could replace the spool")
+
+
+def check_root_owned(path):
+    """For a relay that stays root (no ``--uid``): refuse a spool that
+    belongs to another user, who could lead root anywhere with a link
+    (delivery would read and send whatever ``active/ID.msg`` names).
+
+    :raise UnsafeSpool: when the spool directory exists and is not root's.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if info.st_uid != 0:
+        raise UnsafeSpool(os.path.abspath(path),
+                          f"it belongs to uid {info.st_uid}; run as that user "
+                          f"(twistd --uid {info.st_uid}) or give the spool to root")
 
 
 # -- opening one file ---------------------------------------------------------
