@@ -221,7 +221,8 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     active, hold = os.path.join(spool, "active"), os.path.join(spool, "hold")
     put(spool, ID, 1.0)
     os.link(os.path.join(active, ID + ".msg"), os.path.join(hold, ID + ".msg"))
-    os.link(os.path.join(active, ID + ".json"), os.path.join(spool, "tmp", ID + ".json-0a1b2c3d.link"))
+    os.link(os.path.join(active, ID + ".json"),
+            os.path.join(spool, "tmp", ID + ".json-0a1b2c3d.link"))
     for name in (f"tmp/{ID}-89abcdef.json", f"corrupt/{ID}.json", f"corrupt/{ID}-hold.msg"):
         open(os.path.join(spool, name), "w").close()
     with socket.socket(socket.AF_UNIX) as control:
@@ -308,7 +309,8 @@ def test_the_lock_is_never_truncated_through_a_hard_link(workdir, victim):
     lock = SpoolLock(spool)
     with pytest.raises(UnsafeSpool) as raised:
         lock.acquire()
-    assert str(raised.value) == f"unsafe spool {spool}: lock has 2 hard links, 1 of them in the spool"
+    assert str(raised.value) == (
+        f"unsafe spool {spool}: lock has 2 hard links, 1 of them in the spool")
     assert not lock.held
     assert_untouched(victim)
 

@@ -245,11 +245,11 @@ def open_regular(spool, path, flags, owners, mode=0o600):
     name = os.path.relpath(path, spool)
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, mode)
-    except OSError as error:
+    except OSError:
         # ELOOP is how O_NOFOLLOW says "a link" (open(2)).
         if os.path.islink(path):
             raise UnsafeSpool(spool, f"{name} is a symbolic link") from None
-        raise error
+        raise
     try:
         _check_file(spool, name, os.fstat(fd), owners)
     except BaseException:
@@ -343,10 +343,10 @@ def _open_directory(spool, shown, parent, name, owners, expected=None):
             fd = os.open(spool, _LOOK_DIRECTORY)
         else:
             fd = os.open(name, _LOOK_DIRECTORY, dir_fd=parent)
-    except OSError as error:
+    except OSError:
         if os.path.islink(spool if parent is None else os.path.join(spool, name)):
             raise UnsafeSpool(spool, f"{shown} is a symbolic link") from None
-        raise error
+        raise
     info = os.fstat(fd)
     if expected is not None and (info.st_dev, info.st_ino) != (expected.st_dev, expected.st_ino):
         os.close(fd)

@@ -8,6 +8,9 @@ Layout under the spool directory (created mode 0700 by :meth:`Spool.start`)::
               never delivered until released back to active/
     corrupt/  entries recover() could not trust, kept for a person to read
 
+(Every name that may appear, and how a process running as root looks at
+them without following a link: :mod:`relaymail.queue.layout`.)
+
 ``ID.msg`` is the message exactly as received and ``ID.json`` its envelope
 and delivery state; the JSON format is documented, and versioned, in
 :mod:`relaymail.queue.record`.  A message is committed when its ``ID.json``
