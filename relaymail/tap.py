@@ -17,6 +17,7 @@ from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
+from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
@@ -166,26 +167,23 @@ def _run_as(options):
     return uid, gid if gid is not None else -1
 
 
-def _hand_over_spool(path, owner):
-    """The spool and its lock are made while twistd is still root (to bind
-    port 25); give them to the user the relay will run as."""
-    uid, gid = owner
-    # All of it: messages queued while running as root (or by the queue tool
-    # as root) must stay readable, or recovery would set them aside.
-    os.chown(path, uid, gid)
-    for directory, subdirectories, files in os.walk(path):
-        for name in subdirectories + files:
-            os.chown(os.path.join(directory, name), uid, gid)
-
-
 def makeService(options):
     try:
         settings = load_config(options["config"], _overrides(options))
-        top = build_service(settings)
         owner = _run_as(options)
         if owner is not None:
-            _hand_over_spool(settings.queue.path, owner)
+            # Before root makes or opens anything in there: a spool the
+            # relay user could swap for a link is refused outright.
+            spool = trusted_path(settings.queue.path)
+        elif os.geteuid() == 0:
+            check_root_owned(settings.queue.path)
+        top = build_service(settings)
+        if owner is not None:
+            # The spool and its lock are made while twistd is still root
+            # (to bind port 25); the user the relay will run as gets them,
+            # each entry checked against the layout, no link followed.
+            hand_over(spool, *owner)
         return top
-    except ConfigError as error:
+    except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.
         raise SystemExit(f"relaymail: {error}")

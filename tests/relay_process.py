@@ -17,9 +17,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def twistd(*args, cwd=None, timeout=30):
-    """Run twistd to completion (for --help and bad configs)."""
-    return subprocess.run([TWISTD, "-n", "--pidfile=", "relaymail", *args], cwd=cwd or REPO,
+def twistd(*args, cwd=None, timeout=30, options=()):
+    """Run twistd to completion (for --help and bad configs); ``options``
+    are twistd's own (``--uid``), given before the plugin name."""
+    return subprocess.run([TWISTD, "-n", "--pidfile=", *options, "relaymail", *args], cwd=cwd or REPO,
                           env=_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -37,9 +37,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface
 
+from relaymail.queue.layout import CONTROL_NAME
 from relaymail.queue.queue_id import is_queue_id
-
-CONTROL_NAME = "control"
 
 #: The longest request is "release " and an id; anything far longer is
 #: not from the queue tool.

@@ -21,7 +21,9 @@ def write_durably(path, data):
 def write_file(path, data, fsync=False):
     """Create (or truncate) ``path`` (mode 0600) and write ``data``; fsync
     it too when asked (a batch commit syncs many files at once instead)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # O_NOFOLLOW: a link planted in the spool is refused, not written through.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
     try:
         view = memoryview(data)
         while view:

@@ -11,13 +11,19 @@ it when its holder exits, even after a crash, so there is no stale lock to
 clean up.  Removing the file would let two processes lock two different
 files of the same name.  The holder writes its process id into the file,
 only so that the refusal can say who holds it.
+
+The lock is opened as root when twistd starts as root (``--uid``) and by
+the queue tool run as root, in a directory the relay user owns: so never
+through a symbolic link, never truncated on open, and written only once
+it is known to be a regular file of ours with a single link
+(:func:`relaymail.queue.layout.open_regular`).
 """
 
 import errno
 import fcntl
 import os
 
-LOCK_NAME = "lock"
+from relaymail.queue.layout import LOCK_NAME, open_regular
 
 _DIRECTORY_MODE = 0o700
 _FILE_MODE = 0o600
@@ -54,13 +60,20 @@ class SpoolLock:
             another process (or another open of the file) holds it.
         :raise OSError: when the lock file cannot be created or locked for
             another reason (permissions, a read-only file system).
+        :raise relaymail.queue.layout.UnsafeSpool: when ``lock`` is a
+            symbolic link, not a regular file, has another hard link, or
+            belongs to neither this process's user nor the spool's owner;
+            nothing has been written to it.
         """
         if self._fd is not None:
             return True
         os.makedirs(self.path, _DIRECTORY_MODE, exist_ok=True)
-        # O_CLOEXEC: a delivery helper the daemon starts must not inherit
-        # the lock and keep the spool "busy" after the daemon has exited.
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        # open_regular() adds O_CLOEXEC: a delivery helper the daemon
+        # starts must not inherit the lock and keep the spool "busy" after
+        # the daemon has exited.
+        owners = {os.geteuid(), os.stat(self.path).st_uid}
+        fd = open_regular(self.path, self.lock_path, os.O_RDWR | os.O_CREAT, owners,
+                          _FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -92,10 +105,15 @@ class SpoolLock:
         file is missing, empty or unreadable (a holder that has not yet
         written it, or a lock that is free)."""
         try:
-            with open(self.lock_path, "rb") as file:
-                text = file.read(32).strip()
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
+        try:
+            text = os.read(fd, 32).strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return int(text) if text.isdigit() else None
 
     def describe_holder(self):

@@ -8,6 +8,9 @@ Layout under the spool directory (created mode 0700 by :meth:`Spool.start`)::
               never delivered until released back to active/
     corrupt/  entries recover() could not trust, kept for a person to read
 
+(Every name that may appear, and how a process running as root looks at
+them without following a link: :mod:`relaymail.queue.layout`.)
+
 ``ID.msg`` is the message exactly as received and ``ID.json`` its envelope
 and delivery state; the JSON format is documented, and versioned, in
 :mod:`relaymail.queue.record`.  A message is committed when its ``ID.json``
@@ -42,6 +45,7 @@ import collections
 import errno
 import os
 import secrets
+import stat
 import time
 
 from twisted.application import service
@@ -54,6 +58,7 @@ from relaymail.interfaces import IMessageQueue, IMessageWriter
 from relaymail.queue import record as records
 from relaymail.queue.batch import CommitBatcher, sync_files
 from relaymail.queue.durable import GroupSync, fsync_directory, write_durably, write_file
+from relaymail.queue.layout import staging_name, temporary_record_name
 from relaymail.queue.queue_id import is_queue_id, new_queue_id
 
 #: Commit threads when the spool runs its own pool.  fsync latency, not
@@ -245,7 +250,7 @@ class Spool(service.Service):
             for suffix in (".json", ".msg"):
                 if os.path.lexists(self._in(directory, queue_id, suffix)):
                     return None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(self._in(self._tmp, queue_id, ".msg"), flags, _FILE_MODE)
         except FileExistsError:
@@ -467,8 +472,7 @@ class Spool(service.Service):
         when None), or return None."""
         directory = directory or self._active
         try:
-            with open(self._in(directory, queue_id, ".json"), "rb") as file:
-                data = file.read()
+            data = _read_small_file(self._in(directory, queue_id, ".json"))
         except OSError as error:
             return f"record unreadable: {error.strerror}"
         try:
@@ -476,11 +480,14 @@ class Spool(service.Service):
         except records.CorruptRecord as error:
             return f"bad record: {error}"
         try:
-            actual = os.stat(self._in(directory, queue_id, ".msg")).st_size
+            body = os.lstat(self._in(directory, queue_id, ".msg"))
         except FileNotFoundError:
             return "message file missing"
         except OSError as error:
             return f"message file unreadable: {error.strerror}"
+        if not stat.S_ISREG(body.st_mode):
+            return "message file is not a regular file"
+        actual = body.st_size
         if actual < record["size"]:
             return f"message file truncated: {actual} of {record['size']} bytes"
         return None
@@ -557,7 +564,7 @@ class Spool(service.Service):
         if not os.path.exists(target):
             raise FileNotFoundError(errno.ENOENT, "no such message in the queue", target)
         # A name of its own, so a commit or another update cannot clash.
-        temporary = os.path.join(self._tmp, f"{queue_id}-{secrets.token_hex(4)}.json")
+        temporary = os.path.join(self._tmp, temporary_record_name(queue_id, secrets.token_hex(4)))
         try:
             write_durably(temporary, payload)
             os.replace(temporary, target)
@@ -747,7 +754,7 @@ class Spool(service.Service):
             return False
         state["next_attempt_at"] = self._now() if now is None else now
         payload = records.encode(state)
-        temporary = os.path.join(self._tmp, f"{queue_id}-{secrets.token_hex(4)}.json")
+        temporary = os.path.join(self._tmp, temporary_record_name(queue_id, secrets.token_hex(4)))
         try:
             self._link_into(self._in(self._hold, queue_id, ".msg"),
                             self._in(self._active, queue_id, ".msg"))
@@ -846,7 +853,7 @@ class Spool(service.Service):
         # link(2) refuses an existing target and rename(2) replaces one
         # atomically: so link to a fresh name in tmp/, then rename that.
         staging = os.path.join(
-            self._tmp, f"{os.path.basename(target)}-{secrets.token_hex(4)}.link")
+            self._tmp, staging_name(os.path.basename(target), secrets.token_hex(4)))
         os.link(source, staging)
         try:
             os.rename(staging, target)
@@ -1011,7 +1018,9 @@ def _read_small_file(path):
     """Return the bytes of the file at ``path``.  Plain os.read() rather
     than open(): reading every record of a 100,000-message queue (the
     queue tool's list) spends most of its time per file, not per byte."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    # O_NOFOLLOW: the spool's user could have put a link there, and the
+    # queue tool may be reading as root (relaymail.queue.layout).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         return _read_all(fd)
     finally:
@@ -1029,7 +1038,7 @@ def _open_ahead(path):
     """Open a record to be read soon, asking the kernel to start reading
     it now; return the descriptor, or the OSError the open raised."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as error:
         return error
     if _fadvise is not None:

@@ -20,6 +20,13 @@ starts meanwhile; when the daemon holds it they send the request over
 ``QUEUE/control`` (:mod:`relaymail.queue.control`) and print its reply.
 Both ways give the same reply lines.
 
+Run as root on a spool that belongs to another user (the one the relay
+runs as), the tool does its work with that user's ids, as Postfix's
+postsuper does as the mail system owner: whoever owns the spool can put
+links in it, and root following them could be led to read, write or
+delete files anywhere.  The lock is opened as
+:mod:`relaymail.queue.layout` says in any case.
+
 Exit status: 0 when done; 1 when the queue said no (no such message, an
 error reply, no daemon answering, an unreadable spool); 2 for a usage or
 configuration error.
@@ -27,6 +34,7 @@ configuration error.
 
 import argparse
 import collections
+import contextlib
 import datetime
 import os
 import socket
@@ -40,6 +48,7 @@ from relaymail.config import ConfigError, load_config
 from relaymail.queue import record as records
 from relaymail.queue.control import (
     ALL, ControlError, IQueueControl, answer, control_path, plural)
+from relaymail.queue.layout import UnsafeSpool
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.queue_id import is_queue_id
 from relaymail.queue.spool import ACTIVE, HOLD, Spool
@@ -109,7 +118,8 @@ def main(argv=None, out=None, err=None, now=None):
         return EXIT_USAGE
     context = _Context(out, err, time.time() if now is None else now, args.timeout)
     try:
-        return args.run(args, spool_path, context)
+        with as_spool_owner(spool_path):
+            return args.run(args, spool_path, context)
     except ToolError as error:
         err.write(f"{PROGRAM}: {error}\n")
         return EXIT_FAILED
@@ -349,7 +359,9 @@ def _show(args, spool_path, context):
     context.out.write(format_record(record, where == HOLD, context.now))
     context.out.write("\n")
     try:
-        with open(spool.message_path(queue_id, where), "rb") as message:
+        fd = os.open(spool.message_path(queue_id, where),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as message:
             _write_message(message, context.out, args.body)
     except FileNotFoundError:
         raise ToolError(f"{queue_id}: the message file is gone "
@@ -441,6 +453,8 @@ def carry_out(spool_path, request, context):
     lock = SpoolLock(spool_path)
     try:
         locked = lock.acquire()
+    except UnsafeSpool as error:
+        raise ToolError(str(error))
     except OSError as error:
         raise ToolError(f"cannot lock the spool {spool_path}: {error.strerror}")
     if not locked:
@@ -560,6 +574,34 @@ class OfflineManager:
 
 
 # -- the spool directory ---------------------------------------------------------
+
+@contextlib.contextmanager
+def as_spool_owner(path):
+    """Within this block, when running as root and the spool at ``path``
+    belongs to another user, have that user's effective ids and groups.
+
+    Effective ids only, put back on the way out: the tool's own caller (a
+    test, a script importing :func:`main`) goes on as root.
+    """
+    try:
+        owner = os.stat(path) if os.geteuid() == 0 else None
+    except OSError:
+        owner = None        # no spool: the command says so in its words
+    if owner is None or owner.st_uid == 0:
+        yield
+        return
+    groups, egid = os.getgroups(), os.getegid()
+    # Groups first, then the gid, then the uid: each needs root.
+    os.setgroups([owner.st_gid])
+    os.setegid(owner.st_gid)
+    os.seteuid(owner.st_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
 
 def _readable_spool(path):
     if not os.path.isdir(path):

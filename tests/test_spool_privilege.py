@@ -1,0 +1,390 @@
+"""Root never follows a link in the spool: the hand-over at start-up
+(twistd as root with --uid), the spool lock, and relaymail-queue run as
+root.  Real files, real ownership, the real twistd; the "victim" is a
+root-owned file the test makes next to the spool, never a system file."""
+
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from relaymail.queue import record as records
+from relaymail.queue.layout import UnsafeSpool, hand_over, trusted_path
+from relaymail.queue.lock import SpoolLock
+from relaymail.tools.queue_tool import main
+from tests.relay_process import REPO, RelayProcess, twistd
+from tests.test_queue_tool import put
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+
+NOBODY = pwd.getpwnam("nobody")
+UID, GID = NOBODY.pw_uid, NOBODY.pw_gid
+
+ID = "0000000000000007"
+SECRET = b"root's secret\n"
+
+#: Long enough for twistd to start on a busy machine; only reached when a
+#: relay that should have refused starts instead.
+START_TIMEOUT = 20
+
+
+@pytest.fixture
+def workdir():
+    """A directory nobody can reach (pytest's tmp_path is root's 0700)."""
+    path = tempfile.mkdtemp(prefix="relaymail-priv-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def victim(workdir):
+    path = os.path.join(workdir, "victim")
+    with open(path, "wb") as file:
+        file.write(SECRET)
+    os.chmod(path, 0o600)
+    return path
+
+
+def assert_untouched(path, content=SECRET, mode=0o600):
+    info = os.lstat(path)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, mode)
+    if content is not None:
+        with open(path, "rb") as file:
+            assert file.read() == content
+
+
+def relay_spool(workdir, owner=(UID, GID)):
+    """A spool as the relay leaves it after running as ``owner``."""
+    spool = os.path.join(workdir, "spool")
+    os.mkdir(spool, 0o700)
+    for name in ("tmp", "active", "hold", "corrupt"):
+        os.mkdir(os.path.join(spool, name), 0o700)
+    with open(os.path.join(spool, "lock"), "w") as file:
+        file.write("4242\n")
+    for directory, subdirectories, files in os.walk(spool):
+        for name in [""] + subdirectories + files:
+            os.lchown(os.path.join(directory, name), *owner)
+    return spool
+
+
+def owners(spool):
+    """{relative name: uid} of everything in the spool, itself as '.'."""
+    found = {".": os.lstat(spool).st_uid}
+    for directory, subdirectories, files in os.walk(spool):
+        for name in subdirectories + files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, spool)] = os.lstat(path).st_uid
+    return found
+
+
+def start_as_nobody(workdir, spool):
+    """Run twistd as root with --uid/--gid nobody on ``spool``; return the
+    finished process, or None when it started and kept running."""
+    config = os.path.join(workdir, "relaymail.ini")
+    with open(config, "w") as file:
+        file.write(f"[server]\nlisten = tcp:0:interface=127.0.0.1\nhostname = relay.test\n"
+                   f"[queue]\npath = {spool}\n"
+                   f"[delivery]\nsmarthost = [127.0.0.1]:9\n")
+    try:
+        return twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT,
+                      options=("--uid", str(UID), "--gid", str(GID)))
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# -- start-up as root, the real twistd ---------------------------------------
+
+def test_start_as_root_refuses_a_message_file_linked_to_a_root_file(workdir, victim):
+    spool = relay_spool(workdir)
+    os.symlink(victim, os.path.join(spool, "tmp", "x.msg"))
+    result = start_as_nobody(workdir, spool)
+    assert_untouched(victim)
+    assert result is not None, "the relay started"
+    assert result.returncode != 0
+    assert result.stderr == f"relaymail: unsafe spool {spool}: tmp/x.msg is a symbolic link\n"
+    # Refused before anything was handed over.
+    assert os.lstat(os.path.join(spool, "tmp", "x.msg")).st_uid == 0
+
+
+def test_start_as_root_refuses_a_lock_linked_to_a_root_file(workdir, victim):
+    spool = relay_spool(workdir)
+    os.unlink(os.path.join(spool, "lock"))
+    os.symlink(victim, os.path.join(spool, "lock"))
+    result = start_as_nobody(workdir, spool)
+    assert_untouched(victim)
+    assert result is not None, "the relay started"
+    assert result.returncode != 0
+    assert result.stderr == f"relaymail: unsafe spool {spool}: lock is a symbolic link\n"
+
+
+def test_start_as_root_refuses_a_hard_link_to_a_root_file(workdir, victim):
+    # What a relay user can do where fs.protected_hardlinks is 0.
+    spool = relay_spool(workdir)
+    os.link(victim, os.path.join(spool, "active", ID + ".msg"))
+    result = start_as_nobody(workdir, spool)
+    assert_untouched(victim)
+    assert result is not None, "the relay started"
+    assert result.stderr == (f"relaymail: unsafe spool {spool}: active/{ID}.msg has "
+                             "2 hard links, 1 of them in the spool\n")
+
+
+def test_staying_root_refuses_a_spool_of_another_user(workdir, victim):
+    spool = relay_spool(workdir)
+    os.symlink(victim, os.path.join(spool, "active", ID + ".msg"))
+    config = os.path.join(workdir, "relaymail.ini")
+    with open(config, "w") as file:
+        file.write(f"[server]\nlisten = tcp:0:interface=127.0.0.1\n[queue]\npath = {spool}\n")
+    try:
+        result = twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        result = None
+    assert result is not None, "the relay started"
+    assert result.stderr == (f"relaymail: unsafe spool {spool}: it belongs to uid {UID}; "
+                             f"run as that user (twistd --uid {UID}) or give the spool to root\n")
+    assert_untouched(victim)
+
+
+# -- the hand-over itself ------------------------------------------------------
+
+def _plant_directory_link(spool, victim):
+    elsewhere = os.path.join(os.path.dirname(victim), "elsewhere")
+    os.mkdir(elsewhere, 0o700)
+    shutil.rmtree(os.path.join(spool, "hold"))
+    os.symlink(elsewhere, os.path.join(spool, "hold"))
+    return elsewhere
+
+
+PLANTED = {
+    "a link with a queue file's name": (
+        lambda spool, victim: os.symlink(victim, os.path.join(spool, "active", ID + ".json")),
+        f"active/{ID}.json is a symbolic link"),
+    "a directory replaced by a link": (
+        _plant_directory_link, "hold is a symbolic link"),
+    "a FIFO": (
+        lambda spool, victim: os.mkfifo(os.path.join(spool, "hold", ID + ".msg")),
+        f"hold/{ID}.msg is a FIFO, not a regular file"),
+    "a name the layout does not know": (
+        lambda spool, victim: open(os.path.join(spool, "corrupt", "notes.txt"), "w").close(),
+        "corrupt/notes.txt does not belong in a spool"),
+    "a directory where a file belongs": (
+        lambda spool, victim: os.mkdir(os.path.join(spool, "tmp", ID + ".msg")),
+        f"tmp/{ID}.msg is a directory, not a regular file"),
+    "a file of a third user": (
+        lambda spool, victim: _file_of(os.path.join(spool, "active", ID + ".json"), 12345),
+        f"active/{ID}.json is owned by uid 12345"),
+    "a lock that is a directory": (
+        lambda spool, victim: _directory_instead(os.path.join(spool, "lock")),
+        "lock is a directory, not a regular file"),
+}
+
+
+def _file_of(path, uid):
+    open(path, "w").close()
+    os.chown(path, uid, uid)
+
+
+def _directory_instead(path):
+    os.unlink(path)
+    os.mkdir(path)
+
+
+@pytest.mark.parametrize("planted", sorted(PLANTED))
+def test_hand_over_refuses_what_the_layout_does_not_say_and_changes_nothing(
+        workdir, victim, planted):
+    # A spool first made by root: everything root's, nothing handed over yet.
+    spool = relay_spool(workdir, owner=(0, 0))
+    plant, problem = PLANTED[planted]
+    elsewhere = plant(spool, victim)
+    before = owners(spool)
+    with pytest.raises(UnsafeSpool) as raised:
+        hand_over(spool, UID, GID)
+    assert str(raised.value) == f"unsafe spool {spool}: {problem}"
+    assert owners(spool) == before
+    assert_untouched(victim)
+    if elsewhere:
+        assert_untouched(elsewhere, content=None, mode=0o700)
+
+
+def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
+    spool = relay_spool(workdir, owner=(0, 0))
+    # Queued as root, an interrupted hold (one file, a name in active/ and
+    # one in hold/), a move's staging name, a record being replaced, a
+    # second corrupt copy: all names the spool itself makes.
+    active, hold = os.path.join(spool, "active"), os.path.join(spool, "hold")
+    put(spool, ID, 1.0)
+    os.link(os.path.join(active, ID + ".msg"), os.path.join(hold, ID + ".msg"))
+    os.link(os.path.join(active, ID + ".json"),
+            os.path.join(spool, "tmp", ID + ".json-0a1b2c3d.link"))
+    for name in (f"tmp/{ID}-89abcdef.json", f"corrupt/{ID}.json", f"corrupt/{ID}-hold.msg"):
+        open(os.path.join(spool, name), "w").close()
+    with socket.socket(socket.AF_UNIX) as control:
+        control.bind(os.path.join(spool, "control"))
+        hand_over(spool, UID, GID)
+    found = owners(spool)
+    # The socket is left: the relay, as nobody, replaces it at start.
+    assert found.pop("control") == 0
+    assert found == {name: UID for name in found}
+    assert len(found) == 13
+    assert {os.lstat(os.path.join(spool, name)).st_gid for name in found} == {GID}
+
+
+def test_a_real_start_as_root_hands_over_messages_queued_as_root(workdir):
+    spool = relay_spool(workdir)
+    # Root's 0600 files, as the tool as root leaves them; not due for an
+    # hour, so delivery leaves them alone while the test looks.
+    now = time.time()
+    put(spool, ID, now, change=lambda record: record.update(next_attempt_at=now + 3600))
+    relay = RelayProcess(workdir, {"queue": {"path": spool}})
+    relay.extra_args = ["--uid", str(UID), "--gid", str(GID)]
+    relay.start()
+    try:
+        for name in (ID + ".json", ID + ".msg"):
+            assert os.lstat(os.path.join(spool, "active", name)).st_uid == UID
+        # Recovered as nobody: the message is still queued, not set aside.
+        assert os.listdir(os.path.join(spool, "corrupt")) == []
+        assert os.lstat(os.path.join(spool, "control")).st_uid == UID
+    finally:
+        relay.stop()
+
+
+# -- the path to the spool ---------------------------------------------------------
+
+def test_a_spool_in_a_directory_others_can_write_is_refused(workdir):
+    shared = os.path.join(workdir, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)        # sticky does not help: the spool is nobody's
+    spool = os.path.join(shared, "spool")
+    with pytest.raises(UnsafeSpool) as raised:
+        trusted_path(spool)
+    assert str(raised.value) == (
+        f"unsafe spool {spool}: {shared} is writable by others than root (mode 1777); "
+        "they could replace the spool")
+
+
+def test_a_spool_below_a_directory_of_the_relay_user_is_refused(workdir):
+    home = os.path.join(workdir, "home")
+    os.makedirs(os.path.join(home, "spool"))
+    os.chown(home, UID, GID)
+    spool = os.path.join(home, "spool")
+    with pytest.raises(UnsafeSpool) as raised:
+        trusted_path(spool)
+    assert str(raised.value) == (
+        f"unsafe spool {spool}: {home} is owned by uid {UID}, not root; "
+        "whoever owns it could replace the spool")
+
+
+def test_a_spool_path_through_the_administrators_links_is_followed(workdir):
+    real = relay_spool(workdir)
+    os.symlink("spool", os.path.join(workdir, "link"))
+    assert trusted_path(os.path.join(workdir, "link", "..", "link")) == real
+    # Below a sticky /tmp the root-owned entries on the way are safe.
+    assert trusted_path(os.path.join(workdir, "missing", "spool")) == os.path.join(
+        workdir, "missing", "spool")
+
+
+def test_a_link_to_the_spool_in_a_directory_others_can_write_is_refused(workdir):
+    spool = relay_spool(workdir)
+    shared = os.path.join(workdir, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    os.symlink(spool, os.path.join(shared, "spool"))
+    with pytest.raises(UnsafeSpool, match=f"{shared} is writable by others than root"):
+        trusted_path(os.path.join(shared, "spool"))
+
+
+# -- the lock --------------------------------------------------------------------
+
+def test_the_lock_is_never_truncated_through_a_hard_link(workdir, victim):
+    spool = relay_spool(workdir)
+    os.unlink(os.path.join(spool, "lock"))
+    os.link(victim, os.path.join(spool, "lock"))
+    lock = SpoolLock(spool)
+    with pytest.raises(UnsafeSpool) as raised:
+        lock.acquire()
+    assert str(raised.value) == (
+        f"unsafe spool {spool}: lock has 2 hard links, 1 of them in the spool")
+    assert not lock.held
+    assert_untouched(victim)
+
+
+def test_the_holder_is_not_read_through_a_link(workdir, victim):
+    spool = relay_spool(workdir)
+    with open(victim, "w") as file:
+        file.write("1234\n")
+    os.unlink(os.path.join(spool, "lock"))
+    os.symlink(victim, os.path.join(spool, "lock"))
+    assert SpoolLock(spool).holder_pid() is None
+
+
+# -- relaymail-queue as root -------------------------------------------------------
+
+def test_the_tool_as_root_refuses_a_lock_linked_to_a_root_file(workdir, victim, capsys):
+    spool = relay_spool(workdir, owner=(0, 0))
+    put(spool, ID, 1.0)
+    os.unlink(os.path.join(spool, "lock"))
+    os.symlink(victim, os.path.join(spool, "lock"))
+    assert main(["--spool", spool, "hold", ID]) == 1
+    assert capsys.readouterr().err == (
+        f"relaymail-queue: unsafe spool {spool}: lock is a symbolic link\n")
+    assert_untouched(victim)
+    assert os.path.exists(os.path.join(spool, "active", ID + ".json"))
+
+
+def run_tool(*argv):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "relaymail.tools.queue_tool", *argv],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+
+
+def held_by_nobody(workdir):
+    spool = relay_spool(workdir)
+    put(spool, ID, 1.0, where="hold")
+    for name in (ID + ".msg", ID + ".json"):
+        os.chown(os.path.join(spool, "hold", name), UID, GID)
+    return spool
+
+
+def test_the_tool_as_root_works_as_the_spool_owner(workdir):
+    spool = held_by_nobody(workdir)
+    result = run_tool("--spool", spool, "release", ID)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{ID} released\n", "")
+    # Written with nobody's ids, not root's: root would leave a file the
+    # relay cannot read.
+    record = os.path.join(spool, "active", ID + ".json")
+    assert (os.lstat(record).st_uid, os.lstat(record).st_gid) == (UID, GID)
+    with open(record, "rb") as file:
+        assert records.decode(file.read(), ID)["next_attempt_at"] > 1.0
+
+
+def test_the_tool_as_root_follows_a_planted_link_only_as_the_spool_owner(workdir):
+    spool = held_by_nobody(workdir)
+    # tmp/ swapped for a link to a directory of root's: the record written
+    # there on the way to active/ would be root's file in root's place.
+    elsewhere = os.path.join(workdir, "elsewhere")
+    os.mkdir(elsewhere, 0o700)
+    os.rmdir(os.path.join(spool, "tmp"))
+    os.symlink(elsewhere, os.path.join(spool, "tmp"))
+    result = run_tool("--spool", spool, "release", ID)
+    assert result.returncode == 1
+    assert result.stderr.startswith("relaymail-queue: release failed: [Errno 13] Permission denied")
+    assert os.listdir(elsewhere) == []
+    assert os.path.exists(os.path.join(spool, "hold", ID + ".json"))
+
+
+def test_the_tool_as_root_on_a_relay_spool_refuses_a_lock_link(workdir, victim):
+    spool = relay_spool(workdir)
+    put(spool, ID, 1.0)
+    os.unlink(os.path.join(spool, "lock"))
+    os.symlink(victim, os.path.join(spool, "lock"))
+    result = run_tool("--spool", spool, "delete", "ALL")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"relaymail-queue: unsafe spool {spool}: lock is a symbolic link\n"
+    assert_untouched(victim)
