@@ -829,6 +829,15 @@ class WrapperTests(ClientTestCase):
             b"RCPT TO:<b@example.com>", b"DATA"])
         self.assertEqual(server.messages, [reference_stuffing(content)])
 
+    async def test_wrapper_then_auth_inside_the_tls_session(self):
+        factory, hop = self.serve_tls("ca", Script(keywords=("AUTH PLAIN LOGIN",)))
+        session = await connect(reactor, hop, config(
+            tls="wrapper", ca_file=self.message_file(authority().cert_pem),
+            auth_user="user", auth_password="pass"))
+        self.assertTrue(session.tls)
+        self.assertEqual(factory.only.commands, [b"EHLO client.test",
+                                                 b"AUTH PLAIN AHVzZXIAcGFzcw=="])
+
     async def test_wrapper_refuses_an_untrusted_certificate_temporarily(self):
         factory, hop = self.serve_tls("self")
         error = await self.connect_fails(hop=hop, tls="wrapper",
