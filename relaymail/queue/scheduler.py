@@ -30,13 +30,11 @@ import copy
 import heapq
 import itertools
 import time
+from dataclasses import replace
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-
-from dataclasses import replace
-
 from zope.interface import implementer
 
 from relaymail import logline
