@@ -546,6 +546,28 @@ def next_hop(raw):
     return hop
 
 
+#: The client TLS policies: Postfix smtp_tls_security_level names, and
+#: wrapper for TLS from the first byte (Postfix smtp_tls_wrappermode).
+CLIENT_TLS = ("none", "may", "encrypt", "verify", "wrapper")
+
+
+def notice_recipient(raw):
+    """Who gets a notice relaymail writes itself: an address, or a bare
+    local part (``postmaster``) that the scheduler completes with our own
+    domain; empty means nobody."""
+    text = raw.strip()
+    if not text:
+        return None
+    if any(char.isspace() or char in "<>\"\\" or ord(char) < 32 for char in text):
+        raise ValueError(f"expected an address or a local part such as postmaster, got {raw!r}")
+    local, at, domain_text = text.rpartition("@")
+    if not at:
+        local = text
+    if not local or local.startswith(".") or local.endswith(".") or ".." in local:
+        raise ValueError(f"expected an address or a local part such as postmaster, got {raw!r}")
+    return f"{local}@{domain(domain_text)}" if at else local
+
+
 def is_ip_address(text):
     """True when ``text`` is an IPv4 or IPv6 address."""
     try:
@@ -617,6 +639,9 @@ SCHEMA = {
         # a value set replaces it (Postfix keeps the larger of the two);
         # 0 turns the check off.
         "min_free": Key(optional(size(minimum=0)), ""),
+        # Postfix 2bounce_notice_recipient: where a bounce that cannot be
+        # delivered goes once, instead of being lost (or looping).
+        "double_bounce_recipient": Key(notice_recipient, "postmaster"),
     },
     "delivery": {
         "smarthost": Key(smarthost, ""),
@@ -627,7 +652,7 @@ SCHEMA = {
         # Postfix smtp_tls_security_level names.  Postfix defaults to none;
         # may (opportunistic STARTTLS, RFC 3207) costs nothing when the
         # peer lacks it and defeats passive eavesdropping when it has it.
-        "smarthost_tls": Key(choice("none", "may", "encrypt", "verify"), "may"),
+        "smarthost_tls": Key(choice(*CLIENT_TLS), "may"),
         "tls_ca_file": Key(pem_certificates, ""),
         # None means [server] hostname; resolved by whoever builds the client.
         "helo_name": Key(optional(host_name), ""),
@@ -644,6 +669,9 @@ SCHEMA = {
         "max_connections": Key(integer(minimum=1), "100"),
         # RFC 5321 4.5.4.1: MX hosts are reached on port 25; tests move it.
         "mx_port": Key(port_number, "25"),
+        # Postfix soft_bounce (default no): keep as deferred what would
+        # bounce, while a new set-up is being tried out.
+        "soft_bounce": Key(boolean, "no"),
     },
     "tls": {
         "certificate": Key(readable_file, ""),
@@ -717,6 +745,9 @@ TABLES = {
     # Per-domain next hops, like a Postfix transport(5) map holding only
     # "domain smtp:[host]:port" lines; exact domains only.
     "routes": Table(domain, next_hop),
+    # TLS towards a route's next hop, by the same domains (Postfix keeps
+    # this apart too, in smtp_tls_policy_maps); a route not named: may.
+    "route_tls": Table(domain, choice(*CLIENT_TLS)),
 }
 
 
@@ -1003,6 +1034,10 @@ def _check_together(values, settings, fallback):
     _check_server_certificate(values, settings, fallback)
     _check_pair(values, settings, fallback, "delivery",
                 "smarthost_user", "smarthost_password_file")
+    for name in settings.route_tls:
+        if name not in settings.routes:
+            raise ConfigError(values.source_of("route_tls", name, fallback), "route_tls", name,
+                              "has no [routes] entry: TLS for a route that does not exist")
     server = settings.server
     # Listeners that could never serve anyone are a mistake, not a choice.
     if server.proxy_listen and not server.proxy_trusted:

@@ -20,6 +20,9 @@ class Envelope:
     authenticated_user: str = None
     #: Seconds since the epoch when the message was accepted.
     received_at: float = 0.0
+    #: A notice to the postmaster about a bounce that could not be
+    #: delivered: if it fails too, it is discarded, never bounced again.
+    double_bounce: bool = False
 
     def to_dict(self):
         return asdict(self)

@@ -109,7 +109,7 @@ def build_service(settings, reactor=None):
     pool = DestinationPool(reactor, router, client_configs(settings),
                            settings.delivery.destination_concurrency,
                            settings.delivery.max_connections)
-    scheduler = Scheduler(spool, pool, router, settings, reactor)
+    scheduler = Scheduler(spool, pool, router, settings, reactor, policy=policy)
     top = service.MultiService()
     # Started in this order: the queue is recovered before the scheduler
     # reads it and before any listener accepts mail.

@@ -432,6 +432,22 @@ def test_null_sender_original_is_value_error(original):
         dsn(original(), record=make_record(sender=""))
 
 
+def test_double_bounce_goes_to_the_postmaster_and_is_marked(original):
+    envelope, message = dsn(original(), recipients=[UNKNOWN], record=make_record(sender=""),
+                            postmaster="postmaster@example.net")
+    assert (envelope.sender, envelope.recipients, envelope.double_bounce) == (
+        "", ["postmaster@example.net"], True)
+    assert new_record("X", envelope, 1, NOW)["envelope"]["double_bounce"] is True
+    parsed = parse(message)
+    assert parsed["To"] == "postmaster@example.net"
+    assert parsed["Subject"] == "Undeliverable Mail Notification (Postmaster Copy)"
+    note = " ".join(parsed.get_payload()[0].get_content().split())
+    assert "from the null sender <> " in note and "comes to you, the postmaster, once" in note
+    assert "<bob@example.com>" in note
+    # An ordinary bounce is not marked.
+    assert dsn(original())[0].double_bounce is False
+
+
 @pytest.mark.parametrize("entry", [
     FailedRecipient("bob@example.com", "delivered", "2.0.0", None, None, None),
     FailedRecipient("bob@example.com\r\nBcc: eve@example.org", "failed", "5.1.1",

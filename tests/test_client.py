@@ -802,6 +802,71 @@ class TLSTests(ClientTestCase):
         self.assertEqual(server.messages, [SIMPLE + b".\r\n"])
 
 
+# -- implicit TLS (wrapper) --------------------------------------------------------------
+
+class WrapperTests(ClientTestCase):
+    """``tls = 'wrapper'``: TLS from the first byte, as on port 465."""
+
+    def serve_tls(self, kind, script=None):
+        factory = ScriptedFactory(script or Script())
+        port = reactor.listenSSL(0, factory, server_tls_options(kind), interface="127.0.0.1")
+        self.addCleanup(self._stop, port, factory)
+        return factory, Hop(SERVER_NAME, "127.0.0.1", port.getHost().port)
+
+    async def test_wrapper_speaks_tls_from_the_first_byte_and_verifies(self):
+        content = tricky_message()
+        path = self.message_file(content)
+        factory, hop = self.serve_tls("ca", Script(keywords=PLAIN_KEYWORDS + ("STARTTLS",)))
+        session = await connect(reactor, hop, config(
+            tls="wrapper", ca_file=self.message_file(authority().cert_pem)))
+        self.assertTrue(session.tls)
+        results = await session.deliver("a@example.org", ["b@example.com"], path)
+        self.assertEqual(results[0].code, 250)
+        server = factory.only
+        # No STARTTLS inside TLS, even when (wrongly) offered.
+        self.assertEqual(server.commands, [
+            b"EHLO client.test", b"MAIL FROM:<a@example.org> SIZE=%d" % len(content),
+            b"RCPT TO:<b@example.com>", b"DATA"])
+        self.assertEqual(server.messages, [reference_stuffing(content)])
+
+    async def test_wrapper_then_auth_inside_the_tls_session(self):
+        factory, hop = self.serve_tls("ca", Script(keywords=("AUTH PLAIN LOGIN",)))
+        session = await connect(reactor, hop, config(
+            tls="wrapper", ca_file=self.message_file(authority().cert_pem),
+            auth_user="user", auth_password="pass"))
+        self.assertTrue(session.tls)
+        self.assertEqual(factory.only.commands, [b"EHLO client.test",
+                                                 b"AUTH PLAIN AHVzZXIAcGFzcw=="])
+
+    async def test_wrapper_refuses_an_untrusted_certificate_temporarily(self):
+        factory, hop = self.serve_tls("self")
+        error = await self.connect_fails(hop=hop, tls="wrapper",
+                                         ca_file=self.message_file(authority().cert_pem))
+        self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.5"))
+        self.assertIn(f"TLS handshake with {hop.label} failed: server certificate "
+                      "verification failed", error.text)
+        self.assertEqual(factory.only.commands, [])
+
+    async def test_wrapper_refuses_the_wrong_host_name(self):
+        factory, hop = self.serve_tls("ca")
+        wrong = Hop("other.test", hop.address, hop.port)
+        error = await self.connect_fails(hop=wrong, tls="wrapper",
+                                         ca_file=self.message_file(authority().cert_pem))
+        self.assertEqual((error.temporary, error.enhanced), (True, "4.7.5"))
+        self.assertIn("does not match the host name other.test", error.text)
+        self.assertEqual(factory.only.commands, [])
+
+    async def test_wrapper_against_a_plain_text_server_fails_temporarily(self):
+        factory, hop = self.serve(Script())
+        error = await self.connect_fails(hop=hop, tls="wrapper",
+                                         ca_file=self.message_file(authority().cert_pem))
+        self.assertEqual((error.temporary, error.enhanced), (True, "4.7.5"))
+        self.assertIn(f"TLS handshake with {hop.label} failed", error.text)
+        # What reached it is our ClientHello (a TLS handshake record,
+        # RFC 8446 5.1: content type 22), never an SMTP command in plain text.
+        self.assertEqual(factory.only.reads[0][:1], b"\x16")
+
+
 # -- AUTH ------------------------------------------------------------------------------------
 
 class AuthTests(ClientTestCase):
@@ -834,15 +899,37 @@ class AuthTests(ClientTestCase):
                                          auth_password="pass")
         self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.0"))
 
-    async def test_rejected_credentials_are_permanent_and_never_shown(self):
+    async def test_rejected_credentials_defer_and_are_never_shown(self):
+        # Our password is wrong, not the recipient: a bounce would lose
+        # every message (Postfix smtp_sasl_auth_soft_bounce = yes).
         script = Script(tls="self", keywords_after_tls=("AUTH PLAIN",),
                         replies={"AUTH": [b"535 5.7.8 Authentication credentials invalid"]})
-        error = await self.connect_fails(script, tls="may", auth_user="user",
+        factory, hop = self.serve(script)
+        error = await self.connect_fails(hop=hop, tls="may", auth_user="user",
                                          auth_password="s3cret")
-        self.assertEqual((error.temporary, error.code, error.enhanced),
-                         (False, 535, "5.7.8"))
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text), (
+            True, None, "4.7.8",
+            f"SASL authentication (PLAIN) failed; server {hop.label} said: 535 5.7.8 "
+            "Authentication credentials invalid (deferred: a problem on our side, "
+            "not with the recipient)"))
         for text in (str(error), repr(error), repr(config(auth_user="u", auth_password="s3cret"))):
             self.assertNotIn("s3cret", text)
+
+    async def test_login_refused_after_the_password_defers(self):
+        script = Script(tls="self", keywords_after_tls=("AUTH LOGIN",),
+                        replies={"AUTH": [b"535 5.7.8 Bad"]})
+        error = await self.connect_fails(script, tls="may", auth_user="user",
+                                         auth_password="pass")
+        self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.8"))
+        self.assertIn("SASL authentication (LOGIN) failed", error.text)
+
+    async def test_530_to_mail_defers(self):
+        path = self.message_file(SIMPLE)
+        script = Script(replies={"MAIL": [b"530 5.7.0 Authentication required"]})
+        factory, session = await self.session_for(script, tls="none")
+        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.0"))
+        self.assertIn("said: 530 5.7.0 Authentication required", error.text)
 
 
 # -- the pure parts -----------------------------------------------------------------------------

@@ -222,13 +222,13 @@ def test_misspelt_plugin_section(tmp_path):
 def test_unknown_section_without_suggestion(tmp_path):
     assert error_for(tmp_path, "[zzz]\n") == (
         "FILE: [zzz]: unknown section; expected one of [auth], [delivery], "
-        "[limits], [plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
+        "[limits], [plugins], [queue], [relay], [route_tls], [routes], [server], [tls] or [plugin:NAME]")
 
 
 def test_default_section_is_not_special(tmp_path):
     assert error_for(tmp_path, "[DEFAULT]\nerrors = 5\n") == (
         "FILE: [DEFAULT]: unknown section; expected one of [auth], [delivery], "
-        "[limits], [plugins], [queue], [relay], [routes], [server], [tls] or [plugin:NAME]")
+        "[limits], [plugins], [queue], [relay], [route_tls], [routes], [server], [tls] or [plugin:NAME]")
 
 
 def test_unknown_key_with_suggestion(tmp_path):
@@ -812,7 +812,7 @@ def test_smarthost_tls_levels(tmp_path, level):
 def test_bad_smarthost_tls(tmp_path):
     assert error_for(tmp_path, "[delivery]\nsmarthost_tls = secure\n") == (
         "FILE: [delivery] smarthost_tls: expected one of none, may, encrypt, "
-        "verify, got 'secure'")
+        "verify, wrapper, got 'secure'")
 
 
 def test_tls_ca_file(tmp_path):
@@ -1058,3 +1058,52 @@ def test_min_free_defaults_to_one_and_a_half_message_sizes(tmp_path):
     assert load_with(tmp_path, "[queue]\nmin_free = 0\n").queue.min_free == 0
     assert error_for(tmp_path, "[queue]\nmin_free = lots\n") == (
         "FILE: [queue] min_free: expected a size in bytes (e.g. 10485760 or 10M), got 'lots'")
+
+
+# --- TLS per route, soft_bounce, double bounces -----------------------------------
+
+def test_route_tls_and_wrapper(tmp_path):
+    settings = load_with(tmp_path, (
+        "[delivery]\nsmarthost = [10.0.0.9]:465\nsmarthost_tls = Wrapper\n"
+        "[routes]\nexample.com = [10.0.0.5]:465\nexample.org = [10.0.0.6]\n"
+        "[route_tls]\nExample.COM = wrapper\n"))
+    assert settings.delivery.smarthost_tls == "wrapper"
+    assert settings.route_tls == {"example.com": "wrapper"}
+    assert load_config().route_tls == {}
+
+
+def test_route_tls_needs_a_route(tmp_path):
+    assert error_for(tmp_path, "[routes]\nexample.com = [10.0.0.5]\n"
+                               "[route_tls]\nexample.org = verify\n") == (
+        "FILE: [route_tls] example.org: has no [routes] entry: TLS for a route "
+        "that does not exist")
+
+
+def test_bad_route_tls(tmp_path):
+    assert error_for(tmp_path, "[routes]\nexample.com = [10.0.0.5]\n"
+                               "[route_tls]\nexample.com = starttls\n") == (
+        "FILE: [route_tls] example.com: expected one of none, may, encrypt, verify, "
+        "wrapper, got 'starttls'")
+
+
+def test_soft_bounce_and_double_bounce_defaults():
+    settings = load_config()
+    assert settings.delivery.soft_bounce is False
+    assert settings.queue.double_bounce_recipient == "postmaster"
+
+
+@pytest.mark.parametrize("raw, parsed", [
+    ("postmaster", "postmaster"),
+    ("hostmaster@Example.ORG", "hostmaster@example.org"),
+    ("", None),
+])
+def test_double_bounce_recipient(raw, parsed):
+    settings = load_config(None, {("queue", "double_bounce_recipient"): raw})
+    assert settings.queue.double_bounce_recipient == parsed
+
+
+@pytest.mark.parametrize("raw", ["post master", "<postmaster>", "a..b@example.com", "@example.com",
+                                 "x@-bad-.example"])
+def test_bad_double_bounce_recipient(raw):
+    assert override_error({("queue", "double_bounce_recipient"): raw}).startswith(
+        "command line: [queue] double_bounce_recipient: expected ")

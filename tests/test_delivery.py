@@ -3,6 +3,7 @@ real files, retries, bounces and crashes."""
 
 import email
 import email.policy
+import functools
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from tests import certs
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, free_port
 
@@ -161,17 +163,90 @@ def test_permanent_failure_bounces_to_the_sender_with_a_dsn(tmp_path, nexthop):
     assert queue_id
 
 
-def test_no_bounce_for_the_null_sender(tmp_path, nexthop):
-    nexthop.rcpt_reply = lambda address: (550, "5.1.1 User unknown")
+def rcpts(server):
+    return [command for command in server.commands if command.startswith("RCPT")]
+
+
+def test_a_bounce_from_the_null_sender_goes_to_the_postmaster_not_to_null(tmp_path, nexthop):
+    nexthop.rcpt_reply = lambda address: (
+        (550, "5.1.1 User unknown") if address == "nobody@example.net" else (250, "2.1.5 Ok"))
     relay = relay_with(tmp_path, nexthop.port).start()
     try:
         queue_id = send(relay, "<>", ["nobody@example.net"])
+        [notice] = nexthop.wait_for(1)
         wait_until(lambda: queue_empty(relay), what="the queue to empty")
         log = relay.log()
     finally:
         relay.stop()
-    assert f"{queue_id}: bounce not sent: the sender is <>" in log
+    assert "bounce not sent" not in log
+    assert re.search(queue_id + r": postmaster double bounce: [0-9A-Z]+ to <postmaster@example\.com>",
+                     log)
+    assert (notice["sender"], notice["recipients"]) == ("", ["postmaster@example.com"])
+    assert notice["mail"].startswith("MAIL FROM:<> SIZE=")
+    parsed, parts = dsn_parts(notice)
+    assert parsed["To"] == "postmaster@example.com"
+    assert parsed["Subject"] == "Undeliverable Mail Notification (Postmaster Copy)"
+    per_recipient = parts[1].get_payload()[1]
+    assert per_recipient["Final-Recipient"] == "rfc822; nobody@example.net"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 User unknown"
+    assert rcpts(nexthop) == ["RCPT TO:<nobody@example.net>", "RCPT TO:<postmaster@example.com>"]
+
+
+def test_an_undeliverable_bounce_goes_once_to_the_aliased_postmaster(tmp_path, nexthop):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: ops@example.net\n")
+    refused = {"nobody@example.net", "alice@example.org"}
+    nexthop.rcpt_reply = lambda address: (
+        (550, "5.1.1 User unknown") if address in refused else (250, "2.1.5 Ok"))
+    relay = relay_with(tmp_path, nexthop.port,
+                       plugins={"recipients": "aliases domains", "expanders": "aliases"},
+                       **{"plugin:aliases": {"file": str(aliases)}}).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["nobody@example.net"])
+        [notice] = nexthop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    bounce_id = re.search(queue_id + r": sender bounce: ([0-9A-Z]+)", log).group(1)
+    assert re.search(bounce_id + r": postmaster double bounce: [0-9A-Z]+ to <ops@example\.net>", log)
+    # The sender's bounce failed; its copy went to the postmaster's alias, once.
+    assert rcpts(nexthop) == ["RCPT TO:<nobody@example.net>", "RCPT TO:<alice@example.org>",
+                              "RCPT TO:<ops@example.net>"]
+    assert (notice["sender"], notice["recipients"]) == ("", ["ops@example.net"])
+    assert notice["mail"].startswith("MAIL FROM:<> SIZE=")
+    assert len(nexthop.messages) == 1
+    parsed, parts = dsn_parts(notice)
+    assert parsed["To"] == "postmaster@example.com"
+    per_recipient = parts[1].get_payload()[1]
+    assert per_recipient["Final-Recipient"] == "rfc822; alice@example.org"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    # The header section returned is the bounce's own: to alice, about nobody.
+    returned = parts[2].get_payload(decode=True) or str(parts[2]).encode()
+    assert b"To: alice@example.org" in returned
+
+
+def test_a_failed_double_bounce_is_logged_and_discarded(tmp_path, nexthop):
+    nexthop.rcpt_reply = lambda address: (550, "5.1.1 User unknown")
+    relay = relay_with(tmp_path, nexthop.port).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["nobody@example.net"])
+        wait_until(lambda: "double bounce discarded" in relay.log(), what="the discard")
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    bounce_id = re.search(queue_id + r": sender bounce: ([0-9A-Z]+)", log).group(1)
+    double_id = re.search(bounce_id + r": postmaster double bounce: ([0-9A-Z]+) to "
+                          r"<postmaster@example\.com>", log).group(1)
+    assert (f"{double_id}: double bounce discarded: undeliverable to the postmaster "
+            "<postmaster@example.com> too") in log
+    # Three messages, one try each, then nothing: no loop.
+    assert rcpts(nexthop) == ["RCPT TO:<nobody@example.net>", "RCPT TO:<alice@example.org>",
+                              "RCPT TO:<postmaster@example.com>"]
     assert nexthop.messages == []
+    assert relay.active_files() == []
 
 
 def test_expired_message_bounces_with_4_4_7(tmp_path):
@@ -336,3 +411,136 @@ def test_delay_warning_is_sent_once(tmp_path, nexthop):
         assert len(nexthop.messages) == 1
     finally:
         relay.stop()
+
+
+# -- our own side: credentials, soft_bounce, implicit TLS ---------------------------------
+
+@functools.cache
+def authority():
+    return certs.CertificateAuthority()
+
+
+def ca_file(tmp_path):
+    path = tmp_path / "ca.pem"
+    path.write_bytes(authority().cert_pem)
+    return str(path)
+
+
+def queued_json(relay):
+    return [f for f in relay.active_files() if f.endswith(".json")]
+
+
+def test_wrong_smarthost_password_defers_until_it_works(tmp_path):
+    server = NextHop(starttls=authority().issue("127.0.0.1"), passwords={"relay": "right"})
+    password = tmp_path / "password"
+    password.write_text("wrnog\n")
+    relay = relay_with(tmp_path, server.port, delivery={
+        "smarthost_tls": "verify", "tls_ca_file": ca_file(tmp_path),
+        "smarthost_user": "relay", "smarthost_password_file": str(password)}).start()
+    remote = f"127.0.0.1[127.0.0.1]:{server.port}"
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        wait_until(lambda: read_record(relay, queue_id)["attempts"] >= 1, what="a deferral")
+        entry = read_record(relay, queue_id)["recipients"][0]
+        assert entry["status"] == "deferred"
+        reason = (f"SASL authentication (PLAIN) failed; server {remote} said: 535 5.7.8 "
+                  "Authentication credentials invalid (deferred: a problem on our side, "
+                  "not with the recipient)")
+        assert entry["last_error"] == f"4.7.8 {reason} (from {remote})"
+        assert queued_json(relay) == [f"{queue_id}.json"]      # no DSN queued
+        assert f"dsn=4.7.8, status=deferred ({reason})" in relay.log()
+        assert server.messages == []
+        # The provider's password is changed to the one we have.
+        server.passwords = {"relay": "wrnog"}
+        [message] = server.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+        server.stop()
+    assert (message["sender"], message["recipients"]) == ("alice@example.org", ["bob@example.net"])
+    assert (message["tls"], message["user"]) == (True, "relay")
+    assert "sender bounce" not in log and "status=bounced" not in log
+
+
+def test_soft_bounce_keeps_a_550_queued(tmp_path, nexthop):
+    refusing = [True]
+    nexthop.rcpt_reply = lambda address: (
+        (550, "5.1.1 User unknown") if refusing[0] else (250, "2.1.5 Ok"))
+    relay = relay_with(tmp_path, nexthop.port, delivery={"soft_bounce": "yes"}).start()
+    remote = f"127.0.0.1[127.0.0.1]:{nexthop.port}"
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        wait_until(lambda: read_record(relay, queue_id)["attempts"] >= 2, what="two deferrals")
+        entry = read_record(relay, queue_id)["recipients"][0]
+        assert entry["status"] == "deferred"
+        assert entry["last_error"] == ("4.1.1 550 5.1.1 User unknown; soft_bounce = yes: "
+                                       f"deferred, not bounced (from {remote})")
+        assert queued_json(relay) == [f"{queue_id}.json"]      # no DSN queued
+        assert (f"{queue_id}: to=<bob@example.net>, relay={remote}" in relay.log())
+        assert re.search(r"dsn=4\.1\.1, status=deferred \(550 5\.1\.1 User unknown; "
+                         r"soft_bounce = yes: deferred, not bounced\)", relay.log())
+        assert nexthop.messages == []
+        refusing[0] = False
+        [message] = nexthop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert message["recipients"] == ["bob@example.net"]
+    assert "status=bounced" not in log and "sender bounce" not in log
+
+
+TRICKY_BODY = (b"Subject: over TLS\r\n\r\n.a line starting with a dot\r\n.\r\n..two dots\r\n"
+               + b"x" * 990 + b"\r\n" + "caf\u00e9 \u2603\r\n".encode() + b"last line\r\n")
+RECEIVED = (rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n\tby relay\.test \(relaymail\) "
+            rb"with E?SMTPS? id %s(?:[^\r\n]|\r\n[ \t])*\r\n")
+
+
+def test_wrapper_smarthost_and_route_deliver_over_implicit_tls_byte_exact(tmp_path):
+    server = NextHop(implicit_tls=authority().issue("127.0.0.1"))
+    hop = f"[127.0.0.1]:{server.port}"
+    relay = relay_with(tmp_path, server.port,
+                       delivery={"smarthost_tls": "wrapper", "tls_ca_file": ca_file(tmp_path)},
+                       routes={"example.net": hop}, route_tls={"example.net": "wrapper"}).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net", "carol@example.org"],
+                        TRICKY_BODY)
+        messages = server.wait_for(2)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+        server.stop()
+    # One session for the route, one for the smarthost: both TLS from the
+    # first byte, no STARTTLS inside.
+    assert sorted(m["recipients"][0] for m in messages) == ["bob@example.net", "carol@example.org"]
+    assert not [c for c in server.commands if c.upper().startswith("STARTTLS")]
+    for message in messages:
+        assert message["tls"] is True
+        data = message["data"]
+        assert data.endswith(TRICKY_BODY)
+        assert re.fullmatch(RECEIVED % queue_id.encode(), data[:-len(TRICKY_BODY)]), data[:300]
+
+
+def test_wrapper_route_with_an_untrusted_certificate_defers(tmp_path):
+    server = NextHop(implicit_tls=certs.self_signed("127.0.0.1"))
+    relay = relay_with(tmp_path, server.port, delivery={"tls_ca_file": ca_file(tmp_path)},
+                       routes={"example.net": f"[127.0.0.1]:{server.port}"},
+                       route_tls={"example.net": "wrapper"}).start()
+    remote = f"127.0.0.1[127.0.0.1]:{server.port}"
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        wait_until(lambda: read_record(relay, queue_id)["attempts"] >= 2, what="two deferrals")
+        entry = read_record(relay, queue_id)["recipients"][0]
+        log = relay.log()
+        files = queued_json(relay)
+    finally:
+        relay.stop()
+        server.stop()
+    assert entry["status"] == "deferred"
+    assert entry["last_error"] == (
+        f"4.7.5 TLS handshake with {remote} failed: server certificate verification failed: "
+        f"untrusted or invalid certificate chain (from {remote})")
+    assert files == [f"{queue_id}.json"]
+    assert "status=bounced" not in log
+    assert server.messages == [] and server.commands == []

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from relaymail.config import Smarthost, load_config
 from relaymail.delivery.client import Hop
+from relaymail.delivery.destinations import client_configs
 from relaymail.delivery.routing import (
     MAX_HOPS, Destination, Router, RoutingError)
 
@@ -403,6 +404,24 @@ class NextHopTests(DNSTestCase):
         # Exact domains only.
         self.assertEqual(router.destination("sub.example.com"),
                          Destination("mx", "sub.example.com", 2525, True))
+
+    def test_route_tls_is_part_of_the_destination_and_picks_the_client_config(self):
+        settings = settings_with(
+            delivery__smarthost="[relay.test]:465", delivery__smarthost_tls="wrapper",
+            delivery__smarthost_user="u", delivery__smarthost_password_file=__file__,
+            routes={"a.example": "[route.test]:465", "b.example": "[route.test]:465"},
+            **{"route_tls__a.example": "wrapper"})
+        router = self.router(settings=settings)
+        a, b = router.destination("a.example"), router.destination("b.example")
+        self.assertEqual(a, Destination("route", "route.test", 465, False, "wrapper"))
+        self.assertEqual(b, Destination("route", "route.test", 465, False))
+        # Same host, different TLS: not one queue, not one connection.
+        self.assertNotEqual(a, b)
+        config_for = client_configs(settings)
+        self.assertEqual((config_for(a).tls, config_for(a).auth_user), ("wrapper", None))
+        self.assertEqual((config_for(b).tls, config_for(b).auth_user), ("may", None))
+        smarthost = config_for(router.destination("c.example"))
+        self.assertEqual((smarthost.tls, smarthost.auth_user), ("wrapper", "u"))
 
 
 class DestinationTests(unittest.TestCase):

@@ -108,9 +108,9 @@ class Pool:
         pass
 
 
-def scheduler(tmp_path):
+def scheduler(tmp_path, **keys):
     settings = make_settings(tmp_path, delivery__smarthost="[127.0.0.1]:2526",
-                             queue__min_backoff="10", queue__max_backoff="10")
+                             queue__min_backoff="10", queue__max_backoff="10", **keys)
     clock = task.Clock()
     clock.advance(T0)
     spool, pool = Spool(tmp_path), Pool()
@@ -180,3 +180,48 @@ def test_a_failed_hold_keeps_the_message_scheduled(tmp_path):
     finish(job, DEFERRED, 451)
     clock.advance(10)
     assert [job.queue_id for job in pool.take()] == ["AAAA"]
+
+
+def test_soft_bounce_defers_a_5xx_but_the_lifetime_still_ends(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path, delivery__soft_bounce="yes",
+                                          queue__lifetime="25")
+    spool.add("AAAA", ["a@example.net"])
+    sched.startService()
+    clock.advance(0)
+    [job] = pool.take()
+    finish(job, BOUNCED, 550)
+    entry = spool.records["AAAA"]["recipients"][0]
+    assert (entry["status"], entry["last_error"]) == (
+        "deferred", "4.0.0 550 5.0.0 reply; soft_bounce = yes: deferred, not bounced "
+                    "(from mx[192.0.2.1]:25)")
+    assert set(spool.records) == {"AAAA"}          # no DSN
+    clock.advance(10)
+    [job] = pool.take()
+    finish(job, BOUNCED, 550)
+    assert set(spool.records) == {"AAAA"}
+    # Past [queue] lifetime the message is returned after all: soft_bounce
+    # keeps mail while a set-up is tried out, not for ever.
+    clock.advance(20)
+    [job] = pool.take()
+    finish(job, BOUNCED, 550)
+    assert set(spool.records) == {"DSN1"}
+    assert spool.records["DSN1"]["envelope"]["recipients"] == ["s@example.org"]
+
+
+def test_a_double_bounce_is_queued_once_and_its_failure_discarded(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path, relay__domains="example.com example.org")
+    spool.add("AAAA", ["a@example.net"], sender="")
+    sched.startService()
+    clock.advance(0)
+    [job] = pool.take()
+    finish(job, BOUNCED, 550)
+    assert set(spool.records) == {"DSN1"}
+    envelope = spool.records["DSN1"]["envelope"]
+    assert (envelope["sender"], envelope["recipients"], envelope["double_bounce"]) == (
+        "", ["postmaster@example.com"], True)
+    clock.advance(0)
+    [job] = pool.take()
+    assert job.recipients == ["postmaster@example.com"]
+    finish(job, BOUNCED, 550)
+    assert spool.records == {}
+    assert spool.count == 1                        # nothing more was written

@@ -1,11 +1,15 @@
 """relaymail's outbound ESMTP client: the API the delivery scheduler calls.
 
 :func:`connect` opens a session to one :class:`Hop` -- greeting, EHLO (HELO
-for old servers), STARTTLS as the TLS policy says, AUTH when configured --
+for old servers), STARTTLS as the TLS policy says (or TLS from the first
+byte under ``wrapper``), AUTH when configured --
 and :meth:`OutboundSession.deliver` runs one mail transaction on it, as
 often as the scheduler likes.  Failures before per-recipient answers are
 one :class:`DeliveryError`; per-recipient answers are
-:class:`RecipientResult`.
+:class:`RecipientResult`.  A refusal that is about our own credentials or
+TLS set-up (AUTH refused, a 530 asking for them, TLS required but not to be
+had) is always a temporary error: it says nothing about the recipient, and
+bouncing on it would lose every message until someone fixed the set-up.
 
 The dialogue's order lives here; bytes, timers and TLS switching live in
 :mod:`relaymail.delivery.wire`, the pure pieces in
@@ -23,7 +27,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.protocol import Factory
 
 from relaymail.delivery import sasl, tls
-from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply
+from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
     BODY_TYPES, assemble_results, check_message, mail_command, rcpt_command)
@@ -62,7 +66,8 @@ class ClientConfig:
     4.5.3.2 (commands 5 minutes, each data block 3, after the final dot 10).
 
     ``tls`` is ``'none'``, ``'may'``, ``'encrypt'`` or ``'verify'``, as
-    Postfix's ``smtp_tls_security_level`` (see :mod:`relaymail.delivery.tls`).
+    Postfix's ``smtp_tls_security_level``, or ``'wrapper'``, TLS from the
+    first byte checked as under ``verify`` (see :mod:`relaymail.delivery.tls`).
     ``auth_password`` stays out of ``repr`` so it cannot reach a log.
     """
 
@@ -99,7 +104,15 @@ def connect(reactor, hop, config):
 
 
 async def _open_session(reactor, hop, config):
-    connection = ClientConnection(reactor, hop.label, hop.name)
+    implicit = None
+    if config.tls == "wrapper":
+        try:
+            implicit = tls.client_options(config.tls, hop.name, config.ca_file)
+        except (OSError, ValueError) as exc:
+            raise DeliveryError(temporary=True, code=None, enhanced="4.7.5",
+                                text=f"cannot set up TLS for {hop.label}: {exc}",
+                                remote=hop.label) from None
+    connection = ClientConnection(reactor, hop.label, hop.name, implicit_tls=implicit)
     endpoint = _endpoint(reactor, hop, config.connect_timeout)
     try:
         await endpoint.connect(_OneConnection(connection))
@@ -185,7 +198,7 @@ class OutboundSession:
             raise error_from_reply(greeting, self.remote)
         await self._hello()
         policy = self._config.tls
-        if policy != "none":
+        if policy not in ("none", "wrapper"):
             if "STARTTLS" in self.extensions:
                 await self._start_tls()
             elif tls.tls_required(policy):
@@ -262,8 +275,13 @@ class OutboundSession:
             # Still asking after the password: the exchange is not over, so
             # a QUIT now would be read as an answer.  Hang up instead.
             self._connection.abort()
-        if reply.code != 235:
-            raise error_from_reply(reply, self.remote)
+        if reply.code == 235:
+            return
+        if reply.transient or reply.permanent:
+            # 535 5.7.8 (RFC 4954 6), 534 5.7.9, 538 5.7.11, 504 5.5.4 ...:
+            # all say our credentials or mechanism will not do.
+            raise our_side(reply, self.remote, f"SASL authentication ({mechanism})")
+        raise error_from_reply(reply, self.remote)
 
     # -- transactions ------------------------------------------------------
 
@@ -330,12 +348,12 @@ class OutboundSession:
             if not mail_reply.positive:
                 if data_reply.code == 354:
                     connection.abort()
-                raise error_from_reply(mail_reply, self.remote)
+                raise self._mail_refused(mail_reply)
         else:
             connection.send(mail)
             mail_reply = await self._reply("receiving the reply to MAIL FROM")
             if not mail_reply.positive:
-                raise error_from_reply(mail_reply, self.remote)
+                raise self._mail_refused(mail_reply)
             rcpt_replies = []
             for rcpt in rcpts:
                 connection.send(rcpt)
@@ -369,6 +387,15 @@ class OutboundSession:
         self._needs_reset = False
         self._expect_decision(final)
         return assemble_results(recipients, rcpt_replies, final)
+
+    def _mail_refused(self, reply):
+        """The error for a refused MAIL FROM.  530 is "authentication
+        required" (RFC 4954 6) or "must issue STARTTLS first" (RFC 3207 4):
+        the server wants credentials or TLS we did not bring, which is our
+        set-up to fix, not a reason to return the message."""
+        if reply.code == 530:
+            return our_side(reply, self.remote, "MAIL FROM (the server wants AUTH or TLS)")
+        return error_from_reply(reply, self.remote)
 
     def _expect_decision(self, reply):
         """A reply that should accept or refuse (2xx, 4xx, 5xx); anything

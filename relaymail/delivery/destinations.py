@@ -268,8 +268,8 @@ def _remote_name(label):
 
 def client_configs(settings):
     """The function DestinationPool uses to pick a ClientConfig: the
-    smarthost gets its TLS policy and credentials, other hops opportunistic
-    TLS and no AUTH."""
+    smarthost gets its TLS policy and credentials, a route its [route_tls]
+    policy, other hops opportunistic TLS; only the smarthost gets AUTH."""
     delivery = settings.delivery
     common = dict(
         helo_name=delivery.helo_name or settings.server.hostname,
@@ -280,8 +280,12 @@ def client_configs(settings):
     )
     smarthost = ClientConfig(tls=delivery.smarthost_tls, auth_user=delivery.smarthost_user,
                              auth_password=delivery.smarthost_password, **common)
-    others = ClientConfig(tls="may", **common)
+    by_policy = {"may": ClientConfig(tls="may", **common)}
+    for policy in set(settings.route_tls.values()):
+        by_policy.setdefault(policy, ClientConfig(tls=policy, **common))
 
     def config_for(destination):
-        return smarthost if destination.kind == "smarthost" else others
+        if destination.kind == "smarthost":
+            return smarthost
+        return by_policy[destination.tls or "may"]
     return config_for

@@ -70,6 +70,28 @@ class RecipientResult:
     text: str
 
 
+def our_side(reply, remote, what):
+    """The :class:`DeliveryError` for a refusal that is about our own side
+    -- the credentials or the TLS set-up we bring -- rather than about the
+    recipient: always temporary, whatever the reply code.
+
+    A 5xx here would bounce every message at once, and the bounce would
+    go through the same next hop and fail the same way: one typo in a
+    password would lose all mail.  Postfix defers these too
+    (``smtp_sasl_auth_soft_bounce = yes``).  The enhanced code is made
+    transient (RFC 3463 2: the class digit says it), the server's whole
+    reply kept in the text for the log.
+
+    :param what: what was refused, e.g. ``'SASL authentication'``.
+    """
+    enhanced = reply.enhanced_or_derived
+    return DeliveryError(
+        temporary=True, code=None, enhanced="4" + enhanced[1:],
+        text=f"{what} failed; server {remote} said: {reply.code} {enhanced} {reply.text} "
+             "(deferred: a problem on our side, not with the recipient)",
+        remote=remote)
+
+
 def error_from_reply(reply, remote):
     """The :class:`DeliveryError` for a reply that ends the session or the
     transaction: temporary for 4xx, permanent for 5xx.  Any other code where

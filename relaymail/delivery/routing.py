@@ -56,12 +56,16 @@ class Destination:
     for the first two, and the recipient domain (its ``domain_key``, which
     may be an address literal such as ``'[192.0.2.1]'``) for ``'mx'``.
     ``mx_lookup`` is False when ``host`` is to be connected to directly.
+    ``tls`` is a route's ``[route_tls]`` policy, None for the default (a
+    part of the key: two domains routed to one host with different TLS
+    policies must not share connections).
     """
 
     kind: str
     host: str
     port: int
     mx_lookup: bool
+    tls: str | None = None
 
     @property
     def label(self) -> str:
@@ -110,6 +114,7 @@ class Router:
 
     def __init__(self, settings, resolver=None, reactor=None, rng=None):
         self._routes = settings.routes
+        self._route_tls = settings.route_tls
         self._smarthost = settings.delivery.smarthost
         self._mx_port = settings.delivery.mx_port
         if resolver is None:
@@ -127,7 +132,8 @@ class Router:
         """
         route = self._routes.get(recipient_domain)
         if route is not None:
-            return Destination("route", route.host, route.port, route.mx_lookup)
+            return Destination("route", route.host, route.port, route.mx_lookup,
+                               self._route_tls.get(recipient_domain))
         if self._smarthost is not None:
             hop = self._smarthost
             return Destination("smarthost", hop.host, hop.port, hop.mx_lookup)

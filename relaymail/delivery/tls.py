@@ -11,6 +11,11 @@ Policies follow Postfix's ``smtp_tls_security_level``:
 ``verify``
     STARTTLS required, the chain must verify against the trust roots and
     the certificate must name the host we meant to reach.
+``wrapper``
+    TLS from the first byte, no STARTTLS (the port 465 "submissions" of
+    RFC 8314 3.3; Postfix ``smtp_tls_wrappermode = yes``), the certificate
+    checked as under ``verify``: a smarthost on 465 is one we chose, so
+    there is no reason to accept any certificate it shows.
 """
 
 import re
@@ -19,7 +24,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import error, ssl
 
-POLICIES = ("none", "may", "encrypt", "verify")
+POLICIES = ("none", "may", "encrypt", "verify", "wrapper")
 
 # RFC 8996 retired TLS 1.0 and 1.1; RFC 8314 asks mail clients for 1.2 or
 # later.
@@ -31,11 +36,12 @@ _PEM_CERTIFICATE = re.compile(
 
 def tls_required(policy):
     """True when the policy forbids sending mail in plain text."""
-    return policy in ("encrypt", "verify")
+    return policy in ("encrypt", "verify", "wrapper")
 
 
 def client_options(policy, server_name, ca_file=None):
-    """The TLS client options for STARTTLS under ``policy``.
+    """The TLS client options for STARTTLS (or the ``wrapper`` handshake)
+    under ``policy``.
 
     Without verification no server name is sent: Postfix sends no SNI by
     default either (``smtp_tls_servername`` is empty).
@@ -45,7 +51,7 @@ def client_options(policy, server_name, ca_file=None):
     :raise ValueError: when ``ca_file`` holds no certificate.
     :raise OSError: when ``ca_file`` cannot be read.
     """
-    if policy == "verify":
+    if policy in ("verify", "wrapper"):
         trust = load_trust_roots(ca_file) if ca_file else ssl.platformTrust()
         return ssl.optionsForClientTLS(
             server_name, trustRoot=trust,

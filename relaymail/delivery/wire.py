@@ -46,12 +46,17 @@ class ClientConnection(Protocol):
     """One SMTP client connection.
 
     :ivar remote: the hop's label, for error texts.
-    :ivar tls_active: True once a STARTTLS handshake has completed.
+    :ivar tls_active: True once a TLS handshake (STARTTLS, or the one
+        ``implicit_tls`` starts at once) has completed.
     :ivar lost: True once the connection is gone.
     """
 
-    def __init__(self, clock, remote, server_name):
+    def __init__(self, clock, remote, server_name, implicit_tls=None):
         self._clock = clock
+        # TLS client options to start TLS with before the first byte
+        # (``wrapper``, port 465 style, RFC 8314 3.3), or None.
+        self._implicit_tls = implicit_tls
+        self._handshaking = False
         self.remote = remote
         self._server_name = server_name
         self._reader = ReplyReader()
@@ -176,6 +181,14 @@ class ClientConnection(Protocol):
 
     # -- Twisted callbacks -------------------------------------------------
 
+    def connectionMade(self):
+        if self._implicit_tls is not None:
+            # Nothing has been read or written yet, so this is TLS from the
+            # first byte; the greeting comes through it, and the wait for
+            # the greeting bounds the handshake too.
+            self._handshaking = True
+            self.transport.startTLS(self._implicit_tls)
+
     def dataReceived(self, data):
         if self._error is not None:
             return
@@ -204,6 +217,7 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self):
         self.tls_active = True
+        self._handshaking = False
         reply, self._tls_reply = self._tls_reply, None
         if reply is not None and self._error is None:
             self._hand_over(reply)
@@ -213,7 +227,7 @@ class ClientConnection(Protocol):
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         if self._error is None:
-            if self._tls_reply is not None:
+            if self._tls_reply is not None or self._handshaking:
                 self._error = DeliveryError(
                     temporary=True, code=None, enhanced="4.7.5",
                     text=f"TLS handshake with {self.remote} failed: "

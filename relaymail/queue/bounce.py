@@ -13,6 +13,11 @@ package's generator so that every byte is known: CRLF line ends, no line
 of 998 octets or more (RFC 5322 2.1.1), and the original header section
 passed on exactly as it was received whenever that is legal.
 
+A bounce is never bounced (RFC 5321 4.5.5 and 6.1): when a message from
+the null sender ``<>`` cannot be delivered, the notice goes to the
+postmaster instead (a "double bounce", Postfix's 2bounce), worded for
+the postmaster; the scheduler makes sure that happens at most once.
+
 Only the header section of the original is read, and only up to
 :data:`HEADER_SECTION_LIMIT` bytes.  The body is never returned: RFC 6522
 lets the third part be the header section alone, that is enough for the
@@ -46,6 +51,7 @@ SENDER_DISPLAY_NAME = "Mail Delivery System"
 
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+SUBJECT_DOUBLE = "Undeliverable Mail Notification (Postmaster Copy)"
 
 # RFC 3463 section 2: class "." subject "." detail, the last two of one to
 # three digits; 2.X.X is success, which never appears in a bounce.
@@ -111,7 +117,7 @@ class FailedRecipient:
 
 
 def build_dsn(record, message_path, recipients, reporting_mta, now, *,
-              retry_until=None, header_limit=HEADER_SECTION_LIMIT):
+              retry_until=None, header_limit=HEADER_SECTION_LIMIT, postmaster=None):
     """Return ``(envelope, message)``: a DSN about ``recipients``, ready
     to be queued like any other message.
 
@@ -130,10 +136,14 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         reported as ``Will-Retry-Until:`` and in the note.
     :param header_limit: the most bytes of the original header section
         to return; a longer one is cut after its last whole field.
+    :param postmaster: for a double bounce, the postmaster's address: the
+        notice goes there instead of to the original sender, and says why.
     :return: an :class:`~relaymail.envelope.Envelope` from the null sender
-        ``<>`` to the original sender, and the message bytes (CRLF).
-    :raise ValueError: when the original has the null sender (a bounce is
-        never bounced: RFC 5321 4.5.5), when there are
+        ``<>`` to the original sender (or ``postmaster``), and the message
+        bytes (CRLF).
+    :raise ValueError: when the original has the null sender and no
+        ``postmaster`` is given (a bounce is never bounced: RFC 5321
+        4.5.5), when there are
         no recipients, one with an action other than failed or delayed or
         an address that cannot go in a header, or when ``reporting_mta``
         is not a host name.  A status that is not an RFC 3463 failure code
@@ -144,11 +154,12 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         raise ValueError(f"bad reporting MTA name {reporting_mta!r}")
     original = record["envelope"]
     sender = original.get("sender") or ""
-    if not sender:
+    if not sender and postmaster is None:
         raise ValueError("no DSN for a message from the null sender <>")
+    to = postmaster if postmaster is not None else sender
     _check_recipients(recipients)
     recipients = [_with_valid_status(entry) for entry in recipients]
-    addresses = [sender] + [entry.address for entry in recipients]
+    addresses = [to] + [entry.address for entry in recipients]
     for address in addresses:
         _check_address(address)
     # The original's SMTPUTF8 flag decides, but an address that is not
@@ -162,7 +173,7 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     delayed = [entry for entry in recipients if entry.action == DELAYED]
 
     note = _note(reporting_mta, record["id"], arrival, failed, delayed,
-                 retry_until, cut, utf8)
+                 retry_until, cut, utf8, double=postmaster is not None)
     report = _report(reporting_mta, arrival, recipients, retry_until, utf8)
     returned_type, returned_encoding, returned = _returned_headers(headers, utf8)
 
@@ -186,8 +197,8 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     boundary = _boundary([body for _, body in parts])
     top = [
         f"From: {SENDER_DISPLAY_NAME} <{SENDER_LOCAL_PART}@{reporting_mta}>",
-        f"To: {sender}",
-        f"Subject: {SUBJECT_FAILED if failed else SUBJECT_DELAYED}",
+        f"To: {to}",
+        f"Subject: {_subject(failed, postmaster is not None)}",
         f"Date: {_date(now)}",
         f"Message-ID: <{int(now)}.{record['id']}.{secrets.token_hex(6)}@{reporting_mta}>",
         # RFC 3834 section 5: tells responders not to answer it.
@@ -200,7 +211,8 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     message = _assemble(top, parts, boundary)
     envelope = Envelope(
         sender="",
-        recipients=[sender],
+        recipients=[to],
+        double_bounce=postmaster is not None,
         # UTF-8 text is 8-bit content, sent as BODY=8BITMIME (RFC 6152).
         body="8BITMIME" if utf8 else "7BIT",
         smtputf8=utf8,
@@ -273,14 +285,34 @@ def _check_address(address):
         raise ValueError("address too long for a header line")
 
 
+def _subject(failed, double):
+    if double:
+        return SUBJECT_DOUBLE
+    return SUBJECT_FAILED if failed else SUBJECT_DELAYED
+
+
 def _note(reporting_mta, queue_id, arrival, failed, delayed, retry_until,
-          cut, utf8):
+          cut, utf8, double=False):
     """The part for people: what happened, why, and what to do."""
     lines = _wrap(
         f"This is the mail system at {reporting_mta}. This notice was "
         "written automatically; replies to it are not read by anyone.")
     lines.append("")
-    if failed:
+    if double:
+        lines += _wrap(
+            f"A message of {_date(arrival)} from the null sender <> (most "
+            "likely a delivery notification) could not be delivered to the "
+            "recipients below. A message from <> is never returned to its "
+            "sender, so it comes to you, the postmaster, once; if this copy "
+            "cannot be delivered either, it is discarded.")
+        lines.append("")
+        lines += _recipient_lines(failed + delayed, utf8)
+        lines += _wrap(
+            "A recipient's mail system refusing notifications about its own "
+            "mail is often a misconfiguration there, or a forged sender "
+            "address on the original message.")
+        lines.append("")
+    elif failed:
         lines += _wrap(
             f"Your message of {_date(arrival)} could not be delivered to "
             "the recipients below. Delivery to them has been given up; "
@@ -299,7 +331,7 @@ def _note(reporting_mta, queue_id, arrival, failed, delayed, retry_until,
                 "exactly what happened."):
             lines += _wrap(advice, "  - ", "    ")
         lines.append("")
-    if delayed:
+    if delayed and not double:
         until = (f"until {_date(retry_until)}" if retry_until is not None
                  else "for some time")
         lines += _wrap(

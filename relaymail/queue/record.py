@@ -20,7 +20,8 @@ here, with ``#`` annotations that are not part of the file::
         "client_ip": "192.0.2.7",
         "helo": "mail.example.org",
         "authenticated_user": null,
-        "received_at": 1767225600.0
+        "received_at": 1767225600.0,
+        "double_bounce": false             # true: a failure of it is discarded
       },
       "size": 4711,                  # bytes in ID.msg
       "recipients": [                # one entry per envelope recipient

@@ -13,19 +13,33 @@ first failure, doubling each time up to ``max_backoff``; after
 recipient is marked sent in the record as soon as its job ends, so after a
 restart only the others are tried again; a crash before that write means
 that recipient gets the message twice, never none.
+
+A bounce is never silently lost and never loops.  A message from the null
+sender ``<>`` (normally one of our DSNs) that fails for good goes once to
+``[queue] double_bounce_recipient`` (Postfix 2bounce_notice_recipient), a
+notice marked ``double_bounce`` in its record; when that fails too it is
+discarded with a log line.  ``[delivery] soft_bounce`` (Postfix's safety
+switch of the same name) turns every failure that would bounce at once --
+a 5xx from the next hop, a null MX, a domain that does not exist, a message
+the next hop cannot take -- into a deferral, logged with the original
+reply.  The queue lifetime still ends: soft_bounce keeps mail queued while
+a set-up is tried out, not for ever.
 """
 
 import copy
 import heapq
 import itertools
 import time
+from dataclasses import replace
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from relaymail import logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.interfaces import ISessionContext
 from relaymail.queue import record as records
 from relaymail.queue.control import ControlError
 from relaymail.queue.bounce import FailedRecipient, build_dsn
@@ -58,13 +72,17 @@ class Scheduler(service.Service):
     :param spool: the relaymail.queue.spool.Spool.
     :param pool: a DestinationPool that runs jobs.
     :param router: gives each recipient domain its Destination.
+    :param policy: a relaymail.policy.recipients.Policy; expands the
+        double-bounce recipient (aliases) as the server expands recipients.
+        None delivers to it as configured.
     """
 
-    def __init__(self, spool, pool, router, settings, reactor, clock=time.time):
+    def __init__(self, spool, pool, router, settings, reactor, clock=time.time, policy=None):
         self.spool = spool
         self.pool = pool
         self.router = router
         self.settings = settings
+        self.policy = policy
         self.hostname = settings.server.hostname
         self._reactor = reactor
         self._clock = clock
@@ -184,8 +202,8 @@ class Scheduler(service.Service):
             except AddressError as error:
                 # Cannot happen for what our server accepted; a hand-edited
                 # record could do it.
-                self._record(queue_id, attempt, Outcome(
-                    address, BOUNCED, None, "5.1.3", f"bad recipient address: {error}"))
+                self._record(queue_id, attempt, self._soft(Outcome(
+                    address, BOUNCED, None, "5.1.3", f"bad recipient address: {error}")))
                 continue
             by_destination.setdefault(destination, []).append(address)
         return [
@@ -201,7 +219,7 @@ class Scheduler(service.Service):
         if attempt is None:
             return
         for outcome in outcomes:
-            self._record(job.queue_id, attempt, outcome)
+            self._record(job.queue_id, attempt, self._soft(outcome))
         attempt.jobs_left -= 1
         if attempt.jobs_left > 0:
             # Other destinations are still going: make what is done so far
@@ -209,6 +227,17 @@ class Scheduler(service.Service):
             self._write(job.queue_id, attempt)
         else:
             self._conclude(job.queue_id, attempt)
+
+    def _soft(self, outcome):
+        """``outcome``, a bounce made a deferral when soft_bounce is on.
+        The enhanced code becomes transient (RFC 3463 2) and the reply is
+        kept whole in the text, so the log and the record show what would
+        have bounced."""
+        if outcome.status != BOUNCED or not self.settings.delivery.soft_bounce:
+            return outcome
+        return replace(outcome, status=DEFERRED, code=None,
+                       enhanced="4" + (outcome.enhanced or "5.0.0")[1:],
+                       text=f"{_reply_text(outcome)}; soft_bounce = yes: deferred, not bounced")
 
     def _record(self, queue_id, attempt, outcome):
         now = self._clock()
@@ -341,8 +370,58 @@ class Scheduler(service.Service):
     def _send_dsn(self, queue_id, record, recipients, now, kind, **extra):
         if record["envelope"]["sender"] == "":
             # RFC 5321 6.1 / RFC 3464: never a DSN about a DSN.
-            log.info("{queue_id}: {kind} not sent: the sender is <>", queue_id=queue_id, kind=kind)
+            if kind != "bounce":
+                log.info("{queue_id}: {kind} not sent: the sender is <>", queue_id=queue_id,
+                         kind=kind)
+                return defer.succeed(True)
+            return self._double_bounce(queue_id, record, recipients, now)
+        return self._queue_dsn(queue_id, record, recipients, now, kind, None, **extra)
+
+    def _double_bounce(self, queue_id, record, recipients, now):
+        """A failed message from <>: once to the postmaster, then never."""
+        failed = ", ".join(f"<{entry.address}>" for entry in recipients)
+        if record["envelope"].get("double_bounce"):
+            log.warn("{queue_id}: double bounce discarded: undeliverable to the postmaster "
+                     "{failed} too", queue_id=queue_id, failed=failed)
             return defer.succeed(True)
+        configured = self.settings.queue.double_bounce_recipient
+        if configured is None:
+            log.warn("{queue_id}: undeliverable bounce to {failed} discarded: "
+                     "[queue] double_bounce_recipient is empty", queue_id=queue_id, failed=failed)
+            return defer.succeed(True)
+        postmaster = self._qualified(configured)
+        if self.policy is None:
+            expanded = defer.succeed([postmaster])
+        else:
+            expanded = self.policy.expand_recipients([postmaster], _RelayContext(self.hostname))
+
+        def queue(addresses):
+            if not addresses:
+                log.warn("{queue_id}: undeliverable bounce to {failed} discarded: "
+                         "<{postmaster}> expands to nobody", queue_id=queue_id, failed=failed,
+                         postmaster=postmaster)
+                return True
+            return self._queue_dsn(queue_id, record, recipients, now, "double bounce",
+                                   addresses, postmaster=postmaster)
+
+        def not_expanded(failure):
+            # Logged by the policy; try again at the next attempt.
+            log.info("{queue_id}: double bounce not queued: {problem}", queue_id=queue_id,
+                     problem=str(failure.value))
+            return False
+        return expanded.addCallbacks(queue, not_expanded)
+
+    def _qualified(self, address):
+        """A bare local part in our own domain, as the server reads a bare
+        ``RCPT TO:<Postmaster>``: the first relay domain, else this host."""
+        if "@" in address:
+            return address
+        domains = self.settings.relay.domains
+        return f"{address}@{domains[0] if domains else self.hostname}"
+
+    def _queue_dsn(self, queue_id, record, recipients, now, kind, addresses, **extra):
+        """Build, write and commit one DSN; ``addresses`` replaces its
+        envelope recipients (the expanded postmaster), when given."""
         writer = None
         try:
             envelope, message = build_dsn(record, self.spool.message_path(queue_id), recipients,
@@ -354,12 +433,18 @@ class Scheduler(service.Service):
             if writer is not None:
                 writer.abort()
             return defer.succeed(False)
+        if addresses is not None:
+            envelope.recipients = list(addresses)
         envelope.received_at = now
         d = writer.commit(envelope)
 
         def queued(dsn_id):
-            log.info("{queue_id}: sender {kind}: {dsn_id}", queue_id=queue_id, kind=kind,
-                     dsn_id=dsn_id)
+            if addresses is None:
+                log.info("{queue_id}: sender {kind}: {dsn_id}", queue_id=queue_id, kind=kind,
+                         dsn_id=dsn_id)
+            else:
+                log.info("{queue_id}: postmaster {kind}: {dsn_id} to {to}", queue_id=queue_id,
+                         kind=kind, dsn_id=dsn_id, to=",".join(f"<{a}>" for a in addresses))
             self.message_queued(dsn_id)
             return True
 
@@ -425,6 +510,20 @@ class Scheduler(service.Service):
 
     def _exists(self, queue_id):
         return queue_id in self._attempts or queue_id in self._scheduled
+
+
+@implementer(ISessionContext)
+class _RelayContext:
+    """The relay itself as the "client" plugins see when it expands the
+    address of a notice it writes: trusted, with no network peer."""
+
+    def __init__(self, hostname):
+        self.client_ip = ""
+        self.client_port = None
+        self.helo = hostname
+        self.sender = None
+        self.trusted = True
+        self.authenticated_user = None
 
 
 def _domain_key(address, smtputf8):
