@@ -676,6 +676,12 @@ SCHEMA = {
         "connection_rate_per_ip": Key(integer(minimum=0), "120"),
         # Postfix header_size_limit: 102400 bytes of message header.
         "header_size": Key(size(), "102400"),
+        # Postfix hopcount_limit (default 50): most Received: fields a
+        # message may have with ours, or it is refused as a loop (RFC 5321
+        # 6.3).
+        "hops": Key(integer(minimum=1), "50"),
+        # NUL in message content is refused (554 5.6.0) unless this is yes.
+        "allow_nul": Key(boolean, "no"),
     },
     "plugins": {
         "recipients": Key(listing(plugin_name), "domains"),
