@@ -682,6 +682,9 @@ SCHEMA = {
         "hops": Key(integer(minimum=1), "50"),
         # NUL in message content is refused (554 5.6.0) unless this is yes.
         "allow_nul": Key(boolean, "no"),
+        # A text line over line_length: refused (554 5.6.0), or cut into
+        # lines of line_length as Postfix does.
+        "long_lines": Key(choice("reject", "split"), "reject"),
     },
     "plugins": {
         "recipients": Key(listing(plugin_name), "domains"),

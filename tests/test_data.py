@@ -193,3 +193,63 @@ def test_only_received_field_names_in_the_header_section_count():
 
 def test_header_that_starts_with_an_empty_line_has_no_received_fields():
     assert read([b"\r\n" + hops(5) + b".\r\n"], max_received=0)[1] == data.OK
+
+
+# -- [limits] long_lines = split -------------------------------------------------
+
+def split_read(stream, size, **options):
+    chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+    return read(chunks, max_size=10**6, split_long_lines=True, **options)
+
+
+CHUNK_SIZES = [1, 2, 3, 7, 500, 997, 998, 999, 1000, 1001, 4096]
+
+
+@pytest.mark.parametrize("size", CHUNK_SIZES)
+def test_split_cuts_a_long_body_line_into_lines_of_the_limit(size):
+    stream = b"Subject: s\r\n\r\n" + b"x" * 2500 + b"\r\nend\r\n.\r\nNOOP\r\n"
+    assert split_read(stream, size, header_limit=1000) == (
+        b"Subject: s\r\n\r\n" + b"x" * 998 + b"\r\n" + b"x" * 998 + b"\r\n" + b"x" * 504
+        + b"\r\nend\r\n", data.OK, b"NOOP\r\n")
+
+
+@pytest.mark.parametrize("size", CHUNK_SIZES)
+def test_split_folds_a_long_header_line_and_keeps_the_header_whole(size):
+    stream = b"X-Long: " + b"y" * 2000 + b"\r\nReceived: a\r\n\r\nbody\r\n.\r\n"
+    message, outcome, rest = split_read(stream, size, header_limit=10_000, max_received=1)
+    first = b"X-Long: " + b"y" * 990
+    assert (message, outcome, rest) == (
+        first + b"\r\n " + b"y" * 997 + b"\r\n " + b"y" * 13 + b"\r\nReceived: a\r\n\r\nbody\r\n",
+        data.OK, b"")
+
+
+@pytest.mark.parametrize("size", CHUNK_SIZES)
+def test_split_unstuffs_only_at_the_start_of_a_line(size):
+    # The line begins "..." on the wire (a stuffed ".."); the dots after the
+    # cut are in the middle of the line: data, kept.
+    stream = b"..." + b"x" * 996 + b"..y\r\n.\r\n"
+    assert split_read(stream, size) == (b".." + b"x" * 996 + b"\r\n..y\r\n", data.OK, b"")
+
+
+def test_split_keeps_the_size_limit():
+    out = []
+    reader = data.DataReader(out.append, 5000, 1000, split_long_lines=True)
+    assert reader.feed(b"z" * 20_000) is None
+    assert reader.feed(b"\r\n.\r\n") == 5
+    assert reader.outcome == data.TOO_BIG and sum(map(len, out)) <= 5000
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([b"a" * 700, b"b", b".", b"\r\n", b"\r\n\r\n", b"\r\n.."]), max_size=12),
+       st.lists(st.integers(1, 3000), min_size=1, max_size=6))
+def test_split_does_not_depend_on_how_the_stream_is_chunked(pieces, cuts):
+    stream = b"H: v\r\n" + b"".join(pieces) + b"\r\n.\r\n"
+    whole = read([stream], max_size=10**6, header_limit=10**6, split_long_lines=True)
+    chunks, start = [], 0
+    for cut in sorted(cuts):
+        chunks.append(stream[start:cut])
+        start = max(start, cut)
+    chunks.append(stream[start:])
+    assert read(chunks, max_size=10**6, header_limit=10**6, split_long_lines=True) == whole
+    assert whole[1] == data.OK
+    assert max(map(len, whole[0].split(b"\r\n"))) <= 998

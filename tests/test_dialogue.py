@@ -354,6 +354,17 @@ def test_998_octet_line_starting_with_a_dot_is_accepted(session):
         b"554 5.6.0 Error: message has a line longer than the limit\r\n")
 
 
+def test_long_lines_split_cuts_instead_of_refusing(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__long_lines="split"))
+    transaction(s)
+    s.command(b"DATA")
+    assert s.send(b"Subject: " + b"s" * 1000 + b"\r\n\r\n" + b"b" * 1500 + b"\r\n.\r\nNOOP\r\n") == (
+        b"250 2.0.0 Ok: queued as Q0001\r\n250 2.0.0 Ok\r\n")
+    stored = s.queue.messages["Q0001"][1].split(b"\r\n", 4)[4]     # after our Received field
+    assert stored == (b"Subject: " + b"s" * 989 + b"\r\n " + b"s" * 11 + b"\r\n\r\n"
+                      + b"b" * 998 + b"\r\n" + b"b" * 502 + b"\r\n")
+
+
 def received_fields(count):
     return b"".join(b"Received: from h%d.example by h%d.example; "
                     b"Tue, 14 Nov 2023 22:13:20 +0000\r\n" % (n, n + 1) for n in range(count))

@@ -17,7 +17,11 @@ Content checks, each one bytes operation per block:
   ``\\r\\n\\x00.\\r\\n`` as ``\\r\\n.\\r\\n`` and split the message there.
 * Line length is counted after dot-unstuffing: RFC 5321 4.5.3.1.6 does not
   count the dot added for transparency, so a 998-octet line that starts
-  with a dot arrives as 999 octets and is legal.
+  with a dot arrives as 999 octets and is legal.  A longer line makes the
+  message refused, or, with ``split``, is cut into lines of the limit as
+  Postfix does (a cut header line goes on as a folded continuation line, so
+  the field stays one field).  Splitting is a Python loop, but only over the
+  lines of a block that has an over-long one.
 * ``Received:`` fields are counted in the header section, the part already
   scanned for ``header_size``, to stop mail loops (RFC 5321 6.3): a field
   name at the start of a line before the first empty line, in any case.
@@ -52,11 +56,15 @@ class DataReader:
         or None for no limit; one more makes the outcome ``TOO_MANY_HOPS``.
     :param allow_nul: pass NUL octets on (``[limits] allow_nul``) instead
         of making the outcome ``NUL``.
+    :param split_long_lines: cut an over-long line into lines of the limit
+        (``[limits] long_lines = split``) instead of making the outcome
+        ``LINE_TOO_LONG``.
     """
 
     def __init__(self, write, max_size, line_length, header_limit=None, max_received=None,
-                 allow_nul=False):
+                 allow_nul=False, split_long_lines=False):
         self._write = write
+        self._split = split_long_lines
         self._max_size = max_size
         self._line_length = line_length
         self._header_limit = header_limit
@@ -67,7 +75,8 @@ class DataReader:
         self.received = 0
         self._in_header = header_limit is not None or max_received is not None
         # The start of a line not yet ended by CRLF; always begins a line,
-        # except after an over-long line was dropped (_at_line_start False).
+        # except after an over-long line was dropped or, when splitting, cut
+        # (_at_line_start False).
         self._pending = b""
         self._at_line_start = True
         self.size = 0
@@ -98,6 +107,9 @@ class DataReader:
             self._at_line_start = True
         self._pending = buf
         if len(buf) > self._line_length:
+            if self._split:
+                self._cut_pending()
+                return None
             # A line that has not ended is already too long: drop it (keeping
             # a final CR that may pair with the next LF) rather than buffer it.
             self._problem(LINE_TOO_LONG)
@@ -105,13 +117,33 @@ class DataReader:
             self._at_line_start = False
         return None
 
+    def _cut_pending(self):
+        """Write the over-long unended line in pieces of the longest line
+        allowed, keeping the rest (never its last octet, a CR that may pair
+        with the next LF) for the next block."""
+        buf = self._pending
+        width = self._line_length - 2
+        while len(buf) > self._line_length:
+            if self._at_line_start:
+                # The stuffing dot, if any, is not text (_take drops it).
+                count = width + (buf[:1] == b".")
+            else:
+                # A header continuation gets a space in front (_take).
+                count = width - (1 if self._in_header else 0)
+            self._take(buf[:count] + b"\r\n")
+            self._at_line_start = False
+            buf = buf[count:]
+        self._pending = buf
+
     def _take(self, block):
         """Check and write a run of whole lines (it ends with CRLF)."""
-        if not self._at_line_start:
+        continued = not self._at_line_start
+        if continued and not self._split:
             # The tail of an over-long line already reported: not data.
             cut = block.find(b"\r\n")
             block = block[cut + 2:]
-            self._at_line_start = True
+            continued = False
+        self._at_line_start = True
         if self.outcome != OK or not block:
             return
         crlf = block.count(b"\r\n")
@@ -125,14 +157,19 @@ class DataReader:
         # with a period.  Unstuffing never makes an empty line (a line of
         # one dot is the end), so the header section's end stays where it
         # was.
-        if block[:1] == b".":
+        if block[:1] == b"." and not continued:
             block = block[1:]
         block = block.replace(b"\r\n.", b"\r\n")
+        if continued and self._in_header and block[:2] != b"\r\n":
+            # The rest of a header line cut by _cut_pending: fold it.
+            block = b" " + block
         # RFC 5321 4.5.3.1.6: the limit counts the line without the dot
         # added for transparency, so it is checked after unstuffing.
         if len(block) > self._line_length and max(map(len, block.split(b"\r\n"))) > self._line_length - 2:
-            self._problem(LINE_TOO_LONG)
-            return
+            if not self._split:
+                self._problem(LINE_TOO_LONG)
+                return
+            block = self._split_lines(block)
         if self._in_header and not self._count_header(block):
             return
         self.size += len(block)
@@ -143,6 +180,22 @@ class DataReader:
             self._write(block)
         except OSError:
             self._problem(WRITE_FAILED)
+
+    def _split_lines(self, block):
+        """``block`` (unstuffed whole lines) with every line over the limit
+        cut into lines of the limit; in the header section each piece after
+        the first starts with a space, a folded continuation of the field."""
+        width = self._line_length - 2
+        in_header = self._in_header
+        out = []
+        for line in block.split(b"\r\n")[:-1]:
+            in_header = in_header and line != b""
+            while len(line) > width:
+                out.append(line[:width])
+                line = (b" " if in_header else b"") + line[width:]
+            out.append(line)
+        out.append(b"")
+        return b"\r\n".join(out)
 
     def _count_header(self, block):
         """Add the header part of ``block`` (whole lines, unstuffed) to the

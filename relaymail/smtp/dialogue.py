@@ -413,7 +413,8 @@ class Dialogue:
             self._writer.write, limits.message_size, limits.line_length, limits.header_size,
             # [limits] hops counts the Received field written above too, as
             # Postfix counts its smtpd's own against hopcount_limit.
-            max_received=limits.hops - 1, allow_nul=limits.allow_nul)
+            max_received=limits.hops - 1, allow_nul=limits.allow_nul,
+            split_long_lines=limits.long_lines == "split")
         return replies.START_DATA
 
     def _received_header(self, queue_id):
