@@ -362,7 +362,7 @@ def test_long_lines_split_cuts_instead_of_refusing(tmp_path):
         b"250 2.0.0 Ok: queued as Q0001\r\n250 2.0.0 Ok\r\n")
     stored = s.queue.messages["Q0001"][1].split(b"\r\n", 4)[4]     # after our Received field
     assert stored == (b"Subject: " + b"s" * 989 + b"\r\n " + b"s" * 11 + b"\r\n\r\n"
-                      + b"b" * 998 + b"\r\n" + b"b" * 502 + b"\r\n")
+                      + b"b" * 998 + b"\r\n " + b"b" * 502 + b"\r\n")
 
 
 def received_fields(count):

@@ -18,10 +18,12 @@ Content checks, each one bytes operation per block:
 * Line length is counted after dot-unstuffing: RFC 5321 4.5.3.1.6 does not
   count the dot added for transparency, so a 998-octet line that starts
   with a dot arrives as 999 octets and is legal.  A longer line makes the
-  message refused, or, with ``split``, is cut into lines of the limit as
-  Postfix does (a cut header line goes on as a folded continuation line, so
-  the field stays one field).  Splitting is a Python loop, but only over the
-  lines of a block that has an over-long one.
+  message refused, or, with ``split``, is cut into lines of the limit, each
+  piece after the first starting with a space, as Postfix breaks the lines
+  it sends (smtp_line_length_limit: CRLF SPACE, so that a cut header line,
+  in the message or in a MIME part, stays one folded field).  Splitting is
+  a Python loop, but only over the lines of a block that has an over-long
+  one.
 * ``Received:`` fields are counted in the header section, the part already
   scanned for ``header_size``, to stop mail loops (RFC 5321 6.3): a field
   name at the start of a line before the first empty line, in any case.
@@ -128,8 +130,8 @@ class DataReader:
                 # The stuffing dot, if any, is not text (_take drops it).
                 count = width + (buf[:1] == b".")
             else:
-                # A header continuation gets a space in front (_take).
-                count = width - (1 if self._in_header else 0)
+                # Room for the space _take puts in front.
+                count = width - 1
             self._take(buf[:count] + b"\r\n")
             self._at_line_start = False
             buf = buf[count:]
@@ -160,8 +162,8 @@ class DataReader:
         if block[:1] == b"." and not continued:
             block = block[1:]
         block = block.replace(b"\r\n.", b"\r\n")
-        if continued and self._in_header and block[:2] != b"\r\n":
-            # The rest of a header line cut by _cut_pending: fold it.
+        if continued and block[:2] != b"\r\n":
+            # The rest of a line cut by _cut_pending.
             block = b" " + block
         # RFC 5321 4.5.3.1.6: the limit counts the line without the dot
         # added for transparency, so it is checked after unstuffing.
@@ -183,16 +185,14 @@ class DataReader:
 
     def _split_lines(self, block):
         """``block`` (unstuffed whole lines) with every line over the limit
-        cut into lines of the limit; in the header section each piece after
-        the first starts with a space, a folded continuation of the field."""
+        cut into lines of the limit, each piece after the first starting
+        with a space."""
         width = self._line_length - 2
-        in_header = self._in_header
         out = []
         for line in block.split(b"\r\n")[:-1]:
-            in_header = in_header and line != b""
             while len(line) > width:
                 out.append(line[:width])
-                line = (b" " if in_header else b"") + line[width:]
+                line = b" " + line[width:]
             out.append(line)
         out.append(b"")
         return b"\r\n".join(out)
