@@ -320,8 +320,8 @@ def test_line_over_998_octets_is_554_5_6_0_not_500(relay):
 def test_ehlo_over_255_octets_is_501_and_received_lines_stay_short(relay):
     name = b".".join([b"a" * 63] * 4)                      # 255 octets
     long_name = name + b"b"
-    out = converse(relay.port, b"EHLO " + long_name + b"\r\n" + transaction(b"Subject: helo\r\n\r\nx\r\n", name)
-                   + b"QUIT\r\n")
+    out = converse(relay.port, b"EHLO " + long_name + b"\r\n"
+                   + transaction(b"Subject: helo\r\n\r\nx\r\n", name) + b"QUIT\r\n")
     assert out.split(b"\r\n")[1] == b"501 Error: host name longer than 255 octets"
     assert out.split(b"\r\n")[2] == b"250-relay.test Hello " + name
     [queue_id] = QUEUED.findall(out)
