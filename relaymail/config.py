@@ -719,6 +719,18 @@ SCHEMA = {
         "connection_rate_per_ip": Key(integer(minimum=0), "120"),
         # Postfix header_size_limit: 102400 bytes of message header.
         "header_size": Key(size(), "102400"),
+        # Postfix hopcount_limit (default 50): most Received: fields a
+        # message may have with ours, or it is refused as a loop (RFC 5321
+        # 6.3).  Postfix counts its own too, but its cleanup refuses at the
+        # limit itself (++hop_count >= hopcount_limit); this is the "maximal
+        # number allowed" of its documentation, one more.
+        "hops": Key(integer(minimum=1), "50"),
+        # NUL in message content is refused (554 5.6.0) unless this is yes.
+        "allow_nul": Key(boolean, "no"),
+        # A text line over line_length: refused (554 5.6.0), or cut into
+        # lines of line_length with CRLF SPACE, as Postfix breaks the lines
+        # it sends (smtp_line_length_limit).
+        "long_lines": Key(choice("reject", "split"), "reject"),
     },
     "plugins": {
         "recipients": Key(listing(plugin_name), "domains"),

@@ -13,6 +13,7 @@ from relaymail.envelope import Envelope
 from relaymail.queue import bounce
 from relaymail.queue.bounce import FailedRecipient, build_dsn, read_header_section
 from relaymail.queue.record import new_record
+from relaymail.smtp import data
 
 QUEUE_ID = "0CZ4Q8V1M2N3P4R5"
 ARRIVAL = 1767225600.125        # Thu, 01 Jan 2026 00:00:00 UTC
@@ -479,6 +480,57 @@ def test_bad_reporting_mta_is_value_error(original):
 def test_no_recipients_is_value_error(original):
     with pytest.raises(ValueError):
         dsn(original(), [])
+
+
+# -- folding and loops ---------------------------------------------------------
+
+LONG_MTA = ".".join(["m" * 62] * 4)                 # 251 octets, a legal host name
+LONG_SENDER = "s" * 64 + "@" + ".".join(["d" * 60] * 3) + ".example.org"
+
+
+def header_lines(message):
+    """Every header line: the top level, each part's, each report field."""
+    top = message.split(b"\r\n\r\n", 1)[0].decode("utf-8").split("\r\n")
+    lines = list(top)
+    for head, _ in raw_parts(message):
+        lines += head
+    body = raw_parts(message)[1][1].decode("utf-8")
+    return lines + [line for line in body.split("\r\n") if line]
+
+
+def test_every_header_line_is_folded_at_78_unless_one_word_is_longer(original):
+    record = make_record(sender=LONG_SENDER, recipients=[LONG_SENDER])
+    entry = FailedRecipient(LONG_SENDER, "failed", "5.1.1",
+                            "550 5.1.1 " + " ".join(["unknown"] * 40), LONG_MTA, LAST_ATTEMPT)
+    _, message = build_dsn(record, original(), [entry], LONG_MTA, NOW)
+    for line in header_lines(message):
+        words = line.split()
+        assert len(line.encode()) <= 78 or len(words) == 1, line
+        assert len(line.encode()) < 998
+    parsed = parse(message)
+    assert str(parsed["From"]) == f"Mail Delivery System <MAILER-DAEMON@{LONG_MTA}>"
+    assert str(parsed["To"]) == LONG_SENDER
+    assert parsed["Message-ID"].endswith(f"@{LONG_MTA}>")
+    report = dict(status_blocks(message)[0])
+    assert report["Reporting-MTA"] == f"dns; {LONG_MTA}"
+    assert dict(status_blocks(message)[1])["Final-Recipient"] == f"rfc822; {LONG_SENDER}"
+
+
+def test_dsn_of_a_looping_message_starts_again_with_no_received_field(original):
+    # A DSN is a new message: the original's Received fields go back in the
+    # third part, never in its own header section, so the next relay's hop
+    # count starts from zero; a DSN about a DSN is never sent.
+    looping = b"".join(b"Received: from h%d by h%d\r\n" % (n, n + 1) for n in range(60))
+    _, message = dsn(original(looping + HEADERS))
+    top = message.split(b"\r\n\r\n", 1)[0]
+    assert b"received:" not in top.lower()
+    assert looping in raw_parts(message)[2][1]
+    reader = data.DataReader(lambda block: None, 10**6, 1000, 102400, max_received=49)
+    stuffed = message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert reader.feed(stuffed) == len(stuffed)
+    assert (reader.outcome, reader.received) == (data.OK, 0)
+    with pytest.raises(ValueError):
+        dsn(original(), record=make_record(sender=""))
 
 
 # -- wire format ---------------------------------------------------------------

@@ -69,6 +69,38 @@ def test_helo_and_ehlo_need_a_domain(session):
     assert session.command(b"EHLO two words") == b"501 Error: invalid host name\r\n"
 
 
+def test_helo_and_ehlo_names_longer_than_a_domain_are_501(session):
+    # RFC 5321 4.5.3.1.2: 255 octets at most, counted in UTF-8 octets.
+    assert session.command(b"EHLO " + b"a" * 256) == b"501 Error: host name longer than 255 octets\r\n"
+    assert session.command(b"HELO " + b"a" * 1990) == b"501 Error: host name longer than 255 octets\r\n"
+    assert session.command(b"EHLO " + "é".encode() * 128) == (
+        b"501 Error: host name longer than 255 octets\r\n")
+    assert session.command(b"MAIL FROM:<a@example.org>") == b"503 Error: send HELO/EHLO first\r\n"
+    assert session.command(b"HELO " + b"a" * 255) == b"250 mx.test\r\n"
+    assert session.command(b"EHLO " + b"a" * 255).startswith(b"250-mx.test Hello " + b"a" * 255 + b"\r\n")
+    assert session.command(b"EHLO " + b"b" * 256) == (
+        b"501 5.5.4 Error: host name longer than 255 octets\r\n")
+
+
+def test_received_field_for_a_long_helo_is_folded(session):
+    helo = b"h" * 251 + b".org"
+    recipient = b"r" * 64 + b"@" + b"d" * 60 + b"." + b"e" * 60 + b".example.com"
+    assert session.command(b"EHLO " + helo).startswith(b"250-")
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<" + recipient + b">") == b"250 2.1.5 Ok\r\n"
+    session.command(b"DATA")
+    assert session.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q0001\r\n"
+    header = session.queue.messages["Q0001"][1].split(b"Subject: hi\r\n")[0]
+    assert header == (
+        b"Received: from\r\n"
+        b" " + helo + b"\r\n"
+        b" ([127.0.0.1])\r\n"
+        b"\tby mx.test (relaymail) with ESMTP id Q0001\r\n"
+        b"\tfor\r\n"
+        b" <" + recipient + b">;\r\n"
+        b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
+
+
 def test_ehlo_resets_the_transaction(session):
     ehlo(session)
     session.command(b"MAIL FROM:<a@example.org>")
@@ -302,8 +334,82 @@ def test_oversize_message_is_552_after_the_dot_and_session_in_sync(tmp_path):
 def test_long_line_in_data_is_refused_and_session_in_sync(session):
     transaction(session)
     session.command(b"DATA")
+    # A content error (554 5.6.0), not a command syntax error (500).
     assert session.send(b"a" * 5000 + b"\r\nRSET\r\n.\r\nNOOP\r\n") == (
-        b"500 5.5.2 Error: message has a line longer than the limit\r\n250 2.0.0 Ok\r\n")
+        b"554 5.6.0 Error: message has a line longer than the limit\r\n250 2.0.0 Ok\r\n")
+    assert session.queue.messages == {} and session.queue.writers[0].aborted
+
+
+def test_998_octet_line_starting_with_a_dot_is_accepted(session):
+    # RFC 5321 4.5.3.1.6: the dot added for transparency is not counted.
+    line = b"." + b"x" * 997
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(b"Subject: dots\r\n\r\n." + line + b"\r\n.\r\n") == (
+        b"250 2.0.0 Ok: queued as Q0001\r\n")
+    assert session.queue.messages["Q0001"][1].endswith(b"\r\n\r\n" + line + b"\r\n")
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(b"." + line + b"x\r\n.\r\n") == (
+        b"554 5.6.0 Error: message has a line longer than the limit\r\n")
+
+
+def test_long_lines_split_cuts_instead_of_refusing(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__long_lines="split"))
+    transaction(s)
+    s.command(b"DATA")
+    assert s.send(b"Subject: " + b"s" * 1000 + b"\r\n\r\n" + b"b" * 1500 + b"\r\n.\r\nNOOP\r\n") == (
+        b"250 2.0.0 Ok: queued as Q0001\r\n250 2.0.0 Ok\r\n")
+    stored = s.queue.messages["Q0001"][1].split(b"\r\n", 4)[4]     # after our Received field
+    assert stored == (b"Subject: " + b"s" * 989 + b"\r\n " + b"s" * 11 + b"\r\n\r\n"
+                      + b"b" * 998 + b"\r\n " + b"b" * 502 + b"\r\n")
+
+
+def received_fields(count):
+    return b"".join(b"Received: from h%d.example by h%d.example; "
+                    b"Tue, 14 Nov 2023 22:13:20 +0000\r\n" % (n, n + 1) for n in range(count))
+
+
+def test_message_with_too_many_received_fields_is_554_5_4_6(session):
+    # 50 Received fields of its own and ours makes 51, over [limits] hops.
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(received_fields(50) + b"Subject: loop\r\n\r\nx\r\n.\r\nNOOP\r\n") == (
+        b"554 5.4.6 Too many hops\r\n250 2.0.0 Ok\r\n")
+    assert session.queue.messages == {} and session.queue.writers[0].aborted
+    # 49 and ours makes 50: accepted.
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(received_fields(49) + b"\r\nx\r\n.\r\n") == (
+        b"250 2.0.0 Ok: queued as Q0002\r\n")
+    assert session.queue.messages["Q0002"][1].lower().count(b"\nreceived:") == 50 - 1
+
+
+def test_hops_limit_is_configurable(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__hops="3"))
+    transaction(s)
+    s.command(b"DATA")
+    assert s.send(received_fields(3) + b"\r\n.\r\n") == b"554 5.4.6 Too many hops\r\n"
+    transaction(s)
+    s.command(b"DATA")
+    assert s.send(received_fields(2) + b"\r\n.\r\n").startswith(b"250 2.0.0 Ok: queued")
+
+
+def test_nul_in_data_is_554_and_session_in_sync(session):
+    transaction(session)
+    session.command(b"DATA")
+    assert session.send(b"Subject: x\r\n\r\na\r\n\x00.\r\nRSET\r\nb\r\n.\r\nNOOP\r\n") == (
+        b"554 5.6.0 Error: NUL character in message\r\n250 2.0.0 Ok\r\n")
+    assert session.queue.messages == {} and session.queue.writers[0].aborted
+
+
+def test_nul_in_data_passes_when_allowed(tmp_path):
+    s = session_for(make_settings(tmp_path, limits__allow_nul="yes"))
+    transaction(s)
+    s.command(b"DATA")
+    assert s.send(b"Subject: x\r\n\r\na\r\n\x00.\r\nb\r\n.\r\n") == (
+        b"250 2.0.0 Ok: queued as Q0001\r\n")
+    assert s.queue.messages["Q0001"][1].endswith(b"\r\n\r\na\r\n\x00.\r\nb\r\n")
 
 
 def test_bare_lf_in_data_is_refused(session):
@@ -398,6 +504,38 @@ def test_vrfy(session):
     assert session.command(b"VRFY someone") == (
         b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n")
     assert session.command(b"VRFY") == b"501 5.5.4 Syntax: VRFY address\r\n"
+
+
+def test_vrfy_and_expn_take_the_smtputf8_parameter(settings):
+    # RFC 6531 3.7.4.2; curl sends "EXPN name SMTPUTF8".
+    s = session_for(settings, ScriptedValidator(),
+                    lists={"staff": ["alice@example.com"], "ünï": ["bob@example.com"]})
+    ehlo(s)
+    assert s.command(b"EXPN staff SMTPUTF8") == b"250 2.1.5 <alice@example.com>\r\n"
+    assert s.command(b"EXPN <staff> smtputf8") == b"250 2.1.5 <alice@example.com>\r\n"
+    assert s.command("EXPN ünï SMTPUTF8".encode()) == b"250 2.1.5 <bob@example.com>\r\n"
+    assert s.command(b"VRFY known@example.com SMTPUTF8") == b"250 2.1.5 <known@example.com>\r\n"
+    # A quoted string with a space is one name (RFC 5321 4.1.2 String).
+    assert s.command(b'VRFY "some one" SMTPUTF8') == (
+        b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n")
+    assert s.command("VRFY known.jürgen@example.com SMTPUTF8".encode()) == (
+        "250 2.1.5 <known.jürgen@example.com>\r\n".encode())
+
+
+def test_vrfy_and_expn_refuse_other_parameters_and_utf8_without_smtputf8(settings):
+    s = session_for(settings, ScriptedValidator(), lists={"staff": ["alice@example.com"]})
+    ehlo(s)
+    assert s.command(b"EXPN staff FOO=1") == b"555 5.5.4 Unsupported parameter FOO=1\r\n"
+    assert s.command(b"VRFY known SMTPUTF8 BODY=8BITMIME") == (
+        b"555 5.5.4 Unsupported parameter BODY=8BITMIME\r\n")
+    assert s.command("VRFY jürgen".encode()) == (
+        b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter\r\n")
+    assert s.command("EXPN ünï".encode()) == (
+        b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter\r\n")
+    # SMTPUTF8 is only advertised after EHLO (RFC 5321 4.1.1.11).
+    s.command(b"HELO client.test")
+    assert s.command(b"EXPN staff SMTPUTF8") == b"555 Unsupported parameter SMTPUTF8\r\n"
+    assert s.command(b"EXPN staff") == b"250 <alice@example.com>\r\n"
 
 
 def test_expn(settings):

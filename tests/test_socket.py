@@ -236,3 +236,114 @@ def test_command_line_overrides_the_file(tmp_path):
     result = twistd("--listen", "tcp:bogus")
     assert result.returncode != 0
     assert result.stderr.startswith("relaymail: command line: [server] listen: ")
+
+
+# -- message content: hops, NUL, line length, HELO length ----------------------
+
+def received_fields(count):
+    return b"".join(b"Received: from h%d.example (h%d.example [192.0.2.1])\r\n"
+                    b"\tby h%d.example with ESMTP; Tue, 1 Dec 2026 00:00:00 +0000\r\n"
+                    % (n, n, n + 1) for n in range(count))
+
+
+def transaction(body, helo=b"client.test"):
+    return (b"EHLO " + helo + b"\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.com>\r\n"
+            b"DATA\r\n" + body + b".\r\n")
+
+
+@pytest.fixture
+def fresh_relay(tmp_path):
+    """A relay with default limits and an empty spool."""
+    process = RelayProcess(tmp_path, {"relay": {"domains": "example.com"}}).start()
+    yield process
+    process.stop()
+
+
+def spool_files(relay):
+    return {name: sorted(os.listdir(os.path.join(relay.spool, name))) for name in ("active", "tmp")}
+
+
+def test_looping_message_is_554_5_4_6_and_never_queued(fresh_relay):
+    # [limits] hops 50 counts our own Received field: 50 of the message's
+    # own and ours is 51.  60 is the issue's case.
+    out = converse(fresh_relay.port, (
+        transaction(received_fields(50) + b"Subject: loop\r\n\r\nbody\r\n")
+        + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+        + received_fields(60) + b"\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n"))
+    assert out.split(b"\r\n")[-8:] == [
+        b"554 5.4.6 Too many hops",
+        b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>",
+        b"554 5.4.6 Too many hops",
+        b"250 2.0.0 Ok", b"221 2.0.0 relay.test Bye", b""]
+    assert spool_files(fresh_relay) == {"active": [], "tmp": []}
+    # 49 and ours is 50, the most allowed: queued with all 50.
+    out = converse(fresh_relay.port, transaction(received_fields(49) + b"\r\nbody\r\n") + b"QUIT\r\n")
+    [queue_id] = QUEUED.findall(out)
+    message = fresh_relay.message(queue_id.decode())
+    assert message.split(b"\r\n\r\n")[0].count(b"\r\nReceived: ") + message.startswith(b"Received: ") == 50
+    assert spool_files(fresh_relay)["active"] == sorted([queue_id.decode() + ".json",
+                                                         queue_id.decode() + ".msg"])
+
+
+def test_nul_in_data_is_554_5_6_0_and_the_session_stays_in_sync(relay):
+    before = relay.active_files()
+    out = converse(relay.port, (
+        transaction(b"Subject: nul\r\n\r\nfirst\r\n\x00.\r\nMAIL FROM:<evil@example.org>\r\n"
+                    b"RCPT TO:<bob@example.com>\r\nDATA\r\nsmuggled\r\n")
+        + b"NOOP\r\nQUIT\r\n"))
+    assert out.split(b"\r\n")[-5:] == [
+        b"354 End data with <CR><LF>.<CR><LF>",
+        b"554 5.6.0 Error: NUL character in message",
+        b"250 2.0.0 Ok", b"221 2.0.0 relay.test Bye", b""]
+    assert relay.active_files() == before
+
+
+@pytest.fixture(scope="module")
+def nul_relay(tmp_path_factory):
+    process = RelayProcess(tmp_path_factory.mktemp("nul-relay"), {
+        "relay": {"domains": "example.com"}, "limits": {"allow_nul": "yes"}}).start()
+    yield process
+    process.stop()
+
+
+def test_nul_in_data_passes_unchanged_when_allowed(nul_relay):
+    body = b"Subject: nul\r\n\r\nfirst\r\n\x00.\r\nMAIL FROM:<evil@example.org>\r\nsecond\x00\r\n"
+    out = converse(nul_relay.port, transaction(body) + b"NOOP\r\nQUIT\r\n")
+    [queue_id] = QUEUED.findall(out)
+    assert out.endswith(b"250 2.0.0 Ok\r\n221 2.0.0 relay.test Bye\r\n")
+    assert nul_relay.message(queue_id.decode()).endswith(b"\r\n" + body)
+
+
+def test_998_octet_line_that_starts_with_a_dot_is_queued_unstuffed(relay):
+    line = b"." + b"x" * 997                         # 998 octets; 999 on the wire
+    out = converse(relay.port, transaction(b"Subject: dot\r\n\r\n." + line + b"\r\n") + b"QUIT\r\n")
+    [queue_id] = QUEUED.findall(out)
+    assert relay.message(queue_id.decode()).endswith(b"\r\n\r\n" + line + b"\r\n")
+
+
+def test_line_over_998_octets_is_554_5_6_0_not_500(relay):
+    before = relay.active_files()
+    out = converse(relay.port, transaction(b"Subject: long\r\n\r\n.." + b"x" * 998 + b"\r\n")
+                   + b"NOOP\r\nQUIT\r\n")
+    assert out.split(b"\r\n")[-5:] == [
+        b"354 End data with <CR><LF>.<CR><LF>",
+        b"554 5.6.0 Error: message has a line longer than the limit",
+        b"250 2.0.0 Ok", b"221 2.0.0 relay.test Bye", b""]
+    assert relay.active_files() == before
+
+
+def test_ehlo_over_255_octets_is_501_and_received_lines_stay_short(relay):
+    name = b".".join([b"a" * 63] * 4)                      # 255 octets
+    long_name = name + b"b"
+    out = converse(relay.port, b"EHLO " + long_name + b"\r\n"
+                   + transaction(b"Subject: helo\r\n\r\nx\r\n", name) + b"QUIT\r\n")
+    assert out.split(b"\r\n")[1] == b"501 Error: host name longer than 255 octets"
+    assert out.split(b"\r\n")[2] == b"250-relay.test Hello " + name
+    [queue_id] = QUEUED.findall(out)
+    header = relay.message(queue_id.decode()).split(b"Subject: helo\r\n")[0]
+    lines = header.split(b"\r\n")[:-1]
+    assert lines[0] == b"Received: from" and lines[1] == b" " + name
+    for line in lines:
+        assert len(line) <= 78 or (len(line) <= 998 and len(line.split()) == 1), line
+    assert re.sub(rb"\r\n(?=[ \t])", b"", header).startswith(
+        b"Received: from " + name + b" ([127.0.0.1])\tby relay.test (relaymail) with ESMTP id ")

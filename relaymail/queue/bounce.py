@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 
 from relaymail.envelope import Envelope
+from relaymail.folding import fold
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -58,12 +59,9 @@ SUBJECT_DOUBLE = "Undeliverable Mail Notification (Postmaster Copy)"
 _STATUS = re.compile(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
 
 # The longest line passed on as it is: under the 998 octets (before CRLF)
-# of RFC 5322 2.1.1.  Our own lines stay near 78, to be readable.
+# of RFC 5322 2.1.1.  Our own fields are folded to 78 where a space allows
+# (relaymail.folding), and a word is cut rather than pass _MAX_LINE.
 _MAX_LINE = 997
-_FOLD_AT = 78
-# A word longer than this is cut when folding a field.  Counted in
-# characters, so that even four-octet UTF-8 stays far below _MAX_LINE.
-_LONGEST_WORD = 200
 _TEXT_WIDTH = 72
 
 # Plain words for the commonest RFC 3463 codes, by "subject.detail"
@@ -195,7 +193,9 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
          returned),
     ]
     boundary = _boundary([body for _, body in parts])
-    top = [
+    # Every field goes through _fold: the host name and the sender come
+    # from outside this module and may be long.
+    top = [line for field in (
         f"From: {SENDER_DISPLAY_NAME} <{SENDER_LOCAL_PART}@{reporting_mta}>",
         f"To: {to}",
         f"Subject: {_subject(failed, postmaster is not None)}",
@@ -205,9 +205,8 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         # RFC 6522: report-type names the subtype of the second part.
-        f"Content-Type: multipart/report; report-type={report_type};",
-        f' boundary="{boundary}"',
-    ]
+        f'Content-Type: multipart/report; report-type={report_type};\r\n boundary="{boundary}"',
+    ) for line in _fold(field)]
     message = _assemble(top, parts, boundary)
     envelope = Envelope(
         sender="",
@@ -390,11 +389,11 @@ def _report(reporting_mta, arrival, recipients, retry_until, utf8):
     """The RFC 3464 section 2 fields: one per-message block, then one
     block per recipient."""
     blocks = [[
-        f"Reporting-MTA: dns; {reporting_mta}",
+        *_fold(f"Reporting-MTA: dns; {reporting_mta}"),
         f"Arrival-Date: {_date(arrival)}",
     ]]
     for entry in recipients:
-        block = [f"Final-Recipient: {_address_field(entry.address)}",
+        block = [*_fold(f"Final-Recipient: {_address_field(entry.address)}"),
                  f"Action: {entry.action}",
                  f"Status: {entry.status}"]
         if entry.remote_mta:
@@ -499,22 +498,10 @@ def _clean(text, utf8):
 
 
 def _fold(field):
-    """Fold one field at spaces (RFC 5322 2.2.3) near :data:`_FOLD_AT`
-    characters; a word too long for a line is cut, the one change to the
-    value that folding cannot avoid."""
-    words = []
-    for word in field.split(" "):
-        while len(word) > _LONGEST_WORD:
-            words.append(word[:_LONGEST_WORD])
-            word = word[_LONGEST_WORD:]
-        words.append(word)
-    lines = [words[0]]
-    for word in words[1:]:
-        if len(lines[-1]) + 1 + len(word) > _FOLD_AT:
-            lines.append(" " + word)
-        else:
-            lines[-1] += " " + word
-    return lines
+    """Fold one field at spaces (RFC 5322 2.2.3) to 78 octets where it
+    can; a word too long for :data:`_MAX_LINE` is cut, the one change to
+    the value that folding cannot avoid."""
+    return fold(field, limit=_MAX_LINE)
 
 
 def _boundary(bodies):

@@ -9,17 +9,38 @@ CR anywhere in the message makes it rejected once the real end arrives, so
 ``\\n.\\n`` or ``\\r\\n.\\n`` can neither end a message nor start a second one.
 A problem never ends reading early: the reader goes on to the real end so
 the session stays in step with the client.
+
+Content checks, each one bytes operation per block:
+
+* NUL (``b"\\x00" in block``) is refused unless the site allows it: a
+  downstream that strips NUL before it looks for the end of data would see
+  ``\\r\\n\\x00.\\r\\n`` as ``\\r\\n.\\r\\n`` and split the message there.
+* Line length is counted after dot-unstuffing: RFC 5321 4.5.3.1.6 does not
+  count the dot added for transparency, so a 998-octet line that starts
+  with a dot arrives as 999 octets and is legal.  A longer line makes the
+  message refused, or, with ``split``, is cut into lines of the limit, each
+  piece after the first starting with a space, as Postfix breaks the lines
+  it sends (smtp_line_length_limit: CRLF SPACE, so that a cut header line,
+  in the message or in a MIME part, stays one folded field).  Splitting is
+  a Python loop, but only over the lines of a block that has an over-long
+  one.
+* ``Received:`` fields are counted in the header section, the part already
+  scanned for ``header_size``, to stop mail loops (RFC 5321 6.3): a field
+  name at the start of a line before the first empty line, in any case.
 """
 
 # Outcomes, in the order they are reported when several apply.
 OK = "ok"
 BARE_NEWLINE = "bare-newline"
+NUL = "nul"
 LINE_TOO_LONG = "line-too-long"
-TOO_BIG = "too-big"
 HEADER_TOO_BIG = "header-too-big"
+TOO_MANY_HOPS = "too-many-hops"
+TOO_BIG = "too-big"
 WRITE_FAILED = "write-failed"
 
 _END = b"\r\n.\r\n"
+_RECEIVED = b"received:"
 
 
 class DataReader:
@@ -33,17 +54,31 @@ class DataReader:
         (``[limits] line_length``; RFC 5321 4.5.3.1.6 says 1000).
     :param header_limit: most octets in the header section, up to the first
         empty line (``[limits] header_size``), or None for no limit.
+    :param max_received: most ``Received:`` fields in the header section,
+        or None for no limit; one more makes the outcome ``TOO_MANY_HOPS``.
+    :param allow_nul: pass NUL octets on (``[limits] allow_nul``) instead
+        of making the outcome ``NUL``.
+    :param split_long_lines: cut an over-long line into lines of the limit
+        (``[limits] long_lines = split``) instead of making the outcome
+        ``LINE_TOO_LONG``.
     """
 
-    def __init__(self, write, max_size, line_length, header_limit=None):
+    def __init__(self, write, max_size, line_length, header_limit=None, max_received=None,
+                 allow_nul=False, split_long_lines=False):
         self._write = write
+        self._split = split_long_lines
         self._max_size = max_size
         self._line_length = line_length
         self._header_limit = header_limit
         self._header_bytes = 0
-        self._in_header = header_limit is not None
+        self._max_received = max_received
+        self._allow_nul = allow_nul
+        #: ``Received:`` fields seen in the header section so far.
+        self.received = 0
+        self._in_header = header_limit is not None or max_received is not None
         # The start of a line not yet ended by CRLF; always begins a line,
-        # except after an over-long line was dropped (_at_line_start False).
+        # except after an over-long line was dropped or, when splitting, cut
+        # (_at_line_start False).
         self._pending = b""
         self._at_line_start = True
         self.size = 0
@@ -74,6 +109,9 @@ class DataReader:
             self._at_line_start = True
         self._pending = buf
         if len(buf) > self._line_length:
+            if self._split:
+                self._cut_pending()
+                return None
             # A line that has not ended is already too long: drop it (keeping
             # a final CR that may pair with the next LF) rather than buffer it.
             self._problem(LINE_TOO_LONG)
@@ -81,29 +119,61 @@ class DataReader:
             self._at_line_start = False
         return None
 
+    def _cut_pending(self):
+        """Write the over-long unended line in pieces of the longest line
+        allowed, keeping the rest (never its last octet, a CR that may pair
+        with the next LF) for the next block."""
+        buf = self._pending
+        width = self._line_length - 2
+        while len(buf) > self._line_length:
+            if self._at_line_start:
+                # The stuffing dot, if any, is not text (_take drops it).
+                count = width + (buf[:1] == b".")
+            else:
+                # Room for the space _take puts in front.
+                count = width - 1
+            self._take(buf[:count] + b"\r\n")
+            self._at_line_start = False
+            buf = buf[count:]
+        self._pending = buf
+
     def _take(self, block):
         """Check and write a run of whole lines (it ends with CRLF)."""
-        if not self._at_line_start:
+        continued = not self._at_line_start
+        if continued and not self._split:
             # The tail of an over-long line already reported: not data.
             cut = block.find(b"\r\n")
             block = block[cut + 2:]
-            self._at_line_start = True
+            continued = False
+        self._at_line_start = True
         if self.outcome != OK or not block:
             return
         crlf = block.count(b"\r\n")
         if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
             self._problem(BARE_NEWLINE)
             return
-        if len(block) > self._line_length and max(map(len, block.split(b"\r\n"))) > self._line_length - 2:
-            self._problem(LINE_TOO_LONG)
-            return
-        if self._in_header and not self._count_header(block):
+        if not self._allow_nul and b"\x00" in block:
+            self._problem(NUL)
             return
         # RFC 5321 4.5.2: drop the first character of a line that starts
-        # with a period.
-        if block[:1] == b".":
+        # with a period.  Unstuffing never makes an empty line (a line of
+        # one dot is the end), so the header section's end stays where it
+        # was.
+        if block[:1] == b"." and not continued:
             block = block[1:]
         block = block.replace(b"\r\n.", b"\r\n")
+        if continued and block[:2] != b"\r\n":
+            # The rest of a line cut by _cut_pending.
+            block = b" " + block
+        # RFC 5321 4.5.3.1.6: the limit counts the line without the dot
+        # added for transparency, so it is checked after unstuffing.
+        if len(block) > self._line_length and max(map(len, block.split(b"\r\n"))) > self._line_length - 2:
+            if not self._split:
+                self._problem(LINE_TOO_LONG)
+                return
+            block = self._split_lines(block)
+        if self._in_header and not self._count_header(block):
+            return
         self.size += len(block)
         if self.size > self._max_size:
             self._problem(TOO_BIG)
@@ -113,20 +183,44 @@ class DataReader:
         except OSError:
             self._problem(WRITE_FAILED)
 
+    def _split_lines(self, block):
+        """``block`` (unstuffed whole lines) with every line over the limit
+        cut into lines of the limit, each piece after the first starting
+        with a space."""
+        width = self._line_length - 2
+        out = []
+        for line in block.split(b"\r\n")[:-1]:
+            while len(line) > width:
+                out.append(line[:width])
+                line = b" " + line[width:]
+            out.append(line)
+        out.append(b"")
+        return b"\r\n".join(out)
+
     def _count_header(self, block):
-        """Add the header part of ``block`` (whole lines) to the header
-        size; False once it is over the limit."""
+        """Add the header part of ``block`` (whole lines, unstuffed) to the
+        header size and the ``Received:`` count; False once either is over
+        its limit."""
         # The block starts a line, so the empty line ending the header is
         # either at its very start or after a CRLF inside it.
         end = 0 if block[:2] == b"\r\n" else block.find(b"\r\n\r\n")
         if end < 0:
-            self._header_bytes += len(block)
+            header = block
         else:
-            self._header_bytes += end + 2 if end else 0
+            header = block[:end + 2] if end else b""
             self._in_header = False
-        if self._header_bytes > self._header_limit:
+        self._header_bytes += len(header)
+        if self._header_limit is not None and self._header_bytes > self._header_limit:
             self._problem(HEADER_TOO_BIG)
             return False
+        if self._max_received is not None and header:
+            # Field names are case-insensitive (RFC 5322 1.2.2); one lower()
+            # copy of a header section that header_size bounds.
+            lowered = header.lower()
+            self.received += lowered.count(b"\r\n" + _RECEIVED) + lowered.startswith(_RECEIVED)
+            if self.received > self._max_received:
+                self._problem(TOO_MANY_HOPS)
+                return False
         return True
 
     def _problem(self, outcome):

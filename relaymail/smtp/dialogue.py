@@ -166,12 +166,16 @@ class Dialogue:
     def _helo(self, argument):
         if not _looks_like_host(argument):
             return replies.HELO_NEEDS_DOMAIN if not argument else replies.BAD_HELO_DOMAIN
+        if _too_long_for_a_host(argument):
+            return replies.HELO_TOO_LONG
         self._start_session(argument, esmtp=False)
         return replies.Reply(250, None, self.hostname)
 
     def _ehlo(self, argument):
         if not _looks_like_host(argument):
             return replies.EHLO_NEEDS_DOMAIN if not argument else replies.BAD_HELO_DOMAIN
+        if _too_long_for_a_host(argument):
+            return replies.HELO_TOO_LONG
         self._start_session(argument, esmtp=True)
         return replies.Reply(250, None, [f"{self.hostname} Hello {argument}"] + self.extensions())
 
@@ -425,7 +429,11 @@ class Dialogue:
             return replies.LOCAL_ERROR
         limits = self.settings.limits
         self.data_reader = data.DataReader(
-            self._writer.write, limits.message_size, limits.line_length, limits.header_size)
+            self._writer.write, limits.message_size, limits.line_length, limits.header_size,
+            # [limits] hops counts the Received field written above too, as
+            # Postfix counts its smtpd's own against hopcount_limit.
+            max_received=limits.hops - 1, allow_nul=limits.allow_nul,
+            split_long_lines=limits.long_lines == "split")
         return replies.START_DATA
 
     def _received_header(self, queue_id):
@@ -453,7 +461,9 @@ class Dialogue:
         self._reset()
         problem = {
             data.BARE_NEWLINE: replies.BARE_NEWLINE,
+            data.NUL: replies.NUL_IN_MESSAGE,
             data.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
+            data.TOO_MANY_HOPS: replies.TOO_MANY_HOPS,
             data.TOO_BIG: replies.MESSAGE_TOO_BIG,
             data.HEADER_TOO_BIG: replies.HEADER_TOO_BIG,
             data.WRITE_FAILED: replies.LOCAL_ERROR,
@@ -519,6 +529,9 @@ class Dialogue:
             return replies.VRFY_NOT_ALLOWED
         if not argument:
             return replies.VRFY_SYNTAX
+        argument, problem = _lookup_argument(argument, self.esmtp, replies.VRFY_SYNTAX)
+        if problem is not None:
+            return problem
         if not self._may_look_up():
             # vrfy = anyone: the same 252 whether or not the user exists
             # (RFC 5321 7.3), and no plugin asked, so no timing tells either.
@@ -546,6 +559,9 @@ class Dialogue:
             return replies.EXPN_NOT_ALLOWED
         if not argument:
             return replies.EXPN_SYNTAX
+        argument, problem = _lookup_argument(argument, self.esmtp, replies.EXPN_SYNTAX)
+        if problem is not None:
+            return problem
         d = self.policy.expand(_strip_brackets(argument), self.context)
         return d.addCallback(self._expanded)
 
@@ -568,11 +584,50 @@ class Dialogue:
 _has_control_characters = re.compile("[\x00-\x1f\x7f]").search
 
 
+# RFC 5321 4.5.3.1.2: a domain name is at most 255 octets.  An address
+# literal is shorter still, so nothing longer is a host name, and a longer
+# one would make our Received field too long for the next hop.
+_MAX_HOST_OCTETS = 255
+
+
+def _too_long_for_a_host(argument):
+    return len(argument.encode("utf-8")) > _MAX_HOST_OCTETS
+
+
 def _looks_like_host(argument):
     """A HELO argument: one word, a domain or an address literal.  Many real
     clients send names that are not valid domains (underscores, bare host
     names), so only emptiness and white space inside are refused here."""
     return bool(argument) and " " not in argument
+
+
+# RFC 5321 4.1.2 String: a Quoted-string (backslash pairs inside), a
+# <mailbox>, or an Atom-like word; what follows it is parameters.
+_LOOKUP_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|<[^<>]*>|[^ ]+')
+
+
+def _lookup_argument(argument, esmtp, syntax):
+    """Split a VRFY or EXPN argument into the name and its parameters.
+
+    RFC 6531 3.7.4.2 adds ``SMTPUTF8`` to both commands (curl sends it on
+    every EXPN); it is the only parameter, accepted as it is on MAIL: only
+    in an EHLO session, where SMTPUTF8 is advertised.  The name may be
+    UTF-8 only with it, as for addresses in MAIL and RCPT (RFC 6531 3.2).
+
+    :return: ``(name, None)``, or ``(None, reply)`` for a bad argument.
+    """
+    found = _LOOKUP_STRING.match(argument)
+    if found is None:
+        return None, syntax
+    name = found.group()
+    smtputf8 = False
+    for keyword in argument[found.end():].split():
+        if not esmtp or keyword.upper() != "SMTPUTF8":
+            return None, replies.unknown_parameter(keyword)
+        smtputf8 = True
+    if not smtputf8 and not name.isascii():
+        return None, replies.NEEDS_SMTPUTF8
+    return name, None
 
 
 def _strip_brackets(argument):

@@ -1,8 +1,17 @@
-"""The Received: trace header we prepend (RFC 5321 4.4)."""
+"""The Received: trace header we prepend (RFC 5321 4.4).
+
+One clause a line, as most MTAs write it; a clause too long for 78 octets
+(a long HELO name or recipient) is folded further by
+:func:`relaymail.folding.fold`.  The HELO name is at most 255 octets (the
+dialogue refuses longer ones) and an address at most 256, so no word here
+comes near the 998-octet line limit.
+"""
 
 import ipaddress
 from datetime import datetime, timezone
 from email.utils import format_datetime
+
+from relaymail.folding import fold_bytes
 
 
 def received_header(helo, client_ip, hostname, protocol, queue_id, recipient=None, when=None):
@@ -23,7 +32,7 @@ def received_header(helo, client_ip, hostname, protocol, queue_id, recipient=Non
     else:
         lines[-1] += ";"
     lines.append(f"\t{format_datetime(datetime.fromtimestamp(when, timezone.utc))}")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    return fold_bytes("\r\n".join(lines))
 
 
 def _address_literal(ip):

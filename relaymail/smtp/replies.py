@@ -102,6 +102,8 @@ BAD_CHARACTERS = Reply(501, "5.5.2", "Error: control characters or invalid UTF-8
 HELO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: HELO hostname")
 EHLO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 BAD_HELO_DOMAIN = Reply(501, "5.5.4", "Error: invalid host name")
+# RFC 5321 4.5.3.1.2: a domain name is at most 255 octets.
+HELO_TOO_LONG = Reply(501, "5.5.4", "Error: host name longer than 255 octets")
 NO_ARGUMENTS_ALLOWED = Reply(501, "5.5.4", "Syntax error: this command takes no arguments")
 VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
 EXPN_SYNTAX = Reply(501, "5.5.4", "Syntax: EXPN list")
@@ -163,7 +165,12 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message too big")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header size exceeds limit")
 DATA_TOO_SLOW = "Error: data rate too low"
-DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message has a line longer than the limit")
+# A content error, not a command syntax error (so not 500 5.5.2): RFC 3463
+# 3.7 X.6.0, other or undefined media error.
+DATA_LINE_TOO_LONG = Reply(554, "5.6.0", "Error: message has a line longer than the limit")
+NUL_IN_MESSAGE = Reply(554, "5.6.0", "Error: NUL character in message")
+# RFC 5321 6.3 and RFC 3463 3.5 X.4.6, routing loop detected.
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
 # Bare CR or LF: the smuggling defence (SMTP-NOTES attack class 1).
 BARE_NEWLINE = Reply(554, "5.6.0", "Error: bare <CR> or <LF> in message; lines must end with <CR><LF>")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
