@@ -703,8 +703,9 @@ SCHEMA = {
         "data_timeout": Key(duration(positive=True), "180"),
         # Postfix smtpd_hard_error_limit.
         "errors": Key(integer(minimum=1), "20"),
-        # Postfix smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN and HELP
-        # beyond this many count as errors; reset by each queued message.
+        # Postfix smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN, HELP and
+        # repeated HELO/EHLO beyond this many count as errors; reset by each
+        # queued message.
         "junk_commands": Key(integer(minimum=0), "100"),
         # Postfix smtpd_min_data_rate (3.7 and later, default 500): a DATA
         # block must arrive at least this fast, so a client trickling a
