@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 
-# Real clients the interoperability tests drive (Debian packages).
-TEST_TOOLS := swaks msmtp
+# Real clients the interoperability tests drive (Debian packages), and
+# ss (package iproute2) that shows a listener's backlog.
+TEST_TOOLS := swaks msmtp ss
 
 .PHONY: install run test test-tools clean
 
@@ -28,7 +29,7 @@ test: install test-tools
 	$(PY) -m pytest -q
 
 test-tools:
-	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$(echo $$tool | sed s/^ss$$/iproute2/)"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

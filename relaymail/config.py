@@ -245,6 +245,45 @@ def server_endpoints(raw):
     return endpoints
 
 
+@dataclasses.dataclass(frozen=True)
+class Portion:
+    """A count written as a number or as a percentage of another count
+    (``50`` or ``10%``); :meth:`of` gives the number for a given total."""
+
+    value: int
+    percent: bool
+
+    def of(self, total):
+        """The count this portion stands for out of ``total`` (rounded down)."""
+        return total * self.value // 100 if self.percent else self.value
+
+    def __str__(self):
+        return f"{self.value}%" if self.percent else str(self.value)
+
+
+def portion(maximum_percent):
+    """A whole number, or a percentage up to ``maximum_percent`` with a ``%``."""
+    def parse(raw):
+        match = re.fullmatch(r"(\d+)\s*(%?)", raw.strip())
+        if not match:
+            raise ValueError(f"expected a whole number or a percentage (e.g. 50 or 10%), got {raw!r}")
+        value, percent = int(match.group(1)), bool(match.group(2))
+        if percent and value > maximum_percent:
+            raise ValueError(f"must be at most {maximum_percent}%, got {raw!r}")
+        return Portion(value, percent)
+    return parse
+
+
+def prefix_length(bits):
+    """A network prefix length for addresses of ``bits`` bits (``/64`` or ``64``)."""
+    def parse(raw):
+        text = raw.strip().removeprefix("/")
+        if not re.fullmatch(r"\d+", text) or not 1 <= int(text) <= bits:
+            raise ValueError(f"expected a prefix length from 1 to {bits}, got {raw!r}")
+        return int(text)
+    return parse
+
+
 def absolute_path(raw):
     """A file system path, made absolute against the current directory at
     load time so a later chdir (twistd --rundir) cannot change its meaning."""
@@ -620,6 +659,11 @@ SCHEMA = {
         # members to anyone, so EXPN is trusted only by default.
         "vrfy": Key(choice("anyone", "trusted", "off"), "anyone"),
         "expn": Key(choice("anyone", "trusted", "off"), "trusted"),
+        # listen(2) backlog for listeners whose endpoint string names none.
+        # Twisted's 50 left 654 of a 1,000-connect burst ungreeted after
+        # 30 s; nginx and Apache use 511.  Linux caps it at
+        # net.core.somaxconn (4096 since 5.4).
+        "listen_backlog": Key(integer(minimum=1), "1024"),
     },
     "relay": {
         "domains": Key(listing(domain), ""),
@@ -702,8 +746,9 @@ SCHEMA = {
         "data_timeout": Key(duration(positive=True), "180"),
         # Postfix smtpd_hard_error_limit.
         "errors": Key(integer(minimum=1), "20"),
-        # Postfix smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN and HELP
-        # beyond this many count as errors; reset by each queued message.
+        # Postfix smtpd_junk_command_limit: NOOP, RSET, VRFY, EXPN, HELP and
+        # repeated HELO/EHLO beyond this many count as errors; reset by each
+        # queued message.
         "junk_commands": Key(integer(minimum=0), "100"),
         # Postfix smtpd_min_data_rate (3.7 and later, default 500): a DATA
         # block must arrive at least this fast, so a client trickling a
@@ -717,6 +762,26 @@ SCHEMA = {
         # 60 s); 0 turns either off, as in Postfix.
         "connections_per_ip": Key(integer(minimum=0), "50"),
         "connection_rate_per_ip": Key(integer(minimum=0), "120"),
+        # Addresses counted as one client for the per-IP limits: an IPv6
+        # site gets a /64 (RFC 6177), so counting single addresses lets one
+        # client look like millions.  Postfix 3.8 smtpd_client_ipv4_prefix_length
+        # is 32 and smtpd_client_ipv6_prefix_length 84; a /64 also catches
+        # the clients that pick a fresh interface id per connection.
+        "ipv4_prefix": Key(prefix_length(32), "32"),
+        "ipv6_prefix": Key(prefix_length(128), "64"),
+        # Connections only trusted_networks may use, so no crowd of
+        # outsiders can lock out the relay's own clients.  Postfix gets the
+        # same from a separate smtpd for mynetworks; 10% is our choice.
+        "trusted_reserve": Key(portion(99), "10%"),
+        # Stress: from this many open connections on, outsiders' sessions
+        # get the shorter limits below, as Postfix uses
+        # smtpd_timeout = ${stress?{10}:{300}}, smtpd_hard_error_limit =
+        # ${stress?{1}:{20}} and smtpd_junk_command_limit = ${stress?{1}:{100}}
+        # once all smtpd processes are busy.
+        "stress_threshold": Key(portion(100), "80%"),
+        "stress_timeout": Key(duration(positive=True), "10"),
+        "stress_errors": Key(integer(minimum=1), "1"),
+        "stress_junk_commands": Key(integer(minimum=0), "1"),
         # Postfix header_size_limit: 102400 bytes of message header.
         "header_size": Key(size(), "102400"),
         # Postfix hopcount_limit (default 50): most Received: fields a
@@ -1050,6 +1115,7 @@ def _check_together(values, settings, fallback):
         if name not in settings.routes:
             raise ConfigError(values.source_of("route_tls", name, fallback), "route_tls", name,
                               "has no [routes] entry: TLS for a route that does not exist")
+    _check_connection_shares(values, settings, fallback)
     server = settings.server
     # Listeners that could never serve anyone are a mistake, not a choice.
     if server.proxy_listen and not server.proxy_trusted:
@@ -1059,6 +1125,27 @@ def _check_together(values, settings, fallback):
         raise ConfigError(values.source_of("server", "submission_listen", fallback), "server",
                           "submission_listen",
                           "set but [auth] passwords is not: nobody could log in to send")
+
+
+def _check_connection_shares(values, settings, fallback):
+    """The trusted reserve must leave outsiders a connection, and the
+    stress threshold must be a number of connections that can be open."""
+    limits = settings.limits
+    reserve = limits.trusted_reserve.of(limits.connections)
+    if reserve >= limits.connections:
+        source, key = _later(values, "limits", "connections", "trusted_reserve", fallback)
+        raise ConfigError(source, "limits", key,
+                          f"trusted_reserve ({reserve}) must be less than connections "
+                          f"({limits.connections}): clients outside trusted_networks "
+                          "could never connect")
+    # A percentage always names a possible count (the gate takes at least
+    # one connection); a number must be one.
+    threshold = limits.stress_threshold
+    if not threshold.percent and not 1 <= threshold.value <= limits.connections:
+        source, key = _later(values, "limits", "connections", "stress_threshold", fallback)
+        raise ConfigError(source, "limits", key,
+                          f"stress_threshold ({threshold.value}) must be from 1 to connections "
+                          f"({limits.connections})")
 
 
 def _check_pair(values, settings, fallback, section, first, second):

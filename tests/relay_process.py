@@ -17,11 +17,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def twistd(*args, cwd=None, timeout=30, options=()):
+def twistd(*args, cwd=None, timeout=30, options=(), preexec_fn=None):
     """Run twistd to completion (for --help and bad configs); ``options``
-    are twistd's own (``--uid``), given before the plugin name."""
+    are twistd's own (``--uid``), given before the plugin name;
+    ``preexec_fn`` runs in the child before twistd (to set resource limits)."""
     return subprocess.run([TWISTD, "-n", "--pidfile=", *options, "relaymail", *args], cwd=cwd or REPO,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+                          env=_env(), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
 
 
 def _env():
@@ -58,12 +60,14 @@ class RelayProcess:
         self.process = None
         self.extra_args = []
         self.host = "127.0.0.1"
+        self.preexec_fn = None      # run in the child before twistd
 
     def start(self, timeout=20):
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *self.extra_args, "relaymail", "--config", self.config],
-            cwd=self.workdir, env=_env(), stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=self.workdir, env=_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -2,8 +2,10 @@
 bytes.  (STARTTLS injection needs real TLS: tests/test_tls_auth.py.)"""
 
 import pytest
+from twisted.internet.task import Clock
 
 from relaymail.policy.loader import build_plugins
+from relaymail.smtp.limits import ConnectionGate
 from tests.support import Session, make_settings
 
 
@@ -148,6 +150,130 @@ def test_recipient_flood_hits_the_recipient_and_error_limits(tmp_path):
     assert lines[:3] == [b"250 2.1.5 Ok"] * 3
     assert lines[3:8] == [b"452 4.5.3 Error: too many recipients"] * 5
     assert lines[8:] == [b"421 4.7.0 mx.test Error: too many errors"]
+    assert session.closed
+
+
+def test_repeated_ehlo_is_junk(tmp_path):
+    session = session_for(tmp_path, limits__junk_commands="2", limits__errors="2")
+    ehlo = session.command(b"EHLO client.test")
+    assert ehlo.startswith(b"250-mx.test Hello client.test\r\n")
+    assert session.command(b"HELO client.test") == b"250 mx.test\r\n"        # junk 1
+    assert session.command(b"EHLO client.test") == ehlo                       # junk 2
+    assert session.command(b"EHLO client.test") == ehlo                       # error 1
+    # After HELO, no enhanced codes (RFC 2034).
+    assert session.command(b"HELO client.test") == (
+        b"250 mx.test\r\n421 mx.test Error: too many errors\r\n")             # error 2
+    assert session.closed
+
+
+def test_a_helo_retried_after_an_error_is_not_junk(tmp_path):
+    # A failed HELO gives the session no name: trying again is not junk.
+    session = session_for(tmp_path, limits__junk_commands="0", limits__errors="2")
+    assert session.command(b"HELO").startswith(b"501 ")                        # error 1
+    assert session.command(b"HELO client.test") == b"250 mx.test\r\n"
+    assert not session.closed
+    assert session.command(b"EHLO client.test").endswith(
+        b"250 HELP\r\n421 4.7.0 mx.test Error: too many errors\r\n")
+
+
+class Crowd:
+    """Sessions sharing one connection gate, as all listeners share it;
+    ``threshold`` open connections make the gate stressed."""
+
+    def __init__(self, tmp_path, threshold, **keys):
+        keys = {"limits__connections": "10", "limits__stress_threshold": str(threshold),
+                "limits__command_timeout": "300", "limits__data_timeout": "180",
+                "limits__stress_timeout": "10", **keys}
+        self.settings = make_settings(tmp_path, **keys)
+        self.gate = ConnectionGate(self.settings, Clock())
+        self.plugins = build_plugins(self.settings)[0]
+
+    def session(self, client_ip="192.0.2.7"):
+        return Session(self.settings, self.plugins, client_ip=client_ip,
+                       factory_options={"gate": self.gate})
+
+
+TIMEOUT = b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+
+
+def test_under_stress_a_new_session_idles_out_after_the_stress_timeout(tmp_path):
+    crowd = Crowd(tmp_path, threshold=2)
+    crowd.session(client_ip="192.0.2.8")
+    session = crowd.session()
+    assert crowd.gate.stressed
+    session.command(b"EHLO client.test")
+    session.clock.advance(9.9)
+    assert session.take() == b"" and not session.closed
+    session.clock.advance(0.1)
+    assert session.take() == TIMEOUT
+    assert session.closed
+
+
+def test_stress_shortens_the_wait_of_sessions_already_open(tmp_path):
+    crowd = Crowd(tmp_path, threshold=3)
+    idle = crowd.session()
+    idle.command(b"EHLO client.test")
+    idle.clock.advance(200)
+    assert idle.take() == b""
+    crowd.session(client_ip="192.0.2.8")
+    crowd.session(client_ip="192.0.2.9")          # the third: stress
+    idle.clock.advance(9.9)
+    assert idle.take() == b""
+    idle.clock.advance(0.1)
+    assert idle.take() == TIMEOUT
+
+
+def test_stress_shortens_the_data_timeout_too(tmp_path):
+    crowd = Crowd(tmp_path, threshold=2)
+    session = crowd.session()
+    in_data(session)
+    crowd.session(client_ip="192.0.2.8")
+    session.clock.advance(10)
+    assert session.take() == TIMEOUT
+    assert session.queue.writers[0].aborted
+
+
+def test_when_stress_ends_the_normal_timeout_is_back(tmp_path):
+    crowd = Crowd(tmp_path, threshold=2)
+    session = crowd.session()
+    session.command(b"EHLO client.test")
+    other = crowd.session(client_ip="192.0.2.8")
+    assert crowd.gate.stressed
+    other.command(b"QUIT")
+    other.protocol.connectionLost(None)
+    assert not crowd.gate.stressed
+    session.clock.advance(299)
+    assert session.take() == b""
+    session.clock.advance(1)
+    assert session.take() == TIMEOUT
+
+
+def test_trusted_clients_keep_the_normal_limits_under_stress(tmp_path):
+    crowd = Crowd(tmp_path, threshold=1)
+    trusted = crowd.session(client_ip="127.0.0.1")
+    assert crowd.gate.stressed
+    trusted.command(b"EHLO client.test")
+    trusted.clock.advance(299)
+    assert trusted.command(b"RCPT TO:<b@example.com>") == b"503 5.5.1 Error: need MAIL command\r\n"
+    assert trusted.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+
+
+def test_under_stress_one_error_ends_the_session(tmp_path):
+    crowd = Crowd(tmp_path, threshold=1)
+    session = crowd.session()
+    session.command(b"EHLO client.test")
+    assert session.command(b"RCPT TO:<b@example.com>") == (
+        b"503 5.5.1 Error: need MAIL command\r\n421 4.7.0 mx.test Error: too many errors\r\n")
+    assert session.closed
+
+
+def test_under_stress_the_second_junk_command_ends_the_session(tmp_path):
+    crowd = Crowd(tmp_path, threshold=1)
+    session = crowd.session()
+    session.command(b"EHLO client.test")
+    assert session.command(b"EHLO client.test").endswith(b"250 HELP\r\n")      # junk 1
+    assert session.command(b"NOOP") == (
+        b"250 2.0.0 Ok\r\n421 4.7.0 mx.test Error: too many errors\r\n")
     assert session.closed
 
 

@@ -1107,3 +1107,55 @@ def test_double_bounce_recipient(raw, parsed):
 def test_bad_double_bounce_recipient(raw):
     assert override_error({("queue", "double_bounce_recipient"): raw}).startswith(
         "command line: [queue] double_bounce_recipient: expected ")
+
+
+# --- connection shares ([limits] trusted_reserve, stress_*, prefixes) -----------
+
+def test_connection_share_defaults():
+    limits = load_config().limits
+    assert (limits.ipv4_prefix, limits.ipv6_prefix) == (32, 64)
+    assert (str(limits.trusted_reserve), limits.trusted_reserve.of(limits.connections)) == ("10%", 100)
+    assert (str(limits.stress_threshold), limits.stress_threshold.of(limits.connections)) == ("80%", 800)
+    assert (limits.stress_timeout, limits.stress_errors, limits.stress_junk_commands) == (10, 1, 1)
+    assert load_config().server.listen_backlog == 1024
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[limits]\nipv6_prefix = 129\n",
+     "FILE: [limits] ipv6_prefix: expected a prefix length from 1 to 128, got '129'"),
+    ("[limits]\nipv4_prefix = /0\n",
+     "FILE: [limits] ipv4_prefix: expected a prefix length from 1 to 32, got '/0'"),
+    ("[limits]\ntrusted_reserve = some\n",
+     "FILE: [limits] trusted_reserve: expected a whole number or a percentage "
+     "(e.g. 50 or 10%), got 'some'"),
+    ("[limits]\ntrusted_reserve = 100%\n",
+     "FILE: [limits] trusted_reserve: must be at most 99%, got '100%'"),
+    ("[limits]\nconnections = 10\ntrusted_reserve = 10\n",
+     "FILE: [limits] trusted_reserve: trusted_reserve (10) must be less than connections (10): "
+     "clients outside trusted_networks could never connect"),
+    ("[limits]\nstress_threshold = 1001\n",
+     "FILE: [limits] stress_threshold: stress_threshold (1001) must be from 1 to connections (1000)"),
+    ("[limits]\nstress_threshold = 0\n",
+     "FILE: [limits] stress_threshold: stress_threshold (0) must be from 1 to connections (1000)"),
+    ("[limits]\nstress_timeout = 0\n",
+     "FILE: [limits] stress_timeout: must be more than 0, got '0'"),
+    ("[server]\nlisten_backlog = 0\n",
+     "FILE: [server] listen_backlog: must be at least 1, got '0'"),
+])
+def test_connection_share_errors(tmp_path, text, message):
+    assert error_for(tmp_path, text) == message
+
+
+def test_lowering_connections_below_a_set_reserve_blames_connections(tmp_path):
+    path = write_ini(tmp_path, "[limits]\ntrusted_reserve = 50\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {("limits", "connections"): "40"})
+    assert str(info.value) == (
+        "command line: [limits] connections: trusted_reserve (50) must be less than "
+        "connections (40): clients outside trusted_networks could never connect")
+
+
+def test_percentages_follow_connections():
+    limits = load_config(None, {("limits", "connections"): "5"}).limits
+    assert limits.trusted_reserve.of(5) == 0
+    assert limits.stress_threshold.of(5) == 4

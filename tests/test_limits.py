@@ -2,6 +2,7 @@
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 
 from relaymail.config import load_config
 from relaymail.smtp.limits import RATE_WINDOW, ConnectionGate, client_key
@@ -10,13 +11,17 @@ CLIENT = "192.0.2.1"
 OTHER = "192.0.2.2"
 
 
-def gate(connections=1000, per_ip=50, rate=120, **keywords):
-    """A gate with these limits and a fake clock at 1000 s."""
-    settings = load_config(None, {
+def gate(connections=1000, per_ip=50, rate=120, limits=None, **keywords):
+    """A gate with these limits (and ``limits``, more [limits] keys) and a
+    fake clock at 1000 s.  No trusted reserve unless ``limits`` sets one."""
+    overrides = {
         ("limits", "connections"): str(connections),
         ("limits", "connections_per_ip"): str(per_ip),
         ("limits", "connection_rate_per_ip"): str(rate),
-    })
+        ("limits", "trusted_reserve"): "0",
+    }
+    overrides.update((("limits", key), value) for key, value in (limits or {}).items())
+    settings = load_config(None, overrides)
     clock = Clock()
     clock.advance(1000)
     return ConnectionGate(settings, clock, **keywords), clock
@@ -114,7 +119,7 @@ def test_ipv6_written_differently_is_one_client():
     the_gate, _ = gate(per_ip=1)
     assert the_gate.admit("2001:db8::1", False) is None
     assert the_gate.admit("2001:DB8:0:0::1", False) == (
-        "Error: too many connections from 2001:db8::1")
+        "Error: too many connections from 2001:db8::/64")
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -125,6 +130,144 @@ def test_ipv6_written_differently_is_one_client():
 ])
 def test_client_key(raw, key):
     assert client_key(raw) == key
+
+
+@pytest.mark.parametrize("raw, prefixes, key", [
+    ("2001:db8:1:2:aaaa::1", (32, 64), "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:aaaa:bbbb::1", (32, 84), "2001:db8:1:2:aaaa:b000::/84"),
+    ("2001:db8:1:2:aaaa::1", (32, 128), "2001:db8:1:2:aaaa::1"),
+    ("192.0.2.77", (24, 64), "192.0.2.0/24"),
+    ("::ffff:192.0.2.77", (24, 64), "192.0.2.0/24"),
+    ("192.0.2.77", (32, 64), "192.0.2.77"),
+])
+def test_client_key_with_prefixes(raw, prefixes, key):
+    assert client_key(raw, *prefixes) == key
+
+
+# --- one client, many addresses ------------------------------------------------------
+
+def test_a_thousand_addresses_of_one_ipv6_64_are_one_client():
+    the_gate, _ = gate(per_ip=50, rate=0)
+    answers = [the_gate.admit(f"2001:db8:1:2:{n:x}::{n:x}", False) for n in range(1000)]
+    assert answers == [None] * 50 + ["Error: too many connections from 2001:db8:1:2::/64"] * 950
+    assert the_gate.connections_from("2001:db8:1:2::ffff") == 50
+    assert the_gate.connections == 50
+    # The neighbouring /64 is someone else.
+    assert the_gate.admit("2001:db8:1:3::1", False) is None
+    for n in range(50):
+        the_gate.release(f"2001:db8:1:2:{n:x}::{n:x}")
+    assert the_gate.connections == 1
+
+
+def test_the_rate_is_counted_per_ipv6_64_too():
+    the_gate, _ = gate(per_ip=0, rate=3)
+    answers = []
+    for n in range(4):
+        answers.append(the_gate.admit(f"2001:db8::{n + 1}", False))
+        the_gate.release(f"2001:db8::{n + 1}")
+    assert answers == [None, None, None, "Error: too many connections per minute from 2001:db8::/64"]
+    assert the_gate.tracked() == 1
+
+
+def test_ipv6_prefix_128_counts_single_addresses():
+    the_gate, _ = gate(per_ip=1, limits={"ipv6_prefix": "128"})
+    assert the_gate.admit("2001:db8::1", False) is None
+    assert the_gate.admit("2001:db8::2", False) is None
+    assert the_gate.admit("2001:db8::1", False) == "Error: too many connections from 2001:db8::1"
+
+
+def test_ipv4_prefix_counts_a_network():
+    the_gate, _ = gate(per_ip=2, limits={"ipv4_prefix": "24"})
+    assert [the_gate.admit(f"198.51.100.{n}", False) for n in (1, 2, 3)] == [
+        None, None, "Error: too many connections from 198.51.100.0/24"]
+    assert the_gate.admit("198.51.101.1", False) is None
+
+
+def test_ipv4_is_per_address_by_default():
+    the_gate, _ = gate(per_ip=1)
+    assert [the_gate.admit(f"198.51.100.{n}", False) for n in range(1, 31)] == [None] * 30
+
+
+# --- the trusted reserve ---------------------------------------------------------------
+
+def test_outsiders_cannot_take_the_trusted_reserve():
+    the_gate, _ = gate(connections=10, per_ip=0, limits={"trusted_reserve": "2"})
+    # Thirty addresses of one /24, as in the attack: each counted alone,
+    # but together they stop where the reserve begins.
+    answers = [the_gate.admit(f"198.51.100.{n}", False) for n in range(1, 31)]
+    assert answers == [None] * 8 + ["Error: too many connections"] * 22
+    assert the_gate.admit("127.0.0.1", True) is None
+    assert the_gate.admit("127.0.0.1", True) is None
+    assert the_gate.admit("127.0.0.1", True) == "Error: too many connections"
+    assert the_gate.connections == 10
+
+
+def test_trusted_connections_count_against_outsiders_too():
+    the_gate, _ = gate(connections=4, per_ip=0, limits={"trusted_reserve": "1"})
+    assert admit_many(the_gate, 2, ip="127.0.0.1", exempt=True) == [None, None]
+    assert the_gate.admit(CLIENT, False) is None
+    assert the_gate.admit(OTHER, False) == "Error: too many connections"
+    assert the_gate.admit("127.0.0.1", True) is None
+
+
+def test_default_reserve_is_a_tenth_of_the_connections():
+    the_gate = ConnectionGate(load_config(None, {("limits", "connections_per_ip"): "0",
+                                                 ("limits", "connection_rate_per_ip"): "0"}),
+                              Clock())
+    answers = [the_gate.admit(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", False)
+               for n in range(1000)]
+    assert answers.count(None) == 900
+    assert answers[900] == "Error: too many connections"
+    assert admit_many(the_gate, 101, ip="127.0.0.1", exempt=True) == [None] * 100 + [
+        "Error: too many connections"]
+
+
+# --- stress -------------------------------------------------------------------------------
+
+def stressed_gate(connections=100, threshold="20"):
+    the_gate, clock = gate(connections=connections, per_ip=0, rate=0,
+                           limits={"stress_threshold": threshold})
+    flips = []
+    the_gate.watch(flips.append)
+    return the_gate, flips
+
+
+def test_stress_starts_at_the_threshold_and_ends_a_tenth_below():
+    the_gate, flips = stressed_gate()
+    for n in range(19):
+        the_gate.admit(f"10.0.0.{n}", False)
+    assert not the_gate.stressed and flips == []
+    with capturedLogs() as events:
+        the_gate.admit("10.0.0.19", False)
+        assert the_gate.stressed and flips == [True]
+        the_gate.admit("10.0.0.20", False)       # no second report
+        the_gate.release("10.0.0.20")
+        the_gate.release("10.0.0.19")
+        assert the_gate.stressed and flips == [True]     # 19 open: still stressed
+        the_gate.release("10.0.0.18")
+        assert not the_gate.stressed and flips == [True, False]
+    assert [event["log_format"] for event in events] == [
+        "stress: {open} of {limit} connections open; outsiders get the stress timeout "
+        "and error limits",
+        "stress over: {open} of {limit} connections open"]
+    assert [(event["open"], event["limit"]) for event in events] == [(20, 100), (18, 100)]
+
+
+def test_stress_threshold_as_a_percentage():
+    the_gate, flips = stressed_gate(connections=10, threshold="50%")
+    admit_many(the_gate, 4, ip="127.0.0.1", exempt=True)
+    assert flips == []
+    # Trusted clients fill the table as much as anyone.
+    the_gate.admit("127.0.0.1", True)
+    assert flips == [True]
+
+
+def test_unwatched_callbacks_are_not_called():
+    the_gate, flips = stressed_gate(connections=10, threshold="1")
+    the_gate.unwatch(flips.append)
+    the_gate.unwatch(flips.append)       # twice: no error
+    the_gate.admit(CLIENT, False)
+    assert the_gate.stressed and flips == []
 
 
 # --- how many per minute ---------------------------------------------------------
@@ -255,8 +398,8 @@ def test_admit_prunes_without_being_asked():
 def test_table_is_capped_under_a_flood_of_addresses():
     the_gate, _ = gate(per_ip=0, max_tracked=50)
     for number in range(10_000):
-        assert the_gate.admit(f"2001:db8::{number:x}", False) is None
-        the_gate.release(f"2001:db8::{number:x}")
+        assert the_gate.admit(f"2001:db8:{number:x}::1", False) is None
+        the_gate.release(f"2001:db8:{number:x}::1")
     assert the_gate.tracked() == 50
     assert the_gate.connections == 0
 

@@ -3,11 +3,16 @@
 import json
 import os
 import re
+import resource
 import smtplib
+import socket
+import subprocess
 import textwrap
+import time
 
 import pytest
 
+from relaymail.tap import with_backlog
 from tests.relay_process import RelayProcess, converse, twistd
 
 SITE_PLUGIN = textwrap.dedent('''\
@@ -347,3 +352,132 @@ def test_ehlo_over_255_octets_is_501_and_received_lines_stay_short(relay):
         assert len(line) <= 78 or (len(line) <= 998 and len(line.split()) == 1), line
     assert re.sub(rb"\r\n(?=[ \t])", b"", header).startswith(
         b"Received: from " + name + b" ([127.0.0.1])\tby relay.test (relaymail) with ESMTP id ")
+
+
+# -- connection limits, file limits, backlog -------------------------------------------
+
+def test_repeated_ehlo_counts_as_junk_and_ends_the_session(relay):
+    # Default limits: 100 junk commands, then 20 errors.  EHLO 1 is the
+    # session's, 2-101 are junk, 102-121 are errors and 121 is the last.
+    out = converse(relay.port, b"EHLO client.test\r\n" * 122 + b"QUIT\r\n")
+    assert out.count(b"250-relay.test Hello client.test\r\n") == 121
+    assert out.endswith(b"250 HELP\r\n421 4.7.0 relay.test Error: too many errors\r\n")
+    assert b"221 " not in out
+
+
+def read_line(sock):
+    """One reply line, read a byte at a time so nothing after it is taken."""
+    line = b""
+    while not line.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            break
+        line += byte
+    return line
+
+
+def read_to_end(sock):
+    chunks = []
+    while chunk := sock.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_outsiders_filling_the_table_leave_room_for_trusted_clients(tmp_path):
+    relay = RelayProcess(tmp_path, {
+        "server": {"trusted_networks": "127.0.0.2/32"},
+        "limits": {"connections": "4", "trusted_reserve": "1", "connections_per_ip": "0",
+                   "connection_rate_per_ip": "0", "command_timeout": "300",
+                   "stress_threshold": "3", "stress_timeout": "3"},
+    }).start()
+    try:
+        outsiders = [socket.create_connection(("127.0.0.1", relay.port), 30) for _ in range(3)]
+        assert [read_line(s) for s in outsiders] == [b"220 relay.test ESMTP relaymail\r\n"] * 3
+        stressed_at = time.monotonic()
+        with socket.create_connection(("127.0.0.1", relay.port), 10) as late:
+            assert read_to_end(late) == b"421 4.7.0 relay.test Error: too many connections\r\n"
+        trusted = socket.create_connection(("127.0.0.1", relay.port), 30,
+                                           source_address=("127.0.0.2", 0))
+        assert read_line(trusted) == b"220 relay.test ESMTP relaymail\r\n"
+        trusted.sendall(b"NOOP\r\n")
+        assert read_line(trusted) == b"250 Ok\r\n"      # no EHLO: no enhanced codes
+        # Stressed: the idle outsiders are cut after stress_timeout, not
+        # after command_timeout's 300 s.
+        for outsider in outsiders:
+            assert read_to_end(outsider) == b"421 relay.test Error: timeout exceeded\r\n"
+            outsider.close()
+        assert 2.5 < time.monotonic() - stressed_at < 60
+        # The trusted client kept its normal timeout meanwhile.
+        trusted.sendall(b"NOOP\r\nQUIT\r\n")
+        assert read_to_end(trusted) == b"250 Ok\r\n221 relay.test Bye\r\n"
+        trusted.close()
+        log = relay.log()
+        assert "stress: 3 of 4 connections open; outsiders get the stress timeout" in log
+        assert "stress over: 2 of 4 connections open" in log
+    finally:
+        relay.stop()
+
+
+def _file_limit(soft, hard):
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return set_limit
+
+
+def test_start_up_is_refused_when_the_file_limit_cannot_hold_the_connections(tmp_path):
+    relay = RelayProcess(tmp_path, {"limits": {"connections": "50"},
+                                    "delivery": {"max_connections": "10"}})
+    result = twistd("--config", relay.config, preexec_fn=_file_limit(100, 100))
+    assert result.returncode != 0
+    # 2 x 50 + 3 x 10 + 64 + one listener = 195.
+    assert result.stderr == (
+        f"relaymail: {relay.config}: [limits] connections: 50 connections need up to 195 open "
+        "files (2 each, 3 for each of [delivery] max_connections 10, 65 for the queue and "
+        "listeners) but the open file limit (RLIMIT_NOFILE) is 100; lower connections or "
+        "raise the limit (ulimit -n, systemd LimitNOFILE=)\n")
+    assert not os.path.exists(relay.spool)
+
+
+def max_open_files(pid):
+    """(soft, hard) from /proc/PID/limits."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no Max open files line")
+
+
+def test_the_soft_file_limit_is_raised_to_the_hard_one(tmp_path):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    relay = RelayProcess(tmp_path, {"limits": {"connections": "20"},
+                                    "delivery": {"max_connections": "5"}})
+    relay.preexec_fn = _file_limit(64, hard)        # 64 < the 120 needed
+    relay.start()
+    try:
+        assert max_open_files(relay.process.pid) == (hard, hard)
+    finally:
+        relay.stop()
+
+
+def test_listeners_get_the_default_backlog(relay):
+    listing = subprocess.run(["ss", "-ltnH", f"sport = :{relay.port}"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    # ss shows a listening socket's backlog as its Send-Q.
+    assert listing[0] == "LISTEN"
+    assert int(listing[2]) == min(1024, somaxconn)
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=127.0.0.1:backlog=1024"),
+    ("TCP:25", "TCP:25:backlog=1024"),
+    ("tcp6:25:interface=\\:\\:1", "tcp6:25:interface=\\:\\:1:backlog=1024"),
+    ("ssl:465:privateKey=k.pem:certKey=c.pem", "ssl:465:privateKey=k.pem:certKey=c.pem:backlog=1024"),
+    ("unix:/run/relaymail.sock", "unix:/run/relaymail.sock:backlog=1024"),
+    ("tcp:2525:backlog=7", "tcp:2525:backlog=7"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+])
+def test_with_backlog_adds_one_only_where_none_is_named(description, expected):
+    assert with_backlog(description, 1024) == expected

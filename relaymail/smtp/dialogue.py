@@ -29,6 +29,9 @@ _HTTP_VERBS = frozenset({b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS
 _SUPPORTED_BODIES = ("7BIT", "8BITMIME")
 
 _JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"})
+# A HELO or EHLO after the session already has one is junk too: one a
+# minute was enough to hold a connection for ever.
+_GREETING_VERBS = frozenset({b"HELO", b"EHLO"})
 
 
 @implementer(ISessionContext)
@@ -88,8 +91,11 @@ class Dialogue:
         self.start_tls = False
         self._sasl = None
         # Postfix smtpd_junk_command_limit: past it, each NOOP, RSET, VRFY,
-        # EXPN or HELP counts as an error; a queued message starts afresh.
+        # EXPN, HELP or repeated HELO/EHLO counts as an error; a queued message starts afresh.
         self._junk = 0
+        #: The junk limit now; the protocol lowers it while the connection
+        #: gate is stressed ([limits] stress_junk_commands).
+        self.junk_limit = settings.limits.junk_commands
         #: The command just handled was junk over the limit.
         self.excess_junk = False
         self.esmtp = False
@@ -139,9 +145,9 @@ class Dialogue:
         verb, _, rest = line.partition(b" ")
         verb = verb.upper()
         self.excess_junk = False
-        if verb in _JUNK_VERBS:
+        if verb in _JUNK_VERBS or (verb in _GREETING_VERBS and self.context.helo is not None):
             self._junk += 1
-            self.excess_junk = self._junk > self.settings.limits.junk_commands
+            self.excess_junk = self._junk > self.junk_limit
         if verb in _HTTP_VERBS or verb.endswith(b":"):
             # "Host:", "User-Agent:" and friends: a browser talking.
             self.closing = True

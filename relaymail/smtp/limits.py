@@ -5,10 +5,27 @@ greeting, and told when each admitted connection ends.  It keeps three
 counts, as Postfix does with its process limit and its anvil(8) server:
 
 * connections open at once from everyone (``[limits] connections``);
-* connections open at once from one IP address
+* connections open at once from one client
   (``connections_per_ip``, Postfix smtpd_client_connection_count_limit);
-* connections one IP address opened in the current minute
+* connections one client opened in the current minute
   (``connection_rate_per_ip``, Postfix smtpd_client_connection_rate_limit).
+
+"One client" is one network of ``ipv4_prefix`` / ``ipv6_prefix`` bits
+(by default a single IPv4 address and an IPv6 /64, what one site is
+given), so a client cannot multiply its share by walking through its
+addresses.
+
+Two more rules keep a crowd from locking everyone out:
+
+* ``trusted_reserve`` connections are for ``trusted_networks`` only:
+  outsiders are refused once the rest is taken, however many addresses
+  they come from;
+* from ``stress_threshold`` open connections on, the gate is *stressed*
+  (Postfix's ``stress`` flag, set when every smtpd process is busy): the
+  sessions of outsiders get the short ``stress_*`` timeout and error
+  limits until enough connections have closed, so idle or misbehaving
+  clients make room in seconds instead of minutes.  The gate tells the
+  sessions that watch it when this changes.
 
 A refusal is the text of a ``421 4.7.0`` reply, worded as Postfix words it
 so that operators' log searches carry over.  The gate does no I/O and reads
@@ -17,6 +34,10 @@ time only from the clock it is given, so tests drive it with a fake clock.
 
 import collections
 import ipaddress
+
+from twisted.logger import Logger
+
+log = Logger(namespace="relaymail.smtp")
 
 # anvil_rate_time_unit: Postfix counts connection rates over 60 seconds.
 RATE_WINDOW = 60.0
@@ -30,17 +51,23 @@ MAX_TRACKED = 100_000
 TOO_MANY = "Error: too many connections"
 
 
-def client_key(ip):
-    """The address a client is counted under: an IPv4-mapped IPv6 address
-    (``::ffff:192.0.2.1``, what a dual-stack socket reports for an IPv4
-    client) counts as the IPv4 address, so one client has one count."""
+def client_key(ip, ipv4_prefix=32, ipv6_prefix=128):
+    """The name a client is counted under: its address, or the network of
+    the given prefix length that holds it (``2001:db8::/64``).
+
+    An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, what a dual-stack
+    socket reports for an IPv4 client) counts as the IPv4 address, so one
+    client has one count."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip   # not an IP address (a UNIX socket): counted as given
     if address.version == 6 and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+        address = address.ipv4_mapped
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    if prefix == address.max_prefixlen:
+        return str(address)
+    return str(ipaddress.ip_network((address, prefix), strict=False))
 
 
 class _Window:
@@ -54,11 +81,13 @@ class _Window:
 
 
 class ConnectionGate:
-    """Counts connections overall and per client IP, and connection rate per IP.
+    """Counts connections overall and per client, and connection rate per client.
 
     :param settings: relaymail settings; ``settings.limits`` gives
         ``connections``, ``connections_per_ip`` and
-        ``connection_rate_per_ip`` (0 turns either per-IP limit off).
+        ``connection_rate_per_ip`` (0 turns either per-IP limit off),
+        ``ipv4_prefix``, ``ipv6_prefix``, ``trusted_reserve`` and
+        ``stress_threshold``.
     :param clock: an ``IReactorTime``-like object with ``seconds()``; the
         reactor when None.
     :param max_tracked: most addresses whose rate is remembered (see
@@ -73,16 +102,43 @@ class ConnectionGate:
         limits = settings.limits
         self._clock = clock
         self._max_total = limits.connections
+        # Outsiders stop here; the rest is the trusted clients' reserve.
+        self._max_outsiders = limits.connections - limits.trusted_reserve.of(limits.connections)
         self._max_per_ip = limits.connections_per_ip
         self._max_rate = limits.connection_rate_per_ip
+        self._prefixes = (limits.ipv4_prefix, limits.ipv6_prefix)
+        self._stress_on = max(1, limits.stress_threshold.of(limits.connections))
+        # Stress ends only once a tenth of the threshold has closed again,
+        # so a table hovering at the threshold does not flip (and retime
+        # every session) on each connection.
+        self._stress_off = self._stress_on - max(1, self._stress_on // 10)
+        self._stressed = False
+        self._watchers = set()
         self._max_tracked = max_tracked
         self._total = 0
-        self._open = {}      # address -> connections open now (never 0)
-        # address -> _Window, in the order the windows started, so that the
+        self._open = {}      # client key -> connections open now (never 0)
+        # client key -> _Window, in the order the windows started, so that the
         # expired ones are always at the front and pruning stops at the
         # first live one.  An OrderedDict because taking from the front of
         # a plain dict again and again rescans the deleted slots.
         self._windows = collections.OrderedDict()
+
+    def key(self, ip):
+        """The name ``ip`` is counted under (see :func:`client_key`)."""
+        return client_key(ip, *self._prefixes)
+
+    @property
+    def stressed(self):
+        """True while the table is nearly full (see the module docstring)."""
+        return self._stressed
+
+    def watch(self, callback):
+        """Call ``callback(stressed)`` each time :attr:`stressed` changes."""
+        self._watchers.add(callback)
+
+    def unwatch(self, callback):
+        """Stop calling ``callback``; nothing if it was not watching."""
+        self._watchers.discard(callback)
 
     @property
     def connections(self):
@@ -90,8 +146,8 @@ class ConnectionGate:
         return self._total
 
     def connections_from(self, ip):
-        """Connections from ``ip`` admitted and not yet released."""
-        return self._open.get(client_key(ip), 0)
+        """Connections from ``ip``'s network admitted and not yet released."""
+        return self._open.get(self.key(ip), 0)
 
     def tracked(self):
         """How many addresses' connection rates are remembered now."""
@@ -101,10 +157,11 @@ class ConnectionGate:
     def admit(self, ip, exempt):
         """Decide whether a new connection from ``ip`` may proceed.
 
-        The overall limit applies to everyone; the per-IP count and rate
-        limits do not apply when ``exempt`` is True (the caller passes True
-        for clients in ``trusted_networks``, as Postfix exempts mynetworks
-        through smtpd_client_event_limit_exceptions).
+        The overall limit applies to everyone; the trusted reserve, the
+        per-IP count and the rate limits do not apply when ``exempt`` is
+        True (the caller passes True for clients in ``trusted_networks``,
+        as Postfix exempts mynetworks through
+        smtpd_client_event_limit_exceptions).
 
         Every attempt from a client that is not exempt counts towards its
         rate, refused or not, as anvil counts them: a client hammering the
@@ -114,9 +171,9 @@ class ConnectionGate:
         :return: None when the connection may proceed, else the reason for
             a ``421 4.7.0 <hostname> <reason>`` reply.
         """
-        key = client_key(ip)
+        key = self.key(ip)
         attempts = 0 if exempt else self._count_attempt(key)
-        if self._total >= self._max_total:
+        if self._total >= (self._max_total if exempt else self._max_outsiders):
             return TOO_MANY
         if not exempt:
             if self._max_per_ip and self._open.get(key, 0) >= self._max_per_ip:
@@ -125,11 +182,13 @@ class ConnectionGate:
                 return f"{TOO_MANY} per minute from {key}"
         self._total += 1
         self._open[key] = self._open.get(key, 0) + 1
+        if not self._stressed and self._total >= self._stress_on:
+            self._set_stress(True)
         return None
 
     def release(self, ip):
         """A connection admitted from ``ip`` has ended."""
-        key = client_key(ip)
+        key = self.key(ip)
         count = self._open.get(key, 0)
         if count == 0:
             # Released twice, or never admitted: a caller's bug, but not
@@ -140,6 +199,20 @@ class ConnectionGate:
             del self._open[key]
         else:
             self._open[key] = count - 1
+        if self._stressed and self._total <= self._stress_off:
+            self._set_stress(False)
+
+    def _set_stress(self, stressed):
+        self._stressed = stressed
+        if stressed:
+            log.info("stress: {open} of {limit} connections open; outsiders get the "
+                     "stress timeout and error limits", open=self._total, limit=self._max_total)
+        else:
+            log.info("stress over: {open} of {limit} connections open",
+                     open=self._total, limit=self._max_total)
+        # A copy: a watcher may stop watching (its session closing) meanwhile.
+        for callback in list(self._watchers):
+            callback(stressed)
 
     def _count_attempt(self, key):
         """Count one attempt from ``key``; the attempts in its window now."""

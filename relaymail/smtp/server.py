@@ -5,6 +5,14 @@ while a reply is still owed (a plugin or the queue has not answered), no
 further input is looked at, so replies leave in command order and a DATA
 after failed recipients sees the failures.  Input that piles up meanwhile
 pauses the socket rather than growing without bound.
+
+Every wait for the client has a timeout (:meth:`SMTPServerProtocol._period`):
+``command_timeout`` between commands, ``data_timeout`` per DATA block, and
+for a client outside ``trusted_networks`` while the connection gate is
+stressed (the table nearly full) the shorter ``stress_timeout``, with
+``stress_errors`` and ``stress_junk_commands`` for its error limits.  A
+session follows the gate as it goes in and out of stress, so the sessions
+already open shorten their waits too.
 """
 
 import ipaddress
@@ -56,6 +64,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._data_started = 0.0
         self._data_bytes = 0
         self._admitted = False
+        self._stressed = False       # the gate is stressed and we are an outsider
         self._proxy_peer = None      # the proxy's address, until its header came
         self.dialogue = None
         self.context = None
@@ -95,6 +104,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._close()
             return
         self._admitted = self.factory.gate is not None
+        if self._admitted and not trusted:
+            # Trusted clients keep the normal limits: stress is for
+            # shedding outsiders, and trusted ones have their reserve.
+            self.factory.gate.watch(self._stress_changed)
+            self._stress_changed(self.factory.gate.stressed)
         logline.info(log, f"connect from {ip}:{port} trusted={trusted}",
                      client_ip=ip, client_port=port, trusted=trusted)
         self._reply(self.dialogue.greeting())
@@ -103,11 +117,41 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._closing = True
         self.setTimeout(None)
         if self._admitted:
+            self._admitted = False
+            self.factory.gate.unwatch(self._stress_changed)
             self.factory.gate.release(self.context.client_ip)
         if self.dialogue is not None:
             self.dialogue.connection_lost()
             logline.info(log, f"disconnect from {self.context.client_ip}",
                          client_ip=self.context.client_ip)
+
+    def _stress_changed(self, stressed):
+        """The gate went in or out of stress: take its limits, and restart
+        the wait for the client with the timeout that now applies."""
+        if stressed == self._stressed:
+            return
+        self._stressed = stressed
+        limits = self.factory.settings.limits
+        self.dialogue.junk_limit = limits.stress_junk_commands if stressed else limits.junk_commands
+        if not self._waiting and not self._closing:
+            self.setTimeout(self._period())
+
+    def _period(self):
+        """How long the client may keep us waiting now."""
+        limits = self.factory.settings.limits
+        in_data = self.dialogue is not None and self.dialogue.data_reader is not None
+        period = limits.data_timeout if in_data else limits.command_timeout
+        return min(period, limits.stress_timeout) if self._stressed else period
+
+    def _restart_timer(self):
+        """The client did its part: its next wait starts now."""
+        if self.timeOut is None:
+            return                  # our turn, not the client's: no clock runs
+        period = self._period()
+        if period == self.timeOut:
+            self.resetTimeout()     # reuses the DelayedCall: cheaper per line
+        else:
+            self.setTimeout(period)
 
     def timeoutConnection(self):
         if self.dialogue is None:
@@ -141,7 +185,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.dialogue is not None and self.dialogue.data_reader is not None:
             # RFC 5321 4.5.3.2.5: the DATA timeout is per block received;
             # the data rate bounds the whole DATA phase.
-            self.resetTimeout()
+            self._restart_timer()
             self._data_bytes += len(data)
             if self._too_slow():
                 return
@@ -193,7 +237,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     self._buffer = b""
                     return
                 self._buffer = self._buffer[end:]
-                self.setTimeout(self.factory.settings.limits.command_timeout)
+                self.setTimeout(self._period())
                 self._answer(self.dialogue.finish_data())
                 continue
             limit = self._line_limit()
@@ -215,7 +259,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 continue
             # A command timeout runs from one whole command to the next: a
             # byte now and then does not keep a session alive (slowloris).
-            self.resetTimeout()
+            self._restart_timer()
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
@@ -262,7 +306,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.transport is None or self._closing:
             return
         # The clock was stopped while we, not the client, were busy.
-        self.setTimeout(self.factory.settings.limits.command_timeout)
+        self.setTimeout(self._period())
         self._reply(reply)
         self._update_reading()
         self._process()
@@ -272,7 +316,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self.transport.write(reply.encode(self.dialogue.enhanced_codes))
         if reply is replies.START_DATA:
-            self.setTimeout(self.factory.settings.limits.data_timeout)
+            self.setTimeout(self._period())
             self._data_started = self.factory.reactor.seconds()
             self._data_bytes = 0
         if self.dialogue.start_tls:
@@ -283,7 +327,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         if reply.is_error or self.dialogue.excess_junk:
             self._errors += 1
-            if self._errors >= self.factory.settings.limits.errors:
+            limits = self.factory.settings.limits
+            if self._errors >= (limits.stress_errors if self._stressed else limits.errors):
                 log.info("too many errors from {client_ip}", client_ip=self.context.client_ip)
                 self.transport.write(replies.too_many_errors(self.dialogue.hostname).encode(
                     self.dialogue.enhanced_codes))
