@@ -159,6 +159,39 @@ def test_invalid_utf8_and_control_characters_are_501(session):
         b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n")
 
 
+@pytest.mark.parametrize("name", [b"a\xe2\x80\xa8b", b"a\xe2\x80\xa9b", b"a\xc2\x85b",
+                                  b"a\xc2\x9bb", b"a\xc2\x80b", b"a\xc2\x9fb"])
+def test_helo_with_c1_or_unicode_line_separators_is_501(session, name):
+    # UTF-8 for U+2028, U+2029, NEL, CSI and the ends of the C1 range:
+    # each would break a log line or drive a terminal once in a Received
+    # header or a log line.
+    for verb in (b"EHLO ", b"HELO "):
+        assert session.command(verb + name) == (
+            b"501 Error: control characters or invalid UTF-8 in command\r\n")
+    assert session.command(b"EHLO client.test").startswith(b"250-mx.test Hello client.test\r\n")
+
+
+def test_c1_or_unicode_line_separators_in_an_smtputf8_address_are_501(session):
+    ehlo(session)
+    for char in ("\u2028", "\u0085", "\u009b"):
+        assert session.command(f"MAIL FROM:<j\u00f6{char}rg@example.org> SMTPUTF8".encode()) == (
+            b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n")
+    assert session.command("MAIL FROM:<j\u00f6rg@example.org> SMTPUTF8".encode()) == b"250 2.1.0 Ok\r\n"
+
+
+def test_commands_refuse_exactly_the_unsafe_characters_and_tab():
+    # The dialogue keeps its own pattern (it must stay cheap and local);
+    # it must not drift from the one definition in relaymail.sanitize.
+    from relaymail import sanitize
+    from relaymail.smtp import dialogue
+    for code in range(0x3000):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        refused = bool(dialogue._has_control_characters(char))
+        assert refused == (char == "\t" or bool(sanitize.has_unsafe(char))), hex(code)
+
+
 # -- RCPT ------------------------------------------------------------------
 
 def test_rcpt_before_mail_is_503(session):
