@@ -258,6 +258,18 @@ def test_plugin_rejection_is_passed_on(session, scripted):
     assert session.command(b"RCPT TO:<busy@example.com>") == b"450 4.2.0 Mailbox busy, try later\r\n"
 
 
+def test_plugin_text_cannot_forge_a_reply_or_a_log_line(session, scripted):
+    scripted.answers["nobody"] = Decision.reject(550, "5.1.1", "User unknown\r\n250 2.1.5 Ok")
+    scripted.answers["odd"] = Decision.accept("Ok\u2028status=sent\x85\x1b[2J")
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<nobody@example.com>") == (
+        b"550 5.1.1 User unknown\\x{D}\\x{A}250 2.1.5 Ok\r\n")
+    assert session.command(b"RCPT TO:<odd@example.com>") == (
+        b"250 2.1.5 Ok\\x{2028}status=sent\\x{85}\\x{1B}[2J\r\n")
+    assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+
+
 def test_plugin_that_raises_gives_451_and_session_goes_on(session, scripted):
     scripted.answers["boom"] = RuntimeError("plugin bug")
     ehlo(session)
@@ -314,6 +326,18 @@ def test_message_is_queued_with_received_header(session):
         b"Subject: hi\r\n\r\n.dot\r\nbody\r\n")
     assert (envelope.sender, envelope.recipients, envelope.body, envelope.client_ip, envelope.helo) == (
         "a@example.org", ["b@example.com"], "7BIT", "127.0.0.1", "client.test")
+
+
+def test_received_header_escapes_what_would_start_a_forged_field():
+    # The dialogue never lets such a HELO through; the header is safe even
+    # if another caller (a plugin, a future path) passes one.
+    from relaymail.smtp.received import received_header
+    assert received_header("a\r\nX-Forged: 1\u2028b\x85c\x9bd", "192.0.2.1", "mx.test", "ESMTP",
+                           "Q0001", recipient="b\u2029@example.com", when=1700000000) == (
+        b"Received: from a\\x{D}\\x{A}X-Forged: 1\\x{2028}b\\x{85}c\\x{9B}d ([192.0.2.1])\r\n"
+        b"\tby mx.test (relaymail) with ESMTP id Q0001\r\n"
+        b"\tfor <b\\x{2029}@example.com>;\r\n"
+        b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
 
 
 def test_transaction_is_cleared_after_data(session):
