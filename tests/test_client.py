@@ -957,3 +957,12 @@ def test_reply_reader_does_not_depend_on_read_boundaries(replies, cuts):
         while (reply := reader.next_reply()) is not None:
             got.append((reply.code, list(reply.lines)))
     assert got == [(code, lines) for code, lines in replies]
+
+
+def test_a_delivery_error_text_is_escaped_whatever_made_it():
+    # A TLS error names what the server's certificate says; a DNS error the
+    # names a zone gave.  None of it reaches a log line or a DSN raw.
+    error = DeliveryError(True, None, "4.7.5",
+                          "TLS error: certificate is for 'a\x1b[2J\u2028b\r\nc'", remote="x")
+    assert error.text == "TLS error: certificate is for 'a\\x{1B}[2J\\x{2028}b\\x{D}\\x{A}c'"
+    assert str(error) == error.text
