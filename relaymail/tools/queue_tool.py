@@ -41,9 +41,9 @@ import argparse
 import collections
 import datetime
 import os
+import re
 import socket
 import sys
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -459,8 +459,10 @@ def _write_message(message, out, whole):
 def _write_raw(message, out, whole):
     """Copy the headers (everything with ``whole``) of a message file
     byte for byte, line ends as they are."""
+    binary = getattr(out, "buffer", None)
+    if binary is None:
+        raise ToolError("--raw needs an output that takes bytes")
     out.flush()
-    binary = out.buffer
     for line in message:
         if not whole and line in (b"\r\n", b"\n"):
             break
