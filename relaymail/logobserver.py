@@ -8,12 +8,21 @@ load.  This observer writes the same lines, formatting the timestamp once
 per second.  It is used only where twistd would log to standard output
 (``-n`` without ``--logfile``, ``--syslog`` or ``--logger``); every other
 choice of the user is left to twistd.
+
+One thing differs from twistd's lines: text from outside in an event (a
+next hop's reply, a host name from DNS, a plugin's answer) cannot add a
+line.  The characters :mod:`relaymail.sanitize` says must not pass, CR,
+NEL and U+2028 among them, are escaped as ``\\x{HEX}``; only LF is kept,
+and it is followed by a tab as twistd does, so that a reader can tell a
+traceback's further lines from a new event.
 """
 
 import sys
 
 from twisted.logger import ILogObserver, eventAsText, formatTime
 from zope.interface import implementer
+
+from relaymail import sanitize
 
 
 @implementer(ILogObserver)
@@ -29,6 +38,7 @@ class TextObserver:
         text = eventAsText(event, includeTimestamp=False)
         if not text:
             return
+        text = sanitize.escape_lines(text)
         when = event.get("log_time")
         if when is None:
             stamp = "-"

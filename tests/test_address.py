@@ -189,6 +189,18 @@ def test_control_characters_are_refused_everywhere(char, template):
         parse_forward_path(template.format(char), smtputf8=True)
 
 
+def test_every_character_that_must_not_pass_is_refused_under_smtputf8():
+    # RFC 6531 lets UTF-8 into local parts; none of relaymail.sanitize's
+    # unsafe characters may come in with it.
+    from relaymail import sanitize
+    unsafe = [chr(code) for code in range(0x3000)
+              if not 0xD800 <= code <= 0xDFFF and sanitize.has_unsafe(chr(code))]
+    assert len(unsafe) == 31 + 1 + 32 + 2
+    for char in unsafe:
+        with pytest.raises(AddressError, match="^control character in address$"):
+            parse_forward_path(f"<j\u00f6{char}rg@example.com>", smtputf8=True)
+
+
 def test_lone_surrogate_is_refused():
     # What a surrogateescape decode makes of a stray 0xff byte.
     with pytest.raises(AddressError, match="^control character in address$"):

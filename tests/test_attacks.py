@@ -283,6 +283,9 @@ def test_under_stress_the_second_junk_command_ends_the_session(tmp_path):
     b"EHLO cli\x00ent", b"EHLO \xff\xfe", b"HELO a\x1bb",
     b"MAIL FROM:<a\x7f@example.org>", b"MAIL FROM:<a@example.org> SIZE=1\x0b",
     b"RCPT TO:<b\tc@example.com>", b"MAIL FROM:<\xc3(@example.org>",
+    # C1 and the Unicode line separators, as UTF-8 (SMTP-NOTES: forged log lines).
+    b"EHLO a\xe2\x80\xa8b", b"HELO a\xc2\x85b", b"EHLO \xc2\x9b2J",
+    b"MAIL FROM:<j\xc3\xb6\xe2\x80\xa9rg@example.org> SMTPUTF8",
 ])
 def test_control_characters_and_bad_utf8_are_501(tmp_path, line):
     session = session_for(tmp_path)

@@ -459,6 +459,13 @@ def test_unreportable_recipient_is_value_error(original, entry):
         dsn(original(), [entry])
 
 
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x9b", "\t"])
+def test_recipient_with_a_line_breaking_or_c1_character_is_value_error(original, char):
+    entry = FailedRecipient(f"b{char}ob@example.com", "failed", "5.1.1", None, None, None)
+    with pytest.raises(ValueError, match="^control character in address "):
+        dsn(original(), [entry])
+
+
 @pytest.mark.parametrize("action, status, reported", [
     ("failed", "5.1", "5.0.0"),
     ("failed", "2.0.0", "5.0.0"),

@@ -982,7 +982,22 @@ def test_reply_text_loses_control_characters_and_mismatched_enhanced_codes():
     reply = reader.next_reply()
     assert reply.enhanced is None
     assert reply.enhanced_or_derived == "4.0.0"
-    assert reply.text == "5.1.1 odd?text"
+    assert reply.text == "5.1.1 odd\\x{0}text"
+
+
+def test_reply_text_escapes_c1_controls_and_unicode_line_separators():
+    # As UTF-8 from a hostile next hop: U+2028, U+2029 and NEL break a
+    # line for str.splitlines(), CSI and ESC drive a terminal, CR ends a
+    # header line.  TAB and other non-ASCII text stay as they are.
+    reader = ReplyReader()
+    reader.feed("550-5.1.1 no\u2028ID: to=<x>, status=sent\r\n"
+                "550 5.1.1 a\x85b\u2029c\x9bd\x1b[2Je\rf\tg \u00e9\r\n".encode())
+    reply = reader.next_reply()
+    assert reply.lines == ("5.1.1 no\\x{2028}ID: to=<x>, status=sent",
+                           "5.1.1 a\\x{85}b\\x{2029}c\\x{9B}d\\x{1B}[2Je\\x{D}f\tg \u00e9")
+    assert str(reply) == ("550 no\\x{2028}ID: to=<x>, status=sent "
+                          "a\\x{85}b\\x{2029}c\\x{9B}d\\x{1B}[2Je\\x{D}f\tg \u00e9")
+    assert str(reply).splitlines() == [str(reply)]
 
 
 def test_size_limit_follows_rfc_1870():
@@ -1029,3 +1044,12 @@ def test_reply_reader_does_not_depend_on_read_boundaries(replies, cuts):
         while (reply := reader.next_reply()) is not None:
             got.append((reply.code, list(reply.lines)))
     assert got == [(code, lines) for code, lines in replies]
+
+
+def test_a_delivery_error_text_is_escaped_whatever_made_it():
+    # A TLS error names what the server's certificate says; a DNS error the
+    # names a zone gave.  None of it reaches a log line or a DSN raw.
+    error = DeliveryError(True, None, "4.7.5",
+                          "TLS error: certificate is for 'a\x1b[2J\u2028b\r\nc'", remote="x")
+    assert error.text == "TLS error: certificate is for 'a\\x{1B}[2J\\x{2028}b\\x{D}\\x{A}c'"
+    assert str(error) == error.text

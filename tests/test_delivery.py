@@ -163,6 +163,44 @@ def test_permanent_failure_bounces_to_the_sender_with_a_dsn(tmp_path, nexthop):
     assert queue_id
 
 
+def test_a_hostile_reply_cannot_forge_log_lines_or_dsn_fields(tmp_path, nexthop):
+    # U+2028 and NEL break a line for str.splitlines(); CR, ESC (an OSC 52
+    # clipboard write, a clear screen) and BEL are C0.  The next hop sends
+    # them as UTF-8 in its refusals.
+    hostile = {"nobody": "5.1.1 no\u2028ID: to=<x>, status=sent",
+               "noone": "5.1.1 a\x85b\x1b]52;c;aGk=\x07c\rd\x1b[2J\x9b"}
+    nexthop.rcpt_reply = lambda address: (
+        (550, hostile[address.split("@")[0]]) if address.endswith(".net") else (250, "2.1.5 Ok"))
+    relay = relay_with(tmp_path, nexthop.port).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["nobody@example.net", "noone@example.net"])
+        [bounce] = nexthop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+    with open(relay.log_path, "rb") as f:
+        log = f.read().decode("utf-8")
+    lines = log.split("\n")
+    assert all(line.splitlines() == [line] for line in lines if line)
+    # Each reply is inside its delivery line, and nowhere else.
+    [forged] = [line for line in lines if "to=<x>" in line]
+    assert f"{queue_id}: to=<nobody@example.net>, relay=127.0.0.1[127.0.0.1]:" in forged
+    assert forged.endswith(", dsn=5.1.1, status=bounced "
+                           "(550 5.1.1 no\\x{2028}ID: to=<x>, status=sent)")
+    [other] = [line for line in lines if "aGk=" in line]
+    assert f"{queue_id}: to=<noone@example.net>, relay=127.0.0.1[127.0.0.1]:" in other
+    assert other.endswith(", dsn=5.1.1, status=bounced "
+                          "(550 5.1.1 a\\x{85}b\\x{1B}]52;c;aGk=\\x{7}c\\x{D}d\\x{1B}[2J\\x{9B})")
+    data = bounce["data"]
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n", data)
+    assert data.isascii()
+    _, parts = dsn_parts(bounce)
+    first, second = parts[1].get_payload()[1:]
+    assert first["Diagnostic-Code"] == "smtp; 550 5.1.1 no\\x{2028}ID: to=<x>, status=sent"
+    assert second["Diagnostic-Code"] == (
+        "smtp; 550 5.1.1 a\\x{85}b\\x{1B}]52;c;aGk=\\x{7}c\\x{D}d\\x{1B}[2J\\x{9B}")
+
+
 def rcpts(server):
     return [command for command in server.commands if command.startswith("RCPT")]
 

@@ -191,6 +191,39 @@ def test_invalid_utf8_and_control_characters_are_501(session):
         b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n")
 
 
+@pytest.mark.parametrize("name", [b"a\xe2\x80\xa8b", b"a\xe2\x80\xa9b", b"a\xc2\x85b",
+                                  b"a\xc2\x9bb", b"a\xc2\x80b", b"a\xc2\x9fb"])
+def test_helo_with_c1_or_unicode_line_separators_is_501(session, name):
+    # UTF-8 for U+2028, U+2029, NEL, CSI and the ends of the C1 range:
+    # each would break a log line or drive a terminal once in a Received
+    # header or a log line.
+    for verb in (b"EHLO ", b"HELO "):
+        assert session.command(verb + name) == (
+            b"501 Error: control characters or invalid UTF-8 in command\r\n")
+    assert session.command(b"EHLO client.test").startswith(b"250-mx.test Hello client.test\r\n")
+
+
+def test_c1_or_unicode_line_separators_in_an_smtputf8_address_are_501(session):
+    ehlo(session)
+    for char in ("\u2028", "\u0085", "\u009b"):
+        assert session.command(f"MAIL FROM:<j\u00f6{char}rg@example.org> SMTPUTF8".encode()) == (
+            b"501 5.5.2 Error: control characters or invalid UTF-8 in command\r\n")
+    assert session.command("MAIL FROM:<j\u00f6rg@example.org> SMTPUTF8".encode()) == b"250 2.1.0 Ok\r\n"
+
+
+def test_commands_refuse_exactly_the_unsafe_characters_and_tab():
+    # The dialogue keeps its own pattern (it must stay cheap and local);
+    # it must not drift from the one definition in relaymail.sanitize.
+    from relaymail import sanitize
+    from relaymail.smtp import dialogue
+    for code in range(0x3000):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        refused = bool(dialogue._has_control_characters(char))
+        assert refused == (char == "\t" or bool(sanitize.has_unsafe(char))), hex(code)
+
+
 # -- RCPT ------------------------------------------------------------------
 
 def test_rcpt_before_mail_is_503(session):
@@ -257,6 +290,18 @@ def test_plugin_rejection_is_passed_on(session, scripted):
     assert session.command(b"RCPT TO:<busy@example.com>") == b"450 4.2.0 Mailbox busy, try later\r\n"
 
 
+def test_plugin_text_cannot_forge_a_reply_or_a_log_line(session, scripted):
+    scripted.answers["nobody"] = Decision.reject(550, "5.1.1", "User unknown\r\n250 2.1.5 Ok")
+    scripted.answers["odd"] = Decision.accept("Ok\u2028status=sent\x85\x1b[2J")
+    ehlo(session)
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<nobody@example.com>") == (
+        b"550 5.1.1 User unknown\\x{D}\\x{A}250 2.1.5 Ok\r\n")
+    assert session.command(b"RCPT TO:<odd@example.com>") == (
+        b"250 2.1.5 Ok\\x{2028}status=sent\\x{85}\\x{1B}[2J\r\n")
+    assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+
+
 def test_plugin_that_raises_gives_451_and_session_goes_on(session, scripted):
     scripted.answers["boom"] = RuntimeError("plugin bug")
     ehlo(session)
@@ -313,6 +358,18 @@ def test_message_is_queued_with_received_header(session):
         b"Subject: hi\r\n\r\n.dot\r\nbody\r\n")
     assert (envelope.sender, envelope.recipients, envelope.body, envelope.client_ip, envelope.helo) == (
         "a@example.org", ["b@example.com"], "7BIT", "127.0.0.1", "client.test")
+
+
+def test_received_header_escapes_what_would_start_a_forged_field():
+    # The dialogue never lets such a HELO through; the header is safe even
+    # if another caller (a plugin, a future path) passes one.
+    from relaymail.smtp.received import received_header
+    assert received_header("a\r\nX-Forged: 1\u2028b\x85c\x9bd", "192.0.2.1", "mx.test", "ESMTP",
+                           "Q0001", recipient="b\u2029@example.com", when=1700000000) == (
+        b"Received: from a\\x{D}\\x{A}X-Forged: 1\\x{2028}b\\x{85}c\\x{9B}d ([192.0.2.1])\r\n"
+        b"\tby mx.test (relaymail) with ESMTP id Q0001\r\n"
+        b"\tfor <b\\x{2029}@example.com>;\r\n"
+        b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
 
 
 def test_transaction_is_cleared_after_data(session):

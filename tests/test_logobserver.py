@@ -40,3 +40,22 @@ def test_used_only_where_twistd_would_write_to_stdout():
 
 def test_use_for_without_twistd_does_nothing():
     use_for(None)
+
+
+def test_text_from_outside_cannot_add_a_line():
+    out = io.StringIO()
+    log = Logger(namespace="relaymail.test", observer=TextObserver(out))
+    forged = "no\u2028ID: to=<x>, status=sent"
+    log.info("reply {text}", text=f"550 5.1.1 {forged}")
+    log.info("reply {text}", text="a\rb\x85c\u2029d\x0be\x0cf\x1cg\x1b[2Jh\x9bi")
+    lines = out.getvalue().split("\n")[:-1]
+    assert len(lines) == 2
+    assert lines[0].endswith(" [relaymail.test#info] reply 550 5.1.1 no\\x{2028}ID: to=<x>, status=sent")
+    assert lines[1].endswith(" reply a\\x{D}b\\x{85}c\\x{2029}d\\x{B}e\\x{C}f\\x{1C}g\\x{1B}[2Jh\\x{9B}i")
+    assert all(line.splitlines() == [line] for line in lines)
+
+
+def test_a_line_feed_still_continues_the_event_behind_a_tab():
+    out = io.StringIO()
+    Logger(namespace="relaymail.test", observer=TextObserver(out)).info("one\ntwo\u2028three")
+    assert out.getvalue().endswith(" [relaymail.test#info] one\n\ttwo\\x{2028}three\n")

@@ -295,6 +295,12 @@ class ExpandTests(PolicyTestCase):
             policy = self.policy(expanders=[Lists({"staff": answer})])
             self.assertIs(self.expand(policy, "staff"), Policy.FAILED, repr(answer))
 
+    def test_member_with_a_control_character_is_the_failed_sentinel(self):
+        for member in ("a@example.com>\r\n250 2.1.5 Ok", "a\u2028b@example.com",
+                       "a\x85@example.com", "\x1b[2J@example.com"):
+            policy = self.policy(expanders=[Lists({"staff": ["ok@example.com", member]})])
+            self.assertIs(self.expand(policy, "staff"), Policy.FAILED, repr(member))
+
     def test_timeout_is_the_failed_sentinel(self):
         policy = self.policy(expanders=[Lists({"staff": defer.Deferred()})])
         d = policy.expand("staff", make_context())

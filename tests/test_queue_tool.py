@@ -159,7 +159,20 @@ def test_list_keeps_each_line_on_one_line(spool_path):
         record["recipients"][0]["last_error"] = "550 no\r\n550 \x1b[31mred\x07"
     put(spool_path, NEW, NOW - 5, change=nasty)
     line = run(spool_path, "list")[1].splitlines()[0]
-    assert line.endswith("  (550 no 550 ?[31mred?)")
+    assert line.endswith("  (550 no 550 \\x{1B}[31mred\\x{7})")
+
+
+def test_list_escapes_what_would_drive_the_terminal(spool_path):
+    def hostile(record):
+        record["recipients"][0]["last_error"] = (
+            "550 \x1b]52;c;aGk=\x07 no\u2028ID \x9b2J\x85")
+    put(spool_path, NEW, NOW - 5, sender="a\u202eb@example.org", change=hostile)
+    out = run(spool_path, "list")[1]
+    assert out.splitlines() == [
+        f"{NEW}    5s        61  a\\x{{202E}}b@example.org  bob@example.com"
+        "  (550 \\x{1B}]52;c;aGk=\\x{7} no\\x{2028}ID \\x{9B}2J\\x{85})",
+        "1 message, 0 held"]
+    assert out.isascii()
 
 
 def test_list_of_two_thousand_messages(spool_path):
@@ -242,6 +255,61 @@ def test_show_of_a_held_message(three):
 def test_show_of_a_due_message_says_so(three):
     lines = run(three, "show", NEW)[1].splitlines()
     assert "Next attempt:  2025-12-31 23:59:15 UTC (due now)" in lines
+
+
+HOSTILE = (b"Subject: \x1b]52;c;aGk=\x07clipboard\r\n"
+           b"X-Clear: \x1b[2J\x1b[H \xc2\x9b2J\r\n"
+           b"X-Lines: a\xe2\x80\xa8b\xc2\x85c\rd\r\n"
+           b"X-Folded: one\r\n\ttwo\r\n"
+           b"\r\n"
+           b"\x1b[31mbody\r\n")
+
+
+def hostile_message(spool_path):
+    def helo(record):
+        record["envelope"]["helo"] = "evil\x1b[2J"
+    put(spool_path, NEW, NOW - 45, change=helo)
+    with open(os.path.join(spool_path, "active", NEW + ".msg"), "wb") as file:
+        file.write(HOSTILE)
+
+
+def test_show_escapes_what_would_drive_the_terminal(spool_path):
+    hostile_message(spool_path)
+    status, out, err = run(spool_path, "show", "--body", NEW)
+    assert (status, err) == (0, "")
+    record, message = out.split("\n\n", 1)
+    assert "Client:        evil\\x{1B}[2J [192.0.2.7]" in record.splitlines()
+    assert message == (
+        "Subject: \\x{1B}]52;c;aGk=\\x{7}clipboard\n"
+        "X-Clear: \\x{1B}[2J\\x{1B}[H \\x{9B}2J\n"
+        "X-Lines: a\\x{2028}b\\x{85}c\\x{D}d\n"
+        "X-Folded: one\n"
+        "\ttwo\n"
+        "\n"
+        "\\x{1B}[31mbody\n")
+    assert all(line.splitlines() == [line] for line in out.split("\n") if line)
+    assert not any(char < " " and char not in "\t\n" for char in out)
+
+
+def test_show_raw_prints_the_message_bytes_exactly(spool_path):
+    hostile_message(spool_path)
+    for argv, expected in ((["--raw"], HOSTILE.split(b"\r\n\r\n")[0] + b"\r\n"),
+                           (["--raw", "--body"], HOSTILE)):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        assert main(["--spool", spool_path, "show", *argv, NEW], out=out, err=io.StringIO(),
+                    now=NOW) == 0
+        out.flush()
+        shown = out.buffer.getvalue()
+        record, message = shown.split(b"\n\n", 1)
+        assert b"Client:        evil\\x{1B}[2J [192.0.2.7]" in record
+        assert message == expected
+
+
+def test_show_help_tells_the_escaping(capsys):
+    assert main(["show", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "shown as \\x{HEX}, their code point in hexadecimal: ESC as \\x{1B}" in text
+    assert "--raw the message's bytes exactly as queued" in text
 
 
 def test_show_of_no_such_message_is_status_1(three):

@@ -61,6 +61,8 @@ ZONE = {
     "bare.partial.test": [dns.Record_TXT(b"nothing here")],
     "ok.partial.test": [A("192.0.2.40")],
     "deadmx.test": [MX(10, "gone.deadmx.test")],
+    # A hostile zone: an MX target with ESC, CR and NEL octets in a label.
+    "hostile.test": [dns.Record_MX(10, b"a\x1b[2J\rb\xc2\x85.hostile.test")],
 
     # Tolerated mistakes: an MX naming an address, and one naming a CNAME.
     "sloppy.test": [MX(10, "192.0.2.50"), MX(20, "alias.sloppy.test")],
@@ -276,6 +278,13 @@ class MXTests(DNSTestCase):
         self.assert_error(error, True, None, "4.4.3",
                           "No address found for deadmx.test: "
                           "gone.deadmx.test: A NXDOMAIN; AAAA NXDOMAIN")
+
+    @defer.inlineCallbacks
+    def test_control_octets_in_an_mx_target_are_escaped(self):
+        error = yield self.error_for("hostile.test")
+        self.assert_error(error, True, None, "4.4.3",
+                          "No address found for hostile.test: "
+                          "a\\x{1B}[2j\\x{D}b\\xc2\\x85.hostile.test: A NXDOMAIN; AAAA NXDOMAIN")
 
     @defer.inlineCallbacks
     def test_mx_naming_an_address_or_a_cname_is_tolerated(self):

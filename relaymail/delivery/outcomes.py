@@ -8,6 +8,8 @@ session failed before per-recipient answers existed, a list of
 import re
 from dataclasses import dataclass
 
+from relaymail import sanitize
+
 # RFC 3463 2: class "." subject "." detail, class 2, 4 or 5, subject and
 # detail one to three digits.
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
@@ -33,7 +35,10 @@ class DeliveryError(Exception):
     :ivar code: the server's reply code when it said something, else None.
     :ivar enhanced: the RFC 3463 code, the server's or ours.
     :ivar text: for logs and the DSN Diagnostic-Code; the server's reply
-        text when the server's reply is the reason.  Never holds credentials.
+        text when the server's reply is the reason.  Never holds credentials,
+        nor a character that could break a line or drive a terminal: reply
+        texts are escaped as they are read, and so is every other text here
+        (a TLS error naming what a server's certificate says, for one).
     :ivar remote: the ``Hop.label`` of the server, when there was one.
     """
 
@@ -43,6 +48,7 @@ class DeliveryError(Exception):
     after_data = False
 
     def __init__(self, temporary, code, enhanced, text, remote=None):
+        text = sanitize.escape(text)
         super().__init__(text)
         self.temporary = temporary
         self.code = code

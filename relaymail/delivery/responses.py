@@ -9,6 +9,7 @@ that, to discard whatever followed the ``220`` in the same read.
 import re
 from dataclasses import dataclass
 
+from relaymail import sanitize
 from relaymail.delivery.outcomes import derived_enhanced, is_enhanced_code
 
 # RFC 5321 4.5.3.1.5 allows reply lines of 512 octets and extensions may
@@ -19,10 +20,6 @@ MAX_REPLY_BYTES = 64 * 1024
 # RFC 5321 4.2: three digits, the first 2 to 5, then a space, a hyphen
 # (more lines follow) or the end of the line.
 _LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|\Z)(.*)\Z", re.DOTALL)
-
-# Control characters in a reply text would end up in logs and in DSN
-# header fields; they are replaced rather than trusted.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class MalformedReply(Exception):
@@ -142,9 +139,12 @@ class ReplyReader:
 
 
 def _printable(raw):
-    """Reply bytes as safe text: UTF-8 where valid, control characters
-    replaced."""
-    return _CONTROL.sub("?", raw.decode("utf-8", "replace"))
+    """Reply bytes as safe text: UTF-8 where valid, and the characters that
+    must not pass (C0 but TAB, DEL, C1, U+2028/U+2029) escaped as
+    ``\\x{HEX}``.  The text goes to log lines, the queue record and DSN
+    header fields; a hostile next hop's U+2028 or NEL would forge a line in
+    each (relaymail.sanitize)."""
+    return sanitize.escape(raw.decode("utf-8", "replace"))
 
 
 def parse_ehlo(reply):

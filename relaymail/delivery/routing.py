@@ -24,6 +24,7 @@ from twisted.names.error import (
     DNSNotImplementedError, DNSQueryRefusedError, DNSServerError,
     DNSUnknownError)
 
+from relaymail import sanitize
 from relaymail.config import is_ip_address
 from relaymail.delivery.client import Hop
 
@@ -316,9 +317,16 @@ def _describe(exc):
 
 
 def _name(name):
-    """A DNS name as text without the trailing dot; '' for the root."""
-    text = name.name.decode("ascii", "replace") if isinstance(name, dns.Name) else str(name)
-    return text.rstrip(".").lower()
+    """A DNS name as text without the trailing dot; '' for the root.
+
+    A label may hold any octet (RFC 2181 11).  Octets outside ASCII are
+    written ``\\xHH`` (U+FFFD would make the next lookup fail to encode the
+    name), and controls such as CR or ESC ``\\x{HEX}`` (relaymail.sanitize):
+    a hostile zone's MX target must not reach log lines and DSNs as it is.
+    No host has such a name; its lookup fails like any other."""
+    text = (name.name.decode("ascii", "backslashreplace") if isinstance(name, dns.Name)
+            else str(name))
+    return sanitize.escape(text.rstrip(".").lower())
 
 
 def _address_text(payload):

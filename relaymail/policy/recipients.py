@@ -9,6 +9,7 @@ never a broken session (the fail-soft contract Haraka gives its plugins).
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
+from relaymail import sanitize
 from relaymail.interfaces import Decision
 
 log = Logger()
@@ -291,6 +292,12 @@ def _label(plugin):
 def _checked_members(members):
     if not isinstance(members, (list, tuple)) or not all(isinstance(m, str) for m in members):
         raise _BadAnswer(f"returned {members!r}, not a list of addresses")
+    # A member goes into the EXPN reply, the queue record and RCPT TO: CR
+    # or LF would forge a reply or a command, NEL or U+2028 a log line.
+    # SMTP refuses the same characters from clients (relaymail.sanitize).
+    for member in members:
+        if "\t" in member or sanitize.has_unsafe(member):
+            raise _BadAnswer(f"returned {member!r}, which holds a control character")
     return list(members)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
+from relaymail import sanitize
 from relaymail.envelope import Envelope
 from relaymail.folding import fold
 
@@ -274,7 +275,9 @@ def _check_address(address):
     # Addresses come from the queue, which took them from SMTP commands:
     # a line break here would be a header injection, and no address that
     # SMTP accepts (RFC 5321 4.5.3.1.3: 256 octets) comes near the limit.
-    if any(char < " " or char == "\x7f" for char in address):
+    # NEL and U+2028 break lines too, and SMTP refuses them as it does C0
+    # (relaymail.sanitize).
+    if "\t" in address or sanitize.has_unsafe(address):
         raise ValueError(f"control character in address {address!r}")
     try:
         octets = len(address.encode("utf-8"))
@@ -490,7 +493,7 @@ def _clean(text, utf8):
         code = ord(char)
         if 0xD800 <= code <= 0xDFFF:
             char, code = "\ufffd", 0xFFFD
-        if code < 0x20 or 0x7F <= code < 0xA0 or (code > 0x7F and not utf8):
+        if sanitize.has_unsafe(char) or (code > 0x7F and not utf8):
             out.append(f"\\x{{{code:X}}}")
         else:
             out.append(char)

@@ -586,8 +586,11 @@ class Dialogue:
 
 
 # Tabs count: no SMTP argument needs one, and CR/LF/NUL inside an argument
-# are how header and log injection start (SMTP-NOTES class 8).
-_has_control_characters = re.compile("[\x00-\x1f\x7f]").search
+# are how header and log injection start (SMTP-NOTES class 8).  So do the
+# C1 controls (NEL U+0085 breaks a line for str.splitlines(), CSI U+009B
+# drives a terminal) and U+2028/U+2029, which arrive as UTF-8: the set of
+# relaymail.sanitize.UNSAFE_CLASS, plus TAB (a test keeps the two equal).
+_has_control_characters = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]").search
 
 
 # RFC 5321 4.5.3.1.2: a domain name is at most 255 octets.  An address

@@ -11,6 +11,7 @@ import ipaddress
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
+from relaymail import sanitize
 from relaymail.folding import fold_bytes
 
 
@@ -21,14 +22,18 @@ def received_header(helo, client_ip, hostname, protocol, queue_id, recipient=Non
     came from; no reverse DNS lookup is done on the accept path.  ``for``
     is given only for a single recipient: naming several would disclose Bcc
     recipients to each other (RFC 5321 7.2).
+
+    The dialogue refuses HELO names and addresses with control characters;
+    they are escaped here all the same (:mod:`relaymail.sanitize`), since a
+    CR, LF, NEL or U+2028 in a header we write would start a forged one.
     """
     literal = _address_literal(client_ip)
     lines = [
-        f"Received: from {helo} ({literal})",
+        f"Received: from {sanitize.escape(helo)} ({literal})",
         f"\tby {hostname} (relaymail) with {protocol} id {queue_id}",
     ]
     if recipient is not None:
-        lines.append(f"\tfor <{recipient}>;")
+        lines.append(f"\tfor <{sanitize.escape(str(recipient))}>;")
     else:
         lines[-1] += ";"
     lines.append(f"\t{format_datetime(datetime.fromtimestamp(when, timezone.utc))}")
@@ -40,7 +45,7 @@ def _address_literal(ip):
     try:
         parsed = ipaddress.ip_address(ip)
     except ValueError:
-        return f"[{ip}]" if ip else "unknown"
+        return f"[{sanitize.escape(ip)}]" if ip else "unknown"
     if parsed.version == 6:
         if parsed.ipv4_mapped is not None:
             return f"[{parsed.ipv4_mapped}]"

@@ -6,6 +6,8 @@ has been advertised (after EHLO), and never on the greeting or the reply to
 HELO/EHLO themselves; :meth:`Reply.encode` leaves them out otherwise.
 """
 
+from relaymail import sanitize
+
 
 class Reply:
     """One SMTP reply: a three-digit code, an enhanced code (or None) and one
@@ -179,10 +181,16 @@ PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary failure checking recipient, try a
 
 def decision_reply(decision, default):
     """Turn a plugin's :class:`~relaymail.interfaces.Decision` into a reply;
-    ``default`` gives the codes and text of an accept."""
+    ``default`` gives the codes and text of an accept.
+
+    A plugin's text may carry what it looked up (a directory's answer, the
+    address itself): CR or LF in it would forge a reply on the wire, and
+    NEL or U+2028 a line in the log, so such characters are escaped
+    (:mod:`relaymail.sanitize`)."""
+    text = None if decision.text is None else sanitize.escape(str(decision.text))
     if decision.kind == decision.ACCEPT_KIND:
-        return default if decision.text is None else default.with_text(decision.text)
-    return Reply(decision.code, decision.enhanced, decision.text)
+        return default if text is None else default.with_text(text)
+    return Reply(decision.code, decision.enhanced, text)
 
 
 HELP_TEXT = {

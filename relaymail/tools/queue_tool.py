@@ -5,7 +5,8 @@
     relaymail-queue [--config FILE] [--spool DIR] COMMAND [ARG]
 
     list              one line per message, oldest first     (Postfix: mailq)
-    show ID [--body]  a message's record and headers        (postcat -q)
+    show ID [--body] [--raw]
+                      a message's record and headers        (postcat -q)
     flush             make every waiting message due now     (postqueue -f)
     retry ID          make one message due now               (postqueue -i)
     delete ID|ALL     delete a message, or every message     (postsuper -d)
@@ -27,6 +28,17 @@ links in it, and root following them could be led to read, write or
 delete files anywhere.  The lock is opened as
 :mod:`relaymail.queue.layout` says in any case.
 
+What the queue holds came from outside: addresses, a next hop's replies,
+the message's own header lines.  ``list`` and ``show`` never write it to
+the terminal as it is: a character that is not printable (the C0 and C1
+controls, ESC and CSI that start terminal escape sequences such as an
+OSC 52 clipboard write or a clear screen, U+2028 and U+2029 that break a
+line, the bidirectional overrides) is shown as ``\\x{HEX}``, its code
+point in hexadecimal (ESC as ``\\x{1B}``), the notation of RFC 6533
+section 3 that DSNs and the log use too (:mod:`relaymail.sanitize`).
+Header lines keep their tabs.  ``show --raw`` writes the message's bytes
+exactly as queued, for a pipe or a file.
+
 Exit status: 0 when done; 1 when the queue said no (no such message, an
 error reply, no daemon answering, an unreadable spool); 2 for a usage or
 configuration error.
@@ -37,6 +49,7 @@ import collections
 import contextlib
 import datetime
 import os
+import re
 import socket
 import sys
 import time
@@ -44,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from zope.interface import implementer
 
+from relaymail import sanitize
 from relaymail.config import ConfigError, load_config
 from relaymail.queue import record as records
 from relaymail.queue.control import (
@@ -77,6 +91,13 @@ _REPLY_LIMIT = 4096
 _FINAL = frozenset((records.SENT, records.BOUNCED))
 
 _SPOOL_DIRECTORIES = ("active", "hold", "tmp")
+
+#: ``list`` and ``show`` put a multi-line reply on one line.
+_BLANKS = re.compile(r"[\t\n\r ]+")
+
+_ESCAPING = ("Characters that are not printable (controls such as ESC, "
+             "U+2028, U+2029) are shown as \\x{HEX}, their code point in "
+             "hexadecimal: ESC as \\x{1B}.")
 
 
 class ToolError(Exception):
@@ -156,17 +177,24 @@ def _parser():
     commands = parser.add_subparsers(title="commands", metavar="COMMAND",
                                      required=True)
 
-    def command(name, run, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    def command(name, run, help_text, detail=""):
+        sub = commands.add_parser(name, help=help_text,
+                                  description=f"{help_text}. {detail}" if detail else help_text)
         sub.set_defaults(run=run)
         return sub
 
     command("list", _list, "one line per message, oldest first; held ones "
-                           "marked '!'")
-    show = command("show", _show, "a message's envelope, delivery state and headers")
+                           "marked '!'", _ESCAPING)
+    show = command("show", _show, "a message's envelope, delivery state and headers",
+                   _ESCAPING + " Header lines keep their tabs; --raw shows them as they are.")
     show.add_argument("queue_id", type=_queue_id, metavar="ID")
     show.add_argument("--body", action="store_true",
                       help="the whole message, not only its headers")
+    show.add_argument("--raw", action="store_true",
+                      help="the message's bytes exactly as queued (CRLF line "
+                           "ends, control characters and all, which can drive "
+                           "a terminal: for a pipe or a file); the record is "
+                           "shown escaped all the same")
     command("flush", _changer(lambda args: "flush"),
             "make every waiting message due for delivery now")
     for name, help_text in (("retry", "make one message due for delivery now"),
@@ -331,11 +359,12 @@ def _shorten(text, width):
 
 def _printable(text):
     """``text`` on one line with nothing that drives a terminal: errors
-    come from remote servers, and multi-line SMTP replies are common."""
+    come from remote servers, and multi-line SMTP replies are common.
+    Blanks (CR, LF, TAB) become one space; other characters that are not
+    printable are shown as ``\\x{HEX}``."""
     if text.isprintable():
         return text         # nearly always, and a listing has 100,000 lines
-    text = " ".join(text.split())
-    return "".join(char if char.isprintable() else "?" for char in text)
+    return sanitize.escape_for_terminal(_BLANKS.sub(" ", text).strip(" "))
 
 
 def _number(value):
@@ -362,7 +391,10 @@ def _show(args, spool_path, context):
         fd = os.open(spool.message_path(queue_id, where),
                      os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with open(fd, "rb") as message:
-            _write_message(message, context.out, args.body)
+            if args.raw:
+                _write_raw(message, context.out, args.body)
+            else:
+                _write_message(message, context.out, args.body)
     except FileNotFoundError:
         raise ToolError(f"{queue_id}: the message file is gone "
                         "(delivered, deleted or moved meanwhile?)")
@@ -393,12 +425,13 @@ def format_record(record, held, now):
         ("Next attempt", next_attempt),
         ("Last error", _printable(str(record["last_error"] or "-"))),
     ]
-    lines = [f"{label + ':':<15}{value}" for label, value in fields]
+    lines = [f"{label + ':':<15}{_printable(value)}" for label, value in fields]
     lines.append("Recipients:")
     for recipient in record["recipients"]:
         attempts = recipient.get("attempts", 0)
         lines.append(f"  {_printable(recipient['address'])}: "
-                     f"{recipient.get('status', '?')}, {plural(attempts, 'attempt')}")
+                     f"{_printable(str(recipient.get('status', '?')))}, "
+                     f"{_printable(plural(attempts, 'attempt'))}")
         if recipient.get("last_error"):
             lines.append(f"    last error: {_printable(str(recipient['last_error']))}")
     return "\n".join(lines) + "\n"
@@ -426,12 +459,27 @@ def _client(envelope):
 
 def _write_message(message, out, whole):
     """Copy the headers (everything with ``whole``) of a message file,
-    with CRLF line ends made local."""
+    with CRLF line ends made local and what is not printable escaped
+    (a header line is the sender's: ESC in it would drive the terminal)."""
     for line in message:
         text = line.decode("utf-8", "replace").rstrip("\r\n")
         if not text and not whole:
             return
-        out.write(text + "\n")
+        out.write(sanitize.escape_for_terminal(text, keep="\t") + "\n")
+
+
+def _write_raw(message, out, whole):
+    """Copy the headers (everything with ``whole``) of a message file
+    byte for byte, line ends as they are."""
+    binary = getattr(out, "buffer", None)
+    if binary is None:
+        raise ToolError("--raw needs an output that takes bytes")
+    out.flush()
+    for line in message:
+        if not whole and line in (b"\r\n", b"\n"):
+            break
+        binary.write(line)
+    binary.flush()
 
 
 # -- commands that change the queue -----------------------------------------------
