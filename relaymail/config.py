@@ -629,6 +629,9 @@ SCHEMA = {
         "max_connections": Key(integer(minimum=1), "100"),
         # RFC 5321 4.5.4.1: MX hosts are reached on port 25; tests move it.
         "mx_port": Key(port_number, "25"),
+        # Postfix mime_nesting_limit: how deep the 8-bit to 7-bit conversion
+        # for a next hop without 8BITMIME follows multipart and message/rfc822.
+        "mime_nesting_limit": Key(integer(minimum=1), "100"),
     },
     "tls": {
         "certificate": Key(readable_file, ""),
