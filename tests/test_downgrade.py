@@ -337,3 +337,24 @@ def test_fit_empty_file(spooled):
 
 def test_downgrade_works_on_bytes_like_objects():
     assert downgrade(bytes(io.BytesIO(b"S: x\r\n\r\n\xe9").getbuffer())).endswith(b"\r\n\r\n=E9")
+
+
+def test_delimiters_follow_rfc_2046():
+    # Transport padding after a delimiter, "--bx" (text, not a delimiter),
+    # and a close delimiter at the very end without CRLF.
+    message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               b"--b \t\r\nContent-Type: text/plain\r\n\r\n--bx \xc3\xa9\r\n--b--")
+    out = downgrade(message)
+    assert out == (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                   b"--b \t\r\nContent-Type: text/plain\r\n"
+                   b"Content-Transfer-Encoding: quoted-printable\r\n\r\n--bx =C3=A9\r\n--b--")
+    [part] = parse(out).iter_parts()
+    assert part.get_payload(decode=True) == b"--bx \xc3\xa9"
+
+
+def test_missing_close_delimiter_runs_the_last_part_to_the_end():
+    message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               b"--b\r\n\r\n\xe9\r\n")
+    assert downgrade(message).endswith(
+        b"--b\r\nContent-Type: text/plain; charset=unknown-8bit\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n")

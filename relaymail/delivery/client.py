@@ -15,11 +15,12 @@ The dialogue's order lives here; bytes, timers and TLS switching live in
 """
 
 import contextlib
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 
@@ -284,7 +285,7 @@ class OutboundSession:
             with contextlib.ExitStack() as files:
                 file = files.enter_context(self._open_message(message_path))
                 size = os.fstat(file.fileno()).st_size
-                file, size, body, smtputf8 = self._fit(
+                file, size, body, smtputf8 = await self._fit(
                     file, size, body, smtputf8, [sender, *recipients])
                 files.enter_context(file)
                 check_message(self.extensions, size, body, smtputf8, self.remote)
@@ -295,13 +296,23 @@ class OutboundSession:
         finally:
             self._busy = False
 
-    def _fit(self, file, size, body, smtputf8, addresses):
+    async def _fit(self, file, size, body, smtputf8, addresses):
         """The file, size and MAIL parameters to send to this server: the
         message as spooled, or converted for a server without 8BITMIME."""
+        if downgrade.fits(self.extensions, smtputf8):
+            return file, size, body, smtputf8
+        work = functools.partial(
+            downgrade.fit, file, size, body=body, smtputf8=smtputf8, addresses=addresses,
+            extensions=self.extensions, nesting_limit=self._config.mime_nesting_limit)
+        pool = getattr(self._clock, "getThreadPool", None)
         try:
-            fitted = downgrade.fit(
-                file, size, body=body, smtputf8=smtputf8, addresses=addresses,
-                extensions=self.extensions, nesting_limit=self._config.mime_nesting_limit)
+            if pool is None:
+                fitted = work()       # a bare clock in tests: no threads
+            else:
+                # The scan and conversion take time in proportion to the
+                # message (a second or so for 10 MB in the worst case):
+                # not on the reactor thread that every session shares.
+                fitted = await threads.deferToThreadPool(self._clock, pool(), work)
         except downgrade.CannotSend as refusal:
             missing = "SMTPUTF8" if refusal.enhanced == "5.6.7" else "8BITMIME"
             raise DeliveryError(temporary=False, code=None, enhanced=refusal.enhanced,

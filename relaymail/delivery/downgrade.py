@@ -11,11 +11,12 @@ it: a message that carries the flag but is all ASCII goes on as plain mail.
 
 :func:`fit` is the one entry point.  It costs nothing when the next hop
 offers what the message was declared with; otherwise it first scans the
-spool file with C-speed bytes methods (a read-only memory map searched by
-``re``), because the flags say what the client declared, not what the
-message holds.  The scan runs at delivery time rather than at accept time
-so that the hot DATA path stays as it is; it is paid only for the rare
-next hop without 8BITMIME (or without SMTPUTF8 for flagged mail).
+spool file with C-speed bytes methods (``isascii`` over a read-only memory
+map), because the flags say what the client declared, not what the message
+holds.  The scan runs at delivery time rather than at accept time so that
+the hot DATA path and the queue format stay as they are; it is paid only for
+the rare next hop without 8BITMIME (or without SMTPUTF8 for flagged mail),
+and the client runs it in a worker thread, off the reactor.
 
 The conversion walks the MIME structure over the bytes, using the boundary
 parameters, and records edits instead of re-serialising with
@@ -59,6 +60,7 @@ be encoded (``=0D``, ``=0A``), not lost.
 import base64
 import binascii
 import email.message
+import functools
 import io
 import mmap
 import re
@@ -77,8 +79,6 @@ _QP_LINE = 76
 _CHUNK = 1 << 20
 # A multiple of 57 octets, which base64 turns into one 76-character line.
 _BASE64_CHUNK = 57 * 16384
-
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 # Identity encodings (RFC 2045 6.2): the octets are the content, so the
 # part can be re-encoded without changing what it means.
@@ -121,6 +121,12 @@ class Fitted:
     converted: bool = False
 
 
+def fits(extensions, smtputf8):
+    """True when a server with ``extensions`` takes the message as it is,
+    whatever it holds: :func:`fit` would change nothing."""
+    return "8BITMIME" in extensions and ("SMTPUTF8" in extensions or not smtputf8)
+
+
 def fit(file, size, *, body, smtputf8, addresses, extensions,
         nesting_limit=DEFAULT_NESTING_LIMIT):
     """Make the message fit a next hop with ``extensions``.
@@ -132,16 +138,16 @@ def fit(file, size, *, body, smtputf8, addresses, extensions,
     :raise CannotSend: for a message that cannot go to this hop.
     :raise OSError: when a file cannot be read or written.
     """
+    if fits(extensions, smtputf8):
+        return Fitted(file, size, body, smtputf8)
     has_8bitmime = "8BITMIME" in extensions
     has_smtputf8 = "SMTPUTF8" in extensions
-    if has_8bitmime and (has_smtputf8 or not smtputf8):
-        return Fitted(file, size, body, smtputf8)
     if smtputf8 and not has_smtputf8:
         for address in addresses:
             if not address.isascii():
                 raise CannotSend("5.6.7", f"address <{address}> needs SMTPUTF8")
     with _Map(file, size) as buf:
-        if buf is None or not _EIGHT_BIT.search(buf):
+        if buf is None or not _has_8bit(buf, 0, size):
             # All ASCII: 7-bit mail whatever was declared (RFC 6152 2 and
             # RFC 6531 3.2 describe content, and this content needs neither).
             return Fitted(file, size, "7BIT", smtputf8 and has_smtputf8)
@@ -178,7 +184,7 @@ def downgrade(message, nesting_limit=DEFAULT_NESTING_LIMIT):
         and SMTPUTF8.
     """
     walk = _Walk(message, nesting_limit, edit=True)
-    if _EIGHT_BIT.search(message):
+    if not message.isascii():
         walk.message()
     if walk.header_8bit:
         raise CannotSend("5.6.7", "message has 8-bit octets in header fields, which "
@@ -245,6 +251,7 @@ class _Walk:
         self.edits = []
         self.problem = None
         self.header_8bit = False
+        self._scanned_from = self._first_8bit = -1
 
     def message(self):
         top = self._entity(0, len(self.buf), "text/plain", 0, protected=None)
@@ -258,7 +265,14 @@ class _Walk:
             self.problem = CannotSend(enhanced, reason)
 
     def _has_8bit(self, start, end):
-        return start < end and _EIGHT_BIT.search(self.buf, start, end) is not None
+        # The walk asks about ranges in increasing order of start, nested
+        # ranges sharing their beginning: remembering the last answer (no
+        # 8-bit octet in [scanned_from, first_8bit)) keeps the scans close
+        # to one pass over the message however deep the nesting.
+        if not self._scanned_from <= start <= self._first_8bit:
+            self._scanned_from = start
+            self._first_8bit = _first_8bit(self.buf, start)
+        return self._first_8bit < end
 
     def _entity(self, start, end, default_type, depth, protected):
         """Walk one entity (header block and body) in ``buf[start:end]``.
@@ -306,28 +320,27 @@ class _Walk:
         if boundary is None:
             self._refuse("5.6.3", f"message has 8-bit octets in a {kind} part without a boundary")
             return False
-        delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.MULTILINE)
         default = "message/rfc822" if kind == "multipart/digest" else "text/plain"
         changed = False
         position = body_start
         part_start = None       # None while in the preamble
         closed = False
         while True:
-            found = delimiter.search(self.buf, position, body_end)
+            found = _delimiter(self.buf, boundary, position, body_end)
             if found is None:
                 break
+            line_start, next_line, closing = found
             # RFC 2046 5.1.1: the CRLF before a delimiter belongs to it.
-            content_end = max(found.start() - 2, position)
+            content_end = max(line_start - 2, position)
             if part_start is None:
-                self._outside_parts(position, found.start(), kind)
+                self._outside_parts(position, line_start, kind)
             else:
                 changed |= self._part(part_start, content_end, default, depth, protected)
-            # The match ends before the delimiter line's LF.
-            position = min(found.end() + 1, body_end)
-            if found.group(1):
+            position = next_line
+            if closing:
                 closed = True
                 break
-            part_start = min(position, body_end)
+            part_start = position
         if part_start is None:
             self._outside_parts(body_start, body_end, kind)
         elif closed:
@@ -378,6 +391,63 @@ class _Walk:
             self.edits.append(_Edit(header.header_end, header.header_end, 1, field))
 
 
+def _has_8bit(buf, start, end):
+    """True when ``buf[start:end]`` holds an octet above 127."""
+    # Slices and isascii() are a memcpy and a word-at-a-time test, some
+    # twenty times faster than a regular expression's character class.
+    for chunk_start in range(start, end, _CHUNK):
+        if not buf[chunk_start:min(chunk_start + _CHUNK, end)].isascii():
+            return True
+    return False
+
+
+def _first_8bit(buf, start):
+    """The offset of the first octet above 127 at or after ``start``, or
+    ``len(buf)``."""
+    size = len(buf)
+    for chunk_start in range(start, size, _CHUNK):
+        chunk = buf[chunk_start:min(chunk_start + _CHUNK, size)]
+        if not chunk.isascii():
+            # Narrow down in C as well: the regex runs on one chunk only.
+            return chunk_start + _EIGHT_BIT.search(chunk).start()
+    return size
+
+
+# After "--boundary": "--" for the close delimiter, then transport padding
+# (RFC 2046 5.1.1), then the end of the line.
+_DELIMITER_END = rb"(--)?[ \t]*(?=\r\n|\Z)"
+_DELIMITER_REST = re.compile(_DELIMITER_END)
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+
+
+@functools.lru_cache(maxsize=256)
+def _delimiter_pattern(boundary):
+    # A literal prefix lets the regular expression engine skip through the
+    # text at C speed, false candidates ("--boundary-more") included.
+    return re.compile(b"\r\n--" + re.escape(boundary) + _DELIMITER_END)
+
+
+def _delimiter(buf, boundary, start, end):
+    """The first boundary delimiter line in ``buf[start:end]``, where
+    ``start`` is a line start.
+
+    :return: (where the line starts, where the next line starts, whether
+        it is the close delimiter), or None.
+    """
+    dashed = b"--" + boundary
+    found = None
+    if buf[start:start + len(dashed)] == dashed:
+        found = _DELIMITER_REST.match(buf, start + len(dashed), end)
+        line_start = start
+    if found is None:
+        found = _delimiter_pattern(boundary).search(buf, start, end)
+        if found is None:
+            return None
+        line_start = found.start() + 2
+    next_line = min(found.end() + 2, end)
+    return line_start, next_line, found.group(1) is not None
+
+
 class _Header:
     """The header block of one entity: its fields, where the body starts
     and the two fields the walk needs."""
@@ -396,22 +466,28 @@ class _Header:
         self.fields = _fields(block, start)
         self.names = {field.name for field in self.fields}
         self.changed = False
-        parsed = email.message.Message()
-        parsed.set_default_type(default_type)
-        for field in self.fields:
-            if field.name == "content-type":
-                parsed["Content-Type"] = field.value
-                break
-        self.content_type = parsed.get_content_type()
-        boundary = parsed.get_boundary() if self.content_type.startswith("multipart/") else None
-        self.boundary = (boundary.encode("ascii", "surrogateescape")
-                         if boundary else None)
+        value = next((f.value for f in self.fields if f.name == "content-type"), None)
+        self.content_type, self.boundary = _content_type(value, default_type)
         self.encoding = None
         for field in self.fields:
             if field.name == "content-transfer-encoding":
                 words = field.value.split()
                 self.encoding = words[0].lower() if words else ""
                 break
+
+
+@functools.lru_cache(maxsize=256)
+def _content_type(value, default_type):
+    """(type/subtype, boundary bytes or None) of a Content-Type value, read
+    by the email package (quoting and RFC 2231 continuations included).
+    Cached: a message with many parts repeats a few values."""
+    parsed = email.message.Message()
+    parsed.set_default_type(default_type)
+    if value is not None:
+        parsed["Content-Type"] = value
+    kind = parsed.get_content_type()
+    boundary = parsed.get_boundary() if kind.startswith("multipart/") else None
+    return kind, boundary.encode("ascii", "surrogateescape") if boundary else None
 
 
 def _fields(block, offset):
