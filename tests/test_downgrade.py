@@ -358,3 +358,11 @@ def test_missing_close_delimiter_runs_the_last_part_to_the_end():
     assert downgrade(message).endswith(
         b"--b\r\nContent-Type: text/plain; charset=unknown-8bit\r\n"
         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n")
+
+
+def test_mislabelled_7bit_part_is_converted():
+    message = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 7bit\r\n\r\n\xc3\xa9\r\n")
+    assert downgrade(message) == (
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n")

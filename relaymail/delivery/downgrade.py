@@ -166,6 +166,9 @@ def fit(file, size, *, body, smtputf8, addresses, extensions,
             return Fitted(file, size, "8BITMIME", False)
         if walk.problem is not None:
             raise walk.problem
+        if not walk.edits:
+            # 8-bit octets in header fields only, which SMTPUTF8 carries.
+            return Fitted(file, size, "7BIT", utf8_headers)
         converted = tempfile.TemporaryFile(prefix="relaymail-downgrade-")
         try:
             new_size = _write(buf, walk.edits, converted)
