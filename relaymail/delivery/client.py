@@ -307,11 +307,12 @@ class OutboundSession:
         pool = getattr(self._clock, "getThreadPool", None)
         try:
             if pool is None:
-                fitted = work()       # a bare clock in tests: no threads
+                fitted = work()       # a clock without threads (task.Clock)
             else:
                 # The scan and conversion take time in proportion to the
-                # message (a second or so for 10 MB in the worst case):
-                # not on the reactor thread that every session shares.
+                # message (under a second for 10 MB of text, seconds for a
+                # hostile one of 100,000 tiny parts): not on the reactor
+                # thread that every session shares.
                 fitted = await threads.deferToThreadPool(self._clock, pool(), work)
         except downgrade.CannotSend as refusal:
             missing = "SMTPUTF8" if refusal.enhanced == "5.6.7" else "8BITMIME"
