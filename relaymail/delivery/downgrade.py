@@ -44,8 +44,12 @@ Refused, with a reason for the bounce (:class:`CannotSend`):
   the fields (RFC 2047 would, Postfix does not) and need SMTPUTF8 (RFC
   6532).  5.6.7, as Postfix says "SMTPUTF8 is required".
 
-A message without MIME-Version gets ``MIME-Version: 1.0``; a converted text
-leaf without Content-Type gets ``text/plain`` with ``charset=utf-8`` when its
+Postfix converts only content that claims to be 8-bit (a
+Content-Transfer-Encoding of 8bit or binary) and sends unlabelled 8-bit
+text as it is, which is exactly what RFC 6152 3 forbids; here any part
+with an identity encoding (none, 7bit, 8bit, binary) and 8-bit octets is
+converted.  So a message without MIME-Version gets ``MIME-Version: 1.0``,
+and a converted text leaf without Content-Type gets ``text/plain`` with ``charset=utf-8`` when its
 body is valid UTF-8, else ``charset=unknown-8bit`` (RFC 1428, the label
 sendmail's DefaultCharSet uses for the same job), since the RFC 2045 5.2
 default of us-ascii would be false.
