@@ -49,10 +49,11 @@ Content-Transfer-Encoding of 8bit or binary) and sends unlabelled 8-bit
 text as it is, which is exactly what RFC 6152 3 forbids; here any part
 with an identity encoding (none, 7bit, 8bit, binary) and 8-bit octets is
 converted.  So a message without MIME-Version gets ``MIME-Version: 1.0``,
-and a converted text leaf without Content-Type gets ``text/plain`` with ``charset=utf-8`` when its
-body is valid UTF-8, else ``charset=unknown-8bit`` (RFC 1428, the label
-sendmail's DefaultCharSet uses for the same job), since the RFC 2045 5.2
-default of us-ascii would be false.
+and a converted text leaf without Content-Type gets ``text/plain`` with
+``charset=utf-8`` when its body is valid UTF-8, else
+``charset=unknown-8bit`` (RFC 1428, the label sendmail's DefaultCharSet
+uses for the same job), since the RFC 2045 5.2 default of us-ascii would
+be false.
 
 The converted message goes to an unnamed temporary file (the spool holds
 only the original, so a retry to a hop with 8BITMIME sends it unchanged).
