@@ -716,6 +716,9 @@ SCHEMA = {
         # Postfix soft_bounce (default no): keep as deferred what would
         # bounce, while a new set-up is being tried out.
         "soft_bounce": Key(boolean, "no"),
+        # Postfix mime_nesting_limit: how deep the 8-bit to 7-bit conversion
+        # for a next hop without 8BITMIME follows multipart and message/rfc822.
+        "mime_nesting_limit": Key(integer(minimum=1), "100"),
     },
     "tls": {
         "certificate": Key(readable_file, ""),

@@ -613,21 +613,104 @@ class RefusalTests(ClientTestCase):
         self.assertEqual(factory.only.commands, [b"EHLO client.test"])
         self.assertTrue(session.is_open())
 
-    async def test_8bitmime_not_offered_bounces_without_sending(self):
+    async def test_declared_8bitmime_but_ascii_goes_without_body_to_a_server_without_it(self):
         path = self.message_file(SIMPLE)
         factory, session = await self.session_for(Script(keywords=("SIZE 0",)))
-        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path,
-                                         body="8BITMIME")
-        self.assertEqual((error.temporary, error.enhanced), (False, "5.6.3"))
-        self.assertEqual(factory.only.commands, [b"EHLO client.test"])
+        await session.deliver("a@example.org", ["b@example.com"], path, body="8BITMIME")
+        self.assertEqual(factory.only.commands[1], b"MAIL FROM:<a@example.org> SIZE=%d" % len(SIMPLE))
+        self.assertEqual(factory.only.messages, [SIMPLE + b".\r\n"])
 
-    async def test_smtputf8_not_offered_bounces_without_sending(self):
+    async def test_ascii_smtputf8_message_goes_without_smtputf8_to_a_server_without_it(self):
         path = self.message_file(SIMPLE)
         factory, session = await self.session_for(Script(keywords=("8BITMIME",)))
-        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path,
+        results = await session.deliver("a@example.org", ["b@example.com"], path, smtputf8=True)
+        self.assertEqual(results[0].code, 250)
+        self.assertEqual(factory.only.commands[1:3], [
+            b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.com>"])
+        self.assertEqual(factory.only.messages, [SIMPLE + b".\r\n"])
+
+    async def test_non_ascii_recipient_without_smtputf8_bounces_5_6_7_without_sending(self):
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(keywords=("8BITMIME",)))
+        error = await self.deliver_fails(session, "a@example.org", ["jürgen@example.com"], path,
                                          smtputf8=True)
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text), (
+            False, None, "5.6.7",
+            f"address <jürgen@example.com> needs SMTPUTF8, and {session.remote} does not "
+            "offer SMTPUTF8"))
+        self.assertEqual(factory.only.commands, [b"EHLO client.test"])
+        self.assertTrue(session.is_open())
+
+
+# -- a server without 8BITMIME ------------------------------------------------------------
+
+class DowngradeTests(ClientTestCase):
+    """RFC 6152 3: no octet above 127 goes to a server that did not offer
+    8BITMIME; the message is converted to 7 bits instead."""
+
+    async def test_undeclared_8bit_text_arrives_quoted_printable_and_dot_stuffed(self):
+        content = (b"Subject: hello\r\n\r\n.caf\xc3\xa9 au lait\r\n" + b"\xc3\xa9" * 40
+                   + b"\r\n.\r\nend\r\n")
+        path = self.message_file(content)
+        factory, session = await self.session_for(Script(keywords=("SIZE 10485760",)))
+        results = await session.deliver("a@example.org", ["b@example.com"], path)
+        self.assertEqual(results[0].code, 250)
+        converted = (b"Subject: hello\r\nMIME-Version: 1.0\r\n"
+                     b"Content-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                     b".caf=C3=A9 au lait\r\n"
+                     # 25 octets (75 characters) and "=" on each line.
+                     + b"=C3=A9" * 12 + b"=C3=\r\n"
+                     + b"=A9" + b"=C3=A9" * 12 + b"=\r\n"
+                     + b"=C3=A9" * 12 + b"=C3=\r\n"
+                     + b"=A9=C3=A9=C3=A9\r\n"
+                     b"=2E\r\nend\r\n")
+        server = factory.only
+        self.assertEqual(server.commands[1], b"MAIL FROM:<a@example.org> SIZE=%d" % len(converted))
+        self.assertEqual(server.messages, [reference_stuffing(converted)])
+        self.assertTrue(server.messages[0].isascii())
+        self.assertTrue(server.messages[0].startswith(b"Subject: hello\r\n"))
+        self.assertIn(b"\r\n..caf=C3=A9 au lait\r\n", server.messages[0])
+
+    async def test_declared_8bitmime_is_converted_not_bounced(self):
+        content = b"Subject: x\r\nContent-Transfer-Encoding: 8bit\r\n\r\nna\xc3\xafve\r\n"
+        path = self.message_file(content)
+        factory, session = await self.session_for(Script(keywords=("SIZE 0",)))
+        await session.deliver("a@example.org", ["b@example.com"], path, body="8BITMIME")
+        converted = (b"Subject: x\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+                     b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                     b"na=C3=AFve\r\n")
+        server = factory.only
+        self.assertEqual(server.commands[1], b"MAIL FROM:<a@example.org> SIZE=%d" % len(converted))
+        self.assertEqual(server.messages, [converted + b".\r\n"])
+
+    async def test_8bit_inside_multipart_signed_bounces_5_6_3_without_sending(self):
+        content = (b"MIME-Version: 1.0\r\nContent-Type: multipart/signed; protocol=x; boundary=s\r\n"
+                   b"\r\n--s\r\nContent-Type: text/plain\r\n\r\n\xc3\xa9\r\n--s\r\n"
+                   b"Content-Type: application/pgp-signature\r\n\r\nsig\r\n--s--\r\n")
+        path = self.message_file(content)
+        factory, session = await self.session_for(Script(keywords=("SIZE 0",)))
+        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text), (
+            False, None, "5.6.3",
+            "message has 8-bit content inside a signed part (multipart/signed), "
+            f"and {session.remote} does not offer 8BITMIME"))
+        self.assertEqual(factory.only.commands, [b"EHLO client.test"])
+
+    async def test_8bit_header_field_bounces_5_6_7_without_sending(self):
+        path = self.message_file(b"Subject: gr\xc3\xbc\xc3\x9fe\r\n\r\nascii\r\n")
+        factory, session = await self.session_for(Script(keywords=("SIZE 0",)))
+        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
         self.assertEqual((error.temporary, error.enhanced), (False, "5.6.7"))
         self.assertEqual(factory.only.commands, [b"EHLO client.test"])
+
+    async def test_converted_size_is_checked_against_the_limit(self):
+        # 600 octets grow to 1,800 encoded: over a limit of 1,000.
+        path = self.message_file(b"Subject: x\r\n\r\n" + b"\xe9" * 600 + b"\r\n")
+        factory, session = await self.session_for(Script(keywords=("SIZE 1000",)))
+        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        self.assertEqual(error.enhanced, "5.3.4")
+        self.assertIn("exceeds the limit 1000", error.text)
 
 
 # -- sessions that fail ------------------------------------------------------------------

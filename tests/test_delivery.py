@@ -582,3 +582,152 @@ def test_wrapper_route_with_an_untrusted_certificate_defers(tmp_path):
     assert files == [f"{queue_id}.json"]
     assert "status=bounced" not in log
     assert server.messages == [] and server.commands == []
+
+
+# -- a next hop without 8BITMIME or SMTPUTF8 (RFC 6152 3, RFC 6531 3.2) -------------------
+
+SEVEN_BIT_EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "SIZE 100000000")
+
+
+@pytest.fixture
+def seven_bit_hop():
+    server = NextHop(extensions=SEVEN_BIT_EXTENSIONS)
+    yield server
+    server.stop()
+
+
+def send_with(relay, sender, recipients, body, options=()):
+    """Like send(), with MAIL parameters (smtplib then sends UTF-8 commands
+    when SMTPUTF8 is one of them)."""
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+        client.ehlo()
+        code, text = client.mail(sender, options=list(options))
+        assert code == 250, text
+        for recipient in recipients:
+            code, text = client.rcpt(recipient)
+            assert code == 250, text
+        code, text = client.data(body)
+    assert code == 250, text
+    return re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]+)", text).group(1).decode()
+
+
+def test_undeclared_8bit_text_arrives_quoted_printable(tmp_path, seven_bit_hop):
+    # msmtp and Exim send 8-bit text without BODY=8BITMIME.
+    body = "Subject: test\r\n\r\nCafé crème, naïve = ok \r\n.\r\n..end\r\n".encode()
+    relay = relay_with(tmp_path, seven_bit_hop.port).start()
+    try:
+        send_with(relay, "alice@example.org", ["bob@example.net"], body)
+        [message] = seven_bit_hop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+    data = message["data"]
+    assert message["mail"] == f"MAIL FROM:<alice@example.org> SIZE={len(data)}"
+    assert data.isascii()
+    assert data.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    assert data.endswith(b"\r\nSubject: test\r\nMIME-Version: 1.0\r\n"
+                         b"Content-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                         b"Caf=C3=A9 cr=C3=A8me, na=C3=AFve =3D ok=20\r\n"
+                         b"=2E\r\n..end\r\n")
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed.get_content().replace("\r\n", "\n") == "Café crème, naïve = ok \n.\n..end\n"
+
+
+SEVEN_BIT_PART = (b"--=_b\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+                  b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+                  b"plain ASCII,  spaced   and trailing \r\n.leading dot\r\n")
+
+
+def test_multipart_keeps_its_7bit_part_byte_for_byte(tmp_path, seven_bit_hop):
+    body = (b"Subject: parts\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"=_b\"\r\n\r\n"
+            + SEVEN_BIT_PART +
+            b"--=_b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n\xc3\x9cbergr\xc3\xb6\xc3\x9fe\r\n"
+            b"--=_b--\r\n")
+    relay = relay_with(tmp_path, seven_bit_hop.port).start()
+    try:
+        send_with(relay, "alice@example.org", ["bob@example.net"], body)
+        [message] = seven_bit_hop.wait_for(1)
+    finally:
+        relay.stop()
+    data = message["data"]
+    assert data.isascii()
+    assert SEVEN_BIT_PART in data
+    assert data.endswith(b"\r\nSubject: parts\r\nMIME-Version: 1.0\r\n"
+                         b"Content-Type: multipart/mixed; boundary=\"=_b\"\r\n\r\n"
+                         + SEVEN_BIT_PART +
+                         b"--=_b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                         b"=C3=9Cbergr=C3=B6=C3=9Fe\r\n--=_b--\r\n")
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert [part.get_content() for part in parsed.iter_parts()] == [
+        "plain ASCII,  spaced   and trailing \r\n.leading dot", "Übergröße"]
+
+
+def test_8bit_inside_multipart_signed_bounces_5_6_3(tmp_path, seven_bit_hop):
+    body = (b"Subject: signed\r\nMIME-Version: 1.0\r\nContent-Type: multipart/signed;"
+            b" protocol=\"application/pgp-signature\"; micalg=pgp-sha256; boundary=s\r\n\r\n"
+            b"--s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\nsign\xc3\xa9\r\n"
+            b"--s\r\nContent-Type: application/pgp-signature\r\n\r\nsig\r\n--s--\r\n")
+    relay = relay_with(tmp_path, seven_bit_hop.port).start()
+    try:
+        queue_id = send_with(relay, "alice@example.org", ["bob@example.net"], body)
+        [bounce] = seven_bit_hop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    # Nothing but the bounce reached the next hop.
+    assert (bounce["sender"], bounce["recipients"]) == ("", ["alice@example.org"])
+    _, parts = dsn_parts(bounce)
+    per_recipient = parts[1].get_payload()[1]
+    assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.6.3")
+    note = " ".join(parts[0].get_content().split())
+    assert ("Reason: the next mail server cannot take 8-bit content, and the message could "
+            "not be converted (status 5.6.3).") in note
+    assert re.search(
+        queue_id + r": to=<bob@example\.net>, .*dsn=5\.6\.3, status=bounced \(message "
+        r"has 8-bit content inside a signed part \(multipart/signed\), and "
+        r"127\.0\.0\.1\[127\.0\.0\.1\]:" + str(seven_bit_hop.port) + r" does not offer 8BITMIME",
+        log)
+
+
+def test_ascii_smtputf8_mail_arrives_without_smtputf8(tmp_path, seven_bit_hop):
+    relay = relay_with(tmp_path, seven_bit_hop.port).start()
+    try:
+        send_with(relay, "alice@example.org", ["bob@example.net"],
+                  b"Subject: test\r\n\r\nhello\r\n", options=["SMTPUTF8"])
+        [message] = seven_bit_hop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+    data = message["data"]
+    assert message["mail"] == f"MAIL FROM:<alice@example.org> SIZE={len(data)}"
+    assert message["recipients"] == ["bob@example.net"]
+    assert b"with UTF8SMTP id" in data
+    assert data.endswith(b"\r\nSubject: test\r\n\r\nhello\r\n")
+
+
+def test_non_ascii_recipient_without_smtputf8_bounces_5_6_7(tmp_path, seven_bit_hop):
+    relay = relay_with(tmp_path, seven_bit_hop.port).start()
+    try:
+        queue_id = send_with(relay, "alice@example.org", ["jürgen@example.net"],
+                             b"Subject: test\r\n\r\nhello\r\n", options=["SMTPUTF8"])
+        [bounce] = seven_bit_hop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert re.search(
+        queue_id + r": to=<jürgen@example\.net>, .*dsn=5\.6\.7, status=bounced \(address "
+        r"<jürgen@example\.net> needs SMTPUTF8, and 127\.0\.0\.1\[127\.0\.0\.1\]:"
+        + str(seven_bit_hop.port) + r" does not offer SMTPUTF8", log)
+    # The DSN names the address in UTF-8, so it too went through the
+    # conversion: plain mail, all ASCII, to the same 7-bit hop.
+    assert (bounce["sender"], bounce["recipients"]) == ("", ["alice@example.org"])
+    assert bounce["mail"] == f"MAIL FROM:<> SIZE={len(bounce['data'])}"
+    assert bounce["data"].isascii()
+    assert b"\r\nStatus: 5.6.7\r\n" in bounce["data"]

@@ -18,15 +18,17 @@ The dialogue's order lives here; bytes, timers and TLS switching live in
 :mod:`~relaymail.delivery.tls`.
 """
 
+import contextlib
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 
-from relaymail.delivery import sasl, tls
+from relaymail.delivery import downgrade, sasl, tls
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
@@ -81,6 +83,7 @@ class ClientConfig:
     data_timeout: float = 600          # the reply after the final dot
     data_block_timeout: float = 180    # the server taking no data at all for this long
     quit_timeout: float = 10           # not in the RFC: QUIT must not hold a connection long
+    mime_nesting_limit: int = downgrade.DEFAULT_NESTING_LIMIT   # for the 8-bit downgrade
 
     def __post_init__(self):
         if self.tls not in tls.POLICIES:
@@ -165,7 +168,10 @@ class OutboundSession:
         ``sender`` ``''`` is the null sender.  ``message_path`` is the
         spooled message (CRLF line ends), streamed from disk.  MAIL carries
         SIZE when offered, BODY=8BITMIME when ``body`` says so and SMTPUTF8
-        when ``smtputf8``.  With PIPELINING (RFC 2920) MAIL, every RCPT and
+        when ``smtputf8``.  To a server without 8BITMIME, 8-bit content is
+        converted to 7 bits, and SMTPUTF8 is dropped for a server without it
+        when the message does not need it (:mod:`relaymail.delivery.downgrade`).
+        With PIPELINING (RFC 2920) MAIL, every RCPT and
         DATA go in one write.
 
         :return: a Deferred firing with a list of :class:`RecipientResult`
@@ -294,8 +300,12 @@ class OutboundSession:
             raise RuntimeError("deliver() called while another transaction is running")
         self._busy = True
         try:
-            with self._open_message(message_path) as file:
+            with contextlib.ExitStack() as files:
+                file = files.enter_context(self._open_message(message_path))
                 size = os.fstat(file.fileno()).st_size
+                file, size, body, smtputf8 = await self._fit(
+                    file, size, body, smtputf8, [sender, *recipients])
+                files.enter_context(file)
                 check_message(self.extensions, size, body, smtputf8, self.remote)
                 mail = mail_command(sender, self.extensions, size, body, smtputf8, self.remote)
                 rcpts = [rcpt_command(r, smtputf8, self.remote) for r in recipients]
@@ -303,6 +313,36 @@ class OutboundSession:
                 return await self._transaction(mail, rcpts, recipients, file)
         finally:
             self._busy = False
+
+    async def _fit(self, file, size, body, smtputf8, addresses):
+        """The file, size and MAIL parameters to send to this server: the
+        message as spooled, or converted for a server without 8BITMIME."""
+        if downgrade.fits(self.extensions, smtputf8):
+            return file, size, body, smtputf8
+        work = functools.partial(
+            downgrade.fit, file, size, body=body, smtputf8=smtputf8, addresses=addresses,
+            extensions=self.extensions, nesting_limit=self._config.mime_nesting_limit)
+        pool = getattr(self._clock, "getThreadPool", None)
+        try:
+            if pool is None:
+                fitted = work()       # a clock without threads (task.Clock)
+            else:
+                # The scan and conversion take time in proportion to the
+                # message (under a second for 10 MB of text, seconds for a
+                # hostile one of 100,000 tiny parts): not on the reactor
+                # thread that every session shares.
+                fitted = await threads.deferToThreadPool(self._clock, pool(), work)
+        except downgrade.CannotSend as refusal:
+            missing = "SMTPUTF8" if refusal.enhanced == "5.6.7" else "8BITMIME"
+            raise DeliveryError(temporary=False, code=None, enhanced=refusal.enhanced,
+                                text=f"{refusal.reason}, and {self.remote} does not offer "
+                                     f"{missing}",
+                                remote=self.remote) from None
+        except OSError as exc:
+            raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
+                                text=f"cannot convert the message to 7 bits: {exc.strerror or exc}",
+                                remote=self.remote) from None
+        return fitted.file, fitted.size, fitted.body, fitted.smtputf8
 
     def _open_message(self, path):
         try:

@@ -277,6 +277,7 @@ def client_configs(settings):
         connect_timeout=delivery.connect_timeout,
         command_timeout=delivery.command_timeout,
         data_timeout=delivery.data_timeout,
+        mime_nesting_limit=delivery.mime_nesting_limit,
     )
     smarthost = ClientConfig(tls=delivery.smarthost_tls, auth_user=delivery.smarthost_user,
                              auth_password=delivery.smarthost_password, **common)

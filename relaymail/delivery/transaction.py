@@ -28,12 +28,14 @@ def check_message(extensions, size, body, smtputf8, remote):
                             text=f"message size {size} exceeds the limit {limit} of {remote}",
                             remote=remote)
     if body == "8BITMIME" and "8BITMIME" not in extensions:
-        # RFC 6152 3 lets us downgrade instead; we relay unchanged and bounce.
+        # Not reached from the client, which converts such a message first
+        # (relaymail.delivery.downgrade); kept as the last line of defence.
         raise DeliveryError(temporary=False, code=None, enhanced="5.6.3",
                             text=f"8-bit message, but {remote} does not offer 8BITMIME",
                             remote=remote)
     if smtputf8 and "SMTPUTF8" not in extensions:
-        # RFC 6531 3.4: without SMTPUTF8 at the next hop the message cannot go on.
+        # RFC 6531 3.4: without SMTPUTF8 at the next hop the message cannot
+        # go on.  The client drops the flag first when nothing needs it.
         raise DeliveryError(temporary=False, code=None, enhanced="5.6.7",
                             text=f"message needs SMTPUTF8, but {remote} does not offer it",
                             remote=remote)
