@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from relaymail import logobserver
 from relaymail.auth.checker import make_portal
@@ -90,6 +91,22 @@ class LockPidService(service.Service):
         self.lock.write_pid()
 
 
+class ThreadPoolService(service.Service):
+    """A thread pool of its own for one kind of work, started and stopped
+    with the daemon."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
 def build_service(settings, reactor=None):
     """The whole relay as a MultiService, from validated settings.
 
@@ -118,7 +135,7 @@ def build_service(settings, reactor=None):
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
     tls = _server_tls(settings)
-    auth = _authenticator(settings, reactor)
+    auth = _authenticator(settings, reactor, top)
     gate = ConnectionGate(settings, reactor)
     shared = dict(reactor=reactor, gate=gate, tls=tls, auth=auth)
     listeners = (
@@ -147,14 +164,22 @@ def _server_tls(settings):
         raise ConfigError(settings.source, "tls", error.key, error.problem)
 
 
-def _authenticator(settings, reactor):
+def _authenticator(settings, reactor, top):
     if not settings.auth.passwords:
         return None
+    limit = settings.auth.max_concurrent_hashes
+    # scrypt gets threads of its own, as many as may hash at once, so it
+    # never waits behind (or holds up) other work in the reactor's pool,
+    # and the Authenticator's count of hashes in progress is the number
+    # of 32 MiB buffers alive.
+    pool = ThreadPool(0, limit, "relaymail-scrypt")
     try:
-        portal = make_portal(settings.auth.passwords)
+        portal = make_portal(settings.auth.passwords, threadpool=pool, reactor=reactor)
     except PasswordFileError as error:
         raise ConfigError(settings.source, "auth", "passwords", str(error))
-    return Authenticator(portal, settings.auth.failure_delay, reactor)
+    ThreadPoolService(pool).setServiceParent(top)
+    return Authenticator(portal, settings.auth.failure_delay, reactor, max_hashes=limit,
+                         attempts_per_minute=settings.auth.attempts_per_minute)
 
 
 def _run_as(options):

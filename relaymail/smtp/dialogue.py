@@ -241,6 +241,10 @@ class Dialogue:
         mechanism, _, initial = argument.partition(" ")
         if not mechanism:
             return replies.AUTH_SYNTAX
+        refusal = self.auth.admit(self.context.client_ip, self.context.trusted)
+        if refusal is not None:
+            log.info("{client_ip} AUTH refused: too many attempts", client_ip=self.context.client_ip)
+            return refusal
         try:
             self._sasl = self.auth.start(mechanism.upper(), initial or None)
         except self.auth.SASLError as error:
@@ -277,7 +281,12 @@ class Dialogue:
         if kind == "challenge":
             return replies.Reply(334, None, value)
         self._sasl = None
-        d = self.auth.check(value)
+        try:
+            d = self.auth.check(value, self.context.client_ip)
+        except self.auth.Unavailable as busy:
+            log.info("{client_ip} AUTH refused: {reason}", client_ip=self.context.client_ip,
+                     reason=busy.reason)
+            return busy.reply
         d.addCallback(self._authenticated)
         return d
 
