@@ -5,6 +5,7 @@ import os
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -24,7 +25,7 @@ from relaymail.queue.spool import Spool
 from relaymail.smtp.authentication import Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
-from relaymail.smtp.tls import ServerTLS, TLSFileError
+from relaymail.smtp.tls import ServerTLS, TLSFileError, implicit_tls_endpoint
 
 # Command-line options that override one config key each.
 _OVERRIDES = {
@@ -134,20 +135,28 @@ def build_service(settings, reactor=None):
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
+    # STARTTLS with the broad list for MTAs, with the strict one where
+    # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
+    submission_tls = _server_tls(settings, for_passwords=True)
     auth = _authenticator(settings, reactor, top)
     gate = ConnectionGate(settings, reactor)
-    shared = dict(reactor=reactor, gate=gate, tls=tls, auth=auth)
+    shared = dict(reactor=reactor, gate=gate, auth=auth)
     listeners = (
-        [(description, {}) for description in settings.server.listen]
-        + [(description, {"submission": True}) for description in settings.server.submission_listen]
-        + [(description, {"proxy": True}) for description in settings.server.proxy_listen])
-    for description, options in listeners:
+        [("listen", description, {"tls": tls}) for description in settings.server.listen]
+        + [("submission_listen", description, {"submission": True, "tls": submission_tls})
+           for description in settings.server.submission_listen]
+        + [("proxy_listen", description, {"proxy": True, "tls": tls})
+           for description in settings.server.proxy_listen])
+    for key, description, options in listeners:
         # An ssl: endpoint is TLS from the first byte (port 465 style).
         implicit_tls = description.split(":", 1)[0].lower() == "ssl"
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
                               **shared, **options)
-        endpoint = endpoints.serverFromString(reactor, description)
+        if implicit_tls:
+            endpoint, factory = _implicit_tls(settings, reactor, key, description, factory)
+        else:
+            endpoint = endpoints.serverFromString(reactor, description)
         listener = StreamServerEndpointService(endpoint, factory)
         # A port we cannot bind stops start-up instead of being logged and ignored.
         listener._raiseSynchronously = True
@@ -155,13 +164,26 @@ def build_service(settings, reactor=None):
     return top
 
 
-def _server_tls(settings):
+def _server_tls(settings, for_passwords=False):
     if not settings.tls.certificate:
         return None
     try:
-        return ServerTLS(settings.tls.certificate, settings.tls.private_key)
+        return ServerTLS(settings.tls.certificate, settings.tls.private_key,
+                         for_passwords=for_passwords)
     except TLSFileError as error:
         raise ConfigError(settings.source, "tls", error.key, error.problem)
+
+
+def _implicit_tls(settings, reactor, key, description, factory):
+    """The TCP endpoint and TLS-wrapped factory for an ``ssl:`` listener,
+    with relaymail's TLS options rather than those Twisted's parser would
+    give it (the cipher list where passwords travel)."""
+    try:
+        endpoint, server_tls = implicit_tls_endpoint(reactor, description)
+    except (ValueError, TLSFileError) as error:
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(settings.source, "server", key, f"{description}: {problem}")
+    return endpoint, TLSMemoryBIOFactory(server_tls, False, factory)
 
 
 def _authenticator(settings, reactor, top):
