@@ -138,7 +138,8 @@ def build_service(settings, reactor=None):
     # STARTTLS with the broad list for MTAs, with the strict one where
     # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
-    submission_tls = _server_tls(settings, for_passwords=True)
+    submission_tls = (_server_tls(settings, for_passwords=True)
+                      if settings.server.submission_listen else None)
     auth = _authenticator(settings, reactor, top)
     gate = ConnectionGate(settings, reactor)
     shared = dict(reactor=reactor, gate=gate, auth=auth)
