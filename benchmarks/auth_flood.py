@@ -64,7 +64,8 @@ def main():
             try:
                 with RSSSampler(relay.process.pid) as rss:
                     flood.wait_until_all_guessing()
-                    logins = [timed_login(relay.port, "alice", "correct horse", "127.0.0.2", timeout=120)
+                    logins = [timed_login(relay.port, "alice", "correct horse", "127.0.0.2",
+                                          timeout=120)
                               for _ in range(args.logins)]
                     time.sleep(args.seconds)
             finally:

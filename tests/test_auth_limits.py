@@ -1,6 +1,8 @@
 """AUTH under a password-guessing flood: hashes in progress, AUTH commands
 per address per minute, and memory (relaymail.smtp.authentication)."""
 
+import socket
+
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
@@ -86,7 +88,8 @@ def test_auth_commands_past_the_per_minute_limit_get_454(tmp_path, password_file
             assert talk.command(f"AUTH PLAIN {auth_plain('alice', 'correct horse')}") == (
                 b"454 4.7.0 Error: too many AUTH commands from 127.0.0.3\r\n")
             # Refused before the exchange starts: no 334 challenge.
-            assert talk.command("AUTH LOGIN") == b"454 4.7.0 Error: too many AUTH commands from 127.0.0.3\r\n"
+            assert talk.command("AUTH LOGIN") == (
+                b"454 4.7.0 Error: too many AUTH commands from 127.0.0.3\r\n")
             # The session goes on.
             assert talk.command("NOOP") == b"250 2.0.0 Ok\r\n"
         # Another address has its own minute.
@@ -100,7 +103,6 @@ class RelayTalk:
     """A plain session from ``source``, after EHLO; one line per reply."""
 
     def __init__(self, port, source):
-        import socket
         self.socket = socket.create_connection(("127.0.0.1", port), 10, source_address=(source, 0))
         self.stream = self.socket.makefile("rb")
 

@@ -252,7 +252,8 @@ class Dialogue:
             return replies.AUTH_SYNTAX
         refusal = self.auth.admit(self.context.client_ip, self.context.trusted)
         if refusal is not None:
-            log.info("{client_ip} AUTH refused: too many attempts", client_ip=self.context.client_ip)
+            log.info("{client_ip} AUTH refused: too many attempts",
+                     client_ip=self.context.client_ip)
             return refusal
         try:
             self._sasl = self.auth.start(mechanism.upper(), initial or None)
