@@ -11,7 +11,7 @@ at the production scrypt parameters (32 MiB, ~0.2 s), AUTH in plain text
 127.0.0.1 it runs SESSIONS sessions, niced, each sending a wrong
 ``AUTH PLAIN`` as soon as the previous reply came, or INTERVAL seconds
 after its previous guess if that is later (tests/auth_flood.py);
-once every one has sent its first guess it times LOGINS correct logins, one after
+once every one has sent its first guess and one was hashed it times LOGINS correct logins, one after
 another, from 127.0.0.2, keeps flooding for SECONDS more, and reports the
 relay's VmRSS (idle, and the peak sampled every 50 ms) and the flood's
 replies.
@@ -63,7 +63,7 @@ def main():
             flood = FloodProcess(relay.port, args.sessions, args.interval)
             try:
                 with RSSSampler(relay.process.pid) as rss:
-                    flood.wait_until_all_guessing()
+                    flood.wait_until_flooding()
                     logins = [timed_login(relay.port, "alice", "correct horse", "127.0.0.2",
                                           timeout=120)
                               for _ in range(args.logins)]

@@ -11,7 +11,8 @@ priority (nice 10): a real attacker's client runs on the attacker's
 machines, and the flood should not take the relay's CPU, nor the GIL of
 the process timing a login, as a test artefact.  Run as a script
 (``python -m tests.auth_flood PORT SESSIONS INTERVAL [SOURCE]``) it prints
-``ready`` once every session has sent an AUTH, floods until its
+``ready`` once every session has sent an AUTH and one has been refused
+after hashing, floods until its
 standard input closes, then prints the reply counts as JSON.
 """
 
@@ -42,6 +43,7 @@ class Flood:
         self.host = host
         self.replies = collections.Counter()
         self.guessing = set()         # sessions that have sent an AUTH
+        self.hashed = False           # a guess has been refused with 535
         self._stop = None
         self._loop = None
         self._thread = None
@@ -65,13 +67,15 @@ class Flood:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 
-    def wait_until_all_guessing(self, timeout):
+    def wait_until_flooding(self, timeout):
+        """Until every session has sent a guess and one guess has been
+        hashed and refused (a 535): the flood is in full swing."""
         deadline = time.monotonic() + timeout
-        while len(self.guessing) < self.sessions:
+        while len(self.guessing) < self.sessions or not self.hashed:
             if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(self.guessing)} flood sessions got going")
+                raise AssertionError(f"only {len(self.guessing)} flood sessions got going, "
+                                     f"hashed: {self.hashed}")
             time.sleep(0.05)
-
     async def _run(self):
         tasks = [asyncio.ensure_future(self._session(i)) for i in range(self.sessions)]
         await self._stop.wait()
@@ -113,6 +117,7 @@ class Flood:
             if not line:
                 return
             self.replies[line.strip().decode(errors="replace")] += 1
+            self.hashed = self.hashed or line.startswith(b"535 ")
             if line.startswith(b"421"):
                 return
             await asyncio.sleep(sent + self.interval - loop.time())
@@ -121,7 +126,7 @@ class Flood:
 class FloodProcess:
     """A :class:`Flood` in a niced child process; ``replies`` after stop()."""
 
-    def __init__(self, port, sessions, interval=0.0, source="127.0.0.1", timeout=60):
+    def __init__(self, port, sessions, interval=0.0, source="127.0.0.1", timeout=120):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.process = subprocess.Popen(
@@ -132,7 +137,7 @@ class FloodProcess:
         self.replies = None
         self._timeout = timeout
 
-    def wait_until_all_guessing(self):
+    def wait_until_flooding(self):
         line = self.process.stdout.readline()
         if line != b"ready\n":
             self.process.kill()
@@ -151,7 +156,7 @@ def main(argv):
     source = argv[3] if len(argv) > 3 else "127.0.0.1"
     flood = Flood(port, sessions, interval, source=source).start()
     try:
-        flood.wait_until_all_guessing(60)
+        flood.wait_until_flooding(120)
         print("ready", flush=True)
         sys.stdin.read()
     finally:

