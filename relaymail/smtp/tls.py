@@ -53,7 +53,8 @@ current at that moment::
 What ``options()`` returns is a snapshot: a caller that keeps it keeps
 the old certificate after a reload.  Handshakes already done are not
 touched.  ``ssl:`` endpoint strings in ``[server] listen`` name their own
-files and are loaded once by Twisted, so they do not follow a reload.
+files; :func:`implicit_tls_endpoint` loads them into a :class:`ServerTLS`
+of their own, which a reload of the [tls] one does not touch.
 """
 
 from OpenSSL import SSL
