@@ -14,7 +14,9 @@ import resource
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from relaymail import logobserver
 from relaymail.auth.checker import make_portal
@@ -33,7 +35,7 @@ from relaymail.queue.spool import Spool
 from relaymail.smtp.authentication import Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
-from relaymail.smtp.tls import ServerTLS, TLSFileError
+from relaymail.smtp.tls import ServerTLS, TLSFileError, implicit_tls_endpoint
 
 # Open files the relay may need at once, beside its listeners:
 #: An inbound session holds its socket and, from DATA to the final dot,
@@ -119,6 +121,22 @@ class LockPidService(service.Service):
         self.lock.write_pid()
 
 
+class ThreadPoolService(service.Service):
+    """A thread pool of its own for one kind of work, started and stopped
+    with the daemon."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
 def build_service(settings, reactor=None):
     """The whole relay as a MultiService, from validated settings.
 
@@ -147,21 +165,30 @@ def build_service(settings, reactor=None):
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
+    # STARTTLS with the broad list for MTAs, with the strict one where
+    # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
-    auth = _authenticator(settings, reactor)
+    submission_tls = (_server_tls(settings, for_passwords=True)
+                      if settings.server.submission_listen else None)
+    auth = _authenticator(settings, reactor, top)
     gate = ConnectionGate(settings, reactor)
-    shared = dict(reactor=reactor, gate=gate, tls=tls, auth=auth)
+    shared = dict(reactor=reactor, gate=gate, auth=auth)
     listeners = (
-        [(description, {}) for description in settings.server.listen]
-        + [(description, {"submission": True}) for description in settings.server.submission_listen]
-        + [(description, {"proxy": True}) for description in settings.server.proxy_listen])
-    for description, options in listeners:
+        [("listen", description, {"tls": tls}) for description in settings.server.listen]
+        + [("submission_listen", description, {"submission": True, "tls": submission_tls})
+           for description in settings.server.submission_listen]
+        + [("proxy_listen", description, {"proxy": True, "tls": tls})
+           for description in settings.server.proxy_listen])
+    for key, description, options in listeners:
         # An ssl: endpoint is TLS from the first byte (port 465 style).
         implicit_tls = description.split(":", 1)[0].lower() == "ssl"
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
                               **shared, **options)
-        endpoint = endpoints.serverFromString(
-            reactor, with_backlog(description, settings.server.listen_backlog))
+        described = with_backlog(description, settings.server.listen_backlog)
+        if implicit_tls:
+            endpoint, factory = _implicit_tls(settings, reactor, key, described, factory)
+        else:
+            endpoint = endpoints.serverFromString(reactor, described)
         listener = StreamServerEndpointService(endpoint, factory)
         # A port we cannot bind stops start-up instead of being logged and ignored.
         listener._raiseSynchronously = True
@@ -234,23 +261,44 @@ def _endpoint_parts(description):
     return parts
 
 
-def _server_tls(settings):
+def _server_tls(settings, for_passwords=False):
     if not settings.tls.certificate:
         return None
     try:
-        return ServerTLS(settings.tls.certificate, settings.tls.private_key)
+        return ServerTLS(settings.tls.certificate, settings.tls.private_key,
+                         for_passwords=for_passwords)
     except TLSFileError as error:
         raise ConfigError(settings.source, "tls", error.key, error.problem)
 
 
-def _authenticator(settings, reactor):
+def _implicit_tls(settings, reactor, key, description, factory):
+    """The TCP endpoint and TLS-wrapped factory for an ``ssl:`` listener,
+    with relaymail's TLS options rather than those Twisted's parser would
+    give it (the cipher list where passwords travel)."""
+    try:
+        endpoint, server_tls = implicit_tls_endpoint(reactor, description)
+    except (ValueError, TLSFileError) as error:
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(settings.source, "server", key, f"{description}: {problem}")
+    return endpoint, TLSMemoryBIOFactory(server_tls, False, factory)
+
+
+def _authenticator(settings, reactor, top):
     if not settings.auth.passwords:
         return None
+    limit = settings.auth.max_concurrent_hashes
+    # scrypt gets threads of its own, as many as may hash at once, so it
+    # never waits behind (or holds up) other work in the reactor's pool,
+    # and the Authenticator's count of hashes in progress is the number
+    # of 32 MiB buffers alive.
+    pool = ThreadPool(0, limit, "relaymail-scrypt")
     try:
-        portal = make_portal(settings.auth.passwords)
+        portal = make_portal(settings.auth.passwords, threadpool=pool, reactor=reactor)
     except PasswordFileError as error:
         raise ConfigError(settings.source, "auth", "passwords", str(error))
-    return Authenticator(portal, settings.auth.failure_delay, reactor)
+    ThreadPoolService(pool).setServiceParent(top)
+    return Authenticator(portal, settings.auth.failure_delay, reactor, max_hashes=limit,
+                         attempts_per_minute=settings.auth.attempts_per_minute)
 
 
 def _run_as(options):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa as rsa_keys
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -67,9 +67,11 @@ class CertificateAuthority:
                 .sign(self._key, hashes.SHA256()))
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, *names):
-        """A server certificate for ``names`` (DNS names or IP addresses)."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(self, *names, rsa=False):
+        """A server certificate for ``names`` (DNS names or IP addresses);
+        an RSA key with ``rsa`` (static-RSA suites need one), else P-256."""
+        key = (rsa_keys.generate_private_key(public_exponent=65537, key_size=2048) if rsa
+               else ec.generate_private_key(ec.SECP256R1()))
         cert = (_builder(_name(names[0]), self._subject, key.public_key())
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(_alt_names(names), critical=False)

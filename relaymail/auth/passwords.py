@@ -77,8 +77,9 @@ class ScryptParameters(collections.namedtuple("ScryptParameters", "ln r p")):
 #: is one doubling on.  OWASP's Password Storage Cheat Sheet asks for
 #: N = 2**17 (128 MiB) as a minimum, but that is half a second here and
 #: every AUTH attempt, including an attacker's online guesses, buys one
-#: verification in the reactor's thread pool: 10 threads at 128 MiB each
-#: is more memory than a small relay should spend on them.  Raise ``ln``
+#: verification: ``[auth] max_concurrent_hashes`` of them at once
+#: (relaymail.smtp.authentication), each holding this much memory, and a
+#: real user's login waits for one.  Raise ``ln``
 #: when the hardware allows; old hashes keep verifying and
 #: :func:`needs_rehash` finds them.
 PARAMETERS = ScryptParameters(ln=15, r=8, p=1)

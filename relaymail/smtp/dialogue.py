@@ -19,6 +19,7 @@ from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
 from relaymail.smtp import address, data, replies
 from relaymail.smtp.received import received_header
+from relaymail.smtp.tls import fit_for_passwords
 
 log = Logger(namespace="relaymail.smtp")
 
@@ -86,6 +87,9 @@ class Dialogue:
         self.auth = auth
         #: TLS is active on this connection (STARTTLS done, or an ssl: listener).
         self.tls_active = False
+        #: The suite TLS negotiated (OpenSSL's name), set by the protocol
+        #: once the handshake is done; AUTH needs one fit for passwords.
+        self.tls_cipher = None
         #: Set when the reply just given is STARTTLS's 220: the protocol
         #: starts the handshake and calls tls_started().
         self.start_tls = False
@@ -134,9 +138,13 @@ class Dialogue:
 
     def _auth_offered(self):
         # RFC 4954 14: PLAIN and LOGIN send the password as it is; only
-        # over TLS unless the site says otherwise.
+        # over TLS unless the site says otherwise, and only over a suite
+        # fit for passwords (relaymail.smtp.tls: the port 25 list keeps
+        # weak suites for old MTAs).
         return (self.auth is not None and self.context.authenticated_user is None
-                and (self.tls_active or self.settings.auth.allow_plaintext))
+                and (self.settings.auth.allow_plaintext
+                     or (self.tls_active and self.tls_cipher is not None
+                         and fit_for_passwords(self.tls_cipher))))
 
     def handle(self, line):
         """Answer one command line (bytes, without its line end)."""
@@ -230,6 +238,7 @@ class Dialogue:
         everything learned before it; the client starts again with EHLO."""
         self.start_tls = False
         self.tls_active = True
+        self.tls_cipher = None
         self.esmtp = False
         self.context.helo = None
         self.context.authenticated_user = None
@@ -251,6 +260,11 @@ class Dialogue:
         mechanism, _, initial = argument.partition(" ")
         if not mechanism:
             return replies.AUTH_SYNTAX
+        refusal = self.auth.admit(self.context.client_ip, self.context.trusted)
+        if refusal is not None:
+            log.info("{client_ip} AUTH refused: too many attempts",
+                     client_ip=self.context.client_ip)
+            return refusal
         try:
             self._sasl = self.auth.start(mechanism.upper(), initial or None)
         except self.auth.SASLError as error:
@@ -287,7 +301,12 @@ class Dialogue:
         if kind == "challenge":
             return replies.Reply(334, None, value)
         self._sasl = None
-        d = self.auth.check(value)
+        try:
+            d = self.auth.check(value, self.context.client_ip)
+        except self.auth.Unavailable as busy:
+            log.info("{client_ip} AUTH refused: {reason}", client_ip=self.context.client_ip,
+                     reason=busy.reason)
+            return busy.reply
         d.addCallback(self._authenticated)
         return d
 

@@ -246,3 +246,48 @@ class ConnectionGate:
             if self._live(window, now):
                 break
             windows.popitem(last=False)
+
+
+class AttemptWindows:
+    """Attempts per address per minute, for limits other than connections
+    (``[auth] attempts_per_minute``): the same fixed one-minute windows as
+    :class:`ConnectionGate`'s rate, in a table of at most ``max_tracked``
+    addresses, oldest window forgotten first when it is full.
+
+    :param clock: an ``IReactorTime``-like object with ``seconds()``.
+    """
+
+    def __init__(self, clock, max_tracked=MAX_TRACKED):
+        self._clock = clock
+        self._max_tracked = max_tracked
+        # address -> _Window, in the order the windows started (see
+        # ConnectionGate._windows for why an OrderedDict).
+        self._windows = collections.OrderedDict()
+
+    def count(self, ip):
+        """Count one attempt from ``ip``; return the attempts counted in
+        its current minute, this one included."""
+        key = client_key(ip)
+        now = self._clock.seconds()
+        self._prune(now)
+        window = self._windows.get(key)
+        if window is not None and not ConnectionGate._live(window, now):
+            # The clock went backwards: start afresh.
+            del self._windows[key]
+            window = None
+        if window is None:
+            if len(self._windows) >= self._max_tracked:
+                self._windows.popitem(last=False)
+            window = self._windows[key] = _Window(now)
+        window.count += 1
+        return window.count
+
+    def tracked(self):
+        """How many addresses' windows are remembered now."""
+        self._prune(self._clock.seconds())
+        return len(self._windows)
+
+    def _prune(self, now):
+        windows = self._windows
+        while windows and not ConnectionGate._live(next(iter(windows.values())), now):
+            windows.popitem(last=False)

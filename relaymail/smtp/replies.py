@@ -135,6 +135,15 @@ AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
 AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Error: cannot decode response")
+# RFC 4954 6: 454 4.7.0 "Temporary authentication failure", for a check
+# we cannot run now (relaymail.smtp.authentication).
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+
+
+def too_many_auth_attempts(ip):
+    # RFC 4954's code for a temporary AUTH failure; the words are Postfix's
+    # for smtpd_client_auth_rate_limit, so log searches carry over.
+    return Reply(454, "4.7.0", f"Error: too many AUTH commands from {ip}")
 
 
 def bad_sender(reason):

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from relaymail import logline
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
+from relaymail.smtp.tls import negotiated_cipher
 
 log = Logger(namespace="relaymail.smtp")
 
@@ -266,6 +267,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self.dialogue.cancel_sasl()
                 self._reply(replies.LINE_TOO_LONG)
                 continue
+            if self.dialogue.tls_active and self.dialogue.tls_cipher is None:
+                # A line came through TLS, so the handshake is done.
+                self.dialogue.tls_cipher = negotiated_cipher(self.transport)
             self._answer(self.dialogue.handle(line))
 
     def _line_limit(self):

@@ -3,9 +3,37 @@
 :class:`ServerTLS` loads the [tls] certificate and key with the same check
 that :mod:`relaymail.config` runs at load time, and builds Twisted
 ``CertificateOptions`` from them: TLS 1.2 at least (RFC 8996 retired 1.0
-and 1.1; RFC 8314 4.1 asks for 1.2 or later), Twisted's default ciphers,
-and no client certificate asked for (clients are told apart by AUTH and
-their address, not by certificates).
+and 1.1; RFC 8314 4.1 asks for 1.2 or later), and no client certificate
+asked for (clients are told apart by AUTH and their address, not by
+certificates).
+
+Ciphers, and where passwords travel
+===================================
+
+Two lists, as Postfix keeps ``smtpd_tls_ciphers`` apart from
+``smtpd_tls_mandatory_ciphers``:
+
+* MTA-to-MTA (``[server] listen``, ``proxy_listen``): Twisted's default
+  list, static-RSA and CBC suites included.  RFC 7435 (opportunistic
+  security): any encryption beats the plain text an old peer would fall
+  back to, and the server's preference picks the strongest suite both
+  sides know.
+* Where passwords travel (``submission_listen`` and every ``ssl:``
+  listener, :data:`PASSWORD_CIPHERS`): TLS 1.3, and for TLS 1.2 only
+  ECDHE with AES-GCM or ChaCha20-Poly1305 (RFC 7525 4.2's recommended
+  suites): forward secrecy, so a key stolen later does not open recorded
+  logins, and AEAD, no CBC (Lucky 13, RFC 7457 2.8).  A client that knows
+  none of them gets no handshake.
+
+AUTH may also be offered on a ``listen`` connection after STARTTLS; the
+dialogue offers it there only when the suite negotiated is one of
+:data:`PASSWORD_CIPHERS` (:func:`fit_for_passwords`), so an old peer keeps
+its weak encryption for mail but not for a password.
+
+No session tickets and no session cache, on either list: each connection
+makes a full handshake with fresh ECDHE keys.  A ticket key lives as long
+as the process and would decrypt every session it resumed; SMTP sessions
+are few and long, so resumption would save little.
 
 Reload and what to hold on to
 =============================
@@ -25,7 +53,8 @@ current at that moment::
 What ``options()`` returns is a snapshot: a caller that keeps it keeps
 the old certificate after a reload.  Handshakes already done are not
 touched.  ``ssl:`` endpoint strings in ``[server] listen`` name their own
-files and are loaded once by Twisted, so they do not follow a reload.
+files; :func:`implicit_tls_endpoint` loads them into a :class:`ServerTLS`
+of their own, which a reload of the [tls] one does not touch.
 """
 
 from OpenSSL import SSL
@@ -37,6 +66,11 @@ from relaymail.config import TLSFileError, load_server_certificate
 
 # RFC 8996: TLS 1.0 and 1.1 are deprecated; RFC 8314 4.1: 1.2 or later.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+#: OpenSSL cipher string (TLS 1.2) where passwords travel: ephemeral ECDH
+#: key exchange, AEAD encryption.  TLS 1.3's suites are all of that kind
+#: and stay OpenSSL's defaults.
+PASSWORD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -52,9 +86,12 @@ class ServerTLS:
         ('certificate' or 'private_key').
     """
 
-    def __init__(self, certificate_path, private_key_path):
+    def __init__(self, certificate_path, private_key_path, for_passwords=False):
+        """:param for_passwords: offer only :data:`PASSWORD_CIPHERS` (and
+            TLS 1.3) rather than Twisted's broad default list."""
         self.certificate_path = certificate_path
         self.private_key_path = private_key_path
+        self.for_passwords = for_passwords
         self._options, self._certificate = self._load()
 
     @property
@@ -97,6 +134,10 @@ class ServerTLS:
     def _load(self):
         """Fresh options and the leaf certificate, from the files."""
         pair = load_server_certificate(self.certificate_path, self.private_key_path)
+        ciphers = {}
+        if self.for_passwords:
+            ciphers["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+                PASSWORD_CIPHERS)
         options = ssl.CertificateOptions(
             privateKey=pair.private_key,
             certificate=pair.leaf,
@@ -104,6 +145,11 @@ class ServerTLS:
             # build the path (RFC 8446 4.4.2).
             extraCertChain=list(pair.chain[1:]),
             raiseMinimumTo=MINIMUM_VERSION,
+            # Twisted's defaults, said here because the README promises
+            # them: no tickets, no session cache (see the module docs).
+            enableSessionTickets=False,
+            enableSessions=False,
+            **ciphers,
         )
         try:
             # Build the OpenSSL context now: OpenSSL's own objections (a key
@@ -121,3 +167,102 @@ def _reasons(exc):
     entries = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
     texts = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry]
     return "; ".join(texts) or " ".join(str(exc).split()) or "unknown error"
+
+
+_fit_for_passwords = None
+
+
+def fit_for_passwords(cipher_name):
+    """Whether the suite ``cipher_name`` (OpenSSL's name, as
+    :func:`negotiated_cipher` gives it) is one passwords may travel
+    under: TLS 1.3, or :data:`PASSWORD_CIPHERS`."""
+    global _fit_for_passwords
+    if _fit_for_passwords is None:
+        # Ask OpenSSL what the string means, so that the list and this
+        # check cannot disagree.
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_cipher_list(PASSWORD_CIPHERS.encode("ascii"))
+        _fit_for_passwords = frozenset(SSL.Connection(context, None).get_cipher_list())
+    return cipher_name in _fit_for_passwords
+
+
+def negotiated_cipher(transport):
+    """The name of the suite a TLS transport negotiated, or None if it has
+    none (not TLS, or the handshake is not done)."""
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    if not isinstance(handle, SSL.Connection):
+        return None
+    return handle.get_cipher_name()
+
+
+# Options of Twisted's ssl: endpoint string that relaymail's implicit-TLS
+# listeners take, and the ones they refuse, with the reason.
+_SSL_OPTIONS = ("port", "privateKey", "certKey", "interface", "backlog")
+_SSL_REFUSED = {
+    "sslmethod": "relaymail chooses the TLS versions itself (1.2 and later)",
+    "extraCertChain": "put the intermediate certificates in the certKey file, after the "
+                      "server's own",
+    "dhParameters": "implicit-TLS listeners use ECDHE only",
+}
+
+
+def implicit_tls_endpoint(reactor, description):
+    """A TCP endpoint and a :class:`ServerTLS` for an ``ssl:`` endpoint
+    string, so that relaymail, not Twisted's parser, sets the TLS options
+    of an implicit-TLS listener (port 465, RFC 8314 3.3: where clients log
+    in).  Wrap the listener's factory in
+    ``TLSMemoryBIOFactory(server_tls, False, factory)``.
+
+    Takes the string as Twisted does: ``ssl:PORT`` then ``key=value``
+    options separated by ``:``, a backslash escaping the next character;
+    ``privateKey`` defaults to ``server.pem`` and ``certKey`` to
+    ``privateKey``, as in Twisted.
+
+    :raise ValueError: for an option not taken, with the reason.
+    :raise TLSFileError: for the key or certificate files.
+    """
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    fields = _endpoint_fields(description)
+    kind, positional = fields[0][1], [value for key, value in fields[1:] if key is None]
+    if kind.lower() != "ssl":
+        raise ValueError(f"not an ssl: endpoint: {description!r}")
+    options = {key: value for key, value in fields[1:] if key is not None}
+    if len(positional) > 1 or (positional and "port" in options):
+        raise ValueError("give ssl: options after the port as key=value")
+    if positional:
+        options["port"] = positional[0]
+    for key in options:
+        if key in _SSL_REFUSED:
+            raise ValueError(f"ssl: option {key} is not supported: {_SSL_REFUSED[key]}")
+        if key not in _SSL_OPTIONS:
+            raise ValueError(f"unknown ssl: option {key!r}")
+    try:
+        port = int(options["port"])
+        backlog = int(options.get("backlog", "50"))
+    except (KeyError, ValueError):
+        raise ValueError("ssl: needs a port number (and a number for backlog)") from None
+    private_key = options.get("privateKey", "server.pem")
+    server_tls = ServerTLS(options.get("certKey", private_key), private_key, for_passwords=True)
+    endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog,
+                                  interface=options.get("interface", ""))
+    return endpoint, server_tls
+
+
+def _endpoint_fields(description):
+    """``[(key or None, value)]`` for each ``:``-separated field of an
+    endpoint string, backslash escapes undone."""
+    fields, key, current, chars = [], None, [], iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append((key, "".join(current)))
+            key, current = None, []
+        elif char == "=" and key is None and fields:
+            key, current = "".join(current), []
+        else:
+            current.append(char)
+    fields.append((key, "".join(current)))
+    return fields
