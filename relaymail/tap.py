@@ -32,6 +32,7 @@ from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, tru
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
+from relaymail.smtp import endpoint_string
 from relaymail.smtp.authentication import Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
@@ -170,8 +171,8 @@ def build_service(settings, reactor=None):
     tls = _server_tls(settings)
     submission_tls = (_server_tls(settings, for_passwords=True)
                       if settings.server.submission_listen else None)
-    auth = _authenticator(settings, reactor, top)
     gate = ConnectionGate(settings, reactor)
+    auth = _authenticator(settings, reactor, top, gate.key)
     shared = dict(reactor=reactor, gate=gate, auth=auth)
     listeners = (
         [("listen", description, {"tls": tls}) for description in settings.server.listen]
@@ -233,32 +234,12 @@ def _raise_file_limit(settings):
 def with_backlog(description, backlog):
     """``description`` with ``backlog=`` added, for the endpoint types that
     take one (tcp, tcp6, ssl, unix), unless it names one already."""
-    parts = _endpoint_parts(description)
-    if parts[0].strip().lower() not in _BACKLOG_TYPES:
+    parts = endpoint_string.fields(description)
+    if parts[0][1].strip().lower() not in _BACKLOG_TYPES:
         return description
-    if any(part.split("=", 1)[0].strip() == "backlog" for part in parts[1:] if "=" in part):
+    if any(key is not None and key.strip() == "backlog" for key, _ in parts[1:]):
         return description
     return f"{description}:backlog={backlog}"
-
-
-def _endpoint_parts(description):
-    """Split an endpoint string at its unescaped colons (``\\:`` is a colon
-    inside a value, as Twisted's parser reads it)."""
-    parts, current, escaped = [], [], False
-    for character in description:
-        if escaped:
-            current.append(character)
-            escaped = False
-        elif character == "\\":
-            current.append(character)
-            escaped = True
-        elif character == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(character)
-    parts.append("".join(current))
-    return parts
 
 
 def _server_tls(settings, for_passwords=False):
@@ -283,7 +264,7 @@ def _implicit_tls(settings, reactor, key, description, factory):
     return endpoint, TLSMemoryBIOFactory(server_tls, False, factory)
 
 
-def _authenticator(settings, reactor, top):
+def _authenticator(settings, reactor, top, client_key):
     if not settings.auth.passwords:
         return None
     limit = settings.auth.max_concurrent_hashes
@@ -298,7 +279,7 @@ def _authenticator(settings, reactor, top):
         raise ConfigError(settings.source, "auth", "passwords", str(error))
     ThreadPoolService(pool).setServiceParent(top)
     return Authenticator(portal, settings.auth.failure_delay, reactor, max_hashes=limit,
-                         attempts_per_minute=settings.auth.attempts_per_minute)
+                         attempts_per_minute=settings.auth.attempts_per_minute, key=client_key)
 
 
 def _run_as(options):

@@ -1,6 +1,7 @@
 """AUTH under a password-guessing flood: hashes in progress, AUTH commands
 per address per minute, and memory (relaymail.smtp.authentication)."""
 
+import functools
 import socket
 
 import pytest
@@ -203,6 +204,25 @@ def test_attempts_past_the_per_minute_limit_are_454_until_the_minute_is_over():
     assert auth.admit("192.0.2.1", trusted=False) is not None
     clock.advance(0.1)
     assert auth.admit("192.0.2.1", trusted=False) is None
+
+
+def test_addresses_of_one_ipv6_prefix_are_one_client_for_both_limits():
+    # The relay passes the connection gate's key, so AUTH counts clients
+    # by [limits] ipv6_prefix as the connection limits do.
+    clock = task.Clock()
+    portal = ScriptedPortal()
+    auth = Authenticator(portal, 1.0, clock, max_hashes=2, attempts_per_minute=2,
+                         key=functools.partial(limits.client_key, ipv6_prefix=64))
+    assert auth.admit("2001:db8::1", trusted=False) is None
+    assert auth.admit("2001:db8::2", trusted=False) is None
+    assert auth.admit("2001:db8::3", trusted=False).encode() == (
+        b"454 4.7.0 Error: too many AUTH commands from 2001:db8::/64\r\n")
+    assert auth.admit("2001:db8:0:1::1", trusted=False) is None
+    auth.check(object(), "2001:db8::1")
+    with pytest.raises(Unavailable):
+        auth.check(object(), "2001:db8::ffff")
+    auth.check(object(), "2001:db8:0:1::1")
+    assert len(portal.pending) == 2
 
 
 def test_trusted_clients_are_exempt_from_the_per_minute_limit():

@@ -392,7 +392,7 @@ def test_admit_prunes_without_being_asked():
         the_gate.admit(f"10.0.0.{number}", False)
     clock.advance(RATE_WINDOW)
     the_gate.admit(CLIENT, False)
-    assert len(the_gate._windows) == 1
+    assert len(the_gate._rates._windows) == 1
 
 
 def test_table_is_capped_under_a_flood_of_addresses():

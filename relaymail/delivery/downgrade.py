@@ -63,7 +63,6 @@ be encoded (``=0D``, ``=0A``), not lost.
 """
 
 import base64
-import binascii
 import email.message
 import functools
 import io
@@ -72,12 +71,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 
+from relaymail import quoted_printable
+
 # Postfix mime_nesting_limit: 100 levels of multipart and message/rfc822.
 DEFAULT_NESTING_LIMIT = 100
-
-# RFC 2045 6.7 rule 5: encoded lines at most 76 characters, CRLF excluded;
-# a soft line break is "=" at the end of a line.
-_QP_LINE = 76
 
 # Chunks for the scan and for encoding: big enough to keep Python out of
 # the loop, small enough to keep memory flat.
@@ -381,7 +378,7 @@ class _Walk:
         text = kind.startswith("text/") or kind in _ENCODABLE_MESSAGE
         encoding = "quoted-printable" if text else "base64"
         if "content-type" not in header.names:
-            charset = "utf-8" if _is_utf8(self.buf[body_start:body_end]) else "unknown-8bit"
+            charset = "utf-8" if quoted_printable.is_utf8(self.buf[body_start:body_end]) else "unknown-8bit"
             self.edits.append(_Edit(header.header_end, header.header_end, 0,
                                     b"Content-Type: text/plain; charset=%s\r\n" % charset.encode()))
         self._set_encoding(header, encoding)
@@ -520,14 +517,6 @@ def _fields(block, offset):
     return fields
 
 
-def _is_utf8(data):
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 # -- writing ---------------------------------------------------------------
 
 def _write(buf, edits, out):
@@ -567,39 +556,11 @@ def _quoted_printable(buf, start, end, out):
                 cut = buf.find(b"\r\n", stop, end)
             stop = end if cut < 0 else cut + 2
         lines = buf[start:stop].split(b"\r\n")
-        encoded = b"\r\n".join(_qp_line(line) for line in lines)
+        encoded = b"\r\n".join(quoted_printable.encode_line(line) for line in lines)
         out.write(encoded)
         size += len(encoded)
         start = stop
     return size
-
-
-def _qp_line(line):
-    """One line, quoted-printable: binascii escapes (octets above 126, '=',
-    controls, CR and LF in binary mode, white space at the end of the
-    line) in C; the line is then cut into pieces of at most 76 characters
-    without splitting an ``=XX``."""
-    escaped = binascii.b2a_qp(line, istext=False)
-    if len(escaped) <= _QP_LINE:
-        return escaped
-    # binascii's own soft breaks are "=\n" (a real LF is =0A here).
-    escaped = escaped.replace(b"=\n", b"")
-    pieces = []
-    while len(escaped) > _QP_LINE:
-        # 75 characters and the "=" of a soft line break.
-        cut = _QP_LINE - 1
-        if escaped[cut - 1] == 0x3D:        # the cut would split "=X|X"
-            cut -= 1
-        elif escaped[cut - 2] == 0x3D:      # ... or "=XX" after its "="
-            cut -= 2
-        pieces.append(escaped[:cut] + b"=")
-        escaped = escaped[cut:]
-        if escaped[:1] == b"-":
-            # A new line starting "--" could read as a boundary delimiter
-            # of an enclosing multipart; "=2D" cannot.
-            escaped = b"=2D" + escaped[1:]
-    pieces.append(escaped)
-    return b"\r\n".join(pieces)
 
 
 def _base64(buf, start, end, out):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from relaymail import sanitize
+from relaymail import quoted_printable, sanitize
 from relaymail.envelope import Envelope
 from relaymail.folding import fold
 
@@ -436,7 +436,7 @@ def _returned_headers(section, utf8):
     if legal and section.isascii():
         return ("message/global-headers" if utf8 else "text/rfc822-headers",
                 "7bit", section)
-    if legal and utf8 and _is_utf8(section):
+    if legal and utf8 and quoted_printable.is_utf8(section):
         # RFC 6533's registration: message/global-headers should be 8bit.
         return "message/global-headers", "8bit", section
     # RFC 6522's registration of text/rfc822-headers allows
@@ -444,7 +444,7 @@ def _returned_headers(section, utf8):
     # 6533 allows it for message/global-headers too, but readers (Python's
     # email package among them) parse a message/* part without decoding
     # it first, so the text type is the one that reads back right.
-    charset = "; charset=utf-8" if utf8 and _is_utf8(section) else ""
+    charset = "; charset=utf-8" if utf8 and quoted_printable.is_utf8(section) else ""
     return (f"text/rfc822-headers{charset}", "quoted-printable",
             _quoted_printable(lines))
 
@@ -453,34 +453,9 @@ def _identity_encoding(text):
     return "7bit" if text.isascii() else "8bit"
 
 
-def _is_utf8(data):
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _quoted_printable(lines):
-    """RFC 2045 6.7 for text: each line on its own, CRLF between lines,
-    soft line breaks to keep encoded lines at 76 characters."""
-    out = bytearray()
-    for line in lines:
-        current = bytearray()
-        for index, byte in enumerate(line):
-            last = index == len(line) - 1
-            if (33 <= byte <= 126 and byte != ord("=")) or (
-                    byte in (9, 32) and not last):
-                token = bytes((byte,))
-            else:
-                # Rule 3: white space at the end of a line is encoded.
-                token = b"=%02X" % byte
-            if len(current) + len(token) > 75:
-                out += current + b"=\r\n"
-                current = bytearray()
-            current += token
-        out += current + b"\r\n"
-    return bytes(out)
+    """Each line on its own, CRLF after every line (RFC 2045 6.7)."""
+    return b"".join(quoted_printable.encode_line(line) + b"\r\n" for line in lines)
 
 
 def _clean(text, utf8):

@@ -21,16 +21,21 @@ behind them.  So two limits, both answered at once with RFC 4954 6's
   sessions and listeners: the checker's own thread pool has exactly that
   many threads, so memory stays below that many times 32 MiB however many
   sessions guess.  One client address may hold at most half of them
-  (at least one), so that a flood from one address cannot take every slot
+  (at least one), so that a flood from one client cannot take every slot
   and a real user elsewhere still gets a hash at once.  The slot is held
   for the scrypt run only, not for ``failure_delay``.
-* **AUTH commands per client address per minute**
+* **AUTH commands per client per minute**
   (``[auth] attempts_per_minute``), counted as Postfix's anvil counts
   them for smtpd_client_auth_rate_limit: every AUTH command, refused or
   not, so a client that keeps hammering stays refused until it slows
   down.  Clients in ``trusted_networks`` are exempt, as Postfix exempts
   mynetworks (smtpd_client_event_limit_exceptions); the limit on hashes in
   progress applies to them as to everyone, since it is what bounds memory.
+
+A "client" is counted as the connection limits count it
+(:func:`relaymail.smtp.limits.client_key`): an IPv4 address, or the IPv6
+network of ``[limits] ipv6_prefix`` bits, so that walking through the
+addresses of one /64 buys no more guesses.
 
 Both refusals are 4xx replies and count towards ``[limits] errors``, so a
 session that keeps trying is closed with ``421`` in the end.
@@ -58,10 +63,12 @@ class HashSlots:
     """Counts the password hashes in progress, overall and per address.
 
     :param limit: most at once over all clients (at least 1).
+    :param key: names the client an address is counted under.
     """
 
-    def __init__(self, limit):
+    def __init__(self, limit, key=client_key):
         self.limit = limit
+        self._key = key
         # Half each, so that one address always leaves room for others
         # when there are at least two slots.
         self.per_address = max(1, limit // 2)
@@ -70,7 +77,7 @@ class HashSlots:
 
     def acquire(self, ip):
         """Take a slot for ``ip``; False if none is free for it."""
-        key = client_key(ip)
+        key = self._key(ip)
         held = self._by_address.get(key, 0)
         if self.in_progress >= self.limit or held >= self.per_address:
             return False
@@ -79,7 +86,7 @@ class HashSlots:
         return True
 
     def release(self, ip):
-        key = client_key(ip)
+        key = self._key(ip)
         held = self._by_address.get(key, 0)
         if held == 0:
             return
@@ -99,18 +106,23 @@ class Authenticator:
     :param failure_delay: seconds before a failed login is answered.
     :param reactor: for the delay and the per-minute windows' clock.
     :param max_hashes: most checks in progress at once.
-    :param attempts_per_minute: most AUTH commands per client address per
+    :param attempts_per_minute: most AUTH commands per client per
         minute; 0 for no limit.
+    :param key: names the client an address is counted under (the
+        connection gate's :meth:`~relaymail.smtp.limits.ConnectionGate.key`,
+        so both count by the same prefixes).
     """
 
     SASLError = sasl.SASLError
     Unavailable = Unavailable
 
-    def __init__(self, portal, failure_delay, reactor, max_hashes=1, attempts_per_minute=0):
+    def __init__(self, portal, failure_delay, reactor, max_hashes=1, attempts_per_minute=0,
+                 key=client_key):
         self._portal = portal
         self._delay = failure_delay
         self._reactor = reactor
-        self.slots = HashSlots(max_hashes)
+        self._key = key
+        self.slots = HashSlots(max_hashes, key)
         self._attempts_per_minute = attempts_per_minute
         self._windows = AttemptWindows(reactor)
 
@@ -119,8 +131,9 @@ class Authenticator:
         else the ``454 4.7.0`` reply for one over ``attempts_per_minute``."""
         if trusted or not self._attempts_per_minute:
             return None
-        if self._windows.count(client_ip) > self._attempts_per_minute:
-            return replies.too_many_auth_attempts(client_key(client_ip))
+        key = self._key(client_ip)
+        if self._windows.count(key) > self._attempts_per_minute:
+            return replies.too_many_auth_attempts(key)
         return None
 
     def start(self, mechanism, initial_response):

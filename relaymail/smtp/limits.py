@@ -114,14 +114,9 @@ class ConnectionGate:
         self._stress_off = self._stress_on - max(1, self._stress_on // 10)
         self._stressed = False
         self._watchers = set()
-        self._max_tracked = max_tracked
         self._total = 0
         self._open = {}      # client key -> connections open now (never 0)
-        # client key -> _Window, in the order the windows started, so that the
-        # expired ones are always at the front and pruning stops at the
-        # first live one.  An OrderedDict because taking from the front of
-        # a plain dict again and again rescans the deleted slots.
-        self._windows = collections.OrderedDict()
+        self._rates = AttemptWindows(clock, max_tracked)
 
     def key(self, ip):
         """The name ``ip`` is counted under (see :func:`client_key`)."""
@@ -150,9 +145,8 @@ class ConnectionGate:
         return self._open.get(self.key(ip), 0)
 
     def tracked(self):
-        """How many addresses' connection rates are remembered now."""
-        self._prune(self._clock.seconds())
-        return len(self._windows)
+        """How many clients' connection rates are remembered now."""
+        return self._rates.tracked()
 
     def admit(self, ip, exempt):
         """Decide whether a new connection from ``ip`` may proceed.
@@ -216,12 +210,37 @@ class ConnectionGate:
 
     def _count_attempt(self, key):
         """Count one attempt from ``key``; the attempts in its window now."""
-        if not self._max_rate:
-            return 0
+        return self._rates.count(key) if self._max_rate else 0
+
+
+class AttemptWindows:
+    """Attempts per client per minute: the connection rate of
+    :class:`ConnectionGate` and ``[auth] attempts_per_minute``.
+
+    Fixed one-minute windows, as anvil(8) counts (``anvil_rate_time_unit``),
+    in a table of at most ``max_tracked`` clients: when it is full, the
+    client whose minute started longest ago is forgotten first, so a flood
+    from many addresses cannot grow it without bound.
+
+    :param clock: an ``IReactorTime``-like object with ``seconds()``.
+    """
+
+    def __init__(self, clock, max_tracked=MAX_TRACKED):
+        self._clock = clock
+        self._max_tracked = max_tracked
+        # client key -> _Window, in the order the windows started, so that
+        # the expired ones are always at the front and pruning stops at the
+        # first live one.  An OrderedDict because taking from the front of
+        # a plain dict again and again rescans the deleted slots.
+        self._windows = collections.OrderedDict()
+
+    def count(self, key):
+        """Count one attempt from the client ``key`` (see :func:`client_key`);
+        return the attempts counted in its current minute, this one included."""
         now = self._clock.seconds()
         self._prune(now)
         window = self._windows.get(key)
-        if window is not None and not self._live(window, now):
+        if window is not None and not _live(window, now):
             # Only reachable when the clock went backwards (the reactor's
             # is wall-clock time); start afresh rather than trust it.
             del self._windows[key]
@@ -233,61 +252,18 @@ class ConnectionGate:
         window.count += 1
         return window.count
 
-    @staticmethod
-    def _live(window, now):
-        """True while ``window``'s minute has not run out."""
-        return window.start <= now < window.start + RATE_WINDOW
-
-    def _prune(self, now):
-        """Forget the windows that ended; they sit at the front."""
-        windows = self._windows
-        while windows:
-            window = next(iter(windows.values()))
-            if self._live(window, now):
-                break
-            windows.popitem(last=False)
-
-
-class AttemptWindows:
-    """Attempts per address per minute, for limits other than connections
-    (``[auth] attempts_per_minute``): the same fixed one-minute windows as
-    :class:`ConnectionGate`'s rate, in a table of at most ``max_tracked``
-    addresses, oldest window forgotten first when it is full.
-
-    :param clock: an ``IReactorTime``-like object with ``seconds()``.
-    """
-
-    def __init__(self, clock, max_tracked=MAX_TRACKED):
-        self._clock = clock
-        self._max_tracked = max_tracked
-        # address -> _Window, in the order the windows started (see
-        # ConnectionGate._windows for why an OrderedDict).
-        self._windows = collections.OrderedDict()
-
-    def count(self, ip):
-        """Count one attempt from ``ip``; return the attempts counted in
-        its current minute, this one included."""
-        key = client_key(ip)
-        now = self._clock.seconds()
-        self._prune(now)
-        window = self._windows.get(key)
-        if window is not None and not ConnectionGate._live(window, now):
-            # The clock went backwards: start afresh.
-            del self._windows[key]
-            window = None
-        if window is None:
-            if len(self._windows) >= self._max_tracked:
-                self._windows.popitem(last=False)
-            window = self._windows[key] = _Window(now)
-        window.count += 1
-        return window.count
-
     def tracked(self):
-        """How many addresses' windows are remembered now."""
+        """How many clients' windows are remembered now."""
         self._prune(self._clock.seconds())
         return len(self._windows)
 
     def _prune(self, now):
+        """Forget the windows that ended; they sit at the front."""
         windows = self._windows
-        while windows and not ConnectionGate._live(next(iter(windows.values())), now):
+        while windows and not _live(next(iter(windows.values())), now):
             windows.popitem(last=False)
+
+
+def _live(window, now):
+    """True while ``window``'s minute has not run out."""
+    return window.start <= now < window.start + RATE_WINDOW

@@ -63,6 +63,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from relaymail.config import TLSFileError, load_server_certificate
+from relaymail.smtp import endpoint_string
 
 # RFC 8996: TLS 1.0 and 1.1 are deprecated; RFC 8314 4.1: 1.2 or later.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -224,7 +225,7 @@ def implicit_tls_endpoint(reactor, description):
     """
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
-    fields = _endpoint_fields(description)
+    fields = endpoint_string.fields(description)
     kind, positional = fields[0][1], [value for key, value in fields[1:] if key is None]
     if kind.lower() != "ssl":
         raise ValueError(f"not an ssl: endpoint: {description!r}")
@@ -248,21 +249,3 @@ def implicit_tls_endpoint(reactor, description):
     endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog,
                                   interface=options.get("interface", ""))
     return endpoint, server_tls
-
-
-def _endpoint_fields(description):
-    """``[(key or None, value)]`` for each ``:``-separated field of an
-    endpoint string, backslash escapes undone."""
-    fields, key, current, chars = [], None, [], iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            fields.append((key, "".join(current)))
-            key, current = None, []
-        elif char == "=" and key is None and fields:
-            key, current = "".join(current), []
-        else:
-            current.append(char)
-    fields.append((key, "".join(current)))
-    return fields

@@ -1,0 +1,30 @@
+"""Reading Twisted server endpoint strings (``tcp:25:interface=192.0.2.1``).
+
+relaymail reads a few listener strings itself before Twisted does: to add
+a default ``backlog=`` (:func:`relaymail.tap.with_backlog`) and to build
+implicit-TLS listeners with its own TLS options
+(:func:`relaymail.smtp.tls.implicit_tls_endpoint`).  Both must split a
+string exactly as Twisted's ``serverFromString`` does, or the two would
+disagree about what the administrator wrote; this is that one reading.
+"""
+
+
+def fields(description):
+    """``[(key or None, value)]`` for each ``:``-separated field of an
+    endpoint string, backslash escapes undone (``\\:`` is a colon inside a
+    value), as Twisted's parser reads it.  The first field is the endpoint
+    type, e.g. ``(None, "tcp")``; a later ``name=value`` field has its key.
+    """
+    result, key, current, chars = [], None, [], iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            result.append((key, "".join(current)))
+            key, current = None, []
+        elif char == "=" and key is None and result:
+            key, current = "".join(current), []
+        else:
+            current.append(char)
+    result.append((key, "".join(current)))
+    return result
