@@ -445,8 +445,14 @@ def test_double_bounce_goes_to_the_postmaster_and_is_marked(original):
     note = " ".join(parsed.get_payload()[0].get_content().split())
     assert "from the null sender <> " in note and "comes to you, the postmaster, once" in note
     assert "<bob@example.com>" in note
+    # The header says so too, for the relays it passes through.
+    header = message.split(b"\r\n\r\n", 1)[0]
+    assert parsed["X-Relaymail-Double-Bounce"] == MTA
+    assert bounce.is_double_bounce(header)
     # An ordinary bounce is not marked.
-    assert dsn(original())[0].double_bounce is False
+    plain_envelope, plain = dsn(original())
+    assert plain_envelope.double_bounce is False
+    assert not bounce.is_double_bounce(plain.split(b"\r\n\r\n", 1)[0])
 
 
 @pytest.mark.parametrize("entry", [

@@ -51,6 +51,15 @@ HEADER_SECTION_LIMIT = 64 * 1024
 SENDER_LOCAL_PART = "MAILER-DAEMON"
 SENDER_DISPLAY_NAME = "Mail Delivery System"
 
+#: The field that marks a double bounce in its header, for the relays it
+#: passes through: a relay that cannot deliver a message from ``<>``
+#: carrying it discards the message (with a log line) instead of sending a
+#: double bounce of its own.  The record's ``double_bounce`` flag says the
+#: same only on the relay that wrote the notice; without the field, two
+#: relays that name each other as next hop would each answer the other's
+#: failed double bounce with a new one, for ever.
+DOUBLE_BOUNCE_FIELD = "X-Relaymail-Double-Bounce"
+
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 SUBJECT_DOUBLE = "Undeliverable Mail Notification (Postmaster Copy)"
@@ -208,6 +217,7 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         f"Message-ID: <{int(now)}.{record['id']}.{secrets.token_hex(6)}@{reporting_mta}>",
         # RFC 3834 section 5: tells responders not to answer it.
         "Auto-Submitted: auto-replied",
+        *([f"{DOUBLE_BOUNCE_FIELD}: {reporting_mta}"] if postmaster is not None else []),
         "MIME-Version: 1.0",
         # RFC 6522: report-type names the subtype of the second part.
         f'Content-Type: multipart/report; report-type={report_type};\r\n boundary="{boundary}"',
@@ -223,6 +233,14 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         received_at=now,
     )
     return envelope, message
+
+
+def is_double_bounce(header_section):
+    """True when a header section (bytes, CRLF line ends) carries
+    :data:`DOUBLE_BOUNCE_FIELD`: the message is a postmaster's notice that
+    some relay wrote about a failed bounce."""
+    name = DOUBLE_BOUNCE_FIELD.lower().encode("ascii") + b":"
+    return any(line.lower().startswith(name) for line in header_section.split(b"\r\n"))
 
 
 def read_header_section(path, limit=HEADER_SECTION_LIMIT):

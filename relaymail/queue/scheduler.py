@@ -42,7 +42,7 @@ from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcom
 from relaymail.interfaces import ISessionContext
 from relaymail.queue import record as records
 from relaymail.queue.control import ControlError
-from relaymail.queue.bounce import FailedRecipient, build_dsn
+from relaymail.queue.bounce import FailedRecipient, build_dsn, is_double_bounce, read_header_section
 from relaymail.smtp.address import AddressError, parse_forward_path
 
 log = Logger(namespace="relaymail.queue")
@@ -380,7 +380,7 @@ class Scheduler(service.Service):
     def _double_bounce(self, queue_id, record, recipients, now):
         """A failed message from <>: once to the postmaster, then never."""
         failed = ", ".join(f"<{entry.address}>" for entry in recipients)
-        if record["envelope"].get("double_bounce"):
+        if record["envelope"].get("double_bounce") or self._carries_double_bounce_field(queue_id):
             log.warn("{queue_id}: double bounce discarded: undeliverable to the postmaster "
                      "{failed} too", queue_id=queue_id, failed=failed)
             return defer.succeed(True)
@@ -410,6 +410,16 @@ class Scheduler(service.Service):
                      problem=str(failure.value))
             return False
         return expanded.addCallbacks(queue, not_expanded)
+
+    def _carries_double_bounce_field(self, queue_id):
+        """A double bounce another relay wrote (see
+        :data:`relaymail.queue.bounce.DOUBLE_BOUNCE_FIELD`).  Read only when
+        a message from <> has failed, so the cost is off the common path."""
+        try:
+            section, _cut = read_header_section(self.spool.message_path(queue_id))
+        except OSError:
+            return False        # no header to read: treat it as a bounce
+        return is_double_bounce(section)
 
     def _qualified(self, address):
         """A bare local part in our own domain, as the server reads a bare
