@@ -300,7 +300,11 @@ def makeService(options):
             # relay user could swap for a link is refused outright.
             spool = trusted_path(settings.queue.path)
         elif os.geteuid() == 0:
+            # Root stays root: the spool must be root's, and so must every
+            # directory on the way to it, or whoever owns one could swap
+            # the spool for one of their own while the relay runs.
             check_root_owned(settings.queue.path)
+            trusted_path(settings.queue.path)
         top = build_service(settings)
         if owner is not None:
             # The spool and its lock are made while twistd is still root

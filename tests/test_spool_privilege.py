@@ -152,7 +152,41 @@ def test_staying_root_refuses_a_spool_of_another_user(workdir, victim):
     assert_untouched(victim)
 
 
+def test_staying_root_refuses_a_root_spool_below_a_directory_of_another_user(workdir):
+    # sudo make run in a developer's checkout: var/ is the developer's, the
+    # spool root's.  The developer could rename var/ away while root runs
+    # and leave var/spool/active/ID.msg -> a root file in its place.
+    var = os.path.join(workdir, "var")
+    os.mkdir(var, 0o755)
+    os.chown(var, UID, GID)
+    spool = relay_spool(var, owner=(0, 0))
+    config = os.path.join(workdir, "relaymail.ini")
+    with open(config, "w") as file:
+        file.write(f"[server]\nlisten = tcp:0:interface=127.0.0.1\n[queue]\npath = {spool}\n")
+    try:
+        result = twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        result = None
+    assert result is not None, "the relay started"
+    assert result.stderr == (f"relaymail: unsafe spool {spool}: {var} is owned by uid {UID}, "
+                             "not root; whoever owns it could replace the spool\n")
+
+
 # -- the hand-over itself ------------------------------------------------------
+
+def test_hand_over_leaves_the_lost_and_found_of_a_spool_file_system_alone(workdir):
+    # A spool on a file system of its own (against a full disk) has mkfs's
+    # lost+found, root's: neither refused nor given to the relay user.
+    spool = relay_spool(workdir, owner=(0, 0))
+    os.mkdir(os.path.join(spool, "lost+found"), 0o700)
+    hand_over(spool, UID, GID)
+    assert os.lstat(os.path.join(spool, "lost+found")).st_uid == 0
+    assert os.lstat(os.path.join(spool, "active")).st_uid == UID
+    # One that is not root's is a stranger like any other name.
+    os.chown(os.path.join(spool, "lost+found"), UID, GID)
+    with pytest.raises(UnsafeSpool, match="lost\\+found does not belong in a spool"):
+        hand_over(spool, UID, GID)
+
 
 def _plant_directory_link(spool, victim):
     elsewhere = os.path.join(os.path.dirname(victim), "elsewhere")

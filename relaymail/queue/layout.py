@@ -107,6 +107,16 @@ def staging_name(target_name, token):
     return f"{target_name}-{token}.link"
 
 
+#: What mkfs puts at the top of an ext2/3/4 file system: found in a spool
+#: that has a file system of its own, and never the relay's.
+LOST_AND_FOUND = "lost+found"
+
+
+def _is_root_directory(directory_fd, name):
+    info = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == 0
+
+
 def expected_kind(directory, name):
     """What ``name`` must be in ``directory`` (None for the spool
     directory itself): ``"a directory"``, ``"a regular file"``, ``"a
@@ -293,6 +303,11 @@ def hand_over(path, uid, gid):
         opened.append(top)
         found = []      # (directory fd, name in the message, lstat)
         for name in sorted(os.listdir(top)):
+            if name == LOST_AND_FOUND and _is_root_directory(top, name):
+                # A spool on a file system of its own (the usual guard
+                # against a full disk) has mkfs's lost+found: root's, and
+                # left alone, neither looked into nor handed over.
+                continue
             info = _lstat_expected(spool, top, None, name, owners)
             if stat.S_ISDIR(info.st_mode):
                 fd = _open_directory(spool, name, top, name, owners, info)
