@@ -80,14 +80,16 @@ def _at_least(minimum, value, raw):
         raise ValueError(f"must be at least {minimum}, got {raw!r}")
 
 
-def integer(minimum=None):
-    """A whole number, optionally with a lower bound."""
+def integer(minimum=None, maximum=None):
+    """A whole number, optionally with a lower and an upper bound."""
     def parse(raw):
         text = raw.strip()
         if not re.fullmatch(r"[+-]?\d+", text):
             raise ValueError(f"expected a whole number, got {raw!r}")
         value = int(text)
         _at_least(minimum, value, raw)
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum}, got {raw!r}")
         return value
     return parse
 
@@ -739,7 +741,9 @@ SCHEMA = {
         "soft_bounce": Key(boolean, "no"),
         # Postfix mime_nesting_limit: how deep the 8-bit to 7-bit conversion
         # for a next hop without 8BITMIME follows multipart and message/rfc822.
-        "mime_nesting_limit": Key(integer(minimum=1), "100"),
+        # At most 250: the conversion walks the nesting recursively (three
+        # frames a level), and Python's stack stops near 330 levels.
+        "mime_nesting_limit": Key(integer(minimum=1, maximum=250), "100"),
     },
     "tls": {
         "certificate": Key(readable_file, ""),

@@ -16,7 +16,10 @@ three places where some characters do harm:
 
 So the characters that must not pass are the C0 controls but TAB, DEL,
 the C1 controls (U+0080-U+009F: ECMA-48 gives each a meaning, NEL and
-CSI among them) and U+2028/U+2029.  That set includes every character
+CSI among them), U+2028/U+2029, and lone surrogates (U+D800-U+DFFF):
+bytes that were not UTF-8, kept by the ``surrogateescape`` error
+handler, which an output stream with the same handler writes back as the
+raw byte (0x9B, CSI, among them).  That set includes every character
 :meth:`str.splitlines` breaks at.  TAB stays: it separates words in a
 header or a reply, and folded header lines begin with it.  Where the
 relay reads commands (``relaymail.smtp.dialogue``, ``relaymail.smtp.address``)
@@ -30,8 +33,9 @@ for people and log readers, not a reversible encoding.
 import re
 
 #: The characters that must not pass, as the inside of a regular
-#: expression character class: C0 but TAB, DEL, C1, U+2028 and U+2029.
-UNSAFE_CLASS = "\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029"
+#: expression character class: C0 but TAB, DEL, C1, U+2028, U+2029 and
+#: the surrogates.
+UNSAFE_CLASS = "\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
 
 _UNSAFE = re.compile(f"[{UNSAFE_CLASS}]")
 

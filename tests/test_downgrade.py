@@ -366,3 +366,57 @@ def test_mislabelled_7bit_part_is_converted():
     assert downgrade(message) == (
         b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n")
+
+
+# -- what a hostile or odd message may try ------------------------------------------
+
+def test_a_comment_in_content_type_does_not_hide_a_signed_part():
+    # RFC 5322 comments are allowed in Content-Type (RFC 2045 5.1); the
+    # type is still multipart/signed and its content is not touched.
+    message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/signed (pgp); "
+               b"protocol=\"application/pgp-signature\"; micalg=pgp-sha256; boundary=\"s\"\r\n\r\n"
+               b"--s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n"
+               b"--s\r\nContent-Type: application/pgp-signature\r\n\r\nsig\r\n--s--\r\n")
+    with pytest.raises(CannotSend) as info:
+        downgrade(message)
+    assert info.value.enhanced == "5.6.3"
+
+
+def _nested(depth):
+    part = b"Content-Type: text/plain\r\n\r\n\xc3\xa9\r\n"
+    for level in range(depth):
+        boundary = b"b%d" % level
+        part = (b"Content-Type: multipart/mixed; boundary=" + boundary + b"\r\n\r\n--"
+                + boundary + b"\r\n" + part + b"--" + boundary + b"--\r\n")
+    return b"MIME-Version: 1.0\r\n" + part
+
+
+def test_the_highest_nesting_limit_the_config_allows_is_walked_without_recursion_error():
+    from relaymail.config import load_config
+    with pytest.raises(Exception, match="must be at most 250"):
+        load_config(None, {("delivery", "mime_nesting_limit"): "251"})
+    converted = downgrade(_nested(249), nesting_limit=250)
+    assert converted.isascii() and b"=C3=A9" in converted
+    with pytest.raises(CannotSend) as info:
+        downgrade(_nested(251), nesting_limit=250)
+    assert info.value.enhanced == "5.6.3"
+
+
+def test_a_refusal_quoting_an_undecodable_header_byte_is_escaped():
+    # A part header holding the byte 0x9B (CSI): the refusal reason quotes
+    # it, and must not carry it on as a lone surrogate that a
+    # surrogateescape stream would write back raw.
+    from relaymail.delivery.outcomes import DeliveryError
+    message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n"
+               b"Content-Type: text/plain\r\nContent-Transfer-Encoding: x-\x9b[2J\r\n\r\n"
+               b"\xc3\xa9\r\n--q--\r\n")
+    with tempfile.TemporaryFile() as file:
+        file.write(message)
+        file.seek(0)
+        with pytest.raises(CannotSend) as info:
+            fit(file, len(message), body="8BITMIME", smtputf8=True, addresses=["a@b.example"],
+                extensions={"SMTPUTF8": ()})
+    error = DeliveryError(temporary=False, code=None, enhanced=info.value.enhanced,
+                          text=info.value.reason)
+    assert "\\x{DC9B}[2j" in error.text and error.text.isprintable()

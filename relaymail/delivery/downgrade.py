@@ -64,6 +64,7 @@ be encoded (``=0D``, ``=0A``), not lost.
 
 import base64
 import email.message
+import email.policy
 import functools
 import io
 import mmap
@@ -491,6 +492,11 @@ def _content_type(value, default_type):
     if value is not None:
         parsed["Content-Type"] = value
     kind = parsed.get_content_type()
+    if "(" in kind:
+        # Message keeps an RFC 5322 comment in the type ("multipart/signed
+        # (pgp)"), which would slip past the checks by name below; the
+        # header registry's parser drops comments.
+        kind = email.policy.default.header_factory("Content-Type", value).content_type
     boundary = parsed.get_boundary() if kind.startswith("multipart/") else None
     return kind, boundary.encode("ascii", "surrogateescape") if boundary else None
 
