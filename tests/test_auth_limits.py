@@ -260,3 +260,20 @@ def test_bad_max_concurrent_hashes_is_a_config_error(tmp_path, raw):
         make_settings(tmp_path, auth__max_concurrent_hashes=raw)
     assert "[auth] max_concurrent_hashes" in str(info.value)
     assert "(or auto)" in str(info.value)
+
+
+def test_an_auth_line_over_12288_octets_is_500_5_5_6_and_the_session_goes_on(
+        tmp_path, password_file):
+    # RFC 4954 4: the reply to an over-long line in an AUTH exchange, the
+    # rest of the line read as nothing, and the exchange over.
+    relay = flood_relay(tmp_path, password_file, failure_delay="0")
+    try:
+        with RelayTalk(relay.port, "127.0.0.5") as talk:
+            assert talk.command("AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+            assert talk.command("A" * 20000) == (
+                b"500 5.5.6 Authentication exchange line is too long\r\n")
+            assert talk.command("NOOP") == b"250 2.0.0 Ok\r\n"
+            # Outside an exchange the same line is a command too long.
+            assert talk.command("NOOP " + "x" * 20000) == b"500 5.5.2 Error: line too long\r\n"
+    finally:
+        relay.stop()

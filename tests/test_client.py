@@ -1006,13 +1006,22 @@ class AuthTests(ClientTestCase):
         self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.8"))
         self.assertIn("SASL authentication (LOGIN) failed", error.text)
 
-    async def test_530_to_mail_defers(self):
+    async def test_530_to_mail_from_a_chosen_hop_defers(self):
+        path = self.message_file(SIMPLE)
+        script = Script(replies={"MAIL": [b"530 5.7.0 Authentication required"]})
+        factory, session = await self.session_for(script, tls="none", chosen_hop=True)
+        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.0"))
+        self.assertIn("said: 530 5.7.0 Authentication required", error.text)
+
+    async def test_530_to_mail_from_a_recipients_mx_is_permanent(self):
+        # An MX that wants AUTH from the world will never take the
+        # message; waiting five days for it helps nobody.
         path = self.message_file(SIMPLE)
         script = Script(replies={"MAIL": [b"530 5.7.0 Authentication required"]})
         factory, session = await self.session_for(script, tls="none")
         error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
-        self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.7.0"))
-        self.assertIn("said: 530 5.7.0 Authentication required", error.text)
+        self.assertEqual((error.temporary, error.code, error.enhanced), (False, 530, "5.7.0"))
 
 
 # -- the pure parts -----------------------------------------------------------------------------

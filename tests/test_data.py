@@ -158,7 +158,9 @@ def hops(count, name=b"Received"):
     return b"".join(name + b": from h%d by h%d\r\n" % (n, n + 1) for n in range(count))
 
 
-@pytest.mark.parametrize("name", [b"Received", b"received", b"RECEIVED", b"ReCeIvEd"])
+@pytest.mark.parametrize("name", [b"Received", b"received", b"RECEIVED", b"ReCeIvEd",
+                                  # RFC 5322 4.5's obsolete form, which Postfix reads too.
+                                  b"Received ", b"Received\t \t"])
 def test_received_fields_over_the_limit_are_too_many_hops(name):
     stream = hops(50, name) + b"Subject: loop\r\n\r\nbody\r\n.\r\nNOOP\r\n"
     assert read([stream], max_received=49) == (b"", data.TOO_MANY_HOPS, b"NOOP\r\n")

@@ -101,6 +101,23 @@ def test_received_field_for_a_long_helo_is_folded(session):
         b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
 
 
+@pytest.mark.parametrize("helo, smtputf8, written", [
+    ("bücher.example", False, b"xn--bcher-kva.example"),
+    ("bü_cher", False, b"b\\x{FC}_cher"),
+    ("bücher.example", True, "bücher.example".encode()),
+])
+def test_a_non_ascii_helo_is_written_in_ascii_unless_the_message_is_utf8smtp(
+        session, helo, smtputf8, written):
+    # Raw UTF-8 in the header of a message without SMTPUTF8 would make it
+    # need SMTPUTF8 at the next hop (RFC 6531, RFC 6532).
+    assert session.command(("EHLO " + helo).encode()).startswith(b"250-")
+    session.command(b"MAIL FROM:<a@example.org>" + (b" SMTPUTF8" if smtputf8 else b""))
+    session.command(b"RCPT TO:<b@example.com>")
+    session.command(b"DATA")
+    assert session.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q0001\r\n"
+    assert session.queue.messages["Q0001"][1].startswith(b"Received: from " + written + b" (")
+
+
 def test_ehlo_resets_the_transaction(session):
     ehlo(session)
     session.command(b"MAIL FROM:<a@example.org>")
@@ -582,16 +599,17 @@ def test_vrfy_and_expn_take_the_smtputf8_parameter(settings):
 def test_vrfy_and_expn_refuse_other_parameters_and_utf8_without_smtputf8(settings):
     s = session_for(settings, ScriptedValidator(), lists={"staff": ["alice@example.com"]})
     ehlo(s)
-    assert s.command(b"EXPN staff FOO=1") == b"555 5.5.4 Unsupported parameter FOO=1\r\n"
+    # RFC 5321 4.3.2: 555 is for MAIL and RCPT; VRFY and EXPN get 504.
+    assert s.command(b"EXPN staff FOO=1") == b"504 5.5.4 Unsupported parameter FOO=1\r\n"
     assert s.command(b"VRFY known SMTPUTF8 BODY=8BITMIME") == (
-        b"555 5.5.4 Unsupported parameter BODY=8BITMIME\r\n")
+        b"504 5.5.4 Unsupported parameter BODY=8BITMIME\r\n")
     assert s.command("VRFY jürgen".encode()) == (
         b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter\r\n")
     assert s.command("EXPN ünï".encode()) == (
         b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter\r\n")
     # SMTPUTF8 is only advertised after EHLO (RFC 5321 4.1.1.11).
     s.command(b"HELO client.test")
-    assert s.command(b"EXPN staff SMTPUTF8") == b"555 Unsupported parameter SMTPUTF8\r\n"
+    assert s.command(b"EXPN staff SMTPUTF8") == b"504 Unsupported parameter SMTPUTF8\r\n"
     assert s.command(b"EXPN staff") == b"250 <alice@example.com>\r\n"
 
 

@@ -231,5 +231,9 @@ def test_a_disk_that_fills_during_an_upload_is_451_with_one_line_and_nothing_lef
     assert len(log_lines(relay, "451 ")) == 2
     [at_commit] = log_lines(relay, "not queued")
     assert "127.0.0.1 message " in at_commit and "No space left on device" in at_commit
+    # The one refused during the upload says why, too.
+    [midway] = log_lines(relay, "refused: 451 ")
+    assert midway.endswith(" refused: 451 4.3.0 Error: local error in processing, "
+                           "try again later (No space left on device)"), midway
     assert os.listdir(os.path.join(relay.spool, "tmp")) == []
     assert queued_files(relay) == kept and kept_id + ".msg" in kept

@@ -431,6 +431,11 @@ class NextHopTests(DNSTestCase):
         self.assertEqual((config_for(b).tls, config_for(b).auth_user), ("may", None))
         smarthost = config_for(router.destination("c.example"))
         self.assertEqual((smarthost.tls, smarthost.auth_user), ("wrapper", "u"))
+        # Hops the site chose; a recipient's MX is not one.
+        self.assertEqual([config_for(a).chosen_hop, config_for(b).chosen_hop, smarthost.chosen_hop],
+                         [True, True, True])
+        mx = config_for(Destination("mx", "d.example", 25, True))
+        self.assertEqual((mx.tls, mx.auth_user, mx.chosen_hop), ("may", None, False))
 
 
 class DestinationTests(unittest.TestCase):

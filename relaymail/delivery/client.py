@@ -84,6 +84,10 @@ class ClientConfig:
     data_block_timeout: float = 180    # the server taking no data at all for this long
     quit_timeout: float = 10           # not in the RFC: QUIT must not hold a connection long
     mime_nesting_limit: int = downgrade.DEFAULT_NESTING_LIMIT   # for the 8-bit downgrade
+    #: A hop the site chose (the smarthost, a route), not a recipient's MX:
+    #: when it answers MAIL with 530, it wants credentials or TLS that our
+    #: set-up does not bring, so the message waits for the fix.
+    chosen_hop: bool = False
 
     def __post_init__(self):
         if self.tls not in tls.POLICIES:
@@ -431,9 +435,11 @@ class OutboundSession:
     def _mail_refused(self, reply):
         """The error for a refused MAIL FROM.  530 is "authentication
         required" (RFC 4954 6) or "must issue STARTTLS first" (RFC 3207 4):
-        the server wants credentials or TLS we did not bring, which is our
-        set-up to fix, not a reason to return the message."""
-        if reply.code == 530:
+        the server wants credentials or TLS we did not bring.  From a hop
+        the site chose, or when we brought credentials, that is our set-up
+        to fix, not a reason to return the message; a recipient's MX that
+        wants AUTH from the world refuses the message like any 5xx."""
+        if reply.code == 530 and (self._config.chosen_hop or self._config.auth_user is not None):
             return our_side(reply, self.remote, "MAIL FROM (the server wants AUTH or TLS)")
         return error_from_reply(reply, self.remote)
 

@@ -280,13 +280,15 @@ def client_configs(settings):
         mime_nesting_limit=delivery.mime_nesting_limit,
     )
     smarthost = ClientConfig(tls=delivery.smarthost_tls, auth_user=delivery.smarthost_user,
-                             auth_password=delivery.smarthost_password, **common)
-    by_policy = {"may": ClientConfig(tls="may", **common)}
-    for policy in set(settings.route_tls.values()):
-        by_policy.setdefault(policy, ClientConfig(tls=policy, **common))
+                             auth_password=delivery.smarthost_password, chosen_hop=True, **common)
+    mx = ClientConfig(tls="may", **common)
+    routes = {policy: ClientConfig(tls=policy, chosen_hop=True, **common)
+              for policy in {"may", *settings.route_tls.values()}}
 
     def config_for(destination):
         if destination.kind == "smarthost":
             return smarthost
-        return by_policy[destination.tls or "may"]
+        if destination.kind == "route":
+            return routes[destination.tls or "may"]
+        return mx
     return config_for

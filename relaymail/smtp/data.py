@@ -29,6 +29,8 @@ Content checks, each one bytes operation per block:
   name at the start of a line before the first empty line, in any case.
 """
 
+import re
+
 # Outcomes, in the order they are reported when several apply.
 OK = "ok"
 BARE_NEWLINE = "bare-newline"
@@ -40,7 +42,10 @@ TOO_BIG = "too-big"
 WRITE_FAILED = "write-failed"
 
 _END = b"\r\n.\r\n"
-_RECEIVED = b"received:"
+# A Received field at the start of a line of the header section.  RFC 5322
+# 4.5's obsolete syntax lets white space stand before the colon, and
+# Postfix's header parser takes that form too, so it counts as a hop.
+_RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:")
 
 
 class DataReader:
@@ -83,6 +88,8 @@ class DataReader:
         self._at_line_start = True
         self.size = 0
         self.outcome = OK
+        #: The OSError that made the outcome WRITE_FAILED, for the log.
+        self.write_error = None
 
     def feed(self, data):
         """Take the next bytes from the client.
@@ -180,7 +187,8 @@ class DataReader:
             return
         try:
             self._write(block)
-        except OSError:
+        except OSError as error:
+            self.write_error = error
             self._problem(WRITE_FAILED)
 
     def _split_lines(self, block):
@@ -216,8 +224,7 @@ class DataReader:
         if self._max_received is not None and header:
             # Field names are case-insensitive (RFC 5322 1.2.2); one lower()
             # copy of a header section that header_size bounds.
-            lowered = header.lower()
-            self.received += lowered.count(b"\r\n" + _RECEIVED) + lowered.startswith(_RECEIVED)
+            self.received += len(_RECEIVED.findall(header.lower()))
             if self.received > self._max_received:
                 self._problem(TOO_MANY_HOPS)
                 return False

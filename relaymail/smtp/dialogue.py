@@ -495,9 +495,11 @@ class Dialogue:
         }.get(reader.outcome)
         if problem is not None:
             writer.abort()
-            log.info("{client_ip} message {queue_id} refused: {code} {text}",
+            # A disk error says which (ENOSPC, EIO): what the admin must fix.
+            cause = f" ({reader.write_error.strerror})" if reader.write_error else ""
+            log.info("{client_ip} message {queue_id} refused: {code} {enhanced} {text}{cause}",
                      client_ip=self.context.client_ip, queue_id=writer.queue_id,
-                     code=problem.code, text=problem.text)
+                     code=problem.code, enhanced=problem.enhanced, text=problem.text, cause=cause)
             return defer.succeed(problem)
         recipients = [str(r) for r in transaction.recipients]
         d = self.policy.expand_recipients(recipients, self.context)
@@ -651,7 +653,7 @@ def _lookup_argument(argument, esmtp, syntax):
     smtputf8 = False
     for keyword in argument[found.end():].split():
         if not esmtp or keyword.upper() != "SMTPUTF8":
-            return None, replies.unknown_parameter(keyword)
+            return None, replies.unknown_lookup_parameter(keyword)
         smtputf8 = True
     if not smtputf8 and not name.isascii():
         return None, replies.NEEDS_SMTPUTF8

@@ -11,6 +11,8 @@ import ipaddress
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
+import idna
+
 from relaymail import sanitize
 from relaymail.folding import fold_bytes
 
@@ -29,7 +31,7 @@ def received_header(helo, client_ip, hostname, protocol, queue_id, recipient=Non
     """
     literal = _address_literal(client_ip)
     lines = [
-        f"Received: from {sanitize.escape(helo)} ({literal})",
+        f"Received: from {_helo_text(helo, protocol)} ({literal})",
         f"\tby {hostname} (relaymail) with {protocol} id {queue_id}",
     ]
     if recipient is not None:
@@ -38,6 +40,21 @@ def received_header(helo, client_ip, hostname, protocol, queue_id, recipient=Non
         lines[-1] += ";"
     lines.append(f"\t{format_datetime(datetime.fromtimestamp(when, timezone.utc))}")
     return fold_bytes("\r\n".join(lines))
+
+
+def _helo_text(helo, protocol):
+    """The HELO name as the field may carry it.  Only a UTF8SMTP message
+    may have UTF-8 in its header (RFC 6532); in any other a raw octet above
+    127 would make the message need SMTPUTF8 at the next hop (RFC 6531),
+    so an internationalised name is written as its A-label form, and
+    anything else not ASCII as ``\\x{HEX}``."""
+    helo = sanitize.escape(helo)
+    if helo.isascii() or protocol.startswith("UTF8"):
+        return helo
+    try:
+        return idna.encode(helo, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return "".join(char if char.isascii() else f"\\x{{{ord(char):X}}}" for char in helo)
 
 
 def _address_literal(ip):

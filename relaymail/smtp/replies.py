@@ -100,6 +100,8 @@ EXPN_NOT_ALLOWED = Reply(502, "5.7.0", "Error: EXPN is only for trusted or authe
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
 EMPTY_COMMAND = Reply(500, "5.5.2", "Error: empty command")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+# RFC 4954 4.
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 BAD_CHARACTERS = Reply(501, "5.5.2", "Error: control characters or invalid UTF-8 in command")
 HELO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: HELO hostname")
 EHLO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: EHLO hostname")
@@ -160,6 +162,12 @@ def bad_parameter(reason):
 
 def unknown_parameter(keyword):
     return Reply(555, "5.5.4", f"Unsupported parameter {keyword}")
+
+
+def unknown_lookup_parameter(keyword):
+    """For VRFY and EXPN: RFC 5321 4.3.2 lists 555 for MAIL and RCPT only;
+    these two get 504, "command parameter not implemented"."""
+    return Reply(504, "5.5.4", f"Unsupported parameter {keyword}")
 
 
 # RFC 6531 3.7.4.1 (and its 553 5.6.7 for non-ASCII without SMTPUTF8).

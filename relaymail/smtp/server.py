@@ -250,8 +250,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     self._buffer = b""
                     if not self._skipping_long_line:
                         self._skipping_long_line = True
-                        self.dialogue.cancel_sasl()
-                        self._reply(replies.LINE_TOO_LONG)
+                        self._line_too_long()
                 return
             line = self._buffer[:newline]
             self._buffer = self._buffer[newline + 1:]
@@ -264,13 +263,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
-                self.dialogue.cancel_sasl()
-                self._reply(replies.LINE_TOO_LONG)
+                self._line_too_long()
                 continue
             if self.dialogue.tls_active and self.dialogue.tls_cipher is None:
                 # A line came through TLS, so the handshake is done.
                 self.dialogue.tls_cipher = negotiated_cipher(self.transport)
             self._answer(self.dialogue.handle(line))
+
+    def _line_too_long(self):
+        # RFC 4954 4: an over-long line in an AUTH exchange ends it with
+        # 500 5.5.6; any other is a command too long (RFC 5321 4.5.3.1.4).
+        reply = replies.AUTH_LINE_TOO_LONG if self.dialogue.in_sasl else replies.LINE_TOO_LONG
+        self.dialogue.cancel_sasl()
+        self._reply(reply)
 
     def _line_limit(self):
         # RFC 4954 4: AUTH responses may be up to 12288 octets.
