@@ -33,7 +33,7 @@ from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
 from relaymail.smtp import endpoint_string
-from relaymail.smtp.authentication import Authenticator
+from relaymail.smtp.authentication import RESERVED_HASHES, Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
 from relaymail.smtp.tls import ServerTLS, TLSFileError, implicit_tls_endpoint
@@ -268,11 +268,12 @@ def _authenticator(settings, reactor, top, client_key):
     if not settings.auth.passwords:
         return None
     limit = settings.auth.max_concurrent_hashes
-    # scrypt gets threads of its own, as many as may hash at once, so it
-    # never waits behind (or holds up) other work in the reactor's pool,
-    # and the Authenticator's count of hashes in progress is the number
-    # of 32 MiB buffers alive.
-    pool = ThreadPool(0, limit, "relaymail-scrypt")
+    # scrypt gets threads of its own, as many as may hash at once (the
+    # shared slots and the believed clients' reserve), so it never waits
+    # behind (or holds up) other work in the reactor's pool, and the
+    # Authenticator's count of hashes in progress is the number of 32 MiB
+    # buffers alive.
+    pool = ThreadPool(0, limit + RESERVED_HASHES, "relaymail-scrypt")
     try:
         portal = make_portal(settings.auth.passwords, threadpool=pool, reactor=reactor)
     except PasswordFileError as error:

@@ -1,6 +1,6 @@
 """A password-guessing flood against a running relay, for tests and benchmarks.
 
-:class:`Flood` runs ``sessions`` SMTP sessions from one loopback address in
+:class:`Flood` runs ``sessions`` SMTP sessions from loopback addresses in
 a thread of its own (asyncio), each sending ``AUTH PLAIN`` with a wrong
 password as soon as the previous reply came, or ``interval`` seconds after
 its previous guess if that is later, and reconnecting when the relay
@@ -39,7 +39,9 @@ class Flood:
         self.port = port
         self.sessions = sessions
         self.interval = interval
-        self.source = source
+        # One address, or several separated by commas (a flood from many
+        # addresses): session N uses the Nth, round and round.
+        self.sources = source.split(",")
         self.host = host
         self.replies = collections.Counter()
         self.guessing = set()         # sessions that have sent an AUTH
@@ -87,7 +89,8 @@ class Flood:
         while not self._stop.is_set():
             try:
                 reader, writer = await asyncio.open_connection(
-                    self.host, self.port, local_addr=(self.source, 0))
+                    self.host, self.port,
+                    local_addr=(self.sources[number % len(self.sources)], 0))
             except OSError:
                 await asyncio.sleep(0.05)
                 continue

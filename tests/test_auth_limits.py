@@ -11,7 +11,7 @@ from twisted.internet import defer, task
 from relaymail.auth import passwords
 from relaymail.auth.checker import IRelayUser
 from relaymail.config import usable_cpus
-from relaymail.smtp import limits
+from relaymail.smtp import authentication, limits
 from relaymail.smtp.authentication import Authenticator, HashSlots, Unavailable
 from tests.auth_flood import FloodProcess, RSSSampler, WRONG, auth_plain, rss_kib, timed_login
 from tests.relay_process import RelayProcess
@@ -80,6 +80,66 @@ def test_correct_login_stays_under_a_second_during_a_150_session_flood(tmp_path,
     # Two 32 MiB scrypt buffers at most, plus 150 sessions and slack; the
     # reactor's pool of ten threads hashing at once grew it by 300 MiB.
     assert rss.peak - idle < 120 * 1024
+
+
+def test_believed_clients_log_in_during_a_flood_from_many_addresses(tmp_path, password_file):
+    # 150 guessing sessions, each from an address of its own (the trial's
+    # second flood), keep both shared slots busy however the per-address
+    # rules count.  A client in trusted_networks, and one that logged in
+    # before the flood, still get the reserved slot at once.
+    relay = RelayProcess(tmp_path, {
+        "server": {"trusted_networks": "127.0.0.3/32"},
+        "auth": {"passwords": password_file, "allow_plaintext": "yes",
+                 "max_concurrent_hashes": "2", "attempts_per_minute": "0",
+                 "failure_delay": "0.1"},
+        "limits": {"connections_per_ip": "0", "connection_rate_per_ip": "0"},
+    }).start()
+    try:
+        line, _ = timed_login(relay.port, "alice", "correct horse", source="127.0.0.2")
+        assert line == b"235 2.7.0 Authentication successful\r\n"
+        sources = ",".join(f"127.0.1.{n}" for n in range(1, 151))
+        flood = FloodProcess(relay.port, 150, interval=0.5, source=sources)
+        try:
+            flood.wait_until_flooding()
+            logins = [timed_login(relay.port, "alice", "correct horse", source=source)
+                      for source in ("127.0.0.2", "127.0.0.3") * 3]
+        finally:
+            flood.stop()
+    finally:
+        relay.stop()
+    for line, seconds in logins:
+        assert line == b"235 2.7.0 Authentication successful\r\n"
+        assert seconds < 1.0
+    assert flood.replies.get("454 4.7.0 Temporary authentication failure", 0) >= 100
+
+
+def test_the_reserved_slot_is_for_trusted_and_known_clients_only():
+    auth, portal, clock = authenticator(max_hashes=2)
+    auth.check(object(), "192.0.2.1")
+    auth.check(object(), "192.0.2.2")
+    # Both shared slots taken: a stranger is refused, a trusted client
+    # gets the one reserved slot, and nobody a second one.
+    with pytest.raises(Unavailable):
+        auth.check(object(), "192.0.2.3")
+    auth.check(object(), "10.0.0.1", trusted=True)
+    with pytest.raises(Unavailable):
+        auth.check(object(), "10.0.0.2", trusted=True)
+    assert (auth.slots.in_progress, auth.slots.reserved_in_progress) == (2, 1)
+    portal.succeed(2)         # the trusted client's login: its slot is back
+    assert (auth.slots.in_progress, auth.slots.reserved_in_progress) == (2, 0)
+    portal.succeed(0)         # 192.0.2.1 logs in: known from now on
+    auth.check(object(), "192.0.2.9")
+    auth.check(object(), "192.0.2.1")       # the reserved slot
+    assert auth.slots.reserved_in_progress == 1
+    portal.succeed(2)                       # ... given back
+    portal.fail(1)                          # 192.0.2.9's shared slot too
+    assert (auth.slots.in_progress, auth.slots.reserved_in_progress) == (1, 0)
+    # A week later it is a stranger again.
+    clock.advance(authentication.KNOWN_FOR)
+    auth.check(object(), "192.0.2.5")
+    with pytest.raises(Unavailable):
+        auth.check(object(), "192.0.2.1")
+    assert auth.slots.reserved_in_progress == 0
 
 
 def test_auth_commands_past_the_per_minute_limit_get_454(tmp_path, password_file):

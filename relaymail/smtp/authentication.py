@@ -23,7 +23,12 @@ behind them.  So two limits, both answered at once with RFC 4954 6's
   sessions guess.  One client address may hold at most half of them
   (at least one), so that a flood from one client cannot take every slot
   and a real user elsewhere still gets a hash at once.  The slot is held
-  for the scrypt run only, not for ``failure_delay``.
+  for the scrypt run only, not for ``failure_delay``.  One more slot
+  (:data:`RESERVED_HASHES`) is kept for clients the relay has reason to
+  believe: those in ``trusted_networks`` and those that logged in
+  successfully in the last :data:`KNOWN_FOR` seconds, so that a guessing
+  flood from many addresses, which can keep every shared slot busy, still
+  leaves the office and the usual road warriors a hash at once.
 * **AUTH commands per client per minute**
   (``[auth] attempts_per_minute``), counted as Postfix's anvil counts
   them for smtpd_client_auth_rate_limit: every AUTH command, refused or
@@ -40,6 +45,8 @@ addresses of one /64 buys no more guesses.
 Both refusals are 4xx replies and count towards ``[limits] errors``, so a
 session that keeps trying is closed with ``421`` in the end.
 """
+
+import collections
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
@@ -59,33 +66,59 @@ class Unavailable(Exception):
         self.reason = reason
 
 
+#: Hash slots beside ``[auth] max_concurrent_hashes`` for believed clients
+#: (see the module docstring); the checker's pool has this many threads more.
+RESERVED_HASHES = 1
+
+#: How long a client that logged in stays believed: a week covers the
+#: office that logs in every working day and the laptop back on Monday.
+KNOWN_FOR = 7 * 24 * 3600.0
+
+#: Most believed clients remembered, oldest success forgotten first.
+MAX_KNOWN = 10_000
+
+
 class HashSlots:
-    """Counts the password hashes in progress, overall and per address.
+    """Counts the password hashes in progress, overall and per address,
+    and the reserved slots of believed clients.
 
     :param limit: most at once over all clients (at least 1).
     :param key: names the client an address is counted under.
+    :param reserved: more slots that only believed clients may take.
     """
 
-    def __init__(self, limit, key=client_key):
+    SHARED, RESERVED = "shared", "reserved"
+
+    def __init__(self, limit, key=client_key, reserved=0):
         self.limit = limit
+        self.reserved = reserved
         self._key = key
         # Half each, so that one address always leaves room for others
         # when there are at least two slots.
         self.per_address = max(1, limit // 2)
         self.in_progress = 0
-        self._by_address = {}      # key -> hashes in progress (never 0)
+        self.reserved_in_progress = 0
+        self._by_address = {}      # key -> shared hashes in progress (never 0)
 
-    def acquire(self, ip):
-        """Take a slot for ``ip``; False if none is free for it."""
+    def acquire(self, ip, believed=False):
+        """Take a slot for ``ip``: :attr:`SHARED` or (only when ``believed``
+        and no shared slot is free for it) :attr:`RESERVED`; None when none
+        is free.  Give it back with :meth:`release`."""
         key = self._key(ip)
         held = self._by_address.get(key, 0)
-        if self.in_progress >= self.limit or held >= self.per_address:
-            return False
-        self.in_progress += 1
-        self._by_address[key] = held + 1
-        return True
+        if self.in_progress < self.limit and held < self.per_address:
+            self.in_progress += 1
+            self._by_address[key] = held + 1
+            return self.SHARED
+        if believed and self.reserved_in_progress < self.reserved:
+            self.reserved_in_progress += 1
+            return self.RESERVED
+        return None
 
-    def release(self, ip):
+    def release(self, ip, slot=SHARED):
+        if slot == self.RESERVED:
+            self.reserved_in_progress = max(0, self.reserved_in_progress - 1)
+            return
         key = self._key(ip)
         held = self._by_address.get(key, 0)
         if held == 0:
@@ -105,7 +138,8 @@ class Authenticator:
         checker should hash in a pool of ``max_hashes`` threads.
     :param failure_delay: seconds before a failed login is answered.
     :param reactor: for the delay and the per-minute windows' clock.
-    :param max_hashes: most checks in progress at once.
+    :param max_hashes: most checks in progress at once, beside the
+        :data:`RESERVED_HASHES` of believed clients.
     :param attempts_per_minute: most AUTH commands per client per
         minute; 0 for no limit.
     :param key: names the client an address is counted under (the
@@ -122,9 +156,11 @@ class Authenticator:
         self._delay = failure_delay
         self._reactor = reactor
         self._key = key
-        self.slots = HashSlots(max_hashes, key)
+        self.slots = HashSlots(max_hashes, key, RESERVED_HASHES)
         self._attempts_per_minute = attempts_per_minute
         self._windows = AttemptWindows(reactor)
+        # client key -> time of its last successful login, oldest first.
+        self._known = collections.OrderedDict()
 
     def admit(self, client_ip, trusted):
         """Count an AUTH command from ``client_ip``: None if it may go on,
@@ -139,27 +175,43 @@ class Authenticator:
     def start(self, mechanism, initial_response):
         return sasl.start(mechanism, initial_response)
 
-    def check(self, credentials, client_ip):
+    def check(self, credentials, client_ip, trusted=False):
         """A Deferred firing with the user name, or None (after the delay)
         when the credentials are wrong.
 
+        :param trusted: the client is in ``trusted_networks``.
         :raise Unavailable: at once, when no hash slot is free for
             ``client_ip``.
         """
-        if not self.slots.acquire(client_ip):
+        key = self._key(client_ip)
+        slot = self.slots.acquire(client_ip, believed=trusted or self._is_known(key))
+        if slot is None:
             raise Unavailable(replies.AUTH_TEMPORARY_FAILURE,
                               f"{self.slots.in_progress} password checks in progress")
         d = self._portal.login(credentials, None, IRelayUser)
 
         def release(result):
             # Before the failure delay: the slot is for the hash alone.
-            self.slots.release(client_ip)
+            self.slots.release(client_ip, slot)
             return result
 
         d.addBoth(release)
-        d.addCallback(lambda login: login[1])
+        d.addCallback(self._logged_in, key)
         d.addErrback(self._refused)
         return d
+
+    def _logged_in(self, login, key):
+        known = self._known
+        known.pop(key, None)
+        if len(known) >= MAX_KNOWN:
+            known.popitem(last=False)
+        known[key] = self._reactor.seconds()
+        return login[1]
+
+    def _is_known(self, key):
+        """``key`` logged in successfully in the last :data:`KNOWN_FOR`."""
+        when = self._known.get(key)
+        return when is not None and 0 <= self._reactor.seconds() - when < KNOWN_FOR
 
     def _refused(self, failure):
         failure.trap(UnauthorizedLogin)

@@ -302,7 +302,7 @@ class Dialogue:
             return replies.Reply(334, None, value)
         self._sasl = None
         try:
-            d = self.auth.check(value, self.context.client_ip)
+            d = self.auth.check(value, self.context.client_ip, self.context.trusted)
         except self.auth.Unavailable as busy:
             log.info("{client_ip} AUTH refused: {reason}", client_ip=self.context.client_ip,
                      reason=busy.reason)
