@@ -41,7 +41,11 @@ def fold(field, width=WIDTH, limit=LIMIT):
         raise ValueError(f"cannot fold to lines of {limit} octets")
     lines = []
     for segment in field.split("\r\n"):
-        lines += _fold_segment(segment, width, limit)
+        if len(segment) <= width and (segment.isascii() or _octets(segment) <= width):
+            # Nearly every line of our Received field: nothing to fold.
+            lines.append(segment)
+        else:
+            lines += _fold_segment(segment, width, limit)
     return lines
 
 

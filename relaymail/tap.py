@@ -1,15 +1,10 @@
 """``twistd relaymail``: command-line options and the service tree.
 
 Before building anything, :func:`build_service` makes sure the process may
-open the files its limits imply: it raises the soft ``RLIMIT_NOFILE`` to
-the hard one (the common soft 1,024 turned 192 of 600 messages into
-``451`` from EMFILE) and refuses to start, in one line, when even that
-cannot hold what ``[limits] connections`` and ``[delivery]
-max_connections`` may open at once.
+open the files its limits imply (:mod:`relaymail.file_limit`).
 """
 
 import os
-import resource
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -24,6 +19,7 @@ from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
+from relaymail.file_limit import raise_file_limit
 from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
@@ -37,25 +33,6 @@ from relaymail.smtp.authentication import RESERVED_HASHES, Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
 from relaymail.smtp.tls import ServerTLS, TLSFileError, implicit_tls_endpoint
-
-# Open files the relay may need at once, beside its listeners:
-#: An inbound session holds its socket and, from DATA to the final dot,
-#: its message file in the queue's tmp/.
-FILES_PER_SESSION = 2
-#: An outbound connection holds its socket and the message file it sends,
-#: and before connecting a UDP socket per DNS query in flight (twisted.names
-#: opens one per query; A and AAAA are asked together).
-FILES_PER_DELIVERY = 3
-#: Everything else: stdin/out/err and the log (4), the spool lock and the
-#: control socket with a few queue-tool connections (6), epoll and the
-#: reactor's waker pipe (3), the commit thread's record file and
-#: directory (2) and 16 spool threads' two each (32), TLS and password
-#: files being reloaded, /etc/resolv.conf and /etc/hosts (6), and some
-#: slack for Python's own imports and /dev/urandom (11).
-FILES_FIXED = 64
-
-# Endpoint types whose Twisted parsers take a listen backlog.
-_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
 
 # Command-line options that override one config key each.
 _OVERRIDES = {
@@ -145,7 +122,7 @@ def build_service(settings, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    _raise_file_limit(settings)
+    raise_file_limit(settings)
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
     lock = SpoolLock(settings.queue.path)
@@ -185,7 +162,7 @@ def build_service(settings, reactor=None):
         implicit_tls = description.split(":", 1)[0].lower() == "ssl"
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
                               **shared, **options)
-        described = with_backlog(description, settings.server.listen_backlog)
+        described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
         if implicit_tls:
             endpoint, factory = _implicit_tls(settings, reactor, key, described, factory)
         else:
@@ -195,51 +172,6 @@ def build_service(settings, reactor=None):
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
     return top
-
-
-def files_needed(settings):
-    """Open files the relay may need at once under its configured limits."""
-    server = settings.server
-    listeners = len(server.listen) + len(server.submission_listen) + len(server.proxy_listen)
-    return (FILES_PER_SESSION * settings.limits.connections
-            + FILES_PER_DELIVERY * settings.delivery.max_connections
-            + FILES_FIXED + listeners)
-
-
-def _raise_file_limit(settings):
-    """Raise the soft open-file limit to the hard one; refuse (ConfigError)
-    when the limits configured need more than that."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard and soft != resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            # macOS refuses more than OPEN_MAX however high the hard limit;
-            # what the soft limit is now is then what we have.
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    need = files_needed(settings)
-    if soft != resource.RLIM_INFINITY and need > soft:
-        connections = settings.limits.connections
-        outbound = settings.delivery.max_connections
-        rest = need - FILES_PER_SESSION * connections - FILES_PER_DELIVERY * outbound
-        raise ConfigError(
-            settings.source, "limits", "connections",
-            f"{connections} connections need up to {need} open files ({FILES_PER_SESSION} "
-            f"each, {FILES_PER_DELIVERY} for each of [delivery] max_connections {outbound}, "
-            f"{rest} for the queue and listeners) but the open file limit (RLIMIT_NOFILE) "
-            f"is {soft}; lower connections or raise the limit (ulimit -n, systemd LimitNOFILE=)")
-
-
-def with_backlog(description, backlog):
-    """``description`` with ``backlog=`` added, for the endpoint types that
-    take one (tcp, tcp6, ssl, unix), unless it names one already."""
-    parts = endpoint_string.fields(description)
-    if parts[0][1].strip().lower() not in _BACKLOG_TYPES:
-        return description
-    if any(key is not None and key.strip() == "backlog" for key, _ in parts[1:]):
-        return description
-    return f"{description}:backlog={backlog}"
 
 
 def _server_tls(settings, for_passwords=False):

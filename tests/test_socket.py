@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from relaymail.tap import with_backlog
+from relaymail.smtp.endpoint_string import with_backlog
 from tests.relay_process import RelayProcess, converse, twistd
 
 SITE_PLUGIN = textwrap.dedent('''\

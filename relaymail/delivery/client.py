@@ -18,7 +18,6 @@ The dialogue's order lives here; bytes, timers and TLS switching live in
 :mod:`~relaymail.delivery.tls`.
 """
 
-import contextlib
 import functools
 import ipaddress
 import os
@@ -304,17 +303,20 @@ class OutboundSession:
             raise RuntimeError("deliver() called while another transaction is running")
         self._busy = True
         try:
-            with contextlib.ExitStack() as files:
-                file = files.enter_context(self._open_message(message_path))
-                size = os.fstat(file.fileno()).st_size
+            with self._open_message(message_path) as spooled:
+                size = os.fstat(spooled.fileno()).st_size
                 file, size, body, smtputf8 = await self._fit(
-                    file, size, body, smtputf8, [sender, *recipients])
-                files.enter_context(file)
-                check_message(self.extensions, size, body, smtputf8, self.remote)
-                mail = mail_command(sender, self.extensions, size, body, smtputf8, self.remote)
-                rcpts = [rcpt_command(r, smtputf8, self.remote) for r in recipients]
-                await self._ready_for_mail()
-                return await self._transaction(mail, rcpts, recipients, file)
+                    spooled, size, body, smtputf8, [sender, *recipients])
+                try:
+                    check_message(self.extensions, size, body, smtputf8, self.remote)
+                    mail = mail_command(sender, self.extensions, size, body, smtputf8,
+                                        self.remote)
+                    rcpts = [rcpt_command(r, smtputf8, self.remote) for r in recipients]
+                    await self._ready_for_mail()
+                    return await self._transaction(mail, rcpts, recipients, file)
+                finally:
+                    if file is not spooled:
+                        file.close()        # the converted copy
         finally:
             self._busy = False
 

@@ -1,7 +1,7 @@
 """Reading Twisted server endpoint strings (``tcp:25:interface=192.0.2.1``).
 
 relaymail reads a few listener strings itself before Twisted does: to add
-a default ``backlog=`` (:func:`relaymail.tap.with_backlog`) and to build
+a default ``backlog=`` (:func:`with_backlog`) and to build
 implicit-TLS listeners with its own TLS options
 (:func:`relaymail.smtp.tls.implicit_tls_endpoint`).  Both must split a
 string exactly as Twisted's ``serverFromString`` does, or the two would
@@ -28,3 +28,18 @@ def fields(description):
             current.append(char)
     result.append((key, "".join(current)))
     return result
+
+
+# Endpoint types whose Twisted parsers take a listen backlog.
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(description, backlog):
+    """``description`` with ``backlog=`` added, for the endpoint types that
+    take one (tcp, tcp6, ssl, unix), unless it names one already."""
+    parts = fields(description)
+    if parts[0][1].strip().lower() not in _BACKLOG_TYPES:
+        return description
+    if any(key is not None and key.strip() == "backlog" for key, _ in parts[1:]):
+        return description
+    return f"{description}:backlog={backlog}"

@@ -33,6 +33,7 @@ time only from the clock it is given, so tests drive it with a fake clock.
 """
 
 import collections
+import functools
 import ipaddress
 
 from twisted.logger import Logger
@@ -51,6 +52,9 @@ MAX_TRACKED = 100_000
 TOO_MANY = "Error: too many connections"
 
 
+# Cached: asked at every connect, release and AUTH, for the same few
+# addresses again and again, and parsing an address costs microseconds.
+@functools.lru_cache(maxsize=4096)
 def client_key(ip, ipv4_prefix=32, ipv6_prefix=128):
     """The name a client is counted under: its address, or the network of
     the given prefix length that holds it (``2001:db8::/64``).
