@@ -76,6 +76,9 @@ class Spool:
     def remove(self, queue_id):
         return self.records.pop(queue_id, None) is not None
 
+    def remove_soon(self, queue_id):
+        return defer.maybeDeferred(self.remove, queue_id)
+
     def new_message(self):
         self.count += 1
         return Writer(self, f"DSN{self.count}")

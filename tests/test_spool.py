@@ -544,6 +544,33 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(self.spool.load(queue_id)["size"], len(BODY))
 
     @defer.inlineCallbacks
+    def test_remove_soon_unlinks_both_files_in_the_spools_own_thread(self):
+        queue_ids = yield defer.gatherResults(
+            [self.begin().commit(make_envelope()) for _ in range(20)])
+        unlinked_in = set()
+        real_unlink = os.unlink
+
+        def watched_unlink(path, *args, **kwargs):
+            unlinked_in.add(threading.current_thread().name)
+            return real_unlink(path, *args, **kwargs)
+        self.patch(os, "unlink", watched_unlink)
+        removed = yield defer.gatherResults([self.spool.remove_soon(q) for q in queue_ids])
+        self.assertEqual(removed, [True] * 20)
+        self.assertEqual(listing(self.spool, "active"), [])
+        # Never the reactor's thread, which every session shares.
+        self.assertEqual(unlinked_in, {"relaymail-unlink"})
+        self.assertEqual((yield self.spool.remove_soon(queue_ids[0])), False)
+
+    @defer.inlineCallbacks
+    def test_stop_waits_for_the_removals_asked_for(self):
+        queue_id = yield self.begin().commit(make_envelope())
+        removal = self.spool.remove_soon(queue_id)
+        yield self.spool.stop()
+        self.assertTrue(removal.called)
+        self.assertEqual(listing(self.spool, "active"), [])
+        self.spool.start()
+
+    @defer.inlineCallbacks
     def test_fifty_concurrent_commits_all_land(self):
         writers = [self.begin() for _ in range(50)]
         landed = yield defer.gatherResults(

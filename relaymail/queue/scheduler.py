@@ -302,9 +302,22 @@ class Scheduler(service.Service):
         attempt.writes.addBoth(lambda _: self._remove(queue_id))
 
     def _remove(self, queue_id):
-        del self._attempts[queue_id]
-        self.spool.remove(queue_id)
-        logline.info(log, f"{queue_id}: removed", queue_id=queue_id)
+        # The attempt stays registered until the files are gone, so that a
+        # flush, hold or delete asked for meanwhile is taken as for a
+        # message being delivered, not started on files about to vanish.
+        d = self.spool.remove_soon(queue_id)
+
+        def removed(_):
+            del self._attempts[queue_id]
+            logline.info(log, f"{queue_id}: removed", queue_id=queue_id)
+
+        def failed(failure):
+            # Still on disk: delivered again after a restart, which the
+            # queue's contract allows; nothing is lost.
+            del self._attempts[queue_id]
+            log.failure("{queue_id}: delivered, but its files could not be removed",
+                        failure, queue_id=queue_id)
+        return d.addCallbacks(removed, failed)
 
     def _reschedule(self, queue_id, attempt):
         def done(_):

@@ -133,6 +133,7 @@ class Spool(service.Service):
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
         self._batcher = None
+        self._remover = None
         self._now = time.time
 
     # -- life cycle --------------------------------------------------------
@@ -152,6 +153,11 @@ class Spool(service.Service):
             self._reactor = reactor
         self._batcher = CommitBatcher(self._reactor, self._store_batch)
         self._batcher.start()
+        # Removals get a thread of their own rather than a place in the
+        # commit thread's batches: they need no sync, and a 250 should not
+        # wait behind unlinks, nor an unlink behind a syncfs.
+        self._remover = CommitBatcher(self._reactor, self._remove_batch, name="relaymail-unlink")
+        self._remover.start()
         self._accepting = True
 
     def stop(self):
@@ -177,9 +183,10 @@ class Spool(service.Service):
         return self.stop()
 
     def _stop_threadpool(self):
-        if self._batcher is not None:
-            self._batcher.stop()
-            self._batcher = None
+        for batcher in (self._batcher, self._remover):
+            if batcher is not None:
+                batcher.stop()
+        self._batcher = self._remover = None
         if self._owns_threadpool and self._threadpool is not None:
             self._threadpool.stop()
             self._threadpool = None
@@ -592,6 +599,29 @@ class Spool(service.Service):
         removed = self._unlink_if_present(self._record_path(queue_id))
         self._unlink_if_present(self.message_path(queue_id))
         return removed
+
+    def remove_soon(self, queue_id):
+        """:meth:`remove`, in the spool's unlink thread: for the delivery
+        engine, whose reactor thread must not wait on the file system (the
+        two unlink(2) calls per delivered message were 30% of its time,
+        queued behind the commit thread's syncs).  Removals waiting at the
+        same moment go in one batch.
+
+        :return: a Deferred of :meth:`remove`'s result; :meth:`stop` waits
+            for it.
+        """
+        if self._remover is None:
+            return defer.fail(RuntimeError("the spool is not started"))
+        return self._tracked(self._remover.submit(queue_id))
+
+    def _remove_batch(self, queue_ids):
+        results = []
+        for queue_id in queue_ids:
+            try:
+                results.append(self.remove(queue_id))
+            except OSError as error:
+                results.append(error)
+        return results
 
     # -- hold, release and administration (scheduler and queue tool) ---------
     #
