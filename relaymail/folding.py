@@ -41,7 +41,8 @@ def fold(field, width=WIDTH, limit=LIMIT):
         raise ValueError(f"cannot fold to lines of {limit} octets")
     lines = []
     for segment in field.split("\r\n"):
-        if len(segment) <= width and (segment.isascii() or _octets(segment) <= width):
+        if len(segment) <= min(width, limit) and (segment.isascii()
+                                                  or _octets(segment) <= min(width, limit)):
             # Nearly every line of our Received field: nothing to fold.
             lines.append(segment)
         else:

@@ -237,7 +237,7 @@ def makeService(options):
             # directory on the way to it, or whoever owns one could swap
             # the spool for one of their own while the relay runs.
             check_root_owned(settings.queue.path)
-            trusted_path(settings.queue.path)
+            trusted_path(settings.queue.path, spool_stays_root=True)
         top = build_service(settings)
         if owner is not None:
             # The spool and its lock are made while twistd is still root

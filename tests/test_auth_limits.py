@@ -337,3 +337,24 @@ def test_an_auth_line_over_12288_octets_is_500_5_5_6_and_the_session_goes_on(
             assert talk.command("NOOP " + "x" * 20000) == b"500 5.5.2 Error: line too long\r\n"
     finally:
         relay.stop()
+
+
+def test_one_account_cannot_push_the_others_out_of_the_known_clients():
+    # One (phished) account logging in from many networks keeps only its
+    # most recent ones; the office's success is still remembered.
+    clock = task.Clock()
+    portal = ScriptedPortal()
+    auth = Authenticator(portal, 1.0, clock, max_hashes=2,
+                         key=functools.partial(limits.client_key, ipv6_prefix=64))
+    auth.check(object(), "192.0.2.10")
+    portal.succeed()                                    # alice, from the office
+    networks = [f"2001:db8:0:{n:x}::1" for n in range(authentication.MAX_KNOWN + 5)]
+    for address in networks:
+        auth.check(object(), address)
+        portal.pending.pop(0).callback((IRelayUser, "mallory", lambda: None))
+    assert auth._is_known("192.0.2.10")
+    recent = networks[-authentication.MAX_KNOWN_PER_USER:]
+    assert [auth._is_known(auth._key(a)) for a in recent] == (
+        [True] * authentication.MAX_KNOWN_PER_USER)
+    assert not auth._is_known(auth._key(networks[-authentication.MAX_KNOWN_PER_USER - 1]))
+    assert len(auth._known) == authentication.MAX_KNOWN_PER_USER + 1

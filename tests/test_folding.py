@@ -69,3 +69,7 @@ def test_any_field_unfolds_back_and_keeps_the_limits(words):
         assert len(line.encode("utf-8")) <= 78 or len(line.split()) == 1
     if all(len(word.encode("utf-8")) < 997 for word in words):
         assert unfold(lines) == field
+
+
+def test_no_line_passes_the_limit_even_when_the_width_is_wider():
+    assert max(len(line) for line in fold("Subject: " + "x" * 40, width=78, limit=20)) <= 20

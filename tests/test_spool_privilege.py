@@ -16,7 +16,7 @@ import time
 import pytest
 
 from relaymail.queue import record as records
-from relaymail.queue.layout import UnsafeSpool, hand_over, trusted_path
+from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
 from relaymail.queue.lock import SpoolLock
 from relaymail.tools.queue_tool import main
 from tests.relay_process import REPO, RelayProcess, twistd
@@ -170,6 +170,32 @@ def test_staying_root_refuses_a_root_spool_below_a_directory_of_another_user(wor
     assert result is not None, "the relay started"
     assert result.stderr == (f"relaymail: unsafe spool {spool}: {var} is owned by uid {UID}, "
                              "not root; whoever owns it could replace the spool\n")
+
+
+@pytest.mark.parametrize("where, mode, problem", [
+    ("", 0o777, "the spool directory is writable by others than root (mode 0777)"),
+    ("active", 0o770, "active is writable by others than root (mode 0770)"),
+])
+def test_staying_root_refuses_a_spool_others_may_write_in(workdir, where, mode, problem):
+    # Whoever may write there could swap active/ or plant a record whose
+    # message file is a link for root to read and send.
+    spool = relay_spool(workdir, owner=(0, 0))
+    os.chmod(os.path.join(spool, where), mode)
+    with pytest.raises(UnsafeSpool) as raised:
+        check_root_owned(spool)
+    assert str(raised.value) == f"unsafe spool {spool}: {problem}"
+
+
+def test_a_root_spool_may_sit_in_a_sticky_directory_only_while_it_stays_roots(workdir):
+    # Nobody can rename root's entry out of a sticky directory; a spool
+    # handed to the relay user could be renamed by that user.
+    sticky = os.path.join(workdir, "shared")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    spool = relay_spool(sticky, owner=(0, 0))
+    assert trusted_path(spool, spool_stays_root=True) == spool
+    with pytest.raises(UnsafeSpool, match="is writable by others than root"):
+        trusted_path(spool)
 
 
 # -- the hand-over itself ------------------------------------------------------

@@ -150,7 +150,7 @@ def _kind(mode):
 
 # -- the path to the spool ----------------------------------------------------
 
-def trusted_path(path):
+def trusted_path(path, spool_stays_root=False):
     """Resolve ``path`` (relative to the current directory) to the real
     spool directory, checking every directory looked in on the way.
 
@@ -162,6 +162,9 @@ def trusted_path(path):
     link in its place.  Missing directories are fine (root creates them,
     mode 0700) when the directory they will be made in is root's alone.
 
+    :param spool_stays_root: the relay runs as root (no ``--uid``), so the
+        spool stays root's: then an existing spool may sit in a sticky
+        directory like any root entry on the way.
     :return: the real path of the spool directory (which may not exist).
     :raise UnsafeSpool: when a directory on the way fails the check.
     """
@@ -184,7 +187,10 @@ def trusted_path(path):
         # link on the way to it.
         last = ((entry is None or not stat.S_ISLNK(entry.st_mode))
                 and not any(part not in ("", ".") for part in pending))
-        _check_writers(path, current, entry, last)
+        # A spool that stays root's is as safe in a sticky directory as
+        # any other entry of root's there; one handed to the relay user is
+        # not (its owner could rename it away).
+        _check_writers(path, current, entry, last and not spool_stays_root)
         if entry is None:
             # Root makes the rest; nobody else can write in ``current``.
             return os.path.join(candidate, *reversed(pending))
@@ -229,10 +235,23 @@ def check_root_owned(path):
         info = os.stat(path)
     except FileNotFoundError:
         return
+    spool = os.path.abspath(path)
     if info.st_uid != 0:
-        raise UnsafeSpool(os.path.abspath(path),
-                          f"it belongs to uid {info.st_uid}; run as that user "
-                          f"(twistd --uid {info.st_uid}) or give the spool to root")
+        raise UnsafeSpool(spool, f"it belongs to uid {info.st_uid}; run as that user "
+                                 f"(twistd --uid {info.st_uid}) or give the spool to root")
+    # Nor may anyone else write in it or its directories: they could swap
+    # active/ or plant a record whose message file is a link.
+    for name in ("", *DIRECTORIES):
+        try:
+            inner = os.lstat(os.path.join(path, name)) if name else info
+        except FileNotFoundError:
+            continue
+        shown = name or "the spool directory"
+        if name and (not stat.S_ISDIR(inner.st_mode) or inner.st_uid != 0):
+            raise UnsafeSpool(spool, f"{name} is not a directory of root's")
+        if inner.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeSpool(spool, f"{shown} is writable by others than root "
+                                     f"(mode {stat.S_IMODE(inner.st_mode):04o})")
 
 
 # -- opening one file ---------------------------------------------------------

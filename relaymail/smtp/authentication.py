@@ -76,6 +76,9 @@ KNOWN_FOR = 7 * 24 * 3600.0
 
 #: Most believed clients remembered, oldest success forgotten first.
 MAX_KNOWN = 10_000
+#: ... of which one account may hold this many (its most recent), so that
+#: one account cannot flush the table: home, office, phone and some travel.
+MAX_KNOWN_PER_USER = 16
 
 
 class HashSlots:
@@ -159,8 +162,10 @@ class Authenticator:
         self.slots = HashSlots(max_hashes, key, RESERVED_HASHES)
         self._attempts_per_minute = attempts_per_minute
         self._windows = AttemptWindows(reactor)
-        # client key -> time of its last successful login, oldest first.
+        # client key -> (time of its last successful login, user), oldest
+        # first; and each user's keys, oldest first.
         self._known = collections.OrderedDict()
+        self._keys_by_user = {}
 
     def admit(self, client_ip, trusted):
         """Count an AUTH command from ``client_ip``: None if it may go on,
@@ -201,17 +206,31 @@ class Authenticator:
         return d
 
     def _logged_in(self, login, key):
-        known = self._known
-        known.pop(key, None)
-        if len(known) >= MAX_KNOWN:
-            known.popitem(last=False)
-        known[key] = self._reactor.seconds()
-        return login[1]
+        user = login[1]
+        self._forget(key)
+        # One account (phished, say) logging in from many networks could
+        # otherwise push every real user out of the table.
+        keys = self._keys_by_user.setdefault(user, collections.OrderedDict())
+        if len(keys) >= MAX_KNOWN_PER_USER:
+            self._forget(next(iter(keys)))
+        if len(self._known) >= MAX_KNOWN:
+            self._forget(next(iter(self._known)))
+        self._known[key] = (self._reactor.seconds(), user)
+        self._keys_by_user.setdefault(user, collections.OrderedDict())[key] = None
+        return user
+
+    def _forget(self, key):
+        entry = self._known.pop(key, None)
+        if entry is not None:
+            keys = self._keys_by_user[entry[1]]
+            del keys[key]
+            if not keys:
+                del self._keys_by_user[entry[1]]
 
     def _is_known(self, key):
         """``key`` logged in successfully in the last :data:`KNOWN_FOR`."""
-        when = self._known.get(key)
-        return when is not None and 0 <= self._reactor.seconds() - when < KNOWN_FOR
+        entry = self._known.get(key)
+        return entry is not None and 0 <= self._reactor.seconds() - entry[0] < KNOWN_FOR
 
     def _refused(self, failure):
         failure.trap(UnauthorizedLogin)
