@@ -136,17 +136,22 @@ def test_start_as_root_refuses_a_hard_link_to_a_root_file(workdir, victim):
                              "2 hard links, 1 of them in the spool\n")
 
 
-def test_staying_root_refuses_a_spool_of_another_user(workdir, victim):
-    spool = relay_spool(workdir)
-    os.symlink(victim, os.path.join(spool, "active", ID + ".msg"))
+def refused_start_staying_root(workdir, spool):
+    """Start the relay as root, no --uid, on ``spool``; what it said when
+    it refused (it must refuse: starting is a failure)."""
     config = os.path.join(workdir, "relaymail.ini")
     with open(config, "w") as file:
         file.write(f"[server]\nlisten = tcp:0:interface=127.0.0.1\n[queue]\npath = {spool}\n")
     try:
-        result = twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT)
+        return twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
-        result = None
-    assert result is not None, "the relay started"
+        raise AssertionError("the relay started") from None
+
+
+def test_staying_root_refuses_a_spool_of_another_user(workdir, victim):
+    spool = relay_spool(workdir)
+    os.symlink(victim, os.path.join(spool, "active", ID + ".msg"))
+    result = refused_start_staying_root(workdir, spool)
     assert result.stderr == (f"relaymail: unsafe spool {spool}: it belongs to uid {UID}; "
                              f"run as that user (twistd --uid {UID}) or give the spool to root\n")
     assert_untouched(victim)
@@ -160,14 +165,7 @@ def test_staying_root_refuses_a_root_spool_below_a_directory_of_another_user(wor
     os.mkdir(var, 0o755)
     os.chown(var, UID, GID)
     spool = relay_spool(var, owner=(0, 0))
-    config = os.path.join(workdir, "relaymail.ini")
-    with open(config, "w") as file:
-        file.write(f"[server]\nlisten = tcp:0:interface=127.0.0.1\n[queue]\npath = {spool}\n")
-    try:
-        result = twistd("--config", config, cwd=workdir, timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        result = None
-    assert result is not None, "the relay started"
+    result = refused_start_staying_root(workdir, spool)
     assert result.stderr == (f"relaymail: unsafe spool {spool}: {var} is owned by uid {UID}, "
                              "not root; whoever owns it could replace the spool\n")
 
