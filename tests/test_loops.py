@@ -68,4 +68,13 @@ def test_two_relays_pointed_at_each_other_stop_at_the_hop_limit(tmp_path):
     assert len(sent) == (HOPS - 1) + 2 * HOPS, log
     refusals = re.findall(r"status=bounced \(554 5\.4\.6 Too many hops\)", log)
     assert len(refusals) == 3, log
-    assert len(re.findall(r"double bounce discarded", log)) == 1
+    # Discarded by whichever relay it failed on: the one that wrote it
+    # knows it from its record, the other from its header field.
+    [discarded] = re.findall(r"double bounce discarded: .*", log)
+    assert discarded in (
+        "double bounce discarded: undeliverable to the postmaster <postmaster@a.test> too",
+        "double bounce discarded: undeliverable to the postmaster <postmaster@b.test> too",
+        "double bounce discarded: another relay's notice to the postmaster, "
+        "undeliverable to <postmaster@a.test>",
+        "double bounce discarded: another relay's notice to the postmaster, "
+        "undeliverable to <postmaster@b.test>"), discarded

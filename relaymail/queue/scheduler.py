@@ -393,9 +393,13 @@ class Scheduler(service.Service):
     def _double_bounce(self, queue_id, record, recipients, now):
         """A failed message from <>: once to the postmaster, then never."""
         failed = ", ".join(f"<{entry.address}>" for entry in recipients)
-        if record["envelope"].get("double_bounce") or self._carries_double_bounce_field(queue_id):
+        if record["envelope"].get("double_bounce"):
             log.warn("{queue_id}: double bounce discarded: undeliverable to the postmaster "
                      "{failed} too", queue_id=queue_id, failed=failed)
+            return defer.succeed(True)
+        if self._carries_double_bounce_field(queue_id):
+            log.warn("{queue_id}: double bounce discarded: another relay's notice to the "
+                     "postmaster, undeliverable to {failed}", queue_id=queue_id, failed=failed)
             return defer.succeed(True)
         configured = self.settings.queue.double_bounce_recipient
         if configured is None:
