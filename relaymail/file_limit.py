@@ -10,7 +10,11 @@ once: better told now than found out under load.
 
 import resource
 
+from twisted.logger import Logger
+
 from relaymail.config import ConfigError
+
+log = Logger(namespace="relaymail")
 
 # Open files the relay may need at once, beside its listeners:
 #: An inbound session holds its socket and, from DATA to the final dot,
@@ -42,6 +46,7 @@ def raise_file_limit(settings):
     """Raise the soft open-file limit to the hard one; refuse (ConfigError)
     when the limits configured need more than that."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = soft
     if soft != hard and soft != resource.RLIM_INFINITY:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -61,3 +66,12 @@ def raise_file_limit(settings):
             f"each, {FILES_PER_DELIVERY} for each of [delivery] max_connections {outbound}, "
             f"{rest} for the queue and listeners) but the open file limit (RLIMIT_NOFILE) "
             f"is {soft}; lower connections or raise the limit (ulimit -n, systemd LimitNOFILE=)")
+    # One line at start, so that an administrator sees what was got and
+    # what is needed before a busy day shows it.
+    log.info("open files: limit {soft} (was {before}, hard limit {hard}); the configured "
+             "limits need up to {need}", soft=_shown(soft), before=_shown(before),
+             hard=_shown(hard), need=need)
+
+
+def _shown(limit):
+    return "unlimited" if limit == resource.RLIM_INFINITY else limit

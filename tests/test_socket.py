@@ -458,6 +458,10 @@ def test_the_soft_file_limit_is_raised_to_the_hard_one(tmp_path):
         assert max_open_files(relay.process.pid) == (hard, hard)
     finally:
         relay.stop()
+    # And it says so once, at start.
+    [line] = [line for line in relay.log().splitlines() if "open files:" in line]
+    assert line.endswith(f"open files: limit {hard} (was 64, hard limit {hard}); "
+                         "the configured limits need up to 120"), line
 
 
 def test_listeners_get_the_default_backlog(relay):
