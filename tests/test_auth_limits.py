@@ -29,9 +29,9 @@ def password_file(tmp_path):
     return path
 
 
-def flood_relay(tmp_path, password_file, **auth):
+def flood_relay(tmp_path, password_file, trusted_networks="10.9.9.0/24", **auth):
     return RelayProcess(tmp_path, {
-        "server": {"trusted_networks": "10.9.9.0/24"},
+        "server": {"trusted_networks": trusted_networks},
         # Plain text, so that what the flood costs is hashing, not TLS
         # handshakes; and no connection limits, so that the AUTH limits
         # alone stand between the flood and the hashing.
@@ -87,13 +87,8 @@ def test_believed_clients_log_in_during_a_flood_from_many_addresses(tmp_path, pa
     # second flood), keep both shared slots busy however the per-address
     # rules count.  A client in trusted_networks, and one that logged in
     # before the flood, still get the reserved slot at once.
-    relay = RelayProcess(tmp_path, {
-        "server": {"trusted_networks": "127.0.0.3/32"},
-        "auth": {"passwords": password_file, "allow_plaintext": "yes",
-                 "max_concurrent_hashes": "2", "attempts_per_minute": "0",
-                 "failure_delay": "0.1"},
-        "limits": {"connections_per_ip": "0", "connection_rate_per_ip": "0"},
-    }).start()
+    relay = flood_relay(tmp_path, password_file, trusted_networks="127.0.0.3/32",
+                        attempts_per_minute="0", failure_delay="0.1")
     try:
         line, _ = timed_login(relay.port, "alice", "correct horse", source="127.0.0.2")
         assert line == b"235 2.7.0 Authentication successful\r\n"
