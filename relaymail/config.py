@@ -687,6 +687,9 @@ SCHEMA = {
         # 30 s; nginx and Apache use 511.  Linux caps it at
         # net.core.somaxconn (4096 since 5.4).
         "listen_backlog": Key(integer(minimum=1), "1024"),
+        # Inbound worker processes sharing the listeners (relaymail.process);
+        # 0 runs the whole relay in the one twistd process.
+        "workers": Key(per_cpu(integer(minimum=0, maximum=64)), "0"),
     },
     "relay": {
         "domains": Key(listing(domain), ""),
@@ -734,6 +737,9 @@ SCHEMA = {
         # in the spirit of its default_process_limit (100).
         "destination_concurrency": Key(integer(minimum=1), "20"),
         "max_connections": Key(integer(minimum=1), "100"),
+        # Delivery worker processes, each owning one partition of the queue,
+        # when [server] workers is not 0 (relaymail.queue.partition).
+        "workers": Key(integer(minimum=1, maximum=64), "1"),
         # RFC 5321 4.5.4.1: MX hosts are reached on port 25; tests move it.
         "mx_port": Key(port_number, "25"),
         # Postfix soft_bounce (default no): keep as deferred what would

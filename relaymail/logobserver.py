@@ -29,15 +29,20 @@ from relaymail import sanitize
 class TextObserver:
     """Lines as twistd writes them: ``TIME [SYSTEM] TEXT``."""
 
-    def __init__(self, out):
+    def __init__(self, out, process_name=None):
         self._out = out
         self._second = None
         self._stamp = ""
+        # A worker beside others on one output names itself in the system
+        # field: "[inbound.1 relaymail.smtp#info]".
+        self._system_start = "[" if process_name is None else f"[{process_name} "
 
     def __call__(self, event):
         text = eventAsText(event, includeTimestamp=False)
         if not text:
             return
+        if text.startswith("["):
+            text = self._system_start + text[1:]
         text = sanitize.escape_lines(text)
         when = event.get("log_time")
         if when is None:
@@ -52,9 +57,33 @@ class TextObserver:
         self._out.flush()
 
 
+@implementer(ILogObserver)
+class EventTextObserver:
+    """A worker's events as bare text, one event per line (continuation
+    lines start with a tab), for a master that logs each line as an event
+    of its own: it adds the time and the system (relaymail.process)."""
+
+    def __init__(self, out):
+        self._out = out
+
+    def __call__(self, event):
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        if text:
+            self._out.write(sanitize.escape_lines(text).replace("\n", "\n\t") + "\n")
+            self._out.flush()
+
+
 def stdout_observer():
     """The factory twistd's ``--logger`` option names."""
     return TextObserver(sys.stdout)
+
+
+def logs_lines_to_stdout(twistd_options):
+    """True when twistd logs with :class:`TextObserver` on standard output:
+    worker processes may then write their lines there themselves."""
+    chosen = (twistd_options or {}).get("logger")
+    # A name until twistd's own postOptions imports it.
+    return chosen is stdout_observer or chosen == f"{__name__}.stdout_observer"
 
 
 def use_for(twistd_options):

@@ -116,7 +116,8 @@ class ThreadPoolService(service.Service):
 
 
 def build_service(settings, reactor=None):
-    """The whole relay as a MultiService, from validated settings.
+    """The whole relay in this one process (``[server] workers = 0``), as
+    a MultiService, from validated settings.
 
     :raise ConfigError: for a plugin problem, or a spool another daemon owns.
     """
@@ -125,24 +126,96 @@ def build_service(settings, reactor=None):
     raise_file_limit(settings)
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
-    lock = SpoolLock(settings.queue.path)
-    if not lock.acquire():
-        raise ConfigError(settings.source, "queue", "path",
-                          f"{settings.queue.path} is in use by another relaymail")
+    lock = take_lock(settings)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
-    router = Router(settings, reactor=reactor)
-    pool = DestinationPool(reactor, router, client_configs(settings),
-                           settings.delivery.destination_concurrency,
-                           settings.delivery.max_connections)
-    scheduler = Scheduler(spool, pool, router, settings, reactor, policy=policy)
     top = service.MultiService()
     # Started in this order: the queue is recovered before the scheduler
     # reads it and before any listener accepts mail.
     spool.setServiceParent(top)
+    scheduler = delivery_scheduler(settings, reactor, spool, policy)
     scheduler.setServiceParent(top)
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
+    for (key, description, _options), factory in zip(
+            listener_specs(settings), inbound_factories(settings, reactor, top, policy, queue)):
+        listener = StreamServerEndpointService(listen_endpoint(settings, reactor, key, description),
+                                               factory)
+        # A port we cannot bind stops start-up instead of being logged and ignored.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    return top
+
+
+def build_master(settings, options, reactor=None):
+    """The master of ``[server] workers`` inbound and ``[delivery] workers``
+    delivery processes (relaymail.process.master), with the pid in the
+    spool lock and the plugins checked here first, so that a plugin that
+    cannot load stops start-up with one line rather than a worker loop."""
+    from relaymail.process.master import Master
+    if reactor is None:
+        from twisted.internet import reactor
+    raise_file_limit(settings)
+    build_plugins(settings)
+    _server_tls(settings)
+    if settings.server.submission_listen:
+        _server_tls(settings, for_passwords=True)
+    lock = take_lock(settings)
+    top = service.MultiService()
+    LockPidService(lock).setServiceParent(top)
+    master = Master(settings, lock, options["config"], _overrides(options),
+                    logobserver.logs_lines_to_stdout(getattr(options, "parent", None)), reactor)
+    master.setServiceParent(top)
+    return top
+
+
+def take_lock(settings):
+    """The spool lock, held; ConfigError when another relaymail has it."""
+    lock = SpoolLock(settings.queue.path)
+    if not lock.acquire():
+        raise ConfigError(settings.source, "queue", "path",
+                          f"{settings.queue.path} is in use by another relaymail")
+    return lock
+
+
+def delivery_scheduler(settings, reactor, spool, policy):
+    """The scheduler and the outbound connection pool it drives."""
+    router = Router(settings, reactor=reactor)
+    pool = DestinationPool(reactor, router, client_configs(settings),
+                           settings.delivery.destination_concurrency,
+                           settings.delivery.max_connections)
+    return Scheduler(spool, pool, router, settings, reactor, policy=policy)
+
+
+def listener_specs(settings):
+    """Every listener as ``(config key, endpoint description, factory
+    options)``, in one fixed order: the master binds them in this order and
+    an inbound worker builds its factories in the same one."""
+    return (
+        [("listen", description, {}) for description in settings.server.listen]
+        + [("submission_listen", description, {"submission": True})
+           for description in settings.server.submission_listen]
+        + [("proxy_listen", description, {"proxy": True})
+           for description in settings.server.proxy_listen])
+
+
+def _implicit(description):
+    # An ssl: endpoint is TLS from the first byte (port 465 style).
+    return description.split(":", 1)[0].lower() == "ssl"
+
+
+def listen_endpoint(settings, reactor, key, description):
+    """The server endpoint to bind for one listener (for ``ssl:``, the
+    plain TCP one: the factory does the TLS)."""
+    described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
+    if _implicit(description):
+        return _implicit_tls(settings, reactor, key, described)[0]
+    return endpoints.serverFromString(reactor, described)
+
+
+def inbound_factories(settings, reactor, top, policy, queue):
+    """One SMTP factory per listener of :func:`listener_specs`, in order;
+    services they need (the scrypt pool) are added to ``top``."""
     # STARTTLS with the broad list for MTAs, with the strict one where
     # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
@@ -151,27 +224,17 @@ def build_service(settings, reactor=None):
     gate = ConnectionGate(settings, reactor)
     auth = _authenticator(settings, reactor, top, gate.key)
     shared = dict(reactor=reactor, gate=gate, auth=auth)
-    listeners = (
-        [("listen", description, {"tls": tls}) for description in settings.server.listen]
-        + [("submission_listen", description, {"submission": True, "tls": submission_tls})
-           for description in settings.server.submission_listen]
-        + [("proxy_listen", description, {"proxy": True, "tls": tls})
-           for description in settings.server.proxy_listen])
-    for key, description, options in listeners:
-        # An ssl: endpoint is TLS from the first byte (port 465 style).
-        implicit_tls = description.split(":", 1)[0].lower() == "ssl"
+    factories = []
+    for key, description, options in listener_specs(settings):
+        implicit_tls = _implicit(description)
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
+                              tls=submission_tls if options.get("submission") else tls,
                               **shared, **options)
-        described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
         if implicit_tls:
-            endpoint, factory = _implicit_tls(settings, reactor, key, described, factory)
-        else:
-            endpoint = endpoints.serverFromString(reactor, described)
-        listener = StreamServerEndpointService(endpoint, factory)
-        # A port we cannot bind stops start-up instead of being logged and ignored.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
-    return top
+            described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
+            factory = _implicit_tls(settings, reactor, key, described, factory)[1]
+        factories.append(factory)
+    return factories
 
 
 def _server_tls(settings, for_passwords=False):
@@ -184,7 +247,7 @@ def _server_tls(settings, for_passwords=False):
         raise ConfigError(settings.source, "tls", error.key, error.problem)
 
 
-def _implicit_tls(settings, reactor, key, description, factory):
+def _implicit_tls(settings, reactor, key, description, factory=None):
     """The TCP endpoint and TLS-wrapped factory for an ``ssl:`` listener,
     with relaymail's TLS options rather than those Twisted's parser would
     give it (the cipher list where passwords travel)."""
@@ -193,7 +256,7 @@ def _implicit_tls(settings, reactor, key, description, factory):
     except (ValueError, TLSFileError) as error:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(settings.source, "server", key, f"{description}: {problem}")
-    return endpoint, TLSMemoryBIOFactory(server_tls, False, factory)
+    return endpoint, factory and TLSMemoryBIOFactory(server_tls, False, factory)
 
 
 def _authenticator(settings, reactor, top, client_key):
@@ -238,7 +301,10 @@ def makeService(options):
             # the spool for one of their own while the relay runs.
             check_root_owned(settings.queue.path)
             trusted_path(settings.queue.path, spool_stays_root=True)
-        top = build_service(settings)
+        if settings.server.workers:
+            top = build_master(settings, options)
+        else:
+            top = build_service(settings)
         if owner is not None:
             # The spool and its lock are made while twistd is still root
             # (to bind port 25); the user the relay will run as gets them,

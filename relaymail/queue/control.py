@@ -15,6 +15,10 @@ One request per line, one reply per line, in order::
     delete ALL        ok 12 messages deleted
     hold ID           ok ID on hold
     release ID        ok ID released
+    pickup            ok 2 messages picked up
+
+(``pickup`` is the master's, not the tool's: after an inbound worker died
+it has each delivery worker schedule the messages it was not told of.)
 
 and for anything that went wrong ``error <text>``, for instance
 ``error no such message ID``.  Lines end in LF (a CR before it is
@@ -65,6 +69,12 @@ class IQueueControl(Interface):
         """Make every deferred message due now (not the held ones).
 
         :return: the number of messages due now.
+        """
+
+    def pickup():
+        """Schedule the messages in the spool not yet known (relaymail.process).
+
+        :return: the number of messages newly scheduled.
         """
 
     def retry(queue_id):
@@ -125,6 +135,8 @@ def _parse(text):
     command, arguments = words[0].lower(), words[1:]
     if command == "flush" and not arguments:
         return "flush", (), lambda count: f"{plural(count, 'message')} due now"
+    if command == "pickup" and not arguments:
+        return "pickup", (), lambda count: f"{plural(count, 'message')} picked up"
     if command == "delete" and arguments == [ALL]:
         return "delete_all", (), lambda count: f"{plural(count, 'message')} deleted"
     done = {"retry": "due now", "delete": "deleted", "hold": "on hold",

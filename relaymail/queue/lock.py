@@ -85,6 +85,13 @@ class SpoolLock:
         self.write_pid()
         return True
 
+    def fileno(self):
+        """The locked descriptor: the master passes it to its workers, so
+        the spool stays locked while any of them lives."""
+        if self._fd is None:
+            raise RuntimeError("the spool lock is not held")
+        return self._fd
+
     def release(self):
         """Let go of the lock; does nothing when it is not held."""
         if self._fd is None:

@@ -7,14 +7,16 @@ they spell, whose high bits are the creation time::
 
     bits 79..26  microseconds since the Unix epoch (54 bits: good until 2540)
     bits 25..20  a per-process sequence within one microsecond
-    bits 19..8   the low 12 bits of the process id
+    bits 19..8   the process's slot: its worker number under the master
+                 (relaymail.process), else the low 12 bits of its pid
     bits  7..0   random
 
 Within one process ids strictly increase, even if the clock steps back.
-Two processes (or a restart after the clock stepped back) collide only if
-they agree on the microsecond, the sequence, the low pid bits and 8 random
-bits; the spool also creates every file with ``O_EXCL``, so even that cannot
-overwrite a message.
+The master gives each live worker a slot of its own, so two workers never
+mint the same id.  Two unrelated processes (a tool beside the daemon, or a
+restart after the clock stepped back) collide only if they agree on the
+microsecond, the sequence, the slot and 8 random bits; the spool also
+creates every file with ``O_EXCL``, so even that cannot overwrite a message.
 """
 
 import os
@@ -60,13 +62,41 @@ class _Generator:
 
 _generator = _Generator()
 
+#: Bits 19..8 of the ids this process mints; see :func:`use_slot`.
+_slot = None
+
+#: Slots a master may hand out: 12 bits.
+SLOTS = 1 << _PID_BITS
+
+
+def use_slot(slot):
+    """Mint ids with ``slot`` (0 to :data:`SLOTS` - 1) in place of the pid
+    bits: a worker process calls it with the number its master gave it,
+    unique among the master's live workers."""
+    global _slot
+    if not 0 <= slot < SLOTS:
+        raise ValueError(f"queue id slot out of range: {slot}")
+    _slot = slot
+
+
+def slot_of(queue_id):
+    """The slot (or low pid bits) of the process that minted ``queue_id``."""
+    return (_decode(queue_id) >> _RANDOM_BITS) & (SLOTS - 1)
+
+
+def minted_at(queue_id):
+    """When ``queue_id`` was minted, in seconds since the epoch (to the
+    microsecond, as the clock said; it may have stepped since)."""
+    return (_decode(queue_id) >> (_SEQUENCE_BITS + _PID_BITS + _RANDOM_BITS)) / 1e6
+
 
 def new_queue_id():
     """Return a fresh queue id (a 16-character str)."""
     microseconds, sequence = _generator.next_stamp()
     number = microseconds & ((1 << _TIME_BITS) - 1)
     number = (number << _SEQUENCE_BITS) | sequence
-    number = (number << _PID_BITS) | (os.getpid() & ((1 << _PID_BITS) - 1))
+    slot = _slot if _slot is not None else os.getpid() & (SLOTS - 1)
+    number = (number << _PID_BITS) | slot
     number = (number << _RANDOM_BITS) | secrets.randbits(_RANDOM_BITS)
     return _encode(number)
 
@@ -85,3 +115,10 @@ def _encode(number):
         number, digit = divmod(number, 32)
         digits.append(ALPHABET[digit])
     return "".join(reversed(digits))
+
+
+def _decode(queue_id):
+    number = 0
+    for character in queue_id:
+        number = number * 32 + ALPHABET.index(character)
+    return number

@@ -489,6 +489,18 @@ class Scheduler(service.Service):
             count += self._make_due(queue_id, now)
         return count
 
+    def pickup(self):
+        """Schedule the messages of the spool this scheduler does not know
+        yet (a notice about them was lost with the worker that sent it);
+        each is tried when its record says, not forced."""
+        count = 0
+        now = self._clock()
+        for queue_id in list(self.spool.ids()):
+            if not self._exists(queue_id):
+                self._schedule(queue_id, now)
+                count += 1
+        return count
+
     def retry(self, queue_id):
         if not self._exists(queue_id):
             if queue_id in set(self.spool.held_ids()):

@@ -59,7 +59,7 @@ from relaymail.queue import record as records
 from relaymail.queue.batch import CommitBatcher, sync_files
 from relaymail.queue.durable import GroupSync, fsync_directory, write_durably, write_file
 from relaymail.queue.layout import staging_name, temporary_record_name
-from relaymail.queue.queue_id import is_queue_id, new_queue_id
+from relaymail.queue.queue_id import LENGTH, is_queue_id, minted_at, new_queue_id, slot_of
 
 #: Commit threads when the spool runs its own pool.  fsync latency, not
 #: CPU, bounds a commit: one 4 KiB file with fsync and rename went at
@@ -103,6 +103,13 @@ class Spool(service.Service):
         :meth:`start` and :meth:`stop`.
     :param min_free: bytes of free space :meth:`has_room` keeps in reserve
         (``[queue] min_free``); 0 makes it always say yes.
+    :param owns: for a delivery worker of several, a predicate saying which
+        queue ids are its own (relaymail.queue.partition): :meth:`ids`,
+        :meth:`held_ids` and :meth:`recover` see only those, and the ids
+        this spool mints (the DSNs it writes) are its own too.  None: all.
+    :param writers_since: when other processes write to the spool (a
+        delivery worker's), the time they began: the service's recovery
+        then leaves their work alone (see :meth:`recover`).
 
     At start-up call :meth:`recover`, then :meth:`start` (either order
     works; recover() creates the directories it needs).  As a
@@ -117,9 +124,12 @@ class Spool(service.Service):
 
     log = Logger()
 
-    def __init__(self, path, reactor=None, threadpool=None, min_free=0):
+    def __init__(self, path, reactor=None, threadpool=None, min_free=0, owns=None,
+                 writers_since=None):
         self.path = os.path.abspath(path)
         self.min_free = min_free
+        self._owns = owns
+        self._writers_since = writers_since
         self._tmp = os.path.join(self.path, "tmp")
         self._active = os.path.join(self.path, "active")
         self._hold = os.path.join(self.path, "hold")
@@ -173,7 +183,7 @@ class Spool(service.Service):
 
     def startService(self):
         self.start()
-        queued = self.recover()
+        queued = self.recover(born_before=self._writers_since)
         self.log.info("Spool {path}: {count} messages in the queue",
                       path=self.path, count=len(queued))
         super().startService()
@@ -220,6 +230,8 @@ class Spool(service.Service):
             raise RuntimeError("the spool is not started")
         for _ in range(_ID_ATTEMPTS):
             queue_id = new_queue_id()
+            while self._owns is not None and not self._owns(queue_id):
+                queue_id = new_queue_id()
             file = self._create_body(queue_id)
             if file is not None:
                 self._open_ids.add(queue_id)
@@ -380,7 +392,44 @@ class Spool(service.Service):
 
     # -- recovery -----------------------------------------------------------
 
-    def recover(self):
+    def prepare_for_writers(self):
+        """Lay out the spool and empty ``tmp/``: what the master does at
+        start, before any inbound worker writes (relaymail.process).  The
+        work is bounded by the messages that were being received, not by
+        the size of the queue."""
+        self._make_layout()
+        self._empty_tmp()
+
+    def remove_unfinished(self, slot=None, owns=None):
+        """Remove from ``tmp/`` what a worker that died left there: bodies
+        and records of messages minted in ``slot`` (an inbound worker's, or
+        a delivery worker's DSNs), and record updates of messages for which
+        ``owns`` is true (a delivery worker's partition).
+
+        Call it only once that worker has exited and before its successor
+        starts: the files of live workers are never matched.
+
+        :return: the number of files removed.
+        """
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            queue_id = name[:LENGTH]
+            if not is_queue_id(queue_id):
+                continue
+            minted_here = name in (queue_id + ".msg", queue_id + ".json")
+            if minted_here and slot is not None and slot_of(queue_id) == slot:
+                pass
+            elif not minted_here and owns is not None and owns(queue_id):
+                pass
+            else:
+                continue
+            self._unlink_quietly(os.path.join(self._tmp, name))
+            removed += 1
+        return removed
+
+    def recover(self, born_before=None):
         """Bring the spool to a clean state after a stop or a crash.
 
         Empties ``tmp/`` (those messages never got a 250), removes bodies
@@ -394,8 +443,12 @@ class Spool(service.Service):
         complete in both keeps its ``active/`` copy (see the module
         docstring for why that is right for both directions).
 
-        Call it before the server accepts mail: it must not run while
-        messages are being written.
+        Call it before the server accepts mail, or, where other processes
+        are already writing (a delivery worker, relaymail.process), with
+        ``born_before``: the time the master started.  ``tmp/`` is then
+        left alone (the master emptied it before any writer started), and
+        so is a lone body minted since then: it may be a commit between its
+        two renames.
 
         :return: the ids of the good messages in ``active/``, sorted
             (held messages are not among them: see :meth:`held_ids`).
@@ -403,22 +456,31 @@ class Spool(service.Service):
         if self._open_ids:
             raise RuntimeError("recover() while messages are being written")
         self._make_layout()
-        self._empty_tmp()
-        good = self._recover_directory(self._active)
-        held = self._recover_directory(self._hold, keep_elsewhere=set(good))
+        if born_before is None:
+            self._empty_tmp()
+        good = self._recover_directory(self._active, born_before=born_before)
+        held = self._recover_directory(self._hold, keep_elsewhere=set(good),
+                                       born_before=born_before)
         if held:
             self.log.info("{count} messages are on hold in {directory}",
                           count=len(held), directory=self._hold)
         return good
 
-    def _recover_directory(self, directory, keep_elsewhere=frozenset()):
+    def _recover_directory(self, directory, keep_elsewhere=frozenset(), born_before=None):
         """Clean one of ``active/`` and ``hold/``; return its good ids.
 
         :param keep_elsewhere: ids whose good copy is in another directory:
             a complete copy here is a leftover of an interrupted move.
+        :param born_before: lone bodies minted at or after this time are
+            left alone (see :meth:`recover`).
         """
         bodies, records, strays = self._scan(directory)
+        if self._owns is not None:
+            bodies = set(filter(self._owns, bodies))
+            records = set(filter(self._owns, records))
         for queue_id in sorted(bodies - records):
+            if born_before is not None and minted_at(queue_id) >= born_before:
+                continue
             self.log.info("Removing {queue_id}.msg from {directory}: it was never "
                           "committed there", queue_id=queue_id, directory=directory)
             self._unlink_quietly(self._in(directory, queue_id, ".msg"))
@@ -864,6 +926,11 @@ class Spool(service.Service):
     # -- helpers --------------------------------------------------------------
 
     def _ids_in(self, directory):
+        if self._owns is not None:
+            return filter(self._owns, self._all_ids_in(directory))
+        return self._all_ids_in(directory)
+
+    def _all_ids_in(self, directory):
         with os.scandir(directory) as entries:
             for entry in entries:
                 stem, suffix = os.path.splitext(entry.name)

@@ -590,6 +590,11 @@ class OfflineManager:
         with ThreadPoolExecutor(FLUSH_THREADS) as pool:
             return sum(pool.map(self._make_due, queue_ids))
 
+    def pickup(self):
+        """Nothing to pick up with no daemon running: it schedules the
+        whole queue when it starts."""
+        return 0
+
     def _make_due(self, queue_id):
         try:
             return self._spool.make_due(queue_id, self._now)

@@ -1,0 +1,401 @@
+"""The master: the one ``twistd -n relaymail`` process when
+``[server] workers`` is not 0 (the design: docs/architecture.rst).
+
+It holds what there must be one of -- the pid file, the log, the spool
+lock, the listening sockets and the queue tool's control socket -- and
+runs no SMTP session and no delivery itself.  At start it
+
+1. binds every listener (as root, if twistd started as root) and stops
+   reading them: the workers accept;
+2. empties the spool's ``tmp/`` (the leftovers of the last run; bounded by
+   the sessions that were open, not by the queue);
+3. makes one datagram socket pair per delivery partition
+   (:mod:`relaymail.process.pickup`), kept for its whole life;
+4. starts ``[delivery] workers`` delivery workers and ``[server] workers``
+   inbound workers (:mod:`relaymail.process.worker`).
+
+A worker that exits without being asked to is started again, at once the
+first time and with a growing delay if it keeps dying young.  Before the
+successor starts, what the dead one left unfinished in ``tmp/`` is
+removed (it never got a 250); for a dead inbound worker, every delivery
+worker is asked to pick up messages it was not told of.  A delivery
+worker's successor owns the same partition and recovers and schedules it
+afresh, so nothing its predecessor claimed is lost, and because it starts
+only after the predecessor has exited, no message ever has two owners.
+
+Queue tool requests on ``QUEUE/control`` are passed to the delivery worker
+owning the message (or to all of them, for ``flush`` and ``delete ALL``).
+"""
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+import relaymail
+from relaymail.process.pickup import socket_pair
+from relaymail.queue.control import ControlError, listen_control
+from relaymail.queue.partition import owner_test, partition_of
+from relaymail.queue.spool import Spool
+
+log = Logger(namespace="relaymail.process")
+
+#: A worker that exits within this many seconds of starting "died young":
+#: its successor waits, twice as long each time, up to MAX_RESTART_DELAY.
+YOUNG = 10.0
+FIRST_RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+
+#: Seconds the workers get to stop after SIGTERM before SIGKILL.
+STOP_GRACE = 30.0
+
+INBOUND = "inbound"
+DELIVERY = "delivery"
+
+
+class _Worker:
+    """What the master knows of one worker slot, across its successors."""
+
+    def __init__(self, role, number, slot, partition=0):
+        self.role = role
+        self.name = f"{role}.{number}"
+        self.slot = slot
+        self.partition = partition
+        self.process = None         # the live process's transport
+        self.pid = None             # its pid (the transport forgets it at the end)
+        self.started_at = None
+        self.young_deaths = 0
+        self.control = None         # a delivery worker's WorkerControl
+        self.ended = None           # a Deferred while a stop waits for it
+
+
+class Master(service.Service):
+    """Starts, watches and stops the workers.
+
+    :param settings: the validated settings.
+    :param lock: the SpoolLock, held.
+    :param config: the config file path (None: defaults), and
+    :param overrides: the command-line overrides, both passed to workers.
+    :param log_lines: True when the master logs lines to standard output,
+        which the workers then share; else they send their events to the
+        master over a pipe.
+    """
+
+    def __init__(self, settings, lock, config, overrides, log_lines, reactor):
+        from relaymail.tap import listen_endpoint, listener_specs
+        self.settings = settings
+        self._lock = lock
+        self._config = config
+        self._overrides = [[section, key, value] for (section, key), value in overrides.items()]
+        self._log_lines = log_lines
+        self._reactor = reactor
+        self._endpoints = [listen_endpoint(settings, reactor, key, description)
+                           for key, description, _ in listener_specs(settings)]
+        self._ports = []
+        self._pairs = []
+        self._spool = Spool(settings.queue.path, reactor=reactor)
+        partitions = settings.delivery.workers
+        self.delivery = [_Worker(DELIVERY, k, slot=1 + k, partition=k) for k in range(partitions)]
+        self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n)
+                        for n in range(settings.server.workers)]
+        self._control_port = None
+        self._stopping = False
+        self.writers_since = None
+
+    # -- start ---------------------------------------------------------------
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        for endpoint in self._endpoints:
+            outcome = []
+            endpoint.listen(_NeverAccepts()).addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                outcome[0].raiseException()
+            port = outcome[0]
+            # Bound and listening; the workers accept, not the master.
+            port.stopReading()
+            self._ports.append(port)
+
+    def startService(self):
+        super().startService()
+        if not self._ports and self._endpoints:
+            self.privilegedStartService()
+        self._spool.prepare_for_writers()
+        self.writers_since = time.time()
+        self._pairs = [socket_pair() for _ in self.delivery]
+        for worker in self.delivery + self.inbound:
+            self._spawn(worker)
+        self._control_port = listen_control(self._reactor, self.settings.queue.path,
+                                            RelayedControl(self))
+
+    def _spawn(self, worker):
+        if self._stopping:
+            return
+        named = {"lock": self._lock.fileno()}
+        arguments = [worker.role, "--name", worker.name, "--slot", str(worker.slot),
+                     "--master-pid", str(os.getpid()),
+                     "--log", "lines" if self._log_lines else "events",
+                     "--overrides", json.dumps(dict(
+                         (f"{section}.{key}", value) for section, key, value in self._overrides))]
+        if self._config is not None:
+            arguments += ["--config", self._config]
+        control_end = None
+        if worker.role == INBOUND:
+            for index, port in enumerate(self._ports):
+                named[f"listen.{index}"] = port.fileno()
+            for index, (_receiving, sending) in enumerate(self._pairs):
+                named[f"pickup.{index}"] = sending.fileno()
+        else:
+            arguments += ["--partition", str(worker.partition),
+                          "--partitions", str(len(self.delivery)),
+                          "--writers-since", repr(self.writers_since)]
+            named[f"pickup.{worker.partition}"] = self._pairs[worker.partition][0].fileno()
+            master_end, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            named["control"] = control_end.fileno()
+        child_fds = {0: "w", 1: 1 if self._log_lines else "r", 2: 2 if self._log_lines else "r"}
+        for number, (name, fd) in enumerate(named.items(), start=3):
+            child_fds[number] = fd
+            arguments += ["--fd", f"{name}={number}"]
+        argv = [sys.executable, "-m", "relaymail.process.worker", *arguments]
+        worker.process = self._reactor.spawnProcess(
+            _WorkerProcess(self, worker), sys.executable, argv, env=_environment(),
+            childFDs=child_fds)
+        worker.pid = worker.process.pid
+        worker.started_at = time.monotonic()
+        if control_end is not None:
+            control_end.close()
+            worker.control = WorkerControl()
+            self._reactor.adoptStreamConnection(master_end.fileno(), socket.AF_UNIX,
+                                                _Given(worker.control))
+            master_end.close()
+        log.info("Started {name} (pid {pid})", name=worker.name, pid=worker.process.pid)
+
+    # -- a worker ended ---------------------------------------------------------
+
+    def _ended(self, worker, status):
+        pid = worker.pid
+        worker.process = None
+        if worker.control is not None:
+            worker.control.transport.loseConnection()
+            worker.control = None
+        if worker.ended is not None:
+            ended, worker.ended = worker.ended, None
+            ended.callback(None)
+        if self._stopping:
+            return
+        lived = time.monotonic() - worker.started_at
+        worker.young_deaths = worker.young_deaths + 1 if lived < YOUNG else 0
+        delay = 0.0
+        if worker.young_deaths > 1:
+            delay = min(MAX_RESTART_DELAY, FIRST_RESTART_DELAY * 2 ** (worker.young_deaths - 2))
+        removed = self._clean_up_after(worker)
+        log.warn("{name} (pid {pid}) {status} after {lived:.1f}s; {removed} unfinished files "
+                 "removed; restarting it in {delay:.1f}s", name=worker.name, pid=pid,
+                 status=status, lived=lived, removed=removed, delay=delay)
+        self._reactor.callLater(delay, self._spawn, worker)
+        if worker.role == INBOUND:
+            for other in self.delivery:
+                if other.control is not None:
+                    other.control.ask("pickup").addErrback(lambda _: None)
+
+    def _clean_up_after(self, worker):
+        try:
+            if worker.role == INBOUND:
+                return self._spool.remove_unfinished(slot=worker.slot)
+            owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
+            return self._spool.remove_unfinished(slot=worker.slot, owns=owns)
+        except OSError as error:
+            log.error("Cannot clean up after {name}: {error}", name=worker.name, error=error)
+            return 0
+
+    # -- stop ---------------------------------------------------------------------
+
+    def stopService(self):
+        super().stopService()
+        self._stopping = True
+        waiting = []
+        for worker in self.inbound + self.delivery:
+            if worker.process is None:
+                continue
+            worker.ended = defer.Deferred()
+            waiting.append(worker.ended)
+            try:
+                worker.process.signalProcess("TERM")
+            except OSError:
+                pass
+        killer = self._reactor.callLater(STOP_GRACE, self._kill_the_rest)
+        done = defer.DeferredList(waiting)
+
+        def stopped(_):
+            if killer.active():
+                killer.cancel()
+            ports, self._ports = self._ports, []
+            closing = [defer.maybeDeferred(port.stopListening) for port in ports]
+            if self._control_port is not None:
+                closing.append(defer.maybeDeferred(self._control_port.stopListening))
+            for receiving, sending in self._pairs:
+                receiving.close()
+                sending.close()
+            return defer.DeferredList(closing)
+        return done.addCallback(stopped)
+
+    def _kill_the_rest(self):
+        for worker in self.inbound + self.delivery:
+            if worker.process is not None:
+                log.warn("{name} did not stop within {grace:.0f}s: killing it",
+                         name=worker.name, grace=STOP_GRACE)
+                try:
+                    worker.process.signalProcess("KILL")
+                except OSError:
+                    pass
+
+
+def _environment():
+    """The workers' environment: ours, with relaymail importable from where
+    this process imported it (a checkout, or site-packages)."""
+    env = dict(os.environ)
+    home = os.path.dirname(os.path.dirname(os.path.abspath(relaymail.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
+    return env
+
+
+class _NeverAccepts(protocol.Factory):
+    """The master's factory on the listeners it binds but never reads."""
+
+    noisy = False
+
+
+class _Given(protocol.Factory):
+    """A factory that hands out one protocol made beforehand."""
+
+    def __init__(self, instance):
+        self._instance = instance
+
+    def buildProtocol(self, addr):
+        return self._instance
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """One worker process as the master sees it: its end, and (when the
+    workers cannot share the master's standard output) its log events."""
+
+    def __init__(self, master, worker):
+        self._master = master
+        self._worker = worker
+        self._partial = {}
+
+    def childDataReceived(self, fd, data):
+        lines = (self._partial.pop(fd, b"") + data).split(b"\n")
+        if lines[-1]:
+            self._partial[fd] = lines[-1]
+        for line in lines[:-1]:
+            if line:
+                log.emit(LogLevel.error if fd == 2 else LogLevel.info, "{line}",
+                         line=line.decode("utf-8", "replace").lstrip("\t"),
+                         log_system=self._worker.name)
+
+    def processEnded(self, reason):
+        value = reason.value
+        if getattr(value, "signal", None):
+            status = f"was killed by signal {value.signal}"
+        else:
+            status = f"exited with status {getattr(value, 'exitCode', '?')}"
+        self._master._ended(self._worker, status)
+
+
+class WorkerControl(LineReceiver):
+    """The master's end of a delivery worker's control connection: one
+    request line at a time, replies in order (relaymail.queue.control)."""
+
+    delimiter = b"\n"
+
+    def __init__(self):
+        self._waiting = []
+
+    def ask(self, line):
+        if self.transport is None or not self.connected:
+            return defer.fail(ControlError("the delivery worker is restarting; try again"))
+        reply = defer.Deferred()
+        self._waiting.append(reply)
+        self.sendLine(line.encode("ascii"))
+        return reply
+
+    def lineReceived(self, line):
+        if self._waiting:
+            self._waiting.pop(0).callback(line.decode("ascii", "replace"))
+
+    def connectionLost(self, reason):
+        LineReceiver.connectionLost(self, reason)
+        waiting, self._waiting = self._waiting, []
+        for reply in waiting:
+            reply.errback(ControlError("the delivery worker stopped before it answered"))
+
+
+class RelayedControl:
+    """The queue tool's requests, carried to the delivery workers
+    (an :class:`relaymail.queue.control.IQueueControl`)."""
+
+    def __init__(self, master):
+        self._master = master
+
+    def _ask(self, worker, line):
+        if worker.control is None:
+            return defer.fail(ControlError(f"{worker.name} is restarting; try again"))
+        return worker.control.ask(line)
+
+    def _by_id(self, queue_id, line):
+        workers = self._master.delivery
+        worker = workers[partition_of(queue_id, len(workers))]
+        return self._ask(worker, line).addCallback(_found)
+
+    def _counted(self, line):
+        replies = [self._ask(worker, line).addCallback(_count) for worker in self._master.delivery]
+        done = defer.gatherResults(replies, consumeErrors=True)
+        done.addErrback(lambda failure: failure.value.subFailure)
+        return done.addCallback(sum)
+
+    def flush(self):
+        return self._counted("flush")
+
+    def pickup(self):
+        return self._counted("pickup")
+
+    def delete_all(self):
+        return self._counted("delete ALL")
+
+    def retry(self, queue_id):
+        return self._by_id(queue_id, f"retry {queue_id}")
+
+    def delete(self, queue_id):
+        return self._by_id(queue_id, f"delete {queue_id}")
+
+    def hold(self, queue_id):
+        return self._by_id(queue_id, f"hold {queue_id}")
+
+    def release(self, queue_id):
+        return self._by_id(queue_id, f"release {queue_id}")
+
+
+def _found(reply):
+    """A worker's reply about one message: True, False (no such message),
+    or its error as a ControlError."""
+    if reply.startswith("ok "):
+        return True
+    text = reply[len("error "):] if reply.startswith("error ") else reply
+    if text.startswith("no such message"):
+        return False
+    raise ControlError(text)
+
+
+def _count(reply):
+    if reply.startswith("ok "):
+        return int(reply.split()[1])
+    raise ControlError(reply[len("error "):] if reply.startswith("error ") else reply)

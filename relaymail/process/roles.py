@@ -1,0 +1,177 @@
+"""The services of each worker role, built from the same pieces as the
+single-process relay (:func:`relaymail.tap.build_service`).
+
+inbound
+    the SMTP dialogue on listening sockets adopted from the master
+    (``reactor.adoptStreamPort``), writing to the spool and telling the
+    delivery worker of each new message's partition
+    (:class:`relaymail.process.pickup.PickupSender`).  It never recovers
+    or reads the queue: it starts in well under a second whatever the
+    queue holds.
+delivery
+    the scheduler and the outbound client for one partition of the queue
+    (:mod:`relaymail.queue.partition`): it recovers its partition, then
+    schedules it, and takes notices of new messages and the master's
+    control requests.
+"""
+
+import os
+import socket
+
+from twisted.application import service
+from twisted.internet import abstract, protocol
+from twisted.logger import Logger
+
+from relaymail.policy.loader import build_plugins
+from relaymail.policy.recipients import Policy
+from relaymail.process.pickup import PickupReceiver, PickupSender
+from relaymail.queue.control import ControlFactory
+from relaymail.queue.intake import NotifyingQueue
+from relaymail.queue.partition import owner_test
+from relaymail.queue.spool import Spool
+
+log = Logger(namespace="relaymail.process")
+
+
+def build(arguments, settings, reactor, fds):
+    """The MultiService of the worker ``arguments`` describes (see
+    :mod:`relaymail.process.worker`)."""
+    validators, expanders = build_plugins(settings)
+    policy = Policy(validators, expanders, settings)
+    if arguments.role == "inbound":
+        return _inbound(settings, reactor, fds, policy)
+    return _delivery(arguments, settings, reactor, fds, policy)
+
+
+def _inbound(settings, reactor, fds, policy):
+    from relaymail.tap import inbound_factories
+    top = service.MultiService()
+    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
+    _SpoolWriting(spool).setServiceParent(top)
+    senders = [_socket(fds.pop(name)) for name in _ordered(fds, "pickup.")]
+    pickup = PickupSender(reactor, senders)
+    queue = NotifyingQueue(spool, pickup.message_queued)
+    factories = inbound_factories(settings, reactor, top, policy, queue)
+    listeners = [fds.pop(name) for name in _ordered(fds, "listen.")]
+    AdoptedListeners(reactor, listeners, factories).setServiceParent(top)
+    return top
+
+
+def _delivery(arguments, settings, reactor, fds, policy):
+    from relaymail.tap import delivery_scheduler
+    top = service.MultiService()
+    owns = owner_test(arguments.partition, arguments.partitions)
+    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
+                  owns=owns, writers_since=arguments.writers_since)
+    spool.setServiceParent(top)
+    scheduler = delivery_scheduler(settings, reactor, spool, policy)
+    scheduler.setServiceParent(top)
+    receiving = _socket(fds[f"pickup.{arguments.partition}"])
+    _Adopted(lambda: reactor.addReader(PickupReceiver(reactor, receiving,
+                                                      scheduler.message_queued))
+             ).setServiceParent(top)
+    control = fds["control"]
+    _Adopted(lambda: _adopt_control(reactor, control, scheduler)).setServiceParent(top)
+    return top
+
+
+def _adopt_control(reactor, fd, scheduler):
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, ControlFactory(scheduler))
+    os.close(fd)
+
+
+def _ordered(fds, prefix):
+    return sorted((name for name in fds if name.startswith(prefix)),
+                  key=lambda name: int(name[len(prefix):]))
+
+
+def _socket(fd):
+    end = socket.socket(fileno=fd)
+    end.setblocking(False)
+    return end
+
+
+class _SpoolWriting(service.Service):
+    """The spool of an inbound worker: writing only, no recovery (the
+    master emptied ``tmp/``; the delivery workers recover the rest)."""
+
+    def __init__(self, spool):
+        self.spool = spool
+
+    def startService(self):
+        super().startService()
+        self.spool.start()
+
+    def stopService(self):
+        super().stopService()
+        return self.spool.stop()
+
+
+class _Adopted(service.Service):
+    """Runs ``start`` once the services before it have started."""
+
+    def __init__(self, start):
+        self._start = start
+
+    def startService(self):
+        super().startService()
+        self._start()
+
+
+class AdoptedListeners(service.Service):
+    """Accepts on listening sockets the master bound, one factory each."""
+
+    def __init__(self, reactor, fds, factories):
+        if len(fds) != len(factories):
+            raise ValueError(f"{len(fds)} listening sockets for {len(factories)} listeners")
+        self._reactor = reactor
+        self._pairs = list(zip(fds, factories))
+        self._ports = []
+
+    def startService(self):
+        super().startService()
+        for fd, factory in self._pairs:
+            family = socket.socket(fileno=os.dup(fd)).family
+            self._ports.append(self._reactor.adoptStreamPort(fd, family, factory))
+            # adoptStreamPort made a copy of its own.
+            os.close(fd)
+
+    def stopService(self):
+        super().stopService()
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.stopListening()
+
+
+class _MasterPipe(abstract.FileDescriptor):
+    """Standard input, the master's pipe: at its end the master is gone
+    (where the kernel does not say it with a signal)."""
+
+    def __init__(self, reactor, stop):
+        super().__init__(reactor)
+        self._stop = stop
+        os.set_blocking(0, False)
+
+    def fileno(self):
+        return 0
+
+    def doRead(self):
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError as error:
+            return error
+        if not data:
+            return protocol.connectionDone
+        return None
+
+    def connectionLost(self, reason):
+        abstract.FileDescriptor.connectionLost(self, reason)
+        if self.reactor.running:
+            self._stop()
+
+
+def watch_master(reactor, stop):
+    """Call ``stop`` when the master's end of standard input closes."""
+    reactor.addReader(_MasterPipe(reactor, stop))

@@ -1,0 +1,114 @@
+"""Queue ids minted per worker slot, the partitions of the queue, and the
+spool's work beside live writers (relaymail.process)."""
+
+import os
+import time
+
+import pytest
+
+from relaymail.queue import queue_id
+from relaymail.queue.partition import owner_test, partition_of
+from relaymail.queue.spool import Spool
+from tests.test_spool import listing, queue_sync
+
+
+@pytest.fixture
+def restore_slot():
+    yield
+    queue_id._slot = None
+
+
+def test_two_slots_never_mint_the_same_id_in_the_same_microsecond(monkeypatch, restore_slot):
+    # Same clock, same sequence, same random bits: only the slot differs.
+    monkeypatch.setattr(queue_id.time, "time_ns", lambda: 1_767_225_600_123_456_000)
+    monkeypatch.setattr(queue_id.secrets, "randbits", lambda bits: 0)
+    minted = {}
+    for slot in (3, 4):
+        queue_id._generator = queue_id._Generator()
+        queue_id.use_slot(slot)
+        minted[slot] = queue_id.new_queue_id()
+    assert minted[3] != minted[4]
+    assert [queue_id.slot_of(minted[slot]) for slot in (3, 4)] == [3, 4]
+    assert queue_id.minted_at(minted[3]) == pytest.approx(1_767_225_600.123456)
+
+
+def test_a_slot_must_fit_in_twelve_bits(restore_slot):
+    with pytest.raises(ValueError):
+        queue_id.use_slot(4096)
+
+
+def test_partitions_cover_every_id_and_are_even():
+    ids = [queue_id.new_queue_id() for _ in range(6000)]
+    counts = [0, 0, 0]
+    for each in ids:
+        counts[partition_of(each, 3)] += 1
+    assert sum(counts) == 6000 and min(counts) > 1700
+    assert all(partition_of(each, 1) == 0 for each in ids[:10])
+    assert owner_test(0, 1) is None
+    owns = owner_test(2, 3)
+    assert [owns(each) for each in ids[:50]] == [partition_of(each, 3) == 2 for each in ids[:50]]
+
+
+def test_a_partitioned_spool_sees_and_mints_only_its_own_ids(tmp_path):
+    everyone = Spool(str(tmp_path / "spool"))
+    everyone.start()
+    ids = [queue_sync(everyone) for _ in range(40)]
+    mine = Spool(everyone.path, owns=owner_test(1, 2))
+    mine.start()
+    try:
+        assert sorted(mine.ids()) == sorted(i for i in ids if partition_of(i, 2) == 1)
+        assert all(partition_of(queue_sync(mine), 2) == 1 for _ in range(20))
+    finally:
+        mine.stop()
+        everyone.stop()
+
+
+def test_remove_unfinished_takes_only_the_dead_workers_files(tmp_path, restore_slot):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.start()
+    try:
+        writers = {}
+        for slot in (3, 4):
+            queue_id.use_slot(slot)
+            writers[slot] = spool.new_message()
+            writers[slot].write(b"Subject: unfinished\r\n\r\n")
+        tmp = os.path.join(spool.path, "tmp")
+        # A record update of the partition-1 delivery worker, left by a crash.
+        owned = next(i for i in iter(queue_id.new_queue_id, None) if partition_of(i, 2) == 1)
+        other = next(i for i in iter(queue_id.new_queue_id, None) if partition_of(i, 2) == 0)
+        for name in (f"{owned}-0123abcd.json", f"{other}-0123abcd.json"):
+            open(os.path.join(tmp, name), "w").close()
+        assert spool.remove_unfinished(slot=3) == 1
+        assert listing(spool, "tmp") == sorted([f"{writers[4].queue_id}.msg",
+                                                f"{owned}-0123abcd.json",
+                                                f"{other}-0123abcd.json"])
+        assert spool.remove_unfinished(owns=owner_test(1, 2)) == 1
+        assert listing(spool, "tmp") == sorted([f"{writers[4].queue_id}.msg",
+                                                f"{other}-0123abcd.json"])
+        writers[4].abort()
+        writers[3].abort()
+    finally:
+        spool.stop()
+
+
+def test_recovery_beside_writers_keeps_tmp_and_young_lone_bodies(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.start()
+    active = os.path.join(spool.path, "active")
+    old = queue_id._encode(int(time.time() - 3600) * 10**6 << 26)
+    young = queue_id.new_queue_id()
+    for stem in (old, young):
+        open(os.path.join(active, stem + ".msg"), "wb").close()
+    writer = spool.new_message()
+    writer.write(b"Subject: arriving\r\n\r\n")
+    other = Spool(spool.path)
+    try:
+        # The other spool stands for a delivery worker recovering while
+        # this one (an inbound worker) writes.
+        other._open_ids.clear()
+        assert other.recover(born_before=time.time() - 60) == []
+        assert listing(spool, "active") == [young + ".msg"]
+        assert listing(spool, "tmp") == [writer.queue_id + ".msg"]
+    finally:
+        writer.abort()
+        spool.stop()

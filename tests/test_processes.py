@@ -1,0 +1,230 @@
+"""The process model (relaymail.process): a master, inbound workers sharing
+its listeners, delivery workers each owning a partition of the queue.
+
+Every test runs the real ``twistd -n relaymail`` with workers, real
+sockets and a real spool, and kills real processes."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from relaymail.queue.partition import partition_of
+from relaymail.queue.queue_id import slot_of
+from tests.nexthop import NextHop
+from tests.relay_process import REPO, RelayProcess
+from tests.test_delivery import queue_empty, send, wait_until
+
+import pytest
+
+
+@pytest.fixture
+def nexthop():
+    server = NextHop()
+    yield server
+    server.stop()
+
+
+def relay_with(tmp_path, nexthop_port, inbound=2, delivery=2, **sections):
+    config = {
+        "server": {"workers": str(inbound)},
+        "relay": {"domains": "example.com"},
+        "delivery": {"smarthost": f"[127.0.0.1]:{nexthop_port}", "smarthost_tls": "none",
+                     "workers": str(delivery), "connect_timeout": "2",
+                     "command_timeout": "5", "data_timeout": "5"},
+        "queue": {"min_backoff": "1", "max_backoff": "2"},
+    }
+    for section, keys in sections.items():
+        config.setdefault(section, {}).update(keys)
+    return RelayProcess(tmp_path, config)
+
+
+def worker_pids(relay, name):
+    """Every pid the master has started ``name`` with, oldest first."""
+    return [int(pid) for pid in re.findall(rf"Started {re.escape(name)} \(pid (\d+)\)", relay.log())]
+
+
+def wait_for_worker(relay, name, count=1):
+    wait_until(lambda: len(worker_pids(relay, name)) >= count, what=f"{name} started {count} times")
+    return worker_pids(relay, name)[count - 1]
+
+
+def delivered_ids(messages):
+    return [re.search(rb"with ESMTP id ([0-9A-Z]{16})", message["data"]).group(1).decode()
+            for message in messages]
+
+
+def test_mail_through_two_inbound_and_two_delivery_workers_arrives_exactly_once(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port).start()
+    queued, errors = [], []
+
+    def client():
+        try:
+            for _ in range(6):
+                queued.append(send(relay, "alice@example.org", ["bob@example.net"]))
+        except Exception as error:      # reported below, not lost in a thread
+            errors.append(error)
+    try:
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        messages = nexthop.wait_for(48)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+        procs = {name: wait_for_worker(relay, name) for name in
+                 ("inbound.1", "inbound.2", "delivery.0", "delivery.1")}
+    finally:
+        relay.stop()
+    assert sorted(delivered_ids(messages)) == sorted(queued) and len(set(queued)) == 48
+    assert len(set(procs.values())) == 4
+    # Slots 1 and 2 are the delivery workers', 3 and 4 the inbound ones':
+    # each inbound worker mints ids with its own, so no two can collide.
+    for queue_id in queued:
+        slot = slot_of(queue_id)
+        assert slot in (3, 4)
+        assert re.search(rf"\[inbound\.{slot - 2} relaymail\.smtp#info\] {queue_id}: queued", log)
+        # ...and the delivery worker of its partition, and no other, sent it.
+        owner = partition_of(queue_id, 2)
+        assert re.search(rf"\[delivery\.{owner} relaymail\.queue#info\] {queue_id}: "
+                         r"to=<bob@example\.net>.*status=sent", log)
+        assert not re.search(rf"\[delivery\.{1 - owner} [^\]]*\] {queue_id}", log)
+
+
+def test_an_inbound_worker_killed_mid_transaction_loses_nothing_that_got_250(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1).start()
+    try:
+        first = wait_for_worker(relay, "inbound.1")
+        accepted = [send(relay, "alice@example.org", ["bob@example.net"]) for _ in range(3)]
+        client = socket.create_connection(("127.0.0.1", relay.port), 10)
+        client.sendall(b"EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\n"
+                       b"RCPT TO:<bob@example.net>\r\nDATA\r\n")
+        replies = b""
+        while b"354 " not in replies:
+            replies += client.recv(4096)
+        client.sendall(b"Subject: half\r\n\r\nTHIS-NEVER-GOT-250\r\n")
+        tmp = os.path.join(relay.spool, "tmp")
+        wait_until(lambda: any(name.endswith(".msg") for name in os.listdir(tmp)),
+                   what="the unfinished body in tmp/")
+        os.kill(first, signal.SIGKILL)
+        # The session ends with the worker, with no reply to the message
+        # (a reset: the kernel closed a socket with unread data).
+        try:
+            assert client.recv(4096) == b""
+        except ConnectionResetError:
+            pass
+        client.close()
+        second = wait_for_worker(relay, "inbound.1", count=2)
+        assert os.listdir(tmp) == []
+        # The successor takes mail on the same listener.
+        accepted.append(send(relay, "alice@example.org", ["bob@example.net"]))
+        messages = nexthop.wait_for(4)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert second != first
+    assert sorted(delivered_ids(messages)) == sorted(accepted)
+    assert not any(b"THIS-NEVER-GOT-250" in message["data"] for message in messages)
+    assert re.search(rf"inbound\.1 \(pid {first}\) was killed by signal 9 after [\d.]+s; "
+                     r"1 unfinished files removed; restarting it in 0\.0s", log)
+
+
+def test_a_killed_delivery_workers_messages_are_delivered_by_its_successor(tmp_path, nexthop):
+    release = threading.Event()
+
+    def stall_until_released(transaction):
+        # Every message is in flight, claimed by the delivery worker, when
+        # it is killed; the replies it never reads are refusals.
+        if not release.wait(20):
+            return 451, "4.0.0 test timed out"
+        return (451, "4.0.0 too late") if transaction.get("stalled") else (250, "2.0.0 Ok")
+    nexthop.data_reply = lambda transaction: stall(transaction)
+    stalled = []
+
+    def stall(transaction):
+        if not release.is_set():
+            transaction["stalled"] = True
+            stalled.append(transaction)
+        return stall_until_released(transaction)
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1).start()
+    try:
+        first = wait_for_worker(relay, "delivery.0")
+        accepted = [send(relay, "alice@example.org", [f"user{n}@example.net"]) for n in range(3)]
+        wait_until(lambda: len(stalled) == 3, what="three deliveries in flight")
+        os.kill(first, signal.SIGKILL)
+        second = wait_for_worker(relay, "delivery.0", count=2)
+        release.set()
+        messages = nexthop.wait_for(3)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        release.set()
+        relay.stop()
+    assert second != first
+    assert sorted(delivered_ids(messages)) == sorted(accepted)
+    assert re.search(rf"delivery\.0 \(pid {first}\) was killed by signal 9", log)
+    for queue_id in accepted:
+        assert re.search(rf"\[delivery\.0 relaymail\.queue#info\] {queue_id}: .*status=sent", log)
+
+
+def queue_tool(relay, *argv):
+    return subprocess.run([sys.executable, "-m", "relaymail.tools.queue_tool",
+                           "--spool", relay.spool, *argv],
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=20)
+
+
+def test_the_queue_tool_reaches_the_owner_of_each_message_through_the_master(tmp_path):
+    # Nobody listens at the smarthost: the mail stays queued.
+    relay = relay_with(tmp_path, socket_port_nobody_uses()).start()
+    try:
+        queued = [send(relay, "alice@example.org", ["bob@example.net"]) for _ in range(6)]
+        assert {partition_of(queue_id, 2) for queue_id in queued} == {0, 1}, \
+            "six ids that all fall in one partition: try again"
+        for queue_id in queued:
+            done = queue_tool(relay, "hold", queue_id)
+            assert (done.returncode, done.stdout) == (0, f"{queue_id} on hold\n"), done.stderr
+        assert sorted(os.listdir(os.path.join(relay.spool, "hold"))) == sorted(
+            f"{queue_id}{suffix}" for queue_id in queued for suffix in (".json", ".msg"))
+        done = queue_tool(relay, "release", queued[0])
+        assert (done.returncode, done.stdout) == (0, f"{queued[0]} released\n")
+        done = queue_tool(relay, "flush")
+        assert (done.returncode, done.stdout.splitlines()[0]) == (0, "1 message due now")
+        done = queue_tool(relay, "delete", "ALL")
+        assert (done.returncode, done.stdout) == (0, "6 messages deleted\n")
+    finally:
+        relay.stop()
+
+
+def socket_port_nobody_uses():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigkill_of_the_master_takes_every_worker_with_it(tmp_path):
+    relay = relay_with(tmp_path, socket_port_nobody_uses()).start()
+    names = ("inbound.1", "inbound.2", "delivery.0", "delivery.1")
+    pids = [wait_for_worker(relay, name) for name in names]
+    relay.stop(signal.SIGKILL)
+    for pid in pids:
+        wait_until(lambda: not _alive(pid), timeout=10, what=f"worker {pid} to exit")
+    # The spool is free again: a new relay starts on it.
+    again = RelayProcess(tmp_path, {"server": {"workers": "1"}, "queue": {"path": relay.spool}})
+    again.start()
+    again.stop()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
