@@ -689,7 +689,7 @@ SCHEMA = {
         "listen_backlog": Key(integer(minimum=1), "1024"),
         # Inbound worker processes sharing the listeners (relaymail.process);
         # 0 runs the whole relay in the one twistd process.
-        "workers": Key(per_cpu(integer(minimum=0, maximum=64)), "0"),
+        "workers": Key(per_cpu(integer(minimum=0, maximum=64)), "auto"),
     },
     "relay": {
         "domains": Key(listing(domain), ""),
@@ -712,6 +712,11 @@ SCHEMA = {
         # Postfix 2bounce_notice_recipient: where a bounce that cannot be
         # delivered goes once, instead of being lost (or looping).
         "double_bounce_recipient": Key(notice_recipient, "postmaster"),
+        # Postfix qmgr_message_active_limit (20000): messages being
+        # delivered at once, with their records in memory, per delivery
+        # worker; the rest of the queue waits as ids, read when their
+        # turn comes, so a queue of any size costs little memory.
+        "active_limit": Key(integer(minimum=1), "20000"),
     },
     "delivery": {
         "smarthost": Key(smarthost, ""),

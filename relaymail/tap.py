@@ -169,6 +169,16 @@ def build_master(settings, options, reactor=None):
     return top
 
 
+def _check_workers_can_start(settings, uid, gid):
+    from relaymail.process.master import check_workers_can_start
+    try:
+        check_workers_can_start(uid, gid)
+    except ValueError as error:
+        raise ConfigError(settings.source, "server", "workers",
+                          f"{error}; install relaymail where that user can read it, "
+                          f"or set workers = 0 (one process)")
+
+
 def take_lock(settings):
     """The spool lock, held; ConfigError when another relaymail has it."""
     lock = SpoolLock(settings.queue.path)
@@ -310,6 +320,8 @@ def makeService(options):
             # (to bind port 25); the user the relay will run as gets them,
             # each entry checked against the layout, no link followed.
             hand_over(spool, *owner)
+            if settings.server.workers:
+                _check_workers_can_start(settings, *owner)
         return top
     except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.

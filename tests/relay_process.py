@@ -89,7 +89,22 @@ class RelayProcess:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(15)
+            self._wait_for_the_workers()
         self._log.close()
+
+    def _wait_for_the_workers(self, timeout=15):
+        """Workers outlive a killed master for a moment, holding the spool
+        lock: wait until it is free, so a test may start a relay again."""
+        from relaymail.queue.lock import SpoolLock
+        if not os.path.exists(os.path.join(self.spool, "lock")):
+            return
+        lock = SpoolLock(self.spool)
+        deadline = time.monotonic() + timeout
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the relay's workers still hold {self.spool}")
+            time.sleep(0.02)
+        lock.release()
 
     def log(self):
         with open(self.log_path, errors="replace") as f:

@@ -228,3 +228,20 @@ def test_a_double_bounce_is_queued_once_and_its_failure_discarded(tmp_path):
     finish(job, BOUNCED, 550)
     assert spool.records == {}
     assert spool.count == 1                        # nothing more was written
+
+
+def test_the_active_set_is_bounded_and_refilled_as_attempts_end(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path, queue__active_limit="3")
+    for number in range(8):
+        spool.add(f"ID{number:02d}", [f"r{number}@example.net"])
+    sched.startService()
+    clock.advance(0)
+    jobs = pool.take()
+    # The oldest three, and no record of the other five read yet.
+    assert [job.queue_id for job in jobs] == ["ID00", "ID01", "ID02"]
+    finish(jobs[0], SENT, 250)
+    finish(jobs[1], DEFERRED, 451)
+    clock.advance(0)
+    assert [job.queue_id for job in pool.take()] == ["ID03", "ID04"]
+    # The deferred one waits its backoff behind the rest of the queue.
+    assert "ID00" not in spool.records

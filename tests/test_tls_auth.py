@@ -2,6 +2,7 @@
 real relay over real sockets."""
 
 import os
+import shutil
 import smtplib
 import socket
 import ssl
@@ -11,7 +12,7 @@ import pytest
 
 from relaymail.auth import passwords
 from tests.certs import CertificateAuthority
-from tests.relay_process import RelayProcess, free_port
+from tests.relay_process import RelayProcess, free_port, twistd
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,10 @@ def test_binds_port_25_as_root_then_runs_as_an_unprivileged_user(tmp_path):
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="relaymail-uid-"))
     os.chmod(workdir, 0o755)
     spool = workdir / "spool"
-    relay = RelayProcess(workdir, {"server": {"listen": "tcp:25:interface=127.0.0.2"},
+    # One process: this machine's interpreter lives under /root (0700),
+    # where nobody cannot run a worker (the test below).
+    relay = RelayProcess(workdir, {"server": {"listen": "tcp:25:interface=127.0.0.2",
+                                              "workers": "0"},
                                    "queue": {"path": str(spool)}})
     relay.port = 25
     relay.extra_args = ["--uid", str(user.pw_uid), "--gid", str(user.pw_gid)]
@@ -231,6 +235,28 @@ def test_binds_port_25_as_root_then_runs_as_an_unprivileged_user(tmp_path):
     finally:
         relay.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_workers_that_could_not_start_as_the_relay_user_are_refused_in_one_line(tmp_path):
+    import pwd
+    import tempfile
+    user = pwd.getpwnam("nobody")
+    workdir = tempfile.mkdtemp(prefix="relaymail-uid-")
+    os.chmod(workdir, 0o755)
+    try:
+        config = os.path.join(workdir, "relaymail.ini")
+        with open(config, "w") as f:
+            f.write(f"[server]\nworkers = 2\nlisten = tcp:{free_port()}:interface=127.0.0.1\n"
+                    f"[queue]\npath = {workdir}/spool\n")
+        done = twistd("--config", config, options=["--uid", str(user.pw_uid),
+                                                    "--gid", str(user.pw_gid)])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"relaymail: {config}: [server] workers: workers cannot start as uid {user.pw_uid}: ")
+    assert done.stderr.strip().endswith(
+        "; install relaymail where that user can read it, or set workers = 0 (one process)")
 
 
 def test_failed_auth_counts_towards_the_error_limit(tmp_path):

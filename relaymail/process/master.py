@@ -258,6 +258,31 @@ class Master(service.Service):
                     pass
 
 
+def check_workers_can_start(uid, gid):
+    """Raise ValueError, saying why, when a worker could not start as
+    ``uid``/``gid`` (twistd's ``--uid``): the master starts every worker
+    after it has given up root, so the interpreter and relaymail must be
+    readable by that user.  Tried for real, once, before anything starts:
+    a worker that cannot start would otherwise be restarted for ever."""
+    import subprocess
+
+    def become_the_relay_user():
+        os.setgroups([])
+        if gid is not None and gid >= 0:
+            os.setgid(gid)
+        os.setuid(uid)
+    try:
+        tried = subprocess.run([sys.executable, "-c", "import relaymail.process.worker"],
+                               env=_environment(), capture_output=True, text=True, timeout=60,
+                               preexec_fn=become_the_relay_user, cwd="/")
+    except OSError as error:
+        raise ValueError(f"workers cannot start as uid {uid}: {sys.executable}: "
+                         f"{error.strerror}") from None
+    if tried.returncode != 0:
+        last = (tried.stderr.strip().splitlines() or ["exit status " + str(tried.returncode)])[-1]
+        raise ValueError(f"workers cannot start as uid {uid}: {last}")
+
+
 def _environment():
     """The workers' environment: ours, with relaymail importable from where
     this process imported it (a checkout, or site-packages)."""

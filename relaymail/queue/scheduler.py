@@ -133,6 +133,8 @@ class Scheduler(service.Service):
     def _arm(self):
         if not self._running or not self._heap:
             return
+        if len(self._attempts) >= self.settings.queue.active_limit:
+            return                  # _ended() arms again as attempts end
         delay = max(0.0, self._heap[0][0] - self._clock())
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() - self._reactor.seconds() <= delay:
@@ -143,8 +145,9 @@ class Scheduler(service.Service):
     def _run_due(self):
         self._timer = None
         now = self._clock()
+        limit = self.settings.queue.active_limit
         try:
-            while self._heap and self._heap[0][0] <= now:
+            while self._heap and self._heap[0][0] <= now and len(self._attempts) < limit:
                 when, _, queue_id = heapq.heappop(self._heap)
                 if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
                     continue            # rescheduled since, or already running
@@ -308,20 +311,26 @@ class Scheduler(service.Service):
         d = self.spool.remove_soon(queue_id)
 
         def removed(_):
-            del self._attempts[queue_id]
+            self._ended(queue_id)
             logline.info(log, f"{queue_id}: removed", queue_id=queue_id)
 
         def failed(failure):
             # Still on disk: delivered again after a restart, which the
             # queue's contract allows; nothing is lost.
-            del self._attempts[queue_id]
+            self._ended(queue_id)
             log.failure("{queue_id}: delivered, but its files could not be removed",
                         failure, queue_id=queue_id)
         return d.addCallbacks(removed, failed)
 
+    def _ended(self, queue_id):
+        """An attempt is over: make room in the active set for the next."""
+        del self._attempts[queue_id]
+        if self._timer is None:
+            self._arm()
+
     def _reschedule(self, queue_id, attempt):
         def done(_):
-            del self._attempts[queue_id]
+            self._ended(queue_id)
             if attempt.after in ("delete", "hold"):
                 move = self.spool.delete if attempt.after == "delete" else self.spool.hold
                 return self._in_thread_or_keep(queue_id, move)

@@ -28,9 +28,10 @@ What is measured:
 - errors: every message that did not get its 250, counted by the first line
   of the reply that refused it (or of the connection problem);
 - with ``--pid``, the server's CPU time (utime + stime from
-  ``/proc/PID/stat``, children not included) used during the run, per
-  message sent, and the peak of its ``VmRSS`` from ``/proc/PID/status``,
-  sampled every 50 ms.
+  ``/proc/PID/stat``, with its live descendants and the children it reaped:
+  a relaymail master and its workers) used during the run, per message
+  sent, and the peak of the whole tree's ``VmRSS`` from
+  ``/proc/PID/status``, sampled every 50 ms.
 
 It is bounded: it sends exactly ``--messages`` messages (each counted once,
 sent or error), opens connections only to ``--host``:``--port``, and stops
@@ -306,23 +307,60 @@ def clock_ticks():
     return os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid):
-    """utime + stime of ``pid`` in seconds (its children not included)."""
+def _stat_fields(pid):
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     # The command name, in parentheses, may hold spaces: count from after it.
-    fields = stat[stat.rindex(")") + 2:].split()
-    # utime and stime are fields 14 and 15 of proc(5); fields[0] is field 3.
-    return (int(fields[11]) + int(fields[12])) / clock_ticks()
+    # fields[0] is field 3 of proc(5).
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def process_tree(pid):
+    """``pid`` and its live descendants: a relaymail master and its
+    workers (docs/architecture.rst)."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parent = int(_stat_fields(name)[1])
+            except (OSError, IndexError, ValueError):
+                continue        # gone meanwhile
+            children.setdefault(parent, []).append(int(name))
+    tree, waiting = [], [pid]
+    while waiting:
+        each = waiting.pop()
+        tree.append(each)
+        waiting.extend(children.get(each, ()))
+    return tree
+
+
+def cpu_seconds(pid):
+    """CPU seconds (user and system) of ``pid``, its live descendants and
+    the children it has reaped (a worker that was restarted)."""
+    total = 0
+    for each in process_tree(pid):
+        try:
+            fields = _stat_fields(each)
+        except OSError:
+            continue
+        # utime, stime, cutime and cstime are fields 14 to 17.
+        total += sum(int(value) for value in fields[11:15])
+    return total / clock_ticks()
 
 
 def rss_bytes(pid):
-    """``VmRSS`` of ``pid`` in bytes (0 for a process without memory)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """``VmRSS`` of ``pid`` and its live descendants, in bytes."""
+    total = 0
+    for each in process_tree(pid):
+        try:
+            with open(f"/proc/{each}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
 
 
 class ServerWatch:
