@@ -95,6 +95,9 @@ class Spool:
     def quarantine(self, queue_id, reason):
         self.records.pop(queue_id, None)
 
+    def body_problem(self, queue_id, record):
+        return None
+
 
 class Pool:
     def __init__(self):

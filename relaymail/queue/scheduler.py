@@ -169,13 +169,21 @@ class Scheduler(service.Service):
         try:
             # A record whose last write failed is newer in memory than on
             # disk: using the disk copy would send to recipients again.
-            record = self._unsaved.pop(queue_id, None) or self.spool.load(queue_id)
+            unsaved = self._unsaved.pop(queue_id, None)
+            record = unsaved or self.spool.load(queue_id)
         except FileNotFoundError:
             return                  # deleted or held meanwhile
         except records.CorruptRecord as error:
             # Damaged behind our back: set aside for a person, never fatal.
-            self.spool.quarantine(queue_id, str(error))
+            self.spool.quarantine(queue_id, f"bad record: {error}")
             return
+        if unsaved is None:
+            # A delivery worker checks each message here rather than all of
+            # them at start (Spool.recover); a lone lstat(2).
+            problem = self.spool.body_problem(queue_id, record)
+            if problem is not None:
+                self.spool.quarantine(queue_id, problem)
+                return
         forced = queue_id in self._forced
         self._forced.discard(queue_id)
         if not forced and record["next_attempt_at"] > now + 0.001:

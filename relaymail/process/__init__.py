@@ -1,0 +1,1 @@
+"""The master and its worker processes: docs/architecture.rst."""
