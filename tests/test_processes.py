@@ -228,3 +228,28 @@ def _alive(pid):
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_delivery_worker_sets_aside_what_it_cannot_trust_when_it_comes_to_it(tmp_path):
+    from relaymail.queue.spool import Spool
+    from tests.test_spool import spoil_entries
+    spool = Spool(str(tmp_path / "spool"))
+    spool.start()
+    good, broken = spoil_entries(spool)
+    spool.stop()
+    relay = relay_with(tmp_path, socket_port_nobody_uses(), inbound=1, delivery=1)
+    assert relay.spool == spool.path
+    relay.start()
+    corrupt = os.path.join(relay.spool, "corrupt")
+    try:
+        wait_until(lambda: all(f"{queue_id}.json" in os.listdir(corrupt) for queue_id in broken),
+                   what="every broken entry in corrupt/")
+        wait_until(lambda: f"{good}: to=<" in relay.log(), what="the good one tried")
+        log = relay.log()
+    finally:
+        relay.stop()
+    for queue_id, words in broken.items():
+        [line] = [line for line in log.splitlines() if f"Moving queue entry {queue_id}" in line]
+        assert words in line and line.split()[1] == "[delivery.0"
+    assert sorted(os.listdir(os.path.join(relay.spool, "active"))) == [good + ".json",
+                                                                        good + ".msg"]

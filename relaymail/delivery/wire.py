@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from relaymail.tcp import no_delay
 from relaymail.delivery import tls
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.responses import MalformedReply, ReplyReader
@@ -182,6 +183,7 @@ class ClientConnection(Protocol):
     # -- Twisted callbacks -------------------------------------------------
 
     def connectionMade(self):
+        no_delay(self.transport)
         if self._implicit_tls is not None:
             # Nothing has been read or written yet, so this is TLS from the
             # first byte; the greeting comes through it, and the wait for
@@ -320,3 +322,4 @@ class ClientConnection(Protocol):
             temporary=True, code=None, enhanced="4.3.0",
             text=f"cannot read the message file: {failure.value}", remote=self.remote))
         return None
+

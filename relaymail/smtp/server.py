@@ -29,6 +29,7 @@ from relaymail import logline
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
 from relaymail.smtp.tls import negotiated_cipher
+from relaymail.tcp import no_delay
 
 log = Logger(namespace="relaymail.smtp")
 
@@ -71,6 +72,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.context = None
 
     def connectionMade(self):
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", "") or ""
