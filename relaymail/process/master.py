@@ -131,7 +131,9 @@ class Master(service.Service):
         self._spool.prepare_for_writers()
         self.writers_since = time.time()
         self._pairs = [socket_pair() for _ in self.delivery]
-        for worker in self.delivery + self.inbound:
+        # Inbound first: the sooner a listener is served, the sooner mail
+        # is taken; delivery starts a moment later on a queue that waits.
+        for worker in self.inbound + self.delivery:
             self._spawn(worker)
         self._control_port = listen_control(self._reactor, self.settings.queue.path,
                                             RelayedControl(self))

@@ -105,8 +105,11 @@ class Scheduler(service.Service):
         now = self._clock()
         # Records are read when each message comes due, not all at start-up:
         # a large queue would otherwise hold up the first delivery.
-        for queue_id in sorted(self.spool.ids()):
+        queued = sorted(self.spool.ids())
+        for queue_id in queued:
             self._schedule(queue_id, now)
+        log.info("{count} messages scheduled; at most {limit} are delivered at once",
+                 count=len(queued), limit=self.settings.queue.active_limit)
 
     def stopService(self):
         super().stopService()
