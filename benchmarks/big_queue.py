@@ -14,7 +14,8 @@ reports:
 - the time from start to the first 220 greeting on the listener;
 - the time from start to the delivery worker's "N messages scheduled" line
   (its recovery and first scan of the queue);
-- the peak resident memory of each process, and of all of them together,
+- the peak resident memory of each process, and of all of them together
+  (as VmRSS, and as PSS, which counts the pages the processes share once),
   sampled every 100 ms for ``--watch`` seconds (default 20);
 - how long ``relaymail-queue list`` takes, as a new process, while the
   relay delivers.
@@ -47,15 +48,27 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rss_by_process(pid):
-    """``{name: bytes}`` for the master (``master``) and each worker."""
+def _pss(pid):
+    """Proportional set size: shared pages (the interpreter, the libraries
+    every worker maps) divided among the processes sharing them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+
+
+def rss_by_process(pid, measure=None):
+    """``{name: bytes}`` for the master (``master``) and each worker:
+    VmRSS, or what ``measure(pid)`` says."""
     sizes = {}
     for each in process_tree(pid):
         try:
             with open(f"/proc/{each}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            with open(f"/proc/{each}/status") as f:
-                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            if measure is not None:
+                rss = measure(each)
+            else:
+                with open(f"/proc/{each}/status") as f:
+                    rss = next(int(line.split()[1]) * 1024 for line in f
+                               if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
         name = "master"
@@ -107,12 +120,13 @@ def main():
         try:
             greeted = first_greeting(port, started + 60)
             print(f"first 220 after {greeted - started:.2f} s")
-            peaks, total_peak, scanned, listed = {}, 0, None, None
+            peaks, total_peak, pss_peak, scanned, listed = {}, 0, 0, None, None
             while time.monotonic() < started + args.watch:
                 sizes = rss_by_process(relay.pid)
                 for name, size in sizes.items():
                     peaks[name] = max(peaks.get(name, 0), size)
                 total_peak = max(total_peak, sum(sizes.values()))
+                pss_peak = max(pss_peak, sum(rss_by_process(relay.pid, _pss).values()))
                 if scanned is None:
                     with open(log_path) as f:
                         if re.search(r"\d+ messages scheduled", f.read()):
@@ -126,7 +140,8 @@ def main():
                 time.sleep(0.1)
             print("peak RSS: " + ", ".join(f"{name} {size / 2**20:.0f} MiB"
                                            for name, size in sorted(peaks.items()))
-                  + f"; all together {total_peak / 2**20:.0f} MiB")
+                  + f"; all together {total_peak / 2**20:.0f} MiB, or "
+                  f"{pss_peak / 2**20:.0f} MiB with shared pages counted once (PSS)")
             left = sum(1 for name in os.listdir(os.path.join(spool, "active"))
                        if name.endswith(".json"))
             print(f"{args.count - left} of {args.count} delivered in {args.watch:.0f} s")
