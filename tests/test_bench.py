@@ -196,3 +196,75 @@ def test_chart_runs_every_level_and_saves_the_png(monkeypatch, nexthop, tmp_path
     levels, p99 = throughput.twinx.return_value.plot.call_args.args[:2]
     assert p99 == [run["latency_ms"]["p99"] for run in report["runs"]]
     figure.savefig.assert_called_once_with(chart, dpi=100)
+
+
+def test_server_figures_cover_the_relays_workers(relay):
+    # The master takes no mail itself: a CPU or memory figure that stopped
+    # at its pid would say nothing about the relay (it said 0.0 s).
+    master = relay.process.pid
+    master_cpu = _own_cpu(master)
+    status, report = run_bench("--port", str(relay.port), "--messages", "20", "--sessions", "4",
+                               "--pid", str(master))
+    assert status == bench.EXIT_OK
+    workers = [pid for pid in bench.process_tree(master) if pid != master]
+    assert len(workers) >= 2
+    assert _own_cpu(master) - master_cpu < 0.05 < report["server"]["cpu_seconds"]
+    with open(f"/proc/{master}/status") as f:
+        master_rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    assert report["server"]["start_rss_bytes"] > 2 * master_rss
+
+
+def _own_cpu(pid):
+    fields = bench._stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / bench.clock_ticks()
+
+
+def test_idle_sessions_are_held_and_noop_timed_beside_them(relay):
+    status, report = run_bench("--port", str(relay.port), "--idle", "40",
+                               "--pid", str(relay.process.pid))
+    assert status == bench.EXIT_OK
+    assert (report["idle_sessions"], report["refused"]) == (40, 0)
+    assert 0 < report["noop_ms"]["p50"] <= report["noop_ms"]["p99"]
+    server = report["server"]
+    assert server["rss_per_session_bytes"] == round(
+        (server["rss_after_bytes"] - server["rss_before_bytes"]) / 40)
+
+
+def test_idle_without_a_server_reports_the_refusals():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(OSError):
+        run_bench("--port", str(port), "--idle", "3")
+
+
+def test_compare_passes_the_run_on_to_compare_py(monkeypatch, tmp_path):
+    from relaymail.tools import bench_compare
+    script = tmp_path / "compare.py"
+    script.write_text("import sys\nprint('ARGS', ' '.join(sys.argv[1:]))\n")
+    monkeypatch.setenv("RELAYMAIL_COMPARE", str(script))
+    monkeypatch.setattr(bench_compare.shutil, "which", lambda name: "/usr/sbin/" + name)
+    out, err = io.StringIO(), io.StringIO()
+    status = bench.main(["--compare", "--messages", "300", "--sessions", "7", "--reuse",
+                         "--compare-mode", "relay"], out=out, err=err)
+    assert (status, err.getvalue()) == (0, "")
+    assert out.getvalue() == ("ARGS --targets sink,postfix,relaymail --mode relay --sessions 7 "
+                              "--messages 300 --length 4096 --rcpts 1 --reuse\n")
+
+
+def test_compare_without_postfix_tools_says_so_in_one_line(monkeypatch, tmp_path):
+    from relaymail.tools import bench_compare
+    script = tmp_path / "compare.py"
+    script.write_text("raise SystemExit(9)\n")
+    monkeypatch.setenv("RELAYMAIL_COMPARE", str(script))
+    monkeypatch.setattr(bench_compare.shutil, "which", lambda name: None)
+    out, err = io.StringIO(), io.StringIO()
+    assert bench.main(["--compare"], out=out, err=err) == bench.EXIT_USAGE
+    assert err.getvalue() == ("relaymail-bench: --compare: Postfix's smtp-source is not installed "
+                              "(Debian: apt-get install postfix); compare.py needs it\n")
+
+
+def test_port_is_needed_but_for_compare():
+    out, err = io.StringIO(), io.StringIO()
+    assert bench.main(["--messages", "1"], out=out, err=err) == bench.EXIT_USAGE
+    assert err.getvalue() == "relaymail-bench: --port is needed (the server to load)\n"

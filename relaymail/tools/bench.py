@@ -6,6 +6,9 @@ how fast it takes mail.
     relaymail-bench --port 2525                         1000 messages, 20 sessions
     relaymail-bench --port 2525 --reuse --pid 4242      many per connection; server CPU, RSS
     relaymail-bench --port 2525 --chart out.png --concurrency 1,5,20,50
+    relaymail-bench --port 2525 --idle 5000 --pid 4242  idle sessions: memory, NOOP
+    relaymail-bench --port 2525 --messages 1 --size 104857600 --sessions 1 --pid 4242
+    relaymail-bench --compare --messages 4000           beside Postfix (compare.py)
 
 Any SMTP server will do; nothing else (no Postfix) is needed.  Each session
 waits for the 220 greeting, says EHLO, and sends MAIL, RCPT (``--recipients``
@@ -370,7 +373,7 @@ class ServerWatch:
         self.pid = pid
         self.cpu_start = cpu_seconds(pid)
         self.cpu = None
-        self.peak_rss = rss_bytes(pid)
+        self.peak_rss = self.start_rss = rss_bytes(pid)
 
     async def sample(self):
         while True:
@@ -454,6 +457,7 @@ def report(settings, sessions, tally, seconds, timed_out, watch):
             "cpu_ms_per_message": (round(watch.cpu * 1000 / sent, 3)
                                    if sent and watch.cpu is not None else None),
             "peak_rss_bytes": watch.peak_rss,
+            "start_rss_bytes": watch.start_rss,
         }
     return result
 
@@ -484,7 +488,9 @@ def describe(result):
         per = server["cpu_ms_per_message"]
         lines.append(f"server      pid {server['pid']}: CPU {cpu}, "
                      f"{'-' if per is None else f'{per:.2f} ms'} per message, "
-                     f"peak RSS {server['peak_rss_bytes'] / 2**20:.1f} MiB")
+                     f"peak RSS {server['peak_rss_bytes'] / 2**20:.1f} MiB "
+                     f"({(server['peak_rss_bytes'] - server['start_rss_bytes']) / 2**20:+.1f} MiB "
+                     f"during the run)")
     return "\n".join(lines) + "\n"
 
 
@@ -530,7 +536,7 @@ def _parser():
         prog=PROGRAM, description="Load an SMTP server and report messages per second, "
         "latency from final dot to reply, and the server's CPU and memory.")
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, required=True, help="server port")
+    parser.add_argument("--port", type=int, help="server port (needed but with --compare)")
     parser.add_argument("--sessions", type=_positive, default=20,
                         help="concurrent sessions (default 20)")
     parser.add_argument("--messages", type=_positive, default=1000,
@@ -553,6 +559,14 @@ def _parser():
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--chart", metavar="FILE.png",
                         help="draw throughput and p99 against --concurrency (needs matplotlib)")
+    parser.add_argument("--idle", type=_positive, metavar="N",
+                        help="hold N sessions open after EHLO instead: memory per idle "
+                             "session (with --pid) and NOOP latency beside them")
+    parser.add_argument("--compare", action="store_true",
+                        help="run ../shared/bench/compare.py (relaymail beside Postfix) with "
+                             "these sessions, messages, size, recipients and --reuse")
+    parser.add_argument("--compare-mode", choices=("accept", "relay"), default="accept",
+                        help="compare.py's mode (default accept)")
     parser.add_argument("--concurrency", type=_levels,
                         help="comma-separated session counts to run in turn (default for "
                              "--chart: 1,5,20,50)")
@@ -581,6 +595,8 @@ def _levels(text):
 
 
 def _settings(args):
+    if args.port is None and not args.compare:
+        raise UsageError("--port is needed (the server to load)")
     if args.pid and not os.path.exists(f"/proc/{args.pid}/stat"):
         raise UsageError(f"--pid {args.pid}: no such process")
     if args.timeout <= 0:
@@ -620,6 +636,18 @@ def main(argv=None, out=None, err=None):
     except UsageError as problem:
         err.write(f"{PROGRAM}: {problem}\n")
         return EXIT_USAGE
+    if args.compare:
+        from relaymail.tools import bench_compare
+        try:
+            return bench_compare.run_compare(settings, out)
+        except bench_compare.CannotCompare as problem:
+            err.write(f"{PROGRAM}: --compare: {problem}\n")
+            return EXIT_USAGE
+    if args.idle:
+        from relaymail.tools import bench_idle
+        result = asyncio.run(bench_idle.run_idle(settings, args.idle))
+        out.write(json.dumps(result) + "\n" if args.json else bench_idle.describe(result))
+        return EXIT_OK if result["idle_sessions"] == args.idle else EXIT_FAILED
     levels = args.concurrency or (list(DEFAULT_LEVELS) if args.chart else [args.sessions])
     results = asyncio.run(run_levels(settings, levels))
     if pyplot:
