@@ -253,3 +253,24 @@ def test_a_delivery_worker_sets_aside_what_it_cannot_trust_when_it_comes_to_it(t
         assert words in line and line.split()[1] == "[delivery.0"
     assert sorted(os.listdir(os.path.join(relay.spool, "active"))) == [good + ".json",
                                                                         good + ".msg"]
+
+
+def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1)
+    log_file = os.path.join(relay.workdir, "twistd.log")
+    relay.extra_args = ["--logfile", log_file]
+    relay.start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(1)
+        wait_until(lambda: f"{queue_id}: removed" in open(log_file).read(),
+                   what="the delivery in the log file")
+    finally:
+        relay.stop()
+    with open(log_file) as f:
+        lines = f.read().splitlines()
+    [queued] = [line for line in lines if f"{queue_id}: queued from=<alice@example.org>" in line]
+    [sent] = [line for line in lines if f"{queue_id}: to=<bob@example.net>" in line]
+    # One timestamp each, the master's, and the worker's name as the system.
+    assert re.fullmatch(r"\S+ \[inbound\.1\] " + queue_id + r": queued .*", queued)
+    assert re.fullmatch(r"\S+ \[delivery\.0\] " + queue_id + r": to=.*status=sent.*", sent)
