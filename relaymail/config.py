@@ -1049,9 +1049,10 @@ class _Values:
         else:
             self.raw[section, key] = (value, source)
 
-    def add_file(self, source):
-        """Gather every value in the INI file ``source``."""
-        parser = _parse_ini(source, _read_text(source))
+    def add_file(self, source, text=None):
+        """Gather every value in the INI file ``source`` (or in ``text``,
+        what it held when it was read)."""
+        parser = _parse_ini(source, _read_text(source) if text is None else text)
         for section in parser.sections():
             if section.startswith(PLUGIN_SECTION_PREFIX):
                 # An empty [plugin:NAME] still says the section exists.
@@ -1237,10 +1238,19 @@ def _derive_defaults(sections):
             queue, min_free=int(MIN_FREE_FACTOR * sections["limits"].message_size))
 
 
-def load_config(path=None, overrides=None):
+def read_config_text(path):
+    """The config file's text, for :func:`load_config`'s ``text``; a
+    ConfigError as load_config would raise when it cannot be read."""
+    return _read_text(path)
+
+
+def load_config(path=None, overrides=None, text=None):
     """Read and check relaymail's settings.
 
     :param path: the INI file, or None for the built-in defaults alone.
+    :param text: the file's text, read before (by the master, for its
+        workers: they then check the same settings even if the file has
+        changed since); None reads ``path``.
     :param overrides: ``{(section, key): string}`` from the command line,
         applied after the file and checked the same way.
     :return: a :class:`Settings`.
@@ -1249,7 +1259,7 @@ def load_config(path=None, overrides=None):
     source = DEFAULTS_SOURCE if path is None else path
     values = _Values()
     if path is not None:
-        values.add_file(path)
+        values.add_file(path, text)
     for (section, key), value in (overrides or {}).items():
         values.set(COMMAND_LINE_SOURCE, section, key, value)
     sections = {section: _build_section(values, section, source)

@@ -16,11 +16,12 @@ from twisted.python.threadpool import ThreadPool
 from relaymail import logobserver
 from relaymail.auth.checker import make_portal
 from relaymail.auth.passwords import PasswordFileError
-from relaymail.config import ConfigError, load_config
+from relaymail.config import ConfigError, load_config, read_config_text
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
 from relaymail.policy.loader import build_plugins
+from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
@@ -147,7 +148,7 @@ def build_service(settings, reactor=None):
     return top
 
 
-def build_master(settings, options, reactor=None):
+def build_master(settings, options, launch, reactor=None):
     """The master of ``[server] workers`` inbound and ``[delivery] workers``
     delivery processes (relaymail.process.master), with the pid in the
     spool lock and the plugins checked here first, so that a plugin that
@@ -156,27 +157,45 @@ def build_master(settings, options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     raise_file_limit(settings)
-    build_plugins(settings)
-    _server_tls(settings)
-    if settings.server.submission_listen:
-        _server_tls(settings, for_passwords=True)
+    check_files(settings)
     lock = take_lock(settings)
     top = service.MultiService()
     LockPidService(lock).setServiceParent(top)
-    master = Master(settings, lock, options["config"], _overrides(options),
+    master = Master(settings, lock, launch,
                     logobserver.logs_lines_to_stdout(getattr(options, "parent", None)), reactor)
     master.setServiceParent(top)
     return top
 
 
-def _check_workers_can_start(settings, uid, gid):
-    from relaymail.process.master import check_workers_can_start
+def check_files(settings):
+    """Load what a worker's start loads from files -- the plugins and their
+    tables, the TLS key and certificates, the password file -- and throw it
+    away: the master does it, and a worker as the ``--uid`` user, so that a
+    file one of them cannot read stops start-up with one line.
+
+    :raise ConfigError: naming the file, section and key that failed.
+    """
+    build_plugins(settings)
+    _server_tls(settings)
+    if settings.server.submission_listen:
+        _server_tls(settings, for_passwords=True)
+    if settings.auth.passwords:
+        try:
+            make_portal(settings.auth.passwords)
+        except PasswordFileError as error:
+            raise ConfigError(settings.source, "auth", "passwords", str(error))
+
+
+def _check_workers_can_start(launch, uid, gid):
+    """Workers run as the ``--uid`` user and read the files the config
+    names themselves: refuse to start, in one line, when one of them cannot
+    (rather than restart a worker that fails for ever)."""
+    from relaymail.process.master import WorkersCannotStart, check_workers_can_start
     try:
-        check_workers_can_start(uid, gid)
-    except ValueError as error:
-        raise ConfigError(settings.source, "server", "workers",
-                          f"{error}; install relaymail where that user can read it, "
-                          f"or set workers = 0 (one process)")
+        check_workers_can_start(launch, uid, gid)
+    except WorkersCannotStart as error:
+        raise SystemExit(f"relaymail: {error}; the workers run as that user: let it read what "
+                         f"they need, or set [server] workers = 0 (one process)")
 
 
 def take_lock(settings):
@@ -299,7 +318,13 @@ def _run_as(options):
 
 def makeService(options):
     try:
-        settings = load_config(options["config"], _overrides(options))
+        # Read once: the workers get this text and this directory, so they
+        # check the settings the master checked, whatever the file or
+        # twistd's --rundir do after.
+        launch = Launch(options["config"], _overrides(options),
+                        read_config_text(options["config"]) if options["config"] else None,
+                        os.getcwd())
+        settings = load_config(launch.config, launch.overrides, launch.config_text)
         owner = _run_as(options)
         if owner is not None:
             # Before root makes or opens anything in there: a spool the
@@ -312,7 +337,7 @@ def makeService(options):
             check_root_owned(settings.queue.path)
             trusted_path(settings.queue.path, spool_stays_root=True)
         if settings.server.workers:
-            top = build_master(settings, options)
+            top = build_master(settings, options, launch)
         else:
             top = build_service(settings)
         if owner is not None:
@@ -321,7 +346,7 @@ def makeService(options):
             # each entry checked against the layout, no link followed.
             hand_over(spool, *owner)
             if settings.server.workers:
-                _check_workers_can_start(settings, *owner)
+                _check_workers_can_start(launch, *owner)
         return top
     except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.

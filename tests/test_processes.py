@@ -274,3 +274,50 @@ def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path
     # One timestamp each, the master's, and the worker's name as the system.
     assert re.fullmatch(r"\S+ \[inbound\.1\] " + queue_id + r": queued .*", queued)
     assert re.fullmatch(r"\S+ \[delivery\.0\] " + queue_id + r": to=.*status=sent.*", sent)
+
+
+def test_the_start_check_reads_the_files_of_the_config_the_master_read(tmp_path):
+    # The check runs a worker's start for real (as the --uid user; here as
+    # ourselves) on the text the master read, not on the file as it is now.
+    from relaymail.process.launch import Launch
+    from relaymail.process.master import WorkersCannotStart, check_workers_can_start
+    config = tmp_path / "relaymail.ini"
+    config.write_text("[tls]\n")
+    text = (f"[tls]\ncertificate = {tmp_path}/gone.pem\nprivate_key = {tmp_path}/gone.pem\n")
+    launch = Launch(str(config), {}, text, str(tmp_path))
+    with pytest.raises(WorkersCannotStart) as refused:
+        check_workers_can_start(launch, os.getuid(), os.getgid())
+    assert str(refused.value) == (f"workers cannot start as uid {os.getuid()}: {config}: "
+                                  f"[tls] certificate: cannot read '{tmp_path}/gone.pem': "
+                                  "No such file or directory")
+    check_workers_can_start(Launch(str(config), {}, "[tls]\n", str(tmp_path)),
+                            os.getuid(), os.getgid())
+
+
+def test_workers_use_the_masters_directory_and_config_whatever_happens_after(tmp_path, nexthop):
+    # A relative spool, twistd's --rundir elsewhere, and the file edited
+    # after the start: the workers still use the master's spool and
+    # listeners, even a worker started after the edit.
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       queue={"path": "spool-relative"})
+    rundir = tmp_path / "rundir"
+    rundir.mkdir()
+    relay.extra_args = ["--rundir", str(rundir)]
+    relay.spool = os.path.join(relay.workdir, "spool-relative")
+    relay.start()
+    try:
+        first = wait_for_worker(relay, "inbound.1")
+        with open(relay.config, "a") as f:
+            f.write(f"[server]\nsubmission_listen = tcp:{socket_port_nobody_uses()}\n"
+                    "[queue]\npath = elsewhere\n")
+        os.kill(first, signal.SIGKILL)
+        wait_for_worker(relay, "inbound.1", count=2)
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        [message] = nexthop.wait_for(1)
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert queue_id.encode() in message["data"]
+    assert not os.path.exists(rundir / "spool-relative")
+    assert not os.path.exists(os.path.join(relay.workdir, "elsewhere"))
+    assert "listening sockets for" not in log

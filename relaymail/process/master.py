@@ -27,7 +27,6 @@ Queue tool requests on ``QUEUE/control`` are passed to the delivery worker
 owning the message (or to all of them, for ``flush`` and ``delete ALL``).
 """
 
-import json
 import os
 import signal
 import socket
@@ -82,19 +81,17 @@ class Master(service.Service):
 
     :param settings: the validated settings.
     :param lock: the SpoolLock, held.
-    :param config: the config file path (None: defaults), and
-    :param overrides: the command-line overrides, both passed to workers.
+    :param launch: the relaymail.process.launch.Launch workers start with.
     :param log_lines: True when the master logs lines to standard output,
         which the workers then share; else they send their events to the
         master over a pipe.
     """
 
-    def __init__(self, settings, lock, config, overrides, log_lines, reactor):
+    def __init__(self, settings, lock, launch, log_lines, reactor):
         from relaymail.tap import listen_endpoint, listener_specs
         self.settings = settings
         self._lock = lock
-        self._config = config
-        self._overrides = [[section, key, value] for (section, key), value in overrides.items()]
+        self._launch = launch
         self._log_lines = log_lines
         self._reactor = reactor
         self._endpoints = [listen_endpoint(settings, reactor, key, description)
@@ -145,10 +142,7 @@ class Master(service.Service):
         arguments = [worker.role, "--name", worker.name, "--slot", str(worker.slot),
                      "--master-pid", str(os.getpid()),
                      "--log", "lines" if self._log_lines else "events",
-                     "--overrides", json.dumps(dict(
-                         (f"{section}.{key}", value) for section, key, value in self._overrides))]
-        if self._config is not None:
-            arguments += ["--config", self._config]
+                     *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:
             for index, port in enumerate(self._ports):
@@ -168,7 +162,8 @@ class Master(service.Service):
             arguments += ["--fd", f"{name}={number}"]
         argv = [sys.executable, "-m", "relaymail.process.worker", *arguments]
         worker.process = self._reactor.spawnProcess(
-            _WorkerProcess(self, worker), sys.executable, argv, env=_environment(),
+            _WorkerProcess(self, worker), sys.executable, argv,
+            env=self._launch.environment(_environment()), path=self._launch.directory,
             childFDs=child_fds)
         worker.pid = worker.process.pid
         worker.started_at = time.monotonic()
@@ -260,12 +255,17 @@ class Master(service.Service):
                     pass
 
 
-def check_workers_can_start(uid, gid):
-    """Raise ValueError, saying why, when a worker could not start as
-    ``uid``/``gid`` (twistd's ``--uid``): the master starts every worker
-    after it has given up root, so the interpreter and relaymail must be
-    readable by that user.  Tried for real, once, before anything starts:
-    a worker that cannot start would otherwise be restarted for ever."""
+class WorkersCannotStart(Exception):
+    """A worker would fail as the ``--uid`` user; the text says why."""
+
+
+def check_workers_can_start(launch, uid, gid):
+    """Raise WorkersCannotStart, saying why, when a worker could not start
+    as ``uid``/``gid`` (twistd's ``--uid``).  The master starts every worker
+    after it has given up root, and a worker reads the config's files (TLS
+    key, password files, plugin tables) itself: so a worker is tried for
+    real, once, as that user, before anything starts, checking what its
+    start would check (relaymail.process.roles.check)."""
     import subprocess
 
     def become_the_relay_user():
@@ -273,16 +273,19 @@ def check_workers_can_start(uid, gid):
         if gid is not None and gid >= 0:
             os.setgid(gid)
         os.setuid(uid)
+    argv = [sys.executable, "-m", "relaymail.process.worker", "check", "--name", "check",
+            "--slot", "0", "--master-pid", str(os.getpid()), *launch.arguments()]
     try:
-        tried = subprocess.run([sys.executable, "-c", "import relaymail.process.worker"],
-                               env=_environment(), capture_output=True, text=True, timeout=60,
-                               preexec_fn=become_the_relay_user, cwd="/")
+        tried = subprocess.run(argv, env=launch.environment(_environment()), capture_output=True,
+                               text=True, timeout=60, preexec_fn=become_the_relay_user,
+                               cwd=launch.directory)
     except OSError as error:
-        raise ValueError(f"workers cannot start as uid {uid}: {sys.executable}: "
-                         f"{error.strerror}") from None
+        raise WorkersCannotStart(f"workers cannot start as uid {uid}: {sys.executable}: "
+                                 f"{error.strerror}") from None
     if tried.returncode != 0:
         last = (tried.stderr.strip().splitlines() or ["exit status " + str(tried.returncode)])[-1]
-        raise ValueError(f"workers cannot start as uid {uid}: {last}")
+        raise WorkersCannotStart(f"workers cannot start as uid {uid}: "
+                                 f"{last.removeprefix('relaymail check: ')}")
 
 
 def _environment():

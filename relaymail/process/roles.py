@@ -43,6 +43,17 @@ def build(arguments, settings, reactor, fds):
     return _delivery(arguments, settings, reactor, fds, policy)
 
 
+def check(settings):
+    """Read every file a worker's start reads (plugin tables, TLS key and
+    certificate, the password file): run as the ``--uid`` user by the
+    master before anything starts (relaymail.process.master).
+
+    :raise ConfigError: naming the file, section and key that failed.
+    """
+    from relaymail.tap import check_files
+    check_files(settings)
+
+
 def _inbound(settings, reactor, fds, policy):
     from relaymail.tap import inbound_factories
     top = service.MultiService()

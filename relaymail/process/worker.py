@@ -24,7 +24,6 @@ Descriptors are named on the command line as ``--fd NAME=NUMBER``:
 
 import argparse
 import ctypes
-import json
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ from twisted.logger import globalLogBeginner, Logger
 
 from relaymail import logobserver
 from relaymail.config import ConfigError, load_config
+from relaymail.process.launch import Launch, overrides_from
 from relaymail.queue import queue_id
 
 log = Logger(namespace="relaymail.process")
@@ -42,7 +42,7 @@ _PR_SET_PDEATHSIG = 1
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="relaymail worker")
-    parser.add_argument("role", choices=("inbound", "delivery"))
+    parser.add_argument("role", choices=("inbound", "delivery", "check"))
     parser.add_argument("--name", required=True)
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--master-pid", type=int, required=True)
@@ -88,15 +88,23 @@ def main(argv=None):
     die_with(arguments.master_pid)
     queue_id.use_slot(arguments.slot)
     begin_logging(arguments.log, arguments.name)
+    # Not left for a plugin's child processes to inherit.
+    config_text = os.environ.pop(Launch.TEXT_VARIABLE, None)
     try:
-        overrides = {tuple(name.split(".", 1)): value
-                     for name, value in json.loads(arguments.overrides).items()}
-        settings = load_config(arguments.config, overrides)
+        settings = load_config(arguments.config, overrides_from(arguments.overrides), config_text)
+        if arguments.role == "check":
+            from relaymail.process import roles
+            roles.check(settings)
+            return
     except ConfigError as error:
         raise SystemExit(f"relaymail {arguments.name}: {error}")
     from twisted.internet import reactor
     from relaymail.process import roles
     fds = dict(arguments.fd)
+    for fd in fds.values():
+        # Ours alone: a process a plugin starts must not keep the spool
+        # lock or a listener (relaymail.queue.lock).
+        os.set_inheritable(fd, False)
     top = roles.build(arguments, settings, reactor, fds)
     exit_code = []
 
