@@ -19,7 +19,7 @@ traceback's further lines from a new event.
 
 import sys
 
-from twisted.logger import ILogObserver, eventAsText, formatTime
+from twisted.logger import ILogObserver, eventAsJSON, eventAsText, formatTime
 from zope.interface import implementer
 
 from relaymail import sanitize
@@ -58,19 +58,17 @@ class TextObserver:
 
 
 @implementer(ILogObserver)
-class EventTextObserver:
-    """A worker's events as bare text, one event per line (continuation
-    lines start with a tab), for a master that logs each line as an event
-    of its own: it adds the time and the system (relaymail.process)."""
+class EventObserver:
+    """A worker's events, one JSON object a line (twisted.logger's
+    eventAsJSON), for a master that logs them as its own with their level,
+    time and traceback intact (relaymail.process.master)."""
 
     def __init__(self, out):
         self._out = out
 
     def __call__(self, event):
-        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        if text:
-            self._out.write(sanitize.escape_lines(text).replace("\n", "\n\t") + "\n")
-            self._out.flush()
+        self._out.write(eventAsJSON(event) + "\n")
+        self._out.flush()
 
 
 def stdout_observer():

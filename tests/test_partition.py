@@ -2,7 +2,6 @@
 spool's work beside live writers (relaymail.process)."""
 
 import os
-import time
 
 import pytest
 
@@ -91,24 +90,69 @@ def test_remove_unfinished_takes_only_the_dead_workers_files(tmp_path, restore_s
         spool.stop()
 
 
-def test_recovery_beside_writers_keeps_tmp_and_young_lone_bodies(tmp_path):
+def test_recovery_beside_writers_leaves_lone_bodies_to_the_master(tmp_path, restore_slot):
     spool = Spool(str(tmp_path / "spool"))
     spool.start()
     active = os.path.join(spool.path, "active")
-    old = queue_id._encode(int(time.time() - 3600) * 10**6 << 26)
-    young = queue_id.new_queue_id()
-    for stem in (old, young):
-        open(os.path.join(active, stem + ".msg"), "wb").close()
+    lone = {}
+    for slot in (5, 6):
+        queue_id.use_slot(slot)
+        lone[slot] = queue_id.new_queue_id()
+        open(os.path.join(active, lone[slot] + ".msg"), "wb").close()
+    # An interrupted release: the body linked back into active/, the
+    # record still only in hold/.
+    held = queue_sync(spool)
+    assert spool.hold(held)
+    os.link(os.path.join(spool.path, "hold", held + ".msg"), os.path.join(active, held + ".msg"))
     writer = spool.new_message()
     writer.write(b"Subject: arriving\r\n\r\n")
-    other = Spool(spool.path)
+    # The other spool stands for a delivery worker recovering while this
+    # one (an inbound worker) writes.
+    other = Spool(spool.path, beside_writers=True)
     try:
-        # The other spool stands for a delivery worker recovering while
-        # this one (an inbound worker) writes.
-        other._open_ids.clear()
-        assert other.recover(born_before=time.time() - 60) == []
-        assert listing(spool, "active") == [young + ".msg"]
+        assert other.recover(beside_writers=True) == []
+        assert listing(spool, "active") == sorted(f"{i}.msg" for i in lone.values())
+        assert listing(spool, "hold") == [held + ".json", held + ".msg"]
         assert listing(spool, "tmp") == [writer.queue_id + ".msg"]
+        # The master, after the death of the worker of slot 5, and at start.
+        assert spool.remove_lone_bodies(slot=5) == 1
+        assert listing(spool, "active") == [lone[6] + ".msg"]
+        assert spool.remove_lone_bodies() == 1
+        assert listing(spool, "active") == []
     finally:
         writer.abort()
         spool.stop()
+
+
+def test_notices_wait_in_memory_while_the_socket_is_full_and_arrive_in_order(monkeypatch):
+    from twisted.internet import task
+    from relaymail.process import pickup
+    clock = task.Clock()
+    receiving, sending = pickup.socket_pair()
+    sender = pickup.PickupSender(clock, [sending])
+    ids = [queue_id.new_queue_id() for _ in range(2000)]
+    for each in ids:
+        sender.message_queued(each)
+    # The kernel took a few hundred; the rest wait, nothing is lost.
+    got = []
+
+    def drain():
+        while True:
+            try:
+                got.append(receiving.recv(64).decode())
+            except BlockingIOError:
+                return
+    drain()
+    assert 0 < len(got) < 2000
+    while len(got) < 2000:
+        clock.advance(pickup.RETRY_DELAY)
+        drain()
+    assert got == ids and sender.dropped == 0
+    # Past MAX_PENDING the oldest are dropped, counted (and logged).
+    monkeypatch.setattr(pickup, "MAX_PENDING", 10)
+    for _ in range(400):
+        sender.message_queued(queue_id.new_queue_id())
+    assert sender.dropped > 0
+    sender.stop()
+    receiving.close()
+    sending.close()

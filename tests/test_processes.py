@@ -257,6 +257,8 @@ def test_a_delivery_worker_sets_aside_what_it_cannot_trust_when_it_comes_to_it(t
 
 def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path, nexthop):
     relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1)
+    os.makedirs(os.path.join(relay.spool, "active"))
+    open(os.path.join(relay.spool, "active", "stray"), "w").close()
     log_file = os.path.join(relay.workdir, "twistd.log")
     relay.extra_args = ["--logfile", log_file]
     relay.start()
@@ -271,9 +273,14 @@ def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path
         lines = f.read().splitlines()
     [queued] = [line for line in lines if f"{queue_id}: queued from=<alice@example.org>" in line]
     [sent] = [line for line in lines if f"{queue_id}: to=<bob@example.net>" in line]
-    # One timestamp each, the master's, and the worker's name as the system.
-    assert re.fullmatch(r"\S+ \[inbound\.1\] " + queue_id + r": queued .*", queued)
-    assert re.fullmatch(r"\S+ \[delivery\.0\] " + queue_id + r": to=.*status=sent.*", sent)
+    # One timestamp each, and the worker's name in the system.
+    assert re.fullmatch(r"\S+ \[inbound\.1 relaymail\.smtp#info\] " + queue_id
+                        + r": queued .*", queued)
+    assert re.fullmatch(r"\S+ \[delivery\.0 relaymail\.queue#info\] " + queue_id
+                        + r": to=.*status=sent.*", sent)
+    # A warning keeps its level and namespace, as in the lines on stdout.
+    [warning] = [line for line in lines if "Ignoring unexpected entry 'stray'" in line]
+    assert re.fullmatch(r"\S+ \[delivery\.0 relaymail\.queue\.spool\.Spool#warn\] .*", warning)
 
 
 def test_the_start_check_reads_the_files_of_the_config_the_master_read(tmp_path):

@@ -248,3 +248,20 @@ def test_the_active_set_is_bounded_and_refilled_as_attempts_end(tmp_path):
     assert [job.queue_id for job in pool.take()] == ["ID03", "ID04"]
     # The deferred one waits its backoff behind the rest of the queue.
     assert "ID00" not in spool.records
+
+
+def test_pickup_leaves_alone_a_message_being_deleted(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    deleting = defer.Deferred()
+    spool.call_in_thread = lambda function, *args: deleting.addCallback(
+        lambda _: function(*args))
+    spool.delete = spool.remove
+    sched.startService()
+    assert sched.delete("AAAA") is not None
+    # The delete is still running in its thread; the message is on disk.
+    assert sched.pickup() == 0
+    clock.advance(0)
+    assert pool.take() == []
+    deleting.callback(None)
+    assert "AAAA" not in spool.records and sched.pickup() == 0

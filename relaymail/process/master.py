@@ -34,8 +34,9 @@ import sys
 import time
 
 from twisted.application import service
-from twisted.internet import defer, protocol
-from twisted.logger import Logger, LogLevel
+from twisted.internet import defer, protocol, task
+from twisted.internet.error import ProcessExitedAlready
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -52,6 +53,12 @@ log = Logger(namespace="relaymail.process")
 YOUNG = 10.0
 FIRST_RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
+
+#: How often every delivery worker is asked to pick up messages it was not
+#: told of (relaymail.process.pickup): Postfix's qmgr is woken every 300 s
+#: (master.cf's wakeup time); a minute is a shorter worst case for a lost
+#: notice, and a scan of active/ costs about 0.2 s with 100,000 messages.
+PICKUP_INTERVAL = 60.0
 
 #: Seconds the workers get to stop after SIGTERM before SIGKILL.
 STOP_GRACE = 30.0
@@ -104,8 +111,8 @@ class Master(service.Service):
         self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n)
                         for n in range(settings.server.workers)]
         self._control_port = None
+        self._sweeper = None
         self._stopping = False
-        self.writers_since = None
 
     # -- start ---------------------------------------------------------------
 
@@ -126,7 +133,6 @@ class Master(service.Service):
         if not self._ports and self._endpoints:
             self.privilegedStartService()
         self._spool.prepare_for_writers()
-        self.writers_since = time.time()
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
         # is taken; delivery starts a moment later on a queue that waits.
@@ -134,10 +140,25 @@ class Master(service.Service):
             self._spawn(worker)
         self._control_port = listen_control(self._reactor, self.settings.queue.path,
                                             RelayedControl(self))
+        self._sweeper = task.LoopingCall(self._pick_up_everywhere, "periodic")
+        self._sweeper.clock = self._reactor
+        self._sweeper.start(PICKUP_INTERVAL, now=False)
 
     def _spawn(self, worker):
         if self._stopping:
             return
+        try:
+            self._start_process(worker)
+        except OSError as error:
+            # EAGAIN, EMFILE...: the slot must not stay empty for good (a
+            # partition nobody delivers); try again as after a death.
+            worker.young_deaths += 1
+            delay = _restart_delay(worker.young_deaths + 1)
+            log.error("Cannot start {name}: {error}; trying again in {delay:.1f}s",
+                      name=worker.name, error=error, delay=delay)
+            self._reactor.callLater(delay, self._spawn, worker)
+
+    def _start_process(self, worker):
         named = {"lock": self._lock.fileno()}
         arguments = [worker.role, "--name", worker.name, "--slot", str(worker.slot),
                      "--master-pid", str(os.getpid()),
@@ -151,11 +172,23 @@ class Master(service.Service):
                 named[f"pickup.{index}"] = sending.fileno()
         else:
             arguments += ["--partition", str(worker.partition),
-                          "--partitions", str(len(self.delivery)),
-                          "--writers-since", repr(self.writers_since)]
+                          "--partitions", str(len(self.delivery))]
             named[f"pickup.{worker.partition}"] = self._pairs[worker.partition][0].fileno()
             master_end, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             named["control"] = control_end.fileno()
+        try:
+            self._exec(worker, arguments, named)
+        finally:
+            if control_end is not None:
+                control_end.close()
+        if control_end is not None:
+            worker.control = WorkerControl()
+            self._reactor.adoptStreamConnection(master_end.fileno(), socket.AF_UNIX,
+                                                _Given(worker.control))
+            master_end.close()
+        log.info("Started {name} (pid {pid})", name=worker.name, pid=worker.pid)
+
+    def _exec(self, worker, arguments, named):
         child_fds = {0: "w", 1: 1 if self._log_lines else "r", 2: 2 if self._log_lines else "r"}
         for number, (name, fd) in enumerate(named.items(), start=3):
             child_fds[number] = fd
@@ -167,13 +200,6 @@ class Master(service.Service):
             childFDs=child_fds)
         worker.pid = worker.process.pid
         worker.started_at = time.monotonic()
-        if control_end is not None:
-            control_end.close()
-            worker.control = WorkerControl()
-            self._reactor.adoptStreamConnection(master_end.fileno(), socket.AF_UNIX,
-                                                _Given(worker.control))
-            master_end.close()
-        log.info("Started {name} (pid {pid})", name=worker.name, pid=worker.process.pid)
 
     # -- a worker ended ---------------------------------------------------------
 
@@ -190,25 +216,37 @@ class Master(service.Service):
             return
         lived = time.monotonic() - worker.started_at
         worker.young_deaths = worker.young_deaths + 1 if lived < YOUNG else 0
-        delay = 0.0
-        if worker.young_deaths > 1:
-            delay = min(MAX_RESTART_DELAY, FIRST_RESTART_DELAY * 2 ** (worker.young_deaths - 2))
+        delay = _restart_delay(worker.young_deaths)
         removed = self._clean_up_after(worker)
         log.warn("{name} (pid {pid}) {status} after {lived:.1f}s; {removed} unfinished files "
                  "removed; restarting it in {delay:.1f}s", name=worker.name, pid=pid,
                  status=status, lived=lived, removed=removed, delay=delay)
         self._reactor.callLater(delay, self._spawn, worker)
         if worker.role == INBOUND:
-            for other in self.delivery:
-                if other.control is not None:
-                    other.control.ask("pickup").addErrback(lambda _: None)
+            self._pick_up_everywhere(f"after {worker.name} died")
+
+    def _pick_up_everywhere(self, why):
+        """Have every delivery worker schedule what it was not told of."""
+        for worker in self.delivery:
+            if worker.control is None:
+                continue        # restarting: it scans its partition anyway
+
+            def picked_up(reply, worker=worker):
+                count = _count(reply)
+                if count:
+                    log.warn("{name} picked up {count} messages it had not been told of "
+                             "({why})", name=worker.name, count=count, why=why)
+            worker.control.ask("pickup").addCallback(picked_up).addErrback(lambda _: None)
 
     def _clean_up_after(self, worker):
         try:
+            # What it was writing (tmp/), and a body it had renamed into
+            # active/ without its record when it died.
+            removed = self._spool.remove_lone_bodies(slot=worker.slot)
             if worker.role == INBOUND:
-                return self._spool.remove_unfinished(slot=worker.slot)
+                return removed + self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
-            return self._spool.remove_unfinished(slot=worker.slot, owns=owns)
+            return removed + self._spool.remove_unfinished(slot=worker.slot, owns=owns)
         except OSError as error:
             log.error("Cannot clean up after {name}: {error}", name=worker.name, error=error)
             return 0
@@ -218,6 +256,8 @@ class Master(service.Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         waiting = []
         for worker in self.inbound + self.delivery:
             if worker.process is None:
@@ -226,8 +266,8 @@ class Master(service.Service):
             waiting.append(worker.ended)
             try:
                 worker.process.signalProcess("TERM")
-            except OSError:
-                pass
+            except (OSError, ProcessExitedAlready):
+                pass        # reaped, its pipes not yet closed: ended comes
         killer = self._reactor.callLater(STOP_GRACE, self._kill_the_rest)
         done = defer.DeferredList(waiting)
 
@@ -251,7 +291,7 @@ class Master(service.Service):
                          name=worker.name, grace=STOP_GRACE)
                 try:
                     worker.process.signalProcess("KILL")
-                except OSError:
+                except (OSError, ProcessExitedAlready):
                     pass
 
 
@@ -286,6 +326,14 @@ def check_workers_can_start(launch, uid, gid):
         last = (tried.stderr.strip().splitlines() or ["exit status " + str(tried.returncode)])[-1]
         raise WorkersCannotStart(f"workers cannot start as uid {uid}: "
                                  f"{last.removeprefix('relaymail check: ')}")
+
+
+def _restart_delay(young_deaths):
+    """At once after a first early death (or a death after a long life),
+    then 0.5 s, doubling up to MAX_RESTART_DELAY."""
+    if young_deaths <= 1:
+        return 0.0
+    return min(MAX_RESTART_DELAY, FIRST_RESTART_DELAY * 2 ** (young_deaths - 2))
 
 
 def _environment():
@@ -328,9 +376,26 @@ class _WorkerProcess(protocol.ProcessProtocol):
             self._partial[fd] = lines[-1]
         for line in lines[:-1]:
             if line:
-                log.emit(LogLevel.error if fd == 2 else LogLevel.info, "{line}",
-                         line=line.decode("utf-8", "replace").lstrip("\t"),
-                         log_system=self._worker.name)
+                self._log(fd, line.decode("utf-8", "replace"))
+
+    def _log(self, fd, line):
+        """An event the worker wrote as JSON on standard output, logged as
+        it was (level, time, traceback) under the worker's name; anything
+        else (standard error: a worker that failed before its logging
+        began) as an error line."""
+        if fd == 1:
+            try:
+                event = eventFromJSON(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                # As the workers name themselves on a shared stdout.
+                level = event.get("log_level")
+                event["log_system"] = (f"{self._worker.name} {event.get('log_namespace', '-')}"
+                                       f"#{getattr(level, 'name', level)}")
+                globalLogPublisher(event)
+                return
+        log.emit(LogLevel.error, "{line}", line=line, log_system=self._worker.name)
 
     def processEnded(self, reason):
         value = reason.value

@@ -8,12 +8,17 @@ gets the sending ends, the delivery worker of partition K the receiving
 end of pair K.  Because the master holds the pair, datagrams sent while a
 delivery worker is being restarted wait in the kernel for its successor.
 
-The notice is only a hint that saves a scan: the message is already
-durable in ``active/`` when it is sent, and a delivery worker schedules
-every message of its partition when it starts, and again when the master
-tells it that an inbound worker died (a notice that could not be sent
-then is found that way).
+The kernel holds a few hundred notices per socket (278 here); past that
+the sender keeps them in memory and sends them as room comes.  The notice
+is only a hint that saves a scan: the message is already durable in
+``active/`` when it is sent, and a delivery worker schedules every message
+of its partition when it starts, when the master tells it that an inbound
+worker died, and every :data:`relaymail.process.master.PICKUP_INTERVAL`
+seconds: a notice lost with its worker, or dropped here, delays a message
+by that much at most.
 """
+
+import errno
 
 import collections
 import socket
@@ -58,6 +63,7 @@ class PickupSender:
         self._sockets = list(sockets)
         self._pending = collections.deque()
         self._retry = None
+        self.dropped = 0
 
     def message_queued(self, queue_id, record=None):
         if self._pending:
@@ -73,6 +79,8 @@ class PickupSender:
         except BlockingIOError:
             return False
         except OSError as error:
+            if error.errno in (errno.ENOBUFS, errno.ENOMEM):
+                return False        # out of buffers for now: as when full
             # Not expected (the master holds the other end): the delivery
             # worker's scan will find the message; say why it may be late.
             log.warn("Cannot tell delivery about {queue_id}: {error}", queue_id=queue_id,
@@ -81,7 +89,12 @@ class PickupSender:
 
     def _keep(self, queue_id):
         if len(self._pending) >= MAX_PENDING:
-            self._pending.popleft()
+            dropped = self._pending.popleft()
+            self.dropped += 1
+            if self.dropped % 10_000 == 1:
+                log.warn("Delivery is not reading its notices: {count} dropped so far "
+                         "(the last {queue_id}); the periodic pickup will find them",
+                         count=self.dropped, queue_id=dropped)
         self._pending.append(queue_id)
         if self._retry is None:
             self._retry = self._reactor.callLater(RETRY_DELAY, self._flush)

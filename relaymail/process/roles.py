@@ -73,7 +73,7 @@ def _delivery(arguments, settings, reactor, fds, policy):
     top = service.MultiService()
     owns = owner_test(arguments.partition, arguments.partitions)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
-                  owns=owns, writers_since=arguments.writers_since)
+                  owns=owns, beside_writers=True)
     spool.setServiceParent(top)
     scheduler = delivery_scheduler(settings, reactor, spool, policy)
     scheduler.setServiceParent(top)

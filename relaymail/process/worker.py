@@ -51,7 +51,6 @@ def parse_arguments(argv):
     parser.add_argument("--log", choices=("lines", "events"), default="lines")
     parser.add_argument("--partition", type=int, default=0)
     parser.add_argument("--partitions", type=int, default=1)
-    parser.add_argument("--writers-since", type=float, default=None)
     parser.add_argument("--fd", action="append", default=[], type=_named_fd)
     return parser.parse_args(argv)
 
@@ -75,10 +74,10 @@ def die_with(master_pid):
 
 def begin_logging(mode, name):
     """``lines``: write the master's own line format to the standard output
-    the master shares with us; ``events``: write just the text, which the
-    master logs as its own event (when it logs to a file or syslog)."""
+    the master shares with us; ``events``: write each event as JSON, which
+    the master logs as its own (when it logs to a file or syslog)."""
     observer = (logobserver.TextObserver(sys.stdout, name) if mode == "lines"
-                else logobserver.EventTextObserver(sys.stdout))
+                else logobserver.EventObserver(sys.stdout))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False,
                                      discardBuffer=True)
 

@@ -91,6 +91,9 @@ class Scheduler(service.Service):
         self._scheduled = {}        # queue id -> time it is due
         self._forced = set()        # due now whatever the record says
         self._attempts = {}         # queue id -> _Attempt in progress
+        # Ids being held, released or deleted in a spool thread: neither
+        # scheduled nor in an attempt, and not to be picked up meanwhile.
+        self._moving = set()
         # queue id -> a record newer in memory than on disk (its write
         # failed), or as fresh (just committed): used instead of reading it.
         self._unsaved = {}
@@ -152,8 +155,9 @@ class Scheduler(service.Service):
         try:
             while self._heap and self._heap[0][0] <= now and len(self._attempts) < limit:
                 when, _, queue_id = heapq.heappop(self._heap)
-                if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
-                    continue            # rescheduled since, or already running
+                if (self._scheduled.get(queue_id) != when or queue_id in self._attempts
+                        or queue_id in self._moving):
+                    continue            # rescheduled since, running, or being moved
                 del self._scheduled[queue_id]
                 try:
                     self._start(queue_id, now)
@@ -359,7 +363,17 @@ class Scheduler(service.Service):
                         operation=operation.__name__)
             self._schedule(queue_id, self._clock() + self.settings.queue.min_backoff)
             return False
-        return self.spool.call_in_thread(operation, queue_id).addCallbacks(bool, failed)
+        return self._moved(queue_id, operation).addCallbacks(bool, failed)
+
+    def _moved(self, queue_id, operation):
+        """Run a spool move or delete of ``queue_id`` in a thread, the id
+        counted as being moved until it is done."""
+        self._moving.add(queue_id)
+
+        def done(result):
+            self._moving.discard(queue_id)
+            return result
+        return self.spool.call_in_thread(operation, queue_id).addBoth(done)
 
     def _write(self, queue_id, attempt):
         """Persist the record, after any write already under way."""
@@ -565,10 +579,11 @@ class Scheduler(service.Service):
             if done:
                 self._make_due(queue_id, self._clock())
             return bool(done)
-        return self.spool.call_in_thread(self.spool.release, queue_id).addCallback(released)
+        return self._moved(queue_id, self.spool.release).addCallback(released)
 
     def _exists(self, queue_id):
-        return queue_id in self._attempts or queue_id in self._scheduled
+        return (queue_id in self._attempts or queue_id in self._scheduled
+                or queue_id in self._moving)
 
 
 @implementer(ISessionContext)
