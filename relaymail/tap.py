@@ -291,7 +291,9 @@ def _implicit_tls(settings, reactor, key, description, factory=None):
 def _authenticator(settings, reactor, top, client_key):
     if not settings.auth.passwords:
         return None
-    limit = settings.auth.max_concurrent_hashes
+    # The limit is the relay's: shared among the inbound workers, so that
+    # the 32 MiB buffers alive at once stay what the setting says.
+    limit = max(1, settings.auth.max_concurrent_hashes // max(1, settings.server.workers))
     # scrypt gets threads of its own, as many as may hash at once (the
     # shared slots and the believed clients' reserve), so it never waits
     # behind (or holds up) other work in the reactor's pool, and the
