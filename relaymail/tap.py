@@ -242,15 +242,19 @@ def listen_endpoint(settings, reactor, key, description):
     return endpoints.serverFromString(reactor, described)
 
 
-def inbound_factories(settings, reactor, top, policy, queue):
+def inbound_factories(settings, reactor, top, policy, queue, shared_counts=None):
     """One SMTP factory per listener of :func:`listener_specs`, in order;
-    services they need (the scrypt pool) are added to ``top``."""
+    services they need (the scrypt pool) are added to ``top``.
+
+    :param shared_counts: an inbound worker's SharedCounts
+        (relaymail.process.shared_counts), so that the connection limits
+        hold for all workers together."""
     # STARTTLS with the broad list for MTAs, with the strict one where
     # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
     submission_tls = (_server_tls(settings, for_passwords=True)
                       if settings.server.submission_listen else None)
-    gate = ConnectionGate(settings, reactor)
+    gate = ConnectionGate(settings, reactor, shared=shared_counts)
     auth = _authenticator(settings, reactor, top, gate.key)
     shared = dict(reactor=reactor, gate=gate, auth=auth)
     factories = []

@@ -156,3 +156,38 @@ def test_notices_wait_in_memory_while_the_socket_is_full_and_arrive_in_order(mon
     sender.stop()
     receiving.close()
     sending.close()
+
+
+def test_two_workers_gates_count_one_clients_connections_together(tmp_path):
+    from twisted.internet import task
+    from relaymail.process.shared_counts import SharedCounts, clear_row, make_region, slots_for
+    from relaymail.smtp.limits import ConnectionGate
+    from tests.support import make_settings
+    settings = make_settings(tmp_path, limits__connections="8", limits__connections_per_ip="3",
+                             limits__connection_rate_per_ip="0", limits__trusted_reserve="0")
+    slots = slots_for(8)
+    fd = make_region(2, slots)
+    gates = [ConnectionGate(settings, task.Clock(), shared=SharedCounts(fd, 2, slots, row))
+             for row in (0, 1)]
+    first, second = gates
+    assert first.admit("192.0.2.7", exempt=False) is None
+    assert second.admit("192.0.2.7", exempt=False) is None
+    assert second.admit("192.0.2.7", exempt=False) is None
+    # The fourth is refused by either worker: three are open in all.
+    for gate in gates:
+        assert gate.admit("192.0.2.7", exempt=False) == \
+            "Error: too many connections from 192.0.2.7"
+        assert gate.connections_from("192.0.2.7") == 3 and gate.connections == 3
+    assert first.admit("198.51.100.1", exempt=False) is None
+    second.release("192.0.2.7")
+    assert first.admit("192.0.2.7", exempt=False) is None
+    # The overall limit holds for both together too.
+    for address in ("203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"):
+        assert second.admit(address, exempt=False) is None
+    assert first.connections == 8
+    assert first.admit("203.0.113.9", exempt=False) == "Error: too many connections"
+    # A worker that died leaves nothing counted behind.
+    clear_row(fd, 2, slots, 1)
+    assert first.connections == 3 and first.connections_from("192.0.2.7") == 2
+    assert first.connections_from("203.0.113.1") == 0
+    os.close(fd)

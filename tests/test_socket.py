@@ -385,9 +385,7 @@ def read_to_end(sock):
 
 def test_outsiders_filling_the_table_leave_room_for_trusted_clients(tmp_path):
     relay = RelayProcess(tmp_path, {
-        # One inbound worker: connection and AUTH limits are counted in each
-        # worker (docs/architecture.rst, "Known limits").
-        "server": {"trusted_networks": "127.0.0.2/32", "workers": "1"},
+        "server": {"trusted_networks": "127.0.0.2/32"},
         "limits": {"connections": "4", "trusted_reserve": "1", "connections_per_ip": "0",
                    "connection_rate_per_ip": "0", "command_timeout": "300",
                    "stress_threshold": "3", "stress_timeout": "3"},

@@ -165,9 +165,7 @@ def test_tls_below_1_2_is_refused(relay):
 
 def test_connections_per_ip_limit(tmp_path):
     relay = RelayProcess(tmp_path, {
-        # One inbound worker: connection and AUTH limits are counted in each
-        # worker (docs/architecture.rst, "Known limits").
-        "server": {"trusted_networks": "10.9.9.0/24", "workers": "1"},
+        "server": {"trusted_networks": "10.9.9.0/24"},
         "limits": {"connections_per_ip": "2"},
     }).start()
     try:

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 import relaymail
 from relaymail.process.pickup import socket_pair
+from relaymail.process.shared_counts import clear_row, make_region, slots_for
 from relaymail.queue.control import ControlError, listen_control
 from relaymail.queue.partition import owner_test, partition_of
 from relaymail.queue.spool import Spool
@@ -79,6 +80,7 @@ class _Worker:
         self.pid = None             # its pid (the transport forgets it at the end)
         self.started_at = None
         self.young_deaths = 0
+        self.gate_row = None        # an inbound worker's row of shared counts
         self.control = None         # a delivery worker's WorkerControl
         self.ended = None           # a Deferred while a stop waits for it
 
@@ -110,6 +112,10 @@ class Master(service.Service):
         self.delivery = [_Worker(DELIVERY, k, slot=1 + k, partition=k) for k in range(partitions)]
         self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n)
                         for n in range(settings.server.workers)]
+        for row, worker in enumerate(self.inbound):
+            worker.gate_row = row
+        self._gate_slots = slots_for(settings.limits.connections)
+        self._gate_fd = None
         self._control_port = None
         self._sweeper = None
         self._stopping = False
@@ -133,6 +139,7 @@ class Master(service.Service):
         if not self._ports and self._endpoints:
             self.privilegedStartService()
         self._spool.prepare_for_writers()
+        self._gate_fd = make_region(len(self.inbound), self._gate_slots)
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
         # is taken; delivery starts a moment later on a queue that waits.
@@ -166,6 +173,8 @@ class Master(service.Service):
                      *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:
+            named["gate"] = self._gate_fd
+            arguments += ["--gate-row", str(worker.gate_row)]
             for index, port in enumerate(self._ports):
                 named[f"listen.{index}"] = port.fileno()
             for index, (_receiving, sending) in enumerate(self._pairs):
@@ -244,6 +253,8 @@ class Master(service.Service):
             # active/ without its record when it died.
             removed = self._spool.remove_lone_bodies(slot=worker.slot)
             if worker.role == INBOUND:
+                # Its connections are gone with it.
+                clear_row(self._gate_fd, len(self.inbound), self._gate_slots, worker.gate_row)
                 return removed + self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
             return removed + self._spool.remove_unfinished(slot=worker.slot, owns=owns)
@@ -281,6 +292,9 @@ class Master(service.Service):
             for receiving, sending in self._pairs:
                 receiving.close()
                 sending.close()
+            if self._gate_fd is not None:
+                os.close(self._gate_fd)
+                self._gate_fd = None
             return defer.DeferredList(closing)
         return done.addCallback(stopped)
 

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
+from relaymail.process.shared_counts import SharedCounts, slots_for
 from relaymail.queue.control import ControlFactory
 from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.partition import owner_test
@@ -39,7 +40,7 @@ def build(arguments, settings, reactor, fds):
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
     if arguments.role == "inbound":
-        return _inbound(settings, reactor, fds, policy)
+        return _inbound(arguments, settings, reactor, fds, policy)
     return _delivery(arguments, settings, reactor, fds, policy)
 
 
@@ -54,7 +55,7 @@ def check(settings):
     check_files(settings)
 
 
-def _inbound(settings, reactor, fds, policy):
+def _inbound(arguments, settings, reactor, fds, policy):
     from relaymail.tap import inbound_factories
     top = service.MultiService()
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
@@ -62,7 +63,11 @@ def _inbound(settings, reactor, fds, policy):
     senders = [_socket(fds.pop(name)) for name in _ordered(fds, "pickup.")]
     pickup = PickupSender(reactor, senders)
     queue = NotifyingQueue(spool, pickup.message_queued)
-    factories = inbound_factories(settings, reactor, top, policy, queue)
+    shared = None
+    if "gate" in fds:
+        shared = SharedCounts(fds.pop("gate"), settings.server.workers,
+                              slots_for(settings.limits.connections), arguments.gate_row)
+    factories = inbound_factories(settings, reactor, top, policy, queue, shared_counts=shared)
     listeners = [fds.pop(name) for name in _ordered(fds, "listen.")]
     AdoptedListeners(reactor, listeners, factories).setServiceParent(top)
     return top

@@ -96,9 +96,13 @@ class ConnectionGate:
         reactor when None.
     :param max_tracked: most addresses whose rate is remembered (see
         :data:`MAX_TRACKED`); for tests.
+    :param shared: an inbound worker's
+        :class:`relaymail.process.shared_counts.SharedCounts`: the overall
+        and per-client counts are then those of every worker together
+        (the rates stay this process's own).
     """
 
-    def __init__(self, settings, clock=None, *, max_tracked=MAX_TRACKED):
+    def __init__(self, settings, clock=None, *, max_tracked=MAX_TRACKED, shared=None):
         if clock is None:
             # Imported here so that importing this module does not install
             # the default reactor before twistd has chosen one.
@@ -121,6 +125,7 @@ class ConnectionGate:
         self._total = 0
         self._open = {}      # client key -> connections open now (never 0)
         self._rates = AttemptWindows(clock, max_tracked)
+        self._shared = shared
 
     def key(self, ip):
         """The name ``ip`` is counted under (see :func:`client_key`)."""
@@ -141,12 +146,18 @@ class ConnectionGate:
 
     @property
     def connections(self):
-        """Connections admitted and not yet released."""
-        return self._total
+        """Connections admitted and not yet released (by every worker)."""
+        return self._shared.total() if self._shared is not None else self._total
 
     def connections_from(self, ip):
-        """Connections from ``ip``'s network admitted and not yet released."""
-        return self._open.get(self.key(ip), 0)
+        """Connections from ``ip``'s network admitted and not yet released
+        (by every worker)."""
+        return self._open_from(self.key(ip))
+
+    def _open_from(self, key):
+        if self._shared is not None:
+            return self._shared.open(key)
+        return self._open.get(key, 0)
 
     def tracked(self):
         """How many clients' connection rates are remembered now."""
@@ -171,16 +182,19 @@ class ConnectionGate:
         """
         key = self.key(ip)
         attempts = 0 if exempt else self._count_attempt(key)
-        if self._total >= (self._max_total if exempt else self._max_outsiders):
+        total = self.connections
+        if total >= (self._max_total if exempt else self._max_outsiders):
             return TOO_MANY
         if not exempt:
-            if self._max_per_ip and self._open.get(key, 0) >= self._max_per_ip:
+            if self._max_per_ip and self._open_from(key) >= self._max_per_ip:
                 return f"{TOO_MANY} from {key}"
             if self._max_rate and attempts > self._max_rate:
                 return f"{TOO_MANY} per minute from {key}"
         self._total += 1
         self._open[key] = self._open.get(key, 0) + 1
-        if not self._stressed and self._total >= self._stress_on:
+        if self._shared is not None:
+            self._shared.add(key, 1)
+        if not self._stressed and total + 1 >= self._stress_on:
             self._set_stress(True)
         return None
 
@@ -197,17 +211,20 @@ class ConnectionGate:
             del self._open[key]
         else:
             self._open[key] = count - 1
-        if self._stressed and self._total <= self._stress_off:
+        if self._shared is not None:
+            self._shared.add(key, -1)
+        if self._stressed and self.connections <= self._stress_off:
             self._set_stress(False)
 
     def _set_stress(self, stressed):
         self._stressed = stressed
         if stressed:
             log.info("stress: {open} of {limit} connections open; outsiders get the "
-                     "stress timeout and error limits", open=self._total, limit=self._max_total)
+                     "stress timeout and error limits", open=self.connections,
+                     limit=self._max_total)
         else:
             log.info("stress over: {open} of {limit} connections open",
-                     open=self._total, limit=self._max_total)
+                     open=self.connections, limit=self._max_total)
         # A copy: a watcher may stop watching (its session closing) meanwhile.
         for callback in list(self._watchers):
             callback(stressed)
