@@ -242,20 +242,23 @@ def listen_endpoint(settings, reactor, key, description):
     return endpoints.serverFromString(reactor, described)
 
 
-def inbound_factories(settings, reactor, top, policy, queue, shared_counts=None):
+def inbound_factories(settings, reactor, top, policy, queue, shared=None):
     """One SMTP factory per listener of :func:`listener_specs`, in order;
     services they need (the scrypt pool) are added to ``top``.
 
-    :param shared_counts: an inbound worker's SharedCounts
-        (relaymail.process.shared_counts), so that the connection limits
-        hold for all workers together."""
+    :param shared: an inbound worker's SharedLimits
+        (relaymail.process.shared_counts), so that the connection and AUTH
+        limits hold for all workers together."""
     # STARTTLS with the broad list for MTAs, with the strict one where
     # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
     submission_tls = (_server_tls(settings, for_passwords=True)
                       if settings.server.submission_listen else None)
-    gate = ConnectionGate(settings, reactor, shared=shared_counts)
-    auth = _authenticator(settings, reactor, top, gate.key)
+    gate = ConnectionGate(settings, reactor,
+                          shared=shared and shared.connections,
+                          rates=shared and shared.connection_rates)
+    auth = _authenticator(settings, reactor, top, gate.key,
+                          windows=shared and shared.auth_attempts)
     shared = dict(reactor=reactor, gate=gate, auth=auth)
     factories = []
     for key, description, options in listener_specs(settings):
@@ -292,7 +295,7 @@ def _implicit_tls(settings, reactor, key, description, factory=None):
     return endpoint, factory and TLSMemoryBIOFactory(server_tls, False, factory)
 
 
-def _authenticator(settings, reactor, top, client_key):
+def _authenticator(settings, reactor, top, client_key, windows=None):
     if not settings.auth.passwords:
         return None
     # The limit is the relay's: shared among the inbound workers, so that
@@ -310,7 +313,8 @@ def _authenticator(settings, reactor, top, client_key):
         raise ConfigError(settings.source, "auth", "passwords", str(error))
     ThreadPoolService(pool).setServiceParent(top)
     return Authenticator(portal, settings.auth.failure_delay, reactor, max_hashes=limit,
-                         attempts_per_minute=settings.auth.attempts_per_minute, key=client_key)
+                         attempts_per_minute=settings.auth.attempts_per_minute, key=client_key,
+                         windows=windows)
 
 
 def _run_as(options):

@@ -31,8 +31,8 @@ def password_file(tmp_path):
 
 def flood_relay(tmp_path, password_file, trusted_networks="10.9.9.0/24", **auth):
     return RelayProcess(tmp_path, {
-        # One inbound worker: the AUTH attempt counts are each worker's
-        # own (docs/architecture.rst, "Known limits").
+        # One inbound worker: these tests are about one process's hash
+        # slots, which [server] workers would divide among several.
         "server": {"trusted_networks": trusted_networks, "workers": "1"},
         # Plain text, so that what the flood costs is hashing, not TLS
         # handshakes; and no connection limits, so that the AUTH limits

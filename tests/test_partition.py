@@ -191,3 +191,38 @@ def test_two_workers_gates_count_one_clients_connections_together(tmp_path):
     assert first.connections == 3 and first.connections_from("192.0.2.7") == 2
     assert first.connections_from("203.0.113.1") == 0
     os.close(fd)
+
+
+def test_two_workers_count_one_clients_attempts_together(tmp_path):
+    from twisted.internet import task
+    from relaymail.process.shared_counts import SharedLimits, make_limits_region
+    from relaymail.smtp.authentication import Authenticator
+    from relaymail.smtp.limits import ConnectionGate
+    from tests.support import make_settings
+    settings = make_settings(tmp_path, limits__connection_rate_per_ip="4",
+                             limits__connections_per_ip="0")
+    clock = task.Clock()
+    clock.advance(1_767_225_600)
+    fd = make_limits_region(2, settings)
+    shared = [SharedLimits(fd, 2, row, settings, clock, 60.0) for row in (0, 1)]
+    gates = [ConnectionGate(settings, clock, shared=each.connections,
+                            rates=each.connection_rates) for each in shared]
+    first, second = gates
+    for gate in (first, second, first, second):
+        assert gate.admit("192.0.2.7", exempt=False) is None
+    # The fifth attempt in the minute is refused by either worker.
+    assert second.admit("192.0.2.7", exempt=False) == \
+        "Error: too many connections per minute from 192.0.2.7"
+    assert first.admit("198.51.100.1", exempt=False) is None
+    clock.advance(61)
+    assert first.admit("192.0.2.7", exempt=False) is None
+    # AUTH attempts likewise, through their own table.
+    auths = [Authenticator(None, 0, clock, attempts_per_minute=2, windows=each.auth_attempts)
+             for each in shared]
+    assert auths[0].admit("192.0.2.7", trusted=False) is None
+    assert auths[1].admit("192.0.2.7", trusted=False) is None
+    assert auths[0].admit("192.0.2.7", trusted=False) is not None
+    # Windows that ran out are not tracked: 198.51.100.1 and the second
+    # worker's 192.0.2.7 ended with the minute.
+    assert shared[0].connection_rates.tracked() == 1 and shared[1].connection_rates.tracked() == 0
+    os.close(fd)

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 import relaymail
 from relaymail.process.pickup import socket_pair
-from relaymail.process.shared_counts import clear_row, make_region, slots_for
+from relaymail.process.shared_counts import clear_connections, make_limits_region
 from relaymail.queue.control import ControlError, listen_control
 from relaymail.queue.partition import owner_test, partition_of
 from relaymail.queue.spool import Spool
@@ -114,7 +114,6 @@ class Master(service.Service):
                         for n in range(settings.server.workers)]
         for row, worker in enumerate(self.inbound):
             worker.gate_row = row
-        self._gate_slots = slots_for(settings.limits.connections)
         self._gate_fd = None
         self._control_port = None
         self._sweeper = None
@@ -139,7 +138,7 @@ class Master(service.Service):
         if not self._ports and self._endpoints:
             self.privilegedStartService()
         self._spool.prepare_for_writers()
-        self._gate_fd = make_region(len(self.inbound), self._gate_slots)
+        self._gate_fd = make_limits_region(len(self.inbound), self.settings)
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
         # is taken; delivery starts a moment later on a queue that waits.
@@ -173,7 +172,7 @@ class Master(service.Service):
                      *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:
-            named["gate"] = self._gate_fd
+            named["limits"] = self._gate_fd
             arguments += ["--gate-row", str(worker.gate_row)]
             for index, port in enumerate(self._ports):
                 named[f"listen.{index}"] = port.fileno()
@@ -254,7 +253,8 @@ class Master(service.Service):
             removed = self._spool.remove_lone_bodies(slot=worker.slot)
             if worker.role == INBOUND:
                 # Its connections are gone with it.
-                clear_row(self._gate_fd, len(self.inbound), self._gate_slots, worker.gate_row)
+                clear_connections(self._gate_fd, len(self.inbound), self.settings,
+                                  worker.gate_row)
                 return removed + self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
             return removed + self._spool.remove_unfinished(slot=worker.slot, owns=owns)

@@ -25,7 +25,8 @@ from twisted.logger import Logger
 from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
-from relaymail.process.shared_counts import SharedCounts, slots_for
+from relaymail.process.shared_counts import SharedLimits
+from relaymail.smtp.limits import RATE_WINDOW
 from relaymail.queue.control import ControlFactory
 from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.partition import owner_test
@@ -64,10 +65,10 @@ def _inbound(arguments, settings, reactor, fds, policy):
     pickup = PickupSender(reactor, senders)
     queue = NotifyingQueue(spool, pickup.message_queued)
     shared = None
-    if "gate" in fds:
-        shared = SharedCounts(fds.pop("gate"), settings.server.workers,
-                              slots_for(settings.limits.connections), arguments.gate_row)
-    factories = inbound_factories(settings, reactor, top, policy, queue, shared_counts=shared)
+    if "limits" in fds:
+        shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.gate_row,
+                              settings, reactor, RATE_WINDOW)
+    factories = inbound_factories(settings, reactor, top, policy, queue, shared=shared)
     listeners = [fds.pop(name) for name in _ordered(fds, "listen.")]
     AdoptedListeners(reactor, listeners, factories).setServiceParent(top)
     return top

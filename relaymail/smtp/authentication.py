@@ -154,14 +154,15 @@ class Authenticator:
     Unavailable = Unavailable
 
     def __init__(self, portal, failure_delay, reactor, max_hashes=1, attempts_per_minute=0,
-                 key=client_key):
+                 key=client_key, windows=None):
         self._portal = portal
         self._delay = failure_delay
         self._reactor = reactor
         self._key = key
         self.slots = HashSlots(max_hashes, key, RESERVED_HASHES)
         self._attempts_per_minute = attempts_per_minute
-        self._windows = AttemptWindows(reactor)
+        # Several inbound workers count together (relaymail.process).
+        self._windows = windows if windows is not None else AttemptWindows(reactor)
         # client key -> (time of its last successful login, user), oldest
         # first; and each user's keys, oldest first.
         self._known = collections.OrderedDict()

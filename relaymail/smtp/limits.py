@@ -98,11 +98,12 @@ class ConnectionGate:
         :data:`MAX_TRACKED`); for tests.
     :param shared: an inbound worker's
         :class:`relaymail.process.shared_counts.SharedCounts`: the overall
-        and per-client counts are then those of every worker together
-        (the rates stay this process's own).
+        and per-client counts are then those of every worker together.
+    :param rates: likewise, a SharedWindows for the connection rates.
     """
 
-    def __init__(self, settings, clock=None, *, max_tracked=MAX_TRACKED, shared=None):
+    def __init__(self, settings, clock=None, *, max_tracked=MAX_TRACKED, shared=None,
+                 rates=None):
         if clock is None:
             # Imported here so that importing this module does not install
             # the default reactor before twistd has chosen one.
@@ -124,7 +125,7 @@ class ConnectionGate:
         self._watchers = set()
         self._total = 0
         self._open = {}      # client key -> connections open now (never 0)
-        self._rates = AttemptWindows(clock, max_tracked)
+        self._rates = rates if rates is not None else AttemptWindows(clock, max_tracked)
         self._shared = shared
 
     def key(self, ip):
