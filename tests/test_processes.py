@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 from relaymail.queue.partition import partition_of
 from relaymail.queue.queue_id import slot_of

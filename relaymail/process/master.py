@@ -28,7 +28,6 @@ owning the message (or to all of them, for ``flush`` and ``delete ALL``).
 """
 
 import os
-import signal
 import socket
 import sys
 import time
@@ -80,7 +79,7 @@ class _Worker:
         self.pid = None             # its pid (the transport forgets it at the end)
         self.started_at = None
         self.young_deaths = 0
-        self.gate_row = None        # an inbound worker's row of shared counts
+        self.limits_row = None      # an inbound worker's rows of shared limits
         self.control = None         # a delivery worker's WorkerControl
         self.ended = None           # a Deferred while a stop waits for it
 
@@ -113,8 +112,8 @@ class Master(service.Service):
         self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n)
                         for n in range(settings.server.workers)]
         for row, worker in enumerate(self.inbound):
-            worker.gate_row = row
-        self._gate_fd = None
+            worker.limits_row = row
+        self._limits_fd = None
         self._control_port = None
         self._sweeper = None
         self._stopping = False
@@ -138,7 +137,7 @@ class Master(service.Service):
         if not self._ports and self._endpoints:
             self.privilegedStartService()
         self._spool.prepare_for_writers()
-        self._gate_fd = make_limits_region(len(self.inbound), self.settings)
+        self._limits_fd = make_limits_region(len(self.inbound), self.settings)
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
         # is taken; delivery starts a moment later on a queue that waits.
@@ -172,8 +171,8 @@ class Master(service.Service):
                      *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:
-            named["limits"] = self._gate_fd
-            arguments += ["--gate-row", str(worker.gate_row)]
+            named["limits"] = self._limits_fd
+            arguments += ["--limits-row", str(worker.limits_row)]
             for index, port in enumerate(self._ports):
                 named[f"listen.{index}"] = port.fileno()
             for index, (_receiving, sending) in enumerate(self._pairs):
@@ -186,6 +185,10 @@ class Master(service.Service):
             named["control"] = control_end.fileno()
         try:
             self._exec(worker, arguments, named)
+        except BaseException:
+            if control_end is not None:
+                master_end.close()
+            raise
         finally:
             if control_end is not None:
                 control_end.close()
@@ -253,8 +256,8 @@ class Master(service.Service):
             removed = self._spool.remove_lone_bodies(slot=worker.slot)
             if worker.role == INBOUND:
                 # Its connections are gone with it.
-                clear_connections(self._gate_fd, len(self.inbound), self.settings,
-                                  worker.gate_row)
+                clear_connections(self._limits_fd, len(self.inbound), self.settings,
+                                  worker.limits_row)
                 return removed + self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
             return removed + self._spool.remove_unfinished(slot=worker.slot, owns=owns)
@@ -292,9 +295,9 @@ class Master(service.Service):
             for receiving, sending in self._pairs:
                 receiving.close()
                 sending.close()
-            if self._gate_fd is not None:
-                os.close(self._gate_fd)
-                self._gate_fd = None
+            if self._limits_fd is not None:
+                os.close(self._limits_fd)
+                self._limits_fd = None
             return defer.DeferredList(closing)
         return done.addCallback(stopped)
 

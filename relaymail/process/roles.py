@@ -66,7 +66,7 @@ def _inbound(arguments, settings, reactor, fds, policy):
     queue = NotifyingQueue(spool, pickup.message_queued)
     shared = None
     if "limits" in fds:
-        shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.gate_row,
+        shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.limits_row,
                               settings, reactor, RATE_WINDOW)
     factories = inbound_factories(settings, reactor, top, policy, queue, shared=shared)
     listeners = [fds.pop(name) for name in _ordered(fds, "listen.")]
