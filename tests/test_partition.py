@@ -226,3 +226,25 @@ def test_two_workers_count_one_clients_attempts_together(tmp_path):
     # worker's 192.0.2.7 ended with the minute.
     assert shared[0].connection_rates.tracked() == 1 and shared[1].connection_rates.tracked() == 0
     os.close(fd)
+
+
+def test_recovery_beside_writers_keeps_the_held_copy_when_the_active_one_is_bad(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.start()
+    queued = queue_sync(spool)
+    assert spool.hold(queued)
+    # A release a crash cut after both links, and the active/ record
+    # damaged since: the hold/ copy is the one to keep.
+    for suffix in (".msg", ".json"):
+        os.link(os.path.join(spool.path, "hold", queued + suffix),
+                os.path.join(spool.path, "active", queued + suffix))
+    os.unlink(os.path.join(spool.path, "active", queued + ".json"))
+    with open(os.path.join(spool.path, "active", queued + ".json"), "w") as f:
+        f.write("{")
+    other = Spool(spool.path, beside_writers=True)
+    try:
+        assert other.recover(beside_writers=True) == []
+        assert listing(spool, "hold") == [queued + ".json", queued + ".msg"]
+        assert listing(spool, "corrupt") == [queued + ".json", queued + ".msg"]
+    finally:
+        spool.stop()

@@ -522,7 +522,11 @@ class Spool(service.Service):
             self._remove_entry(directory, queue_id)
         kept = sorted(records - keep_elsewhere)
         if beside_writers:
-            return kept
+            # Unchecked, but for a message complete in hold/ too (a move a
+            # crash cut): the hold/ copy is dropped only for a good one here.
+            held = self._scan(self._hold)[1]
+            return [queue_id for queue_id in kept
+                    if queue_id not in held or self._check_or_quarantine(queue_id, directory)]
         return [queue_id for queue_id in kept if self._check_or_quarantine(queue_id, directory)]
 
     def _empty_tmp(self):
