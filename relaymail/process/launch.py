@@ -4,6 +4,10 @@ it, and the directory it was read in."""
 import dataclasses
 import json
 
+#: The byte on an inbound worker's standard input that lets it accept:
+#: the master sends it once no leftover of the worker's slot is in the spool.
+GO = b"g"
+
 
 @dataclasses.dataclass(frozen=True)
 class Launch:

@@ -11,8 +11,11 @@ runs no SMTP session and no delivery itself.  At start it
    the sessions that were open, not by the queue);
 3. makes one datagram socket pair per delivery partition
    (:mod:`relaymail.process.pickup`), kept for its whole life;
-4. starts ``[delivery] workers`` delivery workers and ``[server] workers``
-   inbound workers (:mod:`relaymail.process.worker`).
+4. starts ``[server] workers`` inbound workers and ``[delivery] workers``
+   delivery workers (:mod:`relaymail.process.worker`);
+5. while they start, removes the last run's lone bodies from ``active/``
+   (commits a crash cut between their two renames), then lets the inbound
+   workers accept (:data:`relaymail.process.launch.GO`).
 
 A worker that exits without being asked to is started again, at once the
 first time and with a growing delay if it keeps dying young.  Before the
@@ -40,6 +43,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 import relaymail
+from relaymail.process.launch import GO
 from relaymail.process.pickup import socket_pair
 from relaymail.process.shared_counts import clear_connections, make_limits_region
 from relaymail.queue.control import ControlError, listen_control
@@ -117,6 +121,7 @@ class Master(service.Service):
         self._control_port = None
         self._sweeper = None
         self._stopping = False
+        self._writers_may_go = False
 
     # -- start ---------------------------------------------------------------
 
@@ -143,6 +148,13 @@ class Master(service.Service):
         # is taken; delivery starts a moment later on a queue that waits.
         for worker in self.inbound + self.delivery:
             self._spawn(worker)
+        # While the workers start (0.5 s of imports), the leftovers of the
+        # last run; an inbound worker waits for the word to go before it
+        # accepts, so none of its commits can be taken for one.
+        self._spool.remove_lone_bodies()
+        self._writers_may_go = True
+        for worker in self.inbound:
+            self._let_go(worker)
         self._control_port = listen_control(self._reactor, self.settings.queue.path,
                                             RelayedControl(self))
         self._sweeper = task.LoopingCall(self._pick_up_everywhere, "periodic")
@@ -211,6 +223,13 @@ class Master(service.Service):
             childFDs=child_fds)
         worker.pid = worker.process.pid
         worker.started_at = time.monotonic()
+        if worker.role == INBOUND and self._writers_may_go:
+            self._let_go(worker)
+
+    def _let_go(self, worker):
+        """Tell an inbound worker it may accept: its slot has no leftovers."""
+        if worker.process is not None:
+            worker.process.write(GO)
 
     # -- a worker ended ---------------------------------------------------------
 

@@ -32,7 +32,7 @@ from twisted.logger import globalLogBeginner, Logger
 
 from relaymail import logobserver
 from relaymail.config import ConfigError, load_config
-from relaymail.process.launch import Launch, overrides_from
+from relaymail.process.launch import GO, Launch, overrides_from
 from relaymail.queue import queue_id
 
 log = Logger(namespace="relaymail.process")
@@ -106,6 +106,10 @@ def main(argv=None):
         # lock or a listener (relaymail.queue.lock).
         os.set_inheritable(fd, False)
     top = roles.build(arguments, settings, reactor, fds)
+    if arguments.role == "inbound" and os.read(0, 1) != GO:
+        # Waits while the master removes the last run's leftovers; EOF:
+        # the master is gone.
+        raise SystemExit(0)
     exit_code = []
 
     def start():

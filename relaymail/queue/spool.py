@@ -393,13 +393,12 @@ class Spool(service.Service):
     # -- recovery -----------------------------------------------------------
 
     def prepare_for_writers(self):
-        """Lay out the spool, empty ``tmp/`` and remove lone bodies from
-        ``active/``: what the master does at start, before any worker
-        writes (relaymail.process).  It reads no file: a listing of
-        ``active/`` took 0.1 s with 100,000 messages."""
+        """Lay out the spool and empty ``tmp/``: what the master does at
+        start, before any worker writes (relaymail.process).  The work is
+        bounded by the messages that were being received, not by the size
+        of the queue."""
         self._make_layout()
         self._empty_tmp()
-        self.remove_lone_bodies()
 
     def remove_unfinished(self, slot=None, owns=None):
         """Remove from ``tmp/`` what a worker that died left there: bodies
@@ -440,9 +439,15 @@ class Spool(service.Service):
 
         :return: the number removed.
         """
-        bodies, records, _strays = self._scan(self._active)
+        # listdir and set arithmetic: 0.1 s for 100,000 messages, where
+        # _scan's look at each entry takes 0.3 s.
+        names = os.listdir(self._active)
+        bodies = {name[:-4] for name in names if name.endswith(".msg")}
+        records = {name[:-5] for name in names if name.endswith(".json")}
         removed = 0
         for queue_id in sorted(bodies - records):
+            if not is_queue_id(queue_id):
+                continue
             if slot is not None and slot_of(queue_id) != slot:
                 continue
             if os.path.lexists(self._in(self._hold, queue_id, ".json")):
