@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, HERE)
 from queue_list import fill, time_new_process  # noqa: E402
-from relaymail.tools.bench import process_tree  # noqa: E402
+from relaymail.tools.bench import process_rss, process_tree  # noqa: E402
 
 
 def free_port():
@@ -63,12 +63,7 @@ def rss_by_process(pid, measure=None):
         try:
             with open(f"/proc/{each}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if measure is not None:
-                rss = measure(each)
-            else:
-                with open(f"/proc/{each}/status") as f:
-                    rss = next(int(line.split()[1]) * 1024 for line in f
-                               if line.startswith("VmRSS:"))
+            rss = (measure or process_rss)(each)
         except (OSError, StopIteration):
             continue
         name = "master"

@@ -259,13 +259,13 @@ def inbound_factories(settings, reactor, top, policy, queue, shared=None):
                           rates=shared and shared.connection_rates)
     auth = _authenticator(settings, reactor, top, gate.key,
                           windows=shared and shared.auth_attempts)
-    shared = dict(reactor=reactor, gate=gate, auth=auth)
+    common = dict(reactor=reactor, gate=gate, auth=auth)
     factories = []
     for key, description, options in listener_specs(settings):
         implicit_tls = _implicit(description)
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
                               tls=submission_tls if options.get("submission") else tls,
-                              **shared, **options)
+                              **common, **options)
         if implicit_tls:
             described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
             factory = _implicit_tls(settings, reactor, key, described, factory)[1]

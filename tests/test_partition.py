@@ -160,14 +160,16 @@ def test_notices_wait_in_memory_while_the_socket_is_full_and_arrive_in_order(mon
 
 def test_two_workers_gates_count_one_clients_connections_together(tmp_path):
     from twisted.internet import task
-    from relaymail.process.shared_counts import SharedCounts, clear_row, make_region, slots_for
+    from relaymail.process.shared_counts import (SharedLimits, clear_connections,
+                                                 make_limits_region)
     from relaymail.smtp.limits import ConnectionGate
     from tests.support import make_settings
     settings = make_settings(tmp_path, limits__connections="8", limits__connections_per_ip="3",
                              limits__connection_rate_per_ip="0", limits__trusted_reserve="0")
-    slots = slots_for(8)
-    fd = make_region(2, slots)
-    gates = [ConnectionGate(settings, task.Clock(), shared=SharedCounts(fd, 2, slots, row))
+    clock = task.Clock()
+    fd = make_limits_region(2, settings)
+    gates = [ConnectionGate(settings, clock,
+                            shared=SharedLimits(fd, 2, row, settings, clock, 60.0).connections)
              for row in (0, 1)]
     first, second = gates
     assert first.admit("192.0.2.7", exempt=False) is None
@@ -187,7 +189,7 @@ def test_two_workers_gates_count_one_clients_connections_together(tmp_path):
     assert first.connections == 8
     assert first.admit("203.0.113.9", exempt=False) == "Error: too many connections"
     # A worker that died leaves nothing counted behind.
-    clear_row(fd, 2, slots, 1)
+    clear_connections(fd, 2, settings, 1)
     assert first.connections == 3 and first.connections_from("192.0.2.7") == 2
     assert first.connections_from("203.0.113.1") == 0
     os.close(fd)

@@ -74,7 +74,7 @@ DELIVERY = "delivery"
 class _Worker:
     """What the master knows of one worker slot, across its successors."""
 
-    def __init__(self, role, number, slot, partition=0):
+    def __init__(self, role, number, slot, partition=0, limits_row=None):
         self.role = role
         self.name = f"{role}.{number}"
         self.slot = slot
@@ -83,7 +83,7 @@ class _Worker:
         self.pid = None             # its pid (the transport forgets it at the end)
         self.started_at = None
         self.young_deaths = 0
-        self.limits_row = None      # an inbound worker's rows of shared limits
+        self.limits_row = limits_row    # an inbound worker's rows of shared limits
         self.control = None         # a delivery worker's WorkerControl
         self.ended = None           # a Deferred while a stop waits for it
 
@@ -113,10 +113,8 @@ class Master(service.Service):
         self._spool = Spool(settings.queue.path, reactor=reactor)
         partitions = settings.delivery.workers
         self.delivery = [_Worker(DELIVERY, k, slot=1 + k, partition=k) for k in range(partitions)]
-        self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n)
+        self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n, limits_row=n)
                         for n in range(settings.server.workers)]
-        for row, worker in enumerate(self.inbound):
-            worker.limits_row = row
         self._limits_fd = None
         self._control_port = None
         self._sweeper = None
@@ -515,18 +513,27 @@ class RelayedControl:
         return self._by_id(queue_id, f"release {queue_id}")
 
 
+def _ok_text(reply):
+    """The text of a worker's ``ok`` reply; its ``error`` reply's text (or
+    anything else it said) as a ControlError."""
+    status, _, text = reply.partition(" ")
+    if status == "ok":
+        return text
+    raise ControlError(text if status == "error" else reply)
+
+
 def _found(reply):
     """A worker's reply about one message: True, False (no such message),
     or its error as a ControlError."""
-    if reply.startswith("ok "):
-        return True
-    text = reply[len("error "):] if reply.startswith("error ") else reply
-    if text.startswith("no such message"):
-        return False
-    raise ControlError(text)
+    try:
+        _ok_text(reply)
+    except ControlError as error:
+        if str(error).startswith("no such message"):
+            return False
+        raise
+    return True
 
 
 def _count(reply):
-    if reply.startswith("ok "):
-        return int(reply.split()[1])
-    raise ControlError(reply[len("error "):] if reply.startswith("error ") else reply)
+    """The count of a worker's ``ok 3 messages ...`` reply."""
+    return int(_ok_text(reply).split()[0])

@@ -45,22 +45,13 @@ def build(arguments, settings, reactor, fds):
     return _delivery(arguments, settings, reactor, fds, policy)
 
 
-def check(settings):
-    """Read every file a worker's start reads (plugin tables, TLS key and
-    certificate, the password file): run as the ``--uid`` user by the
-    master before anything starts (relaymail.process.master).
-
-    :raise ConfigError: naming the file, section and key that failed.
-    """
-    from relaymail.tap import check_files
-    check_files(settings)
-
-
 def _inbound(arguments, settings, reactor, fds, policy):
     from relaymail.tap import inbound_factories
     top = service.MultiService()
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
-    _SpoolWriting(spool).setServiceParent(top)
+    # Writing only, no recovery: the master emptied tmp/, the delivery
+    # workers recover the rest.
+    _Hooks(spool.start, spool.stop).setServiceParent(top)
     senders = [_socket(fds.pop(name)) for name in _ordered(fds, "pickup.")]
     pickup = PickupSender(reactor, senders)
     queue = NotifyingQueue(spool, pickup.message_queued)
@@ -84,11 +75,11 @@ def _delivery(arguments, settings, reactor, fds, policy):
     scheduler = delivery_scheduler(settings, reactor, spool, policy)
     scheduler.setServiceParent(top)
     receiving = _socket(fds[f"pickup.{arguments.partition}"])
-    _Adopted(lambda: reactor.addReader(PickupReceiver(reactor, receiving,
-                                                      scheduler.message_queued))
-             ).setServiceParent(top)
+    _Hooks(lambda: reactor.addReader(PickupReceiver(reactor, receiving,
+                                                    scheduler.message_queued))
+           ).setServiceParent(top)
     control = fds["control"]
-    _Adopted(lambda: _adopt_control(reactor, control, scheduler)).setServiceParent(top)
+    _Hooks(lambda: _adopt_control(reactor, control, scheduler)).setServiceParent(top)
     return top
 
 
@@ -108,31 +99,22 @@ def _socket(fd):
     return end
 
 
-class _SpoolWriting(service.Service):
-    """The spool of an inbound worker: writing only, no recovery (the
-    master emptied ``tmp/``; the delivery workers recover the rest)."""
+class _Hooks(service.Service):
+    """Runs ``start`` once the services before it have started, and
+    ``stop`` (if any; its Deferred is waited for) when stopped."""
 
-    def __init__(self, spool):
-        self.spool = spool
-
-    def startService(self):
-        super().startService()
-        self.spool.start()
-
-    def stopService(self):
-        super().stopService()
-        return self.spool.stop()
-
-
-class _Adopted(service.Service):
-    """Runs ``start`` once the services before it have started."""
-
-    def __init__(self, start):
+    def __init__(self, start, stop=None):
         self._start = start
+        self._stop = stop
 
     def startService(self):
         super().startService()
         self._start()
+
+    def stopService(self):
+        super().stopService()
+        if self._stop is not None:
+            return self._stop()
 
 
 class AdoptedListeners(service.Service):

@@ -1,18 +1,22 @@
-"""Connections open per client, counted across every inbound worker.
+"""Connection and AUTH limits counted across every inbound worker.
 
-Each inbound worker counts its own connections in a row of a shared
-memory region the master made (a memfd passed like the listeners), and
-reads every row when it decides: so ``[limits] connections`` and
-``connections_per_ip`` hold for the relay as a whole, not per worker.
+The master makes one shared memory region (a memfd, passed to the inbound
+workers like the listeners) holding three tables, each with a row per
+inbound worker:
+
+- connections open per client, and the worker's total
+  (``[limits] connections`` and ``connections_per_ip``);
+- connection attempts per client per minute (``connection_rate_per_ip``);
+- AUTH attempts per client per minute (``[auth] attempts_per_minute``).
 
 A row has one writer, its worker, and readers that only add up: no lock
-is needed.  A row is the worker's total and a hash table of
-``(client hash, connections open)`` pairs, 64-bit each, with linear
-probing.  A pair whose count has gone back to 0 keeps its hash, so that
-probe chains stay whole; when three quarters of the table are taken the
+is needed.  A row is a hash table of fixed-size entries of 64-bit words,
+the client hash first, with linear probing.  An entry that no longer
+counts (no connection open, a minute that ran out) keeps its hash, so
+that probe chains stay whole; when three quarters of a row are taken its
 writer packs it again (a reader at that moment may count a client short,
-once).  The
-master zeroes a dead worker's row before its successor starts.
+once).  The master zeroes a dead worker's open connections before its
+successor starts; its attempts stay counted: they are history.
 
 The client hash is the first 8 bytes of BLAKE2b of the client key
 (:func:`relaymail.smtp.limits.client_key`): Python's ``hash()`` differs
@@ -27,166 +31,181 @@ import os
 _WORD = 8
 
 
-def slots_for(connections):
-    """Buckets per row: room for twice the clients one worker may hold."""
-    slots = 1024
-    while slots < 2 * connections:
-        slots *= 2
-    return slots
-
-
-def region_size(rows, slots):
-    return rows * (1 + 2 * slots) * _WORD
-
-
-def make_region(rows, slots):
-    """The master's shared region: a memfd of zeros; return its fd."""
-    fd = os.memfd_create("relaymail-connections", os.MFD_CLOEXEC)
-    os.ftruncate(fd, region_size(rows, slots))
-    return fd
-
-
 @functools.lru_cache(maxsize=65536)
 def client_hash(key):
     value = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return value or 1       # 0 marks an empty bucket
+    return value or 1       # 0 marks an empty entry
 
 
-class SharedCounts:
-    """One worker's view of the region in ``fd``: it writes row ``row``
-    and reads them all."""
+class _Table:
+    """``rows`` rows of ``slots`` entries of ``width`` words, after
+    ``header`` words of each row's own, at byte ``offset`` of the region;
+    this worker writes row ``row``."""
 
-    def __init__(self, fd, rows, slots, row):
-        self._map = mmap.mmap(fd, region_size(rows, slots))
+    header = 0
+    width = 1
+
+    def __init__(self, fd, offset, rows, slots, row):
+        size = offset + self.size(rows, slots)
+        self._map = mmap.mmap(fd, size)
         self._words = memoryview(self._map).cast("Q")
+        self._base = offset // _WORD
         self._rows = rows
         self._slots = slots
         self._row = row
-        self._stride = 1 + 2 * slots
-        self._used = 0          # buckets of this row with a hash in them
+        self._used = 0          # entries of this row with a hash in them
 
-    def total(self):
-        """Connections open in all workers."""
-        words, stride = self._words, self._stride
-        return sum(words[row * stride] for row in range(self._rows))
+    @classmethod
+    def size(cls, rows, slots):
+        """Bytes the table takes in the region."""
+        return rows * (cls.header + cls.width * slots) * _WORD
 
-    def open(self, key):
-        """Connections open from client ``key`` in all workers."""
-        wanted = client_hash(key)
-        return sum(self._find(row, wanted)[1] for row in range(self._rows))
-
-    def add(self, key, delta):
-        """Count ``delta`` (+1 or -1) more connections from ``key`` here."""
-        wanted = client_hash(key)
-        words = self._words
-        base = self._row * self._stride
-        index, count = self._find(self._row, wanted)
-        if index is None:
-            if self._used >= 3 * self._slots // 4:
-                # Probes stay short only while a quarter is empty.
-                self._pack()
-            index = self._free_bucket(wanted)
-            if index is None:
-                return          # more clients than buckets: not counted
-            words[index + 1] = max(0, delta)
-            words[index] = wanted
-            self._used += 1
-        else:
-            words[index + 1] = max(0, count + delta)
-        words[base] = max(0, words[base] + delta)
+    def _row_start(self, row):
+        return self._base + row * (self.header + self.width * self._slots)
 
     def _find(self, row, wanted):
-        """``(word index, count)`` of ``wanted``'s bucket in ``row``, or
-        ``(None, 0)``."""
-        words, slots = self._words, self._slots
-        base = row * self._stride + 1
+        """The word index of ``wanted``'s entry in ``row``, or None."""
+        words, slots, width = self._words, self._slots, self.width
+        start = self._row_start(row) + self.header
         for probe in range(slots):
-            index = base + 2 * ((wanted + probe) % slots)
+            index = start + width * ((wanted + probe) % slots)
             key = words[index]
             if key == wanted:
-                return index, words[index + 1]
+                return index
             if key == 0:
-                break
-        return None, 0
+                return None
+        return None
 
-    def _free_bucket(self, wanted):
-        words, slots = self._words, self._slots
-        base = self._row * self._stride + 1
+    def _free(self, wanted):
+        """The index of the entry ``wanted`` would take in this row, or
+        None when the row is full."""
+        words, slots, width = self._words, self._slots, self.width
+        start = self._row_start(self._row) + self.header
         for probe in range(slots):
-            index = base + 2 * ((wanted + probe) % slots)
+            index = start + width * ((wanted + probe) % slots)
             if words[index] == 0:
                 return index
         return None
 
+    def _claim(self, wanted, *values):
+        """A new entry for ``wanted`` in this row, holding ``values``; its
+        index, or None when the row is full of entries that still count."""
+        if self._used >= 3 * self._slots // 4:
+            # Probes stay short only while a quarter is empty.
+            self._pack()
+        index = self._free(wanted)
+        if index is None:
+            return None
+        words = self._words
+        # The values before the hash: a reader that finds it finds them.
+        for offset, value in enumerate(values, start=1):
+            words[index + offset] = value
+        words[index] = wanted
+        self._used += 1
+        return index
+
     def _pack(self):
-        """Drop the clients with no connection open from this row."""
-        words, slots = self._words, self._slots
-        base = self._row * self._stride + 1
-        live = [(words[base + 2 * i], words[base + 2 * i + 1]) for i in range(slots)
-                if words[base + 2 * i] and words[base + 2 * i + 1]]
-        for i in range(2 * slots):
-            words[base + i] = 0
-        for wanted, count in live:
-            index = self._free_bucket(wanted)
-            words[index + 1] = count
-            words[index] = wanted
-        self._used = len(live)
+        """Keep only the entries of this row that still count."""
+        words, slots, width = self._words, self._slots, self.width
+        start = self._row_start(self._row) + self.header
+        entries = [tuple(words[start + width * i:start + width * (i + 1)]) for i in range(slots)]
+        for i in range(width * slots):
+            words[start + i] = 0
+        self._used = 0
+        for entry in entries:
+            if entry[0] and self._counts(entry):
+                index = self._free(entry[0])
+                for offset, value in enumerate(entry[1:], start=1):
+                    words[index + offset] = value
+                words[index] = entry[0]
+                self._used += 1
+
+    def _counts(self, entry):
+        """True while the entry ``(hash, ...)`` means something."""
+        raise NotImplementedError
 
     def close(self):
         self._words.release()
         self._map.close()
 
 
-def clear_row(fd, rows, slots, row):
-    """Zero the row of a worker that has died (the master does it before
-    its successor starts)."""
-    stride = (1 + 2 * slots) * _WORD
-    os.pwrite(fd, bytes(stride), row * stride)
+class SharedCounts(_Table):
+    """Connections open: per row the worker's total, then
+    ``(client hash, connections open)`` entries."""
+
+    header = 1
+    width = 2
+
+    def total(self):
+        """Connections open in all workers."""
+        words = self._words
+        return sum(words[self._row_start(row)] for row in range(self._rows))
+
+    def open(self, key):
+        """Connections open from client ``key`` in all workers."""
+        wanted = client_hash(key)
+        words = self._words
+        total = 0
+        for row in range(self._rows):
+            index = self._find(row, wanted)
+            if index is not None:
+                total += words[index + 1]
+        return total
+
+    def add(self, key, delta):
+        """Count ``delta`` (+1 or -1) more connections from ``key`` here."""
+        wanted = client_hash(key)
+        words = self._words
+        index = self._find(self._row, wanted)
+        if index is None:
+            if self._claim(wanted, max(0, delta)) is None:
+                return          # more clients than entries: not counted
+        else:
+            words[index + 1] = max(0, words[index + 1] + delta)
+        total = self._row_start(self._row)
+        words[total] = max(0, words[total] + delta)
+
+    def clear(self, row):
+        """Zero the row of a worker that has died."""
+        start = self._row_start(row)
+        for i in range(self.header + self.width * self._slots):
+            self._words[start + i] = 0
+
+    def _counts(self, entry):
+        return entry[1] > 0
 
 
-class SharedWindows:
+class SharedWindows(_Table):
     """Attempts per client per one-minute window, counted by every inbound
     worker together: :class:`relaymail.smtp.limits.AttemptWindows` for
     ``[limits] connection_rate_per_ip`` and ``[auth] attempts_per_minute``.
 
     Each worker keeps its own windows, as anvil(8) does (a window starts at
-    a client's first attempt), in its row of ``(client hash, window start
-    in microseconds, attempts)`` triples; :meth:`count` adds the attempts of
-    the other workers' live windows for that client to its own.  When
-    three quarters of a row are taken it is packed, dropping the windows
-    that have ended; a row full of live windows (a flood from more clients
-    than it holds) stops counting new clients, as AttemptWindows forgets
-    the oldest.
+    a client's first attempt), in entries of ``(client hash, window start
+    in microseconds, attempts)``; :meth:`count` adds the attempts of the
+    other workers' live windows for that client to its own.  A row full of
+    live windows (a flood from more clients than it holds) stops counting
+    new clients, as AttemptWindows forgets the oldest.
     """
 
+    width = 3
+
     def __init__(self, fd, offset, rows, slots, row, clock, window):
-        self._map = mmap.mmap(fd, offset + rows * 3 * slots * _WORD)
-        self._words = memoryview(self._map).cast("Q")
-        self._base = offset // _WORD
-        self._rows = rows
-        self._slots = slots
-        self._row = row
+        super().__init__(fd, offset, rows, slots, row)
         self._clock = clock
         self._window = int(window * 1e6)
-        self._used = 0
 
     def count(self, key):
         """Count one attempt from ``key``; return the attempts in the
         current windows of all workers, this one included."""
         wanted = client_hash(key)
-        now = int(self._clock.seconds() * 1e6)
+        now = self._now()
         words = self._words
         index = self._find(self._row, wanted)
         if index is None:
-            if self._used >= 3 * self._slots // 4:
-                self._pack(now)
-            index = self._free(wanted)
+            index = self._claim(wanted, now, 0)
             if index is None:
                 return 0        # full of live windows: not counted
-            words[index + 2] = 0
-            words[index + 1] = now
-            words[index] = wanted
-            self._used += 1
         if not self._live(words[index + 1], now):
             words[index + 2] = 0
             words[index + 1] = now
@@ -201,48 +220,20 @@ class SharedWindows:
 
     def tracked(self):
         """Clients with a live window in this worker's row."""
-        now = int(self._clock.seconds() * 1e6)
-        words, start = self._words, self._row_start(self._row)
+        now = self._now()
+        words, width = self._words, self.width
+        start = self._row_start(self._row)
         return sum(1 for i in range(self._slots)
-                   if words[start + 3 * i] and self._live(words[start + 3 * i + 1], now))
+                   if words[start + width * i] and self._live(words[start + width * i + 1], now))
+
+    def _now(self):
+        return int(self._clock.seconds() * 1e6)
 
     def _live(self, started, now):
         return started <= now < started + self._window
 
-    def _row_start(self, row):
-        return self._base + row * 3 * self._slots
-
-    def _find(self, row, wanted):
-        words, slots, start = self._words, self._slots, self._row_start(row)
-        for probe in range(slots):
-            index = start + 3 * ((wanted + probe) % slots)
-            key = words[index]
-            if key == wanted:
-                return index
-            if key == 0:
-                return None
-        return None
-
-    def _free(self, wanted):
-        words, slots, start = self._words, self._slots, self._row_start(self._row)
-        for probe in range(slots):
-            index = start + 3 * ((wanted + probe) % slots)
-            if words[index] == 0:
-                return index
-        return None
-
-    def _pack(self, now):
-        words, slots, start = self._words, self._slots, self._row_start(self._row)
-        live = [tuple(words[start + 3 * i:start + 3 * i + 3]) for i in range(slots)
-                if words[start + 3 * i] and self._live(words[start + 3 * i + 1], now)]
-        for i in range(3 * slots):
-            words[start + i] = 0
-        for wanted, started, attempts in live:
-            index = self._free(wanted)
-            words[index + 2] = attempts
-            words[index + 1] = started
-            words[index] = wanted
-        self._used = len(live)
+    def _counts(self, entry):
+        return self._live(entry[1], self._now())
 
 
 class SharedLimits:
@@ -255,7 +246,7 @@ class SharedLimits:
 
     def __init__(self, fd, rows, row, settings, clock, window):
         layout = _Layout(rows, settings)
-        self.connections = SharedCounts(fd, rows, layout.count_slots, row)
+        self.connections = SharedCounts(fd, 0, rows, layout.count_slots, row)
         self.connection_rates = SharedWindows(fd, layout.rates_at, rows, layout.rate_slots,
                                               row, clock, window)
         self.auth_attempts = SharedWindows(fd, layout.auth_at, rows, layout.rate_slots,
@@ -266,13 +257,16 @@ class _Layout:
     """Where each table of :class:`SharedLimits` is in the region."""
 
     def __init__(self, rows, settings):
-        self.count_slots = slots_for(settings.limits.connections)
+        # Room for twice the clients one worker may hold connections from.
+        self.count_slots = 1024
+        while self.count_slots < 2 * settings.limits.connections:
+            self.count_slots *= 2
         # The clients whose rate one worker remembers (AttemptWindows keeps
         # 100,000), with room to probe: 3 MiB a row.
         self.rate_slots = 1 << 17
-        self.rates_at = region_size(rows, self.count_slots)
-        self.auth_at = self.rates_at + rows * 3 * self.rate_slots * _WORD
-        self.size = self.auth_at + rows * 3 * self.rate_slots * _WORD
+        self.rates_at = SharedCounts.size(rows, self.count_slots)
+        self.auth_at = self.rates_at + SharedWindows.size(rows, self.rate_slots)
+        self.size = self.auth_at + SharedWindows.size(rows, self.rate_slots)
 
 
 def make_limits_region(rows, settings):
@@ -283,6 +277,8 @@ def make_limits_region(rows, settings):
 
 
 def clear_connections(fd, rows, settings, row):
-    """Zero a dead worker's open connections (its rates stay: they are
-    the history its clients made)."""
-    clear_row(fd, rows, _Layout(rows, settings).count_slots, row)
+    """Zero a dead worker's open connections (the master does it before
+    its successor starts)."""
+    counts = SharedCounts(fd, 0, rows, _Layout(rows, settings).count_slots, row)
+    counts.clear(row)
+    counts.close()

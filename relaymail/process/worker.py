@@ -93,8 +93,9 @@ def main(argv=None):
     try:
         settings = load_config(arguments.config, overrides_from(arguments.overrides), config_text)
         if arguments.role == "check":
-            from relaymail.process import roles
-            roles.check(settings)
+            # Run as the --uid user by the master before anything starts.
+            from relaymail.tap import check_files
+            check_files(settings)
             return
     except ConfigError as error:
         raise SystemExit(f"relaymail {arguments.name}: {error}")

@@ -356,14 +356,19 @@ def rss_bytes(pid):
     total = 0
     for each in process_tree(pid):
         try:
-            with open(f"/proc/{each}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
+            total += process_rss(each)
         except OSError:
-            continue
+            continue        # gone meanwhile
     return total
+
+
+def process_rss(pid):
+    """``VmRSS`` of ``pid`` alone, in bytes (0 for a process without memory)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class ServerWatch:
