@@ -690,6 +690,11 @@ SCHEMA = {
         # Inbound worker processes sharing the listeners (relaymail.process);
         # 0 runs the whole relay in the one twistd process.
         "workers": Key(per_cpu(integer(minimum=0, maximum=64)), "auto"),
+        # After SIGTERM (and for the old workers after SIGHUP), how long
+        # sessions in DATA and deliveries in flight may take to finish
+        # before they are cut; Postfix's master waits for its children
+        # without a bound, systemd's default stop timeout is 90 s.
+        "shutdown_grace": Key(duration(minimum=0), "30"),
     },
     "relay": {
         "domains": Key(listing(domain), ""),

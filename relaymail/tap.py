@@ -4,12 +4,16 @@ Before building anything, :func:`build_service` makes sure the process may
 open the files its limits imply (:mod:`relaymail.file_limit`).
 """
 
+import errno
 import os
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.cred.credentials import IUsernamePassword
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -20,6 +24,7 @@ from relaymail.config import ConfigError, load_config, read_config_text
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
+from relaymail.lifecycle import Draining, OrderlyService
 from relaymail.policy.loader import build_plugins
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
@@ -33,7 +38,10 @@ from relaymail.smtp import endpoint_string
 from relaymail.smtp.authentication import RESERVED_HASHES, Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
+from relaymail.smtp.sessions import OpenSessions
 from relaymail.smtp.tls import ServerTLS, TLSFileError, implicit_tls_endpoint
+
+log = Logger(namespace="relaymail")
 
 # Command-line options that override one config key each.
 _OVERRIDES = {
@@ -129,23 +137,134 @@ def build_service(settings, reactor=None):
     policy = Policy(validators, expanders, settings)
     lock = take_lock(settings)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
-    top = service.MultiService()
+    top = RelayService(settings, lock)
     # Started in this order: the queue is recovered before the scheduler
-    # reads it and before any listener accepts mail.
+    # reads it and before any listener accepts mail (and stopped in the
+    # other: relaymail.lifecycle).
     spool.setServiceParent(top)
     scheduler = delivery_scheduler(settings, reactor, spool, policy)
     scheduler.setServiceParent(top)
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
-    for (key, description, _options), factory in zip(
-            listener_specs(settings), inbound_factories(settings, reactor, top, policy, queue)):
+    sessions = OpenSessions(reactor)
+    listeners = []
+    factories = inbound_factories(settings, reactor, top, policy, queue, sessions=sessions)
+    SingleProcessReload(reactor, settings, factories).setServiceParent(top)
+    for (key, description, _options), factory in zip(listener_specs(settings), factories):
         listener = StreamServerEndpointService(listen_endpoint(settings, reactor, key, description),
                                                factory)
         # A port we cannot bind stops start-up instead of being logged and ignored.
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
+        listeners.append(listener)
+
+    def stop_accepting_then_end_sessions(grace):
+        for listener in listeners:
+            listener.stopService()
+        return sessions.end(grace)
+    Draining(stop_accepting_then_end_sessions).setServiceParent(top)
     return top
+
+
+class RelayService(OrderlyService):
+    """The top of the service tree: an orderly stop (relaymail.lifecycle),
+    and a start that fails on a port it cannot bind says so in one line,
+    leaving neither the lock's pid nor a spool made for nothing."""
+
+    def __init__(self, settings, lock):
+        super().__init__(settings.server.shutdown_grace)
+        self._settings = settings
+        self._lock = lock
+        self.pidfile = None         # twistd's, set by makeService
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            self._lock.release()
+            self._lock.remove_if_spool_is_new()
+            _remove_our_pidfile(self.pidfile)
+            raise SystemExit(f"relaymail: {_cannot_listen(self._settings, error)}")
+
+
+def _remove_our_pidfile(path):
+    """twistd wrote its pid file before the start failed, and removes it
+    only after a run: remove it if it still names us."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def _cannot_listen(settings, error):
+    """The one line for a port that cannot be bound, naming its key."""
+    reason = error.socketError
+    why = getattr(reason, "strerror", None) or str(reason)
+    hint = {errno.EADDRINUSE: "another server has that port (ss -ltnp shows which)",
+            errno.EACCES: "ports below 1024 need root (start as root with --uid) or "
+                          "CAP_NET_BIND_SERVICE",
+            errno.EADDRNOTAVAIL: "no interface of this host has that address"}.get(
+        getattr(reason, "errno", None))
+    for key, description, _ in listener_specs(settings):
+        if f":{error.port}" in description:
+            where = ConfigError(settings.source, "server", key,
+                                f"cannot listen on {description}: {why}"
+                                + (f"; {hint}" if hint else ""))
+            return str(where)
+    return f"cannot listen on {error.interface or '*'}:{error.port}: {why}"
+
+
+class SingleProcessReload(service.Service):
+    """SIGHUP with ``[server] workers = 0``: there are no workers to
+    replace (relaymail.process.reload), so the files that renew while a
+    relay runs are read again in place -- the TLS certificates and keys and
+    the password file -- each keeping its old contents if the new ones do
+    not load; other changes to the config need a restart, and a line says so."""
+
+    def __init__(self, reactor, settings, factories):
+        self._reactor = reactor
+        self._settings = settings
+        self._factories = factories
+
+    def startService(self):
+        super().startService()
+        import signal
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+
+    def reload(self):
+        tls, checkers = [], []
+        for factory in self._factories:
+            factory = getattr(factory, "wrappedFactory", factory)
+            if factory.tls is not None and factory.tls not in tls:
+                tls.append(factory.tls)
+            if factory.auth is not None:
+                checker = factory.auth._portal.checkers.get(IUsernamePassword)
+                if checker is not None and checker not in checkers:
+                    checkers.append(checker)
+        problems = []
+        for item in tls:
+            try:
+                item.reload()
+            except TLSFileError as error:
+                problems.append(str(ConfigError(self._settings.source, "tls", error.key,
+                                                error.problem)))
+        for checker in checkers:
+            try:
+                checker.reload()
+            except PasswordFileError as error:
+                problems.append(str(ConfigError(self._settings.source, "auth", "passwords",
+                                                str(error))))
+        for problem in problems:
+            log.error("SIGHUP: kept the old contents: {problem}", problem=problem)
+        log.info(
+            "SIGHUP: TLS certificates and the password file read again; with [server] workers "
+            "= 0 other changes to {config} need a restart", config=self._settings.source)
 
 
 def build_master(settings, options, launch, reactor=None):
@@ -159,7 +278,7 @@ def build_master(settings, options, launch, reactor=None):
     raise_file_limit(settings)
     check_files(settings)
     lock = take_lock(settings)
-    top = service.MultiService()
+    top = RelayService(settings, lock)
     LockPidService(lock).setServiceParent(top)
     master = Master(settings, lock, launch,
                     logobserver.logs_lines_to_stdout(getattr(options, "parent", None)), reactor)
@@ -242,13 +361,14 @@ def listen_endpoint(settings, reactor, key, description):
     return endpoints.serverFromString(reactor, described)
 
 
-def inbound_factories(settings, reactor, top, policy, queue, shared=None):
+def inbound_factories(settings, reactor, top, policy, queue, shared=None, sessions=None):
     """One SMTP factory per listener of :func:`listener_specs`, in order;
     services they need (the scrypt pool) are added to ``top``.
 
     :param shared: an inbound worker's SharedLimits
         (relaymail.process.shared_counts), so that the connection and AUTH
-        limits hold for all workers together."""
+        limits hold for all workers together.
+    :param sessions: the process's relaymail.smtp.sessions.OpenSessions."""
     # STARTTLS with the broad list for MTAs, with the strict one where
     # clients log in to send (relaymail.smtp.tls).
     tls = _server_tls(settings)
@@ -259,7 +379,7 @@ def inbound_factories(settings, reactor, top, policy, queue, shared=None):
                           rates=shared and shared.connection_rates)
     auth = _authenticator(settings, reactor, top, gate.key,
                           windows=shared and shared.auth_attempts)
-    common = dict(reactor=reactor, gate=gate, auth=auth)
+    common = dict(reactor=reactor, gate=gate, auth=auth, sessions=sessions)
     factories = []
     for key, description, options in listener_specs(settings):
         implicit_tls = _implicit(description)
@@ -357,6 +477,7 @@ def makeService(options):
             hand_over(spool, *owner)
             if settings.server.workers:
                 _check_workers_can_start(launch, *owner)
+        top.pidfile = (getattr(options, "parent", None) or {}).get("pidfile")
         return top
     except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.

@@ -337,6 +337,60 @@ def test_hold_and_release_offline(three):
     assert names(three, "tmp") == []
 
 
+def test_hold_takes_several_ids_and_release_all_lets_every_held_one_go(three):
+    assert run(three, "hold", OLD, NEW.lower()) == (0, f"{OLD} on hold\n{NEW} on hold\n", "")
+    assert names(three, "active") == []
+    assert run(three, "release", "ALL") == (
+        0, f"{NEW} released\n{OLD} released\n{HELD} released\n", "")
+    assert names(three, "hold") == []
+    assert read(three, HELD)["next_attempt_at"] == NOW
+
+
+def test_hold_all_holds_every_queued_message_and_leaves_the_held_one(three):
+    assert run(three, "hold", "ALL") == (0, f"{NEW} on hold\n{OLD} on hold\n", "")
+    assert names(three, "active") == []
+    assert run(three, "hold", "ALL") == (0, "no message to hold\n", "")
+
+
+def test_dash_reads_ids_from_standard_input(three, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{OLD}\n  {NEW}\n"))
+    assert run(three, "delete", "-") == (0, f"{OLD} deleted\n{NEW} deleted\n", "")
+    assert names(three, "active") == []
+    monkeypatch.setattr("sys.stdin", io.StringIO("not-an-id\n"))
+    assert run(three, "delete", "-") == (
+        1, "", "relaymail-queue: standard input: not a queue id: 'not-an-id'\n")
+
+
+def test_one_bad_id_among_several_is_reported_and_the_others_done(three):
+    missing = "00000000000000ZZ"
+    status, out, err = run(three, "hold", OLD, missing, NEW)
+    assert (status, out, err) == (1, f"{OLD} on hold\n{NEW} on hold\n",
+                                  f"relaymail-queue: no such message {missing}\n")
+
+
+def test_release_of_a_message_that_is_not_held_is_an_error_and_changes_nothing(three):
+    before = read(three, OLD)
+    assert run(three, "release", OLD) == (1, "", f"relaymail-queue: {OLD} is not on hold\n")
+    assert read(three, OLD) == before
+
+
+def test_show_into_a_pipe_closed_early_ends_quietly(three):
+    import subprocess
+    # The reading end is closed before the tool writes (it takes a good
+    # tenth of a second to start): its first write meets EPIPE, as
+    # "show ID | head" does on a long message.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "relaymail.tools.queue_tool", "--spool", three, "show",
+             "--body", OLD], stdout=writer, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=ROOT), timeout=30)
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_retry_makes_one_message_due_now(three):
     assert run(three, "retry", OLD) == (0, f"{OLD} due now\n", "")
     assert read(three, OLD)["next_attempt_at"] == NOW
@@ -349,7 +403,9 @@ def test_retry_of_a_held_message_says_to_release_it(three):
 
 
 def test_flush_makes_every_active_message_due(three):
-    assert run(three, "flush") == (0, "2 messages due now\n", "")
+    assert run(three, "flush") == (
+        0, "2 messages due now; relaymail is not running: nothing is delivered until it "
+           "starts\n", "")
     assert read(three, OLD)["next_attempt_at"] == NOW
     assert read(three, NEW)["next_attempt_at"] == NOW - 45
     assert read(three, HELD, "hold")["next_attempt_at"] == NOW - 3 * 3600

@@ -94,6 +94,8 @@ class DestinationPool:
         self._connections = 0
         self._sessions = set()
         self._stopping = False
+        self._draining = False
+        self._idle_waiters = []
 
     @property
     def busy(self):
@@ -106,6 +108,27 @@ class DestinationPool:
         queue.jobs.append(job)
         self._pump()
 
+    def drain(self):
+        """Open no more connections and start no more jobs; connections
+        finish the job they carry, then QUIT.
+
+        :return: the jobs that were waiting and will not run (their
+            messages stay in the spool as they are)."""
+        self._draining = True
+        left = []
+        for queue in self._queues.values():
+            left.extend(queue.jobs)
+            queue.jobs.clear()
+        return left
+
+    def when_idle(self):
+        """A Deferred that fires once no connection is open."""
+        if self._connections == 0:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
     def stop(self):
         """Drop every session; jobs still queued are left to the next start
         (their messages stay in the spool)."""
@@ -115,7 +138,7 @@ class DestinationPool:
 
     def _pump(self):
         """Open connections where jobs wait and the caps allow."""
-        if self._stopping:
+        if self._stopping or self._draining:
             return
         for queue in list(self._queues.values()):
             # No more connections than jobs waiting: a busy connection takes
@@ -133,6 +156,10 @@ class DestinationPool:
     def _connection_over(self, _, queue):
         queue.connections -= 1
         self._connections -= 1
+        if self._connections == 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         # Later, not now: a connection that ended at once (a cached routing
         # failure) would otherwise recurse through _pump.
         self._reactor.callLater(0, self._pump)
@@ -149,6 +176,12 @@ class DestinationPool:
             return
         retry = None        # a job that met a temporary failure on the last hop
         while (retry is not None or queue.jobs) and not self._stopping:
+            if self._draining and retry is not None:
+                # Stopping: the next hop is for the next start.
+                self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                return
+            if self._draining:
+                return
             session, error, hops = yield self._open_session(destination, hops)
             if session is None:
                 if retry is not None:
@@ -171,7 +204,7 @@ class DestinationPool:
             job = first
             while not self._stopping and session.is_open():
                 if job is None:
-                    if not queue.jobs:
+                    if not queue.jobs or self._draining:
                         break
                     job = queue.jobs.popleft()
                 try:

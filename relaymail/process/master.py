@@ -31,6 +31,7 @@ owning the message (or to all of them, for ``flush`` and ``delete ALL``).
 """
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -47,6 +48,7 @@ from relaymail.process.launch import GO
 from relaymail.process.pickup import socket_pair
 from relaymail.process.shared_counts import clear_connections, make_limits_region
 from relaymail.queue.control import ControlError, listen_control
+from relaymail.queue import queue_id
 from relaymail.queue.partition import owner_test, partition_of
 from relaymail.queue.spool import Spool
 
@@ -64,8 +66,10 @@ MAX_RESTART_DELAY = 30.0
 #: notice, and a scan of active/ costs about 0.2 s with 100,000 messages.
 PICKUP_INTERVAL = 60.0
 
-#: Seconds the workers get to stop after SIGTERM before SIGKILL.
-STOP_GRACE = 30.0
+#: Seconds the workers get to stop after SIGTERM, beyond their own
+#: ``[server] shutdown_grace`` and the few seconds a drain may add
+#: (relaymail.smtp.sessions, Scheduler.drain), before SIGKILL.
+STOP_MARGIN = 15.0
 
 INBOUND = "inbound"
 DELIVERY = "delivery"
@@ -86,6 +90,8 @@ class _Worker:
         self.limits_row = limits_row    # an inbound worker's rows of shared limits
         self.control = None         # a delivery worker's WorkerControl
         self.ended = None           # a Deferred while a stop waits for it
+        self.retiring = False       # SIGHUP: ending for a successor with the new config
+        self.limits_fd = None       # an inbound worker's shared-limits region
 
 
 class Master(service.Service):
@@ -115,6 +121,11 @@ class Master(service.Service):
         self.delivery = [_Worker(DELIVERY, k, slot=1 + k, partition=k) for k in range(partitions)]
         self.inbound = [_Worker(INBOUND, n + 1, slot=1 + partitions + n, limits_row=n)
                         for n in range(settings.server.workers)]
+        # Slots of workers alive (or with leftovers not yet removed): a
+        # reload's new inbound workers take free ones, never a live one's.
+        self._slots = {worker.slot for worker in self.delivery + self.inbound}
+        self._retiring = []         # old inbound workers finishing after a reload
+        self._reload_waiting = False
         self._limits_fd = None
         self._control_port = None
         self._sweeper = None
@@ -141,6 +152,8 @@ class Master(service.Service):
             self.privilegedStartService()
         self._spool.prepare_for_writers()
         self._limits_fd = make_limits_region(len(self.inbound), self.settings)
+        for worker in self.inbound:
+            worker.limits_fd = self._limits_fd
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
         # is taken; delivery starts a moment later on a queue that waits.
@@ -158,6 +171,8 @@ class Master(service.Service):
         self._sweeper = task.LoopingCall(self._pick_up_everywhere, "periodic")
         self._sweeper.clock = self._reactor
         self._sweeper.start(PICKUP_INTERVAL, now=False)
+        signal.signal(signal.SIGHUP,
+                      lambda *_: self._reactor.callFromThread(self.reload))
 
     def _spawn(self, worker):
         if self._stopping:
@@ -181,7 +196,7 @@ class Master(service.Service):
                      *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:
-            named["limits"] = self._limits_fd
+            named["limits"] = worker.limits_fd
             arguments += ["--limits-row", str(worker.limits_row)]
             for index, port in enumerate(self._ports):
                 named[f"listen.{index}"] = port.fileno()
@@ -242,6 +257,9 @@ class Master(service.Service):
             ended.callback(None)
         if self._stopping:
             return
+        if worker.retiring:
+            self._retired(worker, status)
+            return
         lived = time.monotonic() - worker.started_at
         worker.young_deaths = worker.young_deaths + 1 if lived < YOUNG else 0
         delay = _restart_delay(worker.young_deaths)
@@ -252,6 +270,99 @@ class Master(service.Service):
         self._reactor.callLater(delay, self._spawn, worker)
         if worker.role == INBOUND:
             self._pick_up_everywhere(f"after {worker.name} died")
+
+    # -- SIGHUP -------------------------------------------------------------------
+
+    def reload(self):
+        """Read the config again; if it validates, replace every worker by
+        one started with it (relaymail.process.reload), without a gap in
+        accepting: the listeners stay bound here, and new connections wait
+        in the backlog for the new inbound workers while the old ones
+        finish their sessions."""
+        from relaymail.config import ConfigError
+        from relaymail.process.reload import reread
+        from relaymail.tap import check_files
+        if self._stopping:
+            return
+        if self._retiring or any(worker.retiring for worker in self.delivery):
+            # Two generations at once at most: this one waits its turn.
+            self._reload_waiting = True
+            log.info("SIGHUP: the last reload's old workers are still finishing; "
+                     "reloading again once they have")
+            return
+        try:
+            launch, settings, notes = reread(self._launch, self.settings)
+            check_files(settings)
+        except ConfigError as error:
+            log.error("SIGHUP: reload refused, the running configuration stays: {error}",
+                      error=str(error))
+            return
+        for note in notes:
+            log.warn("SIGHUP: {note}", note=note)
+        self._launch, self.settings = launch, settings
+        old_inbound, old_fd = self.inbound, self._limits_fd
+        self._limits_fd = make_limits_region(len(old_inbound), settings)
+        self.inbound = []
+        for number, old in enumerate(old_inbound):
+            worker = _Worker(INBOUND, number + 1, slot=self._free_slot(), limits_row=number)
+            worker.limits_fd = self._limits_fd
+            self.inbound.append(worker)
+        for worker in self.inbound:
+            self._spawn(worker)
+        for worker in old_inbound:
+            worker.limits_fd = old_fd
+            self._retire(worker)
+            self._retiring.append(worker)
+        if not old_inbound:
+            os.close(old_fd)
+        for worker in self.delivery:
+            self._retire(worker)
+        log.info("SIGHUP: {config} reloaded; {inbound} inbound and {delivery} delivery workers "
+                 "replaced as they finish their work (up to {grace:g}s)",
+                 config=launch.config or "the defaults", inbound=len(self.inbound),
+                 delivery=len(self.delivery), grace=settings.server.shutdown_grace)
+
+    def _free_slot(self):
+        for slot in range(1, queue_id.SLOTS):
+            if slot not in self._slots:
+                self._slots.add(slot)
+                return slot
+        raise RuntimeError("no free queue id slot")
+
+    def _retire(self, worker):
+        worker.retiring = True
+        if worker.process is None:
+            # Between a death and its restart: the restart takes the new config.
+            worker.retiring = False
+            return
+        try:
+            # HUP, not TERM: its sessions may go on to their end.
+            worker.process.signalProcess("HUP")
+        except (OSError, ProcessExitedAlready):
+            pass
+
+    def _retired(self, worker, status):
+        """An old worker ended after a reload: a delivery worker's
+        successor takes its partition now; an inbound one's slot is freed."""
+        worker.retiring = False
+        removed = self._clean_up_after(worker)
+        log.info("{name} (pid {pid}) of the old configuration {status}; {removed} unfinished "
+                 "files removed", name=worker.name, pid=worker.pid, status=status,
+                 removed=removed)
+        if worker.role == DELIVERY:
+            worker.young_deaths = 0
+            self._spawn(worker)
+        else:
+            self._retiring.remove(worker)
+            self._slots.discard(worker.slot)
+            if not any(old.limits_fd == worker.limits_fd for old in self._retiring):
+                os.close(worker.limits_fd)
+            # Sessions it cut or left may hold notices it did not send.
+            self._pick_up_everywhere(f"after the old {worker.name} ended")
+        if (self._reload_waiting and not self._retiring
+                and not any(w.retiring for w in self.delivery)):
+            self._reload_waiting = False
+            self.reload()
 
     def _pick_up_everywhere(self, why):
         """Have every delivery worker schedule what it was not told of."""
@@ -271,9 +382,9 @@ class Master(service.Service):
             # What it was writing (tmp/), and a body it had renamed into
             # active/ without its record when it died.
             removed = self._spool.remove_lone_bodies(slot=worker.slot)
-            if worker.role == INBOUND:
+            if worker.role == INBOUND and not worker.retiring and worker in self.inbound:
                 # Its connections are gone with it.
-                clear_connections(self._limits_fd, len(self.inbound), self.settings,
+                clear_connections(worker.limits_fd, len(self.inbound), self.settings,
                                   worker.limits_row)
                 return removed + self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
@@ -290,7 +401,7 @@ class Master(service.Service):
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         waiting = []
-        for worker in self.inbound + self.delivery:
+        for worker in self.inbound + self._retiring + self.delivery:
             if worker.process is None:
                 continue
             worker.ended = defer.Deferred()
@@ -299,14 +410,17 @@ class Master(service.Service):
                 worker.process.signalProcess("TERM")
             except (OSError, ProcessExitedAlready):
                 pass        # reaped, its pipes not yet closed: ended comes
-        killer = self._reactor.callLater(STOP_GRACE, self._kill_the_rest)
+        # Our copies of the listeners closed now: once the workers have
+        # closed theirs (at once, as they begin to drain), a new client is
+        # refused and tries the next MX rather than wait in the backlog.
+        ports, self._ports = self._ports, []
+        closing = [defer.maybeDeferred(port.stopListening) for port in ports]
+        killer = self._reactor.callLater(self._stop_grace(), self._kill_the_rest)
         done = defer.DeferredList(waiting)
 
         def stopped(_):
             if killer.active():
                 killer.cancel()
-            ports, self._ports = self._ports, []
-            closing = [defer.maybeDeferred(port.stopListening) for port in ports]
             if self._control_port is not None:
                 closing.append(defer.maybeDeferred(self._control_port.stopListening))
             for receiving, sending in self._pairs:
@@ -318,11 +432,14 @@ class Master(service.Service):
             return defer.DeferredList(closing)
         return done.addCallback(stopped)
 
+    def _stop_grace(self):
+        return self.settings.server.shutdown_grace + STOP_MARGIN
+
     def _kill_the_rest(self):
-        for worker in self.inbound + self.delivery:
+        for worker in self.inbound + self._retiring + self.delivery:
             if worker.process is not None:
                 log.warn("{name} did not stop within {grace:.0f}s: killing it",
-                         name=worker.name, grace=STOP_GRACE)
+                         name=worker.name, grace=self._stop_grace())
                 try:
                     worker.process.signalProcess("KILL")
                 except (OSError, ProcessExitedAlready):

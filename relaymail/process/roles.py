@@ -22,11 +22,13 @@ from twisted.application import service
 from twisted.internet import abstract, protocol
 from twisted.logger import Logger
 
+from relaymail.lifecycle import Draining, OrderlyService
 from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
 from relaymail.process.shared_counts import SharedLimits
 from relaymail.smtp.limits import RATE_WINDOW
+from relaymail.smtp.sessions import OpenSessions
 from relaymail.queue.control import ControlFactory
 from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.partition import owner_test
@@ -47,7 +49,7 @@ def build(arguments, settings, reactor, fds):
 
 def _inbound(arguments, settings, reactor, fds, policy):
     from relaymail.tap import inbound_factories
-    top = service.MultiService()
+    top = OrderlyService(settings.server.shutdown_grace)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
     # Writing only, no recovery: the master emptied tmp/, the delivery
     # workers recover the rest.
@@ -59,15 +61,24 @@ def _inbound(arguments, settings, reactor, fds, policy):
     if "limits" in fds:
         shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.limits_row,
                               settings, reactor, RATE_WINDOW)
-    factories = inbound_factories(settings, reactor, top, policy, queue, shared=shared)
-    listeners = [fds.pop(name) for name in _ordered(fds, "listen.")]
-    AdoptedListeners(reactor, listeners, factories).setServiceParent(top)
+    sessions = OpenSessions(reactor)
+    factories = inbound_factories(settings, reactor, top, policy, queue, shared=shared,
+                                  sessions=sessions)
+    listeners = AdoptedListeners(reactor, [fds.pop(name) for name in _ordered(fds, "listen.")],
+                                 factories)
+    listeners.setServiceParent(top)
+
+    def stop_accepting_then_end_sessions(grace):
+        listeners.stopService()
+        return sessions.end(grace)
+    Draining(stop_accepting_then_end_sessions).setServiceParent(top)
+    top.sessions = sessions
     return top
 
 
 def _delivery(arguments, settings, reactor, fds, policy):
     from relaymail.tap import delivery_scheduler
-    top = service.MultiService()
+    top = OrderlyService(settings.server.shutdown_grace)
     owns = owner_test(arguments.partition, arguments.partitions)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
                   owns=owns, beside_writers=True)

@@ -129,9 +129,18 @@ def main(argv=None):
             reactor.callFromThread(reactor.stop)
     stopping = []
 
+    def replaced(*_):
+        # SIGHUP from the master: a successor with the new config takes
+        # new connections; our sessions may finish (relaymail.smtp.sessions).
+        sessions = getattr(top, "sessions", None)
+        if sessions is not None:
+            sessions.patient = True
+        stop_once()
+
     def handle_signals():
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, stop_once)
+        signal.signal(signal.SIGHUP, replaced)
     reactor.callWhenRunning(handle_signals)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

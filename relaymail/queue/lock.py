@@ -85,6 +85,19 @@ class SpoolLock:
         self.write_pid()
         return True
 
+    def remove_if_spool_is_new(self):
+        """After a start that failed before anything was queued: remove
+        the lock file and the spool directory if the lock file is all it
+        holds (the start made both), so a failed start leaves nothing.
+        Call it only with the lock released."""
+        try:
+            if os.listdir(self.path) != [LOCK_NAME]:
+                return
+            os.unlink(self.lock_path)
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
     def fileno(self):
         """The locked descriptor: the master passes it to its workers, so
         the spool stays locked while any of them lives."""

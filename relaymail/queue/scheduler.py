@@ -50,6 +50,11 @@ log = Logger(namespace="relaymail.queue")
 _FINAL = (records.SENT, records.BOUNCED)
 
 
+#: After the grace and the cut, how long a drain waits for the cut
+#: deliveries' outcomes to be written before it lets the spool stop.
+DRAIN_EXTRA = 5.0
+
+
 def backoff(attempts, minimum, maximum):
     """Seconds to wait after the ``attempts``-th failed attempt."""
     return min(maximum, minimum * 2 ** max(0, attempts - 1))
@@ -64,6 +69,7 @@ class _Attempt:
         self.bounced = []           # Outcomes that bounced in this attempt
         self.writes = defer.succeed(None)
         self.after = None           # "delete" or "hold", asked for meanwhile
+        self.abandoned = False      # some jobs will not run: the relay is stopping
 
 
 class Scheduler(service.Service):
@@ -99,6 +105,7 @@ class Scheduler(service.Service):
         self._unsaved = {}
         self._timer = None
         self._running = False
+        self._drained = None        # a Deferred while a drain waits for attempts
 
     # -- life cycle -------------------------------------------------------
 
@@ -113,6 +120,56 @@ class Scheduler(service.Service):
             self._schedule(queue_id, now)
         log.info("{count} messages scheduled; at most {limit} are delivered at once",
                  count=len(queued), limit=self.settings.queue.active_limit)
+
+    def drain(self, grace):
+        """Start no more attempts; let those under way finish for up to
+        ``grace`` seconds, then cut their connections.  The Deferred fires
+        once every attempt has recorded its outcome (so that the spool,
+        stopped after us, has no update left to take)."""
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for job in self.pool.drain():
+            self._job_abandoned(job)
+        if not self._attempts:
+            return defer.succeed(None)
+        log.info("Stopping: {count} messages being delivered get up to {grace:g}s to finish",
+                 count=len(self._attempts), grace=grace)
+        self._drained = defer.Deferred()
+        drained = self._drained
+        cut = self._reactor.callLater(grace, self._cut_deliveries)
+        give_up = self._reactor.callLater(grace + DRAIN_EXTRA, self._stop_waiting)
+
+        def done(result):
+            for call in (cut, give_up):
+                if call.active():
+                    call.cancel()
+            return result
+        return drained.addBoth(done)
+
+    def _job_abandoned(self, job):
+        """A job the pool will not run now: its recipients stay as they
+        are, due again at the next start (no attempt is counted)."""
+        attempt = self._attempts.get(job.queue_id)
+        if attempt is None:
+            return
+        attempt.abandoned = True
+        attempt.jobs_left -= 1
+        if attempt.jobs_left <= 0:
+            self._conclude(job.queue_id, attempt)
+
+    def _cut_deliveries(self):
+        log.warn("{count} deliveries still under way after [server] shutdown_grace: cut; "
+                 "they are tried again at the next start", count=len(self._attempts))
+        self.pool.stop()
+
+    def _stop_waiting(self):
+        if self._drained is not None:
+            log.warn("{count} messages' outcomes not recorded in time; they are tried again "
+                     "at the next start", count=len(self._attempts))
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
     def stopService(self):
         super().stopService()
@@ -308,9 +365,14 @@ class Scheduler(service.Service):
         if not deferred:
             self._finished(queue_id, attempt)
             return None
-        record["attempts"] += 1
-        record["next_attempt_at"] = now + backoff(
-            record["attempts"], self.settings.queue.min_backoff, self.settings.queue.max_backoff)
+        if attempt.abandoned:
+            # Cut short by a stop, not failed: due at the next start.
+            record["next_attempt_at"] = now
+        else:
+            record["attempts"] += 1
+            record["next_attempt_at"] = now + backoff(
+                record["attempts"], self.settings.queue.min_backoff,
+                self.settings.queue.max_backoff)
         d = defer.maybeDeferred(self._maybe_warn, queue_id, record, deferred, now)
         d.addCallback(lambda _: self._write(queue_id, attempt))
         d.addCallback(lambda _: self._reschedule(queue_id, attempt))
@@ -340,6 +402,9 @@ class Scheduler(service.Service):
     def _ended(self, queue_id):
         """An attempt is over: make room in the active set for the next."""
         del self._attempts[queue_id]
+        if self._drained is not None and not self._attempts:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
         if self._timer is None:
             self._arm()
 
@@ -575,6 +640,10 @@ class Scheduler(service.Service):
         return self._in_thread_or_keep(queue_id, self.spool.hold)
 
     def release(self, queue_id):
+        if queue_id not in self._moving and not self.spool.is_held(queue_id):
+            if self._exists(queue_id):
+                raise ControlError(f"{queue_id} is not on hold")
+
         def released(done):
             if done:
                 self._make_due(queue_id, self._clock())

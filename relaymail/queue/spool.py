@@ -737,6 +737,11 @@ class Spool(service.Service):
     # caller owns the message: the scheduler must not be delivering a
     # message it holds, releases or deletes.
 
+    def is_held(self, queue_id):
+        """Whether ``hold/`` has the message (whole, or a move under way)."""
+        return (os.path.exists(self._in(self._hold, queue_id, ".json"))
+                or os.path.exists(self._in(self._hold, queue_id, ".msg")))
+
     def held_ids(self):
         """Iterate over the ids of the messages in ``hold/``, in directory
         order.  Reads no file."""

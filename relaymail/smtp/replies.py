@@ -64,6 +64,11 @@ def timeout(hostname):
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
 
 
+def shutting_down(hostname):
+    # RFC 3463 4.3.2: system not accepting network messages.
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down, try again later")
+
+
 def too_many_errors(hostname):
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
 

@@ -68,11 +68,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._admitted = False
         self._stressed = False       # the gate is stressed and we are an outsider
         self._proxy_peer = None      # the proxy's address, until its header came
+        self._ending = False         # the process is stopping: 421 at the next command
         self.dialogue = None
         self.context = None
 
     def connectionMade(self):
         no_delay(self.transport)
+        if self.factory.sessions is not None:
+            self.factory.sessions.add(self)
+        if self._closing:
+            return                  # ended at once: the process is stopping
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", "") or ""
@@ -119,6 +124,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason):
         self._closing = True
         self.setTimeout(None)
+        if self.factory.sessions is not None:
+            self.factory.sessions.remove(self)
         if self._admitted:
             self._admitted = False
             self.factory.gate.unwatch(self._stress_changed)
@@ -228,10 +235,46 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._paused = False
             self.transport.resumeProducing()
 
+    # -- an orderly stop (relaymail.smtp.sessions) ------------------------------
+
+    @property
+    def waiting_for_queue(self):
+        """A reply is owed to the client (its 250 after the final dot, or a
+        plugin's answer): cutting now could lose what it was told."""
+        return self._waiting
+
+    def end_politely(self):
+        """The process is stopping: end now if the client is between
+        commands, else after the reply it is owed."""
+        self._ending = True
+        if self.dialogue is None:
+            self._close()           # no session yet (a PROXY header awaited)
+            return
+        self._end_if_between_commands()
+
+    def _end_if_between_commands(self):
+        if (self._ending and not self._closing and not self._waiting
+                and self.dialogue.data_reader is None):
+            # RFC 5321 3.8: a server shutting down sends 421 and closes.
+            self.dialogue.connection_lost()
+            self._reply(replies.shutting_down(self.dialogue.hostname), close=True)
+
+    def cut(self):
+        """The grace is over: close with no more said."""
+        if self.dialogue is not None:
+            self.dialogue.connection_lost()
+        self._closing = True
+        self.setTimeout(None)
+        self.transport.abortConnection()
+
     def _process(self):
         """Handle buffered input until it runs out or a reply is pending."""
         if self.dialogue is None:
             return          # still waiting for a PROXY header
+        self._process_input()
+        self._end_if_between_commands()
+
+    def _process_input(self):
         while self._buffer and not self._waiting and not self._closing and not self._output_blocked:
             reader = self.dialogue.data_reader
             if reader is not None:
@@ -254,6 +297,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                         self._skipping_long_line = True
                         self._line_too_long()
                 return
+            if self._ending:
+                return              # 421 in place of this command (above)
             line = self._buffer[:newline]
             self._buffer = self._buffer[newline + 1:]
             if self._skipping_long_line:
@@ -386,7 +431,7 @@ class SMTPFactory(ServerFactory):
 
     def __init__(self, settings, policy, queue, clock=None, reactor=None, *,
                  submission=False, proxy=False, gate=None, tls=None, auth=None,
-                 implicit_tls=False):
+                 implicit_tls=False, sessions=None):
         """:param submission: MAIL needs AUTH first (port 587 style).
         :param proxy: connections start with a PROXY protocol header.
         :param gate: a relaymail.smtp.limits.ConnectionGate, shared by all
@@ -394,7 +439,10 @@ class SMTPFactory(ServerFactory):
         :param tls: a relaymail.smtp.tls.ServerTLS for STARTTLS, or None.
         :param auth: a relaymail.smtp.authentication.Authenticator, or None.
         :param implicit_tls: the listener is TLS from the first byte (an
-            ``ssl:`` endpoint, port 465 style)."""
+            ``ssl:`` endpoint, port 465 style).
+        :param sessions: a relaymail.smtp.sessions.OpenSessions shared by
+            the process's listeners, so that a stop can end them in order;
+            None keeps no account."""
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -408,6 +456,7 @@ class SMTPFactory(ServerFactory):
         self.tls = tls
         self.auth = auth
         self.implicit_tls = implicit_tls
+        self.sessions = sessions
         self._trusted = settings.server.trusted_networks
         self._proxy_trusted = settings.server.proxy_trusted
 

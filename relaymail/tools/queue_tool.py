@@ -8,10 +8,14 @@
     show ID [--body] [--raw]
                       a message's record and headers        (postcat -q)
     flush             make every waiting message due now     (postqueue -f)
-    retry ID          make one message due now               (postqueue -i)
-    delete ID|ALL     delete a message, or every message     (postsuper -d)
-    hold ID           keep a message from being delivered    (postsuper -h)
-    release ID        let a held message go, due now         (postsuper -H)
+    retry ID...       make messages due now                  (postqueue -i)
+    delete ID...      delete messages                        (postsuper -d)
+    hold ID...        keep messages from being delivered     (postsuper -h)
+    release ID...     let held messages go, due now          (postsuper -H)
+
+Each ID may be several ids, ``ALL`` (every queued message; every held one
+for ``release``) or ``-`` (ids read from standard input, as ``postsuper
+-d -``).  ``release`` of a message that is not held is an error.
 
 ``list`` and ``show`` only read the files, whoever is running.  The other
 commands must not move files under a running daemon's feet: they try the
@@ -144,6 +148,15 @@ def main(argv=None, out=None, err=None, now=None):
     except ToolError as error:
         err.write(f"{PROGRAM}: {error}\n")
         return EXIT_FAILED
+    except BrokenPipeError:
+        # "show ID | head": the reader has what it wanted.  Point stdout at
+        # /dev/null so that Python's own flush at exit stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
 
 
 def _tolerant(stream):
@@ -197,19 +210,65 @@ def _parser():
                            "shown escaped all the same")
     command("flush", _changer(lambda args: "flush"),
             "make every waiting message due for delivery now")
-    for name, help_text in (("retry", "make one message due for delivery now"),
-                            ("hold", "keep a message from being delivered"),
-                            ("release", "let a held message go, due now")):
-        sub = command(name, _changer(_with_id(name)), help_text)
-        sub.add_argument("queue_id", type=_queue_id, metavar="ID")
-    delete = command("delete", _changer(_with_id("delete")),
-                     "delete a message, or every message with ALL (no question asked)")
-    delete.add_argument("queue_id", type=_queue_id_or_all, metavar="ID|ALL")
+    several = ("IDs may be several; ALL means every message it applies to, and - "
+               "reads IDs from standard input, white space between them "
+               "(as postsuper -d -)")
+    for name, help_text in (("retry", "make messages due for delivery now"),
+                            ("hold", "keep messages from being delivered"),
+                            ("release", "let held messages go, due now"),
+                            ("delete", "delete messages (no question asked)")):
+        sub = command(name, _each_id(name), help_text, several)
+        sub.add_argument("queue_ids", type=_queue_id_all_or_stdin, nargs="+",
+                         metavar="ID|ALL|-")
     return parser
 
 
 def _with_id(name):
     return lambda args: f"{name} {args.queue_id}"
+
+
+def _each_id(name):
+    """The runner of a command on several ids: one request each, in
+    order; every outcome printed; exit 1 if any failed."""
+    def run(args, spool_path, context):
+        queue_ids = _expand_ids(args.queue_ids, name, spool_path, context)
+        if queue_ids == [ALL] and name == "delete":
+            return _report(carry_out(spool_path, "delete ALL", context), context)
+        worst = EXIT_OK
+        for queue_id in queue_ids:
+            status = _report(carry_out(spool_path, f"{name} {queue_id}", context), context)
+            worst = max(worst, status)
+        return worst
+    return run
+
+
+def _expand_ids(arguments, name, spool_path, context):
+    """The ids the arguments name: ``-`` read from standard input, ``ALL``
+    the messages in active/ (hold/ for release)."""
+    queue_ids = []
+    for argument in arguments:
+        if argument == "-":
+            for word in sys.stdin.read().split():
+                try:
+                    queue_ids.append(_queue_id(word))
+                except argparse.ArgumentTypeError as error:
+                    raise ToolError(f"standard input: {error}")
+        elif argument == ALL:
+            if name == "delete" and len(arguments) == 1:
+                return [ALL]        # one request: the daemon deletes all at once
+            spool = _readable_spool(spool_path)
+            queue_ids.extend(sorted(spool.held_ids() if name == "release" else spool.ids()))
+        else:
+            queue_ids.append(argument)
+    if not queue_ids:
+        context.out.write(f"no message to {name}\n")
+    return list(dict.fromkeys(queue_ids))
+
+
+def _queue_id_all_or_stdin(text):
+    if text.strip() == "-":
+        return "-"
+    return _queue_id_or_all(text)
 
 
 def _queue_id(text):
@@ -512,6 +571,8 @@ def carry_out(spool_path, request, context):
         manager = OfflineManager(Spool(spool_path), context.now)
         # The manager answers at once, so the Deferred has fired.
         answer(manager, request).addCallback(replies.append)
+        if request == "flush" and replies[0].startswith("ok "):
+            return replies[0] + "; relaymail is not running: nothing is delivered until it starts"
         return replies[0]
     finally:
         lock.release()
@@ -623,7 +684,15 @@ class OfflineManager:
         return self._spool.hold(queue_id)
 
     def release(self, queue_id):
+        _refuse_if_not_held(self._spool, queue_id)
         return self._spool.release(queue_id, self._now)
+
+
+def _refuse_if_not_held(spool, queue_id):
+    """``release`` of a message that is queued but not held is a mistake
+    to tell, not a success to report (and must not make it due)."""
+    if not spool.is_held(queue_id) and os.path.exists(spool.message_path(queue_id)):
+        raise ControlError(f"{queue_id} is not on hold")
 
 
 # -- the spool directory ---------------------------------------------------------

@@ -1,0 +1,93 @@
+"""The SMTP sessions open in this process, and their orderly end.
+
+On SIGTERM, and in the old workers after SIGHUP, the listeners stop
+accepting and :meth:`OpenSessions.end` asks every session to finish: one
+waiting for its next command gets ``421 4.3.2`` at once; one in DATA (or
+waiting for its 250 from the queue) reads the rest of its message, gets its
+reply, then the 421 instead of its next command.  After ``[server]
+shutdown_grace`` seconds the sessions still open are cut; a message whose
+final dot had not come is not queued (its file in ``tmp/`` is removed), so
+each message is either queued with its 250 or not at all.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger(namespace="relaymail.smtp")
+
+#: After the grace, a session waiting for the queue's answer to its final
+#: dot (an fsync) gets this much longer: cutting it then would queue a
+#: message whose client never heard 250, and send it twice.
+COMMIT_EXTRA = 5.0
+
+
+class OpenSessions:
+    """Every SMTPServerProtocol between connectionMade and connectionLost."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._open = set()
+        self._all_ended = None
+        self.ending = False
+        #: Set for a worker replaced after SIGHUP: its sessions may go on
+        #: (Postfix's smtpd likewise serves its client to the end after a
+        #: reload) until the grace runs out, and only then get the 421.
+        self.patient = False
+
+    def __len__(self):
+        return len(self._open)
+
+    def add(self, session):
+        self._open.add(session)
+        if self.ending:
+            session.end_politely()
+
+    def remove(self, session):
+        self._open.discard(session)
+        if not self._open and self._all_ended is not None:
+            ended, self._all_ended = self._all_ended, None
+            ended.callback(None)
+
+    def end(self, grace):
+        """Ask every session to finish; cut what is left after ``grace``
+        seconds.  The Deferred fires once none is open."""
+        count = len(self._open)
+        calls = []
+        if self.patient:
+            if count:
+                log.info("Replaced: {count} SMTP sessions open may go on for up to {grace:g}s",
+                         count=count, grace=grace)
+            calls.append(self._reactor.callLater(grace, self._end_politely))
+            grace += COMMIT_EXTRA
+        else:
+            if count:
+                log.info("Stopping: {count} SMTP sessions open; those in DATA get up to "
+                         "{grace:g}s to finish", count=count, grace=grace)
+            self._end_politely()
+        if not self._open:
+            return defer.succeed(None)
+        self._all_ended = defer.Deferred()
+        ended = self._all_ended
+        calls.append(self._reactor.callLater(grace, self._cut, committing_too=False))
+        calls.append(self._reactor.callLater(grace + COMMIT_EXTRA, self._cut,
+                                             committing_too=True))
+
+        def done(result):
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            return result
+        return ended.addBoth(done)
+
+    def _end_politely(self):
+        self.ending = True
+        for session in list(self._open):
+            session.end_politely()
+
+    def _cut(self, committing_too):
+        left = [s for s in self._open if committing_too or not s.waiting_for_queue]
+        if left:
+            log.warn("{count} SMTP sessions still open after [server] shutdown_grace: cut; "
+                     "messages without their 250 were not queued", count=len(left))
+        for session in left:
+            session.cut()

@@ -1,0 +1,245 @@
+"""SIGTERM and SIGHUP on the real ``twistd -n relaymail`` with workers
+(relaymail.lifecycle, relaymail.smtp.sessions, relaymail.process.reload).
+
+SIGTERM: the relay stops accepting, idle sessions get 421 4.3.2, a
+session in DATA finishes and gets its 250, deliveries in flight finish,
+and nothing critical is logged.  SIGHUP: a good config reaches new
+sessions while an open one goes on; a bad one is refused in one line."""
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.nexthop import NextHop
+from tests.test_delivery import queue_empty, send, wait_until
+from tests.test_processes import relay_with, wait_for_worker, worker_pids
+
+
+@pytest.fixture
+def nexthop():
+    server = NextHop()
+    yield server
+    server.stop()
+
+
+class Client:
+    """One SMTP session, read reply by reply."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), 10)
+        self.file = self.sock.makefile("rb")
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return b"".join(lines)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def command(self, line):
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def start_message(client):
+    assert client.reply().startswith(b"220 ")
+    assert client.command(b"EHLO client.test").startswith(b"250")
+    assert client.command(b"MAIL FROM:<alice@example.org>").startswith(b"250 2.1.0")
+    assert client.command(b"RCPT TO:<bob@example.net>").startswith(b"250 2.1.5")
+    assert client.command(b"DATA").startswith(b"354 ")
+    client.sock.sendall(b"Subject: in flight\r\n\r\nSENT-DURING-THE-STOP\r\n")
+
+
+def no_alarming_lines(log):
+    return not re.search(r"#critical|Traceback|Unhandled", log)
+
+
+def test_sigterm_lets_a_session_in_data_finish_and_turns_idle_ones_away(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=2, delivery=1,
+                       server={"workers": "2", "shutdown_grace": "20"}).start()
+    in_data, idle = Client(relay.port), Client(relay.port)
+    try:
+        start_message(in_data)
+        assert idle.reply().startswith(b"220 ")
+        assert idle.command(b"EHLO idle.test").startswith(b"250")
+        relay.process.send_signal(signal.SIGTERM)
+        # Between commands: told at once, and closed.
+        assert idle.reply() == b"421 4.3.2 relay.test Service shutting down, try again later\r\n"
+        assert idle.reply() == b""
+        # New clients are refused (every copy of the listener is closed).
+        wait_until(lambda: _refused(relay.port), what="the listener to close")
+        # In DATA: the message is taken whole, then the 421 comes.
+        in_data.sock.sendall(b".\r\n")
+        queued = in_data.reply()
+        assert re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]{16})\r\n", queued), queued
+        assert in_data.command(b"NOOP") == (
+            b"421 4.3.2 relay.test Service shutting down, try again later\r\n")
+        relay.process.wait(30)
+    finally:
+        in_data.close()
+        idle.close()
+        relay.stop()
+    queue_id = re.search(rb"as ([0-9A-Z]{16})", queued).group(1).decode()
+    # twistd ends by the signal it was stopped with, as its callers expect.
+    assert relay.process.returncode == -signal.SIGTERM
+    assert b"SENT-DURING-THE-STOP" in relay.message(queue_id)
+    log = relay.log()
+    assert no_alarming_lines(log), log
+    assert os.listdir(os.path.join(relay.spool, "tmp")) == []
+
+
+def _refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_waits_for_a_delivery_in_flight_and_logs_nothing_critical(tmp_path, nexthop):
+    reached_data, may_answer = threading.Event(), threading.Event()
+
+    def slow_data_reply(message):
+        reached_data.set()
+        may_answer.wait(20)
+        return (250, "2.0.0 Ok: queued")
+    nexthop.data_reply = slow_data_reply
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1", "shutdown_grace": "20"}).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        assert reached_data.wait(20)
+        relay.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "messages being delivered get up to 20s to finish" in relay.log(),
+                   what="the delivery worker to drain")
+        time.sleep(0.3)     # the stop is waiting, not done: prove it below
+        assert relay.process.poll() is None
+        may_answer.set()
+        relay.process.wait(30)
+    finally:
+        may_answer.set()
+        relay.stop()
+    log = relay.log()
+    assert relay.process.returncode == -signal.SIGTERM
+    assert len(nexthop.messages) == 1
+    assert re.search(rf"{queue_id}: to=<bob@example\.net>, relay=.*status=sent", log), log
+    assert re.search(rf"{queue_id}: removed", log)
+    assert os.listdir(os.path.join(relay.spool, "active")) == []
+    assert no_alarming_lines(log), log
+
+
+def test_sighup_reaches_new_sessions_and_an_open_one_goes_on(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=2, delivery=1,
+                       server={"workers": "2", "shutdown_grace": "20"}).start()
+    old = Client(relay.port)
+    try:
+        old_delivery = wait_for_worker(relay, "delivery.0")
+        assert old.reply() == b"220 relay.test ESMTP relaymail\r\n"
+        assert old.command(b"EHLO old.test").startswith(b"250")
+        with open(relay.config) as f:
+            text = f.read()
+        with open(relay.config, "w") as f:
+            f.write(text.replace("hostname = relay.test", "hostname = reloaded.test"))
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded; 2 inbound and 1 delivery workers replaced" in relay.log(),
+                   what="the reload")
+        new = Client(relay.port)
+        try:
+            assert new.reply() == b"220 reloaded.test ESMTP relaymail\r\n"
+        finally:
+            new.close()
+        # The session opened before goes on, in its old worker, to its end.
+        assert old.command(b"MAIL FROM:<alice@example.org>").startswith(b"250 2.1.0")
+        assert old.command(b"RCPT TO:<bob@example.net>").startswith(b"250 2.1.5")
+        assert old.command(b"DATA").startswith(b"354 ")
+        old.sock.sendall(b"Subject: across a reload\r\n\r\nOLD-SESSION\r\n.\r\n")
+        assert old.reply().startswith(b"250 2.0.0 Ok: queued as ")
+        assert old.command(b"QUIT").startswith(b"221 ")
+        messages = nexthop.wait_for(1)
+        wait_until(lambda: len(worker_pids(relay, "delivery.0")) == 2,
+                   what="a new delivery worker")
+        sent = send(relay, "alice@example.org", ["bob@example.net"])
+        messages = nexthop.wait_for(2)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        assert relay.process.poll() is None
+    finally:
+        old.close()
+        relay.stop()
+    log = relay.log()
+    assert worker_pids(relay, "delivery.0")[0] == old_delivery
+    assert b"OLD-SESSION" in messages[0]["data"]
+    # A new worker wrote the Received line of the message after the reload.
+    assert sent.encode() in messages[1]["data"] and b"by reloaded.test" in messages[1]["data"]
+    assert no_alarming_lines(log), log
+
+
+def test_sighup_with_a_bad_config_is_refused_in_one_line_and_the_old_one_stays(tmp_path,
+                                                                              nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1"}).start()
+    try:
+        first = wait_for_worker(relay, "inbound.1")
+        session = Client(relay.port)
+        assert session.reply().startswith(b"220 relay.test")
+        with open(relay.config, "a") as f:
+            f.write("[limits]\nmessage_size = lots\n")
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in relay.log(), what="the refusal")
+        # Still the same workers, still serving the open session and new ones.
+        assert session.command(b"NOOP") == b"250 Ok\r\n"
+        session.close()
+        assert send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(1)
+        assert worker_pids(relay, "inbound.1") == [first]
+        assert relay.process.poll() is None
+    finally:
+        relay.stop()
+    refusals = [line for line in relay.log().splitlines() if "reload refused" in line]
+    assert len(refusals) == 1
+    assert refusals[0].endswith(
+        f"SIGHUP: reload refused, the running configuration stays: {relay.config}: "
+        "[limits] message_size: expected a size in bytes (e.g. 10485760 or 10M), got 'lots'"), refusals[0]
+
+
+def test_sighup_keeps_what_needs_a_restart_and_says_so(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1"}).start()
+    try:
+        with open(relay.config) as f:
+            text = f.read()
+        with open(relay.config, "w") as f:
+            f.write(text.replace("workers = 1\n", "workers = 3\n", 1))
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded; 1 inbound" in relay.log(), what="the reload")
+        assert send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(1)
+    finally:
+        relay.stop()
+    assert ("SIGHUP: [server] workers changed: it needs a restart; '1' stays in force "
+            "until then") in relay.log()
+
+
+def test_sighup_with_one_process_reads_the_certificate_again(tmp_path):
+    from tests.relay_process import RelayProcess
+    relay = RelayProcess(tmp_path, {"server": {"workers": "0"}}).start()
+    try:
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: TLS certificates and the password file read again"
+                   in relay.log(), what="the reload line")
+        assert relay.process.poll() is None
+        assert send(relay, "alice@example.org", ["bob@example.org"])
+    finally:
+        relay.stop()
+    assert relay.process.returncode == -signal.SIGTERM
