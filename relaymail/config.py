@@ -1249,6 +1249,24 @@ def read_config_text(path):
     return _read_text(path)
 
 
+def effective_values(path=None, text=None):
+    """Every key of :data:`SCHEMA` as ``(section, key, value, default,
+    source)``: the raw string in force, the default's, and where the value
+    came from (the file, or :data:`DEFAULTS_SOURCE`), for ``relaymail-check
+    config --effective`` (Postfix's ``postconf`` and ``postconf -d``).
+    Check the file with :func:`load_config` first: this only reads it."""
+    values = _Values()
+    if path is not None:
+        values.add_file(path, text)
+    rows = []
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            default = key.default() if callable(key.default) else key.default
+            raw, source = values.raw.get((section, name), (default, DEFAULTS_SOURCE))
+            rows.append((section, name, raw, default, source))
+    return rows
+
+
 def load_config(path=None, overrides=None, text=None):
     """Read and check relaymail's settings.
 

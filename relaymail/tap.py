@@ -71,6 +71,13 @@ class Options(usage.Options):
          "overrides [delivery] smarthost."],
     ]
 
+    def opt_version(self):
+        """Print relaymail's version (and Twisted's), and exit."""
+        import twisted
+        import relaymail
+        print(f"relaymail {relaymail.__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
+
     def postOptions(self):
         logobserver.use_for(getattr(self, "parent", None))
 

@@ -23,6 +23,7 @@ import argparse
 import getpass
 import sys
 
+import relaymail
 from relaymail.auth.passwords import (
     PasswordFileError, delete_user, set_password, user_name_problem)
 
@@ -80,6 +81,8 @@ def _parser():
         prog=PROGRAM,
         description="Set a user's AUTH password (read from standard input), "
                     "or remove the user.")
+    parser.add_argument("--version", action="version",
+                        version=f"relaymail {relaymail.__version__}")
     parser.add_argument("--file", required=True, metavar="FILE",
                         help="the password file")
     parser.add_argument("--delete", action="store_true",

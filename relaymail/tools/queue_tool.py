@@ -61,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from zope.interface import implementer
 
+import relaymail
 from relaymail import sanitize
 from relaymail.config import ConfigError, load_config
 from relaymail.queue import record as records
@@ -178,6 +179,8 @@ def _parser():
                     "the daemon running (changes are asked of it over the "
                     "spool's control socket) or stopped (the files are changed "
                     "directly, under the spool lock).")
+    parser.add_argument("--version", action="version",
+                        version=f"relaymail {relaymail.__version__}")
     parser.add_argument("--config", "-c", metavar="FILE",
                         help="configuration file (INI); without it, the built-in "
                              "defaults, as for the daemon")
