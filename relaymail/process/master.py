@@ -382,10 +382,12 @@ class Master(service.Service):
             # What it was writing (tmp/), and a body it had renamed into
             # active/ without its record when it died.
             removed = self._spool.remove_lone_bodies(slot=worker.slot)
-            if worker.role == INBOUND and not worker.retiring and worker in self.inbound:
-                # Its connections are gone with it.
-                clear_connections(worker.limits_fd, len(self.inbound), self.settings,
-                                  worker.limits_row)
+            if worker.role == INBOUND:
+                if worker in self.inbound:
+                    # Its connections are gone with it (a retired worker's
+                    # region goes with its generation).
+                    clear_connections(worker.limits_fd, len(self.inbound), self.settings,
+                                      worker.limits_row)
                 return removed + self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
             return removed + self._spool.remove_unfinished(slot=worker.slot, owns=owns)

@@ -341,7 +341,9 @@ class Scheduler(service.Service):
         now = self._clock()
         record = attempt.record
         deferred = [e for e in record["recipients"] if e["status"] not in _FINAL]
-        if deferred and now - record["created_at"] >= self.settings.queue.lifetime:
+        if (deferred and not attempt.abandoned
+                and now - record["created_at"] >= self.settings.queue.lifetime):
+            # (Not for an attempt a stop cut short: it gets its last try.)
             for entry in deferred:
                 self._record(queue_id, attempt, Outcome(
                     entry["address"], BOUNCED, None, "4.4.7",
@@ -373,7 +375,8 @@ class Scheduler(service.Service):
             record["next_attempt_at"] = now + backoff(
                 record["attempts"], self.settings.queue.min_backoff,
                 self.settings.queue.max_backoff)
-        d = defer.maybeDeferred(self._maybe_warn, queue_id, record, deferred, now)
+        d = (defer.succeed(None) if attempt.abandoned
+             else defer.maybeDeferred(self._maybe_warn, queue_id, record, deferred, now))
         d.addCallback(lambda _: self._write(queue_id, attempt))
         d.addCallback(lambda _: self._reschedule(queue_id, attempt))
         return d
