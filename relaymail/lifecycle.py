@@ -46,17 +46,6 @@ def _stop(child):
         lambda failure: log.failure("stopping {child!r} failed", failure, child=child))
 
 
-class Draining(service.Service):
-    """A child whose drain is a function of the grace (the SMTP sessions,
-    with the listeners that feed them)."""
-
-    def __init__(self, drain):
-        self._drain = drain
-
-    def drain(self, grace):
-        return self._drain(grace)
-
-
 def _log_drain_failures(results):
     for succeeded, result in results:
         if not succeeded:

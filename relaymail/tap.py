@@ -24,7 +24,7 @@ from relaymail.config import ConfigError, load_config, read_config_text
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
-from relaymail.lifecycle import Draining, OrderlyService
+from relaymail.lifecycle import OrderlyService
 from relaymail.policy.loader import build_plugins
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
@@ -38,7 +38,7 @@ from relaymail.smtp import endpoint_string
 from relaymail.smtp.authentication import RESERVED_HASHES, Authenticator
 from relaymail.smtp.limits import ConnectionGate
 from relaymail.smtp.server import SMTPFactory
-from relaymail.smtp.sessions import OpenSessions
+from relaymail.smtp.sessions import EndSessions, OpenSessions
 from relaymail.smtp.tls import ServerTLS, TLSFileError, implicit_tls_endpoint
 
 log = Logger(namespace="relaymail")
@@ -165,12 +165,7 @@ def build_service(settings, reactor=None):
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
         listeners.append(listener)
-
-    def stop_accepting_then_end_sessions(grace):
-        for listener in listeners:
-            listener.stopService()
-        return sessions.end(grace)
-    Draining(stop_accepting_then_end_sessions).setServiceParent(top)
+    EndSessions(listeners, sessions).setServiceParent(top)
     return top
 
 
@@ -259,14 +254,12 @@ class SingleProcessReload(service.Service):
             try:
                 item.reload()
             except TLSFileError as error:
-                problems.append(str(ConfigError(self._settings.source, "tls", error.key,
-                                                error.problem)))
+                problems.append(str(_tls_problem(self._settings, error)))
         for checker in checkers:
             try:
                 checker.reload()
             except PasswordFileError as error:
-                problems.append(str(ConfigError(self._settings.source, "auth", "passwords",
-                                                str(error))))
+                problems.append(str(_passwords_problem(self._settings, error)))
         for problem in problems:
             log.error("SIGHUP: kept the old contents: {problem}", problem=problem)
         log.info(
@@ -309,7 +302,7 @@ def check_files(settings):
         try:
             make_portal(settings.auth.passwords)
         except PasswordFileError as error:
-            raise ConfigError(settings.source, "auth", "passwords", str(error))
+            raise _passwords_problem(settings, error)
 
 
 def _check_workers_can_start(launch, uid, gid):
@@ -407,7 +400,17 @@ def _server_tls(settings, for_passwords=False):
         return ServerTLS(settings.tls.certificate, settings.tls.private_key,
                          for_passwords=for_passwords)
     except TLSFileError as error:
-        raise ConfigError(settings.source, "tls", error.key, error.problem)
+        raise _tls_problem(settings, error)
+
+
+def _tls_problem(settings, error):
+    """A TLSFileError as the ConfigError naming its [tls] key."""
+    return ConfigError(settings.source, "tls", error.key, error.problem)
+
+
+def _passwords_problem(settings, error):
+    """A PasswordFileError as the ConfigError naming [auth] passwords."""
+    return ConfigError(settings.source, "auth", "passwords", str(error))
 
 
 def _implicit_tls(settings, reactor, key, description, factory=None):
@@ -437,7 +440,7 @@ def _authenticator(settings, reactor, top, client_key, windows=None):
     try:
         portal = make_portal(settings.auth.passwords, threadpool=pool, reactor=reactor)
     except PasswordFileError as error:
-        raise ConfigError(settings.source, "auth", "passwords", str(error))
+        raise _passwords_problem(settings, error)
     ThreadPoolService(pool).setServiceParent(top)
     return Authenticator(portal, settings.auth.failure_delay, reactor, max_hashes=limit,
                          attempts_per_minute=settings.auth.attempts_per_minute, key=client_key,

@@ -95,7 +95,6 @@ class DestinationPool:
         self._sessions = set()
         self._stopping = False
         self._draining = False
-        self._idle_waiters = []
 
     @property
     def busy(self):
@@ -120,14 +119,6 @@ class DestinationPool:
             left.extend(queue.jobs)
             queue.jobs.clear()
         return left
-
-    def when_idle(self):
-        """A Deferred that fires once no connection is open."""
-        if self._connections == 0:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._idle_waiters.append(waiter)
-        return waiter
 
     def stop(self):
         """Drop every session; jobs still queued are left to the next start
@@ -156,10 +147,6 @@ class DestinationPool:
     def _connection_over(self, _, queue):
         queue.connections -= 1
         self._connections -= 1
-        if self._connections == 0 and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
         # Later, not now: a connection that ended at once (a cached routing
         # failure) would otherwise recurse through _pump.
         self._reactor.callLater(0, self._pump)
@@ -176,11 +163,11 @@ class DestinationPool:
             return
         retry = None        # a job that met a temporary failure on the last hop
         while (retry is not None or queue.jobs) and not self._stopping:
-            if self._draining and retry is not None:
-                # Stopping: the next hop is for the next start.
-                self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
-                return
             if self._draining:
+                if retry is not None:
+                    # Stopping: the next hop is for the next start.
+                    self._finish(retry[0], [_from_error(a, retry[1], None)
+                                            for a in retry[0].recipients])
                 return
             session, error, hops = yield self._open_session(destination, hops)
             if session is None:

@@ -303,7 +303,7 @@ class Master(service.Service):
         old_inbound, old_fd = self.inbound, self._limits_fd
         self._limits_fd = make_limits_region(len(old_inbound), settings)
         self.inbound = []
-        for number, old in enumerate(old_inbound):
+        for number in range(len(old_inbound)):
             worker = _Worker(INBOUND, number + 1, slot=self._free_slot(), limits_row=number)
             worker.limits_fd = self._limits_fd
             self.inbound.append(worker)

@@ -22,13 +22,13 @@ from twisted.application import service
 from twisted.internet import abstract, protocol
 from twisted.logger import Logger
 
-from relaymail.lifecycle import Draining, OrderlyService
+from relaymail.lifecycle import OrderlyService
 from relaymail.policy.loader import build_plugins
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
 from relaymail.process.shared_counts import SharedLimits
 from relaymail.smtp.limits import RATE_WINDOW
-from relaymail.smtp.sessions import OpenSessions
+from relaymail.smtp.sessions import EndSessions, OpenSessions
 from relaymail.queue.control import ControlFactory
 from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.partition import owner_test
@@ -67,11 +67,7 @@ def _inbound(arguments, settings, reactor, fds, policy):
     listeners = AdoptedListeners(reactor, [fds.pop(name) for name in _ordered(fds, "listen.")],
                                  factories)
     listeners.setServiceParent(top)
-
-    def stop_accepting_then_end_sessions(grace):
-        listeners.stopService()
-        return sessions.end(grace)
-    Draining(stop_accepting_then_end_sessions).setServiceParent(top)
+    EndSessions([listeners], sessions).setServiceParent(top)
     top.sessions = sessions
     return top
 

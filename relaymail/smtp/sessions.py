@@ -10,6 +10,7 @@ final dot had not come is not queued (its file in ``tmp/`` is removed), so
 each message is either queued with its 250 or not at all.
 """
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -91,3 +92,17 @@ class OpenSessions:
                      "messages without their 250 were not queued", count=len(left))
         for session in left:
             session.cut()
+
+
+class EndSessions(service.Service):
+    """The inbound side of an orderly stop (relaymail.lifecycle): its drain
+    stops the listener services, then ends the sessions they fed."""
+
+    def __init__(self, listeners, sessions):
+        self._listeners = listeners
+        self.sessions = sessions
+
+    def drain(self, grace):
+        for listener in self._listeners:
+            listener.stopService()
+        return self.sessions.end(grace)

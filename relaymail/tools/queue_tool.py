@@ -221,13 +221,9 @@ def _parser():
                             ("release", "let held messages go, due now"),
                             ("delete", "delete messages (no question asked)")):
         sub = command(name, _each_id(name), help_text, several)
-        sub.add_argument("queue_ids", type=_queue_id_all_or_stdin, nargs="+",
+        sub.add_argument("queue_ids", type=_queue_id_argument, nargs="+",
                          metavar="ID|ALL|-")
     return parser
-
-
-def _with_id(name):
-    return lambda args: f"{name} {args.queue_id}"
 
 
 def _each_id(name):
@@ -268,10 +264,14 @@ def _expand_ids(arguments, name, spool_path, context):
     return list(dict.fromkeys(queue_ids))
 
 
-def _queue_id_all_or_stdin(text):
-    if text.strip() == "-":
+def _queue_id_argument(text):
+    """An ID argument: a queue id, ALL, or - (ids on standard input)."""
+    word = text.strip()
+    if word == "-":
         return "-"
-    return _queue_id_or_all(text)
+    if word.upper() == ALL:
+        return ALL
+    return _queue_id(text)
 
 
 def _queue_id(text):
@@ -280,12 +280,6 @@ def _queue_id(text):
     if not is_queue_id(queue_id):
         raise argparse.ArgumentTypeError(f"not a queue id: {text!r}")
     return queue_id
-
-
-def _queue_id_or_all(text):
-    if text.strip().upper() == ALL:
-        return ALL
-    return _queue_id(text)
 
 
 def _seconds(text):
