@@ -214,12 +214,21 @@ def _cannot_listen(settings, error):
             errno.EADDRNOTAVAIL: "no interface of this host has that address"}.get(
         getattr(reason, "errno", None))
     for key, description, _ in listener_specs(settings):
-        if f":{error.port}" in description:
+        if _endpoint_port(description) == str(error.port):
             where = ConfigError(settings.source, "server", key,
                                 f"cannot listen on {description}: {why}"
                                 + (f"; {hint}" if hint else ""))
             return str(where)
     return f"cannot listen on {error.interface or '*'}:{error.port}: {why}"
+
+
+def _endpoint_port(description):
+    """The port of a ``tcp:2525:...`` style string (the first positional
+    field after the type, or ``port=``), or None."""
+    fields = endpoint_string.fields(description)[1:]
+    named = dict(field for field in fields if field[0] is not None)
+    positional = [value for key, value in fields if key is None]
+    return (positional[0] if positional else named.get("port", "")).strip() or None
 
 
 class SingleProcessReload(service.Service):
@@ -242,6 +251,9 @@ class SingleProcessReload(service.Service):
     def reload(self):
         tls, checkers = [], []
         for factory in self._factories:
+            own = getattr(factory, "server_tls", None)     # an ssl: listener's
+            if own is not None and own not in tls:
+                tls.append(own)
             factory = getattr(factory, "wrappedFactory", factory)
             if factory.tls is not None and factory.tls not in tls:
                 tls.append(factory.tls)
@@ -422,7 +434,15 @@ def _implicit_tls(settings, reactor, key, description, factory=None):
     except (ValueError, TLSFileError) as error:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(settings.source, "server", key, f"{description}: {problem}")
-    return endpoint, factory and TLSMemoryBIOFactory(server_tls, False, factory)
+    return endpoint, factory and _ImplicitTLSFactory(server_tls, factory)
+
+
+class _ImplicitTLSFactory(TLSMemoryBIOFactory):
+    """TLS from the first byte, keeping its ServerTLS at hand for SIGHUP."""
+
+    def __init__(self, server_tls, factory):
+        super().__init__(server_tls, False, factory)
+        self.server_tls = server_tls
 
 
 def _authenticator(settings, reactor, top, client_key, windows=None):

@@ -55,3 +55,34 @@ def test_a_failed_start_keeps_a_spool_that_holds_mail(tmp_path):
     # The lock file stays (it is never removed while a spool exists), its
     # pid forgotten.
     assert (spool / "lock").read_text() == ""
+
+
+def _free_port_whose_digits_begin_another():
+    """A free port Q with Q*10+1 free too (25 and 251, say)."""
+    for port in range(2000, 6500, 7):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port * 10 + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no such pair of free ports")
+
+
+def test_the_key_named_is_the_one_whose_port_failed_not_one_with_a_longer_port(tmp_path):
+    port = _free_port_whose_digits_begin_another()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        config = tmp_path / "relaymail.ini"
+        config.write_text(f"[server]\nlisten = tcp:{port * 10 + 1}:interface=127.0.0.1\n"
+                          f"proxy_listen = tcp:{port}:interface=127.0.0.1\nproxy_trusted = 127.0.0.1\n"
+                          "workers = 0\n"
+                          f"[queue]\npath = {tmp_path / 'spool'}\n")
+        result = subprocess.run([TWISTD, "-n", "--pidfile=", "relaymail", "--config",
+                                 str(config)], cwd=tmp_path, env=_env(),
+                                capture_output=True, text=True, timeout=30)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "#error]" in line]
+    assert len(errors) == 1, result.stdout + result.stderr
+    assert f"[server] proxy_listen: cannot listen on tcp:{port}:" in errors[0], errors[0]

@@ -62,6 +62,19 @@ def start_message(client):
     client.sock.sendall(b"Subject: in flight\r\n\r\nSENT-DURING-THE-STOP\r\n")
 
 
+def answer_data_when_told(nexthop):
+    """The next hop holds its reply to the final dot until ``may_answer``
+    is set; ``reached_data`` is set once a message is there."""
+    reached_data, may_answer = threading.Event(), threading.Event()
+
+    def data_reply(message):
+        reached_data.set()
+        may_answer.wait(30)
+        return (250, "2.0.0 Ok: queued")
+    nexthop.data_reply = data_reply
+    return reached_data, may_answer
+
+
 def no_alarming_lines(log):
     return not re.search(r"#critical|Traceback|Unhandled", log)
 
@@ -109,13 +122,7 @@ def _refused(port):
 
 
 def test_sigterm_waits_for_a_delivery_in_flight_and_logs_nothing_critical(tmp_path, nexthop):
-    reached_data, may_answer = threading.Event(), threading.Event()
-
-    def slow_data_reply(message):
-        reached_data.set()
-        may_answer.wait(20)
-        return (250, "2.0.0 Ok: queued")
-    nexthop.data_reply = slow_data_reply
+    reached_data, may_answer = answer_data_when_told(nexthop)
     relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
                        server={"workers": "1", "shutdown_grace": "20"}).start()
     try:
@@ -243,3 +250,135 @@ def test_sighup_with_one_process_reads_the_certificate_again(tmp_path):
     finally:
         relay.stop()
     assert relay.process.returncode == -signal.SIGTERM
+
+
+def test_a_delivery_cut_at_the_grace_is_left_for_the_next_start_not_counted(tmp_path, nexthop):
+    from relaymail.queue.spool import Spool
+    reached_data, may_answer = answer_data_when_told(nexthop)
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1", "shutdown_grace": "1"}).start()
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        assert reached_data.wait(20)
+        stopped_at = time.time()
+        relay.process.send_signal(signal.SIGTERM)
+        relay.process.wait(30)
+    finally:
+        may_answer.set()
+        relay.stop()
+    log = relay.log()
+    assert "1 deliveries still under way after [server] shutdown_grace: cut" in log, log
+    # The cut is the stop's doing, not the next hop's: no attempt counted,
+    # no error recorded, no backoff, and no deferral logged.
+    record = Spool(relay.spool).read_record(queue_id)
+    assert record["attempts"] == 0
+    assert record["recipients"][0]["attempts"] == 0
+    assert record["recipients"][0]["last_error"] is None
+    assert stopped_at - 1 <= record["next_attempt_at"] <= time.time()
+    assert not re.search(rf"{queue_id}: to=<bob@example\.net>.*status=deferred", log), log
+    assert no_alarming_lines(log), log
+
+
+def test_sighup_while_an_inbound_worker_waits_to_restart_replaces_it_once(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1"}).start()
+    try:
+        # Young deaths back off: 0, 0.5, 1, 2 s before the restart.
+        for deaths in range(1, 5):
+            os.kill(wait_for_worker(relay, "inbound.1", deaths), signal.SIGKILL)
+        wait_until(lambda: "restarting it in 2.0s" in relay.log(), what="the fourth death")
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "inbound.1 of the old configuration is not restarted" in relay.log(),
+                   what="the dropped restart")
+        assert len(worker_pids(relay, "inbound.1")) == 5
+        # Not waiting on a worker that will never end: the next reload goes.
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: relay.log().count("reloaded; 1 inbound") == 2, what="the second reload")
+        assert send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(1)
+    finally:
+        relay.stop()
+    assert len(worker_pids(relay, "inbound.1")) == 6
+    assert no_alarming_lines(relay.log()), relay.log()
+
+
+def test_sighup_to_a_worker_still_starting_is_taken_once_it_can(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1"}).start()
+    try:
+        os.kill(wait_for_worker(relay, "inbound.1"), signal.SIGKILL)
+        wait_for_worker(relay, "inbound.1", 2)
+        # Its successor is importing (half a second): the reload reaches it there.
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "inbound.1 (pid" in relay.log().split("reloaded;")[-1]
+                   and "of the old configuration" in relay.log(), what="the old worker's end")
+        assert send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(1)
+    finally:
+        relay.stop()
+    log = relay.log()
+    ends = re.findall(r"inbound\.1 \(pid \d+\) of the old configuration (.*?);", log)
+    assert ends == ["exited with status 0"], log
+
+
+def test_sigterm_after_sighup_tells_the_sessions_let_go_on_at_once(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1", "shutdown_grace": "20"}).start()
+    session = Client(relay.port)
+    try:
+        assert session.reply().startswith(b"220 ")
+        assert session.command(b"EHLO client.test").startswith(b"250")
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "Replaced: 1 SMTP sessions open may go on" in relay.log(),
+                   what="the old worker to let its session go on")
+        assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+        told_at = time.monotonic()
+        relay.process.send_signal(signal.SIGTERM)
+        assert session.reply() == b"421 4.3.2 relay.test Service shutting down, try again later\r\n"
+        assert time.monotonic() - told_at < 10      # not at the end of the 20 s grace
+        relay.process.wait(30)
+    finally:
+        session.close()
+        relay.stop()
+    assert no_alarming_lines(relay.log()), relay.log()
+
+
+def _served_certificate(port):
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), 10) as raw:
+        with context.wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_sighup_with_one_process_renews_an_ssl_listeners_own_certificate(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from tests.certs import CertificateAuthority
+    from tests.relay_process import RelayProcess, free_port
+    ca = CertificateAuthority()
+    first, renewed = ca.issue("relay.test"), ca.issue("relay.test")
+    (tmp_path / "cert.pem").write_bytes(first.cert_pem)
+    (tmp_path / "key.pem").write_bytes(first.key_pem)
+    implicit_port = free_port()
+    relay = RelayProcess(tmp_path, {"server": {
+        "workers": "0",
+        "listen": f"tcp:{free_port()}:interface=127.0.0.1\n"
+                  f"    ssl:{implicit_port}:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}"
+                  f":certKey={tmp_path / 'cert.pem'}"}})
+    relay.port = int(re.search(r"tcp:(\d+)", open(relay.config).read()).group(1))
+    relay.start()
+    try:
+        assert _served_certificate(implicit_port) == x509.load_pem_x509_certificate(
+            first.cert_pem).public_bytes(Encoding.DER)
+        (tmp_path / "key.pem").write_bytes(renewed.key_pem)
+        (tmp_path / "cert.pem").write_bytes(renewed.cert_pem)
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: TLS certificates" in relay.log(), what="the reload line")
+        assert _served_certificate(implicit_port) == x509.load_pem_x509_certificate(
+            renewed.cert_pem).public_bytes(Encoding.DER)
+    finally:
+        relay.stop()
+    assert "kept the old contents" not in relay.log()

@@ -63,6 +63,9 @@ class Job:
     smtputf8: bool = False
     #: Called with (job, [Outcome]) once, when the job is over.
     on_done: object = None
+    #: Called with the job when a stop leaves it undone (its recipients as
+    #: they were: neither delivered nor failed).
+    on_abandoned: object = None
     queued_at: float = field(default_factory=time.time)
 
 
@@ -166,11 +169,14 @@ class DestinationPool:
             if self._draining:
                 if retry is not None:
                     # Stopping: the next hop is for the next start.
-                    self._finish(retry[0], [_from_error(a, retry[1], None)
-                                            for a in retry[0].recipients])
+                    self._abandon(retry[0])
                 return
             session, error, hops = yield self._open_session(destination, hops)
             if session is None:
+                if self._stopping or self._draining:
+                    if retry is not None:
+                        self._abandon(retry[0])
+                    return
                 if retry is not None:
                     self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
                 self._fail_queued(queue, error)
@@ -200,6 +206,10 @@ class DestinationPool:
                         body=job.body, smtputf8=job.smtputf8)
                 except DeliveryError as error:
                     session.abort()
+                    if self._stopping:
+                        # Cut by the stop, not refused by the next hop.
+                        self._abandon(job)
+                        return None
                     # Another hop only when this one surely did not take
                     # the message; after the content went, wait and retry.
                     if error.temporary and more_hops and not error.after_data:
@@ -209,6 +219,10 @@ class DestinationPool:
                     self._finish(job, [_from_error(a, error, session) for a in job.recipients])
                     return None
                 except Exception as error:
+                    if self._stopping:
+                        session.abort()
+                        self._abandon(job)
+                        return None
                     log.failure("delivery of {queue_id} failed", queue_id=job.queue_id)
                     self._finish(job, [Outcome(a, DEFERRED, None, "4.3.0", f"local error: {error}")
                                        for a in job.recipients])
@@ -216,6 +230,14 @@ class DestinationPool:
                     return None
                 self._finish(job, [_from_result(r, session) for r in results])
                 job = None
+            if job is not None:
+                # The job this connection was opened for never ran.
+                if self._stopping or self._draining:
+                    self._abandon(job)
+                else:
+                    self._finish(job, [Outcome(a, DEFERRED, None, "4.4.2",
+                                               f"{session.remote}: connection closed before "
+                                               "the transaction") for a in job.recipients])
             if session.is_open():
                 yield session.quit()
             return None
@@ -251,6 +273,12 @@ class DestinationPool:
         while queue.jobs:
             job = queue.jobs.popleft()
             self._finish(job, [_from_error(a, error, None) for a in job.recipients])
+
+    def _abandon(self, job):
+        try:
+            job.on_abandoned(job)
+        except Exception:
+            log.failure("leaving {queue_id} to the next start failed", queue_id=job.queue_id)
 
     def _finish(self, job, outcomes):
         try:

@@ -30,6 +30,7 @@ Queue tool requests on ``QUEUE/control`` are passed to the delivery worker
 owning the message (or to all of them, for ``flush`` and ``delete ALL``).
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -177,6 +178,11 @@ class Master(service.Service):
     def _spawn(self, worker):
         if self._stopping:
             return
+        if worker.role == INBOUND and worker not in self.inbound:
+            # Died, then a reload replaced its generation before the restart.
+            log.info("{name} of the old configuration is not restarted: the reload "
+                     "started its successor", name=worker.name)
+            return
         try:
             self._start_process(worker)
         except OSError as error:
@@ -230,10 +236,14 @@ class Master(service.Service):
             child_fds[number] = fd
             arguments += ["--fd", f"{name}={number}"]
         argv = [sys.executable, "-m", "relaymail.process.worker", *arguments]
-        worker.process = self._reactor.spawnProcess(
-            _WorkerProcess(self, worker), sys.executable, argv,
-            env=self._launch.environment(_environment()), path=self._launch.directory,
-            childFDs=child_fds)
+        with _sighup_blocked():
+            # The worker inherits the mask and unblocks SIGHUP once its
+            # handler is in place: a reload during its 0.5 s of imports
+            # is then taken late, not as the default "terminate".
+            worker.process = self._reactor.spawnProcess(
+                _WorkerProcess(self, worker), sys.executable, argv,
+                env=self._launch.environment(_environment()), path=self._launch.directory,
+                childFDs=child_fds)
         worker.pid = worker.process.pid
         worker.started_at = time.monotonic()
         if worker.role == INBOUND and self._writers_may_go:
@@ -311,9 +321,14 @@ class Master(service.Service):
             self._spawn(worker)
         for worker in old_inbound:
             worker.limits_fd = old_fd
+            if worker.process is None:
+                # Dead, its restart pending: the restart is dropped (it is
+                # no longer in self.inbound) and its files went at its death.
+                self._slots.discard(worker.slot)
+                continue
             self._retire(worker)
             self._retiring.append(worker)
-        if not old_inbound:
+        if not self._retiring:
             os.close(old_fd)
         for worker in self.delivery:
             self._retire(worker)
@@ -446,6 +461,15 @@ class Master(service.Service):
                     worker.process.signalProcess("KILL")
                 except (OSError, ProcessExitedAlready):
                     pass
+
+
+@contextlib.contextmanager
+def _sighup_blocked():
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class WorkersCannotStart(Exception):

@@ -129,18 +129,29 @@ def main(argv=None):
             reactor.callFromThread(reactor.stop)
     stopping = []
 
+    sessions = getattr(top, "sessions", None)
+
     def replaced(*_):
         # SIGHUP from the master: a successor with the new config takes
         # new connections; our sessions may finish (relaymail.smtp.sessions).
-        sessions = getattr(top, "sessions", None)
-        if sessions is not None:
+        if sessions is not None and not stopping:
             sessions.patient = True
+        stop_once()
+
+    def terminated(*_):
+        # SIGTERM after a SIGHUP: the relay is stopping after all, and the
+        # sessions that were let go on are told now.
+        if sessions is not None and stopping:
+            reactor.callFromThread(sessions.hurry)
         stop_once()
 
     def handle_signals():
         for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, stop_once)
+            signal.signal(number, terminated)
         signal.signal(signal.SIGHUP, replaced)
+        # The master starts us with SIGHUP blocked (relaymail.process.master):
+        # one that came during start-up is taken now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     reactor.callWhenRunning(handle_signals)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

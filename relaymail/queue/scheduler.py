@@ -285,7 +285,7 @@ class Scheduler(service.Service):
             Job(queue_id=queue_id, destination=destination, sender=envelope["sender"],
                 recipients=addresses, message_path=self.spool.message_path(queue_id),
                 body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
-                on_done=self._job_done)
+                on_done=self._job_done, on_abandoned=self._job_abandoned)
             for destination, addresses in by_destination.items()
         ]
 

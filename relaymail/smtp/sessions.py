@@ -80,6 +80,13 @@ class OpenSessions:
             return result
         return ended.addBoth(done)
 
+    def hurry(self):
+        """A patient end becomes an ordinary one: the sessions between
+        commands get their 421 now rather than at the end of the grace."""
+        if self.patient and not self.ending:
+            self.patient = False
+            self._end_politely()
+
     def _end_politely(self):
         self.ending = True
         for session in list(self._open):
