@@ -859,6 +859,13 @@ SCHEMA = {
         "path": Key(listing(directory), ""),
         "timeout": Key(duration(positive=True), "10"),
     },
+    "log": {
+        # "text": twistd's line format; "json": one JSON object a line with
+        # the same fields (session, client, queue_id, ...) for log shippers.
+        # Applies where relaymail writes the log itself (twistd -n without
+        # --logfile or --syslog: standard output, the systemd journal).
+        "format": Key(choice("text", "json"), "text"),
+    },
 }
 
 

@@ -118,6 +118,9 @@ class ISessionContext(Interface):
         "(and before MAIL).")
     trusted = Attribute("True when the client is in [server] trusted_networks.")
     authenticated_user = Attribute("The AUTH user name, or None.")
+    session_id = Attribute("The session's id, as its log lines carry it (8 characters).")
+    client = Attribute("The client as the log names it: 'unknown[192.0.2.1]:40000'.")
+    tls = Attribute("'TLSv1.3 TLS_AES_256_GCM_SHA384' once TLS is up, else None.")
 
 
 class IRecipientValidator(Interface):

@@ -17,12 +17,36 @@ and it is followed by a tab as twistd does, so that a reader can tell a
 traceback's further lines from a new event.
 """
 
+import json
 import sys
+import time
 
-from twisted.logger import ILogObserver, eventAsJSON, eventAsText, formatTime
+from twisted.logger import ILogObserver, eventAsJSON, eventAsText, formatEvent, formatTime
 from zope.interface import implementer
 
 from relaymail import sanitize
+
+#: What :func:`stdout_observer` makes: "text" or "json" (``[log] format``),
+#: set by makeService, which twistd calls before it starts logging.
+_format = "text"
+
+
+# Lines twisted.names' resolver writes through the legacy log whenever it
+# reads /etc/resolv.conf (at its first lookup, and after each change):
+# "b'/etc/resolv.conf' changed, reparsing", "Resolver added ('10.0.0.53',
+# 53) to server list".  Routine, and at info level with no way to turn
+# them off; the DNS servers in use are in resolv.conf for whoever asks.
+_RESOLVER_NOISE = ("Resolver added ", "changed, reparsing")
+
+
+def is_noise(event):
+    """True for an event no observer of ours writes."""
+    message = event.get("message")
+    if not message or event.get("isError") or len(message) != 1:
+        return False
+    text = message[0]
+    return isinstance(text, str) and (text.startswith(_RESOLVER_NOISE[0])
+                                      or text.endswith(_RESOLVER_NOISE[1]))
 
 
 @implementer(ILogObserver)
@@ -38,6 +62,8 @@ class TextObserver:
         self._system_start = "[" if process_name is None else f"[{process_name} "
 
     def __call__(self, event):
+        if "message" in event and is_noise(event):
+            return
         text = eventAsText(event, includeTimestamp=False)
         if not text:
             return
@@ -57,6 +83,60 @@ class TextObserver:
         self._out.flush()
 
 
+# Keys of an event that are twisted.logger's own or the legacy log's,
+# not fields the relay gave it.
+_NOT_FIELDS = {"message", "system", "isError", "time", "format", "why", "failure", "printed"}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+@implementer(ILogObserver)
+class JSONObserver:
+    """One JSON object a line (``[log] format = json``): ``time`` (ISO 8601,
+    UTC), ``level``, ``system``, ``text`` (the line the text format would
+    write), the worker's ``process`` name, a failure's ``traceback``, and
+    every field the event carries (``session``, ``client``, ``queue_id``,
+    ``recipient``...).  Non-ASCII is written as ``\\uXXXX`` escapes, so
+    nothing in a value can split the line."""
+
+    def __init__(self, out, process_name=None):
+        self._out = out
+        self._process = process_name
+        self._second = None
+        self._stamp = ""
+
+    def __call__(self, event):
+        if "message" in event and is_noise(event):
+            return
+        text = formatEvent(event)
+        record = {"time": self._time(event.get("log_time")),
+                  "level": getattr(event.get("log_level"), "name", "info"),
+                  "system": event.get("log_system") or event.get("log_namespace") or "-",
+                  "text": text}
+        if self._process is not None:
+            record["process"] = self._process
+        for key, value in event.items():
+            if key.startswith("log_") or key in _NOT_FIELDS or key in record:
+                continue
+            if isinstance(value, _SCALARS):
+                record[key] = value
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS) for v in value):
+                record[key] = list(value)
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        self._out.write(json.dumps(record) + "\n")
+        self._out.flush()
+
+    def _time(self, when):
+        if when is None:
+            return None
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((when - second) * 1000):03d}Z"
+
+
 @implementer(ILogObserver)
 class EventObserver:
     """A worker's events, one JSON object a line (twisted.logger's
@@ -67,13 +147,33 @@ class EventObserver:
         self._out = out
 
     def __call__(self, event):
+        if "message" in event and is_noise(event):
+            return
         self._out.write(eventAsJSON(event) + "\n")
         self._out.flush()
 
 
 def stdout_observer():
     """The factory twistd's ``--logger`` option names."""
+    if _format == "json":
+        return JSONObserver(sys.stdout)
     return TextObserver(sys.stdout)
+
+
+def use_format(log_format):
+    """``[log] format`` for the observer twistd is about to make (and for
+    the workers, which write to the same standard output)."""
+    global _format
+    _format = log_format
+
+
+def worker_mode(lines_to_stdout):
+    """How a worker logs (``relaymail.process.worker --log``): in the
+    master's format on the standard output they share, else as events
+    for the master to log."""
+    if not lines_to_stdout:
+        return "events"
+    return "json" if _format == "json" else "lines"
 
 
 def logs_lines_to_stdout(twistd_options):

@@ -485,6 +485,7 @@ def makeService(options):
                         read_config_text(options["config"]) if options["config"] else None,
                         os.getcwd())
         settings = load_config(launch.config, launch.overrides, launch.config_text)
+        logobserver.use_format(settings.log.format)
         owner = _run_as(options)
         if owner is not None:
             # Before root makes or opens anything in there: a spool the

@@ -78,7 +78,7 @@ def test_message_is_relayed_to_the_smarthost_and_leaves_the_queue(tmp_path, next
                                       b"\tby relay.test (relaymail) with ESMTP id " + queue_id.encode())
     assert message["data"].endswith(b"\r\nSubject: test\r\n\r\nhello\r\n")
     assert re.search(queue_id + r": to=<bob@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:"
-                     + str(nexthop.port) + r", delay=\d+\.\d\d, dsn=2\.0\.0, status=sent "
+                     + str(nexthop.port) + r", tls=none, delay=\d+\.\d\d, dsn=2\.0\.0, status=sent "
                      r"\(250 2\.0\.0 Ok: queued\)", log)
 
 

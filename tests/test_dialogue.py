@@ -1,5 +1,7 @@
 """The SMTP dialogue driven with bytes: every command's success and error replies."""
 
+import re
+
 import pytest
 
 from relaymail.interfaces import Decision
@@ -805,6 +807,14 @@ def events(monkeypatch):
     return captured
 
 
+def label(session):
+    """The session's tag on its log lines: its id and Postfix's unknown[ip]:port."""
+    context = session.protocol.context
+    assert re.fullmatch(r"[A-Z2-7]{8}", context.session_id)
+    assert context.label == f"{context.session_id} unknown[127.0.0.1]:40000"
+    return context.label
+
+
 def formatted(events):
     from twisted.logger import formatEvent
     return [formatEvent(event) for event in events]
@@ -817,8 +827,8 @@ def test_mail_is_452_4_3_1_when_the_queue_has_no_room(session, events):
     assert session.command(b"RCPT TO:<b@example.com>") == b"503 5.5.1 Error: need MAIL command\r\n"
     assert session.command(b"NOOP") == b"250 2.0.0 Ok\r\n"
     assert formatted(events) == [
-        "127.0.0.1 mail from=<a@example.org> size=0: 452 4.3.1 Insufficient system storage: "
-        "the queue's file system has less than [queue] min_free=15728640 bytes to spare"]
+        f"{label(session)}: mail from=<a@example.org> size=0: 452 4.3.1 Insufficient system "
+        "storage: the queue's file system has less than [queue] min_free=15728640 bytes to spare"]
     assert "log_failure" not in events[0]
     session.queue.room = None        # space freed: mail is taken again
     assert session.command(b"MAIL FROM:<a@example.org>") == b"250 2.1.0 Ok\r\n"
@@ -848,8 +858,8 @@ def test_a_commit_the_disk_refuses_is_451_and_one_line_without_traceback(session
     session.queue.fail_commits = True
     assert session.send(b"a\r\n.\r\n") == b"451 4.3.0 Error: local error in processing, try again later\r\n"
     lines = [line for line in formatted(events) if "rcpt from=" not in line]
-    assert lines == ["127.0.0.1 message Q0001 not queued: [Errno 5] Input/output error: "
-                     "451 4.3.0 Error: local error in processing, try again later"]
+    assert lines == [f"{label(session)}: message Q0001 not queued: [Errno 5] Input/output "
+                     "error: 451 4.3.0 Error: local error in processing, try again later"]
     assert not any("log_failure" in event for event in events)
 
 
@@ -860,5 +870,6 @@ def test_a_queue_file_the_disk_cannot_start_is_451_and_one_line(session, events,
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(session.queue, "new_message", no_space)
     assert session.command(b"DATA") == b"451 4.3.0 Error: local error in processing, try again later\r\n"
-    assert formatted(events)[-1] == "127.0.0.1 cannot start a queue file: [Errno 28] No space left on device"
+    assert formatted(events)[-1] == (
+        f"{label(session)}: cannot start a queue file: [Errno 28] No space left on device")
     assert not any("log_failure" in event for event in events)

@@ -88,7 +88,8 @@ def test_mail_through_two_inbound_and_two_delivery_workers_arrives_exactly_once(
     for queue_id in queued:
         slot = slot_of(queue_id)
         assert slot in (3, 4)
-        assert re.search(rf"\[inbound\.{slot - 2} relaymail\.smtp#info\] {queue_id}: queued", log)
+        assert re.search(rf"\[inbound\.{slot - 2} relaymail\.smtp#info\] [A-Z2-7]{{8}} "
+                         rf"unknown\[127\.0\.0\.1\]:\d+: {queue_id}: queued", log)
         # ...and the delivery worker of its partition, and no other, sent it.
         owner = partition_of(queue_id, 2)
         assert re.search(rf"\[delivery\.{owner} relaymail\.queue#info\] {queue_id}: "
@@ -273,8 +274,8 @@ def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path
     [queued] = [line for line in lines if f"{queue_id}: queued from=<alice@example.org>" in line]
     [sent] = [line for line in lines if f"{queue_id}: to=<bob@example.net>" in line]
     # One timestamp each, and the worker's name in the system.
-    assert re.fullmatch(r"\S+ \[inbound\.1 relaymail\.smtp#info\] " + queue_id
-                        + r": queued .*", queued)
+    assert re.fullmatch(r"\S+ \[inbound\.1 relaymail\.smtp#info\] [A-Z2-7]{8} "
+                        r"unknown\[127\.0\.0\.1\]:\d+: " + queue_id + r": queued .*", queued)
     assert re.fullmatch(r"\S+ \[delivery\.0 relaymail\.queue#info\] " + queue_id
                         + r": to=.*status=sent.*", sent)
     # A warning keeps its level and namespace, as in the lines on stdout.

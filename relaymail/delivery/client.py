@@ -33,6 +33,7 @@ from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
     BODY_TYPES, assemble_results, check_message, mail_command, rcpt_command)
 from relaymail.delivery.wire import ClientConnection
+from relaymail.tls_session import negotiated_tls
 
 __all__ = ["ClientConfig", "DeliveryError", "Hop", "OutboundSession", "RecipientResult", "connect"]
 
@@ -160,6 +161,18 @@ class OutboundSession:
     def tls(self):
         """True when TLS is active."""
         return self._connection.tls_active
+
+    @property
+    def tls_description(self):
+        """For the delivery log line: ``"TLSv1.3 TLS_AES_256_GCM_SHA384
+        verified"`` (the chain and name were checked: ``verify`` and
+        ``wrapper``), ``"... unverified"`` (``may``, ``encrypt``), or
+        ``"none"``."""
+        if not self.tls:
+            return "none"
+        described = negotiated_tls(self._connection.transport) or "TLS"
+        checked = self._config.tls in ("verify", "wrapper")
+        return f"{described} {'verified' if checked else 'unverified'}"
 
     def is_open(self):
         """True while the connection can carry another transaction."""

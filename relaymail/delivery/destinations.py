@@ -41,6 +41,7 @@ class Outcome:
     text: str
     remote: str = None   # Hop.label of the server that answered
     remote_name: str = None
+    tls: str = None      # OutboundSession.tls_description, when a session was open
 
     @property
     def diagnostic(self):
@@ -171,7 +172,9 @@ class DestinationPool:
                     # Stopping: the next hop is for the next start.
                     self._abandon(retry[0])
                 return
-            session, error, hops = yield self._open_session(destination, hops)
+            waiting = retry[0] if retry is not None else (queue.jobs[0] if queue.jobs else None)
+            session, error, hops = yield self._open_session(
+                destination, hops, waiting.queue_id if waiting else "-")
             if session is None:
                 if self._stopping or self._draining:
                     if retry is not None:
@@ -245,8 +248,9 @@ class DestinationPool:
             self._sessions.discard(session)
 
     @defer.inlineCallbacks
-    def _open_session(self, destination, hops):
-        """Try the hops in order.
+    def _open_session(self, destination, hops, queue_id):
+        """Try the hops in order; ``queue_id`` is the message the
+        connection is opened for, named in the log line of a failure.
 
         :return: (session, None, hops not yet tried) or (None, last error, []).
         """
@@ -258,7 +262,8 @@ class DestinationPool:
             try:
                 session = yield self._connect(self._reactor, hop, config)
             except DeliveryError as failure:
-                log.info("connect to {remote}: {text}", remote=hop.label, text=failure.text)
+                log.info("{queue_id}: connect to {remote}: {text}", queue_id=queue_id,
+                         remote=hop.label, relay=hop.label, text=failure.text)
                 error = failure
                 continue
             return session, None, hops
@@ -297,14 +302,15 @@ def _status_for(code):
 
 def _from_result(result, session):
     return Outcome(result.address, _status_for(result.code), result.code, result.enhanced,
-                   result.text, session.remote, _remote_name(session.remote))
+                   result.text, session.remote, _remote_name(session.remote),
+                   session.tls_description)
 
 
 def _from_error(address, error, session):
     status = DEFERRED if error.temporary else BOUNCED
     remote = getattr(error, "remote", None) or (session.remote if session else None)
     return Outcome(address, status, error.code, error.enhanced, error.text, remote,
-                   _remote_name(remote))
+                   _remote_name(remote), session.tls_description if session else None)
 
 
 def _remote_name(label):

@@ -122,6 +122,9 @@ class Router:
             # The system resolver (/etc/resolv.conf, /etc/hosts, a cache);
             # it runs on the global reactor.
             resolver = client.createResolver()
+            # Each query's UDP port is a "protocol" Twisted announces as it
+            # starts and stops: two lines per lookup that say nothing.
+            dns.DNSDatagramProtocol.noisy = False
         self._resolver = resolver
         self._random = rng if rng is not None else random.Random()
 

@@ -45,6 +45,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 import relaymail
+from relaymail import logobserver
 from relaymail.process.launch import GO
 from relaymail.process.pickup import socket_pair
 from relaymail.process.shared_counts import clear_connections, make_limits_region
@@ -198,7 +199,7 @@ class Master(service.Service):
         named = {"lock": self._lock.fileno()}
         arguments = [worker.role, "--name", worker.name, "--slot", str(worker.slot),
                      "--master-pid", str(os.getpid()),
-                     "--log", "lines" if self._log_lines else "events",
+                     "--log", logobserver.worker_mode(self._log_lines),
                      *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:

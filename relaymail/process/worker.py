@@ -48,7 +48,7 @@ def parse_arguments(argv):
     parser.add_argument("--master-pid", type=int, required=True)
     parser.add_argument("--config", default=None)
     parser.add_argument("--overrides", default="{}")
-    parser.add_argument("--log", choices=("lines", "events"), default="lines")
+    parser.add_argument("--log", choices=("lines", "json", "events"), default="lines")
     parser.add_argument("--partition", type=int, default=0)
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--limits-row", type=int, default=0)
@@ -77,7 +77,9 @@ def begin_logging(mode, name):
     """``lines``: write the master's own line format to the standard output
     the master shares with us; ``events``: write each event as JSON, which
     the master logs as its own (when it logs to a file or syslog)."""
-    observer = (logobserver.TextObserver(sys.stdout, name) if mode == "lines"
+    observer = {"lines": logobserver.TextObserver,
+                "json": logobserver.JSONObserver}.get(mode)
+    observer = (observer(sys.stdout, name) if observer is not None
                 else logobserver.EventObserver(sys.stdout))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False,
                                      discardBuffer=True)

@@ -330,11 +330,12 @@ class Scheduler(service.Service):
             attempt.bounced.append(outcome)
         delay = now - attempt.record["created_at"]
         relay = outcome.remote or "none"
+        tls = f", tls={outcome.tls}" if outcome.tls else ""
         logline.info(
-            log, f"{queue_id}: to=<{outcome.address}>, relay={relay}, delay={delay:.2f}, "
+            log, f"{queue_id}: to=<{outcome.address}>, relay={relay}{tls}, delay={delay:.2f}, "
                  f"dsn={outcome.enhanced}, status={outcome.status} ({_reply_text(outcome)})",
-            queue_id=queue_id, recipient=outcome.address, relay=relay, delay=delay,
-            dsn=outcome.enhanced, status=outcome.status)
+            queue_id=queue_id, recipient=outcome.address, relay=relay, tls=outcome.tls,
+            delay=delay, dsn=outcome.enhanced, status=outcome.status)
 
     def _conclude(self, queue_id, attempt):
         """Every job of the attempt is over: bounce, retry or remove."""

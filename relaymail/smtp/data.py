@@ -46,6 +46,8 @@ _END = b"\r\n.\r\n"
 # 4.5's obsolete syntax lets white space stand before the colon, and
 # Postfix's header parser takes that form too, so it counts as a hop.
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:")
+# The first line of a Message-ID field's value, for the log.
+_MESSAGE_ID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:[ \t]*([^\r\n]{0,200})", re.IGNORECASE)
 
 
 class DataReader:
@@ -80,6 +82,9 @@ class DataReader:
         self._allow_nul = allow_nul
         #: ``Received:`` fields seen in the header section so far.
         self.received = 0
+        #: The Message-ID field's value (its first line, at most 200
+        #: octets, decoded leniently), once seen in the header section.
+        self.message_id = None
         self._in_header = header_limit is not None or max_received is not None
         # The start of a line not yet ended by CRLF; always begins a line,
         # except after an over-long line was dropped or, when splitting, cut
@@ -218,6 +223,10 @@ class DataReader:
             header = block[:end + 2] if end else b""
             self._in_header = False
         self._header_bytes += len(header)
+        if self.message_id is None and header:
+            found = _MESSAGE_ID.search(header)
+            if found:
+                self.message_id = found.group(1).strip().decode("utf-8", "replace")
         if self._header_limit is not None and self._header_bytes > self._header_limit:
             self._problem(HEADER_TOO_BIG)
             return False

@@ -19,6 +19,7 @@ from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
 from relaymail.smtp import address, data, replies
 from relaymail.smtp.received import received_header
+from relaymail.smtp.session_id import new_session_id
 from relaymail.smtp.tls import fit_for_passwords
 
 log = Logger(namespace="relaymail.smtp")
@@ -39,13 +40,25 @@ _GREETING_VERBS = frozenset({b"HELO", b"EHLO"})
 class SessionContext:
     """What plugins may know about the client; see ISessionContext."""
 
-    def __init__(self, client_ip, client_port=None, trusted=False):
+    def __init__(self, client_ip, client_port=None, trusted=False, session_id=None):
         self.client_ip = client_ip
         self.client_port = client_port
         self.trusted = trusted
         self.helo = None
         self.sender = None
         self.authenticated_user = None
+        #: "TLSv1.3 TLS_AES_256_GCM_SHA384" once a TLS handshake is done.
+        self.tls = None
+        self.session_id = session_id or new_session_id()
+        # Postfix's "unknown[ip]": no reverse lookup is done on the accept
+        # path (relaymail.smtp.received), so the name is never known.
+        self.client = (f"unknown[{client_ip}]" if client_port is None
+                       else f"unknown[{client_ip}]:{client_port}")
+        #: What every log line of the session starts with.
+        self.label = f"{self.session_id} {self.client}"
+        #: The same as fields of the log event (``[log] format = json``).
+        self.log_fields = {"session": self.session_id, "client": self.client,
+                           "client_ip": client_ip}
 
 
 class Transaction:
@@ -90,6 +103,9 @@ class Dialogue:
         #: The suite TLS negotiated (OpenSSL's name), set by the protocol
         #: once the handshake is done; AUTH needs one fit for passwords.
         self.tls_cipher = None
+        #: Commands of the session by name, for its disconnect line
+        #: (Postfix's "ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6").
+        self.commands = {}
         #: Set when the reply just given is STARTTLS's 220: the protocol
         #: starts the handshake and calls tls_started().
         self.start_tls = False
@@ -162,7 +178,10 @@ class Dialogue:
             return replies.http_request(self.hostname)
         handler = self._handlers.get(verb)
         if handler is None:
+            self.commands["unknown"] = self.commands.get("unknown", 0) + 1
             return replies.EMPTY_COMMAND if not line.strip() else replies.COMMAND_UNRECOGNIZED
+        name = _COMMAND_NAMES[verb]
+        self.commands[name] = self.commands.get(name, 0) + 1
         try:
             argument = rest.decode("utf-8")
         except UnicodeDecodeError:
@@ -192,6 +211,13 @@ class Dialogue:
             return replies.HELO_TOO_LONG
         self._start_session(argument, esmtp=True)
         return replies.Reply(250, None, [f"{self.hostname} Hello {argument}"] + self.extensions())
+
+    def command_counts(self):
+        """``ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6``, in the order
+        the commands first came, as Postfix's disconnect line has them."""
+        counts = " ".join(f"{name}={count}" for name, count in self.commands.items())
+        total = sum(self.commands.values())
+        return f"{counts} commands={total}" if counts else "commands=0"
 
     def _start_session(self, helo, esmtp):
         self.context.helo = helo
@@ -262,8 +288,8 @@ class Dialogue:
             return replies.AUTH_SYNTAX
         refusal = self.auth.admit(self.context.client_ip, self.context.trusted)
         if refusal is not None:
-            log.info("{client_ip} AUTH refused: too many attempts",
-                     client_ip=self.context.client_ip)
+            log.info("{session} {client}: AUTH refused: too many attempts",
+                     **self.context.log_fields)
             return refusal
         try:
             self._sasl = self.auth.start(mechanism.upper(), initial or None)
@@ -304,18 +330,19 @@ class Dialogue:
         try:
             d = self.auth.check(value, self.context.client_ip, self.context.trusted)
         except self.auth.Unavailable as busy:
-            log.info("{client_ip} AUTH refused: {reason}", client_ip=self.context.client_ip,
-                     reason=busy.reason)
+            log.info("{session} {client}: AUTH refused: {reason}", reason=busy.reason,
+                     **self.context.log_fields)
             return busy.reply
         d.addCallback(self._authenticated)
         return d
 
     def _authenticated(self, user):
         if user is None:
-            log.info("{client_ip} AUTH failed", client_ip=self.context.client_ip)
+            log.info("{session} {client}: AUTH failed", **self.context.log_fields)
             return replies.AUTH_FAILED
         self.context.authenticated_user = user
-        log.info("{client_ip} AUTH as {user}", client_ip=self.context.client_ip, user=user)
+        logline.info(log, f"{self.context.label}: AUTH as {user}", user=user,
+                     **self.context.log_fields)
         return replies.AUTH_OK
 
     # -- the transaction -------------------------------------------------
@@ -351,11 +378,11 @@ class Dialogue:
         if not self.queue.has_room(declared):
             # A warning, as Postfix's: the administrator has a disk to see to.
             reply = replies.INSUFFICIENT_STORAGE
-            log.warn("{client_ip} mail from=<{sender}> size={size}: {code} {enhanced} {text}: "
-                     "the queue's file system has less than [queue] min_free={min_free} bytes "
-                     "to spare", client_ip=self.context.client_ip, sender=str(sender or ""),
-                     size=declared, code=reply.code, enhanced=reply.enhanced, text=reply.text,
-                     min_free=self.settings.queue.min_free)
+            log.warn("{session} {client}: mail from=<{sender}> size={size}: {code} {enhanced} "
+                     "{text}: the queue's file system has less than [queue] min_free={min_free} "
+                     "bytes to spare", sender=str(sender or ""), size=declared, code=reply.code,
+                     enhanced=reply.enhanced, text=reply.text,
+                     min_free=self.settings.queue.min_free, **self.context.log_fields)
             return reply
         self.transaction = Transaction(sender, body, smtputf8)
         self.context.sender = sender
@@ -421,10 +448,10 @@ class Dialogue:
         reply = replies.decision_reply(decision, replies.RECIPIENT_OK)
         sender = transaction.sender or ""
         logline.info(
-            log, f"{self.context.client_ip} rcpt from=<{sender}> to=<{recipient}>: "
+            log, f"{self.context.label}: rcpt from=<{sender}> to=<{recipient}>: "
                  f"{reply.code} {reply.enhanced} {reply.text}",
-            client_ip=self.context.client_ip, sender=str(sender), recipient=str(recipient),
-            code=reply.code, enhanced=reply.enhanced)
+            sender=str(sender), recipient=str(recipient), code=reply.code,
+            enhanced=reply.enhanced, **self.context.log_fields)
         if decision.kind == decision.ACCEPT_KIND and transaction is self.transaction:
             transaction.recipients.append(recipient)
         return reply
@@ -442,8 +469,8 @@ class Dialogue:
         except (OSError, RuntimeError) as error:
             # OSError from the disk (ENOSPC, EIO: no bug, so no traceback);
             # RuntimeError from a spool shutting down.
-            log.error("{client_ip} cannot start a queue file: {error}",
-                      client_ip=self.context.client_ip, error=str(error))
+            log.error("{session} {client}: cannot start a queue file: {error}",
+                      error=str(error), **self.context.log_fields)
             self._discard_writer()
             self._reset()
             return replies.LOCAL_ERROR
@@ -497,17 +524,18 @@ class Dialogue:
             writer.abort()
             # A disk error says which (ENOSPC, EIO): what the admin must fix.
             cause = f" ({reader.write_error.strerror})" if reader.write_error else ""
-            log.info("{client_ip} message {queue_id} refused: {code} {enhanced} {text}{cause}",
-                     client_ip=self.context.client_ip, queue_id=writer.queue_id,
-                     code=problem.code, enhanced=problem.enhanced, text=problem.text, cause=cause)
+            log.info("{session} {client}: message {queue_id} refused: {code} {enhanced} "
+                     "{text}{cause}", queue_id=writer.queue_id, code=problem.code,
+                     enhanced=problem.enhanced, text=problem.text, cause=cause,
+                     **self.context.log_fields)
             return defer.succeed(problem)
         recipients = [str(r) for r in transaction.recipients]
         d = self.policy.expand_recipients(recipients, self.context)
-        d.addCallback(self._commit, writer, transaction, reader.size)
+        d.addCallback(self._commit, writer, transaction, reader.size, reader.message_id)
         d.addErrback(self._commit_failed, writer)
         return d
 
-    def _commit(self, recipients, writer, transaction, size):
+    def _commit(self, recipients, writer, transaction, size, message_id=None):
         envelope = Envelope(
             sender=str(transaction.sender) if transaction.sender else "",
             recipients=recipients, body=transaction.body, smtputf8=transaction.smtputf8,
@@ -517,12 +545,20 @@ class Dialogue:
 
         def queued(queue_id):
             self._junk = 0
+            context = self.context
             rcpts = ",".join(f"<{r}>" for r in recipients)
+            # HELO, Message-ID, AUTH user and TLS once per message, on the
+            # line that ties the session to the queue id.
+            extra = f" auth={context.authenticated_user}" if context.authenticated_user else ""
+            if context.tls:
+                extra += f" tls={context.tls}"
             logline.info(
-                log, f"{queue_id}: queued from=<{envelope.sender}> to={rcpts} size={size} "
-                     f"client={self.context.client_ip}",
+                log, f"{context.label}: {queue_id}: queued from=<{envelope.sender}> to={rcpts} "
+                     f"size={size} helo=<{context.helo or ''}> message-id={message_id or '-'}"
+                     f"{extra}",
                 queue_id=queue_id, sender=envelope.sender, recipients=recipients, size=size,
-                client_ip=self.context.client_ip)
+                helo=context.helo, message_id=message_id, auth=context.authenticated_user,
+                tls=context.tls, **context.log_fields)
             return replies.queued(queue_id)
         return d.addCallback(queued)
 
@@ -532,10 +568,10 @@ class Dialogue:
         if failure.check(OSError, RuntimeError):
             # The disk refused (ENOSPC at the last flush or the record) or
             # the spool is stopping: one line, as for a failed write.
-            log.error("{client_ip} message {queue_id} not queued: {error}: {code} {enhanced} {text}",
-                      client_ip=self.context.client_ip, queue_id=writer.queue_id,
-                      error=str(failure.value), code=reply.code, enhanced=reply.enhanced,
-                      text=reply.text)
+            log.error("{session} {client}: message {queue_id} not queued: {error}: {code} "
+                      "{enhanced} {text}", queue_id=writer.queue_id, error=str(failure.value),
+                      code=reply.code, enhanced=reply.enhanced, text=reply.text,
+                      **self.context.log_fields)
         else:
             log.failure("message {queue_id} not queued", failure, queue_id=writer.queue_id)
         return reply
@@ -604,6 +640,9 @@ class Dialogue:
         b"RSET": _rset, b"NOOP": _noop, b"QUIT": _quit, b"VRFY": _vrfy, b"EXPN": _expn,
         b"HELP": _help, b"STARTTLS": _starttls, b"AUTH": _auth,
     }
+
+
+_COMMAND_NAMES = {verb: verb.decode("ascii").lower() for verb in Dialogue._handlers}
 
 
 # Tabs count: no SMTP argument needs one, and CR/LF/NUL inside an argument

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from relaymail import logline
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
-from relaymail.smtp.tls import negotiated_cipher
+from relaymail.tls_session import negotiated_cipher, negotiated_tls
 from relaymail.tcp import no_delay
 
 log = Logger(namespace="relaymail.smtp")
@@ -85,7 +85,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.factory.settings.limits.command_timeout)
         if self.factory.proxy:
             if not self.factory.is_proxy_trusted(ip):
-                log.info("PROXY listener: {ip} is not in proxy_trusted; closed", ip=ip)
+                log.info("unknown[{ip}]:{port}: PROXY listener: not in proxy_trusted; closed",
+                         ip=ip, port=port)
                 self._close()
                 return
             self._proxy_peer = (ip, port)
@@ -103,8 +104,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.dialogue.tls_active = self.factory.implicit_tls
         refusal = self.factory.gate.admit(ip, exempt=trusted) if self.factory.gate else None
         if refusal is not None:
-            log.info("connect from {client_ip}:{client_port} refused: {reason}",
-                     client_ip=ip, client_port=port, reason=refusal)
+            log.info("{session} {client}: connect refused: {reason}", reason=refusal,
+                     **self.context.log_fields)
             # In place of the greeting, but with its enhanced code, as
             # Postfix does: "421 4.7.0" is what limits are known by.
             reply = replies.Reply(421, "4.7.0", f"{self.dialogue.hostname} {refusal}")
@@ -117,8 +118,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             # shedding outsiders, and trusted ones have their reserve.
             self.factory.gate.watch(self._stress_changed)
             self._stress_changed(self.factory.gate.stressed)
-        logline.info(log, f"connect from {ip}:{port} trusted={trusted}",
-                     client_ip=ip, client_port=port, trusted=trusted)
+        logline.info(log, f"{self.context.label}: connect trusted={'yes' if trusted else 'no'}",
+                     client_port=port, trusted=trusted, **self.context.log_fields)
         self._reply(self.dialogue.greeting())
 
     def connectionLost(self, reason):
@@ -132,8 +133,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.factory.gate.release(self.context.client_ip)
         if self.dialogue is not None:
             self.dialogue.connection_lost()
-            logline.info(log, f"disconnect from {self.context.client_ip}",
-                         client_ip=self.context.client_ip)
+            counts = self.dialogue.command_counts()
+            logline.info(log, f"{self.context.label}: disconnect {counts}",
+                         commands=sum(self.dialogue.commands.values()),
+                         **self.context.log_fields)
 
     def _stress_changed(self, stressed):
         """The gate went in or out of stress: take its limits, and restart
@@ -167,7 +170,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.dialogue is None:
             self._close()       # no PROXY header in time
             return
-        log.info("timeout from {client_ip}", client_ip=self.context.client_ip)
+        log.info("{session} {client}: timeout", **self.context.log_fields)
         self.dialogue.connection_lost()
         self._reply(replies.timeout(self.dialogue.hostname), close=True)
 
@@ -177,7 +180,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         try:
             result = proxy.parse(self._buffer)
         except proxy.ProxyHeaderError as error:
-            log.info("bad PROXY header from {ip}: {error}", ip=self._proxy_peer[0], error=str(error))
+            log.info("unknown[{ip}]:{port}: bad PROXY header: {error}", ip=self._proxy_peer[0],
+                     port=self._proxy_peer[1], error=str(error))
             self._close()
             return False
         if result is proxy.NEED_MORE:
@@ -314,8 +318,14 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 continue
             if self.dialogue.tls_active and self.dialogue.tls_cipher is None:
                 # A line came through TLS, so the handshake is done.
-                self.dialogue.tls_cipher = negotiated_cipher(self.transport)
+                self._tls_done()
             self._answer(self.dialogue.handle(line))
+
+    def _tls_done(self):
+        self.dialogue.tls_cipher = negotiated_cipher(self.transport)
+        self.context.tls = negotiated_tls(self.transport)
+        logline.info(log, f"{self.context.label}: TLS {self.context.tls}", tls=self.context.tls,
+                     **self.context.log_fields)
 
     def _line_too_long(self):
         # RFC 4954 4: an over-long line in an AUTH exchange ends it with
@@ -385,7 +395,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._errors += 1
             limits = self.factory.settings.limits
             if self._errors >= (limits.stress_errors if self._stressed else limits.errors):
-                log.info("too many errors from {client_ip}", client_ip=self.context.client_ip)
+                log.info("{session} {client}: too many errors", **self.context.log_fields)
                 self.transport.write(replies.too_many_errors(self.dialogue.hostname).encode(
                     self.dialogue.enhanced_codes))
                 self._close()
@@ -400,7 +410,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         elapsed = self.factory.reactor.seconds() - self._data_started
         if elapsed <= limits.data_timeout + self._data_bytes / limits.min_data_rate:
             return False
-        log.info("data rate too low from {client_ip}", client_ip=self.context.client_ip)
+        log.info("{session} {client}: data rate too low", **self.context.log_fields)
         self.dialogue.connection_lost()
         self._reply(replies.Reply(421, "4.4.2", f"{self.dialogue.hostname} {replies.DATA_TOO_SLOW}"),
                     close=True)

@@ -175,7 +175,7 @@ _fit_for_passwords = None
 
 def fit_for_passwords(cipher_name):
     """Whether the suite ``cipher_name`` (OpenSSL's name, as
-    :func:`negotiated_cipher` gives it) is one passwords may travel
+    :func:`relaymail.tls_session.negotiated_cipher` gives it) is one passwords may travel
     under: TLS 1.3, or :data:`PASSWORD_CIPHERS`."""
     global _fit_for_passwords
     if _fit_for_passwords is None:
@@ -185,16 +185,6 @@ def fit_for_passwords(cipher_name):
         context.set_cipher_list(PASSWORD_CIPHERS.encode("ascii"))
         _fit_for_passwords = frozenset(SSL.Connection(context, None).get_cipher_list())
     return cipher_name in _fit_for_passwords
-
-
-def negotiated_cipher(transport):
-    """The name of the suite a TLS transport negotiated, or None if it has
-    none (not TLS, or the handshake is not done)."""
-    get_handle = getattr(transport, "getHandle", None)
-    handle = get_handle() if get_handle is not None else None
-    if not isinstance(handle, SSL.Connection):
-        return None
-    return handle.get_cipher_name()
 
 
 # Options of Twisted's ssl: endpoint string that relaymail's implicit-TLS
