@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relaymail import logline
+from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
 from relaymail.smtp import address, data, replies
@@ -313,6 +314,7 @@ class Dialogue:
     def _authenticated(self, user):
         if user is None:
             log.info("{client_ip} AUTH failed", client_ip=self.context.client_ip)
+            instruments.auth_failed()
             return replies.AUTH_FAILED
         self.context.authenticated_user = user
         log.info("{client_ip} AUTH as {user}", client_ip=self.context.client_ip, user=user)
