@@ -2,17 +2,21 @@
 over HTTP from the real relay after real SMTP sessions, with workers (the
 master adds up the workers' files) and in one process."""
 
+import base64
 import os
 import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relaymail.auth import passwords
+from tests.certs import CertificateAuthority
 from tests.nexthop import NextHop
 from tests.relay_process import TWISTD, _env, free_port
 from tests.test_delivery import send, wait_until
@@ -73,7 +77,8 @@ def wait_for_scrape(relay, predicate, what):
     try:
         wait_until(matches, timeout=10, what=what)
     except AssertionError:
-        raise AssertionError(f"no scrape with {what}: the last was {seen[0]}") from None
+        shown = {key: number for key, number in seen[0].items() if "_bucket" not in key[0]}
+        raise AssertionError(f"no scrape with {what}: the last had {shown}") from None
     return seen[0]
 
 
@@ -196,3 +201,39 @@ def test_two_metrics_endpoints_are_refused_in_one_line(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert (f"relaymail: {config}: [metrics] listen: one endpoint only, not 2"
             in result.stdout + result.stderr)
+
+
+def test_tls_both_ways_and_a_failed_auth_are_counted(tmp_path):
+    ca = CertificateAuthority()
+    relay_pair, hop_pair = ca.issue("relay.test", "127.0.0.1"), ca.issue("nexthop.test", "127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(relay_pair.cert_pem)
+    (tmp_path / "key.pem").write_bytes(relay_pair.key_pem)
+    passwords.set_password(str(tmp_path / "passwd"), "alice", "correct horse")
+    hop = NextHop(starttls=hop_pair)
+    relay = metrics_relay(
+        tmp_path, hop, workers=2,
+        tls={"certificate": str(tmp_path / "cert.pem"), "private_key": str(tmp_path / "key.pem")},
+        auth={"passwords": str(tmp_path / "passwd"), "failure_delay": "0.05"})
+    with open(relay.config) as f:
+        text = f.read()
+    with open(relay.config, "w") as f:
+        # STARTTLS towards the next hop when it offers it.
+        f.write(text.replace("smarthost_tls = none", "smarthost_tls = may"))
+    relay.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+            client.starttls(context=ssl.create_default_context(cadata=ca.cert_pem.decode()))
+            client.ehlo()
+            wrong = base64.b64encode(b"\0alice\0wrong").decode()
+            assert client.docmd("AUTH", f"PLAIN {wrong}") == (
+                535, b"5.7.8 Error: authentication failed")
+            client.sendmail("alice@example.org", ["bob@example.com"], b"Subject: t\r\n\r\nt\r\n")
+        [message] = hop.wait_for(1)
+        assert message["tls"]
+        samples = wait_for_value(relay, "relaymail_tls_sessions_total", 1,
+                                 direction="out", version="1.3")
+    finally:
+        relay.stop()
+        hop.stop()
+    assert value(samples, "relaymail_tls_sessions_total", direction="in", version="1.3") == 1
+    assert value(samples, "relaymail_smtp_auth_failures_total") == 1
