@@ -4,9 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 
-# Real clients the interoperability tests drive (Debian packages), and
-# ss (package iproute2) that shows a listener's backlog.
-TEST_TOOLS := swaks msmtp ss
+# Real clients the interoperability tests drive (Debian packages), ss
+# (package iproute2) that shows a listener's backlog, and the headless
+# browser the status page is checked in (chromium, and chromedriver from
+# package chromium-driver, which selenium drives).
+TEST_TOOLS := swaks msmtp ss chromium chromedriver
 
 .PHONY: install run test test-tools clean
 
@@ -29,7 +31,7 @@ test: install test-tools
 	$(PY) -m pytest -q
 
 test-tools:
-	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$(echo $$tool | sed s/^ss$$/iproute2/)"; done; \
+	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$(echo $$tool | sed -e s/^ss$$/iproute2/ -e s/^chromedriver$$/chromium-driver/)"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

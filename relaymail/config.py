@@ -245,6 +245,14 @@ def network(raw):
     raise ValueError(f"{raw!r} has host bits set; did you mean '{meant}'?")
 
 
+def metrics_endpoint(raw):
+    """At most one Twisted server endpoint string; empty means none (None)."""
+    endpoints = server_endpoints(raw)
+    if len(endpoints) > 1:
+        raise ValueError(f"one endpoint only, not {len(endpoints)}")
+    return endpoints[0] if endpoints else None
+
+
 def server_endpoints(raw):
     """Twisted server endpoint strings, one per line (or comma-separated).
 
@@ -852,6 +860,19 @@ SCHEMA = {
         # lines of line_length with CRLF SPACE, as Postfix breaks the lines
         # it sends (smtp_line_length_limit).
         "long_lines": Key(choice("reject", "split"), "reject"),
+    },
+    "metrics": {
+        # Prometheus exposition at /metrics and a status page at / (over
+        # HTTP, served by the master: relaymail.metrics); empty is off.
+        # One endpoint string; the sample binds loopback, as Postfix's
+        # own status tools are local only: queue data names senders.
+        "listen": Key(metrics_endpoint, ""),
+        # Where each process writes its metrics files; empty: a new
+        # private directory per run under $RUNTIME_DIRECTORY (systemd's
+        # RuntimeDirectory=) or the system's temporary directory.
+        "directory": Key(optional(absolute_path), ""),
+        # How often the status page reloads itself.
+        "status_refresh": Key(duration(positive=True), "10"),
     },
     "plugins": {
         "recipients": Key(listing(plugin_name), "domains"),

@@ -6,6 +6,7 @@ open the files its limits imply (:mod:`relaymail.file_limit`).
 
 import errno
 import os
+import time
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -166,6 +167,13 @@ def build_service(settings, reactor=None):
         listener.setServiceParent(top)
         listeners.append(listener)
     EndSessions(listeners, sessions).setServiceParent(top)
+    if settings.metrics.listen:
+        from relaymail.metrics.delivery_side import DeliveryGauges
+        from relaymail.metrics.queue_view import QueueView
+        from relaymail.metrics.web import MetricsService, single_process_status
+        DeliveryGauges(scheduler, reactor, time.time).setServiceParent(top)
+        MetricsService(settings, reactor, single_process_status(time.monotonic()),
+                       QueueView(spool)).setServiceParent(top)
     return top
 
 
@@ -213,9 +221,12 @@ def _cannot_listen(settings, error):
                           "CAP_NET_BIND_SERVICE",
             errno.EADDRNOTAVAIL: "no interface of this host has that address"}.get(
         getattr(reason, "errno", None))
-    for key, description, _ in listener_specs(settings):
+    listeners = [("server", key, description) for key, description, _ in listener_specs(settings)]
+    if settings.metrics.listen:
+        listeners.append(("metrics", "listen", settings.metrics.listen))
+    for section, key, description in listeners:
         if _endpoint_port(description) == str(error.port):
-            where = ConfigError(settings.source, "server", key,
+            where = ConfigError(settings.source, section, key,
                                 f"cannot listen on {description}: {why}"
                                 + (f"; {hint}" if hint else ""))
             return str(where)
@@ -294,6 +305,16 @@ def build_master(settings, options, launch, reactor=None):
     LockPidService(lock).setServiceParent(top)
     master = Master(settings, lock, launch,
                     logobserver.logs_lines_to_stdout(getattr(options, "parent", None)), reactor)
+    if settings.metrics.listen:
+        # Started before the master: its directory must exist when the
+        # first worker starts.
+        from relaymail.metrics.queue_view import QueueView
+        from relaymail.metrics.rundir import RunDirectory
+        from relaymail.metrics.web import MetricsService, master_status
+        master.metrics_dir = RunDirectory(settings.metrics.directory)
+        MetricsService(settings, reactor, master_status(master, master.metrics_dir),
+                       QueueView(Spool(settings.queue.path, reactor=reactor)),
+                       master.metrics_dir).setServiceParent(top)
     master.setServiceParent(top)
     return top
 

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from relaymail.metrics import instruments
 from relaymail.tcp import no_delay
 from relaymail.delivery import tls
 from relaymail.delivery.outcomes import DeliveryError
@@ -219,6 +220,7 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self):
         self.tls_active = True
+        instruments.tls_session("out", self.transport)
         self._handshaking = False
         reply, self._tls_reply = self._tls_reply, None
         if reply is not None and self._error is None:

@@ -6,10 +6,13 @@ fails, times out or answers nonsense becomes ``451 4.3.0`` for the client,
 never a broken session (the fail-soft contract Haraka gives its plugins).
 """
 
+import time
+
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from relaymail import sanitize
+from relaymail.metrics import instruments
 from relaymail.interfaces import Decision
 
 log = Logger()
@@ -124,11 +127,13 @@ class Policy:
         validators = self._validators
         for index in range(start, len(validators)):
             plugin = validators[index]
+            started = time.monotonic()
             try:
                 answer = getattr(plugin, method)(address, context)
             except Exception as exc:
                 self._log_failure(exc, plugin, method, address)
                 return succeed(PLUGIN_FAILED)
+            instruments.plugin_answer(_label(plugin), method, started, answer)
             if isinstance(answer, Deferred):
                 return self._later_decision(answer, index, method, address, context)
             decision = self._checked_decision(answer, plugin, method, address)
@@ -260,9 +265,11 @@ class Policy:
     def _call(self, plugin, method, *args):
         """Call ``plugin.method(*args)``: a Deferred that fails when it
         raises and when it takes longer than the timeout."""
+        started = time.monotonic()
         d = maybeDeferred(lambda: getattr(plugin, method)(*args))
         if self._timeout is not None:
             d.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
+        instruments.plugin_answer(_label(plugin), method, started, d)
         return d
 
     def _timed_out(self, result, timeout):

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 
 import relaymail
 from relaymail import logobserver
+from relaymail.metrics import instruments
 from relaymail.process.launch import GO
 from relaymail.process.pickup import socket_pair
 from relaymail.process.shared_counts import clear_connections, make_limits_region
@@ -133,6 +134,9 @@ class Master(service.Service):
         self._sweeper = None
         self._stopping = False
         self._writers_may_go = False
+        #: The run's relaymail.metrics.rundir.RunDirectory when [metrics]
+        #: listen is set: the workers count into it.
+        self.metrics_dir = None
 
     # -- start ---------------------------------------------------------------
 
@@ -237,14 +241,16 @@ class Master(service.Service):
             child_fds[number] = fd
             arguments += ["--fd", f"{name}={number}"]
         argv = [sys.executable, "-m", "relaymail.process.worker", *arguments]
+        env = self._launch.environment(_environment())
+        if self.metrics_dir is not None:
+            env = self.metrics_dir.environment(env)
         with _sighup_blocked():
             # The worker inherits the mask and unblocks SIGHUP once its
             # handler is in place: a reload during its 0.5 s of imports
             # is then taken late, not as the default "terminate".
             worker.process = self._reactor.spawnProcess(
                 _WorkerProcess(self, worker), sys.executable, argv,
-                env=self._launch.environment(_environment()), path=self._launch.directory,
-                childFDs=child_fds)
+                env=env, path=self._launch.directory, childFDs=child_fds)
         worker.pid = worker.process.pid
         worker.started_at = time.monotonic()
         if worker.role == INBOUND and self._writers_may_go:
@@ -260,6 +266,8 @@ class Master(service.Service):
     def _ended(self, worker, status):
         pid = worker.pid
         worker.process = None
+        if self.metrics_dir is not None:
+            self.metrics_dir.process_dead(pid)
         if worker.control is not None:
             worker.control.transport.loseConnection()
             worker.control = None
@@ -275,12 +283,22 @@ class Master(service.Service):
         worker.young_deaths = worker.young_deaths + 1 if lived < YOUNG else 0
         delay = _restart_delay(worker.young_deaths)
         removed = self._clean_up_after(worker)
+        instruments.worker_restarted(worker.role)
         log.warn("{name} (pid {pid}) {status} after {lived:.1f}s; {removed} unfinished files "
                  "removed; restarting it in {delay:.1f}s", name=worker.name, pid=pid,
                  status=status, lived=lived, removed=removed, delay=delay)
         self._reactor.callLater(delay, self._spawn, worker)
         if worker.role == INBOUND:
             self._pick_up_everywhere(f"after {worker.name} died")
+
+    def running_workers(self):
+        """``[(name, role, pid, seconds up)]`` of every live worker, the
+        old generation's finishing ones too (relaymail.metrics)."""
+        now = time.monotonic()
+        return [(worker.name + (" (old)" if worker.retiring else ""), worker.role, worker.pid,
+                 now - worker.started_at)
+                for worker in self.inbound + self._retiring + self.delivery
+                if worker.process is not None]
 
     # -- SIGHUP -------------------------------------------------------------------
 
@@ -518,6 +536,8 @@ def _environment():
     """The workers' environment: ours, with relaymail importable from where
     this process imported it (a checkout, or site-packages)."""
     env = dict(os.environ)
+    # Set for a worker only by Master._exec, when [metrics] listen is on.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     home = os.path.dirname(os.path.dirname(os.path.abspath(relaymail.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [home, env.get("PYTHONPATH")]))
     return env

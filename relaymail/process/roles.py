@@ -17,6 +17,7 @@ delivery
 
 import os
 import socket
+import time
 
 from twisted.application import service
 from twisted.internet import abstract, protocol
@@ -87,6 +88,9 @@ def _delivery(arguments, settings, reactor, fds, policy):
            ).setServiceParent(top)
     control = fds["control"]
     _Hooks(lambda: _adopt_control(reactor, control, scheduler)).setServiceParent(top)
+    if settings.metrics.listen:
+        from relaymail.metrics.delivery_side import DeliveryGauges
+        DeliveryGauges(scheduler, reactor, time.time).setServiceParent(top)
     return top
 
 

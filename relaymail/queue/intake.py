@@ -4,6 +4,7 @@ about each message the moment it is committed."""
 from zope.interface import implementer
 
 from relaymail.interfaces import IMessageQueue, IMessageWriter
+from relaymail.metrics import instruments
 
 
 @implementer(IMessageQueue)
@@ -36,6 +37,7 @@ class _NotifyingWriter:
 
     def commit(self, envelope):
         def committed(queue_id):
+            instruments.message_queued()
             self._on_committed(queue_id, getattr(self._writer, "record", None))
             return queue_id
         return self._writer.commit(envelope).addCallback(committed)

@@ -40,6 +40,7 @@ from zope.interface import implementer
 from relaymail import logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.interfaces import ISessionContext
+from relaymail.metrics import instruments
 from relaymail.queue import record as records
 from relaymail.queue.control import ControlError
 from relaymail.queue.bounce import FailedRecipient, build_dsn, is_double_bounce, read_header_section
@@ -188,6 +189,11 @@ class Scheduler(service.Service):
             self._unsaved[queue_id] = record
         self._schedule(queue_id, self._clock())
 
+    def deferred_count(self, now):
+        """Messages waiting to be tried again (due after ``now``): the
+        queue's deferred state, for relaymail.metrics."""
+        return sum(1 for when in self._scheduled.values() if when > now)
+
     def _schedule(self, queue_id, when):
         self._scheduled[queue_id] = when
         heapq.heappush(self._heap, (when, next(self._order), queue_id))
@@ -254,6 +260,7 @@ class Scheduler(service.Service):
             self._schedule(queue_id, record["next_attempt_at"])
             return
         attempt = _Attempt(record)
+        attempt.started = now
         jobs = self._jobs_for(queue_id, record, attempt)
         if not jobs:
             self._attempts[queue_id] = attempt
@@ -293,6 +300,8 @@ class Scheduler(service.Service):
         attempt = self._attempts.get(job.queue_id)
         if attempt is None:
             return
+        instruments.destination_attempt(job.destination.label, outcomes,
+                                        self._clock() - attempt.started, self._clock())
         for outcome in outcomes:
             self._record(job.queue_id, attempt, self._soft(outcome))
         attempt.jobs_left -= 1
@@ -329,6 +338,7 @@ class Scheduler(service.Service):
         if outcome.status == BOUNCED:
             attempt.bounced.append(outcome)
         delay = now - attempt.record["created_at"]
+        instruments.recipient_outcome(outcome.status, delay)
         relay = outcome.remote or "none"
         tls = f", tls={outcome.tls}" if outcome.tls else ""
         logline.info(

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relaymail import logline
+from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
 from relaymail.smtp import address, data, replies
@@ -339,6 +340,7 @@ class Dialogue:
     def _authenticated(self, user):
         if user is None:
             log.info("{session} {client}: AUTH failed", **self.context.log_fields)
+            instruments.auth_failed()
             return replies.AUTH_FAILED
         self.context.authenticated_user = user
         logline.info(log, f"{self.context.label}: AUTH as {user}", user=user,

@@ -26,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from relaymail import logline
+from relaymail.metrics import instruments
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
 from relaymail.tls_session import negotiated_cipher, negotiated_tls
@@ -74,6 +75,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self):
         no_delay(self.transport)
+        instruments.connection_opened()
         if self.factory.sessions is not None:
             self.factory.sessions.add(self)
         if self._closing:
@@ -123,6 +125,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._reply(self.dialogue.greeting())
 
     def connectionLost(self, reason):
+        instruments.connection_closed()
         self._closing = True
         self.setTimeout(None)
         if self.factory.sessions is not None:
@@ -319,7 +322,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if self.dialogue.tls_active and self.dialogue.tls_cipher is None:
                 # A line came through TLS, so the handshake is done.
                 self._tls_done()
-            self._answer(self.dialogue.handle(line))
+                instruments.tls_session("in", self.transport)
+            in_sasl = self.dialogue.in_sasl
+            answer = self.dialogue.handle(line)
+            if not in_sasl:
+                instruments.command(line, answer)
+            self._answer(answer)
 
     def _tls_done(self):
         self.dialogue.tls_cipher = negotiated_cipher(self.transport)
@@ -381,6 +389,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self._closing:
             return
         self.transport.write(reply.encode(self.dialogue.enhanced_codes))
+        instruments.reply_sent(reply)
         if reply is replies.START_DATA:
             self.setTimeout(self._period())
             self._data_started = self.factory.reactor.seconds()
