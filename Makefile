@@ -4,11 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 
-# Real clients the interoperability tests drive (Debian packages), ss
-# (package iproute2) that shows a listener's backlog, and the headless
-# browser the status page is checked in (chromium, and chromedriver from
-# package chromium-driver, which selenium drives).
-TEST_TOOLS := swaks msmtp ss chromium chromedriver
+# Commands the tests run, as COMMAND or COMMAND:DEBIAN-PACKAGE: the real
+# clients the interoperability tests drive, ss that shows a listener's
+# backlog, HAProxy in front of two relays (tests/test_haproxy_pair.py),
+# systemd-analyze that verifies etc/relaymail.service
+# (tests/test_systemd_unit.py), and the headless browser the status page is
+# checked in (chromium, and chromedriver, which selenium drives).  haproxy
+# lives in /usr/sbin, which is not on every user's PATH, so that is looked
+# in too.
+TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
+	chromedriver:chromium-driver
 
 .PHONY: install run test test-tools clean
 
@@ -31,7 +36,8 @@ test: install test-tools
 	$(PY) -m pytest -q
 
 test-tools:
-	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$(echo $$tool | sed -e s/^ss$$/iproute2/ -e s/^chromedriver$$/chromium-driver/)"; done; \
+	@missing=""; for entry in $(TEST_TOOLS); do tool=$${entry%%:*}; package=$${entry#*:}; \
+		command -v $$tool >/dev/null || test -x /usr/sbin/$$tool || missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

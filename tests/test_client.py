@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
 from twisted.internet import defer, reactor
+from twisted.internet import error as internet_error
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -1145,3 +1147,13 @@ def test_a_delivery_error_text_is_escaped_whatever_made_it():
                           "TLS error: certificate is for 'a\x1b[2J\u2028b\r\nc'", remote="x")
     assert error.text == "TLS error: certificate is for 'a\\x{1B}[2J\\x{2028}b\\x{D}\\x{A}c'"
     assert str(error) == error.text
+
+
+def test_a_connect_cut_by_a_wrapped_failure_is_named_without_its_repr():
+    # What twisted.internet.tcp fails a connection attempt with when a
+    # stop aborts it while connecting.  No "Traceback" in a log line.
+    cut = internet_error.ConnectError(string=Failure(internet_error.ConnectionLost()))
+    assert client_module._connect_problem(cut) == ("Connection to the other side was lost in a non-clean "
+                                     "fashion.")
+    refused = internet_error.ConnectError(osError=Failure(internet_error.ConnectionRefusedError()))
+    assert client_module._connect_problem(refused) == "Connection refused"

@@ -382,3 +382,46 @@ def test_sighup_with_one_process_renews_an_ssl_listeners_own_certificate(tmp_pat
     finally:
         relay.stop()
     assert "kept the old contents" not in relay.log()
+
+
+def test_sigterm_closes_the_masters_copy_of_a_listener_without_ending_the_workers(tmp_path,
+                                                                                 nexthop):
+    # The master closes its copy of each listener at once; it must not
+    # shut the shared socket down: that resets every connection in the
+    # backlog and fails the workers' accept() with EINVAL (an Unhandled
+    # Error) before they have stopped reading it.  A stopped worker keeps
+    # the socket listening, so a client still gets in, and is told.
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1,
+                       server={"workers": "1", "shutdown_grace": "5"}).start()
+    inbound = wait_for_worker(relay, "inbound.1")
+    client = None
+    try:
+        os.kill(inbound, signal.SIGSTOP)
+        relay.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: f"[-] (TCP Port {relay.port} Closed)" in relay.log(),
+                   what="the master to close its copy")
+        client = Client(relay.port)
+        os.kill(inbound, signal.SIGCONT)
+        relay.process.wait(30)
+        # Greeted and then told (the worker accepted before it began to
+        # stop), told at once, or reset when the worker closed the
+        # listener: never refused while a worker still held it.
+        answer = b""
+        try:
+            while chunk := client.sock.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        # (Before EHLO, no enhanced code: RFC 2034 3.)
+        assert re.fullmatch(rb"((220 relay\.test ESMTP relaymail\r\n)?"
+                            rb"421 relay\.test Service shutting down, try again later\r\n)?",
+                            answer), answer
+    finally:
+        if relay.process.poll() is None:
+            os.kill(inbound, signal.SIGCONT)
+        if client is not None:
+            client.close()
+        relay.stop()
+    log = relay.log()
+    assert relay.process.returncode == -signal.SIGTERM
+    assert no_alarming_lines(log), log

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer, error, threads
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
 from relaymail.delivery import downgrade, sasl, tls
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
@@ -537,4 +538,11 @@ def _connect_problem(exc):
         return "Connection timed out"
     if isinstance(exc, error.NoRouteError):
         return "No route to host"
+    if isinstance(exc, error.ConnectError):
+        # A transport closed while still connecting (a stop aborting it)
+        # fails with ConnectError(string=<the Failure>), whose repr would
+        # put "Traceback" in an ordinary log line: name what it wraps.
+        for wrapped in (exc.osError, *exc.args):
+            if isinstance(wrapped, Failure):
+                return _connect_problem(wrapped.value)
     return " ".join(str(exc).split()) or type(exc).__name__

@@ -150,6 +150,12 @@ class Master(service.Service):
             port = outcome[0]
             # Bound and listening; the workers accept, not the master.
             port.stopReading()
+            # At the stop the master only closes its copy, as Twisted does
+            # with an adopted socket.  A shutdown() would end the socket in
+            # every worker at once: the connections waiting in the backlog
+            # reset, and a worker's accept() failing with EINVAL (an
+            # Unhandled Error) before it has stopped reading the listener.
+            port._shouldShutdown = False
             self._ports.append(port)
 
     def startService(self):
