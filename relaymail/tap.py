@@ -34,6 +34,7 @@ from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, tru
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
+from relaymail.queue.usable import SpoolUnusable, check_spool_path
 from relaymail.smtp import endpoint_string
 from relaymail.smtp.authentication import RESERVED_HASHES, Authenticator
 from relaymail.smtp.limits import ConnectionGate
@@ -317,10 +318,26 @@ def _check_workers_can_start(launch, uid, gid):
                          f"they need, or set [server] workers = 0 (one process)")
 
 
+def _check_spool_path(settings):
+    """A spool that cannot be made or written where [queue] path says, as
+    one line naming the key, before anything is made there."""
+    try:
+        check_spool_path(settings.queue.path)
+    except SpoolUnusable as error:
+        raise ConfigError(settings.source, "queue", "path", str(error)) from None
+
+
 def take_lock(settings):
-    """The spool lock, held; ConfigError when another relaymail has it."""
+    """The spool lock, held; ConfigError when another relaymail has it, or
+    when the lock cannot be made (a spool that changed since
+    :func:`_check_spool_path`)."""
     lock = SpoolLock(settings.queue.path)
-    if not lock.acquire():
+    try:
+        acquired = lock.acquire()
+    except OSError as error:
+        raise ConfigError(settings.source, "queue", "path",
+                          f"cannot lock {lock.lock_path}: {error.strerror or error}") from None
+    if not acquired:
         raise ConfigError(settings.source, "queue", "path",
                           f"{settings.queue.path} is in use by another relaymail")
     return lock
@@ -465,6 +482,7 @@ def makeService(options):
                         read_config_text(options["config"]) if options["config"] else None,
                         os.getcwd())
         settings = load_config(launch.config, launch.overrides, launch.config_text)
+        _check_spool_path(settings)
         owner = _run_as(options)
         if owner is not None:
             # Before root makes or opens anything in there: a spool the

@@ -1,5 +1,5 @@
 """A start that fails outside the config file (a port taken, a port it
-may not bind) is one line naming the key, with no traceback, and leaves
+may not bind, a spool it cannot make or write) is one line naming the key, with no traceback, and leaves
 nothing behind: no spool made for nothing, no lock, no pid file."""
 
 import os
@@ -55,3 +55,91 @@ def test_a_failed_start_keeps_a_spool_that_holds_mail(tmp_path):
     # The lock file stays (it is never removed while a spool exists), its
     # pid forgotten.
     assert (spool / "lock").read_text() == ""
+
+
+# --- a spool the relay cannot make or write ---------------------------------
+
+def start_with(tmp_path, text, *twistd_options):
+    """Start the relay on a config of ``text`` and expect it to fail:
+    its exit code and every line it printed."""
+    config = tmp_path / "relaymail.ini"
+    config.write_text(text)
+    result = subprocess.run([TWISTD, "-n", "--pidfile=twistd.pid", *twistd_options, "relaymail",
+                             "--config", str(config)], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=30)
+    return result.returncode, (result.stdout + result.stderr).splitlines()
+
+
+def spool_config(spool, workers):
+    return (f"[server]\nlisten = tcp:0:interface=127.0.0.1\nworkers = {workers}\n"
+            f"[queue]\npath = {spool}\n")
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A directory on a tmpfs mounted read-only, holding an empty
+    directory ``spool``: root ignores mode bits, not a read-only mount."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs mount(8) with CAP_SYS_ADMIN (run as root)")
+    try:
+        (mount_point / "spool").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_spool_path_that_is_a_file_is_one_line_and_leaves_nothing(tmp_path, workers):
+    spool = tmp_path / "spool"
+    spool.write_text("not a directory\n")
+    code, lines = start_with(tmp_path, spool_config(spool, workers))
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [queue] path: {spool} is not a "
+                     "directory (it is a regular file)"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini", "spool"]
+    assert spool.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_read_only_spool_is_one_line_and_leaves_nothing(tmp_path, read_only_mount, workers):
+    spool = read_only_mount / "spool"
+    code, lines = start_with(tmp_path, spool_config(spool, workers))
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [queue] path: cannot write in "
+                     f"{spool}: Read-only file system"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini", "ro"]
+    assert os.listdir(spool) == []
+
+
+def test_a_read_only_spool_is_refused_before_the_uid_switch(tmp_path, read_only_mount):
+    spool = read_only_mount / "spool"
+    code, lines = start_with(tmp_path, spool_config(spool, 0), "--uid", "nobody")
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [queue] path: cannot write in "
+                     f"{spool}: Read-only file system"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini", "ro"]
+
+
+def test_a_spool_that_cannot_be_made_in_a_read_only_directory_is_one_line(tmp_path,
+                                                                           read_only_mount):
+    spool = read_only_mount / "var" / "spool"
+    code, lines = start_with(tmp_path, spool_config(spool, 2))
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [queue] path: cannot create "
+                     f"{spool}: cannot write in {read_only_mount}: Read-only file system"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini", "ro"]
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_spool_below_a_file_is_one_line_and_leaves_nothing(tmp_path, workers):
+    (tmp_path / "var").write_text("")
+    spool = tmp_path / "var" / "relaymail" / "spool"
+    code, lines = start_with(tmp_path, spool_config(spool, workers))
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [queue] path: cannot create "
+                     f"{spool}: {tmp_path}/var is not a directory (it is a regular file)"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini", "var"]
