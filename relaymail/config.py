@@ -255,14 +255,20 @@ def server_endpoints(raw):
     # default one, and twistd must be free to choose another before that.
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
+    from relaymail.smtp import endpoint_check
 
     endpoints = [part.strip() for part in _split(raw, r"[\n,]+")]
     endpoints = [part for part in endpoints if part]
     for description in endpoints:
-        try:
-            serverFromString(reactor, description)
-        except Exception as exc:
-            reason = _one_line(exc) or type(exc).__name__
+        # relaymail's reading first: Twisted's own complaints are Python's
+        # (an unexpected keyword argument), and it takes port 70000.
+        reason = endpoint_check.problem(description)
+        if reason is None:
+            try:
+                serverFromString(reactor, description)
+            except Exception as exc:
+                reason = _one_line(exc) or type(exc).__name__
+        if reason is not None:
             raise ValueError(
                 f"not a valid Twisted server endpoint {description!r}: {reason}") from None
     return endpoints

@@ -413,13 +413,72 @@ def test_listen_one_per_line_or_comma(tmp_path):
 def test_bad_endpoint(tmp_path):
     assert error_for(tmp_path, "[server]\nlisten = tcp:2525\n  bogus:25\n") == (
         "FILE: [server] listen: not a valid Twisted server endpoint 'bogus:25': "
-        "Unknown endpoint type: 'bogus'")
+        "unknown endpoint type 'bogus'; known: haproxy, ssl, stdio, systemd, tcp, tcp6, tls, "
+        "unix")
 
 
 def test_endpoint_with_bad_port(tmp_path):
-    message = error_for(tmp_path, "[server]\nlisten = tcp:abc\n")
-    assert message.startswith(
-        "FILE: [server] listen: not a valid Twisted server endpoint 'tcp:abc': ")
+    assert error_for(tmp_path, "[server]\nlisten = tcp:abc\n") == (
+        "FILE: [server] listen: not a valid Twisted server endpoint 'tcp:abc': "
+        "port must be a number, got 'abc'")
+
+
+@pytest.mark.parametrize("key", ["listen", "submission_listen", "proxy_listen"])
+@pytest.mark.parametrize("endpoint, problem", [
+    ("tcp:2590:interfce=127.0.0.1",
+     "unknown parameter 'interfce' for tcp (did you mean 'interface'?); tcp takes interface, "
+     "backlog"),
+    ("tcp:2590:interface=::1",
+     "the colons of the IPv6 address in interface=::1 must be escaped: write "
+     "interface=\\:\\:1, or use tcp6:2590:interface=\\:\\:1"),
+    ("tcp6:2590:interface=2001:db8::1",
+     "the colons of the IPv6 address in interface=2001:db8::1 must be escaped: write "
+     "interface=2001\\:db8\\:\\:1"),
+    ("tpc:2590", "unknown endpoint type 'tpc'; did you mean 'tcp'? known: haproxy, ssl, "
+                 "stdio, systemd, tcp, tcp6, tls, unix"),
+    ("tcp:70000", "port must be from 0 to 65535, got 70000"),
+    ("tcp6:25x", "port must be a number, got '25x'"),
+    ("tcp", "tcp needs a port, e.g. tcp:25"),
+    ("tcp:2590:backlog=lots", "backlog must be a number, got 'lots'"),
+    ("tcp:2590:127.0.0.1", "'127.0.0.1' is one field too many; a ':' inside a value is "
+                           "written '\\:'"),
+    ("ssl:465:privatekey=key.pem",
+     "unknown parameter 'privatekey' for ssl (did you mean 'privateKey'?); ssl takes "
+     "privateKey, certKey, interface, backlog"),
+    ("unix:/run/relaymail.sock:mod=600",
+     "unknown parameter 'mod' for unix (did you mean 'mode'?); unix takes mode, backlog, "
+     "lockfile"),
+])
+def test_endpoint_typos_are_one_line_naming_the_key(tmp_path, key, endpoint, problem):
+    text = f"[server]\n{key} = {endpoint}\n"
+    if key == "proxy_listen":
+        text += "proxy_trusted = 10.0.0.0/8\n"
+    assert error_for(tmp_path, text) == (
+        f"FILE: [server] {key}: not a valid Twisted server endpoint {endpoint!r}: {problem}")
+
+
+def test_an_escaped_ipv6_interface_is_taken_by_tcp_and_tcp6(tmp_path):
+    settings = load_with(tmp_path, "[server]\nlisten = tcp:2590:interface=\\:\\:1\n"
+                                   "  tcp6:2591:interface=\\:\\:1\n  tcp:port=2592\n")
+    assert settings.server.listen == ["tcp:2590:interface=\\:\\:1",
+                                      "tcp6:2591:interface=\\:\\:1", "tcp:port=2592"]
+
+
+def test_the_endpoint_check_knows_what_twisteds_parsers_take():
+    # relaymail.smtp.endpoint_check lists the parameters of Twisted's
+    # parsers; this says so when a Twisted upgrade changes them.
+    import inspect
+    from twisted.internet import endpoints
+    from relaymail.smtp.endpoint_check import TYPES
+
+    def parameters(function, skip):
+        return list(inspect.signature(function).parameters)[skip:]
+    assert parameters(endpoints._parseTCP, 1) == [TYPES["tcp"].positional, *TYPES["tcp"].options]
+    assert parameters(endpoints._parseUNIX, 1) == [TYPES["unix"].positional,
+                                                   *TYPES["unix"].options]
+    assert sorted(parameters(endpoints._TCP6ServerParser._parseServer, 2)) == sorted(
+        [TYPES["tcp6"].positional, *TYPES["tcp6"].options])
+    assert set(TYPES["ssl"].options) < set(parameters(endpoints._parseSSL, 1))
 
 
 def test_bad_hostname(tmp_path):
@@ -692,7 +751,8 @@ def test_overrides_apply_after_the_file(monkeypatch, tmp_path):
 def test_override_errors_name_the_command_line():
     assert override_error({("server", "listen"): "bogus:1"}) == (
         "command line: [server] listen: not a valid Twisted server endpoint "
-        "'bogus:1': Unknown endpoint type: 'bogus'")
+        "'bogus:1': unknown endpoint type 'bogus'; known: haproxy, ssl, stdio, systemd, tcp, "
+        "tcp6, tls, unix")
     assert override_error({("delivery", "smarthost"): "relay:0"}) == (
         "command line: [delivery] smarthost: port must be a number from 1 to "
         "65535, got '0'")

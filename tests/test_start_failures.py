@@ -143,3 +143,31 @@ def test_a_spool_below_a_file_is_one_line_and_leaves_nothing(tmp_path, workers):
     assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [queue] path: cannot create "
                      f"{spool}: {tmp_path}/var is not a directory (it is a regular file)"]
     assert sorted(os.listdir(tmp_path)) == ["relaymail.ini", "var"]
+
+
+# --- listener endpoint typos ---------------------------------------------------
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_an_endpoint_typo_is_one_line_naming_the_key_and_leaves_nothing(tmp_path, workers):
+    spool = tmp_path / "spool"
+    code, lines = start_with(tmp_path, f"[server]\nlisten = tcp:2590:interfce=127.0.0.1\n"
+                                       f"workers = {workers}\n[queue]\npath = {spool}\n")
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [server] listen: not a valid "
+                     "Twisted server endpoint 'tcp:2590:interfce=127.0.0.1': unknown parameter "
+                     "'interfce' for tcp (did you mean 'interface'?); tcp takes interface, "
+                     "backlog"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini"]
+
+
+def test_an_unescaped_ipv6_interface_is_refused_by_relaymail_check_too(tmp_path):
+    from relaymail.tools.check import main
+    import io
+    config = tmp_path / "relaymail.ini"
+    config.write_text("[server]\nlisten = tcp:2590:interface=::1\n")
+    err = io.StringIO()
+    assert main(["config", str(config)], out=io.StringIO(), err=err) == 1
+    assert err.getvalue() == (
+        f"relaymail-check: {config}: [server] listen: not a valid Twisted server endpoint "
+        "'tcp:2590:interface=::1': the colons of the IPv6 address in interface=::1 must be "
+        "escaped: write interface=\\:\\:1, or use tcp6:2590:interface=\\:\\:1\n")
