@@ -26,6 +26,7 @@ floats, lists, networks and so on.  The accepted forms are:
 
 import configparser
 import dataclasses
+import datetime
 import difflib
 import ipaddress
 import os
@@ -491,7 +492,37 @@ def load_server_certificate(certificate_path, private_key_path):
                     "first, then its intermediates")
         raise TLSFileError("private_key", "the private key does not match the "
                            f"certificate in {certificate_path!r}")
+    _check_validity(chain[0], certificate_path)
     return ServerCertificate(chain=chain, private_key=private_key)
+
+
+def certificate_validity(certificate):
+    """A certificate's (notBefore, notAfter) as aware UTC datetimes."""
+    try:
+        return certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    except AttributeError:      # cryptography 41 (setup.cfg allows it)
+        utc = datetime.timezone.utc
+        return (certificate.not_valid_before.replace(tzinfo=utc),
+                certificate.not_valid_after.replace(tzinfo=utc))
+
+
+def certificate_date(moment):
+    """A certificate's notBefore or notAfter as messages show it."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _check_validity(certificate, path):
+    """Refuse a server certificate outside its validity period: every
+    client that checks would fail the handshake (RFC 5280 4.1.2.5), and
+    one that does not would be taught to accept anything."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    not_before, not_after = certificate_validity(certificate)
+    if not_after < now:
+        raise TLSFileError("certificate", f"the certificate in {path!r} expired on "
+                           f"{certificate_date(not_after)} (notAfter)")
+    if not_before > now:
+        raise TLSFileError("certificate", f"the certificate in {path!r} is not valid until "
+                           f"{certificate_date(not_before)} (notBefore)")
 
 
 def optional_text(raw):
@@ -1174,6 +1205,13 @@ def _check_together(values, settings, fallback):
     _check_server_certificate(values, settings, fallback)
     _check_pair(values, settings, fallback, "delivery",
                 "smarthost_user", "smarthost_password_file")
+    delivery = settings.delivery
+    if delivery.smarthost_user is not None and delivery.smarthost_tls == "none":
+        source, key = _later(values, "delivery", "smarthost_user", "smarthost_tls", fallback)
+        raise ConfigError(source, "delivery", key,
+                          "smarthost_user is set and smarthost_tls = none, but the password "
+                          "is sent only over TLS: every message to the smarthost would be "
+                          "deferred; set smarthost_tls = verify (or encrypt)")
     for name in settings.route_tls:
         if name not in settings.routes:
             raise ConfigError(values.source_of("route_tls", name, fallback), "route_tls", name,

@@ -21,6 +21,7 @@ from relaymail import logobserver
 from relaymail.auth.checker import make_portal
 from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config, read_config_text
+from relaymail.config_warnings import config_warnings
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
@@ -143,6 +144,8 @@ def build_service(settings, reactor=None):
     raise_file_limit(settings)
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
+    # Before the lock, so a file that will not load leaves no spool behind.
+    _check_tls_and_passwords(settings)
     lock = take_lock(settings)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
     top = RelayService(settings, lock)
@@ -263,6 +266,7 @@ class SingleProcessReload(service.Service):
                 problems.append(str(_passwords_problem(self._settings, error)))
         for problem in problems:
             log.error("SIGHUP: kept the old contents: {problem}", problem=problem)
+        log_warnings(self._settings, "SIGHUP: ")
         log.info(
             "SIGHUP: TLS certificates and the password file read again; with [server] workers "
             "= 0 other changes to {config} need a restart", config=self._settings.source)
@@ -289,16 +293,26 @@ def build_master(settings, options, launch, reactor=None):
 
 def check_files(settings):
     """Load what a worker's start loads from files -- the plugins and their
-    tables, the TLS key and certificates, the password file -- and throw it
+    tables, the TLS keys and certificates ([tls] and each ``ssl:``
+    listener's), the password file -- and throw it
     away: the master does it, and a worker as the ``--uid`` user, so that a
     file one of them cannot read stops start-up with one line.
 
     :raise ConfigError: naming the file, section and key that failed.
     """
     build_plugins(settings)
+    _check_tls_and_passwords(settings)
+
+
+def _check_tls_and_passwords(settings):
+    """check_files() but for the plugins."""
     _server_tls(settings)
     if settings.server.submission_listen:
         _server_tls(settings, for_passwords=True)
+    from twisted.internet import reactor
+    for key, description, _ in listener_specs(settings):
+        if is_implicit_tls(description):
+            _implicit_tls(settings, reactor, key, description)
     if settings.auth.passwords:
         try:
             make_portal(settings.auth.passwords)
@@ -325,6 +339,13 @@ def _check_spool_path(settings):
         check_spool_path(settings.queue.path)
     except SpoolUnusable as error:
         raise ConfigError(settings.source, "queue", "path", str(error)) from None
+
+
+def log_warnings(settings, prefix=""):
+    """One warning line for each thing in the settings that works but may
+    not for long (relaymail.config_warnings)."""
+    for line in config_warnings(settings):
+        log.warn("{prefix}{warning}", prefix=prefix, warning=line)
 
 
 def take_lock(settings):
@@ -364,17 +385,18 @@ def listener_specs(settings):
            for description in settings.server.proxy_listen])
 
 
-def _implicit(description):
-    # An ssl: endpoint is TLS from the first byte (port 465 style).
+def is_implicit_tls(description):
+    """Whether a listener is TLS from the first byte (an ``ssl:``
+    endpoint, port 465 style)."""
     return description.split(":", 1)[0].lower() == "ssl"
 
 
 def listen_endpoint(settings, reactor, key, description):
     """The server endpoint to bind for one listener (for ``ssl:``, the
     plain TCP one: the factory does the TLS)."""
+    if is_implicit_tls(description):
+        return _implicit_tls(settings, reactor, key, description)[0]
     described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
-    if _implicit(description):
-        return _implicit_tls(settings, reactor, key, described)[0]
     return endpoints.serverFromString(reactor, described)
 
 
@@ -399,13 +421,12 @@ def inbound_factories(settings, reactor, top, policy, queue, shared=None, sessio
     common = dict(reactor=reactor, gate=gate, auth=auth, sessions=sessions)
     factories = []
     for key, description, options in listener_specs(settings):
-        implicit_tls = _implicit(description)
+        implicit_tls = is_implicit_tls(description)
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
                               tls=submission_tls if options.get("submission") else tls,
                               **common, **options)
         if implicit_tls:
-            described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
-            factory = _implicit_tls(settings, reactor, key, described, factory)[1]
+            factory = _implicit_tls(settings, reactor, key, description, factory)[1]
         factories.append(factory)
     return factories
 
@@ -433,9 +454,11 @@ def _passwords_problem(settings, error):
 def _implicit_tls(settings, reactor, key, description, factory=None):
     """The TCP endpoint and TLS-wrapped factory for an ``ssl:`` listener,
     with relaymail's TLS options rather than those Twisted's parser would
-    give it (the cipher list where passwords travel)."""
+    give it (the cipher list where passwords travel).  A problem names the
+    listener as written, without the backlog= added here."""
+    described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
     try:
-        endpoint, server_tls = implicit_tls_endpoint(reactor, description)
+        endpoint, server_tls = implicit_tls_endpoint(reactor, described)
     except (ValueError, TLSFileError) as error:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(settings.source, "server", key, f"{description}: {problem}")
@@ -506,6 +529,7 @@ def makeService(options):
             if settings.server.workers:
                 _check_workers_can_start(launch, *owner)
         top.pidfile = (getattr(options, "parent", None) or {}).get("pidfile")
+        log_warnings(settings)
         return top
     except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.

@@ -1219,3 +1219,60 @@ def test_percentages_follow_connections():
     limits = load_config(None, {("limits", "connections"): "5"}).limits
     assert limits.trusted_reserve.of(5) == 0
     assert limits.stress_threshold.of(5) == 4
+
+
+# --- contradictions: smarthost credentials without TLS ---------------------------
+
+def test_smarthost_credentials_with_smarthost_tls_none_are_refused(tmp_path):
+    (tmp_path / "pw").write_text("secret\n")
+    assert error_for(tmp_path, f"[delivery]\nsmarthost = [10.0.0.5]:587\nsmarthost_user = u\n"
+                               f"smarthost_password_file = {tmp_path}/pw\n"
+                               "smarthost_tls = none\n") == (
+        "FILE: [delivery] smarthost_tls: smarthost_user is set and smarthost_tls = none, but "
+        "the password is sent only over TLS: every message to the smarthost would be "
+        "deferred; set smarthost_tls = verify (or encrypt)")
+
+
+def test_smarthost_tls_none_given_last_on_the_command_line_is_the_key_named(tmp_path):
+    (tmp_path / "pw").write_text("secret\n")
+    path = write_ini(tmp_path, f"[delivery]\nsmarthost_tls = none\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {("delivery", "smarthost_user"): "u",
+                           ("delivery", "smarthost_password_file"): f"{tmp_path}/pw"})
+    assert str(info.value).startswith(
+        "command line: [delivery] smarthost_user: smarthost_user is set and smarthost_tls = "
+        "none")
+
+
+@pytest.mark.parametrize("level", ["may", "encrypt", "verify", "wrapper"])
+def test_smarthost_credentials_with_tls_load(tmp_path, level):
+    (tmp_path / "pw").write_text("secret\n")
+    settings = load_with(tmp_path, f"[delivery]\nsmarthost_user = u\n"
+                                   f"smarthost_password_file = {tmp_path}/pw\n"
+                                   f"smarthost_tls = {level}\n")
+    assert settings.delivery.smarthost_tls == level
+
+
+# --- certificates outside their validity ---------------------------------------
+
+def _days(number):
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=number)
+
+
+def test_an_expired_certificate_is_refused_with_its_notafter_date(tmp_path):
+    ended = _days(-3).replace(microsecond=0)
+    cert, key = write_pair(tmp_path, certs.self_signed(
+        "mx.test", valid_from=_days(-90), valid_until=ended))
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] certificate: the certificate in {cert!r} expired on "
+        f"{ended:%Y-%m-%d %H:%M:%S} UTC (notAfter)")
+
+
+def test_a_certificate_not_yet_valid_is_refused_with_its_notbefore_date(tmp_path):
+    starts = _days(2).replace(microsecond=0)
+    cert, key = write_pair(tmp_path, certs.self_signed(
+        "mx.test", valid_from=starts, valid_until=_days(90)))
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] certificate: the certificate in {cert!r} is not valid until "
+        f"{starts:%Y-%m-%d %H:%M:%S} UTC (notBefore)")
