@@ -273,3 +273,13 @@ def test_smarthost_credentials_with_smarthost_tls_none_are_one_line_and_leave_no
                      "only over TLS: every message to the smarthost would be deferred; set "
                      "smarthost_tls = verify (or encrypt)"]
     assert sorted(os.listdir(tmp_path)) == ["password", "relaymail.ini"]
+
+
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_a_misspelt_plugin_section_is_one_line_and_leaves_nothing(tmp_path, workers):
+    code, lines = start_with(tmp_path, spool_config(tmp_path / "spool", workers)
+                             + "[plugins]\nrecipients = aliases\n[plugin:alaises]\nfile = x\n")
+    assert code == 1
+    assert lines == [f"relaymail: {tmp_path}/relaymail.ini: [plugin:alaises]: no plugin named "
+                     "'alaises' is loaded ([plugins] path); did you mean [plugin:aliases]?"]
+    assert sorted(os.listdir(tmp_path)) == ["relaymail.ini"]
