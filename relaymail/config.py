@@ -635,6 +635,24 @@ def smarthost(raw):
     return Smarthost(host=host, port=port, mx_lookup=not bracketed)
 
 
+def route_domain(raw):
+    """A [routes] (and [route_tls]) key: a domain, which matches itself, or
+    ``.domain``, which matches every subdomain of it and not the domain
+    itself, as a Postfix transport(5) map's parent-domain lookup does under
+    ``parent_domain_matches_subdomains``."""
+    text = raw.strip()
+    if text.startswith("*"):
+        parent = domain(text.lstrip("*.")) if text.lstrip("*.") else "example.com"
+        raise ValueError(
+            f"wildcards are not supported; write '.{parent}', which matches every "
+            f"subdomain of {parent} (not {parent} itself), as in a Postfix transport map")
+    if text.startswith("."):
+        if not text[1:]:
+            raise ValueError("expected a domain or .domain (its subdomains), got '.'")
+        return "." + domain(text[1:])
+    return domain(text)
+
+
 def next_hop(raw):
     """A next hop written like a smarthost, where a value is required: an
     empty [routes] entry would say nothing about where the mail goes."""
@@ -913,11 +931,12 @@ class Table:
 # set of keys each with a default; a Table's default is the empty dict.
 TABLES = {
     # Per-domain next hops, like a Postfix transport(5) map holding only
-    # "domain smtp:[host]:port" lines; exact domains only.
-    "routes": Table(domain, next_hop),
-    # TLS towards a route's next hop, by the same domains (Postfix keeps
+    # "domain smtp:[host]:port" lines: a domain, or .domain for its
+    # subdomains (relaymail.delivery.routing picks the entry).
+    "routes": Table(route_domain, next_hop),
+    # TLS towards a route's next hop, by the same keys (Postfix keeps
     # this apart too, in smtp_tls_policy_maps); a route not named: may.
-    "route_tls": Table(domain, choice(*CLIENT_TLS)),
+    "route_tls": Table(route_domain, choice(*CLIENT_TLS)),
 }
 
 
