@@ -638,8 +638,9 @@ def smarthost(raw):
 def route_domain(raw):
     """A [routes] (and [route_tls]) key: a domain, which matches itself, or
     ``.domain``, which matches every subdomain of it and not the domain
-    itself, as a Postfix transport(5) map's parent-domain lookup does under
-    ``parent_domain_matches_subdomains``."""
+    itself, as a Postfix transport(5) ``.domain`` entry does while
+    transport_maps is not in ``parent_domain_matches_subdomains`` (Postfix's
+    default, where a bare domain matches that domain only, as here)."""
     text = raw.strip()
     if text.startswith("*"):
         parent = domain(text.lstrip("*.")) if text.lstrip("*.") else "example.com"
