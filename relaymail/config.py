@@ -26,6 +26,7 @@ floats, lists, networks and so on.  The accepted forms are:
 
 import configparser
 import dataclasses
+import datetime
 import difflib
 import ipaddress
 import os
@@ -263,14 +264,20 @@ def server_endpoints(raw):
     # default one, and twistd must be free to choose another before that.
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
+    from relaymail.smtp import endpoint_check
 
     endpoints = [part.strip() for part in _split(raw, r"[\n,]+")]
     endpoints = [part for part in endpoints if part]
     for description in endpoints:
-        try:
-            serverFromString(reactor, description)
-        except Exception as exc:
-            reason = _one_line(exc) or type(exc).__name__
+        # relaymail's reading first: Twisted's own complaints are Python's
+        # (an unexpected keyword argument), and it takes port 70000.
+        reason = endpoint_check.problem(description)
+        if reason is None:
+            try:
+                serverFromString(reactor, description)
+            except Exception as exc:
+                reason = _one_line(exc) or type(exc).__name__
+        if reason is not None:
             raise ValueError(
                 f"not a valid Twisted server endpoint {description!r}: {reason}") from None
     return endpoints
@@ -493,7 +500,37 @@ def load_server_certificate(certificate_path, private_key_path):
                     "first, then its intermediates")
         raise TLSFileError("private_key", "the private key does not match the "
                            f"certificate in {certificate_path!r}")
+    _check_validity(chain[0], certificate_path)
     return ServerCertificate(chain=chain, private_key=private_key)
+
+
+def certificate_validity(certificate):
+    """A certificate's (notBefore, notAfter) as aware UTC datetimes."""
+    try:
+        return certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    except AttributeError:      # cryptography 41 (setup.cfg allows it)
+        utc = datetime.timezone.utc
+        return (certificate.not_valid_before.replace(tzinfo=utc),
+                certificate.not_valid_after.replace(tzinfo=utc))
+
+
+def certificate_date(moment):
+    """A certificate's notBefore or notAfter as messages show it."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _check_validity(certificate, path):
+    """Refuse a server certificate outside its validity period: every
+    client that checks would fail the handshake (RFC 5280 4.1.2.5), and
+    one that does not would be taught to accept anything."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    not_before, not_after = certificate_validity(certificate)
+    if not_after < now:
+        raise TLSFileError("certificate", f"the certificate in {path!r} expired on "
+                           f"{certificate_date(not_after)} (notAfter)")
+    if not_before > now:
+        raise TLSFileError("certificate", f"the certificate in {path!r} is not valid until "
+                           f"{certificate_date(not_before)} (notBefore)")
 
 
 def optional_text(raw):
@@ -604,6 +641,25 @@ def smarthost(raw):
             f"'[{host}]:{port_text or _SMTP_PORT}', got {raw!r}")
     port = _SMTP_PORT if port_text is None else _port(port_text)
     return Smarthost(host=host, port=port, mx_lookup=not bracketed)
+
+
+def route_domain(raw):
+    """A [routes] (and [route_tls]) key: a domain, which matches itself, or
+    ``.domain``, which matches every subdomain of it and not the domain
+    itself, as a Postfix transport(5) ``.domain`` entry does while
+    transport_maps is not in ``parent_domain_matches_subdomains`` (Postfix's
+    default, where a bare domain matches that domain only, as here)."""
+    text = raw.strip()
+    if text.startswith("*"):
+        parent = domain(text.lstrip("*.")) if text.lstrip("*.") else "example.com"
+        raise ValueError(
+            f"wildcards are not supported; write '.{parent}', which matches every "
+            f"subdomain of {parent} (not {parent} itself), as in a Postfix transport map")
+    if text.startswith("."):
+        if not text[1:]:
+            raise ValueError("expected a domain or .domain (its subdomains), got '.'")
+        return "." + domain(text[1:])
+    return domain(text)
 
 
 def next_hop(raw):
@@ -904,11 +960,12 @@ class Table:
 # set of keys each with a default; a Table's default is the empty dict.
 TABLES = {
     # Per-domain next hops, like a Postfix transport(5) map holding only
-    # "domain smtp:[host]:port" lines; exact domains only.
-    "routes": Table(domain, next_hop),
-    # TLS towards a route's next hop, by the same domains (Postfix keeps
+    # "domain smtp:[host]:port" lines: a domain, or .domain for its
+    # subdomains (relaymail.delivery.routing picks the entry).
+    "routes": Table(route_domain, next_hop),
+    # TLS towards a route's next hop, by the same keys (Postfix keeps
     # this apart too, in smtp_tls_policy_maps); a route not named: may.
-    "route_tls": Table(domain, choice(*CLIENT_TLS)),
+    "route_tls": Table(route_domain, choice(*CLIENT_TLS)),
 }
 
 
@@ -1196,6 +1253,13 @@ def _check_together(values, settings, fallback):
     _check_server_certificate(values, settings, fallback)
     _check_pair(values, settings, fallback, "delivery",
                 "smarthost_user", "smarthost_password_file")
+    delivery = settings.delivery
+    if delivery.smarthost_user is not None and delivery.smarthost_tls == "none":
+        source, key = _later(values, "delivery", "smarthost_user", "smarthost_tls", fallback)
+        raise ConfigError(source, "delivery", key,
+                          "smarthost_user is set and smarthost_tls = none, but the password "
+                          "is sent only over TLS: every message to the smarthost would be "
+                          "deferred; set smarthost_tls = verify (or encrypt)")
     for name in settings.route_tls:
         if name not in settings.routes:
             raise ConfigError(values.source_of("route_tls", name, fallback), "route_tls", name,

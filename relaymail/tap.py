@@ -22,6 +22,7 @@ from relaymail import logobserver
 from relaymail.auth.checker import make_portal
 from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config, read_config_text
+from relaymail.config_warnings import config_warnings
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
@@ -35,6 +36,7 @@ from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, tru
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
+from relaymail.queue.usable import SpoolUnusable, check_spool_path
 from relaymail.smtp import endpoint_string
 from relaymail.smtp.authentication import RESERVED_HASHES, Authenticator
 from relaymail.smtp.limits import ConnectionGate
@@ -143,6 +145,8 @@ def build_service(settings, reactor=None):
     raise_file_limit(settings)
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
+    # Before the lock, so a file that will not load leaves no spool behind.
+    _check_tls_and_passwords(settings)
     lock = take_lock(settings)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
     top = RelayService(settings, lock)
@@ -285,6 +289,7 @@ class SingleProcessReload(service.Service):
                 problems.append(str(_passwords_problem(self._settings, error)))
         for problem in problems:
             log.error("SIGHUP: kept the old contents: {problem}", problem=problem)
+        log_warnings(self._settings, "SIGHUP: ")
         log.info(
             "SIGHUP: TLS certificates and the password file read again; with [server] workers "
             "= 0 other changes to {config} need a restart", config=self._settings.source)
@@ -321,16 +326,26 @@ def build_master(settings, options, launch, reactor=None):
 
 def check_files(settings):
     """Load what a worker's start loads from files -- the plugins and their
-    tables, the TLS key and certificates, the password file -- and throw it
+    tables, the TLS keys and certificates ([tls] and each ``ssl:``
+    listener's), the password file -- and throw it
     away: the master does it, and a worker as the ``--uid`` user, so that a
     file one of them cannot read stops start-up with one line.
 
     :raise ConfigError: naming the file, section and key that failed.
     """
     build_plugins(settings)
+    _check_tls_and_passwords(settings)
+
+
+def _check_tls_and_passwords(settings):
+    """check_files() but for the plugins."""
     _server_tls(settings)
     if settings.server.submission_listen:
         _server_tls(settings, for_passwords=True)
+    from twisted.internet import reactor
+    for key, description, _ in listener_specs(settings):
+        if is_implicit_tls(description):
+            _implicit_tls(settings, reactor, key, description)
     if settings.auth.passwords:
         try:
             make_portal(settings.auth.passwords)
@@ -350,10 +365,33 @@ def _check_workers_can_start(launch, uid, gid):
                          f"they need, or set [server] workers = 0 (one process)")
 
 
+def _check_spool_path(settings):
+    """A spool that cannot be made or written where [queue] path says, as
+    one line naming the key, before anything is made there."""
+    try:
+        check_spool_path(settings.queue.path)
+    except SpoolUnusable as error:
+        raise ConfigError(settings.source, "queue", "path", str(error)) from None
+
+
+def log_warnings(settings, prefix=""):
+    """One warning line for each thing in the settings that works but may
+    not for long (relaymail.config_warnings)."""
+    for line in config_warnings(settings):
+        log.warn("{prefix}{warning}", prefix=prefix, warning=line)
+
+
 def take_lock(settings):
-    """The spool lock, held; ConfigError when another relaymail has it."""
+    """The spool lock, held; ConfigError when another relaymail has it, or
+    when the lock cannot be made (a spool that changed since
+    :func:`_check_spool_path`)."""
     lock = SpoolLock(settings.queue.path)
-    if not lock.acquire():
+    try:
+        acquired = lock.acquire()
+    except OSError as error:
+        raise ConfigError(settings.source, "queue", "path",
+                          f"cannot lock {lock.lock_path}: {error.strerror or error}") from None
+    if not acquired:
         raise ConfigError(settings.source, "queue", "path",
                           f"{settings.queue.path} is in use by another relaymail")
     return lock
@@ -380,17 +418,18 @@ def listener_specs(settings):
            for description in settings.server.proxy_listen])
 
 
-def _implicit(description):
-    # An ssl: endpoint is TLS from the first byte (port 465 style).
+def is_implicit_tls(description):
+    """Whether a listener is TLS from the first byte (an ``ssl:``
+    endpoint, port 465 style)."""
     return description.split(":", 1)[0].lower() == "ssl"
 
 
 def listen_endpoint(settings, reactor, key, description):
     """The server endpoint to bind for one listener (for ``ssl:``, the
     plain TCP one: the factory does the TLS)."""
+    if is_implicit_tls(description):
+        return _implicit_tls(settings, reactor, key, description)[0]
     described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
-    if _implicit(description):
-        return _implicit_tls(settings, reactor, key, described)[0]
     return endpoints.serverFromString(reactor, described)
 
 
@@ -415,13 +454,12 @@ def inbound_factories(settings, reactor, top, policy, queue, shared=None, sessio
     common = dict(reactor=reactor, gate=gate, auth=auth, sessions=sessions)
     factories = []
     for key, description, options in listener_specs(settings):
-        implicit_tls = _implicit(description)
+        implicit_tls = is_implicit_tls(description)
         factory = SMTPFactory(settings, policy, queue, implicit_tls=implicit_tls,
                               tls=submission_tls if options.get("submission") else tls,
                               **common, **options)
         if implicit_tls:
-            described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
-            factory = _implicit_tls(settings, reactor, key, described, factory)[1]
+            factory = _implicit_tls(settings, reactor, key, description, factory)[1]
         factories.append(factory)
     return factories
 
@@ -449,9 +487,11 @@ def _passwords_problem(settings, error):
 def _implicit_tls(settings, reactor, key, description, factory=None):
     """The TCP endpoint and TLS-wrapped factory for an ``ssl:`` listener,
     with relaymail's TLS options rather than those Twisted's parser would
-    give it (the cipher list where passwords travel)."""
+    give it (the cipher list where passwords travel).  A problem names the
+    listener as written, without the backlog= added here."""
+    described = endpoint_string.with_backlog(description, settings.server.listen_backlog)
     try:
-        endpoint, server_tls = implicit_tls_endpoint(reactor, description)
+        endpoint, server_tls = implicit_tls_endpoint(reactor, described)
     except (ValueError, TLSFileError) as error:
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(settings.source, "server", key, f"{description}: {problem}")
@@ -507,6 +547,7 @@ def makeService(options):
                         os.getcwd())
         settings = load_config(launch.config, launch.overrides, launch.config_text)
         logobserver.use_format(settings.log.format)
+        _check_spool_path(settings)
         owner = _run_as(options)
         if owner is not None:
             # Before root makes or opens anything in there: a spool the
@@ -530,6 +571,7 @@ def makeService(options):
             if settings.server.workers:
                 _check_workers_can_start(launch, *owner)
         top.pidfile = (getattr(options, "parent", None) or {}).get("pidfile")
+        log_warnings(settings)
         return top
     except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.

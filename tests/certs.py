@@ -31,15 +31,17 @@ def _key_pem(key):
                              serialization.NoEncryption())
 
 
-def _builder(subject, issuer, public_key):
+def _builder(subject, issuer, public_key, valid_from=None, valid_until=None):
     now = datetime.datetime.now(datetime.timezone.utc)
     return (x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(issuer)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2)))
+            .not_valid_before(valid_from or now - datetime.timedelta(hours=1))
+            # A year: past the 30 days in which relaymail warns of expiry
+            # (relaymail.config_warnings), so test relays log no warning.
+            .not_valid_after(valid_until or now + datetime.timedelta(days=365)))
 
 
 def _alt_names(names):
@@ -81,10 +83,12 @@ class CertificateAuthority:
         return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def self_signed(*names):
-    """A certificate for ``names`` that signs itself (no CA vouches for it)."""
+def self_signed(*names, valid_from=None, valid_until=None):
+    """A certificate for ``names`` that signs itself (no CA vouches for it),
+    valid from an hour ago for a year unless ``valid_from`` and
+    ``valid_until`` (aware datetimes) say otherwise."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (_builder(_name(names[0]), _name(names[0]), key.public_key())
+    cert = (_builder(_name(names[0]), _name(names[0]), key.public_key(), valid_from, valid_until)
             .add_extension(_alt_names(names), critical=False)
             .sign(key, hashes.SHA256()))
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))

@@ -70,3 +70,15 @@ def test_twistd_relaymail_version_is_relaymails():
     result = twistd("--version")
     assert result.returncode == 0
     assert result.stdout == f"relaymail {relaymail.__version__} (Twisted {twisted.__version__})\n"
+
+
+def test_a_warning_a_start_would_log_is_printed_and_the_file_is_still_ok(tmp_path):
+    (tmp_path / "password").write_text("secret\n")
+    config = tmp_path / "relaymail.ini"
+    config.write_text(f"[delivery]\nsmarthost = [10.0.0.5]:587\nsmarthost_user = relay\n"
+                      f"smarthost_password_file = {tmp_path}/password\n")
+    assert run("config", str(config)) == (
+        0, f"{config}: ok\n",
+        f"relaymail-check: warning: {config}: [delivery] smarthost_tls: may with smarthost_user "
+        "set: the password is sent only over TLS, so while the smarthost offers no STARTTLS "
+        "its mail is deferred, and its certificate is not checked; set verify (or encrypt)\n")

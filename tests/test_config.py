@@ -413,13 +413,72 @@ def test_listen_one_per_line_or_comma(tmp_path):
 def test_bad_endpoint(tmp_path):
     assert error_for(tmp_path, "[server]\nlisten = tcp:2525\n  bogus:25\n") == (
         "FILE: [server] listen: not a valid Twisted server endpoint 'bogus:25': "
-        "Unknown endpoint type: 'bogus'")
+        "unknown endpoint type 'bogus'; known: haproxy, ssl, stdio, systemd, tcp, tcp6, tls, "
+        "unix")
 
 
 def test_endpoint_with_bad_port(tmp_path):
-    message = error_for(tmp_path, "[server]\nlisten = tcp:abc\n")
-    assert message.startswith(
-        "FILE: [server] listen: not a valid Twisted server endpoint 'tcp:abc': ")
+    assert error_for(tmp_path, "[server]\nlisten = tcp:abc\n") == (
+        "FILE: [server] listen: not a valid Twisted server endpoint 'tcp:abc': "
+        "port must be a number, got 'abc'")
+
+
+@pytest.mark.parametrize("key", ["listen", "submission_listen", "proxy_listen"])
+@pytest.mark.parametrize("endpoint, problem", [
+    ("tcp:2590:interfce=127.0.0.1",
+     "unknown parameter 'interfce' for tcp (did you mean 'interface'?); tcp takes interface, "
+     "backlog"),
+    ("tcp:2590:interface=::1",
+     "the colons of the IPv6 address in interface=::1 must be escaped: write "
+     "interface=\\:\\:1, or use tcp6:2590:interface=\\:\\:1"),
+    ("tcp6:2590:interface=2001:db8::1",
+     "the colons of the IPv6 address in interface=2001:db8::1 must be escaped: write "
+     "interface=2001\\:db8\\:\\:1"),
+    ("tpc:2590", "unknown endpoint type 'tpc'; did you mean 'tcp'? known: haproxy, ssl, "
+                 "stdio, systemd, tcp, tcp6, tls, unix"),
+    ("tcp:70000", "port must be from 0 to 65535, got 70000"),
+    ("tcp6:25x", "port must be a number, got '25x'"),
+    ("tcp", "tcp needs a port, e.g. tcp:25"),
+    ("tcp:2590:backlog=lots", "backlog must be a number, got 'lots'"),
+    ("tcp:2590:127.0.0.1", "'127.0.0.1' is one field too many; a ':' inside a value is "
+                           "written '\\:'"),
+    ("ssl:465:privatekey=key.pem",
+     "unknown parameter 'privatekey' for ssl (did you mean 'privateKey'?); ssl takes "
+     "privateKey, certKey, interface, backlog"),
+    ("unix:/run/relaymail.sock:mod=600",
+     "unknown parameter 'mod' for unix (did you mean 'mode'?); unix takes mode, backlog, "
+     "lockfile"),
+])
+def test_endpoint_typos_are_one_line_naming_the_key(tmp_path, key, endpoint, problem):
+    text = f"[server]\n{key} = {endpoint}\n"
+    if key == "proxy_listen":
+        text += "proxy_trusted = 10.0.0.0/8\n"
+    assert error_for(tmp_path, text) == (
+        f"FILE: [server] {key}: not a valid Twisted server endpoint {endpoint!r}: {problem}")
+
+
+def test_an_escaped_ipv6_interface_is_taken_by_tcp_and_tcp6(tmp_path):
+    settings = load_with(tmp_path, "[server]\nlisten = tcp:2590:interface=\\:\\:1\n"
+                                   "  tcp6:2591:interface=\\:\\:1\n  tcp:port=2592\n")
+    assert settings.server.listen == ["tcp:2590:interface=\\:\\:1",
+                                      "tcp6:2591:interface=\\:\\:1", "tcp:port=2592"]
+
+
+def test_the_endpoint_check_knows_what_twisteds_parsers_take():
+    # relaymail.smtp.endpoint_check lists the parameters of Twisted's
+    # parsers; this says so when a Twisted upgrade changes them.
+    import inspect
+    from twisted.internet import endpoints
+    from relaymail.smtp.endpoint_check import TYPES
+
+    def parameters(function, skip):
+        return list(inspect.signature(function).parameters)[skip:]
+    assert parameters(endpoints._parseTCP, 1) == [TYPES["tcp"].positional, *TYPES["tcp"].options]
+    assert parameters(endpoints._parseUNIX, 1) == [TYPES["unix"].positional,
+                                                   *TYPES["unix"].options]
+    assert sorted(parameters(endpoints._TCP6ServerParser._parseServer, 2)) == sorted(
+        [TYPES["tcp6"].positional, *TYPES["tcp6"].options])
+    assert set(TYPES["ssl"].options) < set(parameters(endpoints._parseSSL, 1))
 
 
 def test_bad_hostname(tmp_path):
@@ -692,7 +751,8 @@ def test_overrides_apply_after_the_file(monkeypatch, tmp_path):
 def test_override_errors_name_the_command_line():
     assert override_error({("server", "listen"): "bogus:1"}) == (
         "command line: [server] listen: not a valid Twisted server endpoint "
-        "'bogus:1': Unknown endpoint type: 'bogus'")
+        "'bogus:1': unknown endpoint type 'bogus'; known: haproxy, ssl, stdio, systemd, tcp, "
+        "tcp6, tls, unix")
     assert override_error({("delivery", "smarthost"): "relay:0"}) == (
         "command line: [delivery] smarthost: port must be a number from 1 to "
         "65535, got '0'")
@@ -1000,9 +1060,9 @@ def test_empty_route_value(tmp_path):
 
 
 def test_bad_route_domain(tmp_path):
-    message = error_for(tmp_path, "[routes]\n*.example.com = [10.0.0.5]\n")
+    message = error_for(tmp_path, "[routes]\nexa mple.com = [10.0.0.5]\n")
     assert message.startswith(
-        "FILE: [routes] *.example.com: expected a domain name, got '*.example.com' (")
+        "FILE: [routes] exa mple.com: expected a domain name, got 'exa mple.com' (")
 
 
 def test_route_domain_twice_in_different_case(tmp_path):
@@ -1159,3 +1219,60 @@ def test_percentages_follow_connections():
     limits = load_config(None, {("limits", "connections"): "5"}).limits
     assert limits.trusted_reserve.of(5) == 0
     assert limits.stress_threshold.of(5) == 4
+
+
+# --- contradictions: smarthost credentials without TLS ---------------------------
+
+def test_smarthost_credentials_with_smarthost_tls_none_are_refused(tmp_path):
+    (tmp_path / "pw").write_text("secret\n")
+    assert error_for(tmp_path, f"[delivery]\nsmarthost = [10.0.0.5]:587\nsmarthost_user = u\n"
+                               f"smarthost_password_file = {tmp_path}/pw\n"
+                               "smarthost_tls = none\n") == (
+        "FILE: [delivery] smarthost_tls: smarthost_user is set and smarthost_tls = none, but "
+        "the password is sent only over TLS: every message to the smarthost would be "
+        "deferred; set smarthost_tls = verify (or encrypt)")
+
+
+def test_smarthost_tls_none_given_last_on_the_command_line_is_the_key_named(tmp_path):
+    (tmp_path / "pw").write_text("secret\n")
+    path = write_ini(tmp_path, f"[delivery]\nsmarthost_tls = none\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {("delivery", "smarthost_user"): "u",
+                           ("delivery", "smarthost_password_file"): f"{tmp_path}/pw"})
+    assert str(info.value).startswith(
+        "command line: [delivery] smarthost_user: smarthost_user is set and smarthost_tls = "
+        "none")
+
+
+@pytest.mark.parametrize("level", ["may", "encrypt", "verify", "wrapper"])
+def test_smarthost_credentials_with_tls_load(tmp_path, level):
+    (tmp_path / "pw").write_text("secret\n")
+    settings = load_with(tmp_path, f"[delivery]\nsmarthost_user = u\n"
+                                   f"smarthost_password_file = {tmp_path}/pw\n"
+                                   f"smarthost_tls = {level}\n")
+    assert settings.delivery.smarthost_tls == level
+
+
+# --- certificates outside their validity ---------------------------------------
+
+def _days(number):
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=number)
+
+
+def test_an_expired_certificate_is_refused_with_its_notafter_date(tmp_path):
+    ended = _days(-3).replace(microsecond=0)
+    cert, key = write_pair(tmp_path, certs.self_signed(
+        "mx.test", valid_from=_days(-90), valid_until=ended))
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] certificate: the certificate in {cert!r} expired on "
+        f"{ended:%Y-%m-%d %H:%M:%S} UTC (notAfter)")
+
+
+def test_a_certificate_not_yet_valid_is_refused_with_its_notbefore_date(tmp_path):
+    starts = _days(2).replace(microsecond=0)
+    cert, key = write_pair(tmp_path, certs.self_signed(
+        "mx.test", valid_from=starts, valid_until=_days(90)))
+    assert tls_error(tmp_path, cert, key) == (
+        f"FILE: [tls] certificate: the certificate in {cert!r} is not valid until "
+        f"{starts:%Y-%m-%d %H:%M:%S} UTC (notBefore)")

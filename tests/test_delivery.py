@@ -560,6 +560,22 @@ def test_wrapper_smarthost_and_route_deliver_over_implicit_tls_byte_exact(tmp_pa
         assert re.fullmatch(RECEIVED % queue_id.encode(), data[:-len(TRICKY_BODY)]), data[:300]
 
 
+def test_a_parent_domain_route_delivers_mail_for_a_subdomain_to_its_next_hop(tmp_path):
+    server = NextHop()
+    # The smarthost is a port where nobody listens: only the route delivers.
+    relay = relay_with(tmp_path, free_port(),
+                       routes={".corp.test": f"[127.0.0.1]:{server.port}"}).start()
+    try:
+        queue_id = send(relay, "alice@example.com", ["bob@hq.corp.test"])
+        messages = server.wait_for(1)
+        wait_until(lambda: not queued_json(relay), what="the queue to empty")
+    finally:
+        relay.stop()
+        server.stop()
+    assert messages[0]["recipients"] == ["bob@hq.corp.test"]
+    assert f"with ESMTP id {queue_id}".encode() in messages[0]["data"]
+
+
 def test_wrapper_route_with_an_untrusted_certificate_defers(tmp_path):
     server = NextHop(implicit_tls=certs.self_signed("127.0.0.1"))
     relay = relay_with(tmp_path, server.port, delivery={"tls_ca_file": ca_file(tmp_path)},

@@ -565,3 +565,36 @@ def test_factory_failure_is_a_config_error(tmp_path):
 def test_missing_plugin_directory_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="is not a directory"):
         build_plugins(make_settings(path=[str(tmp_path / "absent")]))
+
+
+def test_a_misspelt_plugin_section_is_refused_with_the_close_name(tmp_path):
+    write_plugin(tmp_path, "csv_recipients.py",
+                 GOOD_SITE_PLUGIN.replace("no_interns", "csv_recipients"))
+    settings = make_settings(recipients=["csv_recipients"], path=[str(tmp_path)],
+                             options={"csv_recipents": {"prefix": "trainee."}})
+    with pytest.raises(ConfigError) as info:
+        build_plugins(settings)
+    assert str(info.value) == (
+        "test.ini: [plugin:csv_recipents]: no plugin named 'csv_recipents' is loaded "
+        "([plugins] path); did you mean [plugin:csv_recipients]?")
+
+
+def test_a_plugin_section_far_from_any_name_lists_the_known_ones():
+    with pytest.raises(ConfigError) as info:
+        build_plugins(make_settings(options={"ldap": {"uri": "ldap://x"}}))
+    assert str(info.value) == (
+        "test.ini: [plugin:ldap]: no plugin named 'ldap' is loaded ([plugins] path); "
+        "known: aliases, domains, static")
+
+
+def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning(tmp_path):
+    from twisted.logger import globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        aliases_file = write_plugin(tmp_path, "aliases", "staff: alice@example.com\n")
+        build_plugins(make_settings(options={"aliases": {"file": str(aliases_file)}}))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [event["log_format"] for event in events if "plugin:" in event["log_format"]] == [
+        "{source}: [plugin:{name}] is set but no plugin of that name is enabled in [plugins]"]

@@ -7,6 +7,7 @@ ordinary twisted.names client resolver.
 
 import random
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.names import client, common, dns, server
 from twisted.names.error import AuthoritativeDomainError
@@ -410,7 +411,8 @@ class NextHopTests(DNSTestCase):
         router = self.router(routes={"example.com": "relayed.test"})
         self.assertEqual(router.destination("example.com"),
                          Destination("route", "relayed.test", 25, True))
-        # Exact domains only.
+        # A domain's entry is for the domain alone (.example.com is for
+        # its subdomains).
         self.assertEqual(router.destination("sub.example.com"),
                          Destination("mx", "sub.example.com", 2525, True))
 
@@ -459,3 +461,64 @@ class DestinationTests(unittest.TestCase):
         self.assertEqual(str(error), "Recipient address has null MX")
         self.assertEqual((error.temporary, error.code, error.enhanced),
                          (False, 556, "5.1.10"))
+
+
+# --- parent-domain routes (.corp.test) -------------------------------------------
+
+def parent_router(routes, route_tls=None):
+    settings = settings_with(routes=routes, **{f"route_tls__{key}": value
+                                               for key, value in (route_tls or {}).items()})
+    return Router(settings, resolver=object())
+
+
+def test_a_dot_route_matches_every_subdomain_but_not_the_domain_itself():
+    router = parent_router({".corp.test": "[10.0.0.7]:25"})
+    for subdomain in ("a.corp.test", "x.y.corp.test"):
+        assert router.destination(subdomain) == Destination("route", "10.0.0.7", 25, False)
+    assert router.destination("corp.test") == Destination("mx", "corp.test", 25, True)
+    assert router.destination("notcorp.test") == Destination("mx", "notcorp.test", 25, True)
+
+
+def test_an_exact_route_wins_over_a_parent_route_and_the_longest_parent_wins():
+    router = parent_router({".corp.test": "[10.0.0.1]:25", ".eu.corp.test": "[10.0.0.2]:25",
+                            "hq.eu.corp.test": "[10.0.0.3]:25", "corp.test": "[10.0.0.4]:25"})
+    assert router.destination("hq.eu.corp.test").host == "10.0.0.3"
+    assert router.destination("paris.eu.corp.test").host == "10.0.0.2"
+    assert router.destination("eu.corp.test").host == "10.0.0.1"
+    assert router.destination("us.corp.test").host == "10.0.0.1"
+    assert router.destination("corp.test").host == "10.0.0.4"
+
+
+def test_a_parent_routes_tls_goes_with_it():
+    router = parent_router({".corp.test": "[10.0.0.7]:465"}, {".corp.test": "wrapper"})
+    assert router.destination("a.corp.test") == Destination("route", "10.0.0.7", 465, False,
+                                                            "wrapper")
+
+
+def test_an_address_literal_has_no_parent_route():
+    router = parent_router({".1": "[10.0.0.7]:25"})
+    assert router.destination("[192.0.2.1]").kind == "mx"
+
+
+@pytest.mark.parametrize("key, problem", [
+    ("*.corp.test", "wildcards are not supported; write '.corp.test', which matches every "
+                    "subdomain of corp.test (not corp.test itself), as in a Postfix transport map"),
+    ("*", "wildcards are not supported; write '.example.com', which matches every subdomain of "
+          "example.com (not example.com itself), as in a Postfix transport map"),
+    (".", "expected a domain or .domain (its subdomains), got '.'"),
+])
+def test_a_wildcard_route_is_a_config_error_saying_what_to_write(tmp_path, key, problem):
+    from relaymail.config import ConfigError
+    path = tmp_path / "relay.ini"
+    path.write_text(f"[routes]\n{key} = [10.0.0.7]:25\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: [routes] {key}: {problem}"
+
+
+def test_a_dot_route_key_is_kept_lower_case_with_its_dot(tmp_path):
+    path = tmp_path / "relay.ini"
+    path.write_text("[routes]\n.Corp.Test = [10.0.0.7]:25\n[route_tls]\n.corp.test = verify\n")
+    settings = load_config(str(path))
+    assert list(settings.routes) == [".corp.test"]
+    assert settings.route_tls == {".corp.test": "verify"}

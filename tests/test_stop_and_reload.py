@@ -207,17 +207,27 @@ def test_sighup_with_a_bad_config_is_refused_in_one_line_and_the_old_one_stays(t
         # Still the same workers, still serving the open session and new ones.
         assert session.command(b"NOOP") == b"250 Ok\r\n"
         session.close()
-        assert send(relay, "alice@example.org", ["bob@example.net"])
-        nexthop.wait_for(1)
-        assert worker_pids(relay, "inbound.1") == [first]
-        assert relay.process.poll() is None
+        still_serving(relay, nexthop, first)
     finally:
         relay.stop()
-    refusals = [line for line in relay.log().splitlines() if "reload refused" in line]
-    assert len(refusals) == 1
-    assert refusals[0].endswith(
+    assert the_one_refusal(relay).endswith(
         f"SIGHUP: reload refused, the running configuration stays: {relay.config}: "
-        "[limits] message_size: expected a size in bytes (e.g. 10485760 or 10M), got 'lots'"), refusals[0]
+        "[limits] message_size: expected a size in bytes (e.g. 10485760 or 10M), got 'lots'")
+
+
+def still_serving(relay, nexthop, first):
+    """After a refused reload: the first inbound worker, still the only
+    one, takes mail and it is delivered."""
+    assert send(relay, "alice@example.org", ["bob@example.net"])
+    nexthop.wait_for(1)
+    assert worker_pids(relay, "inbound.1") == [first]
+    assert relay.process.poll() is None
+
+
+def the_one_refusal(relay):
+    refusals = [line for line in relay.log().splitlines() if "reload refused" in line]
+    assert len(refusals) == 1, refusals
+    return refusals[0]
 
 
 def test_sighup_keeps_what_needs_a_restart_and_says_so(tmp_path, nexthop):
@@ -425,3 +435,50 @@ def test_sigterm_closes_the_masters_copy_of_a_listener_without_ending_the_worker
     log = relay.log()
     assert relay.process.returncode == -signal.SIGTERM
     assert no_alarming_lines(log), log
+
+
+def _expired_certificate(tmp_path):
+    import datetime
+    from tests import certs
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    ended = now - datetime.timedelta(days=1)
+    pair = certs.self_signed("relay.test", valid_from=now - datetime.timedelta(days=90),
+                             valid_until=ended)
+    return pair, f"{ended:%Y-%m-%d %H:%M:%S} UTC"
+
+
+@pytest.mark.parametrize("change", ["expired certificate", "endpoint typo"])
+def test_sighup_with_an_expired_certificate_or_a_bad_endpoint_is_refused_in_one_line(
+        tmp_path, nexthop, change):
+    from tests import certs
+    good = certs.self_signed("relay.test")
+    (tmp_path / "cert.pem").write_bytes(good.cert_pem)
+    (tmp_path / "key.pem").write_bytes(good.key_pem)
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1, server={"workers": "1"},
+                       tls={"certificate": str(tmp_path / "cert.pem"),
+                            "private_key": str(tmp_path / "key.pem")}).start()
+    try:
+        first = wait_for_worker(relay, "inbound.1")
+        if change == "expired certificate":
+            expired, ended = _expired_certificate(tmp_path)
+            (tmp_path / "cert.pem").write_bytes(expired.cert_pem)
+            (tmp_path / "key.pem").write_bytes(expired.key_pem)
+            problem = (f"[tls] certificate: the certificate in '{tmp_path}/cert.pem' expired on "
+                       f"{ended} (notAfter)")
+        else:
+            with open(relay.config) as f:
+                text = f.read()
+            with open(relay.config, "w") as f:
+                f.write(text.replace(f"listen = tcp:{relay.port}:interface=127.0.0.1",
+                                     f"listen = tcp:{relay.port}:interfce=127.0.0.1"))
+            problem = (f"[server] listen: not a valid Twisted server endpoint "
+                       f"'tcp:{relay.port}:interfce=127.0.0.1': unknown parameter 'interfce' "
+                       "for tcp (did you mean 'interface'?); tcp takes interface, backlog")
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in relay.log(), what="the refusal")
+        # The old workers go on serving, with the old certificate.
+        still_serving(relay, nexthop, first)
+    finally:
+        relay.stop()
+    assert the_one_refusal(relay).endswith(
+        f"SIGHUP: reload refused, the running configuration stays: {relay.config}: {problem}")

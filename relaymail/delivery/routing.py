@@ -101,6 +101,23 @@ class RoutingError(Exception):
                 f"enhanced={self.enhanced!r}, text={self.text!r})")
 
 
+def route_key(routes, recipient_domain):
+    """The [routes] key that decides for ``recipient_domain``, or None:
+    the domain itself, else the longest ``.parent`` entry above it
+    (``.corp.test`` for a.b.corp.test; never for corp.test), as Postfix's
+    transport(5) lookup tries the domain, then each parent domain."""
+    if recipient_domain in routes:
+        return recipient_domain
+    if recipient_domain.startswith("["):
+        return None     # an address literal has no parent domains
+    labels = recipient_domain.split(".")
+    for start in range(1, len(labels)):
+        parent = "." + ".".join(labels[start:])
+        if parent in routes:
+            return parent
+    return None
+
+
 class Router:
     """Chooses destinations and looks up their hops.
 
@@ -134,10 +151,11 @@ class Router:
         :param recipient_domain: a ``Mailbox.domain_key``: a lower-case
             A-label domain, or an address literal such as ``'[192.0.2.1]'``.
         """
-        route = self._routes.get(recipient_domain)
-        if route is not None:
+        key = route_key(self._routes, recipient_domain)
+        if key is not None:
+            route = self._routes[key]
             return Destination("route", route.host, route.port, route.mx_lookup,
-                               self._route_tls.get(recipient_domain))
+                               self._route_tls.get(key))
         if self._smarthost is not None:
             hop = self._smarthost
             return Destination("smarthost", hop.host, hop.port, hop.mx_lookup)

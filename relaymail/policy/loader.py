@@ -7,6 +7,7 @@ kinds are module-level objects providing ``twisted.plugin.IPlugin`` and
 ``twisted.plugin.getPlugins`` (see :mod:`relaymail.interfaces`).
 """
 
+import difflib
 import importlib
 import os
 import sys
@@ -19,7 +20,7 @@ from zope.interface import implementer
 
 import relaymail
 import relaymail.plugins
-from relaymail.config import ConfigError
+from relaymail.config import PLUGIN_SECTION_PREFIX, ConfigError
 from relaymail.interfaces import (
     IListExpander, IPluginContext, IPluginFactory, IRecipientValidator)
 
@@ -64,6 +65,7 @@ def build_plugins(settings):
         ``[plugin:NAME]`` setting.
     """
     factories = find_plugins(settings)
+    _check_plugin_sections(settings, factories)
     built = {}
     results = []
     for key, interface in _ROLES:
@@ -190,9 +192,24 @@ def _build(factory, name, settings):
                           f"plugin could not be built: {type(exc).__name__}: {exc}") from exc
 
 
+def _check_plugin_sections(settings, factories):
+    """Refuse a [plugin:NAME] section for a plugin nobody provides: its
+    name is mistyped, and its settings would be ignored while the plugin
+    meant runs without them.  As for [delivry], suggest the close name."""
+    for name in settings.plugin_options:
+        if name in factories:
+            continue
+        guess = difflib.get_close_matches(name, sorted(factories), n=1)
+        hint = (f"did you mean [plugin:{guess[0]}]?" if guess
+                else f"known: {', '.join(sorted(factories)) or 'none'}")
+        raise ConfigError(settings.source, f"{PLUGIN_SECTION_PREFIX}{name}", None,
+                          f"no plugin named '{name}' is loaded ([plugins] path); {hint}")
+
+
 def _warn_about_unused_sections(settings, built):
-    # A [plugin:NAME] section for a plugin that is not enabled is most likely
-    # a typo in the name; say so rather than ignore the settings in silence.
+    # A [plugin:NAME] section for a plugin that exists but is not enabled
+    # may be kept for later, or a forgotten [plugins] entry: say so rather
+    # than ignore the settings in silence.
     for name in settings.plugin_options:
         if name not in built:
             log.warn("{source}: [plugin:{name}] is set but no plugin of that name is "

@@ -316,7 +316,7 @@ class Master(service.Service):
         finish their sessions."""
         from relaymail.config import ConfigError
         from relaymail.process.reload import reread
-        from relaymail.tap import check_files
+        from relaymail.tap import check_files, log_warnings
         if self._stopping:
             return
         if self._retiring or any(worker.retiring for worker in self.delivery):
@@ -334,6 +334,7 @@ class Master(service.Service):
             return
         for note in notes:
             log.warn("SIGHUP: {note}", note=note)
+        log_warnings(settings, "SIGHUP: ")
         self._launch, self.settings = launch, settings
         old_inbound, old_fd = self.inbound, self._limits_fd
         self._limits_fd = make_limits_region(len(old_inbound), settings)

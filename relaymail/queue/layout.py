@@ -134,7 +134,9 @@ def expected_kind(directory, name):
     return None
 
 
-def _kind(mode):
+def kind_of(mode):
+    """What an entry of ``st_mode`` ``mode`` is, in words: "a directory",
+    "a regular file", "a symbolic link"..."""
     if stat.S_ISDIR(mode):
         return _DIRECTORY
     if stat.S_ISREG(mode):
@@ -288,7 +290,7 @@ def open_regular(spool, path, flags, owners, mode=0o600):
 
 
 def _check_file(spool, name, info, owners, links=1):
-    kind = _kind(info.st_mode)
+    kind = kind_of(info.st_mode)
     if kind != _FILE:
         raise UnsafeSpool(spool, f"{name} is {kind}, not a regular file")
     if info.st_nlink != links:
@@ -397,7 +399,7 @@ def _lstat_expected(spool, directory_fd, directory, name, owners):
     layout expects that name, of that type, there."""
     shown = name if directory is None else f"{directory}/{name}"
     info = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-    actual = _kind(info.st_mode)
+    actual = kind_of(info.st_mode)
     if stat.S_ISLNK(info.st_mode):
         # Said first, whatever the name: it is what the administrator
         # most needs to know (someone tried).

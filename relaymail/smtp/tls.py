@@ -63,7 +63,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from relaymail.config import TLSFileError, load_server_certificate
-from relaymail.smtp import endpoint_string
+from relaymail.smtp import endpoint_check, endpoint_string
 
 # RFC 8996: TLS 1.0 and 1.1 are deprecated; RFC 8314 4.1: 1.2 or later.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -187,15 +187,6 @@ def fit_for_passwords(cipher_name):
     return cipher_name in _fit_for_passwords
 
 
-# Options of Twisted's ssl: endpoint string that relaymail's implicit-TLS
-# listeners take, and the ones they refuse, with the reason.
-_SSL_OPTIONS = ("port", "privateKey", "certKey", "interface", "backlog")
-_SSL_REFUSED = {
-    "sslmethod": "relaymail chooses the TLS versions itself (1.2 and later)",
-    "extraCertChain": "put the intermediate certificates in the certKey file, after the "
-                      "server's own",
-    "dhParameters": "implicit-TLS listeners use ECDHE only",
-}
 
 
 def implicit_tls_endpoint(reactor, description):
@@ -216,26 +207,33 @@ def implicit_tls_endpoint(reactor, description):
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
     fields = endpoint_string.fields(description)
-    kind, positional = fields[0][1], [value for key, value in fields[1:] if key is None]
-    if kind.lower() != "ssl":
+    if fields[0][1].lower() != "ssl":
         raise ValueError(f"not an ssl: endpoint: {description!r}")
-    options = {key: value for key, value in fields[1:] if key is not None}
-    if len(positional) > 1 or (positional and "port" in options):
-        raise ValueError("give ssl: options after the port as key=value")
-    if positional:
-        options["port"] = positional[0]
-    for key in options:
-        if key in _SSL_REFUSED:
-            raise ValueError(f"ssl: option {key} is not supported: {_SSL_REFUSED[key]}")
-        if key not in _SSL_OPTIONS:
-            raise ValueError(f"unknown ssl: option {key!r}")
-    try:
-        port = int(options["port"])
-        backlog = int(options.get("backlog", "50"))
-    except (KeyError, ValueError):
-        raise ValueError("ssl: needs a port number (and a number for backlog)") from None
-    private_key = options.get("privateKey", "server.pem")
-    server_tls = ServerTLS(options.get("certKey", private_key), private_key, for_passwords=True)
+    problem = endpoint_check.problem(description)
+    if problem is not None:
+        raise ValueError(problem)
+    options = _ssl_options(fields)
+    port = int(options["port"])
+    backlog = int(options.get("backlog", "50"))
+    server_tls = ServerTLS(*implicit_tls_files(description), for_passwords=True)
     endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog,
                                   interface=options.get("interface", ""))
     return endpoint, server_tls
+
+
+def _ssl_options(fields):
+    """The options of a checked ssl: string's fields, its port among them."""
+    options = {key: value for key, value in fields[1:] if key is not None}
+    if "port" not in options:
+        # The check found the one positional field there is.
+        options["port"] = next(value for key, value in fields[1:] if key is None)
+    return options
+
+
+def implicit_tls_files(description):
+    """The (certificate, private key) files an ``ssl:`` endpoint string
+    names: ``privateKey`` defaults to ``server.pem`` and ``certKey`` to
+    ``privateKey``, as in Twisted."""
+    options = _ssl_options(endpoint_string.fields(description))
+    private_key = options.get("privateKey", "server.pem")
+    return options.get("certKey", private_key), private_key

@@ -46,6 +46,9 @@ def main(argv=None, out=None, err=None):
     except ConfigError as error:
         err.write(f"{PROGRAM}: {error}\n")
         return 1
+    from relaymail.config_warnings import config_warnings
+    for line in config_warnings(settings):
+        err.write(f"{PROGRAM}: warning: {line}\n")
     if args.effective:
         for section, key, value, default, source in effective_values(args.file, text):
             shown = " ".join(value.split("\n")).strip()
