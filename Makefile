@@ -15,7 +15,7 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver
 
-.PHONY: install run test test-tools clean
+.PHONY: install run test test-tools reference clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ test-tools:
 			echo "the tests need$$missing: sudo apt-get install$$missing" >&2; exit 1; \
 		fi; \
 	fi
+
+# README.rst's configuration reference, from relaymail/config.py's schema
+# and etc/relaymail.ini's comments (tests/test_reference.py checks it).
+reference: install
+	$(PY) -m relaymail.tools.reference --update
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
