@@ -128,8 +128,8 @@ def test_a_failed_connection_to_the_next_hop_names_the_message(tmp_path):
         wait_until(lambda: "status=deferred" in relay.log(), what="the deferral")
     finally:
         relay.stop()
-    assert re.search(rf"\] {queue_id}: connect to 127\.0\.0\.1\[127\.0\.0\.1\]:{nobody}: ",
-                     relay.log()), relay.log()
+    assert re.search(rf"\] {queue_id}: connect to 127\.0\.0\.1\[127\.0\.0\.1\]:{nobody}: "
+                     r"Connection refused\n", relay.log()), relay.log()
 
 
 def test_json_lines_carry_the_same_fields(tmp_path, nexthop):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from relaymail import logline
 from relaymail.delivery.client import ClientConfig, DeliveryError, connect
 from relaymail.delivery.routing import RoutingError
 
@@ -262,8 +263,11 @@ class DestinationPool:
             try:
                 session = yield self._connect(self._reactor, hop, config)
             except DeliveryError as failure:
-                log.info("{queue_id}: connect to {remote}: {text}", queue_id=queue_id,
-                         remote=hop.label, relay=hop.label, text=failure.text)
+                # The host once: most texts name it already ("connect to
+                # HOST: Connection refused"), a refused greeting does not.
+                named = failure.text if hop.label in failure.text else f"{hop.label}: {failure.text}"
+                logline.info(log, f"{queue_id}: {named}", queue_id=queue_id, relay=hop.label,
+                             error=failure.text)
                 error = failure
                 continue
             return session, None, hops
