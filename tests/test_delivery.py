@@ -376,15 +376,16 @@ def test_queue_tool_while_the_relay_runs(tmp_path):
         wait_until(lambda: read_record(relay, queue_id)["attempts"] == 1, what="a recorded deferral")
         listing = queue_tool(relay, "list")
         assert listing.returncode == 0, listing.stderr
-        [line, summary] = listing.stdout.splitlines()
-        assert line.startswith(queue_id + " ")
-        assert "alice@example.org" in line and "bob@example.net" in line and "4.4.1" in line
-        assert summary == "1 message, 0 held"
+        [_header, line, error, recipient, summary] = listing.stdout.splitlines()
+        assert line.startswith(f"{queue_id}  deferred ") and line.endswith("  alice@example.org")
+        assert error.startswith(" " * 18 + "(") and "4.4.1" in error
+        assert recipient == " " * 18 + "bob@example.net"
+        assert summary == "-- 1 Kbytes in 1 message, 0 held."
 
         held = queue_tool(relay, "hold", queue_id)
         assert (held.returncode, held.stdout.strip()) == (0, f"{queue_id} on hold")
         assert os.path.exists(os.path.join(relay.spool, "hold", queue_id + ".json"))
-        assert queue_tool(relay, "list").stdout.splitlines()[0].startswith(queue_id + "! ")
+        assert queue_tool(relay, "list").stdout.splitlines()[1].startswith(f"{queue_id}  hold ")
         retried = queue_tool(relay, "retry", queue_id)
         assert retried.returncode == 1 and "on hold" in retried.stdout + retried.stderr
 
@@ -424,7 +425,7 @@ def test_queue_tool_while_the_relay_runs(tmp_path):
             assert queue_tool(relay, "hold", fourth).returncode == 0
             everything = queue_tool(relay, "delete", "ALL")
             assert (everything.returncode, everything.stdout.strip()) == (0, "2 messages deleted")
-            assert queue_tool(relay, "list").stdout.strip() == "0 messages, 0 held"
+            assert queue_tool(relay, "list").stdout.strip() == "-- 0 Kbytes in 0 messages, 0 held."
         finally:
             server.stop()
     finally:

@@ -24,7 +24,8 @@ from relaymail.queue.control import (
     ControlError, ControlFactory, IQueueControl, answer, listen_control)
 from relaymail.queue.lock import SpoolBusy, SpoolLock
 from relaymail.queue.spool import Spool
-from relaymail.tools.queue_tool import OfflineManager, format_age, main
+from relaymail.tools.queue_listing import HEADER, format_age
+from relaymail.tools.queue_tool import OfflineManager, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,6 +98,10 @@ def spool_path(tmp_path):
 @pytest.fixture
 def three(spool_path):
     """The same three messages for every listing test."""
+    return put_three(spool_path)
+
+
+def put_three(spool_path):
     put(spool_path, OLD, NOW - 2 * 86400 - 100,
         recipients=("bob@example.com", "carol@example.com"), change=deferred_bob)
     put(spool_path, HELD, NOW - 3 * 3600, where="hold", sender="",
@@ -109,26 +114,56 @@ def three(spool_path):
 
 # -- list ---------------------------------------------------------------------------
 
-def test_list_shows_one_line_per_message_oldest_first(three):
+LISTED_THREE = [
+    "QUEUE ID          STATE          SIZE  ARRIVED (UTC)         AGE  SENDER",
+    "0000000000000002  deferred         61  2025-12-29 23:58:20    2d  alice@example.org",
+    "                  (451 4.4.1 Connection timed out)",
+    "                  bob@example.com",
+    "0000000000000003  hold             61  2025-12-31 21:00:00    3h  <>",
+    "                  (452 4.2.2 Mailbox full: " + "y" * 100 + ")",
+    "                  dave@example.net",
+    "0000000000000001  active           61  2025-12-31 23:59:15   45s  bob@example.com",
+    "                  erin@example.com",
+    "                  frank@example.com",
+    "-- 1 Kbytes in 3 messages, 1 held.",
+]
+
+
+def test_list_shows_each_message_oldest_first_with_its_state_and_whole_error(three):
     status, out, err = run(three, "list")
     assert (status, err) == (0, "")
-    assert out.splitlines() == [
-        "0000000000000002    2d        61  alice@example.org  bob@example.com"
-        "  (451 4.4.1 Connection timed out)",
-        "0000000000000003!   3h        61  <>  dave@example.net"
-        "  (452 4.2.2 Mailbox full: " + "y" * 53 + "...)",
-        "0000000000000001   45s        61  bob@example.com"
-        "  erin@example.com,frank@example.com",
-        "3 messages, 1 held",
-    ]
+    assert out.splitlines() == LISTED_THREE
+
+
+def test_list_groups_recipients_under_their_last_error(spool_path):
+    def mixed(record):
+        first, second, third = record["recipients"]
+        first.update(status=records.DEFERRED, last_error="451 4.4.1 timed out")
+        third.update(status=records.DEFERRED, last_error="451 4.4.1 timed out")
+        record["attempts"] = 1
+    put(spool_path, NEW, NOW - 5, change=mixed,
+        recipients=("a@example.com", "b@example.net", "c@example.com"))
+    assert run(spool_path, "list")[1].splitlines()[1:] == [
+        "0000000000000001  deferred         61  2025-12-31 23:59:55    5s  alice@example.org",
+        "                  b@example.net",
+        "                  (451 4.4.1 timed out)",
+        "                  a@example.com",
+        "                  c@example.com",
+        "-- 1 Kbytes in 1 message, 0 held."]
+
+
+def test_list_totals_kbytes_rounded_up(spool_path):
+    for number, queue_id in enumerate((NEW, OLD)):
+        put(spool_path, queue_id, NOW - number, change=lambda record: record.update(size=1500))
+    assert run(spool_path, "list")[1].splitlines()[-1] == "-- 3 Kbytes in 2 messages, 0 held."
 
 
 def test_list_of_an_empty_queue(spool_path):
-    assert run(spool_path, "list") == (0, "0 messages, 0 held\n", "")
+    assert run(spool_path, "list") == (0, "-- 0 Kbytes in 0 messages, 0 held.\n", "")
 
 
 def test_list_of_a_spool_never_laid_out_is_empty(tmp_path):
-    assert run(str(tmp_path), "list") == (0, "0 messages, 0 held\n", "")
+    assert run(str(tmp_path), "list") == (0, "-- 0 Kbytes in 0 messages, 0 held.\n", "")
 
 
 def test_list_without_a_spool_says_so_in_one_line(tmp_path):
@@ -142,24 +177,22 @@ def test_list_reports_unreadable_records_and_goes_on(three):
     status, out, err = run(three, "list")
     assert status == 0
     assert err.startswith(f"relaymail-queue: {OLD}: bad record: not valid JSON")
-    assert out.splitlines()[-1] == "2 messages, 1 held, 1 unreadable"
+    assert out.splitlines()[-1] == "-- 1 Kbytes in 2 messages, 1 held, 1 unreadable."
 
 
 def test_list_shows_a_message_left_in_both_directories_once_as_active(three):
     for suffix in (".json", ".msg"):
         os.link(os.path.join(three, "active", NEW + suffix),
                 os.path.join(three, "hold", NEW + suffix))
-    out = run(three, "list")[1].splitlines()
-    assert [line[:17] for line in out[:-1]] == [OLD + " ", HELD + "!", NEW + " "]
-    assert out[-1] == "3 messages, 1 held"
+    assert run(three, "list")[1].splitlines() == LISTED_THREE
 
 
 def test_list_keeps_each_line_on_one_line(spool_path):
     def nasty(record):
         record["recipients"][0]["last_error"] = "550 no\r\n550 \x1b[31mred\x07"
     put(spool_path, NEW, NOW - 5, change=nasty)
-    line = run(spool_path, "list")[1].splitlines()[0]
-    assert line.endswith("  (550 no 550 \\x{1B}[31mred\\x{7})")
+    line = run(spool_path, "list")[1].splitlines()[2]
+    assert line == "                  (550 no 550 \\x{1B}[31mred\\x{7})"
 
 
 def test_list_escapes_what_would_drive_the_terminal(spool_path):
@@ -168,10 +201,11 @@ def test_list_escapes_what_would_drive_the_terminal(spool_path):
             "550 \x1b]52;c;aGk=\x07 no\u2028ID \x9b2J\x85")
     put(spool_path, NEW, NOW - 5, sender="a\u202eb@example.org", change=hostile)
     out = run(spool_path, "list")[1]
-    assert out.splitlines() == [
-        f"{NEW}    5s        61  a\\x{{202E}}b@example.org  bob@example.com"
-        "  (550 \\x{1B}]52;c;aGk=\\x{7} no\\x{2028}ID \\x{9B}2J\\x{85})",
-        "1 message, 0 held"]
+    assert out.splitlines()[1:] == [
+        f"{NEW}  active           61  2025-12-31 23:59:55    5s  a\\x{{202E}}b@example.org",
+        "                  (550 \\x{1B}]52;c;aGk=\\x{7} no\\x{2028}ID \\x{9B}2J\\x{85})",
+        "                  bob@example.com",
+        "-- 1 Kbytes in 1 message, 0 held."]
     assert out.isascii()
 
 
@@ -190,16 +224,20 @@ def test_list_of_two_thousand_messages(spool_path):
     status, out, err = run(spool_path, "list")
 
     lines = out.splitlines()
-    assert (status, err, len(lines)) == (0, "", 2001)
-    assert lines[-1] == "2000 messages, 200 held"
-    shown = [line[:16] for line in lines[:-1]]
+    assert (status, err, len(lines)) == (0, "", 4002)
+    assert lines[0] == HEADER
+    assert lines[-1] == "-- 120 Kbytes in 2000 messages, 200 held."
+    firsts, recipients = lines[1:-1:2], lines[2:-1:2]
+    shown = [line[:16] for line in firsts]
     assert sorted(shown) == sorted(queued)
     assert shown == sorted(queued, key=lambda queue_id: queued[queue_id][0])
-    for line in lines[:-1]:
-        queue_id = line[:16]
-        assert (line[16] == "!") == (queued[queue_id][1] == "hold")
+    for first, recipient in zip(firsts, recipients):
+        queue_id = first[:16]
+        state = "hold    " if queued[queue_id][1] == "hold" else "active  "
+        assert first[16:28] == f"  {state}  "
+        assert first.endswith("  alice@example.org")
         number = int(NOW - queued[queue_id][0])
-        assert line.endswith(f"alice@example.org  user{number}@example.com")
+        assert recipient == f"                  user{number}@example.com"
 
 
 @pytest.mark.parametrize("seconds, text", [
@@ -477,6 +515,17 @@ def short_socket_dir():
     return tempfile.mkdtemp(prefix="rq")
 
 
+def socket_spool(test):
+    """A spool where its control socket's path is short enough, removed
+    after ``test``, holding the message OLD."""
+    directory = short_socket_dir()
+    test.addCleanup(shutil.rmtree, directory)
+    spool_path = make_spool(os.path.join(directory, "spool"))
+    put(spool_path, OLD, NOW - 100, change=deferred_bob,
+        recipients=("bob@example.com", "carol@example.com"))
+    return spool_path
+
+
 def test_daemon_not_listening_on_its_socket(locked):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -515,7 +564,7 @@ def test_the_spool_comes_from_the_config_file(three, tmp_path):
     config.write_text(f"[queue]\npath = {three}\n")
     out, err = io.StringIO(), io.StringIO()
     assert main(["--config", str(config), "list"], out=out, err=err, now=NOW) == 0
-    assert out.getvalue().endswith("3 messages, 1 held\n")
+    assert out.getvalue().endswith("-- 1 Kbytes in 3 messages, 1 held.\n")
 
 
 def test_a_config_error_is_one_line_and_status_2(tmp_path):
@@ -596,8 +645,8 @@ class Manager:
         self.pending.append((result, value))
         return result
 
-    def flush(self):
-        return self._result("flush", 1)
+    def flush(self, domain=None):
+        return self._result("flush", 1, *([domain] if domain else []))
 
     def retry(self, queue_id):
         return self._result("retry", queue_id == OLD, queue_id)
@@ -635,7 +684,12 @@ def test_the_manager_contract_is_an_interface():
     ("hold " + NEW, "error not now", None),
     ("", "error empty request", None),
     ("FLUSH", "ok 1 message due now", ("flush",)),
-    ("flush now", "error wrong arguments for flush: 'flush now'", None),
+    ("flush example.com", "ok 1 message due now", ("flush", "example.com")),
+    ("flush xn--bcher-kva.example", "ok 1 message due now",
+     ("flush", "xn--bcher-kva.example")),
+    ("flush Example.COM", "error not a domain in lower case A-labels: 'Example.COM'", None),
+    ("flush a..b", "error not a domain: 'a..b' (empty label in domain)", None),
+    ("flush a b", "error wrong arguments for flush: 'flush a b'", None),
     ("retry", "error wrong arguments for retry: 'retry'", None),
     ("retry ../x", "error not a queue id: '../x'", None),
     ("delete all", "error not a queue id: 'all'", None),
@@ -716,11 +770,7 @@ class OnlineTests(unittest.TestCase):
     process, as an administrator would run it."""
 
     def setUp(self):
-        directory = short_socket_dir()
-        self.addCleanup(shutil.rmtree, directory)
-        self.spool_path = make_spool(os.path.join(directory, "spool"))
-        put(self.spool_path, OLD, NOW - 100, change=deferred_bob,
-            recipients=("bob@example.com", "carol@example.com"))
+        self.spool_path = socket_spool(self)
         put(self.spool_path, HELD, NOW - 50, where="hold")
         lock = SpoolLock(self.spool_path)
         self.assertTrue(lock.acquire())
@@ -771,7 +821,7 @@ class OnlineTests(unittest.TestCase):
     def test_list_reads_the_files_while_the_daemon_runs(self):
         out, err, status = yield self.tool("list")
         self.assertEqual((err, status), (b"", 0))
-        self.assertEqual(out.splitlines()[-1], b"2 messages, 1 held")
+        self.assertEqual(out.splitlines()[-1], b"-- 1 Kbytes in 2 messages, 1 held.")
 
 
 def test_an_absurd_timeout_is_a_usage_error(tmp_path, capsys):

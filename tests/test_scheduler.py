@@ -8,6 +8,8 @@ tests/test_delivery.py runs the scheduler on it end to end."""
 import copy
 import errno
 
+import pytest
+
 from twisted.internet import defer, task
 
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
@@ -56,6 +58,9 @@ class Spool:
 
     def held_ids(self):
         return []
+
+    def is_held(self, queue_id):
+        return False
 
     def load(self, queue_id):
         if queue_id in self.load_errors:
@@ -175,12 +180,18 @@ def test_a_bounce_that_cannot_be_queued_keeps_the_message(tmp_path):
     assert "DSN2" in spool.records
 
 
-def test_a_failed_hold_keeps_the_message_scheduled(tmp_path):
+def being_delivered(tmp_path):
+    """A scheduler with one message, AAAA, whose one job has started."""
     sched, spool, pool, clock = scheduler(tmp_path)
     spool.add("AAAA", ["a@example.net"])
     sched.startService()
     clock.advance(0)
     [job] = pool.take()
+    return sched, spool, pool, clock, job
+
+
+def test_a_failed_hold_keeps_the_message_scheduled(tmp_path):
+    sched, spool, pool, clock, job = being_delivered(tmp_path)
     assert sched.hold("AAAA") is True      # asked during the attempt
     spool.fail_hold = True
     finish(job, DEFERRED, 451)
@@ -265,3 +276,19 @@ def test_pickup_leaves_alone_a_message_being_deleted(tmp_path):
     assert pool.take() == []
     deleting.callback(None)
     assert "AAAA" not in spool.records and sched.pickup() == 0
+
+
+def test_release_takes_back_a_hold_asked_while_the_message_was_being_delivered(tmp_path):
+    from relaymail.queue.control import ControlError
+    sched, spool, pool, clock, job = being_delivered(tmp_path)
+    assert sched.hold("AAAA") is True
+    assert sched.release("AAAA") is True
+    # Released: a second release is the mistake it is for any message.
+    with pytest.raises(ControlError, match="^AAAA is not on hold$"):
+        sched.release("AAAA")
+    finish(job, DEFERRED, 451)
+    # Not moved to hold/ when the attempt ended, and due again at once
+    # (release means due now), not after the 10 s backoff.
+    assert "AAAA" in spool.records
+    clock.advance(0)
+    assert [job.queue_id for job in pool.take()] == ["AAAA"]

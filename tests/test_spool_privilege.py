@@ -448,3 +448,24 @@ def test_the_tool_as_root_on_a_relay_spool_refuses_a_lock_link(workdir, victim):
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"relaymail-queue: unsafe spool {spool}: lock is a symbolic link\n"
     assert_untouched(victim)
+
+
+def test_the_tool_as_root_records_an_offline_change_only_through_no_link(workdir, victim):
+    spool = held_by_nobody(workdir)
+    os.symlink(victim, os.path.join(spool, "offline-actions"))
+    result = run_tool("--spool", spool, "release", ID)
+    # The change is made; its record is refused, not written through the
+    # link into root's file.
+    assert (result.returncode, result.stdout) == (0, f"{ID} released\n")
+    assert result.stderr == (f"relaymail-queue: release {ID}: not recorded in "
+                             f"{spool}/offline-actions: Too many levels of symbolic links\n")
+    assert_untouched(victim)
+
+
+def test_the_tool_as_root_writes_its_offline_record_as_the_spool_owner(workdir):
+    spool = held_by_nobody(workdir)
+    assert run_tool("--spool", spool, "release", ID).returncode == 0
+    journal = os.path.join(spool, "offline-actions")
+    info = os.lstat(journal)
+    # The relay, running as the owner, reads it and removes it at start.
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (UID, GID, 0o600)

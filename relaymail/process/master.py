@@ -662,8 +662,8 @@ class RelayedControl:
         done.addErrback(lambda failure: failure.value.subFailure)
         return done.addCallback(sum)
 
-    def flush(self):
-        return self._counted("flush")
+    def flush(self, domain=None):
+        return self._counted("flush" if domain is None else f"flush {domain}")
 
     def pickup(self):
         return self._counted("pickup")

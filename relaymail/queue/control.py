@@ -10,6 +10,7 @@ to its daemons the same way, through sockets in the queue directory.
 One request per line, one reply per line, in order::
 
     flush             ok 3 messages due now
+    flush DOMAIN      ok 1 message due now           (postqueue -s DOMAIN)
     retry ID          ok ID due now
     delete ID         ok ID deleted
     delete ALL        ok 12 messages deleted
@@ -21,14 +22,21 @@ One request per line, one reply per line, in order::
 it has each delivery worker schedule the messages it was not told of.)
 
 and for anything that went wrong ``error <text>``, for instance
-``error no such message ID``.  Lines end in LF (a CR before it is
-ignored) and are ASCII; a request longer than :data:`MAX_REQUEST` bytes
+``error no such message ID``.  ``flush DOMAIN`` makes due the messages
+with a recipient still to do in DOMAIN, which is given in its comparison
+form (lower case, A-labels: :func:`relaymail.queue.selection.domain_key`).
+Lines end in LF (a CR before it is ignored) and are ASCII; a request longer than :data:`MAX_REQUEST` bytes
 is answered with an error and the connection closed.
 
 The work is done by a *manager*, the scheduler, providing
 :class:`IQueueControl`.  :func:`answer` turns one request line into one
 reply line with it; the queue tool uses the same function with a manager
 that works on the files when no daemon runs, so that both say the same.
+
+Each request on ``QUEUE/control`` and its reply are logged with the user
+who sent it (:mod:`relaymail.queue.audit`); the delivery workers' own
+control connections, from the master that relays those requests, are not,
+so each request is logged once, by the process the tool talked to.
 """
 
 import errno
@@ -41,8 +49,10 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from zope.interface import Interface
 
+from relaymail.queue import audit
 from relaymail.queue.layout import CONTROL_NAME
 from relaymail.queue.queue_id import is_queue_id
+from relaymail.queue.selection import BadFilter, domain_key
 
 #: The longest request is "release " and an id; anything far longer is
 #: not from the queue tool.
@@ -65,9 +75,12 @@ class IQueueControl(Interface):
     :func:`relaymail.queue.queue_id.is_queue_id` before any call.
     """
 
-    def flush():
-        """Make every deferred message due now (not the held ones).
+    def flush(domain=None):
+        """Make every deferred message due now (not the held ones); with
+        ``domain``, only those with a recipient still to do there.
 
+        :param domain: a domain in its comparison form
+            (:func:`relaymail.queue.selection.domain_key`), or None.
         :return: the number of messages due now.
         """
 
@@ -133,8 +146,15 @@ def _parse(text):
     if not words:
         raise ControlError("empty request")
     command, arguments = words[0].lower(), words[1:]
-    if command == "flush" and not arguments:
-        return "flush", (), lambda count: f"{plural(count, 'message')} due now"
+    if command == "flush" and len(arguments) <= 1:
+        if arguments:
+            try:
+                domain = domain_key(arguments[0])
+            except BadFilter as error:
+                raise ControlError(str(error))
+            if domain != arguments[0]:
+                raise ControlError(f"not a domain in lower case A-labels: {arguments[0]!r}")
+        return "flush", tuple(arguments), lambda count: f"{plural(count, 'message')} due now"
     if command == "pickup" and not arguments:
         return "pickup", (), lambda count: f"{plural(count, 'message')} picked up"
     if command == "delete" and arguments == [ALL]:
@@ -214,7 +234,17 @@ class ControlProtocol(LineReceiver):
 
     def lineReceived(self, line):
         self._replies.addCallback(lambda _: answer(self.factory.manager, line))
+        if self.factory.log_requests:
+            self._replies.addCallback(self._logged, line)
         self._replies.addCallback(self._send)
+
+    def _logged(self, reply, line):
+        # Asked once: the peer is the same for the whole connection.
+        if not hasattr(self, "_caller"):
+            self._caller = audit.peer_of(self.transport)
+        request = line.decode("ascii", "backslashreplace").strip()
+        audit.log_action(request, self._caller, reply)
+        return reply
 
     def _send(self, reply):
         self.sendLine(reply.encode("ascii", "replace"))
@@ -232,19 +262,23 @@ class ControlProtocol(LineReceiver):
 
 class ControlFactory(Factory):
     """Makes a :class:`ControlProtocol` per connection, all asking
-    ``manager``, an :class:`IQueueControl`."""
+    ``manager``, an :class:`IQueueControl`; with ``log_requests``, each request
+    is logged with who sent it (the queue tool's socket)."""
 
     protocol = ControlProtocol
 
-    def __init__(self, manager):
+    def __init__(self, manager, log_requests=False):
         self.manager = manager
+        self.log_requests = log_requests
 
 
 def listen_control(reactor, spool_path, manager):
     """Listen on ``QUEUE/control`` for the queue tool.
 
     Call it only while holding the spool lock: a socket file left there
-    is then surely stale (a daemon that crashed) and is removed first.
+    is then surely stale (a daemon that crashed) and is removed first,
+    and what the tool did while no daemon ran is logged first
+    (:func:`relaymail.queue.audit.log_offline_actions`).
 
     :return: the listening port; ``stopListening()`` removes the socket.
     :raise OSError: when something other than a socket has that name.
@@ -252,9 +286,10 @@ def listen_control(reactor, spool_path, manager):
     """
     path = control_path(spool_path)
     _remove_stale_socket(path)
+    audit.log_offline_actions(spool_path)
     # Twisted chmods the socket just after binding it; in between it has
     # the umask's mode, but it is inside the 0700 spool directory.
-    return reactor.listenUNIX(path, ControlFactory(manager), mode=_SOCKET_MODE)
+    return reactor.listenUNIX(path, ControlFactory(manager, log_requests=True), mode=_SOCKET_MODE)
 
 
 def _remove_stale_socket(path):

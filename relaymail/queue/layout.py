@@ -13,6 +13,9 @@ The layout (see :mod:`relaymail.queue.spool` for what each is for)::
 
     lock        regular file        the spool lock (relaymail.queue.lock)
     control     UNIX socket         the queue tool's channel (relaymail.queue.control)
+    offline-actions regular file    what the queue tool did with no relay running,
+                                    logged and removed at the next start
+                                    (relaymail.queue.audit)
     tmp/        directory           ID.msg, ID.json, ID-XXXXXXXX.json (a record
                                     being replaced), ID.msg-XXXXXXXX.link and
                                     ID.json-XXXXXXXX.link (a move's staging name)
@@ -64,6 +67,7 @@ CORRUPT = "corrupt"
 DIRECTORIES = (TMP, ACTIVE, HOLD, CORRUPT)
 LOCK_NAME = "lock"
 CONTROL_NAME = "control"
+OFFLINE_ACTIONS_NAME = "offline-actions"
 
 #: Symbolic links followed while resolving the spool path before it is
 #: refused: Linux's own limit for one path lookup (path_resolution(7)).
@@ -74,6 +78,7 @@ _DIRECTORY, _FILE, _SOCKET = "a directory", "a regular file", "a socket"
 _TOP = {name: _DIRECTORY for name in DIRECTORIES}
 _TOP[LOCK_NAME] = _FILE
 _TOP[CONTROL_NAME] = _SOCKET
+_TOP[OFFLINE_ACTIONS_NAME] = _FILE
 
 _TOKEN = "[0-9a-f]{8}"
 _EXTRA_NAMES = {

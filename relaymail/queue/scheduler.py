@@ -43,6 +43,7 @@ from relaymail.interfaces import ISessionContext
 from relaymail.metrics import instruments
 from relaymail.queue import record as records
 from relaymail.queue.control import ControlError
+from relaymail.queue.selection import Selection, matching_ids
 from relaymail.queue.bounce import FailedRecipient, build_dsn, is_double_bounce, read_header_section
 from relaymail.smtp.address import AddressError, parse_forward_path
 
@@ -595,10 +596,19 @@ class Scheduler(service.Service):
 
     # -- the queue tool's requests (relaymail.queue.control) ---------------
 
-    def flush(self):
+    def flush(self, domain=None):
+        if domain is not None:
+            # The records say where the recipients are: read in a spool
+            # thread, as a large queue's would hold up the reactor.
+            matching = self.spool.call_in_thread(
+                matching_ids, self.spool, list(self.spool.ids()), Selection(domain=domain))
+            return matching.addCallback(self._make_all_due)
+        return self._make_all_due(self.spool.ids())
+
+    def _make_all_due(self, queue_ids):
         count = 0
         now = self._clock()
-        for queue_id in list(self.spool.ids()):
+        for queue_id in list(queue_ids):
             count += self._make_due(queue_id, now)
         return count
 
@@ -654,6 +664,13 @@ class Scheduler(service.Service):
         return self._in_thread_or_keep(queue_id, self.spool.hold)
 
     def release(self, queue_id):
+        attempt = self._attempts.get(queue_id)
+        if attempt is not None and attempt.after == "hold":
+            # Held while being delivered: not in hold/ yet, only asked for
+            # when the attempt ends.  Releasing it takes that back.
+            attempt.after = None
+            self._make_due(queue_id, self._clock())
+            return True
         if queue_id not in self._moving and not self.spool.is_held(queue_id):
             if self._exists(queue_id):
                 raise ControlError(f"{queue_id} is not on hold")

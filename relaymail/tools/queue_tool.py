@@ -4,10 +4,12 @@
 
     relaymail-queue [--config FILE] [--spool DIR] COMMAND [ARG]
 
-    list              one line per message, oldest first     (Postfix: mailq)
+    list [--json] [FILTERS]
+                      the messages, oldest first             (mailq, postqueue -j)
     show ID [--body] [--raw]
                       a message's record and headers        (postcat -q)
-    flush             make every waiting message due now     (postqueue -f)
+    flush [--domain DOMAIN]
+                      make every waiting message due now     (postqueue -f, -s)
     retry ID...       make messages due now                  (postqueue -i)
     delete ID...      delete messages                        (postsuper -d)
     hold ID...        keep messages from being delivered     (postsuper -h)
@@ -16,6 +18,15 @@
 Each ID may be several ids, ``ALL`` (every queued message; every held one
 for ``release``) or ``-`` (ids read from standard input, as ``postsuper
 -d -``).  ``release`` of a message that is not held is an error.
+FILTERS (``--sender``, ``--recipient``, ``--domain``,
+:mod:`relaymail.queue.selection`) choose among ``ALL`` and what ``list``
+shows; :mod:`relaymail.tools.queue_listing` says what ``list`` prints.
+
+A change is carried out whether or not anybody reads its report: a pipe
+closed half way (``delete ALL | head -1``) silences the rest of the
+report, not the rest of the work.  Every change is logged in the relay's
+log with who made it; made offline, it is kept for the relay to log at
+its next start (:mod:`relaymail.queue.audit`).
 
 ``list`` and ``show`` only read the files, whoever is running.  The other
 commands must not move files under a running daemon's feet: they try the
@@ -45,15 +56,12 @@ exactly as queued, for a pipe or a file.
 
 Exit status: 0 when done; 1 when the queue said no (no such message, an
 error reply, no daemon answering, an unreadable spool); 2 for a usage or
-configuration error.
+configuration error (a filter beside ids named one by one among them).
 """
 
 import argparse
-import collections
 import contextlib
-import datetime
 import os
-import re
 import socket
 import sys
 import time
@@ -64,13 +72,19 @@ from zope.interface import implementer
 import relaymail
 from relaymail import sanitize
 from relaymail.config import ConfigError, load_config
+from relaymail.queue import audit
 from relaymail.queue import record as records
 from relaymail.queue.control import (
     ALL, ControlError, IQueueControl, answer, control_path, plural)
 from relaymail.queue.layout import UnsafeSpool
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.queue_id import is_queue_id
+from relaymail.queue.selection import (
+    NULL_SENDER, BadFilter, Selection, address_key, domain_key, matching_ids)
 from relaymail.queue.spool import ACTIVE, HOLD, Spool
+from relaymail.tools.queue_listing import (
+    SpoolUnreadable, format_age, format_json, format_listing, format_utc, printable,
+    read_queue)
 
 PROGRAM = "relaymail-queue"
 
@@ -82,9 +96,6 @@ EXIT_USAGE = 2
 #: large queue takes the daemon a while.
 DEFAULT_TIMEOUT = 60.0
 
-#: ``list`` shows this much of a message's last error.
-ERROR_WIDTH = 80
-
 #: Threads for an offline flush: each due message costs an fsync, and
 #: fsyncs overlap (see relaymail.queue.spool.COMMIT_THREADS).
 FLUSH_THREADS = 16
@@ -92,13 +103,7 @@ FLUSH_THREADS = 16
 #: A reply is one short line; more than this is not the daemon talking.
 _REPLY_LIMIT = 4096
 
-#: Recipient states that need no more delivery.
-_FINAL = frozenset((records.SENT, records.BOUNCED))
-
 _SPOOL_DIRECTORIES = ("active", "hold", "tmp")
-
-#: ``list`` and ``show`` put a multi-line reply on one line.
-_BLANKS = re.compile(r"[\t\n\r ]+")
 
 _ESCAPING = ("Characters that are not printable (controls such as ESC, "
              "U+2028, U+2029) are shown as \\x{HEX}, their code point in "
@@ -107,6 +112,10 @@ _ESCAPING = ("Characters that are not printable (controls such as ESC, "
 
 class ToolError(Exception):
     """An expected problem, told in one line; the exit status is 1."""
+
+
+class UsageError(Exception):
+    """Options that do not go together; the exit status is 2."""
 
 
 class _Context:
@@ -134,9 +143,13 @@ def main(argv=None, out=None, err=None, now=None):
     err = err or _tolerant(sys.stderr)
     try:
         args = _parser().parse_args(argv)
+        _check_combination(args)
     except SystemExit as exit:
         # argparse has printed the usage and why; 2 on error, 0 for --help.
         return exit.code
+    except UsageError as error:
+        err.write(f"{PROGRAM}: {error}\n")
+        return EXIT_USAGE
     try:
         spool_path = _spool_path(args)
     except ConfigError as error:
@@ -150,14 +163,13 @@ def main(argv=None, out=None, err=None, now=None):
         err.write(f"{PROGRAM}: {error}\n")
         return EXIT_FAILED
     except BrokenPipeError:
-        # "show ID | head": the reader has what it wanted.  Point stdout at
-        # /dev/null so that Python's own flush at exit stays quiet too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        # "show ID | head": the reader has what it wanted.
+        _quiet_if_standard(out, sys.stdout)
         return EXIT_OK
+    finally:
+        if getattr(context, "reader_gone", False):
+            _quiet_if_standard(out, sys.stdout)
+            _quiet_if_standard(err, sys.stderr)
 
 
 def _tolerant(stream):
@@ -170,7 +182,83 @@ def _tolerant(stream):
     return stream
 
 
+def _quiet_if_standard(stream, standard):
+    """After a closed pipe on ``stream``: when it is the process's own
+    standard output (or error), point that descriptor at /dev/null, so
+    that Python's flush at exit stays quiet too.  A stream a caller gave
+    (a test, a script importing :func:`main`) is theirs: its descriptor
+    is left alone."""
+    if stream is not standard:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, standard.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+class _ReaderMayGo:
+    """An output whose reader may close it half way (``delete ALL | head
+    -1``): what is written after that goes nowhere, and the work goes
+    on.  A command that changes the queue must not leave half of what it
+    was asked undone because nobody reads its report any more."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text):
+        self._call(self._stream.write, text)
+
+    def flush(self):
+        self._call(self._stream.flush)
+
+    def _call(self, method, *args):
+        if self.gone:
+            return
+        try:
+            method(*args)
+        except BrokenPipeError:
+            self.gone = True
+
+
+def _whatever_the_reader_does(run):
+    """Make a runner of changes write through :class:`_ReaderMayGo`: every
+    change is made and its exit status kept, read or not."""
+    def tolerant(args, spool_path, context):
+        out, err = context.out, context.err
+        context.out, context.err = _ReaderMayGo(out), _ReaderMayGo(err)
+        try:
+            return run(args, spool_path, context)
+        finally:
+            context.out.flush()
+            context.err.flush()
+            context.reader_gone = context.out.gone or context.err.gone
+            context.out, context.err = out, err
+    return tolerant
+
+
 # -- the command line -----------------------------------------------------
+
+_LIST_DETAIL = (
+    "A header line, then for each message, oldest first: a line with its id, "
+    "STATE (hold: not delivered until released; deferred: tried, and tried again "
+    "later; active: not tried yet), size in bytes, arrival time (UTC), age and "
+    "sender (<> for the null sender); below it, indented, the recipients still to "
+    "deliver to, each group after its last error in parentheses, whole. The last "
+    "line counts what was listed: '-- N Kbytes in M messages, H held.' "
+    "--json prints instead one JSON object a line per message, with the fields of "
+    "postqueue -j (queue_name, queue_id, arrival_time, message_size, sender, "
+    "recipients: [{address, delay_reason}]) and attempts, next_attempt_time. ")
+
+_FILTERS_DETAIL = (
+    " --sender, --recipient and --domain choose among ALL: only the messages "
+    "from that sender, or with a recipient still to do at that address or in that "
+    "domain; case does not matter, and a domain matches in U-labels and in "
+    "A-labels (xn--) alike.")
+
 
 def _parser():
     parser = argparse.ArgumentParser(
@@ -178,7 +266,10 @@ def _parser():
         description="Look at relaymail's mail queue and change it.  Works with "
                     "the daemon running (changes are asked of it over the "
                     "spool's control socket) or stopped (the files are changed "
-                    "directly, under the spool lock).")
+                    "directly, under the spool lock).  Every change is logged in "
+                    "the relay's log with the user who asked; one made while the "
+                    "relay is stopped is kept in the spool's offline-actions file "
+                    "and logged when the relay next starts.")
     parser.add_argument("--version", action="version",
                         version=f"relaymail {relaymail.__version__}")
     parser.add_argument("--config", "-c", metavar="FILE",
@@ -199,8 +290,11 @@ def _parser():
         sub.set_defaults(run=run)
         return sub
 
-    command("list", _list, "one line per message, oldest first; held ones "
-                           "marked '!'", _ESCAPING)
+    listing = command("list", _list, "the messages in the queue, oldest first",
+                      _LIST_DETAIL + _ESCAPING)
+    listing.add_argument("--json", action="store_true",
+                         help="one JSON object a line per message, as postqueue -j")
+    _add_filters(listing, "list only the messages")
     show = command("show", _show, "a message's envelope, delivery state and headers",
                    _ESCAPING + " Header lines keep their tabs; --raw shows them as they are.")
     show.add_argument("queue_id", type=_queue_id, metavar="ID")
@@ -211,26 +305,78 @@ def _parser():
                            "ends, control characters and all, which can drive "
                            "a terminal: for a pipe or a file); the record is "
                            "shown escaped all the same")
-    command("flush", _changer(lambda args: "flush"),
-            "make every waiting message due for delivery now")
+    flush = command("flush", _whatever_the_reader_does(_changer(_flush_request)),
+                    "make every waiting message due for delivery now",
+                    "--domain makes due only the messages with a recipient still to "
+                    "do in that domain (postqueue -s).")
+    flush.add_argument("--domain", type=_filter(domain_key), metavar="DOMAIN",
+                       help="only the messages with a recipient still to do in DOMAIN")
     several = ("IDs may be several; ALL means every message it applies to, and - "
                "reads IDs from standard input, white space between them "
-               "(as postsuper -d -)")
+               "(as postsuper -d -)." + _FILTERS_DETAIL)
     for name, help_text in (("retry", "make messages due for delivery now"),
                             ("hold", "keep messages from being delivered"),
                             ("release", "let held messages go, due now"),
                             ("delete", "delete messages (no question asked)")):
-        sub = command(name, _each_id(name), help_text, several)
+        sub = command(name, _whatever_the_reader_does(_each_id(name)), help_text, several)
         sub.add_argument("queue_ids", type=_queue_id_argument, nargs="+",
                          metavar="ID|ALL|-")
+        _add_filters(sub, "with ALL, only the messages")
     return parser
+
+
+def _add_filters(sub, which):
+    sub.add_argument("--sender", type=_filter(_sender_key), metavar="ADDRESS",
+                     help=f"{which} from ADDRESS (<> for the null sender)")
+    sub.add_argument("--recipient", type=_filter(address_key), metavar="ADDRESS",
+                     help=f"{which} with ADDRESS among the recipients still to do")
+    sub.add_argument("--domain", type=_filter(domain_key), metavar="DOMAIN",
+                     help=f"{which} with a recipient still to do in DOMAIN")
+
+
+def _filter(key):
+    """An argparse type: the value's comparison form, or the usage error."""
+    def convert(text):
+        try:
+            return key(text)
+        except BadFilter as error:
+            raise argparse.ArgumentTypeError(str(error))
+    return convert
+
+
+def _sender_key(text):
+    return "" if text.strip() in NULL_SENDER else address_key(text)
+
+
+def _selection(args):
+    return Selection(getattr(args, "sender", None), getattr(args, "recipient", None),
+                     getattr(args, "domain", None))
+
+
+def _check_combination(args):
+    """Filters choose among ALL; with ids named one by one they would
+    either be ignored or contradict them.
+
+    :raise UsageError: for such a combination.
+    """
+    queue_ids = getattr(args, "queue_ids", None)
+    if queue_ids is None or not _selection(args):
+        return
+    if queue_ids != [ALL]:
+        named = _selection(args).describe()
+        raise UsageError(f"{named} chooses among ALL: give ALL alone, not "
+                         f"{' '.join(queue_ids)}")
+
+
+def _flush_request(args):
+    return "flush" if args.domain is None else f"flush {args.domain}"
 
 
 def _each_id(name):
     """The runner of a command on several ids: one request each, in
     order; every outcome printed; exit 1 if any failed."""
     def run(args, spool_path, context):
-        queue_ids = _expand_ids(args.queue_ids, name, spool_path, context)
+        queue_ids = _expand_ids(args.queue_ids, name, spool_path, context, _selection(args))
         if queue_ids == [ALL] and name == "delete":
             return _report(carry_out(spool_path, "delete ALL", context), context)
         worst = EXIT_OK
@@ -241,9 +387,15 @@ def _each_id(name):
     return run
 
 
-def _expand_ids(arguments, name, spool_path, context):
+#: Where ``ALL`` looks for each command's messages.
+_ALL_IN = {"release": (HOLD,), "delete": (ACTIVE, HOLD), "hold": (ACTIVE,),
+           "retry": (ACTIVE,)}
+
+
+def _expand_ids(arguments, name, spool_path, context, selection):
     """The ids the arguments name: ``-`` read from standard input, ``ALL``
-    the messages in active/ (hold/ for release)."""
+    the messages in active/ (hold/ for release), those ``selection``
+    matches when it is not empty (held ones too for delete)."""
     queue_ids = []
     for argument in arguments:
         if argument == "-":
@@ -252,6 +404,11 @@ def _expand_ids(arguments, name, spool_path, context):
                     queue_ids.append(_queue_id(word))
                 except argparse.ArgumentTypeError as error:
                     raise ToolError(f"standard input: {error}")
+        elif argument == ALL and selection:
+            summaries, problems = _read_queue(spool_path, selection, _ALL_IN[name])
+            for problem in problems:
+                context.err.write(f"{PROGRAM}: {problem}\n")
+            queue_ids.extend(sorted(summary.queue_id for summary in summaries))
         elif argument == ALL:
             if name == "delete" and len(arguments) == 1:
                 return [ALL]        # one request: the daemon deletes all at once
@@ -260,7 +417,8 @@ def _expand_ids(arguments, name, spool_path, context):
         else:
             queue_ids.append(argument)
     if not queue_ids:
-        context.out.write(f"no message to {name}\n")
+        matching = f" matching {selection.describe()}" if selection else ""
+        context.out.write(f"no message to {name}{matching}\n")
     return list(dict.fromkeys(queue_ids))
 
 
@@ -306,126 +464,22 @@ def _spool_path(args):
 # -- list ---------------------------------------------------------------------
 
 def _list(args, spool_path, context):
-    spool = _readable_spool(spool_path)
-    summaries, problems = read_queue(spool)
+    summaries, problems = _read_queue(spool_path, _selection(args))
     for problem in problems:
         context.err.write(f"{PROGRAM}: {problem}\n")
-    context.out.write(format_listing(summaries, context.now, len(problems)))
+    if args.json:
+        for summary in summaries:
+            context.out.write(format_json(summary) + "\n")
+    else:
+        context.out.write(format_listing(summaries, context.now, len(problems)))
     return EXIT_OK
 
 
-#: One message as ``list`` shows it: only the fields it needs, so that a
-#: listing of 100,000 messages does not keep 100,000 parsed records (and
-#: the garbage collector does not walk them over and over, which cost
-#: more than a second at that size).
-Summary = collections.namedtuple(
-    "Summary", "queue_id held created_at size sender pending error")
-
-
-def summarise(queue_id, held, record):
-    """Return the :class:`Summary` of a checked record."""
-    pending = ",".join(_printable(recipient["address"])
-                       for recipient in record["recipients"]
-                       if recipient.get("status") not in _FINAL)
-    return Summary(queue_id, held, _number(record["created_at"]), record["size"],
-                   _printable(str(record["envelope"].get("sender") or "")),
-                   pending, _last_error(record))
-
-
-def read_queue(spool):
-    """Read every record in ``active/`` and ``hold/``.
-
-    Straight from the files and without the lock: messages delivered
-    while we read are left out, and a message complete in both
-    directories (an interrupted move) is shown once, as active, the way
-    recover() will settle it.
-
-    :return: ``(summaries, problems)``: a :class:`Summary` per message,
-        oldest first, and a line for each record that could not be read.
-    :raise ToolError: when the spool cannot be read at all.
-    """
-    summaries, problems, seen = [], [], set()
-    for where, ids in ((ACTIVE, spool.ids), (HOLD, spool.held_ids)):
-        try:
-            queue_ids = list(ids())
-        except FileNotFoundError:
-            continue        # a spool the daemon has not laid out yet
-        except OSError as error:
-            raise ToolError(f"cannot read the spool {spool.path}: {error.strerror}")
-        wanted = [queue_id for queue_id in queue_ids if queue_id not in seen]
-        for queue_id, record, error in spool.read_records(wanted, where):
-            if isinstance(error, FileNotFoundError):
-                continue    # delivered, deleted or moved since the scan
-            if isinstance(error, records.CorruptRecord):
-                problems.append(f"{queue_id}: bad record: {error}")
-            elif error is not None:
-                problems.append(f"{queue_id}: cannot read its record: {error.strerror}")
-            else:
-                seen.add(queue_id)
-                summaries.append(summarise(queue_id, where == HOLD, record))
-    summaries.sort(key=lambda summary: (summary.created_at, summary.queue_id))
-    return summaries, problems
-
-
-def format_listing(summaries, now, unreadable=0):
-    """Return the text of ``list``: a line per message, then a summary."""
-    lines = [format_summary(summary, now) for summary in summaries]
-    held = sum(1 for summary in summaries if summary.held)
-    total = f"{plural(len(summaries), 'message')}, {held} held"
-    if unreadable:
-        total += f", {unreadable} unreadable"
-    lines.append(total)
-    return "\n".join(lines) + "\n"
-
-
-def format_summary(summary, now):
-    """One line: id (``!`` when held), age, size, sender (``<>`` for the
-    null sender), the recipients still to deliver to, and the last error,
-    shortened."""
-    line = (f"{summary.queue_id}{'!' if summary.held else ' '} "
-            f"{format_age(now - summary.created_at):>4} {summary.size:>9}  "
-            f"{summary.sender or '<>'}  {summary.pending or '-'}")
-    if summary.error:
-        line += f"  ({_shorten(summary.error, ERROR_WIDTH)})"
-    return line
-
-
-def format_age(seconds):
-    """``45s``, ``3m``, ``2h``, ``1d``: the largest unit, rounded down."""
-    seconds = max(0, int(seconds))
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds // length}{unit}"
-    return f"{seconds}s"
-
-
-def _last_error(record):
-    """The message's last error, else that of a recipient still to do."""
-    if record.get("last_error"):
-        return _printable(str(record["last_error"]))
-    for recipient in record["recipients"]:
-        if recipient.get("status") not in _FINAL and recipient.get("last_error"):
-            return _printable(str(recipient["last_error"]))
-    return ""
-
-
-def _shorten(text, width):
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _printable(text):
-    """``text`` on one line with nothing that drives a terminal: errors
-    come from remote servers, and multi-line SMTP replies are common.
-    Blanks (CR, LF, TAB) become one space; other characters that are not
-    printable are shown as ``\\x{HEX}``."""
-    if text.isprintable():
-        return text         # nearly always, and a listing has 100,000 lines
-    return sanitize.escape_for_terminal(_BLANKS.sub(" ", text).strip(" "))
-
-
-def _number(value):
-    # check() does not type every field; a listing must not stop at one.
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+def _read_queue(spool_path, selection, where=(ACTIVE, HOLD)):
+    try:
+        return read_queue(_readable_spool(spool_path), selection, where)
+    except SpoolUnreadable as error:
+        raise ToolError(str(error))
 
 
 # -- show -----------------------------------------------------------------------
@@ -473,23 +527,23 @@ def format_record(record, held, now):
         ("Queue ID", record["id"] + (" (on hold)" if held else "")),
         ("Queued", _moment(record["created_at"], now)),
         ("Size", plural(record["size"], "byte")),
-        ("Sender", f"<{_printable(str(envelope.get('sender') or ''))}>"),
+        ("Sender", f"<{printable(str(envelope.get('sender') or ''))}>"),
         ("Client", _client(envelope)),
-        ("Authenticated", _printable(str(envelope.get("authenticated_user") or "-"))),
+        ("Authenticated", printable(str(envelope.get("authenticated_user") or "-"))),
         ("Body", body),
         ("Attempts", str(record["attempts"])),
         ("Next attempt", next_attempt),
-        ("Last error", _printable(str(record["last_error"] or "-"))),
+        ("Last error", printable(str(record["last_error"] or "-"))),
     ]
-    lines = [f"{label + ':':<15}{_printable(value)}" for label, value in fields]
+    lines = [f"{label + ':':<15}{printable(value)}" for label, value in fields]
     lines.append("Recipients:")
     for recipient in record["recipients"]:
         attempts = recipient.get("attempts", 0)
-        lines.append(f"  {_printable(recipient['address'])}: "
-                     f"{_printable(str(recipient.get('status', '?')))}, "
-                     f"{_printable(plural(attempts, 'attempt'))}")
+        lines.append(f"  {printable(recipient['address'])}: "
+                     f"{printable(str(recipient.get('status', '?')))}, "
+                     f"{printable(plural(attempts, 'attempt'))}")
         if recipient.get("last_error"):
-            lines.append(f"    last error: {_printable(str(recipient['last_error']))}")
+            lines.append(f"    last error: {printable(str(recipient['last_error']))}")
     return "\n".join(lines) + "\n"
 
 
@@ -498,16 +552,15 @@ def _moment(when, now, due=False):
     time that has passed, ``(due now)``."""
     if not isinstance(when, (int, float)) or isinstance(when, bool):
         return repr(when)
-    stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
-    text = stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+    text = format_utc(when)
     if when > now:
         return f"{text} (in {format_age(when - now)})"
     return f"{text} (due now)" if due else f"{text} ({format_age(now - when)} ago)"
 
 
 def _client(envelope):
-    helo = _printable(str(envelope.get("helo") or ""))
-    address = _printable(str(envelope.get("client_ip") or ""))
+    helo = printable(str(envelope.get("helo") or ""))
+    address = printable(str(envelope.get("client_ip") or ""))
     if address:
         return f"{helo} [{address}]" if helo else f"[{address}]"
     return helo or "-"
@@ -568,11 +621,23 @@ def carry_out(spool_path, request, context):
         manager = OfflineManager(Spool(spool_path), context.now)
         # The manager answers at once, so the Deferred has fired.
         answer(manager, request).addCallback(replies.append)
-        if request == "flush" and replies[0].startswith("ok "):
+        _record_offline(spool_path, request, replies[0], context)
+        if request.startswith("flush") and replies[0].startswith("ok "):
             return replies[0] + "; relaymail is not running: nothing is delivered until it starts"
         return replies[0]
     finally:
         lock.release()
+
+
+def _record_offline(spool_path, request, reply, context):
+    """Keep what was done for the relay to log at its next start
+    (:mod:`relaymail.queue.audit`).  The change is made whether or not
+    this can be written: say so, and go on."""
+    try:
+        audit.record_offline(spool_path, request, audit.this_process(), reply, context.now)
+    except OSError as error:
+        context.err.write(f"{PROGRAM}: {request}: not recorded in "
+                          f"{audit.journal_path(spool_path)}: {error.strerror}\n")
 
 
 def ask_daemon(spool_path, request, timeout, pid=None):
@@ -642,9 +707,12 @@ class OfflineManager:
         self._spool = spool
         self._now = now
 
-    def flush(self):
-        """Make every message in ``active/`` due; return how many are."""
+    def flush(self, domain=None):
+        """Make every message in ``active/`` due (with ``domain``, those
+        with a recipient still to do there); return how many are."""
         queue_ids = list(self._spool.ids())
+        if domain is not None:
+            queue_ids = matching_ids(self._spool, queue_ids, Selection(domain=domain))
         with ThreadPoolExecutor(FLUSH_THREADS) as pool:
             return sum(pool.map(self._make_due, queue_ids))
 
