@@ -26,6 +26,7 @@ from relaymail.config_warnings import config_warnings
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
+from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
 from relaymail.policy.loader import build_plugins
 from relaymail.process.launch import Launch
@@ -143,6 +144,7 @@ def build_service(settings, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     raise_file_limit(settings)
+    instruments.enable(bool(settings.metrics.listen))
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
     # Before the lock, so a file that will not load leaves no spool behind.
@@ -304,6 +306,7 @@ def build_master(settings, options, launch, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     raise_file_limit(settings)
+    instruments.enable(bool(settings.metrics.listen))
     check_files(settings)
     lock = take_lock(settings)
     top = RelayService(settings, lock)
@@ -335,6 +338,22 @@ def check_files(settings):
     """
     build_plugins(settings)
     _check_tls_and_passwords(settings)
+    _check_metrics_directory(settings)
+
+
+def _check_metrics_directory(settings):
+    from relaymail.metrics.rundir import foreign_files
+    if not (settings.metrics.listen and settings.metrics.directory):
+        return
+    try:
+        foreign = foreign_files(settings.metrics.directory)
+    except OSError as error:
+        raise ConfigError(settings.source, "metrics", "directory",
+                          f"{settings.metrics.directory}: {error.strerror}")
+    if foreign:
+        raise ConfigError(settings.source, "metrics", "directory",
+                          f"{settings.metrics.directory} holds {foreign[0]}, which is not a "
+                          "relaymail metrics file: give the metrics a directory of their own")
 
 
 def _check_tls_and_passwords(settings):

@@ -237,3 +237,34 @@ def test_tls_both_ways_and_a_failed_auth_are_counted(tmp_path):
         hop.stop()
     assert value(samples, "relaymail_tls_sessions_total", direction="in", version="1.3") == 1
     assert value(samples, "relaymail_smtp_auth_failures_total") == 1
+
+
+def test_without_a_metrics_listener_the_events_count_nothing():
+    from relaymail.metrics import instruments
+    before = instruments.CONNECTIONS._value.get()
+    try:
+        instruments.enable(False)
+        instruments.connection_opened()
+        assert instruments.CONNECTIONS._value.get() == before
+        instruments.enable(True)
+        instruments.connection_opened()
+        assert instruments.CONNECTIONS._value.get() == before + 1
+    finally:
+        instruments.connection_closed()
+        instruments.enable(True)
+
+
+def test_a_named_directory_with_other_files_is_refused_and_they_stay(tmp_path):
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    (directory / "inventory.db").write_bytes(b"SQLite format 3\0")
+    config = tmp_path / "relaymail.ini"
+    config.write_text(f"[metrics]\nlisten = tcp:0:interface=127.0.0.1\ndirectory = {directory}\n"
+                      f"[queue]\npath = {tmp_path / 'spool'}\n")
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "relaymail", "--config", str(config)],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert (f"relaymail: {config}: [metrics] directory: {directory} holds inventory.db, which "
+            "is not a relaymail metrics file: give the metrics a directory of their own") in output
+    assert (directory / "inventory.db").read_bytes() == b"SQLite format 3\0"

@@ -86,10 +86,22 @@ def connection_closed():
     CONNECTIONS_OPEN.dec()
 
 
+def _child(metric, cache, *values):
+    # labels() takes a lock and builds a key each call; a command and its
+    # reply are counted for every line a client sends.
+    child = cache.get(values)
+    if child is None:
+        child = cache[values] = metric.labels(*values)
+    return child
+
+
+_COMMAND_CHILDREN, _REPLY_CHILDREN = {}, {}
+
+
 def command(line, answer):
     """A command line and its answer (a Reply, or a Deferred of one)."""
     verb = labels.verb(line)
-    COMMANDS.labels(verb).inc()
+    _child(COMMANDS, _COMMAND_CHILDREN, verb).inc()
     if verb != "RCPT":
         return
     if isinstance(answer, defer.Deferred):
@@ -107,7 +119,7 @@ def _recipient_answered(reply):
 
 
 def reply_sent(reply):
-    REPLIES.labels(labels.reply_class(reply.code)).inc()
+    _child(REPLIES, _REPLY_CHILDREN, labels.reply_class(reply.code)).inc()
 
 
 def auth_failed():
@@ -168,3 +180,25 @@ def destination_attempt(destination, outcomes, seconds, now):
                             if part is not None)
             LAST_ERRORS.record(destination, text, now)
             return
+
+
+# -- off unless [metrics] listen is set -------------------------------------------
+
+#: The functions the relay calls at its events, by name: enable() puts
+#: them, or a function that does nothing, in the module's namespace (the
+#: callers look them up there at each call), so a relay without metrics
+#: pays one empty call per event.
+_EVENTS = {name: globals()[name] for name in (
+    "connection_opened", "connection_closed", "command", "reply_sent", "auth_failed",
+    "message_queued", "tls_session", "plugin_answer", "recipient_outcome", "deferred_now",
+    "worker_restarted", "destination_attempt")}
+
+
+def _nothing(*_args, **_kwargs):
+    return None
+
+
+def enable(on):
+    """Count (``on``) or not, in this process, as ``[metrics] listen`` says."""
+    for name, function in _EVENTS.items():
+        globals()[name] = function if on else _nothing

@@ -11,6 +11,7 @@ would count twice.  The master makes it in startService, after twistd's
 """
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -19,6 +20,22 @@ from relaymail.metrics.last_errors import PREFIX
 #: Set in each worker's environment before it starts: prometheus_client
 #: reads it once, at import.
 VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+# prometheus_client's files (counter_PID.db, gauge_livesum_PID.db, ...):
+# only those go at start, whatever else an admin keeps in the directory.
+_OURS = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db\Z")
+
+
+def foreign_files(path):
+    """Files in ``path`` that are not relaymail's metrics files.  The
+    collector reads every ``*.db`` there as its own, and the start removes
+    the last run's: the directory must hold nothing else."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if not (_OURS.match(name) or name.startswith(PREFIX)))
 
 
 class RunDirectory:
@@ -30,7 +47,7 @@ class RunDirectory:
         if self._configured:
             os.makedirs(self._configured, mode=0o700, exist_ok=True)
             for name in os.listdir(self._configured):
-                if name.endswith(".db") or name.startswith(PREFIX):
+                if _OURS.match(name) or name.startswith(PREFIX):
                     os.unlink(os.path.join(self._configured, name))
             self.path = self._configured
         else:

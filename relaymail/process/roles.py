@@ -41,6 +41,8 @@ log = Logger(namespace="relaymail.process")
 def build(arguments, settings, reactor, fds):
     """The MultiService of the worker ``arguments`` describes (see
     :mod:`relaymail.process.worker`)."""
+    from relaymail.metrics import instruments
+    instruments.enable(bool(settings.metrics.listen))
     validators, expanders = build_plugins(settings)
     policy = Policy(validators, expanders, settings)
     if arguments.role == "inbound":

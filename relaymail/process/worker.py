@@ -86,6 +86,12 @@ def begin_logging(mode, name):
 
 
 def main(argv=None):
+    # The master starts us with SIGHUP blocked, so that a reload during
+    # start-up is not a kill; unblocked at once (a process a plugin starts
+    # would inherit the mask), it is noted until the real handler is in.
+    early_hup = []
+    signal.signal(signal.SIGHUP, lambda *_: early_hup.append(True))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     die_with(arguments.master_pid)
     queue_id.use_slot(arguments.slot)
@@ -151,9 +157,8 @@ def main(argv=None):
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, terminated)
         signal.signal(signal.SIGHUP, replaced)
-        # The master starts us with SIGHUP blocked (relaymail.process.master):
-        # one that came during start-up is taken now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        if early_hup:
+            replaced()      # one that came during start-up
     reactor.callWhenRunning(handle_signals)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

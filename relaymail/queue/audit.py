@@ -155,7 +155,13 @@ def log_offline_actions(spool_path):
         for line in iter(lambda: journal.readline(_LINE_LIMIT), b""):
             _log_journal_line(line)
             count += 1
-    os.unlink(path)
+    try:
+        os.unlink(path)
+    except OSError as error:
+        # Logged again at the next start, which says so: better than not
+        # starting over a record of what was done.
+        log.error("cannot remove {path} after logging it: {error}; its entries will be "
+                  "logged again at the next start", path=path, error=error.strerror)
     return count
 
 

@@ -226,7 +226,10 @@ class DataReader:
         if self.message_id is None and header:
             found = _MESSAGE_ID.search(header)
             if found:
-                self.message_id = found.group(1).strip().decode("utf-8", "replace")
+                # Its first word only: the rest of a client's text could
+                # pass for other fields of the log line ("auth=ceo").
+                words = found.group(1).split()
+                self.message_id = words[0].decode("utf-8", "replace") if words else ""
         if self._header_limit is not None and self._header_bytes > self._header_limit:
             self._problem(HEADER_TOO_BIG)
             return False

@@ -556,8 +556,8 @@ class Dialogue:
                 extra += f" tls={context.tls}"
             logline.info(
                 log, f"{context.label}: {queue_id}: queued from=<{envelope.sender}> to={rcpts} "
-                     f"size={size} helo=<{context.helo or ''}> message-id={message_id or '-'}"
-                     f"{extra}",
+                     f"size={size} helo=<{context.helo or ''}>{extra} "
+                     f"message-id={message_id or '-'}",
                 queue_id=queue_id, sender=envelope.sender, recipients=recipients, size=size,
                 helo=context.helo, message_id=message_id, auth=context.authenticated_user,
                 tls=context.tls, **context.log_fields)
