@@ -478,6 +478,12 @@ def test_sighup_with_an_expired_certificate_or_a_bad_endpoint_is_refused_in_one_
         wait_until(lambda: "reload refused" in relay.log(), what="the refusal")
         # The old workers go on serving, with the old certificate.
         still_serving(relay, nexthop, first)
+        # And one that dies starts again with the file as it is now: an
+        # expired certificate on disk must not stop delivery.
+        os.kill(wait_for_worker(relay, "delivery.0"), signal.SIGKILL)
+        wait_for_worker(relay, "delivery.0", 2)
+        assert send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(2)
     finally:
         relay.stop()
     assert the_one_refusal(relay).endswith(

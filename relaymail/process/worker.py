@@ -98,6 +98,8 @@ def main(argv=None):
     begin_logging(arguments.log, arguments.name)
     # Not left for a plugin's child processes to inherit.
     config_text = os.environ.pop(Launch.TEXT_VARIABLE, None)
+    from relaymail import config
+    config.CHECK_CERTIFICATE_DATES = False      # the master's job (see there)
     try:
         settings = load_config(arguments.config, overrides_from(arguments.overrides), config_text)
         if arguments.role == "check":
