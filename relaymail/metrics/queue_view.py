@@ -4,13 +4,15 @@
 It lists the two directories and reads no record, except those of the
 few oldest messages the status page shows.  A listing of 100,000 messages
 takes about 0.1 s, so it is kept for :data:`REFRESH` seconds: scrapes and
-page loads between refreshes cost nothing.  A queue id carries the time it
+page loads between refreshes cost nothing.  The listing runs in a thread
+(:class:`relaymail.metrics.web.MetricsService` calls :meth:`QueueView.refresh`
+every :data:`REFRESH` seconds), so a scrape never waits for it on the
+master's reactor, which also relays the queue tool and watches the workers.  A queue id carries the time it
 was minted (relaymail.queue.queue_id), so the oldest message is the
 smallest id and its age needs no file either.
 """
 
 import heapq
-import time
 
 from relaymail.queue import queue_id as queue_ids
 from relaymail.queue.layout import ACTIVE, HOLD
@@ -22,43 +24,39 @@ OLDEST = 10
 
 
 class QueueView:
-    def __init__(self, spool, monotonic=time.monotonic):
+    def __init__(self, spool):
         self._spool = spool
-        self._monotonic = monotonic
-        self._listed_at = None
         self._counts = (0, 0)
         self._oldest = []           # [(queue id, ACTIVE or HOLD)], oldest first
 
-    def _refresh(self):
-        now = self._monotonic()
-        if self._listed_at is not None and now - self._listed_at < REFRESH:
-            return
-        self._listed_at = now
+    def refresh(self):
+        """List the spool again (in a thread: it reads two directories)."""
         try:
             active = list(self._spool.ids())
             held = list(self._spool.held_ids())
         except OSError:
             active, held = [], []       # no spool yet (or no longer)
-        self._counts = (len(active), len(held))
-        self._oldest = heapq.nsmallest(
+        oldest = heapq.nsmallest(
             OLDEST, [(i, ACTIVE) for i in heapq.nsmallest(OLDEST, active)]
             + [(i, HOLD) for i in heapq.nsmallest(OLDEST, held)])
+        # Each a whole new object, so the reactor thread reads either the
+        # last listing or this one, never half of each.
+        self._counts, self._oldest = (len(active), len(held)), oldest
+
 
     def counts(self):
-        """(messages in active/, messages in hold/)."""
-        self._refresh()
+        """(messages in active/, messages in hold/) at the last listing."""
         return self._counts
 
     def oldest_age(self, now):
         """Seconds since the oldest message was queued; 0 for an empty queue."""
-        self._refresh()
-        if not self._oldest:
+        oldest = self._oldest
+        if not oldest:
             return 0.0
-        return max(0.0, now - queue_ids.minted_at(self._oldest[0][0]))
+        return max(0.0, now - queue_ids.minted_at(oldest[0][0]))
 
     def oldest_messages(self, now):
         """The oldest messages as dicts: id, where, sender, age, last_error."""
-        self._refresh()
         shown = []
         for queue_id, where in self._oldest:
             try:

@@ -14,13 +14,17 @@ import time
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, task
+from twisted.internet import endpoints, task, threads
+from twisted.logger import Logger
 from twisted.web import resource, server
 
 import relaymail
 from relaymail.metrics import status_page
 from relaymail.metrics.exposition import Exposition
+from relaymail.metrics.queue_view import REFRESH
 from relaymail.metrics.series import INTERVAL, MinuteSeries
+
+log = Logger(namespace="relaymail.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -56,6 +60,7 @@ class MetricsService(service.MultiService):
         self.exposition = None
         self.series = MinuteSeries()
         self._sampler = None
+        self._lister = None
         root = resource.Resource()
         root.putChild(b"", _Page(self._page))
         root.putChild(b"metrics", _Page(self._metrics, CONTENT_TYPE))
@@ -75,11 +80,21 @@ class MetricsService(service.MultiService):
         self._sampler = task.LoopingCall(lambda: self.series.sample(self.exposition.delivered()))
         self._sampler.clock = self._reactor
         self._sampler.start(INTERVAL, now=True)
+        self._lister = task.LoopingCall(self._list_queue)
+        self._lister.clock = self._reactor
+        self._lister.start(REFRESH, now=True)
         super().startService()
 
+    def _list_queue(self):
+        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                      self._queue_view.refresh)
+        # A failure is logged and the next listing tried: the loop goes on.
+        return d.addErrback(lambda failure: log.failure("listing the queue failed", failure))
+
     def stopService(self):
-        if self._sampler is not None and self._sampler.running:
-            self._sampler.stop()
+        for loop in (self._sampler, self._lister):
+            if loop is not None and loop.running:
+                loop.stop()
         d = super().stopService()
         if self._rundir is not None:
             d.addBoth(lambda result: (self._rundir.remove(), result)[1])
