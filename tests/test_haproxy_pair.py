@@ -239,7 +239,10 @@ def test_two_relays_behind_haproxy_lose_nothing_when_one_stops_under_load(tmp_pa
     # connection at the stop; none in anything else.
     assert outcomes.wrong == []
     assert len(outcomes.queued) + len(outcomes.deferred) == CLIENTS * MESSAGES_PER_CLIENT
-    assert len(outcomes.deferred) <= CLIENTS, outcomes.deferred
+    # A client meets the stop at most twice: the session it is in gets its
+    # 421, and the next one may already sit in the closing listener's
+    # backlog, handed over by HAProxy before it saw the port close.
+    assert len(outcomes.deferred) <= 2 * CLIENTS, outcomes.deferred
     assert relays[0].process.returncode == -signal.SIGTERM
     # Once the stopped relay had gone, HAProxy sent every session to the
     # other one: none of them failed.
