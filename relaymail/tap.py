@@ -242,10 +242,8 @@ def _cannot_listen(settings, error):
 def _endpoint_port(description):
     """The port of a ``tcp:2525:...`` style string (the first positional
     field after the type, or ``port=``), or None."""
-    fields = endpoint_string.fields(description)[1:]
-    named = dict(field for field in fields if field[0] is not None)
-    positional = [value for key, value in fields if key is None]
-    return (positional[0] if positional else named.get("port", "")).strip() or None
+    port = endpoint_string.options(endpoint_string.fields(description)).get("port", "")
+    return port.strip() or None
 
 
 class SingleProcessReload(service.Service):

@@ -30,6 +30,16 @@ def fields(description):
     return result
 
 
+def options(fields_of_string):
+    """``{key: value}`` of :func:`fields`' result, the port (the first
+    positional field after the type) as ``"port"`` unless named so."""
+    named = {key: value for key, value in fields_of_string[1:] if key is not None}
+    positional = [value for key, value in fields_of_string[1:] if key is None]
+    if "port" not in named and positional:
+        named["port"] = positional[0]
+    return named
+
+
 # Endpoint types whose Twisted parsers take a listen backlog.
 _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
 

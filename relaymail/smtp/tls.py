@@ -212,7 +212,7 @@ def implicit_tls_endpoint(reactor, description):
     problem = endpoint_check.problem(description)
     if problem is not None:
         raise ValueError(problem)
-    options = _ssl_options(fields)
+    options = endpoint_string.options(fields)
     port = int(options["port"])
     backlog = int(options.get("backlog", "50"))
     server_tls = ServerTLS(*implicit_tls_files(description), for_passwords=True)
@@ -221,19 +221,10 @@ def implicit_tls_endpoint(reactor, description):
     return endpoint, server_tls
 
 
-def _ssl_options(fields):
-    """The options of a checked ssl: string's fields, its port among them."""
-    options = {key: value for key, value in fields[1:] if key is not None}
-    if "port" not in options:
-        # The check found the one positional field there is.
-        options["port"] = next(value for key, value in fields[1:] if key is None)
-    return options
-
-
 def implicit_tls_files(description):
     """The (certificate, private key) files an ``ssl:`` endpoint string
     names: ``privateKey`` defaults to ``server.pem`` and ``certKey`` to
     ``privateKey``, as in Twisted."""
-    options = _ssl_options(endpoint_string.fields(description))
+    options = endpoint_string.options(endpoint_string.fields(description))
     private_key = options.get("privateKey", "server.pem")
     return options.get("certKey", private_key), private_key
