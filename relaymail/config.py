@@ -940,10 +940,24 @@ SCHEMA = {
         "status_refresh": Key(duration(positive=True), "10"),
     },
     "plugins": {
+        # Which plugins run at each hook, in order; the first decisive
+        # answer wins (Postfix's smtpd_client_, _helo_, _sender_ and
+        # _recipient_restrictions, one list a stage).
+        "connect": Key(listing(plugin_name), ""),
+        "helo": Key(listing(plugin_name), ""),
+        "senders": Key(listing(plugin_name), ""),
         "recipients": Key(listing(plugin_name), "domains"),
         "expanders": Key(listing(plugin_name), ""),
+        "filters": Key(listing(plugin_name), ""),
+        "routers": Key(listing(plugin_name), ""),
+        "transports": Key(listing(plugin_name), ""),
         "path": Key(listing(directory), ""),
         "timeout": Key(duration(positive=True), "10"),
+        # Threads for plugins that declare blocking = True, per process.
+        # A hung plugin holds one until [plugins] timeout and beyond; past
+        # this many, further calls wait their turn (and time out), so the
+        # reactor and other sessions are never held.
+        "threads": Key(integer(minimum=1), "10"),
     },
     "log": {
         # "text": twistd's line format; "json": one JSON object a line with

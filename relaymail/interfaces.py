@@ -3,10 +3,28 @@
 A site plugin is one ``.py`` file in a directory named by ``[plugins] path``.
 At module level it holds an object that provides both
 ``twisted.plugin.IPlugin`` and :class:`IPluginFactory`; relaymail finds it
-with ``twisted.plugin.getPlugins`` and enables it when its ``name`` is listed
-in ``[plugins] recipients`` or ``[plugins] expanders``.  The factory builds
-the object that does the work: an :class:`IRecipientValidator`, an
-:class:`IListExpander`, or both.
+with ``twisted.plugin.getPlugins``.  The factory builds the object that does
+the work, which provides one or more of the hook interfaces below; the
+plugin runs at a hook when its name is listed in that hook's ``[plugins]``
+key, in the order given (as Postfix's smtpd_*_restrictions):
+
+==============  =========================  ===================================
+``[plugins]``   interface                  asked
+==============  =========================  ===================================
+``connect``     :class:`IConnectionPolicy`  as a client connects
+``helo``        :class:`IHeloPolicy`        at HELO and EHLO
+``senders``     :class:`ISenderPolicy`      at MAIL
+``recipients``  :class:`IRecipientValidator`  at RCPT and VRFY
+``expanders``   :class:`IListExpander`      at EXPN and when a message is queued
+``filters``     :class:`IMessageFilter`     after the final dot, before the 250
+``routers``     :class:`IRouter`            when a recipient is delivered
+``transports``  :class:`ITransport`         to deliver what a route names
+==============  =========================  ===================================
+
+Every hook answers with a :class:`Decision` (routers with a :class:`Route`,
+transports with :class:`RecipientOutcome` values).  Addresses arrive as
+:class:`relaymail.address.Mailbox` values; parse your own tables with
+:mod:`relaymail.address` too.
 
 The built-in plugins (``domains``, ``static``, ``aliases``) use exactly these
 interfaces.  A minimal site plugin::
@@ -34,9 +52,13 @@ interfaces.  A minimal site plugin::
         def build(context):
             return NoInterns()
 
-Any method may return its result directly or as a Deferred.  A method that
-raises, or whose Deferred fails or does not fire within ``[plugins] timeout``
-seconds, makes the client see ``451 4.3.0``; the traceback is logged and the
+Any method may return its result directly or as a Deferred, and must not
+block the reactor: a plugin whose methods block (a database driver, a
+``time.sleep``, a file read of a large message) says ``blocking = True`` on
+the built object, and its methods then run in relaymail's plugin thread
+pool.  A method that raises, answers something the contract does not allow,
+or does not answer within ``[plugins] timeout`` seconds makes the client see
+``451 4.3.0`` (a ``421 4.3.0`` at connect); the traceback is logged and the
 session goes on.
 """
 
@@ -44,29 +66,66 @@ from zope.interface import Attribute, Interface
 
 
 class Decision:
-    """A plugin's answer about one address.
+    """A plugin's answer at any hook: the one result contract.
 
-    Use the constructors: ``Decision.ACCEPT``, ``Decision.NO_OPINION``,
-    ``Decision.accept(text)``, ``Decision.reject(code, enhanced, text)`` and
-    ``Decision.defer(text)``.
+    Every policy hook (connect, HELO, MAIL, RCPT, VRFY, message filter)
+    answers with one of these.  Use the constructors:
+
+    - ``Decision.ACCEPT`` / ``Decision.accept(text)``: yes; later plugins
+      at the same hook are not asked.
+    - ``Decision.reject(code, enhanced, text)``: no, for good (5xx).
+    - ``Decision.defer(text, code, enhanced)``: not now (4xx).
+    - ``Decision.NO_OPINION``: ask the next plugin.
+
+    Message filters (:class:`IMessageFilter`) have three more:
+
+    - ``Decision.hold(reason)``: accept (250) and put the message in
+      ``hold/`` for an administrator (``relaymail-queue release``).
+    - ``Decision.discard(reason)``: accept (250) and drop the message; the
+      log says so with the reason.
+    - ``Decision.redirect(recipients, reason)``: accept, and deliver to
+      ``recipients`` (address strings) instead of the envelope's.
+
+    and any of them except a reject or defer may carry header changes made
+    with :meth:`with_headers`; ``Decision.NO_OPINION.with_headers(...)``
+    changes the message and lets the next filter look at the result.
+
+    The first decisive answer (anything but no opinion) wins, and the log
+    line of that command names the plugin that gave it.
     """
 
-    __slots__ = ("kind", "code", "enhanced", "text")
+    __slots__ = ("kind", "code", "enhanced", "text", "add_headers", "remove_headers",
+                 "recipients")
 
     ACCEPT_KIND = "accept"
     REJECT_KIND = "reject"
     DEFER_KIND = "defer"
     NO_OPINION_KIND = "no-opinion"
+    HOLD_KIND = "hold"
+    DISCARD_KIND = "discard"
+    REDIRECT_KIND = "redirect"
 
-    def __init__(self, kind, code=None, enhanced=None, text=None):
+    #: The kinds only a message filter may answer.
+    FILTER_KINDS = frozenset({HOLD_KIND, DISCARD_KIND, REDIRECT_KIND})
+
+    def __init__(self, kind, code=None, enhanced=None, text=None, add_headers=(),
+                 remove_headers=(), recipients=()):
         self.kind = kind
         self.code = code
         self.enhanced = enhanced
         self.text = text
+        #: Header fields to add at the top of the message, in order:
+        #: a tuple of ``(name, value)`` strings.
+        self.add_headers = tuple(add_headers)
+        #: Names of header fields to remove (every field of that name,
+        #: compared without case) before ``add_headers`` are added.
+        self.remove_headers = tuple(remove_headers)
+        #: For a redirect: the new recipients, address strings.
+        self.recipients = tuple(recipients)
 
     @classmethod
     def accept(cls, text=None):
-        """Accept the address; ``text`` replaces the default reply text."""
+        """Accept; ``text`` replaces the default reply text."""
         return cls(cls.ACCEPT_KIND, 250, "2.1.5", text)
 
     @classmethod
@@ -84,22 +143,60 @@ class Decision:
             raise ValueError(f"a deferral needs a 4xx code, not {code}")
         return cls(cls.DEFER_KIND, int(code), enhanced, text)
 
+    @classmethod
+    def hold(cls, reason="held by a filter"):
+        """Message filters only: accept and keep the message in ``hold/``."""
+        return cls(cls.HOLD_KIND, text=reason)
+
+    @classmethod
+    def discard(cls, reason="discarded by a filter"):
+        """Message filters only: accept and drop the message (logged)."""
+        return cls(cls.DISCARD_KIND, text=reason)
+
+    @classmethod
+    def redirect(cls, recipients, reason="redirected by a filter"):
+        """Message filters only: accept and deliver to ``recipients`` (a
+        non-empty list of address strings) instead."""
+        recipients = tuple(recipients)
+        if not recipients or not all(isinstance(r, str) for r in recipients):
+            raise ValueError("a redirect needs a non-empty list of address strings")
+        return cls(cls.REDIRECT_KIND, text=reason, recipients=recipients)
+
+    def with_headers(self, add=(), remove=()):
+        """This answer, with header changes: ``add`` a list of ``(name,
+        value)`` to put at the top, ``remove`` a list of field names to take
+        out first.  Changing a field is removing it and adding it again."""
+        if self.kind in (self.REJECT_KIND, self.DEFER_KIND):
+            raise ValueError("a refused message has no headers to change")
+        return Decision(self.kind, self.code, self.enhanced, self.text,
+                        self.add_headers + tuple(add), self.remove_headers + tuple(remove),
+                        self.recipients)
+
     @property
     def is_final(self):
         """True for every answer but no opinion: the next plugin is not asked."""
         return self.kind != self.NO_OPINION_KIND
 
+    def _key(self):
+        return (self.kind, self.code, self.enhanced, self.text, self.add_headers,
+                self.remove_headers, self.recipients)
+
     def __eq__(self, other):
         if not isinstance(other, Decision):
             return NotImplemented
-        return (self.kind, self.code, self.enhanced, self.text) == (
-            other.kind, other.code, other.enhanced, other.text)
+        return self._key() == other._key()
 
     def __hash__(self):
-        return hash((self.kind, self.code, self.enhanced, self.text))
+        return hash(self._key())
 
     def __repr__(self):
-        return f"Decision({self.kind!r}, {self.code!r}, {self.enhanced!r}, {self.text!r})"
+        extra = ""
+        if self.add_headers or self.remove_headers:
+            extra += f", add_headers={self.add_headers!r}, remove_headers={self.remove_headers!r}"
+        if self.recipients:
+            extra += f", recipients={self.recipients!r}"
+        return (f"Decision({self.kind!r}, {self.code!r}, {self.enhanced!r}, "
+                f"{self.text!r}{extra})")
 
 
 Decision.ACCEPT = Decision.accept()
@@ -114,7 +211,7 @@ class ISessionContext(Interface):
     helo = Attribute("The HELO/EHLO name the client gave, or None.")
     sender = Attribute(
         "The envelope sender of the current transaction: a "
-        "relaymail.smtp.address.Mailbox, or None for the null sender <> "
+        "relaymail.address.Mailbox, or None for the null sender <> "
         "(and before MAIL).")
     trusted = Attribute("True when the client is in [server] trusted_networks.")
     authenticated_user = Attribute("The AUTH user name, or None.")
@@ -129,7 +226,7 @@ class IRecipientValidator(Interface):
     def check_recipient(recipient, context):
         """Decide about one RCPT TO address.
 
-        :param recipient: a ``relaymail.smtp.address.Mailbox``.
+        :param recipient: a ``relaymail.address.Mailbox``.
         :param context: an :class:`ISessionContext`.
         :return: a :class:`Decision` (or a Deferred firing with one).
             ``Decision.NO_OPINION`` passes the question to the next plugin;
@@ -165,6 +262,176 @@ class IListExpander(Interface):
         """
 
 
+class IConnectionPolicy(Interface):
+    """Decides about a client as it connects, before the greeting
+    (``[plugins] connect``; Postfix's smtpd_client_restrictions)."""
+
+    def check_connection(context):
+        """:param context: an :class:`ISessionContext`; ``client_ip`` is the
+            address PROXY reported when the listener takes PROXY.
+        :return: a :class:`Decision`.  A reject becomes the greeting (a 554
+            and its text; every command but QUIT then gets ``503 5.7.0``),
+            a defer a ``421`` that closes the connection."""
+
+
+class IHeloPolicy(Interface):
+    """Decides about the HELO or EHLO name (``[plugins] helo``)."""
+
+    def check_helo(helo, context):
+        """:param helo: the name the client gave, a str.
+        :return: a :class:`Decision`; a reject or defer is the reply to
+            HELO/EHLO, and the session has no HELO until one is accepted."""
+
+
+class ISenderPolicy(Interface):
+    """Decides about the envelope sender at MAIL (``[plugins] senders``)."""
+
+    def check_sender(sender, parameters, context):
+        """:param sender: a :class:`relaymail.address.Mailbox`, or None for
+            the null sender ``<>``.
+        :param parameters: a dict of the MAIL parameters, upper-case
+            keywords to their values (None for a keyword without one):
+            ``{"SIZE": "1000", "BODY": "8BITMIME"}``.
+        :return: a :class:`Decision`; a reject or defer is the reply to
+            MAIL (default ``250 2.1.0`` otherwise)."""
+
+
+class IMessage(Interface):
+    """A complete message as a filter sees it, after the final dot and
+    before the reply (or in the queue, as a transport sees it)."""
+
+    queue_id = Attribute("The queue id, a str.")
+    sender = Attribute("The envelope sender: a Mailbox, or None for <>.")
+    recipients = Attribute("The envelope recipients: a list of Mailbox.")
+    envelope = Attribute("The relaymail.envelope.Envelope as it will be queued.")
+    headers = Attribute(
+        "The header section parsed: a list of (name, value) str pairs in "
+        "order, values unfolded (CRLF before white space removed) and "
+        "decoded as UTF-8 with errors replaced.")
+    size = Attribute("The message's size in bytes, as stored.")
+
+    def open():
+        """A new binary file object reading the whole message from its
+        first byte (header section, blank line, body; CRLF line ends).
+        Reading it blocks on the disk: a filter that reads a large message
+        should declare ``blocking = True``."""
+
+
+class IMessageFilter(Interface):
+    """Looks at each message once it is complete, before the 250
+    (``[plugins] filters``): content checks, signatures, added headers.
+    Postfix's before-queue milters are the model."""
+
+    def check_message(message, context):
+        """:param message: an :class:`IMessage`.
+        :param context: an :class:`ISessionContext`.
+        :return: a :class:`Decision`: reject and defer are the reply to
+            the DATA content; accept, hold, discard and redirect end the
+            filtering; any of those or no opinion may carry header changes
+            (:meth:`Decision.with_headers`), which the next filter sees."""
+
+
+class Route:
+    """Where a recipient's mail goes: ``transport`` names a transport
+    (``smtp``, ``lmtp``, ``pipe`` or a site's), ``next_hop`` is what that
+    transport makes of it (``[mx.example.com]:25`` for smtp, a socket path
+    for lmtp, None for the transport's own default)."""
+
+    __slots__ = ("transport", "next_hop")
+
+    def __init__(self, transport, next_hop=None):
+        self.transport = transport
+        self.next_hop = next_hop
+
+    def __eq__(self, other):
+        if not isinstance(other, Route):
+            return NotImplemented
+        return (self.transport, self.next_hop) == (other.transport, other.next_hop)
+
+    def __hash__(self):
+        return hash((self.transport, self.next_hop))
+
+    def __repr__(self):
+        return f"Route({self.transport!r}, {self.next_hop!r})"
+
+
+class IRouter(Interface):
+    """Chooses a recipient's transport and next hop (``[plugins]
+    routers``; Postfix's transport_maps).  The built-in router, ``[routes]``
+    with the smarthost and MX lookup, answers when no router does."""
+
+    def route(recipient, context):
+        """:param recipient: a :class:`relaymail.address.Mailbox`.
+        :param context: an :class:`ISessionContext` (for mail already in
+            the queue: the relay itself as client, ``trusted`` true).
+        :return: a :class:`Route`, or None for no opinion."""
+
+
+class RecipientOutcome:
+    """What a transport reports for one recipient.
+
+    ``kind`` is ``delivered``, ``deferred`` (try again later) or
+    ``bounced`` (give up: a bounce goes to the sender).  ``status`` is the
+    RFC 3463 code (``"2.0.0"``, ``"4.4.1"``, ``"5.1.1"``), ``reason`` the
+    text for the log, the bounce and the DSN (a next hop's reply, a
+    command's exit status)."""
+
+    __slots__ = ("kind", "status", "reason")
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+    def __init__(self, kind, status, reason):
+        if kind not in (self.DELIVERED, self.DEFERRED, self.BOUNCED):
+            raise ValueError(f"no outcome kind {kind!r}")
+        self.kind = kind
+        self.status = status
+        self.reason = reason
+
+    @classmethod
+    def delivered(cls, reason="delivered", status="2.0.0"):
+        return cls(cls.DELIVERED, status, reason)
+
+    @classmethod
+    def deferred(cls, reason, status="4.0.0"):
+        return cls(cls.DEFERRED, status, reason)
+
+    @classmethod
+    def bounced(cls, reason, status="5.0.0"):
+        return cls(cls.BOUNCED, status, reason)
+
+    def __eq__(self, other):
+        if not isinstance(other, RecipientOutcome):
+            return NotImplemented
+        return (self.kind, self.status, self.reason) == (other.kind, other.status, other.reason)
+
+    def __hash__(self):
+        return hash((self.kind, self.status, self.reason))
+
+    def __repr__(self):
+        return f"RecipientOutcome({self.kind!r}, {self.status!r}, {self.reason!r})"
+
+
+class ITransport(Interface):
+    """Delivers a queued message to some of its recipients (``[plugins]
+    transports`` names the site's; ``smtp``, ``lmtp`` and ``pipe`` are
+    built in).  Retries, bounces and DSNs are the queue's job: a transport
+    only says what happened to each recipient it was given."""
+
+    name = Attribute("The transport's name, as a Route names it.")
+
+    def deliver(message, recipients, next_hop):
+        """:param message: an :class:`IMessage` (from the queue).
+        :param recipients: the addresses (str) routed to this transport
+            and ``next_hop``, a subset of the message's.
+        :param next_hop: the Route's ``next_hop``.
+        :return: a Deferred firing with a dict from each of ``recipients``
+            to a :class:`RecipientOutcome`.  A recipient missing from it,
+            or a Deferred that fails, counts as deferred with the failure
+            as reason: the message is never lost to a transport's bug."""
+
+
 class IPluginFactory(Interface):
     """The module-level object of a plugin file.  Provide it together with
     ``twisted.plugin.IPlugin`` so ``getPlugins`` finds it."""
@@ -175,8 +442,16 @@ class IPluginFactory(Interface):
         """Make the working plugin object.
 
         :param context: an :class:`IPluginContext`.
-        :return: an object providing :class:`IRecipientValidator`,
-            :class:`IListExpander`, or both.
+        :return: an object providing one or more of the hook interfaces
+            (:class:`IConnectionPolicy`, :class:`IHeloPolicy`,
+            :class:`ISenderPolicy`, :class:`IRecipientValidator`,
+            :class:`IListExpander`, :class:`IMessageFilter`,
+            :class:`IRouter`, :class:`ITransport`).  Its optional
+            attributes: ``name`` (used in log lines), ``description`` (one
+            line, for ``twistd relaymail --list-plugins``) and ``blocking``
+            (True when its methods block: they then run in relaymail's
+            plugin thread pool, ``[plugins] threads``, never on the
+            reactor; such methods must return plain values, not Deferreds).
         :raise relaymail.config.ConfigError: for a bad setting in
             ``[plugin:NAME]``; use ``context.config_error(key, problem)``.
         """

@@ -22,7 +22,7 @@ handler, which an output stream with the same handler writes back as the
 raw byte (0x9B, CSI, among them).  That set includes every character
 :meth:`str.splitlines` breaks at.  TAB stays: it separates words in a
 header or a reply, and folded header lines begin with it.  Where the
-relay reads commands (``relaymail.smtp.dialogue``, ``relaymail.smtp.address``)
+relay reads commands (``relaymail.smtp.dialogue``, ``relaymail.address``)
 these characters are refused; where it must keep the text (a reply, an
 error), :func:`escape` writes each as ``\\x{HEX}``, the notation RFC 6533
 section 3 uses for the same job and that DSNs use already

@@ -1,11 +1,11 @@
-"""Tests for relaymail.smtp.address: RFC 5321 paths, RFC 6531 SMTPUTF8,
+"""Tests for relaymail.address: RFC 5321 paths, RFC 6531 SMTPUTF8,
 and the MAIL/RCPT argument splitter."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaymail.smtp.address import (
+from relaymail.address import (
     AddressError,
     Mailbox,
     NeedsSMTPUTF8,

@@ -13,7 +13,7 @@ from relaymail.plugins.aliases import aliases, parse_aliases
 from relaymail.plugins.domains import domains
 from relaymail.plugins.static import USER_UNKNOWN, parse_static_list, static
 from relaymail.policy.loader import PluginContext
-from relaymail.smtp.address import parse_forward_path
+from relaymail.address import parse_forward_path
 
 CONTEXT = SimpleNamespace(client_ip="192.0.2.1", client_port=4000, helo="client.example",
                           sender=None, trusted=False, authenticated_user=None)

@@ -16,7 +16,7 @@ from relaymail.plugins.domains import RelayDomains
 from relaymail.policy.loader import SITE_PACKAGE, build_plugins, find_plugins
 from relaymail.policy.recipients import (
     MAX_EXPANSION_DEPTH, ExpansionError, Policy)
-from relaymail.smtp.address import Mailbox
+from relaymail.address import Mailbox
 
 TIMEOUT = 5.0
 RELAY_DENIED = Decision(Decision.REJECT_KIND, 554, "5.7.1", "Relay access denied")
@@ -31,8 +31,9 @@ def make_settings(recipients=("domains",), expanders=(), path=(), options=None,
         source="test.ini",
         relay=SimpleNamespace(domains=list(domains)),
         server=SimpleNamespace(trusted_networks=[]),
-        plugins=SimpleNamespace(recipients=list(recipients), expanders=list(expanders),
-                                path=list(path), timeout=timeout),
+        plugins=SimpleNamespace(connect=[], helo=[], senders=[], recipients=list(recipients),
+                                expanders=list(expanders), filters=[], routers=[],
+                                transports=[], path=list(path), timeout=timeout, threads=4),
         plugin_options=dict(options or {}))
 
 
@@ -598,3 +599,12 @@ def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning
         globalLogPublisher.removeObserver(events.append)
     assert [event["log_format"] for event in events if "plugin:" in event["log_format"]] == [
         "{source}: [plugin:{name}] is set but no plugin of that name is enabled in [plugins]"]
+
+
+@pytest.mark.parametrize("hook", ["connect", "helo", "senders", "filters", "routers",
+                                  "transports"])
+def test_a_hook_this_version_does_not_call_is_refused_by_name(hook):
+    settings = make_settings()
+    setattr(settings.plugins, hook, ["domains"])
+    with pytest.raises(ConfigError, match=f"\\[plugins\\] {hook}.*does not call plugins here"):
+        build_plugins(settings)

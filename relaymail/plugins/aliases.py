@@ -34,7 +34,7 @@ from zope.interface import implementer
 from relaymail.config import absolute_path
 from relaymail.interfaces import Decision, IListExpander, IPluginFactory, IRecipientValidator
 from relaymail.plugins.static import address_key
-from relaymail.smtp.address import AddressError, parse_forward_path
+from relaymail.address import AddressError, parse_forward_path
 from relaymail.plugins.options import reject_unknown
 
 _OPTIONS = ("file",)

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from relaymail.config import absolute_path, boolean
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
-from relaymail.smtp.address import AddressError, parse_forward_path
+from relaymail.address import AddressError, parse_forward_path
 from relaymail.plugins.options import reject_unknown
 
 #: The reply for an address in a listed domain that is not listed itself.

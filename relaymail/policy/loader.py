@@ -22,7 +22,8 @@ import relaymail
 import relaymail.plugins
 from relaymail.config import PLUGIN_SECTION_PREFIX, ConfigError
 from relaymail.interfaces import (
-    IListExpander, IPluginContext, IPluginFactory, IRecipientValidator)
+    IConnectionPolicy, IHeloPolicy, IListExpander, IMessageFilter, IPluginContext,
+    IPluginFactory, IRecipientValidator, IRouter, ISenderPolicy, ITransport)
 
 log = Logger()
 
@@ -30,11 +31,23 @@ log = Logger()
 #: plugin ``foo.py`` becomes the module ``relaymail_site_plugins.foo``.
 SITE_PACKAGE = "relaymail_site_plugins"
 
-# Which [plugins] key asks for which job.
-_ROLES = (
+#: Which [plugins] key enables plugins for which hook, in the order a
+#: message meets them.
+HOOKS = (
+    ("connect", IConnectionPolicy),
+    ("helo", IHeloPolicy),
+    ("senders", ISenderPolicy),
     ("recipients", IRecipientValidator),
     ("expanders", IListExpander),
+    ("filters", IMessageFilter),
+    ("routers", IRouter),
+    ("transports", ITransport),
 )
+
+# Hooks whose contract is written but that this version does not call yet:
+# enabling a plugin there is refused rather than silently ignored.  Each
+# leaves this set as it is wired in.
+_NOT_CALLED_YET = frozenset({"connect", "helo", "senders", "filters", "routers", "transports"})
 
 
 @implementer(IPluginContext)
@@ -52,13 +65,21 @@ class PluginContext:
 
 
 def build_plugins(settings):
-    """Build the plugins named in ``[plugins] recipients`` and ``expanders``.
+    """The recipient validators and list expanders :func:`build_hooks`
+    builds: ``(validators, expanders)``, two lists in configured order."""
+    hooks = build_hooks(settings)
+    return hooks["recipients"], hooks["expanders"]
 
-    A plugin named in both lists is built once and the same object is used
-    for both jobs.
+
+def build_hooks(settings):
+    """Build the plugins each ``[plugins]`` hook key names.
+
+    A plugin named at several hooks is built once and the same object is
+    used at each.
 
     :param settings: a ``relaymail.config.Settings``.
-    :return: ``(validators, expanders)``, two lists in configured order.
+    :return: a dict from each key of :data:`HOOKS` to its list of plugin
+        objects, in configured order.
     :raise ConfigError: for an unknown name, a name listed twice, a plugin
         that cannot do the job it is listed for, a site plugin that does not
         load or that clashes with another's name, or a bad
@@ -67,14 +88,17 @@ def build_plugins(settings):
     factories = find_plugins(settings)
     _check_plugin_sections(settings, factories)
     built = {}
-    results = []
-    for key, interface in _ROLES:
+    hooks = {}
+    for key, interface in HOOKS:
         names = list(getattr(settings.plugins, key))
         plugins = []
         for name in names:
             if names.count(name) > 1:
                 raise ConfigError(settings.source, "plugins", key,
                                   f"plugin '{name}' is listed more than once")
+            if key in _NOT_CALLED_YET:
+                raise ConfigError(settings.source, "plugins", key,
+                                  "this version of relaymail does not call plugins here yet")
             if name not in factories:
                 known = ", ".join(sorted(factories)) or "none"
                 raise ConfigError(settings.source, "plugins", key,
@@ -88,10 +112,9 @@ def build_plugins(settings):
                     f"plugin '{name}' cannot be used here: it does not provide "
                     f"{interface.__name__}")
             plugins.append(plugin)
-        results.append(plugins)
+        hooks[key] = plugins
     _warn_about_unused_sections(settings, built)
-    validators, expanders = results
-    return validators, expanders
+    return hooks
 
 
 def find_plugins(settings):

@@ -91,7 +91,7 @@ class Policy:
     def check_recipient(self, recipient, context):
         """Decide about one RCPT TO address.
 
-        :param recipient: a ``relaymail.smtp.address.Mailbox``.
+        :param recipient: a ``relaymail.address.Mailbox``.
         :param context: an ISessionContext.
         :return: a Deferred firing with a Decision; it never fails.
         """

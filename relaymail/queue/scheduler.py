@@ -45,7 +45,7 @@ from relaymail.queue import record as records
 from relaymail.queue.control import ControlError
 from relaymail.queue.selection import Selection, matching_ids
 from relaymail.queue.bounce import FailedRecipient, build_dsn, is_double_bounce, read_header_section
-from relaymail.smtp.address import AddressError, parse_forward_path
+from relaymail.address import AddressError, parse_forward_path
 
 log = Logger(namespace="relaymail.queue")
 

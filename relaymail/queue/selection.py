@@ -12,11 +12,11 @@ been delivered is no longer example.com's mail.  Comparisons ignore case
 (an administrator types ``Example.COM`` as readily as the client did),
 and a domain in U-labels (``bücher.example``) and its A-label form
 (``xn--bcher-kva.example``) are the same domain, as they are for routing
-(:attr:`relaymail.smtp.address.Mailbox.domain_key`).
+(:attr:`relaymail.address.Mailbox.domain_key`).
 """
 
 from relaymail.queue import record as records
-from relaymail.smtp.address import AddressError, parse_forward_path
+from relaymail.address import AddressError, parse_forward_path
 
 _FINAL = frozenset((records.SENT, records.BOUNCED))
 

@@ -14,11 +14,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relaymail import logline
+from relaymail import address, logline
 from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
-from relaymail.smtp import address, data, replies
+from relaymail.smtp import data, replies
 from relaymail.smtp.received import received_header
 from relaymail.smtp.session_id import new_session_id
 from relaymail.smtp.tls import fit_for_passwords

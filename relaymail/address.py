@@ -1,5 +1,10 @@
 """RFC 5321 paths and mailboxes, as they arrive in MAIL FROM and RCPT TO.
 
+This module is part of the plugin contracts (:mod:`relaymail.interfaces`):
+plugins receive :class:`Mailbox` values and parse addresses from their own
+tables with the same parser the SMTP server uses, so both import it from
+here and neither depends on the other.
+
 A small hand-written scanner over the grammar of RFC 5321 section 4.1.2
 (Reverse-path, Forward-path, Path, A-d-l, Mailbox, Local-part, Dot-string,
 Quoted-string, Domain) and section 4.1.3 (address-literal), extended by
