@@ -28,7 +28,7 @@ from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
-from relaymail.policy.loader import build_plugins
+from relaymail.policy.loader import build_hooks, build_plugins
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
@@ -145,8 +145,9 @@ def build_service(settings, reactor=None):
         from twisted.internet import reactor
     raise_file_limit(settings)
     instruments.enable(bool(settings.metrics.listen))
-    validators, expanders = build_plugins(settings)
-    policy = Policy(validators, expanders, settings)
+    hooks = build_hooks(settings)
+    policy = Policy(hooks["recipients"], hooks["expanders"], settings,
+                    filters=hooks["filters"])
     # Before the lock, so a file that will not load leaves no spool behind.
     _check_tls_and_passwords(settings)
     lock = take_lock(settings)

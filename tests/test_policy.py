@@ -601,7 +601,7 @@ def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning
         "{source}: [plugin:{name}] is set but no plugin of that name is enabled in [plugins]"]
 
 
-@pytest.mark.parametrize("hook", ["connect", "helo", "senders", "filters", "routers",
+@pytest.mark.parametrize("hook", ["connect", "helo", "senders", "routers",
                                   "transports"])
 def test_a_hook_this_version_does_not_call_is_refused_by_name(hook):
     settings = make_settings()

@@ -11,9 +11,10 @@ import time
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from relaymail import sanitize
+from relaymail import header_section, sanitize
 from relaymail.metrics import instruments
 from relaymail.interfaces import Decision
+from relaymail.policy import filters as message_filters
 
 log = Logger()
 
@@ -69,6 +70,8 @@ class Policy:
         bounds every plugin call (None for no limit).
     :param clock: an IReactorTime for the timeouts; the global reactor
         when None.
+    :param filters: IMessageFilter providers, asked in this order
+        (:mod:`relaymail.policy.filters`).
 
     Plugins are named in log lines by their ``name`` attribute when they
     have a string one (the built-ins do), else by their class.
@@ -78,11 +81,12 @@ class Policy:
     #: the server answers ``451 4.3.0``.  Compare with ``is``.
     FAILED = _Failed()
 
-    def __init__(self, validators, expanders, settings, clock=None):
+    def __init__(self, validators, expanders, settings, clock=None, filters=()):
         if clock is None:
             from twisted.internet import reactor as clock
         self._validators = list(validators)
         self._expanders = list(expanders)
+        self._filters = list(filters)
         self._timeout = settings.plugins.timeout
         self._clock = clock
 
@@ -260,6 +264,22 @@ class Policy:
                 return members
         return None
 
+    # -- message filters ----------------------------------------------------
+
+    @property
+    def filters_enabled(self):
+        """Whether any message filter is configured."""
+        return bool(self._filters)
+
+    def check_message(self, message, context):
+        """Ask the message filters about a complete message.
+
+        :param message: an IMessage (relaymail.queue.message_view).
+        :return: a Deferred firing with a
+            :class:`relaymail.policy.filters.FilterResult`; it never fails.
+        """
+        return message_filters.run_filters(self, self._filters, message, context, _label)
+
     # -- calling plugins --------------------------------------------------
 
     def _call(self, plugin, method, *args):
@@ -278,7 +298,8 @@ class Policy:
     def _log_failure(self, exc, plugin, method, address, failure=None):
         """Log a plugin's failure: ``exc``, with ``failure`` (a Failure)
         when it came through a Deferred, else the exception being handled."""
-        if isinstance(exc, (_PluginTimedOut, _BadAnswer)):
+        if isinstance(exc, (_PluginTimedOut, _BadAnswer, message_filters.BadFilterAnswer,
+                            header_section.BadField)):
             # No traceback worth reading: say what went wrong.
             log.error("plugin {plugin} {method}({address!r}): {problem}",
                       plugin=_label(plugin), method=method, address=str(address),

@@ -35,9 +35,20 @@ class _NotifyingWriter:
         self.write = writer.write
         self.abort = writer.abort
 
-    def commit(self, envelope):
+    def commit(self, envelope, hold=False):
         def committed(queue_id):
             instruments.message_queued()
-            self._on_committed(queue_id, getattr(self._writer, "record", None))
+            if not hold:
+                # A held message is not delivery's until it is released
+                # (the queue tool tells delivery then).
+                self._on_committed(queue_id, getattr(self._writer, "record", None))
             return queue_id
-        return self._writer.commit(envelope).addCallback(committed)
+        d = self._writer.commit(envelope, hold=True) if hold else self._writer.commit(envelope)
+        return d.addCallback(committed)
+
+    # The message filters' (relaymail.smtp.filtering).
+    def view(self, envelope):
+        return self._writer.view(envelope)
+
+    def rewrite(self, view):
+        return self._writer.rewrite(view)

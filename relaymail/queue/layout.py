@@ -18,7 +18,9 @@ The layout (see :mod:`relaymail.queue.spool` for what each is for)::
                                     (relaymail.queue.audit)
     tmp/        directory           ID.msg, ID.json, ID-XXXXXXXX.json (a record
                                     being replaced), ID.msg-XXXXXXXX.link and
-                                    ID.json-XXXXXXXX.link (a move's staging name)
+                                    ID.json-XXXXXXXX.link (a move's staging name),
+                                    ID.msg-XXXXXXXX.new (a message being given
+                                    a filter's header changes)
     active/     directory           ID.msg, ID.json
     hold/       directory           ID.msg, ID.json
     corrupt/    directory           ID.msg, ID.json, ID-active.msg, ID-hold.json ...
@@ -82,7 +84,8 @@ _TOP[OFFLINE_ACTIONS_NAME] = _FILE
 
 _TOKEN = "[0-9a-f]{8}"
 _EXTRA_NAMES = {
-    TMP: re.compile(rf"(?P<id>[^-.]+)(-{_TOKEN}\.json|\.(msg|json)-{_TOKEN}\.link)\Z"),
+    TMP: re.compile(rf"(?P<id>[^-.]+)(-{_TOKEN}\.json|\.(msg|json)-{_TOKEN}\.link"
+                    rf"|\.msg-{_TOKEN}\.new)\Z"),
     CORRUPT: re.compile(r"(?P<id>[^-.]+)-(active|hold)\.(msg|json)\Z"),
 }
 
@@ -110,6 +113,20 @@ def temporary_record_name(queue_id, token):
 def staging_name(target_name, token):
     """``tmp/`` name a file is linked to before being renamed onto ``target_name``."""
     return f"{target_name}-{token}.link"
+
+
+def rewrite_name(target_name, token):
+    """``tmp/`` name of a message written afresh (a filter's header
+    changes) before it is renamed onto ``target_name``."""
+    return f"{target_name}-{token}.new"
+
+
+_REWRITE = re.compile(rf"\.msg-{_TOKEN}\.new\Z")
+
+
+def is_rewrite_name(name, queue_id):
+    """Whether ``name`` in ``tmp/`` is :func:`rewrite_name` of ``queue_id``'s body."""
+    return name.startswith(queue_id) and _REWRITE.fullmatch(name, len(queue_id)) is not None
 
 
 #: What mkfs puts at the top of an ext2/3/4 file system: found in a spool

@@ -45,6 +45,7 @@ import collections
 import errno
 import os
 import secrets
+import shutil
 import stat
 import time
 
@@ -58,7 +59,8 @@ from relaymail.interfaces import IMessageQueue, IMessageWriter
 from relaymail.queue import record as records
 from relaymail.queue.batch import CommitBatcher, sync_files
 from relaymail.queue.durable import GroupSync, fsync_directory, write_durably, write_file
-from relaymail.queue.layout import staging_name, temporary_record_name
+from relaymail.queue.layout import is_rewrite_name, rewrite_name, staging_name, temporary_record_name
+from relaymail.queue.message_view import MessageView
 from relaymail.queue.queue_id import LENGTH, is_queue_id, new_queue_id, slot_of
 
 #: Commit threads when the spool runs its own pool.  fsync latency, not
@@ -298,24 +300,26 @@ class Spool(service.Service):
         return queue_id
 
     def _store_batch(self, items):
-        """Make a batch of ``(queue_id, file, payload)`` durable together
-        (runs in the commit thread, see relaymail.queue.batch): write the
-        records, flush the file system once, rename everything into
-        ``active/``, fsync ``active/`` once.
+        """Make a batch of ``(queue_id, file, payload, where)`` durable
+        together (runs in the commit thread, see relaymail.queue.batch):
+        write the records, flush the file system once, rename everything
+        into ``active/`` (or ``hold/``, for ``where`` :data:`HOLD`: a
+        message a filter held, which delivery must never see in
+        ``active/``), fsync those directories once.
 
         :return: per item, its queue id or the exception that stopped it
             (whose files are then all removed).
         """
         results = [None] * len(items)
         written = []
-        for index, (queue_id, file, payload) in enumerate(items):
+        for index, (queue_id, file, payload, where) in enumerate(items):
             try:
                 file.flush()
                 file.close()
                 write_file(self._in(self._tmp, queue_id, ".json"), payload)
                 written.append(index)
             except BaseException as error:
-                self._discard(queue_id, file)
+                self._discard(queue_id, file, where)
                 results[index] = error
         paths = [self._in(self._tmp, items[i][0], suffix) for i in written for suffix in (".msg", ".json")]
         try:
@@ -324,39 +328,73 @@ class Spool(service.Service):
             sync_files(self._tmp, paths)
         except OSError as error:
             for index in written:
-                self._discard(items[index][0], items[index][1])
+                self._discard(*items[index][:2], items[index][3])
                 results[index] = error
             return results
         renamed = []
         for index in written:
-            queue_id = items[index][0]
+            queue_id, file, _, where = items[index]
+            target = self._directory(where)
             try:
-                os.rename(self._in(self._tmp, queue_id, ".msg"), self._in(self._active, queue_id, ".msg"))
+                os.rename(self._in(self._tmp, queue_id, ".msg"), self._in(target, queue_id, ".msg"))
                 os.rename(self._in(self._tmp, queue_id, ".json"),
-                          self._in(self._active, queue_id, ".json"))
+                          self._in(target, queue_id, ".json"))
                 renamed.append(index)
             except OSError as error:
-                self._discard(queue_id, items[index][1])
+                self._discard(queue_id, file, where)
                 results[index] = error
         try:
             self._active_sync.sync()
+            if any(items[index][3] == HOLD for index in renamed):
+                self._hold_sync.sync()
         except OSError as error:
             for index in renamed:
-                self._discard(items[index][0], items[index][1])
+                self._discard(*items[index][:2], items[index][3])
                 results[index] = error
             return results
         for index in renamed:
             results[index] = items[index][0]
         return results
 
-    def _discard(self, queue_id, file):
-        """Remove whatever exists of a message that was not committed."""
+    def _discard(self, queue_id, file, where=ACTIVE):
+        """Remove whatever exists of a message that was not committed
+        (into ``where``, the directory its commit was renaming it to)."""
         _close_quietly(file)
+        target = self._hold if where == HOLD else self._active
         # The record first: without it the rest is not a message, even if
         # we crash before the other files are gone.
-        for directory, suffix in ((self._active, ".json"), (self._active, ".msg"),
+        for directory, suffix in ((target, ".json"), (target, ".msg"),
                                   (self._tmp, ".json"), (self._tmp, ".msg")):
             self._unlink_quietly(self._in(directory, queue_id, suffix))
+
+    def _rewritten(self, queue_id, file, head, offset):
+        """Write ``tmp/ID.msg`` afresh with ``head`` in place of its first
+        ``offset`` bytes (runs in a pool thread: the body is copied).
+
+        The new file is written under a staging name and renamed over the
+        old one, so a failure at any point leaves the message as it was
+        (and a crash a staging file in ``tmp/``, which start-up empties).
+
+        :return: the new file, open for writing at its end; ``file`` is
+            closed.
+        """
+        body = self._in(self._tmp, queue_id, ".msg")
+        staging = os.path.join(self._tmp, rewrite_name(queue_id + ".msg", secrets.token_hex(4)))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        new = os.fdopen(os.open(staging, flags, _FILE_MODE), "wb", buffering=_WRITE_BUFFER)
+        try:
+            new.write(head)
+            with open(body, "rb") as source:
+                source.seek(offset)
+                shutil.copyfileobj(source, new, _WRITE_BUFFER)
+            new.flush()
+            os.rename(staging, body)
+        except BaseException:
+            _close_quietly(new)
+            self._unlink_quietly(staging)
+            raise
+        _close_quietly(file)
+        return new
 
     def _writer_done(self, queue_id):
         self._open_ids.discard(queue_id)
@@ -418,7 +456,8 @@ class Spool(service.Service):
             queue_id = name[:LENGTH]
             if not is_queue_id(queue_id):
                 continue
-            minted_here = name in (queue_id + ".msg", queue_id + ".json")
+            minted_here = (name in (queue_id + ".msg", queue_id + ".json")
+                           or is_rewrite_name(name, queue_id))
             if minted_here and slot is not None and slot_of(queue_id) == slot:
                 pass
             elif not minted_here and owns is not None and owns(queue_id):
@@ -1082,14 +1121,17 @@ class SpoolWriter:
             raise RuntimeError(f"message {self.queue_id} is already {self._state}")
         self._file.write(data)
 
-    def commit(self, envelope):
+    def commit(self, envelope, hold=False):
         """Make the message durable with its final ``envelope``.
 
+        :param hold: commit it into ``hold/`` instead of ``active/`` (a
+            message filter held it): it is never in ``active/``, so no
+            delivery can start it before an administrator releases it.
         :return: a Deferred firing with the queue id once the message is in
-            ``active/`` and on stable storage, or failing (with OSError
-            when the disk refused) after every file of it is removed.  A
-            failure is not logged here: the caller says it once, with what
-            it knows (the SMTP client, the reply it got).
+            ``active/`` (``hold/``) and on stable storage, or failing (with
+            OSError when the disk refused) after every file of it is
+            removed.  A failure is not logged here: the caller says it
+            once, with what it knows (the SMTP client, the reply it got).
         """
         if not self._spool._accepting:
             # Still open: the caller aborts it, or recover() clears tmp/.
@@ -1098,7 +1140,8 @@ class SpoolWriter:
             payload = self._prepare(envelope)
         except Exception:
             return defer.fail()
-        result = self._spool._batched((self.queue_id, self._file, payload))
+        result = self._spool._batched((self.queue_id, self._file, payload,
+                                       HOLD if hold else ACTIVE))
         return result.addBoth(self._finished)
 
     def _finished(self, result):
@@ -1121,6 +1164,36 @@ class SpoolWriter:
             raise
         finally:
             self._done()
+
+    def view(self, envelope):
+        """The message as written so far, as the message filters see it:
+        a :class:`relaymail.queue.message_view.MessageView` (IMessage) with
+        ``envelope``.  Flushes the file and reads its header section (which
+        the DATA reader bounded) in the caller's thread, as ``write`` does.
+        """
+        if self._state != self._OPEN:
+            raise RuntimeError(f"message {self.queue_id} is already {self._state}")
+        self._file.flush()
+        return MessageView.read(self.queue_id, envelope,
+                                self._spool._in(self._spool._tmp, self.queue_id, ".msg"))
+
+    def rewrite(self, view):
+        """Give the file the header fields of ``view`` (a view from
+        :meth:`view`, changed by the filters), in the spool's thread pool:
+        the body is copied, and a big message must not hold the reactor.
+
+        :return: a Deferred firing when done; on failure (OSError) the file
+            is as it was, still open: the caller aborts or commits it.
+        """
+        if self._state != self._OPEN:
+            return defer.fail(RuntimeError(f"message {self.queue_id} is already {self._state}"))
+        self._file.flush()
+        d = self._spool._in_thread(self._spool._rewritten, self.queue_id, self._file,
+                                   view.header_bytes, view.body_offset)
+
+        def swap(new):
+            self._file = new
+        return d.addCallback(swap)
 
     def abort(self):
         """Throw the message away.  Once :meth:`commit` has been called

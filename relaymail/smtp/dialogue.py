@@ -18,7 +18,7 @@ from relaymail import address, logline
 from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
-from relaymail.smtp import data, replies
+from relaymail.smtp import data, filtering, replies
 from relaymail.smtp.received import received_header
 from relaymail.smtp.session_id import new_session_id
 from relaymail.smtp.tls import fit_for_passwords
@@ -533,17 +533,31 @@ class Dialogue:
             return defer.succeed(problem)
         recipients = [str(r) for r in transaction.recipients]
         d = self.policy.expand_recipients(recipients, self.context)
-        d.addCallback(self._commit, writer, transaction, reader.size, reader.message_id)
+        if self.policy.filters_enabled:
+            d.addCallback(self._filter, writer, transaction, reader.message_id)
+        else:
+            d.addCallback(self._commit, writer, transaction, reader.size, reader.message_id)
         d.addErrback(self._commit_failed, writer)
         return d
 
-    def _commit(self, recipients, writer, transaction, size, message_id=None):
-        envelope = Envelope(
+    def _filter(self, recipients, writer, transaction, message_id):
+        """[plugins] filters: they decide (relaymail.smtp.filtering), then
+        the message is committed as :meth:`_commit` does, or not."""
+        def commit(recipients, size, hold):
+            return self._commit(recipients, writer, transaction, size, message_id, hold)
+        return filtering.filter_then_commit(self.policy, self.context, writer,
+                                            self._envelope(recipients, transaction), commit)
+
+    def _envelope(self, recipients, transaction):
+        return Envelope(
             sender=str(transaction.sender) if transaction.sender else "",
             recipients=recipients, body=transaction.body, smtputf8=transaction.smtputf8,
             client_ip=self.context.client_ip, helo=self.context.helo,
             authenticated_user=self.context.authenticated_user, received_at=self._clock())
-        d = writer.commit(envelope)
+
+    def _commit(self, recipients, writer, transaction, size, message_id=None, hold=False):
+        envelope = self._envelope(recipients, transaction)
+        d = writer.commit(envelope, hold=True) if hold else writer.commit(envelope)
 
         def queued(queue_id):
             self._junk = 0

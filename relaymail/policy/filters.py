@@ -1,0 +1,127 @@
+"""The message filters (``[plugins] filters``): ask each in order about a
+complete message, and combine their answers into one.
+
+As at every hook, the first decisive answer wins: reject, defer, accept,
+hold, discard or redirect ends the filtering.  Header changes
+(:meth:`Decision.with_headers`) are applied as each filter answers, so the
+next filter sees the message as changed (its ``headers`` and what
+``open()`` reads), and the changes of every filter up to and including the
+decisive one are what gets queued.  Postfix's before-queue milters work
+the same way: each sees the changes of those before it.
+
+A filter that raises, does not answer within ``[plugins] timeout``, or
+answers what the contract does not allow (not a Decision, a reply code of
+the wrong class, a redirect to something that is not an address, a header
+that could not be written safely) fails the message: the client gets
+``451 4.3.0`` and nothing is queued, rather than mail going on unfiltered
+(a content filter that may be skipped by making it fail is no filter).
+"""
+
+from twisted.internet.defer import inlineCallbacks
+
+from relaymail import address, header_section
+from relaymail.interfaces import Decision
+
+#: The answer when a filter failed: the client tries again later.
+FILTER_FAILED = Decision.defer(
+    code=451, enhanced="4.3.0", text="Temporary failure checking message, try again later")
+
+_KINDS = frozenset({Decision.ACCEPT_KIND, Decision.REJECT_KIND, Decision.DEFER_KIND,
+                    Decision.NO_OPINION_KIND}) | Decision.FILTER_KINDS
+
+
+class BadFilterAnswer(Exception):
+    """A filter answered with something the contract does not allow."""
+
+
+class FilterResult:
+    """What the filters made of a message.
+
+    ``decision`` is the decisive answer (``Decision.NO_OPINION`` when none
+    gave one; :data:`FILTER_FAILED` when one failed), ``plugin`` the label
+    of the filter that gave it (None for no opinion), ``message`` the
+    message with every header change applied, ``changes`` one
+    ``(plugin, removed names, added names)`` per filter that changed the
+    header, in order.
+    """
+
+    __slots__ = ("decision", "plugin", "message", "changes")
+
+    def __init__(self, decision, plugin, message, changes):
+        self.decision = decision
+        self.plugin = plugin
+        self.message = message
+        self.changes = changes
+
+    @property
+    def failed(self):
+        return self.decision is FILTER_FAILED
+
+
+@inlineCallbacks
+def run_filters(policy, filters, message, context, label):
+    """Ask ``filters`` in order about ``message``.
+
+    :param policy: the Policy whose ``_call`` runs a plugin method with
+        the timeout, and whose ``_log_failure`` logs what went wrong.
+    :param message: an IMessage offering ``with_fields(fields)`` and
+        ``fields`` (relaymail.queue.message_view.MessageView).
+    :param label: ``label(plugin)``, the plugin's name for the log.
+    :return: a Deferred firing with a :class:`FilterResult`; it never fails.
+    """
+    changes = []
+    smtputf8 = bool(getattr(message.envelope, "smtputf8", False))
+    for plugin in filters:
+        try:
+            answer = yield policy._call(plugin, "check_message", message, context)
+            decision = checked(answer)
+            if decision.add_headers or decision.remove_headers:
+                message = message.with_fields(changed_fields(message.fields, decision, smtputf8))
+                changes.append((label(plugin), decision.remove_headers,
+                                tuple(name for name, _ in decision.add_headers)))
+        except Exception as exc:
+            policy._log_failure(exc, plugin, "check_message", message.queue_id)
+            return FilterResult(FILTER_FAILED, label(plugin), message, changes)
+        if decision.is_final:
+            return FilterResult(decision, label(plugin), message, changes)
+    return FilterResult(Decision.NO_OPINION, None, message, changes)
+
+
+def checked(answer):
+    """``answer`` if it is a Decision a filter may give, else raise
+    :class:`BadFilterAnswer`."""
+    if not isinstance(answer, Decision) or answer.kind not in _KINDS:
+        raise BadFilterAnswer(f"returned {answer!r}, not a Decision")
+    kind = answer.kind
+    if kind == Decision.REJECT_KIND and not _in_class(answer.code, 500):
+        raise BadFilterAnswer(f"returned {answer!r}: a rejection needs a 5xx code")
+    if kind == Decision.DEFER_KIND and not _in_class(answer.code, 400):
+        raise BadFilterAnswer(f"returned {answer!r}: a deferral needs a 4xx code")
+    if kind == Decision.REDIRECT_KIND:
+        if not answer.recipients:
+            raise BadFilterAnswer(f"returned {answer!r}: a redirect to no one")
+        for recipient in answer.recipients:
+            try:
+                address.parse_forward_path(f"<{recipient}>", smtputf8=True)
+            except (address.AddressError, TypeError) as exc:
+                raise BadFilterAnswer(f"redirect to {recipient!r}, not an address: {exc}") from None
+    return answer
+
+
+def _in_class(code, base):
+    return isinstance(code, int) and base <= code <= base + 99
+
+
+def changed_fields(fields, decision, smtputf8):
+    """The header fields after ``decision``'s changes.
+
+    :raise header_section.BadField: for a field that cannot be written
+        (the caller counts the answer as a failure).
+    """
+    header_section.check_names(decision.remove_headers)
+    added = []
+    for item in decision.add_headers:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise header_section.BadField(f"header {item!r} is not a (name, value) pair")
+        added.append(header_section.new_field(*item, smtputf8=smtputf8))
+    return header_section.changed(fields, decision.remove_headers, added)

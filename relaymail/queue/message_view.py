@@ -1,0 +1,107 @@
+"""A message being received, as the message filters see it (IMessage).
+
+The body stays in its file in ``tmp/``; only the header section is held in
+memory (``[limits] header_size`` bounds it).  A filter's header changes
+make a new view with the new fields over the same file, so the next filter
+reads the message as changed -- :meth:`MessageView.open` gives the current
+fields followed by the file from the end of the original fields -- and
+nothing is copied until the filters are done.  Then
+:meth:`relaymail.queue.spool.SpoolWriter.rewrite` writes the file once,
+from the last view.
+"""
+
+import io
+import os
+
+from zope.interface import implementer
+
+from relaymail import address, header_section
+from relaymail.interfaces import IMessage
+
+#: How much of the file is read at a time looking for the end of the header.
+_CHUNK = 64 * 1024
+
+
+@implementer(IMessage)
+class MessageView:
+    """See :class:`relaymail.interfaces.IMessage`.
+
+    :param path: the message file.
+    :param fields: the header fields now (:class:`relaymail.header_section.Field`).
+    :param body_offset: where in the file the original fields end.
+    :param file_size: the file's size.
+    """
+
+    def __init__(self, queue_id, envelope, path, fields, body_offset, file_size):
+        self.queue_id = queue_id
+        self.envelope = envelope
+        self.path = path
+        self.fields = list(fields)
+        self.body_offset = body_offset
+        self._file_size = file_size
+        self.sender = _mailbox(envelope.sender) if envelope.sender else None
+        self.recipients = [_mailbox(r) for r in envelope.recipients]
+        self.headers = [(field.name, field.value) for field in self.fields]
+        self.header_bytes = header_section.to_bytes(self.fields)
+        self.size = len(self.header_bytes) + file_size - body_offset
+
+    @classmethod
+    def read(cls, queue_id, envelope, path):
+        """The view of the file at ``path`` as it is (flushed) now.  Reads
+        only the header section, which the DATA reader bounded."""
+        with open(path, "rb") as f:
+            data = b""
+            while True:
+                chunk = f.read(_CHUNK)
+                data += chunk
+                fields, end = header_section.parse(data, complete=not chunk)
+                if end is not None:
+                    break
+            size = os.fstat(f.fileno()).st_size
+        return cls(queue_id, envelope, path, fields, end, size)
+
+    def with_fields(self, fields):
+        """This message with other header fields (a filter's changes)."""
+        return MessageView(self.queue_id, self.envelope, self.path, fields, self.body_offset,
+                           self._file_size)
+
+    def open(self):
+        """A binary file reading the message as it is now: the current
+        fields, then the rest of the file.  Blocks on the disk."""
+        body = open(self.path, "rb")
+        body.seek(self.body_offset)
+        return io.BufferedReader(_Joined(self.header_bytes, body))
+
+
+class _Joined(io.RawIOBase):
+    """Reads ``head`` (bytes), then the open file ``rest`` to its end."""
+
+    def __init__(self, head, rest):
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        return self._rest.readinto(buffer)
+
+    def close(self):
+        self._rest.close()
+        super().close()
+
+
+def _mailbox(text):
+    """An address string of the envelope as a Mailbox.  They were parsed
+    at MAIL and RCPT (or came from an expander, which is checked); a
+    form the parser refuses (a bare ``postmaster``) is split as it is."""
+    try:
+        return address.parse_forward_path(f"<{text}>", smtputf8=True)
+    except address.AddressError:
+        local, _, domain = text.rpartition("@")
+        return address.Mailbox(local, domain) if local else address.Mailbox(text, "")

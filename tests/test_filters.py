@@ -1,0 +1,368 @@
+"""The message-filter hook ([plugins] filters): site filters loaded from a
+directory, the real relay over a real socket, and what the next hop gets."""
+
+import json
+import os
+import re
+import smtplib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from relaymail import header_section
+from relaymail.interfaces import Decision
+from relaymail.policy import filters as policy_filters
+from tests.nexthop import NextHop
+from tests.relay_process import RelayProcess, _env
+from tests.test_delivery import wait_until
+
+# One site plugin file with three filters (three names, so that one
+# [plugins] filters list can hold them in an order), each answering what
+# its [plugin:NAME] section says.
+SCRIPTED = '''
+from twisted.internet import defer
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from relaymail.interfaces import Decision, IMessageFilter, IPluginFactory
+
+
+@implementer(IMessageFilter)
+class Scripted:
+    def __init__(self, name, options):
+        self.name = name
+        self.options = options
+
+    def check_message(self, message, context):
+        options = self.options
+        answer = options.get("answer", "none")
+        if answer == "raise":
+            raise RuntimeError("the filter broke")
+        if answer == "hang":
+            return defer.Deferred()
+        if answer == "garbage":
+            return "yes"
+        decision = {
+            "none": lambda: Decision.NO_OPINION,
+            "accept": lambda: Decision.ACCEPT,
+            "reject": lambda: Decision.reject(550, "5.7.1", "Message content rejected"),
+            "defer": lambda: Decision.defer("Greylisted, try again later", 451, "4.7.1"),
+            "hold": lambda: Decision.hold("looks odd"),
+            "discard": lambda: Decision.discard("spam score 99"),
+            "redirect": lambda: Decision.redirect(options["to"].split(), "quarantine"),
+        }[answer]()
+        add = []
+        if "add" in options:
+            name, _, value = options["add"].partition(":")
+            add.append((name.strip(), value.strip()))
+        if "inject" in options:
+            add.append(("X-Bad", "a\\r\\nBcc: mallory@example.net"))
+        if "report" in options:
+            # What this filter saw: the parsed fields and what open() reads.
+            with message.open() as f:
+                lines = f.read().split(b"\\r\\n")
+            names = ",".join(name for name, _ in message.headers)
+            add.append(("X-Seen", f"{names}; first line {lines[0].decode()}; "
+                                  f"size {message.size}; sender {message.sender}; "
+                                  f"recipients {','.join(map(str, message.recipients))}"))
+        remove = options.get("remove", "").split()
+        if add or remove:
+            decision = decision.with_headers(add=add, remove=remove)
+        return decision
+
+
+@implementer(IPlugin, IPluginFactory)
+class Factory:
+    def __init__(self, name):
+        self.name = name
+
+    def build(self, context):
+        return Scripted(self.name, dict(context.options))
+
+
+first = Factory("first")
+second = Factory("second")
+third = Factory("third")
+'''
+
+BODY = (b"From: Alice <alice@example.org>\r\n"
+        b"Subject: filtered\r\n"
+        b"X-Spam: maybe\r\n"
+        b"\r\n"
+        b"hello\r\n")
+
+FAILED = (451, b"4.3.0 Temporary failure checking message, try again later")
+
+
+@pytest.fixture
+def nexthop():
+    server = NextHop()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def relay_for(tmp_path, nexthop):
+    """``relay_for(filters, first={...}, ...)``: a started relay whose
+    [plugins] filters are ``filters``, with the options given."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "scripted.py").write_text(textwrap.dedent(SCRIPTED))
+    started = []
+
+    def start(filters, timeout="10", sections=(), **options):
+        config = {
+            "server": {"workers": "0"},
+            "relay": {"domains": "example.com"},
+            "delivery": {"smarthost": f"[127.0.0.1]:{nexthop.port}", "smarthost_tls": "none"},
+            "plugins": {"path": str(plugins), "filters": filters, "timeout": timeout},
+        }
+        for section, keys in dict(sections).items():
+            config.setdefault(section, {}).update(keys)
+        for name, keys in options.items():
+            config[f"plugin:{name}"] = keys
+        relay = RelayProcess(tmp_path, config).start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+def send(relay, body=BODY, recipients=("bob@example.net",), after=None):
+    """Send one message; return the reply to its content, and the reply to
+    ``after`` (a command sent next in the same session) when given."""
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        for recipient in recipients:
+            assert client.rcpt(recipient)[0] == 250
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(body + b".\r\n")
+        reply = client.getreply()
+        if after is not None:
+            return reply, client.docmd(after)
+    return reply
+
+
+def queued_id(reply):
+    code, text = reply
+    assert code == 250, reply
+    return re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]+)", text).group(1).decode()
+
+
+def spool_files(relay, directory):
+    return sorted(os.listdir(os.path.join(relay.spool, directory)))
+
+
+def received_and_rest(data):
+    """What comes before our Received field, and what after it."""
+    lines = data.split(b"\r\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(b"Received: "))
+    end = start + 1
+    while lines[end][:1] in (b" ", b"\t"):
+        end += 1
+    return b"\r\n".join(lines[:start]), b"\r\n".join(lines[end:])
+
+
+# -- answers ---------------------------------------------------------------------
+
+def test_reject_is_the_reply_to_data_and_nothing_is_queued(relay_for, nexthop):
+    relay = relay_for("first", first={"answer": "reject"})
+    assert send(relay) == (550, b"5.7.1 Message content rejected")
+    time.sleep(0.5)
+    assert spool_files(relay, "active") == spool_files(relay, "tmp") == []
+    assert nexthop.messages == []
+    assert re.search(r": filter first refused the message: 550 5\.7\.1 Message content "
+                     r"rejected", relay.log())
+
+
+def test_defer_is_the_reply_to_data(relay_for, nexthop):
+    relay = relay_for("first", first={"answer": "defer"})
+    assert send(relay) == (451, b"4.7.1 Greylisted, try again later")
+    assert spool_files(relay, "active") == spool_files(relay, "tmp") == []
+
+
+def test_hold_queues_into_hold_and_nothing_is_delivered_until_released(relay_for, nexthop):
+    relay = relay_for("first", first={"answer": "hold"})
+    queue_id = queued_id(send(relay))
+    assert spool_files(relay, "hold") == [f"{queue_id}.json", f"{queue_id}.msg"]
+    assert spool_files(relay, "active") == []
+    time.sleep(2)
+    assert nexthop.messages == []
+    assert re.search(rf"{queue_id}: held by first: looks odd", relay.log())
+    # A held message is whole: released, it is delivered.
+    tool = os.path.join(os.path.dirname(sys.executable), "relaymail-queue")
+    done = subprocess.run([tool, "--spool", relay.spool, "release", queue_id], env=_env(),
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    [message] = nexthop.wait_for(1)
+    assert message["data"].endswith(BODY)
+
+
+def test_discard_answers_250_with_the_queue_id_and_queues_nothing(relay_for, nexthop):
+    relay = relay_for("first", first={"answer": "discard"})
+    queue_id = queued_id(send(relay))
+    time.sleep(1)
+    for directory in ("active", "hold", "tmp"):
+        assert spool_files(relay, directory) == []
+    assert nexthop.messages == []
+    assert re.search(rf"{queue_id}: discarded by first: spam score 99", relay.log())
+
+
+def test_redirect_replaces_the_recipients_and_expands_them(relay_for, nexthop, tmp_path):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("quarantine: carol@example.net, dave@example.net\n")
+    relay = relay_for("first", sections={"plugins": {"expanders": "aliases"},
+                                         "plugin:aliases": {"file": str(aliases)}},
+                      first={"answer": "redirect", "to": "quarantine@example.com"})
+    queue_id = queued_id(send(relay, recipients=("bob@example.net", "erin@example.net")))
+    [message] = nexthop.wait_for(1)
+    assert message["recipients"] == ["carol@example.net", "dave@example.net"]
+    assert re.search(rf"{queue_id}: redirected by first to <carol@example\.net>,"
+                     rf"<dave@example\.net>: quarantine", relay.log())
+
+
+def test_accept_ends_filtering_and_queues(relay_for, nexthop):
+    # third would refuse: it is not asked after second's accept.
+    relay = relay_for("first, second, third", first={}, second={"answer": "accept"},
+                      third={"answer": "reject"})
+    queue_id = queued_id(send(relay))
+    [message] = nexthop.wait_for(1)
+    assert message["data"].endswith(BODY)
+    assert re.search(rf"{queue_id}: accepted by filter second", relay.log())
+
+
+# -- header changes ------------------------------------------------------------------
+
+def test_header_changes_reach_the_next_hop_byte_for_byte(relay_for, nexthop):
+    relay = relay_for("first", first={"add": "X-Filtered: yes", "remove": "x-spam"})
+    queue_id = queued_id(send(relay))
+    [message] = nexthop.wait_for(1)
+    added, rest = received_and_rest(message["data"])
+    # Added fields go on top, above our Received field (as trace and
+    # Authentication-Results fields do, RFC 5321 4.4, RFC 8601 5).
+    assert added == b"X-Filtered: yes"
+    assert rest == (b"From: Alice <alice@example.org>\r\nSubject: filtered\r\n\r\nhello\r\n")
+    assert re.search(rf"{queue_id}: filter first: removed x-spam; added X-Filtered", relay.log())
+
+
+def test_long_added_value_is_folded(relay_for, nexthop):
+    value = " ".join(["word"] * 40)
+    relay = relay_for("first", first={"add": f"X-Long: {value}"})
+    queued_id(send(relay))
+    [message] = nexthop.wait_for(1)
+    added, _ = received_and_rest(message["data"])
+    lines = added.split(b"\r\n")
+    assert len(lines) == 3 and all(len(line) <= 78 for line in lines)
+    assert b"".join(lines) == f"X-Long: {value}".encode()
+
+
+def test_later_filters_see_earlier_changes_and_first_decisive_answer_wins(relay_for, nexthop):
+    relay = relay_for("first, second, third",
+                      first={"add": "X-First: 1", "remove": "X-Spam"},
+                      second={"answer": "accept", "add": "X-Second: 2", "report": "yes"},
+                      third={"answer": "reject"})
+    queue_id = queued_id(send(relay))
+    [message] = nexthop.wait_for(1)
+    data = message["data"]
+    fields, _ = header_section.parse(data)
+    second, seen, first = fields[:3]
+    assert (second.raw, first.raw) == (b"X-Second: 2\r\n", b"X-First: 1\r\n")
+    # second saw first's changes in headers and in what open() reads, and
+    # the size of the message as it stood then.
+    size = len(data) - len(second.raw) - len(seen.raw)
+    assert seen.value == (f"X-First,Received,From,Subject; first line X-First: 1; "
+                          f"size {size}; sender alice@example.org; recipients bob@example.net")
+    assert data.endswith(b"\r\nFrom: Alice <alice@example.org>\r\nSubject: filtered\r\n"
+                         b"\r\nhello\r\n")
+    assert [field.name for field in fields] == [
+        "X-Second", "X-Seen", "X-First", "Received", "From", "Subject"]
+    log = relay.log()
+    assert f"{queue_id}: filter first: removed X-Spam; added X-First" in log
+    assert f"{queue_id}: filter second: added X-Second, X-Seen" in log
+
+
+def test_a_record_holds_the_size_as_stored_after_changes(relay_for, nexthop):
+    relay = relay_for("first", first={"answer": "hold", "add": "X-Held: yes"})
+    queue_id = queued_id(send(relay))
+    with open(os.path.join(relay.spool, "hold", f"{queue_id}.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(relay.spool, "hold", f"{queue_id}.msg"), "rb") as f:
+        stored = f.read()
+    assert stored.startswith(b"X-Held: yes\r\nReceived: ")
+    assert stored.endswith(BODY)
+    assert record["size"] == len(stored)
+
+
+# -- failures -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, logged", [
+    ({"answer": "raise"}, r"plugin first check_message\('[0-9A-Z]+'\) failed"),
+    ({"answer": "garbage"}, r"plugin first check_message\('[0-9A-Z]+'\): returned 'yes', "
+                            r"not a Decision"),
+    ({"answer": "hang"}, r"plugin first check_message\('[0-9A-Z]+'\): no answer within 1"),
+    ({"inject": "yes"}, r"plugin first check_message\('[0-9A-Z]+'\): header X-Bad: value "
+                        r"'a\\r\\nBcc: mallory@example\.net' holds CR, LF"),
+])
+def test_a_failing_filter_is_451_nothing_queued_and_the_session_goes_on(
+        relay_for, nexthop, options, logged):
+    # second would accept: a failure is not "no opinion", it stops the message.
+    relay = relay_for("first, second", timeout="1", first=options, second={"answer": "accept"})
+    reply, after = send(relay, after="NOOP")
+    assert reply == FAILED
+    assert after == (250, b"2.0.0 Ok")
+    time.sleep(0.5)
+    for directory in ("active", "hold", "tmp"):
+        assert spool_files(relay, directory) == []
+    log = relay.log()
+    assert re.search(logged, log), log
+    assert re.search(r": filter first failed: 451 4\.3\.0 Temporary failure checking message",
+                     log)
+
+
+# -- the pieces, without a relay ---------------------------------------------------
+
+def test_header_values_may_hold_folding_but_no_other_line_break():
+    field = header_section.new_field("X-A", "one\r\n two")
+    assert (field.raw, field.value) == (b"X-A: one\r\n two\r\n", "one two")
+    for value in ("one\r\ntwo", "one\rtwo", "one\ntwo", "a\x00b", "a\r\n", "x\r\n \r\n y"):
+        with pytest.raises(header_section.BadField):
+            header_section.new_field("X-A", value)
+    for name in ("X A", "X:A", "", "Ä"):
+        with pytest.raises(header_section.BadField):
+            header_section.new_field(name, "v")
+
+
+def test_non_ascii_header_values_only_with_smtputf8():
+    with pytest.raises(header_section.BadField, match="SMTPUTF8"):
+        header_section.new_field("X-A", "café")
+    assert header_section.new_field("X-A", "café", smtputf8=True).raw == "X-A: café\r\n".encode()
+
+
+def test_header_section_ends_at_the_empty_line_or_at_body_text():
+    data = b"Received: a\r\n\tb\r\nSubject: s\r\n\r\nbody: not a field\r\n"
+    fields, end = header_section.parse(data)
+    assert [(f.name, f.value) for f in fields] == [("Received", "a\tb"), ("Subject", "s")]
+    assert data[end:] == b"\r\nbody: not a field\r\n"
+    fields, end = header_section.parse(b"Received: a\r\nno colon here\r\n", complete=True)
+    assert [f.name for f in fields] == ["Received"] and end == 13
+    assert header_section.parse(b"Received: a\r\nSubj", complete=False)[1] is None
+
+
+@pytest.mark.parametrize("answer", [
+    Decision("reject", 250, "2.0.0", "not a rejection"),
+    Decision("defer", 550, "5.0.0", "not a deferral"),
+    Decision("redirect", text="x", recipients=("not an address",)),
+    Decision("redirect", text="x"),
+    Decision("maybe"),
+    None,
+])
+def test_answers_outside_the_contract_are_refused(answer):
+    with pytest.raises(policy_filters.BadFilterAnswer):
+        policy_filters.checked(answer)
