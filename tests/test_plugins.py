@@ -1,4 +1,4 @@
-"""The built-in plugins: domains, static and aliases."""
+"""The built-in plugins: domains, static and aliases (dkim: tests/test_dkim_plugin.py)."""
 
 import textwrap
 from types import SimpleNamespace
@@ -10,6 +10,7 @@ from relaymail.config import ConfigError
 from relaymail.interfaces import (
     Decision, IListExpander, IPluginFactory, IRecipientValidator)
 from relaymail.plugins.aliases import aliases, parse_aliases
+from relaymail.plugins.dkim import dkim_signer
 from relaymail.plugins.domains import domains
 from relaymail.plugins.static import USER_UNKNOWN, parse_static_list, static
 from relaymail.policy.loader import PluginContext
@@ -36,7 +37,7 @@ def write(tmp_path, text, name="list"):
     return str(path)
 
 
-@pytest.mark.parametrize("factory", [domains, static, aliases])
+@pytest.mark.parametrize("factory", [domains, static, aliases, dkim_signer])
 def test_builtins_are_plugins_named_like_their_module(factory):
     assert IPlugin.providedBy(factory)
     assert IPluginFactory.providedBy(factory)
