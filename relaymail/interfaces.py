@@ -479,15 +479,28 @@ class IMessageWriter(Interface):
         """Append bytes of the message (already dot-unstuffed, CRLF line
         ends).  May raise OSError; the caller then aborts."""
 
-    def commit(envelope):
+    def commit(envelope, hold=False):
         """Make the message durable with its final
-        :class:`relaymail.envelope.Envelope`.
+        :class:`relaymail.envelope.Envelope`; with ``hold`` true, straight
+        into ``hold/`` (a message filter held it), where no delivery starts.
 
         :return: a Deferred firing with the queue id once the message is on
             stable storage (written, fsync'd, renamed into place, directory
             fsync'd), or failing if it could not be stored, in which case
             nothing of it is left in the queue.
         """
+
+    def view(envelope):
+        """The message written so far, as an :class:`IMessage` for the
+        message filters (``[plugins] filters``); only asked when some are
+        configured."""
+
+    def rewrite(message):
+        """Give the message the header fields of ``message``, a view from
+        :meth:`view` that the filters changed.
+
+        :return: a Deferred firing once done (the body is copied off the
+            reactor), or failing with the message left as it was."""
 
     def abort():
         """Throw the message away; nothing of it stays in the queue."""

@@ -278,3 +278,13 @@ def test_option_problems_are_config_errors(tmp_path):
 ])
 def test_the_author_domain_is_the_one_from_address(headers, domain):
     assert author_domain(headers) == domain
+
+
+def test_the_readme_recipe_is_accepted(tmp_path):
+    from tests.test_reference import checked, recipe
+    (tmp_path / "dkim").mkdir()
+    rsa_key(tmp_path / "dkim", "example.org.pem")
+    ed25519_key(tmp_path / "dkim", "example.net.key")
+    result = checked(tmp_path, recipe("Signing outgoing mail with DKIM."))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout == f"{tmp_path / 'relaymail.ini'}: ok\n"

@@ -10,14 +10,24 @@ import sys
 import textwrap
 import time
 
+import shutil
+import tempfile
+
 import pytest
+from twisted.internet import defer
+from twisted.trial import unittest
 
 from relaymail import header_section
+from relaymail.address import Mailbox
+from relaymail.envelope import Envelope
 from relaymail.interfaces import Decision
 from relaymail.policy import filters as policy_filters
+from relaymail.queue import layout
+from relaymail.queue.layout import rewrite_name
+from relaymail.queue.queue_id import new_queue_id
+from relaymail.queue.spool import Spool
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, _env
-from tests.test_delivery import wait_until
 
 # One site plugin file with three filters (three names, so that one
 # [plugins] filters list can hold them in an order), each answering what
@@ -156,6 +166,10 @@ def queued_id(reply):
     return re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]+)", text).group(1).decode()
 
 
+def listing(spool, directory):
+    return sorted(os.listdir(os.path.join(spool.path, directory)))
+
+
 def spool_files(relay, directory):
     return sorted(os.listdir(os.path.join(relay.spool, directory)))
 
@@ -189,7 +203,8 @@ def test_defer_is_the_reply_to_data(relay_for, nexthop):
 
 
 def test_hold_queues_into_hold_and_nothing_is_delivered_until_released(relay_for, nexthop):
-    relay = relay_for("first", first={"answer": "hold"})
+    # With workers: the inbound worker commits, a delivery worker must not see it.
+    relay = relay_for("first", sections={"server": {"workers": "2"}}, first={"answer": "hold"})
     queue_id = queued_id(send(relay))
     assert spool_files(relay, "hold") == [f"{queue_id}.json", f"{queue_id}.msg"]
     assert spool_files(relay, "active") == []
@@ -366,3 +381,83 @@ def test_header_section_ends_at_the_empty_line_or_at_body_text():
 def test_answers_outside_the_contract_are_refused(answer):
     with pytest.raises(policy_filters.BadFilterAnswer):
         policy_filters.checked(answer)
+
+
+# -- the spool's side: the view, the rewrite, the commit into hold/ -----------------
+
+class SpoolSideTests(unittest.TestCase):
+    """SpoolWriter.view/rewrite/commit(hold=True) with the reactor running."""
+
+    MESSAGE = (b"Received: from client.test\r\n\tby relay.test\r\n"
+               b"Subject: x\r\nX-Spam: yes\r\n\r\n" + b"body line\r\n" * 20000)
+
+    def setUp(self):
+        self.spool = Spool(os.path.join(tempfile.mkdtemp(prefix="filters-"), "spool"))
+        self.addCleanup(shutil.rmtree, os.path.dirname(self.spool.path))
+        self.spool.start()
+        self.addCleanup(self.spool.stop)
+        self.writer = self.spool.new_message()
+        self.writer.write(self.MESSAGE)
+        self.envelope = Envelope(sender="", recipients=["bob@example.net"])
+
+    def changed_view(self):
+        view = self.writer.view(self.envelope)
+        decision = Decision.NO_OPINION.with_headers(add=[("X-New", "1")], remove=["x-spam"])
+        return view, view.with_fields(policy_filters.changed_fields(view.fields, decision, False))
+
+    def test_the_view_reads_the_file_written_so_far(self):
+        view = self.writer.view(self.envelope)
+        self.assertEqual(view.headers, [("Received", "from client.test\tby relay.test"),
+                                        ("Subject", "x"), ("X-Spam", "yes")])
+        self.assertEqual((view.sender, view.size), (None, len(self.MESSAGE)))
+        self.assertEqual(view.recipients, [Mailbox("bob", "example.net")])
+        with view.open() as f:
+            self.assertEqual(f.read(), self.MESSAGE)
+
+    def test_a_changed_view_reads_the_new_fields_then_the_old_body(self):
+        _, changed = self.changed_view()
+        expected = b"X-New: 1\r\n" + self.MESSAGE.replace(b"X-Spam: yes\r\n", b"")
+        with changed.open() as f:
+            self.assertEqual(f.read(), expected)
+        self.assertEqual(changed.size, len(expected))
+
+    @defer.inlineCallbacks
+    def test_rewrite_then_commit_into_hold(self):
+        _, changed = self.changed_view()
+        yield self.writer.rewrite(changed)
+        self.assertEqual(listing(self.spool, "tmp"), [f"{self.writer.queue_id}.msg"])
+        queue_id = yield self.writer.commit(self.envelope, hold=True)
+        self.assertEqual(listing(self.spool, "active"), [])
+        self.assertEqual(listing(self.spool, "hold"), [f"{queue_id}.json", f"{queue_id}.msg"])
+        with open(self.spool.message_path(queue_id, "hold"), "rb") as f:
+            stored = f.read()
+        self.assertEqual(stored, b"X-New: 1\r\n" + self.MESSAGE.replace(b"X-Spam: yes\r\n", b""))
+        record, where = self.spool.load_any(queue_id)
+        self.assertEqual((where, record["size"]), ("hold", len(stored)))
+        self.assertEqual(list(self.spool.held_ids()), [queue_id])
+
+    @defer.inlineCallbacks
+    def test_a_failed_rewrite_leaves_the_message_as_it_was(self):
+        _, changed = self.changed_view()
+
+        def full(*args):
+            raise OSError(28, "No space left on device")
+        self.patch(shutil, "copyfileobj", full)
+        with self.assertRaises(OSError):
+            yield self.writer.rewrite(changed)
+        self.assertEqual(listing(self.spool, "tmp"), [f"{self.writer.queue_id}.msg"])
+        self.writer.write(b"more\r\n")
+        queue_id = yield self.writer.commit(self.envelope)
+        with open(self.spool.message_path(queue_id), "rb") as f:
+            self.assertEqual(f.read(), self.MESSAGE + b"more\r\n")
+
+
+def test_a_rewrite_left_by_a_crash_is_part_of_the_layout_and_removed_at_start(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    queue_id = new_queue_id()
+    name = rewrite_name(f"{queue_id}.msg", "0123abcd")
+    assert layout.expected_kind("tmp", name) == "a regular file"
+    open(os.path.join(spool.path, "tmp", name), "wb").close()
+    spool.recover()
+    assert os.listdir(os.path.join(spool.path, "tmp")) == []
