@@ -24,7 +24,7 @@ from relaymail.interfaces import Decision
 from relaymail.policy import filters as policy_filters
 from relaymail.queue import layout
 from relaymail.queue.layout import rewrite_name
-from relaymail.queue.queue_id import new_queue_id
+from relaymail.queue import queue_id as queue_ids
 from relaymail.queue.spool import Spool
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, _env
@@ -256,7 +256,8 @@ def test_accept_ends_filtering_and_queues(relay_for, nexthop):
 # -- header changes ------------------------------------------------------------------
 
 def test_header_changes_reach_the_next_hop_byte_for_byte(relay_for, nexthop):
-    relay = relay_for("first", first={"add": "X-Filtered: yes", "remove": "x-spam"})
+    relay = relay_for("first", sections={"server": {"workers": "2"}},
+                      first={"add": "X-Filtered: yes", "remove": "x-spam"})
     queue_id = queued_id(send(relay))
     [message] = nexthop.wait_for(1)
     added, rest = received_and_rest(message["data"])
@@ -455,9 +456,29 @@ class SpoolSideTests(unittest.TestCase):
 def test_a_rewrite_left_by_a_crash_is_part_of_the_layout_and_removed_at_start(tmp_path):
     spool = Spool(str(tmp_path / "spool"))
     spool.recover()
-    queue_id = new_queue_id()
-    name = rewrite_name(f"{queue_id}.msg", "0123abcd")
+    name = rewrite_name(f"{queue_ids.new_queue_id()}.msg", "0123abcd")
     assert layout.expected_kind("tmp", name) == "a regular file"
     open(os.path.join(spool.path, "tmp", name), "wb").close()
     spool.recover()
     assert os.listdir(os.path.join(spool.path, "tmp")) == []
+
+
+def minted_in(slot):
+    try:
+        queue_ids.use_slot(slot)
+        return queue_ids.new_queue_id()
+    finally:
+        queue_ids._slot = None
+
+
+def test_a_dead_inbound_workers_rewrite_is_removed_with_its_other_files(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.recover()
+    tmp = os.path.join(spool.path, "tmp")
+    mine, other = minted_in(7), minted_in(8)
+    names = [f"{mine}.msg", rewrite_name(f"{mine}.msg", "0123abcd"),
+             rewrite_name(f"{other}.msg", "0123abcd")]
+    for name in names:
+        open(os.path.join(tmp, name), "wb").close()
+    assert spool.remove_unfinished(slot=7) == 2
+    assert os.listdir(tmp) == [names[2]]

@@ -328,7 +328,8 @@ class Spool(service.Service):
             sync_files(self._tmp, paths)
         except OSError as error:
             for index in written:
-                self._discard(*items[index][:2], items[index][3])
+                queue_id, file, _, where = items[index]
+                self._discard(queue_id, file, where)
                 results[index] = error
             return results
         renamed = []
@@ -349,7 +350,8 @@ class Spool(service.Service):
                 self._hold_sync.sync()
         except OSError as error:
             for index in renamed:
-                self._discard(*items[index][:2], items[index][3])
+                queue_id, file, _, where = items[index]
+                self._discard(queue_id, file, where)
                 results[index] = error
             return results
         for index in renamed:
