@@ -4,6 +4,7 @@ by a DNS stand-in (no real DNS)."""
 
 import base64
 import re
+import smtplib
 from types import SimpleNamespace
 
 import dkim
@@ -11,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from relaymail.auth.passwords import set_password
 from relaymail.config import ConfigError
 from relaymail.interfaces import IMessageFilter
 from relaymail.plugins.dkim import author_domain, dkim_signer
@@ -80,7 +82,7 @@ def nexthop():
 def signing_relay(tmp_path, nexthop):
     started = []
 
-    def start(dkim_options, server=()):
+    def start(dkim_options, server=(), auth=None):
         config = {
             "server": {"workers": "0", **dict(server)},
             "relay": {"domains": "example.com"},
@@ -88,6 +90,8 @@ def signing_relay(tmp_path, nexthop):
             "plugins": {"filters": "dkim"},
             "plugin:dkim": dkim_options,
         }
+        if auth:
+            config["auth"] = auth
         relay = RelayProcess(tmp_path, config).start()
         started.append(relay)
         return relay
@@ -168,6 +172,22 @@ def test_untrusted_clients_and_unknown_domains_go_unsigned(tmp_path, nexthop, si
     [message] = nexthop.wait_for(1)
     assert b"DKIM-Signature" not in message["data"]
     assert message["data"].endswith(BODY)
+
+
+def test_a_logged_in_client_outside_the_trusted_networks_is_signed(
+        tmp_path, nexthop, signing_relay):
+    path, record = rsa_key(tmp_path)
+    passwords = str(tmp_path / "passwd")
+    set_password(passwords, "alice", "correct horse")
+    relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path},
+                          server={"trusted_networks": "192.0.2.0/24"},
+                          auth={"passwords": passwords, "allow_plaintext": "yes"})
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+        client.login("alice", "correct horse")
+        client.sendmail("alice@example.org", ["bob@example.net"], BODY)
+    [message] = nexthop.wait_for(1)
+    assert signature_tags(message["data"])["d"] == "example.org"
+    assert dkim.verify(message["data"], dnsfunc=dns({b"s._domainkey.example.org.": record}))
 
 
 def test_a_from_domain_without_a_key_goes_unsigned(tmp_path, nexthop, signing_relay):
