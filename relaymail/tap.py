@@ -28,7 +28,7 @@ from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
-from relaymail.policy.loader import build_plugins
+from relaymail.policy.loader import build_hooks
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
@@ -145,8 +145,7 @@ def build_service(settings, reactor=None):
         from twisted.internet import reactor
     raise_file_limit(settings)
     instruments.enable(bool(settings.metrics.listen))
-    validators, expanders = build_plugins(settings)
-    policy = Policy(validators, expanders, settings)
+    policy = Policy.from_hooks(build_hooks(settings), settings, reactor=reactor)
     # Before the lock, so a file that will not load leaves no spool behind.
     _check_tls_and_passwords(settings)
     lock = take_lock(settings)
@@ -334,7 +333,7 @@ def check_files(settings):
 
     :raise ConfigError: naming the file, section and key that failed.
     """
-    build_plugins(settings)
+    build_hooks(settings)
     _check_tls_and_passwords(settings)
     _check_metrics_directory(settings)
 

@@ -601,10 +601,70 @@ def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning
         "{source}: [plugin:{name}] is set but no plugin of that name is enabled in [plugins]"]
 
 
-@pytest.mark.parametrize("hook", ["connect", "helo", "senders", "filters", "routers",
+@pytest.mark.parametrize("hook", ["filters", "routers",
                                   "transports"])
 def test_a_hook_this_version_does_not_call_is_refused_by_name(hook):
     settings = make_settings()
     setattr(settings.plugins, hook, ["domains"])
     with pytest.raises(ConfigError, match=f"\\[plugins\\] {hook}.*does not call plugins here"):
         build_plugins(settings)
+
+
+class NewHookTests(PolicyTestCase):
+    """connect, HELO and MAIL share the recipients' runner: first decisive
+    answer wins, failures are temporary, and the decider is named."""
+
+    def test_the_deciding_plugin_is_named(self):
+        first = Scripted(Decision.NO_OPINION, name="first")
+        second = Scripted(Decision.reject(550, "5.1.1", "No such user"), name="second")
+        policy = self.policy([first, second])
+        decision, decider = self.successResultOf(
+            policy.decide_recipient(Mailbox("user", "example.net"), make_context()))
+        self.assertEqual((decision.code, decider), (550, "second"))
+        _, decider = self.successResultOf(
+            self.policy([first]).decide_recipient(Mailbox("user", "example.net"),
+                                                  make_context()))
+        self.assertEqual(decider, "relay-rule")
+
+    def test_filter_only_answers_at_rcpt_are_a_plugin_failure(self):
+        for answer in (Decision.hold("why"), Decision.discard(),
+                       Decision.redirect(["x@example.com"]),
+                       Decision.ACCEPT.with_headers(add=[("X-A", "b")])):
+            decision = self.successResultOf(self.policy([Scripted(answer)]).check_recipient(
+                Mailbox("user", "example.net"), make_context()))
+            self.assertEqual((decision.code, decision.enhanced), (451, "4.3.0"), answer)
+        self.flushLoggedErrors()
+
+    def test_sender_plugins_get_the_sender_and_a_copy_of_the_parameters(self):
+        seen = []
+
+        class Senders:
+            name = "senders"
+
+            def check_sender(self, sender, parameters, context):
+                seen.append((sender, parameters))
+                parameters["SIZE"] = "0"        # a copy: the dialogue's is untouched
+                return Decision.defer("Greylisted", code=450, enhanced="4.7.1")
+
+        policy = Policy([], [], make_settings(), clock=self.clock, senders=[Senders()])
+        self.assertTrue(policy.asks_at_mail)
+        self.assertFalse(policy.asks_at_helo or policy.asks_at_connect)
+        parameters = {"SIZE": "10"}
+        decision, decider = self.successResultOf(
+            policy.check_sender(None, parameters, make_context()))
+        self.assertEqual((decision.code, decision.enhanced, decision.text, decider),
+                         (450, "4.7.1", "Greylisted", "senders"))
+        self.assertEqual(parameters, {"SIZE": "10"})
+        self.assertEqual(seen[0][0], None)
+
+    def test_a_connect_plugin_that_fails_gives_421(self):
+        class Broken:
+            def check_connection(self, context):
+                raise RuntimeError("down")
+
+        policy = Policy([], [], make_settings(), clock=self.clock, connect=[Broken()])
+        context = make_context()
+        context.client = "unknown[192.0.2.1]:4000"
+        decision, _ = self.successResultOf(policy.check_connection(context))
+        self.assertEqual((decision.code, decision.enhanced), (421, "4.3.0"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

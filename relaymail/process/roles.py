@@ -24,7 +24,7 @@ from twisted.internet import abstract, protocol
 from twisted.logger import Logger
 
 from relaymail.lifecycle import OrderlyService
-from relaymail.policy.loader import build_plugins
+from relaymail.policy.loader import build_hooks
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
 from relaymail.process.shared_counts import SharedLimits
@@ -43,8 +43,7 @@ def build(arguments, settings, reactor, fds):
     :mod:`relaymail.process.worker`)."""
     from relaymail.metrics import instruments
     instruments.enable(bool(settings.metrics.listen))
-    validators, expanders = build_plugins(settings)
-    policy = Policy(validators, expanders, settings)
+    policy = Policy.from_hooks(build_hooks(settings), settings, reactor=reactor)
     if arguments.role == "inbound":
         return _inbound(arguments, settings, reactor, fds, policy)
     return _delivery(arguments, settings, reactor, fds, policy)
