@@ -668,3 +668,59 @@ class NewHookTests(PolicyTestCase):
         decision, _ = self.successResultOf(policy.check_connection(context))
         self.assertEqual((decision.code, decision.enhanced), (421, "4.3.0"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class AnswerCacheTests(PolicyTestCase):
+    """[plugin:NAME] cache_ttl: answers by address, for a while."""
+
+    def test_answers_are_remembered_by_address_until_the_ttl(self):
+        from relaymail.policy.answer_cache import AnswerCache
+        plugin = Scripted(Decision.reject(550, "5.1.1", "No such user"))
+        policy = Policy([plugin], [], make_settings(), clock=self.clock,
+                        caches={id(plugin): AnswerCache(60)})
+        for address in (Mailbox("user", "example.net"), Mailbox("user", "EXAMPLE.net")):
+            decision = self.successResultOf(policy.check_recipient(address, make_context()))
+            self.assertEqual(decision.code, 550)
+        self.assertEqual(plugin.asked, ["user@example.net"])
+        self.successResultOf(policy.check_recipient(Mailbox("User", "example.net"),
+                                                    make_context()))
+        self.assertEqual(len(plugin.asked), 2)      # local parts keep their case
+        self.clock.advance(61)
+        self.successResultOf(policy.check_recipient(Mailbox("user", "example.net"),
+                                                    make_context()))
+        self.assertEqual(len(plugin.asked), 3)
+
+    def test_failures_are_never_remembered(self):
+        from relaymail.policy.answer_cache import AnswerCache
+        plugin = Scripted(RuntimeError("directory down"))
+        policy = Policy([plugin], [], make_settings(), clock=self.clock,
+                        caches={id(plugin): AnswerCache(60)})
+        for _ in range(2):
+            decision = self.successResultOf(
+                policy.check_recipient(Mailbox("user", "example.net"), make_context()))
+            self.assertEqual(decision.code, 451)
+        self.assertEqual(len(plugin.asked), 2)
+        self.flushLoggedErrors(RuntimeError)
+        late = Scripted(defer.Deferred())
+        policy = Policy([late], [], make_settings(), clock=self.clock,
+                        caches={id(late): AnswerCache(60)})
+        d = policy.check_recipient(Mailbox("user", "example.net"), make_context())
+        self.clock.advance(TIMEOUT + 1)
+        self.assertEqual(self.successResultOf(d).code, 451)
+        late.answer = Decision.ACCEPT
+        self.assertEqual(self.successResultOf(policy.check_recipient(
+            Mailbox("user", "example.net"), make_context())), Decision.ACCEPT)
+
+
+def test_cache_keys_are_the_relays_and_are_checked():
+    from relaymail.policy.loader import build_hooks
+    hooks = build_hooks(make_settings(options={"domains": {"cache_ttl": "5m",
+                                                           "cache_size": "10"}}))
+    (plugin,) = hooks["recipients"]
+    cache = hooks.caches[id(plugin)]
+    assert (cache.ttl, cache.size) == (300, 10)
+    with pytest.raises(ConfigError) as info:
+        build_hooks(make_settings(options={"domains": {"cache_ttl": "soon"}}))
+    assert str(info.value).startswith("test.ini: [plugin:domains] cache_ttl: ")
+    with pytest.raises(ConfigError, match=r"\[plugin:domains\] cache_size: set without cache_ttl"):
+        build_hooks(make_settings(options={"domains": {"cache_size": "10"}}))

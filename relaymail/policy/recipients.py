@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from relaymail import sanitize
 from relaymail.metrics import instruments
 from relaymail.interfaces import Decision
+from relaymail.policy.answer_cache import CACHEABLE, MISS
 from relaymail.policy.threads import PluginThreads
 
 log = Logger()
@@ -109,7 +110,7 @@ class Policy:
     FAILED = _Failed()
 
     def __init__(self, validators, expanders, settings, clock=None, *, connect=(), helo=(),
-                 senders=(), reactor=None):
+                 senders=(), reactor=None, caches=None):
         if reactor is None:
             from twisted.internet import reactor
         if clock is None:
@@ -122,6 +123,8 @@ class Policy:
         self._timeout = settings.plugins.timeout
         self._clock = clock
         self._threads = PluginThreads(reactor, getattr(settings.plugins, "threads", 10))
+        #: id(plugin) -> AnswerCache, for plugins given [plugin:NAME] cache_ttl.
+        self._caches = dict(caches or {})
 
     @classmethod
     def from_hooks(cls, hooks, settings, clock=None, reactor=None):
@@ -129,7 +132,7 @@ class Policy:
         built."""
         return cls(hooks["recipients"], hooks["expanders"], settings, clock,
                    connect=hooks["connect"], helo=hooks["helo"], senders=hooks["senders"],
-                   reactor=reactor)
+                   reactor=reactor, caches=getattr(hooks, "caches", None))
 
     @property
     def asks_at_connect(self):
@@ -267,11 +270,32 @@ class Policy:
 
     def _invoke(self, plugin, method, args):
         """Call ``plugin.method(*args)``: in the plugin thread pool when the
-        plugin says it blocks (a Deferred then), else here."""
+        plugin says it blocks (a Deferred then), else here; or answer from
+        the plugin's cache when it has one and remembers the question."""
+        cache = self._caches.get(id(plugin)) if method in CACHEABLE else None
+        if cache is not None:
+            remembered = cache.get(method, args[0], self._clock.seconds())
+            if remembered is not MISS:
+                return remembered
         function = getattr(plugin, method)
         if getattr(plugin, "blocking", False) is True:
-            return self._threads.run(function, *args)
-        return function(*args)
+            answer = self._threads.run(function, *args)
+        else:
+            answer = function(*args)
+        if cache is not None:
+            self._remember(cache, method, args[0], answer)
+        return answer
+
+    def _remember(self, cache, method, subject, answer):
+        if not isinstance(answer, Deferred):
+            cache.put(method, subject, answer, self._clock.seconds())
+            return
+
+        def answered(result):
+            # Only a timely answer: a timeout fails this Deferred first.
+            cache.put(method, subject, result, self._clock.seconds())
+            return result
+        answer.addCallback(answered)
 
     def _checked_decision(self, answer, plugin, method, address):
         # Hold, discard, redirect and header changes mean something only
