@@ -52,6 +52,14 @@ interfaces.  A minimal site plugin::
         def build(context):
             return NoInterns()
 
+Every ``[plugin:NAME]`` section may also hold two keys relaymail reads
+itself, never passed to the plugin: ``cache_ttl`` (seconds; remember the
+plugin's RCPT, VRFY and EXPN answers by address for that long, for plugins
+whose answers depend on the address alone) and ``cache_size`` (the most
+answers remembered, 10000 by default).  Table files of the built-in plugins
+are read again when they change, and every plugin is built afresh on
+SIGHUP.
+
 Any method may return its result directly or as a Deferred, and must not
 block the reactor: a plugin whose methods block (a database driver, a
 ``time.sleep``, a file read of a large message) says ``blocking = True`` on

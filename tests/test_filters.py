@@ -482,3 +482,31 @@ def test_a_dead_inbound_workers_rewrite_is_removed_with_its_other_files(tmp_path
         open(os.path.join(tmp, name), "wb").close()
     assert spool.remove_unfinished(slot=7) == 2
     assert os.listdir(tmp) == [names[2]]
+
+
+# -- the docs' filter example, loaded from docs/plugins.rst --------------------------
+
+def test_the_docs_filter_example_refuses_executables_and_marks_the_rest(tmp_path, nexthop):
+    from tests.test_plugin_docs import examples
+    plugins = tmp_path / "site-plugins"
+    plugins.mkdir()
+    (plugins / "no_executables.py").write_text(examples()["no_executables.py"])
+    relay = RelayProcess(tmp_path, {
+        "server": {"workers": "0"},
+        "delivery": {"smarthost": f"[127.0.0.1]:{nexthop.port}", "smarthost_tls": "none"},
+        "plugins": {"path": str(plugins), "filters": "no_executables"},
+    }).start()
+    attachment = (b"From: alice@example.org\r\nSubject: invoice\r\nMIME-Version: 1.0\r\n"
+                  b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+                  b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+                  b"--b\r\nContent-Type: application/octet-stream\r\n"
+                  b"Content-Disposition: attachment; filename=\"Invoice.EXE\"\r\n"
+                  b"Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--b--\r\n")
+    try:
+        assert send(relay, attachment) == (550, b"5.7.1 Executable attachments are refused")
+        queued_id(send(relay))
+        [message] = nexthop.wait_for(1)
+    finally:
+        relay.stop()
+    assert message["data"].startswith(b"X-Attachments: checked\r\nReceived: ")
+    assert message["data"].endswith(BODY)

@@ -98,8 +98,8 @@ def test_a_session_is_followed_through_the_log_by_its_id(tmp_path, nexthop):
         f"{client_a}: connect trusted=yes",
         f"{client_a}: TLS TLSv1.3 SUITE",
         f"{client_a}: AUTH as alice",
-        f"{client_a}: rcpt from=<alice@example.org> to=<one@example.net>: 250 2.1.5 Ok",
-        f"{client_a}: rcpt from=<alice@example.org> to=<two@example.net>: 250 2.1.5 Ok",
+        f"{client_a}: rcpt from=<alice@example.org> to=<one@example.net> by=relay-rule: 250 2.1.5 Ok",
+        f"{client_a}: rcpt from=<alice@example.org> to=<two@example.net> by=relay-rule: 250 2.1.5 Ok",
         f"{client_a}: {queue_a}: queued from=<alice@example.org> "
         f"to=<one@example.net>,<two@example.net> size={len(message('<a-1@client.test>')) + 0} "
         "helo=<a.client.test> auth=alice tls=TLSv1.3 SUITE message-id=<a-1@client.test>",

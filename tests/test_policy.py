@@ -601,10 +601,126 @@ def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning
         "{source}: [plugin:{name}] is set but no plugin of that name is enabled in [plugins]"]
 
 
-@pytest.mark.parametrize("hook", ["connect", "helo", "senders", "routers",
+@pytest.mark.parametrize("hook", ["routers",
                                   "transports"])
 def test_a_hook_this_version_does_not_call_is_refused_by_name(hook):
     settings = make_settings()
     setattr(settings.plugins, hook, ["domains"])
     with pytest.raises(ConfigError, match=f"\\[plugins\\] {hook}.*does not call plugins here"):
         build_plugins(settings)
+
+
+class NewHookTests(PolicyTestCase):
+    """connect, HELO and MAIL share the recipients' runner: first decisive
+    answer wins, failures are temporary, and the decider is named."""
+
+    def test_the_deciding_plugin_is_named(self):
+        first = Scripted(Decision.NO_OPINION, name="first")
+        second = Scripted(Decision.reject(550, "5.1.1", "No such user"), name="second")
+        policy = self.policy([first, second])
+        decision, decider = self.successResultOf(
+            policy.decide_recipient(Mailbox("user", "example.net"), make_context()))
+        self.assertEqual((decision.code, decider), (550, "second"))
+        _, decider = self.successResultOf(
+            self.policy([first]).decide_recipient(Mailbox("user", "example.net"),
+                                                  make_context()))
+        self.assertEqual(decider, "relay-rule")
+
+    def test_filter_only_answers_at_rcpt_are_a_plugin_failure(self):
+        for answer in (Decision.hold("why"), Decision.discard(),
+                       Decision.redirect(["x@example.com"]),
+                       Decision.ACCEPT.with_headers(add=[("X-A", "b")])):
+            decision = self.successResultOf(self.policy([Scripted(answer)]).check_recipient(
+                Mailbox("user", "example.net"), make_context()))
+            self.assertEqual((decision.code, decision.enhanced), (451, "4.3.0"), answer)
+        self.flushLoggedErrors()
+
+    def test_sender_plugins_get_the_sender_and_a_copy_of_the_parameters(self):
+        seen = []
+
+        class Senders:
+            name = "senders"
+
+            def check_sender(self, sender, parameters, context):
+                seen.append((sender, parameters))
+                parameters["SIZE"] = "0"        # a copy: the dialogue's is untouched
+                return Decision.defer("Greylisted", code=450, enhanced="4.7.1")
+
+        policy = Policy([], [], make_settings(), clock=self.clock, senders=[Senders()])
+        self.assertTrue(policy.asks_at_mail)
+        self.assertFalse(policy.asks_at_helo or policy.asks_at_connect)
+        parameters = {"SIZE": "10"}
+        decision, decider = self.successResultOf(
+            policy.check_sender(None, parameters, make_context()))
+        self.assertEqual((decision.code, decision.enhanced, decision.text, decider),
+                         (450, "4.7.1", "Greylisted", "senders"))
+        self.assertEqual(parameters, {"SIZE": "10"})
+        self.assertEqual(seen[0][0], None)
+
+    def test_a_connect_plugin_that_fails_gives_421(self):
+        class Broken:
+            def check_connection(self, context):
+                raise RuntimeError("down")
+
+        policy = Policy([], [], make_settings(), clock=self.clock, connect=[Broken()])
+        context = make_context()
+        context.client = "unknown[192.0.2.1]:4000"
+        decision, _ = self.successResultOf(policy.check_connection(context))
+        self.assertEqual((decision.code, decision.enhanced), (421, "4.3.0"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class AnswerCacheTests(PolicyTestCase):
+    """[plugin:NAME] cache_ttl: answers by address, for a while."""
+
+    def test_answers_are_remembered_by_address_until_the_ttl(self):
+        from relaymail.policy.answer_cache import AnswerCache
+        plugin = Scripted(Decision.reject(550, "5.1.1", "No such user"))
+        policy = Policy([plugin], [], make_settings(), clock=self.clock,
+                        caches={id(plugin): AnswerCache(60)})
+        for address in (Mailbox("user", "example.net"), Mailbox("user", "EXAMPLE.net")):
+            decision = self.successResultOf(policy.check_recipient(address, make_context()))
+            self.assertEqual(decision.code, 550)
+        self.assertEqual(plugin.asked, ["user@example.net"])
+        self.successResultOf(policy.check_recipient(Mailbox("User", "example.net"),
+                                                    make_context()))
+        self.assertEqual(len(plugin.asked), 2)      # local parts keep their case
+        self.clock.advance(61)
+        self.successResultOf(policy.check_recipient(Mailbox("user", "example.net"),
+                                                    make_context()))
+        self.assertEqual(len(plugin.asked), 3)
+
+    def test_failures_are_never_remembered(self):
+        from relaymail.policy.answer_cache import AnswerCache
+        plugin = Scripted(RuntimeError("directory down"))
+        policy = Policy([plugin], [], make_settings(), clock=self.clock,
+                        caches={id(plugin): AnswerCache(60)})
+        for _ in range(2):
+            decision = self.successResultOf(
+                policy.check_recipient(Mailbox("user", "example.net"), make_context()))
+            self.assertEqual(decision.code, 451)
+        self.assertEqual(len(plugin.asked), 2)
+        self.flushLoggedErrors(RuntimeError)
+        late = Scripted(defer.Deferred())
+        policy = Policy([late], [], make_settings(), clock=self.clock,
+                        caches={id(late): AnswerCache(60)})
+        d = policy.check_recipient(Mailbox("user", "example.net"), make_context())
+        self.clock.advance(TIMEOUT + 1)
+        self.assertEqual(self.successResultOf(d).code, 451)
+        late.answer = Decision.ACCEPT
+        self.assertEqual(self.successResultOf(policy.check_recipient(
+            Mailbox("user", "example.net"), make_context())), Decision.ACCEPT)
+
+
+def test_cache_keys_are_the_relays_and_are_checked():
+    from relaymail.policy.loader import build_hooks
+    hooks = build_hooks(make_settings(options={"domains": {"cache_ttl": "5m",
+                                                           "cache_size": "10"}}))
+    (plugin,) = hooks["recipients"]
+    cache = hooks.caches[id(plugin)]
+    assert (cache.ttl, cache.size) == (300, 10)
+    with pytest.raises(ConfigError) as info:
+        build_hooks(make_settings(options={"domains": {"cache_ttl": "soon"}}))
+    assert str(info.value).startswith("test.ini: [plugin:domains] cache_ttl: ")
+    with pytest.raises(ConfigError, match=r"\[plugin:domains\] cache_size: set without cache_ttl"):
+        build_hooks(make_settings(options={"domains": {"cache_size": "10"}}))

@@ -35,7 +35,7 @@ from relaymail.config import absolute_path
 from relaymail.interfaces import Decision, IListExpander, IPluginFactory, IRecipientValidator
 from relaymail.plugins.static import address_key
 from relaymail.address import AddressError, parse_forward_path
-from relaymail.plugins.options import reject_unknown
+from relaymail.plugins.options import read_table, reject_unknown
 
 _OPTIONS = ("file",)
 
@@ -50,18 +50,27 @@ class Aliases:
 
     name = "aliases"
 
-    def __init__(self, bare, full, relay_domains):
+    def __init__(self, bare, full, relay_domains, table=None):
         """
         :param bare: a dict from lower-case bare name to its members.
         :param full: a dict from :func:`address_key` to its members.
         :param relay_domains: the domain keys bare names apply in.
+        :param table: the :class:`~relaymail.plugins.table_file.TableFile`
+            they were read from, looked at again as lookups come.
         """
         self._bare = dict(bare)
         self._full = dict(full)
         self._relay_domains = frozenset(relay_domains)
+        self._table = table
+
+    def _refresh(self):
+        if self._table is not None and self._table.refresh():
+            bare, full = self._table.value
+            self._bare, self._full = dict(bare), dict(full)
 
     def check_recipient(self, recipient, context):
         """Accept a recipient that is an alias; no opinion otherwise."""
+        self._refresh()
         if self._members_of(recipient) is not None:
             return Decision.accept()
         return Decision.NO_OPINION
@@ -83,6 +92,7 @@ class Aliases:
 
     def _lookup(self, address):
         """Members for an address or bare name given as a string."""
+        self._refresh()
         if "@" not in address:
             return self._bare.get(address.lower())
         try:
@@ -111,17 +121,8 @@ class AliasesFactory:
         if not options.get("file", "").strip():
             raise context.config_error("file", "missing: name the aliases file")
         path = absolute_path(options["file"])
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise context.config_error("file", f"cannot read {path}: {reason}") from None
-        try:
-            bare, full = parse_aliases(lines)
-        except ValueError as exc:
-            raise context.config_error("file", f"{path}: {exc}") from None
-        return Aliases(bare, full, context.settings.relay.domains)
+        table = read_table(context, path, parse_aliases)
+        return Aliases(*table.value, context.settings.relay.domains, table=table)
 
 
 aliases = AliasesFactory()

@@ -26,7 +26,7 @@ from zope.interface import implementer
 from relaymail.config import absolute_path, boolean
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
 from relaymail.address import AddressError, parse_forward_path
-from relaymail.plugins.options import reject_unknown
+from relaymail.plugins.options import read_table, reject_unknown
 
 #: The reply for an address in a listed domain that is not listed itself.
 USER_UNKNOWN = Decision.reject(550, "5.1.1", "Recipient address rejected: User unknown")
@@ -40,22 +40,33 @@ class StaticList:
 
     name = "static"
 
-    def __init__(self, addresses, domains, reject_unlisted=False):
+    def __init__(self, addresses, domains, reject_unlisted=False, table=None):
         """
         :param addresses: a dict from :func:`address_key` to the address as
             written in the file.
         :param domains: a set of domain keys accepted whole.
         :param reject_unlisted: refuse unlisted addresses in the domains
             that ``addresses`` covers.
+        :param table: the :class:`~relaymail.plugins.table_file.TableFile`
+            they were read from, looked at again as lookups come.
         """
+        self._reject_unlisted = reject_unlisted
+        self._table = table
+        self._use(addresses, domains)
+
+    def _use(self, addresses, domains):
         self._addresses = dict(addresses)
         self._domains = frozenset(domains)
-        self._reject_unlisted = reject_unlisted
         self._address_domains = frozenset(domain for _, domain in self._addresses)
+
+    def _refresh(self):
+        if self._table is not None and self._table.refresh():
+            self._use(*self._table.value)
 
     def check_recipient(self, recipient, context):
         """Accept listed addresses and domains; refuse unlisted addresses in
         a domain with listed ones when ``reject_unlisted`` is set."""
+        self._refresh()
         key = address_key(recipient)
         if key in self._addresses or key[1] in self._domains:
             return Decision.accept()
@@ -66,6 +77,7 @@ class StaticList:
     def verify(self, address, context):
         """A listed address verifies, answered with its spelling in the file
         (never the client's); anything else gets no opinion."""
+        self._refresh()
         mailbox = _parse_or_none(address)
         listed = self._addresses.get(address_key(mailbox)) if mailbox else None
         if listed is None:
@@ -90,16 +102,8 @@ class StaticListFactory:
         except ValueError as exc:
             raise context.config_error("reject_unlisted", str(exc)) from None
         path = absolute_path(options["file"])
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise context.config_error("file", f"cannot read {path}: {_reason(exc)}") from None
-        try:
-            addresses, domains = parse_static_list(lines)
-        except ValueError as exc:
-            raise context.config_error("file", f"{path}: {exc}") from None
-        return StaticList(addresses, domains, reject_unlisted)
+        table = read_table(context, path, parse_static_list)
+        return StaticList(*table.value, reject_unlisted, table=table)
 
 
 static = StaticListFactory()
@@ -154,6 +158,3 @@ def _parse_or_none(address):
     except AddressError:
         return None
 
-
-def _reason(exc):
-    return getattr(exc, "strerror", None) or str(exc)

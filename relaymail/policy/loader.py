@@ -20,7 +20,8 @@ from zope.interface import implementer
 
 import relaymail
 import relaymail.plugins
-from relaymail.config import PLUGIN_SECTION_PREFIX, ConfigError
+from relaymail.config import PLUGIN_SECTION_PREFIX, ConfigError, duration, integer
+from relaymail.policy.answer_cache import DEFAULT_SIZE, AnswerCache
 from relaymail.interfaces import (
     IConnectionPolicy, IHeloPolicy, IListExpander, IMessageFilter, IPluginContext,
     IPluginFactory, IRecipientValidator, IRouter, ISenderPolicy, ITransport)
@@ -44,10 +45,24 @@ HOOKS = (
     ("transports", ITransport),
 )
 
+#: Keys of every ``[plugin:NAME]`` that relaymail reads itself; the
+#: plugin's factory never sees them (relaymail.policy.answer_cache).
+RELAY_KEYS = ("cache_ttl", "cache_size")
+
+
+class Hooks(dict):
+    """Each [plugins] hook key to its plugins in order; ``caches`` maps
+    ``id(plugin)`` to the AnswerCache of a plugin given a ``cache_ttl``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.caches = {}
+
+
 # Hooks whose contract is written but that this version does not call yet:
 # enabling a plugin there is refused rather than silently ignored.  Each
 # leaves this set as it is wired in.
-_NOT_CALLED_YET = frozenset({"connect", "helo", "senders", "routers", "transports"})
+_NOT_CALLED_YET = frozenset({"routers", "transports"})
 
 
 @implementer(IPluginContext)
@@ -88,7 +103,7 @@ def build_hooks(settings):
     factories = find_plugins(settings)
     _check_plugin_sections(settings, factories)
     built = {}
-    hooks = {}
+    hooks = Hooks()
     for key, interface in HOOKS:
         names = list(getattr(settings.plugins, key))
         plugins = []
@@ -105,6 +120,9 @@ def build_hooks(settings):
                                   f"no plugin named '{name}' (known: {known})")
             if name not in built:
                 built[name] = _build(factories[name], name, settings)
+                cache = _answer_cache(name, settings)
+                if cache is not None:
+                    hooks.caches[id(built[name])] = cache
             plugin = built[name]
             if not interface.providedBy(plugin):
                 raise ConfigError(
@@ -202,8 +220,29 @@ def _site_package(paths, settings):
     return package
 
 
+def _answer_cache(name, settings):
+    """The AnswerCache ``[plugin:NAME] cache_ttl`` asks for, or None."""
+    options = settings.plugin_options.get(name, {})
+    section = f"{PLUGIN_SECTION_PREFIX}{name}"
+    values = {}
+    for key, parse, default in (("cache_ttl", duration(), "0"),
+                                ("cache_size", integer(minimum=1), str(DEFAULT_SIZE))):
+        try:
+            values[key] = parse(options.get(key, default))
+        except ValueError as error:
+            raise ConfigError(settings.source, section, key, str(error)) from None
+    if not values["cache_ttl"]:
+        if "cache_size" in options:
+            raise ConfigError(settings.source, section, "cache_size",
+                              "set without cache_ttl, which turns the cache on")
+        return None
+    return AnswerCache(values["cache_ttl"], values["cache_size"])
+
+
 def _build(factory, name, settings):
-    context = PluginContext(name, dict(settings.plugin_options.get(name, {})), settings)
+    options = {key: value for key, value in settings.plugin_options.get(name, {}).items()
+               if key not in RELAY_KEYS}
+    context = PluginContext(name, options, settings)
     try:
         return factory.build(context)
     except ConfigError:

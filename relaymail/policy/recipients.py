@@ -15,6 +15,8 @@ from relaymail import header_section, sanitize
 from relaymail.metrics import instruments
 from relaymail.interfaces import Decision
 from relaymail.policy import filters as message_filters
+from relaymail.policy.answer_cache import CACHEABLE, MISS
+from relaymail.policy.threads import PluginThreads
 
 log = Logger()
 
@@ -24,6 +26,28 @@ RELAY_DENIED = Decision.reject(554, "5.7.1", "Relay access denied")
 #: The answer when a plugin fails or is too slow: the client tries again.
 PLUGIN_FAILED = Decision.defer(
     code=451, enhanced="4.3.0", text="Temporary failure checking recipient, try again later")
+
+#: A plugin call on the reactor thread that takes this long (seconds) is
+#: logged as blocking: a quarter of a second is an age for a relay that
+#: answers a command in well under a millisecond.
+_BLOCKED_TOO_LONG = 0.25
+
+#: Who decided a recipient when no plugin had an opinion: the relay rule
+#: (trusted and authenticated clients may relay, others not).
+RELAY_RULE = "relay-rule"
+
+#: The temporary failure each hook answers for a plugin that failed.  At
+#: connect it is a 421, which closes the connection (RFC 5321 3.1).
+_FAILURE_ANSWERS = {
+    "check_connection": Decision.defer(
+        code=421, enhanced="4.3.0", text="Temporary failure checking the client, try again later"),
+    "check_helo": Decision.defer(
+        code=451, enhanced="4.3.0", text="Temporary failure checking HELO, try again later"),
+    "check_sender": Decision.defer(
+        code=451, enhanced="4.3.0", text="Temporary failure checking sender, try again later"),
+    "check_recipient": PLUGIN_FAILED,
+    "verify": PLUGIN_FAILED,
+}
 
 #: How many levels of lists inside lists are expanded.  Sendmail stops at
 #: the same depth (MAXRCRSN, 10); a deeper member is delivered as written.
@@ -62,14 +86,21 @@ class _BadAnswer(Exception):
 
 
 class Policy:
-    """Runs the recipient validators and list expanders.
+    """Runs the plugins of every hook the SMTP server asks: connect, HELO,
+    MAIL, RCPT and VRFY, EXPN and list expansion.
 
     :param validators: IRecipientValidator providers, asked in this order.
     :param expanders: IListExpander providers, asked in this order.
     :param settings: a ``relaymail.config.Settings``; ``plugins.timeout``
-        bounds every plugin call (None for no limit).
+        bounds every plugin call (None for no limit), ``plugins.threads``
+        the calls of blocking plugins running at once.
     :param clock: an IReactorTime for the timeouts; the global reactor
         when None.
+    :param connect: IConnectionPolicy providers, asked in this order.
+    :param helo: IHeloPolicy providers.
+    :param senders: ISenderPolicy providers.
+    :param reactor: the reactor blocking plugins' answers come back to;
+        the global one when None.
     :param filters: IMessageFilter providers, asked in this order
         (:mod:`relaymail.policy.filters`).
 
@@ -81,14 +112,81 @@ class Policy:
     #: the server answers ``451 4.3.0``.  Compare with ``is``.
     FAILED = _Failed()
 
-    def __init__(self, validators, expanders, settings, clock=None, filters=()):
+    def __init__(self, validators, expanders, settings, clock=None, *, connect=(), helo=(),
+                 senders=(), filters=(), reactor=None, caches=None):
+        if reactor is None:
+            from twisted.internet import reactor
         if clock is None:
-            from twisted.internet import reactor as clock
+            clock = reactor
         self._validators = list(validators)
         self._expanders = list(expanders)
+        self._connect = list(connect)
+        self._helo = list(helo)
+        self._senders = list(senders)
         self._filters = list(filters)
         self._timeout = settings.plugins.timeout
         self._clock = clock
+        self._threads = PluginThreads(reactor, getattr(settings.plugins, "threads", 10))
+        #: id(plugin) -> AnswerCache, for plugins given [plugin:NAME] cache_ttl.
+        self._caches = dict(caches or {})
+
+    @classmethod
+    def from_hooks(cls, hooks, settings, clock=None, reactor=None):
+        """A Policy for the plugins :func:`relaymail.policy.loader.build_hooks`
+        built."""
+        return cls(hooks["recipients"], hooks["expanders"], settings, clock,
+                   connect=hooks["connect"], helo=hooks["helo"], senders=hooks["senders"],
+                   filters=hooks["filters"], reactor=reactor,
+                   caches=getattr(hooks, "caches", None))
+
+    def use_hooks(self, hooks):
+        """Ask the plugins of ``hooks`` from now on (a SIGHUP rebuilt them);
+        questions already asked finish with the plugins they went to."""
+        self._validators = list(hooks["recipients"])
+        self._expanders = list(hooks["expanders"])
+        self._connect = list(hooks["connect"])
+        self._helo = list(hooks["helo"])
+        self._senders = list(hooks["senders"])
+        self._filters = list(hooks["filters"])
+        self._caches = dict(getattr(hooks, "caches", None) or {})
+
+    @property
+    def asks_at_connect(self):
+        """Whether any plugin is asked as a client connects."""
+        return bool(self._connect)
+
+    @property
+    def asks_at_helo(self):
+        return bool(self._helo)
+
+    @property
+    def asks_at_mail(self):
+        return bool(self._senders)
+
+    # -- connect, HELO, MAIL ----------------------------------------------
+
+    def check_connection(self, context):
+        """Decide about a client as it connects.
+
+        :return: a Deferred firing with ``(decision, plugin name or None)``;
+            it never fails.
+        """
+        return self._named(self._first_decision(self._connect, "check_connection", (context,)))
+
+    def check_helo(self, helo, context):
+        """Decide about a HELO or EHLO name: a Deferred of ``(decision,
+        plugin name or None)``; it never fails."""
+        return self._named(self._first_decision(self._helo, "check_helo", (helo, context)))
+
+    def check_sender(self, sender, parameters, context):
+        """Decide about the envelope sender: a Deferred of ``(decision,
+        plugin name or None)``; it never fails.
+
+        :param sender: a Mailbox, or None for ``<>``.
+        :param parameters: the MAIL parameters, upper-case keyword to value.
+        """
+        return self._named(self._first_decision(
+            self._senders, "check_sender", (sender, dict(parameters), context)))
 
     # -- RCPT and VRFY ----------------------------------------------------
 
@@ -99,17 +197,23 @@ class Policy:
         :param context: an ISessionContext.
         :return: a Deferred firing with a Decision; it never fails.
         """
+        return self.decide_recipient(recipient, context).addCallback(lambda pair: pair[0])
+
+    def decide_recipient(self, recipient, context):
+        """:meth:`check_recipient`, and who decided: a Deferred firing with
+        ``(decision, name)``, the name a plugin's or :data:`RELAY_RULE`."""
         may_relay = bool(context.trusted or context.authenticated_user)
         if not may_relay and _ROUTING_CHARACTERS.intersection(recipient.local_text):
             # Before any plugin: a plugin accepting the domain must not
             # make the relay forward user%elsewhere@ourdomain.
-            return succeed(RELAY_DENIED)
-        d = self._first_decision("check_recipient", recipient, context)
+            return succeed((RELAY_DENIED, RELAY_RULE))
+        d = self._first_decision(self._validators, "check_recipient", (recipient, context))
 
-        def relay_rule(decision):
+        def relay_rule(answer):
+            decision, plugin = answer
             if decision.is_final:
-                return decision
-            return Decision.accept() if may_relay else RELAY_DENIED
+                return decision, _label(plugin)
+            return (Decision.accept() if may_relay else RELAY_DENIED), RELAY_RULE
         return d.addCallback(relay_rule)
 
     def verify(self, address, context):
@@ -120,52 +224,104 @@ class Policy:
             NO_OPINION, else ``Decision.NO_OPINION`` (the server says 252);
             it never fails.
         """
-        return self._first_decision("verify", address, context)
+        d = self._first_decision(self._validators, "verify", (address, context))
+        return d.addCallback(lambda pair: pair[0])
 
-    def _first_decision(self, method, address, context, start=0):
-        """Ask the validators from ``start`` on; a Deferred of the decision.
+    # -- asking plugins in order ------------------------------------------
+
+    @staticmethod
+    def _named(d):
+        return d.addCallback(lambda pair: (pair[0], None if pair[1] is None else _label(pair[1])))
+
+    def _first_decision(self, plugins, method, args, start=0):
+        """Ask ``plugins`` from ``start`` on: a Deferred of ``(decision,
+        plugin)``, the plugin None when none had an opinion.
 
         Plugins that answer at once (the built-ins do) are asked in a plain
         loop, with no Deferred or timer each: this runs for every RCPT.
         """
-        validators = self._validators
-        for index in range(start, len(validators)):
-            plugin = validators[index]
+        for index in range(start, len(plugins)):
+            plugin = plugins[index]
             started = time.monotonic()
             try:
-                answer = getattr(plugin, method)(address, context)
+                answer = self._invoke(plugin, method, args)
             except Exception as exc:
-                self._log_failure(exc, plugin, method, address)
-                return succeed(PLUGIN_FAILED)
+                self._log_failure(exc, plugin, method, _subject(args))
+                return succeed((_FAILURE_ANSWERS[method], plugin))
+            if not isinstance(answer, Deferred):
+                self._warn_if_it_blocked(plugin, method, started)
             instruments.plugin_answer(_label(plugin), method, started, answer)
             if isinstance(answer, Deferred):
-                return self._later_decision(answer, index, method, address, context)
-            decision = self._checked_decision(answer, plugin, method, address)
+                return self._later_decision(answer, plugins, index, method, args)
+            decision = self._checked_decision(answer, plugin, method, _subject(args))
             if decision.is_final:
-                return succeed(decision)
-        return succeed(Decision.NO_OPINION)
+                return succeed((decision, plugin))
+        return succeed((Decision.NO_OPINION, None))
 
-    def _later_decision(self, answer, index, method, address, context):
-        plugin = self._validators[index]
+    def _later_decision(self, answer, plugins, index, method, args):
+        plugin = plugins[index]
         if self._timeout is not None:
             answer.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
 
         def answered(result):
-            decision = self._checked_decision(result, plugin, method, address)
+            decision = self._checked_decision(result, plugin, method, _subject(args))
             if decision.is_final:
-                return decision
-            return self._first_decision(method, address, context, index + 1)
+                return decision, plugin
+            return self._first_decision(plugins, method, args, index + 1)
 
         def failed(failure):
-            self._log_failure(failure.value, plugin, method, address, failure)
-            return PLUGIN_FAILED
+            self._log_failure(failure.value, plugin, method, _subject(args), failure)
+            return _FAILURE_ANSWERS[method], plugin
         return answer.addCallbacks(answered, failed)
 
+    @staticmethod
+    def _warn_if_it_blocked(plugin, method, started):
+        # A call on the reactor thread cannot be cut short: the most we can
+        # do is name the plugin that held every session of the process.
+        held = time.monotonic() - started
+        if held >= _BLOCKED_TOO_LONG and getattr(plugin, "blocking", False) is not True:
+            log.warn("plugin {plugin} {method} held the reactor for {held:.2f} s: every "
+                     "session of this process waited; a plugin that blocks must say "
+                     "blocking = True", plugin=_label(plugin), method=method, held=held)
+
+    def _invoke(self, plugin, method, args):
+        """Call ``plugin.method(*args)``: in the plugin thread pool when the
+        plugin says it blocks (a Deferred then), else here; or answer from
+        the plugin's cache when it has one and remembers the question."""
+        cache = self._caches.get(id(plugin)) if method in CACHEABLE else None
+        if cache is not None:
+            remembered = cache.get(method, args[0], self._clock.seconds())
+            if remembered is not MISS:
+                return remembered
+        function = getattr(plugin, method)
+        if getattr(plugin, "blocking", False) is True:
+            answer = self._threads.run(function, *args)
+        else:
+            answer = function(*args)
+        if cache is not None:
+            self._remember(cache, method, args[0], answer)
+        return answer
+
+    def _remember(self, cache, method, subject, answer):
+        if not isinstance(answer, Deferred):
+            cache.put(method, subject, answer, self._clock.seconds())
+            return
+
+        def answered(result):
+            # Only a timely answer: a timeout fails this Deferred first.
+            cache.put(method, subject, result, self._clock.seconds())
+            return result
+        answer.addCallback(answered)
+
     def _checked_decision(self, answer, plugin, method, address):
-        if isinstance(answer, Decision):
+        # Hold, discard, redirect and header changes mean something only
+        # for a complete message (relaymail.interfaces.IMessageFilter).
+        if (isinstance(answer, Decision) and answer.kind not in Decision.FILTER_KINDS
+                and not answer.add_headers and not answer.remove_headers):
             return answer
-        self._log_failure(_BadAnswer(f"returned {answer!r}, not a Decision"), plugin, method, address)
-        return PLUGIN_FAILED
+        self._log_failure(_BadAnswer(f"returned {answer!r}, not a Decision this hook takes"),
+                          plugin, method, address)
+        return _FAILURE_ANSWERS[method]
 
     # -- EXPN and queue-time expansion ------------------------------------
 
@@ -286,7 +442,7 @@ class Policy:
         """Call ``plugin.method(*args)``: a Deferred that fails when it
         raises and when it takes longer than the timeout."""
         started = time.monotonic()
-        d = maybeDeferred(lambda: getattr(plugin, method)(*args))
+        d = maybeDeferred(self._invoke, plugin, method, args)
         if self._timeout is not None:
             d.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
         instruments.plugin_answer(_label(plugin), method, started, d)
@@ -307,6 +463,13 @@ class Policy:
         else:
             log.failure("plugin {plugin} {method}({address!r}) failed", failure,
                         plugin=_label(plugin), method=method, address=str(address))
+
+
+def _subject(args):
+    """What a plugin was asked about, for its log lines: the address, the
+    HELO name, or at connect the client (``unknown[192.0.2.1]:40000``)."""
+    first = args[0]
+    return getattr(first, "client", first)
 
 
 def _label(plugin):

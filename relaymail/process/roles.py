@@ -43,9 +43,7 @@ def build(arguments, settings, reactor, fds):
     :mod:`relaymail.process.worker`)."""
     from relaymail.metrics import instruments
     instruments.enable(bool(settings.metrics.listen))
-    hooks = build_hooks(settings)
-    policy = Policy(hooks["recipients"], hooks["expanders"], settings,
-                    filters=hooks["filters"])
+    policy = Policy.from_hooks(build_hooks(settings), settings, reactor=reactor)
     if arguments.role == "inbound":
         return _inbound(arguments, settings, reactor, fds, policy)
     return _delivery(arguments, settings, reactor, fds, policy)

@@ -126,6 +126,8 @@ class Dialogue:
         self._writer = None
         #: Set when the reply just given ends the session.
         self.closing = False
+        #: A connect plugin refused the client: only QUIT is answered.
+        self.refused = False
 
     # -- what the protocol asks ------------------------------------------
 
@@ -136,6 +138,34 @@ class Dialogue:
 
     def greeting(self):
         return replies.greeting(self.hostname)
+
+    def connected(self):
+        """The first reply: the greeting, or what the connect plugins
+        (``[plugins] connect``) answer instead; a Reply or a Deferred of one."""
+        if not self.policy.asks_at_connect:
+            return self.greeting()
+        d = self.policy.check_connection(self.context)
+        return d.addCallback(self._connection_decided)
+
+    def _connection_decided(self, answer):
+        decision, plugin = answer
+        if decision.kind not in (decision.REJECT_KIND, decision.DEFER_KIND):
+            return self.greeting()
+        text = replies.decision_reply(decision, replies.OK).text
+        if decision.kind == decision.REJECT_KIND:
+            # RFC 5321 3.1: a 554 greeting, and the client should QUIT; until
+            # it does every command is refused (Postfix answers 503 too).
+            self.refused = True
+            reply = replies.Reply(decision.code, None, f"{self.hostname} {text}")
+        else:
+            # 421 is the one temporary greeting: the connection closes.
+            self.closing = True
+            reply = replies.Reply(421, None, f"{self.hostname} {text}")
+        logline.info(log, f"{self.context.label}: connect refused by {plugin}: "
+                          f"{reply.code} {decision.enhanced} {text}",
+                     plugin=plugin, code=reply.code, enhanced=decision.enhanced,
+                     **self.context.log_fields)
+        return reply
 
     def extensions(self):
         """The EHLO keywords after the greeting line."""
@@ -178,10 +208,12 @@ class Dialogue:
             self.closing = True
             return replies.http_request(self.hostname)
         handler = self._handlers.get(verb)
+        if self.refused and verb != b"QUIT":
+            handler = _refused
         if handler is None:
             self.commands["unknown"] = self.commands.get("unknown", 0) + 1
             return replies.EMPTY_COMMAND if not line.strip() else replies.COMMAND_UNRECOGNIZED
-        name = _COMMAND_NAMES[verb]
+        name = _COMMAND_NAMES.get(verb, "unknown")
         self.commands[name] = self.commands.get(name, 0) + 1
         try:
             argument = rest.decode("utf-8")
@@ -202,16 +234,42 @@ class Dialogue:
             return replies.HELO_NEEDS_DOMAIN if not argument else replies.BAD_HELO_DOMAIN
         if _too_long_for_a_host(argument):
             return replies.HELO_TOO_LONG
-        self._start_session(argument, esmtp=False)
-        return replies.Reply(250, None, self.hostname)
+        return self._greeted(argument, esmtp=False)
 
     def _ehlo(self, argument):
         if not _looks_like_host(argument):
             return replies.EHLO_NEEDS_DOMAIN if not argument else replies.BAD_HELO_DOMAIN
         if _too_long_for_a_host(argument):
             return replies.HELO_TOO_LONG
-        self._start_session(argument, esmtp=True)
-        return replies.Reply(250, None, [f"{self.hostname} Hello {argument}"] + self.extensions())
+        return self._greeted(argument, esmtp=True)
+
+    def _greeted(self, helo, esmtp):
+        """Start the session the HELO or EHLO names, once the HELO plugins
+        (``[plugins] helo``) let it."""
+        if not self.policy.asks_at_helo:
+            return self._helo_accepted(helo, esmtp)
+        d = self.policy.check_helo(helo, self.context)
+        return d.addCallback(self._helo_decided, helo, esmtp)
+
+    def _helo_decided(self, answer, helo, esmtp):
+        decision, plugin = answer
+        if decision.kind not in (decision.REJECT_KIND, decision.DEFER_KIND):
+            return self._helo_accepted(helo, esmtp)
+        # No HELO until one is accepted: MAIL now gets 503 (send HELO first).
+        self.context.helo = None
+        self._reset()
+        reply = replies.decision_reply(decision, replies.OK)
+        logline.info(log, f"{self.context.label}: helo=<{helo}> refused by {plugin}: "
+                          f"{reply.code} {reply.enhanced} {reply.text}",
+                     helo=helo, plugin=plugin, code=reply.code, enhanced=reply.enhanced,
+                     **self.context.log_fields)
+        return reply
+
+    def _helo_accepted(self, helo, esmtp):
+        self._start_session(helo, esmtp)
+        if not esmtp:
+            return replies.Reply(250, None, self.hostname)
+        return replies.Reply(250, None, [f"{self.hostname} Hello {helo}"] + self.extensions())
 
     def command_counts(self):
         """``ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6``, in the order
@@ -386,9 +444,29 @@ class Dialogue:
                      enhanced=reply.enhanced, text=reply.text,
                      min_free=self.settings.queue.min_free, **self.context.log_fields)
             return reply
+        if self.policy.asks_at_mail:
+            d = self.policy.check_sender(sender, params, self.context)
+            return d.addCallback(self._sender_decided, sender, body, smtputf8)
+        return self._begin_transaction(sender, body, smtputf8)
+
+    def _sender_decided(self, answer, sender, body, smtputf8):
+        decision, plugin = answer
+        if decision.kind in (decision.REJECT_KIND, decision.DEFER_KIND):
+            reply = replies.decision_reply(decision, replies.SENDER_OK)
+            logline.info(log, f"{self.context.label}: mail from=<{sender or ''}> refused by "
+                              f"{plugin}: {reply.code} {reply.enhanced} {reply.text}",
+                         sender=str(sender or ""), plugin=plugin, code=reply.code,
+                         enhanced=reply.enhanced, **self.context.log_fields)
+            return reply
+        return self._begin_transaction(
+            sender, body, smtputf8, decision if decision.kind == decision.ACCEPT_KIND else None)
+
+    def _begin_transaction(self, sender, body, smtputf8, decision=None):
         self.transaction = Transaction(sender, body, smtputf8)
         self.context.sender = sender
-        return replies.SENDER_OK
+        if decision is None:
+            return replies.SENDER_OK
+        return replies.decision_reply(decision, replies.SENDER_OK)
 
     def _mail_parameters(self, params):
         """Check MAIL parameters: (body, smtputf8, error reply or None)."""
@@ -433,7 +511,7 @@ class Dialogue:
         if len(self.transaction.recipients) >= self.settings.limits.recipients:
             return replies.TOO_MANY_RECIPIENTS
         transaction = self.transaction
-        d = self.policy.check_recipient(recipient, self.context)
+        d = self.policy.decide_recipient(recipient, self.context)
         d.addCallback(self._recipient_decided, transaction, recipient)
         return d
 
@@ -446,13 +524,14 @@ class Dialogue:
         domains = self.settings.relay.domains
         return address.Mailbox("postmaster", domains[0] if domains else self.hostname)
 
-    def _recipient_decided(self, decision, transaction, recipient):
+    def _recipient_decided(self, answer, transaction, recipient):
+        decision, decider = answer
         reply = replies.decision_reply(decision, replies.RECIPIENT_OK)
         sender = transaction.sender or ""
         logline.info(
-            log, f"{self.context.label}: rcpt from=<{sender}> to=<{recipient}>: "
+            log, f"{self.context.label}: rcpt from=<{sender}> to=<{recipient}> by={decider}: "
                  f"{reply.code} {reply.enhanced} {reply.text}",
-            sender=str(sender), recipient=str(recipient), code=reply.code,
+            sender=str(sender), recipient=str(recipient), plugin=decider, code=reply.code,
             enhanced=reply.enhanced, **self.context.log_fields)
         if decision.kind == decision.ACCEPT_KIND and transaction is self.transaction:
             transaction.recipients.append(recipient)
@@ -659,6 +738,13 @@ class Dialogue:
 
 
 _COMMAND_NAMES = {verb: verb.decode("ascii").lower() for verb in Dialogue._handlers}
+
+#: Every command but QUIT after a connect plugin refused the client.
+_ACCESS_DENIED = "Error: access denied for {client}"
+
+
+def _refused(dialogue, argument):
+    return replies.Reply(503, "5.7.0", _ACCESS_DENIED.format(client=dialogue.context.client))
 
 
 # Tabs count: no SMTP argument needs one, and CR/LF/NUL inside an argument

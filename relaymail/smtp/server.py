@@ -122,7 +122,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._stress_changed(self.factory.gate.stressed)
         logline.info(log, f"{self.context.label}: connect trusted={'yes' if trusted else 'no'}",
                      client_port=port, trusted=trusted, **self.context.log_fields)
-        self._reply(self.dialogue.greeting())
+        self._answer(self.dialogue.connected())
 
     def connectionLost(self, reason):
         instruments.connection_closed()
