@@ -21,6 +21,7 @@ from relaymail.policy.loader import PluginContext, build_hooks
 from tests.redis_server import RedisServer
 from tests.relay_process import RelayProcess
 from tests.support import make_settings
+from tests.test_delivery import wait_until
 from tests.test_hooks import Client
 
 
@@ -423,3 +424,171 @@ def test_a_redis_that_hangs_costs_one_timeout(tmp_path, redis_server):
         assert "Timeout" in str(info.value)
     finally:
         redis_server.process.send_signal(18)    # SIGCONT
+
+
+# -- the real relay over a socket ---------------------------------------------
+
+#: Short enough to wait out, long enough for a burst to fit in one window.
+WINDOW = 2.0
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    """One inbound worker (memory counters are per worker); one trusted
+    address, so that the other 127/8 clients are counted."""
+    process = RelayProcess(tmp_path_factory.mktemp("ratelimit"), {
+        "server": {"trusted_networks": "127.0.0.250/32", "workers": "1"},
+        "relay": {"domains": "example.com"},
+        "plugins": {"senders": "ratelimit", "recipients": "ratelimit, domains"},
+        "plugin:ratelimit": {"window": str(WINDOW), "messages_per_client": "3",
+                             "messages_per_sender": "2", "recipients_per_client": "4"},
+    })
+    yield process.start()
+    process.stop()
+
+
+def session(port, source):
+    client = Client(port, source)
+    assert client.reply() == "220 relay.test ESMTP relaymail\r\n"
+    assert client.ask("EHLO client.test").startswith("250-relay.test")
+    return client
+
+
+def mail(client, sender):
+    answer = client.ask(f"MAIL FROM:<{sender}>")
+    if answer.startswith("250"):
+        assert client.ask("RSET") == "250 2.0.0 Ok\r\n"
+    return answer
+
+
+def test_the_mail_past_the_client_limit_gets_450_until_the_window_slides(relay):
+    client = session(relay.port, "127.0.0.11")
+    for n in range(3):
+        assert mail(client, f"a{n}@example.org") == "250 2.1.0 Ok\r\n"
+    assert mail(client, "a3@example.org") == (
+        "450 4.7.1 Error: too much mail from client 127.0.0.11 (messages_per_client), "
+        "try again later\r\n")
+    refused_at = time.monotonic()
+    # Another client is not touched by this one's count.
+    other = session(relay.port, "127.0.0.12")
+    assert mail(other, "b@example.org") == "250 2.1.0 Ok\r\n"
+    other.close()
+    client.close()
+    # Retried (refusals are not counted), it passes once the burst has slid
+    # far enough out: past the end of its bucket plus a third of the next
+    # (3 allowed), and no later than two windows.  A new session each try,
+    # as a client would come back ([limits] errors ends a session that
+    # collects 4xx replies).
+    while True:
+        client = session(relay.port, "127.0.0.11")
+        answer = mail(client, "a3@example.org")
+        client.close()
+        if answer.startswith("250"):
+            break
+        assert answer.startswith("450 4.7.1 Error: too much mail from client 127.0.0.11")
+        assert time.monotonic() - refused_at < 2 * WINDOW + 0.5, "still refused"
+        time.sleep(0.1)
+    assert time.monotonic() - refused_at >= WINDOW / 3 - 0.05
+    assert ("mail from=<a3@example.org> refused by ratelimit: 450 4.7.1 Error: too much mail "
+            "from client 127.0.0.11 (messages_per_client), try again later") in relay.log()
+
+
+def test_the_recipient_past_the_limit_gets_450_and_the_others_are_delivered(relay):
+    client = session(relay.port, "127.0.0.13")
+    assert client.ask("MAIL FROM:<c@example.org>") == "250 2.1.0 Ok\r\n"
+    for n in range(4):
+        assert client.ask(f"RCPT TO:<r{n}@example.com>") == "250 2.1.5 Ok\r\n"
+    assert client.ask("RCPT TO:<r4@example.com>") == (
+        "450 4.7.1 Error: too many recipients from client 127.0.0.13 (recipients_per_client), "
+        "try again later\r\n")
+    assert client.ask("DATA").startswith("354 ")
+    queued = client.ask("Subject: four\r\n\r\nof five\r\n.")
+    assert queued.startswith("250 2.0.0 Ok: queued as ")
+    client.close()
+    queue_id = queued.split()[-1]
+    log = relay.log()
+    assert ("rcpt from=<c@example.org> to=<r4@example.com> by=ratelimit: 450 4.7.1 Error: too "
+            "many recipients from client 127.0.0.13") in log
+    assert (f"{queue_id}: queued from=<c@example.org> to=<r0@example.com>,<r1@example.com>,"
+            "<r2@example.com>,<r3@example.com> size=") in log
+    # Another client's recipients are its own.
+    other = session(relay.port, "127.0.0.14")
+    assert other.ask("MAIL FROM:<d@example.org>") == "250 2.1.0 Ok\r\n"
+    assert other.ask("RCPT TO:<r0@example.com>") == "250 2.1.5 Ok\r\n"
+    other.close()
+
+
+def test_a_sender_is_counted_across_clients(relay):
+    for source in ("127.0.0.15", "127.0.0.16"):
+        client = session(relay.port, source)
+        assert mail(client, "Bulk@example.org") == "250 2.1.0 Ok\r\n"
+        client.close()
+    client = session(relay.port, "127.0.0.17")
+    assert mail(client, "bulk@EXAMPLE.org") == (
+        "450 4.7.1 Error: too much mail from sender bulk@example.org (messages_per_sender), "
+        "try again later\r\n")
+    assert mail(client, "someone.else@example.org") == "250 2.1.0 Ok\r\n"
+    client.close()
+
+
+def test_a_trusted_client_is_not_counted(relay):
+    client = session(relay.port, "127.0.0.250")
+    for n in range(6):
+        assert mail(client, f"app{n}@example.org") == "250 2.1.0 Ok\r\n"
+    client.close()
+
+
+def test_two_relays_sharing_one_redis_enforce_one_limit_and_ride_out_its_restart(tmp_path):
+    server = RedisServer(tmp_path).start()
+    nodes = {}
+    try:
+        for name, failure in (("a", "accept"), ("b", "defer")):
+            workdir = tmp_path / name
+            workdir.mkdir()
+            nodes[name] = RelayProcess(workdir, {
+                # Two inbound workers each: four processes, one count.
+                "server": {"trusted_networks": "127.0.0.250/32", "workers": "2"},
+                "relay": {"domains": "example.com"},
+                "plugins": {"senders": "ratelimit", "recipients": "ratelimit, domains"},
+                "plugin:ratelimit": {"messages_per_client": "3", "redis": server.url,
+                                     "redis_prefix": "fleet:", "on_redis_failure": failure},
+            }).start()
+        a, b = nodes["a"], nodes["b"]
+        answers = []
+        for node in (a, b, a, b, a):
+            client = session(node.port, "127.0.0.21")
+            answers.append(mail(client, "x@example.org"))
+            client.close()
+        assert answers[:3] == ["250 2.1.0 Ok\r\n"] * 3
+        assert answers[3:] == [
+            "450 4.7.1 Error: too much mail from client 127.0.0.21 (messages_per_client), "
+            "try again later\r\n"] * 2
+        other = session(b.port, "127.0.0.22")
+        assert mail(other, "x@example.org") == "250 2.1.0 Ok\r\n"
+        other.close()
+
+        server.stop()
+        client_a, client_b = session(a.port, "127.0.0.21"), session(b.port, "127.0.0.21")
+        assert mail(client_a, "x@example.org") == "250 2.1.0 Ok\r\n"     # accept: uncounted
+        assert mail(client_b, "x@example.org") == (
+            "451 4.3.0 Temporary failure counting the rate limits, try again later\r\n")
+        # Logged from a plugin thread, by way of the worker's reactor.
+        wait_until(lambda: "commands get 451 4.3.0 (on_redis_failure)" in b.log(),
+                   timeout=5, what="b's warning")
+        wait_until(lambda: "commands pass uncounted (on_redis_failure)" in a.log(),
+                   timeout=5, what="a's warning")
+        assert "ratelimit: cannot reach the counters (ConnectionError" in a.log()
+
+        server.start()      # the same port, empty: nothing was saved
+        for _ in range(3):
+            assert mail(client_a, "x@example.org") == "250 2.1.0 Ok\r\n"
+        assert mail(client_b, "x@example.org").startswith("450 4.7.1 Error: too much mail")
+        client_a.close()
+        client_b.close()
+        wait_until(lambda: "ratelimit: counting again after" in a.log(), timeout=5,
+                   what="a's line on Redis back")
+    finally:
+        for node in nodes.values():
+            node.stop()
+        if server.process is not None:
+            server.stop()
