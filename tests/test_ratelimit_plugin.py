@@ -43,6 +43,8 @@ def mailbox(text):
 
 
 def build(tmp_path, options, plugin_options=None, **settings_keys):
+    settings_keys.setdefault("plugins__senders", "ratelimit")
+    settings_keys.setdefault("plugins__recipients", "ratelimit, domains")
     settings = make_settings(tmp_path, **settings_keys)
     settings.plugin_options["ratelimit"] = dict(plugin_options or options)
     return ratelimit.build(PluginContext("ratelimit", dict(options), settings))
@@ -301,6 +303,28 @@ def test_an_answer_cache_is_refused(tmp_path):
         build(tmp_path, {"messages_per_client": "1"},
               plugin_options={"messages_per_client": "1", "cache_ttl": "60"})
     assert "[plugin:ratelimit] cache_ttl: a rate limit counts every command" in str(info.value)
+
+
+@pytest.mark.parametrize("limit, hooks, problem", [
+    ("messages_per_user", {"plugins__senders": ""},
+     "[plugin:ratelimit] messages_per_user: counted only when [plugins] senders lists ratelimit"),
+    ("recipients_per_client", {"plugins__recipients": "domains"},
+     "[plugin:ratelimit] recipients_per_client: counted only when [plugins] recipients lists "
+     "ratelimit"),
+])
+def test_a_limit_at_a_hook_the_plugin_is_not_listed_at_is_refused(tmp_path, limit, hooks, problem):
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path, {limit: "5"}, **hooks)
+    assert problem in str(info.value)
+
+
+def test_a_recipient_plugin_before_it_gets_a_warning(tmp_path, captured_log):
+    build(tmp_path, {"recipients_per_client": "5"}, plugins__recipients="domains, ratelimit")
+    assert ("[plugins] recipients lists domains before ratelimit: recipients they accept are "
+            "not counted") in log_text(captured_log)
+    captured_log.clear()
+    build(tmp_path, {"recipients_per_client": "5"})
+    assert "before ratelimit" not in log_text(captured_log)
 
 
 def test_the_loader_uses_one_object_at_both_hooks(tmp_path):

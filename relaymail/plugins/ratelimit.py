@@ -18,7 +18,10 @@ smtpd_client_recipient_rate_limit answer), for example::
 
 Otherwise it has no opinion: at MAIL the next sender plugin (or the
 default 250) answers, at RCPT the next recipient plugin decides, which is
-why it must come before ``domains`` there.  VRFY gets no opinion.
+why it must come before ``domains`` there (a start warns when it does not
+come first).  A ``messages_*`` limit without the plugin in ``senders``, or
+a ``recipients_*`` one without it in ``recipients``, would never count and
+is refused.  VRFY gets no opinion.
 
 What counts, as Postfix counts: every MAIL and every RCPT the plugin is
 asked about, whether or not the message is sent in the end or a later
@@ -278,6 +281,7 @@ class RateLimitFactory:
         if not any(limits.values()):
             raise context.config_error(
                 None, f"no limit set: give at least one of {', '.join(LIMITS)}")
+        _check_hooks(context, limits)
         window = SlidingWindow(parse("window", duration(positive=True), "60"))
         exempt_trusted = parse("exempt_trusted", boolean, "yes")
         url = options.get("redis", "").strip()
@@ -300,6 +304,25 @@ class RateLimitFactory:
             client_key=lambda ip: client_key(ip, limits_section.ipv4_prefix,
                                              limits_section.ipv6_prefix),
             blocking=bool(url))
+
+
+def _check_hooks(context, limits):
+    """Refuse a limit that would never be counted: messages are counted at
+    MAIL, recipients at RCPT, only where [plugins] lists the plugin."""
+    plugins = context.settings.plugins
+    for kind, hook in (("messages", "senders"), ("recipients", "recipients")):
+        listed = list(getattr(plugins, hook))
+        for limit in LIMITS:
+            if limit.startswith(kind) and limits[limit] and context.name not in listed:
+                raise context.config_error(
+                    limit, f"counted only when [plugins] {hook} lists {context.name}")
+        if hook == "recipients" and context.name in listed and listed[0] != context.name:
+            # Not an error: a plugin before it may only ever refuse.  But
+            # one that accepts ends the question before a recipient is
+            # counted.
+            log.warn("{source}: [plugins] recipients lists {before} before {name}: "
+                     "recipients they accept are not counted", source=context.settings.source,
+                     before=", ".join(listed[:listed.index(context.name)]), name=context.name)
 
 
 def _failure_rule(raw):
