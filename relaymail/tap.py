@@ -163,7 +163,7 @@ def build_service(settings, reactor=None):
     sessions = OpenSessions(reactor)
     listeners = []
     factories = inbound_factories(settings, reactor, top, policy, queue, sessions=sessions)
-    SingleProcessReload(reactor, settings, factories).setServiceParent(top)
+    SingleProcessReload(reactor, settings, factories, policy).setServiceParent(top)
     for (key, description, _options), factory in zip(listener_specs(settings), factories):
         listener = StreamServerEndpointService(listen_endpoint(settings, reactor, key, description),
                                                factory)
@@ -250,12 +250,15 @@ class SingleProcessReload(service.Service):
     replace (relaymail.process.reload), so the files that renew while a
     relay runs are read again in place -- the TLS certificates and keys and
     the password file -- each keeping its old contents if the new ones do
-    not load; other changes to the config need a restart, and a line says so."""
+    not load, and the plugins are built again (their tables read afresh),
+    the old ones kept if the new ones do not build; other changes to the
+    config need a restart, and a line says so."""
 
-    def __init__(self, reactor, settings, factories):
+    def __init__(self, reactor, settings, factories, policy=None):
         self._reactor = reactor
         self._settings = settings
         self._factories = factories
+        self._policy = policy
 
     def startService(self):
         super().startService()
@@ -286,12 +289,18 @@ class SingleProcessReload(service.Service):
                 checker.reload()
             except PasswordFileError as error:
                 problems.append(str(_passwords_problem(self._settings, error)))
+        if self._policy is not None:
+            try:
+                self._policy.use_hooks(build_hooks(self._settings))
+            except ConfigError as error:
+                problems.append(str(error))
         for problem in problems:
             log.error("SIGHUP: kept the old contents: {problem}", problem=problem)
         log_warnings(self._settings, "SIGHUP: ")
         log.info(
-            "SIGHUP: TLS certificates and the password file read again; with [server] workers "
-            "= 0 other changes to {config} need a restart", config=self._settings.source)
+            "SIGHUP: TLS certificates, the password file and the plugins' tables read again; "
+            "with [server] workers = 0 other changes to {config} need a restart",
+            config=self._settings.source)
 
 
 def build_master(settings, options, launch, reactor=None):

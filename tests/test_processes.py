@@ -185,9 +185,12 @@ def test_the_queue_tool_reaches_the_owner_of_each_message_through_the_master(tmp
     # Nobody listens at the smarthost: the mail stays queued.
     relay = relay_with(tmp_path, socket_port_nobody_uses()).start()
     try:
+        # Until both delivery workers own some: ids fall in partitions by
+        # chance, and six in one alone came once in 32 runs.
         queued = [send(relay, "alice@example.org", ["bob@example.net"]) for _ in range(6)]
-        assert {partition_of(queue_id, 2) for queue_id in queued} == {0, 1}, \
-            "six ids that all fall in one partition: try again"
+        while {partition_of(queue_id, 2) for queue_id in queued} != {0, 1}:
+            assert len(queued) < 40, "forty ids in one partition: partition_of is broken"
+            queued.append(send(relay, "alice@example.org", ["bob@example.net"]))
         for queue_id in queued:
             done = queue_tool(relay, "hold", queue_id)
             assert (done.returncode, done.stdout) == (0, f"{queue_id} on hold\n"), done.stderr
@@ -198,7 +201,7 @@ def test_the_queue_tool_reaches_the_owner_of_each_message_through_the_master(tmp
         done = queue_tool(relay, "flush")
         assert (done.returncode, done.stdout.splitlines()[0]) == (0, "1 message due now")
         done = queue_tool(relay, "delete", "ALL")
-        assert (done.returncode, done.stdout) == (0, "6 messages deleted\n")
+        assert (done.returncode, done.stdout) == (0, f"{len(queued)} messages deleted\n")
     finally:
         relay.stop()
 

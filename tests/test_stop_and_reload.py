@@ -248,15 +248,39 @@ def test_sighup_keeps_what_needs_a_restart_and_says_so(tmp_path, nexthop):
             "until then") in relay.log()
 
 
-def test_sighup_with_one_process_reads_the_certificate_again(tmp_path):
+def test_sighup_with_one_process_reads_the_certificate_and_the_tables_again(tmp_path):
+    import smtplib
     from tests.relay_process import RelayProcess
-    relay = RelayProcess(tmp_path, {"server": {"workers": "0"}}).start()
+    table = tmp_path / "recipients"
+    table.write_text("alice@example.com\n")
+    relay = RelayProcess(tmp_path, {
+        "server": {"workers": "0", "trusted_networks": "10.9.9.0/24"},
+        "plugins": {"recipients": "static"},
+        "plugin:static": {"file": str(table)},
+    }).start()
+
+    def rcpt(address):
+        with smtplib.SMTP("127.0.0.1", relay.port) as client:
+            client.ehlo("client.test")
+            client.mail("sender@example.org")
+            return client.rcpt(address)
     try:
+        assert rcpt("carol@example.com") == (554, b"5.7.1 Relay access denied")
+        table.write_text("alice@example.com\ncarol@example.com\n")
         relay.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "SIGHUP: TLS certificates and the password file read again"
-                   in relay.log(), what="the reload line")
+        wait_until(lambda: "SIGHUP: TLS certificates, the password file and the plugins' "
+                           "tables read again" in relay.log(), what="the reload line")
         assert relay.process.poll() is None
-        assert send(relay, "alice@example.org", ["bob@example.org"])
+        # Built afresh by the signal, not noticed by the table's own look.
+        assert rcpt("carol@example.com") == (250, b"2.1.5 Ok")
+        assert "changed: read again" not in relay.log()
+        table.write_text("not an address at all\n")
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: relay.log().count("plugins' tables read again") == 2,
+                   what="the second reload line")
+        assert "SIGHUP: kept the old contents: " in relay.log()
+        assert rcpt("carol@example.com") == (250, b"2.1.5 Ok")
+        assert send(relay, "alice@example.org", ["alice@example.com"])
     finally:
         relay.stop()
     assert relay.process.returncode == -signal.SIGTERM

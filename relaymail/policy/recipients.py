@@ -134,6 +134,16 @@ class Policy:
                    connect=hooks["connect"], helo=hooks["helo"], senders=hooks["senders"],
                    reactor=reactor, caches=getattr(hooks, "caches", None))
 
+    def use_hooks(self, hooks):
+        """Ask the plugins of ``hooks`` from now on (a SIGHUP rebuilt them);
+        questions already asked finish with the plugins they went to."""
+        self._validators = list(hooks["recipients"])
+        self._expanders = list(hooks["expanders"])
+        self._connect = list(hooks["connect"])
+        self._helo = list(hooks["helo"])
+        self._senders = list(hooks["senders"])
+        self._caches = dict(getattr(hooks, "caches", None) or {})
+
     @property
     def asks_at_connect(self):
         """Whether any plugin is asked as a client connects."""
