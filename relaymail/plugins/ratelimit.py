@@ -58,8 +58,8 @@ count.
     Empty (the default): counters in this process's memory.  Each inbound
     worker process (``[server] workers``) then counts alone, so a client
     whose connections land on several workers gets up to that many times
-    its limit, and a reload (SIGHUP, which starts new workers) or a
-    worker's restart starts the counts afresh.  ``redis://host:port/db``
+    its limit, and a reload (SIGHUP builds the plugins afresh) or a
+    worker's restart starts the counts from zero.  ``redis://host:port/db``
     (``rediss://`` for TLS, ``unix:///path/redis.sock?db=0``): counters in
     that Redis, shared by every worker and every node that names it, so a
     fleet behind HAProxy enforces one limit (needs redis-py:
