@@ -3,6 +3,7 @@ fake clock, its Redis counters on a real redis-server (two plugin
 instances standing for two nodes of a fleet), and the real relay over a
 socket, with memory counters and with two relays sharing one Redis."""
 
+import signal
 import time
 from types import SimpleNamespace
 
@@ -438,7 +439,7 @@ def test_redis_down_defers_with_451_4_3_0_when_told_to(tmp_path, redis_server):
 
 
 def test_a_redis_that_hangs_costs_one_timeout(tmp_path, redis_server):
-    redis_server.process.send_signal(19)        # SIGSTOP: it accepts, never answers
+    redis_server.process.send_signal(signal.SIGSTOP)     # accepts, never answers
     try:
         counters = RedisCounters(SlidingWindow(60), redis_server.url, "hang:", timeout=0.3)
         started = time.monotonic()
@@ -447,7 +448,7 @@ def test_a_redis_that_hangs_costs_one_timeout(tmp_path, redis_server):
         assert time.monotonic() - started < 1.0
         assert "Timeout" in str(info.value)
     finally:
-        redis_server.process.send_signal(18)    # SIGCONT
+        redis_server.process.send_signal(signal.SIGCONT)
 
 
 # -- the real relay over a socket ---------------------------------------------
