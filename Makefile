@@ -9,11 +9,12 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # backlog, HAProxy in front of two relays (tests/test_haproxy_pair.py),
 # systemd-analyze that verifies etc/relaymail.service
 # (tests/test_systemd_unit.py), and the headless browser the status page is
-# checked in (chromium, and chromedriver, which selenium drives).  haproxy
-# lives in /usr/sbin, which is not on every user's PATH, so that is looked
-# in too.
+# checked in (chromium, and chromedriver, which selenium drives), and the
+# Redis the ratelimit plugin's shared counters are tested against
+# (tests/test_ratelimit_plugin.py).  haproxy lives in /usr/sbin, which is
+# not on every user's PATH, so that is looked in too.
 TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
-	chromedriver:chromium-driver
+	chromedriver:chromium-driver redis-server
 
 .PHONY: install run test test-tools reference clean
 

@@ -681,6 +681,24 @@ def next_hop(raw):
     return hop
 
 
+def rate_key(raw):
+    """A [delivery_rates] key: ``smarthost``, or a domain or .domain."""
+    if raw.strip().lower() == "smarthost":
+        return "smarthost"
+    return route_domain(raw)
+
+
+def message_rate(raw):
+    """``N/PERIOD``, messages per time span: ``250/1h``, ``10/1m``.
+
+    :return: ``(count, seconds)``.
+    """
+    count, slash, period = raw.partition("/")
+    if not slash:
+        raise ValueError(f"expected messages/period such as 250/1h, got {raw!r}")
+    return integer(minimum=1)(count), duration(positive=True)(period)
+
+
 #: The client TLS policies: Postfix smtp_tls_security_level names, and
 #: wrapper for TLS from the first byte (Postfix smtp_tls_wrappermode).
 CLIENT_TLS = ("none", "may", "encrypt", "verify", "wrapper")
@@ -989,6 +1007,11 @@ TABLES = {
     # TLS towards a route's next hop, by the same keys (Postfix keeps
     # this apart too, in smtp_tls_policy_maps); a route not named: may.
     "route_tls": Table(route_domain, choice(*CLIENT_TLS)),
+    # Outbound shaping: at most N messages per period to a destination
+    # (relaymail.delivery.shaping): "smarthost", or a recipient domain or
+    # .domain as in [routes].  The excess waits in the queue, never refused:
+    # an ISP's smarthost that takes 250 messages an hour.
+    "delivery_rates": Table(rate_key, message_rate),
 }
 
 

@@ -28,6 +28,7 @@ from relaymail.delivery.routing import Router
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
+from relaymail.delivery.shaping import OutboundRates
 from relaymail.policy.loader import build_hooks
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
@@ -422,13 +423,15 @@ def take_lock(settings):
     return lock
 
 
-def delivery_scheduler(settings, reactor, spool, policy):
-    """The scheduler and the outbound connection pool it drives."""
+def delivery_scheduler(settings, reactor, spool, policy, rate_share=1):
+    """The scheduler and the outbound connection pool it drives;
+    ``rate_share`` is how many delivery workers split [delivery_rates]."""
     router = Router(settings, reactor=reactor)
     pool = DestinationPool(reactor, router, client_configs(settings),
                            settings.delivery.destination_concurrency,
                            settings.delivery.max_connections)
-    return Scheduler(spool, pool, router, settings, reactor, policy=policy)
+    return Scheduler(spool, pool, router, settings, reactor, policy=policy,
+                     rates=OutboundRates(settings.delivery_rates, rate_share))
 
 
 def listener_specs(settings):

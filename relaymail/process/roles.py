@@ -81,7 +81,8 @@ def _delivery(arguments, settings, reactor, fds, policy):
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
                   owns=owns, beside_writers=True)
     spool.setServiceParent(top)
-    scheduler = delivery_scheduler(settings, reactor, spool, policy)
+    scheduler = delivery_scheduler(settings, reactor, spool, policy,
+                                   rate_share=arguments.partitions)
     scheduler.setServiceParent(top)
     receiving = _socket(fds[f"pickup.{arguments.partition}"])
     _Hooks(lambda: reactor.addReader(PickupReceiver(reactor, receiving,

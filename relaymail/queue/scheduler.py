@@ -72,6 +72,8 @@ class _Attempt:
         self.writes = defer.succeed(None)
         self.after = None           # "delete" or "hold", asked for meanwhile
         self.abandoned = False      # some jobs will not run: the relay is stopping
+        self.shaped_until = None    # some jobs wait for a [delivery_rates] slot till then
+        self.failed = False         # some recipient was deferred by a real failure
 
 
 class Scheduler(service.Service):
@@ -83,10 +85,15 @@ class Scheduler(service.Service):
     :param policy: a relaymail.policy.recipients.Policy; expands the
         double-bounce recipient (aliases) as the server expands recipients.
         None delivers to it as configured.
+    :param rates: a relaymail.delivery.shaping.OutboundRates, or None.
     """
 
-    def __init__(self, spool, pool, router, settings, reactor, clock=time.time, policy=None):
+    def __init__(self, spool, pool, router, settings, reactor, clock=time.time, policy=None,
+                 rates=None):
         self.spool = spool
+        self._rates = rates
+        # queue id -> {rate key: time}: the slot a waiting message reserved.
+        self._reserved = {}
         self.pool = pool
         self.router = router
         self.settings = settings
@@ -263,6 +270,8 @@ class Scheduler(service.Service):
         attempt = _Attempt(record)
         attempt.started = now
         jobs = self._jobs_for(queue_id, record, attempt)
+        if self._rates:
+            jobs = self._within_rates(queue_id, attempt, jobs, now)
         if not jobs:
             self._attempts[queue_id] = attempt
             self._conclude(queue_id, attempt)
@@ -296,6 +305,35 @@ class Scheduler(service.Service):
                 on_done=self._job_done, on_abandoned=self._job_abandoned)
             for destination, addresses in by_destination.items()
         ]
+
+    def _within_rates(self, queue_id, attempt, jobs, now):
+        """The jobs whose destination has a free [delivery_rates] slot, each
+        taking it; the others wait in the queue for theirs, with no attempt
+        counted and nothing logged as a failure."""
+        going = []
+        reserved = self._reserved.pop(queue_id, {})
+        for job in jobs:
+            domain = job.recipients[0].rpartition("@")[2].lower()
+            key = self._rates.key_for(job.destination, domain)
+            if key is None:
+                going.append(job)
+                continue
+            # A slot reserved at an earlier look is this message's own (a
+            # flush does not jump the line: it waits for it still).
+            until = reserved.pop(key, None)
+            if until is None:
+                until = self._rates.reserve(key, now)
+            if until <= now + 0.001:
+                going.append(job)
+                continue
+            self._reserved.setdefault(queue_id, {})[key] = until
+            attempt.shaped_until = until if attempt.shaped_until is None else min(
+                attempt.shaped_until, until)
+            logline.info(log, f"{queue_id}: {job.destination.label}: [delivery_rates] {key}: "
+                              f"its turn is in {until - now:.1f}s; waiting in the queue",
+                         queue_id=queue_id, destination=job.destination.label,
+                         wait=until - now)
+        return going
 
     def _job_done(self, job, outcomes):
         attempt = self._attempts.get(job.queue_id)
@@ -338,6 +376,8 @@ class Scheduler(service.Service):
                 break
         if outcome.status == BOUNCED:
             attempt.bounced.append(outcome)
+        elif outcome.status == DEFERRED:
+            attempt.failed = True
         delay = now - attempt.record["created_at"]
         instruments.recipient_outcome(outcome.status, delay)
         relay = outcome.remote or "none"
@@ -379,14 +419,20 @@ class Scheduler(service.Service):
         if not deferred:
             self._finished(queue_id, attempt)
             return None
+        waited_only = attempt.shaped_until is not None and not attempt.failed
         if attempt.abandoned:
             # Cut short by a stop, not failed: due at the next start.
             record["next_attempt_at"] = now
+        elif waited_only:
+            # Only waiting for its turn at a shaped destination: no failure.
+            record["next_attempt_at"] = attempt.shaped_until
         else:
             record["attempts"] += 1
             record["next_attempt_at"] = now + backoff(
                 record["attempts"], self.settings.queue.min_backoff,
                 self.settings.queue.max_backoff)
+            if attempt.shaped_until is not None:
+                record["next_attempt_at"] = min(record["next_attempt_at"], attempt.shaped_until)
         d = (defer.succeed(None) if attempt.abandoned
              else defer.maybeDeferred(self._maybe_warn, queue_id, record, deferred, now))
         d.addCallback(lambda _: self._write(queue_id, attempt))

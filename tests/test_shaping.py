@@ -1,0 +1,78 @@
+"""[delivery_rates]: the excess waits in the queue for its turn, and no
+period ever sees more than its messages."""
+
+import json
+import os
+import time
+from types import SimpleNamespace
+
+from relaymail.delivery.shaping import OutboundRates
+import pytest
+
+from tests.nexthop import NextHop
+from tests.test_delivery import queue_empty, relay_with, send, wait_until
+
+SMARTHOST = SimpleNamespace(kind="smarthost")
+MX = SimpleNamespace(kind="mx")
+
+
+def test_reservations_keep_every_period_within_its_count():
+    rates = OutboundRates({"smarthost": (3, 60.0)})
+    times = [rates.reserve("smarthost", 1000.0) for _ in range(8)]
+    assert times == [1000.0, 1000.0, 1000.0, 1060.0, 1060.0, 1060.0, 1120.0, 1120.0]
+    # The last slot free in 1120's period goes at once; the next waits for
+    # a period after the first of the three in it.
+    assert rates.reserve("smarthost", 1130.0) == 1130.0
+    assert rates.reserve("smarthost", 1130.0) == 1180.0
+    assert rates.reserve("smarthost", 1300.0) == 1300.0
+
+
+def test_limits_are_shared_between_delivery_workers_and_found_by_key():
+    rates = OutboundRates({"smarthost": (250, 3600.0), "example.net": (3, 60.0),
+                           ".example.org": (1, 1.0)}, share=2)
+    assert [rates.reserve("smarthost", 0.0) for _ in range(126)][-1] == 3600.0
+    assert [rates.reserve("example.net", 0.0) for _ in range(3)] == [0.0, 0.0, 60.0]
+    assert rates.key_for(SMARTHOST, "example.net") == "smarthost"
+    assert rates.key_for(MX, "example.net") == "example.net"
+    assert rates.key_for(MX, "a.example.org") == ".example.org"
+    assert rates.key_for(MX, "example.org") is None
+    assert not OutboundRates({})
+
+
+@pytest.fixture
+def nexthop():
+    server = NextHop()
+    yield server
+    server.stop()
+
+
+def test_the_smarthost_gets_no_more_than_its_rate_and_nothing_is_counted_a_failure(
+        tmp_path, nexthop):
+    arrivals = []
+
+    def data_reply(message):
+        arrivals.append(time.monotonic())
+        return 250, "2.0.0 Ok: queued"
+    nexthop.data_reply = data_reply
+    relay = relay_with(tmp_path, nexthop.port, delivery_rates={"smarthost": "2/2s"}).start()
+    try:
+        queued = [send(relay, "alice@example.org", ["bob@example.net"]) for _ in range(5)]
+        wait_until(lambda: len(nexthop.messages) >= 2, what="the first two")
+        third = next(q for q in queued
+                     if os.path.exists(os.path.join(relay.spool, "active", q + ".json")))
+        with open(os.path.join(relay.spool, "active", third + ".json")) as f:
+            record = json.load(f)
+        # Waiting for its turn, not failed: no attempt, no error.
+        assert record["attempts"] == 0
+        assert record["recipients"][0]["last_error"] is None
+        wait_until(lambda: len(nexthop.messages) == 5 and queue_empty(relay), timeout=30,
+                   what="all five")
+    finally:
+        relay.stop()
+    # No two-second window holds more than two deliveries (a little slack
+    # for the next hop's own clock against the relay's).
+    for index in range(len(arrivals) - 2):
+        assert arrivals[index + 2] - arrivals[index] >= 1.9, arrivals
+    log = relay.log()
+    assert "[delivery_rates] smarthost: its turn is in" in log
+    assert "status=deferred" not in log
