@@ -11,9 +11,13 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # (tests/test_systemd_unit.py), and the headless browser the status page is
 # checked in (chromium, and chromedriver, which selenium drives).  haproxy
 # lives in /usr/sbin, which is not on every user's PATH, so that is looked
-# in too.
+# in too.  The lmtp transport is tested against Dovecot's LMTP server
+# (tests/test_lmtp.py): its master is /usr/sbin/dovecot (dovecot-core), the
+# LMTP service a program outside any PATH, so named by its absolute path,
+# which command -v takes as well.
 TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
-	chromedriver:chromium-driver
+	chromedriver:chromium-driver dovecot:dovecot-core \
+	/usr/lib/dovecot/lmtp:dovecot-lmtpd
 
 .PHONY: install run test test-tools reference clean
 
