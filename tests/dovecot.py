@@ -28,6 +28,10 @@ from tests.relay_process import free_port
 
 DOVECOT = "/usr/sbin/dovecot"
 USERS = ("alice", "bob")
+# A mailbox with a quota of 1 KiB (Dovecot counts storage in kilobytes): it
+# takes the recipient at RCPT and refuses a larger message after the final
+# dot (552 5.2.2), while the others succeed.
+FULL_USER = "carol"
 
 _CONFIG = """\
 base_dir = {root}/run
@@ -40,6 +44,11 @@ listen = 127.0.0.1
 auth_username_format = %Ln
 mail_location = maildir:{root}/mail/%n
 mail_save_crlf = yes
+mail_plugins = $mail_plugins quota
+plugin {{
+  quota = maildir:User quota
+  quota_full_tempfail = no
+}}
 passdb {{
   driver = passwd-file
   args = {root}/users
@@ -89,6 +98,7 @@ class Dovecot:
         with open(os.path.join(self.root, "users"), "w") as users_file:
             for user in USERS:
                 users_file.write(f"{user}:{{PLAIN}}unused::::::\n")
+            users_file.write(f"{FULL_USER}:{{PLAIN}}unused::::::userdb_quota_rule=*:storage=1\n")
         config = os.path.join(self.root, "dovecot.conf")
         with open(config, "w") as file:
             file.write(_CONFIG.format(root=self.root, port=self.port, uid=owner.pw_uid,

@@ -23,7 +23,7 @@ from relaymail.delivery.client import ClientConfig
 from relaymail.delivery.lmtp import LMTPTransport, NextHop, client_config, parse_next_hop
 from relaymail.envelope import Envelope
 from relaymail.interfaces import IMessage, ITransport, RecipientOutcome
-from tests.dovecot import Dovecot
+from tests.dovecot import FULL_USER, Dovecot
 from tests.support import make_settings
 
 SENDER = "sender@example.org"
@@ -167,6 +167,20 @@ class DovecotTests(LMTPTestCase):
 
     async def test_tcp_bracketed_host_port(self):
         await self.deliver_to_three(f"[127.0.0.1]:{self.dovecot.port}", "tcp-brackets")
+
+    async def test_over_quota_mailbox_bounces_after_the_dot_while_the_next_is_delivered(self):
+        # RFC 2033 4.2 with the real server: the recipient before alice is
+        # refused after the message, and alice's own reply still counts.
+        content = unique_message("quota") + b"over a kilobyte\r\n" * 100
+        recipients = [f"{FULL_USER}@example.com", "alice@example.com"]
+        message = self.message(content, recipients)
+        outcomes = await self.transport().deliver(message, recipients, self.dovecot.socket_path)
+        self.assertEqual(outcomes[f"{FULL_USER}@example.com"], RecipientOutcome.bounced(
+            f"host {self.dovecot.socket_path} said: 552 5.2.2 <{FULL_USER}@example.com> "
+            "Quota exceeded (mailbox for user is full) (in reply to end of DATA)", "5.2.2"))
+        self.assertEqual(outcomes["alice@example.com"].kind, "delivered")
+        self.assertEqual(stored_parts(self.find("alice", "quota"))[1], content)
+        self.assertEqual(self.dovecot.mailbox(FULL_USER), [])
 
     async def test_eight_bit_message_goes_unchanged_to_dovecot_which_offers_8bitmime(self):
         content = (b"Subject: caf\xc3\xa9 bytes\r\nMessage-ID: <eightbit@example.org>\r\n"
