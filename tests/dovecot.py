@@ -12,10 +12,14 @@ with, so a test can compare bytes.
 Dovecot refuses to store mail as uid 0 ("userdb returned 0 as uid"), so
 under root the mailboxes belong to ``nobody``, whose uid Dovecot's master
 (running as root) switches to for each delivery; the directory is made
-traversable for it.  A Dovecot that does not start raises with its log:
+traversable for it.  Started by another user, Dovecot runs every service
+as that user (its internal and login users and group set to it, no
+chroot); that set-up was checked by running this dovecot.conf as
+``nobody``.  A Dovecot that does not start raises with its log:
 tests fail, never skip.
 """
 
+import grp
 import os
 import pwd
 import shutil
@@ -91,8 +95,12 @@ class Dovecot:
         else:
             # Unprivileged, Dovecot runs every service as the user who started it.
             owner = pwd.getpwuid(os.geteuid())
+            group = grp.getgrgid(owner.pw_gid).gr_name
             users = (f"default_internal_user = {owner.pw_name}\n"
-                     f"default_login_user = {owner.pw_name}\n")
+                     f"default_internal_group = {group}\n"
+                     f"default_login_user = {owner.pw_name}\n"
+                     # chroot needs root; anvil would fail to start with one.
+                     "service anvil {\n  chroot =\n}\n")
         os.makedirs(os.path.join(self.root, "mail"))
         os.chown(os.path.join(self.root, "mail"), owner.pw_uid, owner.pw_gid)
         with open(os.path.join(self.root, "users"), "w") as users_file:
