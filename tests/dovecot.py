@@ -6,7 +6,8 @@ on it with an LMTP listener on a Unix socket there and another on a free
 127.0.0.1 port, and stops it.  Two users exist, ``alice`` and ``bob``
 (``auth_username_format = %Ln``: the domain is dropped, so
 ``alice@example.com`` is alice); anyone else gets Dovecot's ``550 5.1.1``.
-``mail_save_crlf = yes`` stores messages with the CRLF line ends they came
+``tls=True`` offers STARTTLS (a self-signed certificate; ``ssl = no``
+otherwise).  ``mail_save_crlf = yes`` stores messages with the CRLF line ends they came
 with, so a test can compare bytes.
 
 Dovecot refuses to store mail as uid 0 ("userdb returned 0 as uid"), so
@@ -28,6 +29,7 @@ import subprocess
 import tempfile
 import time
 
+from tests import certs
 from tests.relay_process import free_port
 
 DOVECOT = "/usr/sbin/dovecot"
@@ -78,7 +80,7 @@ class Dovecot:
     """One Dovecot instance; :meth:`start`, then :attr:`socket_path` and
     :attr:`port` take LMTP, :meth:`mailbox` lists what each user got."""
 
-    def __init__(self, extra_config=""):
+    def __init__(self, extra_config="", tls=False):
         # Short, because a Unix socket path is at most 107 bytes.
         self.root = tempfile.mkdtemp(prefix="rm-dovecot-")
         os.chmod(self.root, 0o755)
@@ -86,6 +88,14 @@ class Dovecot:
         self.socket_path = os.path.join(self.root, "run", "lmtp")
         self.log_path = os.path.join(self.root, "dovecot.log")
         self.extra_config = extra_config
+        if tls:
+            # STARTTLS on LMTP with a throwaway self-signed certificate.
+            pair = certs.self_signed("lmtp.test")
+            for name, pem in (("cert.pem", pair.cert_pem), ("key.pem", pair.key_pem)):
+                with open(os.path.join(self.root, name), "wb") as file:
+                    file.write(pem)
+            self.extra_config += (f"ssl = yes\nssl_cert = <{self.root}/cert.pem\n"
+                                  f"ssl_key = <{self.root}/key.pem\n")
         self._process = None
 
     def start(self, timeout=20):

@@ -207,6 +207,46 @@ class DovecotTests(LMTPTestCase):
         self.assertEqual(message.opened, 1)
 
 
+class DovecotTLSTests(LMTPTestCase):
+    """Dovecot offering STARTTLS: taken over TCP, not over the Unix socket."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dovecot = Dovecot(tls=True)
+        try:
+            cls.dovecot.start()
+        except BaseException:
+            cls.dovecot.remove()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dovecot.remove()
+
+    async def deliver(self, next_hop, tag):
+        content = unique_message(tag)
+        message = self.message(content, ["alice@example.com"])
+        outcomes = await self.transport().deliver(message, ["alice@example.com"], next_hop)
+        self.assertEqual(outcomes["alice@example.com"].kind, "delivered",
+                         outcomes["alice@example.com"])
+        marker = b"<%s@example.org>" % tag.encode("ascii")
+        [stored] = [m for m in self.dovecot.mailbox("alice") if marker in m]
+        _, rest = stored_parts(stored)
+        self.assertEqual(rest, content)
+        return stored[:len(stored) - len(rest)]
+
+    async def test_starttls_over_tcp(self):
+        added = await self.deliver(f"127.0.0.1:{self.dovecot.port}", "tls-tcp")
+        # Dovecot's Received field says how the message came.
+        self.assertRegex(added, rb"\(using TLSv1\.[23] with cipher [A-Z0-9_-]+ ")
+        self.assertIn(b" with LMTPS\r\n", added)
+
+    async def test_no_tls_over_the_unix_socket(self):
+        added = await self.deliver(self.dovecot.socket_path, "tls-unix")
+        self.assertNotIn(b"using TLS", added)
+        self.assertIn(b" with LMTP\r\n", added)
+
+
 # -- a scripted LMTP server ------------------------------------------------------------
 
 @dataclass
@@ -226,6 +266,9 @@ class Script:
     after_dot: list = None
     then: str = "stay"
     stall: str = None
+    #: The reply to STARTTLS; after a 220 the server answers the client's
+    #: TLS handshake with plain text.
+    starttls: bytes = b"500 5.5.1 Unknown command"
 
 
 class ScriptedLMTP(Protocol):
@@ -239,6 +282,7 @@ class ScriptedLMTP(Protocol):
         self._in_data = False
         self._accepted = 0
         self._silent = False
+        self._fake_tls = False
 
     def connectionMade(self):
         if self.script.stall == "greeting":
@@ -254,6 +298,10 @@ class ScriptedLMTP(Protocol):
 
     def dataReceived(self, data):
         self.reads.append(data)
+        if self._fake_tls:
+            self._fake_tls = False
+            self._say(b"this is not TLS")
+            return
         if self._silent:
             return
         self._buffer += data
@@ -300,6 +348,10 @@ class ScriptedLMTP(Protocol):
             else:
                 self._say(self.script.data)
                 self._in_data = self.script.data.startswith(b"354")
+        elif verb == "STARTTLS":
+            self._say(self.script.starttls)
+            if self.script.starttls.startswith(b"220"):
+                self._silent = self._fake_tls = True
         elif verb == "QUIT":
             self._say(b"221 2.0.0 Bye")
             self.transport.loseConnection()
@@ -381,6 +433,22 @@ class ScriptedTests(LMTPTestCase):
         self.assertEqual(server.messages, [b"Subject: x\r\n\r\n..dot\r\n...two\r\nend\r\n.\r\n"])
         self.assertEqual(outcomes["a@example.com"], RecipientOutcome.delivered(
             f"host {hop} said: 250 2.0.0 Saved (in reply to end of DATA)", "2.0.0"))
+
+    async def test_starttls_refused_carries_on_in_plain_text(self):
+        script = Script(keywords=("PIPELINING", "8BITMIME", "STARTTLS"))
+        factory, _, outcomes = await self.run_script(script)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        # The scripted server knows no STARTTLS (500); the same session goes on.
+        self.assertEqual(factory.only.commands[:3], [
+            b"LHLO mx.test", b"STARTTLS", b"MAIL FROM:<sender@example.org>"])
+
+    async def test_failed_tls_handshake_defers_with_4_7_5(self):
+        script = Script(keywords=("PIPELINING", "STARTTLS"), starttls=b"220 2.0.0 Go ahead")
+        _, hop, outcomes = await self.run_script(script)
+        outcome = outcomes["a@example.com"]
+        self.assertEqual((outcome.kind, outcome.status), ("deferred", "4.7.5"))
+        self.assertTrue(outcome.reason.startswith(f"TLS handshake with {hop} failed: "),
+                        outcome.reason)
 
     async def test_without_pipelining_one_command_at_a_time(self):
         factory, _, outcomes = await self.run_script(Script(keywords=("8BITMIME",)))

@@ -45,9 +45,13 @@ What becomes of each recipient:
 * a message over the server's SIZE, or MAIL refused with 5xx: bounced, as
   those are about the message.
 
-No STARTTLS: LMTP runs on the same host or a private network by prior
-arrangement (RFC 2033 1), usually over a Unix socket, where TLS buys
-nothing; a server that offers it is spoken to in plain text.
+Over TCP, STARTTLS (RFC 3207) when the server offers it, opportunistic as
+Postfix's ``may``: encrypted, the certificate not checked, plain text
+when the server does not offer it or refuses.  A failed handshake defers
+(4.7.5), as in the SMTP client.  Never over a Unix socket, where the
+kernel carries the bytes and TLS would only cost.  LMTP runs by prior
+arrangement on the same host or a private network (RFC 2033 1), so
+there is no policy key to require or verify TLS yet.
 """
 
 import functools
@@ -60,7 +64,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relaymail.delivery import downgrade
+from relaymail.delivery import downgrade, tls
 from relaymail.delivery.client import DATA_INITIATION_TIMEOUT, ClientConfig, _connect_problem
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.responses import parse_ehlo
@@ -248,11 +252,9 @@ class _Session:
         greeting = await self._reply("receiving the initial server greeting")
         if greeting.code != 220:
             raise self._refused(greeting, "the greeting")
-        self._connection.send(b"LHLO " + self._config.helo_name.encode("ascii"))
-        reply = await self._reply("receiving the reply to LHLO")
-        if not reply.positive:
-            raise self._refused(reply, "LHLO")
-        extensions = parse_ehlo(reply)
+        extensions = await self._hello()
+        if self._hop.path is None and "STARTTLS" in extensions:
+            extensions = await self._start_tls(extensions)
         file, size, body, smtputf8 = await self._fit(
             spooled, extensions, envelope.body, envelope.smtputf8,
             [envelope.sender, *self._recipients])
@@ -266,6 +268,24 @@ class _Session:
         accepted = await self._envelope(extensions, mail, rcpts)
         if accepted:
             await self._data(file, accepted)
+
+    async def _hello(self):
+        self._connection.send(b"LHLO " + self._config.helo_name.encode("ascii"))
+        reply = await self._reply("receiving the reply to LHLO")
+        if not reply.positive:
+            raise self._refused(reply, "LHLO")
+        return parse_ehlo(reply)
+
+    async def _start_tls(self, extensions):
+        """Opportunistic STARTTLS (Postfix's ``may``): encrypted when the
+        server agrees, the certificate not checked; a refusal leaves the
+        session in plain text and in step."""
+        options = tls.client_options("may", self._hop.host)
+        reply = await self._connection.start_tls(options, self._config.command_timeout)
+        if reply.code != 220:
+            return extensions
+        # RFC 3207 4.2: what the server said before TLS is void; ask again.
+        return await self._hello()
 
     def _rcpt_commands(self, smtputf8):
         """RCPT lines by recipient; one that cannot be sent at all (CR or
