@@ -76,7 +76,7 @@ class LMTPTestCase(unittest.TestCase):
     def transport(self, **timeouts):
         settings = make_settings(self.mktemp_path())
         if timeouts:
-            config = ClientConfig(helo_name="relay.test", tls="none", **timeouts)
+            config = ClientConfig(helo_name="relay.test", tls="may", **timeouts)
             return LMTPTransport(reactor, settings, config=config)
         return LMTPTransport(reactor, settings)
 

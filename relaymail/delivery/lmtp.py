@@ -163,7 +163,7 @@ def client_config(settings):
     delivery = settings.delivery
     return ClientConfig(
         helo_name=delivery.helo_name or settings.server.hostname,
-        tls="none",
+        tls="may",          # over TCP only; see the module docstring
         connect_timeout=delivery.connect_timeout,
         command_timeout=delivery.command_timeout,
         data_timeout=delivery.data_timeout,
@@ -236,10 +236,14 @@ class _Session:
                 text=f"local error delivering by LMTP: {type(exc).__name__}: {exc}",
                 remote=self._remote))
         finally:
-            for file in files:
-                file.close()
-            if self._connection is not None:
-                await self._hang_up()
+            try:
+                if self._connection is not None:
+                    await self._hang_up()
+            finally:
+                # Only once the connection is gone: until then the body's
+                # producer may still be asked for a chunk.
+                for file in files:
+                    file.close()
         return self.outcomes
 
     # -- the dialogue ------------------------------------------------------
