@@ -12,9 +12,13 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # checked in (chromium, and chromedriver, which selenium drives), and the
 # Redis the ratelimit plugin's shared counters are tested against
 # (tests/test_ratelimit_plugin.py).  haproxy lives in /usr/sbin, which is
-# not on every user's PATH, so that is looked in too.
+# not on every user's PATH, so that is looked in too.  The lmtp transport
+# is tested against Dovecot's LMTP server (tests/test_lmtp.py): its master
+# is /usr/sbin/dovecot (dovecot-core), the LMTP service a program outside
+# any PATH, so named by its absolute path, which command -v takes as well.
 TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
-	chromedriver:chromium-driver redis-server
+	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
+	/usr/lib/dovecot/lmtp:dovecot-lmtpd
 
 .PHONY: install run test test-tools reference clean
 

@@ -93,6 +93,12 @@ class ClientConnection(Protocol):
             self.transport.write(b"".join(line + b"\r\n" for line in lines))
             self._owed += len(lines)
 
+    def expect_more_replies(self, count):
+        """The server owes ``count`` replies beyond one per command sent:
+        an LMTP server answers the final dot once per accepted recipient
+        (RFC 2033 4.2), and those replies must not count as unsolicited."""
+        self._owed += count
+
     def next_reply(self, timeout, what):
         """A Deferred firing with the next :class:`ServerReply`, or failing
         with :class:`DeliveryError` (4.4.2 on timeout or a lost connection).

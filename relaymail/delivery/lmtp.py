@@ -1,0 +1,510 @@
+"""The ``lmtp`` transport: handing mail to a mailbox server by LMTP (RFC 2033).
+
+LMTP is SMTP for a server without a queue (Dovecot, Cyrus): ``LHLO``
+instead of ``EHLO``, and after the final dot one reply per accepted
+recipient, in RCPT order (RFC 2033 4.2), because the server stores into
+each mailbox in turn and one may fail (over quota) while another succeeds.
+So a transaction reports per recipient even past the dot, which the SMTP
+client (one reply for all) cannot.
+
+One :meth:`LMTPTransport.deliver` call is one connection and one
+transaction: greeting, LHLO, MAIL (with ``BODY=8BITMIME`` and ``SMTPUTF8``
+when the message needs them), one RCPT per recipient, DATA, the message
+dot-stuffed and streamed from its file (:mod:`relaymail.delivery.stream`),
+one reply per accepted recipient, QUIT.  No RSET: the connection is not
+reused, and QUIT ends any transaction.  With PIPELINING (which RFC 2033 5
+makes mandatory for servers; used only when advertised all the same) MAIL,
+every RCPT and DATA go in one write, as RFC 2920 3.1 allows.
+
+The bytes, timers and reply parsing are the SMTP client's
+(:class:`relaymail.delivery.wire.ClientConnection`), and so are the command
+builders and the checks before sending (:mod:`~relaymail.delivery.transaction`).
+
+What becomes of each recipient:
+
+* a reply decides it: 2xx delivered, 4xx deferred, 5xx bounced, with the
+  server's enhanced code as the status and its reply in the reason;
+* the connection lost, a timeout or a garbled reply before a recipient's
+  reply: deferred (4.4.2, 4.5.0).  After the final dot that may deliver a
+  message twice -- the server may have stored it and died before saying so
+  -- which is the queue's contract: better twice than lost;
+* a greeting or LHLO refused: deferred whatever the code.  The next hop is
+  the site's own mailbox server, so a refusal there says nothing about the
+  recipient and bouncing on it would return every message until the server
+  is fixed (the reasoning of Postfix ``smtp_sasl_auth_soft_bounce``);
+* a bad next hop (no port, port 25, a relative socket path): deferred
+  4.3.5, logged as an error.  A typo in a route must not bounce mail;
+  4.3.5 is "system incorrectly configured" (RFC 3463), the code Postfix
+  gives its own configuration errors;
+* 8-bit content for a server without 8BITMIME (RFC 2033 5 says SHOULD,
+  not MUST): converted to 7 bits as the SMTP client does
+  (:mod:`relaymail.delivery.downgrade`); a message that cannot be converted
+  (8-bit inside multipart/signed, 8-bit headers without SMTPUTF8) is
+  deferred, not bounced, for the same reason as a refused LHLO: the fix is
+  the site's server, and the queue lifetime still ends the wait;
+* a message over the server's SIZE, or MAIL refused with 5xx: bounced, as
+  those are about the message.
+
+Over TCP, STARTTLS (RFC 3207) when the server offers it, opportunistic as
+Postfix's ``may``: encrypted, the certificate not checked, plain text
+when the server does not offer it or refuses.  A failed handshake defers
+(4.7.5), as in the SMTP client.  Never over a Unix socket, where the
+kernel carries the bytes and TLS would only cost.  LMTP runs by prior
+arrangement on the same host or a private network (RFC 2033 1), so
+there is no policy key to require or verify TLS yet.
+"""
+
+import functools
+import ipaddress
+
+from twisted.internet import defer, threads
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relaymail.delivery import downgrade, tls
+from relaymail.delivery.client import DATA_INITIATION_TIMEOUT, ClientConfig, _connect_problem
+from relaymail.delivery.outcomes import DeliveryError
+from relaymail.delivery.responses import parse_ehlo
+from relaymail.delivery.transaction import check_message, mail_command, rcpt_command
+from relaymail.delivery.wire import ClientConnection
+from relaymail.interfaces import ITransport, RecipientOutcome
+
+__all__ = ["LMTPTransport", "NextHop", "parse_next_hop"]
+
+log = Logger(namespace="relaymail.delivery")
+
+# RFC 2033 1: "it MUST NOT be used on TCP port 25".
+SMTP_PORT = 25
+
+
+class NextHop:
+    """Where an LMTP server listens: a Unix socket ``path``, or TCP
+    ``host`` and ``port``.  ``label`` names it in reasons and logs."""
+
+    __slots__ = ("path", "host", "port", "label")
+
+    def __init__(self, path=None, host=None, port=None):
+        self.path = path
+        self.host = host
+        self.port = port
+        if path is not None:
+            self.label = path
+        elif ":" in host:
+            self.label = f"[{host}]:{port}"
+        else:
+            self.label = f"{host}:{port}"
+
+    def __eq__(self, other):
+        if not isinstance(other, NextHop):
+            return NotImplemented
+        return (self.path, self.host, self.port) == (other.path, other.host, other.port)
+
+    def __repr__(self):
+        return f"NextHop({self.label!r})"
+
+
+def parse_next_hop(next_hop):
+    """Read a Route's next hop for LMTP.
+
+    ``/run/dovecot/lmtp`` or ``unix:/run/dovecot/lmtp`` is a Unix socket
+    (an absolute path: a relative one would depend on the working
+    directory); ``[host]:port`` or ``host:port`` is TCP (``[::1]:24`` for
+    IPv6).  LMTP has no port of its own, so one must be given.
+
+    :return: a :class:`NextHop`.
+    :raise ValueError: naming the problem, for the routing layer to report
+        as a configuration error.
+    """
+    if not isinstance(next_hop, str) or not next_hop.strip():
+        raise ValueError("an lmtp route needs a next hop: a socket path or host:port")
+    text = next_hop.strip()
+    if text.startswith("unix:"):
+        text = text[len("unix:"):]
+        if not text.startswith("/"):
+            raise ValueError(f"{next_hop!r}: the socket path must be absolute")
+    if text.startswith("/"):
+        if "\0" in text:
+            raise ValueError(f"{next_hop!r}: NUL in the socket path")
+        return NextHop(path=text)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not host:
+            raise ValueError(f"{next_hop!r}: expected [host]:port")
+        if not rest.startswith(":"):
+            raise ValueError(f"{next_hop!r}: no port (LMTP has no default port, RFC 2033)")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            if "/" in text:
+                raise ValueError(f"{next_hop!r}: the socket path must be absolute")
+            raise ValueError(f"{next_hop!r}: no port (LMTP has no default port, RFC 2033)")
+        if not host or ":" in host:
+            raise ValueError(f"{next_hop!r}: expected host:port (write IPv6 as [address]:port)")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{next_hop!r}: the port must be a number from 1 to 65535")
+    if int(port_text) == SMTP_PORT:
+        raise ValueError(f"{next_hop!r}: LMTP must not be used on port 25 (RFC 2033 1)")
+    if any(char.isspace() for char in host):
+        raise ValueError(f"{next_hop!r}: white space in the host name")
+    return NextHop(host=host, port=int(port_text))
+
+
+def client_config(settings):
+    """The LHLO name and timeouts from ``[delivery]``: ``helo_name`` (or
+    ``[server] hostname``), ``connect_timeout``, ``command_timeout`` (the
+    greeting, LHLO, MAIL, RCPT), ``data_timeout`` (each recipient's reply
+    after the final dot) and ``mime_nesting_limit`` (the 8-bit
+    conversion).  The rest keeps the SMTP client's defaults: 3 minutes for
+    the server to take a block of data, 10 s for QUIT."""
+    delivery = settings.delivery
+    return ClientConfig(
+        helo_name=delivery.helo_name or settings.server.hostname,
+        tls="may",          # over TCP only; see the module docstring
+        connect_timeout=delivery.connect_timeout,
+        command_timeout=delivery.command_timeout,
+        data_timeout=delivery.data_timeout,
+        mime_nesting_limit=delivery.mime_nesting_limit,
+        chosen_hop=True,
+    )
+
+
+@implementer(ITransport)
+class LMTPTransport:
+    """The built-in ``lmtp`` transport (see the module docstring)."""
+
+    name = "lmtp"
+
+    def __init__(self, reactor, settings, config=None):
+        self._reactor = reactor
+        self._config = config if config is not None else client_config(settings)
+
+    def deliver(self, message, recipients, next_hop):
+        """Deliver ``message`` to ``recipients`` at the LMTP server
+        ``next_hop`` names; see :meth:`relaymail.interfaces.ITransport.deliver`.
+
+        :return: a Deferred firing with a dict from every one of
+            ``recipients`` to a :class:`RecipientOutcome`; it never fails.
+        """
+        recipients = list(dict.fromkeys(recipients))
+        try:
+            hop = parse_next_hop(next_hop)
+        except ValueError as exc:
+            log.error("{queue_id}: lmtp: bad next hop: {problem}; deferring {count} "
+                      "recipient(s) until the route is fixed",
+                      queue_id=getattr(message, "queue_id", "?"), problem=str(exc),
+                      count=len(recipients))
+            reason = f"lmtp transport misconfigured: {exc}"
+            return defer.succeed(
+                {r: RecipientOutcome.deferred(reason, "4.3.5") for r in recipients})
+        if not recipients:
+            return defer.succeed({})
+        session = _Session(self._reactor, hop, self._config, message, recipients)
+        return defer.Deferred.fromCoroutine(session.run())
+
+
+class _Session:
+    """One connection, one transaction; ``outcomes`` fills in as replies
+    come, and whatever is left when something fails gets that failure."""
+
+    def __init__(self, reactor, hop, config, message, recipients):
+        self._reactor = reactor
+        self._hop = hop
+        self._config = config
+        self._message = message
+        self._recipients = recipients
+        self._remote = hop.label
+        self._connection = None
+        self.outcomes = {}
+
+    async def run(self):
+        files = []
+        try:
+            await self._transaction(files)
+        except DeliveryError as error:
+            self._settle_rest(error)
+        except defer.CancelledError:
+            raise
+        except Exception as exc:      # a bug here must not lose the message
+            log.failure("{queue_id}: lmtp delivery to {remote} failed",
+                        queue_id=self._message.queue_id, remote=self._remote)
+            self._settle_rest(DeliveryError(
+                temporary=True, code=None, enhanced="4.3.0",
+                text=f"local error delivering by LMTP: {type(exc).__name__}: {exc}",
+                remote=self._remote))
+        finally:
+            try:
+                if self._connection is not None:
+                    await self._hang_up()
+            finally:
+                # Only once the connection is gone: until then the body's
+                # producer may still be asked for a chunk.
+                for file in files:
+                    file.close()
+        return self.outcomes
+
+    # -- the dialogue ------------------------------------------------------
+
+    async def _transaction(self, files):
+        envelope = self._message.envelope
+        spooled = await self._open_message()
+        files.append(spooled)
+        await self._connect()
+        greeting = await self._reply("receiving the initial server greeting")
+        if greeting.code != 220:
+            raise self._refused(greeting, "the greeting")
+        extensions = await self._hello()
+        if self._hop.path is None and "STARTTLS" in extensions:
+            extensions = await self._start_tls(extensions)
+        file, size, body, smtputf8 = await self._fit(
+            spooled, extensions, envelope.body, envelope.smtputf8,
+            [envelope.sender, *self._recipients])
+        if file is not spooled:
+            files.append(file)
+        check_message(extensions, size, body, smtputf8, self._remote)
+        mail = mail_command(envelope.sender, extensions, size, body, smtputf8, self._remote)
+        rcpts = self._rcpt_commands(smtputf8)
+        if not rcpts:
+            return
+        accepted = await self._envelope(extensions, mail, rcpts)
+        if accepted:
+            await self._data(file, accepted)
+
+    async def _hello(self):
+        self._connection.send(b"LHLO " + self._config.helo_name.encode("ascii"))
+        reply = await self._reply("receiving the reply to LHLO")
+        if not reply.positive:
+            raise self._refused(reply, "LHLO")
+        return parse_ehlo(reply)
+
+    async def _start_tls(self, extensions):
+        """Opportunistic STARTTLS (Postfix's ``may``): encrypted when the
+        server agrees, the certificate not checked; a refusal leaves the
+        session in plain text and in step."""
+        options = tls.client_options("may", self._hop.host)
+        reply = await self._connection.start_tls(options, self._config.command_timeout)
+        if reply.code != 220:
+            return extensions
+        # RFC 3207 4.2: what the server said before TLS is void; ask again.
+        return await self._hello()
+
+    def _rcpt_commands(self, smtputf8):
+        """RCPT lines by recipient; one that cannot be sent at all (CR or
+        LF in it) is bounced alone."""
+        commands = {}
+        for recipient in self._recipients:
+            try:
+                commands[recipient] = rcpt_command(recipient, smtputf8, self._remote)
+            except DeliveryError as error:
+                self.outcomes[recipient] = _from_error(error)
+        return commands
+
+    async def _envelope(self, extensions, mail, rcpts):
+        """MAIL, the RCPTs and DATA; the recipients accepted when DATA got
+        354 (empty when none was, or DATA was refused)."""
+        connection = self._connection
+        data_timeout = min(DATA_INITIATION_TIMEOUT, self._config.command_timeout)
+        if "PIPELINING" in extensions:
+            connection.send(mail, *rcpts.values(), b"DATA")
+            mail_reply = await self._reply("receiving the reply to MAIL FROM")
+            rcpt_replies = [await self._reply("receiving the reply to RCPT TO") for _ in rcpts]
+            data_reply = await self._reply("receiving the reply to DATA", data_timeout)
+            if not mail_reply.positive:
+                if data_reply.code == 354:
+                    connection.abort()
+                raise self._mail_refused(mail_reply)
+        else:
+            connection.send(mail)
+            mail_reply = await self._reply("receiving the reply to MAIL FROM")
+            if not mail_reply.positive:
+                raise self._mail_refused(mail_reply)
+            rcpt_replies = []
+            for line in rcpts.values():
+                connection.send(line)
+                rcpt_replies.append(await self._reply("receiving the reply to RCPT TO"))
+            data_reply = None
+            if any(reply.positive for reply in rcpt_replies):
+                connection.send(b"DATA")
+                data_reply = await self._reply("receiving the reply to DATA", data_timeout)
+        accepted = []
+        for recipient, reply in zip(rcpts, rcpt_replies, strict=True):
+            self._expect_decision(reply, "RCPT TO")
+            if reply.positive:
+                accepted.append(recipient)
+            else:
+                self.outcomes[recipient] = self._from_reply(reply, "RCPT TO")
+        if not accepted:
+            if data_reply is not None and data_reply.code == 354:
+                # Ending the data now would store an empty message for
+                # nobody; hanging up stores nothing.
+                connection.abort()
+            return []
+        if data_reply.code == 354:
+            return accepted
+        if data_reply.positive:
+            connection.abort()
+            raise self._protocol_error(f"{data_reply} in reply to DATA")
+        self._expect_decision(data_reply, "DATA")
+        for recipient in accepted:
+            self.outcomes[recipient] = self._from_reply(data_reply, "DATA")
+        return []
+
+    async def _data(self, file, accepted):
+        """The message, then one reply per accepted recipient, in RCPT
+        order (RFC 2033 4.2)."""
+        connection = self._connection
+        connection.expect_more_replies(len(accepted) - 1)
+        await connection.send_message(file, self._config.data_block_timeout)
+        for recipient in accepted:
+            reply = await self._reply(
+                f"receiving the reply for <{recipient}> after the end of data",
+                self._config.data_timeout)
+            self._expect_decision(reply, "end of DATA")
+            self.outcomes[recipient] = self._from_reply(reply, "end of DATA")
+
+    # -- the pieces --------------------------------------------------------
+
+    async def _open_message(self):
+        # IMessage.open() may block on the disk: not on the reactor thread.
+        try:
+            return await self._in_thread(self._message.open)
+        except OSError as exc:
+            raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
+                                text=f"cannot read the message file: {exc.strerror or exc}",
+                                remote=self._remote) from None
+
+    async def _connect(self):
+        hop = self._hop
+        self._connection = ClientConnection(self._reactor, self._remote, hop.host or "localhost")
+        factory = Factory.forProtocol(lambda: self._connection)
+        factory.noisy = False     # the scheduler logs deliveries itself
+        try:
+            await _endpoint(self._reactor, hop, self._config.connect_timeout).connect(factory)
+        except BaseException as exc:
+            self._connection = None      # never connected: nothing to hang up
+            if not isinstance(exc, Exception) or isinstance(exc, defer.CancelledError):
+                raise
+            raise DeliveryError(temporary=True, code=None, enhanced="4.4.1",
+                                text=f"connect to {self._remote}: {_connect_problem(exc)}",
+                                remote=self._remote) from None
+
+    async def _fit(self, file, extensions, body, smtputf8, addresses):
+        """The file, size and MAIL parameters for this server: as spooled,
+        or converted to 7 bits for a server without 8BITMIME."""
+        size = self._message.size
+        if downgrade.fits(extensions, smtputf8):
+            return file, size, body, smtputf8
+        work = functools.partial(
+            downgrade.fit, file, size, body=body, smtputf8=smtputf8, addresses=addresses,
+            extensions=extensions, nesting_limit=self._config.mime_nesting_limit)
+        try:
+            fitted = await self._in_thread(work)
+        except downgrade.CannotSend as refusal:
+            missing = "SMTPUTF8" if refusal.enhanced == "5.6.7" else "8BITMIME"
+            raise DeliveryError(
+                temporary=True, code=None, enhanced="4" + refusal.enhanced[1:],
+                text=f"{refusal.reason}, and the LMTP server {self._remote} does not offer "
+                     f"{missing} (deferred until it does)",
+                remote=self._remote) from None
+        except OSError as exc:
+            raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
+                                text=f"cannot convert the message to 7 bits: {exc.strerror or exc}",
+                                remote=self._remote) from None
+        return fitted.file, fitted.size, fitted.body, fitted.smtputf8
+
+    def _in_thread(self, work):
+        pool = getattr(self._reactor, "getThreadPool", None)
+        if pool is None:          # a clock without threads (task.Clock)
+            return defer.maybeDeferred(work)
+        return threads.deferToThreadPool(self._reactor, pool(), work)
+
+    def _reply(self, what, timeout=None):
+        if timeout is None:
+            timeout = self._config.command_timeout
+        return self._connection.next_reply(timeout, what)
+
+    def _expect_decision(self, reply, stage):
+        """2xx, 4xx or 5xx; anything else (a 354 to RCPT, a 3xx after the
+        dot) means the server is out of step with us."""
+        if not (reply.positive or reply.transient or reply.permanent):
+            self._connection.abort()
+            raise self._protocol_error(f"{reply} in reply to {stage}")
+
+    def _said(self, reply, stage):
+        return (f"host {self._remote} said: {reply.code} {reply.enhanced_or_derived} "
+                f"{reply.text} (in reply to {stage})").rstrip()
+
+    def _from_reply(self, reply, stage):
+        status = reply.enhanced_or_derived
+        reason = self._said(reply, stage)
+        if reply.positive:
+            return RecipientOutcome.delivered(reason, status)
+        if reply.transient:
+            return RecipientOutcome.deferred(reason, status)
+        return RecipientOutcome.bounced(reason, status)
+
+    def _refused(self, reply, stage):
+        """A greeting or LHLO refusal: deferred whatever the code (see the
+        module docstring), the server's reply kept in the reason."""
+        enhanced = reply.enhanced_or_derived
+        return DeliveryError(
+            temporary=True, code=reply.code, enhanced="4" + enhanced[1:],
+            text=self._said(reply, stage) + " (deferred: the LMTP server is not taking mail)",
+            remote=self._remote)
+
+    def _mail_refused(self, reply):
+        if not (reply.transient or reply.permanent):
+            self._connection.abort()
+            return self._protocol_error(f"{reply} in reply to MAIL FROM")
+        return DeliveryError(temporary=reply.transient, code=reply.code,
+                             enhanced=reply.enhanced_or_derived,
+                             text=self._said(reply, "MAIL FROM"), remote=self._remote)
+
+    def _protocol_error(self, problem):
+        return DeliveryError(temporary=True, code=None, enhanced="4.5.0",
+                             text=f"protocol error from {self._remote}: {problem}",
+                             remote=self._remote)
+
+    def _settle_rest(self, error):
+        for recipient in self._recipients:
+            if recipient not in self.outcomes:
+                self.outcomes[recipient] = _from_error(error)
+
+    async def _hang_up(self):
+        """QUIT when the server is still in step, else drop the line; either
+        way the connection is gone when this returns."""
+        connection = self._connection
+        if connection.usable:
+            connection.send(b"QUIT")
+            try:
+                await connection.next_reply(self._config.quit_timeout,
+                                            "receiving the reply to QUIT")
+            except DeliveryError:
+                pass
+            connection.close(self._config.quit_timeout)
+        else:
+            connection.abort()
+        await connection.wait_closed()
+
+
+def _from_error(error):
+    if error.temporary:
+        status = error.enhanced or "4.0.0"
+        if not status.startswith("4"):
+            status = "4" + status[1:]
+        return RecipientOutcome.deferred(error.text, status)
+    return RecipientOutcome.bounced(error.text, error.enhanced or "5.0.0")
+
+
+def _endpoint(reactor, hop, timeout):
+    if hop.path is not None:
+        return UNIXClientEndpoint(reactor, hop.path, timeout=timeout)
+    try:
+        version = ipaddress.ip_address(hop.host).version
+    except ValueError:
+        return HostnameEndpoint(reactor, hop.host, hop.port, timeout=timeout)
+    kind = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
+    return kind(reactor, hop.host, hop.port, timeout=timeout)
