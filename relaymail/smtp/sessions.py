@@ -110,6 +110,10 @@ class EndSessions(service.Service):
         self.sessions = sessions
 
     def drain(self, grace):
-        for listener in self._listeners:
-            listener.stopService()
-        return self.sessions.end(grace)
+        # Waited for: a listener whose stopListening is still under way when
+        # the orderly stop's second step comes is still running, and a
+        # second stopService would cancel the first (a critical line on
+        # every stop with workers = 0).
+        stopping = [defer.maybeDeferred(listener.stopService) for listener in self._listeners]
+        ended = self.sessions.end(grace)
+        return defer.gatherResults(stopping + [ended], consumeErrors=True)
