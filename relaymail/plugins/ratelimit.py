@@ -96,6 +96,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from relaymail.client_address import client_key
 from relaymail.config import boolean, duration, integer
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator, ISenderPolicy
 from relaymail.plugins.options import reject_unknown
@@ -103,7 +104,6 @@ from relaymail.plugins.ratelimit_counters import (
     DEFAULT_MAX_KEYS, Count, MemoryCounters, SlidingWindow)
 from relaymail.plugins.ratelimit_redis import DEFAULT_PREFIX, CountersUnavailable
 from relaymail.plugins.static import address_key
-from relaymail.smtp.limits import client_key
 
 log = Logger()
 

@@ -19,7 +19,7 @@ once).  The master zeroes a dead worker's open connections before its
 successor starts; its attempts stay counted: they are history.
 
 The client hash is the first 8 bytes of BLAKE2b of the client key
-(:func:`relaymail.smtp.limits.client_key`): Python's ``hash()`` differs
+(:func:`relaymail.client_address.client_key`): Python's ``hash()`` differs
 from process to process.
 """
 

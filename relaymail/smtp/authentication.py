@@ -38,7 +38,7 @@ behind them.  So two limits, both answered at once with RFC 4954 6's
   progress applies to them as to everyone, since it is what bounds memory.
 
 A "client" is counted as the connection limits count it
-(:func:`relaymail.smtp.limits.client_key`): an IPv4 address, or the IPv6
+(:func:`relaymail.client_address.client_key`): an IPv4 address, or the IPv6
 network of ``[limits] ipv6_prefix`` bits, so that walking through the
 addresses of one /64 buys no more guesses.
 
@@ -54,7 +54,8 @@ from twisted.internet import task
 from relaymail.auth import sasl
 from relaymail.auth.checker import IRelayUser
 from relaymail.smtp import replies
-from relaymail.smtp.limits import AttemptWindows, client_key
+from relaymail.client_address import client_key
+from relaymail.smtp.limits import AttemptWindows
 
 
 class Unavailable(Exception):

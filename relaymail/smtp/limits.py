@@ -33,10 +33,10 @@ time only from the clock it is given, so tests drive it with a fake clock.
 """
 
 import collections
-import functools
-import ipaddress
 
 from twisted.logger import Logger
+
+from relaymail.client_address import client_key
 
 log = Logger(namespace="relaymail.smtp")
 
@@ -50,28 +50,6 @@ RATE_WINDOW = 60.0
 MAX_TRACKED = 100_000
 
 TOO_MANY = "Error: too many connections"
-
-
-# Cached: asked at every connect, release and AUTH, for the same few
-# addresses again and again, and parsing an address costs microseconds.
-@functools.lru_cache(maxsize=4096)
-def client_key(ip, ipv4_prefix=32, ipv6_prefix=128):
-    """The name a client is counted under: its address, or the network of
-    the given prefix length that holds it (``2001:db8::/64``).
-
-    An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, what a dual-stack
-    socket reports for an IPv4 client) counts as the IPv4 address, so one
-    client has one count."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip   # not an IP address (a UNIX socket): counted as given
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
-    if prefix == address.max_prefixlen:
-        return str(address)
-    return str(ipaddress.ip_network((address, prefix), strict=False))
 
 
 class _Window:
