@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, free_port
 
 SITE_PLUGINS = textwrap.dedent('''\
     """Site policies as an administrator would write them."""
@@ -123,13 +123,17 @@ def relay(tmp_path_factory):
     plugins = workdir / "plugins"
     plugins.mkdir()
     (plugins / "site_policies.py").write_text(SITE_PLUGINS)
+    proxy_port = free_port()
     process = RelayProcess(workdir, {
-        "server": {"trusted_networks": "10.9.9.0/24"},
+        "server": {"trusted_networks": "10.9.9.0/24",
+                   "proxy_listen": f"tcp:{proxy_port}:interface=127.0.0.1",
+                   "proxy_trusted": "127.0.0.1/32"},
         "relay": {"domains": "example.com"},
         "plugins": {"connect": "gatekeeper", "helo": "helocheck", "senders": "sendercheck",
                     "recipients": "sleepy, napper, domains", "path": str(plugins),
                     "timeout": "1"},
     })
+    process.proxy_port = proxy_port
     yield process.start()
     process.stop()
 
@@ -178,6 +182,15 @@ def test_a_refused_client_gets_554_and_only_quit_is_answered(relay):
     assert client.ask("QUIT") == "221 relay.test Bye\r\n"
     assert client.closed()
     assert (f"unknown[127.0.0.2]:{client.port}: connect refused by gatekeeper: "
+            "554 5.7.1 Access denied by site policy") in relay.log()
+
+
+def test_behind_a_proxy_the_connect_plugins_judge_the_client_the_proxy_names(relay):
+    # The proxy itself (127.0.0.1) is welcome; the client it names is not.
+    with socket.create_connection(("127.0.0.1", relay.proxy_port), 10) as sock:
+        sock.sendall(b"PROXY TCP4 127.0.0.2 127.0.0.1 40001 25\r\n")
+        assert sock.recv(512) == b"554 relay.test Access denied by site policy\r\n"
+    assert ("unknown[127.0.0.2]:40001: connect refused by gatekeeper: "
             "554 5.7.1 Access denied by site policy") in relay.log()
 
 
