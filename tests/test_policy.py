@@ -601,12 +601,13 @@ def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning
         "{source}: [plugin:{name}] is set but no plugin of that name is enabled in [plugins]"]
 
 
-@pytest.mark.parametrize("hook", ["routers",
-                                  "transports"])
-def test_a_hook_this_version_does_not_call_is_refused_by_name(hook):
+@pytest.mark.parametrize("hook, interface", [("routers", "IRouter"),
+                                             ("transports", "ITransport")])
+def test_a_plugin_without_the_routing_or_transport_contract_is_refused_there(hook, interface):
     settings = make_settings()
     setattr(settings.plugins, hook, ["domains"])
-    with pytest.raises(ConfigError, match=f"\\[plugins\\] {hook}.*does not call plugins here"):
+    with pytest.raises(ConfigError, match=f"\\[plugins\\] {hook}: plugin 'domains' cannot "
+                                          f"be used here: it does not provide {interface}"):
         build_plugins(settings)
 
 
