@@ -353,7 +353,10 @@ def check_files(settings):
 
     :raise ConfigError: naming the file, section and key that failed.
     """
-    build_hooks(settings)
+    hooks = build_hooks(settings)
+    # A site transport named like another stops start-up here, not in
+    # each delivery worker.
+    TransportRegistry(None, settings, hooks["transports"])
     _check_tls_and_passwords(settings)
     _check_metrics_directory(settings)
 

@@ -561,3 +561,91 @@ def test_routers_and_transports_work_in_a_delivery_worker(tmp_path, far_ends):
                          + r": to=<bob@example\.net>, relay=pipe:deliver", relay.log())
     finally:
         relay.stop()
+
+
+# -- configuration errors name the file, section and key ---------------------------
+
+def pipe_error(tmp_path, options):
+    from types import SimpleNamespace
+    from relaymail.config import ConfigError
+    from relaymail.plugins.pipe import pipe
+    from relaymail.policy.loader import PluginContext
+    settings = SimpleNamespace(source="relay.ini",
+                               delivery=SimpleNamespace(transport_timeout=1000.0))
+    with pytest.raises(ConfigError) as info:
+        pipe.build(PluginContext("pipe", options, settings))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "relay.ini: [plugin:pipe] command.NAME: no command: define at least one, e.g. "
+         "command.deliver = /usr/bin/procmail -f {sender}"),
+    ({"command.x": "/bin/true {user}"},
+     "relay.ini: [plugin:pipe] command.x: unknown field {user} in '{user}'; the fields are "
+     "{recipient}, {local_part}, {domain}, {sender}, {queue_id}, {nexthop} (write {{ and }} "
+     "for braces)"),
+    ({"command.x": "true {recipient}"},
+     "relay.ini: [plugin:pipe] command.x: the command must be an absolute path, not 'true'"),
+    ({"command.x": "/bin/true 'unclosed"},
+     "relay.ini: [plugin:pipe] command.x: cannot split \"/bin/true 'unclosed\" into words: "
+     "No closing quotation"),
+    ({"command.x": "/nonexistent/tool"},
+     "relay.ini: [plugin:pipe] command.x: /nonexistent/tool is not an executable file"),
+    ({"command.x": "/bin/true", "timeout": "soon"},
+     "relay.ini: [plugin:pipe] timeout: expected"),
+    ({"command.x": "/bin/true", "newline": "cr"},
+     "relay.ini: [plugin:pipe] newline: expected lf or crlf, got 'cr'"),
+    ({"command.x": "/bin/true", "user": "nobody"},
+     "relay.ini: [plugin:pipe] user: unknown option; [plugin:pipe] takes command.NAME, "
+     "timeout, directory, path, export_environment, env.NAME, null_sender, newline"),
+])
+def test_pipe_configuration_errors(tmp_path, options, message):
+    assert pipe_error(tmp_path, options).startswith(message)
+
+
+def test_a_site_transport_may_not_take_a_built_in_name(tmp_path):
+    from types import SimpleNamespace
+    from twisted.internet import reactor
+    from relaymail.config import ConfigError
+    from relaymail.delivery.transports import TransportRegistry
+    from tests.support import make_settings
+    settings = make_settings(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        TransportRegistry(reactor, settings, [SimpleNamespace(name="lmtp")])
+    assert str(info.value).endswith("[plugins] transports: two transports are named 'lmtp'")
+
+
+def test_outcomes_get_the_status_class_of_their_kind_and_a_safe_reason():
+    from relaymail.delivery.destinations import Job
+    from relaymail.delivery.transports import TransportHop, outcomes_of
+    from relaymail.interfaces import RecipientOutcome
+    job = Job(queue_id="Q", destination=TransportHop("site", "x"), sender="", message_path="",
+              recipients=["a@x.test", "b@x.test", "c@x.test", "d@x.test"])
+    got = outcomes_of(job, {
+        "a@x.test": RecipientOutcome.bounced("gone\r\nstatus=sent", "4.1.1"),
+        "b@x.test": RecipientOutcome.delivered("ok", "not a status"),
+        "c@x.test": "delivered",
+    })
+    assert [(o.address, o.status, o.enhanced, o.text) for o in got] == [
+        ("a@x.test", "bounced", "5.1.1", "gone status=sent"),
+        ("b@x.test", "sent", "2.0.0", "ok"),
+        ("c@x.test", "deferred", "4.3.0",
+         "transport site answered 'delivered', not a RecipientOutcome"),
+        ("d@x.test", "deferred", "4.3.0", "transport site gave no outcome for this recipient"),
+    ]
+    assert {o.remote for o in got} == {"site:x"}
+
+
+def test_relaymail_check_refuses_a_pipe_without_commands_naming_the_key(tmp_path):
+    import subprocess
+    from tests.relay_process import _env
+    config = tmp_path / "relay.ini"
+    config.write_text(f"[queue]\npath = {tmp_path / 'spool'}\n"
+                      "[plugins]\ntransports = pipe\n"
+                      "[plugin:pipe]\nnewline = lf\n")
+    check = os.path.join(REPO, ".venv", "bin", "relaymail-check")
+    result = subprocess.run([check, "config", str(config)], capture_output=True, text=True,
+                            env=_env(), cwd=tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert (f"{config}: [plugin:pipe] command.NAME: no command: define at least one"
+            in result.stdout + result.stderr)

@@ -314,8 +314,6 @@ class Scheduler(service.Service):
         log.failure("{queue_id}: cannot start delivery", failure, queue_id=queue_id)
         self._attempts.pop(queue_id, None)
         self._schedule(queue_id, now + self.settings.queue.min_backoff)
-        if self._timer is None:
-            self._arm()
 
     def _jobs_for(self, queue_id, record, attempt):
         """One Job per destination of the recipients still to do: a
