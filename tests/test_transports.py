@@ -227,6 +227,7 @@ def site_config(root, far_ends, workers="0"):
         "threaded.test": "threaded",
         "nosuch.test": "nosuch",
         "lmtp.test": f"lmtp {dovecot.socket_path}",
+        "bad-lmtp.test": "lmtp relative/lmtp",
         "other-hop.test": f"smtp [127.0.0.1]:{other_hop.port}",
         "bad-hop.test": "smtp [127.0.0.1]:not-a-port",
         "router-raises.test": "!raise",
@@ -478,6 +479,14 @@ def test_lmtp_route_delivers_into_dovecot(site, far_ends):
     assert stored[0].endswith(BODY)
 
 
+def test_a_bad_lmtp_next_hop_from_a_router_defers_4_3_5_naming_the_router(site):
+    queue_id = send(site, ["x@bad-lmtp.test"])
+    [line] = wait_for_outcome(site, queue_id, "x@bad-lmtp.test", "deferred")
+    assert line[1:] == ("4.3.5", "deferred", "router siterouter: bad lmtp next hop: "
+                                             "'relative/lmtp': the socket path must be absolute")
+    assert re.search(rf"{queue_id}: <x@bad-lmtp\.test>: router siterouter: bad lmtp", site.log())
+
+
 # -- smtp routes -----------------------------------------------------------------
 
 def test_a_router_may_send_smtp_mail_to_a_next_hop_of_its_choice(site, far_ends):
@@ -649,3 +658,29 @@ def test_relaymail_check_refuses_a_pipe_without_commands_naming_the_key(tmp_path
     assert result.returncode != 0
     assert (f"{config}: [plugin:pipe] command.NAME: no command: define at least one"
             in result.stdout + result.stderr)
+
+
+def test_sighup_gives_the_new_delivery_worker_the_new_pipe_commands(tmp_path, far_ends):
+    import signal
+    config, out = site_config(tmp_path, far_ends, workers="1")
+    relay = RelayProcess(tmp_path, config)
+    relay.out = str(out)
+    relay.start()
+    try:
+        first = send(relay, ["bob@example.net"])
+        wait_for_outcome(relay, first, "bob@example.net", "sent")
+        command = config["plugin:pipe"]["command.deliver"]
+        text = open(relay.config).read().replace(
+            f"command.deliver = {command}",
+            f"command.deliver = {command.replace('-f', 'reloaded -f')}")
+        with open(relay.config, "w") as f:
+            f.write(text)
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded; 1 inbound and 1 delivery workers replaced" in relay.log(),
+                   what="the reload")
+        second = send(relay, ["bob@example.net"])
+        wait_for_outcome(relay, second, "bob@example.net", "sent")
+        assert pipe_runs(relay, first)[0][0][2:4] == ["-f", SENDER]
+        assert pipe_runs(relay, second)[0][0][2:5] == ["reloaded", "-f", SENDER]
+    finally:
+        relay.stop()

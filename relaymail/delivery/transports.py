@@ -37,16 +37,18 @@ from twisted.logger import Logger
 from relaymail import sanitize
 from relaymail.config import ConfigError
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
-from relaymail.delivery.lmtp import LMTPTransport
+from relaymail.delivery.lmtp import LMTPTransport, parse_next_hop
 from relaymail.delivery.router import SMTP
 from relaymail.interfaces import RecipientOutcome
 
 log = Logger(namespace="relaymail.delivery")
 
-#: The transports built in beside smtp: name -> a function of
-#: ``(reactor, settings)`` building the ITransport.  Adding one is a line here.
+#: The transports built in beside smtp: name -> (a function of
+#: ``(reactor, settings)`` building the ITransport, a function checking a
+#: route's next hop that raises ValueError naming the problem, or None).
+#: Adding one is a line here.
 BUILTIN = {
-    LMTPTransport.name: LMTPTransport,
+    LMTPTransport.name: (LMTPTransport, parse_next_hop),
 }
 
 #: The Destination kind of a job for a transport other than smtp.
@@ -90,7 +92,7 @@ class TransportRegistry:
 
     def __init__(self, reactor, settings, site=()):
         self._settings = settings
-        self._builtin = {name: make(reactor, settings) for name, make in BUILTIN.items()}
+        self._builtin = {name: make(reactor, settings) for name, (make, _) in BUILTIN.items()}
         self.use_site(site)
 
     def use_site(self, site):
@@ -111,7 +113,18 @@ class TransportRegistry:
 
     def get(self, name):
         """The transport called ``name``, or None."""
-        return self._builtin.get(name) or self._site.get(name)
+        if name in self._builtin:
+            return self._builtin[name]
+        return self._site.get(name)
+
+    def check_next_hop(self, name, next_hop):
+        """Check a route's next hop for the built-in transport ``name``
+        (a site transport checks its own when it delivers).
+
+        :raise ValueError: naming the problem."""
+        check = BUILTIN.get(name, (None, None))[1]
+        if check is not None:
+            check(next_hop)
 
     def names(self):
         """Every name but smtp, sorted: for "no transport named X" lines."""
@@ -157,6 +170,9 @@ class TransportRunner:
 
     def knows(self, name):
         return self.registry.get(name) is not None
+
+    def check_next_hop(self, name, next_hop):
+        self.registry.check_next_hop(name, next_hop)
 
     def submit(self, job):
         name = job.destination.transport

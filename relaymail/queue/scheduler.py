@@ -389,6 +389,13 @@ class Scheduler(service.Service):
             log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id, address=address,
                       problem=problem)
             return address, None, Outcome(address, DEFERRED, None, "4.3.5", problem)
+        try:
+            self.transports.check_next_hop(route.transport, route.next_hop)
+        except ValueError as error:
+            problem = f"router {by}: bad {route.transport} next hop: {error}"
+            log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id, address=address,
+                      problem=problem)
+            return address, None, Outcome(address, DEFERRED, None, "4.3.5", problem)
         return address, TransportHop(route.transport, route.next_hop), None
 
     def _within_rates(self, queue_id, attempt, jobs, now):
