@@ -19,6 +19,8 @@ import textwrap
 import threading
 
 import pytest
+from twisted.internet import defer
+from twisted.trial import unittest
 
 from tests.dovecot import Dovecot
 from tests.nexthop import NextHop
@@ -69,6 +71,24 @@ class SiteRouter:
         return Route(transport, hop or None)
 
 
+@implementer(IRouter)
+class BlockingRouter:
+    """Says blocking = True: asked in the plugin threads, never on the reactor."""
+
+    name = "blockingrouter"
+    blocking = True
+
+    def __init__(self, hop):
+        self.hop = hop
+
+    def route(self, recipient, context):
+        if recipient.domain_key != "blocking-router.test":
+            return None
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("a blocking router ran on the reactor thread")
+        return Route("smtp", self.hop)
+
+
 @implementer(ITransport)
 class Scripted:
     def __init__(self, name):
@@ -102,6 +122,8 @@ class Factory:
 
 siterouter = Factory("siterouter", lambda name, context: SiteRouter(
     {key[len("route."):]: value for key, value in context.options.items()}))
+blockingrouter = Factory("blockingrouter", lambda name, context: BlockingRouter(
+    context.options["hop"]))
 raiser = Factory("raiser", lambda name, context: Scripted(name))
 hanger = Factory("hanger", lambda name, context: Scripted(name))
 garbage = Factory("garbage", lambda name, context: Scripted(name))
@@ -159,6 +181,7 @@ class WebHookServer:
                     server._changed.notify_all()
                 local = recipients[0].split("@")[0]
                 code, text = {"gone": (404, b"no such hook\n"),
+                              "throttled": (429, b"slow down\n") if seen == 0 else (200, b"ok\n"),
                               "busy": (503, b"busy\n") if seen == 0 else (200, b"ok\n"),
                               }.get(local, (200, b"stored\n"))
                 self.send_response(code)
@@ -242,10 +265,11 @@ def site_config(root, far_ends, workers="0"):
                      "transport_timeout": "3"},
         "queue": {"min_backoff": "1", "max_backoff": "2"},
         "plugins": {"path": f"{plugins} {os.path.join(REPO, 'etc', 'plugins')}",
-                    "routers": "siterouter, webhook",
+                    "routers": "siterouter, blockingrouter, webhook",
                     "transports": "pipe, webhook, raiser, hanger, garbage, threaded",
                     "timeout": "1"},
         "plugin:siterouter": {f"route.{domain}": spec for domain, spec in routes.items()},
+        "plugin:blockingrouter": {"hop": f"[127.0.0.1]:{other_hop.port}"},
         "plugin:webhook": {"url": f"http://127.0.0.1:{hook.port}/hook", "timeout": "2",
                            "domains": "example.org"},
         "plugin:pipe": {"command.deliver": f"{command} {{queue_id}} -f {{sender}} -- {{recipient}}",
@@ -455,6 +479,13 @@ def test_webhook_503_defers_then_200_delivers(site, far_ends):
     wait_until(lambda: removed(site, queue_id), what="the message to leave the queue")
 
 
+def test_webhook_429_defers_rather_than_bounces(site, far_ends):
+    queue_id = send(site, ["throttled@example.org"])
+    lines = wait_for_outcome(site, queue_id, "throttled@example.org", "sent")
+    assert [line[1:3] for line in lines] == [("4.0.0", "deferred"), ("2.0.0", "sent")]
+    assert "said 429 Too Many Requests: slow down" in lines[0][3]
+
+
 def test_webhook_404_bounces(site, far_ends):
     nexthop, hook = far_ends[0], far_ends[2]
     queue_id = send(site, ["gone@example.org"])
@@ -497,6 +528,14 @@ def test_a_router_may_send_smtp_mail_to_a_next_hop_of_its_choice(site, far_ends)
     [message] = [m for m in other_hop.messages if queue_id.encode() in m["data"]]
     assert message["recipients"] == ["carol@other-hop.test"]
     assert split_received(message["data"])[1] == BODY
+
+
+def test_a_blocking_router_is_asked_in_the_plugin_threads(site, far_ends):
+    other_hop = far_ends[1]
+    queue_id = send(site, ["erin@blocking-router.test"])
+    [line] = wait_for_outcome(site, queue_id, "erin@blocking-router.test", "sent")
+    assert line[0] == f"127.0.0.1[127.0.0.1]:{other_hop.port}"
+    assert any(queue_id.encode() in m["data"] for m in other_hop.messages)
 
 
 def test_other_domains_go_to_the_built_in_router(site, far_ends):
@@ -684,3 +723,61 @@ def test_sighup_gives_the_new_delivery_worker_the_new_pipe_commands(tmp_path, fa
         assert pipe_runs(relay, second)[0][0][2:5] == ["reloaded", "-f", SENDER]
     finally:
         relay.stop()
+
+
+# -- the webhook's own failures, driven directly -------------------------------------
+
+class WebHookFailureTests(unittest.TestCase):
+    """A web hook that is down or does not answer: deferred (4.4.1)."""
+
+    timeout = 20
+
+    def hook(self, url, timeout="1"):
+        import importlib.util
+        from types import SimpleNamespace
+        from relaymail.policy.loader import PluginContext
+        spec = importlib.util.spec_from_file_location(
+            "webhook_under_test", os.path.join(REPO, "etc", "plugins", "webhook.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        options = {"url": url, "timeout": timeout}
+        return module.webhook.build(PluginContext("webhook", options,
+                                                  SimpleNamespace(source="relay.ini")))
+
+    def message(self):
+        from relaymail.queue.message_view import MessageView
+        from relaymail.envelope import Envelope
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(BODY)
+        return MessageView.read("QUEUEID", Envelope(SENDER, ["a@example.org"]), path)
+
+    @defer.inlineCallbacks
+    def test_a_refused_connection_defers(self):
+        from tests.relay_process import free_port
+        url = f"http://127.0.0.1:{free_port()}/hook"
+        result = yield self.hook(url).deliver(self.message(), ["a@example.org"], None)
+        outcome = result["a@example.org"]
+        self.assertEqual((outcome.kind, outcome.status), ("deferred", "4.4.1"))
+        self.assertTrue(outcome.reason.startswith(f"webhook {url}: ConnectionRefusedError"),
+                        outcome.reason)
+
+    @defer.inlineCallbacks
+    def test_a_server_that_never_answers_defers_after_the_timeout(self):
+        import socket
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        self.addCleanup(silent.close)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        result = yield self.hook(url).deliver(self.message(), ["a@example.org"], None)
+        outcome = result["a@example.org"]
+        self.assertEqual((outcome.kind, outcome.status, outcome.reason),
+                         ("deferred", "4.4.1", f"webhook {url}: no answer within 1s"))
+
+    def test_a_bad_url_is_a_config_error_naming_the_key(self):
+        from relaymail.config import ConfigError
+        with self.assertRaises(ConfigError) as info:
+            self.hook("ftp://example.net/")
+        self.assertEqual(str(info.exception), "relay.ini: [plugin:webhook] url: expected an "
+                                              "http:// or https:// URL, got 'ftp://example.net/'")

@@ -87,15 +87,15 @@ class WebHook:
     def deliver(self, message, recipients, next_hop):
         recipients = list(recipients)
         d = defer.ensureDeferred(self._post(message, recipients))
-        d.addTimeout(self.timeout, self.reactor)
+        # Whatever the cancelled request failed with, a timeout is a timeout.
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=lambda _, timeout: (
+            RecipientOutcome.deferred(f"webhook {self.url}: no answer within {timeout:g}s",
+                                      "4.4.1")))
 
         def failed(failure):
-            if failure.check(defer.TimeoutError):
-                reason = f"webhook {self.url}: no answer within {self.timeout:g}s"
-            else:
-                reason = f"webhook {self.url}: {_why(failure.value)}"
-            return RecipientOutcome.deferred(reason, "4.4.1")
-        d.addCallbacks(lambda outcome: outcome, failed)
+            return RecipientOutcome.deferred(f"webhook {self.url}: {_why(failure.value)}",
+                                             "4.4.1")
+        d.addErrback(failed)
         return d.addCallback(lambda outcome: {r: outcome for r in recipients})
 
     async def _post(self, message, recipients):

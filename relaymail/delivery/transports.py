@@ -233,7 +233,7 @@ class TransportRunner:
                                       self._read, job)
         d.addCallback(self._deliver, transport, job)
         if self._timeout is not None:
-            d.addTimeout(self._timeout, self._reactor)
+            d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
         return d.addCallbacks(lambda result: outcomes_of(job, result),
                               self._failed, errbackArgs=(job,))
 
@@ -310,6 +310,12 @@ def _outcome(address, status, enhanced, text, hop):
 
 def _all(job, enhanced, problem, hop):
     return [_outcome(address, DEFERRED, enhanced, problem, hop) for address in job.recipients]
+
+
+def _timed_out(result, timeout):
+    # Whatever a cancelled transport failed with (its own wrapper of the
+    # cancellation, or none), the recipients were deferred by the timeout.
+    raise defer.TimeoutError(f"no answer within {timeout}s")
 
 
 def _call(function, *args):
