@@ -781,3 +781,83 @@ class WebHookFailureTests(unittest.TestCase):
             self.hook("ftp://example.net/")
         self.assertEqual(str(info.exception), "relay.ini: [plugin:webhook] url: expected an "
                                               "http:// or https:// URL, got 'ftp://example.net/'")
+
+
+# -- the scheduler with a router that answers later (a fake clock) -------------------
+
+class LateRouter:
+    """A policy whose one router answers each recipient when the test says."""
+
+    routers_enabled = True
+
+    def __init__(self):
+        self.asked = []
+
+    def route(self, recipient, context):
+        d = defer.Deferred()
+        self.asked.append((str(recipient), context, d))
+        return d
+
+
+class DrainingPool:
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, job):
+        self.jobs.append(job)
+
+    def drain(self):
+        return []
+
+    def stop(self):
+        pass
+
+
+def late_scheduler(tmp_path):
+    from twisted.internet import task
+    from relaymail.delivery.routing import Router
+    from relaymail.queue.scheduler import Scheduler
+    from tests.support import make_settings
+    from tests.test_scheduler import T0, Spool
+    settings = make_settings(tmp_path, delivery__smarthost="[127.0.0.1]:2526",
+                             queue__min_backoff="10", queue__max_backoff="10")
+    clock = task.Clock()
+    clock.advance(T0)
+    spool, pool, policy = Spool(tmp_path), DrainingPool(), LateRouter()
+    sched = Scheduler(spool, pool, Router(settings, resolver=object()), settings, clock,
+                      clock=clock.seconds, policy=policy)
+    return sched, spool, pool, policy, clock
+
+
+def test_a_message_waiting_for_its_router_is_active_and_goes_once_it_answers(tmp_path):
+    from relaymail.interfaces import Route
+    sched, spool, pool, policy, clock = late_scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net", "b@example.net"], sender="s@example.org")
+    sched.startService()
+    clock.advance(0)
+    assert [asked[0] for asked in policy.asked] == ["a@example.net", "b@example.net"]
+    context = policy.asked[0][1]
+    assert (context.trusted, str(context.sender), context.session_id) == (
+        True, "s@example.org", "AAAA")
+    assert "AAAA" in sched._attempts and pool.jobs == []
+    policy.asked[0][2].callback((Route("smtp", "[192.0.2.7]:2525"), "late"))
+    assert pool.jobs == []          # the job waits for every recipient's route
+    policy.asked[1][2].callback((None, None))
+    [routed, built_in] = pool.jobs
+    assert (routed.destination.host, routed.destination.port, routed.recipients) == (
+        "192.0.2.7", 2525, ["a@example.net"])
+    assert (built_in.destination.kind, built_in.recipients) == ("smarthost", ["b@example.net"])
+
+
+def test_a_router_answering_after_a_drain_began_submits_nothing(tmp_path):
+    sched, spool, pool, policy, clock = late_scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    sched.startService()
+    clock.advance(0)
+    drained = sched.drain(30)
+    assert not drained.called
+    policy.asked[0][2].callback((None, None))
+    assert pool.jobs == []
+    assert drained.called
+    record = spool.records["AAAA"]
+    assert record["attempts"] == 0 and record["recipients"][0]["status"] != "sent"

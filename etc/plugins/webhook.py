@@ -150,14 +150,21 @@ class _Body:
             consumer.write(chunk)
             yield None
 
+    # The request may pause, resume or stop a body already sent in full.
     def pauseProducing(self):
-        self._task.pause()
+        self._on_task("pause")
 
     def resumeProducing(self):
-        self._task.resume()
+        self._on_task("resume")
 
     def stopProducing(self):
-        self._task.stop()
+        self._on_task("stop")
+
+    def _on_task(self, action):
+        try:
+            getattr(self._task, action)()
+        except (task.TaskDone, task.TaskStopped, task.TaskFailed, task.TaskFinished):
+            pass
 
 
 class _FirstBytes(protocol.Protocol):
