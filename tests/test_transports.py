@@ -368,8 +368,9 @@ def test_pipe_runs_the_command_per_recipient_with_argv_and_the_message_on_stdin(
         our_id, rest = split_received(stdin, newline=b"\n")
         assert our_id == queue_id
         assert rest == BODY.replace(b"\r\n", b"\n")
-        # A minimal environment: PATH, the exported names, env.NAME.
-        assert set(env) - {"TZ", "LANG", "PWD"} == {"PATH", "OUT"}
+        # A minimal environment: PATH, the exported names, env.NAME (and
+        # what the Python command sets for itself: PWD, a coerced LC_CTYPE).
+        assert set(env) - {"TZ", "LANG", "PWD", "LC_CTYPE"} == {"PATH", "OUT"}
         assert env["PATH"] == "/usr/bin:/bin"
     [(relay, dsn, status, text)] = outcomes(site, queue_id, "bob@example.net")
     assert (relay, dsn, status, text) == (
