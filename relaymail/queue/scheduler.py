@@ -1,9 +1,12 @@
 """When each queued message is tried, and what its results do to it.
 
 The scheduler is the queue's one owner while the daemon runs (Postfix's
-qmgr): it knows which messages are due, splits each into one job per
-destination for :class:`~relaymail.delivery.destinations.DestinationPool`,
-records every recipient's outcome in the message's queue record as it
+qmgr): it knows which messages are due, routes each recipient (the
+``[plugins] routers``, else the built-in router of
+:mod:`relaymail.delivery.router`), splits each message into one job per
+destination for :class:`~relaymail.delivery.destinations.DestinationPool`
+(smtp) or :class:`~relaymail.delivery.transports.TransportRunner` (every
+other transport), records every recipient's outcome in the message's queue record as it
 comes, retries deferred recipients with backoff, returns failures to the
 sender as DSNs, and removes a message once every recipient is done.
 
