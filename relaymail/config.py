@@ -838,6 +838,13 @@ SCHEMA = {
         # in the spirit of its default_process_limit (100).
         "destination_concurrency": Key(integer(minimum=1), "20"),
         "max_connections": Key(integer(minimum=1), "100"),
+        # Transports other than smtp (lmtp, pipe, a site's;
+        # relaymail.delivery.transports): deliveries at once per transport,
+        # as default_destination_concurrency_limit, and the longest one
+        # deliver() may take before its recipients are deferred: Postfix's
+        # command_time_limit (1000s), its bound on a pipe(8) command.
+        "transport_concurrency": Key(integer(minimum=1), "20"),
+        "transport_timeout": Key(duration(positive=True), "1000"),
         # Delivery worker processes, each owning one partition of the queue,
         # when [server] workers is not 0 (relaymail.queue.partition).
         "workers": Key(integer(minimum=1, maximum=64), "1"),

@@ -24,7 +24,9 @@ from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config, read_config_text
 from relaymail.config_warnings import config_warnings
 from relaymail.delivery.destinations import DestinationPool, client_configs
+from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
+from relaymail.delivery.transports import TransportRegistry, TransportRunner
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
@@ -32,6 +34,8 @@ from relaymail.delivery.shaping import OutboundRates
 from relaymail.policy.loader import build_hooks
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
+from relaymail.policy.threads import PluginThreads
+from relaymail.queue.message_view import queued_message
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
@@ -146,7 +150,8 @@ def build_service(settings, reactor=None):
         from twisted.internet import reactor
     raise_file_limit(settings)
     instruments.enable(bool(settings.metrics.listen))
-    policy = Policy.from_hooks(build_hooks(settings), settings, reactor=reactor)
+    hooks = build_hooks(settings)
+    policy = Policy.from_hooks(hooks, settings, reactor=reactor)
     # Before the lock, so a file that will not load leaves no spool behind.
     _check_tls_and_passwords(settings)
     lock = take_lock(settings)
@@ -156,7 +161,7 @@ def build_service(settings, reactor=None):
     # reads it and before any listener accepts mail (and stopped in the
     # other: relaymail.lifecycle).
     spool.setServiceParent(top)
-    scheduler = delivery_scheduler(settings, reactor, spool, policy)
+    scheduler = delivery_scheduler(settings, reactor, spool, policy, hooks=hooks)
     scheduler.setServiceParent(top)
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
@@ -164,7 +169,8 @@ def build_service(settings, reactor=None):
     sessions = OpenSessions(reactor)
     listeners = []
     factories = inbound_factories(settings, reactor, top, policy, queue, sessions=sessions)
-    SingleProcessReload(reactor, settings, factories, policy).setServiceParent(top)
+    SingleProcessReload(reactor, settings, factories, policy,
+                        scheduler.transports.registry).setServiceParent(top)
     for (key, description, _options), factory in zip(listener_specs(settings), factories):
         listener = StreamServerEndpointService(listen_endpoint(settings, reactor, key, description),
                                                factory)
@@ -255,7 +261,8 @@ class SingleProcessReload(service.Service):
     the old ones kept if the new ones do not build; other changes to the
     config need a restart, and a line says so."""
 
-    def __init__(self, reactor, settings, factories, policy=None):
+    def __init__(self, reactor, settings, factories, policy=None, transports=None):
+        self._transports = transports   # the scheduler's TransportRegistry
         self._reactor = reactor
         self._settings = settings
         self._factories = factories
@@ -292,7 +299,10 @@ class SingleProcessReload(service.Service):
                 problems.append(str(_passwords_problem(self._settings, error)))
         if self._policy is not None:
             try:
-                self._policy.use_hooks(build_hooks(self._settings))
+                hooks = build_hooks(self._settings)
+                if self._transports is not None:
+                    self._transports.use_site(hooks["transports"])
+                self._policy.use_hooks(hooks)
             except ConfigError as error:
                 problems.append(str(error))
         for problem in problems:
@@ -343,7 +353,10 @@ def check_files(settings):
 
     :raise ConfigError: naming the file, section and key that failed.
     """
-    build_hooks(settings)
+    hooks = build_hooks(settings)
+    # A site transport named like another stops start-up here, not in
+    # each delivery worker.
+    TransportRegistry(None, settings, hooks["transports"])
     _check_tls_and_passwords(settings)
     _check_metrics_directory(settings)
 
@@ -423,15 +436,23 @@ def take_lock(settings):
     return lock
 
 
-def delivery_scheduler(settings, reactor, spool, policy, rate_share=1):
-    """The scheduler and the outbound connection pool it drives;
-    ``rate_share`` is how many delivery workers split [delivery_rates]."""
-    router = Router(settings, reactor=reactor)
-    pool = DestinationPool(reactor, router, client_configs(settings),
+def delivery_scheduler(settings, reactor, spool, policy, rate_share=1, hooks=None):
+    """The scheduler, the outbound connection pool and the transport runner
+    it drives; ``rate_share`` is how many delivery workers split
+    [delivery_rates]; ``hooks`` the plugins :func:`build_hooks` built (its
+    ``transports`` join the built-in ones)."""
+    router = BuiltinRouter(Router(settings, reactor=reactor))
+    pool = DestinationPool(reactor, router.router, client_configs(settings),
                            settings.delivery.destination_concurrency,
                            settings.delivery.max_connections)
+    registry = TransportRegistry(reactor, settings, (hooks or {}).get("transports", ()))
+    transports = TransportRunner(reactor, registry, queued_message,
+                                 PluginThreads(reactor, settings.plugins.threads),
+                                 settings.delivery.transport_concurrency,
+                                 settings.delivery.transport_timeout)
     return Scheduler(spool, pool, router, settings, reactor, policy=policy,
-                     rates=OutboundRates(settings.delivery_rates, rate_share))
+                     rates=OutboundRates(settings.delivery_rates, rate_share),
+                     transports=transports)
 
 
 def listener_specs(settings):

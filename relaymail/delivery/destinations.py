@@ -69,6 +69,9 @@ class Job:
     #: they were: neither delivered nor failed).
     on_abandoned: object = None
     queued_at: float = field(default_factory=time.time)
+    #: The queue record's envelope (a dict), for transports other than
+    #: smtp, which see the message as an IMessage.
+    envelope: dict = None
 
 
 class _DestinationQueue:

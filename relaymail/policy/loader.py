@@ -62,7 +62,7 @@ class Hooks(dict):
 # Hooks whose contract is written but that this version does not call yet:
 # enabling a plugin there is refused rather than silently ignored.  Each
 # leaves this set as it is wired in.
-_NOT_CALLED_YET = frozenset({"routers", "transports"})
+_NOT_CALLED_YET = frozenset()
 
 
 @implementer(IPluginContext)

@@ -15,6 +15,7 @@ from relaymail import header_section, sanitize
 from relaymail.metrics import instruments
 from relaymail.interfaces import Decision
 from relaymail.policy import filters as message_filters
+from relaymail.policy import routers as message_routers
 from relaymail.policy.answer_cache import CACHEABLE, MISS
 from relaymail.policy.threads import PluginThreads
 
@@ -113,7 +114,7 @@ class Policy:
     FAILED = _Failed()
 
     def __init__(self, validators, expanders, settings, clock=None, *, connect=(), helo=(),
-                 senders=(), filters=(), reactor=None, caches=None):
+                 senders=(), filters=(), routers=(), reactor=None, caches=None):
         if reactor is None:
             from twisted.internet import reactor
         if clock is None:
@@ -124,6 +125,7 @@ class Policy:
         self._helo = list(helo)
         self._senders = list(senders)
         self._filters = list(filters)
+        self._routers = list(routers)
         self._timeout = settings.plugins.timeout
         self._clock = clock
         self._threads = PluginThreads(reactor, getattr(settings.plugins, "threads", 10))
@@ -136,7 +138,7 @@ class Policy:
         built."""
         return cls(hooks["recipients"], hooks["expanders"], settings, clock,
                    connect=hooks["connect"], helo=hooks["helo"], senders=hooks["senders"],
-                   filters=hooks["filters"], reactor=reactor,
+                   filters=hooks["filters"], routers=hooks.get("routers", ()), reactor=reactor,
                    caches=getattr(hooks, "caches", None))
 
     def use_hooks(self, hooks):
@@ -148,6 +150,7 @@ class Policy:
         self._helo = list(hooks["helo"])
         self._senders = list(hooks["senders"])
         self._filters = list(hooks["filters"])
+        self._routers = list(hooks.get("routers", ()))
         self._caches = dict(getattr(hooks, "caches", None) or {})
 
     @property
@@ -436,6 +439,23 @@ class Policy:
         """
         return message_filters.run_filters(self, self._filters, message, context, _label)
 
+    # -- routers (asked by the delivery process) ------------------------------
+
+    @property
+    def routers_enabled(self):
+        """Whether any router is configured."""
+        return bool(self._routers)
+
+    def route(self, recipient, context):
+        """Ask the routers where a queued recipient's mail goes.
+
+        :param recipient: a Mailbox.
+        :return: a Deferred firing with ``(Route, router name)``, or
+            ``(None, None)`` when no router answered; it fails with
+            :class:`relaymail.policy.routers.RouterFailed` (logged).
+        """
+        return message_routers.run_routers(self, self._routers, recipient, context, _label)
+
     # -- calling plugins --------------------------------------------------
 
     def _call(self, plugin, method, *args):
@@ -455,6 +475,7 @@ class Policy:
         """Log a plugin's failure: ``exc``, with ``failure`` (a Failure)
         when it came through a Deferred, else the exception being handled."""
         if isinstance(exc, (_PluginTimedOut, _BadAnswer, message_filters.BadFilterAnswer,
+                            message_routers.BadRoute,
                             header_section.BadField)):
             # No traceback worth reading: say what went wrong.
             log.error("plugin {plugin} {method}({address!r}): {problem}",

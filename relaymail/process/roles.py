@@ -43,10 +43,11 @@ def build(arguments, settings, reactor, fds):
     :mod:`relaymail.process.worker`)."""
     from relaymail.metrics import instruments
     instruments.enable(bool(settings.metrics.listen))
-    policy = Policy.from_hooks(build_hooks(settings), settings, reactor=reactor)
+    hooks = build_hooks(settings)
+    policy = Policy.from_hooks(hooks, settings, reactor=reactor)
     if arguments.role == "inbound":
         return _inbound(arguments, settings, reactor, fds, policy)
-    return _delivery(arguments, settings, reactor, fds, policy)
+    return _delivery(arguments, settings, reactor, fds, policy, hooks)
 
 
 def _inbound(arguments, settings, reactor, fds, policy):
@@ -74,7 +75,7 @@ def _inbound(arguments, settings, reactor, fds, policy):
     return top
 
 
-def _delivery(arguments, settings, reactor, fds, policy):
+def _delivery(arguments, settings, reactor, fds, policy, hooks):
     from relaymail.tap import delivery_scheduler
     top = OrderlyService(settings.server.shutdown_grace)
     owns = owner_test(arguments.partition, arguments.partitions)
@@ -82,7 +83,7 @@ def _delivery(arguments, settings, reactor, fds, policy):
                   owns=owns, beside_writers=True)
     spool.setServiceParent(top)
     scheduler = delivery_scheduler(settings, reactor, spool, policy,
-                                   rate_share=arguments.partitions)
+                                   rate_share=arguments.partitions, hooks=hooks)
     scheduler.setServiceParent(top)
     receiving = _socket(fds[f"pickup.{arguments.partition}"])
     _Hooks(lambda: reactor.addReader(PickupReceiver(reactor, receiving,

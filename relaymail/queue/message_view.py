@@ -16,6 +16,7 @@ import os
 from zope.interface import implementer
 
 from relaymail import address, header_section
+from relaymail.envelope import Envelope
 from relaymail.interfaces import IMessage
 
 #: How much of the file is read at a time looking for the end of the header.
@@ -71,6 +72,13 @@ class MessageView:
         body = open(self.path, "rb")
         body.seek(self.body_offset)
         return io.BufferedReader(_Joined(self.header_bytes, body))
+
+
+def queued_message(job):
+    """The IMessage a transport gets for a delivery job
+    (relaymail.delivery.transports): the spool's message file with the
+    job's envelope.  Reads the header section: call it in a thread."""
+    return MessageView.read(job.queue_id, Envelope.from_dict(job.envelope), job.message_path)
 
 
 class _Joined(io.RawIOBase):

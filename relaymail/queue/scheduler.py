@@ -1,9 +1,12 @@
 """When each queued message is tried, and what its results do to it.
 
 The scheduler is the queue's one owner while the daemon runs (Postfix's
-qmgr): it knows which messages are due, splits each into one job per
-destination for :class:`~relaymail.delivery.destinations.DestinationPool`,
-records every recipient's outcome in the message's queue record as it
+qmgr): it knows which messages are due, routes each recipient (the
+``[plugins] routers``, else the built-in router of
+:mod:`relaymail.delivery.router`), splits each message into one job per
+destination for :class:`~relaymail.delivery.destinations.DestinationPool`
+(smtp) or :class:`~relaymail.delivery.transports.TransportRunner` (every
+other transport), records every recipient's outcome in the message's queue record as it
 comes, retries deferred recipients with backoff, returns failures to the
 sender as DSNs, and removes a message once every recipient is done.
 
@@ -35,10 +38,13 @@ from dataclasses import replace
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaymail import logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.delivery.router import SMTP, BuiltinRouter
+from relaymail.delivery.transports import KIND as TRANSPORT_KIND, TransportHop
 from relaymail.interfaces import ISessionContext
 from relaymail.metrics import instruments
 from relaymail.queue import record as records
@@ -46,6 +52,7 @@ from relaymail.queue.control import ControlError
 from relaymail.queue.selection import Selection, matching_ids
 from relaymail.queue.bounce import FailedRecipient, build_dsn, is_double_bounce, read_header_section
 from relaymail.address import AddressError, parse_forward_path
+from relaymail.policy.routers import RouterFailed
 
 log = Logger(namespace="relaymail.queue")
 
@@ -80,22 +87,27 @@ class Scheduler(service.Service):
     """Drives delivery of everything in the spool.
 
     :param spool: the relaymail.queue.spool.Spool.
-    :param pool: a DestinationPool that runs jobs.
-    :param router: gives each recipient domain its Destination.
+    :param pool: a DestinationPool that runs the smtp jobs.
+    :param router: the built-in router (relaymail.delivery.router), or the
+        routing.Router it wraps; the policy's routers are asked first.
     :param policy: a relaymail.policy.recipients.Policy; expands the
         double-bounce recipient (aliases) as the server expands recipients.
         None delivers to it as configured.
     :param rates: a relaymail.delivery.shaping.OutboundRates, or None.
+    :param transports: a relaymail.delivery.transports.TransportRunner for
+        the jobs of every transport but smtp, or None (smtp only).
     """
 
     def __init__(self, spool, pool, router, settings, reactor, clock=time.time, policy=None,
-                 rates=None):
+                 rates=None, transports=None):
         self.spool = spool
+        self.transports = transports
         self._rates = rates
         # queue id -> {rate key: time}: the slot a waiting message reserved.
         self._reserved = {}
         self.pool = pool
-        self.router = router
+        # The built-in router: a routing.Router is wrapped (tests give one).
+        self.router = router if isinstance(router, BuiltinRouter) else BuiltinRouter(router)
         self.settings = settings
         self.policy = policy
         self.hostname = settings.server.hostname
@@ -139,7 +151,7 @@ class Scheduler(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        for job in self.pool.drain():
+        for job in self.pool.drain() + (self.transports.drain() if self.transports else []):
             self._job_abandoned(job)
         if not self._attempts:
             return defer.succeed(None)
@@ -171,7 +183,7 @@ class Scheduler(service.Service):
     def _cut_deliveries(self):
         log.warn("{count} deliveries still under way after [server] shutdown_grace: cut; "
                  "they are tried again at the next start", count=len(self._attempts))
-        self.pool.stop()
+        self._stop_pools()
 
     def _stop_waiting(self):
         if self._drained is not None:
@@ -186,7 +198,12 @@ class Scheduler(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._stop_pools()
+
+    def _stop_pools(self):
         self.pool.stop()
+        if self.transports is not None:
+            self.transports.stop()
 
     # -- intake -----------------------------------------------------------
 
@@ -269,42 +286,120 @@ class Scheduler(service.Service):
             return
         attempt = _Attempt(record)
         attempt.started = now
-        jobs = self._jobs_for(queue_id, record, attempt)
-        if self._rates:
+        # Registered before routing, which may wait for a router: the
+        # message counts as active, and a hold or delete asked for
+        # meanwhile is taken as for a message being delivered.
+        self._attempts[queue_id] = attempt
+        d = self._jobs_for(queue_id, record, attempt)
+        d.addCallback(self._submit, queue_id, attempt, now)
+        d.addErrback(self._routing_failed, queue_id, now)
+
+    def _submit(self, jobs, queue_id, attempt, now):
+        if not self._running:
+            # A drain began while routers were asked: nothing was tried.
+            attempt.abandoned = True
+            jobs = []
+        elif self._rates:
             jobs = self._within_rates(queue_id, attempt, jobs, now)
         if not jobs:
-            self._attempts[queue_id] = attempt
             self._conclude(queue_id, attempt)
             return
-        self._attempts[queue_id] = attempt
         attempt.jobs_left = len(jobs)
         for job in jobs:
-            self.pool.submit(job)
+            if job.destination.kind == TRANSPORT_KIND:
+                self.transports.submit(job)
+            else:
+                self.pool.submit(job)
+
+    def _routing_failed(self, failure, queue_id, now):
+        # As for a message that cannot be started (see _run_due): try it
+        # again later; its recipients are as they were.
+        log.failure("{queue_id}: cannot start delivery", failure, queue_id=queue_id)
+        self._attempts.pop(queue_id, None)
+        self._schedule(queue_id, now + self.settings.queue.min_backoff)
 
     def _jobs_for(self, queue_id, record, attempt):
-        """One Job per destination of the recipients still to do."""
+        """One Job per destination of the recipients still to do: a
+        Deferred firing with the list (at once when no router answers
+        later).  Each recipient is routed by the routers, else by the
+        built-in router; one whose routing fails is deferred."""
         envelope = record["envelope"]
-        by_destination = {}
+        context = None
+        routes = []
         for entry in record["recipients"]:
             if entry["status"] in _FINAL:
                 continue
             address = entry["address"]
             try:
-                destination = self.router.destination(_domain_key(address, envelope["smtputf8"]))
+                mailbox = parse_forward_path(f"<{address}>", smtputf8=True)
             except AddressError as error:
                 # Cannot happen for what our server accepted; a hand-edited
                 # record could do it.
                 self._record(queue_id, attempt, self._soft(Outcome(
                     address, BOUNCED, None, "5.1.3", f"bad recipient address: {error}")))
                 continue
-            by_destination.setdefault(destination, []).append(address)
-        return [
-            Job(queue_id=queue_id, destination=destination, sender=envelope["sender"],
-                recipients=addresses, message_path=self.spool.message_path(queue_id),
-                body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
-                on_done=self._job_done, on_abandoned=self._job_abandoned)
-            for destination, addresses in by_destination.items()
-        ]
+            if self.policy is not None and self.policy.routers_enabled:
+                if context is None:
+                    context = _RelayContext(self.hostname, envelope["sender"], queue_id)
+                asked = self.policy.route(mailbox, context)
+            else:
+                asked = defer.succeed((None, None))
+            routes.append(asked.addBoth(self._destination, queue_id, address, mailbox))
+        d = defer.gatherResults(routes, consumeErrors=True)
+
+        def grouped(destinations):
+            by_destination = {}
+            for address, destination, outcome in destinations:
+                if outcome is not None:
+                    self._record(queue_id, attempt, outcome)
+                else:
+                    by_destination.setdefault(destination, []).append(address)
+            return [
+                Job(queue_id=queue_id, destination=destination, sender=envelope["sender"],
+                    recipients=addresses, message_path=self.spool.message_path(queue_id),
+                    body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
+                    on_done=self._job_done, on_abandoned=self._job_abandoned,
+                    envelope=envelope)
+                for destination, addresses in by_destination.items()
+            ]
+        return d.addCallback(grouped)
+
+    def _destination(self, answer, queue_id, address, mailbox):
+        """``(address, destination, None)`` for a recipient a router (or
+        the built-in one) routed, ``(address, None, Outcome)`` for one
+        deferred because its routing failed."""
+        if isinstance(answer, Failure):
+            problem = (answer.value.problem if answer.check(RouterFailed)
+                       else f"{type(answer.value).__name__}: {answer.value}")
+            by = answer.value.plugin if answer.check(RouterFailed) else "builtin"
+            return address, None, Outcome(address, DEFERRED, None, "4.3.0",
+                                          f"router {by} failed: {problem}")
+        route, by = answer
+        if route is None:
+            route, by = self.router.route(mailbox, None), self.router.name
+        if route.transport == SMTP:
+            try:
+                return address, self.router.smtp_destination(route.next_hop, mailbox), None
+            except ValueError as error:
+                problem = f"router {by}: bad smtp next hop {route.next_hop!r}: {error}"
+                log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id,
+                          address=address, problem=problem)
+                return address, None, Outcome(address, DEFERRED, None, "4.3.5", problem)
+        if self.transports is None or not self.transports.knows(route.transport):
+            known = ", ".join([SMTP, *(self.transports.registry.names()
+                                       if self.transports is not None else ())])
+            problem = f"no transport named {route.transport} (router {by}; known: {known})"
+            log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id, address=address,
+                      problem=problem)
+            return address, None, Outcome(address, DEFERRED, None, "4.3.5", problem)
+        try:
+            self.transports.check_next_hop(route.transport, route.next_hop)
+        except ValueError as error:
+            problem = f"router {by}: bad {route.transport} next hop: {error}"
+            log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id, address=address,
+                      problem=problem)
+            return address, None, Outcome(address, DEFERRED, None, "4.3.5", problem)
+        return address, TransportHop(route.transport, route.next_hop), None
 
     def _within_rates(self, queue_id, attempt, jobs, now):
         """The jobs whose destination has a free [delivery_rates] slot, each
@@ -313,6 +408,12 @@ class Scheduler(service.Service):
         going = []
         reserved = self._reserved.pop(queue_id, {})
         for job in jobs:
+            if job.destination.kind == TRANSPORT_KIND:
+                # [delivery_rates] shapes what goes out by SMTP; the other
+                # transports are the site's own (a mailbox server, a
+                # command, a web hook), bounded by transport_concurrency.
+                going.append(job)
+                continue
             domain = job.recipients[0].rpartition("@")[2].lower()
             key = self._rates.key_for(job.destination, domain)
             if key is None:
@@ -734,20 +835,29 @@ class Scheduler(service.Service):
 
 @implementer(ISessionContext)
 class _RelayContext:
-    """The relay itself as the "client" plugins see when it expands the
-    address of a notice it writes: trusted, with no network peer."""
+    """The relay itself as the "client" plugins see for mail in the queue
+    (routing it, or expanding the address of a notice it writes): trusted,
+    with no network peer; ``sender`` the message's, when there is one."""
 
-    def __init__(self, hostname):
+    def __init__(self, hostname, sender="", queue_id=None):
         self.client_ip = ""
         self.client_port = None
         self.helo = hostname
-        self.sender = None
+        self.sender = _mailbox_or_none(sender)
         self.trusted = True
         self.authenticated_user = None
+        self.session_id = queue_id
+        self.client = "relaymail"
+        self.tls = None
 
 
-def _domain_key(address, smtputf8):
-    return parse_forward_path(f"<{address}>", smtputf8=True).domain_key
+def _mailbox_or_none(sender):
+    if not sender:
+        return None
+    try:
+        return parse_forward_path(f"<{sender}>", smtputf8=True)
+    except AddressError:
+        return None
 
 
 def _describe(outcome):

@@ -1,0 +1,335 @@
+"""Transports by name, and the runner that hands them jobs.
+
+A Route names a transport (:class:`relaymail.interfaces.Route`).  ``smtp``
+is the SMTP client and its connection pool
+(:class:`relaymail.delivery.destinations.DestinationPool`), which the
+scheduler drives itself.  Every other name is looked up in a
+:class:`TransportRegistry`: the built-in transports of :data:`BUILTIN`
+(``lmtp``), then the ``[plugins] transports`` plugins (the built-in
+``pipe`` plugin among them, and a site's), each by its ``name``.
+
+Jobs for those go to a :class:`TransportRunner`, which is to a transport
+what the connection pool is to the SMTP client: it runs at most
+``[delivery] transport_concurrency`` deliveries per transport at once (the
+rest wait in order), gives the transport the message as an IMessage read
+from the spool, bounds each ``deliver()`` by ``[delivery]
+transport_timeout``, and turns the :class:`RecipientOutcome` values into
+the scheduler's :class:`~relaymail.delivery.destinations.Outcome`.  Retries,
+bounces, DSNs and soft_bounce stay the scheduler's, the same for every
+transport.
+
+A transport cannot lose a message: one that raises, fails its Deferred,
+answers anything but a dict of RecipientOutcome, leaves a recipient out
+or does not answer in time defers the recipients concerned (4.3.0, the
+transport named in the reason), and the message stays queued for the
+next attempt.  A transport named by a route but not known (a typo, a
+plugin not enabled) defers with 4.3.5, "system incorrectly configured"
+(RFC 3463), as Postfix defers mail for a transport missing from master.cf.
+"""
+
+import collections
+import re
+from dataclasses import dataclass
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from relaymail import sanitize
+from relaymail.config import ConfigError
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
+from relaymail.delivery.lmtp import LMTPTransport, parse_next_hop
+from relaymail.delivery.router import SMTP
+from relaymail.interfaces import RecipientOutcome
+
+log = Logger(namespace="relaymail.delivery")
+
+#: The transports built in beside smtp: name -> (a function of
+#: ``(reactor, settings)`` building the ITransport, a function checking a
+#: route's next hop that raises ValueError naming the problem, or None).
+#: Adding one is a line here.
+BUILTIN = {
+    LMTPTransport.name: (LMTPTransport, parse_next_hop),
+}
+
+#: The Destination kind of a job for a transport other than smtp.
+KIND = "transport"
+
+#: RFC 3463: 4.3.0 "other or undefined mail system status" for a transport
+#: that failed on our side; 4.3.5 "system incorrectly configured".
+LOCAL_FAILURE = "4.3.0"
+MISCONFIGURED = "4.3.5"
+
+_KINDS = {RecipientOutcome.DELIVERED: (SENT, "2"), RecipientOutcome.DEFERRED: (DEFERRED, "4"),
+          RecipientOutcome.BOUNCED: (BOUNCED, "5")}
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+#: The longest reason kept from a transport (log line, queue record, DSN).
+MAX_REASON = 500
+
+
+@dataclass(frozen=True)
+class TransportHop:
+    """What jobs for a transport other than smtp are grouped by: the
+    transport's name and the Route's next hop (a Job's ``destination``)."""
+
+    transport: str
+    next_hop: object = None
+    kind = KIND
+
+    @property
+    def label(self):
+        """How logs name it: ``pipe:deliver``, ``lmtp:/run/dovecot/lmtp``."""
+        return self.transport if self.next_hop is None else f"{self.transport}:{self.next_hop}"
+
+
+class TransportRegistry:
+    """Every transport a Route may name but smtp.
+
+    :param site: the ``[plugins] transports`` plugins, in order.
+    :raise ConfigError: for a plugin with no usable ``name``, or one that
+        takes the name of another transport.
+    """
+
+    def __init__(self, reactor, settings, site=()):
+        self._settings = settings
+        self._builtin = {name: make(reactor, settings) for name, (make, _) in BUILTIN.items()}
+        self.use_site(site)
+
+    def use_site(self, site):
+        """Use the site transports ``site`` from now on (a SIGHUP rebuilt
+        the plugins); deliveries under way finish with the old objects."""
+        named = {}
+        for transport in site:
+            name = getattr(transport, "name", None)
+            if not isinstance(name, str) or not name:
+                raise self._error(f"transport {transport!r} has no name for routes to give")
+            if name == SMTP or name in self._builtin or name in named:
+                raise self._error(f"two transports are named '{name}'")
+            named[name] = transport
+        self._site = named
+
+    def _error(self, problem):
+        return ConfigError(self._settings.source, "plugins", "transports", problem)
+
+    def get(self, name):
+        """The transport called ``name``, or None."""
+        if name in self._builtin:
+            return self._builtin[name]
+        return self._site.get(name)
+
+    def check_next_hop(self, name, next_hop):
+        """Check a route's next hop for the built-in transport ``name``
+        (a site transport checks its own when it delivers).
+
+        :raise ValueError: naming the problem."""
+        check = BUILTIN.get(name, (None, None))[1]
+        if check is not None:
+            check(next_hop)
+
+    def names(self):
+        """Every name but smtp, sorted: for "no transport named X" lines."""
+        return sorted({*self._builtin, *self._site})
+
+
+class _Unreadable(Exception):
+    """The spool's copy of the message could not be read."""
+
+
+class _Running:
+    def __init__(self):
+        self.jobs = collections.deque()
+        self.running = {}           # id(job) -> (job, Deferred)
+
+
+class TransportRunner:
+    """Runs the jobs for every transport but smtp (see the module docstring).
+
+    :param registry: a :class:`TransportRegistry`.
+    :param message_for: ``message_for(job)``, the job's message as an
+        IMessage; it reads the spool, so it is called in a thread.
+    :param threads: runs the calls of a transport that says
+        ``blocking = True`` (a relaymail.policy.threads.PluginThreads).
+    :param concurrency: deliveries at once per transport.
+    :param timeout: seconds a ``deliver()`` may take, or None.
+    """
+
+    def __init__(self, reactor, registry, message_for, threads, concurrency, timeout):
+        self.registry = registry
+        self._reactor = reactor
+        self._message_for = message_for
+        self._threads = threads
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._transports = {}       # name -> _Running
+        self._draining = False
+        self._stopping = False
+
+    @property
+    def busy(self):
+        return any(t.jobs or t.running for t in self._transports.values())
+
+    def knows(self, name):
+        return self.registry.get(name) is not None
+
+    def check_next_hop(self, name, next_hop):
+        self.registry.check_next_hop(name, next_hop)
+
+    def submit(self, job):
+        name = job.destination.transport
+        self._transports.setdefault(name, _Running()).jobs.append(job)
+        self._pump()
+
+    def drain(self):
+        """Start no more jobs; those running finish.
+
+        :return: the jobs that were waiting and will not run."""
+        self._draining = True
+        left = []
+        for queue in self._transports.values():
+            left.extend(queue.jobs)
+            queue.jobs.clear()
+        return left
+
+    def stop(self):
+        """Give up on the deliveries still running: their jobs are left to
+        the next start (a transport may have delivered some of them: the
+        queue's contract, twice rather than never)."""
+        self._stopping = True
+        for queue in list(self._transports.values()):
+            for _job, running in list(queue.running.values()):
+                running.cancel()
+
+    def _pump(self):
+        if self._draining or self._stopping:
+            return
+        for name, queue in list(self._transports.items()):
+            while queue.jobs and len(queue.running) < self._concurrency:
+                job = queue.jobs.popleft()
+                d = self._run(job)
+                queue.running[id(job)] = (job, d)
+                d.addBoth(self._over, queue, job)
+            if not queue.jobs and not queue.running:
+                del self._transports[name]
+
+    def _over(self, outcomes, queue, job):
+        queue.running.pop(id(job), None)
+        if outcomes is None:
+            _call(job.on_abandoned, job)
+        else:
+            _call(job.on_done, job, outcomes)
+        # Later, not now: a job that ended at once would recurse.
+        self._reactor.callLater(0, self._pump)
+
+    def _run(self, job):
+        """One job: a Deferred firing with its Outcomes, or None when a
+        stop cut it; it never fails."""
+        hop = job.destination
+        transport = self.registry.get(hop.transport)
+        if transport is None:
+            # Known when the job was made; gone since (a SIGHUP).
+            return defer.succeed(_all(job, MISCONFIGURED,
+                                      f"no transport named {hop.transport}", hop))
+        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                      self._read, job)
+        d.addCallback(self._deliver, transport, job)
+        if self._timeout is not None:
+            d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
+        return d.addCallbacks(lambda result: outcomes_of(job, result),
+                              self._failed, errbackArgs=(job,))
+
+    def _read(self, job):
+        try:
+            return self._message_for(job)
+        except OSError as exc:
+            raise _Unreadable(f"cannot read the message file: {exc.strerror or exc}") from None
+
+    def _deliver(self, message, transport, job):
+        recipients = list(job.recipients)
+        next_hop = job.destination.next_hop
+        if getattr(transport, "blocking", False) is True:
+            return self._threads.run(transport.deliver, message, recipients, next_hop)
+        return transport.deliver(message, recipients, next_hop)
+
+    def _failed(self, failure, job):
+        hop = job.destination
+        if self._stopping:
+            return None
+        if failure.check(defer.TimeoutError):
+            problem = f"transport {hop.transport} did not answer within {self._timeout:g}s"
+            log.error("{queue_id}: {problem}", queue_id=job.queue_id, problem=problem)
+        elif failure.check(_Unreadable):
+            problem = str(failure.value)
+            log.error("{queue_id}: {problem}", queue_id=job.queue_id, problem=problem)
+        else:
+            problem = f"transport {hop.transport} failed: {_one_line(failure.value)}"
+            log.failure("{queue_id}: transport {transport} failed", failure,
+                        queue_id=job.queue_id, transport=hop.transport)
+        return _all(job, LOCAL_FAILURE, problem, hop)
+
+
+def outcomes_of(job, result):
+    """The Outcome of each of the job's recipients from what its
+    transport's ``deliver()`` answered (see the module docstring)."""
+    hop = job.destination
+    if not isinstance(result, dict):
+        problem = (f"transport {hop.transport} answered {_short(repr(result))}, "
+                   "not a dict of outcomes")
+        log.error("{queue_id}: {problem}", queue_id=job.queue_id, problem=problem)
+        return _all(job, LOCAL_FAILURE, problem, hop)
+    outcomes = []
+    for address in job.recipients:
+        value = result.get(address)
+        if isinstance(value, RecipientOutcome) and value.kind in _KINDS:
+            outcomes.append(_converted(address, value, hop))
+            continue
+        problem = (f"transport {hop.transport} gave no outcome for this recipient"
+                   if value is None else
+                   f"transport {hop.transport} answered {_short(repr(value))}, "
+                   "not a RecipientOutcome")
+        log.error("{queue_id}: <{address}>: {problem}", queue_id=job.queue_id, address=address,
+                  problem=problem)
+        outcomes.append(_outcome(address, DEFERRED, LOCAL_FAILURE, problem, hop))
+    return outcomes
+
+
+def _converted(address, value, hop):
+    status, digit = _KINDS[value.kind]
+    enhanced = value.status if isinstance(value.status, str) else ""
+    if _STATUS.fullmatch(enhanced):
+        # The class is the kind's: a "bounced" 4.x.x is a permanent failure.
+        enhanced = digit + enhanced[1:]
+    else:
+        enhanced = f"{digit}.0.0"
+    reason = value.reason if isinstance(value.reason, str) else repr(value.reason)
+    return _outcome(address, status, enhanced, _short(reason, MAX_REASON) or value.kind, hop)
+
+
+def _outcome(address, status, enhanced, text, hop):
+    return Outcome(address, status, None, enhanced, text, remote=hop.label)
+
+
+def _all(job, enhanced, problem, hop):
+    return [_outcome(address, DEFERRED, enhanced, problem, hop) for address in job.recipients]
+
+
+def _timed_out(result, timeout):
+    # Whatever a cancelled transport failed with (its own wrapper of the
+    # cancellation, or none), the recipients were deferred by the timeout.
+    raise defer.TimeoutError(f"no answer within {timeout}s")
+
+
+def _call(function, *args):
+    try:
+        function(*args)
+    except Exception:
+        log.failure("recording the outcome of {queue_id} failed", queue_id=args[0].queue_id)
+
+
+def _short(text, limit=200):
+    text = " ".join(text.split())
+    return sanitize.escape(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    return _short(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
