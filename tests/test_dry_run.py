@@ -152,7 +152,8 @@ def write_site(workdir):
 
 def sections(workdir, plugins):
     return {
-        "server": {"trusted_networks": "10.9.9.0/24 127.0.0.7/32"},
+        # Two inbound workers: the start-up line must still come once.
+        "server": {"trusted_networks": "10.9.9.0/24 127.0.0.7/32", "workers": "2"},
         "relay": {"domains": "example.com"},
         "plugins": {"connect": "gatekeeper", "helo": "helocheck", "senders": "sendercheck",
                     "recipients": "broken, later, sleepy, aliases, domains",
@@ -429,6 +430,10 @@ def test_json_output(relay):
 def test_usage_and_config_errors(relay, tmp_path):
     assert check(relay.config, "rcpt")[0] == 64
     assert check(relay.config, "rcpt", "a@example.com", "--client", "nowhere")[0] == 64
+    assert check(relay.config, "route", "not an address") == (64, "")
+    # A bad address at RCPT is the server's own 501, not a usage error.
+    status, out = check(relay.config, "rcpt", "not an address")
+    assert status == 1 and "\nreply: 501 5.1.3 " in out
     bad = tmp_path / "bad.ini"
     bad.write_text("[plugins]\nrecipients = nosuch\n")
     result = subprocess.run(

@@ -60,11 +60,13 @@ deferred), 64 for a usage error, 78 for a configuration error (sysexits.h
 EX_USAGE and EX_CONFIG).
 """
 
+import argparse
 import ipaddress
 import json
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from relaymail import address
 from relaymail.interfaces import Decision
@@ -86,14 +88,8 @@ COMMAND_HOOKS = {
     "route": "routers",
 }
 
-#: The plugin methods of each hook (RCPT asks check_recipient, VRFY verify).
-_HOOK_METHODS = {
-    "connect": ("check_connection",),
-    "helo": ("check_helo",),
-    "senders": ("check_sender",),
-    "recipients": ("check_recipient", "verify"),
-    "expanders": ("expand",),
-}
+#: The hooks the dry run's Policy asks (routers are asked directly).
+_POLICY_HOOKS = ("connect", "helo", "senders", "recipients", "expanders")
 
 
 class UsageError(Exception):
@@ -102,7 +98,6 @@ class UsageError(Exception):
 
 def add_arguments(commands):
     """Add the dry-run commands to relaymail-check's subparsers."""
-    import argparse
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--client", default="127.0.0.1", metavar="IP",
                         help="the client's address (default 127.0.0.1)")
@@ -139,13 +134,17 @@ def run(settings, hooks, args, out):
 
     def main(reactor):
         d = defer.ensureDeferred(_dry_run(settings, hooks, args, reactor))
-        return d.addCallback(outcome.append)
+        # Kept, not raised: react() would print a traceback for a mere
+        # usage error and exit 1, the status of a 5xx.
+        return d.addBoth(outcome.append)
     try:
         task.react(main)
     except SystemExit as exit:
         if exit.code:
             raise
     report = outcome[0]
+    if isinstance(report, Failure):
+        report.raiseException()
     if args.json:
         out.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -188,7 +187,7 @@ async def _dry_run(settings, hooks, args, reactor):
     command = args.command
     hook = COMMAND_HOOKS[command]
     answers = []
-    watched = {key: [] for key in _HOOK_METHODS}
+    watched = {key: [] for key in _POLICY_HOOKS}
     if hook in watched:
         watched[hook] = [_Watched(plugin, answers) for plugin in hooks[hook]]
     watched = Hooks(watched, filters=[])
