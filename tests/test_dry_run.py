@@ -533,3 +533,56 @@ def test_no_plugins_is_said_too(tmp_path):
         assert "plugins: none" in process.log()
     finally:
         process.stop()
+
+
+def test_router_plugins_are_asked_first_in_order(tmp_path):
+    # [plugins] routers is wired elsewhere (build_hooks still refuses it
+    # here), so the hooks are handed over as build_hooks will give them.
+    from twisted.internet import defer
+    from zope.interface import implementer
+
+    from relaymail.config import load_config
+    from relaymail.interfaces import IRouter, Route
+    from relaymail.tools.dry_run import _Report, _route
+
+    @implementer(IRouter)
+    class Local:
+        name = "local"
+
+        def route(self, recipient, context):
+            assert context.trusted  # the relay itself, as at delivery
+            if recipient.domain_key == "lmtp.example":
+                return defer.succeed(Route("lmtp", "/run/dovecot/lmtp"))
+            if recipient.domain_key == "pipe.example":
+                return Route("pipe")
+            return None
+
+    @implementer(IRouter)
+    class Confused:
+        name = "confused"
+
+        def route(self, recipient, context):
+            return "smtp" if recipient.domain_key == "bad.example" else None
+
+    settings = load_config(None, {("delivery", "smarthost"): "[192.0.2.25]:25"})
+    hooks = {"routers": [Local(), Confused()]}
+
+    def lines(address):
+        report = _Report()
+        d = defer.ensureDeferred(_route(settings, hooks, address, report, None))
+        assert d.called
+        return report.lines, report.status
+
+    assert lines("a@lmtp.example") == ([
+        ("router local", "lmtp /run/dovecot/lmtp"),
+        ("route", "lmtp /run/dovecot/lmtp (router local)")], 0)
+    assert lines("a@pipe.example") == ([
+        ("router local", "pipe (the transport's default)"),
+        ("route", "pipe (the transport's default) (router local)")], 0)
+    assert lines("a@other.example") == ([
+        ("router local", "no opinion"),
+        ("router confused", "no opinion"),
+        ("route", "smtp [192.0.2.25]:25 (smarthost)")], 0)
+    assert lines("a@bad.example") == ([
+        ("router local", "no opinion"),
+        ("router confused", "answered 'smtp' (not a Route)")], 2)

@@ -69,7 +69,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from relaymail import address
-from relaymail.interfaces import Decision
+from relaymail.interfaces import Decision, Route
 from relaymail.policy.loader import Hooks
 from relaymail.policy.recipients import ExpansionError, Policy, _label
 from relaymail.smtp.dialogue import Dialogue, SessionContext
@@ -305,8 +305,13 @@ async def _route(settings, hooks, recipient_text, report, reactor):
         if route is None:
             report.add(f"router {_label(plugin)}", "no opinion")
             continue
-        report.add(f"router {_label(plugin)}", f"{route.transport} {route.next_hop}")
-        report.add("route", f"{route.transport} {route.next_hop} (router {_label(plugin)})")
+        if not isinstance(route, Route):
+            report.add(f"router {_label(plugin)}", f"answered {route!r} (not a Route)")
+            report.status = 2
+            return
+        hop = route.next_hop if route.next_hop is not None else "(the transport's default)"
+        report.add(f"router {_label(plugin)}", f"{route.transport} {hop}")
+        report.add("route", f"{route.transport} {hop} (router {_label(plugin)})")
         return
     from relaymail.delivery.routing import Router, route_key
     # The resolver is never asked: only destination() runs, which reads
