@@ -199,6 +199,8 @@ class DKIMSignerFactory:
     """Builds :class:`DKIMSigner` from ``[plugin:dkim]``."""
 
     name = "dkim"
+    description = DKIMSigner.description
+    hooks = ("filters",)
 
     def build(self, context):
         options = context.options
