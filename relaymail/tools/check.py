@@ -7,10 +7,13 @@ starting (Postfix's ``postfix check`` and ``postconf``).
     relaymail-check config [FILE] --effective  every key, its value and default
     relaymail-check --version
     relaymail-check --config FILE rcpt|mail|connect|helo|expn|route ...
+    relaymail-check --config FILE dkim         the DNS records of the DKIM keys
 
 The dry-run commands (``rcpt`` and the others) say what the relay would
 answer a client and why, plugin by plugin: see
-:mod:`relaymail.tools.dry_run`.
+:mod:`relaymail.tools.dry_run`.  ``dkim`` prints the TXT record to
+publish for each key the dkim plugin signs with: see
+:mod:`relaymail.tools.dkim_records`.
 
 ``config`` reads the file, every file it names (plugin tables, the TLS
 certificate and key, the password file) and loads the plugins, exactly
@@ -23,7 +26,7 @@ import sys
 
 import relaymail
 from relaymail.config import ConfigError, effective_values, load_config, read_config_text
-from relaymail.tools import dry_run
+from relaymail.tools import dkim_records, dry_run
 
 PROGRAM = "relaymail-check"
 
@@ -43,12 +46,15 @@ def main(argv=None, out=None, err=None):
     config.add_argument("--effective", action="store_true",
                         help="print every key with the value in force and its default")
     dry_run.add_arguments(commands)
+    dkim_records.add_arguments(commands)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:
         if exit.code and argv_names_dry_run(argv):
             return dry_run.EX_USAGE
         return exit.code
+    if args.command == "dkim":
+        return _dkim(args, out, err)
     if args.command != "config":
         return _dry_run(args, out, err)
     try:
@@ -73,10 +79,22 @@ def main(argv=None, out=None, err=None):
 
 
 def argv_names_dry_run(argv):
-    """Whether a command line that did not parse was meant for a dry run
+    """Whether a command line that did not parse was meant for a dry run or dkim
     (whose usage errors exit 64, EX_USAGE; ``config`` keeps argparse's 2)."""
     words = sys.argv[1:] if argv is None else argv
-    return any(word in dry_run.COMMAND_HOOKS for word in words)
+    return any(word in dry_run.COMMAND_HOOKS or word == "dkim" for word in words)
+
+
+def _dkim(args, out, err):
+    try:
+        text = read_config_text(args.config_file) if args.config_file else None
+        settings = load_config(args.config_file, None, text)
+        from relaymail.policy.loader import build_hooks
+        # Built as a start builds them: each key read and tried once.
+        return dkim_records.run(settings, build_hooks(settings), args, out)
+    except ConfigError as error:
+        err.write(f"{PROGRAM}: {error}\n")
+        return dry_run.EX_CONFIG
 
 
 def _dry_run(args, out, err):
