@@ -162,6 +162,21 @@ def test_what_the_running_relay_signs_verifies_against_the_printed_record(
     assert lookup.asked == [b"mail2026._domainkey.example.org."]
 
 
+def test_keys_configured_before_signing_is_enabled_get_their_records(tmp_path):
+    path, record = rsa_key(tmp_path)
+    config = tmp_path / "relaymail.ini"
+    config.write_text("[relay]\ndomains = example.com\n"
+                      f"[plugin:dkim]\ndomain = example.org\nselector = s\nprivate_key = {path}\n")
+    status, out, err = check("--config", str(config), "dkim")
+    assert (status, err) == (0, "")
+    [(name, strings)] = [parse(line) for line in out.splitlines()]
+    assert (name, "".join(strings)) == ("s._domainkey.example.org.", record.decode())
+    # Its keys are read and tried as a start would.
+    config.write_text(config.read_text().replace("selector = s", "selector = -bad"))
+    assert check("--config", str(config), "dkim") == (
+        78, "", f"relaymail-check: {config}: [plugin:dkim] selector: not a selector: '-bad'\n")
+
+
 def test_json_lists_each_key(tmp_path):
     path, record = ed25519_key(tmp_path)
     config = write_config(tmp_path, {"domain": "example.org", "selector": "s",
@@ -178,8 +193,8 @@ def test_no_dkim_plugin_and_bad_keys_are_config_errors(tmp_path):
     config = tmp_path / "plain.ini"
     config.write_text("[relay]\ndomains = example.com\n")
     assert check("--config", str(config), "dkim") == (
-        78, "", f"relaymail-check: {config}: [plugins] filters: no dkim plugin: nothing "
-                "signs, so there is no record to publish\n")
+        78, "", f"relaymail-check: {config}: [plugins] filters: no dkim plugin and no "
+                "[plugin:dkim]: there is no key to publish\n")
     bad = tmp_path / "bad.key"
     bad.write_text("not a key\n")
     config = write_config(tmp_path, {"domain": "example.org", "selector": "s",

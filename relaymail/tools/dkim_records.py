@@ -21,8 +21,13 @@ quoted strings of at most 255 each, as one TXT record holds them (RFC 1035
 ``name``, ``algorithm``, ``value`` (the whole value, unsplit) and
 ``record`` (the line above).
 
+The keys are those of the dkim plugin ``[plugins] filters`` enables or,
+when it is not enabled yet, of the ``[plugin:dkim]`` section: publish
+the records first, then turn signing on.
+
 Exit status: 0 when a record was printed; 78 (EX_CONFIG) for a bad
-configuration and for one whose ``[plugins] filters`` has no dkim plugin.
+configuration, a bad key, and for one with neither the dkim plugin in
+``[plugins] filters`` nor a ``[plugin:dkim]`` section.
 """
 
 import base64
@@ -33,6 +38,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relaymail.config import ConfigError
 from relaymail.plugins.dkim import DKIMSigner
+from relaymail.policy.loader import _build, find_plugins
+
+#: The dkim plugin's name in [plugins] and [plugin:NAME].
+DKIM = "dkim"
 
 #: RFC 1035 3.3: a <character-string> is at most 255 octets.
 MAX_STRING = 255
@@ -45,14 +54,18 @@ def add_arguments(commands):
 
 
 def signers(settings, hooks):
-    """The dkim plugins ``[plugins] filters`` enables.
+    """The dkim plugin ``[plugins] filters`` enables, or else the one a
+    ``[plugin:dkim]`` section configures: the records go into DNS before
+    signing is turned on, or receivers would fail the first signatures.
 
-    :raise ConfigError: when there is none.
+    :raise ConfigError: when there is neither, or the section's keys are bad.
     """
     found = [plugin for plugin in hooks.get("filters", ()) if isinstance(plugin, DKIMSigner)]
+    if not found and DKIM in settings.plugin_options:
+        found = [_build(find_plugins(settings)[DKIM], DKIM, settings)]
     if not found:
         raise ConfigError(settings.source, "plugins", "filters",
-                          "no dkim plugin: nothing signs, so there is no record to publish")
+                          "no dkim plugin and no [plugin:dkim]: there is no key to publish")
     return found
 
 
