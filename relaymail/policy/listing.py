@@ -3,8 +3,8 @@
 
 Each plugin is built with the configuration's ``[plugin:NAME]`` options,
 as a start builds it, because only the built object says for sure which
-hooks it serves and whether it blocks (ratelimit blocks only with a Redis
-``url``).  A plugin that cannot be built so (dkim without its key, say) is
+hooks it serves and whether it blocks (ratelimit blocks only with ``redis``
+set).  A plugin that cannot be built so (dkim without its key, say) is
 listed all the same, with the build's error and the hooks its factory
 declares (``IPluginFactory.hooks``).
 

@@ -13,7 +13,9 @@ Every command also takes ``--auth USER`` (the session is logged in as
 USER), ``--helo NAME`` (default ``localhost``), ``--sender ADDRESS``
 (default the null sender ``<>``) and ``--json``.  As Postfix's ``sendmail
 -bv`` and Exim's ``-bt``: nothing is sent and the tool opens no connection
-to a next hop (a plugin may: a callout is the plugin's business).
+to a next hop (a plugin may: a callout is the plugin's business; and the
+ratelimit plugin counts the dry run's MAIL or RCPT as it counts a
+client's: with ``redis`` set, in the running relay's own counters).
 
 The configuration and the plugins are loaded as a start loads them
 (``build_hooks``), and the answer comes from the server's own session
