@@ -445,6 +445,17 @@ class IPluginFactory(Interface):
     ``twisted.plugin.IPlugin`` so ``getPlugins`` finds it."""
 
     name = Attribute("The name that enables this plugin in [plugins].")
+    description = Attribute(
+        "Optional: one line saying what the plugin does, for "
+        "``twistd relaymail --list-plugins``; without it the built object's "
+        "``description`` is shown, if it has one.")
+    hooks = Attribute(
+        "Optional: the [plugins] keys (``\"recipients\"``, ``\"expanders\"``...) "
+        "whose interfaces the built object provides, so that "
+        "``--list-plugins`` can say so without building it (building may "
+        "need options).  Without it, --list-plugins builds the plugin with "
+        "the configuration's [plugin:NAME] options and reports a failure to "
+        "build as such.")
 
     def build(context):
         """Make the working plugin object.

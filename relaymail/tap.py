@@ -6,6 +6,7 @@ open the files its limits imply (:mod:`relaymail.file_limit`).
 
 import errno
 import os
+import sys
 import time
 
 from twisted.application import service
@@ -79,6 +80,12 @@ class Options(usage.Options):
          "Next hop for all mail: [host]:port (no MX lookup) or host:port (MX of host); "
          "overrides [delivery] smarthost."],
     ]
+    optFlags = [
+        ["list-plugins", None,
+         "Print every plugin found (built-in and [plugins] path of --config): where it "
+         "comes from, the hooks it serves, where this config enables it, its description "
+         "and whether it blocks; then exit without starting."],
+    ]
 
     def opt_version(self):
         """Print relaymail's version (and Twisted's), and exit."""
@@ -88,7 +95,23 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self):
+        if self["list-plugins"]:
+            _list_plugins(self)
         logobserver.use_for(getattr(self, "parent", None))
+
+
+def _list_plugins(options):
+    """``--list-plugins``: print the listing and exit, before twistd starts
+    anything (relaymail.policy.listing)."""
+    from relaymail.policy.listing import listing
+    try:
+        text = read_config_text(options["config"]) if options["config"] else None
+        settings = load_config(options["config"], _overrides(options), text)
+        sys.stdout.write(listing(settings))
+    except ConfigError as error:
+        raise SystemExit(f"relaymail: {error}")
+    sys.stdout.flush()
+    raise SystemExit(0)
 
 
 def _overrides(options):
@@ -621,6 +644,10 @@ def makeService(options):
                 _check_workers_can_start(launch, *owner)
         top.pidfile = (getattr(options, "parent", None) or {}).get("pidfile")
         log_warnings(settings)
+        # Here, in the master (or the one process): once for the relay,
+        # not once per worker.
+        from relaymail.policy.listing import enabled_line
+        log.info("{line}", line=enabled_line(settings))
         return top
     except (ConfigError, UnsafeSpool) as error:
         # twistd would print a traceback; a bad config deserves one line.

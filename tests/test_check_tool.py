@@ -82,3 +82,11 @@ def test_a_warning_a_start_would_log_is_printed_and_the_file_is_still_ok(tmp_pat
         f"relaymail-check: warning: {config}: [delivery] smarthost_tls: may with smarthost_user "
         "set: the password is sent only over TLS, so while the smarthost offers no STARTTLS "
         "its mail is deferred, and its certificate is not checked; set verify (or encrypt)\n")
+
+
+def test_config_keeps_argparse_usage_status_and_dry_runs_exit_64(tmp_path):
+    # ``config`` answered 2 for a bad command line before the dry runs
+    # came; they answer 64 (EX_USAGE), as 2 is theirs for a 4xx.
+    assert run("config", "a", "b")[0] == 2
+    assert run("rcpt")[0] == 64
+    assert run("mail", "a@example.com", "--client")[0] == 64

@@ -113,6 +113,8 @@ class AliasesFactory:
     """Builds :class:`Aliases` from ``[plugin:aliases]``."""
 
     name = "aliases"
+    description = "lists and aliases from a file in aliases(5) form"
+    hooks = ("recipients", "expanders")
 
     def build(self, context):
         """Read the aliases file; every problem is a ConfigError."""

@@ -112,6 +112,12 @@ class DKIMSigner:
         self._sign_all = sign_all
         self._canonicalization = canonicalization
 
+    @property
+    def keys(self):
+        """The signing keys, a dict from domain key to :class:`SigningKey`
+        (a copy: ``relaymail-check dkim`` prints their public records)."""
+        return dict(self._keys)
+
     def check_message(self, message, context):
         """A DKIM-Signature field to add, or no opinion and no change."""
         if not self._sign_all and not (context.trusted or context.authenticated_user):
@@ -199,6 +205,8 @@ class DKIMSignerFactory:
     """Builds :class:`DKIMSigner` from ``[plugin:dkim]``."""
 
     name = "dkim"
+    description = DKIMSigner.description
+    hooks = ("filters",)
 
     def build(self, context):
         options = context.options

@@ -35,6 +35,8 @@ class RelayDomainsFactory:
     """Builds :class:`RelayDomains` from ``[relay] domains``."""
 
     name = "domains"
+    description = "accepts every recipient in [relay] domains"
+    hooks = ("recipients",)
 
     def build(self, context):
         """Make the plugin; ``[plugin:domains]`` takes no options."""

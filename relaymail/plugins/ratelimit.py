@@ -259,6 +259,8 @@ class RateLimitFactory:
     """Builds :class:`RateLimit` from ``[plugin:ratelimit]``."""
 
     name = "ratelimit"
+    description = RateLimit.description
+    hooks = ("senders", "recipients")
 
     def build(self, context):
         """Read the options (see the module's docstring); every problem is

@@ -90,6 +90,8 @@ class StaticListFactory:
     """Builds :class:`StaticList` from ``[plugin:static]``."""
 
     name = "static"
+    description = "accepts the addresses and domains listed in a file"
+    hooks = ("recipients",)
 
     def build(self, context):
         """Read the list file; every problem is a ConfigError."""
