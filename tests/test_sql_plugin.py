@@ -282,6 +282,75 @@ def test_the_relay_starts_with_postgresql_down_and_uses_it_once_up(postgres, pg_
     assert "Connection refused" in pg_relay.log()
 
 
+SLOW_QUERY = ("SELECT 1 FROM mailbox WHERE address = lower({address}) OR CASE WHEN "
+              "{local_part} = 'slow' THEN pg_sleep(5) IS NULL ELSE false END")
+
+
+def test_a_slow_postgresql_statement_is_cancelled_and_gives_451(postgres, postgresql_url, tmp_path):
+    config = relay_config(postgresql_url, recipient_query=SLOW_QUERY)
+    config["plugins"]["timeout"] = "1"
+    process = RelayProcess(tmp_path, config).start()
+    try:
+        client = Client(process.port)
+        client.ask("MAIL FROM:<sender@example.org>")
+        started = time.monotonic()
+        assert client.ask("RCPT TO:<slow@example.com>") == FAILED
+        assert time.monotonic() - started < 2
+        assert client.ask("RCPT TO:<alice@example.com>") == "250 2.1.5 Ok\r\n"
+        client.close()
+        # statement_timeout (0.9 s) cancels it on the server before the
+        # plugin timeout (1 s): the log says what happened.
+        assert ("sql: recipient_query for 'slow@example.com' on postgresql host=127.0.0.1 "
+                f"port={postgres.port} dbname=mail user=postgres: QueryCanceled: canceling "
+                "statement due to statement timeout") in process.log()
+    finally:
+        process.stop()
+
+
+def test_a_database_that_never_answers_gives_451_at_the_plugin_timeout(tmp_path):
+    # A listener that accepts (the kernel does, from its backlog) and then
+    # says nothing: libpq waits for the server's first message.
+    silent = socket.create_server(("127.0.0.1", 0))
+    url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/mail"
+    config = relay_config(url)
+    config["plugins"]["timeout"] = "1"
+    process = RelayProcess(tmp_path, config).start()
+    try:
+        client = Client(process.port)
+        client.ask("MAIL FROM:<sender@example.org>")
+        started = time.monotonic()
+        assert client.ask("RCPT TO:<alice@example.com>") == FAILED
+        assert 0.9 < time.monotonic() - started < 1.9
+        assert client.ask("NOOP") == "250 2.0.0 Ok\r\n"
+        client.close()
+        assert ("sql: recipient_query for 'alice@example.com' on postgresql host=127.0.0.1 "
+                f"port={silent.getsockname()[1]} dbname=mail user=postgres: no answer within "
+                "[plugins] timeout") in process.log()
+    finally:
+        process.stop()
+        silent.close()
+
+
+def test_a_locked_sqlite_file_gives_451_until_the_writer_is_done(sqlite_url, tmp_path):
+    config = relay_config(sqlite_url)
+    config["plugins"]["timeout"] = "1"
+    process = RelayProcess(tmp_path, config).start()
+    writer = sqlite3.connect(sqlite_url[len("sqlite://"):], isolation_level=None)
+    try:
+        client = Client(process.port)
+        client.ask("MAIL FROM:<sender@example.org>")
+        writer.execute("BEGIN EXCLUSIVE")
+        assert client.ask("RCPT TO:<alice@example.com>") == FAILED
+        writer.execute("COMMIT")
+        assert client.ask("RCPT TO:<alice@example.com>") == "250 2.1.5 Ok\r\n"
+        client.close()
+        assert (f"sql: recipient_query for 'alice@example.com' on {sqlite_url}: "
+                "OperationalError: database is locked") in process.log()
+    finally:
+        writer.close()
+        process.stop()
+
+
 # -- configuration errors -----------------------------------------------------
 
 def build(options, hooks=None, timeout=3.0):

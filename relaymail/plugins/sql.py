@@ -57,8 +57,14 @@ Each hook the plugin is listed at needs its query: ``recipients`` needs
 A database that is down, an error in a query, or an answer slower than
 ``[plugins] timeout`` gives the client ``451 4.3.0`` (the policy runner's
 fail-soft answer) and one log line naming the query, the database and the
-error.  The relay starts with its PostgreSQL down, answers 451 meanwhile,
-and uses it as soon as it is back; no restart is needed.
+error.  The database is told to give up a little before that timeout
+(PostgreSQL's ``statement_timeout``, SQLite's lock wait, both at 90% of
+it; libpq's ``connect_timeout`` at the timeout, 2 s at least), so it says
+why in its own words and no connection stays busy for a session already
+answered.  The relay starts with its PostgreSQL down, answers 451
+meanwhile, and uses it as soon as it is back; no restart is needed.  A
+``connect_timeout`` or ``options`` in the connection string is kept as
+given.
 """
 
 from twisted.internet.defer import CancelledError, inlineCallbacks
