@@ -529,3 +529,16 @@ class SQLiteLookups(_DirectLookups, unittest.TestCase):
 
 class PostgreSQLLookups(_DirectLookups, unittest.TestCase):
     backend = "postgresql"
+
+    @defer.inlineCallbacks
+    def test_a_libpq_key_value_string_names_the_database_too(self):
+        port = self.urls["postgresql"].rsplit(":", 1)[1].split("/")[0]
+        plugin = build({"database": f"dbname=mail host=127.0.0.1 port={port} user=postgres "
+                                    "password=not-shown application_name=relaymail",
+                        "alias_query": QUERIES["alias_query"]})
+        members = yield plugin.expand("staff@example.com", None)
+        self.assertEqual(members, ["alice@example.com", "bob@example.com"])
+        # The password never reaches a log line.
+        self.assertEqual(plugin._database.description,
+                         f"postgresql host=127.0.0.1 port={port} dbname=mail user=postgres "
+                         "application_name=relaymail")
