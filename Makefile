@@ -16,9 +16,12 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # is tested against Dovecot's LMTP server (tests/test_lmtp.py): its master
 # is /usr/sbin/dovecot (dovecot-core), the LMTP service a program outside
 # any PATH, so named by its absolute path, which command -v takes as well.
+# The sql plugin is tested against a real PostgreSQL (tests/test_sql_plugin.py),
+# whose server lives in /usr/lib/postgresql/VERSION/bin: a wildcard there is
+# looked for as a file pattern.
 TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
-	/usr/lib/dovecot/lmtp:dovecot-lmtpd
+	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql'
 
 .PHONY: install run test test-tools reference clean
 
@@ -42,7 +45,8 @@ test: install test-tools
 
 test-tools:
 	@missing=""; for entry in $(TEST_TOOLS); do tool=$${entry%%:*}; package=$${entry#*:}; \
-		command -v $$tool >/dev/null || test -x /usr/sbin/$$tool || missing="$$missing $$package"; done; \
+		command -v $$tool >/dev/null || test -x /usr/sbin/$$tool || \
+		ls $$tool >/dev/null 2>&1 || missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
