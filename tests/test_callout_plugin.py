@@ -7,10 +7,13 @@ import threading
 import time
 
 import pytest
+from twisted.internet import defer, task
 
 from relaymail.config import ConfigError
+from relaymail.delivery.client import ClientConfig, DeliveryError, RecipientResult
 from relaymail.interfaces import Decision
 from relaymail.plugins.callout import callout
+from relaymail.plugins.callout_client import REUSE_TIME_LIMIT, CalloutHop, SessionPool
 from relaymail.policy.loader import RELAY_KEYS, PluginContext, build_hooks
 from relaymail.address import parse_forward_path
 from tests.certs import self_signed
@@ -368,3 +371,127 @@ def test_the_loader_builds_it_for_recipients_and_it_has_no_opinion_outside_the_d
     recipient = parse_forward_path("<anyone@example.com>", smtputf8=True)
     assert plugin.check_recipient(recipient, None) is Decision.NO_OPINION
     assert plugin.verify("anyone@example.com", None) is Decision.NO_OPINION
+
+
+# -- the session pool, on a fake clock ------------------------------------------
+
+class FakeSession:
+    """An OutboundSession as the pool uses it; ``answers`` are what its
+    questions get, a DeliveryError raised, a Deferred waited for."""
+
+    def __init__(self, answers=()):
+        self.answers = list(answers)
+        self.asked = []
+        self.open = True
+        self.quits = 0
+        self.aborts = 0
+
+    def ask_recipient(self, recipient):
+        self.asked.append(recipient)
+        answer = self.answers.pop(0) if self.answers else RecipientResult(
+            recipient, 250, "2.1.5", "Ok")
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
+
+    def is_open(self):
+        return self.open
+
+    def quit(self):
+        self.quits += 1
+        self.open = False
+        return defer.succeed(None)
+
+    def abort(self):
+        self.aborts += 1
+        self.open = False
+
+
+class Opener:
+    def __init__(self, *sessions):
+        self.sessions = list(sessions)
+        self.opened = []
+
+    def __call__(self, reactor, hop, config):
+        session = self.sessions.pop(0) if self.sessions else FakeSession()
+        self.opened.append(session)
+        return defer.succeed(session)
+
+
+HOP = CalloutHop("127.0.0.1", 25, ClientConfig(helo_name="relay.test"))
+
+
+def results(d):
+    got = []
+    d.addBoth(got.append)
+    return got
+
+
+def test_the_pool_reuses_an_idle_session_and_quits_it_after_idle_time():
+    clock, opener = task.Clock(), Opener()
+    pool = SessionPool(clock, max_sessions=2, idle_time=2, open_session=opener)
+    for name in ("a", "b"):
+        assert results(pool.ask(HOP, f"{name}@example.com"))[0].code == 250
+        clock.advance(1.5)
+    session, = opener.opened
+    assert session.asked == ["a@example.com", "b@example.com"]
+    assert pool.idle_sessions(HOP) == 1 and session.quits == 0
+    clock.advance(0.6)
+    assert pool.idle_sessions(HOP) == 0 and session.quits == 1
+
+
+def test_a_reused_session_that_fails_is_replaced_once_and_the_question_put_again():
+    clock = task.Clock()
+    stale = FakeSession([RecipientResult("a@example.com", 250, "2.1.5", "Ok"),
+                         DeliveryError(True, 421, "4.4.2", "closing", remote="hop")])
+    opener = Opener(stale)
+    pool = SessionPool(clock, max_sessions=1, idle_time=5, open_session=opener)
+    results(pool.ask(HOP, "a@example.com"))
+    got = results(pool.ask(HOP, "b@example.com"))
+    assert got[0].code == 250
+    assert len(opener.opened) == 2 and stale.aborts == 1
+    assert opener.opened[1].asked == ["b@example.com"]
+    # A new session that fails is not tried again: the failure is the answer.
+    opener.sessions.append(FakeSession([DeliveryError(True, None, "4.4.2", "lost")]))
+    clock.advance(6)
+    got = results(pool.ask(HOP, "c@example.com"))
+    assert got[0].check(DeliveryError) and len(opener.opened) == 3
+
+
+def test_past_max_sessions_a_question_waits_and_a_cancelled_one_holds_no_slot():
+    clock = task.Clock()
+    slow = defer.Deferred()
+    opener = Opener(FakeSession([slow]))
+    pool = SessionPool(clock, max_sessions=1, idle_time=5, open_session=opener)
+    first = results(pool.ask(HOP, "a@example.com"))
+    waiting = pool.ask(HOP, "b@example.com")
+    cancelled = results(waiting)
+    waiting.cancel()
+    assert cancelled[0].check(defer.CancelledError)
+    third = results(pool.ask(HOP, "c@example.com"))
+    assert not first and not third and len(opener.opened) == 1
+    slow.callback(RecipientResult("a@example.com", 250, "2.1.5", "Ok"))
+    assert first[0].code == 250 and third[0].code == 250
+    assert opener.opened[0].asked == ["a@example.com", "c@example.com"]
+
+
+def test_a_question_cut_short_drops_its_session():
+    clock = task.Clock()
+    opener = Opener(FakeSession([defer.Deferred()]))
+    pool = SessionPool(clock, max_sessions=1, idle_time=5, open_session=opener)
+    d = pool.ask(HOP, "a@example.com")
+    results(d)
+    d.cancel()
+    assert opener.opened[0].aborts == 1 and pool.idle_sessions(HOP) == 0
+
+
+def test_a_session_is_not_reused_past_the_reuse_time_limit():
+    clock, opener = task.Clock(), Opener()
+    pool = SessionPool(clock, max_sessions=1, idle_time=REUSE_TIME_LIMIT * 2,
+                       open_session=opener)
+    results(pool.ask(HOP, "a@example.com"))
+    clock.advance(REUSE_TIME_LIMIT)
+    results(pool.ask(HOP, "b@example.com"))
+    assert opener.opened[0].quits == 1 and pool.idle_sessions(HOP) == 0
+    results(pool.ask(HOP, "c@example.com"))
+    assert len(opener.opened) == 2
