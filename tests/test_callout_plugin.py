@@ -2,6 +2,7 @@
 = callout`` asking a real next-hop SMTP server (tests/nexthop.py) about each
 recipient, over real sockets; and its options refused as config errors."""
 
+import re
 import socket
 import threading
 import time
@@ -134,9 +135,10 @@ def test_an_unknown_user_is_refused_with_the_hops_codes_and_not_its_text(relay, 
         "550 5.1.1 Recipient address rejected: unknown at the next hop (553 5.0.0)\r\n")
     client.close()
     log = relay.log()
-    # The hop's text is in the log, escaped.
-    assert (f"callout: [127.0.0.1]:{hop.port} said 550 5.1.1 <\\x{{1B}}[31m> User unknown in "
-            "virtual mailbox table to RCPT TO:<unknown.bob@example.com>") in log
+    # The hop's text is in the log, escaped, after the session's id.
+    session_id, = re.findall(r"\] (\w{8}) \S+: rcpt from=\S+ to=<unknown\.bob@example\.com>", log)
+    assert (f"{session_id} callout: [127.0.0.1]:{hop.port} said 550 5.1.1 <\\x{{1B}}[31m> User "
+            "unknown in virtual mailbox table to RCPT TO:<unknown.bob@example.com>") in log
 
 
 def test_a_hop_4xx_defers_with_450(relay, hop):

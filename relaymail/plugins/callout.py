@@ -55,7 +55,9 @@ smarthost that takes anything would make its accept an open relay.
     2, Postfix's smtp_connection_cache_time_limit).
 
 Answers are remembered by address, the local part as written and the
-domain without case.  ``cache_ttl`` (the relay's own answer cache) is
+domain without case.  Caches and sessions belong to one process: each
+inbound worker keeps its own.  An address that needs SMTPUTF8 at a hop
+that does not offer it cannot be asked about (a temporary failure).  ``cache_ttl`` (the relay's own answer cache) is
 refused: it would remember a deferral as long as an answer.
 
 VRFY gets no opinion (the client sees ``252``): VRFY is the address
@@ -141,8 +143,11 @@ class Callout:
                 return remembered
         d = self._sessions().ask(hop, str(recipient))
         d.addTimeout(self._options.timeout, reactor)
-        return d.addCallbacks(self._answered, self._not_asked,
-                              callbackArgs=(recipient, hop), errbackArgs=(recipient, hop))
+        # The log lines start with the session's id, as the relay's own do.
+        session = getattr(context, "session_id", None) or "-"
+        about = (recipient, hop, session)
+        return d.addCallbacks(self._answered, self._not_asked, callbackArgs=about,
+                              errbackArgs=about)
 
     def verify(self, address, context):
         """No opinion (see the module docstring): the client gets 252."""
@@ -167,7 +172,7 @@ class Callout:
                                      self._options.idle_time)
         return self._pool
 
-    def _answered(self, result, recipient, hop):
+    def _answered(self, result, recipient, hop, session):
         said = _codes(result.code, result.enhanced)
         now = self._the_reactor().seconds()
         if 200 <= result.code < 300:
@@ -175,8 +180,9 @@ class Callout:
             if self._options.positive_ttl:
                 self._known.put(_ASKED, recipient, decision, now)
             return decision
-        log.info("callout: {hop} said {reply} to RCPT TO:<{address}>", hop=hop.label,
-                 reply=f"{result.code} {result.enhanced} {result.text}", address=str(recipient))
+        log.info("{session} callout: {hop} said {reply} to RCPT TO:<{address}>",
+                 session=session, hop=hop.label, reply=f"{result.code} {result.enhanced} {result.text}",
+                 address=str(recipient))
         if result.code >= 500:
             # The hop's own text stays in the log: it may name internal
             # hosts and is a stranger's bytes; its codes are checked digits.
@@ -189,14 +195,14 @@ class Callout:
             f"Recipient address not verified: the next hop could not be asked "
             f"(it said {said}), try again later", code=450, enhanced="4.4.3"))
 
-    def _not_asked(self, failure, recipient, hop):
+    def _not_asked(self, failure, recipient, hop, session):
         error = failure.value
         if isinstance(error, DeliveryError):
             problem = error.text
             if error.code is not None and 400 <= error.code < 600:
                 # A refused greeting, EHLO or MAIL FROM:<>: the hop answered.
-                log.info("callout: {hop} could not be asked about <{address}>: {problem}",
-                         hop=hop.label, address=str(recipient), problem=problem)
+                log.info("{session} callout: {hop} could not be asked about <{address}>: {problem}",
+                         session=session, hop=hop.label, address=str(recipient), problem=problem)
                 return self._temporary(Decision.defer(
                     "Recipient address not verified: the next hop could not be asked "
                     f"(it said {_codes(error.code, error.enhanced)}), try again later",
@@ -206,8 +212,8 @@ class Callout:
         else:
             # A bug of ours: the relay logs it with its traceback and says 451.
             return failure
-        log.info("callout: {hop} could not be asked about <{address}>: {problem}",
-                 hop=hop.label, address=str(recipient), problem=problem)
+        log.info("{session} callout: {hop} could not be asked about <{address}>: {problem}",
+                 session=session, hop=hop.label, address=str(recipient), problem=problem)
         return self._temporary(Decision.defer(
             "Recipient address not verified: the next hop could not be asked, "
             "try again later", code=451, enhanced="4.4.1"))
