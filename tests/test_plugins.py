@@ -10,6 +10,7 @@ from relaymail.config import ConfigError
 from relaymail.interfaces import (
     Decision, IListExpander, IPluginFactory, IRecipientValidator)
 from relaymail.plugins.aliases import aliases, parse_aliases
+from relaymail.plugins.callout import callout
 from relaymail.plugins.dkim import dkim_signer
 from relaymail.plugins.domains import domains
 from relaymail.plugins.pipe import pipe
@@ -38,7 +39,7 @@ def write(tmp_path, text, name="list"):
     return str(path)
 
 
-@pytest.mark.parametrize("factory", [domains, static, aliases, dkim_signer, pipe])
+@pytest.mark.parametrize("factory", [domains, static, aliases, dkim_signer, pipe, callout])
 def test_builtins_are_plugins_named_like_their_module(factory):
     assert IPlugin.providedBy(factory)
     assert IPluginFactory.providedBy(factory)

@@ -32,7 +32,7 @@ from relaymail.delivery import downgrade, sasl, tls
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
-    BODY_TYPES, assemble_results, check_message, mail_command, rcpt_command)
+    BODY_TYPES, assemble_results, check_message, mail_command, rcpt_command, result_from)
 from relaymail.delivery.wire import ClientConnection
 from relaymail.tls_session import negotiated_tls
 
@@ -199,6 +199,21 @@ class OutboundSession:
         """
         return defer.Deferred.fromCoroutine(
             self._deliver(sender, list(recipients), message_path, body, smtputf8))
+
+    def ask_recipient(self, recipient):
+        """Ask whether the server takes ``recipient`` without sending mail:
+        ``MAIL FROM:<>`` and ``RCPT TO`` (a callout, as Postfix's
+        reject_unverified_recipient or Exim's verify = recipient/callout
+        ask).  The transaction is left open and reset by the next question
+        or message; with PIPELINING that RSET, MAIL and RCPT go in one
+        write (RFC 2920 3.1 lets all three stand anywhere in a group).
+
+        :return: a Deferred firing with the :class:`RecipientResult` of the
+            RCPT reply, or failing with :class:`DeliveryError` when the
+            question could not be put (a refused MAIL FROM:<> included:
+            it says nothing about the recipient).
+        """
+        return defer.Deferred.fromCoroutine(self._ask_recipient(recipient))
 
     def quit(self):
         """Say QUIT and close; wait for the 221 or the close, at most
@@ -447,6 +462,42 @@ class OutboundSession:
         self._needs_reset = False
         self._expect_decision(final)
         return assemble_results(recipients, rcpt_replies, final)
+
+    async def _ask_recipient(self, recipient):
+        if self._busy:
+            raise RuntimeError("ask_recipient() called while another transaction is running")
+        self._busy = True
+        try:
+            smtputf8 = not recipient.isascii() and "SMTPUTF8" in self.extensions
+            mail = mail_command("", {}, 0, "7BIT", smtputf8, self.remote)
+            rcpt = rcpt_command(recipient, smtputf8, self.remote)
+            reset = self._needs_reset
+            if "PIPELINING" in self.extensions and reset:
+                self._needs_reset = False       # the RSET goes in the group below
+            await self._ready_for_mail()
+            self._needs_reset = True
+            if "PIPELINING" in self.extensions:
+                commands = ([b"RSET"] if reset else []) + [mail, rcpt]
+                self._connection.send(*commands)
+                replies = [await self._reply(f"receiving the reply to {what}")
+                           for what in (["RSET"] if reset else []) + ["MAIL FROM", "RCPT TO"]]
+                if reset and not replies.pop(0).positive:
+                    self._connection.abort()
+                    raise self._error("4.5.0", f"{self.remote} refused RSET")
+                mail_reply, rcpt_reply = replies
+            else:
+                self._connection.send(mail)
+                mail_reply = await self._reply("receiving the reply to MAIL FROM")
+                rcpt_reply = None
+                if mail_reply.positive:
+                    self._connection.send(rcpt)
+                    rcpt_reply = await self._reply("receiving the reply to RCPT TO")
+            if not mail_reply.positive:
+                raise self._mail_refused(mail_reply)
+            self._expect_decision(rcpt_reply)
+            return result_from(recipient, rcpt_reply)
+        finally:
+            self._busy = False
 
     def _mail_refused(self, reply):
         """The error for a refused MAIL FROM.  530 is "authentication
