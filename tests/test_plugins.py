@@ -14,6 +14,7 @@ from relaymail.plugins.callout import callout
 from relaymail.plugins.dkim import dkim_signer
 from relaymail.plugins.domains import domains
 from relaymail.plugins.pipe import pipe
+from relaymail.plugins.sql import sql
 from relaymail.plugins.static import USER_UNKNOWN, parse_static_list, static
 from relaymail.policy.loader import PluginContext
 from relaymail.address import parse_forward_path
@@ -39,7 +40,7 @@ def write(tmp_path, text, name="list"):
     return str(path)
 
 
-@pytest.mark.parametrize("factory", [domains, static, aliases, dkim_signer, pipe, callout])
+@pytest.mark.parametrize("factory", [domains, static, aliases, dkim_signer, pipe, callout, sql])
 def test_builtins_are_plugins_named_like_their_module(factory):
     assert IPlugin.providedBy(factory)
     assert IPluginFactory.providedBy(factory)

@@ -443,7 +443,7 @@ def test_unknown_recipient_plugin_names_the_known_ones():
         build_plugins(make_settings(recipients=["domains", "ldap"]))
     assert str(info.value) == (
         "test.ini: [plugins] recipients: no plugin named 'ldap' "
-        "(known: aliases, callout, dkim, domains, pipe, ratelimit, static)")
+        "(known: aliases, callout, dkim, domains, pipe, ratelimit, sql, static)")
 
 
 def test_unknown_expander_plugin_is_blamed_on_expanders():
@@ -513,7 +513,7 @@ def test_site_plugin_appears_among_known_names(tmp_path):
     with pytest.raises(ConfigError) as info:
         build_plugins(make_settings(recipients=["nope"], path=[str(tmp_path)]))
     assert info.value.problem == (
-        "no plugin named 'nope' (known: aliases, callout, dkim, domains, no_interns, pipe, ratelimit, static)")
+        "no plugin named 'nope' (known: aliases, callout, dkim, domains, no_interns, pipe, ratelimit, sql, static)")
 
 
 def test_site_plugin_with_syntax_error_is_a_config_error(tmp_path):
@@ -585,7 +585,7 @@ def test_a_plugin_section_far_from_any_name_lists_the_known_ones():
         build_plugins(make_settings(options={"ldap": {"uri": "ldap://x"}}))
     assert str(info.value) == (
         "test.ini: [plugin:ldap]: no plugin named 'ldap' is loaded ([plugins] path); "
-        "known: aliases, callout, dkim, domains, pipe, ratelimit, static")
+        "known: aliases, callout, dkim, domains, pipe, ratelimit, sql, static")
 
 
 def test_a_section_for_a_plugin_that_exists_but_is_not_enabled_is_only_a_warning(tmp_path):
