@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from tests.nexthop import NextHop
 from tests.relay_process import REPO, RelayProcess
 
 DOCS = os.path.join(REPO, "docs", "plugins.rst")
@@ -31,11 +32,18 @@ def examples():
 
 def test_the_page_has_an_example_for_each_policy_hook():
     assert set(examples()) >= {"block_networks.py", "not_our_name.py", "no_spoofing.py",
-                               "no_interns.py", "teams.py"}
+                               "no_interns.py", "teams.py", "by_department.py"}
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory):
+def sales_server():
+    server = NextHop()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, sales_server):
     workdir = tmp_path_factory.mktemp("plugin-docs")
     plugins = workdir / "site-plugins"
     plugins.mkdir()
@@ -51,7 +59,9 @@ def relay(tmp_path_factory):
         "relay": {"domains": "example.com"},
         "plugins": {"path": str(plugins), "connect": "block_networks",
                     "helo": "not_our_name", "senders": "no_spoofing",
-                    "recipients": "no_interns, teams, domains", "expanders": "teams"},
+                    "recipients": "no_interns, teams, domains", "expanders": "teams",
+                    "routers": "by_department"},
+        "plugin:by_department": {"sales_server": f"[127.0.0.1]:{sales_server.port}"},
         "plugin:block_networks": {"networks": "127.0.0.2/32, 192.0.2.0/24"},
         "plugin:teams": {"file": str(workdir / "teams.json")},
     }).start()
@@ -98,3 +108,16 @@ def test_no_interns_and_teams_at_rcpt_expn_and_in_the_queue(relay):
     assert [r["address"] for r in record["recipients"]] == [
         "alice@example.com", "bob@example.com"]
     assert "to=<Intern.Joe@example.com> by=no_interns: 550 5.1.1" in relay.log()
+
+
+def test_by_department_routes_sales_to_its_own_server(relay, sales_server):
+    with smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.ehlo("client.test")
+        client.mail("someone@example.org")
+        assert client.rcpt("Sales.Bob@example.com") == (250, b"2.1.5 Ok")
+        code, _ = client.data(b"Subject: quote\r\n\r\nhow much?\r\n")
+    assert code == 250
+    sales_server.wait_for(1)
+    (message,) = sales_server.messages
+    assert message["recipients"] == ["Sales.Bob@example.com"]
+    assert message["data"].endswith(b"Subject: quote\r\n\r\nhow much?\r\n")
