@@ -405,6 +405,10 @@ def test_pipe_exit_67_bounces_5_1_1_and_the_dsn_reaches_the_sender(site, far_end
     assert b"Final-Recipient: rfc822; unknown@example.net" in data
     assert b"Action: failed" in data
     assert b"Status: 5.1.1" in data
+    # The command's words, typed as Postfix's pipe(8) types them.
+    assert (b"Diagnostic-Code: x-unix; pipe: command deliver: exit 67 (user unknown):\r\n"
+            b" mailbox unknown") in data
+    assert b"The delivery answered: pipe: command deliver: exit 67 (user\r\n" in data
     wait_until(lambda: removed(site, queue_id), what="the bounced message to leave the queue")
 
 
@@ -495,6 +499,9 @@ def test_webhook_404_bounces(site, far_ends):
                                             "404 Not Found: no such hook")
     wait_until(lambda: any(queue_id.encode() in m["data"] and m["sender"] == ""
                            for m in nexthop.messages), what="the bounce at the next hop")
+    [dsn] = [m["data"] for m in nexthop.messages
+             if queue_id.encode() in m["data"] and m["sender"] == ""]
+    assert b"Diagnostic-Code: x-relaymail; webhook http://127.0.0.1:" in dsn
 
 
 # -- lmtp to the real Dovecot ------------------------------------------------------

@@ -43,12 +43,16 @@ class Outcome:
     remote: str = None   # Hop.label of the server that answered
     remote_name: str = None
     tls: str = None      # OutboundSession.tls_description, when a session was open
+    #: For an outcome with no SMTP reply that still explains itself (a
+    #: transport's: a command's exit, a web hook's status): the RFC 3464
+    #: diagnostic type its ``text`` is given as in a DSN.
+    diagnostic_type: str = None
 
     @property
     def diagnostic(self):
         """The reply as a DSN Diagnostic-Code wants it, or None."""
         if self.code is None:
-            return None
+            return self.text if self.diagnostic_type else None
         return f"{self.code} {self.enhanced} {self.text}"
 
 

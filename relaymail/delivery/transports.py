@@ -304,8 +304,14 @@ def _converted(address, value, hop):
     return _outcome(address, status, enhanced, _short(reason, MAX_REASON) or value.kind, hop)
 
 
+#: The DSN diagnostic type of each built-in transport's reasons: LMTP's
+#: are server replies; pipe's a command's exit, as Postfix reports them.
+_DIAGNOSTIC_TYPES = {"lmtp": "smtp", "pipe": "x-unix"}
+
+
 def _outcome(address, status, enhanced, text, hop):
-    return Outcome(address, status, None, enhanced, text, remote=hop.label)
+    return Outcome(address, status, None, enhanced, text, remote=hop.label,
+                   diagnostic_type=_DIAGNOSTIC_TYPES.get(hop.transport, "x-relaymail"))
 
 
 def _all(job, enhanced, problem, hop):

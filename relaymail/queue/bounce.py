@@ -126,6 +126,10 @@ class FailedRecipient:
     remote_mta: "str | None"
     #: Seconds since the epoch of the last attempt, or ``None``.
     last_attempt: "float | None"
+    #: What ``diagnostic`` is (RFC 3464 2.3.6): ``smtp`` for a server's
+    #: reply, ``x-unix`` for a command's exit (as Postfix's pipe(8) reports
+    #: it), ``x-relaymail`` for a site transport's own words.
+    diagnostic_type: str = "smtp"
 
 
 def build_dsn(record, message_path, recipients, reporting_mta, now, *,
@@ -387,7 +391,8 @@ def _recipient_lines(entries, utf8):
                        "    ", "    ")
         if entry.diagnostic is not None:
             who = (_clean(entry.remote_mta, utf8) if entry.remote_mta
-                   else "The receiving server")
+                   else "The receiving server" if entry.diagnostic_type == "smtp"
+                   else "The delivery")
             lines += _wrap(f"{who} answered: {_clean(entry.diagnostic, utf8)}",
                            "    ", "      ")
         lines.append("")
@@ -424,7 +429,8 @@ def _report(reporting_mta, arrival, recipients, retry_until, utf8):
         if entry.remote_mta:
             block += _fold(f"Remote-MTA: dns; {_clean(entry.remote_mta, utf8)}")
         if entry.diagnostic is not None:
-            block += _fold(f"Diagnostic-Code: smtp; {_clean(entry.diagnostic, utf8)}")
+            block += _fold(f"Diagnostic-Code: {entry.diagnostic_type}; "
+                           f"{_clean(entry.diagnostic, utf8)}")
         if entry.last_attempt is not None:
             block.append(f"Last-Attempt-Date: {_date(entry.last_attempt)}")
         if entry.action == DELAYED and retry_until is not None:

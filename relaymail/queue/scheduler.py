@@ -627,7 +627,9 @@ class Scheduler(service.Service):
             return defer.succeed(True)
         failed = [FailedRecipient(address=o.address, action="failed", status=_final_status(o),
                                   diagnostic=o.diagnostic, remote_mta=o.remote_name,
-                                  last_attempt=now) for o in bounced]
+                                  last_attempt=now,
+                                  diagnostic_type=o.diagnostic_type or "smtp")
+                  for o in bounced]
         return self._send_dsn(queue_id, record, failed, now, "bounce")
 
     def _maybe_warn(self, queue_id, record, deferred, now):
