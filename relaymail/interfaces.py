@@ -226,6 +226,10 @@ class ISessionContext(Interface):
     session_id = Attribute("The session's id, as its log lines carry it (8 characters).")
     client = Attribute("The client as the log names it: 'unknown[192.0.2.1]:40000'.")
     tls = Attribute("'TLSv1.3 TLS_AES_256_GCM_SHA384' once TLS is up, else None.")
+    dry_run = Attribute(
+        "True when relaymail-check asks, not a client: a plugin that counts "
+        "or records something should only look (ratelimit answers without "
+        "counting).  False in a real session.")
 
 
 class IRecipientValidator(Interface):

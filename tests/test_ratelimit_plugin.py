@@ -617,3 +617,19 @@ def test_two_relays_sharing_one_redis_enforce_one_limit_and_ride_out_its_restart
             node.stop()
         if server.process is not None:
             server.stop()
+
+
+def test_a_dry_run_is_answered_but_not_counted():
+    from types import SimpleNamespace as Namespace
+    from relaymail.plugins.ratelimit import RateLimit
+    from relaymail.plugins.ratelimit_counters import MemoryCounters, SlidingWindow
+    plugin = RateLimit({"messages_per_client": 1}, MemoryCounters(SlidingWindow(60)),
+                       clock=lambda: 1000.0)
+    dry = Namespace(trusted=False, authenticated_user=None, client_ip="192.0.2.7",
+                    sender=None, dry_run=True)
+    real = Namespace(**{**vars(dry), "dry_run": False})
+    for _ in range(3):
+        assert plugin.check_sender(None, {}, dry).kind == "no-opinion"
+    assert plugin.check_sender(None, {}, real).kind == "no-opinion"
+    assert plugin.check_sender(None, {}, dry).code == 450     # looks, and sees the limit
+    assert plugin.check_sender(None, {}, real).code == 450

@@ -205,7 +205,8 @@ class RateLimit:
             return Decision.NO_OPINION
         now = self._clock()
         try:
-            over = self._counters.take(counts, now)
+            over = self._counters.take(counts, now,
+                                       count_them=not getattr(context, "dry_run", False))
         except CountersUnavailable as exc:
             return self._unavailable(exc, now)
         if self._failing_since is not None:

@@ -128,11 +128,12 @@ class MemoryCounters:
     def __len__(self):
         return len(self._entries)
 
-    def take(self, counts, now):
+    def take(self, counts, now, count_them=True):
         """Count one event against every one of ``counts`` (a list of
         :class:`Count`), unless one of them is over its limit.
 
         :param now: the time, in seconds since the epoch.
+        :param count_them: False only looks (a dry run): nothing is counted.
         :return: the first :class:`Count` whose limit one more event would
             pass (and then nothing is counted), or None (all counted).
         """
@@ -143,6 +144,8 @@ class MemoryCounters:
             previous, current = self._numbers(count.name, bucket)
             if self._window.over(previous, current, weight, count.most):
                 return count
+        if not count_them:
+            return None
         for count in counts:
             self._add(count.name, bucket)
         return None

@@ -28,7 +28,8 @@ is thread-safe (a pool of connections).
 
 # KEYS: for each name, its current bucket's key then its previous one's.
 # ARGV[1]: the previous bucket's weight, ARGV[2]: a key's lifetime in
-# milliseconds, ARGV[2 + i]: the limit of the i-th name.
+# milliseconds, ARGV[3]: 1 to count, 0 only to look (a dry run),
+# ARGV[3 + i]: the limit of the i-th name.
 # Returns the (1-based) number of the first name over its limit, or 0
 # once every name is counted.
 _TAKE = """
@@ -37,9 +38,12 @@ local names = #KEYS / 2
 for i = 1, names do
   local current = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
   local previous = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
-  if previous * weight + current + 1 > tonumber(ARGV[2 + i]) then
+  if previous * weight + current + 1 > tonumber(ARGV[3 + i]) then
     return i
   end
+end
+if ARGV[3] == '0' then
+  return 0
 end
 for i = 1, names do
   redis.call('INCR', KEYS[2 * i - 1])
@@ -90,7 +94,7 @@ class RedisCounters:
         # previous one; a second more for the clocks of a fleet.
         self._lifetime_ms = int(2 * window.window * 1000) + 1000
 
-    def take(self, counts, now):
+    def take(self, counts, now, count_them=True):
         """As :meth:`MemoryCounters.take
         <relaymail.plugins.ratelimit_counters.MemoryCounters.take>`.
 
@@ -103,7 +107,8 @@ class RedisCounters:
         for count in counts:
             keys.append(f"{self._prefix}{count.name}:{bucket}")
             keys.append(f"{self._prefix}{count.name}:{bucket - 1}")
-        args = [repr(self._window.previous_weight(now)), self._lifetime_ms]
+        args = [repr(self._window.previous_weight(now)), self._lifetime_ms,
+                1 if count_them else 0]
         args.extend(count.most for count in counts)
         try:
             over = int(self._script(keys=keys, args=args))

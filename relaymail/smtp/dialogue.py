@@ -50,6 +50,8 @@ class SessionContext:
         self.authenticated_user = None
         #: "TLSv1.3 TLS_AES_256_GCM_SHA384" once a TLS handshake is done.
         self.tls = None
+        #: relaymail-check's sessions say so (ISessionContext.dry_run).
+        self.dry_run = False
         self.session_id = session_id or new_session_id()
         # Postfix's "unknown[ip]": no reverse lookup is done on the accept
         # path (relaymail.smtp.received), so the name is never known.

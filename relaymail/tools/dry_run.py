@@ -13,9 +13,9 @@ Every command also takes ``--auth USER`` (the session is logged in as
 USER), ``--helo NAME`` (default ``localhost``), ``--sender ADDRESS``
 (default the null sender ``<>``) and ``--json``.  As Postfix's ``sendmail
 -bv`` and Exim's ``-bt``: nothing is sent and the tool opens no connection
-to a next hop (a plugin may: a callout is the plugin's business; and the
-ratelimit plugin counts the dry run's MAIL or RCPT as it counts a
-client's: with ``redis`` set, in the running relay's own counters).
+to a next hop (a plugin may: a callout is the plugin's business).  The
+session's context says ``dry_run``, so the ratelimit plugin answers as it
+would without counting the dry run's MAIL or RCPT.
 
 The configuration and the plugins are loaded as a start loads them
 (``build_hooks``), and the answer comes from the server's own session
@@ -201,6 +201,7 @@ async def _dry_run(settings, hooks, args, reactor):
     context = SessionContext(args.client, None,
                              trusted=_in_networks(args.client, settings.server.trusted_networks))
     context.authenticated_user = args.auth
+    context.dry_run = True
     report.add("client", f"{args.client} trusted={'yes' if context.trusted else 'no'} "
                           f"authenticated={args.auth or 'no'}")
     dialogue = Dialogue(settings, policy, _NothingQueued(), context)
