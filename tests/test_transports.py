@@ -14,6 +14,7 @@ import os
 import re
 import smtplib
 import stat
+import subprocess
 import sys
 import textwrap
 import threading
@@ -869,3 +870,60 @@ def test_a_router_answering_after_a_drain_began_submits_nothing(tmp_path):
     assert drained.called
     record = spool.records["AAAA"]
     assert record["attempts"] == 0 and record["recipients"][0]["status"] != "sent"
+
+
+def test_a_pipe_job_of_several_runs_may_take_a_timeout_per_run_and_none_is_repeated(
+        tmp_path, far_ends):
+    # Found in review: two runs of 1.8 s each passed the runner's 3 s
+    # transport_timeout, and bob, already delivered, got it again at every
+    # retry while carol never did.
+    config, _ = site_config(tmp_path, far_ends)
+    script = tmp_path / "slow.sh"
+    runs = tmp_path / "runs.log"
+    script.write_text(f"#!/bin/sh\ncat >/dev/null\nsleep 1.8\necho \"$1\" >> {runs}\n")
+    script.chmod(0o755)
+    config["plugin:pipe"]["command.deliver"] = f"{script} {{recipient}}"
+    config["plugin:pipe"]["timeout"] = "2.5"
+    relay = RelayProcess(tmp_path, config).start()
+    try:
+        queue_id = send(relay, ["bob@example.net", "carol@example.net"])
+        for recipient in ("bob@example.net", "carol@example.net"):
+            wait_for_outcome(relay, queue_id, recipient, "sent")
+        wait_until(lambda: removed(relay, queue_id), what="the message to leave the queue")
+    finally:
+        relay.stop()
+    assert runs.read_text() == "bob@example.net\ncarol@example.net\n"
+
+
+def test_a_pipe_timeout_kills_what_the_command_started_too(tmp_path):
+    # Found in review: only the command's own pid was killed, and a child it
+    # had started went on to deliver the message being deferred.  In a
+    # process of its own: it runs a reactor of its own.
+    mailbox = tmp_path / "mailbox"
+    script = tmp_path / "wrapper.sh"
+    script.write_text(f"#!/bin/sh\ncat >/dev/null\n/bin/sh -c 'sleep 1; echo late >> {mailbox}'\n")
+    script.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import io, time
+            from twisted.internet import reactor, task
+            from relaymail.delivery.pipe import PipeTransport, Template
+
+            class Message:
+                queue_id = "Q1"
+                sender = None
+                def open(self):
+                    return io.BytesIO(b"Subject: x\\r\\n\\r\\nhi\\r\\n")
+
+            pipe = PipeTransport({{"deliver": Template("{script} {{recipient}}")}},
+                                 {{"PATH": "/usr/bin:/bin"}}, timeout=0.3, reactor=reactor)
+
+            async def main(reactor):
+                outcome = await pipe.deliver(Message(), ["bob@example.net"], "deliver")
+                print(outcome["bob@example.net"].kind, outcome["bob@example.net"].reason)
+                await task.deferLater(reactor, 1.5, lambda: None)
+            task.react(lambda reactor: __import__("twisted.internet.defer",
+                       fromlist=["ensureDeferred"]).ensureDeferred(main(reactor)))
+        """)], capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.stdout == "deferred pipe: command deliver: time limit exceeded\n", result.stderr
+    assert not mailbox.exists()

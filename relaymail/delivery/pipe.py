@@ -43,6 +43,9 @@ the reason, for the log and the bounce.
 """
 
 import os
+import shlex
+import shutil
+import signal
 import string
 
 from twisted.internet import defer, error, protocol, threads
@@ -65,6 +68,14 @@ FIELDS = PER_RECIPIENT + ("sender", "queue_id", "nexthop")
 MAX_OUTPUT = 4096
 #: The longest first line quoted in a reason.
 MAX_LINE = 200
+
+#: util-linux's setsid(1), which starts each command in a session (and so a
+#: process group) of its own; None where it is missing.
+_SETSID = shutil.which("setsid", path="/usr/bin:/bin")
+
+#: Seconds beyond the commands' own limits before the runner gives up on a
+#: delivery: room for starting the commands and reading their outcomes.
+_TIME_LIMIT_SLACK = 5.0
 
 # sysexits(3) as Postfix's sys_exits.c maps them: status, RFC 3463 code,
 # text.  A code whose status starts with 4 is a soft error.
@@ -95,7 +106,6 @@ class Template:
     """
 
     def __init__(self, text):
-        import shlex
         try:
             words = shlex.split(text)
         except ValueError as exc:
@@ -152,6 +162,16 @@ class PipeTransport:
             self._reactor = reactor
         return self._reactor
 
+    def time_limit(self, recipients, next_hop):
+        """How long a delivery to ``recipients`` may take in all: one
+        ``timeout`` per run of the command (one per recipient when its
+        template names one), so that a job of several runs is not cut
+        short -- and delivered again -- after some of them succeeded."""
+        name = (next_hop or "default").partition(":")[0]
+        template = self.commands.get(name)
+        runs = len(recipients) if template is not None and template.per_recipient else 1
+        return self._timeout * max(1, runs) + _TIME_LIMIT_SLACK
+
     def deliver(self, message, recipients, next_hop):
         """Run the command ``next_hop`` names; see the module docstring."""
         return defer.ensureDeferred(self._deliver(message, list(recipients), next_hop))
@@ -198,8 +218,14 @@ class PipeTransport:
                 f"pipe: cannot read the message file: {exc.strerror or exc}", "4.3.0")
         child = _Child(body, self._crlf)
         try:
-            reactor.spawnProcess(child, argv[0], argv, env=self._environment,
+            # In a session of its own (setsid), so that a timeout kills
+            # what the command started too, as Postfix's pipe(8) kills the
+            # process group; otherwise a grandchild could still deliver a
+            # message we then try again.
+            launcher = [_SETSID, *argv] if _SETSID else argv
+            reactor.spawnProcess(child, launcher[0], launcher, env=self._environment,
                                  path=self._directory)
+            child.own_group = _SETSID is not None
         except OSError as exc:
             body.close()
             return RecipientOutcome.deferred(
@@ -256,7 +282,10 @@ class _Child(protocol.ProcessProtocol):
         self._crlf = crlf
         self.output = {1: b"", 2: b""}
         self.timed_out = False
-        self.exited = defer.Deferred(lambda _: self.kill())
+        #: The command leads a process group of its own (it was started
+        #: through setsid): a kill reaches all of it.
+        self.own_group = False
+        self.exited = defer.Deferred(lambda _: self.kill(timed_out=False))
 
     def connectionMade(self):
         source = self._body if self._crlf else _LFReader(self._body)
@@ -276,8 +305,16 @@ class _Child(protocol.ProcessProtocol):
         if fd in self.output and len(self.output[fd]) < MAX_OUTPUT:
             self.output[fd] += data[:MAX_OUTPUT - len(self.output[fd])]
 
-    def kill(self):
-        self.timed_out = True
+    def kill(self, timed_out=True):
+        """Kill the command (and its process group); ``timed_out`` says
+        why, for its outcome: False when a stop cancels the delivery."""
+        self.timed_out = timed_out
+        pid = getattr(self.transport, "pid", None)
+        if self.own_group and pid:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
         try:
             self.transport.signalProcess("KILL")
         except error.ProcessExitedAlready:

@@ -232,10 +232,26 @@ class TransportRunner:
         d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
                                       self._read, job)
         d.addCallback(self._deliver, transport, job)
-        if self._timeout is not None:
-            d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
+        limit = self._limit_for(transport, job)
+        if limit is not None:
+            d.addTimeout(limit, self._reactor, onTimeoutCancel=_timed_out)
         return d.addCallbacks(lambda result: outcomes_of(job, result),
-                              self._failed, errbackArgs=(job,))
+                              self._failed, errbackArgs=(job, limit))
+
+    def _limit_for(self, transport, job):
+        """[delivery] transport_timeout, or more for a transport that says
+        a delivery to these recipients takes longer (``time_limit``: pipe,
+        one command run per recipient)."""
+        if self._timeout is None:
+            return None
+        own = getattr(transport, "time_limit", None)
+        if callable(own):
+            try:
+                return max(self._timeout, float(own(list(job.recipients),
+                                                    job.destination.next_hop)))
+            except Exception:
+                log.failure("transport {name} time_limit failed", name=job.destination.transport)
+        return self._timeout
 
     def _read(self, job):
         try:
@@ -250,12 +266,12 @@ class TransportRunner:
             return self._threads.run(transport.deliver, message, recipients, next_hop)
         return transport.deliver(message, recipients, next_hop)
 
-    def _failed(self, failure, job):
+    def _failed(self, failure, job, limit=None):
         hop = job.destination
         if self._stopping:
             return None
         if failure.check(defer.TimeoutError):
-            problem = f"transport {hop.transport} did not answer within {self._timeout:g}s"
+            problem = f"transport {hop.transport} did not answer within {limit:g}s"
             log.error("{queue_id}: {problem}", queue_id=job.queue_id, problem=problem)
         elif failure.check(_Unreadable):
             problem = str(failure.value)
