@@ -28,10 +28,13 @@ def test_reservations_keep_every_period_within_its_count():
 
 
 def test_limits_are_shared_between_delivery_workers_and_found_by_key():
-    rates = OutboundRates({"smarthost": (250, 3600.0), "example.net": (3, 60.0),
+    rates = OutboundRates({"smarthost": (250, 3600.0), "example.net": (2, 60.0),
                            ".example.org": (1, 1.0)}, share=2)
-    assert [rates.reserve("smarthost", 0.0) for _ in range(126)][-1] == 3600.0
-    assert [rates.reserve("example.net", 0.0) for _ in range(3)] == [0.0, 0.0, 60.0]
+    # Rounded down: two workers with 125 an hour each never pass 250.
+    assert [rates.reserve("smarthost", 0.0) for _ in range(126)][-2:] == [0.0, 3600.0]
+    # Fewer messages than workers: one each, over a longer period.
+    assert [rates.reserve("example.net", 0.0) for _ in range(3)] == [0.0, 60.0, 120.0]
+    assert OutboundRates({"smarthost": (1, 60.0)}, share=4).period("smarthost") == 240.0
     assert rates.key_for(SMARTHOST, "example.net") == "smarthost"
     assert rates.key_for(MX, "example.net") == "example.net"
     assert rates.key_for(MX, "a.example.org") == ".example.org"
@@ -76,3 +79,29 @@ def test_the_smarthost_gets_no_more_than_its_rate_and_nothing_is_counted_a_failu
     log = relay.log()
     assert "[delivery_rates] smarthost: its turn is in" in log
     assert "status=deferred" not in log
+
+
+def test_a_slot_reserved_long_ago_is_not_spent_again():
+    # Found in review: ten messages that had reserved slots, held and
+    # released much later, all went at once on their stale reservations.
+    from relaymail.queue.scheduler import Scheduler
+    scheduler = SimpleNamespace(_rates=OutboundRates({"smarthost": (1, 60.0)}), _reserved={},
+                                settings=SimpleNamespace(queue=SimpleNamespace(active_limit=5)))
+    scheduler._forget_old_reservations = (
+        lambda now: Scheduler._forget_old_reservations(scheduler, now))
+
+    def goes(queue_id, now):
+        job = SimpleNamespace(queue_id=queue_id, recipients=["bob@example.net"],
+                              destination=SimpleNamespace(kind="smarthost", label="smarthost"))
+        attempt = SimpleNamespace(shaped_until=None)
+        return bool(Scheduler._within_rates(scheduler, queue_id, attempt, [job], now))
+
+    assert goes("A", 0.0)
+    waiting = [f"M{i}" for i in range(10)]
+    assert [goes(q, 1.0) for q in waiting] == [False] * 10
+    assert len(scheduler._reserved) <= 10
+    # Released at t=1000: one slot a minute, as before.
+    assert [goes(q, 1000.0) for q in waiting] == [True] + [False] * 9
+    assert not goes("N", 1000.0)
+    # The reservations of messages that never come back do not pile up.
+    assert len(scheduler._reserved) <= 2 * 5 + 1

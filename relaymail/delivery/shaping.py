@@ -15,12 +15,13 @@ already reserved, and is rescheduled for that time with no attempt counted
 (relaymail.queue.scheduler).  A backlog of thousands then wakes one message
 per slot, not all of them at every slot.
 
-Delivery workers each own a part of the queue, so each gets the same share
-of a limit: ``N / [delivery] workers``, rounded up.
+Delivery workers each own a part of the queue, so each gets an equal
+share of a limit, rounded down so that together they never pass it: ``N //
+workers`` per period, or, with fewer messages than workers, one message
+per ``period * workers / N``.
 """
 
 import collections
-import math
 
 from relaymail.delivery.routing import route_key
 
@@ -33,7 +34,8 @@ class OutboundRates:
     """
 
     def __init__(self, rates, share=1):
-        self._rates = {key: (max(1, math.ceil(count / max(1, share))), period)
+        share = max(1, share)
+        self._rates = {key: _share_of(count, period, share)
                        for key, (count, period) in rates.items()}
         self._sent = {}             # key -> deque of send times, oldest first
 
@@ -46,6 +48,10 @@ class OutboundRates:
         if destination.kind == "smarthost":
             return "smarthost" if "smarthost" in self._rates else None
         return route_key(self._rates, recipient_domain)
+
+    def period(self, key):
+        """The period of ``key``'s limit, in seconds."""
+        return self._rates[key][1]
 
     def reserve(self, key, now):
         """Take the first free slot of ``key``: the time the message may go,
@@ -62,3 +68,11 @@ class OutboundRates:
         when = now if len(sent) < count else max(now, sent[-count] + period)
         sent.append(when)
         return when
+
+
+def _share_of(count, period, share):
+    """One worker's ``(count, period)`` of a limit ``share`` workers split:
+    never more in all than the limit (an ISP's 250 an hour is a ceiling)."""
+    if count >= share:
+        return count // share, period
+    return 1, period * share / count

@@ -422,11 +422,17 @@ class Scheduler(service.Service):
             # A slot reserved at an earlier look is this message's own (a
             # flush does not jump the line: it waits for it still).
             until = reserved.pop(key, None)
+            if until is not None and until <= now - self._rates.period(key):
+                # Reserved long ago (the message was held, or its attempt
+                # ran late): that slot's period is over; take a new one.
+                until = None
             if until is None:
                 until = self._rates.reserve(key, now)
             if until <= now + 0.001:
                 going.append(job)
                 continue
+            if len(self._reserved) > 2 * self.settings.queue.active_limit:
+                self._forget_old_reservations(now)
             self._reserved.setdefault(queue_id, {})[key] = until
             attempt.shaped_until = until if attempt.shaped_until is None else min(
                 attempt.shaped_until, until)
@@ -435,6 +441,17 @@ class Scheduler(service.Service):
                          queue_id=queue_id, destination=job.destination.label,
                          wait=until - now)
         return going
+
+    def _forget_old_reservations(self, now):
+        """Drop the reservations of messages that never came back for them
+        (deleted or held meanwhile): only those whose slot's period is over."""
+        for queue_id in list(self._reserved):
+            slots = {key: until for key, until in self._reserved[queue_id].items()
+                     if until > now - self._rates.period(key)}
+            if slots:
+                self._reserved[queue_id] = slots
+            else:
+                del self._reserved[queue_id]
 
     def _job_done(self, job, outcomes):
         attempt = self._attempts.get(job.queue_id)
