@@ -50,6 +50,21 @@ def test_a_change_is_loaded_once_it_has_held_still_for_two_looks(tmp_path):
     assert not table.refresh()             # unchanged since
 
 
+def test_a_change_written_a_while_ago_is_loaded_at_the_first_look(tmp_path):
+    # Found in review: on a quiet relay the first message after an edit
+    # still met the old table (a removed alias went on being accepted).
+    path = tmp_path / "table"
+    path.write_text("alice\n")
+    clock = Clock()
+    table = TableFile(str(path), parse_words, "[plugin:test] file", clock=clock)
+    path.write_text("bob\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    clock.now += 3600
+    assert table.refresh()
+    assert table.value == ["bob"]
+
+
 def test_a_bad_new_text_or_a_missing_file_keeps_the_last_good_table(tmp_path):
     path = tmp_path / "table"
     path.write_text("alice\n")

@@ -7,9 +7,10 @@ workers are replaced, :mod:`relaymail.process.reload`); this covers the
 edit nobody signalled.
 
 The file is looked at (one ``stat(2)``) at most once per ``check_every``
-seconds, from the plugin's own lookups.  A change is loaded only once the
-file has stayed the same over two looks, so an editor or ``cp`` caught
-halfway through writing is not read as the new table.  A new text that
+seconds, from the plugin's own lookups.  A change is loaded at that look,
+unless the file was written within the last ``check_every`` seconds: then
+only once it has stayed the same over two looks, so an editor or ``cp``
+caught halfway through writing is not read as the new table.  A new text that
 does not parse is refused with one error line and the table in use stays:
 mail goes on being judged by the last good one.
 """
@@ -67,18 +68,25 @@ class TableFile:
         if signature == self._signature:
             self._pending = None
             return False
-        if signature != self._pending:
+        written_lately = time.time() - signature[2] / 1e9 < self._check_every
+        if written_lately and signature != self._pending:
             self._pending = signature        # still being written, perhaps
             return False
         self._pending = None
-        self._signature = signature
         try:
             self.value = self._parse(_read_lines(self.path))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            log.error("{label} {path} changed but is refused: {error}; the table read "
-                      "before stays in use", label=self._label, path=self.path,
-                      error=getattr(error, "strerror", None) or str(error))
+        except OSError as error:
+            # Not read: tried again at the next look.
+            log.error("{label} {path} changed but cannot be read ({error}); the table "
+                      "read before stays in use", label=self._label, path=self.path,
+                      error=error.strerror or str(error))
             return False
+        except (UnicodeDecodeError, ValueError) as error:
+            self._signature = signature      # refused until it changes again
+            log.error("{label} {path} changed but is refused: {error}; the table read "
+                      "before stays in use", label=self._label, path=self.path, error=str(error))
+            return False
+        self._signature = signature
         log.info("{label} {path} changed: read again", label=self._label, path=self.path)
         return True
 
