@@ -125,8 +125,11 @@ def new_field(name, value, smtputf8=False):
         raw = folding.fold_bytes(f"{name}: {value}")
     else:
         raw = f"{name}: {value}\r\n".encode("utf-8")
-        if any(len(line) > folding.LIMIT for line in raw.split(b"\r\n")):
-            raise BadField(f"header {name}: a line longer than {folding.LIMIT} octets")
+    # A word too long to fold stays too long: RFC 5322 2.1.1's 998 octets
+    # hold for our lines as for the client's (a next hop would refuse it).
+    if any(len(line) > folding.LIMIT for line in raw.split(b"\r\n")):
+        raise BadField(f"header {name}: a line longer than {folding.LIMIT} octets")
+    if unfolded != value:
         if any(not line.strip(b" \t") for line in raw.split(b"\r\n")[1:-1]):
             # RFC 5322 3.2.2: no line of white space only.
             raise BadField(f"header {name}: a folded line of white space only")

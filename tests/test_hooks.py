@@ -289,3 +289,20 @@ def test_a_plugin_that_blocks_without_saying_so_is_named_in_the_log(relay):
                      r"session of this process waited; a plugin that blocks must say "
                      r"blocking = True", relay.log())
     assert "plugin sleepy check_recipient held" not in relay.log()
+
+
+def test_a_plugins_reply_text_is_ascii_and_fits_a_reply_line():
+    # Found in review: a database value (sql's VRFY text) could make a
+    # 2000-character reply, or send raw UTF-8 to a client without SMTPUTF8.
+    from relaymail.interfaces import Decision
+    from relaymail.smtp.replies import OK, decision_reply
+    reply = decision_reply(Decision.reject(550, "5.7.1", "café " + "x" * 2000), OK, utf8=False)
+    wire = reply.encode()
+    assert wire.startswith(b"550 5.7.1 caf\\x{E9} xxx")
+    assert wire.endswith(b"x...\r\n")
+    assert len(wire) <= 512
+    assert decision_reply(Decision.accept("Alice <alice@example.com>"), OK).text == (
+        "Alice <alice@example.com>")
+    # A transaction with SMTPUTF8 may hear UTF-8 (RFC 6531 3.7.4).
+    assert decision_reply(Decision.reject(550, "5.1.1", "Jürgen left"), OK).text == (
+        "Jürgen left")

@@ -153,7 +153,7 @@ class Dialogue:
         decision, plugin = answer
         if decision.kind not in (decision.REJECT_KIND, decision.DEFER_KIND):
             return self.greeting()
-        text = replies.decision_reply(decision, replies.OK).text
+        text = replies.decision_reply(decision, replies.OK, utf8=False).text
         if decision.kind == decision.REJECT_KIND:
             # RFC 5321 3.1: a 554 greeting, and the client should QUIT; until
             # it does every command is refused (Postfix answers 503 too).
@@ -260,7 +260,7 @@ class Dialogue:
         # No HELO until one is accepted: MAIL now gets 503 (send HELO first).
         self.context.helo = None
         self._reset()
-        reply = replies.decision_reply(decision, replies.OK)
+        reply = replies.decision_reply(decision, replies.OK, utf8=False)
         logline.info(log, f"{self.context.label}: helo=<{helo}> refused by {plugin}: "
                           f"{reply.code} {reply.enhanced} {reply.text}",
                      helo=helo, plugin=plugin, code=reply.code, enhanced=reply.enhanced,
@@ -454,7 +454,7 @@ class Dialogue:
     def _sender_decided(self, answer, sender, body, smtputf8):
         decision, plugin = answer
         if decision.kind in (decision.REJECT_KIND, decision.DEFER_KIND):
-            reply = replies.decision_reply(decision, replies.SENDER_OK)
+            reply = replies.decision_reply(decision, replies.SENDER_OK, utf8=smtputf8)
             logline.info(log, f"{self.context.label}: mail from=<{sender or ''}> refused by "
                               f"{plugin}: {reply.code} {reply.enhanced} {reply.text}",
                          sender=str(sender or ""), plugin=plugin, code=reply.code,
@@ -468,7 +468,7 @@ class Dialogue:
         self.context.sender = sender
         if decision is None:
             return replies.SENDER_OK
-        return replies.decision_reply(decision, replies.SENDER_OK)
+        return replies.decision_reply(decision, replies.SENDER_OK, utf8=smtputf8)
 
     def _mail_parameters(self, params):
         """Check MAIL parameters: (body, smtputf8, error reply or None)."""
@@ -528,7 +528,8 @@ class Dialogue:
 
     def _recipient_decided(self, answer, transaction, recipient):
         decision, decider = answer
-        reply = replies.decision_reply(decision, replies.RECIPIENT_OK)
+        reply = replies.decision_reply(decision, replies.RECIPIENT_OK,
+                                       utf8=transaction.smtputf8)
         sender = transaction.sender or ""
         logline.info(
             log, f"{self.context.label}: rcpt from=<{sender}> to=<{recipient}> by={decider}: "

@@ -201,18 +201,34 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again l
 PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary failure checking recipient, try again later")
 
 
-def decision_reply(decision, default):
+def decision_reply(decision, default, utf8=True):
     """Turn a plugin's :class:`~relaymail.interfaces.Decision` into a reply;
     ``default`` gives the codes and text of an accept.
 
     A plugin's text may carry what it looked up (a directory's answer, the
     address itself): CR or LF in it would forge a reply on the wire, and
     NEL or U+2028 a line in the log, so such characters are escaped
-    (:mod:`relaymail.sanitize`)."""
-    text = None if decision.text is None else sanitize.escape(str(decision.text))
+    (:mod:`relaymail.sanitize`).  With ``utf8`` false (a transaction
+    without SMTPUTF8, RFC 6531 3.7.4) non-ASCII is escaped the same way,
+    and the text is cut to fit RFC 5321 4.5.3.1.5's 512-octet reply line."""
+    text = None if decision.text is None else _plugin_text(str(decision.text), utf8)
     if decision.kind == decision.ACCEPT_KIND:
         return default if text is None else default.with_text(text)
     return Reply(decision.code, decision.enhanced, text)
+
+
+#: The longest plugin text in a reply: 512 octets a line (RFC 5321
+#: 4.5.3.1.5) less the code, the enhanced code, spaces and CRLF.
+PLUGIN_TEXT_LIMIT = 480
+
+
+def _plugin_text(text, utf8):
+    text = sanitize.escape(text)
+    if not utf8 and not text.isascii():
+        text = "".join(char if char.isascii() else f"\\x{{{ord(char):X}}}" for char in text)
+    if len(text) > PLUGIN_TEXT_LIMIT:
+        text = text[:PLUGIN_TEXT_LIMIT - 3] + "..."
+    return text
 
 
 HELP_TEXT = {
