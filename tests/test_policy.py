@@ -702,6 +702,15 @@ class AnswerCacheTests(PolicyTestCase):
             self.assertEqual(decision.code, 451)
         self.assertEqual(len(plugin.asked), 2)
         self.flushLoggedErrors(RuntimeError)
+        # Garbage is a failure too: asked again, not replayed (found in review).
+        garbage = Scripted("yes")
+        policy = Policy([garbage], [], make_settings(), clock=self.clock,
+                        caches={id(garbage): AnswerCache(60)})
+        for _ in range(2):
+            decision = self.successResultOf(
+                policy.check_recipient(Mailbox("user", "example.net"), make_context()))
+            self.assertEqual(decision.code, 451)
+        self.assertEqual(len(garbage.asked), 2)
         late = Scripted(defer.Deferred())
         policy = Policy([late], [], make_settings(), clock=self.clock,
                         caches={id(late): AnswerCache(60)})

@@ -126,6 +126,8 @@ class Template:
         if "{" in words[0] or not os.path.isabs(words[0]):
             raise ValueError(f"the command must be an absolute path, not {words[0]!r}")
         self.words = words
+        #: The fields the template names.
+        self.fields = frozenset(fields)
         self.per_recipient = bool(fields.intersection(PER_RECIPIENT))
 
     def argv(self, values):
@@ -190,8 +192,10 @@ class PipeTransport:
         runs = []
         for recipient in recipients:
             values = dict(common, **_recipient_fields(recipient))
+            # Only the fields the command gets: a sender it never sees
+            # cannot be read as an option by it.
             if any(value.startswith("-") for key, value in values.items()
-                   if key in ("sender", "recipient", "local_part")):
+                   if key in template.fields and key != "queue_id"):
                 outcomes[recipient] = RecipientOutcome.bounced(
                     "pipe: an address may not start with '-' (it would read as an option)",
                     "5.1.3")

@@ -307,12 +307,14 @@ class Policy:
 
     def _remember(self, cache, method, subject, answer):
         if not isinstance(answer, Deferred):
-            cache.put(method, subject, answer, self._clock.seconds())
+            if _answers_the_contract(method, answer):
+                cache.put(method, subject, answer, self._clock.seconds())
             return
 
         def answered(result):
             # Only a timely answer: a timeout fails this Deferred first.
-            cache.put(method, subject, result, self._clock.seconds())
+            if _answers_the_contract(method, result):
+                cache.put(method, subject, result, self._clock.seconds())
             return result
         answer.addCallback(answered)
 
@@ -484,6 +486,16 @@ class Policy:
         else:
             log.failure("plugin {plugin} {method}({address!r}) failed", failure,
                         plugin=_label(plugin), method=method, address=str(address))
+
+
+def _answers_the_contract(method, answer):
+    """Whether ``answer`` is one worth remembering: garbage is a failure
+    (451), and a failure is asked about again, never replayed."""
+    if method == "expand":
+        return answer is None or (isinstance(answer, (list, tuple))
+                                  and all(isinstance(member, str) for member in answer))
+    return (isinstance(answer, Decision) and answer.kind not in Decision.FILTER_KINDS
+            and not answer.add_headers and not answer.remove_headers)
 
 
 def _subject(args):
