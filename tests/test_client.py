@@ -1153,7 +1153,7 @@ def test_a_connect_cut_by_a_wrapped_failure_is_named_without_its_repr():
     # What twisted.internet.tcp fails a connection attempt with when a
     # stop aborts it while connecting.  No "Traceback" in a log line.
     cut = internet_error.ConnectError(string=Failure(internet_error.ConnectionLost()))
-    assert client_module._connect_problem(cut) == ("Connection to the other side was lost in a non-clean "
+    assert client_module.connect_problem(cut) == ("Connection to the other side was lost in a non-clean "
                                      "fashion.")
     refused = internet_error.ConnectError(osError=Failure(internet_error.ConnectionRefusedError()))
-    assert client_module._connect_problem(refused) == "Connection refused"
+    assert client_module.connect_problem(refused) == "Connection refused"

@@ -128,7 +128,7 @@ async def _open_session(reactor, hop, config):
         raise
     except Exception as exc:
         raise DeliveryError(temporary=True, code=None, enhanced="4.4.1",
-                            text=f"connect to {hop.label}: {_connect_problem(exc)}",
+                            text=f"connect to {hop.label}: {connect_problem(exc)}",
                             remote=hop.label) from None
     session = OutboundSession(reactor, hop, config, connection)
     try:
@@ -412,31 +412,9 @@ class OutboundSession:
         # transaction (RFC 5321 4.1.1.4); any other ending leaves server
         # state that the next transaction resets first.
         self._needs_reset = True
-        data_timeout = min(DATA_INITIATION_TIMEOUT, self._config.command_timeout)
-        if "PIPELINING" in self.extensions:
-            # RFC 2920 3.1: MAIL and RCPT may go anywhere in a group, DATA
-            # only last.
-            connection.send(mail, *rcpts, b"DATA")
-            mail_reply = await self._reply("receiving the reply to MAIL FROM")
-            rcpt_replies = [await self._reply("receiving the reply to RCPT TO") for _ in rcpts]
-            data_reply = await self._reply("receiving the reply to DATA", data_timeout)
-            if not mail_reply.positive:
-                if data_reply.code == 354:
-                    connection.abort()
-                raise self._mail_refused(mail_reply)
-        else:
-            connection.send(mail)
-            mail_reply = await self._reply("receiving the reply to MAIL FROM")
-            if not mail_reply.positive:
-                raise self._mail_refused(mail_reply)
-            rcpt_replies = []
-            for rcpt in rcpts:
-                connection.send(rcpt)
-                rcpt_replies.append(await self._reply("receiving the reply to RCPT TO"))
-            data_reply = None
-            if any(reply.positive for reply in rcpt_replies):
-                connection.send(b"DATA")
-                data_reply = await self._reply("receiving the reply to DATA", data_timeout)
+        rcpt_replies, data_reply = await exchange_envelope(
+            connection, self._reply, self._mail_refused, "PIPELINING" in self.extensions,
+            mail, rcpts, self._config.command_timeout)
         for reply in rcpt_replies:
             self._expect_decision(reply)
         if not any(reply.positive for reply in rcpt_replies):
@@ -581,7 +559,46 @@ def _endpoint(reactor, hop, timeout):
     return kind(reactor, hop.address, hop.port, timeout=timeout)
 
 
-def _connect_problem(exc):
+async def exchange_envelope(connection, reply, mail_refused, pipelining, mail, rcpts,
+                            command_timeout):
+    """Send MAIL, each RCPT and DATA and read their replies: the one
+    exchange SMTP and LMTP (RFC 2033) share.
+
+    :param reply: the session's reader, ``reply(what, timeout=None)``.
+    :param mail_refused: gives the exception to raise for a refused MAIL.
+    :param pipelining: the server offers PIPELINING: all in one write.
+    :return: ``(rcpt_replies, data_reply)``; ``data_reply`` is None when
+        DATA was not sent (no recipient was accepted, unpipelined).
+    """
+    data_timeout = min(DATA_INITIATION_TIMEOUT, command_timeout)
+    if pipelining:
+        # RFC 2920 3.1: MAIL and RCPT may go anywhere in a group, DATA
+        # only last.
+        connection.send(mail, *rcpts, b"DATA")
+        mail_reply = await reply("receiving the reply to MAIL FROM")
+        rcpt_replies = [await reply("receiving the reply to RCPT TO") for _ in rcpts]
+        data_reply = await reply("receiving the reply to DATA", data_timeout)
+        if not mail_reply.positive:
+            if data_reply.code == 354:
+                connection.abort()
+            raise mail_refused(mail_reply)
+        return rcpt_replies, data_reply
+    connection.send(mail)
+    mail_reply = await reply("receiving the reply to MAIL FROM")
+    if not mail_reply.positive:
+        raise mail_refused(mail_reply)
+    rcpt_replies = []
+    for rcpt in rcpts:
+        connection.send(rcpt)
+        rcpt_replies.append(await reply("receiving the reply to RCPT TO"))
+    data_reply = None
+    if any(answer.positive for answer in rcpt_replies):
+        connection.send(b"DATA")
+        data_reply = await reply("receiving the reply to DATA", data_timeout)
+    return rcpt_replies, data_reply
+
+
+def connect_problem(exc):
     """The connect failure in the words Postfix logs use."""
     if isinstance(exc, error.ConnectionRefusedError):
         return "Connection refused"
@@ -595,5 +612,5 @@ def _connect_problem(exc):
         # put "Traceback" in an ordinary log line: name what it wraps.
         for wrapped in (exc.osError, *exc.args):
             if isinstance(wrapped, Failure):
-                return _connect_problem(wrapped.value)
+                return connect_problem(wrapped.value)
     return " ".join(str(exc).split()) or type(exc).__name__

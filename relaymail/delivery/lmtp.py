@@ -65,7 +65,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relaymail.delivery import downgrade, tls
-from relaymail.delivery.client import DATA_INITIATION_TIMEOUT, ClientConfig, _connect_problem
+from relaymail.delivery.client import ClientConfig, connect_problem, exchange_envelope
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import check_message, mail_command, rcpt_command
@@ -306,29 +306,9 @@ class _Session:
         """MAIL, the RCPTs and DATA; the recipients accepted when DATA got
         354 (empty when none was, or DATA was refused)."""
         connection = self._connection
-        data_timeout = min(DATA_INITIATION_TIMEOUT, self._config.command_timeout)
-        if "PIPELINING" in extensions:
-            connection.send(mail, *rcpts.values(), b"DATA")
-            mail_reply = await self._reply("receiving the reply to MAIL FROM")
-            rcpt_replies = [await self._reply("receiving the reply to RCPT TO") for _ in rcpts]
-            data_reply = await self._reply("receiving the reply to DATA", data_timeout)
-            if not mail_reply.positive:
-                if data_reply.code == 354:
-                    connection.abort()
-                raise self._mail_refused(mail_reply)
-        else:
-            connection.send(mail)
-            mail_reply = await self._reply("receiving the reply to MAIL FROM")
-            if not mail_reply.positive:
-                raise self._mail_refused(mail_reply)
-            rcpt_replies = []
-            for line in rcpts.values():
-                connection.send(line)
-                rcpt_replies.append(await self._reply("receiving the reply to RCPT TO"))
-            data_reply = None
-            if any(reply.positive for reply in rcpt_replies):
-                connection.send(b"DATA")
-                data_reply = await self._reply("receiving the reply to DATA", data_timeout)
+        rcpt_replies, data_reply = await exchange_envelope(
+            connection, self._reply, self._mail_refused, "PIPELINING" in extensions,
+            mail, list(rcpts.values()), self._config.command_timeout)
         accepted = []
         for recipient, reply in zip(rcpts, rcpt_replies, strict=True):
             self._expect_decision(reply, "RCPT TO")
@@ -388,7 +368,7 @@ class _Session:
             if not isinstance(exc, Exception) or isinstance(exc, defer.CancelledError):
                 raise
             raise DeliveryError(temporary=True, code=None, enhanced="4.4.1",
-                                text=f"connect to {self._remote}: {_connect_problem(exc)}",
+                                text=f"connect to {self._remote}: {connect_problem(exc)}",
                                 remote=self._remote) from None
 
     async def _fit(self, file, extensions, body, smtputf8, addresses):
