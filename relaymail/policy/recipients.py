@@ -307,22 +307,19 @@ class Policy:
 
     def _remember(self, cache, method, subject, answer):
         if not isinstance(answer, Deferred):
-            if _answers_the_contract(method, answer):
+            if answer_fits(method, answer):
                 cache.put(method, subject, answer, self._clock.seconds())
             return
 
         def answered(result):
             # Only a timely answer: a timeout fails this Deferred first.
-            if _answers_the_contract(method, result):
+            if answer_fits(method, result):
                 cache.put(method, subject, result, self._clock.seconds())
             return result
         answer.addCallback(answered)
 
     def _checked_decision(self, answer, plugin, method, address):
-        # Hold, discard, redirect and header changes mean something only
-        # for a complete message (relaymail.interfaces.IMessageFilter).
-        if (isinstance(answer, Decision) and answer.kind not in Decision.FILTER_KINDS
-                and not answer.add_headers and not answer.remove_headers):
+        if _is_policy_decision(answer):
             return answer
         self._log_failure(_BadAnswer(f"returned {answer!r}, not a Decision this hook takes"),
                           plugin, method, address)
@@ -488,12 +485,21 @@ class Policy:
                         plugin=_label(plugin), method=method, address=str(address))
 
 
-def _answers_the_contract(method, answer):
-    """Whether ``answer`` is one worth remembering: garbage is a failure
-    (451), and a failure is asked about again, never replayed."""
+def answer_fits(method, answer):
+    """Whether ``answer`` is one the contract allows from ``method``: a
+    list of address strings or None from ``expand``, else a Decision a hook
+    before the message takes.  Anything else is a plugin failure (451):
+    not remembered by a cache, and shown as such by relaymail-check."""
     if method == "expand":
         return answer is None or (isinstance(answer, (list, tuple))
                                   and all(isinstance(member, str) for member in answer))
+    return _is_policy_decision(answer)
+
+
+def _is_policy_decision(answer):
+    """A Decision the hooks before the message may give: hold, discard,
+    redirect and header changes mean something only for a complete
+    message (relaymail.interfaces.IMessageFilter)."""
     return (isinstance(answer, Decision) and answer.kind not in Decision.FILTER_KINDS
             and not answer.add_headers and not answer.remove_headers)
 

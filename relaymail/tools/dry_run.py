@@ -73,7 +73,7 @@ from twisted.python.failure import Failure
 from relaymail import address
 from relaymail.interfaces import Decision, Route
 from relaymail.policy.loader import Hooks
-from relaymail.policy.recipients import ExpansionError, Policy, _label
+from relaymail.policy.recipients import ExpansionError, Policy, _label, answer_fits
 from relaymail.smtp.dialogue import Dialogue, SessionContext
 from relaymail.smtp.server import _in_networks
 
@@ -379,11 +379,10 @@ class _Answer:
         if self.method == "expand":
             if value is None:
                 return f"{prefix}not a list"
-            if isinstance(value, (list, tuple)) and all(isinstance(m, str) for m in value):
+            if answer_fits("expand", value):
                 return f"{prefix}members {', '.join(value)}" if value else f"{prefix}no members"
             return f"{prefix}answered {value!r} (not an answer this hook takes)"
-        if not isinstance(value, Decision) or value.kind in Decision.FILTER_KINDS \
-                or value.add_headers or value.remove_headers:
+        if not answer_fits(self.method, value):
             return f"answered {value!r} (not an answer this hook takes)"
         if value.kind == Decision.NO_OPINION_KIND:
             return "no opinion"
