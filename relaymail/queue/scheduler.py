@@ -290,7 +290,7 @@ class Scheduler(service.Service):
         # message counts as active, and a hold or delete asked for
         # meanwhile is taken as for a message being delivered.
         self._attempts[queue_id] = attempt
-        d = self._jobs_for(queue_id, record, attempt)
+        d = defer.maybeDeferred(self._jobs_for, queue_id, record, attempt)
         d.addCallback(self._submit, queue_id, attempt, now)
         d.addErrback(self._routing_failed, queue_id, now)
 
@@ -325,6 +325,9 @@ class Scheduler(service.Service):
         built-in router; one whose routing fails is deferred."""
         envelope = record["envelope"]
         context = None
+        # Without routers every answer is at hand: no Deferred a recipient
+        # on this path, which every delivered message takes.
+        asking = self.policy is not None and self.policy.routers_enabled
         routes = []
         for entry in record["recipients"]:
             if entry["status"] in _FINAL:
@@ -338,14 +341,14 @@ class Scheduler(service.Service):
                 self._record(queue_id, attempt, self._soft(Outcome(
                     address, BOUNCED, None, "5.1.3", f"bad recipient address: {error}")))
                 continue
-            if self.policy is not None and self.policy.routers_enabled:
-                if context is None:
-                    context = _RelayContext(self.hostname, envelope["sender"], queue_id)
-                asked = self.policy.route(mailbox, context)
-            else:
-                asked = defer.succeed((None, None))
+            if not asking:
+                routes.append(self._destination((None, None), queue_id, address, mailbox))
+                continue
+            if context is None:
+                context = _RelayContext(self.hostname, envelope["sender"], queue_id)
+            asked = self.policy.route(mailbox, context)
             routes.append(asked.addBoth(self._destination, queue_id, address, mailbox))
-        d = defer.gatherResults(routes, consumeErrors=True)
+        d = defer.gatherResults(routes, consumeErrors=True) if asking else defer.succeed(routes)
 
         def grouped(destinations):
             by_destination = {}
