@@ -386,20 +386,29 @@ class RecipientOutcome:
     ``bounced`` (give up: a bounce goes to the sender).  ``status`` is the
     RFC 3463 code (``"2.0.0"``, ``"4.4.1"``, ``"5.1.1"``), ``reason`` the
     text for the log, the bounce and the DSN (a next hop's reply, a
-    command's exit status)."""
+    command's exit status).
 
-    __slots__ = ("kind", "status", "reason")
+    A transport that spoke to a server may say more, all optional:
+    ``code``, the server's reply code (the DSN's Diagnostic-Code is then
+    ``smtp; CODE STATUS REASON``); ``remote``, the server that answered
+    (``mx.example.com[192.0.2.1]:25``; else the log names the transport and
+    next hop); ``tls``, the TLS the session used, for the delivery log."""
+
+    __slots__ = ("kind", "status", "reason", "code", "remote", "tls")
 
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     BOUNCED = "bounced"
 
-    def __init__(self, kind, status, reason):
+    def __init__(self, kind, status, reason, *, code=None, remote=None, tls=None):
         if kind not in (self.DELIVERED, self.DEFERRED, self.BOUNCED):
             raise ValueError(f"no outcome kind {kind!r}")
         self.kind = kind
         self.status = status
         self.reason = reason
+        self.code = code
+        self.remote = remote
+        self.tls = tls
 
     @classmethod
     def delivered(cls, reason="delivered", status="2.0.0"):
@@ -413,23 +422,33 @@ class RecipientOutcome:
     def bounced(cls, reason, status="5.0.0"):
         return cls(cls.BOUNCED, status, reason)
 
+    def _fields(self):
+        return (self.kind, self.status, self.reason, self.code, self.remote, self.tls)
+
     def __eq__(self, other):
         if not isinstance(other, RecipientOutcome):
             return NotImplemented
-        return (self.kind, self.status, self.reason) == (other.kind, other.status, other.reason)
+        return self._fields() == other._fields()
 
     def __hash__(self):
-        return hash((self.kind, self.status, self.reason))
+        return hash(self._fields())
 
     def __repr__(self):
-        return f"RecipientOutcome({self.kind!r}, {self.status!r}, {self.reason!r})"
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name in ("code", "remote", "tls")
+                        if getattr(self, name) is not None)
+        return f"RecipientOutcome({self.kind!r}, {self.status!r}, {self.reason!r}{extra})"
 
 
 class ITransport(Interface):
     """Delivers a queued message to some of its recipients (``[plugins]
     transports`` names the site's; ``smtp``, ``lmtp`` and ``pipe`` are
     built in).  Retries, bounces and DSNs are the queue's job: a transport
-    only says what happened to each recipient it was given."""
+    only says what happened to each recipient it was given.
+
+    The built-in ``smtp`` is one too
+    (:class:`relaymail.delivery.smtp_transport.SMTPTransport`): its
+    ``deliver()`` sends by the smarthost, ``[routes]`` or MX as a Route's
+    next hop says, and its outcomes carry the server's reply code."""
 
     name = Attribute("The transport's name, as a Route names it.")
 

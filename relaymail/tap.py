@@ -27,7 +27,7 @@ from relaymail.config_warnings import config_warnings
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
-from relaymail.delivery.transports import TransportRegistry, TransportRunner
+from relaymail.delivery.transports import TransportRegistry, delivery_transports
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
@@ -35,8 +35,6 @@ from relaymail.delivery.shaping import OutboundRates
 from relaymail.policy.loader import build_hooks
 from relaymail.process.launch import Launch
 from relaymail.policy.recipients import Policy
-from relaymail.policy.threads import PluginThreads
-from relaymail.queue.message_view import queued_message
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
 from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
@@ -468,11 +466,8 @@ def delivery_scheduler(settings, reactor, spool, policy, rate_share=1, hooks=Non
     pool = DestinationPool(reactor, router.router, client_configs(settings),
                            settings.delivery.destination_concurrency,
                            settings.delivery.max_connections)
-    registry = TransportRegistry(reactor, settings, (hooks or {}).get("transports", ()))
-    transports = TransportRunner(reactor, registry, queued_message,
-                                 PluginThreads(reactor, settings.plugins.threads),
-                                 settings.delivery.transport_concurrency,
-                                 settings.delivery.transport_timeout)
+    transports = delivery_transports(reactor, settings, pool, router,
+                                     (hooks or {}).get("transports", ()))
     return Scheduler(spool, pool, router, settings, reactor, policy=policy,
                      rates=OutboundRates(settings.delivery_rates, rate_share),
                      transports=transports)

@@ -568,8 +568,8 @@ def test_a_bad_smtp_next_hop_from_a_router_defers_4_3_5(site):
     ("raise.test", "transport raiser failed: RuntimeError: the transport broke"),
     ("hang.test", "transport hanger did not answer within 3s"),
     ("garbage.test", "transport garbage answered 'yes', not a dict of outcomes"),
-    ("nosuch.test", "no transport named nosuch (router siterouter; known: smtp, garbage, "
-                    "hanger, lmtp, pipe, raiser, threaded, webhook)"),
+    ("nosuch.test", "no transport named nosuch (router siterouter; known: garbage, hanger, "
+                    "lmtp, pipe, raiser, smtp, threaded, webhook)"),
     ("router-raises.test", "router siterouter failed: RuntimeError: the router broke"),
     ("router-hangs.test", "router siterouter failed: no answer within 1.0 seconds"),
     ("router-garbage.test", "router siterouter failed: returned 'smtp please', not a Route "

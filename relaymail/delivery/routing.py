@@ -67,6 +67,9 @@ class Destination:
     port: int
     mx_lookup: bool
     tls: str | None = None
+    #: The transport whose jobs these are (relaymail.delivery.router.SMTP);
+    #: a class attribute, not a field: not part of the key.
+    transport = "smtp"
 
     @property
     def label(self) -> str:

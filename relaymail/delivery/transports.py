@@ -1,22 +1,23 @@
 """Transports by name, and the runner that hands them jobs.
 
-A Route names a transport (:class:`relaymail.interfaces.Route`).  ``smtp``
-is the SMTP client and its connection pool
-(:class:`relaymail.delivery.destinations.DestinationPool`), which the
-scheduler drives itself.  Every other name is looked up in a
-:class:`TransportRegistry`: the built-in transports of :data:`BUILTIN`
-(``lmtp``), then the ``[plugins] transports`` plugins (the built-in
-``pipe`` plugin among them, and a site's), each by its ``name``.
+A Route names a transport (:class:`relaymail.interfaces.Route`), and a
+:class:`TransportRegistry` has every one by its ``name``: ``smtp`` (the
+SMTP client, :mod:`relaymail.delivery.smtp_transport`), the other built-in
+transports of :data:`BUILTIN` (``lmtp``), then the ``[plugins] transports``
+plugins (the built-in ``pipe`` plugin among them, and a site's).
 
-Jobs for those go to a :class:`TransportRunner`, which is to a transport
-what the connection pool is to the SMTP client: it runs at most
-``[delivery] transport_concurrency`` deliveries per transport at once (the
-rest wait in order), gives the transport the message as an IMessage read
-from the spool, bounds each ``deliver()`` by ``[delivery]
-transport_timeout``, and turns the :class:`RecipientOutcome` values into
-the scheduler's :class:`~relaymail.delivery.destinations.Outcome`.  Retries,
-bounces, DSNs and soft_bounce stay the scheduler's, the same for every
-transport.
+The scheduler gives every job to one :class:`TransportRunner`.  A
+transport that runs its own connections and queues (smtp: per-destination
+caps and connection reuse, ``[delivery] destination_concurrency``) takes
+the jobs whole (:class:`~relaymail.delivery.smtp_transport.ITakesJobs`).
+For every other one the runner is what the connection pool is to the SMTP
+client: it runs at most ``[delivery] transport_concurrency`` deliveries
+per transport at once (the rest wait in order), gives the transport the
+message as an IMessage read from the spool, bounds each ``deliver()`` by
+``[delivery] transport_timeout``, and turns the :class:`RecipientOutcome`
+values into the scheduler's
+:class:`~relaymail.delivery.destinations.Outcome`.  Retries, bounces, DSNs
+and soft_bounce stay the scheduler's, the same for every transport.
 
 A transport cannot lose a message: one that raises, fails its Deferred,
 answers anything but a dict of RecipientOutcome, leaves a recipient out
@@ -39,7 +40,10 @@ from relaymail.config import ConfigError
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
 from relaymail.delivery.lmtp import LMTPTransport, parse_next_hop
 from relaymail.delivery.router import SMTP
+from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
 from relaymail.interfaces import RecipientOutcome
+from relaymail.policy.threads import PluginThreads
+from relaymail.queue.message_view import queued_message
 
 log = Logger(namespace="relaymail.delivery")
 
@@ -83,16 +87,20 @@ class TransportHop:
 
 
 class TransportRegistry:
-    """Every transport a Route may name but smtp.
+    """Every transport a Route may name.
 
     :param site: the ``[plugins] transports`` plugins, in order.
+    :param smtp: the :class:`SMTPTransport`; None where nothing is sent
+        (the check of a configuration).
     :raise ConfigError: for a plugin with no usable ``name``, or one that
         takes the name of another transport.
     """
 
-    def __init__(self, reactor, settings, site=()):
+    def __init__(self, reactor, settings, site=(), smtp=None):
         self._settings = settings
         self._builtin = {name: make(reactor, settings) for name, (make, _) in BUILTIN.items()}
+        if smtp is not None:
+            self._builtin[SMTP] = smtp
         self.use_site(site)
 
     def use_site(self, site):
@@ -127,8 +135,13 @@ class TransportRegistry:
             check(next_hop)
 
     def names(self):
-        """Every name but smtp, sorted: for "no transport named X" lines."""
-        return sorted({*self._builtin, *self._site})
+        """Every name, sorted: for "no transport named X" lines."""
+        return sorted({SMTP, *self._builtin, *self._site})
+
+    def taking_jobs(self):
+        """The transports that take jobs whole (ITakesJobs)."""
+        return [t for t in {*self._builtin.values(), *self._site.values()}
+                if ITakesJobs.providedBy(t)]
 
 
 class _Unreadable(Exception):
@@ -142,7 +155,7 @@ class _Running:
 
 
 class TransportRunner:
-    """Runs the jobs for every transport but smtp (see the module docstring).
+    """Runs the jobs for every transport (see the module docstring).
 
     :param registry: a :class:`TransportRegistry`.
     :param message_for: ``message_for(job)``, the job's message as an
@@ -166,7 +179,8 @@ class TransportRunner:
 
     @property
     def busy(self):
-        return any(t.jobs or t.running for t in self._transports.values())
+        return (any(t.jobs or t.running for t in self._transports.values())
+                or any(t.busy for t in self.registry.taking_jobs()))
 
     def knows(self, name):
         return self.registry.get(name) is not None
@@ -176,6 +190,10 @@ class TransportRunner:
 
     def submit(self, job):
         name = job.destination.transport
+        transport = self.registry.get(name)
+        if ITakesJobs.providedBy(transport):
+            transport.submit(job)
+            return
         self._transports.setdefault(name, _Running()).jobs.append(job)
         self._pump()
 
@@ -185,6 +203,8 @@ class TransportRunner:
         :return: the jobs that were waiting and will not run."""
         self._draining = True
         left = []
+        for transport in self.registry.taking_jobs():
+            left.extend(transport.drain())
         for queue in self._transports.values():
             left.extend(queue.jobs)
             queue.jobs.clear()
@@ -195,6 +215,8 @@ class TransportRunner:
         the next start (a transport may have delivered some of them: the
         queue's contract, twice rather than never)."""
         self._stopping = True
+        for transport in self.registry.taking_jobs():
+            transport.stop()
         for queue in list(self._transports.values()):
             for _job, running in list(queue.running.values()):
                 running.cancel()
@@ -309,6 +331,8 @@ def outcomes_of(job, result):
 
 
 def _converted(address, value, hop):
+    """The Outcome for a RecipientOutcome: the class digit of its status
+    is its kind's, the reply code and remote kept when it gives them."""
     status, digit = _KINDS[value.kind]
     enhanced = value.status if isinstance(value.status, str) else ""
     if _STATUS.fullmatch(enhanced):
@@ -317,7 +341,15 @@ def _converted(address, value, hop):
     else:
         enhanced = f"{digit}.0.0"
     reason = value.reason if isinstance(value.reason, str) else repr(value.reason)
-    return _outcome(address, status, enhanced, _short(reason, MAX_REASON) or value.kind, hop)
+    text = _short(reason, MAX_REASON) or value.kind
+    code = value.code if isinstance(value.code, int) and str(value.code)[:1] == digit else None
+    if code is None and value.remote is None:
+        return _outcome(address, status, enhanced, text, hop)
+    remote = _short(str(value.remote)) if value.remote is not None else hop.label
+    return Outcome(address, status, code, enhanced, text, remote=remote,
+                   remote_name=remote.split("[", 1)[0] if value.remote is not None else None,
+                   tls=_short(str(value.tls)) if value.tls is not None else None,
+                   diagnostic_type=None if code is not None else _diagnostic_type(hop))
 
 
 #: The DSN diagnostic type of each built-in transport's reasons: LMTP's
@@ -325,9 +357,13 @@ def _converted(address, value, hop):
 _DIAGNOSTIC_TYPES = {"lmtp": "smtp", "pipe": "x-unix"}
 
 
+def _diagnostic_type(hop):
+    return _DIAGNOSTIC_TYPES.get(hop.transport, "x-relaymail")
+
+
 def _outcome(address, status, enhanced, text, hop):
     return Outcome(address, status, None, enhanced, text, remote=hop.label,
-                   diagnostic_type=_DIAGNOSTIC_TYPES.get(hop.transport, "x-relaymail"))
+                   diagnostic_type=_diagnostic_type(hop))
 
 
 def _all(job, enhanced, problem, hop):
@@ -355,3 +391,16 @@ def _short(text, limit=200):
 def _one_line(exc):
     text = " ".join(str(exc).split())
     return _short(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def delivery_transports(reactor, settings, pool, router, site=()):
+    """The TransportRunner for a delivery process: ``pool`` (the
+    DestinationPool) as the smtp transport with ``router`` (the
+    BuiltinRouter), the built-in transports, and ``site``, the
+    ``[plugins] transports`` plugins."""
+    registry = TransportRegistry(reactor, settings, site,
+                                 smtp=SMTPTransport(pool, router, reactor))
+    return TransportRunner(reactor, registry, queued_message,
+                           PluginThreads(reactor, settings.plugins.threads),
+                           settings.delivery.transport_concurrency,
+                           settings.delivery.transport_timeout)

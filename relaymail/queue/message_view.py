@@ -33,15 +33,18 @@ class MessageView:
     :param file_size: the file's size.
     """
 
-    def __init__(self, queue_id, envelope, path, fields, body_offset, file_size):
+    def __init__(self, queue_id, envelope, path, fields, body_offset, file_size, whole=False):
+        #: True for a view of the file as it is (read, no fields changed):
+        #: the file alone is the message (see :func:`whole_file`).
+        self.whole = whole
         self.queue_id = queue_id
         self.envelope = envelope
         self.path = path
         self.fields = list(fields)
         self.body_offset = body_offset
         self._file_size = file_size
-        self.sender = _mailbox(envelope.sender) if envelope.sender else None
-        self.recipients = [_mailbox(r) for r in envelope.recipients]
+        self.sender = mailbox_of(envelope.sender) if envelope.sender else None
+        self.recipients = [mailbox_of(r) for r in envelope.recipients]
         self.headers = [(field.name, field.value) for field in self.fields]
         self.header_bytes = header_section.to_bytes(self.fields)
         self.size = len(self.header_bytes) + file_size - body_offset
@@ -59,7 +62,7 @@ class MessageView:
                 if end is not None:
                     break
             size = os.fstat(f.fileno()).st_size
-        return cls(queue_id, envelope, path, fields, end, size)
+        return cls(queue_id, envelope, path, fields, end, size, whole=True)
 
     def with_fields(self, fields):
         """This message with other header fields (a filter's changes)."""
@@ -72,6 +75,15 @@ class MessageView:
         body = open(self.path, "rb")
         body.seek(self.body_offset)
         return io.BufferedReader(_Joined(self.header_bytes, body))
+
+
+def whole_file(message):
+    """The path of the file that holds exactly ``message`` (a queued
+    message as read), or None for any other IMessage: a view with changed
+    fields, or a site's own object."""
+    if isinstance(message, MessageView) and message.whole:
+        return message.path
+    return None
 
 
 def queued_message(job):
@@ -104,7 +116,7 @@ class _Joined(io.RawIOBase):
         super().close()
 
 
-def _mailbox(text):
+def mailbox_of(text):
     """An address string of the envelope as a Mailbox.  They were parsed
     at MAIL and RCPT (or came from an expander, which is checked); a
     form the parser refuses (a bare ``postmaster``) is split as it is."""

@@ -4,9 +4,8 @@ The scheduler is the queue's one owner while the daemon runs (Postfix's
 qmgr): it knows which messages are due, routes each recipient (the
 ``[plugins] routers``, else the built-in router of
 :mod:`relaymail.delivery.router`), splits each message into one job per
-destination for :class:`~relaymail.delivery.destinations.DestinationPool`
-(smtp) or :class:`~relaymail.delivery.transports.TransportRunner` (every
-other transport), records every recipient's outcome in the message's queue record as it
+destination for the :class:`~relaymail.delivery.transports.TransportRunner`
+(which gives smtp's to the SMTP client's connection pool), records every recipient's outcome in the message's queue record as it
 comes, retries deferred recipients with backoff, returns failures to the
 sender as DSNs, and removes a message once every recipient is done.
 
@@ -44,7 +43,7 @@ from zope.interface import implementer
 from relaymail import logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.delivery.router import SMTP, BuiltinRouter
-from relaymail.delivery.transports import KIND as TRANSPORT_KIND, TransportHop
+from relaymail.delivery.transports import KIND as TRANSPORT_KIND, TransportHop, delivery_transports
 from relaymail.interfaces import ISessionContext
 from relaymail.metrics import instruments
 from relaymail.queue import record as records
@@ -94,20 +93,22 @@ class Scheduler(service.Service):
         double-bounce recipient (aliases) as the server expands recipients.
         None delivers to it as configured.
     :param rates: a relaymail.delivery.shaping.OutboundRates, or None.
-    :param transports: a relaymail.delivery.transports.TransportRunner for
-        the jobs of every transport but smtp, or None (smtp only).
+    :param transports: the relaymail.delivery.transports.TransportRunner
+        that runs every job, ``pool`` among its transports as smtp; None
+        makes one with ``pool`` and the built-in transports.
     """
 
     def __init__(self, spool, pool, router, settings, reactor, clock=time.time, policy=None,
                  rates=None, transports=None):
         self.spool = spool
-        self.transports = transports
         self._rates = rates
         # queue id -> {rate key: time}: the slot a waiting message reserved.
         self._reserved = {}
-        self.pool = pool
         # The built-in router: a routing.Router is wrapped (tests give one).
         self.router = router if isinstance(router, BuiltinRouter) else BuiltinRouter(router)
+        if transports is None:
+            transports = delivery_transports(reactor, settings, pool, self.router)
+        self.transports = transports
         self.settings = settings
         self.policy = policy
         self.hostname = settings.server.hostname
@@ -151,7 +152,7 @@ class Scheduler(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        for job in self.pool.drain() + (self.transports.drain() if self.transports else []):
+        for job in self.transports.drain():
             self._job_abandoned(job)
         if not self._attempts:
             return defer.succeed(None)
@@ -201,9 +202,7 @@ class Scheduler(service.Service):
         self._stop_pools()
 
     def _stop_pools(self):
-        self.pool.stop()
-        if self.transports is not None:
-            self.transports.stop()
+        self.transports.stop()
 
     # -- intake -----------------------------------------------------------
 
@@ -306,10 +305,7 @@ class Scheduler(service.Service):
             return
         attempt.jobs_left = len(jobs)
         for job in jobs:
-            if job.destination.kind == TRANSPORT_KIND:
-                self.transports.submit(job)
-            else:
-                self.pool.submit(job)
+            self.transports.submit(job)
 
     def _routing_failed(self, failure, queue_id, now):
         # As for a message that cannot be started (see _run_due): try it
@@ -388,9 +384,8 @@ class Scheduler(service.Service):
                 log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id,
                           address=address, problem=problem)
                 return address, None, Outcome(address, DEFERRED, None, "4.3.5", problem)
-        if self.transports is None or not self.transports.knows(route.transport):
-            known = ", ".join([SMTP, *(self.transports.registry.names()
-                                       if self.transports is not None else ())])
+        if not self.transports.knows(route.transport):
+            known = ", ".join(self.transports.registry.names())
             problem = f"no transport named {route.transport} (router {by}; known: {known})"
             log.error("{queue_id}: <{address}>: {problem}", queue_id=queue_id, address=address,
                       problem=problem)

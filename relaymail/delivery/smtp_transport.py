@@ -1,0 +1,176 @@
+"""The SMTP client as a transport: ``smtp`` on the ITransport contract.
+
+Every transport a Route names is an :class:`~relaymail.interfaces.ITransport`
+in one :class:`~relaymail.delivery.transports.TransportRegistry`; this is
+the built-in one for ``smtp`` (the smarthost, ``[routes]`` and MX, through
+:class:`~relaymail.delivery.destinations.DestinationPool`).
+
+It is used two ways:
+
+- The queue hands it whole jobs (:meth:`SMTPTransport.submit`): one
+  message's recipients for one Destination, as the scheduler grouped them.
+  The pool runs them under its per-destination and total connection caps
+  and reuses connections between jobs for the same destination, which a
+  runner that calls ``deliver()`` per message, ``transport_concurrency``
+  at a time, could not do.  The transports that take jobs this way say so
+  by providing :class:`ITakesJobs`.
+- Anyone holding the transport may call :meth:`SMTPTransport.deliver` as
+  the contract says (a site transport that sends on by SMTP after doing
+  its own work, a test).  That path submits the same jobs to the same
+  pool, and answers with RecipientOutcome values that keep what the
+  queue's path keeps: the reply code, the host that answered and the TLS
+  of the session.
+"""
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet import defer, threads
+from zope.interface import Attribute, Interface, implementer
+
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.delivery.router import SMTP
+from relaymail.interfaces import ITransport, RecipientOutcome
+from relaymail.queue.message_view import mailbox_of, whole_file
+
+
+class ITakesJobs(Interface):
+    """A transport that runs its own connections and queues, and so takes
+    the queue's jobs (relaymail.delivery.destinations.Job) whole instead
+    of one ``deliver()`` call each; the TransportRunner passes them on."""
+
+    busy = Attribute("True while a job is queued or running.")
+
+    def submit(job):
+        """Run ``job``; call its ``on_done(job, outcomes)`` or
+        ``on_abandoned(job)`` once."""
+
+    def drain():
+        """Start no more jobs: :return: the jobs that will not run."""
+
+    def stop():
+        """Cut the jobs running; they are left to the next start."""
+
+
+_KINDS = {SENT: RecipientOutcome.DELIVERED, DEFERRED: RecipientOutcome.DEFERRED,
+          BOUNCED: RecipientOutcome.BOUNCED}
+
+
+@implementer(ITransport, ITakesJobs)
+class SMTPTransport:
+    """:param pool: the DestinationPool that runs the SMTP sessions.
+    :param router: the :class:`relaymail.delivery.router.BuiltinRouter`,
+        which turns a Route's next hop into the pool's Destination.
+    :param reactor: runs the copy of a message that is not a queue file.
+    """
+
+    name = SMTP
+
+    def __init__(self, pool, router, reactor):
+        self.pool = pool
+        self.router = router
+        self._reactor = reactor
+
+    # -- the queue's way in ---------------------------------------------------
+
+    @property
+    def busy(self):
+        return self.pool.busy
+
+    def submit(self, job):
+        self.pool.submit(job)
+
+    def drain(self):
+        return self.pool.drain()
+
+    def stop(self):
+        self.pool.stop()
+
+    # -- the contract ---------------------------------------------------------
+
+    def deliver(self, message, recipients, next_hop):
+        """Send ``message`` to ``recipients`` by ``next_hop`` (a
+        ``[routes]`` value, a Destination, or None for the built-in
+        choice per recipient domain); see ITransport.
+
+        A next hop that does not parse defers every recipient (4.3.5) as
+        the queue does for a router's bad smtp next hop; a stop that cuts
+        the delivery defers the recipients still open (4.4.2)."""
+        recipients = list(recipients)
+        try:
+            groups = self._destinations(recipients, next_hop)
+        except ValueError as error:
+            problem = f"bad smtp next hop {next_hop!r}: {error}"
+            return defer.succeed({address: RecipientOutcome.deferred(problem, "4.3.5")
+                                  for address in recipients})
+        d = self._message_file(message)
+        d.addCallback(self._send, message, groups)
+        return d
+
+    def _destinations(self, recipients, next_hop):
+        by_destination = {}
+        for address in recipients:
+            destination = self.router.smtp_destination(next_hop, mailbox_of(address))
+            by_destination.setdefault(destination, []).append(address)
+        return by_destination
+
+    def _message_file(self, message):
+        """``(path, is a copy)``: the queue file itself when ``message`` is
+        one read whole from it, else a private copy made in a thread (the
+        client streams from a file it can stat and seek)."""
+        path = whole_file(message)
+        if path is not None:
+            return defer.succeed((path, False))
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                         _copy, message)
+
+    def _send(self, file, message, groups):
+        path, copied = file
+        envelope = message.envelope
+        sender = str(message.sender) if message.sender is not None else ""
+        asked = []
+        for destination, addresses in groups.items():
+            done = defer.Deferred()
+            job = Job(queue_id=message.queue_id, destination=destination, sender=sender,
+                      recipients=addresses, message_path=path, body=envelope.body,
+                      smtputf8=envelope.smtputf8, envelope=envelope.to_dict(),
+                      on_done=lambda job, outcomes, done=done: done.callback(outcomes),
+                      on_abandoned=lambda job, done=done: done.callback(_cut(job)))
+            self.pool.submit(job)
+            asked.append(done)
+        d = defer.gatherResults(asked)
+        d.addCallback(lambda lists: {o.address: recipient_outcome(o) for ol in lists for o in ol})
+        if copied:
+            d.addBoth(_removing, path)
+        return d
+
+
+def recipient_outcome(outcome):
+    """The RecipientOutcome saying what the pool's Outcome says."""
+    return RecipientOutcome(_KINDS[outcome.status], outcome.enhanced, outcome.text,
+                            code=outcome.code, remote=outcome.remote, tls=outcome.tls)
+
+
+def _cut(job):
+    return [Outcome(address, DEFERRED, None, "4.4.2", "delivery cut by a stop")
+            for address in job.recipients]
+
+
+def _copy(message):
+    handle, path = tempfile.mkstemp(prefix="relaymail-smtp-")
+    try:
+        with os.fdopen(handle, "wb") as out, message.open() as source:
+            shutil.copyfileobj(source, out, 1 << 20)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, True
+
+
+def _removing(result, path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return result

@@ -1,0 +1,180 @@
+"""smtp as an ITransport: the SMTP client called through the transport
+contract, against real next-hop servers over real sockets, and the queue's
+jobs reaching the same connection pool through the TransportRunner."""
+
+import io
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from relaymail.delivery.destinations import DestinationPool, client_configs
+from relaymail.delivery.router import BuiltinRouter
+from relaymail.delivery.routing import Router
+from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
+from relaymail.delivery.transports import delivery_transports
+from relaymail.envelope import Envelope
+from relaymail.interfaces import IMessage, ITransport, RecipientOutcome
+from relaymail.queue.message_view import MessageView, mailbox_of
+from tests.nexthop import NextHop
+from tests.relay_process import free_port
+from tests.support import make_settings
+
+BODY = (b"From: Alice <alice@sender.test>\r\n"
+        b"Subject: by smtp\r\n"
+        b"\r\n"
+        b".a line that starts with a dot\r\n"
+        b"last line\r\n")
+
+
+@implementer(IMessage)
+class SiteMessage:
+    """A site's own IMessage, not a queue file: only open() gives the bytes."""
+
+    def __init__(self, data, sender, recipients):
+        self.queue_id = "SITE1"
+        self.sender = mailbox_of(sender)
+        self.recipients = [mailbox_of(r) for r in recipients]
+        self.envelope = Envelope(sender, list(recipients))
+        self.headers = []
+        self.size = len(data)
+        self._data = data
+
+    def open(self):
+        return io.BytesIO(self._data)
+
+
+class SMTPTransportTests(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self):
+        self.first, self.second = NextHop(), NextHop()
+        self.addCleanup(self.first.stop)
+        self.addCleanup(self.second.stop)
+        tmp = self.mktemp()
+        from pathlib import Path
+        Path(tmp).mkdir()
+        self.tmp = Path(tmp)
+        settings = make_settings(self.tmp, **{
+            "routes__one.test": f"[127.0.0.1]:{self.first.port}",
+            "routes__two.test": f"[127.0.0.1]:{self.second.port}",
+            "delivery__connect_timeout": "2", "delivery__command_timeout": "5"})
+        router = BuiltinRouter(Router(settings, resolver=object(), reactor=reactor))
+        self.pool = DestinationPool(reactor, router.router, client_configs(settings), 4, 10)
+        self.transport = SMTPTransport(self.pool, router, reactor)
+        self.addCleanup(self.pool_idle)
+
+    @defer.inlineCallbacks
+    def pool_idle(self):
+        """Once a job is reported the pool still says QUIT and closes."""
+        for _ in range(500):
+            if not self.pool.busy:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield task.deferLater(reactor, 0, lambda: None)
+
+    def queued(self, recipients):
+        path = self.tmp / "message"
+        path.write_bytes(BODY)
+        return MessageView.read("QUEUE1", Envelope("alice@sender.test", recipients), str(path))
+
+    def test_it_provides_the_transport_contract_and_takes_jobs(self):
+        verifyObject(ITransport, self.transport)
+        verifyObject(ITakesJobs, self.transport)
+        self.assertEqual(self.transport.name, "smtp")
+
+    @defer.inlineCallbacks
+    def test_deliver_with_no_next_hop_routes_each_domain_as_the_queue_would(self):
+        self.second.rcpt_reply = lambda address: (
+            (550, "5.1.1 no such user") if address.startswith("gone@") else (250, "2.1.5 Ok"))
+        recipients = ["a@one.test", "b@two.test", "gone@two.test"]
+        result = yield self.transport.deliver(self.queued(recipients), recipients, None)
+        first = f"127.0.0.1[127.0.0.1]:{self.first.port}"
+        second = f"127.0.0.1[127.0.0.1]:{self.second.port}"
+        self.assertEqual(result, {
+            "a@one.test": RecipientOutcome("delivered", "2.0.0", "Ok: queued", code=250,
+                                           remote=first, tls="none"),
+            "b@two.test": RecipientOutcome("delivered", "2.0.0", "Ok: queued", code=250,
+                                           remote=second, tls="none"),
+            "gone@two.test": RecipientOutcome("bounced", "5.1.1", "no such user", code=550,
+                                              remote=second, tls="none"),
+        })
+        [one], [two] = self.first.messages, self.second.messages
+        self.assertEqual((one["sender"], one["recipients"], one["data"]),
+                         ("alice@sender.test", ["a@one.test"], BODY))
+        self.assertEqual((two["recipients"], two["data"]), (["b@two.test"], BODY))
+
+    @defer.inlineCallbacks
+    def test_a_next_hop_in_routes_form_sends_every_recipient_there(self):
+        recipients = ["a@one.test", "b@elsewhere.test"]
+        message = SiteMessage(BODY, "alice@sender.test", recipients)
+        result = yield self.transport.deliver(message, recipients,
+                                              f"[127.0.0.1]:{self.second.port}")
+        self.assertEqual({a: (o.kind, o.code) for a, o in result.items()},
+                         {"a@one.test": ("delivered", 250), "b@elsewhere.test": ("delivered", 250)})
+        [got] = self.second.messages
+        # A site's IMessage is sent from a private copy of what open() gives.
+        self.assertEqual((got["recipients"], got["data"]), (recipients, BODY))
+        self.assertEqual(self.first.messages, [])
+
+    @defer.inlineCallbacks
+    def test_a_next_hop_that_refuses_connections_defers_with_the_reason(self):
+        port = free_port()
+        result = yield self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"],
+                                              f"[127.0.0.1]:{port}")
+        [outcome] = result.values()
+        self.assertEqual((outcome.kind, outcome.status, outcome.code), ("deferred", "4.4.1", None))
+        self.assertIn(f"127.0.0.1[127.0.0.1]:{port}", outcome.reason)
+
+    @defer.inlineCallbacks
+    def test_a_next_hop_that_does_not_parse_defers_every_recipient(self):
+        result = yield self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"],
+                                              "[not a host")
+        self.assertEqual(list(result), ["a@one.test"])
+        outcome = result["a@one.test"]
+        self.assertEqual((outcome.kind, outcome.status), ("deferred", "4.3.5"))
+        self.assertTrue(outcome.reason.startswith("bad smtp next hop '[not a host': "),
+                        outcome.reason)
+
+
+class RunnerTests(unittest.TestCase):
+    """The queue's jobs for smtp go to the pool whole, past the runner's
+    per-transport concurrency: the pool's caps and connection reuse apply."""
+
+    def test_smtp_jobs_go_to_the_pool_and_drain_and_stop_reach_it(self):
+        from pathlib import Path
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        settings = make_settings(tmp, delivery__transport_concurrency="1")
+
+        class Pool:
+            busy = False
+
+            def __init__(self):
+                self.jobs, self.stopped = [], False
+
+            def submit(self, job):
+                self.jobs.append(job)
+                self.busy = True
+
+            def drain(self):
+                return list(self.jobs)
+
+            def stop(self):
+                self.stopped = True
+
+        pool = Pool()
+        router = BuiltinRouter(Router(settings, resolver=object(), reactor=reactor))
+        runner = delivery_transports(reactor, settings, pool, router)
+        from types import SimpleNamespace
+        jobs = [SimpleNamespace(destination=router.smtp_destination("[192.0.2.1]:25", None),
+                                queue_id=f"Q{n}") for n in range(3)]
+        for job in jobs:
+            runner.submit(job)
+        # All three at once, though transport_concurrency is 1: the pool decides.
+        self.assertEqual(pool.jobs, jobs)
+        self.assertTrue(runner.busy)
+        self.assertEqual(runner.drain(), jobs)
+        runner.stop()
+        self.assertTrue(pool.stopped)
