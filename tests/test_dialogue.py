@@ -57,6 +57,8 @@ def test_ehlo_lists_the_extensions(session):
         b"250-8BITMIME\r\n"
         b"250-ENHANCEDSTATUSCODES\r\n"
         b"250-SMTPUTF8\r\n"
+        b"250-CHUNKING\r\n"
+        b"250-BINARYMIME\r\n"
         b"250 HELP\r\n")
 
 
@@ -184,8 +186,8 @@ def test_mail_size_parameter(session):
 
 def test_mail_body_parameter(session):
     ehlo(session)
-    assert session.command(b"MAIL FROM:<a@example.org> BODY=BINARYMIME") == (
-        b"501 5.5.4 Syntax error in parameters: BODY takes 7BIT or 8BITMIME\r\n")
+    assert session.command(b"MAIL FROM:<a@example.org> BODY=QUANTUM") == (
+        b"501 5.5.4 Syntax error in parameters: BODY takes 7BIT, 8BITMIME or BINARYMIME\r\n")
     assert session.command(b"MAIL FROM:<a@example.org> BODY=8bitmime") == b"250 2.1.0 Ok\r\n"
 
 
@@ -626,7 +628,7 @@ def test_expn(settings):
 def test_help(session):
     ehlo(session)
     assert session.command(b"HELP") == (
-        b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\r\n"
+        b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\r\n"
         b"214 2.0.0 See RFC 5321; HELP command gives its syntax\r\n")
     assert session.command(b"HELP rcpt") == b"214 2.0.0 RCPT TO:<address>\r\n"
     assert session.command(b"HELP FOO") == b"504 5.5.1 HELP topic unknown\r\n"
@@ -634,7 +636,7 @@ def test_help(session):
 
 def test_unknown_and_empty_commands_are_500(session):
     ehlo(session)
-    assert session.command(b"BDAT 10") == b"500 5.5.2 Error: command not recognized\r\n"
+    assert session.command(b"TURN 10") == b"500 5.5.2 Error: command not recognized\r\n"
     assert session.command(b"") == b"500 5.5.2 Error: empty command\r\n"
 
 

@@ -27,6 +27,15 @@ Content checks, each one bytes operation per block:
 * ``Received:`` fields are counted in the header section, the part already
   scanned for ``header_size``, to stop mail loops (RFC 5321 6.3): a field
   name at the start of a line before the first empty line, in any case.
+
+The same checks serve BDAT (RFC 3030, :mod:`relaymail.smtp.chunking`):
+there the framing is by length, so :meth:`DataReader.feed_content` takes
+the content as it is (``stuffed=False``: no end search, no unstuffing) and
+:meth:`DataReader.end_content` ends it, a last line without CRLF
+included.  A ``BODY=BINARYMIME`` message (``binary_body``) has its header
+section checked as any, but its body is opaque octets: bare CR, LF and NUL
+are data there and lines have no limit (RFC 3030 3), so it is written as
+it comes.
 """
 
 import re
@@ -68,11 +77,18 @@ class DataReader:
     :param split_long_lines: cut an over-long line into lines of the limit
         (``[limits] long_lines = split``) instead of making the outcome
         ``LINE_TOO_LONG``.
+    :param stuffed: the content is dot-stuffed (DATA); False for BDAT.
+    :param binary_body: the body after the header section is not checked
+        as lines (``BODY=BINARYMIME``).
     """
 
     def __init__(self, write, max_size, line_length, header_limit=None, max_received=None,
-                 allow_nul=False, split_long_lines=False):
+                 allow_nul=False, split_long_lines=False, stuffed=True, binary_body=False):
         self._write = write
+        self._stuffed = stuffed
+        self._binary = binary_body
+        # Past the header section of a binary body: written as it comes.
+        self._raw = False
         self._split = split_long_lines
         self._max_size = max_size
         self._line_length = line_length
@@ -85,7 +101,9 @@ class DataReader:
         #: The Message-ID field's value (its first line, at most 200
         #: octets, decoded leniently), once seen in the header section.
         self.message_id = None
-        self._in_header = header_limit is not None or max_received is not None
+        # A binary body needs the end of the header section found even
+        # without a header limit: the checks stop there.
+        self._in_header = binary_body or header_limit is not None or max_received is not None
         # The start of a line not yet ended by CRLF; always begins a line,
         # except after an over-long line was dropped or, when splitting, cut
         # (_at_line_start False).
@@ -114,6 +132,51 @@ class DataReader:
             self._take(buf[:end])
             self._pending = b""
             return end + 3 - pending_len
+        self._lines(buf)
+        return None
+
+    def feed_content(self, data):
+        """Take message bytes that need no unframing (a BDAT chunk's)."""
+        if self._raw:
+            self._take_raw(data)
+            return
+        buf = self._pending + data if self._pending else data
+        if self._binary:
+            # The header section is lines; what follows the empty line
+            # that ends it is the binary body.
+            end = 0 if self._at_line_start and buf[:2] == b"\r\n" else buf.find(b"\r\n\r\n")
+            if end >= 0:
+                end += 2 if end == 0 else 4
+                self._pending = b""
+                self._take(buf[:end])
+                self._raw = True
+                self._take_raw(buf[end:])
+                return
+        self._lines(buf)
+
+    def end_content(self):
+        """The content is complete (BDAT LAST): check and write its last
+        line.  A chunk need not end with CRLF; the line gets one, as the
+        end of DATA gives it (RFC 5321 4.1.1.4), so the spool keeps only
+        whole lines (the 8-bit downgrade and the bounces rely on it)."""
+        tail, self._pending = self._pending, b""
+        if not tail:
+            return
+        if not self._at_line_start and not self._split:
+            return          # the rest of an over-long line already reported
+        self._take(tail + b"\r\n")
+
+    def _take_raw(self, block):
+        if self.outcome != OK or not block:
+            return
+        self.size += len(block)
+        if self.size > self._max_size:
+            self._problem(TOO_BIG)
+            return
+        self._write_block(block)
+
+    def _lines(self, buf):
+        """Write the whole lines in ``buf``; keep the unended last line."""
         cut = buf.rfind(b"\r\n")
         if cut >= 0:
             self._take(buf[:cut + 2])
@@ -129,7 +192,6 @@ class DataReader:
             self._problem(LINE_TOO_LONG)
             self._pending = b"\r" if buf.endswith(b"\r") else b""
             self._at_line_start = False
-        return None
 
     def _cut_pending(self):
         """Write the over-long unended line in pieces of the longest line
@@ -140,7 +202,7 @@ class DataReader:
         while len(buf) > self._line_length:
             if self._at_line_start:
                 # The stuffing dot, if any, is not text (_take drops it).
-                count = width + (buf[:1] == b".")
+                count = width + (self._stuffed and buf[:1] == b".")
             else:
                 # Room for the space _take puts in front.
                 count = width - 1
@@ -171,9 +233,10 @@ class DataReader:
         # with a period.  Unstuffing never makes an empty line (a line of
         # one dot is the end), so the header section's end stays where it
         # was.
-        if block[:1] == b"." and not continued:
-            block = block[1:]
-        block = block.replace(b"\r\n.", b"\r\n")
+        if self._stuffed:
+            if block[:1] == b"." and not continued:
+                block = block[1:]
+            block = block.replace(b"\r\n.", b"\r\n")
         if continued and block[:2] != b"\r\n":
             # The rest of a line cut by _cut_pending.
             block = b" " + block
@@ -190,6 +253,9 @@ class DataReader:
         if self.size > self._max_size:
             self._problem(TOO_BIG)
             return
+        self._write_block(block)
+
+    def _write_block(self, block):
         try:
             self._write(block)
         except OSError as error:

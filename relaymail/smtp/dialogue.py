@@ -18,7 +18,7 @@ from relaymail import address, logline
 from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
-from relaymail.smtp import data, filtering, replies
+from relaymail.smtp import chunking, data, filtering, replies
 from relaymail.smtp.received import received_header
 from relaymail.smtp.session_id import new_session_id
 from relaymail.smtp.tls import fit_for_passwords
@@ -29,7 +29,9 @@ log = Logger(namespace="relaymail.smtp")
 # (SMTP-NOTES attack class 7).
 _HTTP_VERBS = frozenset({b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT", b"OPTIONS", b"DELETE"})
 
-_SUPPORTED_BODIES = ("7BIT", "8BITMIME")
+# BINARYMIME (RFC 3030 3): CHUNKING is offered in every EHLO session, and
+# MAIL parameters are taken only there, so it is accepted with any MAIL.
+_SUPPORTED_BODIES = ("7BIT", "8BITMIME", "BINARYMIME")
 
 _JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP"})
 # A HELO or EHLO after the session already has one is junk too: one a
@@ -74,6 +76,8 @@ class Transaction:
         self.body = body
         self.smtputf8 = smtputf8
         self.recipients = []
+        #: The message while BDAT chunks come (relaymail.smtp.chunking).
+        self.chunks = None
 
 
 class Dialogue:
@@ -177,6 +181,8 @@ class Dialogue:
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "CHUNKING",
+            "BINARYMIME",
         ]
         if self.tls is not None and not self.tls_active:
             keywords.append("STARTTLS")
@@ -228,6 +234,7 @@ class Dialogue:
     def connection_lost(self):
         """Throw away a message still being received."""
         self._discard_writer()
+        self._reset()
 
     # -- session commands ------------------------------------------------
 
@@ -305,6 +312,10 @@ class Dialogue:
         return replies.help_reply(argument.upper() or None)
 
     def _reset(self):
+        if self.transaction is not None and self.transaction.chunks is not None:
+            # RSET, EHLO or a lost connection between BDAT chunks: the
+            # message so far is thrown away (RFC 3030 2).
+            self.transaction.chunks.fail()
         self.transaction = None
         self.context.sender = None
 
@@ -481,7 +492,8 @@ class Dialogue:
                     return body, smtputf8, replies.SIZE_EXCEEDED
             elif keyword == "BODY":
                 if value is None or value.upper() not in _SUPPORTED_BODIES:
-                    return body, smtputf8, replies.bad_parameter("BODY takes 7BIT or 8BITMIME")
+                    return body, smtputf8, replies.bad_parameter(
+                        "BODY takes 7BIT, 8BITMIME or BINARYMIME")
                 body = value.upper()
             elif keyword == "SMTPUTF8":
                 if value is not None:
@@ -494,6 +506,8 @@ class Dialogue:
     def _rcpt(self, argument):
         if self.transaction is None:
             return replies.NEED_MAIL
+        if self.transaction.chunks is not None:
+            return replies.RCPT_AFTER_BDAT
         try:
             path, params = address.split_mail_argument(argument, "TO")
         except address.ParameterError as e:
@@ -545,32 +559,121 @@ class Dialogue:
             return replies.NO_ARGUMENTS_ALLOWED
         if self.transaction is None:
             return replies.NEED_MAIL
+        if self.transaction.chunks is not None:
+            return replies.DATA_AFTER_BDAT
+        if self.transaction.body == "BINARYMIME":
+            return replies.BINARYMIME_NEEDS_BDAT
         if not self.transaction.recipients:
             return replies.NO_VALID_RECIPIENTS
+        self._writer = self._start_queue_file()
+        if self._writer is None:
+            return replies.LOCAL_ERROR
+        self.data_reader = self._content_reader(self._writer)
+        return replies.START_DATA
+
+    def _start_queue_file(self):
+        """A queue file with our Received field in it, or None (logged,
+        the transaction reset) when the queue cannot take one."""
+        writer = None
         try:
-            self._writer = self.queue.new_message()
-            self._writer.write(self._received_header(self._writer.queue_id))
+            writer = self.queue.new_message()
+            writer.write(self._received_header(writer.queue_id))
         except (OSError, RuntimeError) as error:
             # OSError from the disk (ENOSPC, EIO: no bug, so no traceback);
             # RuntimeError from a spool shutting down.
             log.error("{session} {client}: cannot start a queue file: {error}",
                       error=str(error), **self.context.log_fields)
-            self._discard_writer()
-            self._reset()
-            return replies.LOCAL_ERROR
         except Exception:
             log.failure("cannot start a queue file")
-            self._discard_writer()
-            self._reset()
-            return replies.LOCAL_ERROR
+        else:
+            return writer
+        if writer is not None:
+            writer.abort()
+        self._reset()
+        return None
+
+    def _content_reader(self, writer, bdat=False):
+        """The DataReader that checks the message on its way to ``writer``."""
         limits = self.settings.limits
-        self.data_reader = data.DataReader(
-            self._writer.write, limits.message_size, limits.line_length, limits.header_size,
+        return data.DataReader(
+            writer.write, limits.message_size, limits.line_length, limits.header_size,
             # [limits] hops counts the Received field written above too, as
             # Postfix counts its smtpd's own against hopcount_limit.
             max_received=limits.hops - 1, allow_nul=limits.allow_nul,
-            split_long_lines=limits.long_lines == "split")
-        return replies.START_DATA
+            split_long_lines=limits.long_lines == "split", stuffed=not bdat,
+            binary_body=bdat and self.transaction.body == "BINARYMIME")
+
+    # -- BDAT (RFC 3030) ---------------------------------------------------
+
+    def _bdat(self, argument):
+        """The BDAT line: the chunk's octets follow it whatever the reply,
+        so every case ends in a :class:`~relaymail.smtp.chunking.ChunkReader`
+        (storing or discarding) and the reply comes once they are read."""
+        parsed = chunking.parse_command(argument)
+        if parsed is None:
+            self.closing = True
+            return replies.BDAT_SYNTAX
+        size, last = parsed
+        reader = self._chunk_reader(size, last)
+        if size == 0:
+            return self._chunk_read(reader)
+        self.data_reader = reader
+        # None: no reply yet; the protocol feeds the chunk to data_reader.
+        return None
+
+    def _chunk_reader(self, size, last):
+        transaction = self.transaction
+        if transaction is None:
+            return chunking.ChunkReader(size, last, refusal=replies.NEED_MAIL)
+        if not transaction.recipients:
+            return chunking.ChunkReader(size, last, refusal=replies.NO_VALID_RECIPIENTS)
+        message = transaction.chunks
+        if message is not None and message.failed:
+            return chunking.ChunkReader(size, last, refusal=replies.chunk_discarded(size))
+        if size == 0 and not last:
+            refusal = replies.NULL_BDAT
+        elif (message.received if message else 0) + size > self.settings.limits.message_size:
+            # Known from the count alone: the chunk is read and thrown
+            # away rather than stored (RFC 3030 2 still sends it).
+            refusal = replies.CHUNK_TOO_BIG
+        else:
+            refusal = None
+        if message is None:
+            writer = None if refusal is not None else self._start_queue_file()
+            if refusal is None and writer is None:
+                # The transaction is reset; the octets are still the chunk.
+                return chunking.ChunkReader(size, last, refusal=replies.LOCAL_ERROR)
+            message = transaction.chunks = chunking.ChunkedMessage(
+                writer, None if writer is None else self._content_reader(writer, bdat=True))
+        if refusal is not None:
+            message.fail()
+            return chunking.ChunkReader(size, last, refusal=refusal)
+        return chunking.ChunkReader(size, last, content=message.content)
+
+    def _chunk_read(self, reader):
+        """A chunk's octets are all read: its reply, or a Deferred of the
+        queue's answer for the LAST one."""
+        transaction = self.transaction
+        if reader.refusal is not None:
+            if reader.last and transaction is not None and transaction.chunks is not None:
+                self._reset()       # LAST ends even a failed transaction
+            return reader.refusal
+        message = transaction.chunks
+        message.received += reader.size
+        if not reader.last:
+            problem = message.problem()
+            if problem is None:
+                return replies.chunk_received(message.received)
+            # Said now, not at LAST: the client stops sending (RFC 3030 2).
+            self._refused_message(message.writer, problem, message.content.write_error)
+            message.writer = None
+            message.fail()
+            return problem
+        content, writer = message.content, message.writer
+        content.end_content()
+        transaction.chunks = None       # handed on: the reset must not abort it
+        self._reset()
+        return self._finish_message(content, writer, transaction)
 
     def _received_header(self, queue_id):
         transaction = self.transaction
@@ -591,27 +694,22 @@ class Dialogue:
 
         :return: a Deferred firing with the reply to the DATA content.
         """
-        reader, writer, transaction = self.data_reader, self._writer, self.transaction
+        reader = self.data_reader
+        if isinstance(reader, chunking.ChunkReader):
+            self.data_reader = None
+            return self._chunk_read(reader)
+        writer, transaction = self._writer, self.transaction
         self.data_reader = None
         self._writer = None
         self._reset()
-        problem = {
-            data.BARE_NEWLINE: replies.BARE_NEWLINE,
-            data.NUL: replies.NUL_IN_MESSAGE,
-            data.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
-            data.TOO_MANY_HOPS: replies.TOO_MANY_HOPS,
-            data.TOO_BIG: replies.MESSAGE_TOO_BIG,
-            data.HEADER_TOO_BIG: replies.HEADER_TOO_BIG,
-            data.WRITE_FAILED: replies.LOCAL_ERROR,
-        }.get(reader.outcome)
+        return self._finish_message(reader, writer, transaction)
+
+    def _finish_message(self, reader, writer, transaction):
+        """The whole message is in ``writer``, checked by ``reader``: queue
+        it (through the filters) or say why not; a Deferred of the reply."""
+        problem = chunking.content_problem(reader.outcome)
         if problem is not None:
-            writer.abort()
-            # A disk error says which (ENOSPC, EIO): what the admin must fix.
-            cause = f" ({reader.write_error.strerror})" if reader.write_error else ""
-            log.info("{session} {client}: message {queue_id} refused: {code} {enhanced} "
-                     "{text}{cause}", queue_id=writer.queue_id, code=problem.code,
-                     enhanced=problem.enhanced, text=problem.text, cause=cause,
-                     **self.context.log_fields)
+            self._refused_message(writer, problem, reader.write_error)
             return defer.succeed(problem)
         recipients = [str(r) for r in transaction.recipients]
         d = self.policy.expand_recipients(recipients, self.context)
@@ -621,6 +719,15 @@ class Dialogue:
             d.addCallback(self._commit, writer, transaction, reader.size, reader.message_id)
         d.addErrback(self._commit_failed, writer)
         return d
+
+    def _refused_message(self, writer, problem, write_error):
+        writer.abort()
+        # A disk error says which (ENOSPC, EIO): what the admin must fix.
+        cause = f" ({write_error.strerror})" if write_error else ""
+        log.info("{session} {client}: message {queue_id} refused: {code} {enhanced} "
+                 "{text}{cause}", queue_id=writer.queue_id, code=problem.code,
+                 enhanced=problem.enhanced, text=problem.text, cause=cause,
+                 **self.context.log_fields)
 
     def _filter(self, recipients, writer, transaction, message_id):
         """[plugins] filters: they decide (relaymail.smtp.filtering), then
@@ -737,6 +844,7 @@ class Dialogue:
         b"HELO": _helo, b"EHLO": _ehlo, b"MAIL": _mail, b"RCPT": _rcpt, b"DATA": _data,
         b"RSET": _rset, b"NOOP": _noop, b"QUIT": _quit, b"VRFY": _vrfy, b"EXPN": _expn,
         b"HELP": _help, b"STARTTLS": _starttls, b"AUTH": _auth,
+        b"BDAT": _bdat,
     }
 
 

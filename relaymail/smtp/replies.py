@@ -198,6 +198,28 @@ TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
 # Bare CR or LF: the smuggling defence (SMTP-NOTES attack class 1).
 BARE_NEWLINE = Reply(554, "5.6.0", "Error: bare <CR> or <LF> in message; lines must end with <CR><LF>")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+
+# BDAT (RFC 3030), in Postfix's words (relaymail.smtp.chunking).
+# A count that cannot be read leaves the chunk's end unknown: 521, and the
+# connection closes.
+BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")
+# A chunk of no octets that is not the last says nothing (Postfix's codes).
+NULL_BDAT = Reply(551, "5.7.1", "Null BDAT request")
+CHUNK_TOO_BIG = Reply(552, "5.3.4", "Chunk exceeds message size limit")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")
+# RFC 3030 3: a BINARYMIME body cannot be dot-stuffed, so only BDAT sends it.
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
+
+
+def chunk_received(total):
+    """A chunk that is not the last, stored: the octets so far."""
+    return Reply(250, "2.0.0", f"Ok: {total} bytes")
+
+
+def chunk_discarded(size):
+    """RFC 3030 2: a chunk after a failed one is read and thrown away."""
+    return Reply(551, "5.0.0", f"Discarded {size} bytes after earlier error")
 PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary failure checking recipient, try again later")
 
 
@@ -232,13 +254,14 @@ def _plugin_text(text, utf8):
 
 
 HELP_TEXT = {
-    None: ["Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH",
+    None: ["Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH",
            "See RFC 5321; HELP command gives its syntax"],
     "HELO": ["HELO hostname"],
     "EHLO": ["EHLO hostname"],
-    "MAIL": ["MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]"],
+    "MAIL": ["MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]"],
     "RCPT": ["RCPT TO:<address>"],
     "DATA": ["DATA, then the message, ended by a line holding only a dot"],
+    "BDAT": ["BDAT count [LAST], then count octets of the message"],
     "RSET": ["RSET: abandon the current transaction"],
     "NOOP": ["NOOP: do nothing"],
     "QUIT": ["QUIT: close the session"],

@@ -7,7 +7,9 @@ after failed recipients sees the failures.  Input that piles up meanwhile
 pauses the socket rather than growing without bound.
 
 Every wait for the client has a timeout (:meth:`SMTPServerProtocol._period`):
-``command_timeout`` between commands, ``data_timeout`` per DATA block, and
+``command_timeout`` between commands, ``data_timeout`` per DATA block (and
+per block of a BDAT chunk, whose octets are fed to the dialogue's
+``data_reader`` as DATA's are: :mod:`relaymail.smtp.chunking`), and
 for a client outside ``trusted_networks`` while the connection gate is
 stressed (the table nearly full) the shorter ``stress_timeout``, with
 ``stress_errors`` and ``stress_junk_commands`` for its error limits.  A
@@ -327,6 +329,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             answer = self.dialogue.handle(line)
             if not in_sasl:
                 instruments.command(line, answer)
+            if answer is None:
+                # BDAT: its chunk follows, and the reply comes once the
+                # chunk is read (RFC 3030 2).
+                self._data_phase_started()
+                continue
             self._answer(answer)
 
     def _tls_done(self):
@@ -391,9 +398,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.transport.write(reply.encode(self.dialogue.enhanced_codes))
         instruments.reply_sent(reply)
         if reply is replies.START_DATA:
-            self.setTimeout(self._period())
-            self._data_started = self.factory.reactor.seconds()
-            self._data_bytes = 0
+            self._data_phase_started()
         if self.dialogue.start_tls:
             self._start_tls()
             return
@@ -408,6 +413,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self.transport.write(replies.too_many_errors(self.dialogue.hostname).encode(
                     self.dialogue.enhanced_codes))
                 self._close()
+
+    def _data_phase_started(self):
+        """Message octets come now: the data timeout and rate apply."""
+        self.setTimeout(self._period())
+        self._data_started = self.factory.reactor.seconds()
+        self._data_bytes = 0
 
     def _too_slow(self):
         """Postfix smtpd_min_data_rate: DATA may take data_timeout plus the
