@@ -299,3 +299,51 @@ def test_an_idle_chunk_is_cut_by_the_data_timeout(wire):
     assert wire.replies(1) == [b"421 4.4.2 relay.test Error: timeout exceeded"]
     assert 0.8 < time.monotonic() - started < 5
     assert wire.closed()
+
+
+# -- streaming -----------------------------------------------------------------
+
+def _memory_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_100_mib_message_in_1_mib_chunks_streams_to_the_spool(tmp_path):
+    # One process ([server] workers = 0), so its memory is the relay's.
+    process = RelayProcess(tmp_path, {
+        "server": {"workers": "0"},
+        "relay": {"domains": "example.com"},
+        "limits": {"message_size": str(200 * 2 ** 20)},
+    }).start()
+    try:
+        pid = process.process.pid
+        wire = Wire(process.port)
+        # A first small message, so the code paths are loaded before the peak is read.
+        assert wire.exchange(ENVELOPE + b"BDAT 4 LAST\r\nab\r\n", 3)[2].startswith(b"250 2.0.0 Ok: queued")
+        before = _memory_kib(pid, "VmRSS")
+        peak_before = _memory_kib(pid, "VmHWM")
+        line = b"0123456789" * 10 + b"\r\n"
+        chunk = line * (2 ** 20 // len(line)) + b"x" * (2 ** 20 % len(line) - 2) + b"\r\n"
+        assert len(chunk) == 2 ** 20
+        wire.send(ENVELOPE)
+        assert wire.replies(2) == [b"250 2.1.0 Ok", b"250 2.1.5 Ok"]
+        header = b"Subject: big\r\n\r\n"
+        for n in range(1, 101):
+            content = header + chunk[len(header):] if n == 1 else chunk
+            wire.send(b"BDAT %d%s\r\n" % (len(content), b" LAST" if n == 100 else b"") + content)
+            if n % 10 == 0:
+                # Replies read now and then: the client pipelines.
+                replies = wire.replies(10)
+        queue_id = queued_id(replies[-1])
+        assert replies[-2] == b"250 2.0.0 Ok: %d bytes" % (99 * 2 ** 20)
+        wire.close()
+        grown = max(_memory_kib(pid, "VmHWM") - peak_before, _memory_kib(pid, "VmRSS") - before)
+        assert grown < 6 * 1024, f"the relay grew by {grown} KiB"
+        size = os.path.getsize(os.path.join(process.spool, "active", queue_id + ".msg"))
+        assert size > 100 * 2 ** 20
+        assert record_of(process, queue_id)["size"] == size
+    finally:
+        process.stop()
