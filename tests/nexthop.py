@@ -3,7 +3,10 @@
 It runs in a thread of the test process and records every transaction it
 accepts, so tests can wait for a delivery and look at the exact bytes.  It
 can offer STARTTLS, speak TLS from the first byte (port 465 style) and ask
-for AUTH, with certificates from :mod:`tests.certs`.
+for AUTH, with certificates from :mod:`tests.certs`.  With ``CHUNKING``
+among its extensions it takes BDAT (RFC 3030) too, and records the chunk
+sizes it got (``chunks``, None for a message that came by DATA);
+``BINARYMIME`` is only a keyword it offers.
 """
 
 import base64
@@ -53,6 +56,8 @@ class NextHop:
         self.mail_reply = lambda sender: (250, "2.1.0 Ok")
         self.rcpt_reply = lambda address: (250, "2.1.5 Ok")
         self.data_reply = lambda message: (250, "2.0.0 Ok: queued")
+        # The reply to a BDAT chunk that is not the last.
+        self.chunk_reply = lambda message: (250, "2.0.0 Ok: chunk received")
         self.greeting = (220, "nexthop.test ESMTP")
         self._changed = threading.Condition()
         hop = self
@@ -191,7 +196,7 @@ class NextHop:
                 code, text = self.mail_reply(sender)
                 if code == 250:
                     transaction = {"helo": helo, "sender": sender, "recipients": [], "mail": command,
-                                   "tls": wire.tls, "user": user}
+                                   "tls": wire.tls, "user": user, "chunks": None}
                 reply(code, text)
             elif verb == "RCPT":
                 address = command.split(":", 1)[1].split(">")[0].lstrip(" <")
@@ -206,6 +211,30 @@ class NextHop:
                 reply(354, "Go ahead")
                 data = self._read_data(wire.rfile)
                 transaction["data"] = data
+                code, text = self.data_reply(transaction)
+                if code == 250:
+                    with self._changed:
+                        self.messages.append(transaction)
+                        self._changed.notify_all()
+                transaction = None
+                reply(code, text)
+            elif verb == "BDAT" and "CHUNKING" in self.extensions:
+                words = command.split()
+                size, last = int(words[1]), len(words) > 2
+                chunk = wire.rfile.read(size)
+                if not transaction or not transaction["recipients"]:
+                    reply(554, "5.5.1 No valid recipients")
+                    continue
+                if transaction["chunks"] is None:
+                    transaction["chunks"], transaction["data"] = [], b""
+                transaction["chunks"].append(size)
+                transaction["data"] += chunk
+                if not last:
+                    code, text = self.chunk_reply(transaction)
+                    reply(code, text)
+                    if code != 250:
+                        transaction = None
+                    continue
                 code, text = self.data_reply(transaction)
                 if code == 250:
                     with self._changed:

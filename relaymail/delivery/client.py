@@ -28,7 +28,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from relaymail.delivery import downgrade, sasl, tls
+from relaymail.delivery import chunking, downgrade, sasl, tls
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
@@ -352,7 +352,9 @@ class OutboundSession:
     async def _fit(self, file, size, body, smtputf8, addresses):
         """The file, size and MAIL parameters to send to this server: the
         message as spooled, or converted for a server without 8BITMIME."""
-        if downgrade.fits(self.extensions, smtputf8):
+        if downgrade.fits(self.extensions, smtputf8) or body == "BINARYMIME":
+            # Binary content is never converted (check_message refuses it
+            # for a server without BINARYMIME, RFC 3030 3).
             return file, size, body, smtputf8
         work = functools.partial(
             downgrade.fit, file, size, body=body, smtputf8=smtputf8, addresses=addresses,
@@ -412,6 +414,8 @@ class OutboundSession:
         # transaction (RFC 5321 4.1.1.4); any other ending leaves server
         # state that the next transaction resets first.
         self._needs_reset = True
+        if "CHUNKING" in self.extensions:
+            return await self._bdat_transaction(mail, rcpts, recipients, file)
         rcpt_replies, data_reply = await exchange_envelope(
             connection, self._reply, self._mail_refused, "PIPELINING" in self.extensions,
             mail, rcpts, self._config.command_timeout)
@@ -440,6 +444,24 @@ class OutboundSession:
         self._needs_reset = False
         self._expect_decision(final)
         return assemble_results(recipients, rcpt_replies, final)
+
+    async def _bdat_transaction(self, mail, rcpts, recipients, file):
+        """The transaction with the message in BDAT chunks (RFC 3030):
+        :mod:`relaymail.delivery.chunking`."""
+        config = self._config
+        timeouts = chunking.Timeouts(command=config.command_timeout, final=config.data_timeout,
+                                     block=config.data_block_timeout)
+        size = os.fstat(file.fileno()).st_size
+        rcpt_replies, outcome, ended = await chunking.bdat_transaction(
+            self._connection, self._reply, self._mail_refused,
+            "PIPELINING" in self.extensions, mail, rcpts, file, size, timeouts)
+        for reply in rcpt_replies:
+            self._expect_decision(reply)
+        if outcome is not None:
+            self._expect_decision(outcome)
+        if ended:
+            self._needs_reset = False
+        return assemble_results(recipients, rcpt_replies, outcome)
 
     async def _ask_recipient(self, recipient):
         if self._busy:

@@ -375,7 +375,9 @@ class _Session:
         """The file, size and MAIL parameters for this server: as spooled,
         or converted to 7 bits for a server without 8BITMIME."""
         size = self._message.size
-        if downgrade.fits(extensions, smtputf8):
+        if downgrade.fits(extensions, smtputf8) or body == "BINARYMIME":
+            # Binary content is never converted (check_message refuses it
+            # for a server without BINARYMIME, RFC 3030 3).
             return file, size, body, smtputf8
         work = functools.partial(
             downgrade.fit, file, size, body=body, smtputf8=smtputf8, addresses=addresses,

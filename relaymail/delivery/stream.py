@@ -68,3 +68,57 @@ class MessageProducer:
         """The connection is going away."""
         if not self.done.called:
             self.done.errback(StreamStopped())
+
+
+@implementer(IPullProducer)
+class ChunkProducer:
+    """Writes one BDAT chunk (RFC 3030 2): the ``BDAT n [LAST]`` line and
+    the next ``length`` octets of the file as they are -- a chunk is framed
+    by its length, so nothing is stuffed.  The file is read a piece at a
+    time, only when the transport asks for more.
+
+    ``done`` fires as :class:`MessageProducer`'s does; a file that ends
+    before ``length`` octets fails it with an ``OSError`` (the chunk cannot
+    be completed, so the caller drops the connection: a server stores
+    nothing of a message whose LAST chunk never came).
+    """
+
+    def __init__(self, file, length, last, consumer, read_size=CHUNK_SIZE, on_progress=None):
+        self._file = file
+        self._left = length
+        self._consumer = consumer
+        self._read_size = read_size
+        self._on_progress = on_progress
+        self._line = b"BDAT %d%s\r\n" % (length, b" LAST" if last else b"")
+        self.done = Deferred()
+
+    def start(self):
+        """Register with the consumer, which then pulls the pieces."""
+        self._consumer.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self):
+        """Write the next piece (the BDAT line goes with the first)."""
+        if self.done.called:
+            return
+        if self._on_progress is not None:
+            self._on_progress()
+        try:
+            piece = self._file.read(min(self._read_size, self._left)) if self._left else b""
+            if self._left and not piece:
+                raise OSError("the message file is shorter than its size")
+        except OSError:
+            self._consumer.unregisterProducer()
+            self.done.errback(Failure())
+            return
+        self._left -= len(piece)
+        self._consumer.write(self._line + piece)
+        self._line = b""
+        if not self._left:
+            self._consumer.unregisterProducer()
+            self.done.callback(None)
+
+    def stopProducing(self):
+        """The connection is going away."""
+        if not self.done.called:
+            self.done.errback(StreamStopped())

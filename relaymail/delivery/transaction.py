@@ -7,7 +7,7 @@ sends what these functions build and feeds back what the server said.
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult
 from relaymail.delivery.responses import size_limit
 
-BODY_TYPES = ("7BIT", "8BITMIME")
+BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
 
 # An address is data: these would end the command line or worse.
 _FORBIDDEN_IN_ADDRESS = ("\r", "\n", "\0")
@@ -21,6 +21,16 @@ def check_message(extensions, size, body, smtputf8, remote):
     :raise DeliveryError: permanent, with the RFC 3463 code that names the
         problem.
     """
+    if body == "BINARYMIME" and not ("CHUNKING" in extensions and "BINARYMIME" in extensions):
+        # RFC 3030 3: binary content goes only by BDAT to a server that
+        # offers BINARYMIME.  Turning it into 7 or 8 bits would need MIME
+        # conversion of arbitrary octets, which we do not do rather than
+        # corrupt it: RFC 3463 X.6.3, conversion required but not supported.
+        missing = " and ".join(k for k in ("CHUNKING", "BINARYMIME") if k not in extensions)
+        raise DeliveryError(temporary=False, code=None, enhanced="5.6.3",
+                            text=f"binary message (BODY=BINARYMIME), but {remote} does not offer "
+                                 f"{missing}: conversion required but not supported",
+                            remote=remote)
     limit = size_limit(extensions)
     if limit is not None and size > limit:
         # RFC 1870 6: a message over the announced limit is not attempted.
@@ -64,8 +74,8 @@ def mail_command(sender, extensions, size, body, smtputf8, remote):
     parts = [b"MAIL FROM:<" + encode_address(sender, smtputf8, remote) + b">"]
     if "SIZE" in extensions:
         parts.append(b"SIZE=%d" % size)          # RFC 1870 6
-    if body == "8BITMIME":
-        parts.append(b"BODY=8BITMIME")           # RFC 6152 2
+    if body in ("8BITMIME", "BINARYMIME"):
+        parts.append(b"BODY=" + body.encode())   # RFC 6152 2, RFC 3030 3
     if smtputf8:
         parts.append(b"SMTPUTF8")                # RFC 6531 3.4
     return b" ".join(parts)

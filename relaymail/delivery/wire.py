@@ -20,7 +20,7 @@ from relaymail.tcp import no_delay
 from relaymail.delivery import tls
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.responses import MalformedReply, ReplyReader
-from relaymail.delivery.stream import MessageProducer, StreamStopped
+from relaymail.delivery.stream import ChunkProducer, MessageProducer, StreamStopped
 
 # A server may say something nobody asked for (a 421 before it hangs up);
 # one that keeps doing so is out of step with us.
@@ -143,11 +143,28 @@ class ClientConnection(Protocol):
         when the file cannot be read (the connection is then dropped, as
         ending DATA would deliver a truncated message).
         """
+        return self._send_stream(
+            lambda progress: MessageProducer(file, self.transport, on_progress=progress),
+            block_timeout)
+
+    def send_chunk(self, file, length, last, block_timeout):
+        """Stream one BDAT chunk (RFC 3030): the BDAT line and the next
+        ``length`` octets of ``file``; fires and fails as
+        :meth:`send_message` does.  Each chunk is owed one reply."""
+        return self._send_stream(
+            lambda progress: ChunkProducer(file, length, last, self.transport,
+                                           on_progress=progress),
+            block_timeout)
+
+    def _send_stream(self, make_producer, block_timeout):
         if self._error is not None:
             return defer.fail(self._error)
-        # The reply to the final dot is owed like a command's: without this
-        # every reused connection drifted one reply per message towards
-        # "unsolicited" and was dropped after a few messages.
+        if self._stream is not None:
+            raise RuntimeError("already sending a message body")
+        # The reply to the final dot (or to the chunk) is owed like a
+        # command's: without this every reused connection drifted one
+        # reply per message towards "unsolicited" and was dropped after a
+        # few messages.
         self._owed += 1
         deferred = defer.Deferred()
         self._stream = wait = self._timed_wait(deferred, block_timeout, "sending the message body")
@@ -156,8 +173,7 @@ class ClientConnection(Protocol):
             if wait.timer.active():
                 wait.timer.reset(block_timeout)
 
-        producer = MessageProducer(file, self.transport, on_progress=progress)
-        producer.start().addCallbacks(self._stream_done, self._stream_failed)
+        make_producer(progress).start().addCallbacks(self._stream_done, self._stream_failed)
         return deferred
 
     def unread_reply(self):
