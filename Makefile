@@ -21,7 +21,8 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # looked for as a file pattern.
 TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
-	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql'
+	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql' \
+	postfix script:bsdutils
 
 .PHONY: install run test test-tools reference clean
 

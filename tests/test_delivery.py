@@ -703,8 +703,8 @@ def test_8bit_inside_multipart_signed_bounces_5_6_3(tmp_path, seven_bit_hop):
     per_recipient = parts[1].get_payload()[1]
     assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.6.3")
     note = " ".join(parts[0].get_content().split())
-    assert ("Reason: the next mail server cannot take 8-bit content, and the message could "
-            "not be converted (status 5.6.3).") in note
+    assert ("Reason: the next mail server cannot take the message's 8-bit or binary content, "
+            "and the message could not be converted (status 5.6.3).") in note
     assert re.search(
         queue_id + r": to=<bob@example\.net>, .*dsn=5\.6\.3, status=bounced \(message "
         r"has 8-bit content inside a signed part \(multipart/signed\), and "

@@ -90,8 +90,8 @@ _DETAIL_REASONS = {
     "4.4": "no way to reach the recipient's mail server was found",
     "4.7": "the message could not be delivered in the time allowed",
     "5.3": "the message had too many recipients",
-    "6.3": "the next mail server cannot take 8-bit content, and the message "
-           "could not be converted",
+    "6.3": "the next mail server cannot take the message's 8-bit or binary "
+           "content, and the message could not be converted",
     "6.7": "the next mail server cannot take non-ASCII addresses or header "
            "fields (it lacks SMTPUTF8)",
     "7.1": "the receiving system refused the message",
