@@ -3,13 +3,18 @@ NextHop offering CHUNKING (and BINARYMIME or not), on a real socket."""
 
 import os
 import tempfile
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.trial import unittest
 
 from relaymail.delivery import chunking
 from relaymail.delivery.client import ClientConfig, DeliveryError, Hop, RecipientResult, connect
+from relaymail.delivery.lmtp import LMTPTransport
+from tests.dovecot import Dovecot
 from tests.nexthop import NextHop
+from tests.support import make_settings
+from tests.test_lmtp import FileMessage
 
 MIB = 2 ** 20
 CHUNKING = ("CHUNKING", "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "SIZE 100000000")
@@ -195,3 +200,28 @@ def test_chunk_sizes():
     assert chunking.chunk_sizes(0) == [(0, True)]
     assert chunking.chunk_sizes(5, 5) == [(5, True)]
     assert chunking.chunk_sizes(11, 5) == [(5, False), (5, False), (1, True)]
+
+
+class LMTPKeepsData(unittest.TestCase):
+    """The lmtp transport sends DATA; a binary message cannot go that way."""
+
+    timeout = 30
+
+    async def test_binarymime_to_dovecot_lmtp_bounces_with_5_6_3_and_nothing_is_stored(self):
+        dovecot = Dovecot()
+        self.addCleanup(dovecot.remove)
+        dovecot.start()
+        handle, path = tempfile.mkstemp(suffix=".msg")
+        with os.fdopen(handle, "wb") as file:
+            file.write(BINARY)
+        self.addCleanup(os.unlink, path)
+        message = FileMessage(path, "sender@example.org", ["alice@example.com"], body="BINARYMIME")
+        root = Path(self.mktemp())
+        root.mkdir(parents=True)
+        transport = LMTPTransport(reactor, make_settings(root))
+        outcomes = await transport.deliver(message, ["alice@example.com"], dovecot.socket_path)
+        outcome = outcomes["alice@example.com"]
+        self.assertEqual((outcome.kind, outcome.status), ("bounced", "5.6.3"))
+        self.assertIn("does not offer BINARYMIME: conversion required but not supported",
+                      outcome.reason)
+        self.assertEqual(dovecot.mailbox("alice"), [])
