@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests import test_filters
 from tests.relay_process import RelayProcess
 
 QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)")
@@ -258,6 +259,33 @@ def test_a_line_of_the_limit_with_a_leading_dot_is_not_unstuffed(relay, wire):
     line = b"." + b"d" * 997 + b"\r\n"
     queue_id = queued_id(wire.exchange(ENVELOPE + b"BDAT %d LAST\r\n" % len(line) + line, 3)[2])
     assert body_of(relay, queue_id) == line
+
+
+# The message filters' fixtures (tests/test_filters.py): a relay with
+# scripted filters in front of a NextHop.
+nexthop = test_filters.nexthop
+relay_for = test_filters.relay_for
+
+
+def test_message_filters_decide_a_bdat_message_as_a_data_one(relay_for, nexthop):
+    relay = relay_for("first", first={"add": "X-Filtered: yes"})
+    wire = Wire(relay.port)
+    content = test_filters.BODY
+    reply = wire.exchange(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\n"
+                          + b"BDAT 10\r\n" + content[:10]
+                          + b"BDAT %d LAST\r\n" % (len(content) - 10) + content[10:], 4)[3]
+    wire.close()
+    queued_id(reply)
+    message, = nexthop.wait_for(1)
+    added, rest = test_filters.received_and_rest(message["data"])
+    assert (added, rest) == (b"X-Filtered: yes", content)
+    relay.stop()                # the next relay takes the same spool
+    refusing = relay_for("first", first={"answer": "reject"})
+    wire = Wire(refusing.port)
+    assert wire.exchange(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\n"
+                         + b"BDAT %d LAST\r\n" % len(content) + content, 3)[2] == (
+        b"550 5.7.1 Message content rejected")
+    wire.close()
 
 
 # -- BINARYMIME ----------------------------------------------------------------
