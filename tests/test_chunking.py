@@ -213,6 +213,15 @@ def test_a_null_chunk_that_is_not_last_fails_the_transaction(relay, wire):
         b"551 5.0.0 Discarded 3 bytes after earlier error", b"250 2.0.0 Ok"]
 
 
+def test_chunks_discarded_after_a_failure_are_not_counted_as_new_errors(wire):
+    # [limits] errors is 20: one failure and the 30 chunks the client had
+    # already sent behind it must not end the session.
+    replies = wire.exchange(ENVELOPE + b"BDAT 0\r\n" + b"BDAT 2\r\nab" * 30 + b"NOOP\r\n", 34)
+    assert replies[2] == b"551 5.7.1 Null BDAT request"
+    assert replies[3:33] == [b"551 5.0.0 Discarded 2 bytes after earlier error"] * 30
+    assert replies[33] == b"250 2.0.0 Ok"
+
+
 @pytest.mark.parametrize("argument", [b"", b" -1", b" 1x", b" +5", b" 1.5", b" 0x10",
                                       b" 1234567890123456789012345678901234567890",
                                       b" 5 X", b" 5 LAST MORE", b" 5  LAST"])

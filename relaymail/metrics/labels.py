@@ -4,8 +4,8 @@ a hostile peer cannot make a time series per string it sends."""
 
 #: The SMTP verbs relaymail knows (RFC 5321 4.1, 3207, 4954); anything else
 #: is counted as "other".
-VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
-                   "EXPN", "HELP", "STARTTLS", "AUTH"})
+VERBS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
+                   "VRFY", "EXPN", "HELP", "STARTTLS", "AUTH"})
 
 #: Why a recipient was refused, from the subject and detail of its RFC 3463
 #: enhanced code (the class, 4 or 5, is the reply's own business).

@@ -101,13 +101,15 @@ class ChunkReader:
     :param content: the DataReader the octets go to, or None to discard
         them (a refused chunk).
     :param refusal: the reply once a discarded chunk is read.
+    :param repeats_error: the refusal only repeats an earlier failure.
     """
 
-    def __init__(self, size, last, content=None, refusal=None):
+    def __init__(self, size, last, content=None, refusal=None, repeats_error=False):
         self.size = size
         self.last = last
         self.content = content
         self.refusal = refusal
+        self.repeats_error = repeats_error
         self._left = size
 
     def feed(self, data):

@@ -125,6 +125,10 @@ class Dialogue:
         self.junk_limit = settings.limits.junk_commands
         #: The command just handled was junk over the limit.
         self.excess_junk = False
+        #: The reply just given repeats an earlier error: a BDAT chunk
+        #: discarded after a failed one, which the client had already sent
+        #: (RFC 3030 2), so it does not count towards [limits] errors.
+        self.repeated_error = False
         self.esmtp = False
         self.transaction = None
         #: Set after DATA got 354: the protocol feeds message bytes here.
@@ -208,6 +212,7 @@ class Dialogue:
         verb, _, rest = line.partition(b" ")
         verb = verb.upper()
         self.excess_junk = False
+        self.repeated_error = False
         if verb in _JUNK_VERBS or (verb in _GREETING_VERBS and self.context.helo is not None):
             self._junk += 1
             self.excess_junk = self._junk > self.junk_limit
@@ -629,7 +634,8 @@ class Dialogue:
             return chunking.ChunkReader(size, last, refusal=replies.NO_VALID_RECIPIENTS)
         message = transaction.chunks
         if message is not None and message.failed:
-            return chunking.ChunkReader(size, last, refusal=replies.chunk_discarded(size))
+            return chunking.ChunkReader(size, last, refusal=replies.chunk_discarded(size),
+                                        repeats_error=True)
         if size == 0 and not last:
             refusal = replies.NULL_BDAT
         elif (message.received if message else 0) + size > self.settings.limits.message_size:
@@ -654,6 +660,7 @@ class Dialogue:
         """A chunk's octets are all read: its reply, or a Deferred of the
         queue's answer for the LAST one."""
         transaction = self.transaction
+        self.repeated_error = reader.repeats_error
         if reader.refusal is not None:
             if reader.last and transaction is not None and transaction.chunks is not None:
                 self._reset()       # LAST ends even a failed transaction

@@ -405,7 +405,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if close or self.dialogue.closing:
             self._close()
             return
-        if reply.is_error or self.dialogue.excess_junk:
+        if (reply.is_error and not self.dialogue.repeated_error) or self.dialogue.excess_junk:
             self._errors += 1
             limits = self.factory.settings.limits
             if self._errors >= (limits.stress_errors if self._stressed else limits.errors):
