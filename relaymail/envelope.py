@@ -11,7 +11,8 @@ class Envelope:
 
     sender: str
     recipients: list = field(default_factory=list)
-    #: ``"7BIT"`` or ``"8BITMIME"`` (MAIL BODY=); delivery checks the next hop.
+    #: ``"7BIT"``, ``"8BITMIME"`` or ``"BINARYMIME"`` (MAIL BODY=; the last
+    #: comes only by BDAT, RFC 3030 3); delivery checks the next hop.
     body: str = "7BIT"
     #: MAIL ... SMTPUTF8 was given: addresses or headers may be UTF-8.
     smtputf8: bool = False

@@ -15,7 +15,7 @@ here, with ``#`` annotations that are not part of the file::
       "envelope": {                  # relaymail.envelope.Envelope.to_dict()
         "sender": "alice@example.org",     # "" for the null sender <>
         "recipients": ["bob@example.com"],
-        "body": "7BIT",                    # or "8BITMIME"
+        "body": "7BIT",                    # or "8BITMIME", "BINARYMIME" (BDAT only)
         "smtputf8": false,
         "client_ip": "192.0.2.7",
         "helo": "mail.example.org",
