@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests import test_filters
+from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess
 
 QUEUED = re.compile(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)")
@@ -384,3 +385,30 @@ def test_a_100_mib_message_in_1_mib_chunks_streams_to_the_spool(tmp_path):
         assert record_of(process, queue_id)["size"] == size
     finally:
         process.stop()
+
+
+def test_binarymime_is_relayed_by_bdat_to_a_hop_that_takes_it(tmp_path):
+    # Through the queue and the smtp transport: the body type travels in the
+    # record, and the binary octets arrive exactly after our Received field.
+    hop = NextHop(extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING",
+                              "BINARYMIME", "SIZE 100000000"))
+    process = RelayProcess(tmp_path, {
+        "server": {"workers": "0"},
+        "relay": {"domains": "example.com"},
+        "delivery": {"smarthost": f"[127.0.0.1]:{hop.port}", "smarthost_tls": "none"},
+    }).start()
+    try:
+        content = (b"Subject: binary\r\nContent-Type: application/octet-stream\r\n\r\n"
+                   + bytes(range(256)) * 10 + b"\n.\n\r\n.\r\nno end")
+        wire = Wire(process.port)
+        queued_id(wire.exchange(BINARY_ENVELOPE + b"BDAT %d LAST\r\n" % len(content) + content, 3)[2])
+        wire.close()
+        message, = hop.wait_for(1)
+        assert message["mail"] == "MAIL FROM:<a@example.org> SIZE=%d BODY=BINARYMIME" % (
+            len(message["data"]))
+        assert message["data"].startswith(b"Received: from client.test")
+        assert message["data"].endswith(b"\r\n" + content)
+        assert message["chunks"] == [len(message["data"])]
+    finally:
+        process.stop()
+        hop.stop()
