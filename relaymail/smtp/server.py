@@ -15,7 +15,6 @@ session follows the gate as it goes in and out of stress, so the sessions
 already open shorten their waits too.
 """
 
-import ipaddress
 import time
 
 from twisted.internet import defer
@@ -26,6 +25,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from relaymail import logline
+from relaymail.client_address import in_networks
 from relaymail.metrics import instruments
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
@@ -483,17 +483,8 @@ class SMTPFactory(ServerFactory):
         return SMTPServerProtocol(self)
 
     def is_trusted(self, ip):
-        return _in_networks(ip, self._trusted)
+        return in_networks(ip, self._trusted)
 
     def is_proxy_trusted(self, ip):
-        return _in_networks(ip, self._proxy_trusted)
+        return in_networks(ip, self._proxy_trusted)
 
-
-def _in_networks(ip, networks):
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
