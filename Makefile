@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 
 # Commands the tests run, as COMMAND or COMMAND:DEBIAN-PACKAGE: the real
-# clients the interoperability tests drive, ss that shows a listener's
+# clients the interoperability tests drive (tests/interop/: swaks, msmtp,
+# curl, and nodemailer, a node module Debian puts in /usr/share/nodejs,
+# named by a file of it), ss that shows a listener's
 # backlog, HAProxy in front of two relays (tests/test_haproxy_pair.py),
 # systemd-analyze that verifies etc/relaymail.service
 # (tests/test_systemd_unit.py), and the headless browser the status page is
@@ -19,7 +21,8 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # The sql plugin is tested against a real PostgreSQL (tests/test_sql_plugin.py),
 # whose server lives in /usr/lib/postgresql/VERSION/bin: a wildcard there is
 # looked for as a file pattern.
-TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
+TEST_TOOLS := swaks msmtp curl node:nodejs /usr/share/nodejs/nodemailer/package.json:node-nodemailer \
+	ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
 	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql'
 

@@ -26,3 +26,12 @@ def queued_ids(output):
     """The queue ids of the relay's ``250 2.0.0 Ok: queued as ID`` replies
     found in a client's transcript."""
     return re.findall(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)", output)
+
+
+def logged_queue_id(relay, sender, recipients):
+    """The queue id of the last message the relay logged as queued from
+    ``sender`` to ``recipients`` (in order)."""
+    wanted = f"queued from=<{sender}> to=" + ",".join(f"<{r}>" for r in recipients) + " "
+    found = re.findall(r" ([0-9A-Z]+): " + re.escape(wanted), relay.log())
+    assert found, f"no {wanted!r} in the relay's log:\n{relay.log()}"
+    return found[-1]
