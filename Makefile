@@ -22,9 +22,15 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # whose server lives in /usr/lib/postgresql/VERSION/bin: a wildcard there is
 # looked for as a file pattern.
 TEST_TOOLS := swaks msmtp curl node:nodejs /usr/share/nodejs/nodemailer/package.json:node-nodemailer \
-	ss:iproute2 haproxy systemd-analyze:systemd chromium \
+	postfix '/usr/lib/*/libidn.so.12:libidn12' ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
 	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql'
+
+# Exim conflicts with Postfix as the installed MTA (both are Debian's
+# mail-transport-agent), so tests/interop/exim.py runs Debian's
+# exim4-daemon-light from its unpacked package, kept here; libidn12 above
+# is the one library it needs that the machine may lack.
+EXIM := .cache/exim4/usr/sbin/exim4
 
 .PHONY: install run test test-tools reference clean
 
@@ -58,6 +64,10 @@ test-tools:
 			echo "the tests need$$missing: sudo apt-get install$$missing" >&2; exit 1; \
 		fi; \
 	fi
+	@test -x $(EXIM) || { rm -rf .cache/exim4 && mkdir -p .cache/exim4/deb && cd .cache/exim4/deb && \
+		{ apt-get download -qq exim4-daemon-light 2>/dev/null || \
+		  { apt-get update -qq && apt-get download -qq exim4-daemon-light; }; } && \
+		cd ../../.. && dpkg -x .cache/exim4/deb/exim4-daemon-light_*.deb .cache/exim4; }
 
 # README.rst's configuration reference, from relaymail/config.py's schema
 # and etc/relaymail.ini's comments (tests/test_reference.py checks it).
@@ -65,4 +75,4 @@ reference: install
 	$(PY) -m relaymail.tools.reference --update
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info .cache
