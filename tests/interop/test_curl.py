@@ -101,3 +101,14 @@ def test_curl_vrfy_noop_and_help(relay):
     assert result.stdout == b"250 2.0.0 Ok\r\n"
     result = curl(f"smtp://127.0.0.1:{relay.port}/curl.test", "-X", "HELP")
     assert result.stdout.startswith(b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT")
+
+
+def test_curl_mail_auth_parameter_after_login(relay, ca_file):
+    # RFC 4954 5: the submitter's identity on MAIL (curl --mail-auth).
+    result = curl(f"smtp://127.0.0.1:{relay.submission_port}/curl.test", "--ssl-reqd",
+                  "--cacert", ca_file, "--user", f"{USER}:{PASSWORD}", "--mail-auth", "alice@example.org",
+                  "--mail-from", "a@example.org", "--mail-rcpt", "someone@example.net",
+                  "--upload-file", "-", message=MESSAGE)
+    assert "MAIL FROM:<a@example.org> AUTH=<alice@example.org>" in sent(result)
+    stored = queued(relay, result)
+    assert stored.endswith(b"\r\n" + MESSAGE)
