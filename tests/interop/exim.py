@@ -16,9 +16,11 @@ re-exec of deliveries at the unpacked binary.
 
 The configuration accepts every recipient (except local parts starting
 with ``refuse``, which get ``550 5.1.1``) and relays everything on to
-``127.0.0.1:onward_port`` (a :class:`tests.nexthop.NextHop`), offering
-PIPELINING, 8BITMIME, SMTPUTF8, CHUNKING and, with a certificate,
-STARTTLS.  A daemon that does not start fails the test with its log.
+``127.0.0.1:onward_port`` (a :class:`tests.nexthop.NextHop`, or
+relaymail itself with Exim as its upstream), offering PIPELINING, 8BITMIME,
+SMTPUTF8, CHUNKING and, with a certificate, STARTTLS.  With
+``client_auth`` (user, password) and ``client_ca`` (PEM bytes) it logs in
+to the onward hop, over STARTTLS it verifies.  A daemon that does not start fails the test with its log.
 """
 
 import os
@@ -71,13 +73,34 @@ onward_smtp:
   driver = smtp
   allow_localhost
   hosts_try_fastopen =
+{onward}
+"""
+
+# With client_auth: the onward hop must take STARTTLS, its certificate
+# chain checked against client_ca (not its name: it is 127.0.0.1), and AUTH
+# PLAIN with these credentials.
+_CLIENT_AUTH = """\
+  hosts_require_tls = *
+  tls_verify_hosts = *
+  tls_verify_certificates = {ca}
+  tls_verify_cert_hostnames =
+  hosts_require_auth = *
+  # Vouch for the envelope sender: Exim then sends MAIL ... AUTH=sender
+  # (RFC 4954 5), as it does for mail its own clients submitted.
+  authenticated_sender = $sender_address
+
+begin authenticators
+plain_client:
+  driver = plaintext
+  public_name = PLAIN
+  client_send = ^{user}^{password}
 """
 
 
 class Exim:
     """One Exim daemon; :meth:`start`, then :attr:`port` takes SMTP."""
 
-    def __init__(self, onward_port, certificate=None):
+    def __init__(self, onward_port, certificate=None, client_auth=None, client_ca=None):
         assert os.access(EXIM, os.X_OK), (
             f"{EXIM} is missing: make test-tools unpacks Debian's exim4-daemon-light there "
             "(apt-get download exim4-daemon-light; dpkg -x)")
@@ -87,6 +110,8 @@ class Exim:
         self.port = free_port()
         self.onward_port = onward_port
         self.certificate = certificate
+        self.client_auth = client_auth
+        self.client_ca = client_ca
         self._process = None
 
     def _write_files(self):
@@ -105,10 +130,17 @@ class Exim:
                 os.chmod(path, 0o600)
             tls = (f"tls_advertise_hosts = *\ntls_certificate = {self.root}/cert.pem\n"
                    f"tls_privatekey = {self.root}/key.pem")
+        onward = ""
+        if self.client_auth is not None:
+            ca = os.path.join(self.root, "client-ca.pem")
+            with open(ca, "wb") as file:
+                file.write(self.client_ca)
+            user, password = self.client_auth
+            onward = _CLIENT_AUTH.format(ca=ca, user=user, password=password)
         self.config = os.path.join(self.root, "exim.conf")
         with open(self.config, "w") as file:
             file.write(_CONFIG.format(exim=EXIM, root=self.root, port=self.port,
-                                      onward_port=self.onward_port, tls=tls))
+                                      onward_port=self.onward_port, tls=tls, onward=onward))
         # The namespace's /etc/passwd and /etc/group: the machine's, plus
         # the user Exim was built for.
         for name, line in (("passwd", f"Debian-exim:x:{nobody.pw_uid}:{nobody.pw_gid}::/nonexistent:"

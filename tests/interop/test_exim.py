@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from relaymail.auth import passwords
 from tests.certs import CertificateAuthority
 from tests.interop.exim import Exim
 from tests.nexthop import NextHop
-from tests.relay_process import RelayProcess
+from tests.relay_process import RelayProcess, free_port
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,42 @@ def test_a_recipient_exim_refuses_bounces_to_the_sender(relay, exim, capture):
     assert b"Status: 5.1.1" in bounce["data"]
     assert b"Diagnostic-Code: smtp; 550 5.1.1 <refuse-me@example.net>: no such user here" \
         in bounce["data"]
+
+
+def test_exim_upstream_logs_in_to_the_submission_port(tmp_path):
+    """Exim as relaymail's upstream, authenticating on the submission
+    port: its smtp transport sends MAIL with AUTH=sender (RFC 4954 5),
+    which relaymail once refused with 555, and Exim bounced the mail."""
+    ca = CertificateAuthority()
+    pair = ca.issue("relay.test", "127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(pair.cert_pem)
+    (tmp_path / "key.pem").write_bytes(pair.key_pem)
+    passwords.set_password(str(tmp_path / "passwd"), "exim", "its password")
+    submission = free_port()
+    relay = RelayProcess(tmp_path, {
+        # Loopback is an outsider: only a login lets Exim relay.
+        "server": {"trusted_networks": "192.0.2.0/24",
+                   "submission_listen": f"tcp:{submission}:interface=127.0.0.1"},
+        "relay": {"domains": "example.com"},
+        "tls": {"certificate": str(tmp_path / "cert.pem"), "private_key": str(tmp_path / "key.pem")},
+        "auth": {"passwords": str(tmp_path / "passwd"), "failure_delay": "0.05"},
+    }).start()
+    upstream = Exim(submission, client_auth=("exim", "its password"), client_ca=ca.cert_pem)
+    try:
+        upstream.start()
+        content = b"From: app@example.org\r\nX-Case: exim upstream\r\nSubject: up\r\n\r\nhi\r\n"
+        with smtplib.SMTP("127.0.0.1", upstream.port, local_hostname="app.test") as client:
+            assert client.sendmail("app@example.org", ["someone@example.net"], content) == {}
+        log = upstream.wait_for_log("=> someone@example.net")
+        [line] = [line for line in log.splitlines() if "=> someone@example.net" in line]
+        assert re.search(r" X=TLS1\.3:\S+ CV=yes A=plain_client ", line), line
+        [queue_id] = re.findall(r'C="250 2\.0\.0 Ok: queued as ([0-9A-Z]+)"', line)
+        stored = relay.message(queue_id)
+        relay_log = relay.log()
+    finally:
+        upstream.remove()
+        relay.stop()
+    assert re.search(queue_id + r": queued from=<app@example\.org> to=<someone@example\.net> .* auth=exim ",
+                     relay_log), relay_log
+    assert b"(relaymail) with ESMTPSA id " + queue_id.encode() in stored
+    assert stored.endswith(b"\r\n\r\nhi\r\n")
