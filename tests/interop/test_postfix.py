@@ -251,3 +251,26 @@ def test_a_refused_recipient_bounces_back_to_the_upstream_postfix(upstream, rela
     log = upstream.log()
     assert re.search(r"postfix/smtpd\[\d+\]: \w+: client=unknown\[127\.0\.0\.1\]", log)
     assert re.search(r"postfix/qmgr\[\d+\]: (\w+): from=<>, size=\d+, nrcpt=1", log), log
+
+
+
+def test_smtputf8_mail_through_the_postfix_chain(upstream, relay, downstream, capture):
+    message = ("From: René <rené@upstream.test>\nTo: jürgen@example.net\nSubject: grüße\n"
+               "X-Case: utf8 chain\n\nGrüße\n").encode()
+    # Postfix detects the UTF-8 itself (smtputf8_autodetect_classes = sendmail).
+    result = upstream.sendmail(["-f", "rené@upstream.test", "jürgen@example.net", "zoë@example.com"],
+                               message)
+    assert result.returncode == 0, result.stderr
+    arrival = arrived(capture, b"X-Case: utf8 chain\r\n", "rené@upstream.test")
+    assert sorted(arrival["recipients"]) == ["jürgen@example.net", "zoë@example.com"]
+    assert "SMTPUTF8" in arrival["mail"].split()
+    log = upstream.wait_for_log("to=<jürgen@example.net>, relay=127.0.0.1")
+    assert re.search(rf"> 127\.0\.0\.1\[127\.0\.0\.1\]:{relay.port}: MAIL FROM:<rené@upstream\.test> "
+                     r"SIZE=\d+ SMTPUTF8", log)
+    fields, body = header_fields(arrival["data"])
+    # RFC 6531 3.7.3: the with-protocols of an SMTPUTF8 transaction.
+    assert b"\tby downstream.test (Postfix) with UTF8SMTPSA id " in fields[0]
+    assert b"\tby relay.test (relaymail) with UTF8SMTPS id " in fields[1]
+    assert fields[3:7] == ["From: René <rené@upstream.test>".encode(), "To: jürgen@example.net".encode(),
+                           "Subject: grüße".encode(), b"X-Case: utf8 chain"]
+    assert body == "Grüße\r\n".encode()
