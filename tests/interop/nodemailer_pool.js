@@ -1,7 +1,8 @@
 // Sends messages through relaymail with nodemailer's pooled SMTP transport
 // (Debian's node-nodemailer): argv[2] is a JSON object with port, ca (PEM
 // file), user, password, count and connections.  Prints one JSON object:
-// each message's response line, or the error that ended the run.
+// each message's response line, or the error that ended the run.  The
+// last message has UTF-8 addresses.
 "use strict";
 const fs = require("fs");
 const nodemailer = require("nodemailer");
@@ -29,6 +30,13 @@ for (let i = 0; i < options.count; i++) {
         text: `message ${i} from the pool\nGrüße\n`,
     }).then((info) => ({response: info.response, accepted: info.accepted})));
 }
+// One more, international: nodemailer asks for SMTPUTF8 itself (RFC 6531).
+sends.push(transport.sendMail({
+    from: "rené@exämple.org",
+    to: "jürgen@example.com",
+    subject: "grüße",
+    text: "Grüße\n",
+}).then((info) => ({response: info.response, accepted: info.accepted})));
 Promise.all(sends).then((results) => {
     transport.close();
     console.log(JSON.stringify({results}));

@@ -1,5 +1,5 @@
 """nodemailer (Debian's node-nodemailer) with a connection pool: several
-messages over at most two connections, each with STARTTLS (the certificate
+messages, one of them with UTF-8 addresses, over at most two connections, each with STARTTLS (the certificate
 verified against the test CA) and AUTH on the submission port."""
 
 import json
@@ -24,7 +24,7 @@ def test_pooled_messages_all_queued_over_two_connections(relay, ca_file):
                             env={**os.environ, "NODE_PATH": NODE_MODULES},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    results = json.loads(result.stdout)["results"]
+    *results, international = json.loads(result.stdout)["results"]
     assert len(results) == 6
     queue_ids = []
     for i, sent in enumerate(results):
@@ -33,7 +33,7 @@ def test_pooled_messages_all_queued_over_two_connections(relay, ca_file):
                                       sent["response"]).group(1))
     assert len(set(queue_ids)) == 6
     log = relay.log()
-    # The pool reused its connections: two sessions for six messages.
+    # The pool reused its connections: two sessions for seven messages.
     assert log.count("connect trusted=") - connects_before == 2
     for i, queue_id in enumerate(queue_ids):
         stored = relay.message(queue_id)
@@ -41,3 +41,9 @@ def test_pooled_messages_all_queued_over_two_connections(relay, ca_file):
         assert f"\r\nSubject: pooled {i}\r\n".encode() in stored
         # nodemailer sends the UTF-8 text as quoted-printable.
         assert stored.endswith(f"\r\n\r\nmessage {i} from the pool\r\nGr=C3=BC=C3=9Fe\r\n".encode())
+    assert international["accepted"] == ["jürgen@example.com"]
+    queue_id = re.fullmatch(r"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)", international["response"]).group(1)
+    # nodemailer sends the domain in IDNA form, the local parts as UTF-8.
+    assert re.search(queue_id + r": queued from=<rené@xn--exmple-cua\.org> to=<jürgen@example\.com> ", log)
+    stored = relay.message(queue_id)
+    assert b"(relaymail) with UTF8SMTPSA id " + queue_id.encode() in stored

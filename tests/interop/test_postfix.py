@@ -274,3 +274,32 @@ def test_smtputf8_mail_through_the_postfix_chain(upstream, relay, downstream, ca
     assert fields[3:7] == ["From: René <rené@upstream.test>".encode(), "To: jürgen@example.net".encode(),
                            "Subject: grüße".encode(), b"X-Case: utf8 chain"]
     assert body == "Grüße\r\n".encode()
+
+
+def test_a_wrong_smarthost_password_defers_and_bounces_nothing(tmp_path, ca, files, downstream, capture):
+    (tmp_path / "wrong-password").write_text("not the password\n")
+    relay = RelayProcess(tmp_path, {
+        "relay": {"domains": "example.com"},
+        "delivery": {"smarthost": f"[127.0.0.1]:{downstream.port}", "smarthost_tls": "verify",
+                     "tls_ca_file": str(files / "ca.pem"), "smarthost_user": SASL_USER,
+                     "smarthost_password_file": str(tmp_path / "wrong-password"),
+                     "connect_timeout": "2", "command_timeout": "10", "data_timeout": "10"},
+        "queue": {"min_backoff": "60", "max_backoff": "60"},
+    }).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+            client.sendmail("app@example.org", ["x@example.net"], b"X-Case: wrong password\r\n\r\nx\r\n")
+        deadline = time.monotonic() + 20
+        while "status=deferred" not in relay.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = relay.log()
+        queued = [name for name in relay.active_files() if name.endswith(".json")]
+    finally:
+        relay.stop()
+    # Our side's problem (Postfix's smtp_sasl_auth_soft_bounce): retried,
+    # never returned to the sender.
+    assert re.search(r": to=<x@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=deferred "
+                     r"\(.*535 5\.7\.8 Error: authentication failed", log), log
+    assert len(queued) == 1
+    assert not [m for m in capture.messages if b"X-Case: wrong password" in m["data"]]
+    assert "SASL PLAIN authentication failed" in downstream.log()
