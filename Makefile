@@ -7,7 +7,8 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # Commands the tests run, as COMMAND or COMMAND:DEBIAN-PACKAGE: the real
 # clients the interoperability tests drive (tests/interop/: swaks, msmtp,
 # curl, and nodemailer, a node module Debian puts in /usr/share/nodejs,
-# named by a file of it), ss that shows a listener's
+# named by a file of it; postfix, run as private instances by
+# tests/postfix_server.py, with Dovecot's SASL below), ss that shows a listener's
 # backlog, HAProxy in front of two relays (tests/test_haproxy_pair.py),
 # systemd-analyze that verifies etc/relaymail.service
 # (tests/test_systemd_unit.py), and the headless browser the status page is

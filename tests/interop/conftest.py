@@ -8,9 +8,8 @@ import pytest
 
 from relaymail.auth import passwords
 from tests.certs import CertificateAuthority
+from tests.interop.peers import PASSWORD, USER
 from tests.relay_process import RelayProcess, free_port
-
-USER, PASSWORD = "alice", "correct horse"
 
 
 @pytest.fixture(scope="package")

@@ -5,6 +5,9 @@ import os
 import re
 import shutil
 
+#: The one user in the client tests' password file (conftest.py).
+USER, PASSWORD = "alice", "correct horse"
+
 INSTALL_HINT = "make test-tools installs it (apt-get install -y {package})"
 
 

@@ -5,8 +5,7 @@ and HELP."""
 
 import subprocess
 
-from tests.interop.conftest import PASSWORD, USER
-from tests.interop.peers import queued_ids, tool
+from tests.interop.peers import PASSWORD, USER, queued_ids, tool
 
 MESSAGE = b"From: a@example.org\r\nTo: bob@example.com\r\nSubject: from curl\r\n\r\nhello from curl\r\n"
 

@@ -3,8 +3,7 @@ AUTH (the certificate verified against the test CA)."""
 
 import subprocess
 
-from tests.interop.conftest import PASSWORD, USER
-from tests.interop.peers import tool
+from tests.interop.peers import PASSWORD, USER, tool
 
 MESSAGE = b"From: a@example.org\nTo: bob@example.com\nSubject: from msmtp\n\nhello from msmtp\n"
 

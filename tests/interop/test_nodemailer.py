@@ -7,8 +7,7 @@ import os
 import re
 import subprocess
 
-from tests.interop.conftest import PASSWORD, USER
-from tests.interop.peers import installed, tool
+from tests.interop.peers import PASSWORD, USER, installed, tool
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "nodemailer_pool.js")
 # Debian installs node modules here, outside node's own search path.

@@ -9,8 +9,7 @@ import ssl
 
 import pytest
 
-from tests.interop.conftest import PASSWORD, USER
-from tests.interop.peers import logged_queue_id
+from tests.interop.peers import PASSWORD, USER, logged_queue_id
 
 
 def context(ca_file):

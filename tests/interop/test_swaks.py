@@ -5,8 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.interop.conftest import PASSWORD, USER
-from tests.interop.peers import queued_ids, tool
+from tests.interop.peers import PASSWORD, USER, queued_ids, tool
 from tests.relay_process import RelayProcess
 
 
