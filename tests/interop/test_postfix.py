@@ -303,3 +303,20 @@ def test_a_wrong_smarthost_password_defers_and_bounces_nothing(tmp_path, ca, fil
     assert len(queued) == 1
     assert not [m for m in capture.messages if b"X-Case: wrong password" in m["data"]]
     assert "SASL PLAIN authentication failed" in downstream.log()
+
+
+def test_a_message_over_the_downstream_size_limit_bounces_to_the_upstream(upstream, relay, downstream,
+                                                                          capture):
+    # relaymail takes up to 10485760 octets, Postfix's message_size_limit
+    # is 10240000, and its EHLO says so (SIZE, RFC 1870): relaymail bounces
+    # without sending the message, as Postfix's smtp client does.
+    content = b"X-Case: too big\r\nSubject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 10300
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="client.test") as client:
+        assert client.sendmail("big@upstream.test", ["x@example.net"], content) == {}
+    bounce = arrived(capture, b"X-Case: too big\r\n", "")
+    assert bounce["recipients"] == ["big@upstream.test"]
+    assert b"Status: 5.3.4" in bounce["data"]
+    assert b"Reason: the message is too big for the receiving system (status\r\n    5.3.4)." \
+        in bounce["data"]
+    assert not [m for m in capture.messages if m["sender"] == "big@upstream.test"]
+    assert "MAIL FROM:<big@upstream.test>" not in downstream.log()
