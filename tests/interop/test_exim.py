@@ -13,6 +13,7 @@ import pytest
 from relaymail.auth import passwords
 from tests.certs import CertificateAuthority
 from tests.interop.exim import Exim
+from tests.interop.contents import CONTENTS
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, free_port
 
@@ -167,3 +168,15 @@ def test_exim_upstream_logs_in_to_the_submission_port(tmp_path):
                      relay_log), relay_log
     assert b"(relaymail) with ESMTPSA id " + queue_id.encode() in stored
     assert stored.endswith(b"\r\n\r\nhi\r\n")
+
+
+@pytest.mark.parametrize("name", sorted(CONTENTS))
+def test_contents_through_exim_byte_for_byte(relay, exim, capture, name):
+    content = CONTENTS[name].replace(b"Subject: ", f"X-Case: exim {name}\r\nSubject: ".encode(), 1)
+    send(relay, "bytes@example.org", ["b@example.net"], content,
+         ["BODY=8BITMIME"] if name == "utf8_body" else [])
+    message = arrived(capture, f"X-Case: exim {name}\r\n".encode(), sender="bytes@example.org")
+    # Exim's Received, ours, then the content as the client sent it; Exim
+    # ends a header section that had no body with the empty line.
+    expected = content + b"\r\n" if name == "headers_only" else content
+    assert fields(message["data"], 2)[1] == expected
