@@ -160,6 +160,15 @@ def test_exim_upstream_logs_in_to_the_submission_port(tmp_path):
         assert re.search(r" X=TLS1\.3:\S+ CV=yes A=plain_client ", line), line
         [queue_id] = re.findall(r'C="250 2\.0\.0 Ok: queued as ([0-9A-Z]+)"', line)
         stored = relay.message(queue_id)
+        international = ("From: rené@exämple.org\r\nX-Case: exim upstream utf8\r\n"
+                         "Subject: grüße\r\n\r\nGrüße\r\n").encode()
+        with smtplib.SMTP("127.0.0.1", upstream.port, local_hostname="app.test") as client:
+            assert client.sendmail("rené@exämple.org", ["jürgen@example.net"], international,
+                                   mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+        log = upstream.wait_for_log("=> jürgen@example.net")
+        [line] = [line for line in log.splitlines() if "=> jürgen@example.net" in line]
+        [utf8_id] = re.findall(r'C="250 2\.0\.0 Ok: queued as ([0-9A-Z]+)"', line)
+        utf8_stored = relay.message(utf8_id)
         relay_log = relay.log()
     finally:
         upstream.remove()
@@ -168,6 +177,9 @@ def test_exim_upstream_logs_in_to_the_submission_port(tmp_path):
                      relay_log), relay_log
     assert b"(relaymail) with ESMTPSA id " + queue_id.encode() in stored
     assert stored.endswith(b"\r\n\r\nhi\r\n")
+    # Exim passed SMTPUTF8 on; relaymail took it as an SMTPUTF8 transaction.
+    assert b"(relaymail) with UTF8SMTPSA id " + utf8_id.encode() in utf8_stored
+    assert utf8_stored.endswith(international)
 
 
 @pytest.mark.parametrize("name", sorted(CONTENTS))
