@@ -8,9 +8,11 @@ clients', or its ``authenticated_sender`` option), curl with
 at MAIL, and Exim bounced it (555 is permanent).
 
 The value is xtext (RFC 3461 4): printable ASCII except ``+`` and ``=``,
-which are written ``+2B`` and ``+3D``, each a ``+`` and two upper-case hex
-digits.  Malformed xtext is a syntax error (501 5.5.4, as for any
-malformed parameter).  What it decodes to -- ``<>`` or the submitter's
+which are written ``+2B`` and ``+3D``, each a ``+`` and two hex digits.
+RFC 3461 asks for upper-case digits, but Exim writes a non-ASCII sender's
+octets in lower case (``AUTH=ren+c3+a9@...``), so either case is taken.
+Malformed xtext is a syntax error (501 5.5.4, as for any malformed
+parameter).  What it decodes to -- ``<>`` or the submitter's
 mailbox -- relaymail does not use: RFC 4954 5 lets a server that does not
 trust the claim behave as though ``AUTH=<>`` was given, which for a relay
 that passes no AUTH parameter on means doing nothing with it; like
@@ -26,7 +28,7 @@ unsupported parameter (555 5.5.4), as Postfix answers where SASL is off.
 import re
 
 # xchar (33-126 except "+" and "="), hexchar, or a non-ASCII character.
-_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2}|[^\x00-\x7f])+")
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2}|[^\x00-\x7f])+")
 
 
 def xtext_problem(value):

@@ -111,3 +111,18 @@ def test_curl_mail_auth_parameter_after_login(relay, ca_file):
     assert "MAIL FROM:<a@example.org> AUTH=<alice@example.org>" in sent(result)
     stored = queued(relay, result)
     assert stored.endswith(b"\r\n" + MESSAGE)
+
+
+def test_curl_vrfy_of_a_utf8_address_without_smtputf8_is_553_5_6_7(relay):
+    # curl 7.88 sends SMTPUTF8 on EXPN but not on VRFY.  relaymail asks
+    # for the parameter before a UTF-8 name, as it does on MAIL and RCPT
+    # (RFC 6531 3.2, 3.7.4.2); Postfix, with its default strict_smtputf8 =
+    # no, would answer 252 instead.
+    result = curl(f"smtp://127.0.0.1:{relay.port}/curl.test", "--mail-rcpt", "jürgen@example.com",
+                  "-X", "VRFY")
+    if sent(result)[-1].endswith(" SMTPUTF8"):
+        # A curl that sends it gets the answer any VRFY gets.
+        assert result.stdout.startswith(b"252 2.5.0 ")
+    else:
+        assert sent(result)[-1] == "VRFY jürgen@example.com"
+        assert result.stdout == b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter\r\n"

@@ -13,6 +13,7 @@ import pytest
 from relaymail.auth import passwords
 from tests.certs import CertificateAuthority
 from tests.interop.exim import Exim
+from tests.interop.contents import CONTENTS
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, free_port
 
@@ -159,7 +160,20 @@ def test_exim_upstream_logs_in_to_the_submission_port(tmp_path):
         assert re.search(r" X=TLS1\.3:\S+ CV=yes A=plain_client ", line), line
         [queue_id] = re.findall(r'C="250 2\.0\.0 Ok: queued as ([0-9A-Z]+)"', line)
         stored = relay.message(queue_id)
+        international = ("From: rené@exämple.org\r\nX-Case: exim upstream utf8\r\n"
+                         "Subject: grüße\r\n\r\nGrüße\r\n").encode()
+        with smtplib.SMTP("127.0.0.1", upstream.port, local_hostname="app.test") as client:
+            assert client.sendmail("rené@exämple.org", ["jürgen@example.net"], international,
+                                   mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+        log = upstream.wait_for_log("=> jürgen@example.net")
+        [line] = [line for line in log.splitlines() if "=> jürgen@example.net" in line]
+        [utf8_id] = re.findall(r'C="250 2\.0\.0 Ok: queued as ([0-9A-Z]+)"', line)
+        utf8_stored = relay.message(utf8_id)
         relay_log = relay.log()
+        # Exim waits for the server to close after QUIT's 221 (RFC 5321
+        # 4.1.1.10); relaymail once sent no close_notify and did not close,
+        # and Exim logged "TLS error on connection (recv)" for each message.
+        assert "TLS error" not in upstream.mainlog(), upstream.mainlog()
     finally:
         upstream.remove()
         relay.stop()
@@ -167,3 +181,18 @@ def test_exim_upstream_logs_in_to_the_submission_port(tmp_path):
                      relay_log), relay_log
     assert b"(relaymail) with ESMTPSA id " + queue_id.encode() in stored
     assert stored.endswith(b"\r\n\r\nhi\r\n")
+    # Exim passed SMTPUTF8 on; relaymail took it as an SMTPUTF8 transaction.
+    assert b"(relaymail) with UTF8SMTPSA id " + utf8_id.encode() in utf8_stored
+    assert utf8_stored.endswith(international)
+
+
+@pytest.mark.parametrize("name", sorted(CONTENTS))
+def test_contents_through_exim_byte_for_byte(relay, exim, capture, name):
+    content = CONTENTS[name].replace(b"Subject: ", f"X-Case: exim {name}\r\nSubject: ".encode(), 1)
+    send(relay, "bytes@example.org", ["b@example.net"], content,
+         ["BODY=8BITMIME"] if name == "utf8_body" else [])
+    message = arrived(capture, f"X-Case: exim {name}\r\n".encode(), sender="bytes@example.org")
+    # Exim's Received, ours, then the content as the client sent it; Exim
+    # ends a header section that had no body with the empty line.
+    expected = content + b"\r\n" if name == "headers_only" else content
+    assert fields(message["data"], 2)[1] == expected

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from tests.interop.contents import CONTENTS, HEADERS
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess
 
@@ -107,18 +108,6 @@ def send_raw(relay, sender, recipients, content, mail_parameters=""):
         assert final.startswith(b"250 2.0.0 Ok: queued as "), final
         sock.sendall(b"QUIT\r\n")
         return final.split()[-1].decode()
-
-
-HEADERS = b"From: a@example.org\r\nTo: b@example.net\r\n"
-
-CONTENTS = {
-    "utf8_body": HEADERS + "Subject: utf8\r\n\r\nGrüße, ça va? 日本語 ✓\r\n".encode(),
-    "line_998": HEADERS + b"Subject: 998\r\n\r\n" + b"x" * 998 + b"\r\nend\r\n",
-    "dot_line_998": HEADERS + b"Subject: dot 998\r\n\r\n." + b"y" * 997 + b"\r\nend\r\n",
-    "dot_lines": HEADERS + b"Subject: dots\r\n\r\n.\r\n..\r\n. \r\n.x\r\nmid . dle\r\n.\r\n",
-    "empty_body": HEADERS + b"Subject: empty\r\n\r\n",
-    "headers_only": HEADERS + b"Subject: headers only\r\n",
-}
 
 
 @pytest.mark.parametrize("name", sorted(CONTENTS))
