@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 
 # Commands the tests run, as COMMAND or COMMAND:DEBIAN-PACKAGE: the real
-# clients the interoperability tests drive, ss that shows a listener's
+# clients the interoperability tests drive (tests/interop/: swaks, msmtp,
+# curl, and nodemailer, a node module Debian puts in /usr/share/nodejs,
+# named by a file of it; postfix, run as private instances by
+# tests/postfix_server.py, with Dovecot's SASL below), ss that shows a listener's
 # backlog, HAProxy in front of two relays (tests/test_haproxy_pair.py),
 # systemd-analyze that verifies etc/relaymail.service
 # (tests/test_systemd_unit.py), and the headless browser the status page is
@@ -19,10 +22,17 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # The sql plugin is tested against a real PostgreSQL (tests/test_sql_plugin.py),
 # whose server lives in /usr/lib/postgresql/VERSION/bin: a wildcard there is
 # looked for as a file pattern.
-TEST_TOOLS := swaks msmtp ss:iproute2 haproxy systemd-analyze:systemd chromium \
+TEST_TOOLS := swaks msmtp curl node:nodejs /usr/share/nodejs/nodemailer/package.json:node-nodemailer \
+	postfix '/usr/lib/*/libidn.so.12:libidn12' ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
 	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql' \
 	postfix script:bsdutils
+
+# Exim conflicts with Postfix as the installed MTA (both are Debian's
+# mail-transport-agent), so tests/interop/exim.py runs Debian's
+# exim4-daemon-light from its unpacked package, kept here; libidn12 above
+# is the one library it needs that the machine may lack.
+EXIM := .cache/exim4/usr/sbin/exim4
 
 .PHONY: install run test test-tools reference clean
 
@@ -56,6 +66,10 @@ test-tools:
 			echo "the tests need$$missing: sudo apt-get install$$missing" >&2; exit 1; \
 		fi; \
 	fi
+	@test -x $(EXIM) || { rm -rf .cache/exim4 && mkdir -p .cache/exim4/deb && cd .cache/exim4/deb && \
+		{ apt-get download -qq exim4-daemon-light 2>/dev/null || \
+		  { apt-get update -qq && apt-get download -qq exim4-daemon-light; }; } && \
+		cd ../../.. && dpkg -x .cache/exim4/deb/exim4-daemon-light_*.deb .cache/exim4; }
 
 # README.rst's configuration reference, from relaymail/config.py's schema
 # and etc/relaymail.ini's comments (tests/test_reference.py checks it).
@@ -63,4 +77,4 @@ reference: install
 	$(PY) -m relaymail.tools.reference --update
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info .cache

@@ -1,8 +1,9 @@
-"""The name a client is counted under, for every per-client limit.
+"""Who a client is: the name it is counted under, the networks it is in.
 
 The SMTP server's connection and AUTH limits (relaymail.smtp.limits) and
 plugins that count clients (relaymail.plugins.ratelimit) must agree on who
-one client is, so both import this; it knows nothing of the wire.
+one client is, and the server and relaymail-check on whether it is
+trusted, so they import this; it knows nothing of the wire.
 """
 
 import functools
@@ -29,3 +30,16 @@ def client_key(ip, ipv4_prefix=32, ipv6_prefix=128):
     if prefix == address.max_prefixlen:
         return str(address)
     return str(ipaddress.ip_network((address, prefix), strict=False))
+
+
+def in_networks(ip, networks):
+    """Whether the address ``ip`` (a str) is in one of ``networks``
+    (ipaddress networks); an IPv4-mapped IPv6 address as its IPv4 one, and
+    anything that is not an IP address (a UNIX socket) in none."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)

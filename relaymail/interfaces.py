@@ -410,17 +410,18 @@ class RecipientOutcome:
         self.remote = remote
         self.tls = tls
 
+    # ``details``: code, remote, tls (above).
     @classmethod
-    def delivered(cls, reason="delivered", status="2.0.0"):
-        return cls(cls.DELIVERED, status, reason)
+    def delivered(cls, reason="delivered", status="2.0.0", **details):
+        return cls(cls.DELIVERED, status, reason, **details)
 
     @classmethod
-    def deferred(cls, reason, status="4.0.0"):
-        return cls(cls.DEFERRED, status, reason)
+    def deferred(cls, reason, status="4.0.0", **details):
+        return cls(cls.DEFERRED, status, reason, **details)
 
     @classmethod
-    def bounced(cls, reason, status="5.0.0"):
-        return cls(cls.BOUNCED, status, reason)
+    def bounced(cls, reason, status="5.0.0", **details):
+        return cls(cls.BOUNCED, status, reason, **details)
 
     def _fields(self):
         return (self.kind, self.status, self.reason, self.code, self.remote, self.tls)

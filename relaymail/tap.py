@@ -34,6 +34,7 @@ from relaymail.lifecycle import OrderlyService
 from relaymail.delivery.shaping import OutboundRates
 from relaymail.policy.loader import build_hooks
 from relaymail.process.launch import Launch
+from relaymail.process.reload import reread
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
@@ -161,9 +162,11 @@ class ThreadPoolService(service.Service):
         self.pool.stop()
 
 
-def build_service(settings, reactor=None):
+def build_service(settings, reactor=None, launch=None):
     """The whole relay in this one process (``[server] workers = 0``), as
-    a MultiService, from validated settings.
+    a MultiService, from validated settings; ``launch`` (the config file
+    and overrides they came from) lets a SIGHUP read the plugins' keys
+    again.
 
     :raise ConfigError: for a plugin problem, or a spool another daemon owns.
     """
@@ -191,7 +194,7 @@ def build_service(settings, reactor=None):
     listeners = []
     factories = inbound_factories(settings, reactor, top, policy, queue, sessions=sessions)
     SingleProcessReload(reactor, settings, factories, policy,
-                        scheduler.transports.registry).setServiceParent(top)
+                        scheduler.transports.registry, launch).setServiceParent(top)
     for (key, description, _options), factory in zip(listener_specs(settings), factories):
         listener = StreamServerEndpointService(listen_endpoint(settings, reactor, key, description),
                                                factory)
@@ -278,12 +281,14 @@ class SingleProcessReload(service.Service):
     replace (relaymail.process.reload), so the files that renew while a
     relay runs are read again in place -- the TLS certificates and keys and
     the password file -- each keeping its old contents if the new ones do
-    not load, and the plugins are built again (their tables read afresh),
-    the old ones kept if the new ones do not build; other changes to the
-    config need a restart, and a line says so."""
+    not load, and the plugins are built again from the config file as it
+    is now (``[plugins]`` and ``[plugin:*]``, their tables read afresh),
+    the old ones kept if the file or the new ones do not load; other
+    changes to the config need a restart, and a line says so."""
 
-    def __init__(self, reactor, settings, factories, policy=None, transports=None):
+    def __init__(self, reactor, settings, factories, policy=None, transports=None, launch=None):
         self._transports = transports   # the scheduler's TransportRegistry
+        self._launch = launch
         self._reactor = reactor
         self._settings = settings
         self._factories = factories
@@ -293,6 +298,14 @@ class SingleProcessReload(service.Service):
         super().startService()
         import signal
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+
+    def _plugin_settings(self):
+        """The settings to build the plugins from: the config file's now.
+
+        :raise ConfigError: the file no longer validates."""
+        if self._launch is None or self._launch.config is None:
+            return self._settings
+        return reread(self._launch, self._settings)[1]
 
     def reload(self):
         tls, checkers = [], []
@@ -320,7 +333,7 @@ class SingleProcessReload(service.Service):
                 problems.append(str(_passwords_problem(self._settings, error)))
         if self._policy is not None:
             try:
-                hooks = build_hooks(self._settings)
+                hooks = build_hooks(self._plugin_settings())
                 if self._transports is not None:
                     self._transports.use_site(hooks["transports"])
                 self._policy.use_hooks(hooks)
@@ -331,7 +344,8 @@ class SingleProcessReload(service.Service):
         log_warnings(self._settings, "SIGHUP: ")
         log.info(
             "SIGHUP: TLS certificates, the password file and the plugins' tables read again; "
-            "with [server] workers = 0 other changes to {config} need a restart",
+            "with [server] workers = 0 changes to {config} outside [plugins] and [plugin:*] "
+            "need a restart",
             config=self._settings.source)
 
 
@@ -629,7 +643,7 @@ def makeService(options):
         if settings.server.workers:
             top = build_master(settings, options, launch)
         else:
-            top = build_service(settings)
+            top = build_service(settings, launch=launch)
         if owner is not None:
             # The spool and its lock are made while twistd is still root
             # (to bind port 25); the user the relay will run as gets them,

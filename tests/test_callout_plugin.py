@@ -323,6 +323,48 @@ def test_accept_on_a_hop_4xx_and_sessions_are_capped_per_hop(tmp_path):
         hop.stop()
 
 
+def test_the_same_address_asked_by_two_sessions_at_once_is_one_question(tmp_path):
+    hop = NextHop(extensions=("ENHANCEDSTATUSCODES",))
+    gate = threading.Event()
+
+    def slow(address):
+        gate.wait(5)
+        return (550, "5.1.1 User unknown") if address.startswith("gone") else (250, "2.1.5 Ok")
+    hop.rcpt_reply = slow
+    relay = RelayProcess(tmp_path, {
+        "server": {"workers": "1"},
+        "relay": {"domains": "example.com"},
+        "plugins": {"recipients": "callout"},
+        "plugin:callout": {"next_hop": f"[127.0.0.1]:{hop.port}", "max_sessions": "4",
+                           "timeout": "5", "positive_ttl": "0", "negative_ttl": "0"},
+    })
+    relay.start()
+    try:
+        clients = [session(relay.port) for _ in range(3)]
+        clients[0].send("RCPT TO:<gone@example.com>")
+        wait_until(lambda: len(asked(hop, 0)) == 1, timeout=5, what="the first question")
+        for client in clients[1:]:
+            client.send("RCPT TO:<gone@example.com>")
+        clients[2].send("RCPT TO:<other@example.com>")
+        # A different address is a question of its own, on another session.
+        wait_until(lambda: len(asked(hop, 0)) == 2, timeout=5, what="the second question")
+        gate.set()
+        refused = ("550 5.1.1 Recipient address rejected: unknown at the next hop "
+                   "(550 5.1.1)\r\n")
+        assert [client.reply() for client in clients] == [refused] * 3
+        assert clients[2].reply() == "250 2.1.5 Ok\r\n"
+        assert sorted(asked(hop, 0)) == ["RCPT TO:<gone@example.com>",
+                                         "RCPT TO:<other@example.com>"]
+        # With no cache (ttl 0), a question after the answer is asked again.
+        assert clients[1].ask("RCPT TO:<gone@example.com>") == refused
+        assert asked(hop, 0).count("RCPT TO:<gone@example.com>") == 2
+        for client in clients:
+            client.close()
+    finally:
+        relay.stop()
+        hop.stop()
+
+
 # -- options ------------------------------------------------------------------
 
 def build(tmp_path, options, **keys):

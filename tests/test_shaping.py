@@ -81,6 +81,35 @@ def test_the_smarthost_gets_no_more_than_its_rate_and_nothing_is_counted_a_failu
     assert "status=deferred" not in log
 
 
+def test_a_limited_domain_sharing_a_route_with_another_waits_on_its_own(tmp_path, nexthop):
+    # Found in review: the limit was looked up for a job's first recipient
+    # alone, so partner.test mail went unlimited whenever a recipient of
+    # another domain routed to the same host came first.
+    arrivals = []
+
+    def data_reply(message):
+        arrivals.append((time.monotonic(), tuple(message["recipients"])))
+        return 250, "2.0.0 Ok: queued"
+    nexthop.data_reply = data_reply
+    route = f"[127.0.0.1]:{nexthop.port}"
+    relay = relay_with(tmp_path, nexthop.port, routes={"other.test": route, "partner.test": route},
+                       delivery_rates={"partner.test": "1/2s"}).start()
+    try:
+        for n in range(2):
+            send(relay, "alice@example.org", [f"o{n}@other.test", f"p{n}@partner.test"])
+        wait_until(lambda: len(nexthop.messages) == 4 and queue_empty(relay), timeout=30,
+                   what="all four transactions")
+    finally:
+        relay.stop()
+    partner = [when for when, recipients in arrivals if recipients[0].endswith("@partner.test")]
+    assert sorted(r for _, r in arrivals) == [("o0@other.test",), ("o1@other.test",),
+                                              ("p0@partner.test",), ("p1@partner.test",)]
+    assert partner[1] - partner[0] >= 1.9, arrivals
+    other = [when for when, recipients in arrivals if recipients[0].endswith("@other.test")]
+    # The unlimited domain did not wait for the limited one's turn.
+    assert other[1] < partner[1], arrivals
+
+
 def test_a_slot_reserved_long_ago_is_not_spent_again():
     # Found in review: ten messages that had reserved slots, held and
     # released much later, all went at once on their stale reservations.
@@ -89,6 +118,8 @@ def test_a_slot_reserved_long_ago_is_not_spent_again():
                                 settings=SimpleNamespace(queue=SimpleNamespace(active_limit=5)))
     scheduler._forget_old_reservations = (
         lambda now: Scheduler._forget_old_reservations(scheduler, now))
+    scheduler._rate_key = lambda destination, address: Scheduler._rate_key(
+        scheduler, destination, address)
 
     def goes(queue_id, now):
         job = SimpleNamespace(queue_id=queue_id, recipients=["bob@example.net"],

@@ -292,6 +292,28 @@ def test_sighup_with_one_process_reads_the_certificate_and_the_tables_again(tmp_
         assert "SIGHUP: kept the old contents: " in relay.log()
         assert rcpt("carol@example.com") == (250, b"2.1.5 Ok")
         assert send(relay, "alice@example.org", ["alice@example.com"])
+        # A [plugin:*] key changed in the file is read by the next SIGHUP.
+        other = tmp_path / "other-recipients"
+        other.write_text("dave@example.com\n")
+        with open(relay.config) as f:
+            text = f.read()
+        assert f"file = {table}" in text
+        with open(relay.config, "w") as f:
+            f.write(text.replace(f"file = {table}", f"file = {other}"))
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: relay.log().count("plugins' tables read again") == 3,
+                   what="the third reload line")
+        assert rcpt("dave@example.com") == (250, b"2.1.5 Ok")
+        assert rcpt("carol@example.com") == (554, b"5.7.1 Relay access denied")
+        # A file that no longer validates keeps the plugins as they were.
+        with open(relay.config, "w") as f:
+            f.write(text.replace(f"file = {table}", f"file = {other}\nno_such_key = 1"))
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: relay.log().count("plugins' tables read again") == 4,
+                   what="the fourth reload line")
+        assert re.search(r"SIGHUP: kept the old contents: \S+relaymail.ini: \[plugin:static\] no_such_key",
+                         relay.log()), relay.log()
+        assert rcpt("dave@example.com") == (250, b"2.1.5 Ok")
     finally:
         relay.stop()
     assert relay.process.returncode == -signal.SIGTERM

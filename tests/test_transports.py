@@ -693,6 +693,28 @@ def test_outcomes_get_the_status_class_of_their_kind_and_a_safe_reason():
     assert {o.remote for o in got} == {"site:x"}
 
 
+def test_outcomes_keep_a_servers_reply_code_remote_and_tls_when_a_transport_gives_them():
+    from relaymail.delivery.destinations import Job
+    from relaymail.delivery.transports import TransportHop, outcomes_of
+    from relaymail.interfaces import RecipientOutcome
+    job = Job(queue_id="Q", destination=TransportHop("site", "x"), sender="", message_path="",
+              recipients=["a@x.test", "b@x.test", "c@x.test"])
+    got = outcomes_of(job, {
+        "a@x.test": RecipientOutcome.bounced("no such user", "5.1.1", code=550,
+                                             remote="mx.x.test[192.0.2.1]:25", tls="TLSv1.3"),
+        # A code of another class than the kind is no reply to keep.
+        "b@x.test": RecipientOutcome.deferred("busy", "4.4.1", code=250),
+        "c@x.test": RecipientOutcome.delivered("ok", code=250, remote="hub\r\nfake"),
+    })
+    assert [(o.status, o.code, o.enhanced, o.text, o.remote, o.remote_name, o.tls,
+             o.diagnostic) for o in got] == [
+        ("bounced", 550, "5.1.1", "no such user", "mx.x.test[192.0.2.1]:25", "mx.x.test",
+         "TLSv1.3", "550 5.1.1 no such user"),
+        ("deferred", None, "4.4.1", "busy", "site:x", None, None, "busy"),
+        ("sent", 250, "2.0.0", "ok", "hub fake", "hub fake", None, "250 2.0.0 ok"),
+    ]
+
+
 def test_relaymail_check_refuses_a_pipe_without_commands_naming_the_key(tmp_path):
     import subprocess
     from tests.relay_process import _env
@@ -927,3 +949,12 @@ def test_a_pipe_timeout_kills_what_the_command_started_too(tmp_path):
         """)], capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=REPO))
     assert result.stdout == "deferred pipe: command deliver: time limit exceeded\n", result.stderr
     assert not mailbox.exists()
+
+
+def test_pipe_fields_give_the_local_part_unquoted_as_postfix_mailbox():
+    from relaymail.delivery.pipe import _recipient_fields
+    assert _recipient_fields('"john doe"@example.net') == {
+        "recipient": '"john doe"@example.net', "local_part": "john doe",
+        "domain": "example.net"}
+    # Unquoted, a quoted "-x" is seen for what it is by the dash check.
+    assert _recipient_fields('"-x"@example.net')["local_part"] == "-x"

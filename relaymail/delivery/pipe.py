@@ -11,7 +11,9 @@ and is never interpreted.  The fields:
 ``{sender}``     the envelope sender (``null_sender``, MAILER-DAEMON as in
                  Postfix, for ``<>``)
 ``{recipient}``  the recipient address
-``{local_part}`` and ``{domain}`` its two halves
+``{local_part}`` and ``{domain}`` its two halves (the local part unquoted,
+                 as Postfix's ``${mailbox}``: ``"john doe"@x`` gives
+                 ``john doe``)
 ``{queue_id}``   the message's queue id
 ``{nexthop}``    the route's ARGUMENT after ``NAME:`` (empty without one)
 
@@ -246,7 +248,8 @@ class PipeTransport:
 def _recipient_fields(recipient):
     try:
         mailbox = parse_forward_path(f"<{recipient}>", smtputf8=True)
-        local, domain = mailbox.local_part, mailbox.domain
+        # Unquoted: the command wants the mailbox name, not SMTP syntax.
+        local, domain = mailbox.local_text, mailbox.domain
     except AddressError:
         local, _, domain = recipient.rpartition("@")
     return {"recipient": recipient, "local_part": local, "domain": domain}

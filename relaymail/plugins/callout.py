@@ -55,9 +55,12 @@ smarthost that takes anything would make its accept an open relay.
     2, Postfix's smtp_connection_cache_time_limit).
 
 Answers are remembered by address, the local part as written and the
-domain without case.  Caches and sessions belong to one process: each
-inbound worker keeps its own.  An address that needs SMTPUTF8 at a hop
-that does not offer it cannot be asked about (a temporary failure).  ``cache_ttl`` (the relay's own answer cache) is
+domain without case.  An address asked about while a question about it is
+under way waits for that question's answer (a mail to a list reaches many
+sessions at once; the hop is asked once).  Caches and sessions belong to
+one process: each inbound worker keeps its own.  An address that needs
+SMTPUTF8 at a hop that does not offer it cannot be asked about (a
+temporary failure).  ``cache_ttl`` (the relay's own answer cache) is
 refused: it would remember a deferral as long as an answer.
 
 VRFY gets no opinion (the client sees ``252``): VRFY is the address
@@ -71,6 +74,7 @@ import dataclasses
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaymail.config import duration, integer, next_hop
@@ -126,6 +130,10 @@ class Callout:
         self._pool = None
         self._known = AnswerCache(options.positive_ttl, options.cache_entries)
         self._unknown = AnswerCache(options.negative_ttl, options.cache_entries)
+        # (hop label, address) -> the Deferreds waiting for the question
+        # being asked now: a second RCPT for the same address (a list mail
+        # to many sessions at once) waits for that answer, not a session.
+        self._asking = {}
 
     def check_recipient(self, recipient, context):
         """Accept what the next hop takes, refuse what it refuses (550
@@ -141,13 +149,22 @@ class Callout:
             remembered = cache.get(_ASKED, recipient, now)
             if remembered is not MISS:
                 return remembered
+        # Each asker its own Deferred: the relay may cancel one (its
+        # [plugins] timeout) without cutting the question short for others.
+        mine = defer.Deferred()
+        key = (hop.label, str(recipient))
+        if key in self._asking:
+            self._asking[key].append(mine)
+            return mine
+        self._asking[key] = [mine]
         d = self._sessions().ask(hop, str(recipient))
         d.addTimeout(self._options.timeout, reactor)
         # The log lines start with the session's id, as the relay's own do.
         session = getattr(context, "session_id", None) or "-"
         about = (recipient, hop, session)
-        return d.addCallbacks(self._answered, self._not_asked, callbackArgs=about,
-                              errbackArgs=about)
+        d.addCallbacks(self._answered, self._not_asked, callbackArgs=about, errbackArgs=about)
+        d.addBoth(self._tell, key)
+        return mine
 
     def verify(self, address, context):
         """No opinion (see the module docstring): the client gets 252."""
@@ -171,6 +188,18 @@ class Callout:
             self._pool = SessionPool(self._the_reactor(), self._options.max_sessions,
                                      self._options.idle_time)
         return self._pool
+
+    def _tell(self, result, key):
+        told = False
+        for waiter in self._asking.pop(key, ()):
+            if not waiter.called:           # not cancelled meanwhile
+                told = True
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+        if isinstance(result, Failure) and not told:
+            log.failure("callout question about {key} failed", result, key=key[1])
 
     def _answered(self, result, recipient, hop, session):
         said = _codes(result.code, result.enhanced)

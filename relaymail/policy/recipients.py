@@ -215,7 +215,7 @@ class Policy:
         def relay_rule(answer):
             decision, plugin = answer
             if decision.is_final:
-                return decision, _label(plugin)
+                return decision, plugin_label(plugin)
             return (Decision.accept() if may_relay else RELAY_DENIED), RELAY_RULE
         return d.addCallback(relay_rule)
 
@@ -234,7 +234,7 @@ class Policy:
 
     @staticmethod
     def _named(d):
-        return d.addCallback(lambda pair: (pair[0], None if pair[1] is None else _label(pair[1])))
+        return d.addCallback(lambda pair: (pair[0], None if pair[1] is None else plugin_label(pair[1])))
 
     def _first_decision(self, plugins, method, args, start=0):
         """Ask ``plugins`` from ``start`` on: a Deferred of ``(decision,
@@ -253,7 +253,7 @@ class Policy:
                 return succeed((_FAILURE_ANSWERS[method], plugin))
             if not isinstance(answer, Deferred):
                 self._warn_if_it_blocked(plugin, method, started)
-            instruments.plugin_answer(_label(plugin), method, started, answer)
+            instruments.plugin_answer(plugin_label(plugin), method, started, answer)
             if isinstance(answer, Deferred):
                 return self._later_decision(answer, plugins, index, method, args)
             decision = self._checked_decision(answer, plugin, method, _subject(args))
@@ -285,7 +285,7 @@ class Policy:
         if held >= _BLOCKED_TOO_LONG and getattr(plugin, "blocking", False) is not True:
             log.warn("plugin {plugin} {method} held the reactor for {held:.2f} s: every "
                      "session of this process waited; a plugin that blocks must say "
-                     "blocking = True", plugin=_label(plugin), method=method, held=held)
+                     "blocking = True", plugin=plugin_label(plugin), method=method, held=held)
 
     def _invoke(self, plugin, method, args):
         """Call ``plugin.method(*args)``: in the plugin thread pool when the
@@ -417,7 +417,7 @@ class Policy:
                     members = _checked_members(members)
             except Exception as exc:
                 self._log_failure(exc, plugin, "expand", address)
-                raise ExpansionError(_label(plugin), address) from exc
+                raise ExpansionError(plugin_label(plugin), address) from exc
             if members is not None:
                 return members
         return None
@@ -436,7 +436,7 @@ class Policy:
         :return: a Deferred firing with a
             :class:`relaymail.policy.filters.FilterResult`; it never fails.
         """
-        return message_filters.run_filters(self, self._filters, message, context, _label)
+        return message_filters.run_filters(self, self._filters, message, context, plugin_label)
 
     # -- routers (asked by the delivery process) ------------------------------
 
@@ -453,7 +453,7 @@ class Policy:
             ``(None, None)`` when no router answered; it fails with
             :class:`relaymail.policy.routers.RouterFailed` (logged).
         """
-        return message_routers.run_routers(self, self._routers, recipient, context, _label)
+        return message_routers.run_routers(self, self._routers, recipient, context, plugin_label)
 
     # -- calling plugins --------------------------------------------------
 
@@ -464,7 +464,7 @@ class Policy:
         d = maybeDeferred(self._invoke, plugin, method, args)
         if self._timeout is not None:
             d.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
-        instruments.plugin_answer(_label(plugin), method, started, d)
+        instruments.plugin_answer(plugin_label(plugin), method, started, d)
         return d
 
     def _timed_out(self, result, timeout):
@@ -478,11 +478,11 @@ class Policy:
                             header_section.BadField)):
             # No traceback worth reading: say what went wrong.
             log.error("plugin {plugin} {method}({address!r}): {problem}",
-                      plugin=_label(plugin), method=method, address=str(address),
+                      plugin=plugin_label(plugin), method=method, address=str(address),
                       problem=str(exc))
         else:
             log.failure("plugin {plugin} {method}({address!r}) failed", failure,
-                        plugin=_label(plugin), method=method, address=str(address))
+                        plugin=plugin_label(plugin), method=method, address=str(address))
 
 
 def answer_fits(method, answer):
@@ -511,7 +511,8 @@ def _subject(args):
     return getattr(first, "client", first)
 
 
-def _label(plugin):
+def plugin_label(plugin):
+    """How logs and relaymail-check name a plugin: its ``name``, else its class."""
     name = getattr(plugin, "name", None)
     if isinstance(name, str):
         return name

@@ -352,16 +352,29 @@ class Scheduler(service.Service):
                 if outcome is not None:
                     self._record(queue_id, attempt, outcome)
                 else:
-                    by_destination.setdefault(destination, []).append(address)
+                    # Recipients under different [delivery_rates] limits
+                    # (two domains [routes] sends to one host) go as jobs
+                    # of their own, each waiting for its own limit's turn.
+                    key = destination, self._rate_key(destination, address)
+                    by_destination.setdefault(key, []).append(address)
             return [
                 Job(queue_id=queue_id, destination=destination, sender=envelope["sender"],
                     recipients=addresses, message_path=self.spool.message_path(queue_id),
                     body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
                     on_done=self._job_done, on_abandoned=self._job_abandoned,
                     envelope=envelope)
-                for destination, addresses in by_destination.items()
+                for (destination, _rate), addresses in by_destination.items()
             ]
         return d.addCallback(grouped)
+
+    def _rate_key(self, destination, address):
+        """The [delivery_rates] limit a recipient counts against, or None."""
+        if not self._rates or destination.kind == TRANSPORT_KIND:
+            # [delivery_rates] shapes what goes out by SMTP; the other
+            # transports are the site's own (a mailbox server, a command,
+            # a web hook), bounded by transport_concurrency.
+            return None
+        return self._rates.key_for(destination, address.rpartition("@")[2].lower())
 
     def _destination(self, answer, queue_id, address, mailbox):
         """``(address, destination, None)`` for a recipient a router (or
@@ -406,14 +419,8 @@ class Scheduler(service.Service):
         going = []
         reserved = self._reserved.pop(queue_id, {})
         for job in jobs:
-            if job.destination.kind == TRANSPORT_KIND:
-                # [delivery_rates] shapes what goes out by SMTP; the other
-                # transports are the site's own (a mailbox server, a
-                # command, a web hook), bounded by transport_concurrency.
-                going.append(job)
-                continue
-            domain = job.recipients[0].rpartition("@")[2].lower()
-            key = self._rates.key_for(job.destination, domain)
+            # One key for all the job's recipients (see _jobs_for).
+            key = self._rate_key(job.destination, job.recipients[0])
             if key is None:
                 going.append(job)
                 continue

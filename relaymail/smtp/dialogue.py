@@ -18,7 +18,7 @@ from relaymail import address, logline
 from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
-from relaymail.smtp import chunking, data, filtering, replies
+from relaymail.smtp import chunking, data, filtering, mail_auth, replies
 from relaymail.smtp.received import received_header
 from relaymail.smtp.session_id import new_session_id
 from relaymail.smtp.tls import fit_for_passwords
@@ -204,6 +204,11 @@ class Dialogue:
                 and (self.settings.auth.allow_plaintext
                      or (self.tls_active and self.tls_cipher is not None
                          and fit_for_passwords(self.tls_cipher))))
+
+    def _auth_available(self):
+        """AUTH is offered on this session, or the client used it: MAIL's
+        AUTH parameter is taken (relaymail.smtp.mail_auth)."""
+        return self.context.authenticated_user is not None or self._auth_offered()
 
     def handle(self, line):
         """Answer one command line (bytes, without its line end)."""
@@ -504,6 +509,10 @@ class Dialogue:
                 if value is not None:
                     return body, smtputf8, replies.bad_parameter("SMTPUTF8 takes no value")
                 smtputf8 = True
+            elif keyword == "AUTH" and self._auth_available():
+                problem = mail_auth.xtext_problem(value)
+                if problem is not None:
+                    return body, smtputf8, replies.bad_parameter(problem)
             else:
                 return body, smtputf8, replies.unknown_parameter(keyword)
         return body, smtputf8, None

@@ -17,17 +17,17 @@ session follows the gate as it goes in and out of stress, so the sessions
 already open shorten their waits too.
 """
 
-import ipaddress
 import time
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from relaymail import logline
+from relaymail.client_address import in_networks
 from relaymail.metrics import instruments
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
@@ -43,6 +43,13 @@ COMMAND_LINE_LIMIT = 2048
 SASL_LINE_LIMIT = 12288
 # Pipelined input held while a reply is pending, before the socket is paused.
 _MAX_HELD_INPUT = 256 * 1024
+
+# After QUIT (or any close) over TLS, how long the client has to answer our
+# close_notify before the connection is cut: Twisted's TLS waits for the
+# client's, and a client that never sends it must not keep a connection
+# slot.  Postfix's smtpd waits for none; a few seconds lets a polite
+# client finish its side.
+_TLS_CLOSE_GRACE = 5.0
 
 
 @implementer(IPushProducer)
@@ -64,6 +71,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._output_blocked = False
         self._closing = False
+        self._producing = False      # registered as the transport's producer
+        self._close_timer = None     # cuts a TLS close the client does not answer
         self._skipping_long_line = False
         self._errors = 0
         self._data_started = 0.0
@@ -83,6 +92,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self._closing:
             return                  # ended at once: the process is stopping
         self.transport.registerProducer(self, True)
+        self._producing = True
         peer = self.transport.getPeer()
         ip = getattr(peer, "host", "") or ""
         port = getattr(peer, "port", None)
@@ -130,6 +140,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         instruments.connection_closed()
         self._closing = True
         self.setTimeout(None)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         if self.factory.sessions is not None:
             self.factory.sessions.remove(self)
         if self._admitted:
@@ -450,7 +463,22 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._closing = True
         self._buffer = b""
         self.setTimeout(None)
+        # RFC 5321 4.1.1.10: after the 221 the server closes.  A registered
+        # producer holds a TLS transport's close back until it unregisters
+        # (twisted.protocols.tls): no close_notify and no close went out, so
+        # a TLS session stayed open after QUIT until the client hung up, and
+        # a client that waits for the server's close (Exim) waited.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self._close_timer is None and ISSLTransport.providedBy(self.transport):
+            self._close_timer = self.callLater(_TLS_CLOSE_GRACE, self._cut)
+
+    def _cut(self):
+        self._close_timer = None
+        if self.transport is not None and self.transport.connected:
+            self.transport.abortConnection()
 
 
 class SMTPFactory(ServerFactory):
@@ -494,17 +522,8 @@ class SMTPFactory(ServerFactory):
         return SMTPServerProtocol(self)
 
     def is_trusted(self, ip):
-        return _in_networks(ip, self._trusted)
+        return in_networks(ip, self._trusted)
 
     def is_proxy_trusted(self, ip):
-        return _in_networks(ip, self._proxy_trusted)
+        return in_networks(ip, self._proxy_trusted)
 
-
-def _in_networks(ip, networks):
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)

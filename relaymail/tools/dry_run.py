@@ -71,11 +71,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from relaymail import address
+from relaymail.client_address import in_networks
 from relaymail.interfaces import Decision, Route
 from relaymail.policy.loader import Hooks
-from relaymail.policy.recipients import ExpansionError, Policy, _label, answer_fits
+from relaymail.policy.recipients import ExpansionError, Policy, answer_fits, plugin_label
 from relaymail.smtp.dialogue import Dialogue, SessionContext
-from relaymail.smtp.server import _in_networks
 
 EX_USAGE = 64
 EX_CONFIG = 78
@@ -199,7 +199,7 @@ async def _dry_run(settings, hooks, args, reactor):
                       if id(w.plugin) in hooks.caches}
     policy = Policy.from_hooks(watched, settings, reactor=reactor)
     context = SessionContext(args.client, None,
-                             trusted=_in_networks(args.client, settings.server.trusted_networks))
+                             trusted=in_networks(args.client, settings.server.trusted_networks))
     context.authenticated_user = args.auth
     context.dry_run = True
     report.add("client", f"{args.client} trusted={'yes' if context.trusted else 'no'} "
@@ -285,7 +285,7 @@ def _explain(report, hook, answers, plugins, nobody):
             decider = answer.name
     for plugin in plugins:
         if id(plugin) not in asked:
-            report.add(f"plugin {_label(plugin)}", "not asked")
+            report.add(f"plugin {plugin_label(plugin)}", "not asked")
     if hook != "expanders":
         report.add("decided by", decider or nobody)
 
@@ -302,19 +302,19 @@ async def _route(settings, hooks, recipient_text, report, reactor):
         try:
             route = await defer.maybeDeferred(plugin.route, recipient, context)
         except Exception as exc:
-            report.add(f"router {_label(plugin)}", f"failed: {type(exc).__name__}: {exc}")
+            report.add(f"router {plugin_label(plugin)}", f"failed: {type(exc).__name__}: {exc}")
             report.status = 2
             return
         if route is None:
-            report.add(f"router {_label(plugin)}", "no opinion")
+            report.add(f"router {plugin_label(plugin)}", "no opinion")
             continue
         if not isinstance(route, Route):
-            report.add(f"router {_label(plugin)}", f"answered {route!r} (not a Route)")
+            report.add(f"router {plugin_label(plugin)}", f"answered {route!r} (not a Route)")
             report.status = 2
             return
         hop = route.next_hop if route.next_hop is not None else "(the transport's default)"
-        report.add(f"router {_label(plugin)}", f"{route.transport} {hop}")
-        report.add("route", f"{route.transport} {hop} (router {_label(plugin)})")
+        report.add(f"router {plugin_label(plugin)}", f"{route.transport} {hop}")
+        report.add("route", f"{route.transport} {hop} (router {plugin_label(plugin)})")
         return
     from relaymail.delivery.routing import Router, route_key
     # The resolver is never asked: only destination() runs, which reads
@@ -399,7 +399,7 @@ class _Watched:
 
     def __init__(self, plugin, answers):
         self.plugin = plugin
-        self.name = _label(plugin)
+        self.name = plugin_label(plugin)
         self.blocking = getattr(plugin, "blocking", False) is True
         self._answers = answers
 
