@@ -1,8 +1,8 @@
 """Exim as relaymail's downstream (its smarthost), relaying on to a capture
 server: SMTPUTF8 and 8-bit mail pass through it, a pipelined
 multi-recipient transaction, STARTTLS with Exim's certificate verified, and
-a recipient Exim refuses bounced by relaymail.  (CHUNKING towards Exim is
-the CHUNKING work's, issue 11.)"""
+a recipient Exim refuses bounced by relaymail, and mail sent to it by BDAT
+(Exim offers CHUNKING).  The contents below go by BDAT too."""
 
 import re
 import smtplib
@@ -196,3 +196,16 @@ def test_contents_through_exim_byte_for_byte(relay, exim, capture, name):
     # ends a header section that had no body with the empty line.
     expected = content + b"\r\n" if name == "headers_only" else content
     assert fields(message["data"], 2)[1] == expected
+
+
+def test_mail_reaches_exim_by_bdat(relay, exim, capture):
+    # Exim offers CHUNKING, so relaymail sends the message in BDAT chunks
+    # (a 2.5 MB one in three).  Exim's "<=" line says K for a message that
+    # came by BDAT.
+    line = b"." + b"k" * 97 + b"\r\n"
+    content = b"Subject: chunked to exim\r\nMessage-ID: <bdat@exim.test>\r\n\r\n" + line * 25_000
+    send(relay, "alice@example.org", ["bob@example.net"], content)
+    message = arrived(capture, b"<bdat@exim.test>")
+    assert message["data"].endswith(b"\r\n\r\n" + line * 25_000)
+    log = exim.wait_for_log("id=bdat@exim.test")
+    assert re.search(r"<= alice@example\.org H=\(relay\.test\) .* K S=\d+ id=bdat@exim\.test ", log), log
