@@ -25,8 +25,7 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 TEST_TOOLS := swaks msmtp curl node:nodejs /usr/share/nodejs/nodemailer/package.json:node-nodemailer \
 	postfix '/usr/lib/*/libidn.so.12:libidn12' ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
-	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql' \
-	postfix script:bsdutils
+	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql'
 
 # Exim conflicts with Postfix as the installed MTA (both are Debian's
 # mail-transport-agent), so tests/interop/exim.py runs Debian's
