@@ -99,7 +99,7 @@ def test_curl_vrfy_noop_and_help(relay):
     result = curl(f"smtp://127.0.0.1:{relay.port}/curl.test", "-X", "NOOP")
     assert result.stdout == b"250 2.0.0 Ok\r\n"
     result = curl(f"smtp://127.0.0.1:{relay.port}/curl.test", "-X", "HELP")
-    assert result.stdout.startswith(b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT")
+    assert result.stdout.startswith(b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT")
 
 
 def test_curl_mail_auth_parameter_after_login(relay, ca_file):
