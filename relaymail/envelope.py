@@ -24,6 +24,17 @@ class Envelope:
     #: A notice to the postmaster about a bounce that could not be
     #: delivered: if it fails too, it is discarded, never bounced again.
     double_bounce: bool = False
+    #: DSN requests (RFC 3461, relaymail.dsn): MAIL's RET (``FULL`` or
+    #: ``HDRS``) and ENVID (xtext as sent), or None when not given ...
+    dsn_ret: str = None
+    dsn_envid: str = None
+    #: ... and RCPT's, by recipient: ``{address: [notify, orcpt]}`` (each
+    #: None when not given), for the recipients that had any; None for none.
+    dsn_recipients: dict = None
+    #: Recipients that were lists or aliases of several addresses and asked
+    #: NOTIFY=SUCCESS: ``[[address, orcpt], ...]``, owed an "expanded"
+    #: notice (RFC 3461 6.2.7.3), which the first delivery attempt sends.
+    dsn_expanded: list = None
 
     def to_dict(self):
         return asdict(self)

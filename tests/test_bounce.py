@@ -456,7 +456,7 @@ def test_double_bounce_goes_to_the_postmaster_and_is_marked(original):
 
 
 @pytest.mark.parametrize("entry", [
-    FailedRecipient("bob@example.com", "delivered", "2.0.0", None, None, None),
+    FailedRecipient("bob@example.com", "sent", "2.0.0", None, None, None),
     FailedRecipient("bob@example.com\r\nBcc: eve@example.org", "failed", "5.1.1",
                     None, None, None),
 ])

@@ -77,7 +77,7 @@ def test_smtplib_transaction_lands_in_the_queue(relay):
         assert code == 250
         assert lines.split(b"\n")[1:] == [b"PIPELINING", b"SIZE 2000", b"8BITMIME",
                                           b"ENHANCEDSTATUSCODES", b"SMTPUTF8", b"CHUNKING",
-                                          b"BINARYMIME", b"HELP"]
+                                          b"BINARYMIME", b"DSN", b"HELP"]
         assert client.mail("sender@example.org") == (250, b"2.1.0 Ok")
         assert client.rcpt("bob@example.com") == (250, b"2.1.5 Ok")
         code, text = client.data(b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n")
@@ -141,10 +141,10 @@ def test_whole_transaction_in_one_write_with_a_late_plugin(relay):
         b"QUIT\r\n"))
     replies = out.split(b"\r\n")
     assert replies[0] == b"220 relay.test ESMTP relaymail"
-    assert replies[1:10] == [b"250-relay.test Hello client.test", b"250-PIPELINING", b"250-SIZE 2000",
+    assert replies[1:11] == [b"250-relay.test Hello client.test", b"250-PIPELINING", b"250-SIZE 2000",
                              b"250-8BITMIME", b"250-ENHANCEDSTATUSCODES", b"250-SMTPUTF8", b"250-CHUNKING",
-                             b"250-BINARYMIME", b"250 HELP"]
-    assert replies[10:16] == [
+                             b"250-BINARYMIME", b"250-DSN", b"250 HELP"]
+    assert replies[11:17] == [
         b"250 2.1.0 Ok",
         b"250 2.1.5 Ok",
         b"554 5.7.1 Relay access denied",
@@ -152,8 +152,8 @@ def test_whole_transaction_in_one_write_with_a_late_plugin(relay):
         b"250 2.1.5 Ok",
         b"354 End data with <CR><LF>.<CR><LF>",
     ]
-    queue_id = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)", replies[16]).group(1).decode()
-    assert replies[17:] == [b"221 2.0.0 relay.test Bye", b""]
+    queue_id = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)", replies[17]).group(1).decode()
+    assert replies[18:] == [b"221 2.0.0 relay.test Bye", b""]
     with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
         record = json.load(f)
     # The list was expanded when queued.
@@ -196,7 +196,7 @@ def test_untrusted_client_learns_nothing_from_vrfy_and_expn(relay):
     out = converse(relay.port, (
         b"EHLO client.test\r\nEXPN staff\r\nEXPN staff@example.com\r\nVRFY bob@example.com\r\n"
         b"VRFY nobody@example.net\r\nVRFY\r\nQUIT\r\n"))
-    assert out.split(b"\r\n")[10:] == [
+    assert out.split(b"\r\n")[11:] == [
         b"502 5.7.0 Error: EXPN is only for trusted or authenticated clients",
         b"502 5.7.0 Error: EXPN is only for trusted or authenticated clients",
         b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",

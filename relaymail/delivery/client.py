@@ -32,7 +32,8 @@ from relaymail.delivery import chunking, downgrade, sasl, tls
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
-    BODY_TYPES, assemble_results, check_message, mail_command, rcpt_command, result_from)
+    BODY_TYPES, assemble_results, check_message, dsn_commands, mail_command, rcpt_command,
+    result_from)
 from relaymail.delivery.wire import ClientConnection
 from relaymail.tls_session import negotiated_tls
 
@@ -179,7 +180,8 @@ class OutboundSession:
         """True while the connection can carry another transaction."""
         return self._connection.usable
 
-    def deliver(self, sender, recipients, message_path, *, body="7BIT", smtputf8=False):
+    def deliver(self, sender, recipients, message_path, *, body="7BIT", smtputf8=False,
+                envelope=None):
         """Run one mail transaction and report each recipient's result.
 
         ``sender`` ``''`` is the null sender.  ``message_path`` is the
@@ -188,6 +190,9 @@ class OutboundSession:
         when ``smtputf8``.  To a server without 8BITMIME, 8-bit content is
         converted to 7 bits, and SMTPUTF8 is dropped for a server without it
         when the message does not need it (:mod:`relaymail.delivery.downgrade`).
+        ``envelope``, the queue record's, carries the sender's DSN requests
+        (RET, ENVID, NOTIFY, ORCPT: :mod:`relaymail.dsn`), passed on to a
+        server that offers DSN.
         With PIPELINING (RFC 2920) MAIL, every RCPT and
         DATA go in one write.
 
@@ -198,7 +203,7 @@ class OutboundSession:
             connection).  May be called again once it has fired.
         """
         return defer.Deferred.fromCoroutine(
-            self._deliver(sender, list(recipients), message_path, body, smtputf8))
+            self._deliver(sender, list(recipients), message_path, body, smtputf8, envelope))
 
     def ask_recipient(self, recipient):
         """Ask whether the server takes ``recipient`` without sending mail:
@@ -323,7 +328,7 @@ class OutboundSession:
 
     # -- transactions ------------------------------------------------------
 
-    async def _deliver(self, sender, recipients, message_path, body, smtputf8):
+    async def _deliver(self, sender, recipients, message_path, body, smtputf8, envelope=None):
         if body not in BODY_TYPES:
             raise ValueError(f"body must be one of {', '.join(BODY_TYPES)}, not {body!r}")
         if not recipients:
@@ -341,6 +346,8 @@ class OutboundSession:
                     mail = mail_command(sender, self.extensions, size, body, smtputf8,
                                         self.remote)
                     rcpts = [rcpt_command(r, smtputf8, self.remote) for r in recipients]
+                    if envelope is not None and "DSN" in self.extensions:
+                        mail, rcpts = dsn_commands(envelope, mail, rcpts, recipients)
                     await self._ready_for_mail()
                     return await self._transaction(mail, rcpts, recipients, file)
                 finally:

@@ -47,6 +47,12 @@ class Outcome:
     #: transport's: a command's exit, a web hook's status): the RFC 3464
     #: diagnostic type its ``text`` is given as in a DSN.
     diagnostic_type: str = None
+    #: For a recipient delivered (SENT) that asked NOTIFY=SUCCESS, the
+    #: RFC 3464 action of the success notice owed: ``delivered`` (final
+    #: delivery: lmtp, pipe, a site transport), ``relayed`` (to an SMTP
+    #: next hop without DSN, RFC 3461 6.2.1), or None (one with DSN took
+    #: the request on, and will say so itself).
+    notice: str = None
 
     @property
     def diagnostic(self):
@@ -214,7 +220,7 @@ class DestinationPool:
                 try:
                     results = yield session.deliver(
                         job.sender, job.recipients, job.message_path,
-                        body=job.body, smtputf8=job.smtputf8)
+                        body=job.body, smtputf8=job.smtputf8, envelope=job.envelope)
                 except DeliveryError as error:
                     session.abort()
                     if self._stopping:
@@ -314,7 +320,8 @@ def _status_for(code):
 def _from_result(result, session):
     return Outcome(result.address, _status_for(result.code), result.code, result.enhanced,
                    result.text, session.remote, _remote_name(session.remote),
-                   session.tls_description)
+                   session.tls_description,
+                   notice=None if "DSN" in session.extensions else "relayed")
 
 
 def _from_error(address, error, session):

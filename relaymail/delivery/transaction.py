@@ -4,6 +4,7 @@ Nothing here does I/O; the session in :mod:`relaymail.delivery.client`
 sends what these functions build and feeds back what the server said.
 """
 
+from relaymail import dsn
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult
 from relaymail.delivery.responses import size_limit
 
@@ -79,6 +80,19 @@ def mail_command(sender, extensions, size, body, smtputf8, remote):
     if smtputf8:
         parts.append(b"SMTPUTF8")                # RFC 6531 3.4
     return b" ".join(parts)
+
+
+def dsn_commands(envelope, mail, rcpts, recipients):
+    """MAIL and the RCPTs with the sender's DSN requests (RFC 3461 5.2:
+    passed on to a next hop that offers DSN), when the envelope (the queue
+    record's, a dict) has any; unchanged otherwise."""
+    requests = envelope.get("dsn_recipients") or {}
+    if not (requests or envelope.get("dsn_ret") or envelope.get("dsn_envid")):
+        return mail, rcpts
+    mail += dsn.mail_parameters(envelope).encode("utf-8")
+    rcpts = [command + dsn.rcpt_parameters(address, requests.get(address)).encode("utf-8")
+             for command, address in zip(rcpts, recipients, strict=True)]
+    return mail, rcpts
 
 
 def rcpt_command(recipient, smtputf8, remote):

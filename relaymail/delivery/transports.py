@@ -349,7 +349,8 @@ def _converted(address, value, hop):
     return Outcome(address, status, code, enhanced, text, remote=remote,
                    remote_name=remote.split("[", 1)[0] if value.remote is not None else None,
                    tls=_short(str(value.tls)) if value.tls is not None else None,
-                   diagnostic_type=None if code is not None else _diagnostic_type(hop))
+                   diagnostic_type=None if code is not None else _diagnostic_type(hop),
+                   notice=FINAL_DELIVERY)
 
 
 #: The DSN diagnostic type of each built-in transport's reasons: LMTP's
@@ -361,9 +362,15 @@ def _diagnostic_type(hop):
     return _DIAGNOSTIC_TYPES.get(hop.transport, "x-relaymail")
 
 
+#: The success notice of every transport but smtp: the message is
+#: delivered on this host's side (a mailbox server, a command, a web
+#: hook), so a NOTIFY=SUCCESS gets "delivered" (RFC 3464 2.3.3).
+FINAL_DELIVERY = "delivered"
+
+
 def _outcome(address, status, enhanced, text, hop):
     return Outcome(address, status, None, enhanced, text, remote=hop.label,
-                   diagnostic_type=_diagnostic_type(hop))
+                   diagnostic_type=_diagnostic_type(hop), notice=FINAL_DELIVERY)
 
 
 def _all(job, enhanced, problem, hop):

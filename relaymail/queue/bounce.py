@@ -19,10 +19,18 @@ postmaster instead (a "double bounce", Postfix's 2bounce), worded for
 the postmaster; the scheduler makes sure that happens at most once.
 
 Only the header section of the original is read, and only up to
-:data:`HEADER_SECTION_LIMIT` bytes.  The body is never returned: RFC 6522
-lets the third part be the header section alone, that is enough for the
-sender to recognise the message, and it keeps the relay from reflecting
-large messages at a forged sender.
+:data:`HEADER_SECTION_LIMIT` bytes, unless the sender asked ``RET=FULL``
+(RFC 3461 4.3) and the message is a failure's and no bigger than
+:data:`RETURN_LIMIT`: then the whole message is returned.  Otherwise the
+body is never returned: RFC 6522 lets the third part be the header section
+alone, that is enough for the sender to recognise the message, and it
+keeps the relay from reflecting large messages at a forged sender.
+
+The same message carries success notices (``delivered``, ``relayed``,
+``expanded``) for recipients that asked ``NOTIFY=SUCCESS``, with the
+header section returned; ``ENVID`` and ``ORCPT`` appear as the report's
+Original-Envelope-Id and Original-Recipient fields (RFC 3464 2.2.1,
+2.3.1).
 """
 
 import re
@@ -32,15 +40,24 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from relaymail import quoted_printable, sanitize
+from relaymail import dsn, quoted_printable, sanitize
 from relaymail.envelope import Envelope
 from relaymail.folding import fold
 
 FAILED = "failed"
 DELAYED = "delayed"
-#: The RFC 3464 2.3.3 actions a bounce reports; ``delivered``, ``relayed``
-#: and ``expanded`` are success notices, which this relay does not send.
-ACTIONS = (FAILED, DELAYED)
+DELIVERED = "delivered"
+RELAYED = "relayed"
+EXPANDED = "expanded"
+#: The RFC 3464 2.3.3 actions: a bounce reports the first two; the others
+#: are success notices, sent for NOTIFY=SUCCESS (RFC 3461 6.2).
+ACTIONS = (FAILED, DELAYED, DELIVERED, RELAYED, EXPANDED)
+SUCCESS_ACTIONS = (DELIVERED, RELAYED, EXPANDED)
+
+#: The most of the original returned whole for RET=FULL (RFC 3461 4.3);
+#: a bigger one comes back as its header section, as Postfix's
+#: bounce_size_limit (50000) has it.
+RETURN_LIMIT = 50000
 
 #: Most of the original header section returned.  RFC 6522 sets no
 #: size; 64 KiB holds any honest header section many times over.
@@ -63,10 +80,12 @@ DOUBLE_BOUNCE_FIELD = "X-Relaymail-Double-Bounce"
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 SUBJECT_DOUBLE = "Undeliverable Mail Notification (Postmaster Copy)"
+SUBJECT_SUCCESS = "Successful Mail Delivery Report"
 
 # RFC 3463 section 2: class "." subject "." detail, the last two of one to
-# three digits; 2.X.X is success, which never appears in a bounce.
+# three digits; 2.X.X is success, which only a success notice reports.
 _STATUS = re.compile(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+_SUCCESS_STATUS = re.compile(r"2\.[0-9]{1,3}\.[0-9]{1,3}\Z")
 
 # The longest line passed on as it is: under the 998 octets (before CRLF)
 # of RFC 5322 2.1.1.  Our own fields are folded to 78 where a space allows
@@ -130,6 +149,9 @@ class FailedRecipient:
     #: reply, ``x-unix`` for a command's exit (as Postfix's pipe(8) reports
     #: it), ``x-relaymail`` for a site transport's own words.
     diagnostic_type: str = "smtp"
+    #: The recipient's ORCPT (``rfc822;xtext``, relaymail.dsn), or None:
+    #: reported as Original-Recipient (RFC 3464 2.3.1).
+    orcpt: "str | None" = None
 
 
 def build_dsn(record, message_path, recipients, reporting_mta, now, *,
@@ -187,11 +209,20 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     arrival = record["created_at"]
     failed = [entry for entry in recipients if entry.action == FAILED]
     delayed = [entry for entry in recipients if entry.action == DELAYED]
+    succeeded = [entry for entry in recipients if entry.action in SUCCESS_ACTIONS]
+    envid = original.get("dsn_envid")
 
     note = _note(reporting_mta, record["id"], arrival, failed, delayed,
-                 retry_until, cut, utf8, double=postmaster is not None)
-    report = _report(reporting_mta, arrival, recipients, retry_until, utf8)
-    returned_type, returned_encoding, returned = _returned_headers(headers, utf8)
+                 retry_until, cut, utf8, double=postmaster is not None, succeeded=succeeded)
+    report = _report(reporting_mta, arrival, recipients, retry_until, utf8, envid)
+    whole = _whole_message(message_path, record, failed)
+    if whole is not None:
+        returned_type = "message/global" if utf8 else "message/rfc822"
+        returned_encoding, returned = _identity_encoding_of(whole), whole
+        description = "The original message"
+    else:
+        returned_type, returned_encoding, returned = _returned_headers(headers, utf8)
+        description = "Header section of the original message"
 
     charset = "utf-8" if utf8 else "us-ascii"
     # RFC 6533 section 6: the global type may carry UTF-8 text.
@@ -205,7 +236,7 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
           f"Content-Type: message/{report_type}",
           f"Content-Transfer-Encoding: {_identity_encoding(report)}"],
          report.encode("utf-8")),
-        (["Content-Description: Header section of the original message",
+        ([f"Content-Description: {description}",
           f"Content-Type: {returned_type}",
           f"Content-Transfer-Encoding: {returned_encoding}"],
          returned),
@@ -216,7 +247,7 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     top = [line for field in (
         f"From: {SENDER_DISPLAY_NAME} <{SENDER_LOCAL_PART}@{reporting_mta}>",
         f"To: {to}",
-        f"Subject: {_subject(failed, postmaster is not None)}",
+        f"Subject: {_subject(failed, postmaster is not None, delayed)}",
         f"Date: {_date(now)}",
         f"Message-ID: <{int(now)}.{record['id']}.{secrets.token_hex(6)}@{reporting_mta}>",
         # RFC 3834 section 5: tells responders not to answer it.
@@ -231,8 +262,9 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         sender="",
         recipients=[to],
         double_bounce=postmaster is not None,
-        # UTF-8 text is 8-bit content, sent as BODY=8BITMIME (RFC 6152).
-        body="8BITMIME" if utf8 else "7BIT",
+        # UTF-8 text (or a returned 8-bit message) is 8-bit content, sent
+        # as BODY=8BITMIME (RFC 6152).
+        body="8BITMIME" if utf8 or not message.isascii() else "7BIT",
         smtputf8=utf8,
         received_at=now,
     )
@@ -292,6 +324,8 @@ def _with_valid_status(entry):
     RFC 3463 3.1) if it is not a failure code of RFC 3463 syntax.  The
     status may come from a remote reply: better a vague notice than none,
     so this is mended rather than refused."""
+    if entry.action in SUCCESS_ACTIONS:
+        return entry if _SUCCESS_STATUS.match(entry.status) else replace(entry, status="2.0.0")
     if _STATUS.match(entry.status):
         return entry
     return replace(entry, status="5.0.0" if entry.action == FAILED else "4.0.0")
@@ -313,19 +347,57 @@ def _check_address(address):
         raise ValueError("address too long for a header line")
 
 
-def _subject(failed, double):
+def _subject(failed, double, delayed=()):
     if double:
         return SUBJECT_DOUBLE
-    return SUBJECT_FAILED if failed else SUBJECT_DELAYED
+    if failed:
+        return SUBJECT_FAILED
+    return SUBJECT_DELAYED if delayed else SUBJECT_SUCCESS
+
+
+def _whole_message(path, record, failed):
+    """The original message to return whole, or None for its header
+    section: only in a failure notice for RET=FULL (RFC 3461 4.3; a
+    success or delay notice returns the header section, as RET=HDRS, and
+    so does a message without RET, as before), within
+    :data:`RETURN_LIMIT`, and never a BINARYMIME one, which no part of a
+    mail message may carry as it is."""
+    original = record["envelope"]
+    if not failed or original.get("dsn_ret") != "FULL" or original.get("body") == "BINARYMIME":
+        return None
+    if record.get("size", RETURN_LIMIT + 1) > RETURN_LIMIT:
+        return None
+    with open(path, "rb") as file:
+        data = file.read(RETURN_LIMIT + 1)
+    if len(data) > RETURN_LIMIT or b"\0" in data:
+        return None
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def _identity_encoding_of(data):
+    # RFC 2046 5.2.1: message/rfc822 takes only 7bit, 8bit or binary.
+    return "7bit" if data.isascii() else "8bit"
 
 
 def _note(reporting_mta, queue_id, arrival, failed, delayed, retry_until,
-          cut, utf8, double=False):
+          cut, utf8, double=False, succeeded=()):
     """The part for people: what happened, why, and what to do."""
     lines = _wrap(
         f"This is the mail system at {reporting_mta}. This notice was "
         "written automatically; replies to it are not read by anyone.")
     lines.append("")
+    if succeeded:
+        lines += _wrap(
+            f"Your message of {_date(arrival)} was delivered to the recipients "
+            "below, or handed on to a system that does not report delivery "
+            "(relayed), or to a list's members (expanded), as you asked with "
+            "NOTIFY=SUCCESS.")
+        lines.append("")
+        for entry in succeeded:
+            lines.append(f"  <{entry.address}>: {entry.action}")
+        lines.append("")
     if double:
         lines += _wrap(
             f"A message of {_date(arrival)} from the null sender <> (most "
@@ -415,15 +487,20 @@ def _reason(status):
     return found
 
 
-def _report(reporting_mta, arrival, recipients, retry_until, utf8):
+def _report(reporting_mta, arrival, recipients, retry_until, utf8, envid=None):
     """The RFC 3464 section 2 fields: one per-message block, then one
     block per recipient."""
     blocks = [[
+        # RFC 3464 2.2.1: the sender's ENVID, decoded, comes first.
+        *(_fold(f"Original-Envelope-Id: {_clean(dsn.decode_xtext(envid), utf8)}")
+          if envid else []),
         *_fold(f"Reporting-MTA: dns; {reporting_mta}"),
         f"Arrival-Date: {_date(arrival)}",
     ]]
     for entry in recipients:
-        block = [*_fold(f"Final-Recipient: {_address_field(entry.address)}"),
+        block = [*(_fold(f"Original-Recipient: {_clean(dsn.original_recipient(entry.orcpt), utf8)}")
+                   if entry.orcpt else []),
+                 *_fold(f"Final-Recipient: {_address_field(entry.address)}"),
                  f"Action: {entry.action}",
                  f"Status: {entry.status}"]
         if entry.remote_mta:

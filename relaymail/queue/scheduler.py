@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaymail import logline
+from relaymail import dsn, logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.delivery.router import SMTP, BuiltinRouter
 from relaymail.delivery.transports import KIND as TRANSPORT_KIND, TransportHop, delivery_transports
@@ -80,6 +80,7 @@ class _Attempt:
         self.abandoned = False      # some jobs will not run: the relay is stopping
         self.shaped_until = None    # some jobs wait for a [delivery_rates] slot till then
         self.failed = False         # some recipient was deferred by a real failure
+        self.succeeded = []         # (Outcome, action): success notices owed (NOTIFY=SUCCESS)
 
 
 class Scheduler(service.Service):
@@ -501,6 +502,9 @@ class Scheduler(service.Service):
             attempt.bounced.append(outcome)
         elif outcome.status == DEFERRED:
             attempt.failed = True
+        elif outcome.notice is not None and dsn.wants(
+                _notify_of(attempt.record, outcome.address), dsn.SUCCESS):
+            attempt.succeeded.append((outcome, outcome.notice))
         delay = now - attempt.record["created_at"]
         instruments.recipient_outcome(outcome.status, delay)
         relay = outcome.remote or "none"
@@ -523,6 +527,7 @@ class Scheduler(service.Service):
                 self._record(queue_id, attempt, Outcome(
                     entry["address"], BOUNCED, None, "4.4.7",
                     f"delivery time expired; last error: {entry['last_error']}"))
+        self._notify_success(queue_id, record, attempt, now)
         d = self._bounce(queue_id, record, attempt.bounced, now)
 
         def after_bounce(sent):
@@ -645,12 +650,15 @@ class Scheduler(service.Service):
     def _bounce(self, queue_id, record, bounced, now):
         """Queue the DSN for ``bounced``: a Deferred firing True once it is
         queued (or none is owed), False when it could not be."""
+        bounced = self._asking(queue_id, record, bounced, dsn.FAILURE, "bounce",
+                               lambda o: o.address)
         if not bounced:
             return defer.succeed(True)
         failed = [FailedRecipient(address=o.address, action="failed", status=_final_status(o),
                                   diagnostic=o.diagnostic, remote_mta=o.remote_name,
                                   last_attempt=now,
-                                  diagnostic_type=o.diagnostic_type or "smtp")
+                                  diagnostic_type=o.diagnostic_type or "smtp",
+                                  orcpt=_orcpt_of(record, o.address))
                   for o in bounced]
         return self._send_dsn(queue_id, record, failed, now, "bounce")
 
@@ -659,11 +667,55 @@ class Scheduler(service.Service):
         if not warn_after or record.get("delay_warned") or now - record["created_at"] < warn_after:
             return None
         record["delay_warned"] = True
+        deferred = self._asking(queue_id, record, deferred, dsn.DELAY, "delay warning",
+                                lambda e: e["address"])
+        if not deferred:
+            return None
         delayed = [FailedRecipient(address=e["address"], action="delayed", status=_delay_status(e),
-                                   diagnostic=e["last_error"], remote_mta=None, last_attempt=now)
+                                   diagnostic=e["last_error"], remote_mta=None, last_attempt=now,
+                                   orcpt=_orcpt_of(record, e["address"]))
                    for e in deferred]
         return self._send_dsn(queue_id, record, delayed, now, "delay warning",
                               retry_until=record["created_at"] + self.settings.queue.lifetime)
+
+    def _asking(self, queue_id, record, items, kind, what, address_of):
+        """The ``items`` whose recipient's NOTIFY asks for ``kind`` (RFC
+        3461 4.1: NEVER, or a list without it, means no notice); a line
+        for those left out."""
+        wanted = []
+        for item in items:
+            address = address_of(item)
+            notify = _notify_of(record, address)
+            if dsn.wants(notify, kind):
+                wanted.append(item)
+            else:
+                log.info("{queue_id}: <{address}>: no {what}: NOTIFY={notify}",
+                         queue_id=queue_id, address=address, what=what,
+                         notify=",".join(notify))
+        return wanted
+
+    def _notify_success(self, queue_id, record, attempt, now):
+        """Queue the success notices owed: "delivered" and "relayed" for
+        the recipients of this attempt that asked NOTIFY=SUCCESS, and on
+        the first attempt "expanded" for the lists that did (RFC 3461
+        6.2.7.3).  Not retried: a notice that cannot be queued is logged,
+        and the message itself goes on as it would."""
+        notices = [FailedRecipient(address=o.address, action=action, status="2.0.0",
+                                   diagnostic=o.diagnostic, remote_mta=o.remote_name,
+                                   last_attempt=now,
+                                   diagnostic_type=o.diagnostic_type or "smtp",
+                                   orcpt=_orcpt_of(record, o.address))
+                   for o, action in attempt.succeeded]
+        expanded = record["envelope"].get("dsn_expanded")
+        if expanded and not record.get("dsn_expanded_sent"):
+            record["dsn_expanded_sent"] = True
+            notices += [FailedRecipient(address=address, action="expanded", status="2.0.0",
+                                        diagnostic=None, remote_mta=None, last_attempt=now,
+                                        orcpt=orcpt)
+                        for address, orcpt in expanded]
+        attempt.succeeded = []
+        if notices and record["envelope"]["sender"]:
+            self._queue_dsn(queue_id, record, notices, now, "success notice", None)
 
     def _send_dsn(self, queue_id, record, recipients, now, kind, **extra):
         if record["envelope"]["sender"] == "":
@@ -895,6 +947,20 @@ def _reply_text(outcome):
     if outcome.code is not None:
         return f"{outcome.code} {outcome.enhanced} {outcome.text}"
     return outcome.text
+
+
+def _dsn_request(record, address):
+    requests = record["envelope"].get("dsn_recipients") or {}
+    return requests.get(address) or (None, None)
+
+
+def _notify_of(record, address):
+    """The recipient's NOTIFY (relaymail.dsn), None when it gave none."""
+    return _dsn_request(record, address)[0]
+
+
+def _orcpt_of(record, address):
+    return _dsn_request(record, address)[1]
 
 
 def _final_status(outcome):

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relaymail import address, logline
+from relaymail import address, dsn, logline
 from relaymail.metrics import instruments
 from relaymail.envelope import Envelope
 from relaymail.interfaces import ISessionContext
@@ -71,11 +71,17 @@ class Transaction:
     after every DATA, so nothing of a rejected transaction leaks into the
     next (SMTP-NOTES: left-over state has let servers skip checks)."""
 
-    def __init__(self, sender, body, smtputf8):
+    def __init__(self, sender, body, smtputf8, dsn_request=(None, None)):
         self.sender = sender
         self.body = body
         self.smtputf8 = smtputf8
         self.recipients = []
+        #: MAIL's RET and ENVID (relaymail.dsn), each None when not given.
+        self.dsn_ret, self.dsn_envid = dsn_request
+        #: RCPT's NOTIFY and ORCPT: {address: [notify, orcpt]}.
+        self.dsn_recipients = {}
+        #: Recipients owed an "expanded" notice (relaymail.dsn.inherit).
+        self.dsn_expanded = None
         #: The message while BDAT chunks come (relaymail.smtp.chunking).
         self.chunks = None
 
@@ -187,6 +193,7 @@ class Dialogue:
             "SMTPUTF8",
             "CHUNKING",
             "BINARYMIME",
+            "DSN",
         ]
         if self.tls is not None and not self.tls_active:
             keywords.append("STARTTLS")
@@ -450,6 +457,10 @@ class Dialogue:
         if problem is not None:
             return problem
         try:
+            dsn_request = dsn.parse_mail(params, smtputf8)
+        except dsn.DSNParameterError as error:
+            return replies.bad_parameter(str(error))
+        try:
             sender = address.parse_reverse_path(path, smtputf8=smtputf8)
         except address.NeedsSMTPUTF8:
             return replies.NEEDS_SMTPUTF8
@@ -469,10 +480,10 @@ class Dialogue:
             return reply
         if self.policy.asks_at_mail:
             d = self.policy.check_sender(sender, params, self.context)
-            return d.addCallback(self._sender_decided, sender, body, smtputf8)
-        return self._begin_transaction(sender, body, smtputf8)
+            return d.addCallback(self._sender_decided, sender, body, smtputf8, dsn_request)
+        return self._begin_transaction(sender, body, smtputf8, dsn_request=dsn_request)
 
-    def _sender_decided(self, answer, sender, body, smtputf8):
+    def _sender_decided(self, answer, sender, body, smtputf8, dsn_request):
         decision, plugin = answer
         if decision.kind in (decision.REJECT_KIND, decision.DEFER_KIND):
             reply = replies.decision_reply(decision, replies.SENDER_OK, utf8=smtputf8)
@@ -482,10 +493,12 @@ class Dialogue:
                          enhanced=reply.enhanced, **self.context.log_fields)
             return reply
         return self._begin_transaction(
-            sender, body, smtputf8, decision if decision.kind == decision.ACCEPT_KIND else None)
+            sender, body, smtputf8, decision if decision.kind == decision.ACCEPT_KIND else None,
+            dsn_request)
 
-    def _begin_transaction(self, sender, body, smtputf8, decision=None):
-        self.transaction = Transaction(sender, body, smtputf8)
+    def _begin_transaction(self, sender, body, smtputf8, decision=None,
+                           dsn_request=(None, None)):
+        self.transaction = Transaction(sender, body, smtputf8, dsn_request)
         self.context.sender = sender
         if decision is None:
             return replies.SENDER_OK
@@ -513,6 +526,8 @@ class Dialogue:
                 problem = mail_auth.xtext_problem(value)
                 if problem is not None:
                     return body, smtputf8, replies.bad_parameter(problem)
+            elif keyword in ("RET", "ENVID"):
+                pass                # DSN (RFC 3461): relaymail.dsn checks them
             else:
                 return body, smtputf8, replies.unknown_parameter(keyword)
         return body, smtputf8, None
@@ -528,8 +543,14 @@ class Dialogue:
             return replies.bad_parameter(str(e))
         except address.AddressError as e:
             return replies.bad_recipient(str(e)) if argument.upper().startswith("TO:") else replies.RCPT_SYNTAX
-        if params:
-            return replies.unknown_parameter(next(iter(params)))
+        unknown = [keyword for keyword in params
+                   if keyword not in ("NOTIFY", "ORCPT") or not self.esmtp]
+        if unknown:
+            return replies.unknown_parameter(unknown[0])
+        try:
+            request = dsn.parse_rcpt(params, self.transaction.smtputf8)
+        except dsn.DSNParameterError as error:
+            return replies.bad_parameter(str(error))
         try:
             recipient = address.parse_forward_path(path, smtputf8=self.transaction.smtputf8)
         except address.NeedsSMTPUTF8:
@@ -542,7 +563,7 @@ class Dialogue:
             return replies.TOO_MANY_RECIPIENTS
         transaction = self.transaction
         d = self.policy.decide_recipient(recipient, self.context)
-        d.addCallback(self._recipient_decided, transaction, recipient)
+        d.addCallback(self._recipient_decided, transaction, recipient, request)
         return d
 
     def _postmaster(self):
@@ -554,7 +575,7 @@ class Dialogue:
         domains = self.settings.relay.domains
         return address.Mailbox("postmaster", domains[0] if domains else self.hostname)
 
-    def _recipient_decided(self, answer, transaction, recipient):
+    def _recipient_decided(self, answer, transaction, recipient, request=(None, None)):
         decision, decider = answer
         reply = replies.decision_reply(decision, replies.RECIPIENT_OK,
                                        utf8=transaction.smtputf8)
@@ -566,6 +587,8 @@ class Dialogue:
             enhanced=reply.enhanced, **self.context.log_fields)
         if decision.kind == decision.ACCEPT_KIND and transaction is self.transaction:
             transaction.recipients.append(recipient)
+            if request != (None, None):
+                transaction.dsn_recipients.setdefault(str(recipient), list(request))
         return reply
 
     def _data(self, argument):
@@ -727,14 +750,31 @@ class Dialogue:
         if problem is not None:
             self._refused_message(writer, problem, reader.write_error)
             return defer.succeed(problem)
-        recipients = [str(r) for r in transaction.recipients]
-        d = self.policy.expand_recipients(recipients, self.context)
+        d = self._queued_recipients(transaction)
         if self.policy.filters_enabled:
             d.addCallback(self._filter, writer, transaction, reader.message_id)
         else:
             d.addCallback(self._commit, writer, transaction, reader.size, reader.message_id)
         d.addErrback(self._commit_failed, writer)
         return d
+
+    def _queued_recipients(self, transaction):
+        """The recipients to queue, lists and aliases expanded: a Deferred.
+        With DSN requests each recipient is expanded on its own, so that
+        its members inherit what RFC 3461 6.2.7 says (relaymail.dsn)."""
+        recipients = [str(r) for r in transaction.recipients]
+        if not transaction.dsn_recipients:
+            return self.policy.expand_recipients(recipients, self.context)
+        d = defer.gatherResults([self.policy.expand_recipients([r], self.context)
+                                 for r in recipients], consumeErrors=True)
+        d.addErrback(lambda failure: failure.value.subFailure
+                     if failure.check(defer.FirstError) else failure)
+
+        def inherited(expansions):
+            queued, transaction.dsn_recipients, transaction.dsn_expanded = dsn.inherit(
+                recipients, expansions, transaction.dsn_recipients)
+            return queued
+        return d.addCallback(inherited)
 
     def _refused_message(self, writer, problem, write_error):
         writer.abort()
@@ -754,11 +794,17 @@ class Dialogue:
                                             self._envelope(recipients, transaction), commit)
 
     def _envelope(self, recipients, transaction):
+        requests = transaction.dsn_recipients
         return Envelope(
             sender=str(transaction.sender) if transaction.sender else "",
             recipients=recipients, body=transaction.body, smtputf8=transaction.smtputf8,
             client_ip=self.context.client_ip, helo=self.context.helo,
-            authenticated_user=self.context.authenticated_user, received_at=self._clock())
+            authenticated_user=self.context.authenticated_user, received_at=self._clock(),
+            dsn_ret=transaction.dsn_ret, dsn_envid=transaction.dsn_envid,
+            # Only the queued recipients' (a filter may redirect the message).
+            dsn_recipients={address: requests[address] for address in recipients
+                            if address in requests} or None if requests else None,
+            dsn_expanded=transaction.dsn_expanded)
 
     def _commit(self, recipients, writer, transaction, size, message_id=None, hold=False):
         envelope = self._envelope(recipients, transaction)
