@@ -632,7 +632,8 @@ def test_help(session):
     assert session.command(b"HELP") == (
         b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\r\n"
         b"214 2.0.0 See RFC 5321; HELP command gives its syntax\r\n")
-    assert session.command(b"HELP rcpt") == b"214 2.0.0 RCPT TO:<address>\r\n"
+    assert session.command(b"HELP rcpt") == (
+        b"214 2.0.0 RCPT TO:<address> [NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]\r\n")
     assert session.command(b"HELP FOO") == b"504 5.5.1 HELP topic unknown\r\n"
 
 

@@ -258,8 +258,9 @@ HELP_TEXT = {
            "See RFC 5321; HELP command gives its syntax"],
     "HELO": ["HELO hostname"],
     "EHLO": ["EHLO hostname"],
-    "MAIL": ["MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]"],
-    "RCPT": ["RCPT TO:<address>"],
+    "MAIL": ["MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]"
+             " [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]"],
+    "RCPT": ["RCPT TO:<address> [NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]"],
     "DATA": ["DATA, then the message, ended by a line holding only a dot"],
     "BDAT": ["BDAT count [LAST], then count octets of the message"],
     "RSET": ["RSET: abandon the current transaction"],
