@@ -703,6 +703,11 @@ def message_rate(raw):
 #: wrapper for TLS from the first byte (Postfix smtp_tls_wrappermode).
 CLIENT_TLS = ("none", "may", "encrypt", "verify", "wrapper")
 
+#: The TLS levels for direct MX delivery ([delivery] tls_policy and
+#: [tls_policy]): Postfix's names plus dane (RFC 7672, then MTA-STS) and
+#: sts (RFC 8461); relaymail.delivery.tls_policy says what each does.
+MX_TLS = ("none", "may", "encrypt", "verify", "dane", "sts")
+
 
 def notice_recipient(raw):
     """Who gets a notice relaymail writes itself: an address, or a bare
@@ -850,6 +855,13 @@ SCHEMA = {
         "workers": Key(integer(minimum=1, maximum=64), "1"),
         # RFC 5321 4.5.4.1: MX hosts are reached on port 25; tests move it.
         "mx_port": Key(port_number, "25"),
+        # TLS towards MX hosts (relaymail.delivery.tls_policy).  Postfix
+        # defaults to none and recommends dane with a validating resolver;
+        # dane here falls back to MTA-STS and then to may, so it is safe
+        # with any resolver, and honours what domains publish.
+        "tls_policy": Key(choice(*MX_TLS), "dane"),
+        # RFC 8461 3.3: the policy is fetched by HTTPS, port 443; tests move it.
+        "mta_sts_port": Key(port_number, "443"),
         # Postfix soft_bounce (default no): keep as deferred what would
         # bounce, while a new set-up is being tried out.
         "soft_bounce": Key(boolean, "no"),
@@ -1014,6 +1026,9 @@ TABLES = {
     # TLS towards a route's next hop, by the same keys (Postfix keeps
     # this apart too, in smtp_tls_policy_maps); a route not named: may.
     "route_tls": Table(route_domain, choice(*CLIENT_TLS)),
+    # TLS towards a recipient domain's MX hosts, overriding [delivery]
+    # tls_policy for it (Postfix smtp_tls_policy_maps): the same keys.
+    "tls_policy": Table(route_domain, choice(*MX_TLS)),
     # Outbound shaping: at most N messages per period to a destination
     # (relaymail.delivery.shaping): "smarthost", or a recipient domain or
     # .domain as in [routes].  The excess waits in the queue, never refused:

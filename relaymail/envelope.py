@@ -35,6 +35,12 @@ class Envelope:
     #: NOTIFY=SUCCESS: ``[[address, orcpt], ...]``, owed an "expanded"
     #: notice (RFC 3461 6.2.7.3), which the first delivery attempt sends.
     dsn_expanded: list = None
+    #: MAIL said REQUIRETLS (RFC 8689 4.2.1): every hop onward must be
+    #: authenticated TLS that offers REQUIRETLS, else the message bounces.
+    requiretls: bool = False
+    #: The header section had "TLS-Required: No" (RFC 8689 5): DANE and
+    #: MTA-STS are not enforced for it (and REQUIRETLS was not given).
+    tls_optional: bool = False
 
     def to_dict(self):
         return asdict(self)

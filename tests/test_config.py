@@ -222,13 +222,13 @@ def test_misspelt_plugin_section(tmp_path):
 def test_unknown_section_without_suggestion(tmp_path):
     assert error_for(tmp_path, "[zzz]\n") == (
         "FILE: [zzz]: unknown section; expected one of [auth], [delivery], [delivery_rates], "
-        "[limits], [log], [metrics], [plugins], [queue], [relay], [route_tls], [routes], [server], [tls] or [plugin:NAME]")
+        "[limits], [log], [metrics], [plugins], [queue], [relay], [route_tls], [routes], [server], [tls], [tls_policy] or [plugin:NAME]")
 
 
 def test_default_section_is_not_special(tmp_path):
     assert error_for(tmp_path, "[DEFAULT]\nerrors = 5\n") == (
         "FILE: [DEFAULT]: unknown section; expected one of [auth], [delivery], [delivery_rates], "
-        "[limits], [log], [metrics], [plugins], [queue], [relay], [route_tls], [routes], [server], [tls] or [plugin:NAME]")
+        "[limits], [log], [metrics], [plugins], [queue], [relay], [route_tls], [routes], [server], [tls], [tls_policy] or [plugin:NAME]")
 
 
 def test_unknown_key_with_suggestion(tmp_path):

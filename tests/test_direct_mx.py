@@ -55,9 +55,11 @@ class DirectDeliveryTests(DNSTestCase):
         self.addCleanup(self.spool.stop)
         self.start_scheduler(settings)
 
-    def start_scheduler(self, settings):
-        """The delivery side as tap.build_service wires it, on the test DNS."""
-        router = Router(settings, resolver=self.resolver)
+    def start_scheduler(self, settings, **router_options):
+        """The delivery side as tap.build_service wires it, on the test DNS;
+        ``router_options`` go to the Router (a secure resolver, an MTA-STS
+        store)."""
+        router = Router(settings, resolver=self.resolver, **router_options)
         pool = DestinationPool(reactor, router, client_configs(settings),
                                settings.delivery.destination_concurrency,
                                settings.delivery.max_connections)

@@ -238,10 +238,18 @@ PLANTED = {
     "a file of a third user": (
         lambda spool, victim: _file_of(os.path.join(spool, "active", ID + ".json"), 12345),
         f"active/{ID}.json is owned by uid 12345"),
+    "a stranger in the MTA-STS cache": (
+        lambda spool, victim: _in_sts_cache(spool, "../notes.json"),
+        "mta-sts/...notes.json does not belong in a spool"),
     "a lock that is a directory": (
         lambda spool, victim: _directory_instead(os.path.join(spool, "lock")),
         "lock is a directory, not a regular file"),
 }
+
+
+def _in_sts_cache(spool, name):
+    os.makedirs(os.path.join(spool, "mta-sts"), exist_ok=True)
+    open(os.path.join(spool, "mta-sts", name.replace("/", ".")), "w").close()
 
 
 def _file_of(path, uid):
@@ -283,6 +291,9 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
             os.path.join(spool, "tmp", ID + ".json-0a1b2c3d.link"))
     for name in (f"tmp/{ID}-89abcdef.json", f"corrupt/{ID}.json", f"corrupt/{ID}-hold.msg"):
         open(os.path.join(spool, name), "w").close()
+    # The MTA-STS cache: a policy, and one being written.
+    for name in ("example.com.json", "xn--bcher-kva.example.json.4242.tmp"):
+        _in_sts_cache(spool, name)
     with socket.socket(socket.AF_UNIX) as control:
         control.bind(os.path.join(spool, "control"))
         hand_over(spool, UID, GID)
@@ -290,7 +301,7 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     # The socket is left: the relay, as nobody, replaces it at start.
     assert found.pop("control") == 0
     assert found == {name: UID for name in found}
-    assert len(found) == 13
+    assert len(found) == 16
     assert {os.lstat(os.path.join(spool, name)).st_gid for name in found} == {GID}
 
 

@@ -28,7 +28,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from relaymail.delivery import chunking, downgrade, sasl, tls
+from relaymail.delivery import chunking, dane, downgrade, sasl, tls, tls_policy
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
@@ -51,11 +51,17 @@ class Hop:
         address when routed by an address literal.
     :ivar address: the IP address to connect to.
     :ivar port: the TCP port.
+    :ivar security: a :class:`relaymail.delivery.tls_policy.HopSecurity`
+        when the router holds this hop to TLS of its own (DANE, MTA-STS,
+        [tls_policy], REQUIRETLS), else None: ``ClientConfig.tls`` decides.
     """
 
     name: str
     address: str
     port: int
+    # Not part of equality: a hop is where to connect; what TLS it must
+    # have is a note on it (tests and logs compare hops by place).
+    security: object = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -112,11 +118,16 @@ def connect(reactor, hop, config):
     return defer.Deferred.fromCoroutine(_open_session(reactor, hop, config))
 
 
+def tls_level(hop, config):
+    """The TLS level ``hop`` is held to: its own, else the configuration's."""
+    return hop.security.level if hop.security is not None else config.tls
+
+
 async def _open_session(reactor, hop, config):
     implicit = None
-    if config.tls == "wrapper":
+    if tls_level(hop, config) == "wrapper":
         try:
-            implicit = tls.client_options(config.tls, hop.name, config.ca_file)
+            implicit = tls.client_options("wrapper", hop.name, config.ca_file)
         except (OSError, ValueError) as exc:
             raise DeliveryError(temporary=True, code=None, enhanced="4.7.5",
                                 text=f"cannot set up TLS for {hop.label}: {exc}",
@@ -158,6 +169,11 @@ class OutboundSession:
         self._needs_reset = False
         self.remote = hop.label
         self.extensions = {}
+        #: The TLS level held to (relaymail.delivery.tls_policy).
+        self._level = tls_level(hop, config)
+        #: What proved the server's certificate, once TLS is up: "DANE-EE",
+        #: "DANE-TA" or "PKIX"; None when nothing was checked.
+        self._verified_by = None
 
     @property
     def tls(self):
@@ -168,13 +184,29 @@ class OutboundSession:
     def tls_description(self):
         """For the delivery log line: ``"TLSv1.3 TLS_AES_256_GCM_SHA384
         verified"`` (the chain and name were checked: ``verify`` and
-        ``wrapper``), ``"... unverified"`` (``may``, ``encrypt``), or
-        ``"none"``."""
+        ``wrapper``), ``"... verified by DANE-EE"`` (or DANE-TA),
+        ``"... unverified"`` (``may``, ``encrypt``), or ``"none"``; then,
+        for a hop the router chose the TLS of (every MX host), the policy
+        that did: ``", tls_policy=dane"`` (``mta-sts``, ``mta-sts-testing``,
+        ``dane-unusable`` or the configured level)."""
         if not self.tls:
-            return "none"
+            return self._with_policy("none")
         described = negotiated_tls(self._connection.transport) or "TLS"
-        checked = self._config.tls in ("verify", "wrapper")
-        return f"{described} {'verified' if checked else 'unverified'}"
+        if self._verified_by == "PKIX":
+            described += " verified"
+        elif self._verified_by:
+            described += f" verified by {self._verified_by}"
+        else:
+            described += " unverified"
+        return self._with_policy(described)
+
+    def _with_policy(self, described):
+        """The TLS description with the policy that chose the level, when
+        one other than the configuration's did (DANE, MTA-STS, ...)."""
+        security = self._hop.security
+        if security is None:
+            return described
+        return f"{described}, tls_policy={security.policy}"
 
     def is_open(self):
         """True while the connection can carry another transaction."""
@@ -240,13 +272,24 @@ class OutboundSession:
         if greeting.code != 220:
             raise error_from_reply(greeting, self.remote)
         await self._hello()
-        policy = self._config.tls
-        if policy not in ("none", "wrapper"):
+        policy = self._level
+        if policy == "wrapper":
+            self._verified_by = "PKIX"
+        elif policy != "none":
             if "STARTTLS" in self.extensions:
                 await self._start_tls()
             elif tls.tls_required(policy):
                 raise self._error(
                     "4.7.4", f"TLS is required, but was not offered by host {self.remote}")
+        security = self._hop.security
+        if security is not None and security.requiretls and "REQUIRETLS" not in self.extensions:
+            # RFC 8689 4.2.1: REQUIRETLS mail goes only to a server that
+            # promises to keep the requirement on.  Permanent: the next
+            # host may have it, and this one will not grow it.
+            raise DeliveryError(temporary=False, code=None,
+                                enhanced=tls_policy.REQUIRETLS_ENHANCED,
+                                text=f"REQUIRETLS: host {self.remote} does not offer REQUIRETLS",
+                                remote=self.remote)
         if self._config.auth_user is not None:
             await self._authenticate()
 
@@ -268,7 +311,7 @@ class OutboundSession:
         self.extensions = {}
 
     async def _start_tls(self):
-        policy = self._config.tls
+        policy = self._level
         try:
             options = tls.client_options(policy, self._hop.name, self._config.ca_file)
         except (OSError, ValueError) as exc:
@@ -283,9 +326,26 @@ class OutboundSession:
                 temporary=True, code=reply.code, enhanced="4.7.4",
                 text=f"TLS is required, but host {self.remote} refused to start TLS: {reply}",
                 remote=self.remote)
+        if policy == "dane":
+            self._check_tlsa()
+        elif policy == "verify":
+            self._verified_by = "PKIX"
         # RFC 3207 4.2: everything learned before TLS is void; ask again.
         self.extensions = {}
         await self._hello()
+
+    def _check_tlsa(self):
+        """Hold the server's certificate chain to the hop's TLSA records
+        (RFC 7672 3); a mismatch ends the session before EHLO is said
+        again, so nothing of a message goes to an impostor."""
+        security = self._hop.security
+        chain = tls.peer_chain(self._connection.transport)
+        match = dane.match_chain(security.tlsa, chain, list(security.names))
+        if not match.ok:
+            self._connection.abort()
+            raise self._error("4.7.5", f"DANE: the certificate of {self.remote} matches none "
+                                       f"of its TLSA records: {match.text}")
+        self._verified_by = "DANE-TA" if match.usage == 2 else "DANE-EE"
 
     async def _authenticate(self):
         if not self.tls:
@@ -348,6 +408,8 @@ class OutboundSession:
                     rcpts = [rcpt_command(r, smtputf8, self.remote) for r in recipients]
                     if envelope is not None and "DSN" in self.extensions:
                         mail, rcpts = dsn_commands(envelope, mail, rcpts, recipients)
+                    if envelope is not None and envelope.get("requiretls"):
+                        mail = self._with_requiretls(mail)
                     await self._ready_for_mail()
                     return await self._transaction(mail, rcpts, recipients, file)
                 finally:
@@ -355,6 +417,20 @@ class OutboundSession:
                         file.close()        # the converted copy
         finally:
             self._busy = False
+
+    def _with_requiretls(self, mail):
+        """MAIL with REQUIRETLS (RFC 8689 4.2.1), on a session fit for it:
+        the router sends such mail only by hops held to it (their own
+        connections: tls_policy.with_demand), so this is a last guard
+        against a job on the wrong session, never the decision."""
+        security = self._hop.security
+        if (security is None or not security.requiretls or not self._verified_by
+                or "REQUIRETLS" not in self.extensions):
+            raise DeliveryError(temporary=False, code=None,
+                                enhanced=tls_policy.REQUIRETLS_ENHANCED,
+                                text=f"REQUIRETLS: the session with {self.remote} is not "
+                                     "verified TLS with REQUIRETLS", remote=self.remote)
+        return mail + b" REQUIRETLS"
 
     async def _fit(self, file, size, body, smtputf8, addresses):
         """The file, size and MAIL parameters to send to this server: the
@@ -400,7 +476,7 @@ class OutboundSession:
         connection = self._connection
         if not connection.usable:
             raise self._error("4.4.2", f"connection to {self.remote} is closed")
-        if tls.tls_required(self._config.tls) and not self.tls:
+        if tls.tls_required(self._level) and not self.tls:
             raise self._error("4.7.4", f"TLS is required, but not active with {self.remote}")
         stray = connection.unread_reply()
         if stray is not None:

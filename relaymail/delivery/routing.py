@@ -13,7 +13,9 @@ preferences in random order, the domain's own addresses when it has no MX
 records) and RFC 7505 (null MX).
 """
 
+import dataclasses
 import ipaddress
+import os
 import random
 from dataclasses import dataclass
 
@@ -26,7 +28,11 @@ from twisted.names.error import (
 
 from relaymail import sanitize
 from relaymail.config import is_ip_address
+from relaymail.delivery import dane, tls_policy
 from relaymail.delivery.client import Hop
+from relaymail.delivery.mta_sts import PolicyStore
+from relaymail.delivery.secure_dns import DNSLookupError, SecureResolver
+from relaymail.queue import layout
 
 # Addresses handed to the client for one destination.  Postfix caps
 # addresses at smtp_mx_address_limit (5) and sessions at
@@ -46,6 +52,8 @@ _DNS_FAILURE = "4.4.3"
 _NO_SUCH_DOMAIN = "5.1.2"
 _NULL_MX_CODE = 556
 _NULL_MX = "5.1.10"
+# X.7.5, cryptographic failure: what the domain's TLS policy asks cannot be had.
+_TLS_POLICY = "4.7.5"
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,10 @@ class Destination:
     ``mx_lookup`` is False when ``host`` is to be connected to directly.
     ``tls`` is a route's ``[route_tls]`` policy, None for the default (a
     part of the key: two domains routed to one host with different TLS
-    policies must not share connections).
+    policies must not share connections), and for ``'mx'`` the domain's
+    level ([tls_policy], else [delivery] tls_policy).  ``demand`` is what
+    the messages ask themselves (:data:`~relaymail.delivery.tls_policy.REQUIRETLS`,
+    :data:`~relaymail.delivery.tls_policy.TLS_OPTIONAL`), None for nothing.
     """
 
     kind: str
@@ -67,6 +78,7 @@ class Destination:
     port: int
     mx_lookup: bool
     tls: str | None = None
+    demand: str | None = None
     #: The transport whose jobs these are (relaymail.delivery.router.SMTP);
     #: a class attribute, not a field: not part of the key.
     transport = "smtp"
@@ -131,13 +143,31 @@ class Router:
     :param reactor: the reactor for that default resolver.
     :param rng: a ``random.Random`` for shuffling MX hosts of equal
         preference; tests pass a seeded one.
+    :param secure_resolver: a
+        :class:`~relaymail.delivery.secure_dns.SecureResolver` for DANE's
+        DNSSEC-validated lookups; None builds one from ``/etc/resolv.conf``
+        when ``resolver`` is None too, else DANE is off (a test's resolver
+        has no AD bit to give).
+    :param sts: a :class:`~relaymail.delivery.mta_sts.PolicyStore`; None
+        builds one caching under ``QUEUE/mta-sts`` when ``resolver`` is
+        None too, else MTA-STS is off.
     """
 
-    def __init__(self, settings, resolver=None, reactor=None, rng=None):
+    def __init__(self, settings, resolver=None, reactor=None, rng=None,
+                 secure_resolver=None, sts=None):
         self._routes = settings.routes
         self._route_tls = settings.route_tls
         self._smarthost = settings.delivery.smarthost
+        self._smarthost_tls = settings.delivery.smarthost_tls
         self._mx_port = settings.delivery.mx_port
+        self._mx_tls = settings.delivery.tls_policy
+        self._tls_policy = settings.tls_policy
+        # The daemon's router (no resolver given) builds what DANE and
+        # MTA-STS need; a test's router gets only what it is handed.
+        built_here = resolver is None and reactor is not None
+        if secure_resolver is None and built_here:
+            secure_resolver = SecureResolver.from_resolv_conf(reactor)
+        self._secure = secure_resolver
         if resolver is None:
             # The system resolver (/etc/resolv.conf, /etc/hosts, a cache);
             # it runs on the global reactor.
@@ -146,6 +176,12 @@ class Router:
             # starts and stops: two lines per lookup that say nothing.
             dns.DNSDatagramProtocol.noisy = False
         self._resolver = resolver
+        if sts is None and built_here:
+            sts = PolicyStore(resolver, reactor,
+                              cache_dir=os.path.join(settings.queue.path, layout.MTA_STS),
+                              port=settings.delivery.mta_sts_port,
+                              ca_file=settings.delivery.tls_ca_file or None)
+        self._sts = sts
         self._random = rng if rng is not None else random.Random()
 
     def destination(self, recipient_domain: str) -> Destination:
@@ -165,7 +201,11 @@ class Router:
         # An address literal names the host itself (RFC 5321 4.1.3): there
         # is nothing to look up.
         literal = recipient_domain.startswith("[")
-        return Destination("mx", recipient_domain, self._mx_port, not literal)
+        # Only a [tls_policy] entry is part of the key; [delivery]
+        # tls_policy is every other mx destination's, and _level says so.
+        key = route_key(self._tls_policy, recipient_domain)
+        level = self._tls_policy[key] if key is not None else None
+        return Destination("mx", recipient_domain, self._mx_port, not literal, level)
 
     def hops(self, destination: Destination):
         """The addresses to try for ``destination``, best first.
@@ -176,11 +216,23 @@ class Router:
         return defer.ensureDeferred(self._hops(destination))
 
     async def _hops(self, destination):
-        """The body of :meth:`hops`."""
+        """The body of :meth:`hops`: the hops, each with the TLS it must
+        have when that is not simply the destination's ClientConfig's."""
+        hops = await self._plain_hops(destination)
+        if destination.kind == "mx":
+            hops = await self._secured(destination, hops)
+        if destination.demand == tls_policy.REQUIRETLS:
+            hops = self._for_requiretls(destination, hops)
+        return hops
+
+    async def _plain_hops(self, destination):
+        """The hops of :meth:`hops`, before any TLS policy."""
         port = destination.port
         if destination.kind == "mx" and not destination.mx_lookup:
             address = _literal_address(destination.host)
             return [Hop(address, address, port)]
+        if self._dane_applies(destination):
+            return await self._secure_hops(destination)
         # Only the recipient's own domain can be told "does not exist" by
         # DNS; a smarthost or route that fails to resolve is our own
         # configuration (or our DNS) at fault, so its mail waits for a fix
@@ -204,6 +256,10 @@ class Router:
                 await self._resolver.lookupMailExchange(domain))
         except Exception as exc:
             raise _lookup_error(domain, "MX", exc, final) from None
+        return self._exchangers(domain, answers, final)
+
+    def _exchangers(self, domain, answers, final):
+        """The host names the MX answer for ``domain`` gives, in order."""
         records = [answer.payload for answer in answers if answer.type == dns.MX]
         if not records:
             # No MX records: the domain itself is the implicit MX.
@@ -274,6 +330,137 @@ class Router:
             else:
                 problems.append(f"{kind} {_describe(result.value)}")
         return addresses, "; ".join(problems) or "no A or AAAA records"
+
+
+    # -- TLS: DANE, MTA-STS, REQUIRETLS ------------------------------------
+
+    def _level(self, destination):
+        """The TLS level of an mx destination: its configured one, with
+        DANE and MTA-STS left out for mail marked "TLS-Required: No"
+        (RFC 8689 5) and for an address literal (no domain to publish
+        either)."""
+        level = destination.tls or self._mx_tls
+        if level in ("dane", "sts") and (destination.demand == tls_policy.TLS_OPTIONAL
+                                         or not destination.mx_lookup):
+            return "may"
+        return level
+
+    def _dane_applies(self, destination):
+        return (destination.kind == "mx" and self._secure is not None
+                and self._level(destination) == "dane")
+
+    async def _secure_hops(self, destination):
+        """The hops of an mx destination under ``dane``, looked up through
+        the validating resolver; each host whose MX, address and TLSA
+        answers all validated (RFC 7672 2.2) gets its DANE HopSecurity,
+        the others none yet (MTA-STS or ``may`` decide for them)."""
+        domain, port = destination.host, destination.port
+        try:
+            answer = await self._secure.lookup(domain, dns.MX)
+        except DNSLookupError as exc:
+            raise RoutingError(True, None, _DNS_FAILURE,
+                               f"DNS MX lookup for {domain} failed: {exc}") from None
+        if getattr(answer, "nxdomain", False):
+            raise RoutingError(False, None, _NO_SUCH_DOMAIN,
+                               f"Host or domain name not found: {domain} (NXDOMAIN)")
+        hosts = self._exchangers(domain, answer.records, True)
+        found = await defer.gatherResults(
+            [defer.ensureDeferred(self._secure_host(host, port, answer.authenticated))
+             for host in hosts])
+        hops = _Hops()
+        for host, (addresses, security, problem) in zip(hosts, found):
+            if not addresses:
+                hops.skipped.append(f"{host}: {problem}")
+            for address in addresses:
+                hops.add(Hop(host, address, port, security))
+        if not hops.found:
+            raise RoutingError(True, None, _DNS_FAILURE,
+                               f"No address found for {destination.label}: {hops.why()}")
+        return hops.found
+
+    async def _secure_host(self, host, port, mx_secure):
+        """``(addresses, DANE HopSecurity or None, problem)`` for one MX
+        host.  A TLSA lookup that fails (not "no such records") makes the
+        host unusable, as RFC 7672 2.2 says: a forged failure must not
+        turn DANE off."""
+        if is_ip_address(host):
+            return [host], None, None
+        addresses, secure, problems = [], mx_secure, []
+        for record_type, kind in ((dns.A, "A"), (dns.AAAA, "AAAA")):
+            try:
+                answer = await self._secure.lookup(host, record_type)
+            except DNSLookupError as exc:
+                problems.append(f"{kind} {exc}")
+                continue
+            found = [_address_text(rr.payload) for rr in answer.records if rr.type == record_type]
+            addresses.extend(found)
+            secure = secure and (answer.authenticated or not found)
+        if not addresses:
+            return [], None, "; ".join(problems) or "no A or AAAA records"
+        if not secure:
+            return addresses, None, None
+        lookup = await dane.lookup_tlsa(self._secure, host, port)
+        if lookup.problem:
+            return [], None, f"TLSA lookup failed ({lookup.problem}); not used without DANE"
+        if not lookup.records or not lookup.authenticated:
+            return addresses, None, None
+        return addresses, tls_policy.dane_security(host, lookup.records), None
+
+    async def _secured(self, destination, hops):
+        """Each hop of an mx destination with its HopSecurity: DANE's where
+        found, else MTA-STS's (under dane or sts), else the level's own."""
+        level = self._level(destination)
+        if level not in ("dane", "sts"):
+            if level == "may":
+                return hops             # the mx ClientConfig's own level
+            security = tls_policy.configured(level)
+            return [dataclasses.replace(hop, security=security) for hop in hops]
+        policy = None
+        if self._sts is not None and any(hop.security is None for hop in hops):
+            policy = await self._sts.policy(destination.host)
+        kept, left_out = [], []
+        for hop in hops:
+            security = hop.security or tls_policy.sts_security(policy, hop.name)
+            if security is None:
+                left_out.append(hop.name)
+            elif security == tls_policy.OPPORTUNISTIC:
+                kept.append(hop)        # neither DANE nor MTA-STS: may, as configured
+            else:
+                kept.append(dataclasses.replace(hop, security=security))
+        if not kept:
+            names = ", ".join(dict.fromkeys(left_out))
+            raise RoutingError(True, None, _TLS_POLICY,
+                               f"MTA-STS policy of {destination.host} (mode enforce) names "
+                               f"none of its MX hosts ({names})")
+        return kept
+
+    def _for_requiretls(self, destination, hops):
+        """The hops that can carry REQUIRETLS mail (RFC 8689 4.2.1), each
+        held to a checked certificate and REQUIRETLS; none is a bounce."""
+        if destination.kind != "mx":
+            level = (self._smarthost_tls if destination.kind == "smarthost"
+                     else destination.tls or "may")
+            configured = tls_policy.HopSecurity(level, level,
+                                                authenticated=level in ("verify", "wrapper"))
+            security = tls_policy.for_requiretls(configured)
+            if security is None:
+                key = "smarthost_tls" if destination.kind == "smarthost" else "[route_tls]"
+                raise RoutingError(
+                    False, None, tls_policy.REQUIRETLS_ENHANCED,
+                    f"REQUIRETLS: the next hop {destination.label} is not reached with a "
+                    f"verified certificate ({key} is {level}, not verify or wrapper)")
+            return [dataclasses.replace(hop, security=security) for hop in hops]
+        kept = []
+        for hop in hops:
+            security = hop.security and tls_policy.for_requiretls(hop.security)
+            if security is not None:
+                kept.append(dataclasses.replace(hop, security=security))
+        if not kept:
+            raise RoutingError(
+                False, None, tls_policy.REQUIRETLS_ENHANCED,
+                f"REQUIRETLS: no MX host of {destination.host} can be authenticated "
+                "(no DNSSEC-validated TLSA records and no MTA-STS policy naming it)")
+        return kept
 
 
 class _Hops:

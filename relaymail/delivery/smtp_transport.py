@@ -29,6 +29,7 @@ import tempfile
 from twisted.internet import defer, threads
 from zope.interface import Attribute, Interface, implementer
 
+from relaymail.delivery import tls_policy
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.delivery.router import SMTP
 from relaymail.interfaces import ITransport, RecipientOutcome
@@ -130,11 +131,13 @@ class SMTPTransport:
         envelope = message.envelope
         sender = str(message.sender) if message.sender is not None else ""
         asked = []
+        record = envelope.to_dict()
         for destination, addresses in groups.items():
             done = defer.Deferred()
+            destination = tls_policy.with_demand(destination, record)
             job = Job(queue_id=message.queue_id, destination=destination, sender=sender,
                       recipients=addresses, message_path=path, body=envelope.body,
-                      smtputf8=envelope.smtputf8, envelope=envelope.to_dict(),
+                      smtputf8=envelope.smtputf8, envelope=record,
                       on_done=lambda job, outcomes, done=done: done.callback(outcomes),
                       on_abandoned=lambda job, done=done: done.callback(_cut(job)))
             self.pool.submit(job)

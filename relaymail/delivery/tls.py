@@ -11,6 +11,10 @@ Policies follow Postfix's ``smtp_tls_security_level``:
 ``verify``
     STARTTLS required, the chain must verify against the trust roots and
     the certificate must name the host we meant to reach.
+``dane``
+    STARTTLS required, the chain held to the hop's TLSA records (RFC 7672)
+    after the handshake; set by the router for one MX host, never
+    configured for a whole destination.
 ``wrapper``
     TLS from the first byte, no STARTTLS (the port 465 "submissions" of
     RFC 8314 3.3; Postfix ``smtp_tls_wrappermode = yes``), the certificate
@@ -20,11 +24,16 @@ Policies follow Postfix's ``smtp_tls_security_level``:
 
 import re
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import error, ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
-POLICIES = ("none", "may", "encrypt", "verify", "wrapper")
+#: "dane" is set by the router for one hop (relaymail.delivery.tls_policy),
+#: never configured for a whole ClientConfig.
+POLICIES = ("none", "may", "encrypt", "verify", "wrapper", "dane")
 
 # RFC 8996 retired TLS 1.0 and 1.1; RFC 8314 asks mail clients for 1.2 or
 # later.
@@ -36,7 +45,7 @@ _PEM_CERTIFICATE = re.compile(
 
 def tls_required(policy):
     """True when the policy forbids sending mail in plain text."""
-    return policy in ("encrypt", "verify", "wrapper")
+    return policy in ("encrypt", "verify", "wrapper", "dane")
 
 
 def client_options(policy, server_name, ca_file=None):
@@ -56,7 +65,35 @@ def client_options(policy, server_name, ca_file=None):
         return ssl.optionsForClientTLS(
             server_name, trustRoot=trust,
             extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION})
-    return ssl.CertificateOptions(verify=False, raiseMinimumTo=MINIMUM_VERSION)
+    unchecked = ssl.CertificateOptions(verify=False, raiseMinimumTo=MINIMUM_VERSION)
+    if policy == "dane":
+        # The chain is held to the TLSA records once the handshake is done
+        # (relaymail.delivery.dane), not to any CA; RFC 7672 8.1 asks for
+        # SNI with the MX host name, which a DANE server may key on.
+        return _WithServerName(unchecked, server_name)
+    return unchecked
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _WithServerName:
+    """Client TLS options that send SNI but check nothing themselves."""
+
+    def __init__(self, options, server_name):
+        self._options = options
+        self._server_name = server_name.encode("idna")
+
+    def clientConnectionForTLS(self, tls_protocol):
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_tlsext_host_name(self._server_name)
+        connection.set_connect_state()
+        return connection
+
+
+def peer_chain(transport):
+    """The certificates a TLS peer presented, leaf first, as DER bytes."""
+    handle = transport.getHandle()
+    return [certificate.to_cryptography().public_bytes(Encoding.DER)
+            for certificate in handle.get_peer_cert_chain() or ()]
 
 
 def load_trust_roots(path):

@@ -70,6 +70,11 @@ DIRECTORIES = (TMP, ACTIVE, HOLD, CORRUPT)
 LOCK_NAME = "lock"
 CONTROL_NAME = "control"
 OFFLINE_ACTIONS_NAME = "offline-actions"
+#: MTA-STS policies cached by the delivery side (relaymail.delivery.mta_sts).
+MTA_STS = "mta-sts"
+#: A cached policy's name there: the domain (lower-case A-labels), and
+#: the temporary a new copy is written to before it is renamed.
+MTA_STS_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,252}\.json(\.[0-9]+\.tmp)?\Z")
 
 #: Symbolic links followed while resolving the spool path before it is
 #: refused: Linux's own limit for one path lookup (path_resolution(7)).
@@ -81,6 +86,7 @@ _TOP = {name: _DIRECTORY for name in DIRECTORIES}
 _TOP[LOCK_NAME] = _FILE
 _TOP[CONTROL_NAME] = _SOCKET
 _TOP[OFFLINE_ACTIONS_NAME] = _FILE
+_TOP[MTA_STS] = _DIRECTORY
 
 _TOKEN = "[0-9a-f]{8}"
 _EXTRA_NAMES = {
@@ -145,6 +151,8 @@ def expected_kind(directory, name):
     socket"``, or None when the layout has no such name there."""
     if directory is None:
         return _TOP.get(name)
+    if directory == MTA_STS:
+        return _FILE if MTA_STS_NAME.match(name) and ".." not in name else None
     stem, suffix = os.path.splitext(name)
     if suffix in (".msg", ".json") and is_queue_id(stem):
         return _FILE

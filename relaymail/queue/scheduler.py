@@ -42,7 +42,9 @@ from zope.interface import implementer
 
 from relaymail import dsn, logline
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.delivery import tls_policy
 from relaymail.delivery.router import SMTP, BuiltinRouter
+from relaymail.delivery.routing import Destination
 from relaymail.delivery.transports import KIND as TRANSPORT_KIND, TransportHop, delivery_transports
 from relaymail.interfaces import ISessionContext
 from relaymail.metrics import instruments
@@ -356,6 +358,8 @@ class Scheduler(service.Service):
                     # Recipients under different [delivery_rates] limits
                     # (two domains [routes] sends to one host) go as jobs
                     # of their own, each waiting for its own limit's turn.
+                    if isinstance(destination, Destination):
+                        destination = tls_policy.with_demand(destination, envelope)
                     key = destination, self._rate_key(destination, address)
                     by_destination.setdefault(key, []).append(address)
             return [

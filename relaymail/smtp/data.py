@@ -57,6 +57,10 @@ _END = b"\r\n.\r\n"
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:")
 # The first line of a Message-ID field's value, for the log.
 _MESSAGE_ID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:[ \t]*([^\r\n]{0,200})", re.IGNORECASE)
+# RFC 8689 5: "TLS-Required: No" (the only value it defines), case as it
+# comes; folding white space around the value is allowed.
+_TLS_REQUIRED_NO = re.compile(rb"(?:^|\r\n)tls-required[ \t]*:[ \t]*no[ \t]*(?:\r\n|$)",
+                              re.IGNORECASE)
 
 
 class DataReader:
@@ -101,6 +105,8 @@ class DataReader:
         #: The Message-ID field's value (its first line, at most 200
         #: octets, decoded leniently), once seen in the header section.
         self.message_id = None
+        #: The header section has "TLS-Required: No" (RFC 8689 5).
+        self.tls_optional = False
         # A binary body needs the end of the header section found even
         # without a header limit: the checks stop there.
         self._in_header = binary_body or header_limit is not None or max_received is not None
@@ -296,6 +302,8 @@ class DataReader:
                 # pass for other fields of the log line ("auth=ceo").
                 words = found.group(1).split()
                 self.message_id = words[0].decode("utf-8", "replace") if words else ""
+        if header and not self.tls_optional and _TLS_REQUIRED_NO.search(header):
+            self.tls_optional = True
         if self._header_limit is not None and self._header_bytes > self._header_limit:
             self._problem(HEADER_TOO_BIG)
             return False

@@ -84,6 +84,10 @@ class Transaction:
         self.dsn_expanded = None
         #: The message while BDAT chunks come (relaymail.smtp.chunking).
         self.chunks = None
+        #: MAIL said REQUIRETLS (RFC 8689): delivered only over verified TLS.
+        self.requiretls = False
+        #: The header section says "TLS-Required: No" (RFC 8689 5).
+        self.tls_optional = False
 
 
 class Dialogue:
@@ -197,6 +201,9 @@ class Dialogue:
         ]
         if self.tls is not None and not self.tls_active:
             keywords.append("STARTTLS")
+        if self.tls_active:
+            # RFC 8689 3: offered only on a TLS session.
+            keywords.append("REQUIRETLS")
         if self._auth_offered():
             keywords.append("AUTH PLAIN LOGIN")
         keywords.append("HELP")
@@ -478,12 +485,15 @@ class Dialogue:
                      enhanced=reply.enhanced, text=reply.text,
                      min_free=self.settings.queue.min_free, **self.context.log_fields)
             return reply
+        requiretls = "REQUIRETLS" in params
         if self.policy.asks_at_mail:
             d = self.policy.check_sender(sender, params, self.context)
-            return d.addCallback(self._sender_decided, sender, body, smtputf8, dsn_request)
-        return self._begin_transaction(sender, body, smtputf8, dsn_request=dsn_request)
+            return d.addCallback(self._sender_decided, sender, body, smtputf8, dsn_request,
+                                 requiretls)
+        return self._begin_transaction(sender, body, smtputf8, dsn_request=dsn_request,
+                                       requiretls=requiretls)
 
-    def _sender_decided(self, answer, sender, body, smtputf8, dsn_request):
+    def _sender_decided(self, answer, sender, body, smtputf8, dsn_request, requiretls=False):
         decision, plugin = answer
         if decision.kind in (decision.REJECT_KIND, decision.DEFER_KIND):
             reply = replies.decision_reply(decision, replies.SENDER_OK, utf8=smtputf8)
@@ -494,11 +504,12 @@ class Dialogue:
             return reply
         return self._begin_transaction(
             sender, body, smtputf8, decision if decision.kind == decision.ACCEPT_KIND else None,
-            dsn_request)
+            dsn_request, requiretls)
 
     def _begin_transaction(self, sender, body, smtputf8, decision=None,
-                           dsn_request=(None, None)):
+                           dsn_request=(None, None), requiretls=False):
         self.transaction = Transaction(sender, body, smtputf8, dsn_request)
+        self.transaction.requiretls = requiretls
         self.context.sender = sender
         if decision is None:
             return replies.SENDER_OK
@@ -528,6 +539,11 @@ class Dialogue:
                     return body, smtputf8, replies.bad_parameter(problem)
             elif keyword in ("RET", "ENVID"):
                 pass                # DSN (RFC 3461): relaymail.dsn checks them
+            elif keyword == "REQUIRETLS":
+                if not self.tls_active:
+                    return body, smtputf8, replies.REQUIRETLS_WITHOUT_TLS
+                if value is not None:
+                    return body, smtputf8, replies.bad_parameter("REQUIRETLS takes no value")
             else:
                 return body, smtputf8, replies.unknown_parameter(keyword)
         return body, smtputf8, None
@@ -750,6 +766,8 @@ class Dialogue:
         if problem is not None:
             self._refused_message(writer, problem, reader.write_error)
             return defer.succeed(problem)
+        # RFC 8689 5: the header field is ignored when MAIL said REQUIRETLS.
+        transaction.tls_optional = reader.tls_optional and not transaction.requiretls
         d = self._queued_recipients(transaction)
         if self.policy.filters_enabled:
             d.addCallback(self._filter, writer, transaction, reader.message_id)
@@ -804,7 +822,8 @@ class Dialogue:
             # Only the queued recipients' (a filter may redirect the message).
             dsn_recipients={address: requests[address] for address in recipients
                             if address in requests} or None if requests else None,
-            dsn_expanded=transaction.dsn_expanded)
+            dsn_expanded=transaction.dsn_expanded,
+            requiretls=transaction.requiretls, tls_optional=transaction.tls_optional)
 
     def _commit(self, recipients, writer, transaction, size, message_id=None, hold=False):
         envelope = self._envelope(recipients, transaction)

@@ -137,6 +137,10 @@ STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+# RFC 8689 3: REQUIRETLS is offered on TLS sessions only; 530 as RFC 3207
+# answers a command that needs TLS first.
+REQUIRETLS_WITHOUT_TLS = Reply(530, "5.7.10", "Must issue a STARTTLS command first: "
+                                              "REQUIRETLS needs TLS")
 ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
@@ -259,7 +263,7 @@ HELP_TEXT = {
     "HELO": ["HELO hostname"],
     "EHLO": ["EHLO hostname"],
     "MAIL": ["MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]"
-             " [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]"],
+             " [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext] [REQUIRETLS]"],
     "RCPT": ["RCPT TO:<address> [NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]"],
     "DATA": ["DATA, then the message, ended by a line holding only a dot"],
     "BDAT": ["BDAT count [LAST], then count octets of the message"],
