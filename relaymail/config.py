@@ -862,6 +862,13 @@ SCHEMA = {
         "tls_policy": Key(choice(*MX_TLS), "dane"),
         # RFC 8461 3.3: the policy is fetched by HTTPS, port 443; tests move it.
         "mta_sts_port": Key(port_number, "443"),
+        # RFC 8460 TLS reports to the domains that ask (off by default, as
+        # every MTA that has them); the organization named in them, and the
+        # address they come from and name for contact (a bare local part
+        # gets [server] hostname).
+        "tls_report": Key(boolean, "no"),
+        "tls_report_organization": Key(optional(host_name), ""),
+        "tls_report_contact": Key(notice_recipient, "postmaster"),
         # Postfix soft_bounce (default no): keep as deferred what would
         # bounce, while a new set-up is being tried out.
         "soft_bounce": Key(boolean, "no"),

@@ -27,6 +27,7 @@ from relaymail.config_warnings import config_warnings
 from relaymail.delivery.destinations import DestinationPool, client_configs
 from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
+from relaymail.delivery.tls_report import TLSReporter, TLSReportRecorder
 from relaymail.delivery.transports import TransportRegistry, delivery_transports
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
@@ -38,6 +39,7 @@ from relaymail.process.reload import reread
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
+from relaymail.queue import layout
 from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
 from relaymail.queue.lock import SpoolLock
 from relaymail.queue.scheduler import Scheduler
@@ -187,6 +189,8 @@ def build_service(settings, reactor=None, launch=None):
     spool.setServiceParent(top)
     scheduler = delivery_scheduler(settings, reactor, spool, policy, hooks=hooks)
     scheduler.setServiceParent(top)
+    for companion in scheduler.companions:
+        companion.setServiceParent(top)
     ControlService(reactor, settings.queue.path, scheduler).setServiceParent(top)
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
@@ -476,15 +480,28 @@ def delivery_scheduler(settings, reactor, spool, policy, rate_share=1, hooks=Non
     it drives; ``rate_share`` is how many delivery workers split
     [delivery_rates]; ``hooks`` the plugins :func:`build_hooks` built (its
     ``transports`` join the built-in ones)."""
-    router = BuiltinRouter(Router(settings, reactor=reactor))
-    pool = DestinationPool(reactor, router.router, client_configs(settings),
+    recorder = None
+    if settings.delivery.tls_report:
+        recorder = TLSReportRecorder(os.path.join(settings.queue.path, layout.TLS_REPORTS))
+    router = BuiltinRouter(Router(settings, reactor=reactor, tls_report=recorder))
+    pool = DestinationPool(reactor, router.router, client_configs(settings, recorder),
                            settings.delivery.destination_concurrency,
                            settings.delivery.max_connections)
     transports = delivery_transports(reactor, settings, pool, router,
                                      (hooks or {}).get("transports", ()))
-    return Scheduler(spool, pool, router, settings, reactor, policy=policy,
-                     rates=OutboundRates(settings.delivery_rates, rate_share),
-                     transports=transports)
+    scheduler = Scheduler(spool, pool, router, settings, reactor, policy=policy,
+                          rates=OutboundRates(settings.delivery_rates, rate_share),
+                          transports=transports)
+    #: Services the caller starts beside the scheduler.
+    scheduler.companions = []
+    if recorder is not None:
+        contact = settings.delivery.tls_report_contact
+        if "@" not in contact:
+            contact = f"{contact}@{settings.server.hostname}"
+        scheduler.companions.append(TLSReporter(
+            recorder, reactor, router.router.resolver, scheduler.queue_message,
+            settings.delivery.tls_report_organization or settings.server.hostname, contact))
+    return scheduler
 
 
 def listener_specs(settings):

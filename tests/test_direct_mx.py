@@ -55,12 +55,14 @@ class DirectDeliveryTests(DNSTestCase):
         self.addCleanup(self.spool.stop)
         self.start_scheduler(settings)
 
-    def start_scheduler(self, settings, **router_options):
+    def start_scheduler(self, settings, tls_report=None, **router_options):
         """The delivery side as tap.build_service wires it, on the test DNS;
         ``router_options`` go to the Router (a secure resolver, an MTA-STS
-        store)."""
+        store), ``tls_report`` to the Router and the client configs."""
+        if tls_report is not None:
+            router_options["tls_report"] = tls_report
         router = Router(settings, resolver=self.resolver, **router_options)
-        pool = DestinationPool(reactor, router, client_configs(settings),
+        pool = DestinationPool(reactor, router, client_configs(settings, tls_report),
                                settings.delivery.destination_concurrency,
                                settings.delivery.max_connections)
         self.scheduler = Scheduler(self.spool, pool, router, settings, reactor)

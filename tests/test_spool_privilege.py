@@ -294,6 +294,10 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     # The MTA-STS cache: a policy, and one being written.
     for name in ("example.com.json", "xn--bcher-kva.example.json.4242.tmp"):
         _in_sts_cache(spool, name)
+    # TLS-RPT counts: a process's day, one being written, the sender's lock.
+    os.mkdir(os.path.join(spool, "tls-rpt"))
+    for name in ("2026-12-01.4242.json", "2026-12-01.4242.json.tmp", "lock"):
+        open(os.path.join(spool, "tls-rpt", name), "w").close()
     with socket.socket(socket.AF_UNIX) as control:
         control.bind(os.path.join(spool, "control"))
         hand_over(spool, UID, GID)
@@ -301,7 +305,7 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     # The socket is left: the relay, as nobody, replaces it at start.
     assert found.pop("control") == 0
     assert found == {name: UID for name in found}
-    assert len(found) == 16
+    assert len(found) == 20
     assert {os.lstat(os.path.join(spool, name)).st_gid for name in found} == {GID}
 
 

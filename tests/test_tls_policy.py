@@ -35,8 +35,9 @@ def spki_sha256(pair):
                                            PublicFormat.SubjectPublicKeyInfo)).digest()
 
 
-class TLSPolicyTests(unittest.TestCase):
-    """Each test builds its own zone and next hops with ``start``."""
+class PolicyHarness:
+    """The zone, next hops, policy host and delivery side of these tests,
+    for a TestCase to mix in; each test builds its own with ``start``."""
 
     timeout = 30
     spool_directory = test_direct_mx.DirectDeliveryTests.spool_directory
@@ -58,7 +59,7 @@ class TLSPolicyTests(unittest.TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
-    def start(self, records, signed=(), policy_level="dane", table=None):
+    def start(self, records, signed=(), policy_level="dane", table=None, tls_report=None):
         tlsa_name = f"_{self.port}._tcp.mx.dane.test"
         zone = {
             "dane.test": [MX(10, "mx.dane.test")],
@@ -72,6 +73,7 @@ class TLSPolicyTests(unittest.TestCase):
             "mx.plain.test": [A("127.0.0.1")],
         }
         signed = {"dane.test", "mx.dane.test", tlsa_name} if signed == () else set(signed)
+        self.zone = zone
         self.dns = ValidatingServer(Zone(zone), signed=signed)
         dns_port = serve(self, self.dns)
         self.resolver = client.Resolver(servers=[("127.0.0.1", dns_port)], timeout=(2,))
@@ -95,11 +97,13 @@ class TLSPolicyTests(unittest.TestCase):
             ("delivery", "mta_sts_port"): str(https.getHost().port)})
         settings = load_config(None, overrides)
         self.sts = PolicyStore(self.resolver, reactor, cache_dir=f"{spool}/mta-sts",
-                               port=https.getHost().port, ca_file=self.ca_file, timeout=5)
+                               port=https.getHost().port, ca_file=self.ca_file, timeout=5,
+                               tls_report=tls_report)
         self.spool = Spool(settings.queue.path, reactor=reactor)
         self.spool.start()
         self.addCleanup(self.spool.stop)
-        self.start_scheduler(settings, secure_resolver=self.secure, sts=self.sts)
+        self.settings = settings
+        self.start_scheduler(settings, tls_report, secure_resolver=self.secure, sts=self.sts)
 
     def hop(self, host, pair=None, extensions=()):
         hop = NextHop(port=self.port, host=host, starttls=pair,
@@ -121,6 +125,9 @@ class TLSPolicyTests(unittest.TestCase):
             # and the removal finish before the spool is stopped.
             yield self.until(lambda: not list(self.spool.ids()), "an empty queue")
         return line
+
+
+class TLSPolicyTests(PolicyHarness, unittest.TestCase):
 
     # -- DANE ----------------------------------------------------------------
 
@@ -166,6 +173,23 @@ class TLSPolicyTests(unittest.TestCase):
         line = yield self.outcome_line(queue_id, "bob@dane.test")
         self.assertIn("verified by DANE-TA, tls_policy=dane", line)
         self.assertEqual(len(hop.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_a_signed_host_behind_an_unsigned_mx_answer_still_gets_dane(self):
+        # RFC 7672 2.2.1: the host's own TLSA records hold, but REQUIRETLS
+        # needs the MX answer itself validated (RFC 8689 4.2.1).
+        pair = certs.self_signed("mx.dane.test")
+        self.start([TLSARecord(3, 1, 1, spki_sha256(pair))],
+                   signed={"mx.dane.test", f"_{self.port}._tcp.mx.dane.test"})
+        hop = self.hop("127.0.0.2", pair, extensions=("REQUIRETLS",))
+        plain = yield self.queue("a@example.org", ["bob@dane.test"])
+        line = yield self.outcome_line(plain, "bob@dane.test")
+        self.assertIn("verified by DANE-EE, tls_policy=dane", line)
+        marked = yield self.queue_marked("carol@dane.test", requiretls=True)
+        line = yield self.outcome_line(marked, "carol@dane.test")
+        self.assertIn("dsn=5.7.10, status=bounced (REQUIRETLS: no MX host of dane.test can be "
+                      "authenticated", line)
+        self.assertEqual([m["recipients"] for m in hop.messages], [["bob@dane.test"]])
 
     @defer.inlineCallbacks
     def test_a_dane_host_without_starttls_is_not_sent_plain_text(self):

@@ -28,7 +28,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from relaymail.delivery import chunking, dane, downgrade, sasl, tls, tls_policy
+from relaymail.delivery import chunking, dane, downgrade, sasl, tls, tls_policy, tls_report
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
@@ -96,6 +96,9 @@ class ClientConfig:
     #: when it answers MAIL with 530, it wants credentials or TLS that our
     #: set-up does not bring, so the message waits for the fix.
     chosen_hop: bool = False
+    #: A relaymail.delivery.tls_report.TLSReportRecorder counting the
+    #: sessions held to DANE or MTA-STS, or None.
+    tls_report: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.tls not in tls.POLICIES:
@@ -272,15 +275,12 @@ class OutboundSession:
         if greeting.code != 220:
             raise error_from_reply(greeting, self.remote)
         await self._hello()
-        policy = self._level
-        if policy == "wrapper":
-            self._verified_by = "PKIX"
-        elif policy != "none":
-            if "STARTTLS" in self.extensions:
-                await self._start_tls()
-            elif tls.tls_required(policy):
-                raise self._error(
-                    "4.7.4", f"TLS is required, but was not offered by host {self.remote}")
+        try:
+            await self._secure()
+        except DeliveryError as exc:
+            self._count_tls(exc)
+            raise
+        self._count_tls(None)
         security = self._hop.security
         if security is not None and security.requiretls and "REQUIRETLS" not in self.extensions:
             # RFC 8689 4.2.1: REQUIRETLS mail goes only to a server that
@@ -292,6 +292,42 @@ class OutboundSession:
                                 remote=self.remote)
         if self._config.auth_user is not None:
             await self._authenticate()
+
+    async def _secure(self):
+        """STARTTLS (or not) as the level says, the certificate checked."""
+        policy = self._level
+        if policy == "wrapper":
+            self._verified_by = "PKIX"
+        elif policy != "none":
+            if "STARTTLS" in self.extensions:
+                await self._start_tls()
+            elif tls.tls_required(policy):
+                raise self._error(
+                    "4.7.4", f"TLS is required, but was not offered by host {self.remote}")
+
+    def _count_tls(self, error):
+        """One session for TLS-RPT (RFC 8460), when the hop is held to a
+        domain's DANE or MTA-STS policy: a success once the certificate
+        was checked, a failure with the result type of ``error``."""
+        recorder, security = self._config.tls_report, self._hop.security
+        if recorder is None or not recorder.reported(security):
+            return
+        if error is not None and not self._after_tls(error):
+            recorder.failure(security, tls_report.classify(error.text), self._hop.name,
+                             self._hop.address)
+        elif self._verified_by is not None:
+            recorder.success(security, self._hop.name)
+        elif security.policy == "mta-sts-testing" and not self.tls:
+            # testing asks to hear of it; the certificate is not checked.
+            recorder.failure(security, tls_report.STARTTLS_NOT_SUPPORTED, self._hop.name,
+                             self._hop.address)
+
+    def _after_tls(self, error):
+        """The session failed once TLS was up and checked, for a reason
+        that is not TLS (a 5xx to the second EHLO)."""
+        text = error.text
+        return (self._verified_by is not None and error.code is not None
+                and "TLS" not in text and "certificate" not in text)
 
     async def _hello(self):
         name = self._config.helo_name.encode("ascii")

@@ -65,6 +65,11 @@ class TLSA:
             return False
         return digest is None or len(self.data) == digest().digest_size
 
+    @property
+    def presentation(self):
+        """The record as a zone file writes it: ``3 1 1 <hex>``."""
+        return f"{self.usage} {self.selector} {self.matching} {self.data.hex()}"
+
     def __str__(self):
         return (f"{_USAGE_NAMES.get(self.usage, self.usage)} {self.selector} "
                 f"{self.matching} {self.data.hex()[:16]}...")

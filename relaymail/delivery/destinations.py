@@ -338,10 +338,11 @@ def _remote_name(label):
     return label.split("[", 1)[0]
 
 
-def client_configs(settings):
+def client_configs(settings, tls_report=None):
     """The function DestinationPool uses to pick a ClientConfig: the
     smarthost gets its TLS policy and credentials, a route its [route_tls]
-    policy, other hops opportunistic TLS; only the smarthost gets AUTH."""
+    policy, other hops opportunistic TLS; only the smarthost gets AUTH.
+    ``tls_report`` (a TLSReportRecorder) counts the MX sessions."""
     delivery = settings.delivery
     common = dict(
         helo_name=delivery.helo_name or settings.server.hostname,
@@ -353,7 +354,7 @@ def client_configs(settings):
     )
     smarthost = ClientConfig(tls=delivery.smarthost_tls, auth_user=delivery.smarthost_user,
                              auth_password=delivery.smarthost_password, chosen_hop=True, **common)
-    mx = ClientConfig(tls="may", **common)
+    mx = ClientConfig(tls="may", tls_report=tls_report, **common)
     routes = {policy: ClientConfig(tls=policy, chosen_hop=True, **common)
               for policy in {"may", *settings.route_tls.values()}}
 

@@ -27,6 +27,8 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
@@ -37,7 +39,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from relaymail import sanitize
-from relaymail.delivery import tls
+from relaymail.delivery import tls, tls_policy, tls_report
 from relaymail.queue.layout import MTA_STS_NAME
 
 log = Logger(namespace="relaymail.delivery")
@@ -56,7 +58,11 @@ _MODES = ("enforce", "testing", "none")
 
 
 class PolicyError(ValueError):
-    """A policy file (or TXT record) that does not follow RFC 8461 3."""
+    """A policy that could not be had: an HTTPS answer that is not one."""
+
+
+class InvalidPolicy(PolicyError):
+    """A policy file that does not follow RFC 8461 3.2."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ class Policy:
             elif host == pattern:
                 return True
         return False
+
+    def strings(self):
+        """The policy as RFC 8460 4.4's ``policy-string``: its lines."""
+        return ("version: STSv1", f"mode: {self.mode}", *(f"mx: {m}" for m in self.mx),
+                f"max_age: {self.max_age}")
 
     def fresh(self, now):
         return now < self.fetched + self.max_age
@@ -109,7 +120,7 @@ def txt_policy_id(strings):
 def parse_policy(text, policy_id, fetched):
     """The :class:`Policy` in a policy file's ``text``.
 
-    :raise PolicyError: naming what is wrong.
+    :raise InvalidPolicy: naming what is wrong.
     """
     fields, mx = {}, []
     for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
@@ -117,22 +128,22 @@ def parse_policy(text, policy_id, fetched):
             continue
         key, sep, value = line.partition(":")
         if not sep:
-            raise PolicyError(f"line {number} is not 'key: value'")
+            raise InvalidPolicy(f"line {number} is not 'key: value'")
         key, value = key.strip(), value.strip()
         if key == "mx":
             mx.append(value)
         else:
             fields.setdefault(key, value)
     if fields.get("version") != "STSv1":
-        raise PolicyError(f"version is {fields.get('version')!r}, not 'STSv1'")
+        raise InvalidPolicy(f"version is {fields.get('version')!r}, not 'STSv1'")
     mode = fields.get("mode")
     if mode not in _MODES:
-        raise PolicyError(f"mode is {mode!r}, not one of {', '.join(_MODES)}")
+        raise InvalidPolicy(f"mode is {mode!r}, not one of {', '.join(_MODES)}")
     age = fields.get("max_age", "")
     if not age.isdigit() or len(age) > 10:
-        raise PolicyError(f"max_age is {age!r}, not a number of seconds")
+        raise InvalidPolicy(f"max_age is {age!r}, not a number of seconds")
     if mode != "none" and not mx:
-        raise PolicyError(f"mode {mode} names no mx")
+        raise InvalidPolicy(f"mode {mode} names no mx")
     return Policy(mode, tuple(mx), min(int(age), MAX_AGE_LIMIT), policy_id, fetched)
 
 
@@ -150,7 +161,7 @@ class PolicyStore:
     """
 
     def __init__(self, resolver, reactor, cache_dir=None, port=443, ca_file=None,
-                 clock=time.time, timeout=FETCH_TIMEOUT):
+                 clock=time.time, timeout=FETCH_TIMEOUT, tls_report=None):
         self._resolver = resolver
         self._reactor = reactor
         self._cache_dir = cache_dir
@@ -160,6 +171,8 @@ class PolicyStore:
         self._timeout = timeout
         self._memory = {}
         self._pending = {}
+        #: A relaymail.delivery.tls_report.TLSReportRecorder, or None.
+        self._tls_report = tls_report
 
     def policy(self, domain):
         """A Deferred firing with the domain's :class:`Policy`, or None
@@ -207,11 +220,24 @@ class PolicyStore:
                      "{using}", domain=domain, policy_id=policy_id,
                      error=_describe(exc),
                      using="using the cached policy" if cached else "no policy")
+            self._report_failure(domain, exc)
             return cached
         self._remember(domain, policy)
         log.info("MTA-STS: policy of {domain}: {policy}", domain=domain,
                  policy=sanitize.escape(str(policy)))
         return policy
+
+    def _report_failure(self, domain, error):
+        """Count a failed fetch for TLS-RPT (RFC 8460 4.3.2.2)."""
+        if self._tls_report is None:
+            return
+        if isinstance(error, InvalidPolicy):
+            result = tls_report.STS_POLICY_INVALID
+        elif _is_certificate_error(error):
+            result = tls_report.STS_WEBPKI_INVALID
+        else:
+            result = tls_report.STS_POLICY_FETCH_ERROR
+        self._tls_report.failure(tls_policy.HopSecurity("may", "mta-sts", domain=domain), result)
 
     # -- the cache ----------------------------------------------------------
 
@@ -294,7 +320,7 @@ class PolicyStore:
         try:
             decoded = text.decode("utf-8")
         except UnicodeDecodeError:
-            raise PolicyError("the policy is not UTF-8") from None
+            raise InvalidPolicy("the policy is not UTF-8") from None
         return parse_policy(decoded, policy_id, now)
 
 
@@ -311,6 +337,16 @@ class PolicyStore:
                     family = socket.AF_INET if record_type == dns.A else socket.AF_INET6
                     return socket.inet_ntop(family, rr.payload.address)
         raise PolicyError(f"{host} has no A or AAAA records")
+
+
+def _is_certificate_error(error):
+    """The HTTPS fetch failed on the policy host's certificate (the
+    Agent wraps the handshake's failure in ResponseNeverReceived)."""
+    reasons = getattr(error, "reasons", None) or []
+    for reason in reasons:
+        if reason.check(SSL.Error, VerificationError):
+            return True
+    return isinstance(error, (SSL.Error, VerificationError))
 
 
 def _describe(error):

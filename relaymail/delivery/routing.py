@@ -28,7 +28,7 @@ from twisted.names.error import (
 
 from relaymail import sanitize
 from relaymail.config import is_ip_address
-from relaymail.delivery import dane, tls_policy
+from relaymail.delivery import dane, tls_policy, tls_report
 from relaymail.delivery.client import Hop
 from relaymail.delivery.mta_sts import PolicyStore
 from relaymail.delivery.secure_dns import DNSLookupError, SecureResolver
@@ -151,10 +151,14 @@ class Router:
     :param sts: a :class:`~relaymail.delivery.mta_sts.PolicyStore`; None
         builds one caching under ``QUEUE/mta-sts`` when ``resolver`` is
         None too, else MTA-STS is off.
+    :param tls_report: a
+        :class:`~relaymail.delivery.tls_report.TLSReportRecorder` counting
+        the policy failures found here (and by the store it builds), or
+        None.
     """
 
     def __init__(self, settings, resolver=None, reactor=None, rng=None,
-                 secure_resolver=None, sts=None):
+                 secure_resolver=None, sts=None, tls_report=None):
         self._routes = settings.routes
         self._route_tls = settings.route_tls
         self._smarthost = settings.delivery.smarthost
@@ -180,9 +184,16 @@ class Router:
             sts = PolicyStore(resolver, reactor,
                               cache_dir=os.path.join(settings.queue.path, layout.MTA_STS),
                               port=settings.delivery.mta_sts_port,
-                              ca_file=settings.delivery.tls_ca_file or None)
+                              ca_file=settings.delivery.tls_ca_file or None,
+                              tls_report=tls_report)
         self._sts = sts
+        self._tls_report = tls_report
         self._random = rng if rng is not None else random.Random()
+
+    @property
+    def resolver(self):
+        """The twisted.names resolver of the ordinary lookups."""
+        return self._resolver
 
     def destination(self, recipient_domain: str) -> Destination:
         """The next hop for mail to ``recipient_domain``.
@@ -365,7 +376,7 @@ class Router:
                                f"Host or domain name not found: {domain} (NXDOMAIN)")
         hosts = self._exchangers(domain, answer.records, True)
         found = await defer.gatherResults(
-            [defer.ensureDeferred(self._secure_host(host, port, answer.authenticated))
+            [defer.ensureDeferred(self._secure_host(host, port, answer.authenticated, domain))
              for host in hosts])
         hops = _Hops()
         for host, (addresses, security, problem) in zip(hosts, found):
@@ -378,14 +389,20 @@ class Router:
                                f"No address found for {destination.label}: {hops.why()}")
         return hops.found
 
-    async def _secure_host(self, host, port, mx_secure):
+    async def _secure_host(self, host, port, mx_secure, domain):
         """``(addresses, DANE HopSecurity or None, problem)`` for one MX
         host.  A TLSA lookup that fails (not "no such records") makes the
         host unusable, as RFC 7672 2.2 says: a forged failure must not
-        turn DANE off."""
+        turn DANE off.
+
+        An MX host from an MX answer that did not validate still gets DANE
+        when its own answers did (RFC 7672 2.2.1: a signed provider's
+        hosts serving an unsigned domain), but is not counted as
+        authenticated for REQUIRETLS, whose MX lookup must be secure (RFC
+        8689 4.2.1)."""
         if is_ip_address(host):
             return [host], None, None
-        addresses, secure, problems = [], mx_secure, []
+        addresses, secure, problems = [], True, []
         for record_type, kind in ((dns.A, "A"), (dns.AAAA, "AAAA")):
             try:
                 answer = await self._secure.lookup(host, record_type)
@@ -400,11 +417,16 @@ class Router:
         if not secure:
             return addresses, None, None
         lookup = await dane.lookup_tlsa(self._secure, host, port)
+        if lookup.problem and self._tls_report is not None:
+            # RFC 8460 4.3.2.1: the resolver gave no valid TLSA answer.
+            self._tls_report.failure(tls_policy.HopSecurity("dane", "dane", domain=domain),
+                                     tls_report.DNSSEC_INVALID, host)
         if lookup.problem:
             return [], None, f"TLSA lookup failed ({lookup.problem}); not used without DANE"
         if not lookup.records or not lookup.authenticated:
             return addresses, None, None
-        return addresses, tls_policy.dane_security(host, lookup.records), None
+        return addresses, tls_policy.dane_security(host, lookup.records,
+                                                   authenticated=mx_secure), None
 
     async def _secured(self, destination, hops):
         """Each hop of an mx destination with its HopSecurity: DANE's where
@@ -426,9 +448,16 @@ class Router:
             elif security == tls_policy.OPPORTUNISTIC:
                 kept.append(hop)        # neither DANE nor MTA-STS: may, as configured
             else:
+                security = dataclasses.replace(security, domain=destination.host)
                 kept.append(dataclasses.replace(hop, security=security))
         if not kept:
             names = ", ".join(dict.fromkeys(left_out))
+            if self._tls_report is not None:
+                # RFC 8460 4.3.1: no MX host the policy allows.
+                self._tls_report.failure(
+                    tls_policy.HopSecurity("verify", "mta-sts", domain=destination.host,
+                                           policy_strings=policy.strings()),
+                    tls_report.VALIDATION_FAILURE, left_out[0])
             raise RoutingError(True, None, _TLS_POLICY,
                                f"MTA-STS policy of {destination.host} (mode enforce) names "
                                f"none of its MX hosts ({names})")

@@ -68,6 +68,11 @@ class HopSecurity:
     authenticated: bool = False
     #: The hop carries REQUIRETLS mail: it must offer REQUIRETLS.
     requiretls: bool = False
+    #: For TLS-RPT (relaymail.delivery.tls_report): the recipient domain
+    #: whose policy this is, and the policy as RFC 8460 4.4 words it (the
+    #: TLSA records, or the MTA-STS policy's lines).
+    domain: str = ""
+    policy_strings: tuple = ()
 
     @property
     def verifies(self):
@@ -85,8 +90,9 @@ def configured(level):
 OPPORTUNISTIC = HopSecurity("may", "may")
 
 
-def dane_security(host, tlsa_records, names=()):
-    """The HopSecurity of a host with DNSSEC-validated TLSA records.
+def dane_security(host, tlsa_records, names=(), authenticated=True):
+    """The HopSecurity of a host with DNSSEC-validated TLSA records;
+    ``authenticated`` is False when the MX answer naming it was not.
 
     Only DANE-TA and DANE-EE records are usable for SMTP (RFC 7672 3.1.3);
     when every record is of another kind, RFC 7672 2.2 still forbids plain
@@ -95,7 +101,9 @@ def dane_security(host, tlsa_records, names=()):
     usable = tuple(record for record in tlsa_records if record.usable)
     if not usable:
         return HopSecurity("encrypt", "dane-unusable")
-    return HopSecurity("dane", "dane", usable, tuple(names) or (host,), authenticated=True)
+    return HopSecurity("dane", "dane", usable, tuple(names) or (host,),
+                       authenticated=authenticated,
+                       policy_strings=tuple(record.presentation for record in tlsa_records))
 
 
 def sts_security(policy, host):
@@ -110,11 +118,13 @@ def sts_security(policy, host):
     if policy.mode == "enforce":
         if not policy.matches(host):
             return None
-        return HopSecurity("verify", "mta-sts", authenticated=True)
+        return HopSecurity("verify", "mta-sts", authenticated=True,
+                           policy_strings=policy.strings())
     # testing (RFC 8461 5): deliver as without a policy, and report.  A
     # host the policy names is still authenticated by it for REQUIRETLS,
     # which then checks its certificate as under enforce.
-    return HopSecurity("may", "mta-sts-testing", authenticated=policy.matches(host))
+    return HopSecurity("may", "mta-sts-testing", authenticated=policy.matches(host),
+                       policy_strings=policy.strings())
 
 
 def for_requiretls(security):

@@ -85,6 +85,8 @@ def _delivery(arguments, settings, reactor, fds, policy, hooks):
     scheduler = delivery_scheduler(settings, reactor, spool, policy,
                                    rate_share=arguments.partitions, hooks=hooks)
     scheduler.setServiceParent(top)
+    for companion in scheduler.companions:
+        companion.setServiceParent(top)
     receiving = _socket(fds[f"pickup.{arguments.partition}"])
     _Hooks(lambda: reactor.addReader(PickupReceiver(reactor, receiving,
                                                     scheduler.message_queued))

@@ -75,6 +75,11 @@ MTA_STS = "mta-sts"
 #: A cached policy's name there: the domain (lower-case A-labels), and
 #: the temporary a new copy is written to before it is renamed.
 MTA_STS_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,252}\.json(\.[0-9]+\.tmp)?\Z")
+#: TLS-RPT counts (relaymail.delivery.tls_report): DAY.PID.json per
+#: process, its temporary, and the lock of the process that sends.
+TLS_REPORTS = "tls-rpt"
+TLS_REPORT_LOCK = "lock"
+_TLS_REPORT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.[0-9]+\.json(\.tmp)?\Z|lock\Z")
 
 #: Symbolic links followed while resolving the spool path before it is
 #: refused: Linux's own limit for one path lookup (path_resolution(7)).
@@ -87,6 +92,7 @@ _TOP[LOCK_NAME] = _FILE
 _TOP[CONTROL_NAME] = _SOCKET
 _TOP[OFFLINE_ACTIONS_NAME] = _FILE
 _TOP[MTA_STS] = _DIRECTORY
+_TOP[TLS_REPORTS] = _DIRECTORY
 
 _TOKEN = "[0-9a-f]{8}"
 _EXTRA_NAMES = {
@@ -151,6 +157,8 @@ def expected_kind(directory, name):
     socket"``, or None when the layout has no such name there."""
     if directory is None:
         return _TOP.get(name)
+    if directory == TLS_REPORTS:
+        return _FILE if _TLS_REPORT_NAME.match(name) else None
     if directory == MTA_STS:
         return _FILE if MTA_STS_NAME.match(name) and ".." not in name else None
     stem, suffix = os.path.splitext(name)

@@ -787,6 +787,23 @@ class Scheduler(service.Service):
         domains = self.settings.relay.domains
         return f"{address}@{domains[0] if domains else self.hostname}"
 
+    def queue_message(self, envelope, message):
+        """Write ``message`` (bytes) to the queue with ``envelope`` and
+        schedule it, as for mail relaymail writes itself (TLS reports):
+        a Deferred firing with its queue id."""
+        writer = self.spool.new_message()
+        try:
+            writer.write(message)
+        except Exception:
+            writer.abort()
+            raise
+        envelope.received_at = self._clock()
+
+        def queued(queue_id):
+            self.message_queued(queue_id)
+            return queue_id
+        return writer.commit(envelope).addCallback(queued)
+
     def _queue_dsn(self, queue_id, record, recipients, now, kind, addresses, **extra):
         """Build, write and commit one DSN; ``addresses`` replaces its
         envelope recipients (the expanded postmaster), when given."""
