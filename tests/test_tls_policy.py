@@ -23,7 +23,7 @@ from tests.relay_process import free_port
 from tests import test_direct_mx
 from tests.test_mta_sts import PolicyHost
 from relaymail.config import load_config
-from tests.test_routing import MX, A, Zone
+from tests.test_routing import CNAME, MX, A, Zone
 from tests.test_secure_dns import TLSARecord, ValidatingServer, serve
 
 STS_POLICY = (b"version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n")
@@ -190,6 +190,29 @@ class TLSPolicyTests(PolicyHarness, unittest.TestCase):
         self.assertIn("dsn=5.7.10, status=bounced (REQUIRETLS: no MX host of dane.test can be "
                       "authenticated", line)
         self.assertEqual([m["recipients"] for m in hop.messages], [["bob@dane.test"]])
+
+    @defer.inlineCallbacks
+    def test_an_mx_alias_has_its_tlsa_records_at_the_target(self):
+        # RFC 7672 2.2.2: mx.alias.test is a CNAME for mx.dane.test; the
+        # TLSA records and the DANE-TA certificate's name are the target's.
+        right = self.ca.issue("mx.dane.test")
+        ca_sha256 = hashlib.sha256(x509.load_pem_x509_certificate(self.ca.cert_pem).public_key()
+                                   .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+                                   ).digest()
+        tlsa = f"_{self.port}._tcp.mx.dane.test"
+        self.start([TLSARecord(2, 1, 1, ca_sha256)],
+                   signed={"alias.test", "mx.alias.test", "mx.dane.test", tlsa})
+        self.zone.update({"alias.test": [MX(10, "mx.alias.test")],
+                          "mx.alias.test": [CNAME("mx.dane.test")]})
+        hop = self.hop("127.0.0.2", certs.KeyPair(right.cert_pem + self.ca.cert_pem,
+                                                  right.key_pem))
+        queue_id = yield self.queue("a@example.org", ["bob@alias.test"])
+        line = yield self.outcome_line(queue_id, "bob@alias.test")
+        self.assertIn("relay=mx.alias.test[127.0.0.2]", line)
+        self.assertIn("verified by DANE-TA, tls_policy=dane", line)
+        self.assertEqual(len(hop.messages), 1)
+        self.assertIn((tlsa, 52), self.dns.queries)
+        self.assertNotIn((f"_{self.port}._tcp.mx.alias.test", 52), self.dns.queries)
 
     @defer.inlineCallbacks
     def test_a_dane_host_without_starttls_is_not_sent_plain_text(self):

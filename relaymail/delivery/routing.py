@@ -402,7 +402,7 @@ class Router:
         8689 4.2.1)."""
         if is_ip_address(host):
             return [host], None, None
-        addresses, secure, problems = [], True, []
+        addresses, secure, problems, expanded = [], True, [], host
         for record_type, kind in ((dns.A, "A"), (dns.AAAA, "AAAA")):
             try:
                 answer = await self._secure.lookup(host, record_type)
@@ -412,21 +412,32 @@ class Router:
             found = [_address_text(rr.payload) for rr in answer.records if rr.type == record_type]
             addresses.extend(found)
             secure = secure and (answer.authenticated or not found)
+            for rr in answer.records:
+                if rr.type == dns.CNAME:
+                    expanded = rr.payload.name.name.decode("ascii", "replace").rstrip(".")
         if not addresses:
             return [], None, "; ".join(problems) or "no A or AAAA records"
         if not secure:
             return addresses, None, None
-        lookup = await dane.lookup_tlsa(self._secure, host, port)
-        if lookup.problem and self._tls_report is not None:
-            # RFC 8460 4.3.2.1: the resolver gave no valid TLSA answer.
-            self._tls_report.failure(tls_policy.HopSecurity("dane", "dane", domain=domain),
-                                     tls_report.DNSSEC_INVALID, host)
-        if lookup.problem:
-            return [], None, f"TLSA lookup failed ({lookup.problem}); not used without DANE"
-        if not lookup.records or not lookup.authenticated:
-            return addresses, None, None
-        return addresses, tls_policy.dane_security(host, lookup.records,
-                                                   authenticated=mx_secure), None
+        # RFC 7672 2.2.2: an MX host that is a (validated) alias has its
+        # TLSA records at the alias's target first, then at its own name;
+        # a DANE-TA certificate may carry either name (3.2.2).
+        bases = (expanded, host) if expanded.lower() != host.lower() else (host,)
+        for base in bases:
+            lookup = await dane.lookup_tlsa(self._secure, base, port)
+            if lookup.problem:
+                if self._tls_report is not None:
+                    # RFC 8460 4.3.2.1: the resolver gave no valid TLSA answer.
+                    self._tls_report.failure(
+                        tls_policy.HopSecurity("dane", "dane", domain=domain),
+                        tls_report.DNSSEC_INVALID, host)
+                return [], None, f"TLSA lookup failed ({lookup.problem}); not used without DANE"
+            if lookup.records and not lookup.authenticated:
+                return addresses, None, None
+            if lookup.records:
+                return addresses, tls_policy.dane_security(
+                    host, lookup.records, names=bases, authenticated=mx_secure), None
+        return addresses, None, None
 
     async def _secured(self, destination, hops):
         """Each hop of an mx destination with its HopSecurity: DANE's where
