@@ -857,8 +857,9 @@ SCHEMA = {
         "mx_port": Key(port_number, "25"),
         # TLS towards MX hosts (relaymail.delivery.tls_policy).  Postfix
         # defaults to none and recommends dane with a validating resolver;
-        # dane here falls back to MTA-STS and then to may, so it is safe
-        # with any resolver, and honours what domains publish.
+        # dane here falls back to MTA-STS and then to may, and believes the
+        # AD bit only from a resolver on this host (or resolv.conf's
+        # trust-ad), so a remote resolver cannot be forged into DANE.
         "tls_policy": Key(choice(*MX_TLS), "dane"),
         # RFC 8461 3.3: the policy is fetched by HTTPS, port 443; tests move it.
         "mta_sts_port": Key(port_number, "443"),

@@ -589,3 +589,18 @@ def test_boundary_never_occurs_inside_a_part(original, monkeypatch):
     _, message = dsn(original(planted))
     assert parse(message).get_boundary() == "relaymail." + "1" * 32
     assert raw_parts(message)[2][1] == planted
+
+
+def test_a_notice_about_requiretls_mail_keeps_requiretls_and_returns_no_body(original):
+    # RFC 8689 4.3: RET=FULL asked, but the body stays out; the notice
+    # itself is sent only under REQUIRETLS.
+    record = make_record(requiretls=True, dsn_ret="FULL")
+    envelope, message = dsn(original(), [UNKNOWN], record=record)
+    assert envelope.requiretls is True
+    assert b"must never come back" not in message
+    head, body = raw_parts(message)[2]
+    assert "Content-Description: Header section of the original message" in head
+    assert body == HEADERS
+    plain, returned = dsn(original(), [UNKNOWN], record=make_record(dsn_ret="FULL"))
+    assert plain.requiretls is False
+    assert b"must never come back" in returned      # what RET=FULL returns otherwise

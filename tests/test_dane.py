@@ -192,3 +192,20 @@ class LookupTests(unittest.TestCase):
         found = yield defer.ensureDeferred(lookup_tlsa(resolver, "mx.bogus.test", 25))
         self.assertEqual(found, TLSALookup((), False, "127.0.0.1: SERVFAIL"))
         self.assertEqual(dane.TLSA_TYPE, 52)
+
+
+class HostileChainTests(unittest.TestCase):
+
+    def test_a_certificate_with_a_key_nobody_can_read_matches_nothing(self):
+        # The peer picks its chain: an entry whose key algorithm is unknown
+        # (the EC OID 1.2.840.10045.2.1 turned into ...2.9) must be a
+        # mismatch, not an exception out of the session.
+        server = certs.self_signed("mx.example.net")
+        patched = der(server.cert_pem).replace(bytes.fromhex("06072a8648ce3d0201"),
+                                                bytes.fromhex("06072a8648ce3d0209"), 1)
+        self.assertNotEqual(patched, der(server.cert_pem))
+        records = [record(2, 1, 1, server.cert_pem), record(3, 1, 1, server.cert_pem)]
+        match = match_chain(records, [patched, patched], ["mx.example.net"])
+        self.assertEqual((match.ok, match.text),
+                         (False, "no certificate of the chain matches the DANE-EE, DANE-TA "
+                                 "records"))

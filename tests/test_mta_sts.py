@@ -34,6 +34,8 @@ class ParseTests(unittest.TestCase):
         self.assertIsNone(txt_policy_id(["v=STSv1; id=has-hyphen"]))
         self.assertIsNone(txt_policy_id(["v=STSv1; id=" + "a" * 33]))
         self.assertIsNone(txt_policy_id(["id=abc; v=STSv1"]))
+        self.assertIsNone(txt_policy_id(["v=STSv10; id=abc"]))
+        self.assertEqual(txt_policy_id(["v=STSv10; id=a", "v=STSv1; id=b"]), "b")
 
     def test_a_policy_file(self):
         policy = parse_policy(POLICY.decode(), "abc", 1000.0)
@@ -80,6 +82,7 @@ class PolicyHost(resource.Resource):
         self.content_type = b"text/plain; charset=utf-8"
         self.location = None
         self.requests = []
+        self.stall = False          # send part of the body, then nothing
 
     def render_GET(self, request):
         self.requests.append((request.getRequestHostname(), request.path))
@@ -87,6 +90,9 @@ class PolicyHost(resource.Resource):
         request.setHeader(b"content-type", self.content_type)
         if self.location:
             request.setHeader(b"location", self.location)
+        if self.stall:
+            request.write(self.body[:10])
+            return server.NOT_DONE_YET
         return self.body
 
 
@@ -151,6 +157,24 @@ class PolicyStoreTests(unittest.TestCase):
                          ("testing", "two", 2))
 
     @defer.inlineCallbacks
+    def test_a_policy_is_fetched_again_after_half_its_max_age(self):
+        store = self.store()
+        yield store.policy("example.net")
+        self.now += 43199
+        yield store.policy("example.net")
+        self.assertEqual(len(self.host.requests), 1)
+        self.now += 1
+        self.host.body = POLICY.replace(b"enforce", b"testing")
+        policy = yield store.policy("example.net")
+        self.assertEqual((policy.mode, policy.fetched, len(self.host.requests)),
+                         ("testing", self.now, 2))
+        # A refresh that fails keeps the policy it would have replaced.
+        self.now += 43200
+        self.host.code = 503
+        policy = yield store.policy("example.net")
+        self.assertEqual((policy.mode, len(self.host.requests)), ("testing", 3))
+
+    @defer.inlineCallbacks
     def test_a_cached_policy_outlives_its_txt_record_and_a_failed_fetch(self):
         # RFC 8461 10.2: an attacker who strips the TXT record or blocks
         # the HTTPS fetch must not turn a known policy off.
@@ -197,6 +221,16 @@ class PolicyStoreTests(unittest.TestCase):
     def test_a_certificate_from_an_unknown_ca_is_refused(self):
         other = self.listen(certs.CertificateAuthority("stranger").issue("mta-sts.example.net"))
         return self.check_refused(self.store(port=other.getHost().port))
+
+    @defer.inlineCallbacks
+    def test_a_policy_host_that_stalls_mid_body_is_given_up_on_in_time(self):
+        self.host.stall = True
+        store = PolicyStore(self.resolver, reactor, cache_dir=self.cache_dir,
+                            port=self.https.getHost().port, ca_file=self.ca_file,
+                            clock=lambda: self.now, timeout=0.5)
+        policies = yield defer.gatherResults([store.policy("example.net") for _ in range(3)])
+        self.assertEqual(policies, [None, None, None])
+        self.assertEqual(len(self.host.requests), 1)
 
     @defer.inlineCallbacks
     def test_concurrent_asks_share_one_fetch(self):

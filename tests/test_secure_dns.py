@@ -11,7 +11,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.names import dns
 from twisted.trial import unittest
 
-from relaymail.delivery.secure_dns import Answer, DNSLookupError, SecureResolver, nameservers
+from relaymail.delivery.secure_dns import (
+    Answer, DNSLookupError, SecureResolver, nameservers, trusts_ad)
 from tests.test_routing import A, MX, RecordingServer, Zone
 
 
@@ -184,3 +185,29 @@ class NameserversTests(unittest.TestCase):
 
     def test_no_resolv_conf_means_the_local_host(self):
         self.assertEqual(nameservers(self.mktemp()), [("127.0.0.1", 53)])
+
+    def test_ad_is_believed_from_this_host_or_with_trust_ad_only(self):
+        cases = (("nameserver 127.0.0.53\nnameserver ::1\n", True),
+                 ("nameserver 127.0.0.53\nnameserver 192.0.2.53\n", False),
+                 ("nameserver 192.0.2.53\noptions edns0 trust-ad\n", True),
+                 ("", True))                 # no line: 127.0.0.1
+        for text, trusted in cases:
+            path = self.mktemp()
+            with open(path, "w") as file:
+                file.write(text)
+            self.assertEqual(trusts_ad(path), trusted, text)
+            resolver = SecureResolver.from_resolv_conf(reactor, path)
+            self.assertEqual(resolver.trust_ad, trusted)
+            self.assertEqual(resolver.describe_distrust(path) is None, trusted)
+
+
+class UntrustedResolverTests(unittest.TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_an_untrusted_resolver_authenticates_nothing(self):
+        server = ValidatingServer(Zone(ZONE), signed={"signed.test"})
+        port = serve(self, server)
+        resolver = SecureResolver([("127.0.0.1", port)], reactor, timeout=(2,), trust_ad=False)
+        answer = yield resolver.lookup("signed.test", dns.MX)
+        self.assertEqual((len(answer.records), answer.authenticated), (1, False))

@@ -80,7 +80,7 @@ class PolicyHarness:
         self.secure = SecureResolver([("127.0.0.1", dns_port)], reactor, timeout=(2,))
         self.policy_host = PolicyHost()
         self.policy_host.body = STS_POLICY
-        pair = self.ca.issue("mta-sts.sts.test")
+        pair = self.ca.issue("mta-sts.sts.test", "mta-sts.dane.test")
         https = reactor.listenSSL(
             0, server.Site(self.policy_host),
             ssl.PrivateCertificate.loadPEM(pair.cert_pem + pair.key_pem).options(),
@@ -215,6 +215,19 @@ class TLSPolicyTests(PolicyHarness, unittest.TestCase):
         self.assertNotIn((f"_{self.port}._tcp.mx.alias.test", 52), self.dns.queries)
 
     @defer.inlineCallbacks
+    def test_an_mx_name_no_query_can_carry_is_deferred_once(self):
+        # A label of 20 octets the resolver writes as \\xHH: 80 characters,
+        # past what a query can carry.  One deferral, not a retry storm.
+        self.start([])
+        self.zone["hostile.test"] = [dns.Record_MX(10, b"a" + b"\xc2" * 20 + b".hostile.test")]
+        self.dns.signed.add("hostile.test")
+        queue_id = yield self.queue("a@example.org", ["bob@hostile.test"])
+        line = yield self.outcome_line(queue_id, "bob@hostile.test")
+        self.assertIn("dsn=4.4.3, status=deferred (No address found for hostile.test", line)
+        self.assertEqual(len(self.logged(f"{queue_id}: to=<bob@hostile.test>")), 1)
+        self.assertEqual(self.logged("delivery connection failed"), [])
+
+    @defer.inlineCallbacks
     def test_a_dane_host_without_starttls_is_not_sent_plain_text(self):
         pair = certs.self_signed("mx.dane.test")
         self.start([TLSARecord(3, 1, 1, spki_sha256(pair))])
@@ -231,12 +244,16 @@ class TLSPolicyTests(PolicyHarness, unittest.TestCase):
         # DANE (an attacker can forge unsigned answers both ways).
         pair = certs.self_signed("mx.dane.test")
         other = certs.self_signed("mx.dane.test")
-        self.start([TLSARecord(3, 1, 1, spki_sha256(other))], signed={"dane.test"})
+        self.start([TLSARecord(3, 1, 1, spki_sha256(other))],
+                   signed={"dane.test", "mx.dane.test"})
         hop = self.hop("127.0.0.2", pair)
         queue_id = yield self.queue("a@example.org", ["bob@dane.test"])
         line = yield self.outcome_line(queue_id, "bob@dane.test")
         self.assertRegex(line, r"tls=TLSv1\.[23] \S+ unverified, delay=.*status=sent")
         self.assertEqual(len(hop.messages), 1)
+        # The records were asked for (the host's addresses validated), and
+        # set aside because their answer did not.
+        self.assertIn((f"_{self.port}._tcp.mx.dane.test", 52), self.dns.queries)
 
     @defer.inlineCallbacks
     def test_only_unusable_tlsa_records_still_forbid_plain_text(self):
@@ -247,6 +264,21 @@ class TLSPolicyTests(PolicyHarness, unittest.TestCase):
         line = yield self.outcome_line(queue_id, "bob@dane.test")
         self.assertIn("unverified, tls_policy=dane-unusable", line)
         self.assertEqual(len(hop.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_unusable_tlsa_records_do_not_hide_an_mta_sts_policy(self):
+        pair = certs.self_signed("mx.dane.test")
+        self.start([TLSARecord(1, 1, 1, spki_sha256(pair))])        # PKIX-EE: unusable
+        self.zone.update({"_mta-sts.dane.test": [dns.Record_TXT(b"v=STSv1; id=1;")],
+                          "mta-sts.dane.test": [A("127.0.0.1")]})
+        self.policy_host.body = STS_POLICY.replace(b"mx.sts.test", b"mx.dane.test")
+        hop = self.hop("127.0.0.2", pair)
+        queue_id = yield self.queue("a@example.org", ["bob@dane.test"])
+        line = yield self.outcome_line(queue_id, "bob@dane.test")
+        # enforce asks for a verified certificate; a self-signed one fails.
+        self.assertIn("status=deferred", line)
+        self.assertIn("dsn=4.7.", line)
+        self.assertEqual(hop.messages, [])
 
     @defer.inlineCallbacks
     def test_a_failed_tlsa_lookup_defers_rather_than_dropping_dane(self):

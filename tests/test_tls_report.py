@@ -243,6 +243,28 @@ class ReportingTests(test_tls_policy.PolicyHarness, unittest.TestCase):
             ("sts", "sts.test"): (0, {("sts-policy-invalid", "", ""): 1})})
 
 
+    @defer.inlineCallbacks
+    def test_mta_sts_testing_delivers_and_reports_what_enforce_would_refuse(self):
+        self.start_reporting([])
+        self.policy_host.body = test_tls_policy.STS_POLICY.replace(b"enforce", b"testing")
+        hop = self.hop("127.0.0.1", certs.self_signed("mx.sts.test"))
+        first = yield self.queue("a@example.org", ["bob@sts.test"])
+        line = yield self.outcome_line(first, "bob@sts.test")
+        self.assertIn("status=sent", line)
+        self.assertEqual(len(hop.messages), 1)
+        self.assertEqual(self.counted(), {("sts", "sts.test"): (
+            0, {("certificate-not-trusted", "mx.sts.test", "127.0.0.1"): 1})})
+
+    @defer.inlineCallbacks
+    def test_mta_sts_testing_with_a_good_certificate_is_a_success(self):
+        self.start_reporting([])
+        self.policy_host.body = test_tls_policy.STS_POLICY.replace(b"enforce", b"testing")
+        self.hop("127.0.0.1", self.ca.issue("mx.sts.test"))
+        first = yield self.queue("a@example.org", ["bob@sts.test"])
+        yield self.outcome_line(first, "bob@sts.test")
+        self.assertEqual(self.counted(), {("sts", "sts.test"): (1, {})})
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_the_daemon_runs_and_stops_with_tls_reports_on(tmp_path, workers):
     relay = RelayProcess(tmp_path, {"server": {"workers": workers},

@@ -177,6 +177,9 @@ class OutboundSession:
         #: What proved the server's certificate, once TLS is up: "DANE-EE",
         #: "DANE-TA" or "PKIX"; None when nothing was checked.
         self._verified_by = None
+        #: Under MTA-STS testing, what enforce would have refused (for
+        #: TLS-RPT), or None.
+        self._testing_problem = None
 
     @property
     def tls(self):
@@ -317,10 +320,15 @@ class OutboundSession:
                              self._hop.address)
         elif self._verified_by is not None:
             recorder.success(security, self._hop.name)
-        elif security.policy == "mta-sts-testing" and not self.tls:
-            # testing asks to hear of it; the certificate is not checked.
-            recorder.failure(security, tls_report.STARTTLS_NOT_SUPPORTED, self._hop.name,
-                             self._hop.address)
+        elif security.policy == "mta-sts-testing":
+            # Delivered either way; the report says how enforce would have gone.
+            problem = ("TLS was not offered" if not self.tls
+                       else self._testing_problem)
+            if problem is None:
+                recorder.success(security, self._hop.name)
+            else:
+                recorder.failure(security, tls_report.classify(problem), self._hop.name,
+                                 self._hop.address)
 
     def _after_tls(self, error):
         """The session failed once TLS was up and checked, for a reason
@@ -369,14 +377,35 @@ class OutboundSession:
         # RFC 3207 4.2: everything learned before TLS is void; ask again.
         self.extensions = {}
         await self._hello()
+        security = self._hop.security
+        if (security is not None and security.policy == "mta-sts-testing"
+                and self._config.tls_report is not None):
+            self._testing_check()
+
+    def _testing_check(self):
+        """MTA-STS testing (RFC 8461 5): the certificate is checked as
+        enforce would, only to be reported (TLS-RPT), never to refuse."""
+        try:
+            chain = tls.peer_chain(self._connection.transport)
+            problem = tls.pkix_problem(chain, self._hop.name, self._config.ca_file)
+        except Exception as exc:
+            problem = f"unreadable certificate chain ({type(exc).__name__})"
+        self._testing_problem = problem
 
     def _check_tlsa(self):
         """Hold the server's certificate chain to the hop's TLSA records
         (RFC 7672 3); a mismatch ends the session before EHLO is said
         again, so nothing of a message goes to an impostor."""
         security = self._hop.security
-        chain = tls.peer_chain(self._connection.transport)
+        try:
+            chain = tls.peer_chain(self._connection.transport)
+        except Exception as exc:
+            chain, unreadable = [], f"{type(exc).__name__}: {exc}"
+        else:
+            unreadable = None
         match = dane.match_chain(security.tlsa, chain, list(security.names))
+        if unreadable is not None:
+            match = dane.Match(False, text=f"unreadable certificate chain ({unreadable})")
         if not match.ok:
             self._connection.abort()
             raise self._error("4.7.5", f"DANE: the certificate of {self.remote} matches none "

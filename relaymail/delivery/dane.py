@@ -141,15 +141,18 @@ def match_chain(records, chain_der, names):
         return Match(False, text="the server showed no certificate")
     leaf = chain[0]
     for record in records:
-        if record.usage == DANE_EE and record.matches(leaf):
+        if record.usage == DANE_EE and _matches(record, leaf):
             return Match(True, DANE_EE)
     problems = []
     for record in records:
         if record.usage != DANE_TA:
             continue
         for anchor in chain:
-            if record.matches(anchor):
-                problem = _verified_to(leaf, chain, anchor, names)
+            if _matches(record, anchor):
+                try:
+                    problem = _verified_to(leaf, chain, anchor, names)
+                except Exception as exc:
+                    problem = f"the chain cannot be checked: {type(exc).__name__}: {exc}"
                 if problem is None:
                     return Match(True, DANE_TA)
                 problems.append(problem)
@@ -157,6 +160,16 @@ def match_chain(records, chain_der, names):
         return Match(False, text="; ".join(dict.fromkeys(problems)))
     kinds = ", ".join(sorted({_USAGE_NAMES.get(r.usage, str(r.usage)) for r in records}))
     return Match(False, text=f"no certificate of the chain matches the {kinds} records")
+
+
+def _matches(record, certificate):
+    """``record.matches``, with a certificate whose key cannot be read
+    (an unknown algorithm, a malformed key: the peer chose it) matching
+    nothing rather than raising."""
+    try:
+        return record.matches(certificate)
+    except Exception:
+        return False
 
 
 def _verified_to(leaf, chain, anchor, names):

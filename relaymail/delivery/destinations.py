@@ -179,6 +179,16 @@ class DestinationPool:
         except RoutingError as error:
             self._fail_queued(queue, error)
             return
+        except Exception:
+            # A bug, or input nobody foresaw (a hostile DNS answer): the
+            # jobs wait for the next attempt rather than being pumped
+            # again at once, forever.
+            log.failure("finding the next hop for {destination} failed",
+                        destination=destination.label)
+            self._fail_queued(queue, RoutingError(
+                True, None, "4.3.0", f"internal error finding the next hop for "
+                                     f"{destination.label} (logged)"))
+            return
         retry = None        # a job that met a temporary failure on the last hop
         while (retry is not None or queue.jobs) and not self._stopping:
             if self._draining:
@@ -274,7 +284,8 @@ class DestinationPool:
         while hops:
             hop = hops.pop(0)
             try:
-                session = yield self._connect(self._reactor, hop, config)
+                session = yield _as_delivery_error(self._connect(self._reactor, hop, config),
+                                                   hop)
             except DeliveryError as failure:
                 # The host once: most texts name it already ("connect to
                 # HOST: Connection refused"), a refused greeting does not.
@@ -322,6 +333,21 @@ def _from_result(result, session):
                    result.text, session.remote, _remote_name(session.remote),
                    session.tls_description,
                    notice=None if "DSN" in session.extensions else "relayed")
+
+
+def _as_delivery_error(opening, hop):
+    """``opening`` (a Deferred session), with any failure that is not a
+    DeliveryError logged and made a temporary one for that hop: an
+    unforeseen exception (a certificate nobody can parse) must move on to
+    the next hop or the next attempt, not loop."""
+    def unforeseen(failure):
+        if failure.check(DeliveryError, defer.CancelledError):
+            return failure
+        log.failure("session with {hop} failed", failure, hop=hop.label)
+        raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
+                            text=f"internal error in the session with {hop.label} (logged)",
+                            remote=hop.label)
+    return opening.addErrback(unforeseen)
 
 
 def _from_error(address, error, session):

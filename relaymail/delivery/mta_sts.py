@@ -33,6 +33,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.names import dns
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.iweb import IAgentEndpointFactory
@@ -54,6 +55,8 @@ BODY_LIMIT = 64 * 1024
 FETCH_TIMEOUT = 60
 
 _TXT_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+#: RFC 8461 3.1: the record starts with this field ("v=STSv10" does not).
+_STS_RECORD = re.compile(r"v=STSv1[ \t]*(;|$)")
 _MODES = ("enforce", "testing", "none")
 
 
@@ -92,6 +95,12 @@ class Policy:
         return ("version: STSv1", f"mode: {self.mode}", *(f"mx: {m}" for m in self.mx),
                 f"max_age: {self.max_age}")
 
+    def stale(self, now):
+        """Time to fetch it again though its id is unchanged: after half
+        its max_age, at most a day (RFC 8461 10.2: a policy refreshed
+        before it lapses leaves an attacker no day to strip it)."""
+        return now >= self.fetched + min(self.max_age / 2, 86400)
+
     def fresh(self, now):
         return now < self.fetched + self.max_age
 
@@ -103,7 +112,7 @@ def txt_policy_id(strings):
     """The ``id`` of the one STSv1 TXT record among ``strings`` (each a
     record's text, its strings joined), or None (RFC 8461 3.1: none, or
     more than one, means no policy)."""
-    found = [text for text in strings if text.startswith("v=STSv1")]
+    found = [text for text in strings if _STS_RECORD.match(text)]
     if len(found) != 1:
         return None
     fields = {}
@@ -187,11 +196,17 @@ class PolicyStore:
         self._pending[domain] = []
         result = defer.ensureDeferred(self._policy(domain))
 
-        def done(policy):
+        def done(outcome):
+            if isinstance(outcome, Failure):
+                # _policy catches what it expects; anything else is a bug,
+                # and its waiters must not wait for ever.
+                log.failure("MTA-STS: looking up the policy of {domain} failed", outcome,
+                            domain=domain)
+                outcome = None
             for waiting in self._pending.pop(domain):
-                waiting.callback(policy)
-            return policy
-        return result.addCallback(done)
+                waiting.callback(outcome)
+            return outcome
+        return result.addBoth(done)
 
     async def _policy(self, domain):
         now = self._clock()
@@ -211,7 +226,7 @@ class PolicyStore:
             # RFC 8461 3.3 and 10.2: a policy still in date applies
             # without its TXT record, or stripping the record would undo it.
             return cached
-        if cached is not None and cached.policy_id == policy_id:
+        if cached is not None and cached.policy_id == policy_id and not cached.stale(now):
             return cached
         try:
             policy = await self._fetch(domain, policy_id, now)
@@ -288,7 +303,14 @@ class PolicyStore:
 
     # -- the fetch ------------------------------------------------------------
 
-    async def _fetch(self, domain, policy_id, now):
+    def _fetch(self, domain, policy_id, now):
+        """The policy by HTTPS, the whole fetch (lookup, connection,
+        headers and body) bounded by ``timeout``: a policy host that
+        trickles its answer must not hold the destination's deliveries."""
+        fetching = defer.ensureDeferred(self._fetch_within(domain, policy_id, now))
+        return fetching.addTimeout(self._timeout, self._reactor)
+
+    async def _fetch_within(self, domain, policy_id, now):
         host = f"mta-sts.{domain}"
         address = await self._address(host)
         trust = tls.load_trust_roots(self._ca_file) if self._ca_file else platformTrust()
@@ -299,24 +321,18 @@ class PolicyStore:
             endpoint_kind(self._reactor, address, self._port, timeout=self._timeout))
         agent = Agent.usingEndpointFactory(self._reactor, _OneEndpoint(endpoint))
         url = f"https://{host}:{self._port}/.well-known/mta-sts.txt".encode("ascii")
-        request = agent.request(b"GET", url)
-        timer = self._reactor.callLater(self._timeout, request.cancel)
-        try:
-            response = await request
-            # RFC 8461 3.3: no redirects, 200 only, text/plain.
-            if response.code != 200:
-                response.deliverBody(_Discard())
-                raise PolicyError(f"HTTPS answered {response.code} {response.phrase!r}")
-            media = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-            if media.split(b";")[0].strip().lower() != b"text/plain":
-                response.deliverBody(_Discard())
-                raise PolicyError(f"Content-Type is {media!r}, not text/plain")
-            body = defer.Deferred()
-            response.deliverBody(_LimitedBody(body, BODY_LIMIT))
-            text = await body
-        finally:
-            if timer.active():
-                timer.cancel()
+        response = await agent.request(b"GET", url)
+        # RFC 8461 3.3: no redirects, 200 only, text/plain.
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            raise PolicyError(f"HTTPS answered {response.code} {response.phrase!r}")
+        media = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        if media.split(b";")[0].strip().lower() != b"text/plain":
+            response.deliverBody(_Discard())
+            raise PolicyError(f"Content-Type is {media!r}, not text/plain")
+        reader = _LimitedBody(BODY_LIMIT)
+        response.deliverBody(reader)
+        text = await reader.finished
         try:
             decoded = text.decode("utf-8")
         except UnicodeDecodeError:
@@ -371,11 +387,18 @@ class _OneEndpoint:
 
 
 class _LimitedBody(protocol.Protocol):
-    def __init__(self, finished, limit):
-        self._finished = finished
+    """The body, up to ``limit`` bytes; cancelling ``finished`` (the
+    fetch's deadline) drops the connection."""
+
+    def __init__(self, limit):
+        self.finished = self._finished = defer.Deferred(canceller=self._cancelled)
         self._limit = limit
         self._data = []
         self._size = 0
+
+    def _cancelled(self, _):
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data):
         self._size += len(data)

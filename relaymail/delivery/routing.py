@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names.error import (
     AuthoritativeDomainError, DNSFormatError, DNSNameError,
@@ -33,6 +34,8 @@ from relaymail.delivery.client import Hop
 from relaymail.delivery.mta_sts import PolicyStore
 from relaymail.delivery.secure_dns import DNSLookupError, SecureResolver
 from relaymail.queue import layout
+
+log = Logger(namespace="relaymail.delivery")
 
 # Addresses handed to the client for one destination.  Postfix caps
 # addresses at smtp_mx_address_limit (5) and sessions at
@@ -171,6 +174,11 @@ class Router:
         built_here = resolver is None and reactor is not None
         if secure_resolver is None and built_here:
             secure_resolver = SecureResolver.from_resolv_conf(reactor)
+            distrust = secure_resolver.describe_distrust()
+            if distrust and not self._smarthost:
+                # Said once, where MX delivery happens; a smarthost set-up
+                # (the common one) has no use for it.
+                log.info("{text}", text=distrust)
         self._secure = secure_resolver
         if resolver is None:
             # The system resolver (/etc/resolv.conf, /etc/hosts, a cache);
@@ -449,11 +457,18 @@ class Router:
             security = tls_policy.configured(level)
             return [dataclasses.replace(hop, security=security) for hop in hops]
         policy = None
-        if self._sts is not None and any(hop.security is None for hop in hops):
+        if self._sts is not None and any(hop.security is None or not hop.security.verifies
+                                         for hop in hops):
             policy = await self._sts.policy(destination.host)
         kept, left_out = [], []
         for hop in hops:
-            security = hop.security or tls_policy.sts_security(policy, hop.name)
+            security = hop.security
+            if security is None or not security.verifies:
+                # No DANE, or TLSA records none of which is usable (plain
+                # text forbidden, nothing to check): MTA-STS may ask more.
+                from_sts = tls_policy.sts_security(policy, hop.name)
+                if security is None or from_sts is None or from_sts.verifies:
+                    security = from_sts
             if security is None:
                 left_out.append(hop.name)
             elif security == tls_policy.OPPORTUNISTIC:

@@ -8,14 +8,16 @@ whether the answer validated) and EDNS with DO (RFC 3225), to each
 nameserver of ``/etc/resolv.conf`` in turn, over UDP and again over TCP
 when the answer was truncated.
 
-The AD bit is only as good as the path to the resolver: as Postfix's
-``smtp_dns_support_level = dnssec`` does, relaymail trusts the resolvers
-it is configured with, which should be a validating resolver on this host
-(unbound, or systemd-resolved with DNSSEC on) so that no one on the
-network can set the bit.  With a resolver that does not validate, no
-answer is authenticated and DANE simply never applies.
+The AD bit is only as good as the path to the resolver: anyone between
+us and a remote resolver can set it.  So, as glibc does (resolv.conf(5)),
+it is believed only from nameservers on this host (127.0.0.0/8, ::1:
+unbound, systemd-resolved with DNSSEC on) or when resolv.conf says
+``options trust-ad``; otherwise no answer is authenticated and DANE never
+applies.  With a local resolver that does not validate, the same.
 """
 
+import io
+import ipaddress
 import random
 import struct
 from dataclasses import dataclass
@@ -56,16 +58,37 @@ class Answer:
 def nameservers(path="/etc/resolv.conf"):
     """The ``(address, 53)`` of each ``nameserver`` line of ``path``;
     127.0.0.1 when there is none or the file is missing (resolv.conf(5))."""
-    servers = []
+    return _read_resolv_conf(path)[0]
+
+
+def _read_resolv_conf(path):
+    """``(servers, trust_ad)`` from resolv.conf."""
+    servers, trust_ad = [], False
     try:
         with open(path, encoding="ascii", errors="replace") as file:
             for line in file:
                 fields = line.split()
                 if len(fields) >= 2 and fields[0] == "nameserver":
                     servers.append((fields[1], 53))
+                elif fields and fields[0] == "options" and "trust-ad" in fields[1:]:
+                    trust_ad = True
     except OSError:
         pass
-    return servers or [("127.0.0.1", 53)]
+    return servers or [("127.0.0.1", 53)], trust_ad
+
+
+def trusts_ad(path="/etc/resolv.conf"):
+    """Whether the AD bit of resolv.conf's nameservers is believed: all on
+    this host, or ``options trust-ad``."""
+    servers, trust_ad = _read_resolv_conf(path)
+    return trust_ad or all(_is_loopback(address) for address, _ in servers)
+
+
+def _is_loopback(address):
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class SecureResolver:
@@ -75,17 +98,30 @@ class SecureResolver:
     :param reactor: the reactor to send from.
     :param timeout: seconds per server per round.
     :param rng: ``random.Random`` for query ids (tests may seed it).
+    :param trust_ad: False to count no answer as authenticated (the AD
+        bit could be forged on the way from a remote resolver).
     """
 
-    def __init__(self, servers, reactor, timeout=DEFAULT_TIMEOUT, rng=None):
+    def __init__(self, servers, reactor, timeout=DEFAULT_TIMEOUT, rng=None, trust_ad=True):
         self._servers = list(servers)
+        self.trust_ad = trust_ad
         self._reactor = reactor
         self._timeout = tuple(timeout)
         self._rng = rng or random.SystemRandom()
 
     @classmethod
     def from_resolv_conf(cls, reactor, path="/etc/resolv.conf"):
-        return cls(nameservers(path), reactor)
+        servers, _ = _read_resolv_conf(path)
+        return cls(servers, reactor, trust_ad=trusts_ad(path))
+
+    def describe_distrust(self, path="/etc/resolv.conf"):
+        """The log line saying why no answer is authenticated, or None."""
+        if self.trust_ad:
+            return None
+        servers = ", ".join(address for address, _ in self._servers)
+        return (f"DANE: the AD bit of {servers} is not believed (not on this host, and no "
+                f"'options trust-ad' in {path}): no TLSA record is used; run a validating "
+                "resolver on this host")
 
     def lookup(self, name, record_type):
         """A Deferred firing with the :class:`Answer` for ``name`` (str)
@@ -108,10 +144,11 @@ class SecureResolver:
                 except DNSLookupError as exc:
                     problems.append(f"{server[0]}: {exc}")
                     continue
+                authenticated = self.trust_ad and bool(message.authenticData)
                 if message.rCode == dns.OK:
-                    return Answer(tuple(message.answers), bool(message.authenticData))
+                    return Answer(tuple(message.answers), authenticated)
                 if message.rCode == dns.ENAME:
-                    return Answer((), bool(message.authenticData), nxdomain=True)
+                    return Answer((), authenticated, nxdomain=True)
                 problems.append(f"{server[0]}: {_rcode_name(message.rCode)}")
                 # SERVFAIL from a validating resolver is how a bogus
                 # answer looks: asking again will not change it.
@@ -121,7 +158,13 @@ class SecureResolver:
 
     async def _ask(self, server, name, record_type, timeout, edns=True):
         query_id = self._rng.randrange(1, 65536)
-        query = dns.Query(name, record_type, dns.IN)
+        try:
+            query = dns.Query(name, record_type, dns.IN)
+            dns.Name(name).encode(io.BytesIO())
+        except Exception as exc:
+            # A name no query can carry (a hostile MX target's label of
+            # escaped octets past 63 characters): an answer, not a crash.
+            raise DNSLookupError(f"cannot ask for {name!r}: {exc}") from None
         if edns:
             request = dns._EDNSMessage(
                 id=query_id, recDes=True, authenticData=True, dnssecOK=True,

@@ -24,9 +24,11 @@ Policies follow Postfix's ``smtp_tls_security_level``:
 
 import re
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
+from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import error, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
@@ -87,6 +89,38 @@ class _WithServerName:
         connection.set_tlsext_host_name(self._server_name)
         connection.set_connect_state()
         return connection
+
+
+def pkix_problem(chain_der, server_name, ca_file=None):
+    """What ``verify`` would refuse in a chain (DER, leaf first) for
+    ``server_name``, in describe_failure's words, or None when it would
+    take it: the chain up to ``ca_file`` (else the platform's roots), the
+    dates, the name."""
+    if not chain_der:
+        return "server certificate verification failed: no certificate"
+    certificates = [x509.load_der_x509_certificate(der) for der in chain_der]
+    store = crypto.X509Store()
+    if ca_file:
+        with open(ca_file, "rb") as file:
+            for block in _PEM_CERTIFICATE.findall(file.read()):
+                store.add_cert(crypto.X509.from_cryptography(
+                    x509.load_pem_x509_certificate(block)))
+    else:
+        store.set_default_paths()
+    try:
+        crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(certificates[0]),
+            chain=[crypto.X509.from_cryptography(c) for c in certificates[1:]]
+        ).verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        if "expired" in str(exc):
+            return f"server certificate has expired: {exc}"
+        return "server certificate verification failed: untrusted or invalid certificate chain"
+    try:
+        verify_certificate_hostname(certificates[0], server_name)
+    except VerificationError:
+        return f"server certificate does not match the host name {server_name}"
+    return None
 
 
 def peer_chain(transport):

@@ -215,7 +215,10 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     note = _note(reporting_mta, record["id"], arrival, failed, delayed,
                  retry_until, cut, utf8, double=postmaster is not None, succeeded=succeeded)
     report = _report(reporting_mta, arrival, recipients, retry_until, utf8, envid)
-    whole = _whole_message(message_path, record, failed)
+    # RFC 8689 4.3: a notice about REQUIRETLS mail travels under REQUIRETLS
+    # itself, and never carries the message body (RET=FULL or not).
+    requiretls = bool(original.get("requiretls"))
+    whole = None if requiretls else _whole_message(message_path, record, failed)
     if whole is not None:
         returned_type = "message/global" if utf8 else "message/rfc822"
         returned_encoding, returned = _identity_encoding_of(whole), whole
@@ -267,6 +270,7 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
         body="8BITMIME" if utf8 or not message.isascii() else "7BIT",
         smtputf8=utf8,
         received_at=now,
+        requiretls=requiretls,
     )
     return envelope, message
 
