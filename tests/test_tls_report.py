@@ -62,6 +62,7 @@ class PartsTests(unittest.TestCase):
         self.assertEqual(rua_targets(["v=TLSRPTv1; rua=mailto:a@r.test",
                                       "v=TLSRPTv1; rua=mailto:b@r.test"]), [])
         self.assertEqual(rua_targets(["v=spf1 -all"]), [])
+        self.assertEqual(rua_targets(["v=TLSRPTv10; rua=mailto:a@r.test"]), [])
         many = ",".join(f"mailto:{n}@r.test" for n in range(9))
         self.assertEqual(len(rua_targets([f"v=TLSRPTv1; rua={many}"])), tls_report.MAX_RUA)
 
@@ -77,7 +78,11 @@ class PartsTests(unittest.TestCase):
         second.success(HopSecurity("may", "may", domain="dane.test"), "mx.dane.test")
         first.flush()
         second.flush()
-        self.assertEqual(sorted(os.listdir(directory)), [f"{DAY}.11.json", f"{DAY}.22.json"])
+        # Named by pid and start: a pid used again the same day gets a file of its own.
+        self.assertEqual(sorted(os.listdir(directory)),
+                         [f"{DAY}.11126400000.json", f"{DAY}.22126400000.json"])
+        later = TLSReportRecorder(directory, clock=lambda: NOON + 60, pid=11)
+        self.assertEqual(later.token, "11126460000")
         total = merged([os.path.join(directory, n) for n in os.listdir(directory)])
         report = build_report(DAY, "dane.test", total, "relay.test", "postmaster@relay.test")
         self.assertEqual(report, {
@@ -192,7 +197,7 @@ class ReportingTests(test_tls_policy.PolicyHarness, unittest.TestCase):
         attachment = [p for p in parsed.iter_attachments()][0]
         self.assertEqual(attachment.get_content_type(), "application/tlsrpt+gzip")
         self.assertEqual(attachment.get_filename(),
-                         "relay.test!dane.test!1796083200!1796169599!2026-12-01T000000Z.json.gz")
+                         "relay.test!dane.test!1796083200!1796169599!1.json.gz")
         report = json.loads(gzip.decompress(attachment.get_content()))
         [policy] = report["policies"]
         self.assertEqual(policy["policy"]["policy-type"], "tlsa")
@@ -263,6 +268,39 @@ class ReportingTests(test_tls_policy.PolicyHarness, unittest.TestCase):
         first = yield self.queue("a@example.org", ["bob@sts.test"])
         yield self.outcome_line(first, "bob@sts.test")
         self.assertEqual(self.counted(), {("sts", "sts.test"): (1, {})})
+
+
+    @defer.inlineCallbacks
+    def test_a_record_that_cannot_be_looked_up_is_tried_again_later(self):
+        pair = certs.self_signed("mx.dane.test")
+        self.start_reporting([TLSARecord(3, 1, 1, spki_sha256(pair))])
+        hop = self.hop("127.0.0.1", certs.self_signed("mx.reports.test"))
+        self.hop("127.0.0.2", pair)
+        first = yield self.queue("a@example.org", ["bob@dane.test"])
+        yield self.outcome_line(first, "bob@dane.test")
+        self.now = NEXT_DAY
+        self.recorder.flush()
+        self.dns.servfail.add("_smtp._tls.dane.test")
+        yield defer.ensureDeferred(self.reporter.send_due())
+        [kept] = [n for n in os.listdir(self.reports) if n.endswith(".json")]
+        self.assertTrue(kept.startswith(f"{DAY}."))
+        self.dns.servfail.discard("_smtp._tls.dane.test")
+        yield defer.ensureDeferred(self.reporter.send_due())
+        self.assertEqual(os.listdir(self.reports), [])
+        yield self.until(lambda: any(m["recipients"] == ["tls@reports.test"]
+                                     for m in hop.messages), "the report mail")
+
+    @defer.inlineCallbacks
+    def test_a_mailto_at_an_address_literal_is_refused(self):
+        self.start_reporting([])
+        self.now = NEXT_DAY
+        queued = []
+        self.reporter._queue_message = lambda envelope, message: queued.append(envelope)
+        with self.assertRaises(ValueError):
+            yield defer.ensureDeferred(self.reporter._mail(
+                {"report-id": "x", "date-range": {"start-datetime": DAY + "T00:00:00Z"},
+                 "policies": []}, b"", "mailto:a%00b@[10.0.0.1]"))
+        self.assertEqual(queued, [])
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

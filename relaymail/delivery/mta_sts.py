@@ -53,6 +53,9 @@ BODY_LIMIT = 64 * 1024
 #: Seconds for the whole fetch (RFC 8461 3.3 suggests about a minute);
 #: a slow policy host delays only this destination's first delivery.
 FETCH_TIMEOUT = 60
+#: Seconds before a failed fetch is tried again: meanwhile deliveries use
+#: the cached policy (or none) without waiting on a host that is down.
+RETRY_AFTER = 300
 
 _TXT_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 #: RFC 8461 3.1: the record starts with this field ("v=STSv10" does not).
@@ -180,6 +183,8 @@ class PolicyStore:
         self._timeout = timeout
         self._memory = {}
         self._pending = {}
+        #: domain -> when a failed fetch may be tried again.
+        self._refresh_after = {}
         #: A relaymail.delivery.tls_report.TLSReportRecorder, or None.
         self._tls_report = tls_report
 
@@ -226,8 +231,11 @@ class PolicyStore:
             # RFC 8461 3.3 and 10.2: a policy still in date applies
             # without its TXT record, or stripping the record would undo it.
             return cached
-        if cached is not None and cached.policy_id == policy_id and not cached.stale(now):
+        if cached is not None and cached.policy_id == policy_id and (
+                not cached.stale(now) or now < self._refresh_after.get(domain, 0)):
             return cached
+        if cached is None and now < self._refresh_after.get(domain, 0):
+            return None             # failed a moment ago: not every delivery waits on it
         try:
             policy = await self._fetch(domain, policy_id, now)
         except Exception as exc:
@@ -236,7 +244,9 @@ class PolicyStore:
                      error=_describe(exc),
                      using="using the cached policy" if cached else "no policy")
             self._report_failure(domain, exc)
+            self._refresh_after[domain] = now + RETRY_AFTER
             return cached
+        self._refresh_after.pop(domain, None)
         self._remember(domain, policy)
         log.info("MTA-STS: policy of {domain}: {policy}", domain=domain,
                  policy=sanitize.escape(str(policy)))

@@ -31,13 +31,15 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.names import dns
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.names.error import AuthoritativeDomainError, DNSNameError
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from relaymail import sanitize
+from relaymail.config import domain as config_domain
 from relaymail.envelope import Envelope
 from relaymail.queue.layout import TLS_REPORT_LOCK
 
@@ -62,8 +64,14 @@ REPORT_DELAY = 600
 #: At most this many rua destinations per domain are sent to: the record
 #: is the domain's, the mail is ours.
 MAX_RUA = 5
+#: Seconds one HTTPS report may take, connection to answer.
+SEND_TIMEOUT = 60
+#: Days a report whose record could not be looked up is kept and tried again.
+RETRY_DAYS = 3
 
 _DAY = re.compile(r"(\d{4}-\d{2}-\d{2})\.\d+\.json\Z")
+#: RFC 8460 3: the record starts with this field ("v=TLSRPTv10" does not).
+_TLSRPT_RECORD = re.compile(r"v=TLSRPTv1[ \t]*(;|$)")
 
 
 def policy_type(security_policy):
@@ -104,16 +112,22 @@ class TLSReportRecorder:
     def __init__(self, directory, clock=time.time, pid=None):
         self.directory = directory
         self._clock = clock
-        self._pid = pid if pid is not None else os.getpid()
+        pid = pid if pid is not None else os.getpid()
+        # The pid and when this process began: a pid used again later the
+        # same day (a container's small pids) must not overwrite the file
+        # of the process that had it before.  Digits only, as the layout's
+        # name pattern says.
+        self.token = f"{pid}{int(clock() * 1000) % 10**9:09d}"
         # day -> (policy-type, domain, policy-string tuple) -> counts
         self._days = {}
         self._dirty = set()
 
     def _entry(self, security):
         kind = policy_type(security.policy)
-        day = self._days.setdefault(_day_of(self._clock()), {})
+        today = _day_of(self._clock())
+        day = self._days.setdefault(today, {})
         key = (kind, security.domain, tuple(security.policy_strings))
-        self._dirty.add(_day_of(self._clock()))
+        self._dirty.add(today)
         return day.setdefault(key, {"mx": set(), "success": 0, "failures": {}})
 
     def reported(self, security):
@@ -142,33 +156,40 @@ class TLSReportRecorder:
         today once written.  Blocking, but small and once a minute."""
         today = _day_of(self._clock())
         for day in sorted(self._dirty):
-            self._write(day, self._days.get(day, {}))
-        self._dirty.clear()
-        for day in [d for d in self._days if d < today]:
+            if write_counts(os.path.join(self.directory, f"{day}.{self.token}.json"),
+                            self._days.get(day, {})):
+                self._dirty.discard(day)
+        # A day is forgotten only once it is written: a failed write is
+        # tried again at the next flush.
+        for day in [d for d in self._days if d < today and d not in self._dirty]:
             del self._days[day]
 
-    def _write(self, day, policies):
-        path = os.path.join(self.directory, f"{day}.{self._pid}.json")
-        data = [{"policy-type": kind, "policy-domain": domain, "policy-string": list(strings),
-                 "mx-host": sorted(entry["mx"]), "success": entry["success"],
-                 "failures": [{"result-type": result, "receiving-mx-hostname": mx,
-                               "receiving-ip": ip, "count": count}
-                              for (result, mx, ip), count in sorted(entry["failures"].items())]}
-                for (kind, domain, strings), entry in sorted(policies.items())]
-        temporary = f"{path}.tmp"
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            with open(temporary, "w", encoding="utf-8") as file:
-                json.dump(data, file)
-            os.replace(temporary, path)
-        except OSError as exc:
-            log.warn("TLS-RPT: cannot write {path}: {error}", path=path, error=exc)
+
+def write_counts(path, policies):
+    """Write ``policies`` (as the recorder keeps them) to ``path``,
+    atomically; True when it was written."""
+    data = [{"policy-type": kind, "policy-domain": domain, "policy-string": list(strings),
+             "mx-host": sorted(entry["mx"]), "success": entry["success"],
+             "failures": [{"result-type": result, "receiving-mx-hostname": mx,
+                           "receiving-ip": ip, "count": count}
+                          for (result, mx, ip), count in sorted(entry["failures"].items())]}
+            for (kind, domain, strings), entry in sorted(policies.items())]
+    temporary = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(data, file)
+        os.replace(temporary, path)
+    except OSError as exc:
+        log.warn("TLS-RPT: cannot write {path}: {error}", path=path, error=exc)
+        return False
+    return True
 
 
 def rua_targets(strings):
     """The ``rua`` URIs of the one TLSRPTv1 TXT record among ``strings``,
     or [] (RFC 8460 3: none, or several, means no reports)."""
-    found = [text for text in strings if text.startswith("v=TLSRPTv1")]
+    found = [text for text in strings if _TLSRPT_RECORD.match(text)]
     if len(found) != 1:
         return []
     fields = {}
@@ -227,8 +248,12 @@ def build_report(day, domain, policies, organization, contact):
                         "total-failure-session-count": sum(failures.values())},
         }
         if failures:
+            # Fields not known (a policy fetch fails before any host is
+            # chosen) are left out, not given empty.
             policy["failure-details"] = [
-                {"result-type": result, "receiving-mx-hostname": mx, "receiving-ip": ip,
+                {"result-type": result,
+                 **({"receiving-mx-hostname": mx} if mx else {}),
+                 **({"receiving-ip": ip} if ip else {}),
                  "failed-session-count": count}
                 for (result, mx, ip), count in sorted(failures.items())]
         report["policies"].append(policy)
@@ -260,10 +285,11 @@ def report_message(report, gzipped, organization, contact, recipient, now):
     message.add_attachment(gzipped, maintype="application", subtype="tlsrpt+gzip",
                            filename=report_file_name(organization, domain,
                                                      report["date-range"]["start-datetime"][:10],
-                                                     report["report-id"].split("_")[0]
-                                                     .replace(":", "")))
-    message.replace_header("Content-Type", 'multipart/report; report-type="tlsrpt"; '
-                                           f'boundary="{message.get_boundary()}"')
+                                                     "1"))
+    # multipart/mixed made by add_attachment becomes multipart/report; the
+    # generator picks a boundary that the parts do not contain.
+    message.set_type("multipart/report")
+    message.set_param("report-type", "tlsrpt")
     return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
 
 
@@ -302,10 +328,18 @@ class TLSReporter(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self.recorder.flush()
+        if self._sending is None:
+            self._release_lock()
+            return None
+        # The lock is let go only once sending is over: released earlier,
+        # another process would send the same day's files again.  Every
+        # send has a deadline (SEND_TIMEOUT), so a stop waits that long at most.
+        return self._sending.addBoth(lambda _: self._release_lock())
+
+    def _release_lock(self):
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        return self._sending
 
     def tick(self):
         """One minute's work: write the counts; send what is due."""
@@ -353,29 +387,48 @@ class TLSReporter(service.Service):
         return dict(sorted(days.items()))
 
     async def send_due(self):
-        """Send every due day's reports, then remove its files."""
+        """Send every due day's reports, then remove its files; a domain
+        whose record could not be looked up (a timeout, SERVFAIL) is kept
+        for the next tick, for up to RETRY_DAYS."""
         for day, paths in self.due_days().items():
             by_domain = {}
             for key, entry in merged(paths).items():
                 by_domain.setdefault(key[1], {})[key] = entry
+            left = {}
             for domain, policies in sorted(by_domain.items()):
-                await self._send(day, domain, policies)
+                if not await self._send(day, domain, policies):
+                    left.update(policies)
+            if left and day >= _day_of(self._clock() - RETRY_DAYS * 86400):
+                # Written before the old files go, under a name of our own.
+                if not write_counts(os.path.join(self.recorder.directory,
+                                                 f"{day}.{self.recorder.token}.json"), left):
+                    continue
             for path in paths:
+                if os.path.basename(path).startswith(f"{day}.{self.recorder.token}."):
+                    if left:
+                        continue        # the file just written
                 try:
                     os.unlink(path)
-                except OSError:
+                except FileNotFoundError:
                     pass
+                except OSError as exc:
+                    log.warn("TLS-RPT: cannot remove {path}: {error}", path=path, error=exc)
 
     async def _send(self, day, domain, policies):
+        """Send ``domain`` its report; False when it should be tried again."""
         try:
             answers, _, _ = await self._resolver.lookupText(f"_smtp._tls.{domain}")
-        except Exception:
-            return                  # no record, no report
+        except (DNSNameError, AuthoritativeDomainError):
+            return True             # NXDOMAIN, or no TXT: no record, no report
+        except Exception as exc:
+            log.info("TLS-RPT: _smtp._tls.{domain} not looked up ({error}); tried again later",
+                     domain=domain, error=sanitize.escape(str(exc) or type(exc).__name__))
+            return False
         strings = [b"".join(rr.payload.data).decode("ascii", "replace")
                    for rr in answers if rr.type == dns.TXT]
         targets = rua_targets(strings)
         if not targets:
-            return
+            return True
         report = build_report(day, domain, policies, self.organization, self.contact)
         gzipped = gzip.compress(json.dumps(report).encode("utf-8"), mtime=0)
         for target in targets:
@@ -391,22 +444,44 @@ class TLSReporter(service.Service):
                 continue
             log.info("TLS-RPT: report for {domain} ({day}) sent to {target}", domain=domain,
                      day=day, target=sanitize.escape(target))
+        return True
 
     async def _mail(self, report, gzipped, target):
         address = urllib.parse.unquote(target[len("mailto:"):].split("?", 1)[0])
-        if "@" not in address or any(c in address for c in "<>\r\n \t,"):
-            raise ValueError(f"not an address: {address!r}")
+        local, at, domain_part = address.rpartition("@")
+        if (not at or not local or domain_part.startswith("[")
+                or not all("!" <= c <= "~" for c in local) or any(c in local for c in '<>"\\')):
+            # No address literal: the domain's record must not point our
+            # relay at an internal host by number.
+            raise ValueError(f"not a mailbox at a domain: {address!r}")
+        address = f"{local}@{config_domain(domain_part)}"
         message = report_message(report, gzipped, self.organization, self.contact, address,
                                  self._clock())
         envelope = Envelope(sender=self.contact, recipients=[address], tls_optional=True)
         await self._queue_message(envelope, message)
 
-    async def _post(self, gzipped, target):
-        agent = self._agent or Agent(self._reactor)
+    def _post(self, gzipped, target):
+        """POST the report; one deadline over connecting, sending and the
+        answer, whose body is read only to its first BODY_LIMIT bytes."""
+        posting = defer.ensureDeferred(self._post_within(gzipped, target))
+        return posting.addTimeout(SEND_TIMEOUT, self._reactor)
+
+    async def _post_within(self, gzipped, target):
+        agent = self._agent or Agent(self._reactor, connectTimeout=SEND_TIMEOUT)
         response = await agent.request(
             b"POST", target.encode("ascii"),
             Headers({b"content-type": [b"application/tlsrpt+gzip"]}),
             FileBodyProducer(io.BytesIO(gzipped)))
-        await readBody(response)
+        response.deliverBody(_Discard())
         if not 200 <= response.code < 300:
             raise ValueError(f"HTTPS answered {response.code}")
+
+
+class _Discard(protocol.Protocol):
+    """An answer's body, not kept (a hostile server may send without end)."""
+
+    def dataReceived(self, data):
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        pass
