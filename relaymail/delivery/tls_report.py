@@ -4,8 +4,9 @@ to the domains that ask.
 Counting.  Every session towards an MX host held to a domain's DANE or
 MTA-STS policy ends as one success or one failure with an RFC 8460 4.3
 result type.  Each delivery process counts in memory, per UTC day and
-policy, and writes its counts to ``QUEUE/tls-rpt/DAY.PID.json`` every
-minute and when it stops (so a crash loses at most a minute).
+policy, and writes its counts to ``QUEUE/tls-rpt/DAY.TOKEN.json`` (TOKEN:
+its pid and when it began) every minute and when it stops (so a crash
+loses at most a minute).
 
 Reporting.  Once a day is over (and ten minutes more, for every process to
 have written it), one process -- whichever holds ``QUEUE/tls-rpt/lock`` --

@@ -75,7 +75,7 @@ MTA_STS = "mta-sts"
 #: A cached policy's name there: the domain (lower-case A-labels), and
 #: the temporary a new copy is written to before it is renamed.
 MTA_STS_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,252}\.json(\.[0-9]+\.tmp)?\Z")
-#: TLS-RPT counts (relaymail.delivery.tls_report): DAY.PID.json per
+#: TLS-RPT counts (relaymail.delivery.tls_report): DAY.TOKEN.json per
 #: process, its temporary, and the lock of the process that sends.
 TLS_REPORTS = "tls-rpt"
 TLS_REPORT_LOCK = "lock"
