@@ -7,6 +7,7 @@ can be made to answer SERVFAIL (a bogus signature) or a forged id.
 """
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.names import dns
 from twisted.trial import unittest
@@ -58,12 +59,19 @@ class ValidatingServer(RecordingServer):
 def serve(case, server):
     """Listen with ``server`` on UDP and TCP at one loopback port; return
     the port."""
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(server), interface="127.0.0.1")
-    case.addCleanup(udp.stopListening)
-    port = udp.getHost().port
-    tcp = reactor.listenTCP(port, server, interface="127.0.0.1")
-    case.addCleanup(tcp.stopListening)
-    return port
+    for _ in range(20):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(server), interface="127.0.0.1")
+        port = udp.getHost().port
+        try:
+            tcp = reactor.listenTCP(port, server, interface="127.0.0.1")
+        except CannotListenError:
+            # The UDP port's TCP twin is someone else's: pick another.
+            udp.stopListening()
+            continue
+        case.addCleanup(udp.stopListening)
+        case.addCleanup(tcp.stopListening)
+        return port
+    raise AssertionError("no loopback port free for both UDP and TCP")
 
 
 ZONE = {

@@ -400,12 +400,10 @@ class OutboundSession:
         try:
             chain = tls.peer_chain(self._connection.transport)
         except Exception as exc:
-            chain, unreadable = [], f"{type(exc).__name__}: {exc}"
+            match = dane.Match(False, text=f"unreadable certificate chain "
+                                           f"({type(exc).__name__}: {exc})")
         else:
-            unreadable = None
-        match = dane.match_chain(security.tlsa, chain, list(security.names))
-        if unreadable is not None:
-            match = dane.Match(False, text=f"unreadable certificate chain ({unreadable})")
+            match = dane.match_chain(security.tlsa, chain, list(security.names))
         if not match.ok:
             self._connection.abort()
             raise self._error("4.7.5", f"DANE: the certificate of {self.remote} matches none "

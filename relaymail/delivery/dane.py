@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import crypto
-from service_identity import VerificationError
-from service_identity.cryptography import verify_certificate_hostname
 from twisted.names import dns
 
+from relaymail.delivery import tls
 from relaymail.delivery.secure_dns import DNSLookupError
 
 #: The TLSA resource record type (RFC 6698 7.1); twisted.names has no
@@ -179,16 +178,9 @@ def _verified_to(leaf, chain, anchor, names):
     store.add_cert(crypto.X509.from_cryptography(anchor))
     # The anchor may be an intermediate: a chain ending at it is complete.
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
-    others = [crypto.X509.from_cryptography(c) for c in chain[1:] if c is not anchor]
-    try:
-        crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf),
-                                chain=others).verify_certificate()
-    except crypto.X509StoreContextError as exc:
-        return f"the chain does not verify up to the DANE-TA certificate: {exc}"
-    for name in names:
-        try:
-            verify_certificate_hostname(leaf, name.rstrip("."))
-            return None
-        except VerificationError:
-            continue
-    return f"the certificate names none of {', '.join(names)}"
+    failure = tls.chain_error(store, [leaf] + [c for c in chain[1:] if c is not anchor])
+    if failure is not None:
+        return f"the chain does not verify up to the DANE-TA certificate: {failure}"
+    if not tls.names_one_of(leaf, names):
+        return f"the certificate names none of {', '.join(names)}"
+    return None

@@ -334,11 +334,11 @@ class PolicyStore:
         response = await agent.request(b"GET", url)
         # RFC 8461 3.3: no redirects, 200 only, text/plain.
         if response.code != 200:
-            response.deliverBody(_Discard())
+            response.deliverBody(tls_report.DiscardBody())
             raise PolicyError(f"HTTPS answered {response.code} {response.phrase!r}")
         media = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if media.split(b";")[0].strip().lower() != b"text/plain":
-            response.deliverBody(_Discard())
+            response.deliverBody(tls_report.DiscardBody())
             raise PolicyError(f"Content-Type is {media!r}, not text/plain")
         reader = _LimitedBody(BODY_LIMIT)
         response.deliverBody(reader)
@@ -427,11 +427,3 @@ class _LimitedBody(protocol.Protocol):
         else:
             self._finished.errback(PolicyError(f"the policy was cut off: "
                                                f"{reason.getErrorMessage()}"))
-
-
-class _Discard(protocol.Protocol):
-    def dataReceived(self, data):
-        pass
-
-    def connectionLost(self, reason):
-        pass

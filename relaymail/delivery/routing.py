@@ -379,7 +379,7 @@ class Router:
         except DNSLookupError as exc:
             raise RoutingError(True, None, _DNS_FAILURE,
                                f"DNS MX lookup for {domain} failed: {exc}") from None
-        if getattr(answer, "nxdomain", False):
+        if answer.nxdomain:
             raise RoutingError(False, None, _NO_SUCH_DOMAIN,
                                f"Host or domain name not found: {domain} (NXDOMAIN)")
         hosts = self._exchangers(domain, answer.records, True)

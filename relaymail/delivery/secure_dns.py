@@ -160,7 +160,7 @@ class SecureResolver:
         query_id = self._rng.randrange(1, 65536)
         try:
             query = dns.Query(name, record_type, dns.IN)
-            dns.Name(name).encode(io.BytesIO())
+            query.name.encode(io.BytesIO())
         except Exception as exc:
             # A name no query can carry (a hostile MX target's label of
             # escaped octets past 63 characters): an answer, not a crash.

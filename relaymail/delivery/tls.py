@@ -101,26 +101,43 @@ def pkix_problem(chain_der, server_name, ca_file=None):
     certificates = [x509.load_der_x509_certificate(der) for der in chain_der]
     store = crypto.X509Store()
     if ca_file:
-        with open(ca_file, "rb") as file:
-            for block in _PEM_CERTIFICATE.findall(file.read()):
-                store.add_cert(crypto.X509.from_cryptography(
-                    x509.load_pem_x509_certificate(block)))
+        for block in pem_certificates(ca_file):
+            store.add_cert(crypto.X509.from_cryptography(x509.load_pem_x509_certificate(block)))
     else:
         store.set_default_paths()
-    try:
-        crypto.X509StoreContext(
-            store, crypto.X509.from_cryptography(certificates[0]),
-            chain=[crypto.X509.from_cryptography(c) for c in certificates[1:]]
-        ).verify_certificate()
-    except crypto.X509StoreContextError as exc:
-        if "expired" in str(exc):
-            return f"server certificate has expired: {exc}"
+    failure = chain_error(store, certificates)
+    if failure is not None:
+        if "expired" in str(failure):
+            return f"server certificate has expired: {failure}"
         return "server certificate verification failed: untrusted or invalid certificate chain"
-    try:
-        verify_certificate_hostname(certificates[0], server_name)
-    except VerificationError:
+    if not names_one_of(certificates[0], [server_name]):
         return f"server certificate does not match the host name {server_name}"
     return None
+
+
+def chain_error(store, chain):
+    """The ``X509StoreContextError`` that checking ``chain``
+    (cryptography certificates, leaf first) against the trust anchors of
+    ``store`` (a pyOpenSSL X509Store) gives, or None when it verifies."""
+    try:
+        crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(chain[0]),
+            chain=[crypto.X509.from_cryptography(c) for c in chain[1:]]).verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        return exc
+    return None
+
+
+def names_one_of(certificate, names):
+    """True when ``certificate`` is valid for one of the host ``names``
+    (RFC 6125, one leading wildcard label)."""
+    for name in names:
+        try:
+            verify_certificate_hostname(certificate, name.rstrip("."))
+            return True
+        except VerificationError:
+            continue
+    return False
 
 
 def peer_chain(transport):
@@ -130,10 +147,15 @@ def peer_chain(transport):
             for certificate in handle.get_peer_cert_chain() or ()]
 
 
+def pem_certificates(path):
+    """The PEM certificate blocks of a bundle file, as bytes."""
+    with open(path, "rb") as file:
+        return _PEM_CERTIFICATE.findall(file.read())
+
+
 def load_trust_roots(path):
     """Every certificate in a PEM bundle, as a Twisted trust root."""
-    with open(path, "rb") as file:
-        blocks = _PEM_CERTIFICATE.findall(file.read())
+    blocks = pem_certificates(path)
     if not blocks:
         raise ValueError(f"no PEM certificate in {path}")
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(block) for block in blocks])

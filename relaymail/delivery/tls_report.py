@@ -473,13 +473,14 @@ class TLSReporter(service.Service):
             b"POST", target.encode("ascii"),
             Headers({b"content-type": [b"application/tlsrpt+gzip"]}),
             FileBodyProducer(io.BytesIO(gzipped)))
-        response.deliverBody(_Discard())
+        response.deliverBody(DiscardBody())
         if not 200 <= response.code < 300:
             raise ValueError(f"HTTPS answered {response.code}")
 
 
-class _Discard(protocol.Protocol):
-    """An answer's body, not kept (a hostile server may send without end)."""
+class DiscardBody(protocol.Protocol):
+    """An HTTP answer's body, not read: the connection is dropped at its
+    first bytes (a hostile server may send without end)."""
 
     def dataReceived(self, data):
         self.transport.stopProducing()

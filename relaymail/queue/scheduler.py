@@ -791,37 +791,39 @@ class Scheduler(service.Service):
         """Write ``message`` (bytes) to the queue with ``envelope`` and
         schedule it, as for mail relaymail writes itself (TLS reports):
         a Deferred firing with its queue id."""
+        def queued(queue_id):
+            self.message_queued(queue_id)
+            return queue_id
+        return self._commit_message(envelope, message, self._clock()).addCallback(queued)
+
+    def _commit_message(self, envelope, message, now):
+        """Write and commit a message of our own making (a DSN, a report),
+        received ``now``; a Deferred firing with its queue id.  The caller
+        schedules it.
+
+        :raise Exception: when the spool refused the write (nothing kept).
+        """
         writer = self.spool.new_message()
         try:
             writer.write(message)
         except Exception:
             writer.abort()
             raise
-        envelope.received_at = self._clock()
-
-        def queued(queue_id):
-            self.message_queued(queue_id)
-            return queue_id
-        return writer.commit(envelope).addCallback(queued)
+        envelope.received_at = now
+        return writer.commit(envelope)
 
     def _queue_dsn(self, queue_id, record, recipients, now, kind, addresses, **extra):
         """Build, write and commit one DSN; ``addresses`` replaces its
         envelope recipients (the expanded postmaster), when given."""
-        writer = None
         try:
             envelope, message = build_dsn(record, self.spool.message_path(queue_id), recipients,
                                           self.hostname, now, **extra)
-            writer = self.spool.new_message()
-            writer.write(message)
+            if addresses is not None:
+                envelope.recipients = list(addresses)
+            d = self._commit_message(envelope, message, now)
         except Exception:
             log.failure("{queue_id}: cannot build the {kind}", queue_id=queue_id, kind=kind)
-            if writer is not None:
-                writer.abort()
             return defer.succeed(False)
-        if addresses is not None:
-            envelope.recipients = list(addresses)
-        envelope.received_at = now
-        d = writer.commit(envelope)
 
         def queued(dsn_id):
             if addresses is None:
