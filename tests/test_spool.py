@@ -55,12 +55,28 @@ def log_text(events):
     return "\n".join(formatEvent(event) for event in events)
 
 
-@pytest.fixture
-def spool(tmp_path):
+def started_spool(case):
+    """A started Spool in a fresh directory, stopped and removed when the
+    trial TestCase ``case`` ends."""
+    directory = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, directory)
+    spool = Spool(os.path.join(directory, "spool"))
+    spool.start()
+    case.addCleanup(spool.stop)
+    return spool
+
+
+def running_spool(tmp_path):
+    """For a fixture: a started Spool in ``tmp_path``, stopped after."""
     spool = Spool(str(tmp_path / "spool"))
     spool.start()
     yield spool
     spool.stop()
+
+
+@pytest.fixture
+def spool(tmp_path):
+    yield from running_spool(tmp_path)
 
 
 # -- layout and interfaces ----------------------------------------------------
@@ -97,7 +113,7 @@ def test_has_room_keeps_min_free_beyond_the_declared_size(tmp_path):
 def test_recover_before_start_creates_the_layout(tmp_path):
     spool = Spool(str(tmp_path / "new" / "spool"))
     assert spool.recover() == []
-    assert listing(spool, "") == ["active", "corrupt", "hold", "tmp"]
+    assert listing(spool, "") == ["active", "corrupt", "hold", "spare", "tmp"]
 
 
 def test_as_a_service_it_recovers_on_start_and_stops(tmp_path):
@@ -524,11 +540,7 @@ class DeferredCommitTests(unittest.TestCase):
     """commit() through the spool's own thread pool."""
 
     def setUp(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
-        self.spool = Spool(os.path.join(directory, "spool"))
-        self.spool.start()
-        self.addCleanup(self.spool.stop)
+        self.spool = started_spool(self)
 
     def begin(self):
         writer = self.spool.new_message()
@@ -544,21 +556,26 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(self.spool.load(queue_id)["size"], len(BODY))
 
     @defer.inlineCallbacks
-    def test_remove_soon_unlinks_both_files_in_the_spools_own_thread(self):
+    def test_remove_soon_takes_both_files_out_in_the_spools_own_thread(self):
         queue_ids = yield defer.gatherResults(
             [self.begin().commit(make_envelope()) for _ in range(20)])
-        unlinked_in = set()
-        real_unlink = os.unlink
+        moved_in = set()
+        real_rename, real_unlink = os.rename, os.unlink
 
-        def watched_unlink(path, *args, **kwargs):
-            unlinked_in.add(threading.current_thread().name)
-            return real_unlink(path, *args, **kwargs)
-        self.patch(os, "unlink", watched_unlink)
+        def watched(real):
+            def call(*args, **kwargs):
+                moved_in.add(threading.current_thread().name)
+                return real(*args, **kwargs)
+            return call
+        self.patch(os, "rename", watched(real_rename))
+        self.patch(os, "unlink", watched(real_unlink))
         removed = yield defer.gatherResults([self.spool.remove_soon(q) for q in queue_ids])
         self.assertEqual(removed, [True] * 20)
         self.assertEqual(listing(self.spool, "active"), [])
+        # Kept in spare/ for new messages (relaymail.queue.spare).
+        self.assertEqual(len(listing(self.spool, "spare")), 40)
         # Never the reactor's thread, which every session shares.
-        self.assertEqual(unlinked_in, {"relaymail-unlink"})
+        self.assertEqual(moved_in, {"relaymail-unlink"})
         self.assertEqual((yield self.spool.remove_soon(queue_ids[0])), False)
 
     @defer.inlineCallbacks

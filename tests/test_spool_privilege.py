@@ -298,6 +298,9 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     os.mkdir(os.path.join(spool, "tls-rpt"))
     for name in ("2026-12-01.4242.json", "2026-12-01.4242.json.tmp", "lock"):
         open(os.path.join(spool, "tls-rpt", name), "w").close()
+    # A delivered message's file kept to be written again.
+    os.makedirs(os.path.join(spool, "spare"), exist_ok=True)
+    open(os.path.join(spool, "spare", "4242.17"), "w").close()
     with socket.socket(socket.AF_UNIX) as control:
         control.bind(os.path.join(spool, "control"))
         hand_over(spool, UID, GID)
@@ -305,7 +308,7 @@ def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     # The socket is left: the relay, as nobody, replaces it at start.
     assert found.pop("control") == 0
     assert found == {name: UID for name in found}
-    assert len(found) == 20
+    assert len(found) == 22
     assert {os.lstat(os.path.join(spool, name)).st_gid for name in found} == {GID}
 
 

@@ -24,6 +24,8 @@ The layout (see :mod:`relaymail.queue.spool` for what each is for)::
     active/     directory           ID.msg, ID.json
     hold/       directory           ID.msg, ID.json
     corrupt/    directory           ID.msg, ID.json, ID-active.msg, ID-hold.json ...
+    spare/      directory           PID.N: files of delivered messages, to be
+                                    written again (relaymail.queue.spare)
 
 ID is a queue id (:mod:`relaymail.queue.queue_id`), XXXXXXXX eight
 lower-case hex digits.  Nothing else belongs, and nothing is nested
@@ -61,12 +63,14 @@ import re
 import stat
 
 from relaymail.queue.queue_id import is_queue_id
+from relaymail.queue.spare import NAME as SPARE_NAME
 
 TMP = "tmp"
 ACTIVE = "active"
 HOLD = "hold"
 CORRUPT = "corrupt"
-DIRECTORIES = (TMP, ACTIVE, HOLD, CORRUPT)
+SPARE = "spare"
+DIRECTORIES = (TMP, ACTIVE, HOLD, CORRUPT, SPARE)
 LOCK_NAME = "lock"
 CONTROL_NAME = "control"
 OFFLINE_ACTIONS_NAME = "offline-actions"
@@ -159,6 +163,8 @@ def expected_kind(directory, name):
         return _TOP.get(name)
     if directory == TLS_REPORTS:
         return _FILE if _TLS_REPORT_NAME.match(name) else None
+    if directory == SPARE:
+        return _FILE if SPARE_NAME.match(name) else None
     if directory == MTA_STS:
         return _FILE if MTA_STS_NAME.match(name) and ".." not in name else None
     stem, suffix = os.path.splitext(name)
