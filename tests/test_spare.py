@@ -119,9 +119,11 @@ def test_two_processes_claiming_at_once_never_get_the_same_file(tmp_path):
         target.mkdir()
         start.wait()
         for number in range(400):
-            fd = files.claim(str(target / f"{number}.msg"))
-            if fd is None:
+            got = files.claim(str(target / f"{number}.msg"))
+            if got is None:
                 return
+            fd, size = got
+            assert size == 3
             claimed[which].append(os.fstat(fd).st_ino)
             os.close(fd)
     threads = [threading.Thread(target=claimer, args=(which,)) for which in (0, 1)]
@@ -154,8 +156,8 @@ def test_an_empty_spare_is_listed_again_only_after_a_pause(tmp_path):
     (directory / "7.0").write_bytes(b"")
     assert files.claim(str(tmp_path / "b")) is None     # not looked at yet
     now[0] += spare.RESCAN_INTERVAL
-    fd = files.claim(str(tmp_path / "c"))
-    assert fd is not None
+    fd, size = files.claim(str(tmp_path / "c"))
+    assert size == 0
     os.close(fd)
     assert (tmp_path / "c").exists() and not (directory / "7.0").exists()
 
@@ -202,3 +204,24 @@ def test_the_masters_start_empties_spare_of_the_last_runs_files(spool):
     assert len(listing(spool, "spare")) == 2
     spool.prepare_for_writers()
     assert listing(spool, "spare") == []
+
+
+def test_inbound_workers_each_claim_only_their_share_of_the_names(tmp_path):
+    directory = tmp_path / "spare"
+    directory.mkdir()
+    for number in range(6):
+        (directory / f"99.{number}").write_bytes(b"")
+    second_of_two = SpareFiles(str(directory), share=(1, 2))
+    taken = []
+    while (got := second_of_two.claim(str(tmp_path / f"new{len(taken)}"))) is not None:
+        os.close(got[0])
+        taken.append(len(taken))
+    assert len(taken) == 3
+    assert sorted(os.listdir(directory)) == ["99.0", "99.2", "99.4"]
+
+
+def test_a_new_message_as_long_as_the_spare_keeps_every_byte(spool):
+    same = b"Subject: same\r\n\r\n" + b"z" * 5000 + b"\r\n"
+    spool.remove(queue_sync(spool, body=same))
+    queue_id = queue_sync(spool, body=same.replace(b"z", b"y"))
+    assert read(spool.message_path(queue_id)) == same.replace(b"z", b"y")

@@ -115,6 +115,9 @@ class Spool(service.Service):
     :param beside_writers: other processes write to the spool while this
         one recovers it (a delivery worker's): the service's recovery then
         leaves their work alone (see :meth:`recover`).
+    :param spare_share: for inbound worker ``index`` of ``count``,
+        ``(index, count)``: the share of ``spare/`` it writes into
+        (relaymail.queue.spare).  None: any spare file.
 
     At start-up call :meth:`recover`, then :meth:`start` (either order
     works; recover() creates the directories it needs).  As a
@@ -130,7 +133,7 @@ class Spool(service.Service):
     log = Logger()
 
     def __init__(self, path, reactor=None, threadpool=None, min_free=0, owns=None,
-                 beside_writers=False):
+                 beside_writers=False, spare_share=None):
         self.path = os.path.abspath(path)
         self.min_free = min_free
         self._owns = owns
@@ -139,14 +142,14 @@ class Spool(service.Service):
         self._active = os.path.join(self.path, "active")
         self._hold = os.path.join(self.path, "hold")
         self._corrupt = os.path.join(self.path, "corrupt")
-        self._spares = SpareFiles(os.path.join(self.path, "spare"))
+        self._spares = SpareFiles(os.path.join(self.path, "spare"), share=spare_share)
         self._reactor = reactor
         self._threadpool = threadpool
         self._owns_threadpool = threadpool is None
         self._active_sync = GroupSync(self._active)
         self._hold_sync = GroupSync(self._hold)
         self._open_ids = set()      # writers neither aborted nor finished
-        self._reused = set()        # those writing into a spare file (see _end_of_data)
+        self._reused = {}           # id: size of the spare file it writes into (_end_of_data)
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
         self._batcher = None
@@ -282,9 +285,9 @@ class Spool(service.Service):
         # A claim renames onto the name, replacing what is there: only a
         # name this process minted and is not writing may take one.  (Ids
         # carry the minting worker's slot, and start-up empties tmp/.)
-        fd = None if queue_id in self._open_ids else self._spares.claim(path)
-        if fd is not None:
-            self._reused.add(queue_id)
+        claimed = None if queue_id in self._open_ids else self._spares.claim(path)
+        if claimed is not None:
+            fd, self._reused[queue_id] = claimed
         else:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
@@ -297,20 +300,23 @@ class Spool(service.Service):
         """Flush the body and, when it was written into a spare file, cut
         off what is left of that file's old message."""
         file.flush()
-        if queue_id in self._reused:
-            os.ftruncate(file.fileno(), file.tell())
+        written = file.tell()
+        if written < self._reused.get(queue_id, 0):
+            os.ftruncate(file.fileno(), written)
 
     def _write_record(self, queue_id, payload):
         """Write a new message's ``tmp/ID.json``, into a spare file if
         there is one (not synced: the batch syncs it)."""
         path = self._in(self._tmp, queue_id, ".json")
-        fd = self._spares.claim(path)
-        if fd is None:
+        claimed = self._spares.claim(path)
+        if claimed is None:
             write_file(path, payload)
             return
+        fd, size = claimed
         try:
             write_all(fd, payload)
-            os.ftruncate(fd, len(payload))
+            if len(payload) < size:
+                os.ftruncate(fd, len(payload))
         finally:
             os.close(fd)
 
@@ -436,7 +442,7 @@ class Spool(service.Service):
 
     def _writer_done(self, queue_id):
         self._open_ids.discard(queue_id)
-        self._reused.discard(queue_id)
+        self._reused.pop(queue_id, None)
 
     def _batched(self, item):
         """Hand a commit to the commit thread; :meth:`stop` waits for it."""
