@@ -120,19 +120,16 @@ class SpareFiles:
             if claimed is not None:
                 return claimed
 
-    def retire(self, path, keep=True):
+    def retire(self, path):
         """Take the file at ``path`` out of the queue: into ``spare/`` when
-        ``keep`` and it is small enough, else unlink it.
+        it is small enough, else unlink it.
 
-        :param keep: False for a file that must really go (its size is then
-            not looked at).
         :return: True if there was a file at ``path``.
         """
-        if keep:
-            try:
-                keep = os.lstat(path).st_size <= MAX_SIZE
-            except FileNotFoundError:
-                return False
+        try:
+            keep = os.lstat(path).st_size <= MAX_SIZE
+        except FileNotFoundError:
+            return False
         if keep:
             slot = next(self._counter) % SLOTS
             try:
@@ -165,8 +162,9 @@ class SpareFiles:
                 if not found:
                     self._quiet_until = self._clock() + RESCAN_INTERVAL
                     return None
-                # Other writers list the same names: in another order, two
-                # of them rarely reach for the same one.
+                # A process claiming from every name (a delivery worker
+                # writing a DSN) lists an inbound worker's names too: in
+                # another order, the two rarely reach for the same one.
                 random.shuffle(found)
                 self._names.extend(found)
 

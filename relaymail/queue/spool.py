@@ -621,23 +621,24 @@ class Spool(service.Service):
         return [queue_id for queue_id in kept if self._check_or_quarantine(queue_id, directory)]
 
     def _empty_tmp(self):
-        with os.scandir(self._tmp) as entries:
-            names = [entry.name for entry in entries
-                     if not entry.is_dir(follow_symlinks=False)]
-        for name in names:
-            self._unlink_quietly(os.path.join(self._tmp, name))
-        if names:
+        count = self._unlink_files_in(self._tmp)
+        if count:
             self.log.info("Removed {count} unfinished files from {directory}",
-                          count=len(names), directory=self._tmp)
+                          count=count, directory=self._tmp)
 
     def _empty_spare(self):
         """Unlink the spare files of the last run: each process names its
         own by its pid, so without this every restart could add a set."""
-        directory = self._spares.directory
+        self._unlink_files_in(self._spares.directory)
+
+    def _unlink_files_in(self, directory):
+        """Unlink every entry of ``directory`` but its subdirectories;
+        return how many there were."""
         with os.scandir(directory) as entries:
             names = [entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)]
         for name in names:
             self._unlink_quietly(os.path.join(directory, name))
+        return len(names)
 
     @staticmethod
     def _scan(directory):
@@ -1249,6 +1250,8 @@ class SpoolWriter:
                                    view.header_bytes, view.body_offset)
 
         def swap(new):
+            # A file of its own now: no spare's old bytes to cut.
+            self._spool._reused.pop(self.queue_id, None)
             self._file = new
         return d.addCallback(swap)
 
