@@ -55,28 +55,12 @@ def log_text(events):
     return "\n".join(formatEvent(event) for event in events)
 
 
-def started_spool(case):
-    """A started Spool in a fresh directory, stopped and removed when the
-    trial TestCase ``case`` ends."""
-    directory = tempfile.mkdtemp()
-    case.addCleanup(shutil.rmtree, directory)
-    spool = Spool(os.path.join(directory, "spool"))
-    spool.start()
-    case.addCleanup(spool.stop)
-    return spool
-
-
-def running_spool(tmp_path):
-    """For a fixture: a started Spool in ``tmp_path``, stopped after."""
+@pytest.fixture
+def spool(tmp_path):
     spool = Spool(str(tmp_path / "spool"))
     spool.start()
     yield spool
     spool.stop()
-
-
-@pytest.fixture
-def spool(tmp_path):
-    yield from running_spool(tmp_path)
 
 
 # -- layout and interfaces ----------------------------------------------------
@@ -113,7 +97,7 @@ def test_has_room_keeps_min_free_beyond_the_declared_size(tmp_path):
 def test_recover_before_start_creates_the_layout(tmp_path):
     spool = Spool(str(tmp_path / "new" / "spool"))
     assert spool.recover() == []
-    assert listing(spool, "") == ["active", "corrupt", "hold", "spare", "tmp"]
+    assert listing(spool, "") == ["active", "corrupt", "hold", "tmp"]
 
 
 def test_as_a_service_it_recovers_on_start_and_stops(tmp_path):
@@ -343,6 +327,23 @@ def test_recover_removes_unfinished_and_uncommitted_files(spool):
     assert listing(spool, "corrupt") == []
 
 
+@pytest.mark.parametrize("start", ["recover", "prepare_for_writers"])
+def test_start_removes_the_spare_files_an_earlier_version_left(spool, start):
+    # That version renamed delivered messages' files into spare/ as PID.N.
+    spare = os.path.join(spool.path, "spare")
+    os.mkdir(spare)
+    for name in ("4242.0", "4242.1"):
+        with open(os.path.join(spare, name), "wb") as file:
+            file.write(b"Subject: an old message\r\n")
+    restarted = Spool(spool.path)
+    events = capture_log(restarted)
+
+    getattr(restarted, start)()
+    assert not os.path.lexists(spare)
+    assert f"Removed {spare} and its 2 files: this version does not use it" in log_text(events)
+    assert listing(spool, "active") == [] and listing(spool, "corrupt") == []
+
+
 def test_recover_leaves_unexpected_names_alone(spool):
     stray = os.path.join(spool.path, "active", "README")
     open(stray, "w").close()
@@ -540,7 +541,11 @@ class DeferredCommitTests(unittest.TestCase):
     """commit() through the spool's own thread pool."""
 
     def setUp(self):
-        self.spool = started_spool(self)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.spool = Spool(os.path.join(directory, "spool"))
+        self.spool.start()
+        self.addCleanup(self.spool.stop)
 
     def begin(self):
         writer = self.spool.new_message()
@@ -556,26 +561,21 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(self.spool.load(queue_id)["size"], len(BODY))
 
     @defer.inlineCallbacks
-    def test_remove_soon_takes_both_files_out_in_the_spools_own_thread(self):
+    def test_remove_soon_unlinks_both_files_in_the_spools_own_thread(self):
         queue_ids = yield defer.gatherResults(
             [self.begin().commit(make_envelope()) for _ in range(20)])
-        moved_in = set()
-        real_rename, real_unlink = os.rename, os.unlink
+        unlinked_in = set()
+        real_unlink = os.unlink
 
-        def watched(real):
-            def call(*args, **kwargs):
-                moved_in.add(threading.current_thread().name)
-                return real(*args, **kwargs)
-            return call
-        self.patch(os, "rename", watched(real_rename))
-        self.patch(os, "unlink", watched(real_unlink))
+        def watched_unlink(path, *args, **kwargs):
+            unlinked_in.add(threading.current_thread().name)
+            return real_unlink(path, *args, **kwargs)
+        self.patch(os, "unlink", watched_unlink)
         removed = yield defer.gatherResults([self.spool.remove_soon(q) for q in queue_ids])
         self.assertEqual(removed, [True] * 20)
         self.assertEqual(listing(self.spool, "active"), [])
-        # Kept in spare/ for new messages (relaymail.queue.spare).
-        self.assertEqual(len(listing(self.spool, "spare")), 40)
         # Never the reactor's thread, which every session shares.
-        self.assertEqual(moved_in, {"relaymail-unlink"})
+        self.assertEqual(unlinked_in, {"relaymail-unlink"})
         self.assertEqual((yield self.spool.remove_soon(queue_ids[0])), False)
 
     @defer.inlineCallbacks

@@ -53,8 +53,7 @@ def build(arguments, settings, reactor, fds):
 def _inbound(arguments, settings, reactor, fds, policy):
     from relaymail.tap import inbound_factories
     top = OrderlyService(settings.server.shutdown_grace)
-    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
-                  spare_share=(arguments.limits_row, settings.server.workers))
+    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
     # Writing only, no recovery: the master emptied tmp/, the delivery
     # workers recover the rest.
     _Hooks(spool.start, spool.stop).setServiceParent(top)

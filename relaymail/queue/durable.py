@@ -25,19 +25,14 @@ def write_file(path, data, fsync=False):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
-        write_all(fd, data)
+        view = memoryview(data)
+        while view:
+            # os.write may write less than asked, e.g. near a quota.
+            view = view[os.write(fd, view):]
         if fsync:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_all(fd, data):
-    """Write all of ``data`` to ``fd``."""
-    view = memoryview(data)
-    while view:
-        # os.write may write less than asked, e.g. near a quota.
-        view = view[os.write(fd, view):]
 
 
 def fsync_directory(path):

@@ -24,8 +24,7 @@ The layout (see :mod:`relaymail.queue.spool` for what each is for)::
     active/     directory           ID.msg, ID.json
     hold/       directory           ID.msg, ID.json
     corrupt/    directory           ID.msg, ID.json, ID-active.msg, ID-hold.json ...
-    spare/      directory           PID.N: files of delivered messages, to be
-                                    written again (relaymail.queue.spare)
+    spare/      directory           PID.N: left by an earlier version, removed at start
 
 ID is a queue id (:mod:`relaymail.queue.queue_id`), XXXXXXXX eight
 lower-case hex digits.  Nothing else belongs, and nothing is nested
@@ -63,14 +62,12 @@ import re
 import stat
 
 from relaymail.queue.queue_id import is_queue_id
-from relaymail.queue.spare import NAME as SPARE_NAME
 
 TMP = "tmp"
 ACTIVE = "active"
 HOLD = "hold"
 CORRUPT = "corrupt"
-SPARE = "spare"
-DIRECTORIES = (TMP, ACTIVE, HOLD, CORRUPT, SPARE)
+DIRECTORIES = (TMP, ACTIVE, HOLD, CORRUPT)
 LOCK_NAME = "lock"
 CONTROL_NAME = "control"
 OFFLINE_ACTIONS_NAME = "offline-actions"
@@ -97,6 +94,12 @@ _TOP[CONTROL_NAME] = _SOCKET
 _TOP[OFFLINE_ACTIONS_NAME] = _FILE
 _TOP[MTA_STS] = _DIRECTORY
 _TOP[TLS_REPORTS] = _DIRECTORY
+#: Left by a version that kept delivered messages' files there to write
+#: new ones into (PID.N); the spool's start removes it.  Known here so that
+#: a spool from that version is handed over, not refused.
+RETIRED_SPARE = "spare"
+_RETIRED_SPARE_NAME = re.compile(r"[0-9]+\.[0-9]+\Z")
+_TOP[RETIRED_SPARE] = _DIRECTORY
 
 _TOKEN = "[0-9a-f]{8}"
 _EXTRA_NAMES = {
@@ -163,8 +166,8 @@ def expected_kind(directory, name):
         return _TOP.get(name)
     if directory == TLS_REPORTS:
         return _FILE if _TLS_REPORT_NAME.match(name) else None
-    if directory == SPARE:
-        return _FILE if SPARE_NAME.match(name) else None
+    if directory == RETIRED_SPARE:
+        return _FILE if _RETIRED_SPARE_NAME.match(name) else None
     if directory == MTA_STS:
         return _FILE if MTA_STS_NAME.match(name) and ".." not in name else None
     stem, suffix = os.path.splitext(name)

@@ -7,8 +7,6 @@ Layout under the spool directory (created mode 0700 by :meth:`Spool.start`)::
     hold/     messages put aside by an administrator: ID.msg and ID.json,
               never delivered until released back to active/
     corrupt/  entries recover() could not trust, kept for a person to read
-    spare/    files of delivered messages, written again by new ones
-              (:mod:`relaymail.queue.spare`)
 
 (Every name that may appear, and how a process running as root looks at
 them without following a link: :mod:`relaymail.queue.layout`.)
@@ -60,10 +58,10 @@ from zope.interface import implementer
 from relaymail.interfaces import IMessageQueue, IMessageWriter
 from relaymail.queue import record as records
 from relaymail.queue.batch import CommitBatcher, sync_files
-from relaymail.queue.durable import GroupSync, fsync_directory, write_all, write_durably, write_file
-from relaymail.queue.layout import is_rewrite_name, rewrite_name, staging_name, temporary_record_name
+from relaymail.queue.durable import GroupSync, fsync_directory, write_durably, write_file
+from relaymail.queue.layout import (RETIRED_SPARE, is_rewrite_name, rewrite_name, staging_name,
+                                    temporary_record_name)
 from relaymail.queue.message_view import MessageView
-from relaymail.queue.spare import SpareFiles
 from relaymail.queue.queue_id import LENGTH, is_queue_id, new_queue_id, slot_of
 
 #: Commit threads when the spool runs its own pool.  fsync latency, not
@@ -115,9 +113,6 @@ class Spool(service.Service):
     :param beside_writers: other processes write to the spool while this
         one recovers it (a delivery worker's): the service's recovery then
         leaves their work alone (see :meth:`recover`).
-    :param spare_share: for inbound worker ``index`` of ``count``,
-        ``(index, count)``: the share of ``spare/`` it writes into
-        (relaymail.queue.spare).  None: any spare file.
 
     At start-up call :meth:`recover`, then :meth:`start` (either order
     works; recover() creates the directories it needs).  As a
@@ -133,7 +128,7 @@ class Spool(service.Service):
     log = Logger()
 
     def __init__(self, path, reactor=None, threadpool=None, min_free=0, owns=None,
-                 beside_writers=False, spare_share=None):
+                 beside_writers=False):
         self.path = os.path.abspath(path)
         self.min_free = min_free
         self._owns = owns
@@ -142,14 +137,12 @@ class Spool(service.Service):
         self._active = os.path.join(self.path, "active")
         self._hold = os.path.join(self.path, "hold")
         self._corrupt = os.path.join(self.path, "corrupt")
-        self._spares = SpareFiles(os.path.join(self.path, "spare"), share=spare_share)
         self._reactor = reactor
         self._threadpool = threadpool
         self._owns_threadpool = threadpool is None
         self._active_sync = GroupSync(self._active)
         self._hold_sync = GroupSync(self._hold)
         self._open_ids = set()      # writers neither aborted nor finished
-        self._reused = {}           # id: size of the spare file it writes into (_end_of_data)
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
         self._batcher = None
@@ -218,8 +211,7 @@ class Spool(service.Service):
             os.makedirs(self.path, _DIRECTORY_MODE, exist_ok=True)
             fsync_directory(os.path.dirname(self.path))
         created = False
-        for directory in (self._tmp, self._active, self._hold, self._corrupt,
-                          self._spares.directory):
+        for directory in (self._tmp, self._active, self._hold, self._corrupt):
             try:
                 os.mkdir(directory, _DIRECTORY_MODE)
                 created = True
@@ -271,9 +263,8 @@ class Spool(service.Service):
         return stats.f_bavail * stats.f_frsize >= self.min_free + size
 
     def _create_body(self, queue_id):
-        """Open ``tmp/ID.msg`` for writing, a spare file if there is one,
-        or return None if the id is taken here, in ``active/`` or in
-        ``hold/``."""
+        """Open ``tmp/ID.msg`` for writing, or return None if the id is
+        taken here, in ``active/`` or in ``hold/``."""
         # The rename into active/ would replace an existing message, so an
         # id is refused if it is there already (a clock stepped back); and
         # one on hold, which recover() would drop in favour of the new one.
@@ -281,44 +272,12 @@ class Spool(service.Service):
             for suffix in (".json", ".msg"):
                 if os.path.lexists(self._in(directory, queue_id, suffix)):
                     return None
-        path = self._in(self._tmp, queue_id, ".msg")
-        # A claim renames onto the name, replacing what is there: only a
-        # name this process minted and is not writing may take one.  (Ids
-        # carry the minting worker's slot, and start-up empties tmp/.)
-        claimed = None if queue_id in self._open_ids else self._spares.claim(path)
-        if claimed is not None:
-            fd, self._reused[queue_id] = claimed
-        else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                fd = os.open(path, flags, _FILE_MODE)
-            except FileExistsError:
-                return None
-        return os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-
-    def _end_of_data(self, queue_id, file):
-        """Flush the body and, when it was written into a spare file, cut
-        off what is left of that file's old message."""
-        file.flush()
-        written = file.tell()
-        if written < self._reused.get(queue_id, 0):
-            os.ftruncate(file.fileno(), written)
-
-    def _write_record(self, queue_id, payload):
-        """Write a new message's ``tmp/ID.json``, into a spare file if
-        there is one (not synced: the batch syncs it)."""
-        path = self._in(self._tmp, queue_id, ".json")
-        claimed = self._spares.claim(path)
-        if claimed is None:
-            write_file(path, payload)
-            return
-        fd, size = claimed
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            write_all(fd, payload)
-            if len(payload) < size:
-                os.ftruncate(fd, len(payload))
-        finally:
-            os.close(fd)
+            fd = os.open(self._in(self._tmp, queue_id, ".msg"), flags, _FILE_MODE)
+        except FileExistsError:
+            return None
+        return os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
 
     def _store(self, queue_id, file, payload):
         """Make the message durable (runs in a worker thread).
@@ -326,7 +285,7 @@ class Spool(service.Service):
         On any failure, removes every file of the message and re-raises.
         """
         try:
-            self._end_of_data(queue_id, file)
+            file.flush()
             os.fsync(file.fileno())
             file.close()
             write_durably(self._in(self._tmp, queue_id, ".json"), payload)
@@ -356,9 +315,9 @@ class Spool(service.Service):
         written = []
         for index, (queue_id, file, payload, where) in enumerate(items):
             try:
-                self._end_of_data(queue_id, file)
+                file.flush()
                 file.close()
-                self._write_record(queue_id, payload)
+                write_file(self._in(self._tmp, queue_id, ".json"), payload)
                 written.append(index)
             except BaseException as error:
                 self._discard(queue_id, file, where)
@@ -442,7 +401,6 @@ class Spool(service.Service):
 
     def _writer_done(self, queue_id):
         self._open_ids.discard(queue_id)
-        self._reused.pop(queue_id, None)
 
     def _batched(self, item):
         """Hand a commit to the commit thread; :meth:`stop` waits for it."""
@@ -476,13 +434,13 @@ class Spool(service.Service):
     # -- recovery -----------------------------------------------------------
 
     def prepare_for_writers(self):
-        """Lay out the spool and empty ``tmp/`` and ``spare/``: what the
-        master does at start, before any worker writes (relaymail.process).
-        The work is bounded by the messages that were being received and
-        the spare files, not by the size of the queue."""
+        """Lay out the spool and empty ``tmp/``: what the master does at
+        start, before any worker writes (relaymail.process).  The work is
+        bounded by the messages that were being received, not by the size
+        of the queue."""
         self._make_layout()
         self._empty_tmp()
-        self._empty_spare()
+        self._remove_retired_spare()
 
     def remove_unfinished(self, slot=None, owns=None):
         """Remove from ``tmp/`` what a worker that died left there: bodies
@@ -576,7 +534,7 @@ class Spool(service.Service):
         self._make_layout()
         if not beside_writers:
             self._empty_tmp()
-            self._empty_spare()
+            self._remove_retired_spare()
         good = self._recover_directory(self._active, beside_writers=beside_writers)
         held = self._recover_directory(self._hold, keep_elsewhere=set(good))
         if held:
@@ -621,24 +579,35 @@ class Spool(service.Service):
         return [queue_id for queue_id in kept if self._check_or_quarantine(queue_id, directory)]
 
     def _empty_tmp(self):
-        count = self._unlink_files_in(self._tmp)
-        if count:
-            self.log.info("Removed {count} unfinished files from {directory}",
-                          count=count, directory=self._tmp)
-
-    def _empty_spare(self):
-        """Unlink the spare files of the last run: each process names its
-        own by its pid, so without this every restart could add a set."""
-        self._unlink_files_in(self._spares.directory)
-
-    def _unlink_files_in(self, directory):
-        """Unlink every entry of ``directory`` but its subdirectories;
-        return how many there were."""
-        with os.scandir(directory) as entries:
-            names = [entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)]
+        with os.scandir(self._tmp) as entries:
+            names = [entry.name for entry in entries
+                     if not entry.is_dir(follow_symlinks=False)]
         for name in names:
-            self._unlink_quietly(os.path.join(directory, name))
-        return len(names)
+            self._unlink_quietly(os.path.join(self._tmp, name))
+        if names:
+            self.log.info("Removed {count} unfinished files from {directory}",
+                          count=len(names), directory=self._tmp)
+
+    def _remove_retired_spare(self):
+        """Remove ``spare/`` and its plain files, left by a version that
+        wrote new messages into delivered ones' files: nothing in it is
+        a message."""
+        spare = os.path.join(self.path, RETIRED_SPARE)
+        try:
+            with os.scandir(spare) as entries:
+                names = [entry.name for entry in entries
+                         if entry.is_file(follow_symlinks=False)]
+        except FileNotFoundError:
+            return
+        for name in names:
+            self._unlink_quietly(os.path.join(spare, name))
+        try:
+            os.rmdir(spare)
+        except OSError as error:
+            self.log.warn("Could not remove {path}: {error}", path=spare, error=error)
+            return
+        self.log.info("Removed {path} and its {count} files: this version does not "
+                      "use it", path=spare, count=len(names))
 
     @staticmethod
     def _scan(directory):
@@ -795,13 +764,12 @@ class Spool(service.Service):
 
         :return: True if it was there.
         """
-        # The record first: a crash between the two leaves a body without
-        # a record, which recover() removes.  Not fsync'd: if the removal
-        # is lost in a crash the message is delivered again, which the
-        # queue's contract allows.  Into spare/ rather than unlinked, for
-        # new messages to be written into (relaymail.queue.spare).
-        removed = self._spares.retire(self._record_path(queue_id))
-        self._spares.retire(self.message_path(queue_id))
+        # The record first: a crash between the two unlinks leaves a body
+        # without a record, which recover() removes.  Not fsync'd: if the
+        # removal is lost in a crash the message is delivered again, which
+        # the queue's contract allows.
+        removed = self._unlink_if_present(self._record_path(queue_id))
+        self._unlink_if_present(self.message_path(queue_id))
         return removed
 
     def remove_soon(self, queue_id):
@@ -1231,7 +1199,7 @@ class SpoolWriter:
         """
         if self._state != self._OPEN:
             raise RuntimeError(f"message {self.queue_id} is already {self._state}")
-        self._spool._end_of_data(self.queue_id, self._file)
+        self._file.flush()
         return MessageView.read(self.queue_id, envelope,
                                 self._spool._in(self._spool._tmp, self.queue_id, ".msg"))
 
@@ -1245,13 +1213,11 @@ class SpoolWriter:
         """
         if self._state != self._OPEN:
             return defer.fail(RuntimeError(f"message {self.queue_id} is already {self._state}"))
-        self._spool._end_of_data(self.queue_id, self._file)
+        self._file.flush()
         d = self._spool._in_thread(self._spool._rewritten, self.queue_id, self._file,
                                    view.header_bytes, view.body_offset)
 
         def swap(new):
-            # A file of its own now: no spare's old bytes to cut.
-            self._spool._reused.pop(self.queue_id, None)
             self._file = new
         return d.addCallback(swap)
 
