@@ -181,7 +181,8 @@ def build_service(settings, reactor=None, launch=None):
     # Before the lock, so a file that will not load leaves no spool behind.
     _check_tls_and_passwords(settings)
     lock = take_lock(settings)
-    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
+    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
+                  commit_delay=settings.queue.commit_delay)
     top = RelayService(settings, lock)
     # Started in this order: the queue is recovered before the scheduler
     # reads it and before any listener accepts mail (and stopped in the
@@ -195,6 +196,7 @@ def build_service(settings, reactor=None, launch=None):
     LockPidService(lock).setServiceParent(top)
     queue = NotifyingQueue(spool, scheduler.message_queued)
     sessions = OpenSessions(reactor)
+    spool.expect_commits_from(sessions.transactions)
     listeners = []
     factories = inbound_factories(settings, reactor, top, policy, queue, sessions=sessions)
     SingleProcessReload(reactor, settings, factories, policy,

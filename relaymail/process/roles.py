@@ -53,7 +53,8 @@ def build(arguments, settings, reactor, fds):
 def _inbound(arguments, settings, reactor, fds, policy):
     from relaymail.tap import inbound_factories
     top = OrderlyService(settings.server.shutdown_grace)
-    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free)
+    spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
+                  commit_delay=settings.queue.commit_delay)
     # Writing only, no recovery: the master emptied tmp/, the delivery
     # workers recover the rest.
     _Hooks(spool.start, spool.stop).setServiceParent(top)
@@ -65,6 +66,7 @@ def _inbound(arguments, settings, reactor, fds, policy):
         shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.limits_row,
                               settings, reactor, RATE_WINDOW)
     sessions = OpenSessions(reactor)
+    spool.expect_commits_from(sessions.transactions)
     factories = inbound_factories(settings, reactor, top, policy, queue, shared=shared,
                                   sessions=sessions)
     listeners = AdoptedListeners(reactor, [fds.pop(name) for name in _ordered(fds, "listen.")],

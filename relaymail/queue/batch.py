@@ -9,6 +9,17 @@ thread hand-offs cost more CPU than the disk.  Instead, one thread takes
 every commit waiting, writes the batch's records, flushes the file system
 once (``syncfs(2)``, Linux 5.8+ reports write-back errors through it),
 renames the batch into place and fsyncs the directory once.
+
+Under load a batch taken as it comes is small (two messages on average,
+20 sessions on two inbound workers here), because each sync starts as
+soon as the first commit arrives.  So the thread may wait a little for
+more (``linger``, ``[queue] commit_delay``, after PostgreSQL's
+``commit_delay``), but only while ``expected()`` says other messages are
+on their way: sessions between an accepted MAIL and their final dot.  A
+lone sender never waits, and the wait ends early once none is left.
+Measured here (20 sessions, 4 KiB, five alternating runs of 8,000
+messages): 4 ms made batches of about four, 932 -> 1,019 msgs/s and 9%
+less CPU per message; one to four sessions went as fast as without it.
 """
 
 import ctypes
@@ -17,6 +28,7 @@ import errno
 import os
 import queue
 import threading
+import time
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -63,11 +75,19 @@ def sync_files(directory, paths):
 class CommitBatcher:
     """Runs ``store_batch(items) -> [result or exception]`` in one thread
     over every item submitted meanwhile; each ``submit`` gets a Deferred of
-    its own result."""
+    its own result.
 
-    def __init__(self, reactor, store_batch, name="relaymail-commit"):
+    :param linger: seconds the thread may wait for more items before it
+        starts a batch, while ``expected()`` (called in the thread: it
+        must only read) is more than 0.
+    """
+
+    def __init__(self, reactor, store_batch, name="relaymail-commit", linger=0.0,
+                 expected=None):
         self._reactor = reactor
         self._store_batch = store_batch
+        self._linger = linger if expected is not None else 0.0
+        self._expected = expected
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -100,6 +120,8 @@ class CommitBatcher:
                     stop = True
                     break
                 batch.append(job)
+            if not stop and self._linger > 0:
+                stop = self._wait_for_more(batch)
             try:
                 results = self._store_batch([item for item, _ in batch])
             except BaseException as error:      # a bug: fail the batch, keep going
@@ -107,6 +129,23 @@ class CommitBatcher:
             self._reactor.callFromThread(self._deliver, batch, results)
             if stop:
                 return
+
+    def _wait_for_more(self, batch):
+        """Add to ``batch`` what comes within the linger while more is
+        expected; True if told to stop meanwhile."""
+        deadline = time.monotonic() + self._linger
+        while len(batch) < MAX_BATCH and self._expected() > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                job = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return True
+            batch.append(job)
+        return False
 
     @staticmethod
     def _deliver(batch, results):

@@ -113,6 +113,10 @@ class Spool(service.Service):
     :param beside_writers: other processes write to the spool while this
         one recovers it (a delivery worker's): the service's recovery then
         leaves their work alone (see :meth:`recover`).
+    :param commit_delay: seconds the commit thread may wait for more
+        messages before a sync (``[queue] commit_delay``), while the
+        sessions counted by :meth:`expect_commits_from` are in a
+        transaction; see relaymail.queue.batch.
 
     At start-up call :meth:`recover`, then :meth:`start` (either order
     works; recover() creates the directories it needs).  As a
@@ -128,9 +132,10 @@ class Spool(service.Service):
     log = Logger()
 
     def __init__(self, path, reactor=None, threadpool=None, min_free=0, owns=None,
-                 beside_writers=False):
+                 beside_writers=False, commit_delay=0.0):
         self.path = os.path.abspath(path)
         self.min_free = min_free
+        self.commit_delay = commit_delay
         self._owns = owns
         self._beside_writers = beside_writers
         self._tmp = os.path.join(self.path, "tmp")
@@ -148,6 +153,7 @@ class Spool(service.Service):
         self._batcher = None
         self._remover = None
         self._now = time.time
+        self._transactions = None   # expect_commits_from()
 
     # -- life cycle --------------------------------------------------------
 
@@ -164,7 +170,10 @@ class Spool(service.Service):
         if self._reactor is None:
             from twisted.internet import reactor
             self._reactor = reactor
-        self._batcher = CommitBatcher(self._reactor, self._store_batch)
+        transactions = self._transactions
+        self._batcher = CommitBatcher(
+            self._reactor, self._store_batch, linger=self.commit_delay,
+            expected=None if transactions is None else lambda: transactions.count)
         self._batcher.start()
         # Removals get a thread of their own rather than a place in the
         # commit thread's batches: they need no sync, and a 250 should not
@@ -172,6 +181,12 @@ class Spool(service.Service):
         self._remover = CommitBatcher(self._reactor, self._remove_batch, name="relaymail-unlink")
         self._remover.start()
         self._accepting = True
+
+    def expect_commits_from(self, transactions):
+        """Let the commit thread wait for more messages while
+        ``transactions.count`` (a relaymail.smtp.sessions.OpenTransactions)
+        says sessions are sending one.  Call it before :meth:`start`."""
+        self._transactions = transactions
 
     def stop(self):
         """Refuse new messages, wait for the commits and updates in flight,

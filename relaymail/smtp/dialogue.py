@@ -101,11 +101,13 @@ class Dialogue:
     """
 
     def __init__(self, settings, policy, queue, context, clock=time.time, submission=False,
-                 tls=None, auth=None):
+                 tls=None, auth=None, transactions=None):
         """:param tls: a relaymail.smtp.tls.ServerTLS when STARTTLS may be
             offered, else None.
         :param auth: a relaymail.smtp.authentication.Authenticator when AUTH
-            may be offered, else None."""
+            may be offered, else None.
+        :param transactions: a relaymail.smtp.sessions.OpenTransactions this
+            session's transaction is counted in, or None."""
         self.settings = settings
         self.policy = policy
         self.queue = queue
@@ -141,6 +143,7 @@ class Dialogue:
         self.repeated_error = False
         self.esmtp = False
         self.transaction = None
+        self._transactions = transactions
         #: Set after DATA got 354: the protocol feeds message bytes here.
         self.data_reader = None
         self._writer = None
@@ -340,6 +343,8 @@ class Dialogue:
             # RSET, EHLO or a lost connection between BDAT chunks: the
             # message so far is thrown away (RFC 3030 2).
             self.transaction.chunks.fail()
+        if self.transaction is not None and self._transactions is not None:
+            self._transactions.closed()
         self.transaction = None
         self.context.sender = None
 
@@ -509,6 +514,8 @@ class Dialogue:
     def _begin_transaction(self, sender, body, smtputf8, decision=None,
                            dsn_request=(None, None), requiretls=False):
         self.transaction = Transaction(sender, body, smtputf8, dsn_request)
+        if self._transactions is not None:
+            self._transactions.opened()
         self.transaction.requiretls = requiretls
         self.context.sender = sender
         if decision is None:

@@ -114,7 +114,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.dialogue = Dialogue(self.factory.settings, self.factory.policy, self.factory.queue,
                                  self.context, clock=self.factory.clock,
                                  submission=self.factory.submission,
-                                 tls=self.factory.tls, auth=self.factory.auth)
+                                 tls=self.factory.tls, auth=self.factory.auth,
+                                 transactions=(self.factory.sessions.transactions
+                                               if self.factory.sessions is not None else None))
         self.dialogue.tls_active = self.factory.implicit_tls
         refusal = self.factory.gate.admit(ip, exempt=trusted) if self.factory.gate else None
         if refusal is not None:

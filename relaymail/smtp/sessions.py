@@ -22,12 +22,31 @@ log = Logger(namespace="relaymail.smtp")
 COMMIT_EXTRA = 5.0
 
 
+class OpenTransactions:
+    """How many of the process's sessions are between an accepted MAIL and
+    their final dot (or RSET, or the end of the connection): messages that
+    may soon be committed.  The commit thread reads :attr:`count` to decide
+    whether waiting for one more commit before a sync is worth it
+    (relaymail.queue.batch); a plain int, read and written under the GIL."""
+
+    def __init__(self):
+        self.count = 0
+
+    def opened(self):
+        self.count += 1
+
+    def closed(self):
+        self.count -= 1
+
+
 class OpenSessions:
     """Every SMTPServerProtocol between connectionMade and connectionLost."""
 
     def __init__(self, reactor):
         self._reactor = reactor
         self._open = set()
+        #: Shared by the dialogues of all this process's listeners.
+        self.transactions = OpenTransactions()
         self._all_ended = None
         self.ending = False
         #: Set for a worker replaced after SIGHUP: its sessions may go on
