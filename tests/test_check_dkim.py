@@ -114,6 +114,23 @@ def test_every_key_gets_its_record_and_the_plugins_signatures_verify_against_it(
                             b"s.2026._domainkey.example.edu.", b"s.2026._domainkey.example.edu."]
 
 
+def test_a_domain_with_two_keys_gets_two_records_that_verify_its_two_signatures(tmp_path):
+    rsa_path, rsa_record = rsa_key(tmp_path)
+    ed_path, ed_record = ed25519_key(tmp_path)
+    config = write_config(tmp_path, {"domain": "example.org", "selector": "r", "private_key":
+                                     rsa_path, "key.example.org": f"e:{ed_path}"})
+    status, out, err = check("--config", config, "dkim")
+    assert (status, err) == (0, "")
+    assert [parse(line)[0] for line in out.splitlines()] == [
+        "e._domainkey.example.org.", "r._domainkey.example.org."]
+    [signer] = build_hooks(load_config(config))["filters"]
+    decision = signer.check_message(Message(BODY), SessionContext("127.0.0.1", None, trusted=True))
+    signed = b"".join(f"{name}: {value}\r\n".encode()
+                      for name, value in decision.add_headers) + BODY
+    for index in range(2):
+        assert dkim.DKIM(signed).verify(idx=index, dnsfunc=served(out)) is True
+
+
 def test_a_record_for_another_key_does_not_verify(tmp_path):
     path, _ = rsa_key(tmp_path)
     other, _ = rsa_key(tmp_path, "other.pem")

@@ -163,6 +163,75 @@ def test_per_domain_keys_sign_for_the_from_domain(tmp_path, nexthop, signing_rel
                        dnsfunc=dns({b"b2026._domainkey.example.net.": net_record})) is True
 
 
+def signatures(data):
+    """Each DKIM-Signature field's tags, top first."""
+    fields = re.findall(rb"^DKIM-Signature: (.*?)\r\n(?=\S)", data, re.S | re.M)
+    return [dict(tag.split("=", 1) for tag in re.sub(rb"\s+", b"", field).decode().split(";")
+                 if tag) for field in fields]
+
+
+def test_an_rsa_and_an_ed25519_key_sign_each_message_twice(tmp_path, nexthop, signing_relay):
+    rsa_path, rsa_record = rsa_key(tmp_path)
+    ed_path, ed_record = ed25519_key(tmp_path)
+    relay = signing_relay({"domain": "example.org", "selector": "r2026", "private_key": rsa_path,
+                           "key.example.org": f"e2026:{ed_path}",
+                           "key.example.net": f"r:{rsa_path}, e:{ed_path}"})
+    bodies = {"example.org": BODY,
+              "example.net": BODY.replace(b"alice@example.org", b"alice@example.net")}
+    for body in bodies.values():
+        queued_id(send(relay, body))
+    records = {b"r2026._domainkey.example.org.": rsa_record,
+               b"e2026._domainkey.example.org.": ed_record,
+               b"r._domainkey.example.net.": rsa_record, b"e._domainkey.example.net.": ed_record}
+    selectors = {"example.org": ("r2026", "e2026"), "example.net": ("r", "e")}
+    seen = []
+    for message in nexthop.wait_for(2):
+        data = message["data"]
+        found = signatures(data)
+        domain = found[0]["d"]
+        seen.append(domain)
+        assert [(tags["a"], tags["d"], tags["s"]) for tags in found] == [
+            ("rsa-sha256", domain, selectors[domain][0]),
+            ("ed25519-sha256", domain, selectors[domain][1])]
+        assert data.endswith(bodies[domain])
+        # Each verifies on its own, on the bytes the next hop received...
+        for index in range(2):
+            assert dkim.DKIM(data).verify(idx=index, dnsfunc=dns(records)) is True
+        # ...and a receiver that knows only the RSA key passes that one.
+        only_rsa = {name: value for name, value in records.items() if b"k=rsa" in value}
+        assert dkim.DKIM(data).verify(idx=0, dnsfunc=dns(only_rsa)) is True
+        assert dkim.DKIM(data).verify(idx=1, dnsfunc=dns(only_rsa)) is False
+    assert sorted(seen) == ["example.net", "example.org"]
+
+
+def test_subdomains_sign_a_subdomains_mail_with_the_nearest_parent_key(
+        tmp_path, nexthop, signing_relay):
+    path, record = rsa_key(tmp_path)
+    relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path,
+                           "subdomains": "yes"})
+    queued_id(send(relay, BODY.replace(b"alice@example.org", b"alice@eu.mail.Example.org")))
+    queued_id(send(relay, BODY.replace(b"alice@example.org", b"alice@notexample.org")))
+    messages = nexthop.wait_for(2)
+    signed = [message["data"] for message in messages if b"DKIM-Signature" in message["data"]]
+    assert len(signed) == 1 and b"eu.mail.Example.org" in signed[0]
+    tags = signature_tags(signed[0])
+    assert (tags["d"], tags["s"]) == ("example.org", "s")
+    assert dkim.verify(signed[0], dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
+
+
+def test_without_subdomains_only_the_keyed_domain_itself_is_signed(tmp_path):
+    path, _ = rsa_key(tmp_path)
+    plugin = build({"domain": "example.org", "selector": "s", "private_key": path})
+    assert plugin.signing_domain("example.org") == "example.org"
+    assert plugin.signing_domain("eu.example.org") is None
+    keyed = build({"domain": "example.org", "selector": "s", "private_key": path,
+                   "key.eu.example.org": f"t:{path}", "subdomains": "yes"})
+    # The nearest domain with a key, never a top-level domain.
+    assert keyed.signing_domain("x.eu.example.org") == "eu.example.org"
+    assert keyed.signing_domain("x.example.org") == "example.org"
+    assert keyed.signing_domain("org") is None and keyed.signing_domain("example.com") is None
+
+
 def test_untrusted_clients_and_unknown_domains_go_unsigned(tmp_path, nexthop, signing_relay):
     path, _ = rsa_key(tmp_path)
     relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path},
@@ -284,7 +353,17 @@ def test_option_problems_are_config_errors(tmp_path):
     assert error({**key, "selectr": "s"}).startswith(
         "test.ini: [plugin:dkim] selectr: unknown option; [plugin:dkim] takes domain, selector")
     assert error({**key, "key.EXAMPLE.org": f"t:{path}"}) == (
-        "test.ini: [plugin:dkim] key.EXAMPLE.org: a second key for example.org")
+        "test.ini: [plugin:dkim] key.EXAMPLE.org: a second rsa-sha256 key for example.org: "
+        "a domain signs once with RSA and once with Ed25519 at most")
+    ed, _ = ed25519_key(tmp_path)
+    assert error({**key, "key.example.org": f"s:{ed}"}) == (
+        "test.ini: [plugin:dkim] key.example.org: two keys for example.org under one "
+        "selector, s: a selector names one public key (RFC 6376 3.1)")
+    assert error({"key.example.net": f"a:{path}, b"}) == (
+        "test.ini: [plugin:dkim] key.example.net: expected SELECTOR:PATH, or two of them, "
+        f"got 'a:{path}, b'")
+    assert error({**key, "subdomains": "sometimes"}) == (
+        "test.ini: [plugin:dkim] subdomains: expected yes or no, got 'sometimes'")
 
 
 @pytest.mark.parametrize("headers, domain", [

@@ -3,6 +3,8 @@ fake clock, its Redis counters on a real redis-server (two plugin
 instances standing for two nodes of a fleet), and the real relay over a
 socket, with memory counters and with two relays sharing one Redis."""
 
+import os
+import re
 import signal
 import time
 from types import SimpleNamespace
@@ -459,8 +461,8 @@ WINDOW = 2.0
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
-    """One inbound worker (memory counters are per worker); one trusted
-    address, so that the other 127/8 clients are counted."""
+    """One inbound worker; one trusted address, so that the other 127/8
+    clients are counted."""
     process = RelayProcess(tmp_path_factory.mktemp("ratelimit"), {
         "server": {"trusted_networks": "127.0.0.250/32", "workers": "1"},
         "relay": {"domains": "example.com"},
@@ -633,3 +635,144 @@ def test_a_dry_run_is_answered_but_not_counted():
     assert plugin.check_sender(None, {}, real).kind == "no-opinion"
     assert plugin.check_sender(None, {}, dry).code == 450     # looks, and sees the limit
     assert plugin.check_sender(None, {}, real).code == 450
+
+
+# -- memory counters shared by inbound workers ---------------------------------
+
+@pytest.fixture
+def region(tmp_path):
+    """A master's shared region for two inbound workers, as they map it."""
+    from relaymail.process.shared_counts import SharedLimits, make_limits_region
+    from twisted.internet import task
+    settings = make_settings(tmp_path)
+    settings.plugin_options["ratelimit"] = {"max_keys": "10"}
+    fd = make_limits_region(2, settings)
+
+    def worker(row):
+        return SharedLimits(fd, 2, row, settings, task.Clock(), 60.0).rate_limits
+    yield worker
+    os.close(fd)
+
+
+def test_two_workers_count_one_name_together(region):
+    from relaymail.plugins.ratelimit_counters import SharedCounters
+    window = SlidingWindow(60)
+    first, second = SharedCounters(window, region(0)), SharedCounters(window, region(1))
+    client = Count("messages_per_client", "192.0.2.7", 3)
+    assert first.take([client], 60.0) is None
+    assert second.take([client], 61.0) is None
+    assert first.take([client], 62.0) is None
+    # The fourth in the window is refused by either worker.
+    assert second.take([client], 63.0) == client
+    assert first.take([client], 63.0) == client
+    assert second.take([Count("messages_per_client", "198.51.100.1", 3)], 63.0) is None
+    # Half-way through the next bucket, half of the three still count:
+    # 1.5 and one more is all that fits under 3, in either worker.
+    assert first.take([client], 150.0) is None
+    assert second.take([client], 150.0) == client
+    assert first.take([client], 150.0) == client
+    assert len(first) == 1 and len(second) == 2
+
+
+def test_a_workers_successor_takes_over_its_counts(region):
+    from relaymail.plugins.ratelimit_counters import SharedCounters
+    window = SlidingWindow(60)
+    client = Count("messages_per_client", "192.0.2.7", 2)
+    dying = SharedCounters(window, region(0))
+    for name in range(7):
+        dying.take([Count("messages_per_client", f"203.0.113.{name}", 5)], 60.0)
+    dying.take([client], 60.0)
+    dying.take([client], 60.0)
+    successor = SharedCounters(window, region(0))
+    assert successor.take([client], 61.0) == client
+    assert len(successor) == 8
+
+
+def test_a_full_row_counts_no_new_name_until_old_ones_run_out(region, captured_log, monkeypatch):
+    from relaymail.plugins.ratelimit_counters import SharedCounters
+    from relaymail.process import shared_counts
+    monkeypatch.setattr(shared_counts, "_PACK_PAUSE", 0.0)
+    window = SlidingWindow(60)
+    counters = SharedCounters(window, region(0), max_keys=10)
+    # max_keys 10 gives the smallest row, 1,024 entries, 768 of them used.
+    for name in range(768):
+        assert counters.take([Count("messages_per_client", f"n{name}", 1)], 60.0) is None
+    newcomer = Count("messages_per_client", "newcomer", 1)
+    for _ in range(3):
+        assert counters.take([newcomer], 61.0) is None
+    # Never counted, so never refused; said once in the bucket.
+    assert log_text(captured_log).count(
+        "more than 10 names counted at once in this worker; new names are not counted") == 1
+    assert len(counters) == 768
+    # Two buckets on, the old names no longer count and make room.
+    assert counters.take([newcomer], 180.0) is None
+    assert counters.take([newcomer], 180.0) == newcomer
+    assert len(counters) == 1
+
+
+def test_a_flood_of_new_names_packs_a_full_row_once_a_second(region):
+    from relaymail.plugins.ratelimit_counters import SharedCounters
+    table = region(0)
+    counters = SharedCounters(SlidingWindow(60), table)
+    packs = []
+    pack = table._pack
+    table._pack = lambda: (packs.append(1), pack())
+    for name in range(900):
+        counters.take([Count("messages_per_client", f"n{name}", 1)], 60.0)
+    # One pack as the row filled; the next 131 names were turned away
+    # without walking the row again.
+    assert len(packs) == 1 and len(counters) == 768
+
+
+@pytest.fixture
+def shared_table(region):
+    from relaymail.plugins import ratelimit_counters
+    ratelimit_counters.share_between_workers(region(0))
+    yield
+    ratelimit_counters.share_between_workers(None)
+
+
+def test_the_factory_in_an_inbound_worker_counts_in_the_shared_region(tmp_path, shared_table):
+    from relaymail.plugins.ratelimit_counters import SharedCounters
+    plugin = build(tmp_path, {"messages_per_client": "1"})
+    assert isinstance(plugin._counters, SharedCounters)
+    assert plugin.check_sender(None, {}, context("192.0.2.1")) is Decision.NO_OPINION
+    assert deferred_text(plugin.check_sender(None, {}, context("192.0.2.1"))).startswith(
+        "Error: too much mail from client 192.0.2.1")
+
+
+def test_two_inbound_workers_of_a_relay_enforce_one_limit(tmp_path):
+    from tests.test_processes import wait_for_worker
+    relay = RelayProcess(tmp_path, {
+        "server": {"trusted_networks": "127.0.0.250/32", "workers": "2"},
+        "relay": {"domains": "example.com"},
+        "plugins": {"senders": "ratelimit", "recipients": "ratelimit, domains"},
+        "plugin:ratelimit": {"window": "1h", "messages_per_client": "4"},
+    }).start()
+    stopped = None
+
+    def mail_in_a_session(sender):
+        client = session(relay.port, "127.0.0.21")
+        answer = mail(client, sender)
+        client.close()
+        found = re.search(rf"\[(inbound\.\d) relaymail\.smtp#info\] \S+ "
+                          rf"unknown\[127\.0\.0\.21\]:{client.port}: connect", relay.log())
+        assert found, f"no connect line for port {client.port}"
+        return found.group(1), answer
+    try:
+        pids = {name: wait_for_worker(relay, name) for name in ("inbound.1", "inbound.2")}
+        first = [mail_in_a_session(f"a{n}@example.org") for n in range(2)]
+        assert first[0][0] == first[1][0]
+        # Whichever worker took them stops accepting: the next sessions
+        # are the other's, which must know of the first two.
+        stopped = pids[first[0][0]]
+        os.kill(stopped, signal.SIGSTOP)
+        later = [mail_in_a_session(f"b{n}@example.org") for n in range(3)]
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        relay.stop()
+    assert {worker for worker, _ in later} == {"inbound.1", "inbound.2"} - {first[0][0]}
+    assert [answer for _, answer in first + later] == ["250 2.1.0 Ok\r\n"] * 4 + [
+        "450 4.7.1 Error: too much mail from client 127.0.0.21 (messages_per_client), "
+        "try again later\r\n"]

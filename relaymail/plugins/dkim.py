@@ -21,12 +21,24 @@ filter decides, and the message goes on unsigned.
 ``key.DOMAIN``
     More domains, each ``SELECTOR:PATH``:
     ``key.example.net = mail2026:/etc/relaymail/dkim/example.net.key``.
+    Two keys, comma separated, one RSA and one Ed25519, sign each message
+    twice, as RFC 8463 3 advises while receivers learn Ed25519: those that
+    do not know it ignore that signature and check the RSA one (RFC 6376
+    6.1).  ``key.DOMAIN`` for the ``domain`` above adds its second key.
 ``headers``
     The fields to sign, comma or space separated; ``From`` must be one
     (RFC 6376 5.4).  Default: the fields of RFC 6376 5.4.1's list that
     the message has (From, Subject, Date, To, Cc, Message-ID, MIME and
     List fields ...), with From signed once more so that a second From
     added in transit breaks the signature (RFC 6376 8.15).
+``subdomains``
+    ``no`` (default): a ``From:`` domain is signed only when it has a key
+    of its own.  ``yes``: mail from a subdomain (``alice@eu.example.org``)
+    is signed with the key of the nearest domain above it that has one,
+    ``d=example.org``, which DMARC's relaxed alignment (``adkim=r``, its
+    default, RFC 7489 3.1.1) accepts for the author's domain, as OpenDKIM's
+    ``SubDomains`` does.  A domain publishing ``adkim=s`` needs keys of
+    its own subdomains.
 ``sign``
     ``trusted`` (default): sign mail from clients in ``[server]
     trusted_networks`` or logged in with AUTH only, so that a stranger
@@ -63,8 +75,8 @@ from relaymail.plugins.static import domain_key
 
 log = Logger()
 
-_OPTIONS = ("domain", "selector", "private_key", "key.DOMAIN", "headers", "sign",
-            "canonicalization")
+_OPTIONS = ("domain", "selector", "private_key", "key.DOMAIN", "headers", "subdomains",
+            "sign", "canonicalization")
 
 #: RFC 8301 3.2: signers MUST use RSA keys of at least 1024 bits.
 MIN_RSA_BITS = 1024
@@ -102,48 +114,73 @@ class DKIMSigner:
     blocking = True
 
     def __init__(self, keys, headers=None, sign_all=False,
-                 canonicalization=(b"relaxed", b"relaxed")):
-        """:param keys: a dict from domain key (lower case, A-labels) to
-            :class:`SigningKey`.
+                 canonicalization=(b"relaxed", b"relaxed"), subdomains=False):
+        """:param keys: a dict from domain key (lower case, A-labels) to a
+            list of :class:`SigningKey`, one signature each.
         :param headers: the field names to sign (bytes), or None for
-            dkimpy's RFC 6376 5.4.1 default."""
-        self._keys = dict(keys)
+            dkimpy's RFC 6376 5.4.1 default.
+        :param subdomains: sign a subdomain's mail with the nearest parent
+            domain's keys when it has none of its own."""
+        self._keys = {domain: list(each) for domain, each in keys.items()}
         self._headers = headers
         self._sign_all = sign_all
         self._canonicalization = canonicalization
+        self._subdomains = subdomains
 
     @property
     def keys(self):
-        """The signing keys, a dict from domain key to :class:`SigningKey`
-        (a copy: ``relaymail-check dkim`` prints their public records)."""
-        return dict(self._keys)
+        """The signing keys, a dict from domain key to a list of
+        :class:`SigningKey` (a copy: ``relaymail-check dkim`` prints their
+        public records)."""
+        return {domain: list(each) for domain, each in self._keys.items()}
+
+    def signing_domain(self, author):
+        """The domain that signs for ``author`` (a From: domain key), or
+        None: the domain itself, or with ``subdomains`` the nearest one
+        above it with keys."""
+        if author in self._keys:
+            return author
+        if self._subdomains:
+            labels = author.split(".")
+            # Never up to a top-level domain: no key is ever for one.
+            for start in range(1, len(labels) - 1):
+                parent = ".".join(labels[start:])
+                if parent in self._keys:
+                    return parent
+        return None
 
     def check_message(self, message, context):
-        """A DKIM-Signature field to add, or no opinion and no change."""
+        """The DKIM-Signature fields to add (one a key of the signing
+        domain), or no opinion and no change."""
         if not self._sign_all and not (context.trusted or context.authenticated_user):
             return Decision.NO_OPINION
-        domain = author_domain(message.headers)
-        key = self._keys.get(domain) if domain else None
-        if key is None:
+        author = author_domain(message.headers)
+        domain = self.signing_domain(author) if author else None
+        if domain is None:
             return Decision.NO_OPINION
         with message.open() as f:
             data = f.read()
-        try:
-            field = dkim.sign(data, key.selector.encode("ascii"), domain.encode("ascii"),
-                              key.private, signature_algorithm=key.algorithm,
-                              canonicalize=self._canonicalization,
-                              include_headers=self._headers, linesep=b"\r\n")
-        except dkim.DKIMException as exc:
-            # A message dkimpy cannot parse: deferring it would only have
-            # it refused again at every try.  It goes unsigned, and a
-            # receiver judges it as it would any unsigned mail.
-            log.warn("{queue_id}: not signed for {domain}: {error}", queue_id=message.queue_id,
-                     domain=domain, error=str(exc))
-            return Decision.NO_OPINION
-        name, _, value = field.decode("ascii").partition(":")
-        # Kept exactly as dkimpy folded it: with simple header
-        # canonicalization the signature covers those bytes.
-        return Decision.NO_OPINION.with_headers(add=[(name, value[1:].rstrip("\r\n"))])
+        fields = []
+        # Each signature over the message as received, not over the other
+        # signature: a receiver checks each on its own (RFC 6376 4.2).
+        for key in self._keys[domain]:
+            try:
+                field = dkim.sign(data, key.selector.encode("ascii"), domain.encode("ascii"),
+                                  key.private, signature_algorithm=key.algorithm,
+                                  canonicalize=self._canonicalization,
+                                  include_headers=self._headers, linesep=b"\r\n")
+            except dkim.DKIMException as exc:
+                # A message dkimpy cannot parse: deferring it would only
+                # have it refused again at every try.  It goes unsigned,
+                # and a receiver judges it as it would any unsigned mail.
+                log.warn("{queue_id}: not signed for {domain}: {error}",
+                         queue_id=message.queue_id, domain=domain, error=str(exc))
+                return Decision.NO_OPINION
+            name, _, value = field.decode("ascii").partition(":")
+            # Kept exactly as dkimpy folded it: with simple header
+            # canonicalization the signature covers those bytes.
+            fields.append((name, value[1:].rstrip("\r\n")))
+        return Decision.NO_OPINION.with_headers(add=fields)
 
 
 def author_domain(headers):
@@ -225,11 +262,13 @@ class DKIMSignerFactory:
             self._add(context, keys, "domain", domain, selector, "selector", path, "private_key")
         for option, value in options.items():
             if option.startswith("key."):
-                selector, colon, path = value.strip().partition(":")
-                if not colon or not path.strip():
-                    raise context.config_error(option, f"expected SELECTOR:PATH, got {value!r}")
-                self._add(context, keys, option, option[len("key."):], selector.strip(), option,
-                          path, option)
+                for each in value.split(","):
+                    selector, colon, path = each.strip().partition(":")
+                    if not colon or not path.strip():
+                        raise context.config_error(
+                            option, f"expected SELECTOR:PATH, or two of them, got {value!r}")
+                    self._add(context, keys, option, option[len("key."):], selector.strip(),
+                              option, path, option)
         if not keys:
             raise context.config_error(
                 "domain", "no key: set domain, selector and private_key, or key.DOMAIN")
@@ -239,15 +278,22 @@ class DKIMSignerFactory:
             raise context.config_error("sign", f"expected trusted or all, got {sign!r}")
         canonicalization = _canonicalization(context, options.get("canonicalization",
                                                                   "relaxed/relaxed"))
-        signer = DKIMSigner(keys, headers, sign == "all", canonicalization)
-        for domain, key in keys.items():
-            try:
-                dkim.sign(_PROBE % domain.encode("ascii"), key.selector.encode("ascii"),
-                          domain.encode("ascii"), key.private, signature_algorithm=key.algorithm,
-                          canonicalize=canonicalization, include_headers=headers)
-            except dkim.DKIMException as exc:
-                raise context.config_error(
-                    _option_for(options, domain), f"the key for {domain} does not sign: {exc}")
+        subdomains = options.get("subdomains", "no").strip().lower()
+        if subdomains not in ("yes", "no"):
+            raise context.config_error("subdomains", f"expected yes or no, got {subdomains!r}")
+        signer = DKIMSigner(keys, headers, sign == "all", canonicalization,
+                            subdomains=subdomains == "yes")
+        for domain, each in keys.items():
+            for key in each:
+                try:
+                    dkim.sign(_PROBE % domain.encode("ascii"), key.selector.encode("ascii"),
+                              domain.encode("ascii"), key.private,
+                              signature_algorithm=key.algorithm,
+                              canonicalize=canonicalization, include_headers=headers)
+                except dkim.DKIMException as exc:
+                    raise context.config_error(
+                        _option_for(options, domain),
+                        f"the {key.selector} key for {domain} does not sign: {exc}")
         return signer
 
     @staticmethod
@@ -256,14 +302,23 @@ class DKIMSignerFactory:
             name = domain_key(domain.strip())
         except AddressError as exc:
             raise context.config_error(domain_option, f"not a domain: {domain!r}: {exc}") from None
-        if name in keys:
-            raise context.config_error(domain_option, f"a second key for {name}")
         if not _SELECTOR.match(selector):
             raise context.config_error(selector_option, f"not a selector: {selector!r}")
         try:
-            keys[name] = load_key(absolute_path(path), selector)
+            key = load_key(absolute_path(path), selector)
         except ValueError as exc:
             raise context.config_error(key_option, str(exc)) from None
+        held = keys.setdefault(name, [])
+        for other in held:
+            if other.algorithm == key.algorithm:
+                raise context.config_error(
+                    domain_option, f"a second {key.algorithm.decode('ascii')} key for {name}: "
+                                   f"a domain signs once with RSA and once with Ed25519 at most")
+            if other.selector == key.selector:
+                raise context.config_error(
+                    domain_option, f"two keys for {name} under one selector, {selector}: "
+                                   f"a selector names one public key (RFC 6376 3.1)")
+        held.append(key)
 
 
 def _option_for(options, domain):

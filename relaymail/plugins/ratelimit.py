@@ -55,11 +55,13 @@ count.
     limits (smtpd_client_event_limit_exceptions).  ``no`` counts them like
     anyone (a compromised host inside is a spam source too).
 ``redis``
-    Empty (the default): counters in this process's memory.  Each inbound
-    worker process (``[server] workers``) then counts alone, so a client
-    whose connections land on several workers gets up to that many times
-    its limit, and a reload (SIGHUP builds the plugins afresh) or a
-    worker's restart starts the counts from zero.  ``redis://host:port/db``
+    Empty (the default): counters in memory, shared by the inbound worker
+    processes (``[server] workers``) through the master's shared memory,
+    so a client whose connections land on several workers meets one
+    limit (two workers deciding at the same instant may each let one
+    event through), and a worker's restart forgets nothing; a reload
+    (SIGHUP) starts the counts from zero, as it does the connection
+    limits'.  ``redis://host:port/db``
     (``rediss://`` for TLS, ``unix:///path/redis.sock?db=0``): counters in
     that Redis, shared by every worker and every node that names it, so a
     fleet behind HAProxy enforces one limit (needs redis-py:
@@ -82,8 +84,10 @@ count.
     the mail.
 ``max_keys``
     Memory counters only: the most names (a sender, a user, a client, for
-    each limit) remembered at once; default 100000.  Past it the name
-    counted longest ago is forgotten, with a warning.
+    each limit) remembered at once, per inbound worker; default 100000.
+    Past it, with a warning, a process of its own forgets the name counted
+    longest ago, and a worker stops counting new names until old ones run
+    out (its share of the shared memory is fixed).
 
 ``[plugin:ratelimit]`` refuses ``cache_ttl``: a cached answer would stand
 for an event never counted.
@@ -101,7 +105,7 @@ from relaymail.config import boolean, duration, integer
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator, ISenderPolicy
 from relaymail.plugins.options import reject_unknown
 from relaymail.plugins.ratelimit_counters import (
-    DEFAULT_MAX_KEYS, Count, MemoryCounters, SlidingWindow)
+    DEFAULT_MAX_KEYS, Count, SlidingWindow, memory_counters)
 from relaymail.plugins.ratelimit_redis import DEFAULT_PREFIX, CountersUnavailable
 from relaymail.plugins.static import address_key
 
@@ -298,7 +302,7 @@ class RateLimitFactory:
             for key in _REDIS_ONLY:
                 if key in options:
                     raise context.config_error(key, "set without redis, which it is for")
-            counters = MemoryCounters(
+            counters = memory_counters(
                 window, parse("max_keys", integer(minimum=1), str(DEFAULT_MAX_KEYS)))
             defer_on_failure = False
         limits_section = context.settings.limits

@@ -36,6 +36,18 @@ ago is forgotten even if alive, with a warning: forgetting lets that name
 send again, where refusing the new one would let a crowd of new names
 stop everyone's mail.
 
+With several inbound worker processes (``[server] workers``) the memory
+counters are :class:`SharedCounters`: the same two buckets a name, in the
+shared memory the master gives its inbound workers
+(:class:`relaymail.process.shared_counts.SharedBuckets`), each worker
+writing its own row and adding up all of them, so that a client whose
+connections land on different workers meets one limit, and a worker's
+restart or a reload forgets nothing.  Two workers checking one name at
+the same instant may both let an event through: a limit can be passed by
+at most one event per other worker, as two nodes on one Redis can pass
+it.  A row full of live names (``max_keys``) counts no new ones until
+the next bucket frees some, with a warning.
+
 The Redis counters (:mod:`relaymail.plugins.ratelimit_redis`) keep the
 same two buckets a name in Redis, so that a fleet shares one count.
 """
@@ -185,3 +197,63 @@ class MemoryCounters:
             if entry[0] >= bucket - 1:
                 return
             del entries[name]
+
+
+class SharedCounters:
+    """Counters in the memory the inbound workers share (see the module's
+    docstring): :class:`MemoryCounters`'s :meth:`take`, over a
+    :class:`relaymail.process.shared_counts.SharedBuckets` table.
+
+    :param window: a :class:`SlidingWindow`.
+    :param table: this worker's view of the shared table.
+    :param max_keys: what a full row is reported as, in the warning.
+    """
+
+    def __init__(self, window, table, max_keys=DEFAULT_MAX_KEYS):
+        self._window = window
+        self._table = table
+        self._max_keys = max_keys
+        self._warned_bucket = None
+
+    def __len__(self):
+        """Names this worker counts (its row's live entries)."""
+        return self._table.tracked()
+
+    def take(self, counts, now, count_them=True):
+        """As :meth:`MemoryCounters.take`, counted in all workers."""
+        bucket = self._window.bucket(now)
+        weight = self._window.previous_weight(now)
+        for count in counts:
+            previous, current = self._table.numbers(count.name, bucket)
+            if self._window.over(previous, current, weight, count.most):
+                return count
+        if not count_them:
+            return None
+        for count in counts:
+            if not self._table.add(count.name, bucket) and self._warned_bucket != bucket:
+                self._warned_bucket = bucket
+                log.warn("ratelimit: more than {most} names counted at once in this worker; "
+                         "new names are not counted until old ones run out (raise "
+                         "[plugin:ratelimit] max_keys or use redis)", most=self._max_keys)
+        return None
+
+
+#: The table of the inbound workers' shared memory this process counts
+#: in (share_between_workers), or None: a process of its own.
+_shared_table = None
+
+
+def share_between_workers(table):
+    """Make the ratelimit plugins this process builds from now on count in
+    ``table`` (a SharedBuckets), together with the other inbound workers:
+    called by an inbound worker before it builds its plugins."""
+    global _shared_table
+    _shared_table = table
+
+
+def memory_counters(window, max_keys=DEFAULT_MAX_KEYS):
+    """The counters for a plugin without Redis: shared with the other
+    inbound workers when this process is one, else its own."""
+    if _shared_table is not None:
+        return SharedCounters(window, _shared_table, max_keys)
+    return MemoryCounters(window, max_keys)

@@ -27,6 +27,7 @@ from relaymail.lifecycle import OrderlyService
 from relaymail.policy.loader import build_hooks
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
+from relaymail.plugins.ratelimit_counters import share_between_workers
 from relaymail.process.shared_counts import SharedLimits
 from relaymail.smtp.limits import RATE_WINDOW
 from relaymail.smtp.sessions import EndSessions, OpenSessions
@@ -43,14 +44,21 @@ def build(arguments, settings, reactor, fds):
     :mod:`relaymail.process.worker`)."""
     from relaymail.metrics import instruments
     instruments.enable(bool(settings.metrics.listen))
+    shared = None
+    if arguments.role == "inbound" and "limits" in fds:
+        shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.limits_row,
+                              settings, reactor, RATE_WINDOW)
+        # Before the plugins are built: the ratelimit plugin's memory
+        # counters are in the shared region too.
+        share_between_workers(shared.rate_limits)
     hooks = build_hooks(settings)
     policy = Policy.from_hooks(hooks, settings, reactor=reactor)
     if arguments.role == "inbound":
-        return _inbound(arguments, settings, reactor, fds, policy)
+        return _inbound(arguments, settings, reactor, fds, policy, shared)
     return _delivery(arguments, settings, reactor, fds, policy, hooks)
 
 
-def _inbound(arguments, settings, reactor, fds, policy):
+def _inbound(arguments, settings, reactor, fds, policy, shared):
     from relaymail.tap import inbound_factories
     top = OrderlyService(settings.server.shutdown_grace)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
@@ -61,10 +69,6 @@ def _inbound(arguments, settings, reactor, fds, policy):
     senders = [_socket(fds.pop(name)) for name in _ordered(fds, "pickup.")]
     pickup = PickupSender(reactor, senders)
     queue = NotifyingQueue(spool, pickup.message_queued)
-    shared = None
-    if "limits" in fds:
-        shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.limits_row,
-                              settings, reactor, RATE_WINDOW)
     sessions = OpenSessions(reactor)
     spool.expect_commits_from(sessions.transactions)
     factories = inbound_factories(settings, reactor, top, policy, queue, shared=shared,

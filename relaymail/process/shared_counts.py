@@ -7,7 +7,9 @@ inbound worker:
 - connections open per client, and the worker's total
   (``[limits] connections`` and ``connections_per_ip``);
 - connection attempts per client per minute (``connection_rate_per_ip``);
-- AUTH attempts per client per minute (``[auth] attempts_per_minute``).
+- AUTH attempts per client per minute (``[auth] attempts_per_minute``);
+- the ``ratelimit`` plugin's memory counters, two buckets a name
+  (:class:`relaymail.plugins.ratelimit_counters.SharedCounters`).
 
 A row has one writer, its worker, and readers that only add up: no lock
 is needed.  A row is a hash table of fixed-size entries of 64-bit words,
@@ -27,8 +29,11 @@ import functools
 import hashlib
 import mmap
 import os
+import time
 
 _WORD = 8
+#: Seconds between packs of a row that stays full of entries that count.
+_PACK_PAUSE = 1.0
 
 
 @functools.lru_cache(maxsize=65536)
@@ -53,7 +58,12 @@ class _Table:
         self._rows = rows
         self._slots = slots
         self._row = row
-        self._used = 0          # entries of this row with a hash in them
+        # Entries of this row with a hash in them: a worker's successor
+        # takes over its row as it was.
+        start = self._row_start(row) + self.header
+        hashes = self._words[start:start + self.width * slots:self.width]
+        self._used = slots - hashes.tolist().count(0)
+        self._next_pack = 0.0   # _claim()
 
     @classmethod
     def size(cls, rows, slots):
@@ -91,8 +101,17 @@ class _Table:
         """A new entry for ``wanted`` in this row, holding ``values``; its
         index, or None when the row is full of entries that still count."""
         if self._used >= 3 * self._slots // 4:
-            # Probes stay short only while a quarter is empty.
+            # Probes stay short only while a quarter is empty, so the row
+            # is full there.  Packing walks every entry (tens of ms for a
+            # big row): while a flood of new names keeps the row full of
+            # live ones, once a second, not once a name.
+            now = time.monotonic()
+            if now < self._next_pack:
+                return None
             self._pack()
+            self._next_pack = now + _PACK_PAUSE
+            if self._used >= 3 * self._slots // 4:
+                return None
         index = self._free(wanted)
         if index is None:
             return None
@@ -236,6 +255,75 @@ class SharedWindows(_Table):
         return self._live(entry[1], self._now())
 
 
+class SharedBuckets(_Table):
+    """Events per name in fixed time buckets, counted by every inbound
+    worker together: entries of ``(name hash, bucket, events in it, events
+    in the bucket before)``.  What a bucket is, and how the two numbers
+    make a sliding window, is the ratelimit plugin's
+    (relaymail.plugins.ratelimit_counters); this table only keeps them.
+    """
+
+    width = 4
+
+    def __init__(self, fd, offset, rows, slots, row):
+        super().__init__(fd, offset, rows, slots, row)
+        self._bucket = 0        # the latest bucket numbers() or add() saw
+
+    def numbers(self, key, bucket):
+        """``(previous, current)``: the events of ``key`` in the bucket
+        before ``bucket`` and in ``bucket``, in all workers."""
+        self._bucket = max(self._bucket, bucket)
+        wanted = client_hash(key)
+        previous = current = 0
+        for row in range(self._rows):
+            index = self._find(row, wanted)
+            if index is not None:
+                before, now = self._at(index, bucket)
+                previous += before
+                current += now
+        return previous, current
+
+    def add(self, key, bucket):
+        """Count one event of ``key`` in ``bucket`` in this worker's row.
+
+        :return: False when the row is full of names still counting (the
+            event is not counted), else True.
+        """
+        self._bucket = max(self._bucket, bucket)
+        wanted = client_hash(key)
+        index = self._find(self._row, wanted)
+        if index is None:
+            return self._claim(wanted, bucket, 1, 0) is not None
+        previous, current = self._at(index, bucket)
+        words = self._words
+        # The counts before the bucket: a reader between the writes sees
+        # this bucket's old count at worst, never another bucket's.
+        words[index + 3] = previous
+        words[index + 2] = current + 1
+        words[index + 1] = bucket
+        return True
+
+    def tracked(self):
+        """Names of this worker's row that still count."""
+        words, width = self._words, self.width
+        start = self._row_start(self._row)
+        return sum(1 for i in range(self._slots)
+                   if self._counts(tuple(words[start + width * i:start + width * (i + 1)])))
+
+    def _at(self, index, bucket):
+        words = self._words
+        stored = words[index + 1]
+        if stored == bucket:
+            return words[index + 3], words[index + 2]
+        if stored == bucket - 1:
+            return words[index + 2], 0
+        return 0, 0
+
+    def _counts(self, entry):
+        # Events of this bucket or the one before still count.
+        return entry[0] != 0 and entry[1] >= self._bucket - 1
+
+
 class SharedLimits:
     """An inbound worker's views of the master's region: open connections,
     connection rates and AUTH attempts, all workers' together.
@@ -251,6 +339,7 @@ class SharedLimits:
                                               row, clock, window)
         self.auth_attempts = SharedWindows(fd, layout.auth_at, rows, layout.rate_slots,
                                            row, clock, window)
+        self.rate_limits = SharedBuckets(fd, layout.buckets_at, rows, layout.bucket_slots, row)
 
 
 class _Layout:
@@ -266,7 +355,25 @@ class _Layout:
         self.rate_slots = 1 << 17
         self.rates_at = SharedCounts.size(rows, self.count_slots)
         self.auth_at = self.rates_at + SharedWindows.size(rows, self.rate_slots)
-        self.size = self.auth_at + SharedWindows.size(rows, self.rate_slots)
+        # The ratelimit plugin's names, max_keys a row with a quarter
+        # free: 4 MiB a row by default.  Reserved whether or not the
+        # plugin is used: a memfd's pages cost nothing until written.
+        self.bucket_slots = 1024
+        while self.bucket_slots * 3 // 4 < _ratelimit_max_keys(settings):
+            self.bucket_slots *= 2
+        self.buckets_at = self.auth_at + SharedWindows.size(rows, self.rate_slots)
+        self.size = self.buckets_at + SharedBuckets.size(rows, self.bucket_slots)
+
+
+def _ratelimit_max_keys(settings):
+    """``[plugin:ratelimit] max_keys``, or its default when unset or not a
+    number (the plugin's own build says what is wrong with it)."""
+    from relaymail.plugins.ratelimit_counters import DEFAULT_MAX_KEYS
+    raw = settings.plugin_options.get("ratelimit", {}).get("max_keys", "").strip()
+    try:
+        return max(1, int(raw)) if raw else DEFAULT_MAX_KEYS
+    except ValueError:
+        return DEFAULT_MAX_KEYS
 
 
 def make_limits_region(rows, settings):

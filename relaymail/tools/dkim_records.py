@@ -97,7 +97,8 @@ def records(settings, hooks):
     """One dict per key (see the module's text), by domain."""
     result = []
     for signer in signers(settings, hooks):
-        for domain, key in sorted(signer.keys.items()):
+        pairs = [(domain, key) for domain, keys in signer.keys.items() for key in keys]
+        for domain, key in sorted(pairs, key=lambda pair: (pair[0], pair[1].selector)):
             name = f"{key.selector}._domainkey.{domain}."
             value = public_value(key)
             result.append({
