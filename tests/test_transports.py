@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import smtplib
 import stat
 import subprocess
@@ -376,6 +377,33 @@ def test_pipe_runs_the_command_per_recipient_with_argv_and_the_message_on_stdin(
     [(relay, dsn, status, text)] = outcomes(site, queue_id, "bob@example.net")
     assert (relay, dsn, status, text) == (
         "pipe:deliver", "2.0.0", "sent", "delivered via deliver command")
+
+
+def test_pipe_gives_a_binarymime_message_as_received_crlf_and_all(site):
+    # Binary content has no lines: turning its CR LF pairs into LF would
+    # change the data (RFC 3030 3), so newline = lf is for text only.
+    body = (b"From: Alice <alice@sender.test>\r\nSubject: binary\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n"
+            b"\r\n\x00\x01\r\n\xff\r\r\n.\r\n\n\x80")
+    with socket.create_connection(("127.0.0.1", site.port), 10) as client:
+        reader = client.makefile("rb")
+        client.sendall(b"EHLO client.test\r\nMAIL FROM:<%s> BODY=BINARYMIME\r\n"
+                       b"RCPT TO:<bob@example.net>\r\nBDAT %d LAST\r\n%s"
+                       % (SENDER.encode(), len(body), body))
+        replies = []
+        # The greeting, then EHLO's, MAIL's, RCPT's and BDAT's replies.
+        while len(replies) < 5:
+            line = reader.readline()
+            if line[3:4] == b" ":
+                replies.append(line)
+        client.sendall(b"QUIT\r\n")
+    assert [reply[:3] for reply in replies] == [b"220", b"250", b"250", b"250", b"250"], replies
+    queue_id = re.match(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n", replies[4]).group(1)
+    queue_id = queue_id.decode()
+    wait_for_outcome(site, queue_id, "bob@example.net", "sent")
+    [(_argv, stdin, _env)] = pipe_runs(site, queue_id)
+    our_id, rest = split_received(stdin)
+    assert (our_id, rest) == (queue_id, body)
 
 
 def test_pipe_without_a_recipient_field_runs_once_for_all_with_the_next_hop_argument(site):
@@ -934,6 +962,7 @@ def test_a_pipe_timeout_kills_what_the_command_started_too(tmp_path):
             class Message:
                 queue_id = "Q1"
                 sender = None
+                envelope = type("Envelope", (), {{"body": "7BIT"}})
                 def open(self):
                     return io.BytesIO(b"Subject: x\\r\\n\\r\\nhi\\r\\n")
 

@@ -21,7 +21,8 @@ A template with a per-recipient field (``{recipient}``, ``{local_part}``,
 ``{domain}``) runs once per recipient, one after the other; otherwise once
 for all of the job's recipients, who then share its outcome.  The message
 goes to the command's standard input (with LF line ends, as Postfix's pipe
-writes them, unless ``newline = crlf``), through the reactor's process
+writes them, unless ``newline = crlf``; a BINARYMIME message exactly as
+received, since its CR LF pairs may be data), through the reactor's process
 support: nothing blocks.  An address that starts with ``-`` is refused
 (5.1.3) before any command runs, as Postfix's ``allow_min_user = no``
 does, so that no address can pass itself off as an option.
@@ -222,7 +223,9 @@ class PipeTransport:
         except OSError as exc:
             return RecipientOutcome.deferred(
                 f"pipe: cannot read the message file: {exc.strerror or exc}", "4.3.0")
-        child = _Child(body, self._crlf)
+        # A BINARYMIME message has no lines to convert: its CR LF pairs
+        # may be data (RFC 3030 3), so it goes as received.
+        child = _Child(body, self._crlf or message.envelope.body == "BINARYMIME")
         try:
             # In a session of its own (setsid), so that a timeout kills
             # what the command started too, as Postfix's pipe(8) kills the
