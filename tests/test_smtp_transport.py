@@ -138,6 +138,18 @@ class SMTPTransportTests(unittest.TestCase):
                         outcome.reason)
 
 
+    @defer.inlineCallbacks
+    def test_deliver_after_a_drain_is_deferred_at_once_not_left_waiting(self):
+        # A site transport that sends on by SMTP during a stop: the pool
+        # starts no more jobs, so its job must be given back, not queued.
+        self.assertEqual(self.pool.drain(), [])
+        result = yield self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
+        self.assertEqual(result, {"a@one.test": RecipientOutcome(
+            "deferred", "4.4.2", "delivery cut by a stop")})
+        self.assertEqual(self.first.messages, [])
+        self.assertFalse(self.pool.busy)
+
+
 class RunnerTests(unittest.TestCase):
     """The queue's jobs for smtp go to the pool whole, past the runner's
     per-transport concurrency: the pool's caps and connection reuse apply."""

@@ -119,6 +119,12 @@ class DestinationPool:
         return self._connections > 0 or any(q.jobs for q in self._queues.values())
 
     def submit(self, job):
+        if self._stopping or self._draining:
+            # No connection will take it: left to the next start at once,
+            # as drain() leaves the jobs that were waiting, rather than
+            # queued where its caller would wait for it until it gives up.
+            self._abandon(job)
+            return
         queue = self._queues.get(job.destination)
         if queue is None:
             queue = self._queues[job.destination] = _DestinationQueue(job.destination)
