@@ -1,6 +1,7 @@
 """Property tests over the whole protocol (bounded, in the normal run):
 random input never crashes it, replies never leave out of order, and a
-message ends only at CRLF.CRLF."""
+message ends only at CRLF.CRLF; and the envelope's dict form, which the queue
+record is made of."""
 
 import re
 
@@ -8,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer
 from zope.interface import implementer
 
+from relaymail.envelope import Envelope
 from relaymail.interfaces import Decision, IRecipientValidator
 from relaymail.policy.loader import build_plugins
 from tests.support import Session, make_settings
@@ -135,3 +137,37 @@ def test_a_message_ends_only_at_crlf_dot_crlf(tmp_path, body, cuts):
     else:
         assert replies[0][:3] in (b"554", b"500", b"552")
         assert session.queue.messages == {}
+
+
+texts = st.text(max_size=12)
+envelopes = st.builds(
+    Envelope,
+    sender=texts, recipients=st.lists(texts, max_size=4),
+    body=st.sampled_from(["7BIT", "8BITMIME", "BINARYMIME"]),
+    authenticated_user=st.none() | texts, received_at=st.floats(0, 2e9),
+    dsn_ret=st.none() | st.sampled_from(["FULL", "HDRS"]),
+    dsn_recipients=st.none() | st.dictionaries(texts, st.lists(st.none() | texts, max_size=2)),
+    dsn_expanded=st.none() | st.lists(st.lists(texts, max_size=2), max_size=2),
+    requiretls=st.booleans())
+
+
+@PROPERTY
+@given(envelopes)
+def test_an_envelopes_dict_is_what_asdict_gives_and_a_copy(envelope):
+    from dataclasses import asdict
+    before = asdict(envelope)
+    made = envelope.to_dict()
+    assert made == before
+    # A copy all the way down: changing it changes nothing in the envelope.
+
+    def change(value):
+        if isinstance(value, list):
+            for member in value:
+                change(member)
+            value.append("changed")
+        elif isinstance(value, dict):
+            for member in value.values():
+                change(member)
+    for value in made.values():
+        change(value)
+    assert asdict(envelope) == before
