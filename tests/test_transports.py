@@ -791,7 +791,7 @@ class WebHookFailureTests(unittest.TestCase):
 
     timeout = 20
 
-    def hook(self, url, timeout="1"):
+    def hook(self, url, timeout="1", **options):
         import importlib.util
         from types import SimpleNamespace
         from relaymail.policy.loader import PluginContext
@@ -799,7 +799,7 @@ class WebHookFailureTests(unittest.TestCase):
             "webhook_under_test", os.path.join(REPO, "etc", "plugins", "webhook.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        options = {"url": url, "timeout": timeout}
+        options = {"url": url, "timeout": timeout, **options}
         return module.webhook.build(PluginContext("webhook", options,
                                                   SimpleNamespace(source="relay.ini")))
 
@@ -833,6 +833,24 @@ class WebHookFailureTests(unittest.TestCase):
         outcome = result["a@example.org"]
         self.assertEqual((outcome.kind, outcome.status, outcome.reason),
                          ("deferred", "4.4.1", f"webhook {url}: no answer within 1s"))
+
+    def test_domains_in_u_labels_route_the_recipients_of_their_a_labels(self):
+        from relaymail.address import parse_forward_path
+        hook = self.hook("http://127.0.0.1:1/hook", domains="Bücher.example, .tickets.ÉXAMPLE")
+        for address, routed in (("a@xn--bcher-kva.example", True), ("a@bücher.example", True),
+                                ("a@eu.xn--tickets-kya.example", False),
+                                ("a@eu.tickets.xn--xample-9ua", True),
+                                ("a@tickets.xn--xample-9ua", False), ("a@example.org", False)):
+            route = hook.route(parse_forward_path(f"<{address}>", smtputf8=True), None)
+            self.assertEqual(route is not None, routed, address)
+
+    def test_a_domain_that_is_not_one_is_a_config_error_naming_the_key(self):
+        from relaymail.config import ConfigError
+        with self.assertRaises(ConfigError) as info:
+            self.hook("http://127.0.0.1:1/hook", domains="example.com, bad..domain")
+        self.assertTrue(str(info.exception).startswith(
+            "relay.ini: [plugin:webhook] domains: not a domain: 'bad..domain'"),
+            str(info.exception))
 
     def test_a_bad_url_is_a_config_error_naming_the_key(self):
         from relaymail.config import ConfigError

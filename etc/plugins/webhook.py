@@ -33,8 +33,8 @@ deferred (4.4.1).  Redirects are not followed (they are a setting to fix):
 deferred.
 
 As a router (``[plugins] routers = webhook``) it sends the recipients of
-``domains`` (a domain, or ``.domain`` for its subdomains) to itself and
-has no opinion on others.
+``domains`` (a domain, or ``.domain`` for its subdomains; U-labels or
+A-labels alike) to itself and has no opinion on others.
 """
 
 from urllib.parse import quote, urlsplit
@@ -46,8 +46,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from relaymail.address import AddressError
 from relaymail.interfaces import (
     IPluginFactory, IRouter, ITransport, RecipientOutcome, Route)
+from relaymail.plugins.static import domain_key
 
 #: Characters left as they are in an address header value.
 _SAFE = "@!#$&'*+-/=?^_`{|}~.%"
@@ -223,7 +225,15 @@ class WebHookFactory:
         except ValueError:
             raise context.config_error(
                 "timeout", f"expected seconds (e.g. 30), got {options['timeout']!r}") from None
-        domains = {d.strip().lower() for d in options.get("domains", "").replace(",", " ").split()}
+        domains = set()
+        for written in options.get("domains", "").replace(",", " ").split():
+            dot = "." if written.startswith(".") else ""
+            try:
+                # The form a recipient's domain_key has (lower case,
+                # A-labels): "bücher.example" must match what it becomes.
+                domains.add(dot + domain_key(written[len(dot):].lower()))
+            except AddressError as exc:
+                raise context.config_error("domains", f"not a domain: {written!r}: {exc}") from None
         return WebHook(url, timeout, frozenset(domains))
 
 

@@ -299,7 +299,7 @@ class DKIMSignerFactory:
     @staticmethod
     def _add(context, keys, domain_option, domain, selector, selector_option, path, key_option):
         try:
-            name = domain_key(domain.strip())
+            name = domain_key(domain.strip().lower())
         except AddressError as exc:
             raise context.config_error(domain_option, f"not a domain: {domain!r}: {exc}") from None
         if not _SELECTOR.match(selector):
