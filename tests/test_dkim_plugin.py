@@ -387,3 +387,11 @@ def test_the_readme_recipe_is_accepted(tmp_path):
     result = checked(tmp_path, recipe("Signing outgoing mail with DKIM."))
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
     assert result.stdout == f"{tmp_path / 'relaymail.ini'}: ok\n"
+
+
+def test_a_key_domain_may_be_written_in_u_labels_and_capitals(tmp_path):
+    path, _ = rsa_key(tmp_path)
+    plugin = build({"key.Bücher.EXAMPLE": f"s:{path}"})
+    assert list(plugin.keys) == ["xn--bcher-kva.example"]
+    assert plugin.signing_domain(author_domain([("From", "a@bücher.example")])) == \
+        "xn--bcher-kva.example"
