@@ -58,11 +58,11 @@ class _Table:
         self._rows = rows
         self._slots = slots
         self._row = row
-        # Entries of this row with a hash in them: a worker's successor
-        # takes over its row as it was.
-        start = self._row_start(row) + self.header
-        hashes = self._words[start:start + self.width * slots:self.width]
-        self._used = slots - hashes.tolist().count(0)
+        # Entries of this row with a hash in them, counted when first
+        # needed: a worker's successor takes over its row as it was, and
+        # a table nobody writes (no ratelimit plugin) is never read, its
+        # pages never made resident.
+        self._used = None
         self._next_pack = 0.0   # _claim()
 
     @classmethod
@@ -100,6 +100,10 @@ class _Table:
     def _claim(self, wanted, *values):
         """A new entry for ``wanted`` in this row, holding ``values``; its
         index, or None when the row is full of entries that still count."""
+        if self._used is None:
+            start = self._row_start(self._row) + self.header
+            hashes = self._words[start:start + self.width * self._slots:self.width]
+            self._used = self._slots - hashes.tolist().count(0)
         if self._used >= 3 * self._slots // 4:
             # Probes stay short only while a quarter is empty, so the row
             # is full there.  Packing walks every entry (tens of ms for a
