@@ -331,3 +331,77 @@ def test_workers_use_the_masters_directory_and_config_whatever_happens_after(tmp
     assert not os.path.exists(rundir / "spool-relative")
     assert not os.path.exists(os.path.join(relay.workdir, "elsewhere"))
     assert "listening sockets for" not in log
+
+
+def test_delivery_starts_once_every_inbound_worker_accepts(tmp_path):
+    # Their imports and its scan of the queue would share the cores: the
+    # listener is served first.
+    relay = relay_with(tmp_path, socket_port_nobody_uses()).start()
+    try:
+        wait_for_worker(relay, "delivery.1")
+        wait_until(lambda: relay.log().count("messages scheduled") == 2,
+                   what="both delivery workers to scan their partitions")
+        log = relay.log()
+    finally:
+        relay.stop()
+    started = log.index("Started delivery.0")
+    for name in ("inbound.1", "inbound.2"):
+        assert log.index(f"[{name} -] SMTPFactory starting on") < started
+    assert "starting the delivery workers anyway" not in log
+
+
+SLOW_START = '''
+import sys, time
+from twisted.plugin import IPlugin
+from zope.interface import implementer, provider
+from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
+
+@implementer(IRecipientValidator)
+class NoOpinion:
+    name = "slowstart"
+    def check_recipient(self, recipient, context):
+        return Decision.NO_OPINION
+    def verify(self, address, context):
+        return Decision.NO_OPINION
+
+@provider(IPlugin, IPluginFactory)
+class slowstart:
+    name = "slowstart"
+    description = "an inbound worker that takes 6 s to start"
+    @staticmethod
+    def build(context):
+        if "inbound" in sys.argv:
+            time.sleep(6)
+        return NoOpinion()
+'''
+
+
+def test_delivery_does_not_wait_for_inbound_workers_that_do_not_start(tmp_path, nexthop):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slowstart.py").write_text(SLOW_START)
+    queued = os.path.join(tmp_path, "spool", "active")
+    os.makedirs(queued)
+    relay = relay_with(tmp_path, nexthop.port, delivery=1,
+                       plugins={"path": str(plugins), "recipients": "slowstart, domains"})
+    # A message queued before the start is delivered while the inbound
+    # workers are still starting.
+    from tests.test_spool import BODY, make_envelope, queue_sync
+    from relaymail.queue.spool import Spool
+    spool = Spool(relay.spool)
+    spool.start()
+    queue_id = queue_sync(spool, envelope=make_envelope(recipients=["bob@example.net"]))
+    spool.stop()
+    relay.start(timeout=30)
+    try:
+        [message] = nexthop.wait_for(1)
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert message["data"] == BODY
+    sent = re.search(rf"{queue_id}: to=<bob@example\.net>.*status=sent", log)
+    waited = re.search(r"inbound\.1, inbound\.2 not accepting after 3s; starting the "
+                       r"delivery workers anyway", log)
+    assert sent and waited
+    # All before either inbound worker accepted.
+    assert waited.start() < sent.start() < log.index("SMTPFactory starting on")

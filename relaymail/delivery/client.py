@@ -148,6 +148,11 @@ async def _open_session(reactor, hop, config):
     session = OutboundSession(reactor, hop, config, connection)
     try:
         await session._start()
+    except GeneratorExit:
+        # The coroutine is being thrown away, at a worker's exit after a
+        # drain gave its job back: the reactor has closed the socket, and
+        # a QUIT written now would fail with a traceback in the log.
+        raise
     except BaseException:
         session._hang_up()
         raise

@@ -7,6 +7,9 @@ import json
 #: The byte on an inbound worker's standard input that lets it accept:
 #: the master sends it once no leftover of the worker's slot is in the spool.
 GO = b"g"
+#: The byte an inbound worker writes on its ``ready`` pipe once it accepts:
+#: the master starts the delivery workers when every inbound one has.
+READY = b"r"
 
 
 @dataclasses.dataclass(frozen=True)

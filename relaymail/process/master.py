@@ -73,6 +73,10 @@ PICKUP_INTERVAL = 60.0
 #: ``[server] shutdown_grace`` and the few seconds a drain may add
 #: (relaymail.smtp.sessions, Scheduler.drain), before SIGKILL.
 STOP_MARGIN = 15.0
+#: Seconds the delivery workers wait at most for the inbound ones to say
+#: they accept: an inbound worker that cannot start must not keep the
+#: queue from being delivered.
+DELIVERY_START_WAIT = 3.0
 
 INBOUND = "inbound"
 DELIVERY = "delivery"
@@ -95,6 +99,8 @@ class _Worker:
         self.ended = None           # a Deferred while a stop waits for it
         self.retiring = False       # SIGHUP: ending for a successor with the new config
         self.limits_fd = None       # an inbound worker's shared-limits region
+        self.ready_fd = None        # the child's fd number of its ready pipe
+        self.ready = False          # it said it accepts
 
 
 class Master(service.Service):
@@ -132,6 +138,8 @@ class Master(service.Service):
         self._limits_fd = None
         self._control_port = None
         self._sweeper = None
+        self._delivery_started = False
+        self._delivery_timer = None
         self._stopping = False
         self._writers_may_go = False
         #: The run's relaymail.metrics.rundir.RunDirectory when [metrics]
@@ -168,9 +176,14 @@ class Master(service.Service):
             worker.limits_fd = self._limits_fd
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
-        # is taken; delivery starts a moment later on a queue that waits.
-        for worker in self.inbound + self.delivery:
+        # is taken.  Delivery starts once every inbound worker accepts: its
+        # imports and its scan of the queue would otherwise share the cores
+        # with theirs (on two cores and 100,000 messages queued, the first
+        # 220 came after 1.26 s instead of 0.98 s), while the queue waits.
+        for worker in self.inbound:
             self._spawn(worker)
+        self._delivery_timer = self._reactor.callLater(DELIVERY_START_WAIT,
+                                                       self._delivery_waited_enough)
         # While the workers start (0.5 s of imports), the leftovers of the
         # last run; an inbound worker waits for the word to go before it
         # accepts, so none of its commits can be taken for one.
@@ -185,6 +198,27 @@ class Master(service.Service):
         self._sweeper.start(PICKUP_INTERVAL, now=False)
         signal.signal(signal.SIGHUP,
                       lambda *_: self._reactor.callFromThread(self.reload))
+
+    def _start_delivery(self):
+        if self._delivery_started or self._stopping:
+            return
+        self._delivery_started = True
+        if self._delivery_timer is not None and self._delivery_timer.active():
+            self._delivery_timer.cancel()
+        for worker in self.delivery:
+            self._spawn(worker)
+
+    def _delivery_waited_enough(self):
+        waiting = [worker.name for worker in self.inbound if not worker.ready]
+        log.warn("{waiting} not accepting after {wait:g}s; starting the delivery workers "
+                 "anyway", waiting=", ".join(waiting), wait=DELIVERY_START_WAIT)
+        self._start_delivery()
+
+    def inbound_ready(self, worker):
+        """``worker`` accepts connections (its ready pipe said so)."""
+        worker.ready = True
+        if all(each.ready for each in self.inbound):
+            self._start_delivery()
 
     def _spawn(self, worker):
         if self._stopping:
@@ -214,6 +248,7 @@ class Master(service.Service):
         control_end = None
         if worker.role == INBOUND:
             named["limits"] = worker.limits_fd
+            named["ready"] = "r"
             arguments += ["--limits-row", str(worker.limits_row)]
             for index, port in enumerate(self._ports):
                 named[f"listen.{index}"] = port.fileno()
@@ -243,9 +278,14 @@ class Master(service.Service):
 
     def _exec(self, worker, arguments, named):
         child_fds = {0: "w", 1: 1 if self._log_lines else "r", 2: 2 if self._log_lines else "r"}
+        worker.ready = False
+        worker.ready_fd = None
         for number, (name, fd) in enumerate(named.items(), start=3):
+            # "r": a pipe the child writes and _WorkerProcess reads.
             child_fds[number] = fd
             arguments += ["--fd", f"{name}={number}"]
+            if name == "ready":
+                worker.ready_fd = number
         argv = [sys.executable, "-m", "relaymail.process.worker", *arguments]
         env = self._launch.environment(_environment())
         if self.metrics_dir is not None:
@@ -441,6 +481,8 @@ class Master(service.Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
+        if self._delivery_timer is not None and self._delivery_timer.active():
+            self._delivery_timer.cancel()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         waiting = []
@@ -576,6 +618,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self._partial = {}
 
     def childDataReceived(self, fd, data):
+        if fd == self._worker.ready_fd:
+            if data:
+                self._master.inbound_ready(self._worker)
+            return
         lines = (self._partial.pop(fd, b"") + data).split(b"\n")
         if lines[-1]:
             self._partial[fd] = lines[-1]

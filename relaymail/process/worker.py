@@ -32,7 +32,7 @@ from twisted.logger import globalLogBeginner, Logger
 
 from relaymail import logobserver
 from relaymail.config import ConfigError, load_config
-from relaymail.process.launch import GO, Launch, overrides_from
+from relaymail.process.launch import GO, READY, Launch, overrides_from
 from relaymail.queue import queue_id
 
 log = Logger(namespace="relaymail.process")
@@ -130,6 +130,16 @@ def main(argv=None):
             log.failure("{name} could not start", name=arguments.name)
             exit_code.append(1)
             reactor.stop()
+            return
+        ready = fds.pop("ready", None)
+        if ready is not None:
+            # Accepting now: the master starts the delivery workers once
+            # every inbound one says so (relaymail.process.master).
+            try:
+                os.write(ready, READY)
+            except OSError:
+                pass        # the master is gone; watch_master ends us
+            os.close(ready)
     def stop_once(*_):
         # SIGTERM comes from the master, and again from the kernel when the
         # master exits (die_with), and the master's pipe closes too: the
