@@ -824,9 +824,9 @@ SCHEMA = {
         # commit thread waits up to this long for other sessions' messages
         # before one sync for all, while sessions are between MAIL and
         # their final dot.  4 ms measured best here (relaymail.queue.batch);
-        # the bound keeps a "4" meant as milliseconds from costing every
-        # message four seconds.
-        "commit_delay": Key(duration(maximum=1), "0.004"),
+        # at most 100 ms, PostgreSQL's own bound, so that a "1" or a "4"
+        # meant as milliseconds is refused rather than costing seconds.
+        "commit_delay": Key(duration(maximum=0.1), "0.004"),
     },
     "delivery": {
         "smarthost": Key(smarthost, ""),

@@ -73,6 +73,36 @@ def test_a_lost_connection_ends_its_count_even_in_data(tmp_path, sessions):
     assert sessions.transactions.count == 0
 
 
+def test_a_sender_plugins_late_answer_after_the_client_left_counts_nothing(tmp_path, sessions):
+    # Found in review: the plugin's accept after the disconnect opened a
+    # transaction nothing would close, and every commit of the process
+    # then waited the whole delay.
+    from twisted.internet import defer
+    from zope.interface import implementer
+    from relaymail.interfaces import Decision, ISenderPolicy
+    from relaymail.policy.loader import Hooks
+
+    @implementer(ISenderPolicy)
+    class Later:
+        name = "later"
+
+        def __init__(self):
+            self.pending = []
+
+        def check_sender(self, sender, parameters, context):
+            self.pending.append(defer.Deferred())
+            return self.pending[-1]
+    later = Later()
+    client = connect(tmp_path, sessions)
+    hooks = Hooks(recipients=[], expanders=[], connect=[], helo=[], senders=[later], filters=[])
+    client.policy.use_hooks(hooks)
+    client.command(b"EHLO client.test")
+    assert client.command(b"MAIL FROM:<a@example.org>") == b""
+    client.protocol.connectionLost(None)
+    later.pending[0].callback(Decision.accept())
+    assert sessions.transactions.count == 0
+
+
 def test_a_refused_sender_opens_no_transaction(tmp_path, sessions):
     client = connect(tmp_path, sessions)
     client.command(b"EHLO client.test")
@@ -224,7 +254,8 @@ def test_commit_delay_defaults_to_four_milliseconds(tmp_path):
 
 
 @pytest.mark.parametrize("raw, problem", [
-    ("4", "must be at most 1 seconds, got '4'"),
+    ("4", "must be at most 0.1 seconds, got '4'"),
+    ("1", "must be at most 0.1 seconds, got '1'"),
     ("4ms", "expected a duration in seconds or with a unit"),
 ])
 def test_commit_delay_refuses_what_would_hold_every_message(tmp_path, raw, problem):
@@ -252,7 +283,7 @@ def timed_message(client):
 def test_the_relay_waits_for_a_session_in_a_transaction_and_never_for_none(tmp_path, workers):
     relay = RelayProcess(tmp_path, {"server": {"workers": workers},
                                     "relay": {"domains": "example.com"},
-                                    "queue": {"commit_delay": "1"}}).start()
+                                    "queue": {"commit_delay": "0.1"}}).start()
     try:
         waiting, sender = Client(relay.port), Client(relay.port)
         assert waiting.reply().startswith(b"220") and sender.reply().startswith(b"220")
@@ -260,10 +291,11 @@ def test_the_relay_waits_for_a_session_in_a_transaction_and_never_for_none(tmp_p
         assert waiting.command(b"MAIL FROM:<c@example.org>").startswith(b"250 2.1.0")
         # Another session is between MAIL and its final dot: the commit
         # waits the whole delay for it (it never comes)...
-        assert timed_message(sender) >= 0.95
-        # ...and once that session has reset, waits for nobody.
+        assert timed_message(sender) >= 0.095
+        # ...and once that session has reset, waits for nobody (the best
+        # of three, so that a busy machine's one slow sync does not count).
         assert waiting.command(b"RSET").startswith(b"250")
-        assert timed_message(sender) < 0.5
+        assert min(timed_message(sender) for _ in range(3)) < 0.09
         waiting.close()
         sender.close()
     finally:

@@ -149,9 +149,13 @@ async def _open_session(reactor, hop, config):
     try:
         await session._start()
     except GeneratorExit:
-        # The coroutine is being thrown away, at a worker's exit after a
-        # drain gave its job back: the reactor has closed the socket, and
-        # a QUIT written now would fail with a traceback in the log.
+        # The coroutine is being thrown away (at a worker's exit after a
+        # drain gave its job back, the reactor has closed the socket): no
+        # QUIT, which would be written to a closed socket, just let go.
+        try:
+            connection.abort()
+        except Exception:
+            pass
         raise
     except BaseException:
         session._hang_up()

@@ -25,6 +25,7 @@ filter decides, and the message goes on unsigned.
     twice, as RFC 8463 3 advises while receivers learn Ed25519: those that
     do not know it ignore that signature and check the RSA one (RFC 6376
     6.1).  ``key.DOMAIN`` for the ``domain`` above adds its second key.
+    A key's path therefore cannot hold a comma.
 ``headers``
     The fields to sign, comma or space separated; ``From`` must be one
     (RFC 6376 5.4).  Default: the fields of RFC 6376 5.4.1's list that
@@ -171,15 +172,19 @@ class DKIMSigner:
                                   include_headers=self._headers, linesep=b"\r\n")
             except dkim.DKIMException as exc:
                 # A message dkimpy cannot parse: deferring it would only
-                # have it refused again at every try.  It goes unsigned,
-                # and a receiver judges it as it would any unsigned mail.
-                log.warn("{queue_id}: not signed for {domain}: {error}",
-                         queue_id=message.queue_id, domain=domain, error=str(exc))
-                return Decision.NO_OPINION
+                # have it refused again at every try.  It goes without this
+                # signature, and a receiver judges it as it would any
+                # unsigned mail.
+                log.warn("{queue_id}: not signed for {domain} ({selector}): {error}",
+                         queue_id=message.queue_id, domain=domain, selector=key.selector,
+                         error=str(exc))
+                continue
             name, _, value = field.decode("ascii").partition(":")
             # Kept exactly as dkimpy folded it: with simple header
             # canonicalization the signature covers those bytes.
             fields.append((name, value[1:].rstrip("\r\n")))
+        if not fields:
+            return Decision.NO_OPINION
         return Decision.NO_OPINION.with_headers(add=fields)
 
 

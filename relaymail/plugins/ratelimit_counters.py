@@ -42,7 +42,8 @@ shared memory the master gives its inbound workers
 (:class:`relaymail.process.shared_counts.SharedBuckets`), each worker
 writing its own row and adding up all of them, so that a client whose
 connections land on different workers meets one limit, and a worker's
-restart or a reload forgets nothing.  Two workers checking one name at
+restart forgets nothing (a reload, SIGHUP, starts the counts from zero,
+as it does the connection limits').  Two workers checking one name at
 the same instant may both let an event through: a limit can be passed by
 at most one event per other worker, as two nodes on one Redis can pass
 it.  A row full of live names (``max_keys``) counts no new ones until

@@ -300,11 +300,12 @@ class SharedBuckets(_Table):
             return self._claim(wanted, bucket, 1, 0) is not None
         previous, current = self._at(index, bucket)
         words = self._words
-        # The counts before the bucket: a reader between the writes sees
-        # this bucket's old count at worst, never another bucket's.
+        # In this order a reader between the writes counts too many at
+        # worst (the new bucket with the old count), which refuses rather
+        # than lets through: never the new count read as the old bucket's.
         words[index + 3] = previous
-        words[index + 2] = current + 1
         words[index + 1] = bucket
+        words[index + 2] = current + 1
         return True
 
     def tracked(self):
@@ -354,9 +355,11 @@ class _Layout:
         self.count_slots = 1024
         while self.count_slots < 2 * settings.limits.connections:
             self.count_slots *= 2
-        # The clients whose rate one worker remembers (AttemptWindows keeps
-        # 100,000), with room to probe: 3 MiB a row.
-        self.rate_slots = 1 << 17
+        # The clients whose rate one worker remembers: three quarters of
+        # the row, 196,608, past the 100,000 AttemptWindows keeps (a row
+        # stops taking new clients there, to keep probes short): 6 MiB a
+        # row, made resident only as it fills.
+        self.rate_slots = 1 << 18
         self.rates_at = SharedCounts.size(rows, self.count_slots)
         self.auth_at = self.rates_at + SharedWindows.size(rows, self.rate_slots)
         # The ratelimit plugin's names, max_keys a row with a quarter

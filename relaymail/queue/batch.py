@@ -16,7 +16,9 @@ soon as the first commit arrives.  So the thread may wait a little for
 more (``linger``, ``[queue] commit_delay``, after PostgreSQL's
 ``commit_delay``), but only while ``expected()`` says other messages are
 on their way: sessions between an accepted MAIL and their final dot.  A
-lone sender never waits, and the wait ends early once none is left.
+lone sender never waits, and the wait ends as soon as a message comes
+and no other is expected (a session that ends its transaction without a
+message is noticed at the end of the delay).
 Measured here (20 sessions, 4 KiB, five alternating runs of 8,000
 messages): 4 ms made batches of about four, 932 -> 1,019 msgs/s and 9%
 less CPU per message; one to four sessions went as fast as without it.

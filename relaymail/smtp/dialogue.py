@@ -144,6 +144,11 @@ class Dialogue:
         self.esmtp = False
         self.transaction = None
         self._transactions = transactions
+        # This session's transaction is counted in _transactions; and the
+        # connection is gone (a sender plugin's late answer opens no
+        # transaction that nothing would ever close).
+        self._counted = False
+        self._lost = False
         #: Set after DATA got 354: the protocol feeds message bytes here.
         self.data_reader = None
         self._writer = None
@@ -260,6 +265,7 @@ class Dialogue:
 
     def connection_lost(self):
         """Throw away a message still being received."""
+        self._lost = True
         self._discard_writer()
         self._reset()
 
@@ -343,7 +349,8 @@ class Dialogue:
             # RSET, EHLO or a lost connection between BDAT chunks: the
             # message so far is thrown away (RFC 3030 2).
             self.transaction.chunks.fail()
-        if self.transaction is not None and self._transactions is not None:
+        if self._counted:
+            self._counted = False
             self._transactions.closed()
         self.transaction = None
         self.context.sender = None
@@ -514,7 +521,8 @@ class Dialogue:
     def _begin_transaction(self, sender, body, smtputf8, decision=None,
                            dsn_request=(None, None), requiretls=False):
         self.transaction = Transaction(sender, body, smtputf8, dsn_request)
-        if self._transactions is not None:
+        if self._transactions is not None and not self._counted and not self._lost:
+            self._counted = True
             self._transactions.opened()
         self.transaction.requiretls = requiretls
         self.context.sender = sender
