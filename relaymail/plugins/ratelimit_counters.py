@@ -200,9 +200,10 @@ class MemoryCounters:
             del entries[name]
 
 
-class SharedCounters:
+class SharedCounters(MemoryCounters):
     """Counters in the memory the inbound workers share (see the module's
-    docstring): :class:`MemoryCounters`'s :meth:`take`, over a
+    docstring): :class:`MemoryCounters`'s :meth:`take`, with its numbers
+    read from and added to a
     :class:`relaymail.process.shared_counts.SharedBuckets` table.
 
     :param window: a :class:`SlidingWindow`.
@@ -220,23 +221,19 @@ class SharedCounters:
         """Names this worker counts (its row's live entries)."""
         return self._table.tracked()
 
-    def take(self, counts, now, count_them=True):
-        """As :meth:`MemoryCounters.take`, counted in all workers."""
-        bucket = self._window.bucket(now)
-        weight = self._window.previous_weight(now)
-        for count in counts:
-            previous, current = self._table.numbers(count.name, bucket)
-            if self._window.over(previous, current, weight, count.most):
-                return count
-        if not count_them:
-            return None
-        for count in counts:
-            if not self._table.add(count.name, bucket) and self._warned_bucket != bucket:
-                self._warned_bucket = bucket
-                log.warn("ratelimit: more than {most} names counted at once in this worker; "
-                         "new names are not counted until old ones run out (raise "
-                         "[plugin:ratelimit] max_keys or use redis)", most=self._max_keys)
-        return None
+    def _sweep(self, bucket):
+        # The table drops dead names itself when its row fills.
+        pass
+
+    def _numbers(self, name, bucket):
+        return self._table.numbers(name, bucket)
+
+    def _add(self, name, bucket):
+        if not self._table.add(name, bucket) and self._warned_bucket != bucket:
+            self._warned_bucket = bucket
+            log.warn("ratelimit: more than {most} names counted at once in this worker; "
+                     "new names are not counted until old ones run out (raise "
+                     "[plugin:ratelimit] max_keys or use redis)", most=self._max_keys)
 
 
 #: The table of the inbound workers' shared memory this process counts

@@ -594,28 +594,20 @@ class Spool(service.Service):
         return [queue_id for queue_id in kept if self._check_or_quarantine(queue_id, directory)]
 
     def _empty_tmp(self):
-        with os.scandir(self._tmp) as entries:
-            names = [entry.name for entry in entries
-                     if not entry.is_dir(follow_symlinks=False)]
-        for name in names:
-            self._unlink_quietly(os.path.join(self._tmp, name))
+        names = self._unlink_files_in(self._tmp)
         if names:
             self.log.info("Removed {count} unfinished files from {directory}",
                           count=len(names), directory=self._tmp)
 
     def _remove_retired_spare(self):
-        """Remove ``spare/`` and its plain files, left by a version that
+        """Remove ``spare/`` and what is in it, left by a version that
         wrote new messages into delivered ones' files: nothing in it is
         a message."""
         spare = os.path.join(self.path, RETIRED_SPARE)
         try:
-            with os.scandir(spare) as entries:
-                names = [entry.name for entry in entries
-                         if entry.is_file(follow_symlinks=False)]
+            names = self._unlink_files_in(spare)
         except FileNotFoundError:
             return
-        for name in names:
-            self._unlink_quietly(os.path.join(spare, name))
         try:
             os.rmdir(spare)
         except OSError as error:
@@ -623,6 +615,15 @@ class Spool(service.Service):
             return
         self.log.info("Removed {path} and its {count} files: this version does not "
                       "use it", path=spare, count=len(names))
+
+    def _unlink_files_in(self, directory):
+        """Unlink every entry of ``directory`` but its subdirectories;
+        :return: their names."""
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)]
+        for name in names:
+            self._unlink_quietly(os.path.join(directory, name))
+        return names
 
     @staticmethod
     def _scan(directory):

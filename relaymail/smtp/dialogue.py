@@ -144,11 +144,7 @@ class Dialogue:
         self.esmtp = False
         self.transaction = None
         self._transactions = transactions
-        # This session's transaction is counted in _transactions; and the
-        # connection is gone (a sender plugin's late answer opens no
-        # transaction that nothing would ever close).
-        self._counted = False
-        self._lost = False
+        self._counted = False       # this session's transaction is in _transactions
         #: Set after DATA got 354: the protocol feeds message bytes here.
         self.data_reader = None
         self._writer = None
@@ -265,9 +261,11 @@ class Dialogue:
 
     def connection_lost(self):
         """Throw away a message still being received."""
-        self._lost = True
         self._discard_writer()
         self._reset()
+        # Counted no more: a sender plugin's late answer may still open a
+        # transaction, which nothing would ever close.
+        self._transactions = None
 
     # -- session commands ------------------------------------------------
 
@@ -521,7 +519,7 @@ class Dialogue:
     def _begin_transaction(self, sender, body, smtputf8, decision=None,
                            dsn_request=(None, None), requiretls=False):
         self.transaction = Transaction(sender, body, smtputf8, dsn_request)
-        if self._transactions is not None and not self._counted and not self._lost:
+        if self._transactions is not None and not self._counted:
             self._counted = True
             self._transactions.opened()
         self.transaction.requiretls = requiretls
