@@ -24,25 +24,17 @@ from relaymail.auth.checker import make_portal
 from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config, read_config_text
 from relaymail.config_warnings import config_warnings
-from relaymail.delivery.destinations import DestinationPool, client_configs
-from relaymail.delivery.router import BuiltinRouter
-from relaymail.delivery.routing import Router
-from relaymail.delivery.tls_report import TLSReporter, TLSReportRecorder
-from relaymail.delivery.transports import TransportRegistry, delivery_transports
 from relaymail.file_limit import raise_file_limit
 from relaymail.metrics import instruments
 from relaymail.lifecycle import OrderlyService
-from relaymail.delivery.shaping import OutboundRates
 from relaymail.policy.loader import build_hooks
 from relaymail.process.launch import Launch
 from relaymail.process.reload import reread
 from relaymail.policy.recipients import Policy
 from relaymail.queue.control import listen_control
 from relaymail.queue.intake import NotifyingQueue
-from relaymail.queue import layout
 from relaymail.queue.layout import UnsafeSpool, check_root_owned, hand_over, trusted_path
 from relaymail.queue.lock import SpoolLock
-from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
 from relaymail.queue.usable import SpoolUnusable, check_spool_path
 from relaymail.smtp import endpoint_string
@@ -188,6 +180,7 @@ def build_service(settings, reactor=None, launch=None):
     # reads it and before any listener accepts mail (and stopped in the
     # other: relaymail.lifecycle).
     spool.setServiceParent(top)
+    from relaymail.delivery.engine import delivery_scheduler
     scheduler = delivery_scheduler(settings, reactor, spool, policy, hooks=hooks)
     scheduler.setServiceParent(top)
     for companion in scheduler.companions:
@@ -394,6 +387,7 @@ def check_files(settings):
 
     :raise ConfigError: naming the file, section and key that failed.
     """
+    from relaymail.delivery.transports import TransportRegistry
     hooks = build_hooks(settings)
     # A site transport named like another stops start-up here, not in
     # each delivery worker.
@@ -475,35 +469,6 @@ def take_lock(settings):
         raise ConfigError(settings.source, "queue", "path",
                           f"{settings.queue.path} is in use by another relaymail")
     return lock
-
-
-def delivery_scheduler(settings, reactor, spool, policy, rate_share=1, hooks=None):
-    """The scheduler, the outbound connection pool and the transport runner
-    it drives; ``rate_share`` is how many delivery workers split
-    [delivery_rates]; ``hooks`` the plugins :func:`build_hooks` built (its
-    ``transports`` join the built-in ones)."""
-    recorder = None
-    if settings.delivery.tls_report:
-        recorder = TLSReportRecorder(os.path.join(settings.queue.path, layout.TLS_REPORTS))
-    router = BuiltinRouter(Router(settings, reactor=reactor, tls_report=recorder))
-    pool = DestinationPool(reactor, router.router, client_configs(settings, recorder),
-                           settings.delivery.destination_concurrency,
-                           settings.delivery.max_connections)
-    transports = delivery_transports(reactor, settings, pool, router,
-                                     (hooks or {}).get("transports", ()))
-    scheduler = Scheduler(spool, pool, router, settings, reactor, policy=policy,
-                          rates=OutboundRates(settings.delivery_rates, rate_share),
-                          transports=transports)
-    #: Services the caller starts beside the scheduler.
-    scheduler.companions = []
-    if recorder is not None:
-        contact = settings.delivery.tls_report_contact
-        if "@" not in contact:
-            contact = f"{contact}@{settings.server.hostname}"
-        scheduler.companions.append(TLSReporter(
-            recorder, reactor, router.router.resolver, scheduler.queue_message,
-            settings.delivery.tls_report_organization or settings.server.hostname, contact))
-    return scheduler
 
 
 def listener_specs(settings):

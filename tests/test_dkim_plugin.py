@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from relaymail.auth.passwords import set_password
 from relaymail.config import ConfigError
 from relaymail.interfaces import IMessageFilter
-from relaymail.plugins.dkim import author_domain, dkim_signer
+from relaymail.plugins.dkim import author_domain
+from relaymail.plugins.dkim import dkim as dkim_signer
 from relaymail.policy.loader import PluginContext
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess

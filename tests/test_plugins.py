@@ -1,5 +1,8 @@
 """The built-in plugins: domains, static and aliases (dkim: tests/test_dkim_plugin.py)."""
 
+import os
+import subprocess
+import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -11,9 +14,10 @@ from relaymail.interfaces import (
     Decision, IListExpander, IPluginFactory, IRecipientValidator)
 from relaymail.plugins.aliases import aliases, parse_aliases
 from relaymail.plugins.callout import callout
-from relaymail.plugins.dkim import dkim_signer
+from relaymail.plugins.dkim import dkim as dkim_signer
 from relaymail.plugins.domains import domains
 from relaymail.plugins.pipe import pipe
+from relaymail.plugins.ratelimit import ratelimit
 from relaymail.plugins.sql import sql
 from relaymail.plugins.static import USER_UNKNOWN, parse_static_list, static
 from relaymail.policy.loader import PluginContext
@@ -40,11 +44,39 @@ def write(tmp_path, text, name="list"):
     return str(path)
 
 
-@pytest.mark.parametrize("factory", [domains, static, aliases, dkim_signer, pipe, callout, sql])
-def test_builtins_are_plugins_named_like_their_module(factory):
+BUILT_INS = [domains, static, aliases, dkim_signer, pipe, callout, sql, ratelimit]
+
+
+@pytest.mark.parametrize("factory", BUILT_INS)
+def test_builtins_are_plugins_named_like_their_module_and_attribute(factory):
     assert IPlugin.providedBy(factory)
     assert IPluginFactory.providedBy(factory)
     assert factory.__module__ == f"relaymail.plugins.{factory.name}"
+    # The loader finds a built-in by that attribute without importing it.
+    assert getattr(sys.modules[factory.__module__], factory.name) is factory
+
+
+def test_every_built_in_is_found_and_imported_only_when_looked_up(tmp_path):
+    # A fresh interpreter: this one has imported every plugin already.
+    program = textwrap.dedent(f"""
+        import pathlib, sys
+        from relaymail.policy.loader import build_hooks, find_plugins
+        from tests.support import make_settings
+        found = find_plugins(make_settings(pathlib.Path({str(tmp_path)!r})))
+        print(sorted(found))
+        print(sorted(m for m in sys.modules if m.startswith("relaymail.plugins.")))
+        hooks = build_hooks(make_settings(pathlib.Path({str(tmp_path)!r}), plugins__recipients="domains"))
+        print(sorted(m for m in sys.modules if m.startswith("relaymail.plugins.")))
+        print(type(found["dkim"]).__name__, "dkim" in sys.modules)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", program], cwd=root, check=True, text=True,
+                         capture_output=True, env=dict(os.environ, PYTHONPATH=root)).stdout
+    names, before, built, looked_up = out.splitlines()
+    assert names == str(sorted(factory.name for factory in BUILT_INS))
+    assert before == "[]"
+    assert built == "['relaymail.plugins.domains']"
+    assert looked_up == "DKIMSignerFactory True"
 
 
 # -- domains -----------------------------------------------------------------

@@ -82,7 +82,7 @@ def _inbound(arguments, settings, reactor, fds, policy, shared):
 
 
 def _delivery(arguments, settings, reactor, fds, policy, hooks):
-    from relaymail.tap import delivery_scheduler
+    from relaymail.delivery.engine import delivery_scheduler
     top = OrderlyService(settings.server.shutdown_grace)
     owns = owner_test(arguments.partition, arguments.partitions)
     spool = Spool(settings.queue.path, reactor=reactor, min_free=settings.queue.min_free,
