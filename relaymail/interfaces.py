@@ -96,14 +96,17 @@ class Decision:
 
     and any of them except a reject or defer may carry header changes made
     with :meth:`with_headers`; ``Decision.NO_OPINION.with_headers(...)``
-    changes the message and lets the next filter look at the result.
+    changes the message and lets the next filter look at the result.  A
+    filter that must change the content itself (dkim converts 8-bit mail
+    to 7 bits before it signs, RFC 6376 5.3) replaces the whole message
+    with :meth:`with_message`.
 
     The first decisive answer (anything but no opinion) wins, and the log
     line of that command names the plugin that gave it.
     """
 
     __slots__ = ("kind", "code", "enhanced", "text", "add_headers", "remove_headers",
-                 "recipients")
+                 "recipients", "message")
 
     ACCEPT_KIND = "accept"
     REJECT_KIND = "reject"
@@ -117,7 +120,7 @@ class Decision:
     FILTER_KINDS = frozenset({HOLD_KIND, DISCARD_KIND, REDIRECT_KIND})
 
     def __init__(self, kind, code=None, enhanced=None, text=None, add_headers=(),
-                 remove_headers=(), recipients=()):
+                 remove_headers=(), recipients=(), message=None):
         self.kind = kind
         self.code = code
         self.enhanced = enhanced
@@ -130,6 +133,9 @@ class Decision:
         self.remove_headers = tuple(remove_headers)
         #: For a redirect: the new recipients, address strings.
         self.recipients = tuple(recipients)
+        #: The whole message in place of the one the filter saw (bytes), or
+        #: None: see :meth:`with_message`.
+        self.message = message
 
     @classmethod
     def accept(cls, text=None):
@@ -178,7 +184,19 @@ class Decision:
             raise ValueError("a refused message has no headers to change")
         return Decision(self.kind, self.code, self.enhanced, self.text,
                         self.add_headers + tuple(add), self.remove_headers + tuple(remove),
-                        self.recipients)
+                        self.recipients, self.message)
+
+    def with_message(self, data):
+        """Message filters only: this answer, with the whole message
+        replaced by ``data``: bytes from the first header field to the end
+        of the body, every line ending in CRLF, as the queue stores it.
+        The replacement comes first; this answer's :meth:`with_headers`
+        changes are then made to it.  The next filter, delivery and every
+        retry see the new message; the envelope stays as it was."""
+        if self.kind in (self.REJECT_KIND, self.DEFER_KIND):
+            raise ValueError("a refused message has no content to change")
+        return Decision(self.kind, self.code, self.enhanced, self.text, self.add_headers,
+                        self.remove_headers, self.recipients, data)
 
     @property
     def is_final(self):
@@ -187,7 +205,7 @@ class Decision:
 
     def _key(self):
         return (self.kind, self.code, self.enhanced, self.text, self.add_headers,
-                self.remove_headers, self.recipients)
+                self.remove_headers, self.recipients, self.message)
 
     def __eq__(self, other):
         if not isinstance(other, Decision):
@@ -203,6 +221,8 @@ class Decision:
             extra += f", add_headers={self.add_headers!r}, remove_headers={self.remove_headers!r}"
         if self.recipients:
             extra += f", recipients={self.recipients!r}"
+        if self.message is not None:
+            extra += f", message=<{len(self.message)} bytes>"
         return (f"Decision({self.kind!r}, {self.code!r}, {self.enhanced!r}, "
                 f"{self.text!r}{extra})")
 
@@ -223,7 +243,14 @@ class ISessionContext(Interface):
         "(and before MAIL).")
     trusted = Attribute("True when the client is in [server] trusted_networks.")
     authenticated_user = Attribute("The AUTH user name, or None.")
-    session_id = Attribute("The session's id, as its log lines carry it (8 characters).")
+    session_id = Attribute(
+        "The session's id, as its log lines carry it (8 characters); None "
+        "when the relay asks about mail already in its queue (routers, "
+        "queue-time expansion, a notice it writes), where no session is.")
+    queue_id = Attribute(
+        "The queue id of the message asked about when the relay asks about "
+        "mail in its queue, as delivery's log lines carry it; None in a "
+        "client's session (a message filter finds it on the message).")
     client = Attribute("The client as the log names it: 'unknown[192.0.2.1]:40000'.")
     tls = Attribute("'TLSv1.3 TLS_AES_256_GCM_SHA384' once TLS is up, else None.")
     dry_run = Attribute(
@@ -536,7 +563,10 @@ class IMessageWriter(Interface):
     def view(envelope):
         """The message written so far, as an :class:`IMessage` for the
         message filters (``[plugins] filters``); only asked when some are
-        configured."""
+        configured.
+
+        :return: a Deferred firing with the IMessage (its header section is
+            read off the reactor), or failing with nothing changed."""
 
     def rewrite(message):
         """Give the message the header fields of ``message``, a view from

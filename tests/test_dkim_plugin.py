@@ -102,6 +102,60 @@ def signing_relay(tmp_path, nexthop):
         relay.stop()
 
 
+EIGHT_BIT = (b"From: Alice <alice@example.org>\r\n"
+             b"To: Bob <bob@example.net>\r\n"
+             b"Subject: menu\r\n"
+             b"MIME-Version: 1.0\r\n"
+             b"Content-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n"
+             b"\r\n"
+             b"caf\xc3\xa9 cr\xc3\xa8me br\xc3\xbbl\xc3\xa9e\r\n")
+
+
+@pytest.mark.parametrize("eight_bit_hop", [True, False])
+def test_8bit_mail_is_signed_in_7_bits_so_no_hop_breaks_the_signature(
+        tmp_path, nexthop, signing_relay, eight_bit_hop):
+    if not eight_bit_hop:
+        # A hop without 8BITMIME: delivery would convert an 8-bit message
+        # (relaymail.delivery.downgrade), after the signature was made.
+        nexthop.extensions = ["PIPELINING", "ENHANCEDSTATUSCODES"]
+    path, record = rsa_key(tmp_path)
+    relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path})
+    queue_id = queued_id(send(relay, EIGHT_BIT))
+    [message] = nexthop.wait_for(1)
+    data = message["data"]
+    assert dkim.verify(data, dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
+    # Signed and queued as RFC 6376 5.3 asks: converted before signing,
+    # the same bytes to either hop.
+    assert data.isascii()
+    assert data.endswith(b"\r\nFrom: Alice <alice@example.org>\r\nTo: Bob <bob@example.net>\r\n"
+                         b"Subject: menu\r\nMIME-Version: 1.0\r\n"
+                         b"Content-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                         b"caf=C3=A9 cr=C3=A8me br=C3=BBl=C3=A9e\r\n")
+    assert f"{queue_id}: filter dkim: replaced the message" in relay.log()
+
+
+def test_8bit_mail_that_cannot_be_converted_is_signed_as_it_is(tmp_path, nexthop, signing_relay):
+    # 8-bit content inside multipart/signed: converting it would break that
+    # signature, and delivery refuses to (relaymail.delivery.downgrade).
+    signed = (b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.net>\r\n"
+              b"Subject: signed twice\r\nMIME-Version: 1.0\r\n"
+              b"Content-Type: multipart/signed; boundary=b; protocol=\"application/pgp-signature\"\r\n"
+              b"\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+              b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n"
+              b"--b\r\nContent-Type: application/pgp-signature\r\n\r\nsig\r\n--b--\r\n")
+    path, record = rsa_key(tmp_path)
+    relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path})
+    queue_id = queued_id(send(relay, signed))
+    [message] = nexthop.wait_for(1)
+    assert message["data"].endswith(b"\r\n" + signed)
+    assert dkim.verify(message["data"],
+                       dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
+    assert re.search(rf"{queue_id}: signed with its 8-bit octets: .*multipart/signed",
+                     relay.log())
+
+
 def signature_tags(data):
     field = re.search(rb"^DKIM-Signature: (.*?)\r\n(?=\S)", data, re.S | re.M).group(1)
     unfolded = re.sub(rb"\s+", b"", field).decode()

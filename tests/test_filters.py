@@ -8,6 +8,7 @@ import smtplib
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import shutil
@@ -24,6 +25,7 @@ from relaymail.interfaces import Decision
 from relaymail.policy import filters as policy_filters
 from relaymail.queue import layout
 from relaymail.queue.layout import rewrite_name
+from relaymail.queue.message_view import MessageView
 from relaymail.queue import queue_id as queue_ids
 from relaymail.queue.spool import Spool
 from tests.nexthop import NextHop
@@ -78,6 +80,12 @@ class Scripted:
             add.append(("X-Seen", f"{names}; first line {lines[0].decode()}; "
                                   f"size {message.size}; sender {message.sender}; "
                                   f"recipients {','.join(map(str, message.recipients))}"))
+        if "replace" in options:
+            with message.open() as f:
+                data = f.read()
+            decision = decision.with_message(data.replace(b"hello", options["replace"].encode()))
+        if "replace_badly" in options:
+            decision = decision.with_message(b"Subject: x\\r\\n\\r\\nno line end")
         remove = options.get("remove", "").split()
         if add or remove:
             decision = decision.with_headers(add=add, remove=remove)
@@ -316,6 +324,46 @@ def test_a_record_holds_the_size_as_stored_after_changes(relay_for, nexthop):
     assert record["size"] == len(stored)
 
 
+def test_a_filter_may_replace_the_whole_message_and_the_next_sees_it(relay_for, nexthop):
+    relay = relay_for("first, second", sections={"server": {"workers": "2"}},
+                      first={"replace": "bonjour tout le monde", "add": "X-First: 1"},
+                      second={"report": "yes"})
+    queue_id = queued_id(send(relay))
+    [message] = nexthop.wait_for(1)
+    data = message["data"]
+    # The replacement, then the same answer's header change, then the next
+    # filter's, on top of the new message.
+    replaced = BODY.replace(b"hello", b"bonjour tout le monde")
+    assert data.endswith(b"\r\n" + replaced)
+    fields, _ = header_section.parse(data)
+    assert [field.name for field in fields] == [
+        "X-Seen", "X-First", "Received", "From", "Subject", "X-Spam"]
+    size = len(data) - len(fields[0].raw)
+    assert fields[0].value.endswith(f"; size {size}; sender alice@example.org; "
+                                    f"recipients bob@example.net")
+    log = relay.log()
+    assert f"{queue_id}: filter first: replaced the message" in log
+    assert f"{queue_id}: filter first: added X-First" in log
+    with open(os.path.join(relay.spool, "active", f"{queue_id}.json")) as f:
+        assert json.load(f)["size"] == len(data)
+
+
+@pytest.mark.parametrize("data, problem", [
+    ("Subject: x\r\n\r\nbody\r\n", "str, not bytes"),
+    (b"Subject: x\r\n\r\nbody", "a last line that does not end in CRLF"),
+    (b"Subject: x\n\nbody\r\n", "a bare CR or LF (lines end in CRLF)"),
+    (b"Subject: x\r\n\r\nbo\rdy\r\n", "a bare CR or LF (lines end in CRLF)"),
+    (b"\r\nbody\r\n", "no header section"),
+])
+def test_a_replacement_the_queue_could_not_hold_is_refused(data, problem):
+    with pytest.raises(policy_filters.BadFilterAnswer) as info:
+        policy_filters.checked(Decision.NO_OPINION.with_message(data))
+    assert str(info.value) == f"replaced the message with {problem}"
+    assert policy_filters.checked(Decision.ACCEPT.with_message(b"Subject: x\r\n\r\nok\r\n"))
+    with pytest.raises(ValueError):
+        Decision.defer().with_message(b"Subject: x\r\n\r\nok\r\n")
+
+
 # -- failures -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, logged", [
@@ -325,6 +373,8 @@ def test_a_record_holds_the_size_as_stored_after_changes(relay_for, nexthop):
     ({"answer": "hang"}, r"plugin first check_message\('[0-9A-Z]+'\): no answer within 1"),
     ({"inject": "yes"}, r"plugin first check_message\('[0-9A-Z]+'\): header X-Bad: value "
                         r"'a\\r\\nBcc: mallory@example\.net' holds CR, LF"),
+    ({"replace_badly": "yes"}, r"plugin first check_message\('[0-9A-Z]+'\): replaced the "
+                               r"message with a last line that does not end in CRLF"),
 ])
 def test_a_failing_filter_is_451_nothing_queued_and_the_session_goes_on(
         relay_for, nexthop, options, logged):
@@ -401,13 +451,15 @@ class SpoolSideTests(unittest.TestCase):
         self.writer.write(self.MESSAGE)
         self.envelope = Envelope(sender="", recipients=["bob@example.net"])
 
+    @defer.inlineCallbacks
     def changed_view(self):
-        view = self.writer.view(self.envelope)
+        view = yield self.writer.view(self.envelope)
         decision = Decision.NO_OPINION.with_headers(add=[("X-New", "1")], remove=["x-spam"])
         return view, view.with_fields(policy_filters.changed_fields(view.fields, decision, False))
 
+    @defer.inlineCallbacks
     def test_the_view_reads_the_file_written_so_far(self):
-        view = self.writer.view(self.envelope)
+        view = yield self.writer.view(self.envelope)
         self.assertEqual(view.headers, [("Received", "from client.test\tby relay.test"),
                                         ("Subject", "x"), ("X-Spam", "yes")])
         self.assertEqual((view.sender, view.size), (None, len(self.MESSAGE)))
@@ -415,8 +467,29 @@ class SpoolSideTests(unittest.TestCase):
         with view.open() as f:
             self.assertEqual(f.read(), self.MESSAGE)
 
+    @defer.inlineCallbacks
+    def test_the_view_is_read_in_the_spools_threads_not_the_reactors(self):
+        readers = []
+        read = MessageView.read
+
+        def recorded(*args):
+            readers.append(threading.current_thread())
+            return read(*args)
+        self.patch(MessageView, "read", staticmethod(recorded))
+        view = yield self.writer.view(self.envelope)
+        self.assertEqual(view.size, len(self.MESSAGE))
+        self.assertEqual(len(readers), 1)
+        self.assertIsNot(readers[0], threading.main_thread())
+
+    @defer.inlineCallbacks
+    def test_a_view_of_a_message_thrown_away_fails_without_raising(self):
+        self.writer.abort()
+        with self.assertRaises(RuntimeError):
+            yield self.writer.view(self.envelope)
+
+    @defer.inlineCallbacks
     def test_a_changed_view_reads_the_new_fields_then_the_old_body(self):
-        _, changed = self.changed_view()
+        _, changed = yield self.changed_view()
         expected = b"X-New: 1\r\n" + self.MESSAGE.replace(b"X-Spam: yes\r\n", b"")
         with changed.open() as f:
             self.assertEqual(f.read(), expected)
@@ -424,7 +497,7 @@ class SpoolSideTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_rewrite_then_commit_into_hold(self):
-        _, changed = self.changed_view()
+        _, changed = yield self.changed_view()
         yield self.writer.rewrite(changed)
         self.assertEqual(listing(self.spool, "tmp"), [f"{self.writer.queue_id}.msg"])
         queue_id = yield self.writer.commit(self.envelope, hold=True)
@@ -439,7 +512,7 @@ class SpoolSideTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_failed_rewrite_leaves_the_message_as_it_was(self):
-        _, changed = self.changed_view()
+        _, changed = yield self.changed_view()
 
         def full(*args):
             raise OSError(28, "No space left on device")

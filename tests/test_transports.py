@@ -914,8 +914,8 @@ def test_a_message_waiting_for_its_router_is_active_and_goes_once_it_answers(tmp
     clock.advance(0)
     assert [asked[0] for asked in policy.asked] == ["a@example.net", "b@example.net"]
     context = policy.asked[0][1]
-    assert (context.trusted, str(context.sender), context.session_id) == (
-        True, "s@example.org", "AAAA")
+    assert (context.trusted, str(context.sender), context.session_id, context.queue_id) == (
+        True, "s@example.org", None, "AAAA")
     assert "AAAA" in sched._attempts and pool.jobs == []
     policy.asked[0][2].callback((Route("smtp", "[192.0.2.7]:2525"), "late"))
     assert pool.jobs == []          # the job waits for every recipient's route

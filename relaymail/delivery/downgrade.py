@@ -183,8 +183,9 @@ def fit(file, size, *, body, smtputf8, addresses, extensions,
 
 
 def downgrade(message, nesting_limit=DEFAULT_NESTING_LIMIT):
-    """The 7-bit form of ``message`` (bytes, CRLF line ends), for tests and
-    tools; :func:`fit` does the same from a file.
+    """The 7-bit form of ``message`` (bytes, CRLF line ends), for tests,
+    tools and the dkim plugin (which signs that form, RFC 6376 5.3);
+    :func:`fit` does the same from a file.
 
     :raise CannotSend: as :func:`fit` would for a next hop without 8BITMIME
         and SMTPUTF8.

@@ -56,6 +56,11 @@ into memory (dkimpy takes bytes; ``[limits] message_size`` bounds it), so
 the plugin declares ``blocking = True`` and runs in the plugin threads.
 The signature is added at the top of the message, above the relay's own
 ``Received:`` field, as RFC 6376 5.6 has signers prepend it.
+
+A message with 8-bit octets in its body is converted to 7 bits (its 8-bit
+parts to quoted-printable or base64, as delivery would for a next hop
+without 8BITMIME) and that form is signed and queued, as RFC 6376 5.3 asks
+of signers: converted later, on the way, the signature would break.
 """
 
 import base64
@@ -162,6 +167,9 @@ class DKIMSigner:
             return Decision.NO_OPINION
         with message.open() as f:
             data = f.read()
+        seven_bit = None if data.isascii() else _seven_bit(data, message.queue_id)
+        if seven_bit is not None:
+            data = seven_bit
         fields = []
         # Each signature over the message as received, not over the other
         # signature: a receiver checks each on its own (RFC 6376 4.2).
@@ -186,7 +194,31 @@ class DKIMSigner:
             fields.append((name, value[1:].rstrip("\r\n")))
         if not fields:
             return Decision.NO_OPINION
-        return Decision.NO_OPINION.with_headers(add=fields)
+        decision = Decision.NO_OPINION
+        if seven_bit is not None:
+            decision = decision.with_message(seven_bit)
+        return decision.with_headers(add=fields)
+
+
+def _seven_bit(data, queue_id):
+    """The 7-bit form of a message with 8-bit octets, to be signed and
+    queued in its place, or None to sign it as it is.
+
+    RFC 6376 5.3: a relay that converts 8-bit mail for a next hop without
+    8BITMIME (relaymail.delivery.downgrade does, as Postfix does) breaks a
+    signature made over the 8-bit form, so signers SHOULD convert first.
+    The converted message means the same to its reader (quoted-printable
+    or base64 parts) and goes to every next hop unchanged.  A message that
+    cannot be converted (8-bit header fields need SMTPUTF8; 8-bit content
+    in multipart/signed) is signed as it is: delivery refuses to convert
+    it too, so the signature still covers what is sent."""
+    from relaymail.delivery.downgrade import CannotSend, downgrade
+    try:
+        return downgrade(data)
+    except CannotSend as exc:
+        log.info("{queue_id}: signed with its 8-bit octets: {reason}",
+                 queue_id=queue_id, reason=exc.reason)
+        return None
 
 
 def author_domain(headers):

@@ -3,7 +3,8 @@ complete message, and combine their answers into one.
 
 As at every hook, the first decisive answer wins: reject, defer, accept,
 hold, discard or redirect ends the filtering.  Header changes
-(:meth:`Decision.with_headers`) are applied as each filter answers, so the
+(:meth:`Decision.with_headers`) and a whole new message
+(:meth:`Decision.with_message`) are applied as each filter answers, so the
 next filter sees the message as changed (its ``headers`` and what
 ``open()`` reads), and the changes of every filter up to and including the
 decisive one are what gets queued.  Postfix's before-queue milters work
@@ -12,7 +13,8 @@ the same way: each sees the changes of those before it.
 A filter that raises, does not answer within ``[plugins] timeout``, or
 answers what the contract does not allow (not a Decision, a reply code of
 the wrong class, a redirect to something that is not an address, a header
-that could not be written safely) fails the message: the client gets
+that could not be written safely, a new message the queue could not hold)
+fails the message: the client gets
 ``451 4.3.0`` and nothing is queued, rather than mail going on unfiltered
 (a content filter that may be skipped by making it fail is no filter).
 """
@@ -30,6 +32,11 @@ _KINDS = frozenset({Decision.ACCEPT_KIND, Decision.REJECT_KIND, Decision.DEFER_K
                     Decision.NO_OPINION_KIND}) | Decision.FILTER_KINDS
 
 
+#: In :attr:`FilterResult.changes`, in place of the removed names: the
+#: filter replaced the whole message (Decision.with_message).
+REPLACED = "whole message"
+
+
 class BadFilterAnswer(Exception):
     """A filter answered with something the contract does not allow."""
 
@@ -40,9 +47,10 @@ class FilterResult:
     ``decision`` is the decisive answer (``Decision.NO_OPINION`` when none
     gave one; :data:`FILTER_FAILED` when one failed), ``plugin`` the label
     of the filter that gave it (None for no opinion), ``message`` the
-    message with every header change applied, ``changes`` one
+    message with every change applied, ``changes`` one
     ``(plugin, removed names, added names)`` per filter that changed the
-    header, in order.
+    header, in order, and ``(plugin, REPLACED, ())`` for one that replaced
+    the whole message.
     """
 
     __slots__ = ("decision", "plugin", "message", "changes")
@@ -75,6 +83,9 @@ def run_filters(policy, filters, message, context, label):
         try:
             answer = yield policy._call(plugin, "check_message", message, context)
             decision = checked(answer)
+            if decision.message is not None:
+                message = message.with_content(decision.message)
+                changes.append((label(plugin), REPLACED, ()))
             if decision.add_headers or decision.remove_headers:
                 message = message.with_fields(changed_fields(message.fields, decision, smtputf8))
                 changes.append((label(plugin), decision.remove_headers,
@@ -97,6 +108,10 @@ def checked(answer):
         raise BadFilterAnswer(f"returned {answer!r}: a rejection needs a 5xx code")
     if kind == Decision.DEFER_KIND and not _in_class(answer.code, 400):
         raise BadFilterAnswer(f"returned {answer!r}: a deferral needs a 4xx code")
+    if answer.message is not None:
+        problem = _replacement_problem(answer.message)
+        if problem is not None:
+            raise BadFilterAnswer(f"replaced the message with {problem}")
     if kind == Decision.REDIRECT_KIND:
         if not answer.recipients:
             raise BadFilterAnswer(f"returned {answer!r}: a redirect to no one")
@@ -106,6 +121,23 @@ def checked(answer):
             except (address.AddressError, TypeError) as exc:
                 raise BadFilterAnswer(f"redirect to {recipient!r}, not an address: {exc}") from None
     return answer
+
+
+def _replacement_problem(data):
+    """What is wrong with ``data`` as a whole message, or None.  The queue
+    holds what the DATA reader lets through: CRLF line ends and nothing
+    else, a header section first, a last line that ends."""
+    if not isinstance(data, bytes):
+        return f"{type(data).__name__}, not bytes"
+    lines = data.split(b"\r\n")
+    if lines[-1]:
+        return "a last line that does not end in CRLF"
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        return "a bare CR or LF (lines end in CRLF)"
+    fields, _ = header_section.parse(data, complete=True)
+    if not fields:
+        return "no header section"
+    return None
 
 
 def _in_class(code, base):

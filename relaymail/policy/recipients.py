@@ -498,10 +498,11 @@ def answer_fits(method, answer):
 
 def _is_policy_decision(answer):
     """A Decision the hooks before the message may give: hold, discard,
-    redirect and header changes mean something only for a complete
+    redirect, header changes and a new message mean something only for a complete
     message (relaymail.interfaces.IMessageFilter)."""
     return (isinstance(answer, Decision) and answer.kind not in Decision.FILTER_KINDS
-            and not answer.add_headers and not answer.remove_headers)
+            and not answer.add_headers and not answer.remove_headers
+            and answer.message is None)
 
 
 def _subject(args):

@@ -2,7 +2,8 @@
 
 The body stays in its file in ``tmp/``; only the header section is held in
 memory (``[limits] header_size`` bounds it).  A filter's header changes
-make a new view with the new fields over the same file, so the next filter
+make a new view with the new fields over the same file (a filter that
+replaces the whole message, a view over its bytes), so the next filter
 reads the message as changed -- :meth:`MessageView.open` gives the current
 fields followed by the file from the end of the original fields -- and
 nothing is copied until the filters are done.  Then
@@ -33,10 +34,15 @@ class MessageView:
     :param file_size: the file's size.
     """
 
-    def __init__(self, queue_id, envelope, path, fields, body_offset, file_size, whole=False):
+    def __init__(self, queue_id, envelope, path, fields, body_offset, file_size, whole=False,
+                 content=None):
         #: True for a view of the file as it is (read, no fields changed):
         #: the file alone is the message (see :func:`whole_file`).
         self.whole = whole
+        #: The whole message as a filter replaced it (bytes), or None: the
+        #: body is then ``content[body_offset:]``, not the file's, and
+        #: ``file_size`` is its length.
+        self.content = content
         self.queue_id = queue_id
         self.envelope = envelope
         self.path = path
@@ -67,11 +73,21 @@ class MessageView:
     def with_fields(self, fields):
         """This message with other header fields (a filter's changes)."""
         return MessageView(self.queue_id, self.envelope, self.path, fields, self.body_offset,
-                           self._file_size)
+                           self._file_size, content=self.content)
+
+    def with_content(self, data):
+        """This message replaced whole by ``data`` (a filter's
+        Decision.with_message, already checked): held in memory, as the
+        filter that made it did, until the rewrite writes it."""
+        fields, end = header_section.parse(data, complete=True)
+        return MessageView(self.queue_id, self.envelope, self.path, fields, end, len(data),
+                           content=data)
 
     def open(self):
         """A binary file reading the message as it is now: the current
         fields, then the rest of the file.  Blocks on the disk."""
+        if self.content is not None:
+            return io.BytesIO(self.header_bytes + self.content[self.body_offset:])
         body = open(self.path, "rb")
         body.seek(self.body_offset)
         return io.BufferedReader(_Joined(self.header_bytes, body))

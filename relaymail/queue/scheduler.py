@@ -945,7 +945,9 @@ class _RelayContext:
         self.sender = _mailbox_or_none(sender)
         self.trusted = True
         self.authenticated_user = None
-        self.session_id = queue_id
+        # No session: a plugin that logs says which message it was.
+        self.session_id = None
+        self.queue_id = queue_id
         self.client = "relaymail"
         self.tls = None
 

@@ -385,9 +385,11 @@ class Spool(service.Service):
                                   (self._tmp, ".json"), (self._tmp, ".msg")):
             self._unlink_quietly(self._in(directory, queue_id, suffix))
 
-    def _rewritten(self, queue_id, file, head, offset):
+    def _rewritten(self, queue_id, file, head, offset, content=None):
         """Write ``tmp/ID.msg`` afresh with ``head`` in place of its first
-        ``offset`` bytes (runs in a pool thread: the body is copied).
+        ``offset`` bytes (runs in a pool thread: the body is copied), or,
+        given ``content`` (a filter's new message), with ``head`` and
+        ``content`` from ``offset`` on.
 
         The new file is written under a staging name and renamed over the
         old one, so a failure at any point leaves the message as it was
@@ -402,9 +404,12 @@ class Spool(service.Service):
         new = os.fdopen(os.open(staging, flags, _FILE_MODE), "wb", buffering=_WRITE_BUFFER)
         try:
             new.write(head)
-            with open(body, "rb") as source:
-                source.seek(offset)
-                shutil.copyfileobj(source, new, _WRITE_BUFFER)
+            if content is not None:
+                new.write(memoryview(content)[offset:])
+            else:
+                with open(body, "rb") as source:
+                    source.seek(offset)
+                    shutil.copyfileobj(source, new, _WRITE_BUFFER)
             new.flush()
             os.rename(staging, body)
         except BaseException:
@@ -1210,14 +1215,18 @@ class SpoolWriter:
     def view(self, envelope):
         """The message as written so far, as the message filters see it:
         a :class:`relaymail.queue.message_view.MessageView` (IMessage) with
-        ``envelope``.  Flushes the file and reads its header section (which
-        the DATA reader bounded) in the caller's thread, as ``write`` does.
+        ``envelope``.  Flushes the file in the caller's thread, as ``write``
+        writes, and reads its header section (which the DATA reader
+        bounded) in the spool's thread pool: a read that misses the page
+        cache must not hold every session of the reactor.
+
+        :return: a Deferred firing with the view.
         """
         if self._state != self._OPEN:
-            raise RuntimeError(f"message {self.queue_id} is already {self._state}")
+            return defer.fail(RuntimeError(f"message {self.queue_id} is already {self._state}"))
         self._file.flush()
-        return MessageView.read(self.queue_id, envelope,
-                                self._spool._in(self._spool._tmp, self.queue_id, ".msg"))
+        return self._spool._in_thread(MessageView.read, self.queue_id, envelope,
+                                      self._spool._in(self._spool._tmp, self.queue_id, ".msg"))
 
     def rewrite(self, view):
         """Give the file the header fields of ``view`` (a view from
@@ -1231,7 +1240,8 @@ class SpoolWriter:
             return defer.fail(RuntimeError(f"message {self.queue_id} is already {self._state}"))
         self._file.flush()
         d = self._spool._in_thread(self._spool._rewritten, self.queue_id, self._file,
-                                   view.header_bytes, view.body_offset)
+                                   view.header_bytes, view.body_offset,
+                                   getattr(view, "content", None))
 
         def swap(new):
             self._file = new

@@ -55,6 +55,7 @@ class SessionContext:
         #: relaymail-check's sessions say so (ISessionContext.dry_run).
         self.dry_run = False
         self.session_id = session_id or new_session_id()
+        self.queue_id = None
         # Postfix's "unknown[ip]": no reverse lookup is done on the accept
         # path (relaymail.smtp.received), so the name is never known.
         self.client = (f"unknown[{client_ip}]" if client_port is None

@@ -18,7 +18,7 @@ the queue (the writer):
   in the queue's threads (:meth:`relaymail.queue.spool.SpoolWriter.rewrite`).
 
 Every line logged names the filter that decided.  The wire sees only the
-queue contract: ``writer.view(envelope)`` gives the IMessage the filters
+queue contract: ``writer.view(envelope)`` gives (a Deferred of) the IMessage the filters
 read and ``writer.rewrite(message)`` writes the changes.
 """
 
@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from relaymail import logline
 from relaymail.interfaces import Decision
+from relaymail.policy import filters as policy_filters
 from relaymail.smtp import replies
 
 log = Logger(namespace="relaymail.smtp")
@@ -43,7 +44,7 @@ def filter_then_commit(policy, context, writer, envelope, commit):
         the queue does (the caller aborts and answers ``451 4.3.0``).
     """
     queue_id = writer.queue_id
-    message = writer.view(envelope)
+    message = yield writer.view(envelope)
     result = yield policy.check_message(message, context)
     decision, plugin = result.decision, result.plugin
     kind = decision.kind
@@ -67,6 +68,10 @@ def filter_then_commit(policy, context, writer, envelope, commit):
         _info(f"{where}: redirected by {plugin} to {rcpts}: {decision.text}", context, queue_id,
               plugin, recipients=recipients, reason=decision.text)
     for changer, removed, added in result.changes:
+        if removed == policy_filters.REPLACED:
+            _info(f"{where}: filter {changer}: replaced the message", context, queue_id,
+                  changer, replaced=True)
+            continue
         what = "; ".join(part for part in (
             "removed " + ", ".join(removed) if removed else "",
             "added " + ", ".join(added) if added else "") if part)
