@@ -2,7 +2,9 @@
 = callout`` asking a real next-hop SMTP server (tests/nexthop.py) about each
 recipient, over real sockets; and its options refused as config errors."""
 
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ from relaymail.interfaces import Decision
 from relaymail.plugins.callout import callout
 from relaymail.plugins.callout_client import REUSE_TIME_LIMIT, CalloutHop, SessionPool
 from relaymail.policy.loader import RELAY_KEYS, PluginContext, build_hooks
+from relaymail.process.shared_counts import client_hash, pack_enhanced, unpack_enhanced
 from relaymail.address import parse_forward_path
 from tests.certs import self_signed
 from tests.nexthop import NextHop
@@ -366,6 +369,104 @@ def test_the_same_address_asked_by_two_sessions_at_once_is_one_question(tmp_path
     finally:
         relay.stop()
         hop.stop()
+
+
+# -- answers shared by the inbound workers -------------------------------------
+
+@pytest.fixture
+def verdicts(tmp_path):
+    """A master's shared region for two inbound workers: ``verdicts(row)``
+    is that worker's table of known recipients."""
+    from relaymail.process.shared_counts import SharedLimits, make_limits_region
+    settings = make_settings(tmp_path, **{"plugin:callout__cache_entries": "10"})
+    fd = make_limits_region(2, settings)
+    tables = []
+
+    def worker(row):
+        tables.append(SharedLimits(fd, 2, row, settings, task.Clock(), 60.0))
+        return tables[-1].known_recipients
+    yield worker
+    os.close(fd)
+
+
+def test_one_workers_answer_is_every_workers_until_it_is_too_old(verdicts):
+    first, second = verdicts(0), verdicts(1)
+    assert first.put("bob@example.com", 550, pack_enhanced("5.1.1"), 1000.0, ttl=60)
+    assert second.get("bob@example.com", 1030.0, ttl=60) == (550, 5_001_001)
+    assert unpack_enhanced(5_001_001) == "5.1.1" and unpack_enhanced(0) is None
+    assert second.get("bob@example.com", 1060.0, ttl=60) is None
+    assert second.get("other@example.com", 1030.0, ttl=60) is None
+    # The newest answer wins, whichever worker wrote it.
+    assert second.put("bob@example.com", 250, pack_enhanced("2.1.5"), 1050.0, ttl=60)
+    assert first.get("bob@example.com", 1051.0, ttl=60) == (250, 2_001_005)
+    # An entry being rewritten (its time zeroed first) is not read half-way.
+    index = first._find(0, client_hash("bob@example.com"))
+    first._words[index + 1] = 0
+    assert second.get("bob@example.com", 1051.0, ttl=60) == (250, 2_001_005)
+    second._words[second._find(1, client_hash("bob@example.com")) + 1] = 0
+    assert first.get("bob@example.com", 1051.0, ttl=60) is None
+
+
+def test_a_full_row_remembers_no_new_answer_until_old_ones_are_too_old(verdicts, monkeypatch):
+    from relaymail.process import shared_counts
+    monkeypatch.setattr(shared_counts, "_PACK_PAUSE", 0.0)
+    table = verdicts(0)
+    now = time.time()
+    # cache_entries 10 gives the smallest row, 1,024 entries, 768 of them
+    # used; these answers are 10 s old.
+    for n in range(768):
+        assert table.put(f"u{n}@example.com", 550, 0, now - 10, ttl=60)
+    assert not table.put("late@example.com", 550, 0, now, ttl=60)
+    assert table.get("late@example.com", now, ttl=60) is None
+    assert table.get("u0@example.com", now, ttl=60) == (550, 0)
+    # With answers kept 5 s, the old ones are too old: the row packs and
+    # takes the new one.
+    assert table.put("late@example.com", 550, 0, now, ttl=5)
+    assert table.get("late@example.com", now, ttl=5) == (550, 0)
+    assert table.get("u0@example.com", now, ttl=60) is None
+
+
+def test_two_inbound_workers_ask_the_next_hop_once_about_an_address(tmp_path):
+    from tests.test_processes import wait_for_worker
+    hop = NextHop(extensions=("ENHANCEDSTATUSCODES",))
+    hop.rcpt_reply = script
+    relay = RelayProcess(tmp_path, {
+        "server": {"workers": "2"},
+        "relay": {"domains": "example.com"},
+        "plugins": {"recipients": "callout"},
+        "plugin:callout": {"next_hop": f"[127.0.0.1]:{hop.port}", "idle_time": "0"},
+    }).start()
+    stopped = None
+
+    def rcpt_in_a_session(address):
+        client = session(relay.port)
+        answer = client.ask(f"RCPT TO:<{address}>")
+        client.close()
+        found = re.search(rf"\[(inbound\.\d) relaymail\.smtp#info\] \S+ "
+                          rf"unknown\[127\.0\.0\.1\]:{client.port}: connect", relay.log())
+        assert found, f"no connect line for port {client.port}"
+        return found.group(1), answer
+    try:
+        pids = {name: wait_for_worker(relay, name) for name in ("inbound.1", "inbound.2")}
+        asker, refused = rcpt_in_a_session("unknown.carl@example.com")
+        _, accepted = rcpt_in_a_session("dora@example.com")
+        # The worker that asked stops: the next sessions are the other's.
+        stopped = pids[asker]
+        os.kill(stopped, signal.SIGSTOP)
+        later = [rcpt_in_a_session(address)
+                 for address in ("unknown.carl@example.com", "dora@example.com")]
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        relay.stop()
+        hop.stop()
+    assert {worker for worker, _ in later} == {"inbound.1", "inbound.2"} - {asker}
+    assert refused == ("550 5.1.1 Recipient address rejected: unknown at the next hop "
+                       "(550 5.1.1)\r\n")
+    assert accepted == "250 2.1.5 Ok\r\n"
+    assert [answer for _, answer in later] == [refused, accepted]
+    assert asked(hop, 0).count("RCPT TO:<unknown.carl@example.com>") == 1
+    assert asked(hop, 0).count("RCPT TO:<dora@example.com>") <= 1
 
 
 # -- options ------------------------------------------------------------------

@@ -42,8 +42,10 @@ smarthost that takes anything would make its accept an open relay.
     unknown address sooner still, as a mailbox created today should get
     mail within hours.  0 turns one off.
 ``cache_entries``
-    The most answers of each kind kept, least recently used ones forgotten
-    first (default 10000, the relay's answer cache size).  The two kinds
+    The most answers of each kind kept (default 10000, the relay's answer
+    cache size): in an inbound worker, by each worker in the shared
+    table, which remembers no new answer while it is full of young ones;
+    elsewhere the least recently used are forgotten first.  The two kinds
     are bounded apart, so a flood of made-up addresses cannot push the
     known ones out.
 ``max_sessions``
@@ -57,8 +59,9 @@ smarthost that takes anything would make its accept an open relay.
 Answers are remembered by address, the local part as written and the
 domain without case.  An address asked about while a question about it is
 under way waits for that question's answer (a mail to a list reaches many
-sessions at once; the hop is asked once).  Caches and sessions belong to
-one process: each inbound worker keeps its own.  An address that needs
+sessions at once; the hop is asked once).  The answers are remembered for
+all inbound workers together (:mod:`relaymail.plugins.callout_cache`),
+the sessions by each worker.  An address that needs
 SMTPUTF8 at a hop that does not offer it cannot be asked about (a
 temporary failure).  ``cache_ttl`` (the relay's own answer cache) is
 refused: it would remember a deferral as long as an answer.
@@ -82,17 +85,16 @@ from relaymail.delivery.destinations import client_configs
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.routing import Destination, route_key
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
+from relaymail.plugins.callout_cache import answer_caches
 from relaymail.plugins.callout_client import CalloutHop, SessionPool
 from relaymail.plugins.options import reject_unknown
-from relaymail.policy.answer_cache import DEFAULT_SIZE, MISS, AnswerCache
+from relaymail.policy.answer_cache import DEFAULT_SIZE
 
 log = Logger()
 
 _OPTIONS = ("next_hop", "timeout", "on_temporary_failure", "positive_ttl", "negative_ttl",
             "cache_entries", "max_sessions", "idle_time")
 
-#: The cache's name for what it remembers (AnswerCache keys by method).
-_ASKED = "check_recipient"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +130,7 @@ class Callout:
         self._options = options
         self._reactor = reactor
         self._pool = None
-        self._known = AnswerCache(options.positive_ttl, options.cache_entries)
-        self._unknown = AnswerCache(options.negative_ttl, options.cache_entries)
+        self._known, self._unknown = answer_caches(options)
         # (hop label, address) -> the Deferreds waiting for the question
         # being asked now: a second RCPT for the same address (a list mail
         # to many sessions at once) waits for that answer, not a session.
@@ -146,9 +147,9 @@ class Callout:
         reactor = self._the_reactor()
         now = reactor.seconds()
         for cache in (self._known, self._unknown):
-            remembered = cache.get(_ASKED, recipient, now)
-            if remembered is not MISS:
-                return remembered
+            remembered = cache.get(recipient, now)
+            if remembered is not None:
+                return _answer(*remembered)
         # Each asker its own Deferred: the relay may cancel one (its
         # [plugins] timeout) without cutting the question short for others.
         mine = defer.Deferred()
@@ -205,21 +206,16 @@ class Callout:
         said = _codes(result.code, result.enhanced)
         now = self._the_reactor().seconds()
         if 200 <= result.code < 300:
-            decision = Decision.accept()
             if self._options.positive_ttl:
-                self._known.put(_ASKED, recipient, decision, now)
-            return decision
+                self._known.put(recipient, result.code, result.enhanced, now)
+            return _answer(result.code, result.enhanced)
         log.info("{session} callout: {hop} said {reply} to RCPT TO:<{address}>",
                  session=session, hop=hop.label, reply=f"{result.code} {result.enhanced} {result.text}",
                  address=str(recipient))
         if result.code >= 500:
-            # The hop's own text stays in the log: it may name internal
-            # hosts and is a stranger's bytes; its codes are checked digits.
-            decision = Decision.reject(
-                550, "5.1.1", f"Recipient address rejected: unknown at the next hop ({said})")
             if self._options.negative_ttl:
-                self._unknown.put(_ASKED, recipient, decision, now)
-            return decision
+                self._unknown.put(recipient, result.code, result.enhanced, now)
+            return _answer(result.code, result.enhanced)
         return self._temporary(Decision.defer(
             f"Recipient address not verified: the next hop could not be asked "
             f"(it said {said}), try again later", code=450, enhanced="4.4.3"))
@@ -249,6 +245,17 @@ class Callout:
 
     def _temporary(self, deferral):
         return deferral if self._options.defer_on_failure else Decision.accept()
+
+
+def _answer(code, enhanced):
+    """The answer to a 2xx or 5xx reply of the hop, asked now or
+    remembered (relaymail.plugins.callout_cache keeps only the codes)."""
+    if 200 <= code < 300:
+        return Decision.accept()
+    # The hop's own text stays in the log: it may name internal hosts and
+    # is a stranger's bytes; its codes are checked digits.
+    return Decision.reject(550, "5.1.1", "Recipient address rejected: unknown at the next "
+                                         f"hop ({_codes(code, enhanced)})")
 
 
 def _codes(code, enhanced):

@@ -27,6 +27,8 @@ from relaymail.lifecycle import OrderlyService
 from relaymail.policy.loader import build_hooks
 from relaymail.policy.recipients import Policy
 from relaymail.process.pickup import PickupReceiver, PickupSender
+from relaymail.plugins.callout_cache import (
+    share_between_workers as share_answers_between_workers)
 from relaymail.plugins.ratelimit_counters import share_between_workers
 from relaymail.process.shared_counts import SharedLimits
 from relaymail.smtp.limits import RATE_WINDOW
@@ -49,8 +51,10 @@ def build(arguments, settings, reactor, fds):
         shared = SharedLimits(fds.pop("limits"), settings.server.workers, arguments.limits_row,
                               settings, reactor, RATE_WINDOW)
         # Before the plugins are built: the ratelimit plugin's memory
-        # counters are in the shared region too.
+        # counters and the callout plugin's answers are in the shared
+        # region too.
         share_between_workers(shared.rate_limits)
+        share_answers_between_workers(shared.known_recipients, shared.unknown_recipients)
     hooks = build_hooks(settings)
     policy = Policy.from_hooks(hooks, settings, reactor=reactor)
     if arguments.role == "inbound":

@@ -1,7 +1,7 @@
 """Connection and AUTH limits counted across every inbound worker.
 
 The master makes one shared memory region (a memfd, passed to the inbound
-workers like the listeners) holding three tables, each with a row per
+workers like the listeners) holding these tables, each with a row per
 inbound worker:
 
 - connections open per client, and the worker's total
@@ -9,7 +9,9 @@ inbound worker:
 - connection attempts per client per minute (``connection_rate_per_ip``);
 - AUTH attempts per client per minute (``[auth] attempts_per_minute``);
 - the ``ratelimit`` plugin's memory counters, two buckets a name
-  (:class:`relaymail.plugins.ratelimit_counters.SharedCounters`).
+  (:class:`relaymail.plugins.ratelimit_counters.SharedCounters`);
+- the ``callout`` plugin's remembered answers, known and unknown
+  recipients (:mod:`relaymail.plugins.callout_cache`).
 
 A row has one writer, its worker, and readers that only add up: no lock
 is needed.  A row is a hash table of fixed-size entries of 64-bit words,
@@ -329,6 +331,78 @@ class SharedBuckets(_Table):
         return entry[0] != 0 and entry[1] >= self._bucket - 1
 
 
+class SharedVerdicts(_Table):
+    """Answers remembered by name for every inbound worker together:
+    entries of ``(name hash, when written in ms since the epoch, reply
+    code, enhanced code packed by pack_enhanced)``.  Each worker writes its
+    own row; a lookup takes the newest entry of any row younger than the
+    ``ttl`` asked with.  The callout plugin's
+    (relaymail.plugins.callout_cache), one table per kind of answer.
+    """
+
+    width = 4
+
+    def __init__(self, fd, offset, rows, slots, row):
+        super().__init__(fd, offset, rows, slots, row)
+        self._ttl_ms = 0        # the last ttl get() or put() was given
+
+    def get(self, key, now, ttl):
+        """``(code, packed enhanced code)`` of the newest answer for
+        ``key`` written less than ``ttl`` seconds before ``now`` (seconds
+        since the epoch) in any worker, or None."""
+        self._ttl_ms = int(ttl * 1000)
+        now_ms = int(now * 1000)
+        wanted = client_hash(key)
+        words = self._words
+        best = None
+        for row in range(self._rows):
+            index = self._find(row, wanted)
+            if index is None:
+                continue
+            written = words[index + 1]
+            code, enhanced = words[index + 2], words[index + 3]
+            # put() zeroes the time while it changes an entry: an entry
+            # whose time moved while it was read is skipped, never mixed.
+            if written == 0 or words[index + 1] != written:
+                continue
+            if now_ms - written < self._ttl_ms and (best is None or written > best[0]):
+                best = (written, code, enhanced)
+        return None if best is None else best[1:]
+
+    def put(self, key, code, enhanced, now, ttl):
+        """Remember ``code`` and ``enhanced`` for ``key`` in this worker's
+        row; False when the row is full of answers still young."""
+        self._ttl_ms = int(ttl * 1000)
+        wanted = client_hash(key)
+        written = max(1, int(now * 1000))
+        index = self._find(self._row, wanted)
+        if index is None:
+            return self._claim(wanted, written, code, enhanced) is not None
+        words = self._words
+        words[index + 1] = 0
+        words[index + 2] = code
+        words[index + 3] = enhanced
+        words[index + 1] = written
+        return True
+
+    def _counts(self, entry):
+        return entry[1] != 0 and time.time() * 1000 - entry[1] < self._ttl_ms
+
+
+def pack_enhanced(enhanced):
+    """An RFC 3463 code (``"5.1.1"``) as one number, None as 0."""
+    if not enhanced:
+        return 0
+    klass, subject, detail = (int(part) for part in enhanced.split("."))
+    return klass * 1_000_000 + subject * 1000 + detail
+
+
+def unpack_enhanced(packed):
+    if not packed:
+        return None
+    return f"{packed // 1_000_000}.{packed // 1000 % 1000}.{packed % 1000}"
+
+
 class SharedLimits:
     """An inbound worker's views of the master's region: open connections,
     connection rates and AUTH attempts, all workers' together.
@@ -345,6 +419,10 @@ class SharedLimits:
         self.auth_attempts = SharedWindows(fd, layout.auth_at, rows, layout.rate_slots,
                                            row, clock, window)
         self.rate_limits = SharedBuckets(fd, layout.buckets_at, rows, layout.bucket_slots, row)
+        self.known_recipients = SharedVerdicts(fd, layout.known_at, rows, layout.verdict_slots,
+                                               row)
+        self.unknown_recipients = SharedVerdicts(fd, layout.unknown_at, rows,
+                                                 layout.verdict_slots, row)
 
 
 class _Layout:
@@ -369,7 +447,15 @@ class _Layout:
         while self.bucket_slots * 3 // 4 < _ratelimit_max_keys(settings):
             self.bucket_slots *= 2
         self.buckets_at = self.auth_at + SharedWindows.size(rows, self.rate_slots)
-        self.size = self.buckets_at + SharedBuckets.size(rows, self.bucket_slots)
+        # The callout plugin's known and unknown recipients, cache_entries
+        # a row each with a quarter free: 512 KiB a row and kind by
+        # default, reserved as the ratelimit plugin's are.
+        self.verdict_slots = 1024
+        while self.verdict_slots * 3 // 4 < _callout_entries(settings):
+            self.verdict_slots *= 2
+        self.known_at = self.buckets_at + SharedBuckets.size(rows, self.bucket_slots)
+        self.unknown_at = self.known_at + SharedVerdicts.size(rows, self.verdict_slots)
+        self.size = self.unknown_at + SharedVerdicts.size(rows, self.verdict_slots)
 
 
 def _ratelimit_max_keys(settings):
@@ -381,6 +467,16 @@ def _ratelimit_max_keys(settings):
         return max(1, int(raw)) if raw else DEFAULT_MAX_KEYS
     except ValueError:
         return DEFAULT_MAX_KEYS
+
+
+def _callout_entries(settings):
+    """``[plugin:callout] cache_entries``, or its default (as above)."""
+    from relaymail.policy.answer_cache import DEFAULT_SIZE
+    raw = settings.plugin_options.get("callout", {}).get("cache_entries", "").strip()
+    try:
+        return max(1, int(raw)) if raw else DEFAULT_SIZE
+    except ValueError:
+        return DEFAULT_SIZE
 
 
 def make_limits_region(rows, settings):
