@@ -52,6 +52,15 @@ def wait_for_worker(relay, name, count=1):
     return worker_pids(relay, name)[count - 1]
 
 
+def worker_of_session(relay, client, source="127.0.0.1"):
+    """The inbound worker (``inbound.N``) that took ``client``'s session,
+    from its connect line in the log."""
+    found = re.search(rf"\[(inbound\.\d) relaymail\.smtp#info\] \S+ "
+                      rf"unknown\[{re.escape(source)}\]:{client.port}: connect", relay.log())
+    assert found, f"no connect line for port {client.port}"
+    return found.group(1)
+
+
 def delivered_ids(messages):
     return [re.search(rb"with ESMTP id ([0-9A-Z]{16})", message["data"]).group(1).decode()
             for message in messages]

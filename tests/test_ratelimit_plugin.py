@@ -4,7 +4,6 @@ instances standing for two nodes of a fleet), and the real relay over a
 socket, with memory counters and with two relays sharing one Redis."""
 
 import os
-import re
 import signal
 import time
 from types import SimpleNamespace
@@ -747,7 +746,7 @@ def test_the_factory_in_an_inbound_worker_counts_in_the_shared_region(tmp_path, 
 
 
 def test_two_inbound_workers_of_a_relay_enforce_one_limit(tmp_path):
-    from tests.test_processes import wait_for_worker
+    from tests.test_processes import wait_for_worker, worker_of_session
     relay = RelayProcess(tmp_path, {
         "server": {"trusted_networks": "127.0.0.250/32", "workers": "2"},
         "relay": {"domains": "example.com"},
@@ -760,10 +759,7 @@ def test_two_inbound_workers_of_a_relay_enforce_one_limit(tmp_path):
         client = session(relay.port, "127.0.0.21")
         answer = mail(client, sender)
         client.close()
-        found = re.search(rf"\[(inbound\.\d) relaymail\.smtp#info\] \S+ "
-                          rf"unknown\[127\.0\.0\.21\]:{client.port}: connect", relay.log())
-        assert found, f"no connect line for port {client.port}"
-        return found.group(1), answer
+        return worker_of_session(relay, client, "127.0.0.21"), answer
     try:
         pids = {name: wait_for_worker(relay, name) for name in ("inbound.1", "inbound.2")}
         first = [mail_in_a_session(f"a{n}@example.org") for n in range(2)]
