@@ -3,6 +3,7 @@ verifier passes on the exact bytes received, with the public key served
 by a DNS stand-in (no real DNS)."""
 
 import base64
+import io
 import re
 import smtplib
 from types import SimpleNamespace
@@ -83,7 +84,7 @@ def nexthop():
 def signing_relay(tmp_path, nexthop):
     started = []
 
-    def start(dkim_options, server=(), auth=None):
+    def start(dkim_options, server=(), auth=None, sections=()):
         config = {
             "server": {"workers": "0", **dict(server)},
             "relay": {"domains": "example.com"},
@@ -93,6 +94,7 @@ def signing_relay(tmp_path, nexthop):
         }
         if auth:
             config["auth"] = auth
+        config.update(dict(sections))
         relay = RelayProcess(tmp_path, config).start()
         started.append(relay)
         return relay
@@ -133,7 +135,50 @@ def test_8bit_mail_is_signed_in_7_bits_so_no_hop_breaks_the_signature(
                          b"Content-Type: text/plain; charset=utf-8\r\n"
                          b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
                          b"caf=C3=A9 cr=C3=A8me br=C3=BBl=C3=A9e\r\n")
-    assert f"{queue_id}: filter dkim: replaced the message" in relay.log()
+    log = relay.log()
+    assert f"{queue_id}: filter dkim: replaced the message" in log
+    assert re.search(rf"\] \w{{8}} unknown\[127\.0\.0\.1\]:\d+: {queue_id}: dkim: 8-bit body "
+                     rf"converted to 7 bits and signed so \(RFC 6376 5\.3\)", log)
+
+
+def test_with_convert_8bit_no_the_8bit_form_is_signed(tmp_path, nexthop, signing_relay):
+    path, record = rsa_key(tmp_path)
+    relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path,
+                           "convert_8bit": "no"})
+    queued_id(send(relay, EIGHT_BIT))
+    [message] = nexthop.wait_for(1)
+    assert message["data"].endswith(b"\r\n" + EIGHT_BIT)
+    assert dkim.verify(message["data"],
+                       dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
+
+
+def test_8bit_mail_is_not_converted_past_the_message_size_limit(tmp_path, nexthop, signing_relay):
+    # 1,500 octets of Cyrillic: about 4,600 in quoted-printable, over the limit.
+    cyrillic = EIGHT_BIT.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + ("я".encode() * 75 + b"\r\n") * 10
+    path, record = rsa_key(tmp_path)
+    relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path},
+                          sections={"limits": {"message_size": "3000"}})
+    queue_id = queued_id(send(relay, cyrillic))
+    [message] = nexthop.wait_for(1)
+    assert message["data"].endswith(b"\r\n" + cyrillic)
+    assert dkim.verify(message["data"],
+                       dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
+    assert re.search(rf"{queue_id}: dkim: 8-bit body signed as it is: in 7 bits it would be "
+                     rf"\d+ octets, over \[limits\] message_size \(3000\)", relay.log())
+
+
+def test_binarymime_and_8bit_headers_are_signed_as_they_are(tmp_path):
+    path, _ = rsa_key(tmp_path)
+    signer = build({"domain": "example.org", "selector": "s", "private_key": path})
+    header_only = (b"From: Alice <alice@example.org>\r\nSubject: caf\xc3\xa9\r\n\r\nascii\r\n")
+    for data, body in ((EIGHT_BIT, "BINARYMIME"), (header_only, "8BITMIME")):
+        message = SimpleNamespace(
+            headers=[("From", "Alice <alice@example.org>")], queue_id="Q",
+            envelope=SimpleNamespace(body=body), open=lambda data=data: io.BytesIO(data))
+        context = SimpleNamespace(trusted=True, authenticated_user=None, label="S c")
+        decision = signer.check_message(message, context)
+        assert decision.message is None
+        assert [name for name, _ in decision.add_headers] == ["DKIM-Signature"]
 
 
 def test_8bit_mail_that_cannot_be_converted_is_signed_as_it_is(tmp_path, nexthop, signing_relay):
@@ -152,7 +197,7 @@ def test_8bit_mail_that_cannot_be_converted_is_signed_as_it_is(tmp_path, nexthop
     assert message["data"].endswith(b"\r\n" + signed)
     assert dkim.verify(message["data"],
                        dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
-    assert re.search(rf"{queue_id}: signed with its 8-bit octets: .*multipart/signed",
+    assert re.search(rf"{queue_id}: dkim: 8-bit body signed as it is: .*multipart/signed",
                      relay.log())
 
 
@@ -419,6 +464,8 @@ def test_option_problems_are_config_errors(tmp_path):
         f"got 'a:{path}, b'")
     assert error({**key, "subdomains": "sometimes"}) == (
         "test.ini: [plugin:dkim] subdomains: expected yes or no, got 'sometimes'")
+    assert error({**key, "convert_8bit": "maybe"}) == (
+        "test.ini: [plugin:dkim] convert_8bit: expected yes or no, got 'maybe'")
 
 
 @pytest.mark.parametrize("headers, domain", [

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import shutil
 import tempfile
@@ -348,20 +349,38 @@ def test_a_filter_may_replace_the_whole_message_and_the_next_sees_it(relay_for, 
         assert json.load(f)["size"] == len(data)
 
 
+LIMITS = SimpleNamespace(message_size=200, header_size=40, line_length=80, allow_nul=False)
+
+
 @pytest.mark.parametrize("data, problem", [
     ("Subject: x\r\n\r\nbody\r\n", "str, not bytes"),
     (b"Subject: x\r\n\r\nbody", "a last line that does not end in CRLF"),
     (b"Subject: x\n\nbody\r\n", "a bare CR or LF (lines end in CRLF)"),
     (b"Subject: x\r\n\r\nbo\rdy\r\n", "a bare CR or LF (lines end in CRLF)"),
+    (b"Subject: x\r\n\r\nbo\ndy\r\n", "a bare CR or LF (lines end in CRLF)"),
     (b"\r\nbody\r\n", "no header section"),
+    (b"Subject: x\r\n\r\n" + b"y" * 190 + b"\r\n",
+     "206 octets, over [limits] message_size (200)"),
+    (b"Subject: x\r\n\r\nnul \x00\r\n", "a NUL octet"),
+    (b"Subject: x\r\n\r\n" + b"y" * 79 + b"\r\n", "a line over [limits] line_length (80)"),
+    (b"Subject: x\r\nX-Long: " + b"y" * 30 + b"\r\n\r\nbody\r\n",
+     "a header section over [limits] header_size (40)"),
 ])
 def test_a_replacement_the_queue_could_not_hold_is_refused(data, problem):
     with pytest.raises(policy_filters.BadFilterAnswer) as info:
-        policy_filters.checked(Decision.NO_OPINION.with_message(data))
+        policy_filters.checked(Decision.NO_OPINION.with_message(data), LIMITS)
     assert str(info.value) == f"replaced the message with {problem}"
-    assert policy_filters.checked(Decision.ACCEPT.with_message(b"Subject: x\r\n\r\nok\r\n"))
+
+
+def test_a_replacement_within_the_limits_is_taken():
+    fits = b"Subject: x\r\n\r\n" + b"y" * 78 + b"\r\n"
+    assert policy_filters.checked(Decision.ACCEPT.with_message(fits), LIMITS).message == fits
+    # A BINARYMIME message's body is octets: bare CR, LF, NUL, long lines.
+    binary = b"Subject: x\r\n\r\n\x00\r" + b"y" * 100 + b"\n"
+    assert policy_filters.checked(Decision.ACCEPT.with_message(binary), LIMITS,
+                                  binary=True).message == binary
     with pytest.raises(ValueError):
-        Decision.defer().with_message(b"Subject: x\r\n\r\nok\r\n")
+        Decision.defer().with_message(fits)
 
 
 # -- failures -----------------------------------------------------------------------

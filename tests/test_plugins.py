@@ -1,6 +1,7 @@
 """The built-in plugins: domains, static and aliases (dkim: tests/test_dkim_plugin.py)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,37 @@ def test_builtins_are_plugins_named_like_their_module_and_attribute(factory):
     assert getattr(sys.modules[factory.__module__], factory.name) is factory
 
 
+def test_the_loaders_table_names_every_built_in_twisted_finds():
+    import relaymail.plugins
+    from twisted.plugin import getPlugins
+    from relaymail.policy.loader import BUILT_IN
+    found = {factory.name: factory.__module__
+             for factory in getPlugins(IPluginFactory, relaymail.plugins)}
+    assert found == BUILT_IN
+    assert sorted(BUILT_IN) == sorted(factory.name for factory in BUILT_INS)
+
+
+def test_a_built_in_that_does_not_import_is_a_config_error_naming_it(tmp_path, monkeypatch):
+    from relaymail.policy.listing import listing
+    from relaymail.policy.loader import build_hooks, find_plugins
+    from tests.support import make_settings
+    # dkimpy missing: the import of relaymail.plugins.dkim fails.
+    monkeypatch.delitem(sys.modules, "relaymail.plugins.dkim")
+    monkeypatch.setitem(sys.modules, "dkim", None)
+    assert "dkim" in find_plugins(make_settings(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        build_hooks(make_settings(tmp_path, plugins__filters="dkim"))
+    assert str(info.value).startswith(
+        "<defaults>: [plugins]: built-in plugin 'dkim' (relaymail.plugins.dkim) does not load: "
+        "ModuleNotFoundError: ")
+    # Not enabled, it does not stop anything; --list-plugins says what is wrong.
+    build_hooks(make_settings(tmp_path, plugins__recipients="domains"))
+    text = listing(make_settings(tmp_path))
+    assert re.search(r"^dkim\n  from: \S+/relaymail/plugins/dkim\.py\n  not loaded: "
+                     r"built-in plugin 'dkim' .* ModuleNotFoundError: ", text, re.M)
+    assert "domains\n  from: " in text
+
+
 def test_every_built_in_is_found_and_imported_only_when_looked_up(tmp_path):
     # A fresh interpreter: this one has imported every plugin already.
     program = textwrap.dedent(f"""
@@ -68,15 +100,18 @@ def test_every_built_in_is_found_and_imported_only_when_looked_up(tmp_path):
         hooks = build_hooks(make_settings(pathlib.Path({str(tmp_path)!r}), plugins__recipients="domains"))
         print(sorted(m for m in sys.modules if m.startswith("relaymail.plugins.")))
         print(type(found["dkim"]).__name__, "dkim" in sys.modules)
+        print(all(name == factory.name for name, factory in found.items()))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", program], cwd=root, check=True, text=True,
                          capture_output=True, env=dict(os.environ, PYTHONPATH=root)).stdout
-    names, before, built, looked_up = out.splitlines()
+    names, before, built, looked_up, items = out.splitlines()
     assert names == str(sorted(factory.name for factory in BUILT_INS))
     assert before == "[]"
     assert built == "['relaymail.plugins.domains']"
     assert looked_up == "DKIMSignerFactory True"
+    # Looking each up while iterating (items()) moves it, and breaks nothing.
+    assert items == "True"
 
 
 # -- domains -----------------------------------------------------------------

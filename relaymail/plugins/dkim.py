@@ -49,6 +49,19 @@ filter decides, and the message goes on unsigned.
     ``HEADER/BODY``, each ``simple`` or ``relaxed`` (RFC 6376 3.4).
     Default ``relaxed/relaxed``: it survives what relays on the way do
     to white space and folding, where ``simple`` breaks.
+``convert_8bit``
+    ``yes`` (default): a message with 8-bit octets in its body is converted
+    to 7 bits (its 8-bit parts to quoted-printable or base64, as delivery
+    would for a next hop without 8BITMIME) and that form is signed and
+    queued, as RFC 6376 5.3 asks of signers: converted later, on the way,
+    the signature would break.  It costs size (quoted-printable makes
+    non-Latin text up to three times as big; never past ``[limits]
+    message_size``: such a message is signed as it is).  ``no`` signs the
+    8-bit form, as OpenDKIM does: right while every next hop offers
+    8BITMIME, as nearly all do; to one that does not, the signature breaks.
+    BINARYMIME mail, 8-bit header fields and 8-bit content inside
+    multipart/signed are always signed as they are (delivery never converts
+    them either).
 
 Every key is read and tried (one test signature) at start; a bad one stops
 start-up with the option that names it.  Signing reads the whole message
@@ -56,11 +69,6 @@ into memory (dkimpy takes bytes; ``[limits] message_size`` bounds it), so
 the plugin declares ``blocking = True`` and runs in the plugin threads.
 The signature is added at the top of the message, above the relay's own
 ``Received:`` field, as RFC 6376 5.6 has signers prepend it.
-
-A message with 8-bit octets in its body is converted to 7 bits (its 8-bit
-parts to quoted-printable or base64, as delivery would for a next hop
-without 8BITMIME) and that form is signed and queued, as RFC 6376 5.3 asks
-of signers: converted later, on the way, the signature would break.
 """
 
 import base64
@@ -83,7 +91,7 @@ from relaymail.plugins.static import domain_key
 log = Logger()
 
 _OPTIONS = ("domain", "selector", "private_key", "key.DOMAIN", "headers", "subdomains",
-            "sign", "canonicalization")
+            "sign", "canonicalization", "convert_8bit")
 
 #: RFC 8301 3.2: signers MUST use RSA keys of at least 1024 bits.
 MIN_RSA_BITS = 1024
@@ -121,18 +129,24 @@ class DKIMSigner:
     blocking = True
 
     def __init__(self, keys, headers=None, sign_all=False,
-                 canonicalization=(b"relaxed", b"relaxed"), subdomains=False):
+                 canonicalization=(b"relaxed", b"relaxed"), subdomains=False,
+                 convert_8bit=True, max_size=None):
         """:param keys: a dict from domain key (lower case, A-labels) to a
             list of :class:`SigningKey`, one signature each.
         :param headers: the field names to sign (bytes), or None for
             dkimpy's RFC 6376 5.4.1 default.
         :param subdomains: sign a subdomain's mail with the nearest parent
-            domain's keys when it has none of its own."""
+            domain's keys when it has none of its own.
+        :param convert_8bit: sign (and queue) an 8-bit body in 7 bits.
+        :param max_size: ``[limits] message_size``: a conversion that would
+            make the message bigger is not made."""
         self._keys = {domain: list(each) for domain, each in keys.items()}
         self._headers = headers
         self._sign_all = sign_all
         self._canonicalization = canonicalization
         self._subdomains = subdomains
+        self._convert_8bit = convert_8bit
+        self._max_size = max_size
 
     @property
     def keys(self):
@@ -167,9 +181,11 @@ class DKIMSigner:
             return Decision.NO_OPINION
         with message.open() as f:
             data = f.read()
-        seven_bit = None if data.isascii() else _seven_bit(data, message.queue_id)
-        if seven_bit is not None:
-            data = seven_bit
+        seven_bit, kept_because = None, None
+        if self._convert_8bit and _has_8bit_body(data, message.envelope):
+            seven_bit, kept_because = self._seven_bit(data)
+            if seven_bit is not None:
+                data = seven_bit
         fields = []
         # Each signature over the message as received, not over the other
         # signature: a receiver checks each on its own (RFC 6376 4.2).
@@ -194,31 +210,52 @@ class DKIMSigner:
             fields.append((name, value[1:].rstrip("\r\n")))
         if not fields:
             return Decision.NO_OPINION
+        where = f"{getattr(context, 'label', '-')}: {message.queue_id}"
         decision = Decision.NO_OPINION
         if seven_bit is not None:
+            log.info("{where}: dkim: 8-bit body converted to 7 bits and signed so (RFC 6376 "
+                     "5.3)", where=where, queue_id=message.queue_id)
             decision = decision.with_message(seven_bit)
+        elif kept_because is not None:
+            log.info("{where}: dkim: 8-bit body signed as it is: {reason}", where=where,
+                     queue_id=message.queue_id, reason=kept_because)
         return decision.with_headers(add=fields)
 
+    def _seven_bit(self, data):
+        """``(the 7-bit form of the message, None)`` to be signed and queued
+        in its place, or ``(None, why not)`` to sign it as it is.
 
-def _seven_bit(data, queue_id):
-    """The 7-bit form of a message with 8-bit octets, to be signed and
-    queued in its place, or None to sign it as it is.
+        RFC 6376 5.3: a relay that converts 8-bit mail for a next hop
+        without 8BITMIME (relaymail.delivery.downgrade does, as Postfix
+        does) breaks a signature made over the 8-bit form, so signers
+        SHOULD convert first.  The converted message means the same to its
+        reader (quoted-printable or base64 parts) and goes to every next hop
+        unchanged.  A message that cannot be converted (8-bit content in
+        multipart/signed, 8-bit header fields) is signed as it is: delivery
+        refuses to convert it too, so the signature still covers what is
+        sent.  Nor is one converted past ``[limits] message_size`` (quoted-
+        printable makes non-Latin text up to three times its size), which
+        a next hop with the same limit would refuse."""
+        from relaymail.delivery.downgrade import CannotSend, downgrade
+        try:
+            converted = downgrade(data)
+        except CannotSend as exc:
+            return None, exc.reason
+        if self._max_size is not None and len(converted) > self._max_size:
+            return None, (f"in 7 bits it would be {len(converted)} octets, over [limits] "
+                          f"message_size ({self._max_size})")
+        return converted, None
 
-    RFC 6376 5.3: a relay that converts 8-bit mail for a next hop without
-    8BITMIME (relaymail.delivery.downgrade does, as Postfix does) breaks a
-    signature made over the 8-bit form, so signers SHOULD convert first.
-    The converted message means the same to its reader (quoted-printable
-    or base64 parts) and goes to every next hop unchanged.  A message that
-    cannot be converted (8-bit header fields need SMTPUTF8; 8-bit content
-    in multipart/signed) is signed as it is: delivery refuses to convert
-    it too, so the signature still covers what is sent."""
-    from relaymail.delivery.downgrade import CannotSend, downgrade
-    try:
-        return downgrade(data)
-    except CannotSend as exc:
-        log.info("{queue_id}: signed with its 8-bit octets: {reason}",
-                 queue_id=queue_id, reason=exc.reason)
-        return None
+
+def _has_8bit_body(data, envelope):
+    """Whether the message (bytes) has 8-bit octets after its header
+    section, and is not BINARYMIME (binary octets, RFC 3030, which a
+    7-bit form cannot carry line by line; delivery sends it by BDAT or
+    bounces it, never converts it)."""
+    if data.isascii() or getattr(envelope, "body", None) == "BINARYMIME":
+        return False
+    end = data.find(b"\r\n\r\n")
+    return end >= 0 and not data[end + 4:].isascii()
 
 
 def author_domain(headers):
@@ -319,8 +356,13 @@ class DKIMSignerFactory:
         subdomains = options.get("subdomains", "no").strip().lower()
         if subdomains not in ("yes", "no"):
             raise context.config_error("subdomains", f"expected yes or no, got {subdomains!r}")
+        convert = options.get("convert_8bit", "yes").strip().lower()
+        if convert not in ("yes", "no"):
+            raise context.config_error("convert_8bit", f"expected yes or no, got {convert!r}")
+        limits = getattr(context.settings, "limits", None)
         signer = DKIMSigner(keys, headers, sign == "all", canonicalization,
-                            subdomains=subdomains == "yes")
+                            subdomains=subdomains == "yes", convert_8bit=convert == "yes",
+                            max_size=getattr(limits, "message_size", None))
         for domain, each in keys.items():
             for key in each:
                 try:

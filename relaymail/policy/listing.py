@@ -44,7 +44,14 @@ def listing(settings):
     enabled = _enabled(settings)
     out = []
     for name in sorted(factories):
-        factory = factories[name]
+        try:
+            factory = factories[name]
+        except ConfigError as error:
+            # A built-in whose module does not import (a library missing):
+            # the rest are still listed.
+            out.append(f"{name}\n  from: {factories.where(name)}\n")
+            out.append(f"  not loaded: {_one_line(error.problem)}\n")
+            continue
         hooks, blocking, problem, built = _inspect(factory, name, settings)
         at = [key for key, names in enabled if name in names]
         description = _one_line(getattr(factory, "description", None)

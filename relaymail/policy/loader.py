@@ -7,12 +7,13 @@ kinds are module-level objects providing ``twisted.plugin.IPlugin`` and
 system (see :mod:`relaymail.interfaces`).
 
 A built-in plugin's module is imported only when its factory is wanted:
-Twisted's dropin cache already knows every built-in's name, and importing
-them all cost every worker process about 0.13 s at start (callout pulls in
-the SMTP client, dkim pulls in dkimpy) for plugins most sites never enable.
-So a built-in factory is the module attribute named as the plugin (the
-plugin tests hold every built-in to it).  Site plugins are imported at once
-(:func:`_site_package` says why), found by ``getPlugins``.
+importing them all cost every worker process about 0.13 s at start
+(callout pulls in the SMTP client, dkim pulls in dkimpy) for plugins most
+sites never enable.  So the built-ins are named in :data:`BUILT_IN`, each
+the module attribute named as the plugin; a test holds that table to what
+Twisted's plugin system finds in :mod:`relaymail.plugins`.  Site plugins
+are imported at once (:func:`_site_package` says why), found by
+``getPlugins``.
 """
 
 import difflib
@@ -24,12 +25,11 @@ import types
 from collections.abc import Mapping
 
 from twisted.logger import Logger
-from twisted.plugin import getCache, getPlugins
+from twisted.plugin import getPlugins
 from twisted.python.modules import getModule
 from zope.interface import implementer
 
 import relaymail
-import relaymail.plugins
 from relaymail.config import PLUGIN_SECTION_PREFIX, ConfigError, duration, integer
 from relaymail.policy.answer_cache import DEFAULT_SIZE, AnswerCache
 from relaymail.interfaces import (
@@ -145,51 +145,56 @@ def build_hooks(settings):
     return hooks
 
 
+#: The built-in plugins: name -> module, whose attribute of that name is
+#: the factory.
+BUILT_IN = {name: f"relaymail.plugins.{name}" for name in (
+    "aliases", "callout", "dkim", "domains", "pipe", "ratelimit", "sql", "static")}
+
+
 class FoundPlugins(Mapping):
     """Plugin name to factory, for every plugin relaymail can see.  A
     built-in's module is imported the first time its factory is looked up
     (see the module's text); names, ``in`` and :meth:`where` import
-    nothing."""
+    nothing.  A built-in that does not import is a ConfigError when it is
+    looked up, naming it."""
 
-    def __init__(self):
+    def __init__(self, source):
+        self._source = source
         self._factories = {}
-        # Built-ins not imported yet: name -> twisted.plugin.CachedPlugin.
-        self._cached = {}
+        # Built-ins not imported yet: name -> module name.
+        self._modules = dict(BUILT_IN)
 
     def __getitem__(self, name):
         factory = self._factories.get(name)
         if factory is None:
-            factory = self._cached[name].load()
-            if getattr(factory, "name", None) != name:
-                # A built-in named unlike its attribute: a relaymail bug,
-                # which the plugin tests catch.
-                raise RuntimeError(f"built-in plugin {self.where(name)}.{name} "
-                                   f"is named {getattr(factory, 'name', None)!r}")
+            module_name = self._modules[name]
+            try:
+                factory = getattr(importlib.import_module(module_name), name)
+            except Exception as exc:
+                raise ConfigError(self._source, "plugins", None,
+                                  f"built-in plugin '{name}' ({module_name}) does not load: "
+                                  f"{type(exc).__name__}: {exc}") from exc
             self._factories[name] = factory
-            del self._cached[name]
+            del self._modules[name]
         return factory
 
     def __iter__(self):
-        yield from self._factories
-        yield from self._cached
+        # A list, not a view: looking a built-in up while iterating moves it.
+        return iter(list(self._factories) + list(self._modules))
 
     def __len__(self):
-        return len(self._factories) + len(self._cached)
+        return len(self._factories) + len(self._modules)
 
     def __contains__(self, name):
-        return name in self._factories or name in self._cached
+        return name in self._factories or name in self._modules
 
     def where(self, name):
         """Where the plugin ``name`` comes from, for messages."""
-        if name in self._cached:
+        if name in self._modules:
             # Its file, found without importing it.
-            module_name = self._cached[name].dropin.moduleName
-            spec = importlib.util.find_spec(module_name)
-            return getattr(spec, "origin", None) or module_name
+            spec = importlib.util.find_spec(self._modules[name])
+            return getattr(spec, "origin", None) or self._modules[name]
         return _describe(self._factories[name])
-
-    def _add_built_in(self, cached):
-        self._cached[cached.name] = cached
 
     def _add(self, name, factory):
         self._factories[name] = factory
@@ -203,11 +208,7 @@ def find_plugins(settings):
         share a name (a site plugin never silently replaces a built-in one:
         which of the two runs would be a guess).
     """
-    found = FoundPlugins()
-    for dropin in getCache(relaymail.plugins).values():
-        for cached in dropin.plugins:
-            if any(provided.isOrExtends(IPluginFactory) for provided in cached.provided):
-                found._add_built_in(cached)
+    found = FoundPlugins(settings.source)
     paths = list(settings.plugins.path or ())
     package = _site_package(paths, settings)
     if package is not None:

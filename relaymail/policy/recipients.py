@@ -127,6 +127,8 @@ class Policy:
         self._filters = list(filters)
         self._routers = list(routers)
         self._timeout = settings.plugins.timeout
+        #: [limits]: what a message filter's new message is held to.
+        self.limits = getattr(settings, "limits", None)
         self._clock = clock
         self._threads = PluginThreads(reactor, getattr(settings.plugins, "threads", 10))
         #: id(plugin) -> AnswerCache, for plugins given [plugin:NAME] cache_ttl.

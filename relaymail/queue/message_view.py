@@ -87,7 +87,9 @@ class MessageView:
         """A binary file reading the message as it is now: the current
         fields, then the rest of the file.  Blocks on the disk."""
         if self.content is not None:
-            return io.BytesIO(self.header_bytes + self.content[self.body_offset:])
+            # One copy: a memoryview slices without one, and BytesIO keeps
+            # the bytes it is given.
+            return io.BytesIO(self.header_bytes + memoryview(self.content)[self.body_offset:])
         body = open(self.path, "rb")
         body.seek(self.body_offset)
         return io.BufferedReader(_Joined(self.header_bytes, body))
