@@ -405,6 +405,19 @@ def test_one_workers_answer_is_every_workers_until_it_is_too_old(verdicts):
     assert second.get("bob@example.com", 1051.0, ttl=60) == (250, 2_001_005)
     second._words[second._find(1, client_hash("bob@example.com")) + 1] = 0
     assert first.get("bob@example.com", 1051.0, ttl=60) is None
+    # Nor is a row read while its writer packs it (its pack count odd):
+    # entries move and are zeroed then, and a known address read as code 0
+    # would be refused.
+    assert first.put("carl@example.com", 250, 0, 1052.0, ttl=60)
+    assert second.get("carl@example.com", 1053.0, ttl=60) == (250, 0)
+    first._words[first._row_start(0)] += 1
+    assert second.get("carl@example.com", 1053.0, ttl=60) is None
+    first._words[first._row_start(0)] += 1
+    assert second.get("carl@example.com", 1053.0, ttl=60) == (250, 0)
+    packs = first._words[first._row_start(0)]
+    first._pack()
+    assert first._words[first._row_start(0)] == packs + 2
+    assert second.get("carl@example.com", time.time(), ttl=60) is None   # 1052 is long gone
 
 
 def test_a_full_row_remembers_no_new_answer_until_old_ones_are_too_old(verdicts, monkeypatch):

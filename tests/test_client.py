@@ -1079,6 +1079,16 @@ def test_reply_text_loses_control_characters_and_mismatched_enhanced_codes():
     assert reply.text == "5.1.1 odd\\x{0}text"
 
 
+def test_an_enhanced_code_takes_ascii_digits_only():
+    # Arabic-Indic digits are \d to Python's re without re.ASCII: "5.\u0661.1"
+    # would be taken as a code, and go into our replies and bounces.
+    reader = ReplyReader()
+    reader.feed("550 5.\u0661.1 unknown\r\n".encode())
+    reply = reader.next_reply()
+    assert reply.enhanced is None
+    assert reply.enhanced_or_derived == "5.0.0"
+
+
 def test_reply_text_escapes_c1_controls_and_unicode_line_separators():
     # As UTF-8 from a hostile next hop: U+2028, U+2029 and NEL break a
     # line for str.splitlines(), CSI and ESC drive a terminal, CR ends a

@@ -163,8 +163,8 @@ def test_8bit_mail_is_not_converted_past_the_message_size_limit(tmp_path, nextho
     assert message["data"].endswith(b"\r\n" + cyrillic)
     assert dkim.verify(message["data"],
                        dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
-    assert re.search(rf"{queue_id}: dkim: 8-bit body signed as it is: in 7 bits it would be "
-                     rf"\d+ octets, over \[limits\] message_size \(3000\)", relay.log())
+    assert re.search(rf"{queue_id}: dkim: 8-bit body signed as it is: its 7-bit form would "
+                     rf"have \d+ octets, over \[limits\] message_size \(3000\)", relay.log())
 
 
 def test_binarymime_and_8bit_headers_are_signed_as_they_are(tmp_path):

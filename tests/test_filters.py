@@ -383,6 +383,26 @@ def test_a_replacement_within_the_limits_is_taken():
         Decision.defer().with_message(fits)
 
 
+def test_a_replacement_may_be_as_big_as_the_message_it_replaces():
+    # The DATA reader does not count the relay's Received field, nor do
+    # the fields earlier filters added: the message as it stands may be
+    # past the limits, and a filter that keeps it so is not refused.
+    data = b"Received: r\r\nSubject: " + b"x" * 40 + b"\r\n\r\n" + (b"y" * 70 + b"\r\n") * 3
+    current = SimpleNamespace(size=len(data), header_bytes=data[:data.index(b"\r\n\r\n") + 2])
+    decision = Decision.NO_OPINION.with_message(data)
+    assert policy_filters.checked(decision, LIMITS, current=current) is decision
+    with pytest.raises(policy_filters.BadFilterAnswer):
+        policy_filters.checked(Decision.NO_OPINION.with_message(data + b"more\r\n"), LIMITS,
+                               current=current)
+
+
+def test_a_binarymime_replacements_header_section_is_held_to_crlf_lines():
+    with pytest.raises(policy_filters.BadFilterAnswer) as info:
+        policy_filters.checked(Decision.NO_OPINION.with_message(b"Subject: x\nX: y\r\n\r\n\n"),
+                               LIMITS, binary=True)
+    assert str(info.value) == "replaced the message with a bare CR or LF (lines end in CRLF)"
+
+
 # -- failures -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, logged", [

@@ -12,7 +12,9 @@ from relaymail import sanitize
 
 # RFC 3463 2: class "." subject "." detail, class 2, 4 or 5, subject and
 # detail one to three digits.
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
+# ASCII digits only: a stranger's "5.\u0661.1" is no code (and would put
+# other digits in our replies).
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z", re.ASCII)
 
 
 def is_enhanced_code(text):

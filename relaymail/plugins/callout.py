@@ -43,9 +43,10 @@ smarthost that takes anything would make its accept an open relay.
     mail within hours.  0 turns one off.
 ``cache_entries``
     The most answers of each kind kept (default 10000, the relay's answer
-    cache size): in an inbound worker, by each worker in the shared
-    table, which remembers no new answer while it is full of young ones;
-    elsewhere the least recently used are forgotten first.  The two kinds
+    cache size; at most 1000000): in an inbound worker, about that many
+    by each worker in the shared table, which remembers no new answer
+    while it is full of young ones; elsewhere the least recently used are
+    forgotten first.  The two kinds
     are bounded apart, so a flood of made-up addresses cannot push the
     known ones out.
 ``max_sessions``
@@ -85,7 +86,7 @@ from relaymail.delivery.destinations import client_configs
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.routing import Destination, route_key
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator
-from relaymail.plugins.callout_cache import answer_caches
+from relaymail.plugins.callout_cache import MAX_CACHE_ENTRIES, answer_caches
 from relaymail.plugins.callout_client import CalloutHop, SessionPool
 from relaymail.plugins.options import reject_unknown
 from relaymail.policy.answer_cache import DEFAULT_SIZE
@@ -317,7 +318,8 @@ def _read_options(context):
         defer_on_failure=parse("on_temporary_failure", _failure_rule, "defer"),
         positive_ttl=parse("positive_ttl", duration(), defaults.positive_ttl),
         negative_ttl=parse("negative_ttl", duration(), defaults.negative_ttl),
-        cache_entries=parse("cache_entries", integer(minimum=1), defaults.cache_entries),
+        cache_entries=parse("cache_entries", integer(minimum=1, maximum=MAX_CACHE_ENTRIES),
+                            defaults.cache_entries),
         max_sessions=parse("max_sessions", integer(minimum=1), defaults.max_sessions),
         idle_time=parse("idle_time", duration(), defaults.idle_time),
     )

@@ -20,6 +20,11 @@ forgets its least recently used instead).
 from relaymail.policy.answer_cache import MISS, AnswerCache
 from relaymail.process.shared_counts import pack_enhanced, unpack_enhanced
 
+#: The most ``cache_entries``: each inbound worker's share of the shared
+#: tables is sized by it (relaymail.process.shared_counts), 64 MiB a kind
+#: at this bound, and walked whole when it fills.
+MAX_CACHE_ENTRIES = 1_000_000
+
 #: The shared tables this process remembers answers in
 #: (share_between_workers): ``(known, unknown)``, or None.
 _shared_tables = None

@@ -130,7 +130,7 @@ class DKIMSigner:
 
     def __init__(self, keys, headers=None, sign_all=False,
                  canonicalization=(b"relaxed", b"relaxed"), subdomains=False,
-                 convert_8bit=True, max_size=None):
+                 convert_8bit=True, limits=None):
         """:param keys: a dict from domain key (lower case, A-labels) to a
             list of :class:`SigningKey`, one signature each.
         :param headers: the field names to sign (bytes), or None for
@@ -138,15 +138,16 @@ class DKIMSigner:
         :param subdomains: sign a subdomain's mail with the nearest parent
             domain's keys when it has none of its own.
         :param convert_8bit: sign (and queue) an 8-bit body in 7 bits.
-        :param max_size: ``[limits] message_size``: a conversion that would
-            make the message bigger is not made."""
+        :param limits: ``[limits]``: a conversion whose result the relay
+            would refuse from a filter (bigger than ``message_size`` ...)
+            is not made."""
         self._keys = {domain: list(each) for domain, each in keys.items()}
         self._headers = headers
         self._sign_all = sign_all
         self._canonicalization = canonicalization
         self._subdomains = subdomains
         self._convert_8bit = convert_8bit
-        self._max_size = max_size
+        self._limits = limits
 
     @property
     def keys(self):
@@ -183,7 +184,7 @@ class DKIMSigner:
             data = f.read()
         seven_bit, kept_because = None, None
         if self._convert_8bit and _has_8bit_body(data, message.envelope):
-            seven_bit, kept_because = self._seven_bit(data)
+            seven_bit, kept_because = self._seven_bit(data, message)
             if seven_bit is not None:
                 data = seven_bit
         fields = []
@@ -221,7 +222,7 @@ class DKIMSigner:
                      queue_id=message.queue_id, reason=kept_because)
         return decision.with_headers(add=fields)
 
-    def _seven_bit(self, data):
+    def _seven_bit(self, data, message):
         """``(the 7-bit form of the message, None)`` to be signed and queued
         in its place, or ``(None, why not)`` to sign it as it is.
 
@@ -233,17 +234,19 @@ class DKIMSigner:
         unchanged.  A message that cannot be converted (8-bit content in
         multipart/signed, 8-bit header fields) is signed as it is: delivery
         refuses to convert it too, so the signature still covers what is
-        sent.  Nor is one converted past ``[limits] message_size`` (quoted-
-        printable makes non-Latin text up to three times its size), which
-        a next hop with the same limit would refuse."""
+        sent.  Nor is one whose 7-bit form the relay would refuse from a
+        filter: past ``[limits] message_size`` (quoted-printable makes
+        non-Latin text up to three times its size, and a next hop with the
+        same limit would refuse it) or ``header_size``."""
         from relaymail.delivery.downgrade import CannotSend, downgrade
         try:
             converted = downgrade(data)
         except CannotSend as exc:
             return None, exc.reason
-        if self._max_size is not None and len(converted) > self._max_size:
-            return None, (f"in 7 bits it would be {len(converted)} octets, over [limits] "
-                          f"message_size ({self._max_size})")
+        from relaymail.policy.filters import replacement_problem
+        problem = replacement_problem(converted, self._limits, current=message)
+        if problem is not None:
+            return None, f"its 7-bit form would have {problem}"
         return converted, None
 
 
@@ -359,10 +362,9 @@ class DKIMSignerFactory:
         convert = options.get("convert_8bit", "yes").strip().lower()
         if convert not in ("yes", "no"):
             raise context.config_error("convert_8bit", f"expected yes or no, got {convert!r}")
-        limits = getattr(context.settings, "limits", None)
         signer = DKIMSigner(keys, headers, sign == "all", canonicalization,
                             subdomains=subdomains == "yes", convert_8bit=convert == "yes",
-                            max_size=getattr(limits, "message_size", None))
+                            limits=getattr(context.settings, "limits", None))
         for domain, each in keys.items():
             for key in each:
                 try:

@@ -84,7 +84,7 @@ def run_filters(policy, filters, message, context, label):
     for plugin in filters:
         try:
             answer = yield policy._call(plugin, "check_message", message, context)
-            decision = checked(answer, limits, binary)
+            decision = checked(answer, limits, binary, message)
             if decision.message is not None:
                 message = message.with_content(decision.message)
                 changes.append((label(plugin), REPLACED, ()))
@@ -100,10 +100,10 @@ def run_filters(policy, filters, message, context, label):
     return FilterResult(Decision.NO_OPINION, None, message, changes)
 
 
-def checked(answer, limits=None, binary=False):
+def checked(answer, limits=None, binary=False, current=None):
     """``answer`` if it is a Decision a filter may give, else raise
     :class:`BadFilterAnswer`; a new message is held to ``limits`` (see
-    :func:`_replacement_problem`)."""
+    :func:`replacement_problem`)."""
     if not isinstance(answer, Decision) or answer.kind not in _KINDS:
         raise BadFilterAnswer(f"returned {answer!r}, not a Decision")
     kind = answer.kind
@@ -112,7 +112,7 @@ def checked(answer, limits=None, binary=False):
     if kind == Decision.DEFER_KIND and not _in_class(answer.code, 400):
         raise BadFilterAnswer(f"returned {answer!r}: a deferral needs a 4xx code")
     if answer.message is not None:
-        problem = _replacement_problem(answer.message, limits, binary)
+        problem = replacement_problem(answer.message, limits, binary, current)
         if problem is not None:
             raise BadFilterAnswer(f"replaced the message with {problem}")
     if kind == Decision.REDIRECT_KIND:
@@ -126,39 +126,45 @@ def checked(answer, limits=None, binary=False):
     return answer
 
 
-def _replacement_problem(data, limits, binary):
-    """What is wrong with ``data`` as a whole message, or None.
+def replacement_problem(data, limits=None, binary=False, current=None):
+    """What is wrong with ``data`` as a whole new message, or None.
 
-    A new message must be one the DATA reader would have let in under
-    ``limits`` (``[limits]``, None for no bounds): at most ``message_size``
-    octets, a header section first within ``header_size``, and, unless
-    the client sent ``BODY=BINARYMIME`` (``binary``: octets are data
-    there, RFC 3030 3), lines that end in CRLF and nothing else, none
-    longer than ``line_length``, no NUL unless ``allow_nul``.  Each check
-    is a bytes operation or two, as the DATA reader's are: this runs on the
+    It must be one the DATA reader would have let in under ``limits``
+    (``[limits]``, None for no bounds): at most ``message_size`` octets, a
+    header section first within ``header_size``, and lines that end in CRLF
+    and nothing else, none longer than ``line_length``, no NUL unless
+    ``allow_nul`` -- in a ``BODY=BINARYMIME`` message (``binary``) in its
+    header section only, since octets are data in its body (RFC 3030 3).
+    The two sizes are never held below those of ``current``, the message as
+    it stands (a MessageView): the DATA reader does not count the relay's
+    own Received field, nor do earlier filters' fields count.  Each check is
+    a bytes operation or two, as the DATA reader's are: this runs on the
     reactor, over messages of many megabytes.
     """
     if not isinstance(data, bytes):
         return f"{type(data).__name__}, not bytes"
-    if limits is not None and len(data) > limits.message_size:
-        return f"{len(data)} octets, over [limits] message_size ({limits.message_size})"
-    if not binary:
-        if not data.endswith(b"\r\n"):
-            return "a last line that does not end in CRLF"
-        pairs = data.count(b"\r\n")
-        if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
-            return "a bare CR or LF (lines end in CRLF)"
-        if limits is not None:
-            if not limits.allow_nul and b"\x00" in data:
-                return "a NUL octet"
-            longest = limits.line_length - 2
-            if len(data) > longest and max(map(len, data.split(b"\r\n"))) > longest:
-                return f"a line over [limits] line_length ({limits.line_length})"
     fields, end = header_section.parse(data, complete=True)
     if not fields:
         return "no header section"
-    if limits is not None and limits.header_size is not None and end > limits.header_size:
-        return f"a header section over [limits] header_size ({limits.header_size})"
+    if limits is not None:
+        most = max(limits.message_size, getattr(current, "size", 0))
+        if len(data) > most:
+            return f"{len(data)} octets, over [limits] message_size ({limits.message_size})"
+        if limits.header_size is not None and end > max(
+                limits.header_size, len(getattr(current, "header_bytes", b""))):
+            return f"a header section over [limits] header_size ({limits.header_size})"
+    text = data[:end] if binary else data
+    if not text.endswith(b"\r\n"):
+        return "a last line that does not end in CRLF"
+    pairs = text.count(b"\r\n")
+    if text.count(b"\r") != pairs or text.count(b"\n") != pairs:
+        return "a bare CR or LF (lines end in CRLF)"
+    if limits is not None:
+        if not limits.allow_nul and b"\x00" in text:
+            return "a NUL octet"
+        longest = limits.line_length - 2
+        if len(text) > longest and max(map(len, text.split(b"\r\n"))) > longest:
+            return f"a line over [limits] line_length ({limits.line_length})"
     return None
 
 

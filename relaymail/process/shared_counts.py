@@ -340,6 +340,10 @@ class SharedVerdicts(_Table):
     (relaymail.plugins.callout_cache), one table per kind of answer.
     """
 
+    # Each row starts with a pack count, odd while its writer packs it: a
+    # pack moves every entry, and a reader that ran into one would read
+    # moved or zeroed words (a known recipient read as code 0, a 550).
+    header = 1
     width = 4
 
     def __init__(self, fd, offset, rows, slots, row):
@@ -356,14 +360,19 @@ class SharedVerdicts(_Table):
         words = self._words
         best = None
         for row in range(self._rows):
+            packs = words[self._row_start(row)]
+            if packs % 2:
+                continue            # being packed: as if not remembered
             index = self._find(row, wanted)
             if index is None:
                 continue
             written = words[index + 1]
             code, enhanced = words[index + 2], words[index + 3]
             # put() zeroes the time while it changes an entry: an entry
-            # whose time moved while it was read is skipped, never mixed.
-            if written == 0 or words[index + 1] != written:
+            # whose time moved while it was read is skipped, never mixed;
+            # so is one read while its row was packed.
+            if (written == 0 or words[index + 1] != written or words[index] != wanted
+                    or words[self._row_start(row)] != packs or code < 200):
                 continue
             if now_ms - written < self._ttl_ms and (best is None or written > best[0]):
                 best = (written, code, enhanced)
@@ -384,6 +393,14 @@ class SharedVerdicts(_Table):
         words[index + 3] = enhanced
         words[index + 1] = written
         return True
+
+    def _pack(self):
+        packs = self._row_start(self._row)
+        self._words[packs] += 1
+        try:
+            super()._pack()
+        finally:
+            self._words[packs] += 1
 
     def _counts(self, entry):
         return entry[1] != 0 and time.time() * 1000 - entry[1] < self._ttl_ms
@@ -470,11 +487,13 @@ def _ratelimit_max_keys(settings):
 
 
 def _callout_entries(settings):
-    """``[plugin:callout] cache_entries``, or its default (as above)."""
+    """``[plugin:callout] cache_entries``, or its default (as above), at
+    most the plugin's bound (its build refuses more)."""
+    from relaymail.plugins.callout_cache import MAX_CACHE_ENTRIES
     from relaymail.policy.answer_cache import DEFAULT_SIZE
     raw = settings.plugin_options.get("callout", {}).get("cache_entries", "").strip()
     try:
-        return max(1, int(raw)) if raw else DEFAULT_SIZE
+        return min(MAX_CACHE_ENTRIES, max(1, int(raw))) if raw else DEFAULT_SIZE
     except ValueError:
         return DEFAULT_SIZE
 
