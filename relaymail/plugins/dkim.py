@@ -183,7 +183,7 @@ class DKIMSigner:
         with message.open() as f:
             data = f.read()
         seven_bit, kept_because = None, None
-        if self._convert_8bit and _has_8bit_body(data, message.envelope):
+        if self._convert_8bit and _has_8bit_body(data, getattr(message, "envelope", None)):
             seven_bit, kept_because = self._seven_bit(data, message)
             if seven_bit is not None:
                 data = seven_bit
