@@ -420,6 +420,20 @@ def test_one_workers_answer_is_every_workers_until_it_is_too_old(verdicts):
     assert second.get("carl@example.com", time.time(), ttl=60) is None   # 1052 is long gone
 
 
+def test_a_successor_ends_the_pack_its_killed_predecessor_was_in(verdicts):
+    dying, reader = verdicts(0), verdicts(1)
+    assert dying.put("bob@example.com", 250, 0, 1000.0, ttl=60)
+    dying._words[dying._row_start(0)] += 1          # killed mid-pack
+    assert reader.get("bob@example.com", 1001.0, ttl=60) is None
+    successor = verdicts(0)
+    assert successor._words[successor._row_start(0)] % 2 == 0
+    assert reader.get("bob@example.com", 1001.0, ttl=60) == (250, 0)
+    # A rewrite within the same millisecond still moves the time.
+    assert successor.put("bob@example.com", 550, 0, 1000.0, ttl=60)
+    index = successor._find(0, client_hash("bob@example.com"))
+    assert successor._words[index + 1] == 1_000_001
+
+
 def test_a_full_row_remembers_no_new_answer_until_old_ones_are_too_old(verdicts, monkeypatch):
     from relaymail.process import shared_counts
     monkeypatch.setattr(shared_counts, "_PACK_PAUSE", 0.0)

@@ -396,11 +396,31 @@ def test_a_replacement_may_be_as_big_as_the_message_it_replaces():
                                current=current)
 
 
-def test_a_binarymime_replacements_header_section_is_held_to_crlf_lines():
+@pytest.mark.parametrize("data, problem", [
+    (b"Subject: x\nX: y\r\n\r\n\n", "a bare CR or LF (lines end in CRLF)"),
+    # To its empty line, as the DATA reader scans it, not to its last field.
+    (b"Subject: x\r\n\nX-A: y\n\x00body", "a last line that does not end in CRLF"),
+    (b"Subject: x\r\nnot a field\nBcc: evil\r\n\r\nb", "a bare CR or LF (lines end in CRLF)"),
+    (b"Subject: x\r\n\x00\x01garbage\r\n\r\n", "a NUL octet"),
+])
+def test_a_binarymime_replacements_header_section_is_held_to_crlf_lines(data, problem):
     with pytest.raises(policy_filters.BadFilterAnswer) as info:
-        policy_filters.checked(Decision.NO_OPINION.with_message(b"Subject: x\nX: y\r\n\r\n\n"),
-                               LIMITS, binary=True)
-    assert str(info.value) == "replaced the message with a bare CR or LF (lines end in CRLF)"
+        policy_filters.checked(Decision.NO_OPINION.with_message(data), LIMITS, binary=True)
+    assert str(info.value) == f"replaced the message with {problem}"
+
+
+def test_the_limits_allow_for_the_relays_own_received_field():
+    # The client sent 180 octets under a limit of 200; our Received field
+    # made the file bigger.  A filter adding a little is held to 200 plus
+    # that field, as the DATA reader did not count it.
+    received = b"Received: from client by relay with ESMTP id 0123456789\r\n"
+    sent = b"Subject: x\r\n\r\n" + (b"y" * 70 + b"\r\n") * 2 + b"z" * 20 + b"\r\n"
+    current = SimpleNamespace(size=len(received + sent), header_bytes=received + b"Subject: x\r\n",
+                              fields=header_section.parse(received + sent)[0])
+    grown = received + b"X-Filtered: yes\r\n" + sent
+    assert len(sent) <= 200 < len(grown) <= 200 + len(received)
+    decision = Decision.NO_OPINION.with_message(grown)
+    assert policy_filters.checked(decision, LIMITS, current=current) is decision
 
 
 # -- failures -----------------------------------------------------------------------

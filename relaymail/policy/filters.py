@@ -131,29 +131,32 @@ def replacement_problem(data, limits=None, binary=False, current=None):
 
     It must be one the DATA reader would have let in under ``limits``
     (``[limits]``, None for no bounds): at most ``message_size`` octets, a
-    header section first within ``header_size``, and lines that end in CRLF
-    and nothing else, none longer than ``line_length``, no NUL unless
-    ``allow_nul`` -- in a ``BODY=BINARYMIME`` message (``binary``) in its
-    header section only, since octets are data in its body (RFC 3030 3).
-    The two sizes are never held below those of ``current``, the message as
-    it stands (a MessageView): the DATA reader does not count the relay's
-    own Received field, nor do earlier filters' fields count.  Each check is
-    a bytes operation or two, as the DATA reader's are: this runs on the
-    reactor, over messages of many megabytes.
+    header section first, up to its empty line within ``header_size``,
+    and lines that end in CRLF and nothing else, none longer than
+    ``line_length``, no NUL unless ``allow_nul`` -- in a
+    ``BODY=BINARYMIME`` message (``binary``) in its header section only,
+    since octets are data in its body (RFC 3030 3).  Both sizes allow for
+    the relay's own Received field (the first one of ``current``, the
+    message as it stands, a MessageView), which the DATA reader did not
+    count, and are never held below ``current``'s (earlier filters' fields
+    are not counted either).  Each check is a bytes operation or two, as
+    the DATA reader's are, the cheap ones first: this runs on the reactor,
+    over messages of many megabytes.
     """
     if not isinstance(data, bytes):
         return f"{type(data).__name__}, not bytes"
-    fields, end = header_section.parse(data, complete=True)
-    if not fields:
-        return "no header section"
+    # The header section as the DATA reader scans it: to the empty line.
+    cut = data.find(b"\r\n\r\n")
+    header_end = len(data) if cut < 0 else cut + 2
     if limits is not None:
-        most = max(limits.message_size, getattr(current, "size", 0))
+        ours = _own_received_length(current)
+        most = max(limits.message_size + ours, getattr(current, "size", 0))
         if len(data) > most:
             return f"{len(data)} octets, over [limits] message_size ({limits.message_size})"
-        if limits.header_size is not None and end > max(
-                limits.header_size, len(getattr(current, "header_bytes", b""))):
+        if limits.header_size is not None and header_end > max(
+                limits.header_size + ours, len(getattr(current, "header_bytes", b""))):
             return f"a header section over [limits] header_size ({limits.header_size})"
-    text = data[:end] if binary else data
+    text = data[:header_end] if binary else data
     if not text.endswith(b"\r\n"):
         return "a last line that does not end in CRLF"
     pairs = text.count(b"\r\n")
@@ -165,7 +168,19 @@ def replacement_problem(data, limits=None, binary=False, current=None):
         longest = limits.line_length - 2
         if len(text) > longest and max(map(len, text.split(b"\r\n"))) > longest:
             return f"a line over [limits] line_length ({limits.line_length})"
+    fields, _ = header_section.parse(data[:header_end], complete=True)
+    if not fields:
+        return "no header section"
     return None
+
+
+def _own_received_length(current):
+    """The length of the relay's own Received field in ``current`` (the
+    first Received field: filters add theirs above it), or 0."""
+    for field in getattr(current, "fields", ()):
+        if field.name.lower() == "received":
+            return len(field.raw)
+    return 0
 
 
 def _in_class(code, base):

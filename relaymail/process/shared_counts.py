@@ -349,6 +349,12 @@ class SharedVerdicts(_Table):
     def __init__(self, fd, offset, rows, slots, row):
         super().__init__(fd, offset, rows, slots, row)
         self._ttl_ms = 0        # the last ttl get() or put() was given
+        # A worker killed while it packed left its row's count odd: its
+        # successor, the row's one writer now, ends that pack (the entries
+        # left are whole: each was written before its hash).
+        packs = self._row_start(row)
+        if self._words[packs] % 2:
+            self._words[packs] += 1
 
     def get(self, key, now, ttl):
         """``(code, packed enhanced code)`` of the newest answer for
@@ -388,6 +394,9 @@ class SharedVerdicts(_Table):
         if index is None:
             return self._claim(wanted, written, code, enhanced) is not None
         words = self._words
+        # Never the time it had: a reader that saw the old time before the
+        # change and sees it again after would take the entry as unchanged.
+        written = max(written, words[index + 1] + 1)
         words[index + 1] = 0
         words[index + 2] = code
         words[index + 3] = enhanced
