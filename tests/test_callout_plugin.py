@@ -512,6 +512,7 @@ def build(tmp_path, options, **keys):
      "expected defer or accept, got 'reject'"),
     ({"positive_ttl": "-1"}, "positive_ttl", "expected a duration"),
     ({"cache_entries": "0"}, "cache_entries", "must be at least 1"),
+    ({"cache_entries": "1000001"}, "cache_entries", "must be at most 1000000"),
     ({"max_sessions": "many"}, "max_sessions", "expected a whole number"),
     ({"negative_ttl": "1", "cache_ttl": "60"}, "cache_ttl", "keeps its own caches"),
     ({"port": "25"}, "port", "unknown option; [plugin:callout] takes next_hop, timeout, "),

@@ -283,6 +283,8 @@ def test_the_factory_builds_memory_counters_with_the_ipv6_prefix(tmp_path):
     ({"messages_per_client": "1", "redis_prefix": "x:"},
      "[plugin:ratelimit] redis_prefix: set without redis"),
     ({"messages_per_client": "1", "max_keys": "0"}, "[plugin:ratelimit] max_keys: must be at least 1"),
+    ({"messages_per_client": "1", "max_keys": "2000001"},
+     "[plugin:ratelimit] max_keys: must be at most 2000000, got '2000001'"),
     ({"messages_per_client": "1", "redis": "redis://127.0.0.1:1/0", "max_keys": "5"},
      "[plugin:ratelimit] max_keys: memory counters only; Redis expires its own keys"),
     ({"messages_per_client": "1", "redis": "http://127.0.0.1:6379"},

@@ -84,7 +84,8 @@ count.
     the mail.
 ``max_keys``
     Memory counters only: the most names (a sender, a user, a client, for
-    each limit) remembered at once, per inbound worker; default 100000.
+    each limit) remembered at once, per inbound worker; default 100000,
+    at most 2000000.
     Past it, with a warning, a process of its own forgets the name counted
     longest ago, and a worker stops counting new names until old ones run
     out (its share of the shared memory is fixed).
@@ -105,7 +106,7 @@ from relaymail.config import boolean, duration, integer
 from relaymail.interfaces import Decision, IPluginFactory, IRecipientValidator, ISenderPolicy
 from relaymail.plugins.options import reject_unknown
 from relaymail.plugins.ratelimit_counters import (
-    DEFAULT_MAX_KEYS, Count, SlidingWindow, memory_counters)
+    DEFAULT_MAX_KEYS, MAX_MAX_KEYS, Count, SlidingWindow, memory_counters)
 from relaymail.plugins.ratelimit_redis import DEFAULT_PREFIX, CountersUnavailable
 from relaymail.plugins.static import address_key
 
@@ -303,7 +304,8 @@ class RateLimitFactory:
                 if key in options:
                     raise context.config_error(key, "set without redis, which it is for")
             counters = memory_counters(
-                window, parse("max_keys", integer(minimum=1), str(DEFAULT_MAX_KEYS)))
+                window, parse("max_keys", integer(minimum=1, maximum=MAX_MAX_KEYS),
+                              str(DEFAULT_MAX_KEYS)))
             defer_on_failure = False
         limits_section = context.settings.limits
         return RateLimit(

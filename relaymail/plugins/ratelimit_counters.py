@@ -65,6 +65,10 @@ log = Logger()
 #: is some tens of MB at worst, the figure relaymail.smtp.limits takes for
 #: its connection rates.
 DEFAULT_MAX_KEYS = 100_000
+#: The most ``max_keys``: each inbound worker's row of the shared region is
+#: sized by it (relaymail.process.shared_counts), 128 MiB at this bound,
+#: and walked whole when it fills.
+MAX_MAX_KEYS = 2_000_000
 
 
 class Count:

@@ -487,10 +487,10 @@ class _Layout:
 def _ratelimit_max_keys(settings):
     """``[plugin:ratelimit] max_keys``, or its default when unset or not a
     number (the plugin's own build says what is wrong with it)."""
-    from relaymail.plugins.ratelimit_counters import DEFAULT_MAX_KEYS
+    from relaymail.plugins.ratelimit_counters import DEFAULT_MAX_KEYS, MAX_MAX_KEYS
     raw = settings.plugin_options.get("ratelimit", {}).get("max_keys", "").strip()
     try:
-        return max(1, int(raw)) if raw else DEFAULT_MAX_KEYS
+        return min(MAX_MAX_KEYS, max(1, int(raw))) if raw else DEFAULT_MAX_KEYS
     except ValueError:
         return DEFAULT_MAX_KEYS
 
