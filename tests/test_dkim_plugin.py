@@ -153,18 +153,18 @@ def test_with_convert_8bit_no_the_8bit_form_is_signed(tmp_path, nexthop, signing
 
 
 def test_8bit_mail_is_not_converted_past_the_message_size_limit(tmp_path, nexthop, signing_relay):
-    # 1,500 octets of Cyrillic: about 4,600 in quoted-printable, over the limit.
+    # 1,500 octets of Cyrillic: about 2,050 in base64, over the limit.
     cyrillic = EIGHT_BIT.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + ("я".encode() * 75 + b"\r\n") * 10
     path, record = rsa_key(tmp_path)
     relay = signing_relay({"domain": "example.org", "selector": "s", "private_key": path},
-                          sections={"limits": {"message_size": "3000"}})
+                          sections={"limits": {"message_size": "2000"}})
     queue_id = queued_id(send(relay, cyrillic))
     [message] = nexthop.wait_for(1)
     assert message["data"].endswith(b"\r\n" + cyrillic)
     assert dkim.verify(message["data"],
                        dnsfunc=dns({b"s._domainkey.example.org.": record})) is True
     assert re.search(rf"{queue_id}: dkim: 8-bit body signed as it is: its 7-bit form would "
-                     rf"have \d+ octets, over \[limits\] message_size \(3000\)", relay.log())
+                     rf"have \d+ octets, over \[limits\] message_size \(2000\)", relay.log())
 
 
 def test_binarymime_and_8bit_headers_are_signed_as_they_are(tmp_path):

@@ -54,9 +54,9 @@ filter decides, and the message goes on unsigned.
     to 7 bits (its 8-bit parts to quoted-printable or base64, as delivery
     would for a next hop without 8BITMIME) and that form is signed and
     queued, as RFC 6376 5.3 asks of signers: converted later, on the way,
-    the signature would break.  It costs size (quoted-printable makes
-    non-Latin text up to three times as big; never past ``[limits]
-    message_size``: such a message is signed as it is).  ``no`` signs the
+    the signature would break.  It costs size (up to 1.4 times: base64
+    for text that is mostly 8-bit; never past ``[limits] message_size``:
+    such a message is signed as it is).  ``no`` signs the
     8-bit form, as OpenDKIM does: right while every next hop offers
     8BITMIME, as nearly all do; to one that does not, the signature breaks.
     BINARYMIME mail, 8-bit header fields and 8-bit content inside
@@ -235,9 +235,8 @@ class DKIMSigner:
         multipart/signed, 8-bit header fields) is signed as it is: delivery
         refuses to convert it too, so the signature still covers what is
         sent.  Nor is one whose 7-bit form the relay would refuse from a
-        filter: past ``[limits] message_size`` (quoted-printable makes
-        non-Latin text up to three times its size, and a next hop with the
-        same limit would refuse it) or ``header_size``."""
+        filter: past ``[limits] message_size`` (a next hop with the same
+        limit would refuse it) or ``header_size``."""
         from relaymail.delivery.downgrade import CannotSend, downgrade
         try:
             converted = downgrade(data)
