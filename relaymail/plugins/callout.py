@@ -97,7 +97,6 @@ _OPTIONS = ("next_hop", "timeout", "on_temporary_failure", "positive_ttl", "nega
             "cache_entries", "max_sessions", "idle_time")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class CalloutSettings:
     """The options, read (see the module docstring for each)."""

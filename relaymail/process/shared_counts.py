@@ -366,7 +366,8 @@ class SharedVerdicts(_Table):
         words = self._words
         best = None
         for row in range(self._rows):
-            packs = words[self._row_start(row)]
+            start = self._row_start(row)
+            packs = words[start]
             if packs % 2:
                 continue            # being packed: as if not remembered
             index = self._find(row, wanted)
@@ -378,7 +379,7 @@ class SharedVerdicts(_Table):
             # whose time moved while it was read is skipped, never mixed;
             # so is one read while its row was packed.
             if (written == 0 or words[index + 1] != written or words[index] != wanted
-                    or words[self._row_start(row)] != packs or code < 200):
+                    or words[start] != packs or code < 200):
                 continue
             if now_ms - written < self._ttl_ms and (best is None or written > best[0]):
                 best = (written, code, enhanced)
@@ -485,26 +486,27 @@ class _Layout:
 
 
 def _ratelimit_max_keys(settings):
-    """``[plugin:ratelimit] max_keys``, or its default when unset or not a
-    number (the plugin's own build says what is wrong with it)."""
+    """``[plugin:ratelimit] max_keys``, as the table is sized for it."""
     from relaymail.plugins.ratelimit_counters import DEFAULT_MAX_KEYS, MAX_MAX_KEYS
-    raw = settings.plugin_options.get("ratelimit", {}).get("max_keys", "").strip()
-    try:
-        return min(MAX_MAX_KEYS, max(1, int(raw))) if raw else DEFAULT_MAX_KEYS
-    except ValueError:
-        return DEFAULT_MAX_KEYS
+    return _plugin_count(settings, "ratelimit", "max_keys", DEFAULT_MAX_KEYS, MAX_MAX_KEYS)
 
 
 def _callout_entries(settings):
-    """``[plugin:callout] cache_entries``, or its default (as above), at
-    most the plugin's bound (its build refuses more)."""
+    """``[plugin:callout] cache_entries``, as the tables are sized for it."""
     from relaymail.plugins.callout_cache import MAX_CACHE_ENTRIES
     from relaymail.policy.answer_cache import DEFAULT_SIZE
-    raw = settings.plugin_options.get("callout", {}).get("cache_entries", "").strip()
+    return _plugin_count(settings, "callout", "cache_entries", DEFAULT_SIZE, MAX_CACHE_ENTRIES)
+
+
+def _plugin_count(settings, plugin, key, default, most):
+    """A plugin's count option that sizes a table here: its value between 1
+    and ``most``, or ``default`` when unset or not a number (the plugin's
+    own build says what is wrong with it)."""
+    raw = settings.plugin_options.get(plugin, {}).get(key, "").strip()
     try:
-        return min(MAX_CACHE_ENTRIES, max(1, int(raw))) if raw else DEFAULT_SIZE
+        return min(most, max(1, int(raw))) if raw else default
     except ValueError:
-        return DEFAULT_SIZE
+        return default
 
 
 def make_limits_region(rows, settings):
