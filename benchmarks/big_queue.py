@@ -138,7 +138,7 @@ def main():
                   + f"; all together {total_peak / 2**20:.0f} MiB, or "
                   f"{pss_peak / 2**20:.0f} MiB with shared pages counted once (PSS)")
             left = sum(1 for name in os.listdir(os.path.join(spool, "active"))
-                       if name.endswith(".json"))
+                       if name.endswith(".msg"))
             print(f"{args.count - left} of {args.count} delivered in {args.watch:.0f} s")
         finally:
             relay.terminate()

@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from relaymail.envelope import Envelope  # noqa: E402
+from relaymail.queue import queue_file  # noqa: E402
 from relaymail.queue import record as records  # noqa: E402
 from relaymail.queue.queue_id import new_queue_id  # noqa: E402
 from relaymail.tools import queue_tool  # noqa: E402
@@ -48,12 +49,14 @@ def fill(spool_path, count, held):
                             client_ip="192.0.2.7", helo="client.example.org",
                             received_at=start + number)
         record = records.new_record(queue_id, envelope, len(BODY), start + number)
-        record["attempts"] = 3
-        record["last_error"] = "451 4.4.1 connection refused by mx.example.com"
         where = "hold" if number >= count - held else "active"
         directory = os.path.join(spool_path, where)
+        # As the spool commits it (relaymail.queue.queue_file), then tried
+        # three times: the record of the last attempt beside it.
         with open(os.path.join(directory, queue_id + ".msg"), "wb") as file:
-            file.write(BODY)
+            file.write(BODY + queue_file.record_and_trailer(records.encode(record), len(BODY)))
+        record["attempts"] = 3
+        record["last_error"] = "451 4.4.1 connection refused by mx.example.com"
         with open(os.path.join(directory, queue_id + ".json"), "wb") as file:
             file.write(records.encode(record))
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from tests import queue_files
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -114,8 +116,18 @@ class RelayProcess:
         return sorted(os.listdir(os.path.join(self.spool, "active")))
 
     def message(self, queue_id):
-        with open(os.path.join(self.spool, "active", queue_id + ".msg"), "rb") as f:
-            return f.read()
+        """The message bytes of a queued message (its queue file up to the
+        record: tests/queue_files.py)."""
+        return queue_files.message_of(os.path.join(self.spool, "active"), queue_id)
+
+    def record(self, queue_id, where="active"):
+        """The record in force of a queued message."""
+        return queue_files.record_of(os.path.join(self.spool, where), queue_id)
+
+    def queued_ids(self, where="active"):
+        """The ids of the messages in ``where``, sorted."""
+        return sorted(name[:-4] for name in os.listdir(os.path.join(self.spool, where))
+                      if name.endswith(".msg"))
 
 
 def converse(port, data, timeout=10):

@@ -39,7 +39,7 @@ def nexthop():
 
 
 def queued(relay):
-    return [name for name in relay.active_files() if name.endswith(".json")]
+    return relay.queued_ids()
 
 
 def assert_complete_run(status, report, relay):

@@ -288,9 +288,8 @@ def test_only_the_header_section_is_read(original, monkeypatch):
             read.append(len(line))
             return line
 
-    monkeypatch.setattr(bounce, "open",
-                        lambda name, mode: CountingFile(io.FileIO(name, mode)),
-                        raising=False)
+    monkeypatch.setattr(bounce, "open_message",
+                        lambda name: CountingFile(io.FileIO(name, "rb")))
     section, cut = read_header_section(path)
     assert (section, cut) == (HEADERS, False)
     assert sum(read) == len(HEADERS) + 2

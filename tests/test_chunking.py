@@ -2,8 +2,6 @@
 the relay under twistd: exact replies, the session in step after every
 refusal, the bytes in the spool."""
 
-import json
-import os
 import re
 import socket
 import time
@@ -97,8 +95,7 @@ def body_of(relay, queue_id):
 
 
 def record_of(relay, queue_id):
-    with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
-        return json.load(f)
+    return relay.record(queue_id)
 
 
 def test_ehlo_offers_chunking_and_binarymime(wire):
@@ -144,7 +141,7 @@ def test_bdat_0_last_queues_an_empty_message(relay, wire):
 
 
 def test_bdat_without_mail_or_rcpt_is_refused_and_its_chunk_never_runs(relay, wire):
-    before = relay.active_files()
+    before = relay.queued_ids()
     # Were the chunks read as commands, QUIT would end the session.
     assert wire.exchange(b"BDAT 6\r\nQUIT\r\nNOOP\r\n", 2) == [
         b"503 5.5.1 Error: need MAIL command", b"250 2.0.0 Ok"]
@@ -153,11 +150,11 @@ def test_bdat_without_mail_or_rcpt_is_refused_and_its_chunk_never_runs(relay, wi
     # The transaction is still open, as after DATA without recipients.
     assert wire.exchange(b"RCPT TO:<bob@example.com>\r\nBDAT 4 LAST\r\nab\r\n", 2)[0] == (
         b"250 2.1.5 Ok")
-    assert len(relay.active_files()) == len(before) + 2
+    assert len(relay.queued_ids()) == len(before) + 1
 
 
 def test_a_chunk_past_the_size_limit_is_read_discarded_and_refused(relay, wire):
-    before = relay.active_files()
+    before = relay.queued_ids()
     # A chunk alone over the limit: refused from its count, its octets
     # (command lines among them) read and thrown away.
     big = (b"NOOP\r\n" * (MESSAGE_SIZE // 6 + 100))
@@ -173,7 +170,7 @@ def test_a_chunk_past_the_size_limit_is_read_discarded_and_refused(relay, wire):
         b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"250 2.0.0 Ok: %d bytes" % len(half),
         b"552 5.3.4 Chunk exceeds message size limit", b"250 2.0.0 Ok"]
     assert wire.exchange(b"BDAT 2 LAST\r\nab", 1) == [b"551 5.0.0 Discarded 2 bytes after earlier error"]
-    assert relay.active_files() == before
+    assert relay.queued_ids() == before
 
 
 def test_a_huge_count_is_refused_without_buffering(relay, wire):
@@ -198,11 +195,11 @@ def test_data_rcpt_and_mail_after_bdat_are_503_and_the_message_goes_on(relay, wi
 
 
 def test_rset_between_chunks_throws_the_message_away(relay, wire):
-    before = relay.active_files()
+    before = relay.queued_ids()
     assert wire.exchange(ENVELOPE + b"BDAT 5\r\nhelloRSET\r\nBDAT 3 LAST\r\nabcNOOP\r\n", 6) == [
         b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"250 2.0.0 Ok: 5 bytes", b"250 2.0.0 Ok",
         b"503 5.5.1 Error: need MAIL command", b"250 2.0.0 Ok"]
-    assert relay.active_files() == before
+    assert relay.queued_ids() == before
     # A new transaction after it is whole and only its own.
     queue_id = queued_id(wire.exchange(ENVELOPE + b"BDAT 5 LAST\r\nnew\r\n", 3)[2])
     assert body_of(relay, queue_id) == b"new\r\n"
@@ -243,14 +240,14 @@ def test_last_in_any_case(relay, wire):
 
 @pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r"])
 def test_bare_newlines_are_refused_at_the_chunk_that_has_them(relay, wire, smuggled):
-    before = relay.active_files()
+    before = relay.queued_ids()
     first = b"Subject: a\r\n\r\ntext" + smuggled + b"MAIL FROM:<evil@example.org>\r\n"
     assert wire.exchange(ENVELOPE + b"BDAT %d\r\n" % len(first) + first
                          + b"BDAT 4 LAST\r\nab\r\nNOOP\r\n", 5) == [
         b"250 2.1.0 Ok", b"250 2.1.5 Ok",
         b"554 5.6.0 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>",
         b"551 5.0.0 Discarded 4 bytes after earlier error", b"250 2.0.0 Ok"]
-    assert relay.active_files() == before
+    assert relay.queued_ids() == before
 
 
 def test_nul_long_lines_header_size_and_hops_as_for_data(relay, wire):
@@ -380,7 +377,7 @@ def test_a_100_mib_message_in_1_mib_chunks_streams_to_the_spool(tmp_path):
         wire.close()
         grown = max(_memory_kib(pid, "VmHWM") - peak_before, _memory_kib(pid, "VmRSS") - before)
         assert grown < 6 * 1024, f"the relay grew by {grown} KiB"
-        size = os.path.getsize(os.path.join(process.spool, "active", queue_id + ".msg"))
+        size = len(process.message(queue_id))
         assert size > 100 * 2 ** 20
         assert record_of(process, queue_id)["size"] == size
     finally:

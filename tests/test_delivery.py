@@ -4,7 +4,6 @@ real files, retries, bounces and crashes."""
 import email
 import email.policy
 import functools
-import json
 import os
 import re
 import signal
@@ -51,7 +50,7 @@ def wait_until(predicate, timeout=20, what="condition"):
 
 
 def queue_empty(relay):
-    return not [f for f in relay.active_files() if f.endswith(".json")]
+    return not relay.queued_ids()
 
 
 @pytest.fixture
@@ -123,8 +122,7 @@ def test_connection_refused_is_retried_until_the_next_hop_is_up(tmp_path):
 
 
 def read_record(relay, queue_id):
-    with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
-        return json.load(f)
+    return relay.record(queue_id)
 
 
 def dsn_parts(message):
@@ -384,7 +382,7 @@ def test_queue_tool_while_the_relay_runs(tmp_path):
 
         held = queue_tool(relay, "hold", queue_id)
         assert (held.returncode, held.stdout.strip()) == (0, f"{queue_id} on hold")
-        assert os.path.exists(os.path.join(relay.spool, "hold", queue_id + ".json"))
+        assert relay.queued_ids("hold") == [queue_id]
         assert queue_tool(relay, "list").stdout.splitlines()[1].startswith(f"{queue_id}  hold ")
         retried = queue_tool(relay, "retry", queue_id)
         assert retried.returncode == 1 and "on hold" in retried.stdout + retried.stderr
@@ -465,8 +463,8 @@ def ca_file(tmp_path):
     return str(path)
 
 
-def queued_json(relay):
-    return [f for f in relay.active_files() if f.endswith(".json")]
+def queued_ids(relay):
+    return relay.queued_ids()
 
 
 def test_wrong_smarthost_password_defers_until_it_works(tmp_path):
@@ -486,7 +484,7 @@ def test_wrong_smarthost_password_defers_until_it_works(tmp_path):
                   "Authentication credentials invalid (deferred: a problem on our side, "
                   "not with the recipient)")
         assert entry["last_error"] == f"4.7.8 {reason} (from {remote})"
-        assert queued_json(relay) == [f"{queue_id}.json"]      # no DSN queued
+        assert queued_ids(relay) == [queue_id]      # no DSN queued
         assert f"dsn=4.7.8, status=deferred ({reason})" in relay.log()
         assert server.messages == []
         # The provider's password is changed to the one we have.
@@ -515,7 +513,7 @@ def test_soft_bounce_keeps_a_550_queued(tmp_path, nexthop):
         assert entry["status"] == "deferred"
         assert entry["last_error"] == ("4.1.1 550 5.1.1 User unknown; soft_bounce = yes: "
                                        f"deferred, not bounced (from {remote})")
-        assert queued_json(relay) == [f"{queue_id}.json"]      # no DSN queued
+        assert queued_ids(relay) == [queue_id]      # no DSN queued
         assert (f"{queue_id}: to=<bob@example.net>, relay={remote}" in relay.log())
         assert re.search(r"dsn=4\.1\.1, status=deferred \(550 5\.1\.1 User unknown; "
                          r"soft_bounce = yes: deferred, not bounced\)", relay.log())
@@ -569,7 +567,7 @@ def test_a_parent_domain_route_delivers_mail_for_a_subdomain_to_its_next_hop(tmp
     try:
         queue_id = send(relay, "alice@example.com", ["bob@hq.corp.test"])
         messages = server.wait_for(1)
-        wait_until(lambda: not queued_json(relay), what="the queue to empty")
+        wait_until(lambda: not queued_ids(relay), what="the queue to empty")
     finally:
         relay.stop()
         server.stop()
@@ -588,7 +586,7 @@ def test_wrapper_route_with_an_untrusted_certificate_defers(tmp_path):
         wait_until(lambda: read_record(relay, queue_id)["attempts"] >= 2, what="two deferrals")
         entry = read_record(relay, queue_id)["recipients"][0]
         log = relay.log()
-        files = queued_json(relay)
+        files = queued_ids(relay)
     finally:
         relay.stop()
         server.stop()
@@ -596,7 +594,7 @@ def test_wrapper_route_with_an_untrusted_certificate_defers(tmp_path):
     assert entry["last_error"] == (
         f"4.7.5 TLS handshake with {remote} failed: server certificate verification failed: "
         f"untrusted or invalid certificate chain (from {remote})")
-    assert files == [f"{queue_id}.json"]
+    assert files == [queue_id]
     assert "status=bounced" not in log
     assert server.messages == [] and server.commands == []
 

@@ -5,7 +5,6 @@ queue; plus the parsing rules, unit by unit."""
 
 import email
 import email.policy
-import json
 import os
 import smtplib
 
@@ -191,10 +190,11 @@ def test_the_requests_are_kept_in_the_queue_record(tmp_path):
                         mail_options=["RET=HDRS", "ENVID=abc"],
                         rcpt_options={"bob@dsn.test": ["NOTIFY=SUCCESS,DELAY",
                                                        "ORCPT=rfc822;bob@dsn.test"]})
+        # The first attempt's outcome goes beside the queue file.
         path = os.path.join(relay.spool, "active", queue_id + ".json")
-        wait_until(lambda: os.path.exists(path) and json.load(open(path))["attempts"] >= 1,
+        wait_until(lambda: os.path.exists(path) and relay.record(queue_id)["attempts"] >= 1,
                    what="the first attempt")
-        envelope = json.load(open(path))["envelope"]
+        envelope = relay.record(queue_id)["envelope"]
         assert (envelope["dsn_ret"], envelope["dsn_envid"], envelope["dsn_recipients"]) == (
             "HDRS", "abc", {"bob@dsn.test": [["SUCCESS", "DELAY"], "rfc822;bob@dsn.test"]})
     finally:

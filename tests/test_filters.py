@@ -1,7 +1,6 @@
 """The message-filter hook ([plugins] filters): site filters loaded from a
 directory, the real relay over a real socket, and what the next hop gets."""
 
-import json
 import os
 import re
 import smtplib
@@ -29,6 +28,7 @@ from relaymail.queue.layout import rewrite_name
 from relaymail.queue.message_view import MessageView
 from relaymail.queue import queue_id as queue_ids
 from relaymail.queue.spool import Spool
+from tests import queue_files
 from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, _env
 
@@ -215,7 +215,7 @@ def test_hold_queues_into_hold_and_nothing_is_delivered_until_released(relay_for
     # With workers: the inbound worker commits, a delivery worker must not see it.
     relay = relay_for("first", sections={"server": {"workers": "2"}}, first={"answer": "hold"})
     queue_id = queued_id(send(relay))
-    assert spool_files(relay, "hold") == [f"{queue_id}.json", f"{queue_id}.msg"]
+    assert spool_files(relay, "hold") == [f"{queue_id}.msg"]
     assert spool_files(relay, "active") == []
     time.sleep(2)
     assert nexthop.messages == []
@@ -316,10 +316,8 @@ def test_later_filters_see_earlier_changes_and_first_decisive_answer_wins(relay_
 def test_a_record_holds_the_size_as_stored_after_changes(relay_for, nexthop):
     relay = relay_for("first", first={"answer": "hold", "add": "X-Held: yes"})
     queue_id = queued_id(send(relay))
-    with open(os.path.join(relay.spool, "hold", f"{queue_id}.json")) as f:
-        record = json.load(f)
-    with open(os.path.join(relay.spool, "hold", f"{queue_id}.msg"), "rb") as f:
-        stored = f.read()
+    record = relay.record(queue_id, "hold")
+    stored = queue_files.message_of(os.path.join(relay.spool, "hold"), queue_id)
     assert stored.startswith(b"X-Held: yes\r\nReceived: ")
     assert stored.endswith(BODY)
     assert record["size"] == len(stored)
@@ -345,8 +343,7 @@ def test_a_filter_may_replace_the_whole_message_and_the_next_sees_it(relay_for, 
     log = relay.log()
     assert f"{queue_id}: filter first: replaced the message" in log
     assert f"{queue_id}: filter first: added X-First" in log
-    with open(os.path.join(relay.spool, "active", f"{queue_id}.json")) as f:
-        assert json.load(f)["size"] == len(data)
+    assert relay.record(queue_id)["size"] == len(data)
 
 
 LIMITS = SimpleNamespace(message_size=200, header_size=40, line_length=80, allow_nul=False)
@@ -561,9 +558,8 @@ class SpoolSideTests(unittest.TestCase):
         self.assertEqual(listing(self.spool, "tmp"), [f"{self.writer.queue_id}.msg"])
         queue_id = yield self.writer.commit(self.envelope, hold=True)
         self.assertEqual(listing(self.spool, "active"), [])
-        self.assertEqual(listing(self.spool, "hold"), [f"{queue_id}.json", f"{queue_id}.msg"])
-        with open(self.spool.message_path(queue_id, "hold"), "rb") as f:
-            stored = f.read()
+        self.assertEqual(listing(self.spool, "hold"), [f"{queue_id}.msg"])
+        stored = queue_files.message_of(os.path.join(self.spool.path, "hold"), queue_id)
         self.assertEqual(stored, b"X-New: 1\r\n" + self.MESSAGE.replace(b"X-Spam: yes\r\n", b""))
         record, where = self.spool.load_any(queue_id)
         self.assertEqual((where, record["size"]), ("hold", len(stored)))
@@ -581,8 +577,8 @@ class SpoolSideTests(unittest.TestCase):
         self.assertEqual(listing(self.spool, "tmp"), [f"{self.writer.queue_id}.msg"])
         self.writer.write(b"more\r\n")
         queue_id = yield self.writer.commit(self.envelope)
-        with open(self.spool.message_path(queue_id), "rb") as f:
-            self.assertEqual(f.read(), self.MESSAGE + b"more\r\n")
+        self.assertEqual(queue_files.message_of(os.path.join(self.spool.path, "active"), queue_id),
+                         self.MESSAGE + b"more\r\n")
 
 
 def test_a_rewrite_left_by_a_crash_is_part_of_the_layout_and_removed_at_start(tmp_path):

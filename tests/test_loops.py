@@ -37,7 +37,7 @@ def looping_pair(tmp_path):
 
 
 def queue_empty(relay):
-    return not [f for f in relay.active_files() if f.endswith(".json")]
+    return not relay.queued_ids()
 
 
 def test_two_relays_pointed_at_each_other_stop_at_the_hop_limit(tmp_path):

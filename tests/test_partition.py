@@ -6,6 +6,7 @@ import os
 import pytest
 
 from relaymail.queue import queue_id
+from relaymail.queue import record as records
 from relaymail.queue.partition import owner_test, partition_of
 from relaymail.queue.spool import Spool
 from tests.test_spool import listing, queue_sync
@@ -90,20 +91,17 @@ def test_remove_unfinished_takes_only_the_dead_workers_files(tmp_path, restore_s
         spool.stop()
 
 
-def test_recovery_beside_writers_leaves_lone_bodies_to_the_master(tmp_path, restore_slot):
+def test_recovery_beside_writers_leaves_inbound_work_alone_and_drops_its_lone_records(
+        tmp_path):
     spool = Spool(str(tmp_path / "spool"))
     spool.start()
     active = os.path.join(spool.path, "active")
-    lone = {}
-    for slot in (5, 6):
-        queue_id.use_slot(slot)
-        lone[slot] = queue_id.new_queue_id()
-        open(os.path.join(active, lone[slot] + ".msg"), "wb").close()
-    # An interrupted release: the body linked back into active/, the
-    # record still only in hold/.
+    # A release a crash cut: its record written into active/, the queue
+    # file not linked there yet.
     held = queue_sync(spool)
     assert spool.hold(held)
-    os.link(os.path.join(spool.path, "hold", held + ".msg"), os.path.join(active, held + ".msg"))
+    with open(os.path.join(active, held + ".json"), "wb") as f:
+        f.write(records.encode(spool.read_record(held, "hold")))
     writer = spool.new_message()
     writer.write(b"Subject: arriving\r\n\r\n")
     # The other spool stands for a delivery worker recovering while this
@@ -111,16 +109,29 @@ def test_recovery_beside_writers_leaves_lone_bodies_to_the_master(tmp_path, rest
     other = Spool(spool.path, beside_writers=True)
     try:
         assert other.recover(beside_writers=True) == []
-        assert listing(spool, "active") == sorted(f"{i}.msg" for i in lone.values())
-        assert listing(spool, "hold") == [held + ".json", held + ".msg"]
-        assert listing(spool, "tmp") == [writer.queue_id + ".msg"]
-        # The master, after the death of the worker of slot 5, and at start.
-        assert spool.remove_lone_bodies(slot=5) == 1
-        assert listing(spool, "active") == [lone[6] + ".msg"]
-        assert spool.remove_lone_bodies() == 1
         assert listing(spool, "active") == []
+        assert listing(spool, "hold") == [held + ".msg"]
+        assert listing(spool, "tmp") == [writer.queue_id + ".msg"]
     finally:
         writer.abort()
+        spool.stop()
+
+
+def test_the_masters_start_removes_lone_records_in_active_and_hold(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.start()
+    kept, retried = queue_sync(spool), queue_sync(spool)
+    spool.update(retried, spool.load(retried) | {"attempts": 1})
+    lone = [queue_id.new_queue_id() for _ in range(2)]
+    for where, lone_id in zip(("active", "hold"), lone):
+        with open(os.path.join(spool.path, where, lone_id + ".json"), "w") as f:
+            f.write("{}")
+    try:
+        assert spool.remove_lone_records() == 2
+        assert listing(spool, "active") == sorted(
+            [kept + ".msg", retried + ".json", retried + ".msg"])
+        assert listing(spool, "hold") == []
+    finally:
         spool.stop()
 
 
@@ -235,18 +246,16 @@ def test_recovery_beside_writers_keeps_the_held_copy_when_the_active_one_is_bad(
     spool.start()
     queued = queue_sync(spool)
     assert spool.hold(queued)
-    # A release a crash cut after both links, and the active/ record
+    # A release a crash cut after both steps, and the active/ record
     # damaged since: the hold/ copy is the one to keep.
-    for suffix in (".msg", ".json"):
-        os.link(os.path.join(spool.path, "hold", queued + suffix),
-                os.path.join(spool.path, "active", queued + suffix))
-    os.unlink(os.path.join(spool.path, "active", queued + ".json"))
     with open(os.path.join(spool.path, "active", queued + ".json"), "w") as f:
         f.write("{")
+    os.link(os.path.join(spool.path, "hold", queued + ".msg"),
+            os.path.join(spool.path, "active", queued + ".msg"))
     other = Spool(spool.path, beside_writers=True)
     try:
         assert other.recover(beside_writers=True) == []
-        assert listing(spool, "hold") == [queued + ".json", queued + ".msg"]
+        assert listing(spool, "hold") == [queued + ".msg"]
         assert listing(spool, "corrupt") == [queued + ".json", queued + ".msg"]
     finally:
         spool.stop()

@@ -102,8 +102,7 @@ def test_no_interns_and_teams_at_rcpt_expn_and_in_the_queue(relay):
         code, text = client.data(b"Subject: hi\r\n\r\nhello\r\n")
     assert code == 250
     queue_id = text.decode().rsplit(" ", 1)[1]
-    with open(os.path.join(relay.spool, "active", queue_id + ".json")) as f:
-        record = json.load(f)
+    record = relay.record(queue_id)
     # Nested: ops -> alice and oncall -> bob.
     assert [r["address"] for r in record["recipients"]] == [
         "alice@example.com", "bob@example.com"]

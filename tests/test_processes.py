@@ -203,8 +203,12 @@ def test_the_queue_tool_reaches_the_owner_of_each_message_through_the_master(tmp
         for queue_id in queued:
             done = queue_tool(relay, "hold", queue_id)
             assert (done.returncode, done.stdout) == (0, f"{queue_id} on hold\n"), done.stderr
-        assert sorted(os.listdir(os.path.join(relay.spool, "hold"))) == sorted(
-            f"{queue_id}{suffix}" for queue_id in queued for suffix in (".json", ".msg"))
+        # Each queue file, with the record of its first attempt beside it
+        # once that attempt was made.
+        held = os.listdir(os.path.join(relay.spool, "hold"))
+        assert sorted(name for name in held if name.endswith(".msg")) == sorted(
+            f"{queue_id}.msg" for queue_id in queued)
+        assert {name[:-5] for name in held if name.endswith(".json")} <= set(queued)
         done = queue_tool(relay, "release", queued[0])
         assert (done.returncode, done.stdout) == (0, f"{queued[0]} released\n")
         done = queue_tool(relay, "flush")
@@ -254,15 +258,17 @@ def test_a_delivery_worker_sets_aside_what_it_cannot_trust_when_it_comes_to_it(t
     relay.start()
     corrupt = os.path.join(relay.spool, "corrupt")
     try:
-        wait_until(lambda: all(f"{queue_id}.json" in os.listdir(corrupt) for queue_id in broken),
+        wait_until(lambda: all(f"{queue_id}.msg" in os.listdir(corrupt) for queue_id in broken),
                    what="every broken entry in corrupt/")
         wait_until(lambda: f"{good}: to=<" in relay.log(), what="the good one tried")
         log = relay.log()
     finally:
         relay.stop()
-    for queue_id, words in broken.items():
+    for queue_id, (words, names) in broken.items():
         [line] = [line for line in log.splitlines() if f"Moving queue entry {queue_id}" in line]
         assert words in line and line.split()[1] == "[delivery.0"
+    assert sorted(os.listdir(corrupt)) == sorted(n for _, names in broken.values() for n in names)
+    # Tried, and deferred (no next hop listens): that attempt's record beside it.
     assert sorted(os.listdir(os.path.join(relay.spool, "active"))) == [good + ".json",
                                                                         good + ".msg"]
 

@@ -2,6 +2,7 @@
 files in temporary directories, real UNIX sockets, and the tool run as a
 separate process where a daemon must be running at the same time."""
 
+import json
 import io
 import os
 import socket
@@ -19,6 +20,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from relaymail.envelope import Envelope
+from relaymail.queue import queue_file
 from relaymail.queue import record as records
 from relaymail.queue.control import (
     ControlError, ControlFactory, IQueueControl, answer, listen_control)
@@ -26,6 +28,7 @@ from relaymail.queue.lock import SpoolBusy, SpoolLock
 from relaymail.queue.spool import Spool
 from relaymail.tools.queue_listing import HEADER, format_age
 from relaymail.tools.queue_tool import OfflineManager, main
+from tests import queue_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,26 +47,29 @@ def make_spool(path):
 
 
 def put(spool_path, queue_id, created, where="active", sender="alice@example.org",
-        recipients=("bob@example.com",), change=None):
-    """Write a message's two files as the spool would, with a record made
-    from the arguments and then changed by ``change(record)``."""
+        recipients=("bob@example.com",), change=None, body=BODY):
+    """Write a message's queue file as the spool would, with a record made
+    from the arguments and then changed by ``change(record)``.  A record
+    whose size is not the body's goes beside the queue file, as a
+    delivery attempt's update would put it."""
     envelope = Envelope(sender=sender, recipients=list(recipients),
                         client_ip="192.0.2.7", helo="client.example.org",
                         received_at=created)
-    record = records.new_record(queue_id, envelope, len(BODY), created)
+    record = records.new_record(queue_id, envelope, len(body), created)
     if change is not None:
         change(record)
+    inside = record if record["size"] == len(body) else dict(record, size=len(body))
     directory = os.path.join(spool_path, where)
     with open(os.path.join(directory, queue_id + ".msg"), "wb") as file:
-        file.write(BODY)
-    with open(os.path.join(directory, queue_id + ".json"), "wb") as file:
-        file.write(records.encode(record))
+        file.write(body + queue_file.record_and_trailer(records.encode(inside), len(body)))
+    if inside is not record:
+        queue_files.write_record_beside(directory, queue_id, records.encode(record))
     return record
 
 
 def read(spool_path, queue_id, where="active"):
-    with open(os.path.join(spool_path, where, queue_id + ".json"), "rb") as file:
-        return records.decode(file.read(), queue_id)
+    return records.decode(json.dumps(queue_files.record_of(os.path.join(spool_path, where),
+                                                           queue_id)), queue_id)
 
 
 def names(spool_path, where):
@@ -181,9 +187,7 @@ def test_list_reports_unreadable_records_and_goes_on(three):
 
 
 def test_list_shows_a_message_left_in_both_directories_once_as_active(three):
-    for suffix in (".json", ".msg"):
-        os.link(os.path.join(three, "active", NEW + suffix),
-                os.path.join(three, "hold", NEW + suffix))
+    os.link(os.path.join(three, "active", NEW + ".msg"), os.path.join(three, "hold", NEW + ".msg"))
     assert run(three, "list")[1].splitlines() == LISTED_THREE
 
 
@@ -306,9 +310,7 @@ HOSTILE = (b"Subject: \x1b]52;c;aGk=\x07clipboard\r\n"
 def hostile_message(spool_path):
     def helo(record):
         record["envelope"]["helo"] = "evil\x1b[2J"
-    put(spool_path, NEW, NOW - 45, change=helo)
-    with open(os.path.join(spool_path, "active", NEW + ".msg"), "wb") as file:
-        file.write(HOSTILE)
+    put(spool_path, NEW, NOW - 45, change=helo, body=HOSTILE)
 
 
 def test_show_escapes_what_would_drive_the_terminal(spool_path):
@@ -365,13 +367,16 @@ def test_show_of_what_is_not_a_queue_id_is_a_usage_error(three, capsys):
 
 def test_hold_and_release_offline(three):
     assert run(three, "hold", OLD) == (0, f"{OLD} on hold\n", "")
-    assert names(three, "hold") == sorted(
-        [OLD + ".json", OLD + ".msg", HELD + ".json", HELD + ".msg"])
+    assert names(three, "hold") == sorted([OLD + ".msg", HELD + ".msg"])
     assert run(three, "hold", OLD) == (0, f"{OLD} on hold\n", "")
 
     assert run(three, "release", HELD) == (0, f"{HELD} released\n", "")
     assert read(three, HELD)["next_attempt_at"] == NOW
-    assert names(three, "hold") == [OLD + ".json", OLD + ".msg"]
+    assert names(three, "hold") == [OLD + ".msg"]
+    # The record due now beside the queue file, which is as it was.
+    assert HELD + ".json" in names(three, "active")
+    assert queue_files.embedded_record_of(os.path.join(three, "active"), HELD)[
+        "next_attempt_at"] != NOW
     assert names(three, "tmp") == []
 
 
@@ -507,7 +512,7 @@ def test_daemon_without_a_control_socket(locked):
     assert (status, out) == (1, "")
     assert err == (f"relaymail-queue: relaymail (process {os.getpid()}) holds the spool "
                    f"but has no control socket {locked}/control; is it still starting?\n")
-    assert names(locked, "hold") == [HELD + ".json", HELD + ".msg"]
+    assert names(locked, "hold") == [HELD + ".msg"]
 
 
 def short_socket_dir():

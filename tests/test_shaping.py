@@ -1,7 +1,6 @@
 """[delivery_rates]: the excess waits in the queue for its turn, and no
 period ever sees more than its messages."""
 
-import json
 import os
 import time
 from types import SimpleNamespace
@@ -62,9 +61,8 @@ def test_the_smarthost_gets_no_more_than_its_rate_and_nothing_is_counted_a_failu
         queued = [send(relay, "alice@example.org", ["bob@example.net"]) for _ in range(5)]
         wait_until(lambda: len(nexthop.messages) >= 2, what="the first two")
         third = next(q for q in queued
-                     if os.path.exists(os.path.join(relay.spool, "active", q + ".json")))
-        with open(os.path.join(relay.spool, "active", third + ".json")) as f:
-            record = json.load(f)
+                     if os.path.exists(os.path.join(relay.spool, "active", q + ".msg")))
+        record = relay.record(third)
         # Waiting for its turn, not failed: no attempt, no error.
         assert record["attempts"] == 0
         assert record["recipients"][0]["last_error"] is None

@@ -8,6 +8,7 @@ import stat
 import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 from twisted.internet import defer
@@ -17,10 +18,12 @@ from zope.interface.verify import verifyObject
 
 from relaymail.envelope import Envelope
 from relaymail.interfaces import IMessageQueue, IMessageWriter
+from relaymail.queue import queue_file
 from relaymail.queue import record as records
 from relaymail.queue.durable import GroupSync
 from relaymail.queue.queue_id import ALPHABET, is_queue_id, new_queue_id
 from relaymail.queue.spool import Spool
+from tests import queue_files
 
 BODY = (b"Received: from client.example.org by relay.example.net\r\n"
         b"Subject: hello\r\n\r\nline one\r\n.leading dot kept unstuffed\r\n")
@@ -53,14 +56,6 @@ def capture_log(spool):
 
 def log_text(events):
     return "\n".join(formatEvent(event) for event in events)
-
-
-@pytest.fixture
-def spool(tmp_path):
-    spool = Spool(str(tmp_path / "spool"))
-    spool.start()
-    yield spool
-    spool.stop()
 
 
 # -- layout and interfaces ----------------------------------------------------
@@ -138,12 +133,18 @@ def test_commit_writes_body_and_record_exactly(spool):
     queue_id = writer.commit_sync(make_envelope())
 
     assert queue_id == writer.queue_id
-    assert listing(spool, "active") == [queue_id + ".json", queue_id + ".msg"]
+    # One file: the message, its record, the trailer saying where it is.
+    assert listing(spool, "active") == [queue_id + ".msg"]
     assert listing(spool, "tmp") == []
     with open(spool.message_path(queue_id), "rb") as file:
-        assert file.read() == BODY
-    with open(os.path.join(spool.path, "active", queue_id + ".json")) as file:
-        record = json.load(file)
+        data = file.read()
+    message, line, trailer = queue_files.parts(spool.message_path(queue_id))
+    assert message == BODY
+    record = json.loads(line)
+    assert line == records.encode(record)
+    assert trailer == b"#relaymail-record %016x %08x\n" % (len(BODY), zlib.crc32(line))
+    assert len(trailer) == 44
+    assert data == BODY + line + trailer
     assert record["version"] == 1
     assert record["id"] == queue_id
     assert record["size"] == len(BODY)
@@ -167,9 +168,8 @@ def test_record_round_trips_the_envelope(spool):
 def test_record_file_is_ascii_json(spool):
     queue_id = queue_sync(spool, envelope=make_envelope(
         recipients=["jos\u00e9@example.com"]))
-    with open(os.path.join(spool.path, "active", queue_id + ".json"), "rb") as file:
-        data = file.read()
-    assert data.isascii()
+    _, data, trailer = queue_files.parts(spool.message_path(queue_id))
+    assert data.isascii() and trailer.isascii()
     assert json.loads(data)["recipients"][0]["address"] == "jos\u00e9@example.com"
 
 
@@ -227,10 +227,8 @@ class FaultInjector:
         return self.real(*args)
 
 
-# A commit calls fsync on the body, the record and active/, in that order,
-# and renames the body, then the record.
-@pytest.mark.parametrize("name, n", [
-    ("fsync", 1), ("fsync", 2), ("fsync", 3), ("rename", 1), ("rename", 2)])
+# A commit calls fsync on the queue file, renames it, and fsyncs active/.
+@pytest.mark.parametrize("name, n", [("fsync", 1), ("fsync", 2), ("rename", 1)])
 def test_commit_failure_at_any_step_leaves_nothing(spool, monkeypatch, name, n):
     queue_sync(spool)        # an earlier message must survive
     kept = listing(spool, "active")
@@ -254,35 +252,48 @@ def active_file(spool, queue_id, suffix):
 
 
 def rewrite_record(spool, queue_id, change):
-    path = active_file(spool, queue_id, ".json")
-    with open(path) as file:
-        record = json.load(file)
-    change(record)
-    with open(path, "w") as file:
-        json.dump(record, file)
+    """Change the record in force and put it beside the queue file, where
+    it supersedes the one inside (as a delivery attempt's update does)."""
+    queue_files.change_record(os.path.join(spool.path, "active"), queue_id, change)
 
 
 def spoil_entries(spool):
-    """Queue messages and break all but one; return the good id and the
-    broken ids with the words their log line must contain."""
+    """Queue messages and break all but one; return the good id and, for
+    each broken id, the words its log line must contain and the names it
+    must have in corrupt/."""
     good = queue_sync(spool)
     broken = {}
 
     def spoil(words, how):
         queue_id = queue_sync(spool)
         how(queue_id)
-        broken[queue_id] = words
+        names = sorted(name for name in listing(spool, "active") if name.startswith(queue_id))
+        broken[queue_id] = words, names
 
     def truncate(queue_id):
+        # Cut into the message, trailer and all: then it has no record.
         os.truncate(active_file(spool, queue_id, ".msg"), len(BODY) - 1)
 
-    def garble(queue_id):
-        with open(active_file(spool, queue_id, ".json"), "wb") as file:
-            file.write(b'{"version": 1, "id": ')
+    def truncate_below_a_record_beside(queue_id):
+        rewrite_record(spool, queue_id, lambda record: None)
+        os.truncate(active_file(spool, queue_id, ".msg"), len(BODY) - 1)
 
-    spoil("truncated", truncate)
+    def flip_a_byte_of_the_record_inside(queue_id):
+        path = active_file(spool, queue_id, ".msg")
+        with open(path, "r+b") as file:
+            file.seek(len(BODY) + 20)
+            byte = file.read(1)
+            file.seek(len(BODY) + 20)
+            file.write(bytes([byte[0] ^ 0x01]))
+
+    def garble(queue_id):
+        queue_files.write_record_beside(os.path.join(spool.path, "active"), queue_id,
+                                        b'{"version": 1, "id": ')
+
+    spoil("no record", truncate)
+    spoil("truncated", truncate_below_a_record_beside)
+    spoil("no record", flip_a_byte_of_the_record_inside)
     spoil("JSON", garble)
-    spoil("missing", lambda queue_id: os.unlink(active_file(spool, queue_id, ".msg")))
     spoil("version", lambda queue_id: rewrite_record(
         spool, queue_id, lambda record: record.update(version=2)))
     spoil("missing keys: size", lambda queue_id: rewrite_record(
@@ -300,31 +311,56 @@ def test_recover_quarantines_entries_it_cannot_trust(spool):
     assert restarted.recover() == [good]
 
     assert list(restarted.ids()) == [good]
-    assert listing(spool, "active") == [good + ".json", good + ".msg"]
-    quarantined = listing(spool, "corrupt")
-    for queue_id, words in broken.items():
-        assert queue_id + ".json" in quarantined
+    assert listing(spool, "active") == [good + ".msg"]
+    expected = []
+    for queue_id, (words, names) in broken.items():
+        expected += names
         line = [formatEvent(event) for event in events
                 if event.get("queue_id") == queue_id]
         assert len(line) == 1 and words in line[0], (words, line)
-    assert len(quarantined) == 2 * len(broken) - 1   # one had no body
+    assert listing(spool, "corrupt") == sorted(expected)
 
 
-def test_recover_removes_unfinished_and_uncommitted_files(spool):
+def test_recover_removes_unfinished_files_and_records_without_a_message(spool):
     good = queue_sync(spool)
+    # What a removal a crash cut leaves: the queue file went first.
     orphan = new_queue_id()
-    with open(active_file(spool, orphan, ".msg"), "wb") as file:
-        file.write(BODY)
+    queue_files.write_record_beside(os.path.join(spool.path, "active"), orphan,
+                                    spool.load(good) | {"id": orphan})
     for name in (new_queue_id() + ".msg", new_queue_id() + ".json", "junk"):
         with open(os.path.join(spool.path, "tmp", name), "wb") as file:
             file.write(b"partial")
     restarted = Spool(spool.path)
-    capture_log(restarted)
+    events = capture_log(restarted)
 
     assert restarted.recover() == [good]
     assert listing(spool, "tmp") == []
-    assert listing(spool, "active") == [good + ".json", good + ".msg"]
+    assert listing(spool, "active") == [good + ".msg"]
     assert listing(spool, "corrupt") == []
+    assert (f"Removing {orphan}.json from {spool.path}/active: its message is not there"
+            in log_text(events))
+
+
+def test_a_spool_of_the_two_file_format_is_read_and_a_lone_message_set_aside(spool):
+    # The version before the queue file kept ID.msg (the message alone) and
+    # ID.json; a crash between its two renames left an ID.msg alone.
+    active = os.path.join(spool.path, "active")
+    old = queue_sync(spool)
+    record = spool.load(old)
+    queue_files.to_old_format(active, old)
+    assert listing(spool, "active") == [old + ".json", old + ".msg"]
+    lone = new_queue_id()
+    with open(active_file(spool, lone, ".msg"), "wb") as file:
+        file.write(BODY)
+    restarted = Spool(spool.path)
+    events = capture_log(restarted)
+
+    assert restarted.recover() == [old]
+    assert restarted.load(old) == record
+    with queue_file.open_message(restarted.message_path(old)) as file:
+        assert (file.size, file.read()) == (len(BODY), BODY)
+    assert listing(spool, "corrupt") == [lone + ".msg"]
+    assert "no record" in log_text(events)
 
 
 @pytest.mark.parametrize("start", ["recover", "prepare_for_writers"])
@@ -355,11 +391,11 @@ def test_recover_leaves_unexpected_names_alone(spool):
 
 def test_recover_never_raises_for_an_unreadable_record(spool):
     queue_id = queue_sync(spool)
-    path = active_file(spool, queue_id, ".json")
-    os.unlink(path)
-    os.mkdir(path)     # unreadable even as root
-    capture_log(spool)
+    os.mkdir(active_file(spool, queue_id, ".json"))     # unreadable even as root
+    events = capture_log(spool)
     assert spool.recover() == []
+    assert "record unreadable" in log_text(events)
+    assert listing(spool, "corrupt") == both_files(queue_id)
 
 
 def test_recover_refuses_while_a_message_is_being_written(spool):
@@ -376,8 +412,8 @@ def test_ids_lists_only_committed_messages(spool):
     committed = sorted(queue_sync(spool) for _ in range(3))
     unfinished = spool.new_message()
     unfinished.write(BODY)
-    with open(active_file(spool, new_queue_id(), ".msg"), "wb"):
-        pass
+    # A record whose queue file is gone (a removal a crash cut).
+    queue_files.write_record_beside(os.path.join(spool.path, "active"), new_queue_id(), b"{}")
     assert sorted(spool.ids()) == committed
     unfinished.abort()
 
@@ -411,8 +447,25 @@ def test_update_of_a_removed_message_does_not_bring_it_back(spool):
     assert listing(spool, "active") == listing(spool, "tmp") == []
 
 
-def test_remove_deletes_both_files(spool):
+def test_update_puts_the_record_beside_the_queue_file_and_leaves_that_as_it_was(spool):
     queue_id = queue_sync(spool)
+    path = spool.message_path(queue_id)
+    with open(path, "rb") as file:
+        before = file.read()
+    record = spool.load(queue_id)
+    record["attempts"] = 1
+    spool.update(queue_id, record)
+    assert listing(spool, "active") == [queue_id + ".json", queue_id + ".msg"]
+    with open(active_file(spool, queue_id, ".json"), "rb") as file:
+        assert file.read() == records.encode(record)
+    with open(path, "rb") as file:
+        assert file.read() == before
+    assert spool.load(queue_id) == record
+
+
+def test_remove_deletes_the_queue_file_and_the_record_beside_it(spool):
+    queue_id = queue_sync(spool)
+    spool.update(queue_id, spool.load(queue_id) | {"attempts": 1})
     assert spool.remove(queue_id) is True
     assert spool.remove(queue_id) is False
     assert listing(spool, "active") == []
@@ -596,8 +649,8 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(sorted(self.spool.ids()), sorted(landed))
         self.assertEqual(listing(self.spool, "tmp"), [])
         for queue_id in landed:
-            with open(self.spool.message_path(queue_id), "rb") as file:
-                self.assertEqual(file.read(), BODY)
+            self.assertEqual(
+                queue_files.message_of(os.path.join(self.spool.path, "active"), queue_id), BODY)
 
     @defer.inlineCallbacks
     def test_failed_commit_fails_the_deferred_and_leaves_nothing(self):
@@ -638,7 +691,7 @@ class DeferredCommitTests(unittest.TestCase):
         real_rename = os.rename
 
         def rename(source, destination):
-            if victim in source and source.endswith(".json"):
+            if victim in source:
                 raise OSError(errno.ENOSPC, "injected")
             return real_rename(source, destination)
         self.patch(os, "rename", rename)
@@ -686,19 +739,27 @@ def both_files(queue_id):
     return [queue_id + ".json", queue_id + ".msg"]
 
 
-def test_hold_moves_the_message_out_of_delivery_s_sight(spool):
+def queue_with_record_beside(spool):
+    """A message retried once: its record beside the queue file."""
     queue_id = queue_sync(spool)
+    spool.update(queue_id, spool.load(queue_id) | {"attempts": 1})
+    return queue_id
+
+
+@pytest.mark.parametrize("retried", [False, True])
+def test_hold_moves_the_message_out_of_delivery_s_sight(spool, retried):
+    queue_id = queue_with_record_beside(spool) if retried else queue_sync(spool)
     record = spool.load(queue_id)
+    names = listing(spool, "active")
 
     assert spool.hold(queue_id) is True
 
     assert listing(spool, "active") == []
-    assert listing(spool, "hold") == both_files(queue_id)
+    assert listing(spool, "hold") == names
     assert listing(spool, "tmp") == []
     assert list(spool.ids()) == [] and list(spool.held_ids()) == [queue_id]
     assert spool.load_any(queue_id) == (record, "hold")
-    with open(spool.message_path(queue_id, "hold"), "rb") as file:
-        assert file.read() == BODY
+    assert queue_files.message_of(os.path.join(spool.path, "hold"), queue_id) == BODY
 
 
 def test_hold_of_a_held_message_is_true_and_of_none_false(spool):
@@ -706,7 +767,17 @@ def test_hold_of_a_held_message_is_true_and_of_none_false(spool):
     spool.hold(queue_id)
     assert spool.hold(queue_id) is True
     assert spool.hold(new_queue_id()) is False
-    assert listing(spool, "hold") == both_files(queue_id)
+    assert listing(spool, "hold") == [queue_id + ".msg"]
+
+
+def test_hold_drops_a_record_a_cut_move_left_in_hold(spool):
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    queue_files.write_record_beside(os.path.join(spool.path, "hold"), queue_id,
+                                    record | {"attempts": 5})
+    assert spool.hold(queue_id) is True
+    assert listing(spool, "hold") == [queue_id + ".msg"]
+    assert spool.load_any(queue_id) == (record, "hold")
 
 
 def test_release_brings_it_back_due_now(spool):
@@ -720,8 +791,7 @@ def test_release_brings_it_back_due_now(spool):
     assert listing(spool, "active") == both_files(queue_id)
     record["next_attempt_at"] = 1767230000.0
     assert spool.load_any(queue_id) == (record, "active")
-    with open(spool.message_path(queue_id), "rb") as file:
-        assert file.read() == BODY
+    assert queue_files.message_of(os.path.join(spool.path, "active"), queue_id) == BODY
 
 
 def test_release_of_an_active_message_is_true_and_of_none_false(spool):
@@ -764,11 +834,12 @@ def test_make_due_sets_next_attempt_at(spool):
 
 def test_make_due_leaves_a_due_message_alone(spool):
     queue_id = queue_sync(spool)
-    path = active_file(spool, queue_id, ".json")
+    path = active_file(spool, queue_id, ".msg")
     inode = os.stat(path).st_ino
     assert spool.make_due(queue_id, time.time() + 60) is True
     # Not rewritten: a flush of a big queue costs nothing for these.
     assert os.stat(path).st_ino == inode
+    assert listing(spool, "active") == [queue_id + ".msg"]
 
 
 def test_make_due_is_false_for_a_held_or_missing_message(spool):
@@ -790,7 +861,7 @@ def test_delete_removes_a_message_wherever_it_is(spool):
 
 
 def test_delete_all_counts_each_message_once(spool):
-    queued = [queue_sync(spool) for _ in range(3)]
+    queued = [queue_sync(spool), queue_with_record_beside(spool), queue_sync(spool)]
     spool.hold(queued[0])
     # Left in both by an interrupted move: still one message.
     os.link(active_file(spool, queued[1], ".msg"), held_file(spool, queued[1], ".msg"))
@@ -827,7 +898,7 @@ def test_a_new_message_never_takes_the_id_of_a_held_one(spool, monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_hold_failing_half_way_leaves_the_message_active(spool, monkeypatch, n):
-    queue_id = queue_sync(spool)
+    queue_id = queue_with_record_beside(spool)
     capture_log(spool)
     FaultInjector(monkeypatch, "link", n)
     with pytest.raises(OSError):
@@ -837,16 +908,17 @@ def test_hold_failing_half_way_leaves_the_message_active(spool, monkeypatch, n):
     assert listing(spool, "hold") == listing(spool, "tmp") == []
 
 
-def test_release_failing_half_way_leaves_the_message_held(spool, monkeypatch):
+# The new record's fsync; active/'s, once record and file are there.
+@pytest.mark.parametrize("n", [1, 2])
+def test_release_failing_half_way_leaves_the_message_held(spool, monkeypatch, n):
     queue_id = queue_sync(spool)
     spool.hold(queue_id)
     capture_log(spool)
-    # The record's fsync, after the body was linked into active/.
-    FaultInjector(monkeypatch, "fsync", 1)
+    FaultInjector(monkeypatch, "fsync", n)
     with pytest.raises(OSError):
         spool.release(queue_id)
     monkeypatch.undo()
-    assert listing(spool, "hold") == both_files(queue_id)
+    assert listing(spool, "hold") == [queue_id + ".msg"]
     assert listing(spool, "active") == listing(spool, "tmp") == []
 
 
@@ -858,26 +930,27 @@ def link(spool, queue_id, suffix, source, target):
 
 
 def crash_during_hold(spool, queue_id, steps):
-    """Do the first ``steps`` steps of Spool.hold by hand."""
+    """Do the first ``steps`` steps of Spool.hold by hand, for a message
+    with a record beside its queue file."""
     if steps >= 1:
-        link(spool, queue_id, ".msg", "active", "hold")
-    if steps >= 2:
         link(spool, queue_id, ".json", "active", "hold")
+    if steps >= 2:
+        link(spool, queue_id, ".msg", "active", "hold")
     if steps >= 3:
-        os.unlink(active_file(spool, queue_id, ".json"))
+        os.unlink(active_file(spool, queue_id, ".msg"))
 
 
 def crash_during_release(spool, queue_id, steps, due):
     """Do the first ``steps`` steps of Spool.release by hand."""
     if steps >= 1:
-        link(spool, queue_id, ".msg", "hold", "active")
-    if steps >= 2:
         record = spool.read_record(queue_id, "hold")
         record["next_attempt_at"] = due
         with open(active_file(spool, queue_id, ".json"), "wb") as file:
             file.write(records.encode(record))
+    if steps >= 2:
+        link(spool, queue_id, ".msg", "hold", "active")
     if steps >= 3:
-        os.unlink(held_file(spool, queue_id, ".json"))
+        os.unlink(held_file(spool, queue_id, ".msg"))
 
 
 def restart(spool):
@@ -889,7 +962,7 @@ def restart(spool):
 # After steps 1 and 2 the hold is undone; after step 3 it is done.
 @pytest.mark.parametrize("steps, held", [(1, False), (2, False), (3, True)])
 def test_recover_after_a_crash_during_hold(spool, steps, held):
-    queue_id = queue_sync(spool)
+    queue_id = queue_with_record_beside(spool)
     record = spool.load(queue_id)
     crash_during_hold(spool, queue_id, steps)
 
@@ -917,7 +990,8 @@ def test_recover_after_a_crash_during_release(spool, steps, released):
     where = "active" if released else "hold"
     other = "hold" if released else "active"
     assert good == ([queue_id] if released else [])
-    assert listing(spool, where) == both_files(queue_id)
+    # A release writes a record beside; a hold of a fresh message has none.
+    assert listing(spool, where) == (both_files(queue_id) if released else [queue_id + ".msg"])
     assert listing(spool, other) == listing(spool, "corrupt") == []
     if released:
         record["next_attempt_at"] = 1767250000.0
@@ -925,13 +999,13 @@ def test_recover_after_a_crash_during_release(spool, steps, released):
 
 
 def test_load_any_prefers_active_when_a_move_was_interrupted(spool):
-    queue_id = queue_sync(spool)
+    queue_id = queue_with_record_beside(spool)
     crash_during_hold(spool, queue_id, 2)
     assert spool.load_any(queue_id)[1] == "active"
 
 
 def test_hold_and_release_finish_after_an_interrupted_move(spool):
-    queue_id = queue_sync(spool)
+    queue_id = queue_with_record_beside(spool)
     crash_during_hold(spool, queue_id, 2)
     # The tool, offline, before any recover(): the moves still come out whole.
     assert spool.release(queue_id) is True
@@ -942,24 +1016,28 @@ def test_hold_and_release_finish_after_an_interrupted_move(spool):
     assert listing(spool, "hold") == both_files(queue_id)
 
 
-def test_recover_quarantines_bad_held_entries(spool):
-    good, bad, bodiless = queue_sync(spool), queue_sync(spool), queue_sync(spool)
-    for queue_id in (good, bad, bodiless):
+def test_recover_quarantines_bad_held_entries_and_drops_lone_records(spool):
+    good, bad, truncated = queue_sync(spool), queue_sync(spool), queue_sync(spool)
+    bodiless = queue_with_record_beside(spool)
+    for queue_id in (good, bad, truncated, bodiless):
         spool.hold(queue_id)
     with open(held_file(spool, bad, ".json"), "wb") as file:
         file.write(b"not json")
+    os.truncate(held_file(spool, truncated, ".msg"), 10)
     os.unlink(held_file(spool, bodiless, ".msg"))
 
     restarted, active, events = restart(spool)
 
     assert active == []
     assert list(restarted.held_ids()) == [good]
-    assert listing(spool, "corrupt") == sorted(both_files(bad) + [bodiless + ".json"])
-    assert "JSON" in log_text(events) and "missing" in log_text(events)
+    assert listing(spool, "hold") == [good + ".msg"]
+    assert listing(spool, "corrupt") == sorted(both_files(bad) + [truncated + ".msg"])
+    assert "JSON" in log_text(events) and "no record" in log_text(events)
+    assert f"Removing {bodiless}.json from {spool.path}/hold" in log_text(events)
 
 
 def test_recover_keeps_the_held_copy_when_the_active_one_is_bad(spool):
-    queue_id = queue_sync(spool)
+    queue_id = queue_with_record_beside(spool)
     crash_during_hold(spool, queue_id, 2)
     # A copy, not a link, so that spoiling one leaves the other good.
     path = active_file(spool, queue_id, ".json")
@@ -976,12 +1054,12 @@ def test_recover_keeps_the_held_copy_when_the_active_one_is_bad(spool):
     assert listing(spool, "corrupt") == both_files(queue_id)
 
 
-def test_recover_removes_lone_bodies_in_hold(spool):
+def test_recover_removes_lone_records_in_hold(spool):
     orphan = new_queue_id()
-    with open(held_file(spool, orphan, ".msg"), "wb") as file:
-        file.write(BODY)
+    with open(held_file(spool, orphan, ".json"), "wb") as file:
+        file.write(b"{}")
     restarted, _, events = restart(spool)
-    assert listing(spool, "hold") == []
+    assert listing(spool, "hold") == listing(spool, "corrupt") == []
     assert orphan in log_text(events)
 
 

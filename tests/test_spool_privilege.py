@@ -281,11 +281,12 @@ def test_hand_over_refuses_what_the_layout_does_not_say_and_changes_nothing(
 
 def test_hand_over_gives_every_expected_entry_to_the_relay_user(workdir):
     spool = relay_spool(workdir, owner=(0, 0))
-    # Queued as root, an interrupted hold (one file, a name in active/ and
-    # one in hold/), a move's staging name, a record being replaced, a
-    # second corrupt copy: all names the spool itself makes.
+    # Queued as root and retried (a record beside its queue file), an
+    # interrupted hold (one file, a name in active/ and one in hold/), a
+    # move's staging name, a record being replaced, a second corrupt copy:
+    # all names the spool itself makes.
     active, hold = os.path.join(spool, "active"), os.path.join(spool, "hold")
-    put(spool, ID, 1.0)
+    put(spool, ID, 1.0, change=lambda record: record.update(size=1))
     os.link(os.path.join(active, ID + ".msg"), os.path.join(hold, ID + ".msg"))
     os.link(os.path.join(active, ID + ".json"),
             os.path.join(spool, "tmp", ID + ".json-0a1b2c3d.link"))
@@ -324,8 +325,8 @@ def test_a_real_start_as_root_hands_over_messages_queued_as_root(workdir):
     relay.extra_args = ["--uid", str(UID), "--gid", str(GID)]
     relay.start()
     try:
-        for name in (ID + ".json", ID + ".msg"):
-            assert os.lstat(os.path.join(spool, "active", name)).st_uid == UID
+        assert os.listdir(os.path.join(spool, "active")) == [ID + ".msg"]
+        assert os.lstat(os.path.join(spool, "active", ID + ".msg")).st_uid == UID
         # Recovered as nobody: the message is still queued, not set aside.
         assert os.listdir(os.path.join(spool, "corrupt")) == []
         assert os.lstat(os.path.join(spool, "control")).st_uid == UID
@@ -413,7 +414,7 @@ def test_the_tool_as_root_refuses_a_lock_linked_to_a_root_file(workdir, victim, 
     assert capsys.readouterr().err == (
         f"relaymail-queue: unsafe spool {spool}: lock is a symbolic link\n")
     assert_untouched(victim)
-    assert os.path.exists(os.path.join(spool, "active", ID + ".json"))
+    assert os.path.exists(os.path.join(spool, "active", ID + ".msg"))
 
 
 def run_tool(*argv):
@@ -425,8 +426,7 @@ def run_tool(*argv):
 def held_by_nobody(workdir):
     spool = relay_spool(workdir)
     put(spool, ID, 1.0, where="hold")
-    for name in (ID + ".msg", ID + ".json"):
-        os.chown(os.path.join(spool, "hold", name), UID, GID)
+    os.chown(os.path.join(spool, "hold", ID + ".msg"), UID, GID)
     return spool
 
 
@@ -454,7 +454,7 @@ def test_the_tool_as_root_follows_a_planted_link_only_as_the_spool_owner(workdir
     assert result.returncode == 1
     assert result.stderr.startswith("relaymail-queue: release failed: [Errno 13] Permission denied")
     assert os.listdir(elsewhere) == []
-    assert os.path.exists(os.path.join(spool, "hold", ID + ".json"))
+    assert os.path.exists(os.path.join(spool, "hold", ID + ".msg"))
 
 
 def test_the_tool_as_root_on_a_relay_spool_refuses_a_lock_link(workdir, victim):

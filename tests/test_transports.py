@@ -321,7 +321,7 @@ def wait_for_outcome(relay, queue_id, recipient, status, count=1):
 
 
 def queued(relay, queue_id):
-    return os.path.exists(os.path.join(relay.spool, "active", queue_id + ".json"))
+    return os.path.exists(os.path.join(relay.spool, "active", queue_id + ".msg"))
 
 
 def removed(relay, queue_id):

@@ -20,7 +20,6 @@ The dialogue's order lives here; bytes, timers and TLS switching live in
 
 import functools
 import ipaddress
-import os
 from dataclasses import dataclass, field
 
 from twisted.internet import defer, error, threads
@@ -35,6 +34,7 @@ from relaymail.delivery.transaction import (
     BODY_TYPES, assemble_results, check_message, dsn_commands, mail_command, rcpt_command,
     result_from)
 from relaymail.delivery.wire import ClientConnection
+from relaymail.queue.queue_file import open_message
 from relaymail.tls_session import negotiated_tls
 
 __all__ = ["ClientConfig", "DeliveryError", "Hop", "OutboundSession", "RecipientResult", "connect"]
@@ -470,7 +470,7 @@ class OutboundSession:
         self._busy = True
         try:
             with self._open_message(message_path) as spooled:
-                size = os.fstat(spooled.fileno()).st_size
+                size = spooled.size
                 file, size, body, smtputf8 = await self._fit(
                     spooled, size, body, smtputf8, [sender, *recipients])
                 try:
@@ -483,7 +483,7 @@ class OutboundSession:
                     if envelope is not None and envelope.get("requiretls"):
                         mail = self._with_requiretls(mail)
                     await self._ready_for_mail()
-                    return await self._transaction(mail, rcpts, recipients, file)
+                    return await self._transaction(mail, rcpts, recipients, file, size)
                 finally:
                     if file is not spooled:
                         file.close()        # the converted copy
@@ -538,7 +538,7 @@ class OutboundSession:
 
     def _open_message(self, path):
         try:
-            return open(path, "rb")
+            return open_message(path)
         except OSError as exc:
             raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
                                 text=f"cannot read the message file: {exc.strerror}",
@@ -563,14 +563,14 @@ class OutboundSession:
                 raise error_from_reply(reply, self.remote)
             self._needs_reset = False
 
-    async def _transaction(self, mail, rcpts, recipients, file):
+    async def _transaction(self, mail, rcpts, recipients, file, size):
         connection = self._connection
         # Cleared only when the final reply after the message ends the
         # transaction (RFC 5321 4.1.1.4); any other ending leaves server
         # state that the next transaction resets first.
         self._needs_reset = True
         if "CHUNKING" in self.extensions:
-            return await self._bdat_transaction(mail, rcpts, recipients, file)
+            return await self._bdat_transaction(mail, rcpts, recipients, file, size)
         rcpt_replies, data_reply = await exchange_envelope(
             connection, self._reply, self._mail_refused, "PIPELINING" in self.extensions,
             mail, rcpts, self._config.command_timeout)
@@ -600,13 +600,12 @@ class OutboundSession:
         self._expect_decision(final)
         return assemble_results(recipients, rcpt_replies, final)
 
-    async def _bdat_transaction(self, mail, rcpts, recipients, file):
+    async def _bdat_transaction(self, mail, rcpts, recipients, file, size):
         """The transaction with the message in BDAT chunks (RFC 3030):
         :mod:`relaymail.delivery.chunking`."""
         config = self._config
         timeouts = chunking.Timeouts(command=config.command_timeout, final=config.data_timeout,
                                      block=config.data_block_timeout)
-        size = os.fstat(file.fileno()).st_size
         rcpt_replies, outcome, ended = await chunking.bdat_transaction(
             self._connection, self._reply, self._mail_refused,
             "PIPELINING" in self.extensions, mail, rcpts, file, size, timeouts)

@@ -206,8 +206,8 @@ def downgrade(message, nesting_limit=DEFAULT_NESTING_LIMIT):
 
 
 class _Map:
-    """A read-only memory map of the whole file (None when it is empty,
-    which mmap refuses)."""
+    """A read-only memory map of the message, the file's first ``size``
+    bytes (None when it is empty, which mmap refuses)."""
 
     def __init__(self, file, size):
         self._file = file
@@ -217,7 +217,7 @@ class _Map:
     def __enter__(self):
         if self._size == 0:
             return None
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._map = mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_READ)
         return self._map
 
     def __exit__(self, *exc):

@@ -186,8 +186,9 @@ class Master(service.Service):
                                                        self._delivery_waited_enough)
         # While the workers start (0.5 s of imports), the leftovers of the
         # last run; an inbound worker waits for the word to go before it
-        # accepts, so none of its commits can be taken for one.
-        self._spool.remove_lone_bodies()
+        # accepts, and no worker writes a record beside a queue file
+        # before then, so nothing of this run can be taken for one.
+        self._spool.remove_lone_records()
         self._writers_may_go = True
         for worker in self.inbound:
             self._let_go(worker)
@@ -460,18 +461,19 @@ class Master(service.Service):
 
     def _clean_up_after(self, worker):
         try:
-            # What it was writing (tmp/), and a body it had renamed into
-            # active/ without its record when it died.
-            removed = self._spool.remove_lone_bodies(slot=worker.slot)
+            # What it was writing (tmp/).  A commit is one rename of a
+            # whole queue file, so nothing of it can be half in active/; a
+            # delivery worker's removal cut half way leaves a lone record,
+            # which its successor's recovery removes (Spool.recover).
             if worker.role == INBOUND:
                 if worker in self.inbound:
                     # Its connections are gone with it (a retired worker's
                     # region goes with its generation).
                     clear_connections(worker.limits_fd, len(self.inbound), self.settings,
                                       worker.limits_row)
-                return removed + self._spool.remove_unfinished(slot=worker.slot)
+                return self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
-            return removed + self._spool.remove_unfinished(slot=worker.slot, owns=owns)
+            return self._spool.remove_unfinished(slot=worker.slot, owns=owns)
         except OSError as error:
             log.error("Cannot clean up after {name}: {error}", name=worker.name, error=error)
             return 0

@@ -43,6 +43,7 @@ from email.utils import format_datetime
 from relaymail import dsn, quoted_printable, sanitize
 from relaymail.envelope import Envelope
 from relaymail.folding import fold
+from relaymail.queue.queue_file import open_message
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -294,7 +295,7 @@ def read_header_section(path, limit=HEADER_SECTION_LIMIT):
     """
     section = bytearray()
     field_start = 0
-    with open(path, "rb") as file:
+    with open_message(path) as file:
         while True:
             # Two more than is left, so that an empty line ending exactly
             # at the limit is still seen as the end of the section.
@@ -371,7 +372,7 @@ def _whole_message(path, record, failed):
         return None
     if record.get("size", RETURN_LIMIT + 1) > RETURN_LIMIT:
         return None
-    with open(path, "rb") as file:
+    with open_message(path) as file:
         data = file.read(RETURN_LIMIT + 1)
     if len(data) > RETURN_LIMIT or b"\0" in data:
         return None

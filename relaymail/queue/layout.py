@@ -16,12 +16,15 @@ The layout (see :mod:`relaymail.queue.spool` for what each is for)::
     offline-actions regular file    what the queue tool did with no relay running,
                                     logged and removed at the next start
                                     (relaymail.queue.audit)
-    tmp/        directory           ID.msg, ID.json, ID-XXXXXXXX.json (a record
-                                    being replaced), ID.msg-XXXXXXXX.link and
-                                    ID.json-XXXXXXXX.link (a move's staging name),
-                                    ID.msg-XXXXXXXX.new (a message being given
-                                    a filter's header changes)
-    active/     directory           ID.msg, ID.json
+    tmp/        directory           ID.msg (a message being received; ID.json
+                                    from an earlier release), ID-XXXXXXXX.json
+                                    (a record being replaced), ID.msg-XXXXXXXX.link
+                                    and ID.json-XXXXXXXX.link (a move's staging
+                                    name), ID.msg-XXXXXXXX.new (a message being
+                                    given a filter's header changes)
+    active/     directory           ID.msg (the queue file: message and record,
+                                    relaymail.queue.queue_file), ID.json (a
+                                    newer record beside it)
     hold/       directory           ID.msg, ID.json
     corrupt/    directory           ID.msg, ID.json, ID-active.msg, ID-hold.json ...
     spare/      directory           PID.N: left by an earlier version, removed at start

@@ -12,13 +12,13 @@ from the last view.
 """
 
 import io
-import os
 
 from zope.interface import implementer
 
 from relaymail import address, header_section
 from relaymail.envelope import Envelope
 from relaymail.interfaces import IMessage
+from relaymail.queue.queue_file import open_message
 
 #: How much of the file is read at a time looking for the end of the header.
 _CHUNK = 64 * 1024
@@ -28,10 +28,11 @@ _CHUNK = 64 * 1024
 class MessageView:
     """See :class:`relaymail.interfaces.IMessage`.
 
-    :param path: the message file.
+    :param path: the message file (a queue file: the message is its
+        first ``file_size`` bytes).
     :param fields: the header fields now (:class:`relaymail.header_section.Field`).
     :param body_offset: where in the file the original fields end.
-    :param file_size: the file's size.
+    :param file_size: the message's length in the file.
     """
 
     def __init__(self, queue_id, envelope, path, fields, body_offset, file_size, whole=False,
@@ -56,10 +57,14 @@ class MessageView:
         self.size = len(self.header_bytes) + file_size - body_offset
 
     @classmethod
-    def read(cls, queue_id, envelope, path):
-        """The view of the file at ``path`` as it is (flushed) now.  Reads
-        only the header section, which the DATA reader bounded."""
-        with open(path, "rb") as f:
+    def read(cls, queue_id, envelope, path, length=None):
+        """The view of the message at ``path`` as it is (flushed) now.
+        Reads only the header section, which the DATA reader bounded.
+
+        :param length: the message's length, for a file still being
+            written (which has no record yet to say where it ends).
+        """
+        with open_message(path, length) as f:
             data = b""
             while True:
                 chunk = f.read(_CHUNK)
@@ -67,7 +72,7 @@ class MessageView:
                 fields, end = header_section.parse(data, complete=not chunk)
                 if end is not None:
                     break
-            size = os.fstat(f.fileno()).st_size
+            size = f.size
         return cls(queue_id, envelope, path, fields, end, size, whole=True)
 
     def with_fields(self, fields):
@@ -90,15 +95,16 @@ class MessageView:
             # One copy: a memoryview slices without one, and BytesIO keeps
             # the bytes it is given.
             return io.BytesIO(self.header_bytes + memoryview(self.content)[self.body_offset:])
-        body = open(self.path, "rb")
+        body = open_message(self.path, self._file_size)
         body.seek(self.body_offset)
         return io.BufferedReader(_Joined(self.header_bytes, body))
 
 
 def whole_file(message):
-    """The path of the file that holds exactly ``message`` (a queued
-    message as read), or None for any other IMessage: a view with changed
-    fields, or a site's own object."""
+    """The path of the queue file that holds ``message`` as its first
+    ``message.size`` bytes (a queued message as read; open it with
+    :func:`relaymail.queue.queue_file.open_message`), or None for any
+    other IMessage: a view with changed fields, or a site's own object."""
     if isinstance(message, MessageView) and message.whole:
         return message.path
     return None

@@ -1,13 +1,16 @@
-"""The queue file format: one JSON document per message, beside its body.
+"""The queue record: one JSON document per message, its envelope and state.
 
-Every committed message is two files in the spool's ``active/`` directory:
-``ID.msg``, the message exactly as received (CRLF line ends, already
-dot-unstuffed, our ``Received:`` header first), and ``ID.json``, this
-record.  The JSON file is written last; its presence is what makes a
-message committed.  It is meant to be read by people (``jq . ID.json``) and
-by other programs, so its format is a contract, versioned by ``version``.
-It is written as one line (``jq . ID.json`` indents it); shown indented
-here, with ``#`` annotations that are not part of the file::
+Every committed message is one file in the spool's ``active/`` directory,
+``ID.msg``: the message exactly as received (CRLF line ends, already
+dot-unstuffed, our ``Received:`` header first), then this record as one
+line, then a trailer saying where the record begins
+(:mod:`relaymail.queue.queue_file`).  A record written after commit (a
+delivery attempt's outcome, a release) goes beside the file as ``ID.json``
+and supersedes the one inside.  It is meant to be read by people
+(``jq . ID.json``, ``tail -n 2 ID.msg | head -n 1 | jq .``) and by other
+programs, so its format is a contract, versioned by ``version``.  It is
+written as one line; shown indented here, with ``#`` annotations that are
+not part of the file::
 
     {
       "version": 1,
@@ -23,7 +26,7 @@ here, with ``#`` annotations that are not part of the file::
         "received_at": 1767225600.0,
         "double_bounce": false             # true: a failure of it is discarded
       },
-      "size": 4711,                  # bytes in ID.msg
+      "size": 4711,                  # bytes of the message: where ID.msg's record begins
       "recipients": [                # one entry per envelope recipient
         {"address": "bob@example.com",
          "status": "pending",        # pending | sent | bounced | deferred
@@ -93,7 +96,8 @@ def _new_recipient(address):
 
 
 def encode(record):
-    """Return ``record`` as the bytes of a queue file."""
+    """Return ``record`` as one line of bytes: ``ID.json``'s content, and
+    what a queue file carries after its message."""
     # One line: the json module's C encoder is used only without indent,
     # and this runs for every message and every delivery attempt
     # (``jq . ID.json`` shows it indented).  ASCII so that nothing in an
@@ -102,7 +106,7 @@ def encode(record):
 
 
 def decode(data, queue_id):
-    """Parse and check the bytes of a queue file.
+    """Parse and check the bytes of a record.
 
     :return: the record, a dict.
     :raise CorruptRecord: when the bytes are not a version 1 record of

@@ -3,42 +3,48 @@
 Layout under the spool directory (created mode 0700 by :meth:`Spool.start`)::
 
     tmp/      messages being written; emptied by recover() at start-up
-    active/   committed messages, ID.msg and ID.json: what delivery reads
-    hold/     messages put aside by an administrator: ID.msg and ID.json,
-              never delivered until released back to active/
+    active/   committed messages, ID.msg (and ID.json): what delivery reads
+    hold/     messages put aside by an administrator: ID.msg (and
+              ID.json), never delivered until released back to active/
     corrupt/  entries recover() could not trust, kept for a person to read
 
 (Every name that may appear, and how a process running as root looks at
 them without following a link: :mod:`relaymail.queue.layout`.)
 
-``ID.msg`` is the message exactly as received and ``ID.json`` its envelope
-and delivery state; the JSON format is documented, and versioned, in
-:mod:`relaymail.queue.record`.  A message is committed when its ``ID.json``
-is in ``active/``; ids are described in :mod:`relaymail.queue.queue_id`.
+``ID.msg`` is the queue file: the message exactly as received, then its
+envelope and delivery state, the record, as Postfix keeps a message in
+one file (:mod:`relaymail.queue.queue_file`).  A record written after
+commit goes beside it as ``ID.json`` and supersedes the one inside.  The
+record's format is documented, and versioned, in
+:mod:`relaymail.queue.record`.  A message is committed when its
+``ID.msg`` is in ``active/``; ids are described in
+:mod:`relaymail.queue.queue_id`.
 
-A message gets in the way Postfix's cleanup writes a queue file: the body
-goes to ``tmp/ID.msg`` while it arrives; on commit, in the commit thread
-(:mod:`relaymail.queue.batch`), ``tmp/ID.json`` is written, body and
-record reach stable storage (one ``syncfs`` for every message committing
-at that moment, or an fsync of each file where there is no syncfs), the
-body and then the record are renamed into ``active/``, and ``active/`` is
-fsync'd.  Only then does the commit's Deferred fire and the client hear
-250.  (:meth:`SpoolWriter.commit_sync`, for tools, fsyncs file by file.)  After a
-crash at any step, :meth:`Spool.recover` finds either the whole message or
-leftovers that it removes; a record that cannot be trusted goes to
-``corrupt/`` rather than being delivered or deleted.
+A message gets in the way Postfix's cleanup writes a queue file: the
+message goes to ``tmp/ID.msg`` while it arrives; on commit, in the commit
+thread (:mod:`relaymail.queue.batch`), the record is appended, the file
+reaches stable storage (one ``syncfs`` for every message committing at
+that moment, or an fsync of each file where there is no syncfs), it is
+renamed into ``active/``, and ``active/`` is fsync'd.  Only then does the
+commit's Deferred fire and the client hear 250.
+(:meth:`SpoolWriter.commit_sync`, for tools, fsyncs file by file.)  After a
+crash at any step, :meth:`Spool.recover` finds either the whole message in
+``active/`` or leftovers in ``tmp/`` that it removes; a record that cannot
+be trusted goes to ``corrupt/`` rather than being delivered or deleted.
 
-Moving a message between ``active/`` and ``hold/`` (:meth:`Spool.hold`,
-:meth:`Spool.release`) cannot be one rename: it is two files, and a
-rename of either one alone would leave a record without its body, which
-recover() must treat as corrupt.  So a move *links* both files into the
-destination, body first, makes that directory durable, and only then
-unlinks the source, record first.  Whatever step a crash interrupts, the
-message is complete in exactly one directory, with at most a lone body
-(a leftover) in the other, or complete in both.  recover() removes lone
-bodies in either directory and, for a message complete in both, keeps
-the ``active/`` copy: a hold that did not finish is undone, a release
-that did not finish is completed.  Both are safe, neither loses mail.
+A message with a record beside it is two files, so changing it takes
+an order.  A record beside a queue file is written first and removed
+last: a lone ``ID.json`` (a removal or a move a crash cut) is a
+leftover, never a message, and recover() removes it.  Moving a message
+between ``active/`` and ``hold/`` (:meth:`Spool.hold`,
+:meth:`Spool.release`) *links* its files into the destination, record
+first, makes that directory durable, and only then unlinks the source,
+queue file first.  Whatever step a crash interrupts, the message is
+complete in exactly one directory, with at most a lone record (a
+leftover) in the other, or complete in both.  For a message complete in
+both recover() keeps the ``active/`` copy: a hold that did not finish is
+undone, a release that did not finish is completed.  Both are safe,
+neither loses mail.
 """
 
 import collections
@@ -56,9 +62,10 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from relaymail.interfaces import IMessageQueue, IMessageWriter
+from relaymail.queue import queue_file
 from relaymail.queue import record as records
 from relaymail.queue.batch import CommitBatcher, sync_files
-from relaymail.queue.durable import GroupSync, fsync_directory, write_durably, write_file
+from relaymail.queue.durable import GroupSync, fsync_directory, write_durably
 from relaymail.queue.layout import (RETIRED_SPARE, is_rewrite_name, rewrite_name, staging_name,
                                     temporary_record_name)
 from relaymail.queue.message_view import MessageView
@@ -300,15 +307,12 @@ class Spool(service.Service):
         On any failure, removes every file of the message and re-raises.
         """
         try:
+            file.write(payload)
             file.flush()
             os.fsync(file.fileno())
             file.close()
-            write_durably(self._in(self._tmp, queue_id, ".json"), payload)
-            # Body first: a record in active/ must always have its body.
             os.rename(self._in(self._tmp, queue_id, ".msg"),
                       self._in(self._active, queue_id, ".msg"))
-            os.rename(self._in(self._tmp, queue_id, ".json"),
-                      self._in(self._active, queue_id, ".json"))
             self._active_sync.sync()
         except BaseException:
             self._discard(queue_id, file)
@@ -318,7 +322,7 @@ class Spool(service.Service):
     def _store_batch(self, items):
         """Make a batch of ``(queue_id, file, payload, where)`` durable
         together (runs in the commit thread, see relaymail.queue.batch):
-        write the records, flush the file system once, rename everything
+        append the records, flush the file system once, rename every file
         into ``active/`` (or ``hold/``, for ``where`` :data:`HOLD`: a
         message a filter held, which delivery must never see in
         ``active/``), fsync those directories once.
@@ -330,17 +334,17 @@ class Spool(service.Service):
         written = []
         for index, (queue_id, file, payload, where) in enumerate(items):
             try:
+                file.write(payload)
                 file.flush()
                 file.close()
-                write_file(self._in(self._tmp, queue_id, ".json"), payload)
                 written.append(index)
             except BaseException as error:
                 self._discard(queue_id, file, where)
                 results[index] = error
-        paths = [self._in(self._tmp, items[i][0], suffix) for i in written for suffix in (".msg", ".json")]
+        paths = [self._in(self._tmp, items[i][0], ".msg") for i in written]
         try:
-            # Bodies and records on stable storage before any is renamed:
-            # a record in active/ must always have its whole body.
+            # Every file whole on stable storage before any is renamed: a
+            # queue file in active/ is a committed message.
             sync_files(self._tmp, paths)
         except OSError as error:
             for index in written:
@@ -354,8 +358,6 @@ class Spool(service.Service):
             target = self._directory(where)
             try:
                 os.rename(self._in(self._tmp, queue_id, ".msg"), self._in(target, queue_id, ".msg"))
-                os.rename(self._in(self._tmp, queue_id, ".json"),
-                          self._in(target, queue_id, ".json"))
                 renamed.append(index)
             except OSError as error:
                 self._discard(queue_id, file, where)
@@ -379,11 +381,10 @@ class Spool(service.Service):
         (into ``where``, the directory its commit was renaming it to)."""
         _close_quietly(file)
         target = self._hold if where == HOLD else self._active
-        # The record first: without it the rest is not a message, even if
-        # we crash before the other files are gone.
-        for directory, suffix in ((target, ".json"), (target, ".msg"),
-                                  (self._tmp, ".json"), (self._tmp, ".msg")):
-            self._unlink_quietly(self._in(directory, queue_id, suffix))
+        # The id was free in both directories when it was minted
+        # (_create_body), so a file of it there is this commit's.
+        for directory in (target, self._tmp):
+            self._unlink_quietly(self._in(directory, queue_id, ".msg"))
 
     def _rewritten(self, queue_id, file, head, offset, content=None):
         """Write ``tmp/ID.msg`` afresh with ``head`` in place of its first
@@ -492,43 +493,41 @@ class Spool(service.Service):
             removed += 1
         return removed
 
-    def remove_lone_bodies(self, slot=None):
-        """Remove bodies in ``active/`` that have no record: the leftovers
-        of a commit a crash cut between its two renames.  The master calls
-        it at start, before any worker writes, and, with the ``slot`` of a
-        worker that died, before its successor starts: a live worker's
-        commit in progress is never matched.  A body whose message is on
-        hold is a release in progress or interrupted: its owner's.
+    def remove_lone_records(self):
+        """Remove records in ``active/`` and ``hold/`` that have no queue
+        file beside them: the leftovers of a removal or a move a crash
+        cut.  The master calls it at start, before any worker runs: only a
+        delivery worker or the queue tool writes such a record, and a
+        release in progress writes its record before it links the file.
 
         :return: the number removed.
         """
-        # listdir and set arithmetic: 0.1 s for 100,000 messages, where
-        # _scan's look at each entry takes 0.3 s.
-        names = os.listdir(self._active)
-        bodies = {name[:-4] for name in names if name.endswith(".msg")}
-        records = {name[:-5] for name in names if name.endswith(".json")}
         removed = 0
-        for queue_id in sorted(bodies - records):
-            if not is_queue_id(queue_id):
-                continue
-            if slot is not None and slot_of(queue_id) != slot:
-                continue
-            if os.path.lexists(self._in(self._hold, queue_id, ".json")):
-                continue
-            self.log.info("Removing {queue_id}.msg from {directory}: it was never "
-                          "committed there", queue_id=queue_id, directory=self._active)
-            self._unlink_quietly(self._in(self._active, queue_id, ".msg"))
-            removed += 1
+        for directory in (self._active, self._hold):
+            # listdir and set arithmetic: 0.1 s for 100,000 messages, where
+            # _scan's look at each entry takes 0.3 s.
+            names = os.listdir(directory)
+            files = {name[:-4] for name in names if name.endswith(".msg")}
+            lone = {name[:-5] for name in names if name.endswith(".json")} - files
+            for queue_id in sorted(filter(is_queue_id, lone)):
+                self._remove_lone_record(directory, queue_id)
+                removed += 1
         return removed
+
+    def _remove_lone_record(self, directory, queue_id):
+        self.log.info("Removing {queue_id}.json from {directory}: its message is not "
+                      "there", queue_id=queue_id, directory=directory)
+        self._unlink_quietly(self._in(directory, queue_id, ".json"))
 
     def recover(self, beside_writers=False):
         """Bring the spool to a clean state after a stop or a crash.
 
-        Empties ``tmp/`` (those messages never got a 250), removes bodies
-        in ``active/`` that have no record (never committed), and moves
-        entries whose record is unreadable, not valid, of another version,
-        or whose body is missing or shorter than the record says, to
-        ``corrupt/`` with a log line.  Never raises for a bad file.
+        Empties ``tmp/`` (those messages never got a 250), removes records
+        in ``active/`` with no queue file beside them (what a removal a
+        crash cut leaves), and moves entries whose record is missing,
+        unreadable, not valid or of another version, or whose message is
+        shorter than the record says, to ``corrupt/`` with a log line.
+        Never raises for a bad file.
 
         Then it does the same in ``hold/``, and finishes moves between
         ``active/`` and ``hold/`` that a crash interrupted: a message
@@ -538,13 +537,10 @@ class Spool(service.Service):
         Call it before the server accepts mail, or, where other processes
         are already writing (a delivery worker, relaymail.process), with
         ``beside_writers``.  ``tmp/`` is then left alone (the master emptied
-        it before any writer started), and so is a lone body in ``active/``:
-        it may be a commit between its two renames.  The master removes the
-        real leftovers (:meth:`remove_lone_bodies`) at start and after a
-        worker's death.  Records are then not read either: the scheduler
-        checks each message as it loads it (:meth:`body_problem`), so a
-        queue of 100,000 costs a directory listing at start, not 100,000
-        reads.
+        it before any writer started).  Records are then not read either:
+        the scheduler checks each message as it loads it (:meth:`load`,
+        :meth:`body_problem`), so a queue of 100,000 costs a directory
+        listing at start, not 100,000 reads.
 
         :return: the ids of the good messages in ``active/``, sorted
             (held messages are not among them: see :meth:`held_ids`).
@@ -567,33 +563,29 @@ class Spool(service.Service):
 
         :param keep_elsewhere: ids whose good copy is in another directory:
             a complete copy here is a leftover of an interrupted move.
-        :param beside_writers: see :meth:`recover`; a lone body here is
-            removed only when its message is on hold (an interrupted
-            release, which only this process, the owner, does).
+        :param beside_writers: see :meth:`recover`.  A lone record of this
+            spool's own messages is still removed: only their owner, this
+            process, writes one.
         """
-        bodies, records, strays = self._scan(directory)
+        files, records, strays = self._scan(directory)
         if self._owns is not None:
-            bodies = set(filter(self._owns, bodies))
+            files = set(filter(self._owns, files))
             records = set(filter(self._owns, records))
-        for queue_id in sorted(bodies - records):
-            if beside_writers and not os.path.lexists(self._in(self._hold, queue_id, ".json")):
-                continue
-            self.log.info("Removing {queue_id}.msg from {directory}: it was never "
-                          "committed there", queue_id=queue_id, directory=directory)
-            self._unlink_quietly(self._in(directory, queue_id, ".msg"))
+        for queue_id in sorted(records - files):
+            self._remove_lone_record(directory, queue_id)
         for name in strays:
             self.log.warn("Ignoring unexpected entry {name!r} in {directory}",
                           name=name, directory=directory)
-        for queue_id in sorted(records & keep_elsewhere):
+        for queue_id in sorted(files & keep_elsewhere):
             self.log.info("Removing the copy of {queue_id} in {directory}: a move "
                           "was interrupted and the copy in {kept} wins",
                           queue_id=queue_id, directory=directory, kept=self._active)
             self._remove_entry(directory, queue_id)
-        kept = sorted(records - keep_elsewhere)
+        kept = sorted(files - keep_elsewhere)
         if beside_writers:
             # Unchecked, but for a message complete in hold/ too (a move a
             # crash cut): the hold/ copy is dropped only for a good one here.
-            held = self._scan(self._hold)[1]
+            held = self._scan(self._hold)[0]
             return [queue_id for queue_id in kept
                     if queue_id not in held or self._check_or_quarantine(queue_id, directory)]
         return [queue_id for queue_id in kept if self._check_or_quarantine(queue_id, directory)]
@@ -632,8 +624,8 @@ class Spool(service.Service):
 
     @staticmethod
     def _scan(directory):
-        """Return the ids with a body, the ids with a record, and the names
-        of anything else, in ``directory``."""
+        """Return the ids with a queue file, the ids with a record beside
+        it, and the names of anything else, in ``directory``."""
         bodies, records, strays = set(), set(), []
         with os.scandir(directory) as entries:
             for entry in entries:
@@ -666,18 +658,34 @@ class Spool(service.Service):
         when None), or return None."""
         directory = directory or self._active
         try:
-            data = _read_small_file(self._in(directory, queue_id, ".json"))
+            record = self._read_record_in(directory, queue_id)
+        except FileNotFoundError:
+            return "message file missing"
         except OSError as error:
             return f"record unreadable: {error.strerror}"
-        try:
-            record = records.decode(data, queue_id)
         except records.CorruptRecord as error:
             return f"bad record: {error}"
         return self.body_problem(queue_id, record, directory)
 
+    def _read_record_in(self, directory, queue_id):
+        """The record of a message in ``directory``: the one beside its
+        queue file when there is one, else the one inside.
+
+        :raise FileNotFoundError: when neither file is there.
+        """
+        try:
+            data = _read_small_file(self._in(directory, queue_id, ".json"))
+        except FileNotFoundError:
+            fd = _open_no_follow(self._in(directory, queue_id, ".msg"))
+            try:
+                return queue_file.read_embedded(fd, queue_id)
+            finally:
+                os.close(fd)
+        return records.decode(data, queue_id)
+
     def body_problem(self, queue_id, record, directory=None):
-        """Say what is wrong with the body of a message whose record is
-        ``record`` (missing, not a regular file, shorter than the record
+        """Say what is wrong with the queue file of a message whose record
+        is ``record`` (missing, not a regular file, shorter than the record
         says), or return None.  One lstat(2)."""
         try:
             body = os.lstat(self._in(directory or self._active, queue_id, ".msg"))
@@ -706,12 +714,13 @@ class Spool(service.Service):
         # interrupted move) gets a name of its own rather than replacing
         # the first one a person may want to read.
         stem = queue_id
-        if os.path.lexists(self._in(self._corrupt, queue_id, ".json")):
+        if any(os.path.lexists(self._in(self._corrupt, queue_id, suffix))
+               for suffix in (".msg", ".json")):
             stem = f"{queue_id}-{os.path.basename(directory)}"
-        # Body first, as in remove(): a crash in between leaves a record
-        # without a body, which the next recover() quarantines too, never
-        # a body without a record, which it would delete.
-        for suffix in (".msg", ".json"):
+        # The record beside the file first: a crash in between leaves the
+        # queue file, which the next recover() checks again, never a lone
+        # record, which it would delete before a person could read it.
+        for suffix in (".json", ".msg"):
             try:
                 os.rename(self._in(directory, queue_id, suffix),
                           self._in(self._corrupt, stem, suffix))
@@ -737,11 +746,13 @@ class Spool(service.Service):
         :raise FileNotFoundError: when there is no such message.
         :raise relaymail.queue.record.CorruptRecord: when its record is bad.
         """
-        return records.decode(_read_small_file(self._record_path(queue_id)), queue_id)
+        return self.read_record(queue_id)
 
     def message_path(self, queue_id, where=ACTIVE):
-        """Return the path of a message's body (``active/ID.msg``, or
-        ``hold/ID.msg`` when ``where`` is :data:`HOLD`)."""
+        """Return the path of a message's queue file (``active/ID.msg``, or
+        ``hold/ID.msg`` when ``where`` is :data:`HOLD`).  Read the message
+        in it with :func:`relaymail.queue.queue_file.open_message`, which
+        stops where the record begins."""
         return self._in(self._directory(where), self._checked(queue_id), ".msg")
 
     def update(self, queue_id, state):
@@ -756,12 +767,12 @@ class Spool(service.Service):
         :raise relaymail.queue.record.CorruptRecord: for a bad record.
         :raise OSError: when it could not be written; the old record stays.
         """
-        target = self._record_path(queue_id)
+        target = self._in(self._active, self._checked(queue_id), ".json")
         records.check(state, queue_id)
         payload = records.encode(state)
-        # Without this, an update racing a removal would bring back a
-        # record whose body is gone.
-        if not os.path.exists(target):
+        # Without this, an update racing a removal would leave a record
+        # whose message is gone (a leftover until the next start).
+        if not os.path.exists(self.message_path(queue_id)):
             raise FileNotFoundError(errno.ENOENT, "no such message in the queue", target)
         # A name of its own, so a commit or another update cannot clash.
         temporary = os.path.join(self._tmp, temporary_record_name(queue_id, secrets.token_hex(4)))
@@ -785,13 +796,9 @@ class Spool(service.Service):
 
         :return: True if it was there.
         """
-        # The record first: a crash between the two unlinks leaves a body
-        # without a record, which recover() removes.  Not fsync'd: if the
-        # removal is lost in a crash the message is delivered again, which
-        # the queue's contract allows.
-        removed = self._unlink_if_present(self._record_path(queue_id))
-        self._unlink_if_present(self.message_path(queue_id))
-        return removed
+        # Not fsync'd: if the removal is lost in a crash the message is
+        # delivered again, which the queue's contract allows.
+        return self._remove_entry(self._active, self._checked(queue_id))
 
     def remove_soon(self, queue_id):
         """:meth:`remove`, in the spool's unlink thread: for the delivery
@@ -840,8 +847,7 @@ class Spool(service.Service):
         :raise FileNotFoundError: when there is no such message there.
         :raise relaymail.queue.record.CorruptRecord: when its record is bad.
         """
-        path = self._in(self._directory(where), self._checked(queue_id), ".json")
-        return records.decode(_read_small_file(path), queue_id)
+        return self._read_record_in(self._directory(where), self._checked(queue_id))
 
     def read_records(self, queue_ids, where=ACTIVE):
         """Read many records, as :meth:`read_record` would one by one, but
@@ -864,21 +870,25 @@ class Spool(service.Service):
 
         def open_one():
             for queue_id in queue_ids:
-                path = self._in(directory, self._checked(queue_id), ".json")
-                ahead.append((queue_id, _open_ahead(path)))
+                ahead.append((queue_id, self._open_record_ahead(directory,
+                                                                self._checked(queue_id))))
                 return
 
         try:
             for _ in range(_READ_AHEAD):
                 open_one()
             while ahead:
-                queue_id, fd = ahead.popleft()
+                queue_id, opened = ahead.popleft()
                 open_one()
-                if isinstance(fd, OSError):
-                    yield queue_id, None, fd
+                if isinstance(opened, OSError):
+                    yield queue_id, None, opened
                     continue
+                fd, inside = opened
                 try:
-                    record = records.decode(_read_all(fd), queue_id)
+                    if inside:
+                        record = queue_file.read_embedded(fd, queue_id)
+                    else:
+                        record = records.decode(_read_all(fd), queue_id)
                 except (OSError, records.CorruptRecord) as error:
                     yield queue_id, None, error
                     continue
@@ -887,9 +897,33 @@ class Spool(service.Service):
                 yield queue_id, record, None
         finally:
             # Left early: close what is still open.
-            for _, fd in ahead:
-                if not isinstance(fd, OSError):
-                    os.close(fd)
+            for _, opened in ahead:
+                if not isinstance(opened, OSError):
+                    os.close(opened[0])
+
+    def _open_record_ahead(self, directory, queue_id):
+        """Open the file holding a record to be read soon, the one beside
+        the queue file or else the queue file, asking the kernel to start
+        reading the record now.
+
+        :return: ``(fd, inside)``, ``inside`` true for the queue file, or
+            the OSError the open raised.
+        """
+        try:
+            try:
+                fd, inside = _open_no_follow(self._in(directory, queue_id, ".json")), False
+            except FileNotFoundError:
+                fd, inside = _open_no_follow(self._in(directory, queue_id, ".msg")), True
+        except OSError as error:
+            return error
+        if _fadvise is not None:
+            try:
+                # A queue file's record is at its end, after the message.
+                start = max(0, os.fstat(fd).st_size - queue_file.TAIL_READ) if inside else 0
+                _fadvise(fd, start, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass        # only a hint
+        return fd, inside
 
     def load_any(self, queue_id):
         """Return ``(record, where)`` for a message in ``active/`` or
@@ -918,12 +952,13 @@ class Spool(service.Service):
 
         The steps, and what :meth:`recover` makes of a crash after each:
 
-        1. link the body into ``hold/``: a lone body there, removed;
-        2. link the record into ``hold/`` and fsync ``hold/``: complete in
-           both, the ``active/`` copy wins, so the hold is undone;
-        3. unlink the record in ``active/``: a lone body there, removed,
-           so the message is held;
-        4. unlink the body in ``active/`` and fsync ``active/``: done.
+        1. link the record beside the queue file, if there is one, into
+           ``hold/``: a lone record there, removed;
+        2. link the queue file into ``hold/`` and fsync ``hold/``: complete
+           in both, the ``active/`` copy wins, so the hold is undone;
+        3. unlink the queue file in ``active/``: at most a lone record
+           there, removed, so the message is held;
+        4. unlink the record in ``active/`` and fsync ``active/``: done.
 
         :return: True when the message is on hold now (moved, or held
             already), False when there is no such message.
@@ -933,17 +968,22 @@ class Spool(service.Service):
         record = self._in(self._active, queue_id, ".json")
         body = self._in(self._active, queue_id, ".msg")
         held_record = self._in(self._hold, queue_id, ".json")
-        if not os.path.exists(record):
-            return os.path.exists(held_record)
+        held_body = self._in(self._hold, queue_id, ".msg")
+        if not os.path.exists(body):
+            return os.path.exists(held_body)
         try:
-            self._link_into(body, self._in(self._hold, queue_id, ".msg"))
-            self._link_into(record, held_record)
+            if os.path.exists(record):
+                self._link_into(record, held_record)
+            else:
+                # One left by a cut move would pass for this message's.
+                self._unlink_if_present(held_record)
+            self._link_into(body, held_body)
             self._hold_sync.sync()
         except BaseException:
-            self._undo_link(self._hold, queue_id)
+            self._remove_entry(self._hold, queue_id)
             raise
-        os.unlink(record)
-        self._unlink_if_present(body)
+        os.unlink(body)
+        self._unlink_if_present(record)
         self._active_sync.sync()
         return True
 
@@ -953,13 +993,14 @@ class Spool(service.Service):
 
         The steps, and what :meth:`recover` makes of a crash after each:
 
-        1. link the body into ``active/``: a lone body there, removed, so
-           the message stays held;
-        2. write its record, due now, into ``active/`` (a new file renamed
-           in) and fsync ``active/``: complete in both, the ``active/``
-           copy wins, so the message is released;
-        3. unlink the record in ``hold/``: a lone body there, removed;
-        4. unlink the body in ``hold/`` and fsync ``hold/``: done.
+        1. write its record, due now, into ``active/`` (a new file renamed
+           in): a lone record there, removed, so the message stays held;
+        2. link the queue file into ``active/`` and fsync ``active/``:
+           complete in both, the ``active/`` copy wins, so the message is
+           released;
+        3. unlink the queue file in ``hold/``: at most a lone record there,
+           removed;
+        4. unlink the record in ``hold/`` and fsync ``hold/``: done.
 
         :return: True when the message is in ``active/`` now (moved, or
             not held in the first place), False when there is no such
@@ -970,9 +1011,10 @@ class Spool(service.Service):
         """
         self._checked(queue_id)
         record = self._in(self._active, queue_id, ".json")
-        if os.path.exists(record):
+        body = self._in(self._active, queue_id, ".msg")
+        if os.path.exists(body):
             # Left complete in both by a crash: settle it as recover() would.
-            if os.path.exists(self._in(self._hold, queue_id, ".json")):
+            if self.is_held(queue_id):
                 self._remove_entry(self._hold, queue_id)
                 self._hold_sync.sync()
             return True
@@ -984,14 +1026,13 @@ class Spool(service.Service):
         payload = records.encode(state)
         temporary = os.path.join(self._tmp, temporary_record_name(queue_id, secrets.token_hex(4)))
         try:
-            self._link_into(self._in(self._hold, queue_id, ".msg"),
-                            self._in(self._active, queue_id, ".msg"))
             write_durably(temporary, payload)
             os.rename(temporary, record)
+            self._link_into(self._in(self._hold, queue_id, ".msg"), body)
             self._active_sync.sync()
         except BaseException:
             self._unlink_quietly(temporary)
-            self._undo_link(self._active, queue_id)
+            self._remove_entry(self._active, queue_id)
             raise
         self._remove_entry(self._hold, queue_id)
         self._hold_sync.sync()
@@ -1070,7 +1111,7 @@ class Spool(service.Service):
         with os.scandir(directory) as entries:
             for entry in entries:
                 stem, suffix = os.path.splitext(entry.name)
-                if suffix == ".json" and is_queue_id(stem):
+                if suffix == ".msg" and is_queue_id(stem):
                     yield stem
 
     def _directory(self, where):
@@ -1095,21 +1136,16 @@ class Spool(service.Service):
             # succeeds doing nothing and the staging name is still there.
             self._unlink_quietly(staging)
 
-    def _undo_link(self, directory, queue_id):
-        """After a move into ``directory`` failed: remove the body linked
-        there, unless a record there makes it part of a message."""
-        if not os.path.exists(self._in(directory, queue_id, ".json")):
-            self._unlink_quietly(self._in(directory, queue_id, ".msg"))
-
     def _remove_entry(self, directory, queue_id):
-        """Unlink a message's files in ``directory``, record first (as in
-        :meth:`remove`); return True if there was a record."""
-        removed = self._unlink_if_present(self._in(directory, queue_id, ".json"))
-        self._unlink_if_present(self._in(directory, queue_id, ".msg"))
-        return removed
+        """Unlink a message's files in ``directory``, the queue file first:
+        a crash in between leaves a lone record, which recover() removes,
+        never the queue file with an older record inside and none beside.
 
-    def _record_path(self, queue_id):
-        return self._in(self._active, self._checked(queue_id), ".json")
+        :return: True if there was a queue file.
+        """
+        removed = self._unlink_if_present(self._in(directory, queue_id, ".msg"))
+        self._unlink_if_present(self._in(directory, queue_id, ".json"))
+        return removed
 
     @staticmethod
     def _checked(queue_id):
@@ -1225,8 +1261,11 @@ class SpoolWriter:
         if self._state != self._OPEN:
             return defer.fail(RuntimeError(f"message {self.queue_id} is already {self._state}"))
         self._file.flush()
+        # Its length given: a file still being written has no record to
+        # say where the message ends.
         return self._spool._in_thread(MessageView.read, self.queue_id, envelope,
-                                      self._spool._in(self._spool._tmp, self.queue_id, ".msg"))
+                                      self._spool._in(self._spool._tmp, self.queue_id, ".msg"),
+                                      self._file.tell())
 
     def rewrite(self, view):
         """Give the file the header fields of ``view`` (a view from
@@ -1267,7 +1306,7 @@ class SpoolWriter:
             size = self._file.tell()
             record = records.new_record(self.queue_id, envelope, size,
                                         self._spool._now())
-            payload = records.encode(record)
+            payload = queue_file.record_and_trailer(records.encode(record), size)
             #: The record as committed, so the scheduler need not read back
             #: the file it was just written to.
             self.record = record
@@ -1290,13 +1329,17 @@ def _read_small_file(path):
     """Return the bytes of the file at ``path``.  Plain os.read() rather
     than open(): reading every record of a 100,000-message queue (the
     queue tool's list) spends most of its time per file, not per byte."""
-    # O_NOFOLLOW: the spool's user could have put a link there, and the
-    # queue tool may be reading as root (relaymail.queue.layout).
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _open_no_follow(path)
     try:
         return _read_all(fd)
     finally:
         os.close(fd)
+
+
+def _open_no_follow(path):
+    # O_NOFOLLOW: the spool's user could have put a link there, and the
+    # queue tool may be reading as root (relaymail.queue.layout).
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _read_all(fd):
@@ -1304,21 +1347,6 @@ def _read_all(fd):
     while chunk := os.read(fd, _READ_CHUNK):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _open_ahead(path):
-    """Open a record to be read soon, asking the kernel to start reading
-    it now; return the descriptor, or the OSError the open raised."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        return error
-    if _fadvise is not None:
-        try:
-            _fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass        # only a hint
-    return fd
 
 
 # Not on every system (macOS has none); reading works without it, slower

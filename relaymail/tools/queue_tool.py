@@ -78,6 +78,7 @@ from relaymail.queue.control import (
     ALL, ControlError, IQueueControl, answer, control_path, plural)
 from relaymail.queue.layout import UnsafeSpool
 from relaymail.queue.lock import SpoolLock
+from relaymail.queue.queue_file import open_message
 from relaymail.queue.queue_id import is_queue_id
 from relaymail.queue.selection import (
     NULL_SENDER, BadFilter, Selection, address_key, domain_key, matching_ids)
@@ -498,9 +499,7 @@ def _show(args, spool_path, context):
     context.out.write(format_record(record, where == HOLD, context.now))
     context.out.write("\n")
     try:
-        fd = os.open(spool.message_path(queue_id, where),
-                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with open(fd, "rb") as message:
+        with open_message(spool.message_path(queue_id, where)) as message:
             if args.raw:
                 _write_raw(message, context.out, args.body)
             else:

@@ -9,19 +9,19 @@ MESSAGE = b"From: a@example.org\nTo: bob@example.com\nSubject: from msmtp\n\nhel
 
 
 def msmtp(relay, *args, recipient="bob@example.com"):
-    before = set(relay.active_files())
+    before = set(relay.queued_ids())
     result = subprocess.run([tool("msmtp"), "--host=127.0.0.1", "--domain=msmtp.test",
                              "--from=a@example.org", *args, recipient],
                             input=MESSAGE, capture_output=True, timeout=30)
-    new = sorted(set(relay.active_files()) - before)
+    new = sorted(set(relay.queued_ids()) - before)
     return result, new
 
 
 def test_msmtp_sends_a_message(relay):
     result, new = msmtp(relay, f"--port={relay.port}", "--auth=off", "--tls=off")
     assert result.returncode == 0, result.stderr
-    assert len(new) == 2   # one .json and one .msg
-    stored = relay.message(new[0].split(".")[0])
+    assert len(new) == 1
+    stored = relay.message(new[0])
     assert stored.startswith(b"Received: from msmtp.test ([127.0.0.1])\r\n")
     assert stored.endswith(b"Subject: from msmtp\r\n\r\nhello from msmtp\r\n")
 
@@ -32,8 +32,8 @@ def test_msmtp_submission_with_starttls_and_auth(relay, ca_file):
                         f"--user={USER}", f"--passwordeval=echo {PASSWORD}",
                         recipient="someone@example.net")
     assert result.returncode == 0, result.stderr
-    assert len(new) == 2
-    stored = relay.message(new[0].split(".")[0])
+    assert len(new) == 1
+    stored = relay.message(new[0])
     assert b"\tby relay.test (relaymail) with ESMTPSA id " in stored
     assert stored.endswith(b"Subject: from msmtp\r\n\r\nhello from msmtp\r\n")
 

@@ -295,7 +295,7 @@ def test_a_wrong_smarthost_password_defers_and_bounces_nothing(tmp_path, ca, fil
         while "status=deferred" not in relay.log() and time.monotonic() < deadline:
             time.sleep(0.05)
         log = relay.log()
-        queued = [name for name in relay.active_files() if name.endswith(".json")]
+        queued = relay.queued_ids()
     finally:
         relay.stop()
     # Our side's problem (Postfix's smtp_sasl_auth_soft_bounce): retried,

@@ -3,7 +3,6 @@ Postfix downstream takes relaymail's RET, ENVID, NOTIFY and ORCPT and
 hands them on to a next hop offering DSN; a Postfix upstream's sendmail
 -N/-R/-V requests arrive in relaymail's queue record."""
 
-import json
 import os
 import smtplib
 
@@ -80,11 +79,10 @@ def test_postfix_upstream_requests_reach_relaymails_queue_record(tmp_path):
                                  b"Subject: from an application\n\nhello\n")
         assert done.returncode == 0, done.stderr
         active = os.path.join(relay.spool, "active")
-        wait_until(lambda: any(name.endswith(".json") for name in os.listdir(active)),
+        wait_until(lambda: any(name.endswith(".msg") for name in os.listdir(active)),
                    timeout=30, what="the message in relaymail's queue")
-        [name] = [n for n in os.listdir(active) if n.endswith(".json")]
-        with open(os.path.join(active, name)) as f:
-            envelope = json.load(f)["envelope"]
+        [queue_id] = relay.queued_ids()
+        envelope = relay.record(queue_id)["envelope"]
         assert (envelope["dsn_ret"], envelope["dsn_envid"]) == ("HDRS", "order-77")
         [(address, (notify, orcpt))] = envelope["dsn_recipients"].items()
         assert (address, notify) == ("dana@example.com", ["SUCCESS", "FAILURE"])
