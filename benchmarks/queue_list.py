@@ -2,11 +2,13 @@
 
 ::
 
-    python benchmarks/queue_list.py [COUNT] [--held N] [--keep DIR]
+    python benchmarks/queue_list.py [COUNT] [--held N] [--untried] [--keep DIR]
 
 Writes COUNT small messages (default 100,000) straight into a spool in a
 temporary directory, without fsync (the durability of these files is not
-what is measured), then times ``relaymail-queue list`` twice: in this
+what is measured), each tried three times (so with its record beside its
+queue file), or with ``--untried`` as just committed (one file, the
+record inside: relaymail.queue.queue_file), then times ``relaymail-queue list`` twice: in this
 process (reading and formatting only) and as a fresh process the way an
 administrator runs it (adding interpreter and import start-up).  The
 page cache is warm both times: the files were just written.  With
@@ -37,8 +39,9 @@ from relaymail.tools import queue_tool  # noqa: E402
 BODY = b"Subject: benchmark\r\n\r\n" + b"x" * 1000 + b"\r\n"
 
 
-def fill(spool_path, count, held):
-    """Write ``count`` messages, the last ``held`` of them on hold."""
+def fill(spool_path, count, held, tried=True):
+    """Write ``count`` messages, the last ``held`` of them on hold; each
+    tried three times, or as just committed when not ``tried``."""
     for name in ("tmp", "active", "hold", "corrupt"):
         os.makedirs(os.path.join(spool_path, name), exist_ok=True)
     start = time.time() - count
@@ -55,6 +58,8 @@ def fill(spool_path, count, held):
         # three times: the record of the last attempt beside it.
         with open(os.path.join(directory, queue_id + ".msg"), "wb") as file:
             file.write(BODY + queue_file.record_and_trailer(records.encode(record), len(BODY)))
+        if not tried:
+            continue
         record["attempts"] = 3
         record["last_error"] = "451 4.4.1 connection refused by mx.example.com"
         with open(os.path.join(directory, queue_id + ".json"), "wb") as file:
@@ -90,6 +95,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("count", type=int, nargs="?", default=100_000)
     parser.add_argument("--held", type=int, default=100)
+    parser.add_argument("--untried", action="store_true",
+                        help="messages as just committed, one file each")
     parser.add_argument("--cold", action="store_true",
                         help="also time a list with the files' data evicted "
                              "from the page cache")
@@ -100,7 +107,7 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         spool_path = os.path.abspath(args.keep or os.path.join(scratch, "spool"))
         began = time.perf_counter()
-        fill(spool_path, args.count, args.held)
+        fill(spool_path, args.count, args.held, tried=not args.untried)
         print(f"wrote {args.count} messages in {time.perf_counter() - began:.1f} s")
 
         out, err = io.StringIO(), io.StringIO()
