@@ -3,6 +3,7 @@
 import email
 import email.policy
 import io
+import os
 import quopri
 import re
 from email.utils import parsedate_to_datetime
@@ -64,8 +65,11 @@ def original(tmp_path):
 
 
 def dsn(original_path, recipients=(UNKNOWN, UNREACHABLE), record=None, **keywords):
-    return build_dsn(record or make_record(), original_path, list(recipients),
-                     MTA, NOW, **keywords)
+    if record is None:
+        # The size the spool would have recorded: how much of the file is message.
+        record = make_record()
+        record["size"] = os.path.getsize(original_path)
+    return build_dsn(record, original_path, list(recipients), MTA, NOW, **keywords)
 
 
 def parse(message):
@@ -289,7 +293,7 @@ def test_only_the_header_section_is_read(original, monkeypatch):
             return line
 
     monkeypatch.setattr(bounce, "open_message",
-                        lambda name: CountingFile(io.FileIO(name, "rb")))
+                        lambda name, length=None: CountingFile(io.FileIO(name, "rb")))
     section, cut = read_header_section(path)
     assert (section, cut) == (HEADERS, False)
     assert sum(read) == len(HEADERS) + 2

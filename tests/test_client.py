@@ -31,6 +31,7 @@ from relaymail.delivery.client import (
 from relaymail.delivery.responses import MalformedReply, ReplyReader, parse_ehlo, size_limit
 from relaymail.delivery.stream import CHUNK_SIZE
 from relaymail.delivery.stuffing import DotStuffer
+from relaymail.queue import queue_file
 from tests import certs
 
 SERVER_NAME = "mx.test"
@@ -433,6 +434,18 @@ class PlainDeliveryTests(ClientTestCase):
         await session.deliver("a@example.org", ["b@example.com"], path)
         self.assertEqual(factory.only.messages, [SIMPLE + b".\r\n"])
         # 7BIT is the default: no BODY parameter.
+        self.assertEqual(factory.only.commands[1], b"MAIL FROM:<a@example.org> SIZE=%d" % len(SIMPLE))
+
+    async def test_a_queue_file_sends_its_message_and_never_its_record(self):
+        # As the spool keeps it: the message, its record, the trailer.  The
+        # length comes from the record in force (the Job's message_size),
+        # so not even a record the checks would refuse (here of another
+        # version) lets a byte of it out.
+        tail = queue_file.record_and_trailer(b'{"version":9}\n', len(SIMPLE))
+        path = self.message_file(SIMPLE + tail)
+        factory, session = await self.session_for()
+        await session.deliver("a@example.org", ["b@example.com"], path, size=len(SIMPLE))
+        self.assertEqual(factory.only.messages, [SIMPLE + b".\r\n"])
         self.assertEqual(factory.only.commands[1], b"MAIL FROM:<a@example.org> SIZE=%d" % len(SIMPLE))
 
     async def test_null_sender_and_smtputf8(self):

@@ -1107,3 +1107,84 @@ def test_read_records_closes_its_files_when_left_early(spool):
 def test_read_records_refuses_what_is_not_a_queue_id(spool):
     with pytest.raises(ValueError):
         list(spool.read_records(["../../etc/passwd"]))
+
+
+# -- the order of two files' removal -------------------------------------------------
+
+def test_a_message_retried_is_removed_queue_file_first_and_that_on_disk_before_its_record(
+        spool, monkeypatch):
+    # Without a journal the file system keeps no order between two unlinks:
+    # the record beside must not go first, or the queue file would come
+    # back after a crash with the record it was committed with.
+    retried, fresh = queue_with_record_beside(spool), queue_sync(spool)
+    events = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda path: (events.append(os.path.basename(path)),
+                                                    real_unlink(path))[1])
+    monkeypatch.setattr(spool._active_sync, "sync", lambda: events.append("sync"))
+    assert spool.remove(retried) is True
+    assert events == [retried + ".msg", "sync", retried + ".json"]
+    del events[:]
+    assert spool.remove(fresh) is True
+    assert events == [fresh + ".msg"]      # nothing beside it: no sync
+    assert listing(spool, "active") == []
+
+
+def test_a_quarantine_cut_half_way_never_brings_back_the_record_it_was_committed_with(
+        spool, monkeypatch):
+    queue_id = queue_with_record_beside(spool)
+    rewrite_record(spool, queue_id, lambda record: record["recipients"][0].update(
+        status="sent") or record.update(version=2))
+    real_rename = os.rename
+
+    def rename(source, target):
+        if source.endswith(".json"):
+            raise OSError(errno.EIO, "injected")
+        return real_rename(source, target)
+    monkeypatch.setattr(os, "rename", rename)
+    events = capture_log(spool)
+    spool.quarantine(queue_id, "bad record: unsupported version 2")
+    monkeypatch.undo()
+    assert "Could not move" in log_text(events)
+    # The queue file is set aside first; what is left is a lone record.
+    assert listing(spool, "corrupt") == [queue_id + ".msg"]
+    assert listing(spool, "active") == [queue_id + ".json"]
+    restarted, good, _ = restart(spool)
+    assert good == [] and listing(spool, "active") == []
+
+
+def test_the_tool_offline_on_a_cut_two_file_hold_keeps_the_only_record(spool):
+    # A hold by the two-file format cut after its third step: the message
+    # whole in hold/, its bare message file still in active/.  The queue
+    # tool works offline, with no recover() first.
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    active = os.path.join(spool.path, "active")
+    queue_files.to_old_format(active, queue_id)
+    for suffix in (".msg", ".json"):
+        link(spool, queue_id, suffix, "active", "hold")
+    os.unlink(active_file(spool, queue_id, ".json"))
+
+    assert spool.hold(queue_id) is True
+    assert listing(spool, "hold") == both_files(queue_id)
+    assert spool.load_any(queue_id) == (record, "hold")
+    assert spool.release(queue_id, now=1767260000.0) is True
+    assert listing(spool, "hold") == []
+    assert spool.load(queue_id) == record | {"next_attempt_at": 1767260000.0}
+    assert queue_files.message_of(active, queue_id) == BODY
+
+
+def test_removals_in_one_batch_share_the_sync_between_queue_files_and_records(
+        spool, monkeypatch):
+    retried = sorted(queue_with_record_beside(spool) for _ in range(3))
+    fresh = queue_sync(spool)
+    events = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda path: (events.append(os.path.basename(path)),
+                                                    real_unlink(path))[1])
+    monkeypatch.setattr(spool._active_sync, "sync", lambda: events.append("sync"))
+    gone = new_queue_id()
+    assert spool._remove_batch(retried + [fresh, gone]) == [True] * 4 + [False]
+    assert events == ([q + ".msg" for q in retried] + [fresh + ".msg", gone + ".msg", "sync"]
+                      + [q + ".json" for q in retried])
+    assert listing(spool, "active") == []

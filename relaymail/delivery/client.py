@@ -228,7 +228,7 @@ class OutboundSession:
         return self._connection.usable
 
     def deliver(self, sender, recipients, message_path, *, body="7BIT", smtputf8=False,
-                envelope=None):
+                envelope=None, size=None):
         """Run one mail transaction and report each recipient's result.
 
         ``sender`` ``''`` is the null sender.  ``message_path`` is the
@@ -239,7 +239,9 @@ class OutboundSession:
         when the message does not need it (:mod:`relaymail.delivery.downgrade`).
         ``envelope``, the queue record's, carries the sender's DSN requests
         (RET, ENVID, NOTIFY, ORCPT: :mod:`relaymail.dsn`), passed on to a
-        server that offers DSN.
+        server that offers DSN.  ``size``, the message's length from its
+        record, is how much of the queue file to send (None: the file
+        says, relaymail.queue.queue_file).
         With PIPELINING (RFC 2920) MAIL, every RCPT and
         DATA go in one write.
 
@@ -250,7 +252,8 @@ class OutboundSession:
             connection).  May be called again once it has fired.
         """
         return defer.Deferred.fromCoroutine(
-            self._deliver(sender, list(recipients), message_path, body, smtputf8, envelope))
+            self._deliver(sender, list(recipients), message_path, body, smtputf8, envelope,
+                          size))
 
     def ask_recipient(self, recipient):
         """Ask whether the server takes ``recipient`` without sending mail:
@@ -460,7 +463,8 @@ class OutboundSession:
 
     # -- transactions ------------------------------------------------------
 
-    async def _deliver(self, sender, recipients, message_path, body, smtputf8, envelope=None):
+    async def _deliver(self, sender, recipients, message_path, body, smtputf8, envelope=None,
+                       length=None):
         if body not in BODY_TYPES:
             raise ValueError(f"body must be one of {', '.join(BODY_TYPES)}, not {body!r}")
         if not recipients:
@@ -469,7 +473,7 @@ class OutboundSession:
             raise RuntimeError("deliver() called while another transaction is running")
         self._busy = True
         try:
-            with self._open_message(message_path) as spooled:
+            with self._open_message(message_path, length) as spooled:
                 size = spooled.size
                 file, size, body, smtputf8 = await self._fit(
                     spooled, size, body, smtputf8, [sender, *recipients])
@@ -536,9 +540,9 @@ class OutboundSession:
                                 remote=self.remote) from None
         return fitted.file, fitted.size, fitted.body, fitted.smtputf8
 
-    def _open_message(self, path):
+    def _open_message(self, path, length):
         try:
-            return open_message(path)
+            return open_message(path, length)
         except OSError as exc:
             raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
                                 text=f"cannot read the message file: {exc.strerror}",

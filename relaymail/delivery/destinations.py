@@ -82,6 +82,10 @@ class Job:
     #: The queue record's envelope (a dict), for transports other than
     #: smtp, which see the message as an IMessage.
     envelope: dict = None
+    #: The message's length, from the record in force: how much of the
+    #: queue file at ``message_path`` is message (None: the file says,
+    #: relaymail.queue.queue_file).
+    message_size: int = None
 
 
 class _DestinationQueue:
@@ -236,7 +240,8 @@ class DestinationPool:
                 try:
                     results = yield session.deliver(
                         job.sender, job.recipients, job.message_path,
-                        body=job.body, smtputf8=job.smtputf8, envelope=job.envelope)
+                        body=job.body, smtputf8=job.smtputf8, envelope=job.envelope,
+                        size=job.message_size)
                 except DeliveryError as error:
                     session.abort()
                     if self._stopping:

@@ -136,7 +136,11 @@ class SMTPTransport:
             done = defer.Deferred()
             destination = tls_policy.with_demand(destination, record)
             job = Job(queue_id=message.queue_id, destination=destination, sender=sender,
-                      recipients=addresses, message_path=path, body=envelope.body,
+                      recipients=addresses, message_path=path,
+                      # A private copy is the message whole, whatever a
+                      # site's IMessage says its size is.
+                      message_size=None if copied else message.size,
+                      body=envelope.body,
                       smtputf8=envelope.smtputf8, envelope=record,
                       on_done=lambda job, outcomes, done=done: done.callback(outcomes),
                       on_abandoned=lambda job, done=done: done.callback(_cut(job)))

@@ -13,8 +13,8 @@ runs no SMTP session and no delivery itself.  At start it
    (:mod:`relaymail.process.pickup`), kept for its whole life;
 4. starts ``[server] workers`` inbound workers and ``[delivery] workers``
    delivery workers (:mod:`relaymail.process.worker`);
-5. while they start, removes the last run's lone bodies from ``active/``
-   (commits a crash cut between their two renames), then lets the inbound
+5. while they start, removes the last run's lone records from ``active/``
+   and ``hold/`` (removals and moves a crash cut), then lets the inbound
    workers accept (:data:`relaymail.process.launch.GO`).
 
 A worker that exits without being asked to is started again, at once the

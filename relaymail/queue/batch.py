@@ -1,12 +1,13 @@
 """Group commit: one thread makes many new messages durable at once.
 
-Each message needs its body and record on stable storage before they are
-renamed into ``active/``, and the renames on stable storage before the
-250.  Done one message at a time that is two file fsyncs and a directory
-fsync per message, each in a pool thread that must take Python's GIL back
-from the busy reactor thread after every system call; measured here, the
-thread hand-offs cost more CPU than the disk.  Instead, one thread takes
-every commit waiting, writes the batch's records, flushes the file system
+Each message needs its queue file (message and record,
+relaymail.queue.queue_file) on stable storage before it is renamed into
+``active/``, and the rename on stable storage before the 250.  Done one
+message at a time that is a file fsync and a directory fsync per message,
+each in a pool thread that must take Python's GIL back from the busy
+reactor thread after every system call; measured here, the thread
+hand-offs cost more CPU than the disk.  Instead, one thread takes every
+commit waiting, appends the batch's records, flushes the file system
 once (``syncfs(2)``, Linux 5.8+ reports write-back errors through it),
 renames the batch into place and fsyncs the directory once.
 

@@ -206,7 +206,7 @@ def build_dsn(record, message_path, recipients, reporting_mta, now, *,
     utf8 = bool(original.get("smtputf8")) or not all(
         address.isascii() for address in addresses)
 
-    headers, cut = read_header_section(message_path, header_limit)
+    headers, cut = read_header_section(message_path, header_limit, record.get("size"))
     arrival = record["created_at"]
     failed = [entry for entry in recipients if entry.action == FAILED]
     delayed = [entry for entry in recipients if entry.action == DELAYED]
@@ -284,8 +284,10 @@ def is_double_bounce(header_section):
     return any(line.lower().startswith(name) for line in header_section.split(b"\r\n"))
 
 
-def read_header_section(path, limit=HEADER_SECTION_LIMIT):
-    """Return ``(header_section, cut)`` of the message in ``path``.
+def read_header_section(path, limit=HEADER_SECTION_LIMIT, length=None):
+    """Return ``(header_section, cut)`` of the message in ``path`` (of
+    ``length`` bytes, the record's size, when given: see
+    relaymail.queue.queue_file.open_message).
 
     Reads line by line up to the first empty line, never further, and
     never more than ``limit`` bytes (plus one line end).  Line ends come
@@ -295,7 +297,7 @@ def read_header_section(path, limit=HEADER_SECTION_LIMIT):
     """
     section = bytearray()
     field_start = 0
-    with open_message(path) as file:
+    with open_message(path, length) as file:
         while True:
             # Two more than is left, so that an empty line ending exactly
             # at the limit is still seen as the end of the section.
@@ -372,7 +374,7 @@ def _whole_message(path, record, failed):
         return None
     if record.get("size", RETURN_LIMIT + 1) > RETURN_LIMIT:
         return None
-    with open_message(path) as file:
+    with open_message(path, record["size"]) as file:
         data = file.read(RETURN_LIMIT + 1)
     if len(data) > RETURN_LIMIT or b"\0" in data:
         return None

@@ -114,7 +114,8 @@ def queued_message(job):
     """The IMessage a transport gets for a delivery job
     (relaymail.delivery.transports): the spool's message file with the
     job's envelope.  Reads the header section: call it in a thread."""
-    return MessageView.read(job.queue_id, Envelope.from_dict(job.envelope), job.message_path)
+    return MessageView.read(job.queue_id, Envelope.from_dict(job.envelope), job.message_path,
+                            job.message_size)
 
 
 class _Joined(io.RawIOBase):

@@ -17,7 +17,8 @@ allocation there walks past the inodes freed in the last 30 s
 (``recently_deleted()``).  benchmarks/inode_churn.py measures it.
 
 A record that changes after commit (a delivery attempt that leaves
-recipients to retry, a release from hold) goes beside the file as
+recipients to retry, a flush or retry that makes it due, a release from
+hold) goes beside the file as
 ``ID.json``, which then supersedes the embedded one; the embedded record
 stays as it was.  So the common life of a message, accepted, delivered,
 removed, touches one inode, and a retried one touches two, as before.
@@ -29,8 +30,12 @@ version before this format, whose record is always ``ID.json``, or a
 copy of a message outside the spool) is all message.  A trailer counts
 only at the very end of a file named for the queue id its record
 carries, with the checksum right and the record's size where the record
-begins: a message cannot fake one, as the real trailer always comes
-after it, and a file still being written is read with its length given.
+begins: a message cannot fake one in a queue file, as the real trailer
+always comes after it, and a file still being written is read with its
+length given.  (A two-file-format file's end is the message's own; there
+only its unguessable queue id guards it.)  Delivery, DSNs and the queue
+tool pass the length from the record in force and do not depend on the
+trailer at all.
 
 To read an embedded record by hand: ``tail -n 2 ID.msg | head -n 1 | jq .``
 (or ``relaymail-queue show ID``).

@@ -367,7 +367,7 @@ class Scheduler(service.Service):
                     recipients=addresses, message_path=self.spool.message_path(queue_id),
                     body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
                     on_done=self._job_done, on_abandoned=self._job_abandoned,
-                    envelope=envelope)
+                    envelope=envelope, message_size=record["size"])
                 for (destination, _rate), addresses in by_destination.items()
             ]
         return d.addCallback(grouped)
@@ -738,7 +738,7 @@ class Scheduler(service.Service):
             log.warn("{queue_id}: double bounce discarded: undeliverable to the postmaster "
                      "{failed} too", queue_id=queue_id, failed=failed)
             return defer.succeed(True)
-        if self._carries_double_bounce_field(queue_id):
+        if self._carries_double_bounce_field(queue_id, record):
             log.warn("{queue_id}: double bounce discarded: another relay's notice to the "
                      "postmaster, undeliverable to {failed}", queue_id=queue_id, failed=failed)
             return defer.succeed(True)
@@ -769,12 +769,13 @@ class Scheduler(service.Service):
             return False
         return expanded.addCallbacks(queue, not_expanded)
 
-    def _carries_double_bounce_field(self, queue_id):
+    def _carries_double_bounce_field(self, queue_id, record):
         """A double bounce another relay wrote (see
         :data:`relaymail.queue.bounce.DOUBLE_BOUNCE_FIELD`).  Read only when
         a message from <> has failed, so the cost is off the common path."""
         try:
-            section, _cut = read_header_section(self.spool.message_path(queue_id))
+            section, _cut = read_header_section(self.spool.message_path(queue_id),
+                                                length=record["size"])
         except OSError:
             return False        # no header to read: treat it as a bounce
         return is_double_bounce(section)

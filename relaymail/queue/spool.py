@@ -464,9 +464,9 @@ class Spool(service.Service):
         self._remove_retired_spare()
 
     def remove_unfinished(self, slot=None, owns=None):
-        """Remove from ``tmp/`` what a worker that died left there: bodies
-        and records of messages minted in ``slot`` (an inbound worker's, or
-        a delivery worker's DSNs), and record updates of messages for which
+        """Remove from ``tmp/`` what a worker that died left there: queue
+        files of messages minted in ``slot`` (an inbound worker's, or a
+        delivery worker's DSNs), and record updates of messages for which
         ``owns`` is true (a delivery worker's partition).
 
         Call it only once that worker has exited and before its successor
@@ -673,14 +673,18 @@ class Spool(service.Service):
 
         :raise FileNotFoundError: when neither file is there.
         """
+        path = self._in(directory, queue_id, ".msg")
         try:
             data = _read_small_file(self._in(directory, queue_id, ".json"))
         except FileNotFoundError:
-            fd = _open_no_follow(self._in(directory, queue_id, ".msg"))
+            fd = _open_no_follow(path)
             try:
                 return queue_file.read_embedded(fd, queue_id)
             finally:
                 os.close(fd)
+        if not os.path.lexists(path):
+            # A lone record (a removal or a move under way, or cut) is no message.
+            raise FileNotFoundError(errno.ENOENT, "no queue file beside the record", path)
         return records.decode(data, queue_id)
 
     def body_problem(self, queue_id, record, directory=None):
@@ -717,11 +721,14 @@ class Spool(service.Service):
         if any(os.path.lexists(self._in(self._corrupt, queue_id, suffix))
                for suffix in (".msg", ".json")):
             stem = f"{queue_id}-{os.path.basename(directory)}"
-        # The record beside the file first: a crash in between leaves the
-        # queue file, which the next recover() checks again, never a lone
-        # record, which it would delete before a person could read it.
-        for suffix in (".json", ".msg"):
+        # The queue file first, and that on disk before the record beside
+        # it moves (see _remove_entry): a cut leaves a lone record, which
+        # the next recover() removes, never the queue file alone, which
+        # would pass the check with the record it was committed with.
+        for suffix in (".msg", ".json"):
             try:
+                if suffix == ".json" and os.path.lexists(self._in(directory, queue_id, suffix)):
+                    self._sync_of(directory).sync()
                 os.rename(self._in(directory, queue_id, suffix),
                           self._in(self._corrupt, stem, suffix))
             except FileNotFoundError:
@@ -730,6 +737,7 @@ class Spool(service.Service):
                 self.log.error("Could not move {queue_id}{suffix} to {directory}: {error}",
                                queue_id=queue_id, suffix=suffix,
                                directory=self._corrupt, error=error)
+                return
 
     # -- reading and changing (delivery and the queue tool) ------------------
 
@@ -796,15 +804,16 @@ class Spool(service.Service):
 
         :return: True if it was there.
         """
-        # Not fsync'd: if the removal is lost in a crash the message is
+        # Not fsync'd (but between the two files of a retried message,
+        # _remove_entry): if the removal is lost in a crash the message is
         # delivered again, which the queue's contract allows.
         return self._remove_entry(self._active, self._checked(queue_id))
 
     def remove_soon(self, queue_id):
         """:meth:`remove`, in the spool's unlink thread: for the delivery
         engine, whose reactor thread must not wait on the file system (the
-        two unlink(2) calls per delivered message were 30% of its time,
-        queued behind the commit thread's syncs).  Removals waiting at the
+        unlink(2) calls per delivered message were 30% of its time, queued
+        behind the commit thread's syncs).  Removals waiting at the
         same moment go in one batch.
 
         :return: a Deferred of :meth:`remove`'s result; :meth:`stop` waits
@@ -815,13 +824,7 @@ class Spool(service.Service):
         return self._tracked(self._remover.submit(queue_id))
 
     def _remove_batch(self, queue_ids):
-        results = []
-        for queue_id in queue_ids:
-            try:
-                results.append(self.remove(queue_id))
-            except OSError as error:
-                results.append(error)
-        return results
+        return self._remove_entries(self._active, [self._checked(q) for q in queue_ids])
 
     # -- hold, release and administration (scheduler and queue tool) ---------
     #
@@ -944,6 +947,11 @@ class Spool(service.Service):
                     return self.read_record(queue_id, where), where
                 except FileNotFoundError:
                     pass
+                except records.CorruptRecord:
+                    # A message file of the two-file format left in active/
+                    # by a cut hold is no message: the one in hold/ is.
+                    if where == HOLD or not self._is_message(self._hold, queue_id):
+                        raise
         raise FileNotFoundError(errno.ENOENT, "no such message in the queue", queue_id)
 
     def hold(self, queue_id):
@@ -956,8 +964,9 @@ class Spool(service.Service):
            ``hold/``: a lone record there, removed;
         2. link the queue file into ``hold/`` and fsync ``hold/``: complete
            in both, the ``active/`` copy wins, so the hold is undone;
-        3. unlink the queue file in ``active/``: at most a lone record
-           there, removed, so the message is held;
+        3. unlink the queue file in ``active/`` (and, if a record is beside
+           it, fsync ``active/``): at most a lone record there, removed, so
+           the message is held;
         4. unlink the record in ``active/`` and fsync ``active/``: done.
 
         :return: True when the message is on hold now (moved, or held
@@ -969,8 +978,8 @@ class Spool(service.Service):
         body = self._in(self._active, queue_id, ".msg")
         held_record = self._in(self._hold, queue_id, ".json")
         held_body = self._in(self._hold, queue_id, ".msg")
-        if not os.path.exists(body):
-            return os.path.exists(held_body)
+        if not self._is_message(self._active, queue_id):
+            return self._is_message(self._hold, queue_id)
         try:
             if os.path.exists(record):
                 self._link_into(record, held_record)
@@ -982,8 +991,7 @@ class Spool(service.Service):
         except BaseException:
             self._remove_entry(self._hold, queue_id)
             raise
-        os.unlink(body)
-        self._unlink_if_present(record)
+        self._remove_entry(self._active, queue_id)
         self._active_sync.sync()
         return True
 
@@ -994,7 +1002,8 @@ class Spool(service.Service):
         The steps, and what :meth:`recover` makes of a crash after each:
 
         1. write its record, due now, into ``active/`` (a new file renamed
-           in): a lone record there, removed, so the message stays held;
+           in) and fsync ``active/``: a lone record there, removed, so the
+           message stays held;
         2. link the queue file into ``active/`` and fsync ``active/``:
            complete in both, the ``active/`` copy wins, so the message is
            released;
@@ -1012,7 +1021,7 @@ class Spool(service.Service):
         self._checked(queue_id)
         record = self._in(self._active, queue_id, ".json")
         body = self._in(self._active, queue_id, ".msg")
-        if os.path.exists(body):
+        if self._is_message(self._active, queue_id):
             # Left complete in both by a crash: settle it as recover() would.
             if self.is_held(queue_id):
                 self._remove_entry(self._hold, queue_id)
@@ -1028,6 +1037,10 @@ class Spool(service.Service):
         try:
             write_durably(temporary, payload)
             os.rename(temporary, record)
+            # The record on disk before the file: else a crash could leave
+            # the file with the record it was committed with, and that copy
+            # would win.
+            self._active_sync.sync()
             self._link_into(self._in(self._hold, queue_id, ".msg"), body)
             self._active_sync.sync()
         except BaseException:
@@ -1086,9 +1099,9 @@ class Spool(service.Service):
         deleted = set()
         for directory, sync in ((self._active, self._active_sync),
                                 (self._hold, self._hold_sync)):
-            for queue_id in list(self._ids_in(directory)):
-                if self._remove_entry(directory, queue_id):
-                    deleted.add(queue_id)
+            queue_ids = list(self._ids_in(directory))
+            results = self._remove_entries(directory, queue_ids)
+            deleted.update(q for q, removed in zip(queue_ids, results) if removed is True)
             sync.sync()
         return len(deleted)
 
@@ -1137,15 +1150,69 @@ class Spool(service.Service):
             self._unlink_quietly(staging)
 
     def _remove_entry(self, directory, queue_id):
-        """Unlink a message's files in ``directory``, the queue file first:
-        a crash in between leaves a lone record, which recover() removes,
-        never the queue file with an older record inside and none beside.
+        """Unlink a message's files in ``directory``, the queue file first,
+        and that on disk before the record beside it goes: a crash in
+        between leaves a lone record, which recover() removes, never the
+        queue file alone, which would come back with the record it was
+        committed with and go to every recipient again.  Without a journal
+        a file system keeps no order between two unlinks, hence the
+        directory sync; a message with no record beside it (most) needs
+        none.
 
         :return: True if there was a queue file.
         """
-        removed = self._unlink_if_present(self._in(directory, queue_id, ".msg"))
-        self._unlink_if_present(self._in(directory, queue_id, ".json"))
+        [removed] = self._remove_entries(directory, [queue_id], raise_errors=True)
         return removed
+
+    def _remove_entries(self, directory, queue_ids, raise_errors=False):
+        """:meth:`_remove_entry` for many messages, with one directory sync
+        between all their queue files and the records beside them.
+
+        :return: per id, True if it had a queue file, False if not, or
+            the OSError that stopped its removal (raised instead with
+            ``raise_errors``).
+        """
+        results, beside = [], []
+        for index, queue_id in enumerate(queue_ids):
+            try:
+                results.append(self._unlink_if_present(self._in(directory, queue_id, ".msg")))
+                if os.path.lexists(self._in(directory, queue_id, ".json")):
+                    beside.append(index)
+            except OSError as error:
+                if raise_errors:
+                    raise
+                results.append(error)
+        if beside:
+            if any(results[index] is True for index in beside):
+                self._sync_of(directory).sync()
+            for index in beside:
+                try:
+                    self._unlink_if_present(self._in(directory, queue_ids[index], ".json"))
+                except OSError as error:
+                    if raise_errors:
+                        raise
+                    results[index] = error
+        return results
+
+    def _sync_of(self, directory):
+        """The GroupSync of ``active/`` or ``hold/``."""
+        return self._hold_sync if directory == self._hold else self._active_sync
+
+    def _is_message(self, directory, queue_id):
+        """Whether ``directory`` holds a message of ``queue_id``: its queue
+        file, with a record beside it or inside (not a lone record, nor a
+        message file of the two-file format whose record never came)."""
+        path = self._in(directory, queue_id, ".msg")
+        if os.path.exists(self._in(directory, queue_id, ".json")):
+            return os.path.exists(path)
+        try:
+            fd = _open_no_follow(path)
+        except FileNotFoundError:
+            return False
+        try:
+            return queue_file.embedded_record(fd) is not None
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _checked(queue_id):

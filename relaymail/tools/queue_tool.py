@@ -499,7 +499,7 @@ def _show(args, spool_path, context):
     context.out.write(format_record(record, where == HOLD, context.now))
     context.out.write("\n")
     try:
-        with open_message(spool.message_path(queue_id, where)) as message:
+        with open_message(spool.message_path(queue_id, where), record["size"]) as message:
             if args.raw:
                 _write_raw(message, context.out, args.body)
             else:
