@@ -140,6 +140,13 @@ def queue_id_of(path):
     return stem if suffix == ".msg" and is_queue_id(stem) else None
 
 
+def open_no_follow(path):
+    """Open ``path`` for reading, refusing a symbolic link: the spool's
+    user could have put one there, and the queue tool may be reading as
+    root (relaymail.queue.layout)."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 def open_message(path, length=None):
     """Open the message in the queue file at ``path`` for reading: a
     buffered binary file that ends where the message ends, with its
@@ -149,7 +156,7 @@ def open_message(path, length=None):
     :param length: the message's length when the caller knows it (a file
         still being written has no trailer to say).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_no_follow(path)
     try:
         if length is None:
             length = message_length(fd, queue_id_of(path))

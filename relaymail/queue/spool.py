@@ -677,7 +677,7 @@ class Spool(service.Service):
         try:
             data = _read_small_file(self._in(directory, queue_id, ".json"))
         except FileNotFoundError:
-            fd = _open_no_follow(path)
+            fd = queue_file.open_no_follow(path)
             try:
                 return queue_file.read_embedded(fd, queue_id)
             finally:
@@ -914,9 +914,9 @@ class Spool(service.Service):
         """
         try:
             try:
-                fd, inside = _open_no_follow(self._in(directory, queue_id, ".json")), False
+                fd, inside = queue_file.open_no_follow(self._in(directory, queue_id, ".json")), False
             except FileNotFoundError:
-                fd, inside = _open_no_follow(self._in(directory, queue_id, ".msg")), True
+                fd, inside = queue_file.open_no_follow(self._in(directory, queue_id, ".msg")), True
         except OSError as error:
             return error
         if _fadvise is not None:
@@ -1206,7 +1206,7 @@ class Spool(service.Service):
         if os.path.exists(self._in(directory, queue_id, ".json")):
             return os.path.exists(path)
         try:
-            fd = _open_no_follow(path)
+            fd = queue_file.open_no_follow(path)
         except FileNotFoundError:
             return False
         try:
@@ -1396,17 +1396,12 @@ def _read_small_file(path):
     """Return the bytes of the file at ``path``.  Plain os.read() rather
     than open(): reading every record of a 100,000-message queue (the
     queue tool's list) spends most of its time per file, not per byte."""
-    fd = _open_no_follow(path)
+    fd = queue_file.open_no_follow(path)
     try:
         return _read_all(fd)
     finally:
         os.close(fd)
 
-
-def _open_no_follow(path):
-    # O_NOFOLLOW: the spool's user could have put a link there, and the
-    # queue tool may be reading as root (relaymail.queue.layout).
-    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _read_all(fd):
