@@ -47,6 +47,8 @@ class Spool:
         self.fail_updates = False
         self.fail_hold = False
         self.count = 0
+        self.threads_wait = False
+        self.threaded = []
 
     def add(self, queue_id, recipients, sender="s@example.org"):
         envelope = Envelope(sender=sender, recipients=recipients, received_at=T0)
@@ -89,6 +91,11 @@ class Spool:
         return Writer(self, f"DSN{self.count}")
 
     def call_in_thread(self, function, *args):
+        if self.threads_wait:
+            # A thread that has not run yet: the test fires it.
+            d = defer.Deferred().addCallback(lambda _: function(*args))
+            self.threaded.append((function.__name__, args, d))
+            return d
         return defer.maybeDeferred(function, *args)
 
     def hold(self, queue_id):
@@ -145,6 +152,28 @@ def test_one_unreadable_message_does_not_stop_the_others(tmp_path):
     spool.load_errors.clear()
     clock.advance(10)
     assert [job.queue_id for job in pool.take()] == ["AAAA"]
+
+
+def test_a_damaged_message_is_set_aside_in_a_thread_and_not_started_meanwhile(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    spool.load_errors["AAAA"] = records.CorruptRecord("unsupported version 2")
+    spool.threads_wait = True
+    sched.startService()
+    clock.advance(0)
+    # Two renames and a sync: not on the reactor thread.
+    [(name, args, moved)] = spool.threaded
+    assert (name, args) == ("quarantine", ("AAAA", "bad record: unsupported version 2"))
+    assert "AAAA" in spool.records
+    # A scan meanwhile neither starts it nor sets it aside a second time.
+    sched.message_queued("AAAA")
+    clock.advance(0)
+    assert pool.take() == [] and len(spool.threaded) == 1
+    moved.callback(None)
+    assert "AAAA" not in spool.records
+    sched.message_queued("AAAA")
+    clock.advance(0)
+    assert pool.take() == [] and len(spool.threaded) == 2
 
 
 def test_a_failed_record_write_does_not_resend_to_delivered_recipients(tmp_path):

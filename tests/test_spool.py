@@ -1153,6 +1153,35 @@ def test_a_quarantine_cut_half_way_never_brings_back_the_record_it_was_committed
     assert good == [] and listing(spool, "active") == []
 
 
+def test_a_quarantined_message_is_on_disk_in_corrupt_after_its_moves(spool, monkeypatch):
+    # Set aside for a person to read: the renames into corrupt/ must
+    # survive a power cut like the queue's own, so corrupt/ is synced
+    # after both files moved, and only then.
+    queue_id = queue_with_record_beside(spool)
+    events = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda source, target: (
+        events.append(os.path.basename(target)), real_rename(source, target))[1])
+    monkeypatch.setattr(spool._active_sync, "sync", lambda: events.append("sync active"))
+    monkeypatch.setattr(spool._corrupt_sync, "sync", lambda: events.append("sync corrupt"))
+    spool.quarantine(queue_id, "bad record: unsupported version 2")
+    assert events == [queue_id + ".msg", "sync active", queue_id + ".json", "sync corrupt"]
+    assert listing(spool, "corrupt") == [queue_id + ".json", queue_id + ".msg"]
+
+
+def test_a_failed_sync_of_corrupt_is_logged_and_the_files_stay_set_aside(spool, monkeypatch):
+    queue_id = queue_sync(spool)
+
+    def fail():
+        raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(spool._corrupt_sync, "sync", fail)
+    events = capture_log(spool)
+    spool.quarantine(queue_id, "bad record: unsupported version 2")
+    assert f"Could not sync {spool.path}/corrupt after moving {queue_id} there" in log_text(events)
+    assert listing(spool, "corrupt") == [queue_id + ".msg"]
+    assert listing(spool, "active") == []
+
+
 def test_the_tool_offline_on_a_cut_two_file_hold_keeps_the_only_record(spool):
     # A hold by the two-file format cut after its third step: the message
     # whole in hold/, its bare message file still in active/.  The queue

@@ -272,14 +272,14 @@ class Scheduler(service.Service):
             return                  # deleted or held meanwhile
         except records.CorruptRecord as error:
             # Damaged behind our back: set aside for a person, never fatal.
-            self.spool.quarantine(queue_id, f"bad record: {error}")
+            self._quarantine(queue_id, f"bad record: {error}")
             return
         if unsaved is None:
             # A delivery worker checks each message here rather than all of
             # them at start (Spool.recover); a lone lstat(2).
             problem = self.spool.body_problem(queue_id, record)
             if problem is not None:
-                self.spool.quarantine(queue_id, problem)
+                self._quarantine(queue_id, problem)
                 return
         forced = queue_id in self._forced
         self._forced.discard(queue_id)
@@ -623,7 +623,7 @@ class Scheduler(service.Service):
             return False
         return self._moved(queue_id, operation).addCallbacks(bool, failed)
 
-    def _moved(self, queue_id, operation):
+    def _moved(self, queue_id, operation, *args):
         """Run a spool move or delete of ``queue_id`` in a thread, the id
         counted as being moved until it is done."""
         self._moving.add(queue_id)
@@ -631,7 +631,16 @@ class Scheduler(service.Service):
         def done(result):
             self._moving.discard(queue_id)
             return result
-        return self.spool.call_in_thread(operation, queue_id).addBoth(done)
+        return self.spool.call_in_thread(operation, queue_id, *args).addBoth(done)
+
+    def _quarantine(self, queue_id, reason):
+        """Set a damaged message aside in ``corrupt/``: two renames and a
+        directory sync, so in a thread, not on the reactor's (a sync there
+        would wait behind the unlink thread's).  A scan meanwhile does not
+        start it, as for any message being moved."""
+        def failed(failure):
+            log.failure("{queue_id}: could not be set aside", failure, queue_id=queue_id)
+        self._moved(queue_id, self.spool.quarantine, reason).addErrback(failed)
 
     def _write(self, queue_id, attempt):
         """Persist the record, after any write already under way."""

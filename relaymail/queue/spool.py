@@ -154,6 +154,7 @@ class Spool(service.Service):
         self._owns_threadpool = threadpool is None
         self._active_sync = GroupSync(self._active)
         self._hold_sync = GroupSync(self._hold)
+        self._corrupt_sync = GroupSync(self._corrupt)
         self._open_ids = set()      # writers neither aborted nor finished
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
@@ -706,7 +707,8 @@ class Spool(service.Service):
 
     def quarantine(self, queue_id, reason):
         """Move a message of ``active/`` whose record cannot be trusted to
-        ``corrupt/``, logged with ``reason``; it is never fatal."""
+        ``corrupt/``, logged with ``reason``; it is never fatal.  Blocks on
+        fsync: from the reactor thread, run it with call_in_thread()."""
         self._checked(queue_id)
         self._quarantine(queue_id, reason)
 
@@ -738,6 +740,13 @@ class Spool(service.Service):
                                queue_id=queue_id, suffix=suffix,
                                directory=self._corrupt, error=error)
                 return
+        # What is set aside is kept for a person to read: on stable storage
+        # like the rest of the queue, not lost with the next power cut.
+        try:
+            self._corrupt_sync.sync()
+        except OSError as error:
+            self.log.error("Could not sync {directory} after moving {queue_id} there: {error}",
+                           queue_id=queue_id, directory=self._corrupt, error=error)
 
     # -- reading and changing (delivery and the queue tool) ------------------
 
