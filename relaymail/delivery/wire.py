@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from relaymail.metrics import instruments
+from relaymail import tcp
 from relaymail.tcp import no_delay
 from relaymail.delivery import tls
 from relaymail.delivery.outcomes import DeliveryError
@@ -90,7 +91,7 @@ class ClientConnection(Protocol):
             if b"\r" in line or b"\n" in line:
                 raise ValueError("a command line must not contain CR or LF")
         if self.usable:
-            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+            tcp.write(self.transport, b"".join(line + b"\r\n" for line in lines))
             self._owed += len(lines)
 
     def expect_more_replies(self, count):

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from relaymail import logline
+from relaymail import logline, tcp
 from relaymail.client_address import in_networks
 from relaymail.metrics import instruments
 from relaymail.smtp import proxy, replies
@@ -410,7 +410,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def _reply(self, reply, close=False):
         if self._closing:
             return
-        self.transport.write(reply.encode(self.dialogue.enhanced_codes))
+        # Sent at once unless pipelined commands wait in the buffer: their
+        # replies then go together, in one write after the last.
+        tcp.write(self.transport, reply.encode(self.dialogue.enhanced_codes),
+                  at_once=not self._buffer)
         instruments.reply_sent(reply)
         if reply is replies.START_DATA:
             self._data_phase_started()

@@ -1,0 +1,189 @@
+"""relaymail.tcp.write over real loopback sockets: sent at once when
+nothing is buffered, Twisted's buffering otherwise, bytes in order."""
+
+import pathlib
+import socket
+
+from twisted.internet import defer, reactor, tcp as twisted_tcp
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from relaymail import tcp
+from relaymail.policy.recipients import Policy
+from relaymail.smtp.server import SMTPFactory
+from tests.support import MemoryQueue, make_settings
+
+
+class Collector(Protocol):
+    """The far end: keeps what arrives, fires ``got`` once ``want`` bytes came."""
+
+    def __init__(self, want):
+        self.want = want
+        self.data = b""
+        self.got = defer.Deferred()
+        self.connected_d = defer.Deferred()
+        self._waiting = None
+
+    def connectionMade(self):
+        self.connected_d.callback(self)
+
+    def dataReceived(self, data):
+        self.data += data
+        if len(self.data) >= self.want and not self.got.called:
+            self.got.callback(self.data)
+        if self._waiting is not None and self._waiting[0](self.data):
+            _, d = self._waiting
+            self._waiting = None
+            d.callback(self.data)
+
+    def until(self, condition):
+        """A Deferred firing once what arrived meets ``condition``."""
+        if condition(self.data):
+            return defer.succeed(self.data)
+        d = defer.Deferred()
+        self._waiting = (condition, d)
+        return d
+
+
+class Held(Protocol):
+    """The near end: does nothing itself; the test writes on it."""
+
+    def connectionMade(self):
+        self.factory.made.callback(self)
+
+
+class NearFactory(Factory):
+    protocol = Held
+
+    def __init__(self):
+        self.made = defer.Deferred()
+
+
+@implementer(IPullProducer)
+class PullProducer:
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class WriteTests(unittest.TestCase):
+
+    async def connect(self, want):
+        near = NearFactory()
+        port = reactor.listenTCP(0, near, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        far = Collector(want)
+        client = ClientFactory.forProtocol(lambda: far)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, client)
+        server = await near.made
+        await far.connected_d
+        self.addCleanup(far.transport.abortConnection)
+        self.addCleanup(server.transport.abortConnection)
+        return server.transport, far
+
+    async def test_a_write_with_nothing_buffered_leaves_before_the_reactor_turns(self):
+        transport, far = await self.connect(7)
+        tcp.write(transport, b"220 ok\n")
+        # Nothing left for the reactor: no watch for writability was set.
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(await far.got, b"220 ok\n")
+
+    async def test_a_write_behind_buffered_data_waits_its_turn(self):
+        transport, far = await self.connect(12)
+        transport.write(b"first ")
+        tcp.write(transport, b"second")
+        self.assertIn(transport, reactor.getWriters())
+        self.assertEqual(await far.got, b"first second")
+
+    async def test_at_once_false_keeps_twisted_buffering(self):
+        transport, far = await self.connect(3)
+        tcp.write(transport, b"250", at_once=False)
+        self.assertEqual(transport._tempDataBuffer, [b"250"])
+        self.assertEqual(await far.got, b"250")
+
+    async def test_a_pull_producer_is_left_to_the_transport_asking_for_more(self):
+        # A pull producer writes when the transport, its buffer drained,
+        # asks; a write that never touched the buffer would never ask.
+        transport, far = await self.connect(4)
+        transport.registerProducer(PullProducer(), False)
+        self.addCleanup(transport.unregisterProducer)
+        tcp.write(transport, b"data")
+        self.assertEqual(transport._tempDataBuffer, [b"data"])
+        self.assertEqual(await far.got, b"data")
+
+    async def test_what_the_socket_does_not_take_is_buffered_and_arrives_in_order(self):
+        size = 1024 * 1024
+        transport, far = await self.connect(size + 4)
+        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        far.transport.pauseProducing()
+        payload = bytes(range(256)) * (size // 256)
+        tcp.write(transport, payload)
+        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        self.assertTrue(0 < buffered < size, buffered)
+        tcp.write(transport, b"tail")
+        far.transport.resumeProducing()
+        self.assertEqual(await far.got, payload + b"tail")
+
+    async def test_a_closed_peer_is_found_by_the_buffered_path(self):
+        transport, far = await self.connect(1)
+        lost = defer.Deferred()
+        transport.protocol.connectionLost = lambda reason: lost.callback(reason.type)
+        far.transport.abortConnection()
+        # Written before our side read the RST: the error comes back from
+        # send(2) and the connection is closed as Twisted closes it.
+        for _ in range(20):
+            tcp.write(transport, b"x" * 65536)
+            await deferLater(0.01)
+            if lost.called:
+                break
+        self.assertEqual(await lost, ConnectionLost)
+
+
+def deferLater(seconds):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class CountingServer(twisted_tcp.Server):
+    sends = None
+
+    def writeSomeData(self, data):
+        self.sends.append(bytes(data))
+        return super().writeSomeData(data)
+
+
+class PipeliningTests(unittest.TestCase):
+
+    async def test_replies_to_a_pipelined_group_leave_in_one_write(self):
+        settings = make_settings(self.mktemp_path())
+        factory = SMTPFactory(settings, Policy([], [], settings), MemoryQueue(), reactor=reactor)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sends = []
+        port.transport = type("Counting", (CountingServer,), {"sends": sends})
+        group = (b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\n"
+                 b"RCPT TO:<b@example.com>\r\nRSET\r\n")
+        far = Collector(1)
+        reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(lambda: far))
+        await far.until(lambda data: data.endswith(b"\r\n"))
+        self.addCleanup(far.transport.abortConnection)
+        self.assertTrue(far.data.startswith(b"220 "), far.data)
+        self.assertEqual(len(sends), 1)         # the greeting, at once
+        far.transport.write(group)
+        # Four replies, the last RSET's.
+        await far.until(lambda data: data.count(b"\r\n250 ") == 4)
+        [answer] = sends[1:]
+        self.assertEqual(far.data, sends[0] + answer)
+        self.assertTrue(answer.endswith(b"250 2.0.0 Ok\r\n"), answer)
+
+    def mktemp_path(self):
+        path = pathlib.Path(self.mktemp())
+        path.mkdir(parents=True)
+        return path
