@@ -1182,6 +1182,46 @@ def test_a_failed_sync_of_corrupt_is_logged_and_the_files_stay_set_aside(spool, 
     assert listing(spool, "active") == []
 
 
+def cut_move_with_a_bad_active_copy(spool):
+    """A message whole in hold/ and in active/ (a move a crash cut), the
+    active/ copy's record damaged since: the held copy is the good one."""
+    queue_id = queue_sync(spool)
+    record = spool.load(queue_id)
+    shutil.copyfile(active_file(spool, queue_id, ".msg"),
+                    os.path.join(spool.path, "hold", queue_id + ".msg"))
+    rewrite_record(spool, queue_id, lambda record: record.update(version=2))
+    return queue_id, record
+
+
+def test_release_of_a_cut_move_keeps_the_good_held_copy_over_a_bad_active_one(spool):
+    queue_id, record = cut_move_with_a_bad_active_copy(spool)
+    events = capture_log(spool)
+    assert spool.release(queue_id, now=record["created_at"]) is True
+    # As recover() settles it: the bad copy set aside, the good one released.
+    assert listing(spool, "corrupt") == [queue_id + ".json", queue_id + ".msg"]
+    assert "bad record" in log_text(events)
+    assert listing(spool, "hold") == []
+    assert spool.load(queue_id)["envelope"] == record["envelope"]
+    assert queue_files.message_of(os.path.join(spool.path, "active"), queue_id) == BODY
+
+
+def test_hold_of_a_cut_move_keeps_the_good_held_copy_over_a_bad_active_one(spool):
+    queue_id, record = cut_move_with_a_bad_active_copy(spool)
+    assert spool.hold(queue_id) is True
+    assert listing(spool, "corrupt") == [queue_id + ".json", queue_id + ".msg"]
+    assert listing(spool, "active") == []
+    assert spool.load_any(queue_id) == (record, "hold")
+
+
+def test_hold_and_release_of_a_cut_move_with_a_good_active_copy_keep_that_one(spool):
+    # The other way round, as recover() has it too: the active/ copy wins.
+    queue_id, record = cut_move_with_a_bad_active_copy(spool)
+    rewrite_record(spool, queue_id, lambda record: record.update(version=1, attempts=3))
+    assert spool.release(queue_id) is True
+    assert listing(spool, "hold") == [] and listing(spool, "corrupt") == []
+    assert spool.load(queue_id)["attempts"] == 3
+
+
 def test_the_tool_offline_on_a_cut_two_file_hold_keeps_the_only_record(spool):
     # A hold by the two-file format cut after its third step: the message
     # whole in hold/, its bare message file still in active/.  The queue

@@ -989,6 +989,8 @@ class Spool(service.Service):
         held_body = self._in(self._hold, queue_id, ".msg")
         if not self._is_message(self._active, queue_id):
             return self._is_message(self._hold, queue_id)
+        if self._is_message(self._hold, queue_id) and self._settle_cut_move(queue_id) == HOLD:
+            return True
         try:
             if os.path.exists(record):
                 self._link_into(record, held_record)
@@ -1031,11 +1033,8 @@ class Spool(service.Service):
         record = self._in(self._active, queue_id, ".json")
         body = self._in(self._active, queue_id, ".msg")
         if self._is_message(self._active, queue_id):
-            # Left complete in both by a crash: settle it as recover() would.
-            if self.is_held(queue_id):
-                self._remove_entry(self._hold, queue_id)
-                self._hold_sync.sync()
-            return True
+            if not self.is_held(queue_id) or self._settle_cut_move(queue_id) == ACTIVE:
+                return True
         try:
             state = self.read_record(queue_id, HOLD)
         except FileNotFoundError:
@@ -1059,6 +1058,23 @@ class Spool(service.Service):
         self._remove_entry(self._hold, queue_id)
         self._hold_sync.sync()
         return True
+
+    def _settle_cut_move(self, queue_id):
+        """A message in ``active/`` with files of it in ``hold/`` too (a
+        move a crash cut): settle it as :meth:`recover` does.  The
+        ``active/`` copy wins and the other goes, unless it is bad: then
+        it is set aside in ``corrupt/`` and the ``hold/`` copy is all there
+        is, never dropped for a copy delivery would quarantine.
+
+        :return: :data:`ACTIVE` or :data:`HOLD`, the copy that stays.
+        """
+        problem = self._problem_with(queue_id, self._active)
+        if problem is None:
+            self._remove_entry(self._hold, queue_id)
+            self._hold_sync.sync()
+            return ACTIVE
+        self._quarantine(queue_id, problem, self._active)
+        return HOLD
 
     def make_due(self, queue_id, now=None):
         """Make a message in ``active/`` due for delivery at ``now`` (the
