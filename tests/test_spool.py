@@ -908,6 +908,26 @@ def test_hold_failing_half_way_leaves_the_message_active(spool, monkeypatch, n):
     assert listing(spool, "hold") == listing(spool, "tmp") == []
 
 
+def test_a_failed_undo_after_a_failed_move_logs_and_keeps_the_first_error(spool, monkeypatch):
+    # The error the caller sees is the one that stopped the move, not the
+    # clean-up's after it.
+    queue_id = queue_with_record_beside(spool)
+    events = capture_log(spool)
+    FaultInjector(monkeypatch, "link", 2)
+
+    def cannot_remove(directory, queue_ids, raise_errors=False):
+        raise OSError(errno.EROFS, "injected clean-up failure")
+    monkeypatch.setattr(spool, "_remove_entries", cannot_remove)
+    with pytest.raises(OSError, match="injected link failure"):
+        spool.hold(queue_id)
+    monkeypatch.undo()
+    assert f"Could not remove the copy of {queue_id} in {spool.path}/hold" in log_text(events)
+    assert listing(spool, "active") == both_files(queue_id)
+    # What is left in hold/ (the record) is a lone record recover() removes.
+    restarted, good, _ = restart(spool)
+    assert good == [queue_id] and listing(spool, "hold") == []
+
+
 # The new record's fsync; active/'s, once record and file are there.
 @pytest.mark.parametrize("n", [1, 2])
 def test_release_failing_half_way_leaves_the_message_held(spool, monkeypatch, n):

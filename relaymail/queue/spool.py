@@ -1000,7 +1000,7 @@ class Spool(service.Service):
             self._link_into(body, held_body)
             self._hold_sync.sync()
         except BaseException:
-            self._remove_entry(self._hold, queue_id)
+            self._undo_copy(self._hold, queue_id)
             raise
         self._remove_entry(self._active, queue_id)
         self._active_sync.sync()
@@ -1053,11 +1053,23 @@ class Spool(service.Service):
             self._active_sync.sync()
         except BaseException:
             self._unlink_quietly(temporary)
-            self._remove_entry(self._active, queue_id)
+            self._undo_copy(self._active, queue_id)
             raise
         self._remove_entry(self._hold, queue_id)
         self._hold_sync.sync()
         return True
+
+    def _undo_copy(self, directory, queue_id):
+        """Remove the copy a failed move made in ``directory``, logging
+        rather than raising a failure to: the caller re-raises the error
+        that stopped the move, which says what went wrong.  A copy left
+        behind is one :meth:`recover` settles."""
+        try:
+            self._remove_entry(directory, queue_id)
+        except OSError as error:
+            self.log.error("Could not remove the copy of {queue_id} in {directory} "
+                           "after a failed move: {error}", queue_id=queue_id,
+                           directory=directory, error=error)
 
     def _settle_cut_move(self, queue_id):
         """A message in ``active/`` with files of it in ``hold/`` too (a
