@@ -1,6 +1,8 @@
 """relaymail.tcp.write over real loopback sockets: sent at once when
-nothing is buffered, Twisted's buffering otherwise, bytes in order."""
+nothing is buffered, Twisted's buffering otherwise, bytes in order; and
+the message stream that ends a one-chunk message in one write."""
 
+import io
 import pathlib
 import socket
 
@@ -12,6 +14,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from relaymail import tcp
+from relaymail.delivery.stream import MessageProducer
 from relaymail.policy.recipients import Policy
 from relaymail.smtp.server import SMTPFactory
 from tests.support import MemoryQueue, make_settings
@@ -187,3 +190,35 @@ class PipeliningTests(unittest.TestCase):
         path = pathlib.Path(self.mktemp())
         path.mkdir(parents=True)
         return path
+
+
+class MessageStreamTests(unittest.TestCase):
+    """relaymail.delivery.stream.MessageProducer on a real connection."""
+
+    connect = WriteTests.connect
+
+    async def test_a_message_of_one_chunk_and_its_end_leave_in_one_write_at_once(self):
+        message = b"Subject: x\r\n\r\n.starts with a dot\r\nbody\r\n"
+        wire = b"Subject: x\r\n\r\n..starts with a dot\r\nbody\r\n.\r\n"
+        transport, far = await self.connect(len(wire))
+        sends = []
+        real = transport.writeSomeData
+        transport.writeSomeData = lambda data: (sends.append(bytes(data)), real(data))[1]
+        done = MessageProducer(io.BytesIO(message), transport).start()
+        self.assertTrue(done.called)
+        self.assertEqual(sends, [wire])
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(await far.got, wire)
+
+    async def test_a_message_of_many_chunks_arrives_whole_with_one_end(self):
+        message = b"".join(b".line %d\r\n" % n for n in range(200))
+        wire = message.replace(b".line", b"..line") + b".\r\n"
+        transport, far = await self.connect(len(wire))
+        done = MessageProducer(io.BytesIO(message), transport, chunk_size=7).start()
+        self.assertEqual(await far.got, wire)
+        await done
+
+    async def test_an_empty_message_is_just_the_end(self):
+        transport, far = await self.connect(3)
+        await MessageProducer(io.BytesIO(b""), transport).start()
+        self.assertEqual(await far.got, b".\r\n")

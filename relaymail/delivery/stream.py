@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relaymail import tcp
 from relaymail.delivery.stuffing import DotStuffer
 
 # Large enough that a message costs few reactor turns, small enough that a
@@ -36,6 +37,7 @@ class MessageProducer:
         self._chunk_size = chunk_size
         self._on_progress = on_progress
         self._stuffer = DotStuffer()
+        self._ahead = None      # the chunk after the one being written
         self.done = Deferred()
 
     def start(self):
@@ -44,25 +46,35 @@ class MessageProducer:
         return self.done
 
     def resumeProducing(self):
-        """Write the next chunk (or the end of data)."""
+        """Write the next chunk, with the end of data if it is the last.
+
+        A chunk is read ahead, so that the last one and the ``.CRLF`` go
+        in one write: a message of one chunk (most of them) is then one
+        write, sent at once (relaymail.tcp.write), rather than two the
+        transport sends on two turns of the reactor.
+        """
         if self.done.called:
             return
         if self._on_progress is not None:
             self._on_progress()
         try:
-            chunk = self._file.read(self._chunk_size)
+            chunk = self._ahead if self._ahead is not None else self._file.read(self._chunk_size)
+            self._ahead = self._file.read(self._chunk_size) if chunk else b""
         except OSError:
             # The caller must drop the connection: ending DATA now would
             # deliver a truncated message.
             self._consumer.unregisterProducer()
             self.done.errback(Failure())
             return
-        if chunk:
+        if self._ahead:
             self._consumer.write(self._stuffer.feed(chunk))
-        else:
-            self._consumer.write(self._stuffer.finish())
-            self._consumer.unregisterProducer()
-            self.done.callback(None)
+            return
+        data = self._stuffer.feed(chunk) + self._stuffer.finish()
+        # Unregistered first: a pull producer's write waits for the
+        # transport's next turn, and nothing is left to pull.
+        self._consumer.unregisterProducer()
+        tcp.write(self._consumer, data)
+        self.done.callback(None)
 
     def stopProducing(self):
         """The connection is going away."""
