@@ -15,9 +15,8 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from relaymail.metrics import instruments
 from relaymail import tcp
-from relaymail.tcp import no_delay
+from relaymail.metrics import instruments
 from relaymail.delivery import tls
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.responses import MalformedReply, ReplyReader
@@ -207,7 +206,7 @@ class ClientConnection(Protocol):
     # -- Twisted callbacks -------------------------------------------------
 
     def connectionMade(self):
-        no_delay(self.transport)
+        tcp.no_delay(self.transport)
         if self._implicit_tls is not None:
             # Nothing has been read or written yet, so this is TLS from the
             # first byte; the greeting comes through it, and the wait for

@@ -32,7 +32,6 @@ from relaymail.metrics import instruments
 from relaymail.smtp import proxy, replies
 from relaymail.smtp.dialogue import Dialogue, SessionContext
 from relaymail.tls_session import negotiated_cipher, negotiated_tls
-from relaymail.tcp import no_delay
 
 log = Logger(namespace="relaymail.smtp")
 
@@ -85,7 +84,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.context = None
 
     def connectionMade(self):
-        no_delay(self.transport)
+        tcp.no_delay(self.transport)
         instruments.connection_opened()
         if self.factory.sessions is not None:
             self.factory.sessions.add(self)
