@@ -35,8 +35,9 @@ def write(transport, data, at_once=True):
     (TLS, a wrapper, a pull producer that expects the transport to ask it
     for more) is written the usual way.
 
-    This reads the buffer attributes of Twisted's FileDescriptor
-    (``dataBuffer``, ``_tempDataBuffer``, ``_writeDisconnected``), not
+    This reads the buffer and state attributes of Twisted's FileDescriptor
+    (``dataBuffer``, ``_tempDataBuffer``, ``_writeDisconnected``,
+    ``_aborting``), not
     part of its interface: tests/test_tcp_write.py pins what it relies on.
     """
     if at_once and _can_send_now(transport):
@@ -51,7 +52,11 @@ def write(transport, data, at_once=True):
 
 
 def _can_send_now(transport):
+    # abortConnection() leaves connected set and disconnecting clear until
+    # connectionLost runs on a later turn; what is written meanwhile is
+    # dropped, so it must not reach the socket here either.
     return (isinstance(transport, _tcp.Connection) and not transport.TLS and transport.connected
+            and not transport.disconnected and not transport._aborting
             and not transport.disconnecting and not transport._writeDisconnected
             and not transport.dataBuffer and not transport._tempDataBuffer
             and (transport.producer is None or transport.streamingProducer))

@@ -133,10 +133,24 @@ class WriteTests(unittest.TestCase):
         far.transport.resumeProducing()
         self.assertEqual(await far.got, payload + b"tail")
 
+    async def test_nothing_is_sent_after_an_abort(self):
+        # Twisted drops what is written between abortConnection() and the
+        # connectionLost it calls on a later turn; so must the eager path.
+        transport, far = await self.connect(1)
+        far_lost = defer.Deferred()
+        far.connectionLost = lambda reason: far_lost.callback(far.data)
+        transport.abortConnection()
+        tcp.write(transport, b"AFTER-ABORT")
+        self.assertEqual(await far_lost, b"")
+
     async def test_a_closed_peer_is_found_by_the_buffered_path(self):
         transport, far = await self.connect(1)
         lost = defer.Deferred()
         transport.protocol.connectionLost = lambda reason: lost.callback(reason.type)
+        # Not reading: only a write can find the reset, so an eager send
+        # that swallowed the error without buffering would leave this
+        # connection open for ever.
+        transport.stopReading()
         far.transport.abortConnection()
         # Written before our side read the RST: the error comes back from
         # send(2) and the connection is closed as Twisted closes it.
@@ -146,6 +160,8 @@ class WriteTests(unittest.TestCase):
             if lost.called:
                 break
         self.assertEqual(await lost, ConnectionLost)
+
+    test_a_closed_peer_is_found_by_the_buffered_path.timeout = 10
 
 
 def deferLater(seconds):
@@ -197,6 +213,14 @@ class MessageStreamTests(unittest.TestCase):
 
     connect = WriteTests.connect
 
+    async def everything_sent(self, transport, far):
+        """All the far end got, once our side has closed: nothing sent
+        twice or late slips past a test that waited for ``want`` bytes."""
+        closed = defer.Deferred()
+        far.connectionLost = lambda reason: closed.callback(far.data)
+        transport.loseConnection()
+        return await closed
+
     async def test_a_message_of_one_chunk_and_its_end_leave_in_one_write_at_once(self):
         message = b"Subject: x\r\n\r\n.starts with a dot\r\nbody\r\n"
         wire = b"Subject: x\r\n\r\n..starts with a dot\r\nbody\r\n.\r\n"
@@ -208,17 +232,44 @@ class MessageStreamTests(unittest.TestCase):
         self.assertTrue(done.called)
         self.assertEqual(sends, [wire])
         self.assertNotIn(transport, reactor.getWriters())
-        self.assertEqual(await far.got, wire)
+        self.assertEqual(await self.everything_sent(transport, far), wire)
 
     async def test_a_message_of_many_chunks_arrives_whole_with_one_end(self):
         message = b"".join(b".line %d\r\n" % n for n in range(200))
         wire = message.replace(b".line", b"..line") + b".\r\n"
         transport, far = await self.connect(len(wire))
         done = MessageProducer(io.BytesIO(message), transport, chunk_size=7).start()
-        self.assertEqual(await far.got, wire)
         await done
+        self.assertEqual(await self.everything_sent(transport, far), wire)
+
+    async def test_a_message_of_whole_chunks_ends_once_and_stuffs_across_their_edges(self):
+        # Every chunk ends in CRLF and the next begins with a dot: the read
+        # ahead finds an empty read after the last full chunk.
+        message = b".abcde\r\n" * 6
+        wire = b"..abcde\r\n" * 6 + b".\r\n"
+        transport, far = await self.connect(len(wire))
+        await MessageProducer(io.BytesIO(message), transport, chunk_size=8).start()
+        self.assertEqual(await self.everything_sent(transport, far), wire)
 
     async def test_an_empty_message_is_just_the_end(self):
         transport, far = await self.connect(3)
         await MessageProducer(io.BytesIO(b""), transport).start()
-        self.assertEqual(await far.got, b".\r\n")
+        self.assertEqual(await self.everything_sent(transport, far), b".\r\n")
+
+    async def test_a_read_error_ahead_sends_no_end_of_data(self):
+        # The chunk before a failed read must not be taken for the last:
+        # ending DATA then would deliver a truncated message.
+        class FailsSecondRead(io.BytesIO):
+            reads = 0
+
+            def read(self, size=-1):
+                self.reads += 1
+                if self.reads == 2:
+                    raise OSError(5, "Input/output error")
+                return super().read(size)
+        transport, far = await self.connect(1)
+        done = MessageProducer(FailsSecondRead(b"x" * 20 + b"\r\n"), transport, chunk_size=8).start()
+        with self.assertRaises(OSError):
+            await done
+        self.assertIsNone(transport.producer)
+        self.assertEqual(await self.everything_sent(transport, far), b"")
