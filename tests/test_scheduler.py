@@ -154,13 +154,20 @@ def test_one_unreadable_message_does_not_stop_the_others(tmp_path):
     assert [job.queue_id for job in pool.take()] == ["AAAA"]
 
 
-def test_a_damaged_message_is_set_aside_in_a_thread_and_not_started_meanwhile(tmp_path):
+def being_set_aside(tmp_path):
+    """A scheduler whose one message, AAAA, has a bad record and is being
+    set aside: the quarantine waits in ``spool.threaded`` for the test."""
     sched, spool, pool, clock = scheduler(tmp_path)
     spool.add("AAAA", ["a@example.net"])
     spool.load_errors["AAAA"] = records.CorruptRecord("unsupported version 2")
     spool.threads_wait = True
     sched.startService()
     clock.advance(0)
+    return sched, spool, pool, clock
+
+
+def test_a_damaged_message_is_set_aside_in_a_thread_and_not_started_meanwhile(tmp_path):
+    sched, spool, pool, clock = being_set_aside(tmp_path)
     # Two renames and a sync: not on the reactor thread.
     [(name, args, moved)] = spool.threaded
     assert (name, args) == ("quarantine", ("AAAA", "bad record: unsupported version 2"))
@@ -174,6 +181,45 @@ def test_a_damaged_message_is_set_aside_in_a_thread_and_not_started_meanwhile(tm
     sched.message_queued("AAAA")
     clock.advance(0)
     assert pool.take() == [] and len(spool.threaded) == 2
+
+
+def test_a_message_asked_for_while_set_aside_is_not_left_to_retry(tmp_path):
+    sched, spool, pool, clock = being_set_aside(tmp_path)
+    [(_, _, moved)] = spool.threaded
+    # A flush while it moves: it is there to flush, but not started.
+    assert sched.retry("AAAA") is True
+    clock.advance(0)
+    assert pool.take() == [] and len(spool.threaded) == 1
+    moved.callback(None)
+    # Set aside: nothing left that says it is queued here.
+    assert sched.retry("AAAA") is False
+    assert sched.deferred_count(clock.seconds() - 1) == 0
+
+
+def test_a_move_that_ends_first_does_not_start_a_message_another_is_moving(tmp_path):
+    sched, spool, pool, clock = being_set_aside(tmp_path)
+    spool.fail_hold = True
+    sched.hold("AAAA")          # a person's, while it is set aside
+    [(_, _, quarantined), (name, _, held)] = spool.threaded
+    assert name == "hold"
+    held.callback(None)         # failed (EIO): due again in min_backoff
+    clock.advance(10)
+    # Still being set aside: neither started nor set aside twice.
+    assert pool.take() == [] and len(spool.threaded) == 2
+    quarantined.callback(None)
+    assert "AAAA" not in spool.records and sched.retry("AAAA") is False
+
+
+def test_a_message_that_could_not_be_set_aside_is_looked_at_again(tmp_path):
+    sched, spool, pool, clock = being_set_aside(tmp_path)
+    [(_, _, moved)] = spool.threaded
+    moved.errback(OSError(errno.EIO, "Input/output error"))
+    clock.advance(9)
+    assert len(spool.threaded) == 1
+    clock.advance(1)        # min_backoff later: tried, still bad, set aside again
+    assert [name for name, _, _ in spool.threaded] == ["quarantine", "quarantine"]
+    spool.threaded[1][2].callback(None)
+    assert "AAAA" not in spool.records and pool.take() == []
 
 
 def test_a_failed_record_write_does_not_resend_to_delivered_recipients(tmp_path):

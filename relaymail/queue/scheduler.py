@@ -28,6 +28,7 @@ reply.  The queue lifetime still ends: soft_bounce keeps mail queued while
 a set-up is tried out, not for ever.
 """
 
+import collections
 import copy
 import heapq
 import itertools
@@ -122,9 +123,10 @@ class Scheduler(service.Service):
         self._scheduled = {}        # queue id -> time it is due
         self._forced = set()        # due now whatever the record says
         self._attempts = {}         # queue id -> _Attempt in progress
-        # Ids being held, released or deleted in a spool thread: neither
-        # scheduled nor in an attempt, and not to be picked up meanwhile.
-        self._moving = set()
+        # Ids being held, released, deleted or set aside in a spool thread
+        # (how many such moves are under way): neither scheduled nor in an
+        # attempt, and not to be picked up meanwhile.
+        self._moving = collections.Counter()
         # queue id -> a record newer in memory than on disk (its write
         # failed), or as fresh (just committed): used instead of reading it.
         self._unsaved = {}
@@ -245,9 +247,15 @@ class Scheduler(service.Service):
         try:
             while self._heap and self._heap[0][0] <= now and len(self._attempts) < limit:
                 when, _, queue_id = heapq.heappop(self._heap)
-                if (self._scheduled.get(queue_id) != when or queue_id in self._attempts
-                        or queue_id in self._moving):
-                    continue            # rescheduled since, running, or being moved
+                if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
+                    continue            # rescheduled since, or running
+                if queue_id in self._moving:
+                    # The move decides what comes next: gone, held, or due
+                    # again (released, or a move that failed); left in
+                    # _scheduled, a message set aside would still exist
+                    # to retry and pickup.
+                    del self._scheduled[queue_id]
+                    continue
                 del self._scheduled[queue_id]
                 try:
                     self._start(queue_id, now)
@@ -626,10 +634,14 @@ class Scheduler(service.Service):
     def _moved(self, queue_id, operation, *args):
         """Run a spool move or delete of ``queue_id`` in a thread, the id
         counted as being moved until it is done."""
-        self._moving.add(queue_id)
+        # Counted: a person's hold or release can overlap a quarantine, and
+        # the first to end must not make the id startable under the other.
+        self._moving[queue_id] += 1
 
         def done(result):
-            self._moving.discard(queue_id)
+            self._moving[queue_id] -= 1
+            if not self._moving[queue_id]:
+                del self._moving[queue_id]
             return result
         return self.spool.call_in_thread(operation, queue_id, *args).addBoth(done)
 
@@ -638,9 +650,15 @@ class Scheduler(service.Service):
         directory sync, so in a thread, not on the reactor's (a sync there
         would wait behind the unlink thread's).  A scan meanwhile does not
         start it, as for any message being moved."""
+        def set_aside(_):
+            self._forced.discard(queue_id)
+
         def failed(failure):
+            # Still in active/: looked at again later, and set aside then
+            # if it is still bad.
             log.failure("{queue_id}: could not be set aside", failure, queue_id=queue_id)
-        self._moved(queue_id, self.spool.quarantine, reason).addErrback(failed)
+            self._schedule(queue_id, self._clock() + self.settings.queue.min_backoff)
+        self._moved(queue_id, self.spool.quarantine, reason).addCallbacks(set_aside, failed)
 
     def _write(self, queue_id, attempt):
         """Persist the record, after any write already under way."""
