@@ -1163,7 +1163,9 @@ def test_a_quarantine_cut_half_way_never_brings_back_the_record_it_was_committed
         return real_rename(source, target)
     monkeypatch.setattr(os, "rename", rename)
     events = capture_log(spool)
-    spool.quarantine(queue_id, "bad record: unsupported version 2")
+    # Raised for the scheduler, which looks at what is left again later.
+    with pytest.raises(OSError, match="injected"):
+        spool.quarantine(queue_id, "bad record: unsupported version 2")
     monkeypatch.undo()
     assert "Could not move" in log_text(events)
     # The queue file is set aside first; what is left is a lone record.
@@ -1240,6 +1242,48 @@ def test_hold_and_release_of_a_cut_move_with_a_good_active_copy_keep_that_one(sp
     assert spool.release(queue_id) is True
     assert listing(spool, "hold") == [] and listing(spool, "corrupt") == []
     assert spool.load(queue_id)["attempts"] == 3
+
+
+def test_hold_of_a_cut_move_with_a_good_active_copy_holds_that_one(spool):
+    queue_id, record = cut_move_with_a_bad_active_copy(spool)
+    rewrite_record(spool, queue_id, lambda record: record.update(version=1, attempts=3))
+    assert spool.hold(queue_id) is True
+    assert listing(spool, "active") == [] and listing(spool, "corrupt") == []
+    assert spool.load_any(queue_id) == (record | {"attempts": 3}, "hold")
+
+
+def test_a_cut_move_whose_bad_copy_cannot_be_set_aside_is_left_as_it_is(spool, monkeypatch):
+    queue_id, _ = cut_move_with_a_bad_active_copy(spool)
+    before = {name: listing(spool, name) for name in ("active", "hold")}
+    capture_log(spool)
+    FaultInjector(monkeypatch, "rename", 1)
+    with pytest.raises(OSError, match="injected rename failure"):
+        spool.hold(queue_id)
+    monkeypatch.undo()
+    assert {name: listing(spool, name) for name in ("active", "hold")} == before
+    assert listing(spool, "corrupt") == []
+
+
+@pytest.mark.parametrize("removal", ["remove", "_remove_batch"])
+def test_a_delivered_message_takes_the_held_copy_a_failed_hold_left(spool, monkeypatch, removal):
+    # hold/ synced, then that failed, and so did the undo: a whole copy in
+    # hold/ that releasing would deliver a second time.
+    queue_id = queue_with_record_beside(spool)
+    events = capture_log(spool)
+
+    def fail():
+        raise OSError(errno.EIO, "injected sync failure")
+    monkeypatch.setattr(spool._hold_sync, "sync", fail)
+    real_remove = spool._remove_entries
+    monkeypatch.setattr(spool, "_remove_entries", lambda directory, *args, **kwargs: (
+        fail() if directory.endswith("hold") else real_remove(directory, *args, **kwargs)))
+    with pytest.raises(OSError, match="injected sync failure"):
+        spool.hold(queue_id)
+    monkeypatch.undo()
+    assert listing(spool, "hold") == listing(spool, "active") == both_files(queue_id)
+    assert "Could not remove the copy" in log_text(events)
+    getattr(spool, removal)(queue_id if removal == "remove" else [queue_id])
+    assert listing(spool, "hold") == listing(spool, "active") == []
 
 
 def test_the_tool_offline_on_a_cut_two_file_hold_keeps_the_only_record(spool):

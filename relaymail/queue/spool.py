@@ -156,6 +156,11 @@ class Spool(service.Service):
         self._hold_sync = GroupSync(self._hold)
         self._corrupt_sync = GroupSync(self._corrupt)
         self._open_ids = set()      # writers neither aborted nor finished
+        # Messages a failed hold or release left in both active/ and hold/
+        # (its clean-up failed too): once delivered from active/, the copy
+        # in hold/ must go with it, or releasing it would deliver it again.
+        # recover() settles the ones a restart finds.
+        self._in_both = set()
         self._in_flight = set()     # a Deferred per job in a thread
         self._accepting = False
         self._batcher = None
@@ -644,15 +649,19 @@ class Spool(service.Service):
     def _check_or_quarantine(self, queue_id, directory=None):
         """Return True if the entry is good; else move it to ``corrupt/``."""
         directory = directory or self._active
-        try:
-            problem = self._problem_with(queue_id, directory)
-        except Exception as error:
-            # Whatever it is, it is about this entry: set it aside and go on.
-            problem = f"could not be checked: {error!r}"
+        problem = self._checked_problem(queue_id, directory)
         if problem is None:
             return True
         self._quarantine(queue_id, problem, directory)
         return False
+
+    def _checked_problem(self, queue_id, directory):
+        """:meth:`_problem_with`, an unexpected error in the check taken
+        for a problem of the entry: whatever it is, it is about this one."""
+        try:
+            return self._problem_with(queue_id, directory)
+        except Exception as error:
+            return f"could not be checked: {error!r}"
 
     def _problem_with(self, queue_id, directory=None):
         """Say what is wrong with an entry in ``directory`` (``active/``
@@ -708,11 +717,19 @@ class Spool(service.Service):
     def quarantine(self, queue_id, reason):
         """Move a message of ``active/`` whose record cannot be trusted to
         ``corrupt/``, logged with ``reason``; it is never fatal.  Blocks on
-        fsync: from the reactor thread, run it with call_in_thread()."""
+        fsync: from the reactor thread, run it with call_in_thread().
+
+        :raise OSError: when it could not be moved (logged); it is still
+            in ``active/``, to be looked at again.
+        """
         self._checked(queue_id)
-        self._quarantine(queue_id, reason)
+        error = self._quarantine(queue_id, reason)
+        if error is not None:
+            raise error
 
     def _quarantine(self, queue_id, reason, directory=None):
+        """Move the entry to ``corrupt/``; return the OSError that stopped
+        the move (logged), or None."""
         directory = directory or self._active
         self.log.warn("Moving queue entry {queue_id} to {directory}: {reason}",
                       queue_id=queue_id, directory=self._corrupt, reason=reason)
@@ -739,14 +756,16 @@ class Spool(service.Service):
                 self.log.error("Could not move {queue_id}{suffix} to {directory}: {error}",
                                queue_id=queue_id, suffix=suffix,
                                directory=self._corrupt, error=error)
-                return
+                return error
         # What is set aside is kept for a person to read: on stable storage
         # like the rest of the queue, not lost with the next power cut.
         try:
             self._corrupt_sync.sync()
         except OSError as error:
+            # Moved out of the queue all the same: nothing to look at again.
             self.log.error("Could not sync {directory} after moving {queue_id} there: {error}",
                            queue_id=queue_id, directory=self._corrupt, error=error)
+        return None
 
     # -- reading and changing (delivery and the queue tool) ------------------
 
@@ -816,7 +835,10 @@ class Spool(service.Service):
         # Not fsync'd (but between the two files of a retried message,
         # _remove_entry): if the removal is lost in a crash the message is
         # delivered again, which the queue's contract allows.
-        return self._remove_entry(self._active, self._checked(queue_id))
+        removed = self._remove_entry(self._active, self._checked(queue_id))
+        if self._in_both:
+            self._drop_hold_copy(queue_id)
+        return removed
 
     def remove_soon(self, queue_id):
         """:meth:`remove`, in the spool's unlink thread: for the delivery
@@ -833,7 +855,26 @@ class Spool(service.Service):
         return self._tracked(self._remover.submit(queue_id))
 
     def _remove_batch(self, queue_ids):
-        return self._remove_entries(self._active, [self._checked(q) for q in queue_ids])
+        results = self._remove_entries(self._active, [self._checked(q) for q in queue_ids])
+        if self._in_both:
+            for queue_id in queue_ids:
+                self._drop_hold_copy(queue_id)
+        return results
+
+    def _drop_hold_copy(self, queue_id):
+        """Remove what a failed move left of ``queue_id`` in ``hold/``,
+        now that it is delivered; nothing when it left none."""
+        if queue_id not in self._in_both:
+            return
+        self._in_both.discard(queue_id)
+        try:
+            self._remove_entry(self._hold, queue_id)
+            self._hold_sync.sync()
+        except OSError as error:
+            self.log.error("{queue_id}: delivered, but the copy in {directory} a failed move "
+                           "left could not be removed: {error}; delete it there, or "
+                           "releasing it delivers it again", queue_id=queue_id,
+                           directory=self._hold, error=error)
 
     # -- hold, release and administration (scheduler and queue tool) ---------
     #
@@ -1067,6 +1108,7 @@ class Spool(service.Service):
         try:
             self._remove_entry(directory, queue_id)
         except OSError as error:
+            self._in_both.add(queue_id)
             self.log.error("Could not remove the copy of {queue_id} in {directory} "
                            "after a failed move: {error}", queue_id=queue_id,
                            directory=directory, error=error)
@@ -1079,14 +1121,18 @@ class Spool(service.Service):
         is, never dropped for a copy delivery would quarantine.
 
         :return: :data:`ACTIVE` or :data:`HOLD`, the copy that stays.
+        :raise OSError: when the disk refused; both copies are still there.
         """
-        problem = self._problem_with(queue_id, self._active)
+        problem = self._checked_problem(queue_id, self._active)
         if problem is None:
             self._remove_entry(self._hold, queue_id)
             self._hold_sync.sync()
-            return ACTIVE
-        self._quarantine(queue_id, problem, self._active)
-        return HOLD
+        else:
+            error = self._quarantine(queue_id, problem, self._active)
+            if error is not None:
+                raise error
+        self._in_both.discard(queue_id)
+        return ACTIVE if problem is None else HOLD
 
     def make_due(self, queue_id, now=None):
         """Make a message in ``active/`` due for delivery at ``now`` (the
