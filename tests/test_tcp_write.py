@@ -6,7 +6,7 @@ import io
 import pathlib
 import socket
 
-from twisted.internet import defer, reactor, tcp as twisted_tcp
+from twisted.internet import defer, reactor, ssl, tcp as twisted_tcp
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -18,6 +18,7 @@ from relaymail.delivery.stream import MessageProducer
 from relaymail.policy.recipients import Policy
 from relaymail.smtp.server import SMTPFactory
 from tests.support import MemoryQueue, make_settings
+from tests.test_client import SERVER_NAME, authority, server_tls_options
 
 
 class Collector(Protocol):
@@ -75,6 +76,7 @@ class PullProducer:
 
 
 class WriteTests(unittest.TestCase):
+    timeout = 10     # a write that never arrives fails in seconds, not trial's 120
 
     async def connect(self, want):
         near = NearFactory()
@@ -143,6 +145,21 @@ class WriteTests(unittest.TestCase):
         tcp.write(transport, b"AFTER-ABORT")
         self.assertEqual(await far_lost, b"")
 
+    async def test_after_starttls_a_write_goes_through_tls(self):
+        # STARTTLS turns a plain connection into TLS in place: the eager
+        # path must step aside, or the bytes would leave unencrypted.
+        transport, far = await self.connect(len(b"secret reply"))
+        raw = []
+        real = transport.writeSomeData
+        transport.writeSomeData = lambda data: (raw.append(bytes(data)), real(data))[1]
+        transport.startTLS(server_tls_options("ca"))
+        far.transport.startTLS(ssl.optionsForClientTLS(
+            SERVER_NAME, trustRoot=ssl.Certificate.loadPEM(authority().cert_pem)))
+        tcp.write(transport, b"secret reply")
+        self.assertEqual(await far.got, b"secret reply")
+        self.assertTrue(raw)
+        self.assertFalse(any(b"secret" in sent for sent in raw), raw)
+
     async def test_a_closed_peer_is_found_by_the_buffered_path(self):
         transport, far = await self.connect(1)
         lost = defer.Deferred()
@@ -161,8 +178,6 @@ class WriteTests(unittest.TestCase):
                 break
         self.assertEqual(await lost, ConnectionLost)
 
-    test_a_closed_peer_is_found_by_the_buffered_path.timeout = 10
-
 
 def deferLater(seconds):
     d = defer.Deferred()
@@ -179,6 +194,7 @@ class CountingServer(twisted_tcp.Server):
 
 
 class PipeliningTests(unittest.TestCase):
+    timeout = 10     # a write that never arrives fails in seconds, not trial's 120
 
     async def test_replies_to_a_pipelined_group_leave_in_one_write(self):
         settings = make_settings(self.mktemp_path())
@@ -210,6 +226,8 @@ class PipeliningTests(unittest.TestCase):
 
 class MessageStreamTests(unittest.TestCase):
     """relaymail.delivery.stream.MessageProducer on a real connection."""
+
+    timeout = 10
 
     connect = WriteTests.connect
 
