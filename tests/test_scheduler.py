@@ -16,6 +16,7 @@ from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
 from relaymail.delivery.routing import Router
 from relaymail.envelope import Envelope
 from relaymail.queue import record as records
+from relaymail.queue.control import ControlError
 from relaymail.queue.scheduler import Scheduler
 from tests.support import make_settings
 
@@ -196,18 +197,41 @@ def test_a_message_asked_for_while_set_aside_is_not_left_to_retry(tmp_path):
     assert sched.deferred_count(clock.seconds() - 1) == 0
 
 
-def test_a_move_that_ends_first_does_not_start_a_message_another_is_moving(tmp_path):
+def test_a_person_s_move_is_refused_while_another_moves_the_message(tmp_path):
+    # A hold and a release in two spool threads at once could each remove
+    # the copy the other kept: one move of a message at a time.
     sched, spool, pool, clock = being_set_aside(tmp_path)
-    spool.fail_hold = True
-    sched.hold("AAAA")          # a person's, while it is set aside
-    [(_, _, quarantined), (name, _, held)] = spool.threaded
-    assert name == "hold"
-    held.callback(None)         # failed (EIO): due again in min_backoff
+    for ask in (sched.hold, sched.release, sched.delete):
+        with pytest.raises(ControlError, match="AAAA is being moved; try again"):
+            ask("AAAA")
+    assert len(spool.threaded) == 1 and "AAAA" in spool.records
     clock.advance(10)
-    # Still being set aside: neither started nor set aside twice.
-    assert pool.take() == [] and len(spool.threaded) == 2
-    quarantined.callback(None)
+    assert pool.take() == []
+    spool.threaded[0][2].callback(None)
     assert "AAAA" not in spool.records and sched.retry("AAAA") is False
+
+
+def test_a_release_that_fails_looks_at_the_message_in_active_again(tmp_path):
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net"])
+    spool.is_held = lambda queue_id: True
+
+    def release(queue_id):
+        # Cut after the copy into active/, its record due now: the last
+        # sync, of hold/, failed.
+        spool.records[queue_id]["next_attempt_at"] = clock.seconds()
+        raise OSError(errno.EIO, "Input/output error")
+    spool.release = release
+    sched.startService()
+    clock.advance(0)
+    [first] = pool.take()
+    finish(first, DEFERRED, 451)
+    clock.advance(0)
+    failures = []
+    sched.release("AAAA").addErrback(failures.append)
+    assert [f.type for f in failures] == [OSError]
+    clock.advance(0)
+    assert [job.queue_id for job in pool.take()] == ["AAAA"]
 
 
 def test_a_message_that_could_not_be_set_aside_is_looked_at_again(tmp_path):

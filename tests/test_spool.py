@@ -1286,6 +1286,30 @@ def test_a_delivered_message_takes_the_held_copy_a_failed_hold_left(spool, monke
     assert listing(spool, "hold") == listing(spool, "active") == []
 
 
+@pytest.mark.parametrize("move", ["hold", "release"])
+def test_a_move_whose_last_removal_fails_leaves_both_copies_to_delivery(spool, monkeypatch, move):
+    # The whole copy made, then the disk refused to remove the one it came
+    # from: the active/ copy is delivered (as recover() would keep it), and
+    # the held one goes with it, never to be released and delivered again.
+    queue_id = queue_with_record_beside(spool)
+    if move == "release":
+        spool.hold(queue_id)
+    source = "active" if move == "hold" else "hold"
+    real_remove = spool._remove_entries
+
+    def cannot_remove(directory, *args, **kwargs):
+        if directory.endswith(source):
+            raise OSError(errno.EIO, "injected unlink failure")
+        return real_remove(directory, *args, **kwargs)
+    monkeypatch.setattr(spool, "_remove_entries", cannot_remove)
+    with pytest.raises(OSError, match="injected unlink failure"):
+        getattr(spool, move)(queue_id)
+    monkeypatch.undo()
+    assert listing(spool, "hold") == listing(spool, "active") == both_files(queue_id)
+    spool.remove(queue_id)
+    assert listing(spool, "hold") == listing(spool, "active") == []
+
+
 def test_the_tool_offline_on_a_cut_two_file_hold_keeps_the_only_record(spool):
     # A hold by the two-file format cut after its third step: the message
     # whole in hold/, its bare message file still in active/.  The queue

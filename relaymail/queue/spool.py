@@ -1043,8 +1043,7 @@ class Spool(service.Service):
         except BaseException:
             self._undo_copy(self._hold, queue_id)
             raise
-        self._remove_entry(self._active, queue_id)
-        self._active_sync.sync()
+        self._leave(self._active, queue_id)
         return True
 
     def release(self, queue_id, now=None):
@@ -1096,9 +1095,20 @@ class Spool(service.Service):
             self._unlink_quietly(temporary)
             self._undo_copy(self._active, queue_id)
             raise
-        self._remove_entry(self._hold, queue_id)
-        self._hold_sync.sync()
+        self._leave(self._hold, queue_id)
         return True
+
+    def _leave(self, directory, queue_id):
+        """The last steps of a move: remove the message from ``directory``,
+        where it came from, and sync that.  If the disk refuses, the copy
+        there stays beside the whole one the move made: remembered in
+        ``_in_both``, so that delivery takes both, as recover() would."""
+        try:
+            self._remove_entry(directory, queue_id)
+            self._sync_of(directory).sync()
+        except BaseException:
+            self._in_both.add(queue_id)
+            raise
 
     def _undo_copy(self, directory, queue_id):
         """Remove the copy a failed move made in ``directory``, logging
