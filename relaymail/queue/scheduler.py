@@ -634,8 +634,9 @@ class Scheduler(service.Service):
     def _moved(self, queue_id, operation, *args):
         """Run a spool move or delete of ``queue_id`` in a thread, the id
         counted as being moved until it is done."""
-        # Counted: a person's hold or release can overlap a quarantine, and
-        # the first to end must not make the id startable under the other.
+        # Counted rather than a set: the end of one move must never clear
+        # the mark of another still running (a person's moves are refused
+        # meanwhile, _refuse_while_moving; the relay's own are not asked).
         self._moving[queue_id] += 1
 
         def done(result):
