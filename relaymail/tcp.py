@@ -35,10 +35,10 @@ def write(transport, data, at_once=True):
     (TLS, a wrapper, a pull producer that expects the transport to ask it
     for more) is written the usual way.
 
-    This reads the buffer and state attributes of Twisted's FileDescriptor
+    This reads buffer and state attributes of Twisted's FileDescriptor
     (``dataBuffer``, ``_tempDataBuffer``, ``_writeDisconnected``,
-    ``_aborting``), not
-    part of its interface: tests/test_tcp_write.py pins what it relies on.
+    ``_aborting``), not part of its interface: tests/test_tcp_write.py
+    pins what it relies on.
     """
     if at_once and _can_send_now(transport):
         sent = transport.writeSomeData(data)
@@ -56,7 +56,7 @@ def _can_send_now(transport):
     # connectionLost runs on a later turn; what is written meanwhile is
     # dropped, so it must not reach the socket here either.
     return (isinstance(transport, _tcp.Connection) and not transport.TLS and transport.connected
-            and not transport.disconnected and not transport._aborting
+            and not transport._aborting
             and not transport.disconnecting and not transport._writeDisconnected
             and not transport.dataBuffer and not transport._tempDataBuffer
             and (transport.producer is None or transport.streamingProducer))

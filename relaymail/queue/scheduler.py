@@ -249,14 +249,13 @@ class Scheduler(service.Service):
                 when, _, queue_id = heapq.heappop(self._heap)
                 if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
                     continue            # rescheduled since, or running
+                del self._scheduled[queue_id]
                 if queue_id in self._moving:
                     # The move decides what comes next: gone, held, or due
                     # again (released, or a move that failed); left in
                     # _scheduled, a message set aside would still exist
                     # to retry and pickup.
-                    del self._scheduled[queue_id]
                     continue
-                del self._scheduled[queue_id]
                 try:
                     self._start(queue_id, now)
                 except Exception:

@@ -1137,12 +1137,14 @@ class Spool(service.Service):
         if problem is None:
             self._remove_entry(self._hold, queue_id)
             self._hold_sync.sync()
+            kept = ACTIVE
         else:
             error = self._quarantine(queue_id, problem, self._active)
             if error is not None:
                 raise error
+            kept = HOLD
         self._in_both.discard(queue_id)
-        return ACTIVE if problem is None else HOLD
+        return kept
 
     def make_due(self, queue_id, now=None):
         """Make a message in ``active/`` due for delivery at ``now`` (the
