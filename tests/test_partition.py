@@ -241,6 +241,37 @@ def test_two_workers_count_one_clients_attempts_together(tmp_path):
     os.close(fd)
 
 
+def test_a_stress_another_worker_begins_and_ends_reaches_this_one_s_sessions(tmp_path):
+    # Outsiders idle in one worker get the stress timeout when the
+    # connections that fill the table arrive at the other one, and the
+    # normal one back when those close there.
+    from twisted.internet import task
+    from relaymail.process.shared_counts import SharedLimits, make_limits_region
+    from relaymail.smtp.limits import FOLLOW_INTERVAL, ConnectionGate
+    from tests.support import make_settings
+    settings = make_settings(tmp_path, limits__connections="4", limits__stress_threshold="3",
+                             limits__connections_per_ip="0", limits__connection_rate_per_ip="0")
+    clock = task.Clock()
+    fd = make_limits_region(2, settings)
+    shared = [SharedLimits(fd, 2, row, settings, clock, 60.0) for row in (0, 1)]
+    first, second = [ConnectionGate(settings, clock, shared=each.connections,
+                                    rates=each.connection_rates) for each in shared]
+    seen = []
+    assert first.admit("192.0.2.1", exempt=False) is None
+    first.watch(seen.append)
+    for ip in ("192.0.2.2", "192.0.2.3"):
+        assert second.admit(ip, exempt=False) is None
+    assert second.stressed and not first.stressed
+    clock.advance(FOLLOW_INTERVAL)
+    assert first.stressed and seen == [True]
+    second.release("192.0.2.2")
+    clock.advance(FOLLOW_INTERVAL)
+    assert seen == [True, False] and not first.stressed
+    first.unwatch(seen.append)
+    assert clock.getDelayedCalls() == []
+    os.close(fd)
+
+
 def test_recovery_beside_writers_keeps_the_held_copy_when_the_active_one_is_bad(tmp_path):
     spool = Spool(str(tmp_path / "spool"))
     spool.start()

@@ -49,6 +49,10 @@ RATE_WINDOW = 60.0
 # Each entry is a couple of hundred bytes, so this is some tens of MB.
 MAX_TRACKED = 100_000
 
+#: Seconds between looks at the counts every inbound worker shares, for a
+#: stress another worker's connections began or ended.
+FOLLOW_INTERVAL = 0.5
+
 TOO_MANY = "Error: too many connections"
 
 
@@ -101,6 +105,7 @@ class ConnectionGate:
         self._stress_off = self._stress_on - max(1, self._stress_on // 10)
         self._stressed = False
         self._watchers = set()
+        self._following = None      # a LoopingCall while sessions watch shared counts
         self._total = 0
         self._open = {}      # client key -> connections open now (never 0)
         self._rates = rates if rates is not None else AttemptWindows(clock, max_tracked)
@@ -118,10 +123,28 @@ class ConnectionGate:
     def watch(self, callback):
         """Call ``callback(stressed)`` each time :attr:`stressed` changes."""
         self._watchers.add(callback)
+        if self._shared is not None and self._following is None:
+            # Another worker's admit or release can cross a threshold that
+            # this one would otherwise notice only at its own next one:
+            # its idle outsiders kept the normal timeout through a stress.
+            from twisted.internet import task
+            self._following = task.LoopingCall(self._follow_shared_counts)
+            self._following.clock = self._clock
+            self._following.start(FOLLOW_INTERVAL, now=False)
 
     def unwatch(self, callback):
         """Stop calling ``callback``; nothing if it was not watching."""
         self._watchers.discard(callback)
+        if not self._watchers and self._following is not None:
+            self._following.stop()
+            self._following = None
+
+    def _follow_shared_counts(self):
+        total = self.connections
+        if not self._stressed and total >= self._stress_on:
+            self._set_stress(True)
+        elif self._stressed and total <= self._stress_off:
+            self._set_stress(False)
 
     @property
     def connections(self):
