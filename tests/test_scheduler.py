@@ -383,7 +383,7 @@ def test_release_takes_back_a_hold_asked_while_the_message_was_being_delivered(t
     assert sched.hold("AAAA") is True
     assert sched.release("AAAA") is True
     # Released: a second release is the mistake it is for any message.
-    with pytest.raises(ControlError, match="^AAAA is not on hold$"):
+    with pytest.raises(ControlError, match="^AAAA is not on hold: it is being delivered$"):
         sched.release("AAAA")
     finish(job, DEFERRED, 451)
     # Not moved to hold/ when the attempt ended, and due again at once
@@ -391,3 +391,38 @@ def test_release_takes_back_a_hold_asked_while_the_message_was_being_delivered(t
     assert "AAAA" in spool.records
     clock.advance(0)
     assert [job.queue_id for job in pool.take()] == ["AAAA"]
+
+
+def test_a_release_during_an_attempt_leaves_a_copy_a_failed_move_left_in_hold(tmp_path):
+    # A hold whose last removal failed left the message in both active/
+    # and hold/; it is being delivered from active/.  Releasing the held
+    # copy now would link it into active/ while the attempt removes the
+    # files there: refused, and the copy goes when the message is delivered.
+    sched, spool, pool, clock, job = being_delivered(tmp_path)
+    spool.is_held = lambda queue_id: True
+    released = []
+    spool.release = lambda queue_id: released.append(queue_id)
+    spool.threads_wait = True
+    with pytest.raises(ControlError, match="^AAAA is not on hold: it is being delivered$"):
+        sched.release("AAAA")
+    assert released == [] and spool.threaded == []
+    finish(job, SENT, 250)
+    clock.advance(0)
+    assert "AAAA" not in spool.records and pool.take() == []
+
+
+def test_a_notice_of_a_message_a_scan_started_leaves_nothing_behind(tmp_path):
+    # The scan at start (or a pickup sweep) can start a message before the
+    # notice of its commit arrives.  Delivered, it is gone: nothing may
+    # still say it is queued, nor hold its record.
+    sched, spool, pool, clock, job = being_delivered(tmp_path)
+    record = copy.deepcopy(spool.records["AAAA"])
+    sched.message_queued("AAAA", record)
+    clock.advance(0)
+    assert pool.take() == []
+    finish(job, SENT, 250)
+    clock.advance(0)
+    assert "AAAA" not in spool.records
+    assert sched.retry("AAAA") is False
+    assert sched._unsaved == {}
+

@@ -1252,13 +1252,15 @@ def test_hold_of_a_cut_move_with_a_good_active_copy_holds_that_one(spool):
     assert spool.load_any(queue_id) == (record | {"attempts": 3}, "hold")
 
 
-def test_a_cut_move_whose_bad_copy_cannot_be_set_aside_is_left_as_it_is(spool, monkeypatch):
+@pytest.mark.parametrize("move", ["hold", "release"])
+def test_a_cut_move_whose_bad_copy_cannot_be_set_aside_is_left_as_it_is(spool, monkeypatch,
+                                                                        move):
     queue_id, _ = cut_move_with_a_bad_active_copy(spool)
     before = {name: listing(spool, name) for name in ("active", "hold")}
     capture_log(spool)
     FaultInjector(monkeypatch, "rename", 1)
     with pytest.raises(OSError, match="injected rename failure"):
-        spool.hold(queue_id)
+        getattr(spool, move)(queue_id)
     monkeypatch.undo()
     assert {name: listing(spool, name) for name in ("active", "hold")} == before
     assert listing(spool, "corrupt") == []

@@ -214,6 +214,10 @@ class Scheduler(service.Service):
     def message_queued(self, queue_id, record=None):
         """A new message was committed: try it now.  ``record``, its queue
         record as committed, spares reading it back from the disk."""
+        if queue_id in self._attempts:
+            # A scan found it first and it is being delivered: the notice
+            # is news no longer (kept, it would outlive the message).
+            return
         if record is not None:
             self._unsaved[queue_id] = record
         self._schedule(queue_id, self._clock())
@@ -247,9 +251,11 @@ class Scheduler(service.Service):
         try:
             while self._heap and self._heap[0][0] <= now and len(self._attempts) < limit:
                 when, _, queue_id = heapq.heappop(self._heap)
-                if self._scheduled.get(queue_id) != when or queue_id in self._attempts:
-                    continue            # rescheduled since, or running
+                if self._scheduled.get(queue_id) != when:
+                    continue            # rescheduled since
                 del self._scheduled[queue_id]
+                if queue_id in self._attempts:
+                    continue            # running: its end schedules what is next
                 if queue_id in self._moving:
                     # The move decides what comes next: gone, held, or due
                     # again (released, or a move that failed); left in
@@ -949,6 +955,11 @@ class Scheduler(service.Service):
             attempt.after = None
             self._make_due(queue_id, self._clock())
             return True
+        if attempt is not None:
+            # Whatever hold/ has of it is what a failed move left, and goes
+            # when the message is delivered; moving that copy into active/
+            # now would race the attempt's removal of the files there.
+            raise ControlError(f"{queue_id} is not on hold: it is being delivered")
         self._refuse_while_moving(queue_id)
         if not self.spool.is_held(queue_id) and self._exists(queue_id):
             raise ControlError(f"{queue_id} is not on hold")
