@@ -24,7 +24,7 @@ import time
 from twisted.logger import ILogObserver, eventAsJSON, eventAsText, formatEvent, formatTime
 from zope.interface import implementer
 
-from relaymail import sanitize
+from relaymail import logline, sanitize
 
 #: What :func:`stdout_observer` makes: "text" or "json" (``[log] format``),
 #: set by makeService, which twistd calls before it starts logging.
@@ -62,14 +62,17 @@ class TextObserver:
         self._system_start = "[" if process_name is None else f"[{process_name} "
 
     def __call__(self, event):
-        if "message" in event and is_noise(event):
-            return
-        text = eventAsText(event, includeTimestamp=False)
-        if not text:
-            return
-        if text.startswith("["):
-            text = self._system_start + text[1:]
-        text = sanitize.escape_lines(text)
+        text = event.get(logline.TEXT)
+        if text is not None and "log_system" not in event and "log_failure" not in event:
+            # Rendered and escaped by logline.info, one line: what
+            # eventAsText would make of it, without parsing the format.
+            level = event.get("log_level")
+            text = (f"{self._system_start}{event.get('log_namespace', '-')}"
+                    f"#{'-' if level is None else level.name}] {text}")
+        else:
+            text = self._rendered(event)
+            if text is None:
+                return
         when = event.get("log_time")
         if when is None:
             stamp = "-"
@@ -79,13 +82,26 @@ class TextObserver:
                 self._second = second
                 self._stamp = formatTime(when)
             stamp = self._stamp
-        self._out.write(f"{stamp} {text}".replace("\n", "\n\t") + "\n")
+        self._out.write(f"{stamp} {text}\n")
         self._out.flush()
+
+    def _rendered(self, event):
+        """The line for any other event (twistd's, a legacy log message,
+        a failure's traceback): None for one not to write."""
+        if "message" in event and is_noise(event):
+            return None
+        text = eventAsText(event, includeTimestamp=False)
+        if not text:
+            return None
+        if text.startswith("["):
+            text = self._system_start + text[1:]
+        return sanitize.escape_lines(text).replace("\n", "\n\t")
 
 
 # Keys of an event that are twisted.logger's own or the legacy log's,
 # not fields the relay gave it.
-_NOT_FIELDS = {"message", "system", "isError", "time", "format", "why", "failure", "printed"}
+_NOT_FIELDS = {"message", "system", "isError", "time", "format", "why", "failure", "printed",
+               logline.TEXT}
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -107,7 +123,9 @@ class JSONObserver:
     def __call__(self, event):
         if "message" in event and is_noise(event):
             return
-        text = formatEvent(event)
+        text = event.get(logline.TEXT)
+        if text is None:
+            text = formatEvent(event)
         record = {"time": self._time(event.get("log_time")),
                   "level": getattr(event.get("log_level"), "name", "info"),
                   "system": event.get("log_system") or event.get("log_namespace") or "-",

@@ -1,11 +1,13 @@
 """relaymail's stdout log observer writes exactly what twistd's would."""
 
 import io
+import json
 
 from twisted.logger import Logger, LogPublisher, textFileLogObserver
 from twisted.scripts._twistd_unix import ServerOptions
 
-from relaymail.logobserver import TextObserver, stdout_observer, use_for
+from relaymail import logline
+from relaymail.logobserver import JSONObserver, TextObserver, stdout_observer, use_for
 
 
 def test_same_lines_as_twistds_observer():
@@ -20,6 +22,32 @@ def test_same_lines_as_twistds_observer():
         log.failure("with a traceback")
     assert ours.getvalue() == theirs.getvalue()
     assert ours.getvalue().count("\n") > 4
+
+
+def test_lines_logline_rendered_are_twistds_too():
+    # logline.info's text is written as it is, not parsed again: the line
+    # must still be the one twistd's observer makes of the same event.
+    ours, theirs = io.StringIO(), io.StringIO()
+    log = Logger(namespace="relaymail.test",
+                 observer=LogPublisher(TextObserver(ours, "inbound.1"), textFileLogObserver(theirs)))
+    logline.info(log, "s1: queued as {ABC} from=<a\nb@example.org>", queue_id="ABC")
+    logline.info(log, "s1: disconnect", session="s1", log_system="legacy.system")
+    expected = theirs.getvalue().replace(" [relaymail.test#", " [inbound.1 relaymail.test#")
+    expected = expected.replace(" [legacy.system]", " [inbound.1 legacy.system]")
+    assert ours.getvalue() == expected
+    lines = ours.getvalue().split("\n")
+    assert lines[0].endswith(
+        " [inbound.1 relaymail.test#info] s1: queued as {ABC} from=<a\\x{A}b@example.org>")
+    assert lines[1].endswith(" [inbound.1 legacy.system] s1: disconnect")
+
+
+def test_json_lines_carry_logline_s_text_once():
+    out = io.StringIO()
+    log = Logger(namespace="relaymail.test", observer=JSONObserver(out))
+    logline.info(log, "s1: queued as {ABC}", queue_id="ABC")
+    record = json.loads(out.getvalue())
+    assert record["text"] == "s1: queued as {ABC}" and record["queue_id"] == "ABC"
+    assert logline.TEXT not in record
 
 
 def options(*argv):
