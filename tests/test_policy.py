@@ -320,6 +320,18 @@ class ExpandRecipientsTests(PolicyTestCase):
         self.assertEqual(self.expand({}, ["a@example.com", "b@example.org"]),
                          ["a@example.com", "b@example.org"])
 
+    def test_without_expanders_each_address_stays_once_in_order(self):
+        # The walk is skipped when no plugin expands lists; what it would
+        # have kept must still be what is queued.
+        policy = self.policy(expanders=[])
+        recipients = ["b@example.org", "a@example.com", "b@EXAMPLE.org", "A@example.com",
+                      "a@Example.COM", "postmaster"]
+        self.assertEqual(
+            self.successResultOf(policy.expand_recipients(recipients, make_context())),
+            ["b@example.org", "a@example.com", "A@example.com", "postmaster"])
+        self.assertEqual(self.expand({}, recipients),
+                         ["b@example.org", "a@example.com", "A@example.com", "postmaster"])
+
     def test_list_is_replaced_by_members_in_order(self):
         lists = {"staff@example.com": ["alice@example.com", "bob@example.com"]}
         self.assertEqual(
