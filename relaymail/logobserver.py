@@ -62,13 +62,14 @@ class TextObserver:
         self._system_start = "[" if process_name is None else f"[{process_name} "
 
     def __call__(self, event):
-        text = event.get(logline.TEXT)
-        if text is not None and "log_system" not in event and "log_failure" not in event:
+        form = event.get("log_format")
+        if (type(form) is logline.Rendered and form.text and "log_system" not in event
+                and "log_failure" not in event):
             # Rendered and escaped by logline.info, one line: what
             # eventAsText would make of it, without parsing the format.
             level = event.get("log_level")
             text = (f"{self._system_start}{event.get('log_namespace', '-')}"
-                    f"#{'-' if level is None else level.name}] {text}")
+                    f"#{'-' if level is None else level.name}] {form.text}")
         else:
             text = self._rendered(event)
             if text is None:
@@ -100,8 +101,7 @@ class TextObserver:
 
 # Keys of an event that are twisted.logger's own or the legacy log's,
 # not fields the relay gave it.
-_NOT_FIELDS = {"message", "system", "isError", "time", "format", "why", "failure", "printed",
-               logline.TEXT}
+_NOT_FIELDS = {"message", "system", "isError", "time", "format", "why", "failure", "printed"}
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -123,9 +123,8 @@ class JSONObserver:
     def __call__(self, event):
         if "message" in event and is_noise(event):
             return
-        text = event.get(logline.TEXT)
-        if text is None:
-            text = formatEvent(event)
+        form = event.get("log_format")
+        text = form.text if type(form) is logline.Rendered else formatEvent(event)
         record = {"time": self._time(event.get("log_time")),
                   "level": getattr(event.get("log_level"), "name", "info"),
                   "system": event.get("log_system") or event.get("log_namespace") or "-",

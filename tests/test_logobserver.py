@@ -3,10 +3,10 @@
 import io
 import json
 
-from twisted.logger import Logger, LogPublisher, textFileLogObserver
+from twisted.logger import Logger, LogPublisher, eventAsJSON, formatEvent, textFileLogObserver
 from twisted.scripts._twistd_unix import ServerOptions
 
-from relaymail import logline
+from relaymail import logline, logobserver
 from relaymail.logobserver import JSONObserver, TextObserver, stdout_observer, use_for
 
 
@@ -41,13 +41,38 @@ def test_lines_logline_rendered_are_twistds_too():
     assert lines[1].endswith(" [inbound.1 legacy.system] s1: disconnect")
 
 
-def test_json_lines_carry_logline_s_text_once():
-    out = io.StringIO()
-    log = Logger(namespace="relaymail.test", observer=JSONObserver(out))
+def test_logline_s_lines_are_not_rendered_again(monkeypatch):
+    # The point of the fast path: no format parsing for logline's events.
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the format was parsed again")
+    monkeypatch.setattr(logobserver, "eventAsText", no_parsing)
+    monkeypatch.setattr(logobserver, "formatEvent", no_parsing)
+    text, structured = io.StringIO(), io.StringIO()
+    log = Logger(namespace="relaymail.test",
+                 observer=LogPublisher(TextObserver(text), JSONObserver(structured)))
     logline.info(log, "s1: queued as {ABC}", queue_id="ABC")
-    record = json.loads(out.getvalue())
-    assert record["text"] == "s1: queued as {ABC}" and record["queue_id"] == "ABC"
-    assert logline.TEXT not in record
+    assert text.getvalue().endswith(" [relaymail.test#info] s1: queued as {ABC}\n")
+    assert json.loads(structured.getvalue())["text"] == "s1: queued as {ABC}"
+
+
+def test_other_observers_see_a_plain_event():
+    # Nothing added for them: twistd's JSON log and a worker's events to
+    # its master carry the fields the caller gave and a format string.
+    events = []
+    logline.info(Logger(namespace="relaymail.test", observer=events.append),
+                 "s1: queued as {ABC}", queue_id="ABC")
+    [event] = events
+    assert {key for key in event if not key.startswith("log_")} == {"queue_id"}
+    assert json.loads(eventAsJSON(event))["log_format"] == "s1: queued as {{ABC}}"
+    assert formatEvent(event) == "s1: queued as {ABC}"
+
+
+def test_an_empty_logline_writes_no_line_as_twistd_would():
+    ours, theirs = io.StringIO(), io.StringIO()
+    log = Logger(namespace="relaymail.test",
+                 observer=LogPublisher(TextObserver(ours), textFileLogObserver(theirs)))
+    logline.info(log, "")
+    assert ours.getvalue() == theirs.getvalue() == ""
 
 
 def options(*argv):

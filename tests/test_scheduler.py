@@ -65,6 +65,9 @@ class Spool:
     def is_held(self, queue_id):
         return False
 
+    def is_active(self, queue_id):
+        return queue_id in self.records
+
     def load(self, queue_id):
         if queue_id in self.load_errors:
             raise self.load_errors[queue_id]
@@ -251,13 +254,20 @@ def test_a_failed_record_write_does_not_resend_to_delivered_recipients(tmp_path)
     spool.add("AAAA", ["a@example.net", "c@example.org"])
     spool.fail_updates = True
     sched.startService()
-    clock.advance(0)
-    [job] = pool.take()
-    job.on_done(job, [Outcome("a@example.net", SENT, 250, "2.0.0", "ok", "mx"),
-                      Outcome("c@example.org", DEFERRED, 451, "4.0.0", "later", "mx")])
+    first_sent_second_deferred(pool, clock)
     clock.advance(10)
     [retry] = pool.take()
     assert retry.recipients == ["c@example.org"]
+
+
+def first_sent_second_deferred(pool, clock):
+    """Start the one message queued and end its attempt: its first
+    recipient sent, the second deferred."""
+    clock.advance(0)
+    [job] = pool.take()
+    first, second = job.recipients
+    job.on_done(job, [Outcome(first, SENT, 250, "2.0.0", "ok", "mx"),
+                      Outcome(second, DEFERRED, 451, "4.0.0", "later", "mx")])
 
 
 def test_a_bounce_that_cannot_be_queued_keeps_the_message(tmp_path):
@@ -426,3 +436,33 @@ def test_a_notice_of_a_message_a_scan_started_leaves_nothing_behind(tmp_path):
     assert sched.retry("AAAA") is False
     assert sched._unsaved == {}
 
+
+
+def test_a_late_notice_does_not_send_again_to_a_recipient_already_sent(tmp_path):
+    # Started by a flush before its commit notice came; one recipient sent,
+    # the other deferred.  The notice's record, as committed, says neither
+    # was tried: trusted, it would send to the first again at once.
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net", "b@example.net"])
+    committed = copy.deepcopy(spool.records["AAAA"])
+    sched.startService()
+    first_sent_second_deferred(pool, clock)
+    clock.advance(0)
+    sched.message_queued("AAAA", committed)
+    clock.advance(0)
+    assert pool.take() == []
+    clock.advance(10)       # the backoff: b alone
+    [retry] = pool.take()
+    assert retry.recipients == ["b@example.net"]
+
+
+def test_a_late_notice_of_a_message_already_delivered_starts_nothing(tmp_path):
+    sched, spool, pool, clock, job = being_delivered(tmp_path)
+    committed = copy.deepcopy(spool.records["AAAA"])
+    finish(job, SENT, 250)
+    clock.advance(0)
+    assert "AAAA" not in spool.records
+    sched.message_queued("AAAA", committed)
+    clock.advance(0)
+    assert pool.take() == []
+    assert sched.retry("AAAA") is False and sched._unsaved == {}

@@ -214,9 +214,11 @@ class Scheduler(service.Service):
     def message_queued(self, queue_id, record=None):
         """A new message was committed: try it now.  ``record``, its queue
         record as committed, spares reading it back from the disk."""
-        if queue_id in self._attempts:
-            # A scan found it first and it is being delivered: the notice
-            # is news no longer (kept, it would outlive the message).
+        if self._exists(queue_id):
+            # A scan found it first (a flush between the commit's rename
+            # and its callback): it is being delivered, waits for a retry
+            # or is being moved.  The notice is news no longer, and its
+            # record, as committed, older than the one on disk.
             return
         if record is not None:
             self._unsaved[queue_id] = record
@@ -280,6 +282,8 @@ class Scheduler(service.Service):
             # A record whose last write failed is newer in memory than on
             # disk: using the disk copy would send to recipients again.
             unsaved = self._unsaved.pop(queue_id, None)
+            if unsaved is not None and not self.spool.is_active(queue_id):
+                return              # delivered, deleted or held since it was kept
             record = unsaved or self.spool.load(queue_id)
         except FileNotFoundError:
             return                  # deleted or held meanwhile

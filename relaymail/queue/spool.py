@@ -883,6 +883,10 @@ class Spool(service.Service):
     # caller owns the message: the scheduler must not be delivering a
     # message it holds, releases or deletes.
 
+    def is_active(self, queue_id):
+        """Whether ``active/`` has the message's queue file.  One lstat(2)."""
+        return os.path.lexists(self._in(self._active, self._checked(queue_id), ".msg"))
+
     def is_held(self, queue_id):
         """Whether ``hold/`` has the message (whole, or a move under way)."""
         return (os.path.exists(self._in(self._hold, queue_id, ".json"))
