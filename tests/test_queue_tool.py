@@ -26,6 +26,7 @@ from relaymail.queue.control import (
     ControlError, ControlFactory, IQueueControl, answer, listen_control)
 from relaymail.queue.lock import SpoolBusy, SpoolLock
 from relaymail.queue.spool import Spool
+from relaymail.tools import queue_listing
 from relaymail.tools.queue_listing import HEADER, format_age
 from relaymail.tools.queue_tool import OfflineManager, main
 from tests import queue_files
@@ -834,3 +835,21 @@ def test_an_absurd_timeout_is_a_usage_error(tmp_path, capsys):
     for value in ("1e10", "inf", "0", "-1", "soon"):
         assert main(["--spool", str(tmp_path / "spool"), "--timeout", value, "flush"]) == 2
     assert "up to 86400" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("when, shown", [
+    (0, "1970-01-01 00:00:00 UTC"),
+    (1767225599.999, "2025-12-31 23:59:59 UTC"),
+    (1767225600, "2026-01-01 00:00:00 UTC"),
+    (-0.5, "1969-12-31 23:59:59 UTC"),          # before the epoch: rounded down
+    (-86401, "1969-12-30 23:59:59 UTC"),
+    (253402300799, "9999-12-31 23:59:59 UTC"),
+    (253402300800, "? UTC"),                    # past what a date can say
+    (float("nan"), "? UTC"),
+    (float("inf"), "? UTC"),
+    (10 ** 30, "? UTC"),
+])
+def test_arrival_times_as_listed(when, shown):
+    # Dates are worked out once a day (queue_listing._utc); each line must
+    # still say what datetime says, the bad values a record may hold too.
+    assert " ".join(queue_listing.format_utc(when).split()) == shown
