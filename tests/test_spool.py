@@ -1,5 +1,6 @@
 """Tests for relaymail.queue.spool: real files, real fsync."""
 
+import collections
 import errno
 import json
 import os
@@ -319,6 +320,56 @@ def test_recover_quarantines_entries_it_cannot_trust(spool):
                 if event.get("queue_id") == queue_id]
         assert len(line) == 1 and words in line[0], (words, line)
     assert listing(spool, "corrupt") == sorted(expected)
+
+
+def counting_syncs(spool, fail=None):
+    """Count the directory syncs of ``spool`` by directory name; the sync
+    of the directory named ``fail`` raises EIO."""
+    counts = collections.Counter()
+    for name in ("active", "hold", "corrupt"):
+        group = getattr(spool, f"_{name}_sync")
+
+        def sync(name=name, real=group.sync):
+            counts[name] += 1
+            if name == fail:
+                raise OSError(errno.EIO, "injected sync failure")
+            return real()
+        group.sync = sync
+    return counts
+
+
+def test_recover_sets_aside_many_entries_with_two_syncs_in_all(spool):
+    # A sync each used to be two each: seconds at start after a disk that
+    # truncated a thousand messages.
+    good, broken = spoil_entries(spool)
+    restarted = Spool(spool.path)
+    capture_log(restarted)
+    counts = counting_syncs(restarted)
+    assert restarted.recover() == [good]
+    assert counts == {"active": 1, "corrupt": 1}
+    assert listing(spool, "corrupt") == sorted(sum((names for _, names in broken.values()), []))
+
+
+def test_a_failed_sync_while_setting_aside_leaves_only_lone_records(spool):
+    # The queue files must be gone from active/ on disk before their
+    # records move: if that sync fails, the records stay where they are,
+    # lone records the next start removes, and the message files are
+    # in corrupt/.
+    good, broken = spoil_entries(spool)
+    beside = {queue_id for queue_id, (_, names) in broken.items() if queue_id + ".json" in names}
+    assert beside
+    restarted = Spool(spool.path)
+    events = capture_log(restarted)
+    counting_syncs(restarted, fail="active")
+    assert restarted.recover() == [good]
+    assert listing(spool, "active") == sorted([good + ".msg"] + [q + ".json" for q in beside])
+    assert all(f"Could not move {queue_id}.json to {spool.path}/corrupt" in log_text(events)
+               for queue_id in beside)
+    again, good_again, _ = restart(spool)
+    assert good_again == [good] and listing(spool, "active") == [good + ".msg"]
+    assert listing(spool, "corrupt") == sorted(
+        name for _, names in broken.values() for name in names if not name.endswith(".json")
+        or name[:-5] not in beside)
 
 
 def test_recover_removes_unfinished_files_and_records_without_a_message(spool):
