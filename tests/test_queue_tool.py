@@ -2,6 +2,7 @@
 files in temporary directories, real UNIX sockets, and the tool run as a
 separate process where a daemon must be running at the same time."""
 
+import datetime
 import json
 import io
 import os
@@ -843,6 +844,9 @@ def test_an_absurd_timeout_is_a_usage_error(tmp_path, capsys):
     (1767225600, "2026-01-01 00:00:00 UTC"),
     (-0.5, "1969-12-31 23:59:59 UTC"),          # before the epoch: rounded down
     (-86401, "1969-12-30 23:59:59 UTC"),
+    (1767225599.9999995, "2026-01-01 00:00:00 UTC"),   # rounded to the microsecond first
+    (86399.9999999, "1970-01-02 00:00:00 UTC"),
+    (-1e-07, "1970-01-01 00:00:00 UTC"),
     (253402300799, "9999-12-31 23:59:59 UTC"),
     (253402300800, "? UTC"),                    # past what a date can say
     (float("nan"), "? UTC"),
@@ -853,3 +857,19 @@ def test_arrival_times_as_listed(when, shown):
     # Dates are worked out once a day (queue_listing._utc); each line must
     # still say what datetime says, the bad values a record may hold too.
     assert " ".join(queue_listing.format_utc(when).split()) == shown
+
+
+def test_arrival_times_as_datetime_shows_them_near_every_edge():
+    def by_datetime(when):
+        try:
+            stamp = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return "?"
+        return stamp.strftime("%Y-%m-%d %H:%M:%S")
+    edges = [day * 86400 + offset for day in (-2, -1, 0, 1, 20454, 2932896)
+             for offset in (-1, 0, 1, 86399)]
+    nudges = [0, 1e-7, -1e-7, 4.9e-7, 5e-7, 5.1e-7, -5e-7, 0.4999995, 0.5, 0.9999994,
+              0.9999995, 0.9999996, -0.9999995]
+    values = [edge + nudge for edge in edges for nudge in nudges] + edges
+    for when in values:
+        assert queue_listing.format_utc(when).rsplit(" UTC", 1)[0].strip() == by_datetime(when), when

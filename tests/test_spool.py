@@ -1398,3 +1398,55 @@ def test_removals_in_one_batch_share_the_sync_between_queue_files_and_records(
     assert events == ([q + ".msg" for q in retried] + [fresh + ".msg", gone + ".msg", "sync"]
                       + [q + ".json" for q in retried])
     assert listing(spool, "active") == []
+
+
+def test_a_quarantine_into_a_missing_corrupt_directory_fails(spool):
+    # corrupt/ removed while the relay runs (or a dangling symlink in its
+    # place): rename says ENOENT, which must not pass for "nothing to move".
+    queue_id = queue_with_record_beside(spool)
+    os.rmdir(os.path.join(spool.path, "corrupt"))
+    events = capture_log(spool)
+    with pytest.raises(FileNotFoundError):
+        spool.quarantine(queue_id, "bad record: test")
+    assert listing(spool, "active") == both_files(queue_id)
+    assert f"Could not move {queue_id}.msg to {spool.path}/corrupt" in log_text(events)
+
+
+def test_set_aside_copies_never_replace_earlier_ones(spool):
+    # corrupt/ keeps what earlier runs set aside for a person to read.
+    queue_id = queue_sync(spool)
+    corrupt = os.path.join(spool.path, "corrupt")
+    for stem in (queue_id, queue_id + "-active"):
+        with open(os.path.join(corrupt, stem + ".msg"), "wb") as file:
+            file.write(b"EVIDENCE " + stem.encode())
+    capture_log(spool)
+    spool.quarantine(queue_id, "bad record: test")
+    assert listing(spool, "corrupt") == sorted(
+        [queue_id + ".msg", queue_id + "-active.msg", queue_id + "-active-2.msg"])
+    for stem in (queue_id, queue_id + "-active"):
+        with open(os.path.join(corrupt, stem + ".msg"), "rb") as file:
+            assert file.read() == b"EVIDENCE " + stem.encode()
+    with open(os.path.join(corrupt, queue_id + "-active-2.msg"), "rb") as file:
+        assert file.read().startswith(BODY)
+
+
+def test_recover_keeps_going_when_the_losing_copy_of_a_cut_move_cannot_go(spool, monkeypatch):
+    # Complete in active/ and hold/: the hold/ copy is removed at start.  If
+    # the disk refuses, recover still returns (it never raises for a file),
+    # and delivery takes the held copy with the message.
+    queue_id = queue_sync(spool)
+    link(spool, queue_id, ".msg", "active", "hold")
+    restarted = Spool(spool.path)
+    events = capture_log(restarted)
+    real_remove = restarted._remove_entries
+
+    def cannot_remove(directory, *args, **kwargs):
+        if directory.endswith("hold"):
+            raise OSError(errno.EIO, "injected unlink failure")
+        return real_remove(directory, *args, **kwargs)
+    monkeypatch.setattr(restarted, "_remove_entries", cannot_remove)
+    assert restarted.recover() == [queue_id]
+    assert f"Could not remove the copy of {queue_id} in {spool.path}/hold" in log_text(events)
+    monkeypatch.undo()
+    restarted.remove(queue_id)
+    assert listing(spool, "active") == listing(spool, "hold") == []

@@ -49,6 +49,7 @@ neither loses mail.
 
 import collections
 import errno
+import itertools
 import os
 import secrets
 import shutil
@@ -586,7 +587,14 @@ class Spool(service.Service):
             self.log.info("Removing the copy of {queue_id} in {directory}: a move "
                           "was interrupted and the copy in {kept} wins",
                           queue_id=queue_id, directory=directory, kept=self._active)
-            self._remove_entry(directory, queue_id)
+            try:
+                self._remove_entry(directory, queue_id)
+            except OSError as error:
+                # Both copies stay, as a failed move leaves them: delivery
+                # takes this one too, and the next start settles it.
+                self._in_both.add(queue_id)
+                self.log.error("Could not remove the copy of {queue_id} in {directory}: "
+                               "{error}", queue_id=queue_id, directory=directory, error=error)
         kept = sorted(files - keep_elsewhere)
         if beside_writers:
             # Unchecked, but for a message complete in hold/ too (a move a
@@ -746,7 +754,8 @@ class Spool(service.Service):
         reason.
 
         :return: ``{queue_id: OSError}`` for those whose move stopped
-            (logged): at most a lone record is left of them.
+            (logged): whole where they were, or, their queue file moved,
+            a lone record.
         """
         directory = directory or self._active
         errors, moved = {}, []
@@ -790,22 +799,29 @@ class Spool(service.Service):
         return errors
 
     def _corrupt_stem(self, queue_id, directory):
-        """The name an entry gets in ``corrupt/``: its id, or, for a second
-        bad copy of one id (active/ and hold/ after an interrupted move),
-        one of its own rather than replacing the first one a person may
-        want to read."""
-        if any(os.path.lexists(self._in(self._corrupt, queue_id, suffix))
-               for suffix in (".msg", ".json")):
-            return f"{queue_id}-{os.path.basename(directory)}"
-        return queue_id
+        """The name an entry gets in ``corrupt/``: its id, or, for a further
+        bad copy of one id (active/ and hold/ after an interrupted move, or
+        one set aside by an earlier run), a name of its own rather than
+        replacing one a person may want to read: ``ID-active``, then
+        ``ID-active-2``..."""
+        own = f"{queue_id}-{os.path.basename(directory)}"
+        for stem in itertools.chain((queue_id, own), (f"{own}-{n}" for n in itertools.count(2))):
+            if not any(os.path.lexists(self._in(self._corrupt, stem, suffix))
+                       for suffix in (".msg", ".json")):
+                return stem
 
     def _move_to_corrupt(self, queue_id, suffix, directory, stem):
         """Rename one file of an entry into ``corrupt/``: None when done or
         not there, else the OSError (logged)."""
+        source = self._in(directory, queue_id, suffix)
         try:
-            os.rename(self._in(directory, queue_id, suffix), self._in(self._corrupt, stem, suffix))
-        except FileNotFoundError:
-            return None
+            os.rename(source, self._in(self._corrupt, stem, suffix))
+        except FileNotFoundError as error:
+            if not os.path.lexists(source):
+                return None
+            # corrupt/ itself is gone (removed, or a dangling symlink).
+            self._log_stuck(queue_id, suffix, error)
+            return error
         except OSError as error:
             self._log_stuck(queue_id, suffix, error)
             return error

@@ -182,7 +182,7 @@ def _utc(when):
     # A day's date is worked out once: a big queue's messages share a few
     # days, and datetime's work was a fifteenth of a 100,000-line listing.
     try:
-        day, second = divmod(math.floor(when), 86400)
+        day, second = divmod(_whole_seconds(when), 86400)
         date = _dates.get(day)
         if date is None:
             date = _dates[day] = datetime.datetime.fromtimestamp(
@@ -195,6 +195,17 @@ def _utc(when):
 
 #: Dates by day since the epoch, for _utc.
 _dates = {}
+
+
+def _whole_seconds(when):
+    """``when`` to the second as datetime shows it: rounded to the
+    microsecond first, half to even, so that .9999995 is the next second
+    (a record's ``time.time()`` is one in about two million)."""
+    if isinstance(when, int):
+        return when
+    fraction, whole = math.modf(when)
+    micro = round(fraction * 1e6)
+    return int(whole) + (micro >= 1_000_000) - (micro < 0)
 
 
 def printable(text):
