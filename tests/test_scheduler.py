@@ -42,7 +42,7 @@ class Writer:
 
 class Spool:
     def __init__(self, tmp_path):
-        self.records, self.tmp = {}, tmp_path
+        self.records, self.held, self.tmp = {}, {}, tmp_path
         self.fail_commit = False
         self.load_errors = {}
         self.fail_updates = False
@@ -102,10 +102,15 @@ class Spool:
             return d
         return defer.maybeDeferred(function, *args)
 
+    def update(self, queue_id, state):
+        if self.fail_updates:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.records[queue_id] = copy.deepcopy(state)
+
     def hold(self, queue_id):
         if self.fail_hold:
             raise OSError(errno.EIO, "Input/output error")
-        self.records.pop(queue_id)
+        self.held[queue_id] = self.records.pop(queue_id)
         return True
 
     def quarantine(self, queue_id, reason):
@@ -466,3 +471,44 @@ def test_a_late_notice_of_a_message_already_delivered_starts_nothing(tmp_path):
     clock.advance(0)
     assert pool.take() == []
     assert sched.retry("AAAA") is False and sched._unsaved == {}
+
+
+def held_after_a_failed_record_write(tmp_path):
+    """AAAA, asked to hold during an attempt whose record write failed:
+    a@ sent, c@ deferred, known in memory only; the hold waits in its
+    thread for the test."""
+    sched, spool, pool, clock = scheduler(tmp_path)
+    spool.add("AAAA", ["a@example.net", "c@example.org"])
+    spool.fail_updates = True
+    sched.startService()
+    clock.advance(0)
+    assert sched.hold("AAAA") is True
+    spool.threads_wait = True
+    [job] = pool.take()
+    job.on_done(job, [Outcome("a@example.net", SENT, 250, "2.0.0", "ok", "mx"),
+                      Outcome("c@example.org", DEFERRED, 451, "4.0.0", "later", "mx")])
+    [(name, _, moving)] = spool.threaded
+    assert name == "hold"
+    return sched, spool, pool, clock, moving
+
+
+def test_a_hold_after_a_failed_record_write_holds_the_record_memory_has(tmp_path):
+    # Held with the record on disk, the message would go to a@ again once
+    # released.
+    sched, spool, pool, clock, moving = held_after_a_failed_record_write(tmp_path)
+    spool.fail_updates = False          # the disk is back
+    moving.callback(None)
+    assert "AAAA" not in spool.records
+    statuses = {entry["address"]: entry["status"] for entry in spool.held["AAAA"]["recipients"]}
+    assert statuses["a@example.net"] == "sent" and statuses["c@example.org"] != "sent"
+    assert sched._unsaved == {}
+
+
+def test_a_hold_that_cannot_save_the_record_keeps_the_message_and_its_record(tmp_path):
+    sched, spool, pool, clock, moving = held_after_a_failed_record_write(tmp_path)
+    moving.callback(None)               # the write fails again: not held
+    assert spool.held == {} and "AAAA" in spool.records
+    spool.threads_wait = False
+    clock.advance(10)                   # min_backoff: tried again, c@ alone
+    [retry] = pool.take()
+    assert retry.recipients == ["c@example.org"]

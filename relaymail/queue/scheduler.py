@@ -621,9 +621,10 @@ class Scheduler(service.Service):
     def _reschedule(self, queue_id, attempt):
         def done(_):
             self._ended(queue_id)
-            if attempt.after in ("delete", "hold"):
-                move = self.spool.delete if attempt.after == "delete" else self.spool.hold
-                return self._in_thread_or_keep(queue_id, move)
+            if attempt.after == "delete":
+                return self._in_thread_or_keep(queue_id, self.spool.delete)
+            if attempt.after == "hold":
+                return self._hold_now(queue_id)
             if queue_id in self._forced:
                 self._schedule(queue_id, self._clock())
             else:
@@ -633,12 +634,31 @@ class Scheduler(service.Service):
     def _in_thread_or_keep(self, queue_id, operation):
         """Run a spool move or delete; if it fails, the message is still
         queued, so keep scheduling it."""
+        def done(result):
+            # Out of active/: a record kept for its next attempt is no use.
+            self._unsaved.pop(queue_id, None)
+            return bool(result)
+
         def failed(failure):
             log.failure("{queue_id}: {operation} failed", failure, queue_id=queue_id,
                         operation=operation.__name__)
             self._schedule(queue_id, self._clock() + self.settings.queue.min_backoff)
             return False
-        return self._moved(queue_id, operation).addCallbacks(bool, failed)
+        return self._moved(queue_id, operation).addCallbacks(done, failed)
+
+    def _hold_now(self, queue_id):
+        """Move a message to hold/.  When its last record write failed, the
+        record only memory has is written first: the one on disk would
+        send again, once released, to the recipients already sent."""
+        unsaved = self._unsaved.get(queue_id)
+        if unsaved is None:
+            return self._in_thread_or_keep(queue_id, self.spool.hold)
+        snapshot = copy.deepcopy(unsaved)
+
+        def hold(queue_id):
+            self.spool.update(queue_id, snapshot)
+            return self.spool.hold(queue_id)
+        return self._in_thread_or_keep(queue_id, hold)
 
     def _moved(self, queue_id, operation, *args):
         """Run a spool move or delete of ``queue_id`` in a thread, the id
@@ -949,7 +969,7 @@ class Scheduler(service.Service):
         self._refuse_while_moving(queue_id)
         self._scheduled.pop(queue_id, None)
         self._forced.discard(queue_id)
-        return self._in_thread_or_keep(queue_id, self.spool.hold)
+        return self._hold_now(queue_id)
 
     def release(self, queue_id):
         attempt = self._attempts.get(queue_id)
