@@ -22,13 +22,17 @@ from relaymail import sanitize
 
 
 class Rendered(str):
-    """A ``log_format`` whose rendered text is known: ``.text``.  It goes
-    no further than this process (JSON turns it back into a plain str)."""
+    """A ``log_format`` whose rendered text is known: ``.text``.  JSON (a
+    worker's events to its master) turns it into a plain str."""
 
     def __new__(cls, text):
         rendered = super().__new__(cls, text.replace("{", "{{").replace("}", "}}"))
         rendered.text = text
         return rendered
+
+    def __getnewargs__(self):
+        # A copy or a pickle is made from the text, not escaped again.
+        return (self.text,)
 
 
 def info(logger, text, **fields):

@@ -1,7 +1,9 @@
 """relaymail's stdout log observer writes exactly what twistd's would."""
 
+import copy
 import io
 import json
+import pickle
 
 from twisted.logger import Logger, LogPublisher, eventAsJSON, formatEvent, textFileLogObserver
 from twisted.scripts._twistd_unix import ServerOptions
@@ -112,3 +114,13 @@ def test_a_line_feed_still_continues_the_event_behind_a_tab():
     out = io.StringIO()
     Logger(namespace="relaymail.test", observer=TextObserver(out)).info("one\ntwo\u2028three")
     assert out.getvalue().endswith(" [relaymail.test#info] one\n\ttwo\\x{2028}three\n")
+
+
+def test_a_copied_logline_event_keeps_its_text():
+    # An observer that copies events (or pickles them) must not see the
+    # braces escaped twice.
+    events = []
+    logline.info(Logger(namespace="relaymail.test", observer=events.append), "s1: {ABC}")
+    for copied in (copy.deepcopy(events[0]), pickle.loads(pickle.dumps(events[0]["log_format"]))):
+        form = copied["log_format"] if isinstance(copied, dict) else copied
+        assert form == "s1: {{ABC}}" and form.text == "s1: {ABC}"

@@ -136,8 +136,9 @@ class Pool:
 
 
 def scheduler(tmp_path, **keys):
-    settings = make_settings(tmp_path, delivery__smarthost="[127.0.0.1]:2526",
-                             queue__min_backoff="10", queue__max_backoff="10", **keys)
+    settings = make_settings(tmp_path, **{"delivery__smarthost": "[127.0.0.1]:2526",
+                                          "queue__min_backoff": "10",
+                                          "queue__max_backoff": "10", **keys})
     clock = task.Clock()
     clock.advance(T0)
     spool, pool = Spool(tmp_path), Pool()
@@ -255,14 +256,22 @@ def test_a_message_that_could_not_be_set_aside_is_looked_at_again(tmp_path):
 
 
 def test_a_failed_record_write_does_not_resend_to_delivered_recipients(tmp_path):
+    sched, spool, pool, clock = sent_once_record_unsaved(tmp_path)
+    clock.advance(10)
+    [retry] = pool.take()
+    assert retry.recipients == ["c@example.org"]
+
+
+def sent_once_record_unsaved(tmp_path):
+    """A scheduler whose one message, AAAA, was sent to a@ and deferred
+    for c@ in its first attempt, the record of which could not be
+    written: memory alone knows a@ was sent."""
     sched, spool, pool, clock = scheduler(tmp_path)
     spool.add("AAAA", ["a@example.net", "c@example.org"])
     spool.fail_updates = True
     sched.startService()
     first_sent_second_deferred(pool, clock)
-    clock.advance(10)
-    [retry] = pool.take()
-    assert retry.recipients == ["c@example.org"]
+    return sched, spool, pool, clock
 
 
 def first_sent_second_deferred(pool, clock):
@@ -512,3 +521,44 @@ def test_a_hold_that_cannot_save_the_record_keeps_the_message_and_its_record(tmp
     clock.advance(10)                   # min_backoff: tried again, c@ alone
     [retry] = pool.take()
     assert retry.recipients == ["c@example.org"]
+
+
+def test_a_record_memory_has_outlives_a_start_that_comes_too_early(tmp_path):
+    # A failed hold looks at the message again after min_backoff, before
+    # its record says it is due: that start must not drop the only record
+    # that says a@ was sent.
+    sched, spool, pool, clock = scheduler(tmp_path, queue__max_backoff="1000")
+    spool.add("AAAA", ["a@example.net", "c@example.org"])
+    sched.startService()
+    clock.advance(0)
+    [job] = pool.take()
+    finish(job, DEFERRED, 451)          # attempt 1, written: due in 10 s
+    clock.advance(10)
+    spool.fail_updates = True
+    first_sent_second_deferred(pool, clock)     # attempt 2: due in 20 s, unsaved
+    assert sched.hold("AAAA") is not None       # cannot write the record: not held
+    assert spool.held == {}
+    clock.advance(10)                   # the failed hold's look, 10 s early
+    assert pool.take() == []
+    clock.advance(10)
+    [retry] = pool.take()
+    assert retry.recipients == ["c@example.org"]
+
+
+def test_a_delivered_message_leaves_no_record_in_memory(tmp_path):
+    sched, spool, pool, clock = sent_once_record_unsaved(tmp_path)
+    assert "AAAA" in sched._unsaved
+    clock.advance(10)
+    [retry] = pool.take()
+    finish(retry, SENT, 250)
+    clock.advance(0)
+    assert "AAAA" not in spool.records and sched._unsaved == {}
+
+
+def test_delete_all_leaves_no_record_in_memory(tmp_path):
+    sched, spool, pool, clock = sent_once_record_unsaved(tmp_path)
+    spool.delete_all = lambda: len([spool.records.pop(q) for q in list(spool.records)])
+    assert sched.delete_all() is not None
+    assert sched._unsaved == {}
+    clock.advance(10)
+    assert pool.take() == []

@@ -280,9 +280,13 @@ class Scheduler(service.Service):
     def _start(self, queue_id, now):
         try:
             # A record whose last write failed is newer in memory than on
-            # disk: using the disk copy would send to recipients again.
-            unsaved = self._unsaved.pop(queue_id, None)
+            # disk: using the disk copy would send to recipients again.  It
+            # is kept until a write of the record succeeds or the message
+            # goes (_write, _remove, _in_thread_or_keep), not just until a
+            # start: one too early, or failing, would lose it.
+            unsaved = self._unsaved.get(queue_id)
             if unsaved is not None and not self.spool.is_active(queue_id):
+                del self._unsaved[queue_id]
                 return              # delivered, deleted or held since it was kept
             record = unsaved or self.spool.load(queue_id)
         except FileNotFoundError:
@@ -596,6 +600,7 @@ class Scheduler(service.Service):
         # flush, hold or delete asked for meanwhile is taken as for a
         # message being delivered, not started on files about to vanish.
         d = self.spool.remove_soon(queue_id)
+        self._unsaved.pop(queue_id, None)
 
         def removed(_):
             self._ended(queue_id)
@@ -647,16 +652,21 @@ class Scheduler(service.Service):
         return self._moved(queue_id, operation).addCallbacks(done, failed)
 
     def _hold_now(self, queue_id):
-        """Move a message to hold/.  When its last record write failed, the
-        record only memory has is written first: the one on disk would
-        send again, once released, to the recipients already sent."""
+        """Move a message to hold/.  When memory has a record newer than the
+        disk's (its last write failed; or the record a commit notice
+        brought, the same as the disk's), that one is written first: the
+        one on disk could send again, once released, to recipients already
+        sent."""
         unsaved = self._unsaved.get(queue_id)
         if unsaved is None:
             return self._in_thread_or_keep(queue_id, self.spool.hold)
         snapshot = copy.deepcopy(unsaved)
 
         def hold(queue_id):
-            self.spool.update(queue_id, snapshot)
+            try:
+                self.spool.update(queue_id, snapshot)
+            except FileNotFoundError:
+                pass                # not in active/: the hold says what it is
             return self.spool.hold(queue_id)
         return self._in_thread_or_keep(queue_id, hold)
 
@@ -960,7 +970,14 @@ class Scheduler(service.Service):
             attempt.after = "delete"
         self._scheduled.clear()
         self._forced.clear()
-        return self.spool.call_in_thread(self.spool.delete_all)
+
+        def deleted(count):
+            # Gone from the disk; those being delivered keep theirs until
+            # their attempts end (and are deleted then).
+            for queue_id in [q for q in self._unsaved if q not in self._attempts]:
+                del self._unsaved[queue_id]
+            return count
+        return self.spool.call_in_thread(self.spool.delete_all).addCallback(deleted)
 
     def hold(self, queue_id):
         if queue_id in self._attempts:

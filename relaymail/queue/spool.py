@@ -606,7 +606,7 @@ class Spool(service.Service):
     def _good_ones(self, queue_ids, directory, check=None):
         """The ids of ``queue_ids`` whose entries in ``directory`` are good
         (or that ``check`` says need no look); the others go to
-        ``corrupt/`` together, with two syncs in all rather than two each
+        ``corrupt/`` together, with two syncs at most rather than two each
         (a disk that truncated a thousand messages cost seconds a start)."""
         good, bad = [], []
         for queue_id in queue_ids:
@@ -948,8 +948,15 @@ class Spool(service.Service):
     # message it holds, releases or deletes.
 
     def is_active(self, queue_id):
-        """Whether ``active/`` has the message's queue file.  One lstat(2)."""
-        return os.path.lexists(self._in(self._active, self._checked(queue_id), ".msg"))
+        """Whether ``active/`` has the message's queue file.  One lstat(2).
+
+        :raise OSError: when that cannot be told (EIO, EACCES...).
+        """
+        try:
+            os.lstat(self._in(self._active, self._checked(queue_id), ".msg"))
+        except FileNotFoundError:
+            return False
+        return True
 
     def is_held(self, queue_id):
         """Whether ``hold/`` has the message (whole, or a move under way)."""
