@@ -652,11 +652,10 @@ class Scheduler(service.Service):
         return self._moved(queue_id, operation).addCallbacks(done, failed)
 
     def _hold_now(self, queue_id):
-        """Move a message to hold/.  When memory has a record newer than the
-        disk's (its last write failed; or the record a commit notice
-        brought, the same as the disk's), that one is written first: the
-        one on disk could send again, once released, to recipients already
-        sent."""
+        """Move a message to hold/.  When memory keeps a record of it (its
+        last write failed, or a commit notice brought it), that one is
+        written first: after a failed write, the one on disk would send
+        again, once released, to recipients already sent."""
         unsaved = self._unsaved.get(queue_id)
         if unsaved is None:
             return self._in_thread_or_keep(queue_id, self.spool.hold)
