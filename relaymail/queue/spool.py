@@ -607,7 +607,7 @@ class Spool(service.Service):
         """The ids of ``queue_ids`` whose entries in ``directory`` are good
         (or that ``check`` says need no look); the others go to
         ``corrupt/`` together, with two syncs at most rather than two each
-        (a disk that truncated a thousand messages cost seconds a start)."""
+        (after a disk that truncated a thousand messages, two thousand)."""
         good, bad = [], []
         for queue_id in queue_ids:
             problem = None
