@@ -377,15 +377,9 @@ class Policy:
 
     @inlineCallbacks
     def _expanded(self, recipients, context):
-        result = []
-        seen = set()
+        met = []            # every address kept, in order; once each at the end
         expanded = set()
-
-        def keep(address):
-            key = _address_key(address)
-            if key not in seen:
-                seen.add(key)
-                result.append(address)
+        keep = met.append
 
         @inlineCallbacks
         def walk(address, ancestors):
@@ -413,7 +407,7 @@ class Policy:
 
         for recipient in recipients:
             yield walk(recipient, ())
-        return result
+        return _each_once(met)
 
     @inlineCallbacks
     def _first_list(self, address, context):

@@ -956,12 +956,8 @@ class Scheduler(service.Service):
     # with when its attempt ends.
 
     def delete(self, queue_id):
-        if queue_id in self._attempts:
-            self._attempts[queue_id].after = "delete"
+        if self._left_to_its_attempt(queue_id, "delete"):
             return True
-        self._refuse_while_moving(queue_id)
-        self._scheduled.pop(queue_id, None)
-        self._forced.discard(queue_id)
         return self._in_thread_or_keep(queue_id, self.spool.delete)
 
     def delete_all(self):
@@ -979,13 +975,22 @@ class Scheduler(service.Service):
         return self.spool.call_in_thread(self.spool.delete_all).addCallback(deleted)
 
     def hold(self, queue_id):
+        if self._left_to_its_attempt(queue_id, "hold"):
+            return True
+        return self._hold_now(queue_id)
+
+    def _left_to_its_attempt(self, queue_id, after):
+        """A person's delete or hold (``after``): True for a message being
+        delivered, done when its attempt ends; else the message is taken
+        off the schedule for the move to run now (refused while another
+        move of it runs)."""
         if queue_id in self._attempts:
-            self._attempts[queue_id].after = "hold"
+            self._attempts[queue_id].after = after
             return True
         self._refuse_while_moving(queue_id)
         self._scheduled.pop(queue_id, None)
         self._forced.discard(queue_id)
-        return self._hold_now(queue_id)
+        return False
 
     def release(self, queue_id):
         attempt = self._attempts.get(queue_id)
