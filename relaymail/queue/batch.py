@@ -26,7 +26,6 @@ less CPU per message; one to four sessions went as fast as without it.
 """
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import queue
@@ -42,9 +41,12 @@ MAX_BATCH = 256
 
 
 def _load_syncfs():
+    # The C library Python itself is linked with (CDLL(None): the symbols
+    # already in the process).  ctypes.util.find_library("c") would find
+    # the same one by running ``ldconfig -p`` in a child process, which
+    # every worker did on its way to its first accept.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        function = libc.syncfs
+        function = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError, TypeError):
         return None
     function.argtypes = [ctypes.c_int]
