@@ -241,21 +241,31 @@ def test_two_workers_count_one_clients_attempts_together(tmp_path):
     os.close(fd)
 
 
-def test_a_stress_another_worker_begins_and_ends_reaches_this_one_s_sessions(tmp_path):
-    # Outsiders idle in one worker get the stress timeout when the
-    # connections that fill the table arrive at the other one, and the
-    # normal one back when those close there.
+def two_workers_gates(tmp_path, connections, threshold):
+    """The connection gates of two inbound workers sharing their counts,
+    with no per-client limits: ``(clock, fd of the shared region, first,
+    second)``."""
     from twisted.internet import task
     from relaymail.process.shared_counts import SharedLimits, make_limits_region
-    from relaymail.smtp.limits import FOLLOW_INTERVAL, ConnectionGate
+    from relaymail.smtp.limits import ConnectionGate
     from tests.support import make_settings
-    settings = make_settings(tmp_path, limits__connections="4", limits__stress_threshold="3",
+    settings = make_settings(tmp_path, limits__connections=str(connections),
+                             limits__stress_threshold=str(threshold),
                              limits__connections_per_ip="0", limits__connection_rate_per_ip="0")
     clock = task.Clock()
     fd = make_limits_region(2, settings)
     shared = [SharedLimits(fd, 2, row, settings, clock, 60.0) for row in (0, 1)]
     first, second = [ConnectionGate(settings, clock, shared=each.connections,
                                     rates=each.connection_rates) for each in shared]
+    return clock, fd, first, second
+
+
+def test_a_stress_another_worker_begins_and_ends_reaches_this_one_s_sessions(tmp_path):
+    # Outsiders idle in one worker get the stress timeout when the
+    # connections that fill the table arrive at the other one, and the
+    # normal one back when those close there.
+    from relaymail.smtp.limits import FOLLOW_INTERVAL
+    clock, fd, first, second = two_workers_gates(tmp_path, connections=4, threshold=3)
     seen = []
     assert first.admit("192.0.2.1", exempt=False) is None
     first.watch(seen.append)
@@ -269,6 +279,30 @@ def test_a_stress_another_worker_begins_and_ends_reaches_this_one_s_sessions(tmp
     assert seen == [True, False] and not first.stressed
     first.unwatch(seen.append)
     assert clock.getDelayedCalls() == []
+    os.close(fd)
+
+
+def test_a_workers_own_admit_and_release_see_the_shared_count_at_once(tmp_path):
+    # Between two looks at the shared counts, this worker's next admit or
+    # release goes by the total every worker has open: a stress the other
+    # worker's connections started or ended is not left for the next look.
+    # Stress from 20 open on, until 18 (a tenth of the threshold below).
+    _clock, fd, first, second = two_workers_gates(tmp_path, connections=40, threshold=20)
+    assert first.admit("192.0.2.1", exempt=False) is None
+    assert first.admit("192.0.2.2", exempt=False) is None
+    others = [f"198.51.100.{n}" for n in range(19)]
+    for ip in others:
+        assert second.admit(ip, exempt=False) is None
+    assert second.stressed and not first.stressed       # 21 open, 2 of them here
+    first.release("192.0.2.2")                           # 20 open: at the threshold
+    assert first.stressed
+    second.release(others[0])
+    assert second.stressed                               # 19 open: not yet a tenth below
+    second.release(others[1])
+    second.release(others[2])
+    assert not second.stressed and first.stressed        # 17 open; first has not looked
+    assert first.admit("192.0.2.3", exempt=False) is None  # 18 open
+    assert not first.stressed
     os.close(fd)
 
 

@@ -140,7 +140,12 @@ class ConnectionGate:
             self._following = None
 
     def _follow_shared_counts(self):
-        total = self.connections
+        self._update_stress(self.connections)
+
+    def _update_stress(self, total):
+        """Start or end the stress for ``total`` connections open: on each
+        admit and release, and each look at the counts every worker shares
+        (whose total another worker's connections change too)."""
         if not self._stressed and total >= self._stress_on:
             self._set_stress(True)
         elif self._stressed and total <= self._stress_off:
@@ -196,8 +201,7 @@ class ConnectionGate:
         self._open[key] = self._open.get(key, 0) + 1
         if self._shared is not None:
             self._shared.add(key, 1)
-        if not self._stressed and total + 1 >= self._stress_on:
-            self._set_stress(True)
+        self._update_stress(total + 1)
         return None
 
     def release(self, ip):
@@ -215,8 +219,7 @@ class ConnectionGate:
             self._open[key] = count - 1
         if self._shared is not None:
             self._shared.add(key, -1)
-        if self._stressed and self.connections <= self._stress_off:
-            self._set_stress(False)
+        self._update_stress(self.connections)
 
     def _set_stress(self, stressed):
         self._stressed = stressed
