@@ -1317,6 +1317,35 @@ def test_a_cut_move_whose_bad_copy_cannot_be_set_aside_is_left_as_it_is(spool, m
     assert listing(spool, "corrupt") == []
 
 
+def refuse_removals_in(spool, name, monkeypatch):
+    """Make the removal of entries from the spool's directory ``name``
+    (``active``, ``hold``) fail with EIO, as a failing disk would."""
+    real_remove = spool._remove_entries
+
+    def cannot_remove(directory, *args, **kwargs):
+        if directory.endswith(name):
+            raise OSError(errno.EIO, "injected unlink failure")
+        return real_remove(directory, *args, **kwargs)
+    monkeypatch.setattr(spool, "_remove_entries", cannot_remove)
+
+
+@pytest.mark.parametrize("move", ["hold", "release"])
+def test_a_cut_move_whose_held_copy_cannot_be_removed_leaves_it_to_delivery(spool, monkeypatch,
+                                                                             move):
+    # Both copies good, the active/ one wins; the disk refuses to remove the
+    # other.  Delivering the message must take it too: released later, it
+    # would be delivered a second time.
+    queue_id, _ = cut_move_with_a_bad_active_copy(spool)
+    rewrite_record(spool, queue_id, lambda record: record.update(version=1))
+    refuse_removals_in(spool, "hold", monkeypatch)
+    with pytest.raises(OSError, match="injected unlink failure"):
+        getattr(spool, move)(queue_id)
+    monkeypatch.undo()
+    assert listing(spool, "hold") == [queue_id + ".msg"]
+    assert spool.remove(queue_id) is True
+    assert listing(spool, "hold") == listing(spool, "active") == []
+
+
 @pytest.mark.parametrize("removal", ["remove", "_remove_batch"])
 def test_a_delivered_message_takes_the_held_copy_a_failed_hold_left(spool, monkeypatch, removal):
     # hold/ synced, then that failed, and so did the undo: a whole copy in
@@ -1348,13 +1377,7 @@ def test_a_move_whose_last_removal_fails_leaves_both_copies_to_delivery(spool, m
     if move == "release":
         spool.hold(queue_id)
     source = "active" if move == "hold" else "hold"
-    real_remove = spool._remove_entries
-
-    def cannot_remove(directory, *args, **kwargs):
-        if directory.endswith(source):
-            raise OSError(errno.EIO, "injected unlink failure")
-        return real_remove(directory, *args, **kwargs)
-    monkeypatch.setattr(spool, "_remove_entries", cannot_remove)
+    refuse_removals_in(spool, source, monkeypatch)
     with pytest.raises(OSError, match="injected unlink failure"):
         getattr(spool, move)(queue_id)
     monkeypatch.undo()
@@ -1438,13 +1461,7 @@ def test_recover_keeps_going_when_the_losing_copy_of_a_cut_move_cannot_go(spool,
     link(spool, queue_id, ".msg", "active", "hold")
     restarted = Spool(spool.path)
     events = capture_log(restarted)
-    real_remove = restarted._remove_entries
-
-    def cannot_remove(directory, *args, **kwargs):
-        if directory.endswith("hold"):
-            raise OSError(errno.EIO, "injected unlink failure")
-        return real_remove(directory, *args, **kwargs)
-    monkeypatch.setattr(restarted, "_remove_entries", cannot_remove)
+    refuse_removals_in(restarted, "hold", monkeypatch)
     assert restarted.recover() == [queue_id]
     assert f"Could not remove the copy of {queue_id} in {spool.path}/hold" in log_text(events)
     monkeypatch.undo()

@@ -1206,12 +1206,13 @@ class Spool(service.Service):
         is, never dropped for a copy delivery would quarantine.
 
         :return: :data:`ACTIVE` or :data:`HOLD`, the copy that stays.
-        :raise OSError: when the disk refused; both copies are still there.
+        :raise OSError: when the disk refused; both copies are still there,
+            and when the ``hold/`` one is what stayed of them, delivery
+            takes it with the message (``_in_both``), as after a move.
         """
         problem = self._checked_problem(queue_id, self._active)
         if problem is None:
-            self._remove_entry(self._hold, queue_id)
-            self._hold_sync.sync()
+            self._leave(self._hold, queue_id)
             kept = ACTIVE
         else:
             error = self._quarantine(queue_id, problem, self._active)
