@@ -241,6 +241,37 @@ def test_two_workers_count_one_clients_attempts_together(tmp_path):
     os.close(fd)
 
 
+def test_a_row_full_of_clients_still_counts_every_connection_in_the_total(monkeypatch):
+    # A flood of new clients fills a worker's row between two packs: a
+    # connection then has no entry of its own, but the total every worker
+    # reads for [limits] connections counts it, and its end takes off only
+    # what it added.
+    from relaymail.process import shared_counts
+    now = [1000.0]
+    monkeypatch.setattr(shared_counts.time, "monotonic", lambda: now[0])
+    fd = os.memfd_create("counts")
+    os.ftruncate(fd, shared_counts.SharedCounts.size(1, 8))
+    counts = shared_counts.SharedCounts(fd, 0, 1, 8, 0)
+    try:
+        clients = [f"192.0.2.{n}" for n in range(6)]      # three quarters of 8
+        for client in clients:
+            counts.add(client, +1)
+        counts.add("198.51.100.1", +1)                     # no room, even packed
+        assert counts.total() == 7
+        assert counts.open("198.51.100.1") == 0
+        counts.add(clients[0], -1)
+        now[0] += 2                                        # a pack may run again
+        counts.add("198.51.100.1", -1)
+        assert counts.total() == 5
+        assert [counts.open(client) for client in clients] == [0, 1, 1, 1, 1, 1]
+        # The client that had no entry gets one when it comes back.
+        counts.add("198.51.100.1", +1)
+        assert counts.open("198.51.100.1") == 1 and counts.total() == 6
+    finally:
+        counts.close()
+        os.close(fd)
+
+
 def two_workers_gates(tmp_path, connections, threshold):
     """The connection gates of two inbound workers sharing their counts,
     with no per-client limits: ``(clock, fd of the shared region, first,

@@ -156,10 +156,24 @@ class _Table:
 
 class SharedCounts(_Table):
     """Connections open: per row the worker's total, then
-    ``(client hash, connections open)`` entries."""
+    ``(client hash, connections open)`` entries.
+
+    The total counts every connection, so that ``[limits] connections``
+    holds whatever the entries could record.  A client's entry counts
+    those it found room for: in a row full of entries (a flood from more
+    clients than it holds, between two packs) a new client's connection
+    is in the total only, and remembered in the worker, so that its end
+    takes nothing off an entry that never counted it.
+    """
 
     header = 1
     width = 2
+
+    def __init__(self, fd, offset, rows, slots, row):
+        super().__init__(fd, offset, rows, slots, row)
+        # client hash -> this worker's connections open from that client
+        # that its entry does not count.  At most the connections open.
+        self._uncounted = {}
 
     def total(self):
         """Connections open in all workers."""
@@ -181,12 +195,19 @@ class SharedCounts(_Table):
         """Count ``delta`` (+1 or -1) more connections from ``key`` here."""
         wanted = client_hash(key)
         words = self._words
-        index = self._find(self._row, wanted)
-        if index is None:
-            if self._claim(wanted, max(0, delta)) is None:
-                return          # more clients than entries: not counted
+        uncounted = self._uncounted.get(wanted, 0)
+        if delta < 0 and uncounted:
+            # One its entry never counted: the entry keeps those it did.
+            if uncounted == 1:
+                del self._uncounted[wanted]
+            else:
+                self._uncounted[wanted] = uncounted - 1
         else:
-            words[index + 1] = max(0, words[index + 1] + delta)
+            index = self._find(self._row, wanted)
+            if index is not None:
+                words[index + 1] = max(0, words[index + 1] + delta)
+            elif delta > 0 and self._claim(wanted, delta) is None:
+                self._uncounted[wanted] = uncounted + 1     # no room in the row
         total = self._row_start(self._row)
         words[total] = max(0, words[total] + delta)
 
