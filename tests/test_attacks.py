@@ -248,6 +248,43 @@ def test_when_stress_ends_the_normal_timeout_is_back(tmp_path):
     assert session.take() == TIMEOUT
 
 
+def test_stress_coming_and_going_never_lengthens_an_idle_wait(tmp_path):
+    # A client that can push the count in and out of stress (every 9 s,
+    # inside the 10 s stress timeout) must not restart the others' waits:
+    # an idle session still ends 300 s after its last command.
+    crowd = Crowd(tmp_path, threshold=2)
+    idle = crowd.session()
+    idle.command(b"EHLO client.test")
+    for _ in range(33):
+        other = crowd.session(client_ip="192.0.2.8")
+        assert crowd.gate.stressed
+        idle.clock.advance(5)
+        other.command(b"QUIT")
+        other.protocol.connectionLost(None)
+        assert not crowd.gate.stressed
+        idle.clock.advance(4)
+    assert idle.take() == b"" and not idle.closed          # 297 s
+    crowd.session(client_ip="192.0.2.8")                    # stress once more
+    idle.clock.advance(2.9)
+    assert idle.take() == b""
+    idle.clock.advance(0.1)
+    assert idle.take() == TIMEOUT and idle.closed
+
+
+def test_a_stress_cuts_a_wait_short_but_never_past_its_normal_end(tmp_path):
+    # 295 s idle when the stress starts: 5 s are left, not the 10 s of
+    # stress_timeout.
+    crowd = Crowd(tmp_path, threshold=2)
+    idle = crowd.session()
+    idle.command(b"EHLO client.test")
+    idle.clock.advance(295)
+    crowd.session(client_ip="192.0.2.8")
+    idle.clock.advance(4.9)
+    assert idle.take() == b""
+    idle.clock.advance(0.1)
+    assert idle.take() == TIMEOUT
+
+
 def test_trusted_clients_keep_the_normal_limits_under_stress(tmp_path):
     crowd = Crowd(tmp_path, threshold=1)
     trusted = crowd.session(client_ip="127.0.0.1")

@@ -65,6 +65,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.factory = factory
         # TimeoutMixin schedules through this; tests give a task.Clock.
         self.callLater = factory.reactor.callLater
+        # When the client's present wait began, and when it runs out: a
+        # stress that starts or ends moves the end, never the beginning.
+        self._wait_since = self._wait_until = None
         self._buffer = b""
         self._waiting = False
         self._paused = False
@@ -158,15 +161,46 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                          **self.context.log_fields)
 
     def _stress_changed(self, stressed):
-        """The gate went in or out of stress: take its limits, and restart
-        the wait for the client with the timeout that now applies."""
+        """The gate went in or out of stress: take its limits, and move the
+        end of the client's wait.  A stress gives a waiting client at most
+        ``stress_timeout`` more; its end gives back the wait that applies
+        without one, counted from where the wait began.  Restarting the
+        whole wait at each change would let a client that can push the
+        count in and out of stress keep idle sessions open for good."""
         if stressed == self._stressed:
             return
         self._stressed = stressed
         limits = self.factory.settings.limits
         self.dialogue.junk_limit = limits.stress_junk_commands if stressed else limits.junk_commands
-        if not self._waiting and not self._closing:
+        if self._waiting or self._closing:
+            return
+        if self.timeOut is None or self._wait_since is None:
             self.setTimeout(self._period())
+            return
+        now = self.factory.reactor.seconds()
+        if stressed:
+            until = min(self._wait_until, now + self._period())
+        else:
+            until = self._wait_since + self._period()
+        TimeoutMixin.setTimeout(self, max(0.0, until - now))
+        self._wait_until = until
+
+    def setTimeout(self, period):
+        """TimeoutMixin's, noting when this wait began and ends."""
+        self._wait_began(period)
+        return TimeoutMixin.setTimeout(self, period)
+
+    def resetTimeout(self):
+        """TimeoutMixin's, noting when this wait began and ends."""
+        TimeoutMixin.resetTimeout(self)
+        self._wait_began(self.timeOut)
+
+    def _wait_began(self, period):
+        if period is None:
+            self._wait_since = self._wait_until = None
+        else:
+            self._wait_since = self.factory.reactor.seconds()
+            self._wait_until = self._wait_since + period
 
     def _period(self):
         """How long the client may keep us waiting now."""
