@@ -285,6 +285,20 @@ def test_a_stress_cuts_a_wait_short_but_never_past_its_normal_end(tmp_path):
     assert idle.take() == TIMEOUT
 
 
+def test_after_a_bdat_chunk_the_client_has_the_command_timeout(tmp_path):
+    # The chunk is answered at once: what the client owes next is a
+    # command, so the wait is command_timeout (300 s), not data_timeout.
+    session = session_for(tmp_path, limits__command_timeout="300", limits__data_timeout="180")
+    session.command(b"EHLO client.test")
+    session.command(b"MAIL FROM:<a@example.org>")
+    assert session.command(b"RCPT TO:<b@example.com>") == b"250 2.1.5 Ok\r\n"
+    assert session.send(b"BDAT 5\r\nhello") == b"250 2.0.0 Ok: 5 bytes\r\n"
+    session.clock.advance(299)
+    assert session.take() == b"" and not session.closed
+    session.clock.advance(1)
+    assert session.take() == TIMEOUT
+
+
 def test_trusted_clients_keep_the_normal_limits_under_stress(tmp_path):
     crowd = Crowd(tmp_path, threshold=1)
     trusted = crowd.session(client_ip="127.0.0.1")

@@ -340,8 +340,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     self._buffer = b""
                     return
                 self._buffer = self._buffer[end:]
+                answer = self.dialogue.finish_data()
+                # After finish_data: the data phase is over, so the wait
+                # for the next command (after a chunk answered at once) is
+                # a command wait, not one as long as data_timeout.
                 self.setTimeout(self._period())
-                self._answer(self.dialogue.finish_data())
+                self._answer(answer)
                 continue
             limit = self._line_limit()
             newline = self._buffer.find(b"\n")
