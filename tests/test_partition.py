@@ -1,6 +1,7 @@
 """Queue ids minted per worker slot, the partitions of the queue, and the
 spool's work beside live writers (relaymail.process)."""
 
+import contextlib
 import os
 
 import pytest
@@ -241,18 +242,29 @@ def test_two_workers_count_one_clients_attempts_together(tmp_path):
     os.close(fd)
 
 
-def test_a_row_full_of_clients_still_counts_every_connection_in_the_total(monkeypatch):
-    # A flood of new clients fills a worker's row between two packs: a
-    # connection then has no entry of its own, but the total every worker
-    # reads for [limits] connections counts it, and its end takes off only
-    # what it added.
+@contextlib.contextmanager
+def counts_of_eight(monkeypatch, now):
+    """One worker's SharedCounts with a row of 8 entries (full at 6), on
+    the clock ``now[0]`` for its packs."""
     from relaymail.process import shared_counts
-    now = [1000.0]
     monkeypatch.setattr(shared_counts.time, "monotonic", lambda: now[0])
     fd = os.memfd_create("counts")
     os.ftruncate(fd, shared_counts.SharedCounts.size(1, 8))
     counts = shared_counts.SharedCounts(fd, 0, 1, 8, 0)
     try:
+        yield counts
+    finally:
+        counts.close()
+        os.close(fd)
+
+
+def test_a_row_full_of_clients_still_counts_every_connection_in_the_total(monkeypatch):
+    # A flood of new clients fills a worker's row between two packs: a
+    # connection then has no entry of its own, but the total every worker
+    # reads for [limits] connections counts it, and its end takes off only
+    # what it added.
+    now = [1000.0]
+    with counts_of_eight(monkeypatch, now) as counts:
         clients = [f"192.0.2.{n}" for n in range(6)]      # three quarters of 8
         for client in clients:
             counts.add(client, +1)
@@ -267,9 +279,25 @@ def test_a_row_full_of_clients_still_counts_every_connection_in_the_total(monkey
         # The client that had no entry gets one when it comes back.
         counts.add("198.51.100.1", +1)
         assert counts.open("198.51.100.1") == 1 and counts.total() == 6
-    finally:
-        counts.close()
-        os.close(fd)
+
+
+def test_a_clients_uncounted_connections_join_its_entry_once_there_is_room(monkeypatch):
+    # Its connections that came while the row was full are counted for it
+    # as soon as one of them finds room, so connections_per_ip sees them.
+    now = [1000.0]
+    with counts_of_eight(monkeypatch, now) as counts:
+        clients = [f"192.0.2.{n}" for n in range(6)]
+        for client in clients:
+            counts.add(client, +1)
+        for _ in range(3):
+            counts.add("198.51.100.1", +1)                 # no room: total only
+        counts.add(clients[0], -1)
+        now[0] += 2
+        counts.add("198.51.100.1", +1)                     # room after a pack
+        assert counts.open("198.51.100.1") == 4 and counts.total() == 9
+        for _ in range(4):
+            counts.add("198.51.100.1", -1)
+        assert counts.open("198.51.100.1") == 0 and counts.total() == 5
 
 
 def two_workers_gates(tmp_path, connections, threshold):

@@ -163,7 +163,8 @@ class SharedCounts(_Table):
     those it found room for: in a row full of entries (a flood from more
     clients than it holds, between two packs) a new client's connection
     is in the total only, and remembered in the worker, so that its end
-    takes nothing off an entry that never counted it.
+    takes nothing off an entry that never counted it, and the client's
+    next connection that finds room brings it into the entry.
     """
 
     header = 1
@@ -206,8 +207,12 @@ class SharedCounts(_Table):
             index = self._find(self._row, wanted)
             if index is not None:
                 words[index + 1] = max(0, words[index + 1] + delta)
-            elif delta > 0 and self._claim(wanted, delta) is None:
-                self._uncounted[wanted] = uncounted + 1     # no room in the row
+            elif delta > 0:
+                # With those it could not count before, once there is room.
+                if self._claim(wanted, delta + uncounted) is None:
+                    self._uncounted[wanted] = uncounted + 1     # no room in the row
+                elif uncounted:
+                    del self._uncounted[wanted]
         total = self._row_start(self._row)
         words[total] = max(0, words[total] + delta)
 
