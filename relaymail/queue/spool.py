@@ -1206,9 +1206,11 @@ class Spool(service.Service):
         is, never dropped for a copy delivery would quarantine.
 
         :return: :data:`ACTIVE` or :data:`HOLD`, the copy that stays.
-        :raise OSError: when the disk refused; both copies are still there,
-            and when the ``hold/`` one is what stayed of them, delivery
-            takes it with the message (``_in_both``), as after a move.
+        :raise OSError: when the disk refused.  The copies are as they
+            were, or, when the ``active/`` one won, what is left of the
+            ``hold/`` one (all of it, or a lone record recovery removes)
+            goes with the message when it is delivered (``_in_both``), as
+            after a move.
         """
         problem = self._checked_problem(queue_id, self._active)
         if problem is None:
