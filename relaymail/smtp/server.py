@@ -174,7 +174,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.dialogue.junk_limit = limits.stress_junk_commands if stressed else limits.junk_commands
         if self._waiting or self._closing:
             return
-        if self.timeOut is None or self._wait_since is None:
+        if self._wait_since is None:        # no clock runs (timeOut is None too)
             self.setTimeout(self._period())
             return
         now = self.factory.reactor.seconds()
