@@ -1,9 +1,12 @@
 """relaymail.queue.batch.sync_files: one syncfs(2) for a batch, or an
 fsync per file where the C library has no syncfs."""
 
+import ctypes
 import errno
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +75,66 @@ def test_without_syncfs_each_file_is_fsynced(tmp_path, monkeypatch):
     with pytest.raises(OSError) as caught:
         batch.sync_files(str(tmp_path), [str(tmp_path / "link.msg")])
     assert caught.value.errno == errno.ELOOP
+
+
+# A child that installs a real seccomp filter refusing syncfs(2) with
+# EPERM (as a systemd unit's SystemCallFilter= does), then commits files.
+_REFUSING_CHILD = r'''
+import ctypes, errno, json, os, sys
+seccomp = ctypes.CDLL("libseccomp.so.2")
+seccomp.seccomp_init.restype = ctypes.c_void_p
+seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                     ctypes.c_uint]
+seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+context = seccomp.seccomp_init(0x7FFF0000)                  # SCMP_ACT_ALLOW
+number = seccomp.seccomp_syscall_resolve_name(b"syncfs")
+assert seccomp.seccomp_rule_add(context, 0x00050000 | errno.EPERM, number, 0) == 0
+assert seccomp.seccomp_load(context) == 0
+from relaymail.queue import batch
+synced = []
+real_fsync = os.fsync
+def fsync(fd):
+    synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return real_fsync(fd)
+os.fsync = fsync
+directory = sys.argv[1]
+names = [os.path.join(directory, name) for name in ("a.msg", "b.msg")]
+for name in names:
+    with open(name, "wb") as f:
+        f.write(b"x")
+refused = batch._syncfs(os.open(directory, os.O_RDONLY))
+refused = (refused, ctypes.get_errno())
+batch.sync_files(directory, names)
+batch.sync_files(directory, names[:1])
+print(json.dumps({"refused": refused, "synced": synced, "left": batch._syncfs is None}))
+'''
+
+
+def test_a_syncfs_refused_by_a_seccomp_filter_falls_back_to_an_fsync_each(tmp_path):
+    result = subprocess.run([sys.executable, "-c", _REFUSING_CHILD, str(tmp_path)],
+                            capture_output=True, text=True, timeout=30,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    # The filter is real: syncfs(2) itself answers EPERM in the child.
+    assert seen["refused"] == [-1, errno.EPERM]
+    # Each batch's files are fsynced instead, and syncfs is not tried again.
+    a, b = str(tmp_path / "a.msg"), str(tmp_path / "b.msg")
+    assert seen["synced"] == [a, b, a]
+    assert seen["left"] is True
+
+
+def test_a_syncfs_that_fails_for_real_is_not_taken_for_a_refusal(tmp_path, monkeypatch):
+    # EIO from syncfs is a write-back error: the batch fails, and the next
+    # batch flushes with syncfs again.
+    real = batch._syncfs
+
+    def failing(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+    monkeypatch.setattr(batch, "_syncfs", failing)
+    with pytest.raises(OSError) as caught:
+        batch.sync_files(str(tmp_path), [])
+    assert caught.value.errno == errno.EIO
+    assert batch._syncfs is failing
+    monkeypatch.setattr(batch, "_syncfs", real)

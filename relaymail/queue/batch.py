@@ -57,18 +57,28 @@ def _load_syncfs():
 _syncfs = _load_syncfs()
 
 
+#: What syncfs(2) answers when a seccomp filter (a systemd unit's
+#: ``SystemCallFilter=``, a container runtime's profile) refuses it, or an
+#: old kernel lacks it; it never means the data failed to reach the disk.
+_REFUSED = (errno.EPERM, errno.ENOSYS)
+
+
 def sync_files(directory, paths):
     """Put the data of ``paths`` (files in ``directory``) on stable storage:
     one syncfs of the file system where there is one, else an fsync each."""
+    global _syncfs
     if _syncfs is not None:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if _syncfs(fd) != 0:
-                code = ctypes.get_errno() or errno.EIO
-                raise OSError(code, os.strerror(code), directory)
+            if _syncfs(fd) == 0:
+                return
+            code = ctypes.get_errno() or errno.EIO
         finally:
             os.close(fd)
-        return
+        if code not in _REFUSED:
+            raise OSError(code, os.strerror(code), directory)
+        # Refused, not failed: from now on this process fsyncs each file.
+        _syncfs = None
     for path in paths:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
