@@ -172,17 +172,17 @@ def test_notices_wait_in_memory_while_the_socket_is_full_and_arrive_in_order(mon
 
 def test_two_workers_gates_count_one_clients_connections_together(tmp_path):
     from twisted.internet import task
-    from relaymail.process.shared_counts import (SharedLimits, clear_connections,
-                                                 make_limits_region)
+    from relaymail.process.shared_counts import LimitsRegion, SharedLimits
     from relaymail.smtp.limits import ConnectionGate
     from tests.support import make_settings
     settings = make_settings(tmp_path, limits__connections="8", limits__connections_per_ip="3",
                              limits__connection_rate_per_ip="0", limits__trusted_reserve="0")
     clock = task.Clock()
-    fd = make_limits_region(2, settings)
+    region = LimitsRegion(2, settings)
     gates = [ConnectionGate(settings, clock,
-                            shared=SharedLimits(fd, 2, row, settings, clock, 60.0).connections)
-             for row in (0, 1)]
+                            shared=SharedLimits(region.fd, region.rows, region.row(number),
+                                                settings, clock, 60.0).connections)
+             for number in (0, 1)]
     first, second = gates
     assert first.admit("192.0.2.7", exempt=False) is None
     assert second.admit("192.0.2.7", exempt=False) is None
@@ -201,10 +201,10 @@ def test_two_workers_gates_count_one_clients_connections_together(tmp_path):
     assert first.connections == 8
     assert first.admit("203.0.113.9", exempt=False) == "Error: too many connections"
     # A worker that died leaves nothing counted behind.
-    clear_connections(fd, 2, settings, 1)
+    region.clear_connections(region.row(1))
     assert first.connections == 3 and first.connections_from("192.0.2.7") == 2
     assert first.connections_from("203.0.113.1") == 0
-    os.close(fd)
+    region.close()
 
 
 def test_two_workers_count_one_clients_attempts_together(tmp_path):
@@ -240,6 +240,86 @@ def test_two_workers_count_one_clients_attempts_together(tmp_path):
     # worker's 192.0.2.7 ended with the minute.
     assert shared[0].connection_rates.tracked() == 1 and shared[1].connection_rates.tracked() == 0
     os.close(fd)
+
+
+def test_a_reloads_new_workers_count_the_old_ones_sessions_and_attempts(tmp_path):
+    # After a SIGHUP the new inbound workers write the region's other bank:
+    # the old generation's open sessions and its minute of attempts count
+    # against the limits until they end.
+    from twisted.internet import task
+    from relaymail.process.shared_counts import LimitsRegion, SharedLimits
+    from relaymail.smtp.authentication import Authenticator
+    from relaymail.smtp.limits import ConnectionGate
+    from tests.support import make_settings
+    settings = make_settings(tmp_path, limits__connections="4", limits__connections_per_ip="2",
+                             limits__connection_rate_per_ip="3", limits__trusted_reserve="0")
+    clock = task.Clock()
+    clock.advance(1_767_225_600)
+    region = LimitsRegion(2, settings)
+
+    def generation():
+        shared = [SharedLimits(region.fd, region.rows, region.row(number), settings, clock,
+                               60.0) for number in (0, 1)]
+        gates = [ConnectionGate(settings, clock, shared=each.connections,
+                                rates=each.connection_rates) for each in shared]
+        auths = [Authenticator(None, 0, clock, attempts_per_minute=2,
+                               windows=each.auth_attempts) for each in shared]
+        return gates, auths
+    (old_first, old_second), old_auths = generation()
+    assert old_first.admit("192.0.2.7", exempt=False) is None
+    assert old_second.admit("192.0.2.7", exempt=False) is None
+    assert old_second.admit("198.51.100.1", exempt=False) is None
+    assert old_auths[0].admit("192.0.2.7", trusted=False) is None
+    assert old_auths[1].admit("192.0.2.7", trusted=False) is None
+
+    assert region.fits(settings)
+    region.next_bank()
+    assert [region.row(0), region.row(1)] == [2, 3]
+    (first, second), auths = generation()
+    assert first.connections == 3
+    # 192.0.2.7 holds two connections in the old workers: a third is refused.
+    assert second.admit("192.0.2.7", exempt=False) == \
+        "Error: too many connections from 192.0.2.7"
+    # That was its third attempt of the minute.  One old session ends, and
+    # its fourth is refused for the rate: the old workers saw the others.
+    old_first.release("192.0.2.7")
+    assert first.connections == 2 and first.connections_from("192.0.2.7") == 1
+    assert first.admit("192.0.2.7", exempt=False) == \
+        "Error: too many connections per minute from 192.0.2.7"
+    # AUTH attempts likewise: two in the minute, in the old workers.
+    assert auths[0].admit("192.0.2.7", trusted=False) is not None
+    assert first.admit("203.0.113.1", exempt=False) is None
+    assert second.admit("203.0.113.2", exempt=False) is None
+    assert second.admit("203.0.113.3", exempt=False) == "Error: too many connections"
+    # An old worker that ends takes its sessions off the count.
+    region.clear_connections(1)
+    assert second.connections == 2
+    assert second.admit("203.0.113.3", exempt=False) is None
+
+    # The next reload gives the first bank back, its open connections
+    # zeroed (its workers have ended), its attempts kept as history.
+    old_first.admit("192.0.2.99", exempt=False)      # one never released
+    region.next_bank()
+    assert [region.row(0), region.row(1)] == [0, 1]
+    (newest, _), newest_auths = generation()
+    assert newest.connections == 3 and newest.connections_from("192.0.2.99") == 0
+    assert newest_auths[1].admit("192.0.2.7", trusted=False) is not None
+    clock.advance(61)
+    assert newest_auths[1].admit("192.0.2.7", trusted=False) is None
+    region.close()
+
+
+def test_a_region_is_kept_across_a_reload_only_for_tables_of_the_same_size(tmp_path):
+    from relaymail.process.shared_counts import LimitsRegion
+    from tests.support import make_settings
+    region = LimitsRegion(2, make_settings(tmp_path, limits__connections="100"))
+    assert region.rows == 4
+    assert region.fits(make_settings(tmp_path, limits__connections="512",
+                                     limits__connections_per_ip="3"))
+    assert not region.fits(make_settings(tmp_path, limits__connections="513"))
+    assert not region.fits(make_settings(tmp_path, limits__connections="100",
+                                         **{"plugin:ratelimit__max_keys": "200000"}))
+    region.close()
 
 
 @contextlib.contextmanager

@@ -694,6 +694,30 @@ def test_a_workers_successor_takes_over_its_counts(region):
     assert successor.take([newcomer], 61.0) is None
 
 
+def test_a_reloads_new_workers_go_on_counting_where_the_old_ones_were(tmp_path):
+    # A reload's workers write the region's other bank and read both: a
+    # client limited before a SIGHUP stays limited after it.
+    from relaymail.plugins.ratelimit_counters import SharedCounters
+    from relaymail.process.shared_counts import LimitsRegion, SharedLimits
+    from twisted.internet import task
+    settings = make_settings(tmp_path)
+    shared = LimitsRegion(2, settings)
+
+    def worker(number):
+        return SharedCounters(window, SharedLimits(shared.fd, shared.rows, shared.row(number),
+                                                   settings, task.Clock(), 60.0).rate_limits)
+    window = SlidingWindow(60)
+    client = Count("messages_per_client", "192.0.2.7", 2)
+    old = worker(0)
+    assert old.take([client], 60.0) is None
+    assert old.take([client], 61.0) is None
+    shared.next_bank()
+    new = [worker(0), worker(1)]
+    assert new[0].take([client], 62.0) == client
+    assert new[1].take([client], 62.0) == client
+    shared.close()
+
+
 def test_a_full_row_counts_no_new_name_until_old_ones_run_out(region, captured_log, monkeypatch):
     from relaymail.plugins.ratelimit_counters import SharedCounters
     from relaymail.process import shared_counts

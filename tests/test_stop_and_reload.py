@@ -548,3 +548,112 @@ def test_sighup_with_an_expired_certificate_or_a_bad_endpoint_is_refused_in_one_
         relay.stop()
     assert the_one_refusal(relay).endswith(
         f"SIGHUP: reload refused, the running configuration stays: {relay.config}: {problem}")
+
+
+def greeting_of_a_new_session(relay):
+    client = Client(relay.port)
+    try:
+        return client.reply()
+    finally:
+        client.close()
+
+
+def old_inbound_workers_ended(relay):
+    return len(re.findall(r"inbound\.\d \(pid \d+\) of the old configuration "
+                          r"(exited|was killed)", relay.log()))
+
+
+def test_the_connection_limit_holds_across_a_reload_while_old_sessions_finish(tmp_path,
+                                                                            nexthop):
+    # The new workers count the old workers' sessions: a reload must not
+    # let the relay hold twice [limits] connections for shutdown_grace.
+    relay = relay_with(tmp_path, nexthop.port, inbound=2, delivery=1,
+                       server={"workers": "2", "shutdown_grace": "20",
+                               "trusted_networks": "192.0.2.0/24"},
+                       limits={"connections": "3", "trusted_reserve": "0",
+                               "connections_per_ip": "0", "stress_threshold": "100%"}).start()
+    full = b"421 4.7.0 %s Error: too many connections\r\n"
+    old = [Client(relay.port) for _ in range(3)]
+    try:
+        for client in old:
+            assert client.reply() == b"220 relay.test ESMTP relaymail\r\n"
+            assert client.command(b"EHLO old.test").startswith(b"250")
+        assert greeting_of_a_new_session(relay) == full % b"relay.test"
+        with open(relay.config) as f:
+            text = f.read()
+        with open(relay.config, "w") as f:
+            f.write(text.replace("hostname = relay.test", "hostname = reloaded.test"))
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded; 2 inbound and 1 delivery workers replaced" in relay.log(),
+                   what="the reload")
+        # Until the new workers take the listener, the old ones refuse.
+        deadline = time.monotonic() + 10
+        while (greeting := greeting_of_a_new_session(relay)) == full % b"relay.test":
+            assert time.monotonic() < deadline, "the new workers never answered"
+            time.sleep(0.05)
+        assert greeting == full % b"reloaded.test"
+        # One old session ends: its place is free for a new one.
+        assert old[0].command(b"QUIT").startswith(b"221 ")
+        old[0].close()
+        wait_until(lambda: greeting_of_a_new_session(relay)
+                   == b"220 reloaded.test ESMTP relaymail\r\n", what="a free place")
+        # The old sessions still go on in their workers, and take the places
+        # they hold with them when their worker is killed.
+        assert old[1].command(b"NOOP") == b"250 2.0.0 Ok\r\n"
+        for name in ("inbound.1", "inbound.2"):
+            try:
+                os.kill(worker_pids(relay, name)[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass        # it had no session left and ended
+        wait_until(lambda: old_inbound_workers_ended(relay) == 2, what="the old workers to end")
+        assert old[1].reply() == b""
+        held = [Client(relay.port) for _ in range(2)]
+        try:
+            for client in held:
+                assert client.reply() == b"220 reloaded.test ESMTP relaymail\r\n"
+        finally:
+            for client in held:
+                client.close()
+        # A second reload gives the first bank back, with nothing left
+        # counted in it: three new sessions fit, a fourth does not.
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: relay.log().count("reloaded; 2 inbound") == 2,
+                   what="the second reload")
+        wait_until(lambda: old_inbound_workers_ended(relay) == 4,
+                   what="the second reload's old workers to end")
+        newest = [Client(relay.port) for _ in range(3)]
+        try:
+            for client in newest:
+                assert client.reply() == b"220 reloaded.test ESMTP relaymail\r\n"
+            assert greeting_of_a_new_session(relay) == full % b"reloaded.test"
+        finally:
+            for client in newest:
+                client.close()
+    finally:
+        for client in old:
+            client.close()
+        relay.stop()
+    log = relay.log()
+    assert "counted afresh" not in log
+    assert no_alarming_lines(log), log
+
+
+def test_a_reload_that_resizes_the_limits_tables_says_what_it_costs(tmp_path, nexthop):
+    relay = relay_with(tmp_path, nexthop.port, inbound=2, delivery=1,
+                       server={"workers": "2"}).start()
+    try:
+        with open(relay.config, "a") as f:
+            f.write("[limits]\nconnections = 5000\n")
+        relay.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded; 2 inbound" in relay.log(), what="the reload")
+        wait_until(lambda: old_inbound_workers_ended(relay) == 2, what="the old workers to end")
+        assert send(relay, "alice@example.org", ["bob@example.net"])
+        nexthop.wait_for(1)
+    finally:
+        relay.stop()
+    log = relay.log()
+    assert ("SIGHUP: the new limits size the shared tables anew ([limits] connections, "
+            "[plugin:ratelimit] max_keys or [plugin:callout] cache_entries changed): "
+            "connections, rates and AUTH attempts are counted afresh, and the old workers' "
+            "sessions, while they finish, are not counted against the limits") in log
+    assert no_alarming_lines(log), log

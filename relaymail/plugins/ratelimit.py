@@ -59,9 +59,8 @@ count.
     processes (``[server] workers``) through the master's shared memory,
     so a client whose connections land on several workers meets one
     limit (two workers deciding at the same instant may each let one
-    event through), and a worker's restart forgets nothing; a reload
-    (SIGHUP) starts the counts from zero, as it does the connection
-    limits'.  ``redis://host:port/db``
+    event through), and a worker's restart forgets nothing, nor does a
+    reload (SIGHUP), unless it changes ``max_keys``.  ``redis://host:port/db``
     (``rediss://`` for TLS, ``unix:///path/redis.sock?db=0``): counters in
     that Redis, shared by every worker and every node that names it, so a
     fleet behind HAProxy enforces one limit (needs redis-py:

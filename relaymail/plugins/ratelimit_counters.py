@@ -42,8 +42,9 @@ shared memory the master gives its inbound workers
 (:class:`relaymail.process.shared_counts.SharedBuckets`), each worker
 writing its own row and adding up all of them, so that a client whose
 connections land on different workers meets one limit, and a worker's
-restart forgets nothing (a reload, SIGHUP, starts the counts from zero,
-as it does the connection limits').  Two workers checking one name at
+restart forgets nothing, nor does a reload (SIGHUP: the new workers
+write the region's other bank of rows and read both) unless it changes
+``max_keys``, which sizes the table anew.  Two workers checking one name at
 the same instant may both let an event through: a limit can be passed by
 at most one event per other worker, as two nodes on one Redis can pass
 it.  A row full of live names (``max_keys``) counts no new ones until

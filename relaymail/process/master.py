@@ -49,7 +49,7 @@ from relaymail import logobserver
 from relaymail.metrics import instruments
 from relaymail.process.launch import GO
 from relaymail.process.pickup import socket_pair
-from relaymail.process.shared_counts import clear_connections, make_limits_region
+from relaymail.process.shared_counts import LimitsRegion
 from relaymail.queue.control import ControlError, listen_control
 from relaymail.queue import queue_id
 from relaymail.queue.partition import owner_test, partition_of
@@ -94,11 +94,11 @@ class _Worker:
         self.pid = None             # its pid (the transport forgets it at the end)
         self.started_at = None
         self.young_deaths = 0
-        self.limits_row = limits_row    # an inbound worker's rows of shared limits
+        self.limits_row = limits_row    # an inbound worker's row of shared limits
         self.control = None         # a delivery worker's WorkerControl
         self.ended = None           # a Deferred while a stop waits for it
         self.retiring = False       # SIGHUP: ending for a successor with the new config
-        self.limits_fd = None       # an inbound worker's shared-limits region
+        self.limits = None          # an inbound worker's LimitsRegion
         self.ready_fd = None        # the child's fd number of its ready pipe
         self.ready = False          # it said it accepts
 
@@ -135,7 +135,7 @@ class Master(service.Service):
         self._slots = {worker.slot for worker in self.delivery + self.inbound}
         self._retiring = []         # old inbound workers finishing after a reload
         self._reload_waiting = False
-        self._limits_fd = None
+        self._limits = None         # the LimitsRegion of the inbound workers
         self._control_port = None
         self._sweeper = None
         self._delivery_started = False
@@ -171,9 +171,9 @@ class Master(service.Service):
         if not self._ports and self._endpoints:
             self.privilegedStartService()
         self._spool.prepare_for_writers()
-        self._limits_fd = make_limits_region(len(self.inbound), self.settings)
+        self._limits = LimitsRegion(len(self.inbound), self.settings)
         for worker in self.inbound:
-            worker.limits_fd = self._limits_fd
+            worker.limits = self._limits
         self._pairs = [socket_pair() for _ in self.delivery]
         # Inbound first: the sooner a listener is served, the sooner mail
         # is taken.  Delivery starts once every inbound worker accepts: its
@@ -248,7 +248,7 @@ class Master(service.Service):
                      *self._launch.arguments()]
         control_end = None
         if worker.role == INBOUND:
-            named["limits"] = worker.limits_fd
+            named["limits"] = worker.limits.fd
             named["ready"] = "r"
             arguments += ["--limits-row", str(worker.limits_row)]
             for index, port in enumerate(self._ports):
@@ -377,17 +377,27 @@ class Master(service.Service):
             log.warn("SIGHUP: {note}", note=note)
         log_warnings(settings, "SIGHUP: ")
         self._launch, self.settings = launch, settings
-        old_inbound, old_fd = self.inbound, self._limits_fd
-        self._limits_fd = make_limits_region(len(old_inbound), settings)
+        old_inbound, old_limits = self.inbound, self._limits
+        if old_limits.fits(settings):
+            # The new workers count in the other bank of the same region,
+            # every row read by all: the old workers' sessions, attempts
+            # and rates count against the limits while they finish.
+            old_limits.next_bank()
+        else:
+            self._limits = LimitsRegion(len(old_inbound), settings)
+            log.warn("SIGHUP: the new limits size the shared tables anew ([limits] connections, "
+                     "[plugin:ratelimit] max_keys or [plugin:callout] cache_entries changed): "
+                     "connections, rates and AUTH attempts are counted afresh, and the old "
+                     "workers' sessions, while they finish, are not counted against the limits")
         self.inbound = []
         for number in range(len(old_inbound)):
-            worker = _Worker(INBOUND, number + 1, slot=self._free_slot(), limits_row=number)
-            worker.limits_fd = self._limits_fd
+            worker = _Worker(INBOUND, number + 1, slot=self._free_slot(),
+                             limits_row=self._limits.row(number))
+            worker.limits = self._limits
             self.inbound.append(worker)
         for worker in self.inbound:
             self._spawn(worker)
         for worker in old_inbound:
-            worker.limits_fd = old_fd
             if worker.process is None:
                 # Dead, its restart pending: the restart is dropped (it is
                 # no longer in self.inbound) and its files went at its death.
@@ -395,8 +405,8 @@ class Master(service.Service):
                 continue
             self._retire(worker)
             self._retiring.append(worker)
-        if not self._retiring:
-            os.close(old_fd)
+        if old_limits is not self._limits and not self._retiring:
+            old_limits.close()
         for worker in self.delivery:
             self._retire(worker)
         log.info("SIGHUP: {config} reloaded; {inbound} inbound and {delivery} delivery workers "
@@ -437,8 +447,9 @@ class Master(service.Service):
         else:
             self._retiring.remove(worker)
             self._slots.discard(worker.slot)
-            if not any(old.limits_fd == worker.limits_fd for old in self._retiring):
-                os.close(worker.limits_fd)
+            if (worker.limits is not self._limits
+                    and not any(old.limits is worker.limits for old in self._retiring)):
+                worker.limits.close()
             # Sessions it cut or left may hold notices it did not send.
             self._pick_up_everywhere(f"after the old {worker.name} ended")
         if (self._reload_waiting and not self._retiring
@@ -466,11 +477,9 @@ class Master(service.Service):
             # delivery worker's removal cut half way leaves a lone record,
             # which its successor's recovery removes (Spool.recover).
             if worker.role == INBOUND:
-                if worker in self.inbound:
-                    # Its connections are gone with it (a retired worker's
-                    # region goes with its generation).
-                    clear_connections(worker.limits_fd, len(self.inbound), self.settings,
-                                      worker.limits_row)
+                # Its connections are gone with it.  Its region is open
+                # until the last worker using it has been cleaned up after.
+                worker.limits.clear_connections(worker.limits_row)
                 return self._spool.remove_unfinished(slot=worker.slot)
             owns = owner_test(worker.partition, len(self.delivery)) or (lambda _: True)
             return self._spool.remove_unfinished(slot=worker.slot, owns=owns)
@@ -513,9 +522,9 @@ class Master(service.Service):
             for receiving, sending in self._pairs:
                 receiving.close()
                 sending.close()
-            if self._limits_fd is not None:
-                os.close(self._limits_fd)
-                self._limits_fd = None
+            if self._limits is not None:
+                self._limits.close()
+                self._limits = None
             return defer.DeferredList(closing)
         return done.addCallback(stopped)
 

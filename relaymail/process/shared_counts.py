@@ -2,7 +2,9 @@
 
 The master makes one shared memory region (a memfd, passed to the inbound
 workers like the listeners) holding these tables, each with a row per
-inbound worker:
+inbound worker in each of two banks (:class:`LimitsRegion`: a reload's new
+workers write one bank while the old ones finish in the other, and every
+row is read, so the limits hold across a reload):
 
 - connections open per client, and the worker's total
   (``[limits] connections`` and ``connections_per_ip``);
@@ -460,7 +462,8 @@ class SharedLimits:
     """An inbound worker's views of the master's region: open connections,
     connection rates and AUTH attempts, all workers' together.
 
-    :param fd: the region (:func:`make_limits_region`).
+    :param fd: the region (:class:`LimitsRegion`, :func:`make_limits_region`).
+    :param rows: the rows it has (:func:`region_rows`).
     :param row: this worker's row (0 to ``rows`` - 1).
     """
 
@@ -510,6 +513,11 @@ class _Layout:
         self.unknown_at = self.known_at + SharedVerdicts.size(rows, self.verdict_slots)
         self.size = self.unknown_at + SharedVerdicts.size(rows, self.verdict_slots)
 
+    def slots(self):
+        """What the settings decide of the layout: two settings with the
+        same slots lay out a region of the same rows the same way."""
+        return (self.count_slots, self.bucket_slots, self.verdict_slots)
+
 
 def _ratelimit_max_keys(settings):
     """``[plugin:ratelimit] max_keys``, as the table is sized for it."""
@@ -536,15 +544,56 @@ def _plugin_count(settings, plugin, key, default, most):
 
 
 def make_limits_region(rows, settings):
-    """The master's region for :class:`SharedLimits`: a memfd of zeros."""
+    """A region for :class:`SharedLimits` with ``rows`` rows: a memfd of zeros."""
     fd = os.memfd_create("relaymail-limits", os.MFD_CLOEXEC)
     os.ftruncate(fd, _Layout(rows, settings).size)
     return fd
 
 
-def clear_connections(fd, rows, settings, row):
-    """Zero a dead worker's open connections (the master does it before
-    its successor starts)."""
-    counts = SharedCounts(fd, 0, rows, _Layout(rows, settings).count_slots, row)
-    counts.clear(row)
-    counts.close()
+def region_rows(workers):
+    """The rows of the master's region for ``workers`` inbound workers: a
+    bank of ``workers`` rows for each of the two generations that may run
+    at once (after a reload, the new one and the old one finishing)."""
+    return 2 * workers
+
+
+class LimitsRegion:
+    """The master's region: one bank of rows for the inbound workers of
+    this generation and one for those of the last, so that every limit is
+    counted across a reload.  The new workers take the bank the last
+    generation but one used (its workers have all ended); its attempts and
+    rates are history they take over, as a dead worker's successor does,
+    and its open connections are zeroed first."""
+
+    def __init__(self, workers, settings):
+        self.workers = workers
+        self.rows = region_rows(workers)
+        self._slots = _Layout(self.rows, settings).slots()
+        self.fd = make_limits_region(self.rows, settings)
+        self.bank = 0
+
+    def fits(self, settings):
+        """True when ``settings`` size the tables as this region has them,
+        so a reload with them can keep it."""
+        return _Layout(self.rows, settings).slots() == self._slots
+
+    def row(self, number):
+        """The row of the ``number``-th (from 0) inbound worker of the
+        generation using the region now."""
+        return self.bank * self.workers + number
+
+    def next_bank(self):
+        """Give the region to a new generation: the other bank, its open
+        connections zeroed."""
+        self.bank = 1 - self.bank
+        for number in range(self.workers):
+            self.clear_connections(self.row(number))
+
+    def clear_connections(self, row):
+        """Zero the open connections of ``row``'s worker, which has ended."""
+        counts = SharedCounts(self.fd, 0, self.rows, self._slots[0], row)
+        counts.clear(row)
+        counts.close()
+
+    def close(self):
+        os.close(self.fd)
