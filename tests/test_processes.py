@@ -420,3 +420,32 @@ def test_delivery_does_not_wait_for_inbound_workers_that_do_not_start(tmp_path, 
     assert sent and waited
     # All before either inbound worker accepted.
     assert waited.start() < sent.start() < log.index("SMTPFactory starting on")
+
+
+def test_a_message_whose_notice_was_lost_is_picked_up_after_an_inbound_workers_death(
+        tmp_path, nexthop):
+    # A queue file in active/ that no notice told delivery of, as one an
+    # inbound worker committed just before it was killed: the master has
+    # the delivery worker pick it up once a notice would have come.
+    from relaymail.queue.spool import Spool
+    from tests.test_spool import BODY, queue_sync
+    elsewhere = Spool(str(tmp_path / "elsewhere"))
+    elsewhere.start()
+    queue_id = queue_sync(elsewhere)
+    elsewhere.stop()
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1).start()
+    try:
+        wait_until(lambda: "messages scheduled" in relay.log(), what="delivery to start")
+        os.rename(os.path.join(elsewhere.path, "active", f"{queue_id}.msg"),
+                  os.path.join(relay.spool, "active", f"{queue_id}.msg"))
+        os.kill(wait_for_worker(relay, "inbound.1"), signal.SIGKILL)
+        [message] = nexthop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert message["data"] == BODY
+    assert sorted(message["recipients"]) == ["bob@example.com", "carol@example.com"]
+    assert f"{queue_id}: to=<bob@example.com>" in log
+    assert ("delivery.0 picked up 1 messages it had not been told of (after inbound.1 died)"
+            in log)

@@ -401,6 +401,33 @@ def test_pickup_leaves_alone_a_message_being_deleted(tmp_path):
     assert "AAAA" not in spool.records and sched.pickup() == 0
 
 
+def test_pickup_leaves_a_message_just_committed_to_its_notice(tmp_path, monkeypatch):
+    # A commit renames its file into active/ before it sends its notice: a
+    # pickup in between must not count the message as never told of.
+    from relaymail.queue import scheduler as scheduling
+    sched, spool, pool, clock = scheduler(tmp_path)
+    sched.startService()
+    spool.add("AAAA", ["a@example.net"])        # just now, its notice to come
+    assert sched.pickup() == 0
+    clock.advance(0)
+    assert pool.take() == []
+    # Once it has been there longer than a notice takes, it is picked up.
+    monkeypatch.setattr(scheduling, "PICKUP_MIN_AGE", -5.0)     # as 5 s later
+    assert sched.pickup() == 1
+    clock.advance(0)
+    assert [job.queue_id for job in pool.take()] == ["AAAA"]
+    # Its notice, late after all, finds it known.
+    sched.message_queued("AAAA")
+    clock.advance(0)
+    assert pool.take() == [] and sched.pickup() == 0
+
+
+def test_the_master_asks_for_a_pickup_only_once_a_notice_would_have_come():
+    from relaymail.process.master import PICKUP_DELAY
+    from relaymail.queue.scheduler import PICKUP_MIN_AGE
+    assert PICKUP_DELAY > PICKUP_MIN_AGE
+
+
 def test_release_takes_back_a_hold_asked_while_the_message_was_being_delivered(tmp_path):
     from relaymail.queue.control import ControlError
     sched, spool, pool, clock, job = being_delivered(tmp_path)

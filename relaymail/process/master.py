@@ -68,6 +68,11 @@ MAX_RESTART_DELAY = 30.0
 #: (master.cf's wakeup time); a minute is a shorter worst case for a lost
 #: notice, and a scan of active/ costs about 0.2 s with 100,000 messages.
 PICKUP_INTERVAL = 60.0
+#: Seconds after an inbound worker's end before the delivery workers are
+#: asked to pick up what it did not tell them of: past the age a message
+#: must have to be picked up (relaymail.queue.scheduler.PICKUP_MIN_AGE),
+#: so that its last commits are.
+PICKUP_DELAY = 3.0
 
 #: Seconds the workers get to stop after SIGTERM, beyond their own
 #: ``[server] shutdown_grace`` and the few seconds a drain may add
@@ -336,7 +341,7 @@ class Master(service.Service):
                  status=status, lived=lived, removed=removed, delay=delay)
         self._reactor.callLater(delay, self._spawn, worker)
         if worker.role == INBOUND:
-            self._pick_up_everywhere(f"after {worker.name} died")
+            self._pick_up_soon(f"after {worker.name} died")
 
     def running_workers(self):
         """``[(name, role, pid, seconds up)]`` of every live worker, the
@@ -451,14 +456,19 @@ class Master(service.Service):
                     and not any(old.limits is worker.limits for old in self._retiring)):
                 worker.limits.close()
             # Sessions it cut or left may hold notices it did not send.
-            self._pick_up_everywhere(f"after the old {worker.name} ended")
+            self._pick_up_soon(f"after the old {worker.name} ended")
         if (self._reload_waiting and not self._retiring
                 and not any(w.retiring for w in self.delivery)):
             self._reload_waiting = False
             self.reload()
 
+    def _pick_up_soon(self, why):
+        self._reactor.callLater(PICKUP_DELAY, self._pick_up_everywhere, why)
+
     def _pick_up_everywhere(self, why):
         """Have every delivery worker schedule what it was not told of."""
+        if self._stopping:
+            return
         for worker in self.delivery:
             if worker.control is None:
                 continue        # restarting: it scans its partition anyway

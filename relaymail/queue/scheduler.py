@@ -32,6 +32,7 @@ import collections
 import copy
 import heapq
 import itertools
+import os
 import time
 from dataclasses import replace
 
@@ -64,6 +65,12 @@ _FINAL = (records.SENT, records.BOUNCED)
 #: After the grace and the cut, how long a drain waits for the cut
 #: deliveries' outcomes to be written before it lets the spool stop.
 DRAIN_EXTRA = 5.0
+
+#: Seconds a message committed by an inbound worker is left to its notice
+#: by :meth:`Scheduler.pickup`.  A notice takes milliseconds: the commit's
+#: callback sends it, the delivery worker reads it at its reactor's next
+#: turn.
+PICKUP_MIN_AGE = 2.0
 
 
 def backoff(attempts, minimum, maximum):
@@ -928,14 +935,29 @@ class Scheduler(service.Service):
     def pickup(self):
         """Schedule the messages of the spool this scheduler does not know
         yet (a notice about them was lost with the worker that sent it);
-        each is tried when its record says, not forced."""
+        each is tried when its record says, not forced.
+
+        A message committed in the last :data:`PICKUP_MIN_AGE` seconds is
+        left to its notice: a commit's rename into ``active/`` comes before
+        its notice, so a listing under load always finds a few whose
+        notices are on their way, and would count them as lost.  The
+        master asks after a worker's end once that time has passed."""
         count = 0
         now = self._clock()
+        young = time.time() - PICKUP_MIN_AGE
         for queue_id in list(self.spool.ids()):
-            if not self._exists(queue_id):
+            if not self._exists(queue_id) and not self._committed_after(queue_id, young):
                 self._schedule(queue_id, now)
                 count += 1
         return count
+
+    def _committed_after(self, queue_id, moment):
+        """True when ``queue_id`` came into ``active/`` after ``moment``
+        (its inode's change time is its rename there), or is gone."""
+        try:
+            return os.lstat(self.spool.message_path(queue_id)).st_ctime > moment
+        except FileNotFoundError:
+            return True
 
     def retry(self, queue_id):
         if not self._exists(queue_id):
