@@ -273,6 +273,44 @@ def test_a_delivery_worker_sets_aside_what_it_cannot_trust_when_it_comes_to_it(t
                                                                         good + ".msg"]
 
 
+def test_a_delivery_worker_sets_aside_a_queue_file_name_that_is_no_file(tmp_path, nexthop):
+    # Put in active/ by hand: a directory, a FIFO and a symbolic link named
+    # like queue files.  Each is moved to corrupt/ when it comes due, as a
+    # bad record is: none fails at every retry, blocks delivery on a FIFO
+    # or is read through the link; the real message beside them goes.
+    from relaymail.queue import queue_id as ids
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1)
+    active = os.path.join(relay.spool, "active")
+    os.makedirs(active)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not for the queue\n")
+    planted = {ids.new_queue_id(): kind for kind in ("a directory", "a FIFO", "a symbolic link")}
+    for queue_id, kind in planted.items():
+        path = os.path.join(active, f"{queue_id}.msg")
+        {"a directory": os.mkdir, "a FIFO": os.mkfifo,
+         "a symbolic link": lambda path: os.symlink(victim, path)}[kind](path)
+    relay.start()
+    corrupt = os.path.join(relay.spool, "corrupt")
+    try:
+        wait_until(lambda: os.path.isdir(corrupt) and len(os.listdir(corrupt)) == 3,
+                   what="the three names in corrupt/")
+        sent = send(relay, "alice@example.org", ["bob@example.net"])
+        [message] = nexthop.wait_for(1)
+        wait_until(lambda: queue_empty(relay), what="the queue to empty")
+        log = relay.log()
+    finally:
+        relay.stop()
+    assert delivered_ids([message]) == [sent]
+    assert sorted(os.listdir(corrupt)) == sorted(f"{queue_id}.msg" for queue_id in planted)
+    for queue_id, kind in planted.items():
+        assert (f"Moving queue entry {queue_id} to {corrupt}: {queue_id}.msg is {kind}, "
+                "not a regular file") in log
+    assert os.path.islink(os.path.join(corrupt, next(q for q, k in planted.items()
+                                                      if k == "a symbolic link") + ".msg"))
+    assert victim.read_bytes() == b"not for the queue\n"
+    assert not re.search(r"#critical|Traceback|Unhandled", log), log
+
+
 def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path, nexthop):
     relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1)
     os.makedirs(os.path.join(relay.spool, "active"))

@@ -188,6 +188,24 @@ def test_list_reports_unreadable_records_and_goes_on(three):
     assert out.splitlines()[-1] == "-- 1 Kbytes in 2 messages, 1 held, 1 unreadable."
 
 
+def test_list_and_show_report_a_fifo_or_directory_named_as_a_queue_file(three):
+    # Opened without waiting: a FIFO put there by hand would hold the tool
+    # until a writer came.
+    fifo, directory = "00000000000000F1", "00000000000000D1"
+    os.mkfifo(os.path.join(three, "active", fifo + ".msg"))
+    os.mkdir(os.path.join(three, "active", directory + ".msg"))
+    status, out, err = run(three, "list")
+    assert status == 0
+    assert sorted(err.splitlines()) == [
+        f"relaymail-queue: {directory}: cannot read its record: a directory, "
+        "not a regular file",
+        f"relaymail-queue: {fifo}: cannot read its record: a FIFO, not a regular file"]
+    assert out.splitlines()[-1] == "-- 1 Kbytes in 3 messages, 1 held, 2 unreadable."
+    status, out, err = run(three, "show", fifo)
+    assert (status, out) == (1, "")
+    assert err == f"relaymail-queue: {fifo}: cannot read its record: a FIFO, not a regular file\n"
+
+
 def test_list_shows_a_message_left_in_both_directories_once_as_active(three):
     os.link(os.path.join(three, "active", NEW + ".msg"), os.path.join(three, "hold", NEW + ".msg"))
     assert run(three, "list")[1].splitlines() == LISTED_THREE

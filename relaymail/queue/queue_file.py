@@ -41,12 +41,15 @@ To read an embedded record by hand: ``tail -n 2 ID.msg | head -n 1 | jq .``
 (or ``relaymail-queue show ID``).
 """
 
+import errno
 import io
 import os
 import re
+import stat
 import zlib
 
 from relaymail.queue import record as records
+from relaymail.queue.layout import kind_of
 from relaymail.queue.queue_id import is_queue_id
 
 _MAGIC = b"#relaymail-record "
@@ -140,11 +143,33 @@ def queue_id_of(path):
     return stem if suffix == ".msg" and is_queue_id(stem) else None
 
 
+class NotRegularFile(OSError):
+    """A queue file's name on something relaymail never writes there: a
+    symbolic link, a directory, a FIFO, a device.  Set aside, not read."""
+
+
 def open_no_follow(path):
-    """Open ``path`` for reading, refusing a symbolic link: the spool's
-    user could have put one there, and the queue tool may be reading as
-    root (relaymail.queue.layout)."""
-    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Open the regular file ``path`` for reading.  A symbolic link is
+    refused, as the spool's user could have put one there and the queue
+    tool may be reading as root (relaymail.queue.layout); so is any other
+    kind of file, a FIFO without waiting for a writer (O_NONBLOCK, which
+    changes nothing for a regular file).
+
+    :raise NotRegularFile: for a link, a directory, a FIFO or a device.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "a symbolic link, not a regular file",
+                                 path) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(errno.EINVAL, f"{kind_of(mode)}, not a regular file", path)
+    return fd
 
 
 def open_message(path, length=None):

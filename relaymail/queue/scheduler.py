@@ -51,6 +51,7 @@ from relaymail.delivery.transports import KIND as TRANSPORT_KIND, TransportHop, 
 from relaymail.interfaces import ISessionContext
 from relaymail.metrics import instruments
 from relaymail.queue import record as records
+from relaymail.queue.queue_file import NotRegularFile
 from relaymail.queue.control import ControlError
 from relaymail.queue.selection import Selection, matching_ids
 from relaymail.queue.bounce import FailedRecipient, build_dsn, is_double_bounce, read_header_section
@@ -301,6 +302,11 @@ class Scheduler(service.Service):
         except records.CorruptRecord as error:
             # Damaged behind our back: set aside for a person, never fatal.
             self._quarantine(queue_id, f"bad record: {error}")
+            return
+        except NotRegularFile as error:
+            # Put there by hand: a directory or a FIFO would fail, or
+            # block, each time it comes due.
+            self._quarantine(queue_id, f"{os.path.basename(error.filename)} is {error.strerror}")
             return
         if unsaved is None:
             # A delivery worker checks each message here rather than all of
