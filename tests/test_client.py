@@ -165,7 +165,15 @@ class ScriptedServer(Protocol):
         queue = self.script.replies.get(verb)
         reply = queue.pop(0) if queue else default
         self.transport.write(reply + b"\r\n")
+        self._hang_up_after(reply)
         return reply
+
+    def _hang_up_after(self, reply):
+        # RFC 5321 3.8: a 421 closes the channel; what was sent after the
+        # command stays unread.
+        if reply.startswith(b"421"):
+            self._stopped = True
+            self.transport.loseConnection()
 
     def _command(self, line):
         self.commands.append(line)
@@ -215,6 +223,7 @@ class ScriptedServer(Protocol):
         address = line[line.index(b"<") + 1:line.rindex(b">")].decode()
         reply = self.script.rcpt.get(address, b"250 2.1.5 Ok")
         self.transport.write(reply + b"\r\n")
+        self._hang_up_after(reply)
         if reply.startswith(b"2"):
             self._accepted += 1
 
@@ -788,6 +797,33 @@ class SessionFailureTests(ClientTestCase):
         self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.4.2"))
         self.assertIn("lost connection with", error.text)
         self.assertFalse(session.is_open())
+
+    async def test_a_421_to_a_pipelined_mail_is_the_reason_not_the_hang_up_after_it(self):
+        # The RCPT and DATA sent with the MAIL get no replies: the server
+        # closed the channel after its 421.  Its words reach the log and the
+        # DSN, not "lost connection".
+        path = self.message_file(SIMPLE)
+        for pipelining in (True, False):
+            factory, session = await self.session_for(Script(
+                pipelining=pipelining, replies={"MAIL": [b"421 4.3.2 Shutting down now"]}))
+            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+            self.assertEqual((error.temporary, error.code, error.enhanced, error.text),
+                             (True, 421, "4.3.2", "Shutting down now"))
+            self.assertFalse(session.is_open())
+            self.assertEqual(factory.only.commands[-1][:4], b"MAIL")
+            # Pipelined, the RCPT and DATA went in the MAIL's write.
+            self.assertEqual(b"\r\nDATA\r\n" in b"".join(factory.only.reads), pipelining)
+
+    async def test_a_421_to_a_pipelined_rcpt_ends_the_transaction_with_its_words(self):
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(
+            pipelining=True, rcpt={"c@example.com": b"421 4.7.0 Too many errors, bye"}))
+        error = await self.deliver_fails(session, "a@example.org",
+                                         ["b@example.com", "c@example.com", "d@example.com"], path)
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text),
+                         (True, 421, "4.7.0", "Too many errors, bye"))
+        self.assertFalse(session.is_open())
+        self.assertEqual(factory.only.messages, [])
 
     async def test_malformed_reply_fails_the_session(self):
         error = await self.connect_fails(Script(replies={"EHLO": [b"250-mx.test\r\nhello there"]}))

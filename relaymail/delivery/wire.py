@@ -18,7 +18,7 @@ from zope.interface import implementer
 from relaymail import tcp
 from relaymail.metrics import instruments
 from relaymail.delivery import tls
-from relaymail.delivery.outcomes import DeliveryError
+from relaymail.delivery.outcomes import DeliveryError, error_from_reply
 from relaymail.delivery.responses import MalformedReply, ReplyReader
 from relaymail.delivery.stream import ChunkProducer, MessageProducer, StreamStopped
 
@@ -238,6 +238,12 @@ class ClientConnection(Protocol):
                 if reply.code == 220:
                     self._switch_to_tls(options, reply)
                     return
+            if reply.code == 421:
+                # RFC 5321 3.8: the server closes the channel after a 421,
+                # so the rest of a pipelined group gets no replies.  Whoever
+                # waits for one hears the 421, not "lost connection", and
+                # the connection takes no more commands.
+                self._error = error_from_reply(reply, self.remote)
             self._hand_over(reply)
 
     def handshakeCompleted(self):
