@@ -48,8 +48,9 @@ def build(arguments, settings, reactor, fds):
     instruments.enable(bool(settings.metrics.listen))
     shared = None
     if arguments.role == "inbound" and "limits" in fds:
-        shared = SharedLimits(fds.pop("limits"), region_rows(settings.server.workers),
-                              arguments.limits_row, settings, reactor, RATE_WINDOW)
+        rows = arguments.limits_rows or region_rows(settings.server.workers)
+        shared = SharedLimits(fds.pop("limits"), rows, arguments.limits_row, settings, reactor,
+                              RATE_WINDOW)
         # Before the plugins are built: the ratelimit plugin's memory
         # counters and the callout plugin's answers are in the shared
         # region too.
