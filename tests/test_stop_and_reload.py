@@ -147,6 +147,18 @@ def test_sigterm_waits_for_a_delivery_in_flight_and_logs_nothing_critical(tmp_pa
     assert no_alarming_lines(log), log
 
 
+def reload_as_reloaded_test(relay):
+    """Rename the relay reloaded.test in its config, SIGHUP it and wait
+    for the reload line (2 inbound and 1 delivery workers)."""
+    with open(relay.config) as f:
+        text = f.read()
+    with open(relay.config, "w") as f:
+        f.write(text.replace("hostname = relay.test", "hostname = reloaded.test"))
+    relay.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded; 2 inbound and 1 delivery workers replaced" in relay.log(),
+               what="the reload")
+
+
 def test_sighup_reaches_new_sessions_and_an_open_one_goes_on(tmp_path, nexthop):
     relay = relay_with(tmp_path, nexthop.port, inbound=2, delivery=1,
                        server={"workers": "2", "shutdown_grace": "20"}).start()
@@ -155,13 +167,7 @@ def test_sighup_reaches_new_sessions_and_an_open_one_goes_on(tmp_path, nexthop):
         old_delivery = wait_for_worker(relay, "delivery.0")
         assert old.reply() == b"220 relay.test ESMTP relaymail\r\n"
         assert old.command(b"EHLO old.test").startswith(b"250")
-        with open(relay.config) as f:
-            text = f.read()
-        with open(relay.config, "w") as f:
-            f.write(text.replace("hostname = relay.test", "hostname = reloaded.test"))
-        relay.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloaded; 2 inbound and 1 delivery workers replaced" in relay.log(),
-                   what="the reload")
+        reload_as_reloaded_test(relay)
         # The reload line comes as the old workers are told to stop: one may
         # still take a connection from the shared listener for a moment (as
         # an old Postfix smtpd may after postfix reload).  Soon every new
@@ -579,13 +585,7 @@ def test_the_connection_limit_holds_across_a_reload_while_old_sessions_finish(tm
             assert client.reply() == b"220 relay.test ESMTP relaymail\r\n"
             assert client.command(b"EHLO old.test").startswith(b"250")
         assert greeting_of_a_new_session(relay) == full % b"relay.test"
-        with open(relay.config) as f:
-            text = f.read()
-        with open(relay.config, "w") as f:
-            f.write(text.replace("hostname = relay.test", "hostname = reloaded.test"))
-        relay.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloaded; 2 inbound and 1 delivery workers replaced" in relay.log(),
-                   what="the reload")
+        reload_as_reloaded_test(relay)
         # Until the new workers take the listener, the old ones refuse.
         deadline = time.monotonic() + 10
         while (greeting := greeting_of_a_new_session(relay)) == full % b"relay.test":

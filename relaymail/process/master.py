@@ -255,8 +255,6 @@ class Master(service.Service):
         if worker.role == INBOUND:
             named["limits"] = worker.limits.fd
             named["ready"] = "r"
-            # The master's count of rows, not one the worker would work out
-            # from [server] workers = auto and a CPU set changed since.
             arguments += ["--limits-row", str(worker.limits_row),
                           "--limits-rows", str(worker.limits.rows)]
             for index, port in enumerate(self._ports):

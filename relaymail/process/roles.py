@@ -30,7 +30,7 @@ from relaymail.process.pickup import PickupReceiver, PickupSender
 from relaymail.plugins.callout_cache import (
     share_between_workers as share_answers_between_workers)
 from relaymail.plugins.ratelimit_counters import share_between_workers
-from relaymail.process.shared_counts import SharedLimits, region_rows
+from relaymail.process.shared_counts import SharedLimits
 from relaymail.smtp.limits import RATE_WINDOW
 from relaymail.smtp.sessions import EndSessions, OpenSessions
 from relaymail.queue.control import ControlFactory
@@ -48,9 +48,10 @@ def build(arguments, settings, reactor, fds):
     instruments.enable(bool(settings.metrics.listen))
     shared = None
     if arguments.role == "inbound" and "limits" in fds:
-        rows = arguments.limits_rows or region_rows(settings.server.workers)
-        shared = SharedLimits(fds.pop("limits"), rows, arguments.limits_row, settings, reactor,
-                              RATE_WINDOW)
+        # The master's count of rows, passed with the region (never worked
+        # out here from [server] workers = auto, whose CPU set may differ).
+        shared = SharedLimits(fds.pop("limits"), arguments.limits_rows, arguments.limits_row,
+                              settings, reactor, RATE_WINDOW)
         # Before the plugins are built: the ratelimit plugin's memory
         # counters and the callout plugin's answers are in the shared
         # region too.

@@ -463,7 +463,7 @@ class SharedLimits:
     connection rates and AUTH attempts, all workers' together.
 
     :param fd: the region (:class:`LimitsRegion`, :func:`make_limits_region`).
-    :param rows: the rows it has (:func:`region_rows`).
+    :param rows: the rows it has (:attr:`LimitsRegion.rows`).
     :param row: this worker's row (0 to ``rows`` - 1).
     """
 
@@ -550,13 +550,6 @@ def make_limits_region(rows, settings):
     return fd
 
 
-def region_rows(workers):
-    """The rows of the master's region for ``workers`` inbound workers: a
-    bank of ``workers`` rows for each of the two generations that may run
-    at once (after a reload, the new one and the old one finishing)."""
-    return 2 * workers
-
-
 class LimitsRegion:
     """The master's region: one bank of rows for the inbound workers of
     this generation and one for those of the last, so that every limit is
@@ -567,7 +560,9 @@ class LimitsRegion:
 
     def __init__(self, workers, settings):
         self.workers = workers
-        self.rows = region_rows(workers)
+        # A bank of rows for each of the two generations that may run at
+        # once: after a reload, the new one and the old one finishing.
+        self.rows = 2 * workers
         self._slots = _Layout(self.rows, settings).slots()
         self.fd = make_limits_region(self.rows, settings)
         self.bank = 0

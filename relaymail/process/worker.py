@@ -52,7 +52,7 @@ def parse_arguments(argv):
     parser.add_argument("--partition", type=int, default=0)
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--limits-row", type=int, default=0)
-    parser.add_argument("--limits-rows", type=int, default=None)
+    parser.add_argument("--limits-rows", type=int, default=0)
     parser.add_argument("--fd", action="append", default=[], type=_named_fd)
     return parser.parse_args(argv)
 
