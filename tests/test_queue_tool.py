@@ -474,6 +474,15 @@ def test_flush_makes_every_active_message_due(three):
     assert read(three, HELD, "hold")["next_attempt_at"] == NOW - 3 * 3600
 
 
+def test_flush_passes_over_a_fifo_or_directory_named_as_a_queue_file(three):
+    os.mkfifo(os.path.join(three, "active", "00000000000000F1.msg"))
+    os.mkdir(os.path.join(three, "active", "00000000000000D1.msg"))
+    assert run(three, "flush") == (
+        0, "2 messages due now; relaymail is not running: nothing is delivered until it "
+           "starts\n", "")
+    assert read(three, OLD)["next_attempt_at"] == NOW
+
+
 def test_delete_one_then_all(three):
     assert run(three, "delete", HELD) == (0, f"{HELD} deleted\n", "")
     assert names(three, "hold") == []

@@ -78,7 +78,7 @@ from relaymail.queue.control import (
     ALL, ControlError, IQueueControl, answer, control_path, plural)
 from relaymail.queue.layout import UnsafeSpool
 from relaymail.queue.lock import SpoolLock
-from relaymail.queue.queue_file import open_message
+from relaymail.queue.queue_file import NotRegularFile, open_message
 from relaymail.queue.queue_id import is_queue_id
 from relaymail.queue.selection import (
     NULL_SENDER, BadFilter, Selection, address_key, domain_key, matching_ids)
@@ -723,8 +723,9 @@ class OfflineManager:
     def _make_due(self, queue_id):
         try:
             return self._spool.make_due(queue_id, self._now)
-        except records.CorruptRecord:
-            # Not deliverable anyway; the daemon's recover() sets it aside.
+        except (records.CorruptRecord, NotRegularFile):
+            # Not deliverable anyway, and neither is a directory or FIFO
+            # under a queue file's name: the daemon sets them aside.
             return False
 
     def retry(self, queue_id):
