@@ -852,6 +852,13 @@ SCHEMA = {
         # in the spirit of its default_process_limit (100).
         "destination_concurrency": Key(integer(minimum=1), "20"),
         "max_connections": Key(integer(minimum=1), "100"),
+        # Postfix default_destination_recipient_limit (50): recipients of
+        # one message in one delivery to one destination (an SMTP or LMTP
+        # transaction, a transport's deliver() call); more go in further
+        # deliveries.  Every server must take 100 (RFC 5321 4.5.3.1.8), and
+        # a server that takes fewer says 452 4.5.3 and gets the rest in
+        # further transactions at once.
+        "recipients_per_transaction": Key(integer(minimum=1), "50"),
         # Transports other than smtp (lmtp, pipe, a site's;
         # relaymail.delivery.transports): deliveries at once per transport,
         # as default_destination_concurrency_limit, and the longest one

@@ -96,6 +96,9 @@ class Script:
     stall: str | None = None
     close_on: str | None = None
     pause_after_354: bool = False
+    # Recipients taken in one transaction, past which RCPT gets rcpt_limit_reply.
+    rcpt_limit: int | None = None
+    rcpt_limit_reply: bytes = b"452 4.5.3 Error: too many recipients"
     hang_up_in_handshake: bool = False  # say 220 to STARTTLS, then hang up
 
     def advertised(self, tls_active):
@@ -116,6 +119,7 @@ class ScriptedServer(Protocol):
         self.reads = []        # every dataReceived, as it came
         self.commands = []     # every command line (and AUTH LOGIN answer)
         self.messages = []     # DATA content as on the wire, terminator included
+        self.envelopes = []    # the recipients each of those messages went to
         self.tls = False
         self.closed = defer.Deferred()
         self._buffer = b""
@@ -127,7 +131,7 @@ class ScriptedServer(Protocol):
 
     def _reset(self):
         self._mail = False
-        self._accepted = 0
+        self._accepted = []
 
     def connectionMade(self):
         if self.script.stall != "greeting":
@@ -222,10 +226,13 @@ class ScriptedServer(Protocol):
             return
         address = line[line.index(b"<") + 1:line.rindex(b">")].decode()
         reply = self.script.rcpt.get(address, b"250 2.1.5 Ok")
+        limit = self.script.rcpt_limit
+        if limit is not None and len(self._accepted) >= limit:
+            reply = self.script.rcpt_limit_reply
         self.transport.write(reply + b"\r\n")
         self._hang_up_after(reply)
         if reply.startswith(b"2"):
-            self._accepted += 1
+            self._accepted.append(address)
 
     def _do_DATA(self, line):
         if not self._mail:
@@ -240,6 +247,7 @@ class ScriptedServer(Protocol):
     def _end_of_data(self, message):
         self._in_data = False
         self.messages.append(message)
+        self.envelopes.append(self._accepted)
         self._reset()
         if self.script.stall == ".":
             self._stopped = True
@@ -667,6 +675,101 @@ class RefusalTests(ClientTestCase):
 
 
 # -- a server without 8BITMIME ------------------------------------------------------------
+
+class RecipientLimitTests(ClientTestCase):
+    """A server that takes fewer recipients a transaction than we have
+    (RFC 5321 4.5.3.1.8 and 4.5.3.1.10): the rest go in further
+    transactions at once, never to be retried after a backoff."""
+
+    FIVE = [f"r{n}@example.com" for n in range(1, 6)]
+
+    def rcpts(self, server):
+        return [c for c in server.commands if c.startswith(b"RCPT")]
+
+    async def test_the_rest_go_in_further_transactions_as_many_as_the_server_took(self):
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(pipelining=True, rcpt_limit=2))
+        results = await session.deliver("a@example.org", self.FIVE, path)
+        self.assertEqual(results, [RecipientResult(a, 250, "2.0.0", "Ok: queued as 4XyZ")
+                                   for a in self.FIVE])
+        server = factory.only
+        self.assertEqual(server.envelopes, [self.FIVE[0:2], self.FIVE[2:4], self.FIVE[4:5]])
+        self.assertEqual(server.messages, [SIMPLE + b".\r\n"] * 3)
+        # Five RCPTs first, then only as many as the server took: 2 and 1.
+        self.assertEqual(len(self.rcpts(server)), 5 + 2 + 1)
+        self.assertEqual([c for c in server.commands if not c.startswith(b"RCPT")],
+                         [b"EHLO client.test"] + [b"MAIL FROM:<a@example.org> SIZE=%d"
+                                                  % len(SIMPLE), b"DATA"] * 3)
+        self.assertTrue(session.is_open())
+
+    async def envelopes_delivering_all_five(self, script):
+        """The recipients of each message ``script``'s server got, once
+        all five were delivered."""
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(script)
+        results = await session.deliver("a@example.org", self.FIVE, path)
+        self.assertEqual([r.code for r in results], [250] * 5)
+        return factory.only.envelopes
+
+    async def test_without_pipelining_too(self):
+        envelopes = await self.envelopes_delivering_all_five(Script(rcpt_limit=3))
+        self.assertEqual(envelopes, [self.FIVE[0:3], self.FIVE[3:5]])
+
+    async def test_a_552_5_5_3_of_an_rfc_821_server_is_read_the_same_way(self):
+        envelopes = await self.envelopes_delivering_all_five(Script(
+            pipelining=True, rcpt_limit=4, rcpt_limit_reply=b"552 5.5.3 Too many recipients"))
+        self.assertEqual(envelopes, [self.FIVE[0:4], self.FIVE[4:5]])
+
+    async def test_a_452_of_another_kind_is_not_a_count(self):
+        # 452 4.3.1 is the server short of storage: the retry is the answer.
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(
+            pipelining=True, rcpt_limit=1, rcpt_limit_reply=b"452 4.3.1 Insufficient storage"))
+        results = await session.deliver("a@example.org", self.FIVE[:2], path)
+        self.assertEqual(results, [
+            RecipientResult(self.FIVE[0], 250, "2.0.0", "Ok: queued as 4XyZ"),
+            RecipientResult(self.FIVE[1], 452, "4.3.1", "Insufficient storage")])
+        self.assertEqual(len(factory.only.messages), 1)
+
+    async def test_a_452_to_every_recipient_waits_for_the_retry(self):
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(pipelining=True, rcpt_limit=0))
+        results = await session.deliver("a@example.org", self.FIVE[:2], path)
+        self.assertEqual(results, [RecipientResult(a, 452, "4.5.3", "Error: too many recipients")
+                                   for a in self.FIVE[:2]])
+        self.assertEqual(factory.only.messages, [])
+        self.assertEqual(len(self.rcpts(factory.only)), 2)
+
+    async def test_a_further_transaction_that_fails_keeps_what_was_delivered(self):
+        path = self.message_file(SIMPLE)
+        script = Script(pipelining=True, rcpt_limit=2,
+                        replies={"MAIL": [b"250 2.1.0 Ok", b"421 4.3.2 going down now"]})
+        factory, session = await self.session_for(script)
+        results = await session.deliver("a@example.org", self.FIVE, path)
+        held = ("Error: too many recipients (a further transaction failed: "
+                "421 4.3.2 going down now)")
+        self.assertEqual(results, [RecipientResult(a, 250, "2.0.0", "Ok: queued as 4XyZ")
+                                   for a in self.FIVE[:2]]
+                         + [RecipientResult(a, 452, "4.5.3", held) for a in self.FIVE[2:]])
+        self.assertEqual(factory.only.envelopes, [self.FIVE[:2]])
+        self.assertFalse(session.is_open())
+
+    async def test_a_552_left_over_is_deferred_not_bounced(self):
+        # The further transaction delivers to nobody (r2 is busy): r3 keeps
+        # its 552 5.5.3 for the retry, made temporary.
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(
+            pipelining=True, rcpt_limit=1, rcpt_limit_reply=b"552 5.5.3 Too many recipients",
+            rcpt={self.FIVE[1]: b"450 4.2.0 Mailbox busy"}))
+        results = await session.deliver("a@example.org", self.FIVE[:3], path)
+        self.assertEqual(results, [
+            RecipientResult(self.FIVE[0], 250, "2.0.0", "Ok: queued as 4XyZ"),
+            RecipientResult(self.FIVE[1], 450, "4.2.0", "Mailbox busy"),
+            RecipientResult(self.FIVE[2], None, "4.5.3",
+                            "552 5.5.3 Too many recipients "
+                            "(taken as temporary: RFC 5321 4.5.3.1.10)")])
+        self.assertEqual(factory.only.envelopes, [self.FIVE[:1]])
+
 
 class DowngradeTests(ClientTestCase):
     """RFC 6152 3: no octet above 127 goes to a server that did not offer

@@ -108,22 +108,49 @@ def test_a_limited_domain_sharing_a_route_with_another_waits_on_its_own(tmp_path
     assert other[1] < partner[1], arrivals
 
 
-def test_a_slot_reserved_long_ago_is_not_spent_again():
-    # Found in review: ten messages that had reserved slots, held and
-    # released much later, all went at once on their stale reservations.
+def shaping_scheduler(rates):
+    """The scheduler's [delivery_rates] part alone, over ``rates``, and a
+    function giving the jobs of a message (one a recipient group, all to
+    the smarthost) that go at ``now``."""
     from relaymail.queue.scheduler import Scheduler
-    scheduler = SimpleNamespace(_rates=OutboundRates({"smarthost": (1, 60.0)}), _reserved={},
+    scheduler = SimpleNamespace(_rates=OutboundRates(rates), _reserved={},
                                 settings=SimpleNamespace(queue=SimpleNamespace(active_limit=5)))
     scheduler._forget_old_reservations = (
         lambda now: Scheduler._forget_old_reservations(scheduler, now))
     scheduler._rate_key = lambda destination, address: Scheduler._rate_key(
         scheduler, destination, address)
 
-    def goes(queue_id, now):
-        job = SimpleNamespace(queue_id=queue_id, recipients=["bob@example.net"],
-                              destination=SimpleNamespace(kind="smarthost", label="smarthost"))
+    def going(queue_id, now, groups=1):
+        jobs = [SimpleNamespace(queue_id=queue_id, recipients=[f"bob{n}@example.net"],
+                                destination=SimpleNamespace(kind="smarthost", label="smarthost"))
+                for n in range(groups)]
         attempt = SimpleNamespace(shaped_until=None)
-        return bool(Scheduler._within_rates(scheduler, queue_id, attempt, [job], now))
+        return Scheduler._within_rates(scheduler, queue_id, attempt, jobs, now)
+    return scheduler, going
+
+
+def test_a_message_in_several_transactions_takes_one_slot():
+    # Three recipient groups of one message: they go together on one slot,
+    # or wait together on one reservation, and no slot is spent unused.
+    scheduler, going = shaping_scheduler({"smarthost": (2, 60.0)})
+    assert len(going("A", 0.0, groups=3)) == 3
+    assert len(going("B", 0.0, groups=3)) == 3
+    assert going("C", 1.0, groups=3) == []
+    assert scheduler._reserved == {"C": {"smarthost": 60.0}}
+    assert going("D", 1.0, groups=2) == []
+    assert scheduler._reserved["D"] == {"smarthost": 60.0}
+    assert len(going("C", 60.0, groups=3)) == 3
+    assert len(going("D", 60.0, groups=2)) == 2
+    assert going("E", 60.0) == []
+
+
+def test_a_slot_reserved_long_ago_is_not_spent_again():
+    # Found in review: ten messages that had reserved slots, held and
+    # released much later, all went at once on their stale reservations.
+    scheduler, going = shaping_scheduler({"smarthost": (1, 60.0)})
+
+    def goes(queue_id, now):
+        return bool(going(queue_id, now))
 
     assert goes("A", 0.0)
     waiting = [f"M{i}" for i in range(10)]

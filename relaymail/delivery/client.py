@@ -31,8 +31,8 @@ from relaymail.delivery import chunking, dane, downgrade, sasl, tls, tls_policy,
 from relaymail.delivery.outcomes import DeliveryError, RecipientResult, error_from_reply, our_side
 from relaymail.delivery.responses import parse_ehlo
 from relaymail.delivery.transaction import (
-    BODY_TYPES, assemble_results, check_message, dsn_commands, mail_command, rcpt_command,
-    result_from)
+    BODY_TYPES, assemble_results, check_message, delivered, dsn_commands, held_back,
+    mail_command, over_the_limit, rcpt_command, result_from, too_many)
 from relaymail.delivery.wire import ClientConnection
 from relaymail.queue.queue_file import open_message
 from relaymail.tls_session import negotiated_tls
@@ -229,7 +229,7 @@ class OutboundSession:
 
     def deliver(self, sender, recipients, message_path, *, body="7BIT", smtputf8=False,
                 envelope=None, size=None):
-        """Run one mail transaction and report each recipient's result.
+        """Run a mail transaction and report each recipient's result.
 
         ``sender`` ``''`` is the null sender.  ``message_path`` is the
         spooled message (CRLF line ends), streamed from disk.  MAIL carries
@@ -243,7 +243,9 @@ class OutboundSession:
         record, is how much of the queue file to send (None: the file
         says, relaymail.queue.queue_file).
         With PIPELINING (RFC 2920) MAIL, every RCPT and
-        DATA go in one write.
+        DATA go in one write.  Recipients the server refuses as more than
+        it takes in one transaction ("452 4.5.3 too many recipients") go
+        in further transactions on the connection straight after.
 
         :return: a Deferred firing with a list of :class:`RecipientResult`
             in the order of ``recipients``, or failing with
@@ -487,12 +489,54 @@ class OutboundSession:
                     if envelope is not None and envelope.get("requiretls"):
                         mail = self._with_requiretls(mail)
                     await self._ready_for_mail()
-                    return await self._transaction(mail, rcpts, recipients, file, size)
+                    results = await self._transaction(mail, rcpts, recipients, file, size)
+                    return await self._the_rest(results, mail, rcpts, recipients, file, size)
                 finally:
                     if file is not spooled:
                         file.close()        # the converted copy
         finally:
             self._busy = False
+
+    async def _the_rest(self, results, mail, rcpts, recipients, file, size):
+        """``results``, with the recipients the server refused as over its
+        per-transaction limit (transaction.over_the_limit) sent again in
+        further transactions on this connection, at once rather than
+        after a retry's backoff: each as many as the server took in the
+        first, for as long as each delivers to someone.
+
+        A recipient still refused that way at the end keeps its refusal,
+        made temporary (RFC 5321 4.5.3.1.10) so that it is retried.  A
+        further transaction that fails leaves what is decided decided:
+        raising would have the pool send the delivered ones again.
+        """
+        waiting = over_the_limit(results)
+        if not waiting:
+            return results
+        results = list(results)
+        # How many RCPTs the server took before refusing more; at least
+        # one, since it delivered to someone.
+        room = max(waiting[0], 1)
+        while waiting:
+            batch, rest = waiting[:room], waiting[room:]
+            try:
+                file.seek(0)
+                await self._ready_for_mail()
+                again = await self._transaction(
+                    mail, [rcpts[i] for i in batch], [recipients[i] for i in batch], file, size)
+            except DeliveryError as failure:
+                self._connection.abort()
+                said = (failure.text if failure.code is None
+                        else f"{failure.code} {failure.enhanced} {failure.text}")
+                for i in waiting:
+                    results[i] = held_back(results[i], f"a further transaction failed: {said}")
+                break
+            for i, result in zip(batch, again, strict=True):
+                results[i] = result
+            refused = over_the_limit(again)
+            if not refused and not any(delivered(result) for result in again):
+                break       # the rest wait for the retry, with their refusal
+            waiting = [batch[j] for j in refused] + rest
+        return [held_back(result) if too_many(result) else result for result in results]
 
     def _with_requiretls(self, mail):
         """MAIL with REQUIRETLS (RFC 8689 4.2.1), on a session fit for it:

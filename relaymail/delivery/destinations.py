@@ -88,6 +88,12 @@ class Job:
     message_size: int = None
 
 
+def in_groups(recipients, size):
+    """``recipients`` (a list) in order, in lists of at most ``size``:
+    one a delivery ([delivery] recipients_per_transaction)."""
+    return [recipients[start:start + size] for start in range(0, len(recipients), size)]
+
+
 class _DestinationQueue:
     def __init__(self, destination):
         self.destination = destination
@@ -331,17 +337,21 @@ class DestinationPool:
             log.failure("recording the outcome of {queue_id} failed", queue_id=job.queue_id)
 
 
-def _status_for(code):
-    if code is not None and 200 <= code < 300:
+def _status_for(code, enhanced):
+    if code is None:
+        # A result with no reply code of its own (transaction.held_back):
+        # its enhanced code's class says.
+        return DEFERRED if enhanced.startswith("4") else BOUNCED
+    if 200 <= code < 300:
         return SENT
-    if code is not None and 400 <= code < 500:
+    if 400 <= code < 500:
         return DEFERRED
     return BOUNCED
 
 
 def _from_result(result, session):
-    return Outcome(result.address, _status_for(result.code), result.code, result.enhanced,
-                   result.text, session.remote, _remote_name(session.remote),
+    return Outcome(result.address, _status_for(result.code, result.enhanced), result.code,
+                   result.enhanced, result.text, session.remote, _remote_name(session.remote),
                    session.tls_description,
                    notice=None if "DSN" in session.extensions else "relayed")
 

@@ -9,7 +9,9 @@ for its subdomains) as ``[routes]`` does.
 
 Each message a destination is sent takes a slot for the period (a sliding
 window: no period holds more than N send times), whether the delivery
-succeeds or not, as a remote limit counts connections tried.  A message
+succeeds or not, as a remote limit counts connections tried; one slot
+however many transactions its recipients there take ([delivery]
+recipients_per_transaction).  A message
 that finds no free slot reserves the first one that frees after those
 already reserved, and is rescheduled for that time with no attempt counted
 (relaymail.queue.scheduler).  A backlog of thousands then wakes one message

@@ -30,7 +30,7 @@ from twisted.internet import defer, threads
 from zope.interface import Attribute, Interface, implementer
 
 from relaymail.delivery import tls_policy
-from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome, in_groups
 from relaymail.delivery.router import SMTP
 from relaymail.interfaces import ITransport, RecipientOutcome
 from relaymail.queue.message_view import mailbox_of, whole_file
@@ -64,14 +64,18 @@ class SMTPTransport:
     :param router: the :class:`relaymail.delivery.router.BuiltinRouter`,
         which turns a Route's next hop into the pool's Destination.
     :param reactor: runs the copy of a message that is not a queue file.
+    :param recipients_per_transaction: at most this many recipients in one
+        job (None: no limit), as the queue's jobs have ([delivery]
+        recipients_per_transaction).
     """
 
     name = SMTP
 
-    def __init__(self, pool, router, reactor):
+    def __init__(self, pool, router, reactor, recipients_per_transaction=None):
         self.pool = pool
         self.router = router
         self._reactor = reactor
+        self._group_size = recipients_per_transaction
 
     # -- the queue's way in ---------------------------------------------------
 
@@ -110,11 +114,15 @@ class SMTPTransport:
         return d
 
     def _destinations(self, recipients, next_hop):
+        """``[(destination, addresses)]``: the jobs to submit."""
         by_destination = {}
         for address in recipients:
             destination = self.router.smtp_destination(next_hop, mailbox_of(address))
             by_destination.setdefault(destination, []).append(address)
-        return by_destination
+        if self._group_size is None:
+            return list(by_destination.items())
+        return [(destination, group) for destination, addresses in by_destination.items()
+                for group in in_groups(addresses, self._group_size)]
 
     def _message_file(self, message):
         """``(path, is a copy)``: the queue file itself when ``message`` is
@@ -132,7 +140,7 @@ class SMTPTransport:
         sender = str(message.sender) if message.sender is not None else ""
         asked = []
         record = envelope.to_dict()
-        for destination, addresses in groups.items():
+        for destination, addresses in groups:
             done = defer.Deferred()
             destination = tls_policy.with_demand(destination, record)
             job = Job(queue_id=message.queue_id, destination=destination, sender=sender,

@@ -114,3 +114,53 @@ def assemble_results(recipients, rcpt_replies, outcome):
         decided_by = outcome if reply.positive and outcome is not None else reply
         results.append(result_from(address, decided_by))
     return results
+
+
+def over_the_limit(results):
+    """The positions in ``results`` (one transaction's, in RCPT order) of
+    the recipients the server refused as more than it takes in one
+    transaction, to be sent again at once in another (RFC 5321 4.5.3.1.8:
+    a client with many recipients "SHOULD be prepared to transmit" them
+    in chunks).
+
+    RFC 5321 4.5.3.1.10 gives that refusal 452, and asks a client to read
+    the 552 of RFC 821 servers the same way; RFC 3463 names it X.5.3, "too
+    many recipients".  452 also means "insufficient system storage"
+    (4.3.1), so a 452 counts only with X.5.3 or no enhanced code of the
+    server's own, and only when the same transaction delivered to someone:
+    a server that took nobody is in trouble, not counting, and the usual
+    retry is the answer.
+    """
+    if not any(delivered(result) for result in results):
+        return []
+    return [index for index, result in enumerate(results) if too_many(result)]
+
+
+def delivered(result):
+    """Whether the RecipientResult says delivered (2xx)."""
+    return result.code is not None and 200 <= result.code < 300
+
+
+def too_many(result):
+    """Whether the RecipientResult is a "too many recipients" refusal
+    (see :func:`over_the_limit`)."""
+    code, enhanced = result.code, result.enhanced
+    if code == 452:
+        # derived_enhanced gives 4.0.0 for a 452 that came without one.
+        return enhanced in ("4.5.3", "4.0.0")
+    if code is not None and 400 <= code < 500:
+        return enhanced == "4.5.3"
+    return code == 552 and enhanced == "5.5.3"
+
+
+def held_back(result, note=None):
+    """A "too many recipients" refusal as it stays for the retry: a 552
+    made temporary, as RFC 5321 4.5.3.1.10 asks (no reply code of its own
+    then: the server's is in the text), with ``note`` on what else was
+    tried."""
+    text = result.text if note is None else f"{result.text} ({note})"
+    if result.code is not None and result.code >= 500:
+        return RecipientResult(result.address, None, "4.5.3",
+                               f"{result.code} {result.enhanced} {text} "
+                               "(taken as temporary: RFC 5321 4.5.3.1.10)")
+    return RecipientResult(result.address, result.code, result.enhanced, text)

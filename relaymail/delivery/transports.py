@@ -406,7 +406,9 @@ def delivery_transports(reactor, settings, pool, router, site=()):
     BuiltinRouter), the built-in transports, and ``site``, the
     ``[plugins] transports`` plugins."""
     registry = TransportRegistry(reactor, settings, site,
-                                 smtp=SMTPTransport(pool, router, reactor))
+                                 smtp=SMTPTransport(
+                                     pool, router, reactor,
+                                     settings.delivery.recipients_per_transaction))
     return TransportRunner(reactor, registry, queued_message,
                            PluginThreads(reactor, settings.plugins.threads),
                            settings.delivery.transport_concurrency,

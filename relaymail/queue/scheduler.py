@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaymail import dsn, logline
-from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome, in_groups
 from relaymail.delivery import tls_policy
 from relaymail.delivery.router import SMTP, BuiltinRouter
 from relaymail.delivery.routing import Destination
@@ -396,13 +396,15 @@ class Scheduler(service.Service):
                         destination = tls_policy.with_demand(destination, envelope)
                     key = destination, self._rate_key(destination, address)
                     by_destination.setdefault(key, []).append(address)
+            group_size = self.settings.delivery.recipients_per_transaction
             return [
                 Job(queue_id=queue_id, destination=destination, sender=envelope["sender"],
-                    recipients=addresses, message_path=self.spool.message_path(queue_id),
+                    recipients=group, message_path=self.spool.message_path(queue_id),
                     body=envelope.get("body", "7BIT"), smtputf8=envelope.get("smtputf8", False),
                     on_done=self._job_done, on_abandoned=self._job_abandoned,
                     envelope=envelope, message_size=record["size"])
                 for (destination, _rate), addresses in by_destination.items()
+                for group in in_groups(addresses, group_size)
             ]
         return d.addCallback(grouped)
 
@@ -457,11 +459,17 @@ class Scheduler(service.Service):
         counted and nothing logged as a failure."""
         going = []
         reserved = self._reserved.pop(queue_id, {})
+        # A message takes one slot of a limit, however many transactions
+        # its recipients there need ([delivery] recipients_per_transaction):
+        # the jobs after the first under one key go or wait with it.
+        goes_by_key = {}
         for job in jobs:
             # One key for all the job's recipients (see _jobs_for).
             key = self._rate_key(job.destination, job.recipients[0])
-            if key is None:
+            if key is None or goes_by_key.get(key):
                 going.append(job)
+                continue
+            if key in goes_by_key:
                 continue
             # A slot reserved at an earlier look is this message's own (a
             # flush does not jump the line: it waits for it still).
@@ -472,7 +480,8 @@ class Scheduler(service.Service):
                 until = None
             if until is None:
                 until = self._rates.reserve(key, now)
-            if until <= now + 0.001:
+            goes_by_key[key] = until <= now + 0.001
+            if goes_by_key[key]:
                 going.append(job)
                 continue
             if len(self._reserved) > 2 * self.settings.queue.active_limit:
@@ -945,9 +954,13 @@ class Scheduler(service.Service):
 
         A message committed in the last :data:`PICKUP_MIN_AGE` seconds is
         left to its notice: a commit's rename into ``active/`` comes before
-        its notice, so a listing under load always finds a few whose
-        notices are on their way, and would count them as lost.  The
-        master asks after a worker's end once that time has passed."""
+        its notice (after the directory's sync), so a listing under load
+        always finds a few whose notices are on their way, and would count
+        them as lost.  The master asks after a worker's end once that time
+        has passed.  A directory sync slower than that (a disk in trouble)
+        can still have a message picked up before its 250; should that
+        sync then fail, the client gets 451 for a message that may go out:
+        a duplicate, never a loss."""
         count = 0
         now = self._clock()
         young = time.time() - PICKUP_MIN_AGE
