@@ -59,6 +59,8 @@ class NextHop:
         # The reply to a BDAT chunk that is not the last.
         self.chunk_reply = lambda message: (250, "2.0.0 Ok: chunk received")
         self.greeting = (220, "nexthop.test ESMTP")
+        # (code, text) said to STARTTLS instead of 220; a 421 ends the session.
+        self.starttls_reply = None
         self._changed = threading.Condition()
         hop = self
 
@@ -168,6 +170,11 @@ class NextHop:
                 helo = command[5:]
                 reply(250, "nexthop.test")
             elif command.upper() == "STARTTLS" and self._starttls is not None and not wire.tls:
+                if self.starttls_reply is not None:
+                    reply(*self.starttls_reply)
+                    if self.starttls_reply[0] == 421:
+                        return
+                    continue
                 reply(220, "2.0.0 Ready to start TLS")
                 wire.start_tls(self._starttls)
                 helo = transaction = None

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings, strategies as st
 from OpenSSL import SSL
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet import error as internet_error
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
@@ -740,6 +740,21 @@ class RecipientLimitTests(ClientTestCase):
         self.assertEqual(factory.only.messages, [])
         self.assertEqual(len(self.rcpts(factory.only)), 2)
 
+    async def test_a_552_5_5_3_with_nobody_delivered_is_deferred_not_bounced(self):
+        # Found by review: the 552 was made temporary only on the way out of
+        # further transactions, so with the first recipient's message
+        # refused after the dot, the second's 552 5.5.3 bounced.
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script(
+            pipelining=True, rcpt_limit=1, rcpt_limit_reply=b"552 5.5.3 Too many recipients",
+            replies={".": [b"451 4.3.0 Try later"]}))
+        results = await session.deliver("a@example.org", self.FIVE[:2], path)
+        self.assertEqual(results, [
+            RecipientResult(self.FIVE[0], 451, "4.3.0", "Try later"),
+            RecipientResult(self.FIVE[1], None, "4.5.3",
+                            "552 5.5.3 Too many recipients "
+                            "(taken as temporary: RFC 5321 4.5.3.1.10)")])
+
     async def test_a_further_transaction_that_fails_keeps_what_was_delivered(self):
         path = self.message_file(SIMPLE)
         script = Script(pipelining=True, rcpt_limit=2,
@@ -928,6 +943,33 @@ class SessionFailureTests(ClientTestCase):
         self.assertFalse(session.is_open())
         self.assertEqual(factory.only.messages, [])
 
+    async def test_a_421_to_the_only_rcpt_fails_the_transaction_with_or_without_pipelining(self):
+        # Found by review: unpipelined, the 421 came back as the recipient's
+        # deferral, so the pool never tried the next hop; pipelined, the
+        # wait for DATA's reply raised it.  Now both raise.
+        path = self.message_file(SIMPLE)
+        for pipelining in (False, True):
+            factory, session = await self.session_for(Script(
+                pipelining=pipelining, rcpt={"b@example.com": b"421 4.3.2 Going down"}))
+            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+            self.assertEqual((error.temporary, error.code, error.enhanced, error.text,
+                              error.after_data), (True, 421, "4.3.2", "Going down", False))
+            self.assertFalse(session.is_open())
+            self.assertEqual(factory.only.messages, [])
+
+    async def test_a_421_said_while_idle_is_the_reason_given_to_the_next_job(self):
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(Script())
+        factory.only.transport.write(b"421 4.4.2 Idle too long\r\n")
+        for _ in range(200):
+            if not session.is_open():
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(session.is_open())
+        error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text),
+                         (True, 421, "4.4.2", "Idle too long"))
+
     async def test_malformed_reply_fails_the_session(self):
         error = await self.connect_fails(Script(replies={"EHLO": [b"250-mx.test\r\nhello there"]}))
         self.assertEqual((error.temporary, error.code, error.enhanced), (True, None, "4.5.0"))
@@ -985,6 +1027,18 @@ class TLSTests(ClientTestCase):
             True, None, "4.7.4", f"TLS is required, but was not offered by host {hop.label}"))
         await factory.only.closed
         self.assertEqual(factory.only.commands, [b"EHLO client.test", b"QUIT"])
+
+    async def test_a_421_to_starttls_fails_the_opening_even_under_may(self):
+        # Found by review: "may" carried on in plain text on a connection
+        # the 421 had ended, and the pool, handed a session that could
+        # take no job, opened the same first hop again and again.
+        factory, hop = self.serve(Script(tls="self",
+                                         replies={"STARTTLS": [b"421 4.3.2 Shutting down"]}))
+        error = await self.connect_fails(hop=hop, tls="may")
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text),
+                         (True, 421, "4.3.2", "Shutting down"))
+        await factory.only.closed
+        self.assertEqual(factory.only.commands, [b"EHLO client.test", b"STARTTLS"])
 
     async def test_may_with_a_failed_handshake_is_temporary_4_7_5(self):
         error = await self.connect_fails(Script(tls="self", hang_up_in_handshake=True), tls="may")
@@ -1121,6 +1175,14 @@ class AuthTests(ClientTestCase):
         factory, session = await self.session_for(script, tls="may", auth_user="user",
                                                   auth_password="pass")
         self.assertEqual(factory.only.commands[3:], [b"AUTH LOGIN", b"dXNlcg==", b"cGFzcw=="])
+
+    async def test_a_421_to_auth_is_the_server_closing_not_our_credentials(self):
+        script = Script(tls="self", keywords_after_tls=("AUTH PLAIN",),
+                        replies={"AUTH": [b"421 4.3.2 Shutting down"]})
+        error = await self.connect_fails(script, tls="encrypt", auth_user="user",
+                                         auth_password="pass")
+        self.assertEqual((error.temporary, error.code, error.enhanced, error.text),
+                         (True, 421, "4.3.2", "Shutting down"))
 
     async def test_no_credentials_without_tls(self):
         factory, hop = self.serve(Script(keywords=("AUTH PLAIN LOGIN",)))

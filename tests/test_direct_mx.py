@@ -18,6 +18,7 @@ from relaymail.delivery.routing import Router
 from relaymail.envelope import Envelope
 from relaymail.queue.scheduler import Scheduler
 from relaymail.queue.spool import Spool
+from tests import certs
 from tests.nexthop import NextHop
 from tests.relay_process import free_port
 from tests.test_routing import MX, A, DNSTestCase, RecordingServer, Zone, settings_with
@@ -111,6 +112,31 @@ class DirectDeliveryTests(DNSTestCase):
         yield self.until(lambda: self.backup.messages, "delivery to the backup MX")
         self.assertEqual(self.primary.messages, [])
         self.assertEqual(self.backup.messages[0]["recipients"], ["bob@example.net"])
+
+    @defer.inlineCallbacks
+    def test_next_mx_after_a_421_to_an_unpipelined_rcpt(self):
+        # Found by review: without PIPELINING the 421 came back as the
+        # recipient's own deferral, and the backup MX was never tried.
+        self.primary.extensions.remove("PIPELINING")
+        self.primary.rcpt_reply = lambda address: (421, "4.3.2 Shutting down")
+        yield self.queue("a@example.org", ["bob@example.net"])
+        yield self.until(lambda: self.backup.messages, "delivery to the backup MX")
+        self.assertEqual(self.primary.messages, [])
+
+    @defer.inlineCallbacks
+    def test_next_mx_after_a_421_to_starttls_and_mx1_is_asked_once(self):
+        # Found by review: opportunistic TLS carried on after the 421 with
+        # a session that could take no job, and the pool opened mx1 again
+        # and again, never trying mx2.
+        self.primary.stop()
+        primary = NextHop(port=self.port, host="127.0.0.2",
+                          starttls=certs.self_signed("mx1.example.net"))
+        self.addCleanup(primary.stop)
+        primary.starttls_reply = (421, "4.3.2 Shutting down")
+        yield self.queue("a@example.org", ["bob@example.net"])
+        yield self.until(lambda: self.backup.messages, "delivery to the backup MX")
+        self.assertEqual([c for c in primary.commands if c.startswith("EHLO")],
+                         ["EHLO relay.test"])
 
     @defer.inlineCallbacks
     def test_next_mx_after_a_connection_failure(self):

@@ -473,6 +473,19 @@ class ScriptedTests(LMTPTestCase):
                 "5.2.2"),
         })
 
+    async def test_a_421_for_one_recipient_after_the_dot_keeps_the_replies_after_it(self):
+        # Found by review: the 421 made the connection drop what followed
+        # it in the same read, so c, delivered, was deferred and would have
+        # been delivered again.
+        script = Script(after_dot=[b"250 2.0.0 <a> Saved", b"421 4.3.0 <b> Shutting down",
+                                   b"250 2.0.0 <c> Saved"])
+        _, hop, outcomes = await self.run_script(
+            script, recipients=("a@example.com", "b@example.com", "c@example.com"))
+        self.assertEqual(outcomes["b@example.com"], RecipientOutcome.deferred(
+            f"host {hop} said: 421 4.3.0 <b> Shutting down (in reply to end of DATA)", "4.3.0"))
+        self.assertEqual([outcomes[a].kind for a in ("a@example.com", "c@example.com")],
+                         ["delivered", "delivered"])
+
     async def test_many_recipients_all_get_their_reply(self):
         # More replies after the dot than the connection's allowance for
         # unsolicited ones: each is owed, none is a surprise.

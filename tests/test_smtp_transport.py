@@ -190,3 +190,47 @@ class RunnerTests(unittest.TestCase):
         self.assertEqual(runner.drain(), jobs)
         runner.stop()
         self.assertTrue(pool.stopped)
+
+
+def test_a_session_closed_before_its_first_job_charges_that_job_once():
+    # Defence in depth behind connect(), which hands over only sessions
+    # that can take a job: one closed before the pool gave it any must cost
+    # the job an attempt, not have the pool open the same hop again at once
+    # for ever (found by review: a 421 to STARTTLS under "may" did that).
+    from relaymail.delivery.client import Hop
+    from relaymail.delivery.destinations import Job
+
+    clock = task.Clock()
+    hop = Hop("mx.test", "192.0.2.1", 25)
+
+    class Router:
+        def hops(self, destination):
+            return defer.succeed([hop])
+
+    class ClosedSession:
+        remote = hop.label
+
+        def is_open(self):
+            return False
+
+    connects = []
+
+    def connect(reactor, to, config):
+        connects.append(to)
+        if len(connects) > 3:
+            # The loop this test is about: end it, and fail below.
+            return defer.fail(RuntimeError("opened again and again"))
+        return defer.succeed(ClosedSession())
+
+    outcomes = []
+    pool = DestinationPool(clock, Router(), lambda destination: None, 2, 10, connect=connect)
+    pool.submit(Job(queue_id="ID1", destination="mx.test", sender="a@example.org",
+                    recipients=["b@example.net"], message_path="/nonexistent",
+                    on_done=lambda job, done: outcomes.extend(done)))
+    for _ in range(5):
+        clock.advance(0)
+    assert connects == [hop]
+    assert [(o.address, o.status, o.enhanced, o.text) for o in outcomes] == [
+        ("b@example.net", "deferred", "4.4.2",
+         "mx.test[192.0.2.1]:25: connection closed before the transaction")]
+    assert not pool.busy

@@ -309,6 +309,11 @@ class OutboundSession:
                                 remote=self.remote)
         if self._config.auth_user is not None:
             await self._authenticate()
+        if not self._connection.usable:
+            # A session handed to the pool must be able to take a job: one
+            # that cannot would be opened again and again, its jobs never run.
+            raise (self._connection.error
+                   or self._error("4.4.2", f"connection to {self.remote} closed while opening"))
 
     async def _secure(self):
         """STARTTLS (or not) as the level says, the certificate checked."""
@@ -375,6 +380,10 @@ class OutboundSession:
         except (OSError, ValueError) as exc:
             raise self._error("4.7.5", f"cannot set up TLS for {self.remote}: {exc}") from None
         reply = await self._connection.start_tls(options, self._config.command_timeout)
+        if reply.code == 421:
+            # The server is closing the channel (RFC 5321 3.8): no plain
+            # text to carry on in.  The next hop, if any, is the answer.
+            raise error_from_reply(reply, self.remote)
         if reply.code != 220:
             if not tls.tls_required(policy):
                 # Opportunistic TLS: a refusal leaves the session in plain
@@ -457,6 +466,9 @@ class OutboundSession:
             self._connection.abort()
         if reply.code == 235:
             return
+        if reply.code == 421:
+            # The server closing the channel, not judging our credentials.
+            raise error_from_reply(reply, self.remote)
         if reply.transient or reply.permanent:
             # 535 5.7.8 (RFC 4954 6), 534 5.7.9, 538 5.7.11, 504 5.5.4 ...:
             # all say our credentials or mechanism will not do.
@@ -511,6 +523,10 @@ class OutboundSession:
         """
         waiting = over_the_limit(results)
         if not waiting:
+            if any(too_many(result) for result in results):
+                # Nobody delivered to, so nothing to send again now; a
+                # 552 5.5.3 among them is still no reason to bounce.
+                return [held_back(r) if too_many(r) else r for r in results]
             return results
         results = list(results)
         # How many RCPTs the server took before refusing more; at least
@@ -594,15 +610,15 @@ class OutboundSession:
 
     async def _ready_for_mail(self):
         connection = self._connection
-        if not connection.usable:
-            raise self._error("4.4.2", f"connection to {self.remote} is closed")
-        if tls.tls_required(self._level) and not self.tls:
-            raise self._error("4.7.4", f"TLS is required, but not active with {self.remote}")
         stray = connection.unread_reply()
         if stray is not None:
             # Said while we were idle, typically 421 before a hang-up.
             connection.abort()
             raise error_from_reply(stray, self.remote)
+        if not connection.usable:
+            raise self._error("4.4.2", f"connection to {self.remote} is closed")
+        if tls.tls_required(self._level) and not self.tls:
+            raise self._error("4.7.4", f"TLS is required, but not active with {self.remote}")
         if self._needs_reset:
             connection.send(b"RSET")
             reply = await self._reply("receiving the reply to RSET")
@@ -622,6 +638,7 @@ class OutboundSession:
         rcpt_replies, data_reply = await exchange_envelope(
             connection, self._reply, self._mail_refused, "PIPELINING" in self.extensions,
             mail, rcpts, self._config.command_timeout)
+        self._raise_on_421(rcpt_replies)
         for reply in rcpt_replies:
             self._expect_decision(reply)
         if not any(reply.positive for reply in rcpt_replies):
@@ -657,6 +674,7 @@ class OutboundSession:
         rcpt_replies, outcome, ended = await chunking.bdat_transaction(
             self._connection, self._reply, self._mail_refused,
             "PIPELINING" in self.extensions, mail, rcpts, file, size, timeouts)
+        self._raise_on_421(rcpt_replies)
         for reply in rcpt_replies:
             self._expect_decision(reply)
         if outcome is not None:
@@ -711,6 +729,15 @@ class OutboundSession:
         if reply.code == 530 and (self._config.chosen_hop or self._config.auth_user is not None):
             return our_side(reply, self.remote, "MAIL FROM (the server wants AUTH or TLS)")
         return error_from_reply(reply, self.remote)
+
+    def _raise_on_421(self, rcpt_replies):
+        """A 421 to a RCPT ended the session before any message went: the
+        transaction failed as a whole, so that the pool tries the next hop,
+        as it does when the 421 comes to a pipelined group's DATA."""
+        for reply in rcpt_replies:
+            if reply.code == 421:
+                self._connection.abort()
+                raise error_from_reply(reply, self.remote)
 
     def _expect_decision(self, reply):
         """A reply that should accept or refuse (2xx, 4xx, 5xx); anything

@@ -236,6 +236,7 @@ class DestinationPool:
             says another hop may take it, else None.
         """
         self._sessions.add(session)
+        served = False
         try:
             job = first
             while not self._stopping and session.is_open():
@@ -243,6 +244,7 @@ class DestinationPool:
                     if not queue.jobs or self._draining:
                         break
                     job = queue.jobs.popleft()
+                served = True
                 try:
                     results = yield session.deliver(
                         job.sender, job.recipients, job.message_path,
@@ -274,6 +276,12 @@ class DestinationPool:
                     return None
                 self._finish(job, [_from_result(r, session) for r in results])
                 job = None
+            if job is None and not served and queue.jobs and not self._draining:
+                # Closed before it took any job (connect() hands over only
+                # sessions that can take one, so a race at most): charge
+                # the job it was opened for, or the pool would open this
+                # hop again at once, for ever.
+                job = queue.jobs.popleft()
             if job is not None:
                 # The job this connection was opened for never ran.
                 if self._stopping or self._draining:

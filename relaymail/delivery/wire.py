@@ -84,6 +84,11 @@ class ClientConnection(Protocol):
         """True while commands can still be sent."""
         return not self.lost and self._error is None
 
+    @property
+    def error(self):
+        """Why the connection is unusable (a DeliveryError), or None."""
+        return self._error
+
     def send(self, *lines):
         """Write command lines (bytes without CRLF) in one write."""
         for line in lines:
@@ -239,11 +244,35 @@ class ClientConnection(Protocol):
                     self._switch_to_tls(options, reply)
                     return
             if reply.code == 421:
-                # RFC 5321 3.8: the server closes the channel after a 421,
-                # so the rest of a pipelined group gets no replies.  Whoever
-                # waits for one hears the 421, not "lost connection", and
-                # the connection takes no more commands.
-                self._error = error_from_reply(reply, self.remote)
+                self._closing_after(reply)
+                return
+            self._hand_over(reply)
+
+    def _closing_after(self, reply):
+        """RFC 5321 3.8: the server closes the channel after a 421, so the
+        rest of a pipelined group gets no replies.  Whoever waits for one
+        hears the 421, not "lost connection", and the connection takes no
+        more commands.  Replies that came before the close are still
+        handed over in order: an LMTP server answers the final dot once a
+        recipient, and a 250 after a 421 there is a delivery to record,
+        not to repeat."""
+        self._error = error_from_reply(reply, self.remote)
+        later = []
+        while True:
+            try:
+                following = self._reader.next_reply()
+            except MalformedReply:
+                break
+            if following is None:
+                break
+            self._owed = max(0, self._owed - 1)
+            later.append(following)
+        if self._wait is None:
+            self._replies.append(reply)
+            self._replies.extend(later)
+        else:
+            # Queued first: the waiter may ask for the next one at once.
+            self._replies.extend(later)
             self._hand_over(reply)
 
     def handshakeCompleted(self):
