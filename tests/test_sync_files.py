@@ -77,8 +77,8 @@ def test_without_syncfs_each_file_is_fsynced(tmp_path, monkeypatch):
     assert caught.value.errno == errno.ELOOP
 
 
-# A child that installs a real seccomp filter refusing syncfs(2) with
-# EPERM (as a systemd unit's SystemCallFilter= does), then commits files.
+# A child that installs a real seccomp filter refusing syncfs(2) with the
+# errno given (as a systemd unit's SystemCallFilter= does), then commits files.
 _REFUSING_CHILD = r'''
 import ctypes, errno, json, os, sys
 seccomp = ctypes.CDLL("libseccomp.so.2")
@@ -88,7 +88,7 @@ seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_
 seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
 context = seccomp.seccomp_init(0x7FFF0000)                  # SCMP_ACT_ALLOW
 number = seccomp.seccomp_syscall_resolve_name(b"syncfs")
-assert seccomp.seccomp_rule_add(context, 0x00050000 | errno.EPERM, number, 0) == 0
+assert seccomp.seccomp_rule_add(context, 0x00050000 | int(sys.argv[2]), number, 0) == 0
 assert seccomp.seccomp_load(context) == 0
 from relaymail.queue import batch
 synced = []
@@ -110,14 +110,18 @@ print(json.dumps({"refused": refused, "synced": synced, "left": batch._syncfs is
 '''
 
 
-def test_a_syncfs_refused_by_a_seccomp_filter_falls_back_to_an_fsync_each(tmp_path):
-    result = subprocess.run([sys.executable, "-c", _REFUSING_CHILD, str(tmp_path)],
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EACCES], ids=["EPERM", "EACCES"])
+def test_a_syncfs_refused_by_a_seccomp_filter_falls_back_to_an_fsync_each(tmp_path, refusal):
+    # EPERM is what container profiles and SystemCallFilter= answer;
+    # SystemCallErrorNumber= can make it EACCES.
+    result = subprocess.run([sys.executable, "-c", _REFUSING_CHILD, str(tmp_path),
+                             str(refusal)],
                             capture_output=True, text=True, timeout=30,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
-    # The filter is real: syncfs(2) itself answers EPERM in the child.
-    assert seen["refused"] == [-1, errno.EPERM]
+    # The filter is real: syncfs(2) itself answers the refusal in the child.
+    assert seen["refused"] == [-1, refusal]
     # Each batch's files are fsynced instead, and syncfs is not tried again.
     a, b = str(tmp_path / "a.msg"), str(tmp_path / "b.msg")
     assert seen["synced"] == [a, b, a]

@@ -57,10 +57,12 @@ def _load_syncfs():
 _syncfs = _load_syncfs()
 
 
-#: What syncfs(2) answers when a seccomp filter (a systemd unit's
-#: ``SystemCallFilter=``, a container runtime's profile) refuses it, or an
-#: old kernel lacks it; it never means the data failed to reach the disk.
-_REFUSED = (errno.EPERM, errno.ENOSYS)
+#: What syncfs(2) answers when a seccomp filter refuses it (EPERM from a
+#: container runtime's profile or systemd's ``SystemCallFilter=``, EACCES
+#: when a unit sets ``SystemCallErrorNumber=EACCES``), or an old kernel
+#: lacks it.  syncfs itself never gives these (its errors are EBADF, EIO,
+#: ENOSPC and EDQUOT), so they never mean the data failed to reach the disk.
+_REFUSED = (errno.EPERM, errno.EACCES, errno.ENOSYS)
 
 
 def sync_files(directory, paths):
