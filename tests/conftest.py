@@ -3,6 +3,7 @@
 import pytest
 
 from relaymail.queue.spool import Spool
+from tests.nexthop import NextHop
 
 
 @pytest.fixture
@@ -12,3 +13,12 @@ def spool(tmp_path):
     spool.start()
     yield spool
     spool.stop()
+
+
+@pytest.fixture
+def nexthop():
+    """A NextHop that accepts everything, stopped after the test; modules
+    that need other answers define their own."""
+    server = NextHop()
+    yield server
+    server.stop()

@@ -10,7 +10,6 @@ from unittest import mock
 import pytest
 
 from relaymail.tools import bench
-from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess
 
 
@@ -29,13 +28,6 @@ def relay(tmp_path):
     process = RelayProcess(tmp_path, {}).start()
     yield process
     process.stop()
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 def queued(relay):

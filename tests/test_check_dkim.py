@@ -15,7 +15,6 @@ from relaymail.config import load_config
 from relaymail.policy.loader import build_hooks
 from relaymail.smtp.dialogue import SessionContext
 from relaymail.tools.check import main
-from tests.nexthop import NextHop
 from tests.relay_process import REPO, RelayProcess, _env
 from tests.test_dkim_plugin import BODY, dns, ed25519_key, rsa_key
 from tests.test_filters import queued_id, send
@@ -143,13 +142,6 @@ def test_a_record_for_another_key_does_not_verify(tmp_path):
     assert dkim.verify(signed, dnsfunc=served(check("--config", config, "dkim")[1])) is True
     assert dkim.verify(signed, dnsfunc=served(check("--config", other_config, "dkim")[1])) \
         is False
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("make_key", [rsa_key, ed25519_key])

@@ -268,9 +268,8 @@ def test_a_line_of_the_limit_with_a_leading_dot_is_not_unstuffed(relay, wire):
     assert body_of(relay, queue_id) == line
 
 
-# The message filters' fixtures (tests/test_filters.py): a relay with
-# scripted filters in front of a NextHop.
-nexthop = test_filters.nexthop
+# The message filters' fixture (tests/test_filters.py): a relay with
+# scripted filters in front of a NextHop (tests/conftest.py's nexthop).
 relay_for = test_filters.relay_for
 
 

@@ -53,13 +53,6 @@ def queue_empty(relay):
     return not relay.queued_ids()
 
 
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
-
-
 def test_message_is_relayed_to_the_smarthost_and_leaves_the_queue(tmp_path, nexthop):
     relay = relay_with(tmp_path, nexthop.port).start()
     try:

@@ -19,7 +19,6 @@ from relaymail.interfaces import IMessageFilter
 from relaymail.plugins.dkim import author_domain
 from relaymail.plugins.dkim import dkim as dkim_signer
 from relaymail.policy.loader import PluginContext
-from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess
 from tests.test_filters import send, queued_id
 
@@ -71,13 +70,6 @@ def dns(records):
         return records.get(name)
     lookup.asked = asked
     return lookup
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ from relaymail.queue.message_view import MessageView
 from relaymail.queue import queue_id as queue_ids
 from relaymail.queue.spool import Spool
 from tests import queue_files
-from tests.nexthop import NextHop
 from tests.relay_process import RelayProcess, _env
 
 # One site plugin file with three filters (three names, so that one
@@ -114,13 +113,6 @@ BODY = (b"From: Alice <alice@example.org>\r\n"
         b"hello\r\n")
 
 FAILED = (451, b"4.3.0 Temporary failure checking message, try again later")
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

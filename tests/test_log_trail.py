@@ -9,7 +9,6 @@ import re
 import smtplib
 import ssl
 
-import pytest
 from twisted.internet import task
 from twisted.logger import globalLogPublisher
 from twisted.names import client as names_client
@@ -17,18 +16,10 @@ from twisted.names import client as names_client
 from relaymail import logobserver
 from relaymail.auth import passwords
 from tests.certs import CertificateAuthority
-from tests.nexthop import NextHop
 from tests.test_delivery import wait_until
 from tests.test_processes import relay_with
 
 SESSION_ID = r"[A-Z2-7]{8}"
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 def tls_relay(tmp_path, nexthop, **sections):

@@ -14,18 +14,10 @@ import threading
 
 from relaymail.queue.partition import partition_of
 from relaymail.queue.queue_id import slot_of
-from tests.nexthop import NextHop
 from tests.relay_process import REPO, RelayProcess
 from tests.test_delivery import queue_empty, send, wait_until
 
 import pytest
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 def relay_with(tmp_path, nexthop_port, inbound=2, delivery=2, **sections):

@@ -23,13 +23,6 @@ from tests.test_delivery import queue_empty, relay_with, send, wait_until
 FIVE = [f"r{n}@example.com" for n in range(1, 6)]
 
 
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
-
-
 def sent_lines(log, queue_id):
     return re.findall(queue_id + r": to=<(r\d@example\.com)>, .*status=sent ", log)
 

@@ -6,9 +6,7 @@ import time
 from types import SimpleNamespace
 
 from relaymail.delivery.shaping import OutboundRates
-import pytest
 
-from tests.nexthop import NextHop
 from tests.test_delivery import queue_empty, relay_with, send, wait_until
 
 SMARTHOST = SimpleNamespace(kind="smarthost")
@@ -39,13 +37,6 @@ def test_limits_are_shared_between_delivery_workers_and_found_by_key():
     assert rates.key_for(MX, "a.example.org") == ".example.org"
     assert rates.key_for(MX, "example.org") is None
     assert not OutboundRates({})
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 def test_the_smarthost_gets_no_more_than_its_rate_and_nothing_is_counted_a_failure(

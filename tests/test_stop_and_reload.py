@@ -15,16 +15,8 @@ import time
 
 import pytest
 
-from tests.nexthop import NextHop
 from tests.test_delivery import queue_empty, send, wait_until
 from tests.test_processes import relay_with, wait_for_worker, worker_pids
-
-
-@pytest.fixture
-def nexthop():
-    server = NextHop()
-    yield server
-    server.stop()
 
 
 class Client:
