@@ -28,11 +28,16 @@ class _Server(socketserver.ThreadingTCPServer):
         pass
 
 
+class _Closing(Exception):
+    """Said 421: the session ends."""
+
+
 class NextHop:
     """An SMTP server on 127.0.0.1.
 
     ``rcpt_reply(address)`` and ``data_reply(message)`` may be replaced by a
     test to answer ``(code, text)``; by default everything is accepted.
+    After any 421 it says, it hangs up, as RFC 5321 3.8 has a server do.
 
     ``starttls`` (a :class:`tests.certs.KeyPair`) offers STARTTLS with that
     certificate; ``implicit_tls`` speaks TLS with it from the first byte.
@@ -59,7 +64,7 @@ class NextHop:
         # The reply to a BDAT chunk that is not the last.
         self.chunk_reply = lambda message: (250, "2.0.0 Ok: chunk received")
         self.greeting = (220, "nexthop.test ESMTP")
-        # (code, text) said to STARTTLS instead of 220; a 421 ends the session.
+        # (code, text) said to STARTTLS instead of 220.
         self.starttls_reply = None
         self._changed = threading.Condition()
         hop = self
@@ -124,6 +129,8 @@ class NextHop:
                 # A client that refuses our certificate ends it here.
                 wire.start_tls(self._implicit_tls)
             self._converse(wire)
+        except _Closing:
+            pass
         finally:
             wire.close()
             with self._changed:
@@ -139,6 +146,10 @@ class NextHop:
         def reply(code, text):
             wire.wfile.write(f"{code} {text}\r\n".encode())
             wire.wfile.flush()
+            if code == 421:
+                # RFC 5321 3.8: the channel closes after a 421; what the
+                # client pipelined after the command stays unread.
+                raise _Closing()
 
         def readline():
             return wire.rfile.readline()
@@ -172,8 +183,6 @@ class NextHop:
             elif command.upper() == "STARTTLS" and self._starttls is not None and not wire.tls:
                 if self.starttls_reply is not None:
                     reply(*self.starttls_reply)
-                    if self.starttls_reply[0] == 421:
-                        return
                     continue
                 reply(220, "2.0.0 Ready to start TLS")
                 wire.start_tls(self._starttls)

@@ -957,6 +957,18 @@ class SessionFailureTests(ClientTestCase):
             self.assertFalse(session.is_open())
             self.assertEqual(factory.only.messages, [])
 
+    async def test_a_421_to_data_fails_the_transaction(self):
+        # Found by review: it was every recipient's deferral, and the next
+        # MX was not tried although the server took nothing.
+        path = self.message_file(SIMPLE)
+        for pipelining in (False, True):
+            factory, session = await self.session_for(Script(
+                pipelining=pipelining, replies={"DATA": [b"421 4.3.2 Going down"]}))
+            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+            self.assertEqual((error.code, error.enhanced, error.text, error.after_data),
+                             (421, "4.3.2", "Going down", False))
+            self.assertEqual(factory.only.messages, [])
+
     async def test_a_421_said_while_idle_is_the_reason_given_to_the_next_job(self):
         path = self.message_file(SIMPLE)
         factory, session = await self.session_for(Script())

@@ -124,6 +124,19 @@ class DirectDeliveryTests(DNSTestCase):
         self.assertEqual(self.primary.messages, [])
 
     @defer.inlineCallbacks
+    def test_next_mx_after_a_421_to_a_later_rcpt_with_chunking(self):
+        # Found by review: with BDAT the stored 421 was taken for a failure
+        # after the content went, so mx2 was never tried; mx1 took nothing.
+        self.primary.extensions.append("CHUNKING")
+        self.primary.rcpt_reply = lambda address: (
+            (421, "4.3.2 Shutting down") if address.startswith("carol") else (250, "2.1.5 Ok"))
+        yield self.queue("a@example.org", ["bob@example.net", "carol@example.net"])
+        yield self.until(lambda: self.backup.messages, "delivery to the backup MX")
+        self.assertEqual(self.primary.messages, [])
+        self.assertEqual(self.backup.messages[0]["recipients"],
+                         ["bob@example.net", "carol@example.net"])
+
+    @defer.inlineCallbacks
     def test_next_mx_after_a_421_to_starttls_and_mx1_is_asked_once(self):
         # Found by review: opportunistic TLS carried on after the 421 with
         # a session that could take no job, and the pool opened mx1 again

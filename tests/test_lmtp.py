@@ -264,6 +264,9 @@ class Script:
     rcpt: dict = field(default_factory=dict)
     data: bytes = b"354 End data with <CR><LF>.<CR><LF>"
     after_dot: list = None
+    #: Seconds between the replies after the dot, each its own write
+    #: (0: all in one write).
+    apart: float = 0
     then: str = "stay"
     stall: str = None
     #: The reply to STARTTLS; after a 220 the server answers the client's
@@ -362,8 +365,20 @@ class ScriptedLMTP(Protocol):
         replies = self.script.after_dot
         if replies is None:
             replies = [b"250 2.0.0 Saved"] * self._accepted
+        if replies and self.script.apart:
+            for n, reply in enumerate(replies[:-1]):
+                reactor.callLater(n * self.script.apart, self._say, reply)
+            reactor.callLater((len(replies) - 1) * self.script.apart, self._last, replies[-1])
+            return
         if replies:
             self._say(*replies)
+        self._then()
+
+    def _last(self, reply):
+        self._say(reply)
+        self._then()
+
+    def _then(self):
         if self.script.then == "close":
             self.transport.loseConnection()
         elif self.script.then == "hang":
@@ -475,10 +490,14 @@ class ScriptedTests(LMTPTestCase):
 
     async def test_a_421_for_one_recipient_after_the_dot_keeps_the_replies_after_it(self):
         # Found by review: the 421 made the connection drop what followed
-        # it in the same read, so c, delivered, was deferred and would have
-        # been delivered again.
+        # it, so c, delivered, was deferred and would have been delivered
+        # again.  In one read and in reads of their own.
+        for apart in (0, 0.05):
+            await self.one_421_among_three(apart)
+
+    async def one_421_among_three(self, apart):
         script = Script(after_dot=[b"250 2.0.0 <a> Saved", b"421 4.3.0 <b> Shutting down",
-                                   b"250 2.0.0 <c> Saved"])
+                                   b"250 2.0.0 <c> Saved"], apart=apart, then="close")
         _, hop, outcomes = await self.run_script(
             script, recipients=("a@example.com", "b@example.com", "c@example.com"))
         self.assertEqual(outcomes["b@example.com"], RecipientOutcome.deferred(

@@ -638,7 +638,7 @@ class OutboundSession:
         rcpt_replies, data_reply = await exchange_envelope(
             connection, self._reply, self._mail_refused, "PIPELINING" in self.extensions,
             mail, rcpts, self._config.command_timeout)
-        self._raise_on_421(rcpt_replies)
+        self._raise_on_421(rcpt_replies if data_reply is None else [*rcpt_replies, data_reply])
         for reply in rcpt_replies:
             self._expect_decision(reply)
         if not any(reply.positive for reply in rcpt_replies):
@@ -659,7 +659,7 @@ class OutboundSession:
             final = await self._reply("receiving the reply to the end of data",
                                       self._config.data_timeout)
         except DeliveryError as error:
-            error.after_data = True
+            chunking.mark_after_data(error)
             raise
         self._needs_reset = False
         self._expect_decision(final)
@@ -674,7 +674,10 @@ class OutboundSession:
         rcpt_replies, outcome, ended = await chunking.bdat_transaction(
             self._connection, self._reply, self._mail_refused,
             "PIPELINING" in self.extensions, mail, rcpts, file, size, timeouts)
-        self._raise_on_421(rcpt_replies)
+        if outcome is None or not outcome.positive:
+            # (A server that went on after its 421 and took the message
+            # for the others has delivered it: no other hop then.)
+            self._raise_on_421(rcpt_replies)
         for reply in rcpt_replies:
             self._expect_decision(reply)
         if outcome is not None:
@@ -730,11 +733,12 @@ class OutboundSession:
             return our_side(reply, self.remote, "MAIL FROM (the server wants AUTH or TLS)")
         return error_from_reply(reply, self.remote)
 
-    def _raise_on_421(self, rcpt_replies):
-        """A 421 to a RCPT ended the session before any message went: the
-        transaction failed as a whole, so that the pool tries the next hop,
-        as it does when the 421 comes to a pipelined group's DATA."""
-        for reply in rcpt_replies:
+    def _raise_on_421(self, replies):
+        """A 421 to a RCPT or to DATA ended the session before the server
+        took any message: the transaction failed as a whole, so that the
+        pool tries the next hop, as it does when the wait for a later
+        reply hears the 421."""
+        for reply in replies:
             if reply.code == 421:
                 self._connection.abort()
                 raise error_from_reply(reply, self.remote)

@@ -71,6 +71,7 @@ class ClientConnection(Protocol):
         self._tls_timeout = None
         self._tls_reply = None       # the 220, kept while the handshake runs
         self._error = None
+        self._ended_by = None        # the server's 421, once it said one
         self._aborting = False
         self._closing = None         # the timer that ends a slow clean close
         self._closed_waiters = []
@@ -82,12 +83,12 @@ class ClientConnection(Protocol):
     @property
     def usable(self):
         """True while commands can still be sent."""
-        return not self.lost and self._error is None
+        return not self.lost and self._error is None and self._ended_by is None
 
     @property
     def error(self):
         """Why the connection is unusable (a DeliveryError), or None."""
-        return self._error
+        return self._error or self._ended_by
 
     def send(self, *lines):
         """Write command lines (bytes without CRLF) in one write."""
@@ -162,8 +163,8 @@ class ClientConnection(Protocol):
             block_timeout)
 
     def _send_stream(self, make_producer, block_timeout):
-        if self._error is not None:
-            return defer.fail(self._error)
+        if not self.usable:
+            return defer.fail(self.error)
         if self._stream is not None:
             raise RuntimeError("already sending a message body")
         # The reply to the final dot (or to the chunk) is owed like a
@@ -243,36 +244,15 @@ class ClientConnection(Protocol):
                 if reply.code == 220:
                     self._switch_to_tls(options, reply)
                     return
-            if reply.code == 421:
-                self._closing_after(reply)
-                return
-            self._hand_over(reply)
-
-    def _closing_after(self, reply):
-        """RFC 5321 3.8: the server closes the channel after a 421, so the
-        rest of a pipelined group gets no replies.  Whoever waits for one
-        hears the 421, not "lost connection", and the connection takes no
-        more commands.  Replies that came before the close are still
-        handed over in order: an LMTP server answers the final dot once a
-        recipient, and a 250 after a 421 there is a delivery to record,
-        not to repeat."""
-        self._error = error_from_reply(reply, self.remote)
-        later = []
-        while True:
-            try:
-                following = self._reader.next_reply()
-            except MalformedReply:
-                break
-            if following is None:
-                break
-            self._owed = max(0, self._owed - 1)
-            later.append(following)
-        if self._wait is None:
-            self._replies.append(reply)
-            self._replies.extend(later)
-        else:
-            # Queued first: the waiter may ask for the next one at once.
-            self._replies.extend(later)
+            if reply.code == 421 and self._ended_by is None:
+                # RFC 5321 3.8: the server closes the channel after a 421.
+                # Nothing more is sent; replies that come before the close
+                # are still handed over in order (an LMTP server answers
+                # the final dot once a recipient, and a 250 after a 421
+                # there is a delivery to record, not to repeat), and
+                # whoever waits past them hears the 421, not "lost
+                # connection".
+                self._ended_by = error_from_reply(reply, self.remote)
             self._hand_over(reply)
 
     def handshakeCompleted(self):
@@ -287,6 +267,8 @@ class ClientConnection(Protocol):
         self.lost = True
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
+        if self._error is None and self._ended_by is not None:
+            self._error = self._ended_by
         if self._error is None:
             if self._tls_reply is not None or self._handshaking:
                 self._error = DeliveryError(
@@ -333,7 +315,8 @@ class ClientConnection(Protocol):
         return wait
 
     def _timed_out(self, wait):
-        self._fail(DeliveryError(
+        # After a 421 the server owes nothing more: its 421 is the reason.
+        self._fail(self._ended_by or DeliveryError(
             temporary=True, code=None, enhanced="4.4.2",
             text=f"conversation with {self.remote} timed out while {wait.what}",
             remote=self.remote))
