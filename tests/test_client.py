@@ -96,6 +96,9 @@ class Script:
     stall: str | None = None
     close_on: str | None = None
     pause_after_354: bool = False
+    # A server that says 421 and neither closes nor reads on (RFC 5321 3.8
+    # has it close): our side must not wait on it.
+    stay_after_421: bool = False
     # Recipients taken in one transaction, past which RCPT gets rcpt_limit_reply.
     rcpt_limit: int | None = None
     rcpt_limit_reply: bytes = b"452 4.5.3 Error: too many recipients"
@@ -175,7 +178,7 @@ class ScriptedServer(Protocol):
     def _hang_up_after(self, reply):
         # RFC 5321 3.8: a 421 closes the channel; what was sent after the
         # command stays unread.
-        if reply.startswith(b"421"):
+        if reply.startswith(b"421") and not self.script.stay_after_421:
             self._stopped = True
             self.transport.loseConnection()
 
@@ -956,6 +959,20 @@ class SessionFailureTests(ClientTestCase):
                               error.after_data), (True, 421, "4.3.2", "Going down", False))
             self.assertFalse(session.is_open())
             self.assertEqual(factory.only.messages, [])
+
+    async def test_after_a_421_no_reply_is_awaited_for_a_command_never_sent(self):
+        # Found by review: unpipelined, the second RCPT was not sent after
+        # the first's 421, but its reply was awaited for command_timeout.
+        path = self.message_file(SIMPLE)
+        factory, session = await self.session_for(
+            Script(rcpt={"b@example.com": b"421 4.3.2 Going down"}, stay_after_421=True),
+            command_timeout=10)
+        started = reactor.seconds()
+        error = await self.deliver_fails(session, "a@example.org",
+                                         ["b@example.com", "c@example.com"], path)
+        self.assertLess(reactor.seconds() - started, 2)
+        self.assertEqual((error.code, error.enhanced, error.text), (421, "4.3.2", "Going down"))
+        self.assertNotIn(b"RCPT TO:<c@example.com>", factory.only.commands)
 
     async def test_a_421_to_data_fails_the_transaction(self):
         # Found by review: it was every recipient's deferral, and the next

@@ -234,3 +234,46 @@ def test_a_session_closed_before_its_first_job_charges_that_job_once():
         ("b@example.net", "deferred", "4.4.2",
          "mx.test[192.0.2.1]:25: connection closed before the transaction")]
     assert not pool.busy
+
+
+def test_a_session_left_unusable_by_a_job_is_dropped_not_left_open():
+    # Found by review: a server that said 421 to one RCPT and went on to
+    # take the message for the others left a session neither open nor
+    # closed, and the pool neither said QUIT nor dropped it.
+    from relaymail.delivery.client import Hop, RecipientResult
+    from relaymail.delivery.destinations import Job
+
+    clock = task.Clock()
+    hop = Hop("mx.test", "192.0.2.1", 25)
+
+    class Router:
+        def hops(self, destination):
+            return defer.succeed([hop])
+
+    class Session:
+        remote = hop.label
+        extensions = {}
+        tls_description = None
+        usable = True
+        aborted = False
+
+        def is_open(self):
+            return self.usable
+
+        def deliver(self, sender, recipients, path, **options):
+            self.usable = False
+            return defer.succeed([RecipientResult(recipients[0], 250, "2.0.0", "Ok")])
+
+        def abort(self):
+            self.aborted = True
+
+    session = Session()
+    pool = DestinationPool(clock, Router(), lambda destination: None, 2, 10,
+                           connect=lambda reactor, to, config: defer.succeed(session))
+    outcomes = []
+    pool.submit(Job(queue_id="ID1", destination="mx.test", sender="a@example.org",
+                    recipients=["b@example.net"], message_path="/nonexistent",
+                    on_done=lambda job, done: outcomes.extend(done)))
+    clock.advance(0)
+    assert [(o.address, o.status) for o in outcomes] == [("b@example.net", "sent")]
+    assert session.aborted

@@ -292,6 +292,10 @@ class DestinationPool:
                                                "the transaction") for a in job.recipients])
             if session.is_open():
                 yield session.quit()
+            else:
+                # Unusable is not closed: a server that said 421 and went
+                # on would keep the socket for as long as it likes.
+                session.abort()
             return None
         finally:
             self._sessions.discard(session)

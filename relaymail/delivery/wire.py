@@ -116,6 +116,10 @@ class ClientConnection(Protocol):
             return defer.succeed(self._replies.popleft())
         if self._error is not None:
             return defer.fail(self._error)
+        if self._ended_by is not None and self._owed <= 0:
+            # After its 421 the server owes no reply to anything we sent
+            # (what we would have sent since was not): none will come.
+            return defer.fail(self._ended_by)
         if self._wait is not None:
             raise RuntimeError("already waiting for a reply")
         deferred = defer.Deferred(self._cancelled)
