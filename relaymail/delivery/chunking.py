@@ -118,17 +118,8 @@ def _after_data():
     try:
         yield
     except DeliveryError as error:
-        mark_after_data(error)
+        error.met_after_data()
         raise
-
-
-def mark_after_data(error):
-    """Mark ``error``, met once message octets may have gone, as one that
-    may follow a delivery the server made, so that no other hop is tried.
-    Not a server's 421: that says it closed the channel, its transaction
-    aborted, the message not taken (RFC 5321 3.8)."""
-    if error.code != 421:
-        error.after_data = True
 
 
 async def _envelope_replies(reply, rcpts):

@@ -522,16 +522,9 @@ class OutboundSession:
         raising would have the pool send the delivered ones again.
         """
         waiting = over_the_limit(results)
-        if not waiting:
-            if any(too_many(result) for result in results):
-                # Nobody delivered to, so nothing to send again now; a
-                # 552 5.5.3 among them is still no reason to bounce.
-                return [held_back(r) if too_many(r) else r for r in results]
-            return results
-        results = list(results)
         # How many RCPTs the server took before refusing more; at least
         # one, since it delivered to someone.
-        room = max(waiting[0], 1)
+        room = max(waiting[0], 1) if waiting else 0
         while waiting:
             batch, rest = waiting[:room], waiting[room:]
             try:
@@ -548,10 +541,11 @@ class OutboundSession:
                 break
             for i, result in zip(batch, again, strict=True):
                 results[i] = result
-            refused = over_the_limit(again)
-            if not refused and not any(delivered(result) for result in again):
+            if not any(delivered(result) for result in again):
                 break       # the rest wait for the retry, with their refusal
-            waiting = [batch[j] for j in refused] + rest
+            waiting = [batch[j] for j in over_the_limit(again)] + rest
+        # Whatever is still refused as too many (with nobody delivered to
+        # in the first transaction too): a 552 5.5.3 is no reason to bounce.
         return [held_back(result) if too_many(result) else result for result in results]
 
     def _with_requiretls(self, mail):
@@ -659,7 +653,7 @@ class OutboundSession:
             final = await self._reply("receiving the reply to the end of data",
                                       self._config.data_timeout)
         except DeliveryError as error:
-            chunking.mark_after_data(error)
+            error.met_after_data()
             raise
         self._needs_reset = False
         self._expect_decision(final)

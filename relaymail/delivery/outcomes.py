@@ -58,6 +58,14 @@ class DeliveryError(Exception):
         self.text = text
         self.remote = remote
 
+    def met_after_data(self):
+        """Mark this failure, met once message octets may have gone, as one
+        that may follow a delivery the server made (:attr:`after_data`).
+        Not a server's 421: that says it closed the channel, its
+        transaction aborted, the message not taken (RFC 5321 3.8)."""
+        if self.code != 421:
+            self.after_data = True
+
     def __repr__(self):
         return (f"DeliveryError(temporary={self.temporary!r}, code={self.code!r}, "
                 f"enhanced={self.enhanced!r}, text={self.text!r}, remote={self.remote!r})")
