@@ -7,6 +7,7 @@ it was on the wire.  The pure pieces (reply parsing, dot-stuffing) are also
 tested alone, at the end.
 """
 
+import copy
 import functools
 import os
 import re
@@ -408,6 +409,20 @@ class ClientTestCase(unittest.TestCase):
         except DeliveryError as error:
             return error
         self.fail("connect() succeeded")
+
+    async def failed_both_ways(self, **script):
+        """One message to b@example.com, with PIPELINING and without, at a
+        server following ``script`` (Script's fields), each delivery
+        expected to fail: ``[(pipelining, server, session, error)]``."""
+        path = self.message_file(SIMPLE)
+        failures = []
+        for pipelining in (True, False):
+            # A copy each: a server uses up its scripted replies.
+            factory, session = await self.session_for(
+                Script(pipelining=pipelining, **copy.deepcopy(script)))
+            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+            failures.append((pipelining, factory.only, session, error))
+        return failures
 
     async def deliver_fails(self, session, *args, **kwargs):
         try:
@@ -923,17 +938,14 @@ class SessionFailureTests(ClientTestCase):
         # The RCPT and DATA sent with the MAIL get no replies: the server
         # closed the channel after its 421.  Its words reach the log and the
         # DSN, not "lost connection".
-        path = self.message_file(SIMPLE)
-        for pipelining in (True, False):
-            factory, session = await self.session_for(Script(
-                pipelining=pipelining, replies={"MAIL": [b"421 4.3.2 Shutting down now"]}))
-            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        for pipelining, server, session, error in await self.failed_both_ways(
+                replies={"MAIL": [b"421 4.3.2 Shutting down now"]}):
             self.assertEqual((error.temporary, error.code, error.enhanced, error.text),
                              (True, 421, "4.3.2", "Shutting down now"))
             self.assertFalse(session.is_open())
-            self.assertEqual(factory.only.commands[-1][:4], b"MAIL")
+            self.assertEqual(server.commands[-1][:4], b"MAIL")
             # Pipelined, the RCPT and DATA went in the MAIL's write.
-            self.assertEqual(b"\r\nDATA\r\n" in b"".join(factory.only.reads), pipelining)
+            self.assertEqual(b"\r\nDATA\r\n" in b"".join(server.reads), pipelining)
 
     async def test_a_421_to_a_pipelined_rcpt_ends_the_transaction_with_its_words(self):
         path = self.message_file(SIMPLE)
@@ -950,15 +962,12 @@ class SessionFailureTests(ClientTestCase):
         # Found by review: unpipelined, the 421 came back as the recipient's
         # deferral, so the pool never tried the next hop; pipelined, the
         # wait for DATA's reply raised it.  Now both raise.
-        path = self.message_file(SIMPLE)
-        for pipelining in (False, True):
-            factory, session = await self.session_for(Script(
-                pipelining=pipelining, rcpt={"b@example.com": b"421 4.3.2 Going down"}))
-            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        for _, server, session, error in await self.failed_both_ways(
+                rcpt={"b@example.com": b"421 4.3.2 Going down"}):
             self.assertEqual((error.temporary, error.code, error.enhanced, error.text,
                               error.after_data), (True, 421, "4.3.2", "Going down", False))
             self.assertFalse(session.is_open())
-            self.assertEqual(factory.only.messages, [])
+            self.assertEqual(server.messages, [])
 
     async def test_after_a_421_no_reply_is_awaited_for_a_command_never_sent(self):
         # Found by review: unpipelined, the second RCPT was not sent after
@@ -977,14 +986,11 @@ class SessionFailureTests(ClientTestCase):
     async def test_a_421_to_data_fails_the_transaction(self):
         # Found by review: it was every recipient's deferral, and the next
         # MX was not tried although the server took nothing.
-        path = self.message_file(SIMPLE)
-        for pipelining in (False, True):
-            factory, session = await self.session_for(Script(
-                pipelining=pipelining, replies={"DATA": [b"421 4.3.2 Going down"]}))
-            error = await self.deliver_fails(session, "a@example.org", ["b@example.com"], path)
+        for _, server, _, error in await self.failed_both_ways(
+                replies={"DATA": [b"421 4.3.2 Going down"]}):
             self.assertEqual((error.code, error.enhanced, error.text, error.after_data),
                              (421, "4.3.2", "Going down", False))
-            self.assertEqual(factory.only.messages, [])
+            self.assertEqual(server.messages, [])
 
     async def test_a_421_said_while_idle_is_the_reason_given_to_the_next_job(self):
         path = self.message_file(SIMPLE)

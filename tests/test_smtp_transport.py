@@ -9,7 +9,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from relaymail.delivery.destinations import DestinationPool, client_configs
+from relaymail.delivery.client import Hop, RecipientResult
+from relaymail.delivery.destinations import DestinationPool, Job, client_configs
 from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
 from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
@@ -192,23 +193,32 @@ class RunnerTests(unittest.TestCase):
         self.assertTrue(pool.stopped)
 
 
+HOP = Hop("mx.test", "192.0.2.1", 25)
+
+
+def one_job_to_one_hop(connect):
+    """A pool on a task.Clock whose router gives HOP, sessions from
+    ``connect``, and one job queued: ``(clock, pool, outcomes)``."""
+    class Router:
+        def hops(self, destination):
+            return defer.succeed([HOP])
+
+    clock = task.Clock()
+    outcomes = []
+    pool = DestinationPool(clock, Router(), lambda destination: None, 2, 10, connect=connect)
+    pool.submit(Job(queue_id="ID1", destination="mx.test", sender="a@example.org",
+                    recipients=["b@example.net"], message_path="/nonexistent",
+                    on_done=lambda job, done: outcomes.extend(done)))
+    return clock, pool, outcomes
+
+
 def test_a_session_closed_before_its_first_job_charges_that_job_once():
     # Defence in depth behind connect(), which hands over only sessions
     # that can take a job: one closed before the pool gave it any must cost
     # the job an attempt, not have the pool open the same hop again at once
     # for ever (found by review: a 421 to STARTTLS under "may" did that).
-    from relaymail.delivery.client import Hop
-    from relaymail.delivery.destinations import Job
-
-    clock = task.Clock()
-    hop = Hop("mx.test", "192.0.2.1", 25)
-
-    class Router:
-        def hops(self, destination):
-            return defer.succeed([hop])
-
     class ClosedSession:
-        remote = hop.label
+        remote = HOP.label
 
         def is_open(self):
             return False
@@ -222,14 +232,10 @@ def test_a_session_closed_before_its_first_job_charges_that_job_once():
             return defer.fail(RuntimeError("opened again and again"))
         return defer.succeed(ClosedSession())
 
-    outcomes = []
-    pool = DestinationPool(clock, Router(), lambda destination: None, 2, 10, connect=connect)
-    pool.submit(Job(queue_id="ID1", destination="mx.test", sender="a@example.org",
-                    recipients=["b@example.net"], message_path="/nonexistent",
-                    on_done=lambda job, done: outcomes.extend(done)))
+    clock, pool, outcomes = one_job_to_one_hop(connect)
     for _ in range(5):
         clock.advance(0)
-    assert connects == [hop]
+    assert connects == [HOP]
     assert [(o.address, o.status, o.enhanced, o.text) for o in outcomes] == [
         ("b@example.net", "deferred", "4.4.2",
          "mx.test[192.0.2.1]:25: connection closed before the transaction")]
@@ -240,18 +246,8 @@ def test_a_session_left_unusable_by_a_job_is_dropped_not_left_open():
     # Found by review: a server that said 421 to one RCPT and went on to
     # take the message for the others left a session neither open nor
     # closed, and the pool neither said QUIT nor dropped it.
-    from relaymail.delivery.client import Hop, RecipientResult
-    from relaymail.delivery.destinations import Job
-
-    clock = task.Clock()
-    hop = Hop("mx.test", "192.0.2.1", 25)
-
-    class Router:
-        def hops(self, destination):
-            return defer.succeed([hop])
-
     class Session:
-        remote = hop.label
+        remote = HOP.label
         extensions = {}
         tls_description = None
         usable = True
@@ -268,12 +264,8 @@ def test_a_session_left_unusable_by_a_job_is_dropped_not_left_open():
             self.aborted = True
 
     session = Session()
-    pool = DestinationPool(clock, Router(), lambda destination: None, 2, 10,
-                           connect=lambda reactor, to, config: defer.succeed(session))
-    outcomes = []
-    pool.submit(Job(queue_id="ID1", destination="mx.test", sender="a@example.org",
-                    recipients=["b@example.net"], message_path="/nonexistent",
-                    on_done=lambda job, done: outcomes.extend(done)))
+    clock, pool, outcomes = one_job_to_one_hop(
+        lambda reactor, to, config: defer.succeed(session))
     clock.advance(0)
     assert [(o.address, o.status) for o in outcomes] == [("b@example.net", "sent")]
     assert session.aborted
