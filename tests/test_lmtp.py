@@ -272,6 +272,16 @@ class Script:
     #: The reply to STARTTLS; after a 220 the server answers the client's
     #: TLS handshake with plain text.
     starttls: bytes = b"500 5.5.1 Unknown command"
+    #: Recipients taken in one transaction, past which RCPT gets
+    #: rcpt_limit_reply.
+    rcpt_limit: int = None
+    rcpt_limit_reply: bytes = b"452 4.5.3 Too many recipients"
+    #: The reply to every MAIL after the first; after a 421 the server
+    #: hangs up (RFC 5321 3.8).
+    later_mail: bytes = None
+    #: What it says after each transaction's dot in turn, in place of
+    #: after_dot (None: a 250 each); ``then`` comes after the last.
+    after_dots: list = None
 
 
 class ScriptedLMTP(Protocol):
@@ -280,7 +290,9 @@ class ScriptedLMTP(Protocol):
         self.reads = []
         self.commands = []
         self.messages = []
+        self.envelopes = []    # the recipients each of those messages went to
         self.closed = defer.Deferred()
+        self._taken = []
         self._buffer = b""
         self._in_data = False
         self._accepted = 0
@@ -338,12 +350,23 @@ class ScriptedLMTP(Protocol):
                 keywords[-1] = b"250 " + keywords[-1][4:]
                 self._say(*keywords)
         elif verb == "MAIL":
-            self._say(self.script.mail)
+            self._accepted, self._taken = 0, []
+            reply = self.script.mail
+            if self.script.later_mail is not None and any(
+                    c.startswith(b"MAIL") for c in self.commands[:-1]):
+                reply = self.script.later_mail
+            self._say(reply)
+            if reply.startswith(b"421"):
+                self.transport.loseConnection()
         elif verb == "RCPT":
             address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
             reply = self.script.rcpt.get(address, b"250 2.1.5 Ok")
+            limit = self.script.rcpt_limit
+            if limit is not None and self._accepted >= limit:
+                reply = self.script.rcpt_limit_reply
             if reply.startswith(b"2"):
                 self._accepted += 1
+                self._taken.append(address)
             self._say(reply)
         elif verb == "DATA":
             if self._accepted == 0:
@@ -362,9 +385,15 @@ class ScriptedLMTP(Protocol):
             self._say(b"500 5.5.1 Unknown command")
 
     def _end_of_data(self):
+        self.envelopes.append(self._taken)
         replies = self.script.after_dot
+        if self.script.after_dots is not None:
+            replies = self.script.after_dots[len(self.messages) - 1]
         if replies is None:
             replies = [b"250 2.0.0 Saved"] * self._accepted
+        if self.script.after_dots is not None and len(self.messages) < len(self.script.after_dots):
+            self._say(*replies)     # more transactions to come
+            return
         if replies and self.script.apart:
             for n, reply in enumerate(replies[:-1]):
                 reactor.callLater(n * self.script.apart, self._say, reply)
@@ -536,6 +565,90 @@ class ScriptedTests(LMTPTestCase):
         self.assertEqual(outcomes["a@example.com"].status, "2.0.0")
         self.assertEqual(outcomes["b@example.com"], RecipientOutcome.deferred(
             f"host {hop} said: 451 4.0.0 local problem (in reply to end of DATA)", "4.0.0"))
+
+    # recipients over the server's limit (RFC 5321 4.5.3.1.8, 4.5.3.1.10)
+
+    FIVE = [f"r{n}@example.com" for n in range(1, 6)]
+
+    async def test_the_rest_go_in_further_transactions_as_many_as_the_server_took(self):
+        factory, hop, outcomes = await self.run_script(
+            Script(rcpt_limit=2), recipients=self.FIVE)
+        self.assertEqual(set(outcomes.values()), {RecipientOutcome.delivered(
+            f"host {hop} said: 250 2.0.0 Saved (in reply to end of DATA)", "2.0.0")})
+        server = factory.only
+        self.assertEqual(server.envelopes, [self.FIVE[0:2], self.FIVE[2:4], self.FIVE[4:5]])
+        self.assertEqual(server.messages, [b"Subject: x\r\n\r\nbody\r\n.\r\n"] * 3)
+        rcpts = [c for c in server.commands if c.startswith(b"RCPT")]
+        # Five RCPTs first, then only as many as the server took: 2 and 1.
+        self.assertEqual(len(rcpts), 5 + 2 + 1)
+        self.assertEqual([c for c in server.commands if not c.startswith(b"RCPT")],
+                         [b"LHLO mx.test"] + [b"MAIL FROM:<sender@example.org>", b"DATA"] * 3
+                         + [b"QUIT"])
+
+    async def test_further_transactions_without_pipelining_too(self):
+        factory, _, outcomes = await self.run_script(
+            Script(keywords=("8BITMIME",), rcpt_limit=3), recipients=self.FIVE)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.envelopes, [self.FIVE[0:3], self.FIVE[3:5]])
+
+    async def test_a_552_5_5_3_of_an_rfc_821_server_is_read_the_same_way(self):
+        factory, _, outcomes = await self.run_script(Script(
+            rcpt_limit=4, rcpt_limit_reply=b"552 5.5.3 Too many recipients"),
+            recipients=self.FIVE)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.envelopes, [self.FIVE[0:4], self.FIVE[4:5]])
+
+    async def test_a_452_of_another_kind_is_not_a_count(self):
+        # 452 4.3.1 is the server short of storage: the retry is the answer.
+        factory, hop, outcomes = await self.run_script(Script(
+            rcpt_limit=1, rcpt_limit_reply=b"452 4.3.1 Insufficient storage"),
+            recipients=self.FIVE[:2])
+        self.assertEqual(outcomes[self.FIVE[0]].kind, "delivered")
+        self.assertEqual(outcomes[self.FIVE[1]], RecipientOutcome.deferred(
+            f"host {hop} said: 452 4.3.1 Insufficient storage (in reply to RCPT TO)", "4.3.1"))
+        self.assertEqual(len(factory.only.messages), 1)
+
+    async def test_a_452_to_every_recipient_waits_for_the_retry(self):
+        factory, hop, outcomes = await self.run_script(
+            Script(rcpt_limit=0), recipients=self.FIVE[:2])
+        self.assertEqual(set(outcomes.values()), {RecipientOutcome.deferred(
+            f"host {hop} said: 452 4.5.3 Too many recipients (in reply to RCPT TO)", "4.5.3")})
+        self.assertEqual(factory.only.messages, [])
+        self.assertEqual(len([c for c in factory.only.commands if c.startswith(b"MAIL")]), 1)
+
+    async def test_a_552_5_5_3_to_every_recipient_is_deferred_not_bounced(self):
+        _, hop, outcomes = await self.run_script(Script(
+            rcpt_limit=0, rcpt_limit_reply=b"552 5.5.3 Too many recipients"),
+            recipients=self.FIVE[:2])
+        self.assertEqual(set(outcomes.values()), {RecipientOutcome.deferred(
+            f"host {hop} said: 552 5.5.3 Too many recipients (in reply to RCPT TO) "
+            "(taken as temporary: RFC 5321 4.5.3.1.10)", "4.5.3")})
+
+    async def test_a_further_transaction_refused_leaves_the_delivered_delivered(self):
+        factory, hop, outcomes = await self.run_script(Script(
+            rcpt_limit=2, later_mail=b"421 4.3.2 Going down now"), recipients=self.FIVE)
+        self.assertEqual([outcomes[r].kind for r in self.FIVE[:2]], ["delivered"] * 2)
+        waiting = RecipientOutcome.deferred(
+            f"host {hop} said: 452 4.5.3 Too many recipients (in reply to RCPT TO) "
+            f"(a further transaction failed: host {hop} said: 421 4.3.2 Going down now "
+            "(in reply to MAIL FROM))", "4.5.3")
+        self.assertEqual([outcomes[r] for r in self.FIVE[2:]], [waiting] * 3)
+        self.assertEqual(factory.only.envelopes, [self.FIVE[:2]])
+
+    async def test_a_further_transaction_cut_after_the_dot_keeps_what_it_decided(self):
+        # Four recipients, two a transaction: the second message gets one
+        # reply, for r3, and the server hangs up before r4's.
+        script = Script(rcpt_limit=2, after_dots=[None, [b"250 2.0.0 <r3> Saved"]],
+                        then="close")
+        factory, hop, outcomes = await self.run_script(script, recipients=self.FIVE[:4])
+        self.assertEqual([outcomes[r].kind for r in self.FIVE[:3]], ["delivered"] * 3)
+        self.assertEqual(outcomes[self.FIVE[2]].reason,
+                         f"host {hop} said: 250 2.0.0 <r3> Saved (in reply to end of DATA)")
+        self.assertEqual(outcomes[self.FIVE[3]], RecipientOutcome.deferred(
+            f"host {hop} said: 452 4.5.3 Too many recipients (in reply to RCPT TO) "
+            f"(a further transaction failed: lost connection with {hop} while receiving "
+            "the reply for <r4@example.com> after the end of data)", "4.5.3"))
+        self.assertEqual(factory.only.envelopes, [self.FIVE[:2], self.FIVE[2:4]])
 
     # refusals before the recipients
 

@@ -7,14 +7,17 @@ each mailbox in turn and one may fail (over quota) while another succeeds.
 So a transaction reports per recipient even past the dot, which the SMTP
 client (one reply for all) cannot.
 
-One :meth:`LMTPTransport.deliver` call is one connection and one
-transaction: greeting, LHLO, MAIL (with ``BODY=8BITMIME`` and ``SMTPUTF8``
+One :meth:`LMTPTransport.deliver` call is one connection and, as a rule,
+one transaction: greeting, LHLO, MAIL (with ``BODY=8BITMIME`` and ``SMTPUTF8``
 when the message needs them), one RCPT per recipient, DATA, the message
 dot-stuffed and streamed from its file (:mod:`relaymail.delivery.stream`),
 one reply per accepted recipient, QUIT.  No RSET: the connection is not
 reused, and QUIT ends any transaction.  With PIPELINING (which RFC 2033 5
 makes mandatory for servers; used only when advertised all the same) MAIL,
-every RCPT and DATA go in one write, as RFC 2920 3.1 allows.
+every RCPT and DATA go in one write, as RFC 2920 3.1 allows.  Recipients
+refused as more than the server takes in one transaction (452 4.5.3) go
+in further transactions on the same connection at once, as in the SMTP
+client (:func:`relaymail.delivery.transaction.over_the_limit`).
 
 The bytes, timers and reply parsing are the SMTP client's
 (:class:`relaymail.delivery.wire.ClientConnection`), and so are the command
@@ -68,7 +71,8 @@ from relaymail.delivery import downgrade, tls
 from relaymail.delivery.client import ClientConfig, connect_problem, exchange_envelope
 from relaymail.delivery.outcomes import DeliveryError
 from relaymail.delivery.responses import parse_ehlo
-from relaymail.delivery.transaction import check_message, mail_command, rcpt_command
+from relaymail.delivery.transaction import (
+    check_message, mail_command, over_the_limit, rcpt_command, result_from, too_many)
 from relaymail.delivery.wire import ClientConnection
 from relaymail.interfaces import ITransport, RecipientOutcome
 
@@ -207,8 +211,9 @@ class LMTPTransport:
 
 
 class _Session:
-    """One connection, one transaction; ``outcomes`` fills in as replies
-    come, and whatever is left when something fails gets that failure."""
+    """One connection, one transaction (and more for recipients over the
+    server's limit); ``outcomes`` fills in as replies come, and whatever
+    is left when something fails gets that failure."""
 
     def __init__(self, reactor, hop, config, message, recipients):
         self._reactor = reactor
@@ -269,9 +274,77 @@ class _Session:
         rcpts = self._rcpt_commands(smtputf8)
         if not rcpts:
             return
-        accepted = await self._envelope(extensions, mail, rcpts)
+        said = {}
+        await self._one_transaction(extensions, mail, rcpts, file, said)
+        await self._the_rest(extensions, mail, rcpts, file, said)
+
+    async def _one_transaction(self, extensions, mail, rcpts, file, said):
+        """MAIL, a RCPT for each of ``rcpts`` (recipient to command), DATA
+        and the message.  Each recipient's outcome goes in ``outcomes``,
+        and the reply that decided it in ``said``, as the replies come:
+        a failure part way leaves what was decided decided."""
+        accepted = await self._envelope(extensions, mail, rcpts, said)
         if accepted:
-            await self._data(file, accepted)
+            await self._data(file, accepted, said)
+
+    async def _the_rest(self, extensions, mail, rcpts, file, said):
+        """The recipients the server refused as more than it takes in one
+        transaction (transaction.over_the_limit) sent again at once in
+        further transactions on this connection, as the SMTP client does
+        (``OutboundSession._the_rest``): each as many as the server took
+        before its first refusal, for as long as each delivers to someone.
+
+        One still refused that way at the end is deferred, a 552 5.5.3
+        too (RFC 5321 4.5.3.1.10).  A further transaction that fails
+        leaves what was decided decided, and defers the recipients still
+        waiting with their refusal and a note of the failure.
+        """
+        order = list(rcpts)
+        waiting = self._over_the_limit(order, said)
+        room = max(order.index(waiting[0]), 1) if waiting else 0
+        note = None
+        while waiting:
+            batch, rest = waiting[:room], waiting[room:]
+            again = {}
+            try:
+                file.seek(0)
+                await self._one_transaction(
+                    extensions, mail, {r: rcpts[r] for r in batch}, file, again)
+            except DeliveryError as failure:
+                self._connection.abort()
+                said.update(again)
+                note = f"a further transaction failed: {failure.text}"
+                break
+            said.update(again)
+            if not any(again[r].positive for r in batch):
+                break       # the rest wait for the retry, with their refusal
+            waiting = self._over_the_limit(batch, again) + rest
+        # A recipient the failed transaction did not decide still has its
+        # first refusal in ``said``, and waits with the note.  (Accepted
+        # there and stored, its reply lost, it is delivered twice: better
+        # than lost.)
+        for recipient in order:
+            if too_many(result_from(recipient, said[recipient])):
+                self.outcomes[recipient] = self._held_back(recipient, note)
+
+    @staticmethod
+    def _over_the_limit(recipients, said):
+        """Those of ``recipients`` (in RCPT order) whose reply in ``said``
+        refuses them as too many for one transaction."""
+        results = [result_from(r, said[r]) for r in recipients]
+        return [recipients[i] for i in over_the_limit(results)]
+
+    def _held_back(self, recipient, note=None):
+        """A recipient's "too many recipients" refusal as it waits for the
+        retry: deferred, a 552 as 4.5.3 (RFC 5321 4.5.3.1.10 asks a client
+        to read an RFC 821 server's 552 as a 452), with ``note`` on what
+        else was tried."""
+        outcome = self.outcomes[recipient]
+        reason = outcome.reason if note is None else f"{outcome.reason} ({note})"
+        if outcome.kind == "bounced":
+            return RecipientOutcome.deferred(
+                reason + " (taken as temporary: RFC 5321 4.5.3.1.10)", "4.5.3")
+        return RecipientOutcome.deferred(reason, outcome.status)
 
     async def _hello(self):
         self._connection.send(b"LHLO " + self._config.helo_name.encode("ascii"))
@@ -302,7 +375,7 @@ class _Session:
                 self.outcomes[recipient] = _from_error(error)
         return commands
 
-    async def _envelope(self, extensions, mail, rcpts):
+    async def _envelope(self, extensions, mail, rcpts, said):
         """MAIL, the RCPTs and DATA; the recipients accepted when DATA got
         354 (empty when none was, or DATA was refused)."""
         connection = self._connection
@@ -315,7 +388,7 @@ class _Session:
             if reply.positive:
                 accepted.append(recipient)
             else:
-                self.outcomes[recipient] = self._from_reply(reply, "RCPT TO")
+                self._decide(recipient, reply, "RCPT TO", said)
         if not accepted:
             if data_reply is not None and data_reply.code == 354:
                 # Ending the data now would store an empty message for
@@ -329,10 +402,10 @@ class _Session:
             raise self._protocol_error(f"{data_reply} in reply to DATA")
         self._expect_decision(data_reply, "DATA")
         for recipient in accepted:
-            self.outcomes[recipient] = self._from_reply(data_reply, "DATA")
+            self._decide(recipient, data_reply, "DATA", said)
         return []
 
-    async def _data(self, file, accepted):
+    async def _data(self, file, accepted, said):
         """The message, then one reply per accepted recipient, in RCPT
         order (RFC 2033 4.2)."""
         connection = self._connection
@@ -343,7 +416,7 @@ class _Session:
                 f"receiving the reply for <{recipient}> after the end of data",
                 self._config.data_timeout)
             self._expect_decision(reply, "end of DATA")
-            self.outcomes[recipient] = self._from_reply(reply, "end of DATA")
+            self._decide(recipient, reply, "end of DATA", said)
 
     # -- the pieces --------------------------------------------------------
 
@@ -418,6 +491,10 @@ class _Session:
     def _said(self, reply, stage):
         return (f"host {self._remote} said: {reply.code} {reply.enhanced_or_derived} "
                 f"{reply.text} (in reply to {stage})").rstrip()
+
+    def _decide(self, recipient, reply, stage, said):
+        self.outcomes[recipient] = self._from_reply(reply, stage)
+        said[recipient] = reply
 
     def _from_reply(self, reply, stage):
         status = reply.enhanced_or_derived
