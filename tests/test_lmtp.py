@@ -13,7 +13,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 from zope.interface import implementer, verify
@@ -22,7 +22,9 @@ from relaymail.address import parse_forward_path
 from relaymail.delivery.client import ClientConfig
 from relaymail.delivery.lmtp import LMTPTransport, NextHop, client_config, parse_next_hop
 from relaymail.envelope import Envelope
+from relaymail.header_section import Field
 from relaymail.interfaces import IMessage, ITransport, RecipientOutcome
+from relaymail.queue.message_view import MessageView
 from tests.dovecot import FULL_USER, Dovecot
 from tests.support import make_settings
 
@@ -277,11 +279,13 @@ class Script:
     rcpt_limit: int = None
     rcpt_limit_reply: bytes = b"452 4.5.3 Too many recipients"
     #: The reply to every MAIL after the first; after a 421 the server
-    #: hangs up (RFC 5321 3.8).
+    #: hangs up without another word (RFC 5321 3.8).
     later_mail: bytes = None
     #: What it says after each transaction's dot in turn, in place of
     #: after_dot (None: a 250 each); ``then`` comes after the last.
     after_dots: list = None
+    #: Said unasked after the first transaction's replies, in their write.
+    between: bytes = None
 
 
 class ScriptedLMTP(Protocol):
@@ -357,6 +361,9 @@ class ScriptedLMTP(Protocol):
                 reply = self.script.later_mail
             self._say(reply)
             if reply.startswith(b"421"):
+                # Gone, as RFC 5321 3.8 has it: the pipelined RCPTs and
+                # DATA get nothing.
+                self._silent = True
                 self.transport.loseConnection()
         elif verb == "RCPT":
             address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
@@ -391,6 +398,8 @@ class ScriptedLMTP(Protocol):
             replies = self.script.after_dots[len(self.messages) - 1]
         if replies is None:
             replies = [b"250 2.0.0 Saved"] * self._accepted
+        if self.script.between is not None and len(self.messages) == 1:
+            replies = [*replies, self.script.between]
         if self.script.after_dots is not None and len(self.messages) < len(self.script.after_dots):
             self._say(*replies)     # more transactions to come
             return
@@ -630,8 +639,7 @@ class ScriptedTests(LMTPTestCase):
         self.assertEqual([outcomes[r].kind for r in self.FIVE[:2]], ["delivered"] * 2)
         waiting = RecipientOutcome.deferred(
             f"host {hop} said: 452 4.5.3 Too many recipients (in reply to RCPT TO) "
-            f"(a further transaction failed: host {hop} said: 421 4.3.2 Going down now "
-            "(in reply to MAIL FROM))", "4.5.3")
+            "(a further transaction failed: 421 4.3.2 Going down now)", "4.5.3")
         self.assertEqual([outcomes[r] for r in self.FIVE[2:]], [waiting] * 3)
         self.assertEqual(factory.only.envelopes, [self.FIVE[:2]])
 
@@ -649,6 +657,104 @@ class ScriptedTests(LMTPTestCase):
             f"(a further transaction failed: lost connection with {hop} while receiving "
             "the reply for <r4@example.com> after the end of data)", "4.5.3"))
         self.assertEqual(factory.only.envelopes, [self.FIVE[:2], self.FIVE[2:4]])
+
+    def queued(self, content, recipients, **envelope):
+        """The IMessage the scheduler hands a transport: a MessageView of
+        a queue file (relaymail.queue.message_view.queued_message)."""
+        handle, path = tempfile.mkstemp(suffix=".msg")
+        with os.fdopen(handle, "wb") as file:
+            file.write(content)
+        self.addCleanup(os.unlink, path)
+        return MessageView.read("TESTQUEUEID", Envelope(SENDER, list(recipients), **envelope),
+                                path, len(content))
+
+    async def test_further_transactions_with_the_schedulers_message(self):
+        # Found by review: MessageView.open() gives a file that cannot
+        # seek, and the second transaction failed with a traceback.
+        factory, hop = self.serve(Script(rcpt_limit=2))
+        message = self.queued(b"Subject: x\r\n\r\nbody\r\n", self.FIVE)
+        outcomes = await self.transport().deliver(message, self.FIVE, hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.envelopes, [self.FIVE[0:2], self.FIVE[2:4], self.FIVE[4:5]])
+        self.assertEqual(factory.only.messages, [b"Subject: x\r\n\r\nbody\r\n.\r\n"] * 3)
+
+    async def test_further_transactions_with_changed_header_fields(self):
+        # A filter's changed fields: a view that is not the queue file as
+        # it is, read through a copy.
+        factory, hop = self.serve(Script(rcpt_limit=2))
+        message = self.queued(b"Subject: x\r\n\r\nbody\r\n", self.FIVE[:3])
+        changed = message.with_fields(
+            [*message.fields, Field("X-Filter", "yes", b"X-Filter: yes\r\n")])
+        outcomes = await self.transport().deliver(changed, self.FIVE[:3], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.messages,
+                         [b"Subject: x\r\nX-Filter: yes\r\n\r\nbody\r\n.\r\n"] * 2)
+
+    async def test_eight_bit_conversion_of_the_schedulers_message(self):
+        # Found by review: the conversion maps the file, and MessageView's
+        # had no descriptor; every such message was deferred ("fileno").
+        content = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                   b"caf\xc3\xa9\r\n")
+        factory, hop = self.serve(Script(keywords=("PIPELINING",), rcpt_limit=1))
+        message = self.queued(content, self.FIVE[:2], body="8BITMIME")
+        outcomes = await self.transport().deliver(message, self.FIVE[:2], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(len(factory.only.messages), 2)
+        for sent in factory.only.messages:
+            self.assertIn(b"caf=C3=A9\r\n", sent)
+
+    async def test_a_552_5_5_3_is_deferred_when_the_first_transaction_is_cut_too(self):
+        # Found by review: the 552 stayed a bounce when the connection went
+        # after the dot, before any further transaction.
+        _, hop, outcomes = await self.run_script(Script(
+            rcpt_limit=1, rcpt_limit_reply=b"552 5.5.3 Too many recipients",
+            after_dot=[], then="close"), recipients=self.FIVE[:2])
+        self.assertEqual(outcomes[self.FIVE[1]], RecipientOutcome.deferred(
+            f"host {hop} said: 552 5.5.3 Too many recipients (in reply to RCPT TO) "
+            "(taken as temporary: RFC 5321 4.5.3.1.10)", "4.5.3"))
+        self.assertEqual(outcomes[self.FIVE[0]].status, "4.4.2")
+
+    async def test_a_421_after_the_replies_of_the_first_transaction(self):
+        # In the same write as those replies: the session has sent the next
+        # MAIL by the time it reads the 421, and takes it as MAIL's reply.
+        factory, hop, outcomes = await self.run_script(
+            Script(rcpt_limit=2, between=b"421 4.3.2 Shutting down"), recipients=self.FIVE[:3])
+        self.assertEqual([outcomes[r].kind for r in self.FIVE[:2]], ["delivered"] * 2)
+        self.assertEqual(outcomes[self.FIVE[2]], RecipientOutcome.deferred(
+            f"host {hop} said: 452 4.5.3 Too many recipients (in reply to RCPT TO) "
+            f"(a further transaction failed: host {hop} said: 421 4.3.2 Shutting down "
+            "(in reply to MAIL FROM))", "4.5.3"))
+        self.assertEqual(factory.only.envelopes, [self.FIVE[:2]])
+
+    async def test_cancelled_part_way_tells_what_was_delivered(self):
+        # What the runner's transport_timeout (and a stop) does.  Found by
+        # review: the Deferred failed, and r1 and r2, stored, would have
+        # been sent again at every retry.
+        factory, hop = self.serve(Script(rcpt_limit=2, after_dots=[None, []], then="hang"))
+        message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE)
+        d = self.transport().deliver(message, self.FIVE, hop)
+        while not factory.connections or len(factory.only.messages) < 2:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        outcomes = await d
+        self.assertEqual([outcomes[r].kind for r in self.FIVE[:2]], ["delivered"] * 2)
+        cut = f"delivery by LMTP to {hop} cut short by a stop or [delivery] transport_timeout"
+        self.assertEqual([outcomes[r] for r in self.FIVE[2:]], [RecipientOutcome.deferred(
+            f"host {hop} said: 452 4.5.3 Too many recipients (in reply to RCPT TO) ({cut})",
+            "4.5.3")] * 3)
+        await factory.only.closed
+
+    async def test_cancelled_in_the_first_transaction_defers_everyone_4_4_2(self):
+        factory, hop = self.serve(Script(stall="DATA"))
+        message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE[:2])
+        d = self.transport().deliver(message, self.FIVE[:2], hop)
+        while not factory.connections or b"DATA" not in factory.only.commands:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        outcomes = await d
+        self.assertEqual(set(outcomes.values()), {RecipientOutcome.deferred(
+            f"delivery by LMTP to {hop} cut short by a stop or [delivery] transport_timeout",
+            "4.4.2")})
 
     # refusals before the recipients
 

@@ -1005,3 +1005,119 @@ def test_pipe_fields_give_the_local_part_unquoted_as_postfix_mailbox():
         "domain": "example.net"}
     # Unquoted, a quoted "-x" is seen for what it is by the dash check.
     assert _recipient_fields('"-x"@example.net')["local_part"] == "-x"
+
+
+class LimitedLMTP:
+    """An LMTP server in a thread that takes two recipients a transaction
+    (452 4.5.3 to the rest) and records each message's recipients.  On its
+    first connection it stores the second message and then says nothing,
+    as a mailbox server stuck after its write would."""
+
+    def __init__(self):
+        self.transactions = []      # [(connection number, recipients)]
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._sockets = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._connections += 1
+                number = self._connections
+                self._sockets.append(sock)
+            threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
+
+    def _serve(self, sock, number):
+        try:
+            self._dialogue(sock, number)
+        except OSError:
+            pass        # the relay hung up
+
+    def _dialogue(self, sock, number):
+        lines = sock.makefile("rb")
+        say = lambda *replies: sock.sendall(b"".join(r + b"\r\n" for r in replies))  # noqa: E731
+        say(b"220 lmtp.test LMTP")
+        taken, messages = [], 0
+        with sock, lines:
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"LHLO":
+                    say(b"250-lmtp.test", b"250-PIPELINING", b"250 ENHANCEDSTATUSCODES")
+                elif verb == b"MAIL":
+                    taken = []
+                    say(b"250 2.1.0 Ok")
+                elif verb == b"RCPT":
+                    if len(taken) < 2:
+                        taken.append(line.split(b"<")[1].split(b">")[0].decode())
+                        say(b"250 2.1.5 Ok")
+                    else:
+                        say(b"452 4.5.3 Too many recipients")
+                elif verb == b"DATA":
+                    say(b"354 go ahead")
+                    for body_line in lines:
+                        if body_line == b".\r\n":
+                            break
+                    messages += 1
+                    with self._lock:
+                        self.transactions.append((number, taken))
+                    if number == 1 and messages == 2:
+                        lines.read()        # stuck: until the relay hangs up
+                        return
+                    say(*[b"250 2.0.0 Saved"] * len(taken))
+                elif verb == b"QUIT":
+                    say(b"221 2.0.0 Bye")
+                    return
+                else:
+                    say(b"500 5.5.1 Unknown command")
+
+    def stop(self):
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_an_lmtp_delivery_cut_by_transport_timeout_keeps_what_it_delivered(tmp_path, far_ends):
+    # Found in review: the runner's timeout made every recipient deferred,
+    # so r1 and r2, stored by the first transaction, were sent again at
+    # the retry.  Five recipients, two a transaction; the server stalls
+    # after storing the second message, for longer than transport_timeout.
+    server = LimitedLMTP()
+    config, _ = site_config(tmp_path, far_ends)
+    config["plugin:siterouter"]["route.limit.test"] = f"lmtp 127.0.0.1:{server.port}"
+    relay = RelayProcess(tmp_path, config).start()
+    five = [f"r{n}@limit.test" for n in range(1, 6)]
+    try:
+        queue_id = send(relay, five)
+        for recipient in five:
+            wait_for_outcome(relay, queue_id, recipient, "sent")
+        wait_until(lambda: removed(relay, queue_id), what="the message to leave the queue")
+        log = relay.log()
+    finally:
+        relay.stop()
+        server.stop()
+    assert server.transactions == [(1, five[0:2]), (1, five[2:4]), (2, five[2:4]),
+                                   (2, five[4:5])]
+    for recipient in five[:2]:
+        assert [o[2] for o in outcomes(relay, queue_id, recipient)] == ["sent"]
+    cut = f"delivery by LMTP to 127.0.0.1:{server.port} cut short by a stop or [delivery] " \
+          "transport_timeout"
+    # r3 and r4 were sent and never answered, r5 was still waiting its
+    # turn: each keeps its refusal from the first transaction, and why
+    # it was not tried again.
+    for recipient in five[2:]:
+        assert outcomes(relay, queue_id, recipient)[0][1:] == (
+            "4.5.3", "deferred", f"host 127.0.0.1:{server.port} said: 452 4.5.3 Too many "
+                                 f"recipients (in reply to RCPT TO) ({cut})")
+    assert f"lmtp delivery to 127.0.0.1:{server.port} cut short; 3 of 5 recipient(s) deferred" \
+        in log

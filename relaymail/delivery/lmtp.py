@@ -11,13 +11,20 @@ One :meth:`LMTPTransport.deliver` call is one connection and, as a rule,
 one transaction: greeting, LHLO, MAIL (with ``BODY=8BITMIME`` and ``SMTPUTF8``
 when the message needs them), one RCPT per recipient, DATA, the message
 dot-stuffed and streamed from its file (:mod:`relaymail.delivery.stream`),
-one reply per accepted recipient, QUIT.  No RSET: the connection is not
-reused, and QUIT ends any transaction.  With PIPELINING (which RFC 2033 5
+one reply per accepted recipient, QUIT.  With PIPELINING (which RFC 2033 5
 makes mandatory for servers; used only when advertised all the same) MAIL,
 every RCPT and DATA go in one write, as RFC 2920 3.1 allows.  Recipients
 refused as more than the server takes in one transaction (452 4.5.3) go
 in further transactions on the same connection at once, as in the SMTP
-client (:func:`relaymail.delivery.transaction.over_the_limit`).
+client (:func:`relaymail.delivery.transaction.over_the_limit`); one
+follows only a transaction ended by its replies after the dot, so there
+is never an RSET, and QUIT ends any transaction.
+
+The message is read from the queue file itself when the scheduler's view
+of it is the file as it is, else from a temporary copy of what
+``IMessage.open()`` gives when that cannot seek or be mapped: a further
+transaction reads it again from the start, and the 8-bit conversion maps
+it.
 
 The bytes, timers and reply parsing are the SMTP client's
 (:class:`relaymail.delivery.wire.ClientConnection`), and so are the command
@@ -46,7 +53,13 @@ What becomes of each recipient:
   deferred, not bounced, for the same reason as a refused LHLO: the fix is
   the site's server, and the queue lifetime still ends the wait;
 * a message over the server's SIZE, or MAIL refused with 5xx: bounced, as
-  those are about the message.
+  those are about the message;
+* a "too many recipients" refusal left over (the server delivered to
+  nobody, or a further transaction failed): deferred, an RFC 821 server's
+  552 5.5.3 as 4.5.3 (RFC 5321 4.5.3.1.10);
+* the call cancelled (``[delivery] transport_timeout``, a stop): the
+  outcomes decided so far are still returned, the rest deferred,
+  so that a recipient delivered is never sent again at the retry.
 
 Over TCP, STARTTLS (RFC 3207) when the server offers it, opportunistic as
 Postfix's ``may``: encrypted, the certificate not checked, plain text
@@ -59,6 +72,8 @@ there is no policy key to require or verify TLS yet.
 
 import functools
 import ipaddress
+import shutil
+import tempfile
 
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import (
@@ -75,6 +90,8 @@ from relaymail.delivery.transaction import (
     check_message, mail_command, over_the_limit, rcpt_command, result_from, too_many)
 from relaymail.delivery.wire import ClientConnection
 from relaymail.interfaces import ITransport, RecipientOutcome
+from relaymail.queue.message_view import whole_file
+from relaymail.queue.queue_file import open_message
 
 __all__ = ["LMTPTransport", "NextHop", "parse_next_hop"]
 
@@ -223,6 +240,7 @@ class _Session:
         self._recipients = recipients
         self._remote = hop.label
         self._connection = None
+        self._size = None
         self.outcomes = {}
 
     async def run(self):
@@ -232,7 +250,18 @@ class _Session:
         except DeliveryError as error:
             self._settle_rest(error)
         except defer.CancelledError:
-            raise
+            # Cut by [delivery] transport_timeout or a stop: what earlier
+            # transactions delivered must still be told, or it would be
+            # sent again at every retry.
+            if self._connection is not None:
+                self._connection.abort()
+            self._settle_rest(DeliveryError(
+                temporary=True, code=None, enhanced="4.4.2", text=self._cut_short(),
+                remote=self._remote))
+            log.warn("{queue_id}: lmtp delivery to {remote} cut short; {count} of {total} "
+                     "recipient(s) deferred", queue_id=self._message.queue_id,
+                     remote=self._remote, total=len(self._recipients),
+                     count=sum(o.kind == "deferred" for o in self.outcomes.values()))
         except Exception as exc:      # a bug here must not lose the message
             log.failure("{queue_id}: lmtp delivery to {remote} failed",
                         queue_id=self._message.queue_id, remote=self._remote)
@@ -275,8 +304,22 @@ class _Session:
         if not rcpts:
             return
         said = {}
-        await self._one_transaction(extensions, mail, rcpts, file, said)
-        await self._the_rest(extensions, mail, rcpts, file, said)
+        note = None
+        try:
+            await self._one_transaction(extensions, mail, rcpts, file, said)
+            note = await self._the_rest(extensions, mail, rcpts, file, said)
+        except defer.CancelledError:
+            note = self._cut_short()
+            raise
+        finally:
+            # Also when a transaction failed part way.  A recipient a
+            # failed further transaction did not decide still has its
+            # latest refusal in ``said``, and waits with the note.
+            # (Accepted there and stored, its reply lost, it is delivered
+            # twice: better than lost.)
+            for recipient, reply in said.items():
+                if too_many(result_from(recipient, reply)):
+                    self.outcomes[recipient] = self._held_back(recipient, note)
 
     async def _one_transaction(self, extensions, mail, rcpts, file, said):
         """MAIL, a RCPT for each of ``rcpts`` (recipient to command), DATA
@@ -294,15 +337,14 @@ class _Session:
         (``OutboundSession._the_rest``): each as many as the server took
         before its first refusal, for as long as each delivers to someone.
 
-        One still refused that way at the end is deferred, a 552 5.5.3
-        too (RFC 5321 4.5.3.1.10).  A further transaction that fails
-        leaves what was decided decided, and defers the recipients still
-        waiting with their refusal and a note of the failure.
+        A further transaction that fails leaves what was decided decided.
+        :return: None, or a note of that failure for the recipients still
+            waiting, which :meth:`_transaction` defers (a 552 5.5.3 as
+            well: RFC 5321 4.5.3.1.10).
         """
         order = list(rcpts)
         waiting = self._over_the_limit(order, said)
         room = max(order.index(waiting[0]), 1) if waiting else 0
-        note = None
         while waiting:
             batch, rest = waiting[:room], waiting[room:]
             again = {}
@@ -313,19 +355,23 @@ class _Session:
             except DeliveryError as failure:
                 self._connection.abort()
                 said.update(again)
-                note = f"a further transaction failed: {failure.text}"
-                break
+                return f"a further transaction failed: {self._failure_said(failure)}"
             said.update(again)
             if not any(again[r].positive for r in batch):
                 break       # the rest wait for the retry, with their refusal
             waiting = self._over_the_limit(batch, again) + rest
-        # A recipient the failed transaction did not decide still has its
-        # first refusal in ``said``, and waits with the note.  (Accepted
-        # there and stored, its reply lost, it is delivered twice: better
-        # than lost.)
-        for recipient in order:
-            if too_many(result_from(recipient, said[recipient])):
-                self.outcomes[recipient] = self._held_back(recipient, note)
+        return None
+
+    def _cut_short(self):
+        return (f"delivery by LMTP to {self._remote} cut short by a stop or "
+                "[delivery] transport_timeout")
+
+    def _failure_said(self, failure):
+        """A DeliveryError in a note: with the server's code when it has
+        one and the text does not already quote the reply."""
+        if failure.code is None or failure.text.startswith(f"host {self._remote} said:"):
+            return failure.text
+        return f"{failure.code} {failure.enhanced} {failure.text}"
 
     @staticmethod
     def _over_the_limit(recipients, said):
@@ -421,9 +467,13 @@ class _Session:
     # -- the pieces --------------------------------------------------------
 
     async def _open_message(self):
-        # IMessage.open() may block on the disk: not on the reactor thread.
+        """The message as a file that can be read again from its start (a
+        further transaction) and mapped (the 8-bit conversion); its size
+        in ``_size``.  In a thread: it may block on the disk."""
         try:
-            return await self._in_thread(self._message.open)
+            file, self._size = await self._in_thread(
+                functools.partial(_rereadable, self._message))
+            return file
         except OSError as exc:
             raise DeliveryError(temporary=True, code=None, enhanced="4.3.0",
                                 text=f"cannot read the message file: {exc.strerror or exc}",
@@ -447,7 +497,7 @@ class _Session:
     async def _fit(self, file, extensions, body, smtputf8, addresses):
         """The file, size and MAIL parameters for this server: as spooled,
         or converted to 7 bits for a server without 8BITMIME."""
-        size = self._message.size
+        size = self._size
         if downgrade.fits(extensions, smtputf8) or body == "BINARYMIME":
             # Binary content is never converted (check_message refuses it
             # for a server without BINARYMIME, RFC 3030 3).
@@ -556,6 +606,35 @@ def _from_error(error):
             status = "4" + status[1:]
         return RecipientOutcome.deferred(error.text, status)
     return RecipientOutcome.bounced(error.text, error.enhanced or "5.0.0")
+
+
+def _rereadable(message):
+    """``(file, size)``: ``message`` in a file that can seek and be mapped.
+    The queue file itself for a message read whole from it (the
+    scheduler's), else what ``message.open()`` gives, copied to a
+    temporary file when it is not a real file (IMessage.open promises a
+    file to read, no more; a MessageView with changed fields is not one)."""
+    path = whole_file(message)
+    if path is not None:
+        file = open_message(path, message.size)
+        return file, file.size
+    file = message.open()
+    try:
+        if file.seekable():
+            file.fileno()
+            return file, message.size
+    except (OSError, ValueError):
+        pass
+    with file:
+        copy = tempfile.TemporaryFile(prefix="relaymail-lmtp-")
+        try:
+            shutil.copyfileobj(file, copy, 1 << 20)
+            size = copy.tell()
+            copy.seek(0)
+        except BaseException:
+            copy.close()
+            raise
+    return copy, size
 
 
 def _endpoint(reactor, hop, timeout):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relaymail import sanitize
 from relaymail.config import ConfigError
@@ -378,8 +379,13 @@ def _all(job, enhanced, problem, hop):
 
 
 def _timed_out(result, timeout):
-    # Whatever a cancelled transport failed with (its own wrapper of the
-    # cancellation, or none), the recipients were deferred by the timeout.
+    # A transport that answers its cancellation with outcomes (lmtp: what
+    # its finished transactions delivered) is taken at its word, or those
+    # would be sent again at every retry.  Whatever else a cancelled
+    # transport failed with (its own wrapper of the cancellation, or
+    # none), the recipients were deferred by the timeout.
+    if not isinstance(result, Failure):
+        return result
     raise defer.TimeoutError(f"no answer within {timeout}s")
 
 
