@@ -8,10 +8,12 @@ over a real file, as the scheduler will, and checks each recipient's
 outcome exactly and the bytes at the far end.
 """
 
+import io
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory, Protocol
@@ -20,7 +22,9 @@ from zope.interface import implementer, verify
 
 from relaymail.address import parse_forward_path
 from relaymail.delivery.client import ClientConfig
+from relaymail.delivery.destinations import SENT, Job
 from relaymail.delivery.lmtp import LMTPTransport, NextHop, client_config, parse_next_hop
+from relaymail.delivery.transports import TransportHop, TransportRunner
 from relaymail.envelope import Envelope
 from relaymail.header_section import Field
 from relaymail.interfaces import IMessage, ITransport, RecipientOutcome
@@ -744,6 +748,81 @@ class ScriptedTests(LMTPTestCase):
             "4.5.3")] * 3)
         await factory.only.closed
 
+    async def cancel_when(self, factory, ready, d):
+        while not (factory.connections and ready(factory.only)):
+            await task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        return await d
+
+    async def test_cancelled_after_a_reply_in_a_further_transaction_keeps_it(self):
+        # Found by review: r3, delivered in the second transaction, kept
+        # its old 452 and was deferred, to be sent again.
+        factory, hop = self.serve(Script(
+            rcpt_limit=2, after_dots=[None, [b"250 2.0.0 <r3> Saved"]], then="hang"))
+        message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE)
+        d = self.transport().deliver(message, self.FIVE, hop)
+        while not (factory.connections and len(factory.only.messages) == 2):
+            await task.deferLater(reactor, 0.01, lambda: None)
+        # Time for r3's reply to cross the loopback; nothing tells the
+        # test that the session has read it but the outcome itself.
+        await task.deferLater(reactor, 0.2, lambda: None)
+        d.cancel()
+        outcomes = await d
+        self.assertEqual(outcomes[self.FIVE[2]], RecipientOutcome.delivered(
+            f"host {hop} said: 250 2.0.0 <r3> Saved (in reply to end of DATA)", "2.0.0"))
+        self.assertEqual([outcomes[r].kind for r in self.FIVE], ["delivered"] * 3 + ["deferred"] * 2)
+
+    async def test_cancelled_while_waiting_for_the_reply_to_quit(self):
+        # Found by review: every outcome was lost with the cancellation.
+        factory, hop = self.serve(Script(stall="QUIT"))
+        message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE[:2])
+        opened, open_file = [], message.open
+        message.open = lambda: opened.append(open_file()) or opened[-1]
+        d = self.transport().deliver(message, self.FIVE[:2], hop)
+        outcomes = await self.cancel_when(factory, lambda server: b"QUIT" in server.commands, d)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        await factory.only.closed
+        await task.deferLater(reactor, 0, lambda: None)
+        self.assertTrue(opened[0].closed)
+
+    async def test_cancelled_twice(self):
+        # The runner's timeout, then its stop, before the first cut's
+        # connection is gone.
+        factory, hop = self.serve(Script(rcpt_limit=2, after_dots=[None, []], then="hang"))
+        message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE)
+        d = self.transport().deliver(message, self.FIVE, hop)
+        while not (factory.connections and len(factory.only.messages) == 2):
+            await task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        d.cancel()
+        outcomes = await d
+        self.assertEqual([outcomes[r].kind for r in self.FIVE], ["delivered"] * 2 + ["deferred"] * 3)
+
+    async def test_a_site_message_whose_open_gives_a_bare_reader(self):
+        # IMessage.open() promises a file to read, no more.  Found by
+        # review: one without seekable() failed with a traceback.
+        content = b"Subject: x\r\n\r\nbody\r\n"
+        message = self.message(content, self.FIVE[:3])
+        readers = []
+
+        class Reader:
+            def __init__(self):
+                self._data = io.BytesIO(content)
+                self.closed = False
+
+            def read(self, size=-1):
+                return self._data.read(size)
+
+            def close(self):
+                self.closed = True
+
+        message.open = lambda: readers.append(Reader()) or readers[-1]
+        factory, hop = self.serve(Script(rcpt_limit=2))
+        outcomes = await self.transport().deliver(message, self.FIVE[:3], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.messages, [content + b".\r\n"] * 2)
+        self.assertEqual([r.closed for r in readers], [True])
+
     async def test_cancelled_in_the_first_transaction_defers_everyone_4_4_2(self):
         factory, hop = self.serve(Script(stall="DATA"))
         message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE[:2])
@@ -966,3 +1045,34 @@ class ContractTests(unittest.TestCase):
         path = Path(self.mktemp())
         path.mkdir(parents=True)
         return path
+
+
+class CutByTheRunnerTests(LMTPTestCase):
+    """The TransportRunner (relaymail.delivery.transports) stopping an lmtp
+    delivery part way: what the finished transaction delivered is handed
+    on as decided, the rest left as it was (no attempt counted)."""
+
+    serve = ScriptedTests.serve
+    _stop = ScriptedTests._stop
+
+    async def test_a_stop_hands_on_what_was_delivered(self):
+        factory, hop = self.serve(Script(rcpt_limit=2, after_dots=[None, []], then="hang"))
+        recipients = [f"r{n}@example.com" for n in range(1, 5)]
+        message = self.message(b"Subject: x\r\n\r\nbody\r\n", recipients)
+        lmtp = self.transport()
+        registry = SimpleNamespace(get=lambda name: lmtp, taking_jobs=lambda: [])
+        runner = TransportRunner(reactor, registry, lambda job: message, None, 2, 300)
+        ended = defer.Deferred()
+        job = Job(queue_id="TESTQUEUEID", destination=TransportHop("lmtp", hop), sender=SENDER,
+                  recipients=recipients, message_path=message.path,
+                  on_done=lambda job, outcomes: ended.callback(("done", outcomes)),
+                  on_abandoned=lambda job, decided=(): ended.callback(("abandoned", decided)))
+        runner.submit(job)
+        while not (factory.connections and len(factory.only.messages) == 2):
+            await task.deferLater(reactor, 0.01, lambda: None)
+        runner.stop()
+        how, decided = await ended
+        self.assertEqual(how, "abandoned")
+        self.assertEqual([(o.address, o.status) for o in decided],
+                         [(recipients[0], SENT), (recipients[1], SENT)])
+        await factory.only.closed

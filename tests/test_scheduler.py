@@ -592,3 +592,38 @@ def test_delete_all_leaves_no_record_in_memory(tmp_path):
     assert sched._unsaved == {}
     clock.advance(10)
     assert pool.take() == []
+
+
+def cut_by_a_stop(tmp_path, recipients, **keys):
+    """A message's one job running when a stop's grace ends: (job, spool,
+    clock), for the test to end the job as the TransportRunner would."""
+    sched, spool, pool, clock = scheduler(tmp_path, **keys)
+    spool.add("AAAA", recipients)
+    sched.startService()
+    clock.advance(30)
+    [job] = pool.take()
+    pool.drain = lambda: []
+    sched.drain(10)
+    clock.advance(10)
+    return job, spool, clock
+
+
+def test_a_job_a_stop_cut_keeps_what_it_delivered_and_leaves_the_rest_to_the_next_start(
+        tmp_path):
+    # The TransportRunner's on_abandoned(job, decided=...) for an lmtp
+    # delivery cut by the stop: a is recorded sent, b stays as it was, due
+    # at the next start.  Past the lifetime, it is not bounced either: a
+    # stop is not a last try.
+    job, spool, clock = cut_by_a_stop(tmp_path, ["a@example.net", "b@example.net"],
+                                      queue__lifetime="25")
+    job.on_abandoned(job, decided=[Outcome("a@example.net", SENT, 250, "2.0.0", "Saved")])
+    record = spool.records["AAAA"]
+    assert [e["status"] for e in record["recipients"]] == ["sent", "pending"]
+    assert (record["attempts"], record["next_attempt_at"]) == (0, clock.seconds())
+    assert set(spool.records) == {"AAAA"}
+
+
+def test_a_job_a_stop_cut_after_delivering_to_everyone_is_finished(tmp_path):
+    job, spool, _ = cut_by_a_stop(tmp_path, ["a@example.net"])
+    job.on_abandoned(job, decided=[Outcome("a@example.net", SENT, 250, "2.0.0", "Saved")])
+    assert "AAAA" not in spool.records

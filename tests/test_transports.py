@@ -19,11 +19,15 @@ import subprocess
 import sys
 import textwrap
 import threading
+from types import SimpleNamespace
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from relaymail.delivery.destinations import DEFERRED, SENT, Job
+from relaymail.delivery.transports import TransportHop, TransportRunner
+from relaymail.interfaces import RecipientOutcome
 from tests.dovecot import Dovecot
 from tests.nexthop import NextHop
 from tests.relay_process import REPO, RelayProcess
@@ -1119,5 +1123,44 @@ def test_an_lmtp_delivery_cut_by_transport_timeout_keeps_what_it_delivered(tmp_p
         assert outcomes(relay, queue_id, recipient)[0][1:] == (
             "4.5.3", "deferred", f"host 127.0.0.1:{server.port} said: 452 4.5.3 Too many "
                                  f"recipients (in reply to RCPT TO) ({cut})")
-    assert f"lmtp delivery to 127.0.0.1:{server.port} cut short; 3 of 5 recipient(s) deferred" \
-        in log
+    assert f"{queue_id}: {cut}; 2 of 5 recipient(s) delivered" in log
+    assert (f"{queue_id}: transport lmtp did not answer within 3s; keeping what it delivered "
+            "before it was cut") in log
+
+
+class CancelledByTheTimeoutTests(unittest.TestCase):
+    """What the TransportRunner takes from a site transport that answers
+    its cancellation at transport_timeout instead of failing."""
+
+    def run_job(self, answer_on_cancel):
+        class Site:
+            name = "site"
+
+            def deliver(self, message, recipients, next_hop):
+                return defer.Deferred(lambda d: d.callback(answer_on_cancel(recipients)))
+
+        registry = SimpleNamespace(get=lambda name: Site(), taking_jobs=lambda: [])
+        runner = TransportRunner(reactor, registry, lambda job: object(), None, 2, 0.2)
+        ended = defer.Deferred()
+        job = Job(queue_id="Q1", destination=TransportHop("site"), sender="a@example.org",
+                  recipients=["a@example.com", "b@example.com"], message_path="/nonexistent",
+                  on_done=lambda job, outcomes: ended.callback(outcomes),
+                  on_abandoned=lambda job: ended.errback(AssertionError("abandoned")))
+        runner.submit(job)
+        return ended
+
+    async def test_deliveries_and_deferrals_it_gives_stand(self):
+        outcomes = await self.run_job(lambda recipients: {
+            "a@example.com": RecipientOutcome.delivered("stored", "2.0.0"),
+            "b@example.com": RecipientOutcome.deferred("not yet", "4.2.0")})
+        self.assertEqual([(o.address, o.status, o.enhanced, o.text) for o in outcomes], [
+            ("a@example.com", SENT, "2.0.0", "stored"),
+            ("b@example.com", DEFERRED, "4.2.0", "not yet")])
+
+    async def test_nothing_bounces_on_a_cut(self):
+        # Found by review: a transport whose errback turned what it did not
+        # know into bounces bounced everyone at the timeout.
+        outcomes = await self.run_job(lambda recipients: {
+            r: RecipientOutcome.bounced("failed: CancelledError", "5.0.0") for r in recipients})
+        self.assertEqual({(o.status, o.enhanced, o.text) for o in outcomes}, {
+            (DEFERRED, "4.3.0", "transport site did not answer within 0.2s")})

@@ -241,6 +241,7 @@ class _Session:
         self._remote = hop.label
         self._connection = None
         self._size = None
+        self._was_cut = False
         self.outcomes = {}
 
     async def run(self):
@@ -250,18 +251,7 @@ class _Session:
         except DeliveryError as error:
             self._settle_rest(error)
         except defer.CancelledError:
-            # Cut by [delivery] transport_timeout or a stop: what earlier
-            # transactions delivered must still be told, or it would be
-            # sent again at every retry.
-            if self._connection is not None:
-                self._connection.abort()
-            self._settle_rest(DeliveryError(
-                temporary=True, code=None, enhanced="4.4.2", text=self._cut_short(),
-                remote=self._remote))
-            log.warn("{queue_id}: lmtp delivery to {remote} cut short; {count} of {total} "
-                     "recipient(s) deferred", queue_id=self._message.queue_id,
-                     remote=self._remote, total=len(self._recipients),
-                     count=sum(o.kind == "deferred" for o in self.outcomes.values()))
+            self._cut()
         except Exception as exc:      # a bug here must not lose the message
             log.failure("{queue_id}: lmtp delivery to {remote} failed",
                         queue_id=self._message.queue_id, remote=self._remote)
@@ -270,15 +260,42 @@ class _Session:
                 text=f"local error delivering by LMTP: {type(exc).__name__}: {exc}",
                 remote=self._remote))
         finally:
-            try:
-                if self._connection is not None:
-                    await self._hang_up()
-            finally:
-                # Only once the connection is gone: until then the body's
-                # producer may still be asked for a chunk.
-                for file in files:
-                    file.close()
+            await self._end(files)
         return self.outcomes
+
+    def _cut(self):
+        """Cut by [delivery] transport_timeout or a stop (the Deferred
+        cancelled): what is decided is still told, or a recipient
+        delivered would be sent again at every retry; the rest deferred."""
+        if self._connection is not None:
+            self._connection.abort()
+        if self._was_cut:
+            return      # cancelled again while hanging up
+        self._was_cut = True
+        delivered = sum(o.kind == RecipientOutcome.DELIVERED for o in self.outcomes.values())
+        self._settle_rest(DeliveryError(
+            temporary=True, code=None, enhanced="4.4.2", text=self._cut_short(),
+            remote=self._remote))
+        log.warn("{queue_id}: {problem}; {delivered} of {total} recipient(s) delivered",
+                 queue_id=self._message.queue_id, problem=self._cut_short(),
+                 delivered=delivered, total=len(self._recipients))
+
+    async def _end(self, files):
+        """Hang up, then close the files: only once the connection is gone,
+        as until then the body's producer may still be asked for a chunk."""
+        try:
+            if self._connection is not None:
+                await self._hang_up()
+        except defer.CancelledError:
+            # Cancelled while waiting for QUIT's reply or the close (or a
+            # second time): the outcomes stand as they are.
+            self._cut()
+            self._connection.wait_closed().addBoth(lambda _: _close_all(files))
+            return
+        except BaseException:
+            _close_all(files)
+            raise
+        _close_all(files)
 
     # -- the dialogue ------------------------------------------------------
 
@@ -354,9 +371,11 @@ class _Session:
                     extensions, mail, {r: rcpts[r] for r in batch}, file, again)
             except DeliveryError as failure:
                 self._connection.abort()
-                said.update(again)
                 return f"a further transaction failed: {self._failure_said(failure)}"
-            said.update(again)
+            finally:
+                # However it ended (cancelled too): a recipient it decided
+                # is not held back on its old refusal.
+                said.update(again)
             if not any(again[r].positive for r in batch):
                 break       # the rest wait for the retry, with their refusal
             waiting = self._over_the_limit(batch, again) + rest
@@ -608,6 +627,11 @@ def _from_error(error):
     return RecipientOutcome.bounced(error.text, error.enhanced or "5.0.0")
 
 
+def _close_all(files):
+    for file in files:
+        file.close()
+
+
 def _rereadable(message):
     """``(file, size)``: ``message`` in a file that can seek and be mapped.
     The queue file itself for a message read whole from it (the
@@ -623,9 +647,9 @@ def _rereadable(message):
         if file.seekable():
             file.fileno()
             return file, message.size
-    except (OSError, ValueError):
-        pass
-    with file:
+    except Exception:
+        pass        # not a real file: only read() is sure
+    try:
         copy = tempfile.TemporaryFile(prefix="relaymail-lmtp-")
         try:
             shutil.copyfileobj(file, copy, 1 << 20)
@@ -634,6 +658,10 @@ def _rereadable(message):
         except BaseException:
             copy.close()
             raise
+    finally:
+        close = getattr(file, "close", None)
+        if close is not None:
+            close()
     return copy, size
 
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from relaymail import sanitize
 from relaymail.config import ConfigError
@@ -238,6 +237,11 @@ class TransportRunner:
         queue.running.pop(id(job), None)
         if outcomes is None:
             _call(job.on_abandoned, job)
+        elif self._stopping:
+            # Cut by the stop, the transport answered all the same (lmtp
+            # does): what it delivered stands, the rest is left as it was
+            # for the next start, no attempt counted.
+            _call(job.on_abandoned, job, decided=[o for o in outcomes if o.status == SENT])
         else:
             _call(job.on_done, job, outcomes)
         # Later, not now: a job that ended at once would recurse.
@@ -258,8 +262,25 @@ class TransportRunner:
         limit = self._limit_for(transport, job)
         if limit is not None:
             d.addTimeout(limit, self._reactor, onTimeoutCancel=_timed_out)
-        return d.addCallbacks(lambda result: outcomes_of(job, result),
+        return d.addCallbacks(lambda result: self._outcomes(job, result, limit),
                               self._failed, errbackArgs=(job, limit))
+
+    def _outcomes(self, job, result, limit):
+        if not isinstance(result, _Cut):
+            return outcomes_of(job, result)
+        # Cancelled by the timeout, the transport answered all the same:
+        # its deliveries and deferrals stand.  Nothing bounces on a cut:
+        # whatever else it says is the timeout's deferral.
+        hop = job.destination
+        problem = f"transport {hop.transport} did not answer within {limit:g}s"
+        log.error("{queue_id}: {problem}; keeping what it delivered before it was cut",
+                  queue_id=job.queue_id, problem=problem)
+        kept = {address: outcome for address, outcome in result.outcomes.items()
+                if isinstance(outcome, RecipientOutcome)
+                and outcome.kind in (RecipientOutcome.DELIVERED, RecipientOutcome.DEFERRED)}
+        return [_converted(address, kept[address], hop) if address in kept
+                else _outcome(address, DEFERRED, LOCAL_FAILURE, problem, hop)
+                for address in job.recipients]
 
     def _limit_for(self, transport, job):
         """[delivery] transport_timeout, or more for a transport that says
@@ -380,18 +401,27 @@ def _all(job, enhanced, problem, hop):
 
 def _timed_out(result, timeout):
     # A transport that answers its cancellation with outcomes (lmtp: what
-    # its finished transactions delivered) is taken at its word, or those
-    # would be sent again at every retry.  Whatever else a cancelled
-    # transport failed with (its own wrapper of the cancellation, or
-    # none), the recipients were deferred by the timeout.
-    if not isinstance(result, Failure):
-        return result
+    # its finished transactions delivered) has its deliveries kept, or
+    # those would be sent again at every retry (TransportRunner._outcomes).
+    # Whatever else a cancelled transport failed with (its own wrapper of
+    # the cancellation, or none), the recipients were deferred by the
+    # timeout.
+    if isinstance(result, dict):
+        return _Cut(result)
     raise defer.TimeoutError(f"no answer within {timeout}s")
 
 
-def _call(function, *args):
+class _Cut:
+    """What a transport cancelled by the timeout answered: outcomes by
+    recipient, of which only deliveries and deferrals are taken."""
+
+    def __init__(self, outcomes):
+        self.outcomes = outcomes
+
+
+def _call(function, *args, **keywords):
     try:
-        function(*args)
+        function(*args, **keywords)
     except Exception:
         log.failure("recording the outcome of {queue_id} failed", queue_id=args[0].queue_id)
 

@@ -183,12 +183,16 @@ class Scheduler(service.Service):
             return result
         return drained.addBoth(done)
 
-    def _job_abandoned(self, job):
+    def _job_abandoned(self, job, decided=()):
         """A job the pool will not run now: its recipients stay as they
-        are, due again at the next start (no attempt is counted)."""
+        are, due again at the next start (no attempt is counted), but for
+        the Outcomes of ``decided``: those a transport the stop cut had
+        delivered, recorded so that they are not sent again."""
         attempt = self._attempts.get(job.queue_id)
         if attempt is None:
             return
+        for outcome in decided:
+            self._record(job.queue_id, attempt, self._soft(outcome))
         attempt.abandoned = True
         attempt.jobs_left -= 1
         if attempt.jobs_left <= 0:
