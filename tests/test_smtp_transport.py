@@ -3,6 +3,7 @@ contract, against real next-hop servers over real sockets, and the queue's
 jobs reaching the same connection pool through the TransportRunner."""
 
 import io
+import threading
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -149,6 +150,42 @@ class SMTPTransportTests(unittest.TestCase):
             "deferred", "4.4.2", "delivery cut by a stop")})
         self.assertEqual(self.first.messages, [])
         self.assertFalse(self.pool.busy)
+
+
+    @defer.inlineCallbacks
+    def test_a_stop_in_a_further_transaction_keeps_what_the_first_delivered(self):
+        # The next hop takes two recipients a transaction and is slow to
+        # answer the second MAIL; the stop comes then.  r1 and r2 are
+        # handed on as delivered, r3 and r4 as cut by the stop (and the
+        # queue leaves them as they were: on_abandoned with decided=).
+        mails, taken, reached, release = [], [], threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def mail_reply(sender):
+            taken.clear()
+            mails.append(sender)
+            if len(mails) == 2:
+                reached.set()
+                release.wait(10)
+            return 250, "2.1.0 Ok"
+
+        def rcpt_reply(address):
+            if len(taken) < 2:
+                taken.append(address)
+                return 250, "2.1.5 Ok"
+            return 452, "4.5.3 Too many recipients"
+
+        self.first.mail_reply, self.first.rcpt_reply = mail_reply, rcpt_reply
+        recipients = [f"r{n}@one.test" for n in range(1, 5)]
+        d = self.transport.deliver(self.queued(recipients), recipients, None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.pool.stop()
+        result = yield d
+        self.assertEqual([(r, result[r].kind, result[r].reason) for r in recipients], [
+            ("r1@one.test", "delivered", "Ok: queued"), ("r2@one.test", "delivered", "Ok: queued"),
+            ("r3@one.test", "deferred", "delivery cut by a stop"),
+            ("r4@one.test", "deferred", "delivery cut by a stop")])
 
 
 class RunnerTests(unittest.TestCase):

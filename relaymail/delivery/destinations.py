@@ -276,7 +276,15 @@ class DestinationPool:
                                        for a in job.recipients])
                     session.abort()
                     return None
-                self._finish(job, [_from_result(r, session) for r in results])
+                outcomes = [_from_result(r, session) for r in results]
+                if self._stopping:
+                    # Cut by the stop in a further transaction (the client
+                    # keeps what the ones before decided): what they
+                    # delivered stands, the rest is left as it was for the
+                    # next start, no attempt counted.
+                    self._abandon(job, [o for o in outcomes if o.status == SENT])
+                else:
+                    self._finish(job, outcomes)
                 job = None
             if job is None and not served and queue.jobs and not self._draining:
                 # Closed before it took any job (connect() hands over only
@@ -338,9 +346,12 @@ class DestinationPool:
             job = queue.jobs.popleft()
             self._finish(job, [_from_error(a, error, None) for a in job.recipients])
 
-    def _abandon(self, job):
+    def _abandon(self, job, decided=()):
         try:
-            job.on_abandoned(job)
+            if decided:
+                job.on_abandoned(job, decided=decided)
+            else:
+                job.on_abandoned(job)
         except Exception:
             log.failure("leaving {queue_id} to the next start failed", queue_id=job.queue_id)
 

@@ -45,7 +45,8 @@ class ITakesJobs(Interface):
 
     def submit(job):
         """Run ``job``; call its ``on_done(job, outcomes)`` or
-        ``on_abandoned(job)`` once."""
+        ``on_abandoned(job)`` once (with ``decided=``, the Outcomes of
+        those delivered, when a stop cut the job after some were)."""
 
     def drain():
         """Start no more jobs: :return: the jobs that will not run."""
@@ -151,7 +152,8 @@ class SMTPTransport:
                       body=envelope.body,
                       smtputf8=envelope.smtputf8, envelope=record,
                       on_done=lambda job, outcomes, done=done: done.callback(outcomes),
-                      on_abandoned=lambda job, done=done: done.callback(_cut(job)))
+                      on_abandoned=lambda job, decided=(), done=done: done.callback(
+                          _cut(job, decided)))
             self.pool.submit(job)
             asked.append(done)
         d = defer.gatherResults(asked)
@@ -167,9 +169,12 @@ def recipient_outcome(outcome):
                             code=outcome.code, remote=outcome.remote, tls=outcome.tls)
 
 
-def _cut(job):
-    return [Outcome(address, DEFERRED, None, "4.4.2", "delivery cut by a stop")
-            for address in job.recipients]
+def _cut(job, decided):
+    """A job a stop cut: ``decided`` (what it delivered before), the rest
+    deferred."""
+    done = {outcome.address for outcome in decided}
+    return list(decided) + [Outcome(address, DEFERRED, None, "4.4.2", "delivery cut by a stop")
+                            for address in job.recipients if address not in done]
 
 
 def _copy(message):
