@@ -627,3 +627,16 @@ def test_a_job_a_stop_cut_after_delivering_to_everyone_is_finished(tmp_path):
     job, spool, _ = cut_by_a_stop(tmp_path, ["a@example.net"])
     job.on_abandoned(job, decided=[Outcome("a@example.net", SENT, 250, "2.0.0", "Saved")])
     assert "AAAA" not in spool.records
+
+
+def test_what_a_cut_job_delivered_is_written_before_the_other_jobs_end(tmp_path):
+    # As for a job done: a crash before the message's other jobs end must
+    # not send it again.
+    sched, spool, pool, clock = scheduler(tmp_path, delivery__recipients_per_transaction="1")
+    spool.add("AAAA", ["a@example.net", "b@example.net"])
+    sched.startService()
+    clock.advance(0)
+    first, second = pool.take()
+    spool.records["AAAA"]["recipients"][0]["status"] = "as it was on disk"
+    first.on_abandoned(first, decided=[Outcome("a@example.net", SENT, 250, "2.0.0", "Saved")])
+    assert spool.records["AAAA"]["recipients"][0]["status"] == "sent"

@@ -77,8 +77,8 @@ class Job:
     on_done: object = None
     #: Called with the job when a stop leaves it undone (its recipients as
     #: they were: neither delivered nor failed), and ``decided``: the
-    #: Outcomes of those a transport cut by the stop had delivered (a
-    #: keyword the TransportRunner gives; absent, none).
+    #: Outcomes of those a delivery cut by the stop had delivered (a
+    #: keyword the TransportRunner and the pool give; absent, none).
     on_abandoned: object = None
     queued_at: float = field(default_factory=time.time)
     #: The queue record's envelope (a dict), for transports other than

@@ -195,6 +195,10 @@ class Scheduler(service.Service):
             self._record(job.queue_id, attempt, self._soft(outcome))
         attempt.abandoned = True
         attempt.jobs_left -= 1
+        if decided and attempt.jobs_left > 0:
+            # As _job_done does: durable now, so that a crash before the
+            # other jobs end does not send these again.
+            self._write(job.queue_id, attempt)
         if attempt.jobs_left <= 0:
             self._conclude(job.queue_id, attempt)
 
