@@ -12,7 +12,7 @@ import pytest
 
 from twisted.internet import defer, task
 
-from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome
 from relaymail.delivery.routing import Router
 from relaymail.envelope import Envelope
 from relaymail.queue import record as records
@@ -629,14 +629,39 @@ def test_a_job_a_stop_cut_after_delivering_to_everyone_is_finished(tmp_path):
     assert "AAAA" not in spool.records
 
 
-def test_what_a_cut_job_delivered_is_written_before_the_other_jobs_end(tmp_path):
-    # As for a job done: a crash before the message's other jobs end must
-    # not send it again.
+def two_jobs(tmp_path):
+    """A message to a and b, one job each, both running: (sched, spool,
+    pool, jobs)."""
     sched, spool, pool, clock = scheduler(tmp_path, delivery__recipients_per_transaction="1")
     spool.add("AAAA", ["a@example.net", "b@example.net"])
     sched.startService()
     clock.advance(0)
-    first, second = pool.take()
+    return sched, spool, pool, pool.take()
+
+
+def test_what_a_cut_job_delivered_is_written_before_the_other_jobs_end(tmp_path):
+    # As for a job done: a crash before the message's other jobs end must
+    # not send it again.
+    sched, spool, pool, (first, second) = two_jobs(tmp_path)
     spool.records["AAAA"]["recipients"][0]["status"] = "as it was on disk"
     first.on_abandoned(first, decided=[Outcome("a@example.net", SENT, 250, "2.0.0", "Saved")])
     assert spool.records["AAAA"]["recipients"][0]["status"] == "sent"
+
+
+def test_a_drain_hands_a_job_of_a_site_transport_to_its_own_callback(tmp_path):
+    # The pool's waiting jobs include those SMTPTransport.deliver made for
+    # a site transport: the same queue id, their own callbacks.  Counted
+    # as the message's own, it ended the attempt early, and b, delivered
+    # after, stayed pending, to be sent again.
+    sched, spool, pool, (job_a, job_b) = two_jobs(tmp_path)
+    told = []
+    foreign = Job(queue_id="AAAA", destination=job_a.destination, sender="s@example.org",
+                  recipients=["x@example.net"], message_path="/x",
+                  on_done=lambda job, outcomes: told.append("done"),
+                  on_abandoned=lambda job: told.append("abandoned"))
+    pool.drain = lambda: [foreign]
+    sched.drain(10)
+    finish(job_a, SENT, 250)
+    finish(job_b, SENT, 250)
+    assert told == ["abandoned"]
+    assert "AAAA" not in spool.records

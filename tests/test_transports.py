@@ -22,7 +22,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaymail.delivery.destinations import DEFERRED, SENT, Job
@@ -1164,3 +1164,31 @@ class CancelledByTheTimeoutTests(unittest.TestCase):
             r: RecipientOutcome.bounced("failed: CancelledError", "5.0.0") for r in recipients})
         self.assertEqual({(o.status, o.enhanced, o.text) for o in outcomes}, {
             (DEFERRED, "4.3.0", "transport site did not answer within 0.2s")})
+
+
+class StoppedTests(unittest.TestCase):
+
+    async def test_a_stop_with_nothing_delivered_calls_on_abandoned_with_the_job_alone(self):
+        # As before the decided= keyword, which only a delivery gives.
+        asked = []
+
+        class Site:
+            name = "site"
+
+            def deliver(self, message, recipients, next_hop):
+                asked.append(recipients)
+                return defer.Deferred(lambda d: d.callback(
+                    {r: RecipientOutcome.deferred("cut", "4.4.2") for r in recipients}))
+
+        registry = SimpleNamespace(get=lambda name: Site(), taking_jobs=lambda: [])
+        runner = TransportRunner(reactor, registry, lambda job: object(), None, 2, None)
+        ended = defer.Deferred()
+        job = Job(queue_id="Q1", destination=TransportHop("site"), sender="a@example.org",
+                  recipients=["a@example.com"], message_path="/nonexistent",
+                  on_done=lambda job, outcomes: ended.errback(AssertionError("done")),
+                  on_abandoned=lambda job: ended.callback("abandoned"))
+        runner.submit(job)
+        while not asked:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        runner.stop()
+        self.assertEqual(await ended, "abandoned")

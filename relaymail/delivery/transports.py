@@ -241,7 +241,9 @@ class TransportRunner:
             # Cut by the stop, the transport answered all the same (lmtp
             # does): what it delivered stands, the rest is left as it was
             # for the next start, no attempt counted.
-            _call(job.on_abandoned, job, decided=[o for o in outcomes if o.status == SENT])
+            decided = [o for o in outcomes if o.status == SENT]
+            # As the pool does: the keyword only when something was delivered.
+            _call(job.on_abandoned, job, **({"decided": decided} if decided else {}))
         else:
             _call(job.on_done, job, outcomes)
         # Later, not now: a job that ended at once would recurse.
