@@ -90,6 +90,19 @@ class Job:
     message_size: int = None
 
 
+def abandon(job, decided=()):
+    """Call ``job.on_abandoned``: with ``decided=`` only when a delivery
+    cut by the stop had delivered someone, so that a callback taking the
+    job alone still works; a failing callback is logged, not raised."""
+    try:
+        if decided:
+            job.on_abandoned(job, decided=decided)
+        else:
+            job.on_abandoned(job)
+    except Exception:
+        log.failure("leaving {queue_id} to the next start failed", queue_id=job.queue_id)
+
+
 def in_groups(recipients, size):
     """``recipients`` (a list) in order, in lists of at most ``size``:
     one a delivery ([delivery] recipients_per_transaction)."""
@@ -347,13 +360,7 @@ class DestinationPool:
             self._finish(job, [_from_error(a, error, None) for a in job.recipients])
 
     def _abandon(self, job, decided=()):
-        try:
-            if decided:
-                job.on_abandoned(job, decided=decided)
-            else:
-                job.on_abandoned(job)
-        except Exception:
-            log.failure("leaving {queue_id} to the next start failed", queue_id=job.queue_id)
+        abandon(job, decided)
 
     def _finish(self, job, outcomes):
         try:

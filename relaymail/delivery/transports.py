@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from relaymail import sanitize
 from relaymail.config import ConfigError
-from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome
+from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome, abandon
 from relaymail.delivery.lmtp import LMTPTransport, parse_next_hop
 from relaymail.delivery.router import SMTP
 from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
@@ -236,14 +236,12 @@ class TransportRunner:
     def _over(self, outcomes, queue, job):
         queue.running.pop(id(job), None)
         if outcomes is None:
-            _call(job.on_abandoned, job)
+            abandon(job)
         elif self._stopping:
             # Cut by the stop, the transport answered all the same (lmtp
             # does): what it delivered stands, the rest is left as it was
             # for the next start, no attempt counted.
-            decided = [o for o in outcomes if o.status == SENT]
-            # As the pool does: the keyword only when something was delivered.
-            _call(job.on_abandoned, job, **({"decided": decided} if decided else {}))
+            abandon(job, [o for o in outcomes if o.status == SENT])
         else:
             _call(job.on_done, job, outcomes)
         # Later, not now: a job that ended at once would recurse.
@@ -421,9 +419,9 @@ class _Cut:
         self.outcomes = outcomes
 
 
-def _call(function, *args, **keywords):
+def _call(function, *args):
     try:
-        function(*args, **keywords)
+        function(*args)
     except Exception:
         log.failure("recording the outcome of {queue_id} failed", queue_id=args[0].queue_id)
 

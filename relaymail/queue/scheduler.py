@@ -43,7 +43,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaymail import dsn, logline
-from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome, in_groups
+from relaymail.delivery.destinations import (
+    BOUNCED, DEFERRED, SENT, Job, Outcome, abandon, in_groups)
 from relaymail.delivery import tls_policy
 from relaymail.delivery.router import SMTP, BuiltinRouter
 from relaymail.delivery.routing import Destination
@@ -170,10 +171,7 @@ class Scheduler(service.Service):
             # SMTPTransport.deliver made for a site transport, which are
             # not this scheduler's (found by review: one was counted
             # against its message's attempt, which then ended early).
-            try:
-                job.on_abandoned(job)
-            except Exception:
-                log.failure("leaving {queue_id} to the next start failed", queue_id=job.queue_id)
+            abandon(job)
         if not self._attempts:
             return defer.succeed(None)
         log.info("Stopping: {count} messages being delivered get up to {grace:g}s to finish",
