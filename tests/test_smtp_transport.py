@@ -15,7 +15,10 @@ from relaymail.delivery.destinations import DestinationPool, Job, client_configs
 from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
 from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
-from relaymail.delivery.transports import delivery_transports
+from relaymail.delivery import transports
+from relaymail.delivery.destinations import SENT
+from relaymail.delivery.transports import (TransportHop, TransportRegistry, TransportRunner,
+                                           delivery_transports)
 from relaymail.envelope import Envelope
 from relaymail.interfaces import IMessage, ITransport, RecipientOutcome
 from relaymail.queue.message_view import MessageView, mailbox_of
@@ -58,7 +61,7 @@ class SMTPTransportTests(unittest.TestCase):
         from pathlib import Path
         Path(tmp).mkdir()
         self.tmp = Path(tmp)
-        settings = make_settings(self.tmp, **{
+        self.settings = settings = make_settings(self.tmp, **{
             "routes__one.test": f"[127.0.0.1]:{self.first.port}",
             "routes__two.test": f"[127.0.0.1]:{self.second.port}",
             "delivery__connect_timeout": "2", "delivery__command_timeout": "5"})
@@ -158,6 +161,23 @@ class SMTPTransportTests(unittest.TestCase):
         # answer the second MAIL; the stop comes then.  r1 and r2 are
         # handed on as delivered, r3 and r4 as cut by the stop (and the
         # queue leaves them as they were: on_abandoned with decided=).
+        reached = self.slow_second_transaction()
+        recipients = [f"r{n}@one.test" for n in range(1, 5)]
+        d = self.transport.deliver(self.queued(recipients), recipients, None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.pool.stop()
+        result = yield d
+        self.assertEqual([(r, result[r].kind, result[r].reason) for r in recipients], [
+            ("r1@one.test", "delivered", "Ok: queued"), ("r2@one.test", "delivered", "Ok: queued"),
+            ("r3@one.test", "deferred", "delivery cut by a stop"),
+            ("r4@one.test", "deferred", "delivery cut by a stop")])
+
+
+    def slow_second_transaction(self):
+        """The next hop takes two recipients a transaction and holds its
+        reply to the second MAIL until the Event it returns is set; the
+        first Event is set when it is holding."""
         mails, taken, reached, release = [], [], threading.Event(), threading.Event()
         self.addCleanup(release.set)
 
@@ -176,16 +196,117 @@ class SMTPTransportTests(unittest.TestCase):
             return 452, "4.5.3 Too many recipients"
 
         self.first.mail_reply, self.first.rcpt_reply = mail_reply, rcpt_reply
-        recipients = [f"r{n}@one.test" for n in range(1, 5)]
-        d = self.transport.deliver(self.queued(recipients), recipients, None)
+        return reached
+
+    def runner_with(self, site):
+        """A TransportRunner as a delivery process has, with ``site`` as
+        the one site transport."""
+        registry = TransportRegistry(reactor, self.settings, [site], smtp=self.transport)
+        return TransportRunner(reactor, registry, lambda job: self.queued(job.recipients),
+                               None, 2, None)
+
+    def site_job(self, recipients):
+        """A job for the site transport: ``(job, Deferred)``; the Deferred
+        fires with ``("abandoned", decided)`` or ``("done", outcomes)``."""
+        ended = defer.Deferred()
+        job = Job(queue_id="QUEUE1", destination=TransportHop("forward"),
+                  sender="alice@sender.test", recipients=recipients,
+                  message_path=str(self.tmp / "message"),
+                  on_done=lambda job, outcomes: ended.callback(("done", outcomes)),
+                  on_abandoned=lambda job, decided=(): ended.callback(("abandoned", decided)))
+        return job, ended
+
+    @defer.inlineCallbacks
+    def held_in_the_second_transaction(self, site):
+        """``site``'s job for r1..r4 submitted to a runner, and the next
+        hop holding its second transaction: ``(runner, ended)``, ended as
+        from :meth:`site_job`."""
+        reached = self.slow_second_transaction()
+        runner = self.runner_with(site)
+        job, ended = self.site_job([f"r{n}@one.test" for n in range(1, 5)])
+        runner.submit(job)
         while not reached.is_set():
             yield task.deferLater(reactor, 0.01, lambda: None)
-        self.pool.stop()
-        result = yield d
-        self.assertEqual([(r, result[r].kind, result[r].reason) for r in recipients], [
-            ("r1@one.test", "delivered", "Ok: queued"), ("r2@one.test", "delivered", "Ok: queued"),
-            ("r3@one.test", "deferred", "delivery cut by a stop"),
-            ("r4@one.test", "deferred", "delivery cut by a stop")])
+        return runner, ended
+
+    @defer.inlineCallbacks
+    def test_a_stop_of_the_runner_keeps_what_smtp_delivered_for_a_site_transport(self):
+        # A site transport that does its own work, then sends on by smtp:
+        # the runner's stop cuts the pool, smtp answers the site transport
+        # with r1 and r2 delivered, and that reaches the queue.  Cancelled
+        # at once (as before), the site transport had answered nothing,
+        # and r1 and r2 were sent again at the next start.
+        smtp = self.transport
+
+        class Forward:
+            name = "forward"
+            answered = None
+
+            def deliver(self, message, recipients, next_hop):
+                d = smtp.deliver(message, recipients, None)
+
+                def passed_on(outcomes):
+                    self.answered = outcomes
+                    return outcomes
+                return d.addCallback(passed_on)
+
+        site = Forward()
+        runner, ended = yield self.held_in_the_second_transaction(site)
+        runner.stop()
+        how, decided = yield ended
+        self.assertEqual(how, "abandoned")
+        self.assertEqual([(o.address, o.status, o.code, o.text) for o in decided], [
+            ("r1@one.test", SENT, 250, "Ok: queued"), ("r2@one.test", SENT, 250, "Ok: queued")])
+        self.assertEqual({r: o.kind for r, o in site.answered.items()}, {
+            "r1@one.test": "delivered", "r2@one.test": "delivered",
+            "r3@one.test": "deferred", "r4@one.test": "deferred"})
+        self.assertEqual(smtp.answering, 0)
+        [got] = self.first.messages
+        self.assertEqual(got["recipients"], ["r1@one.test", "r2@one.test"])
+
+    @defer.inlineCallbacks
+    def test_a_site_transport_that_does_not_answer_the_stop_is_cancelled_after_the_wait(self):
+        # It sent on by smtp and then waits on something of its own that
+        # never comes: the stop cancels it after STOP_WAIT, and nothing it
+        # did not say is taken as delivered.
+        smtp = self.transport
+        cancelled = []
+
+        class Stuck:
+            name = "forward"
+
+            def deliver(self, message, recipients, next_hop):
+                d = smtp.deliver(message, recipients, None)
+                d.addCallback(lambda _: defer.Deferred(lambda d: cancelled.append(True)))
+                return d
+
+        self.patch(transports, "STOP_WAIT", 0.3)
+        runner, ended = yield self.held_in_the_second_transaction(Stuck())
+        stopped_at = reactor.seconds()
+        runner.stop()
+        how, decided = yield ended
+        self.assertEqual((how, tuple(decided), cancelled), ("abandoned", (), [True]))
+        self.assertGreaterEqual(reactor.seconds() - stopped_at, 0.3)
+
+    @defer.inlineCallbacks
+    def test_a_second_stop_cancels_at_once(self):
+        # The scheduler stops the transports at its drain's cut and again
+        # when the service stops: the second does not wait.
+        smtp = self.transport
+
+        class Stuck:
+            name = "forward"
+
+            def deliver(self, message, recipients, next_hop):
+                return smtp.deliver(message, recipients, None).addCallback(
+                    lambda _: defer.Deferred())
+
+        runner, ended = yield self.held_in_the_second_transaction(Stuck())
+        runner.stop()
+        self.assertFalse(ended.called)
+        runner.stop()
+        self.assertEqual(ended.result, ("abandoned", ()))
+        yield ended
 
 
 class RunnerTests(unittest.TestCase):

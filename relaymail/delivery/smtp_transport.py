@@ -43,6 +43,11 @@ class ITakesJobs(Interface):
 
     busy = Attribute("True while a job is queued or running.")
 
+    answering = Attribute(
+        "How many ``deliver()`` calls are waiting on jobs: a stop lets the "
+        "callers (site transports that send on through this one) hear what "
+        "their jobs delivered before it cancels them.")
+
     def submit(job):
         """Run ``job``; call its ``on_done(job, outcomes)`` or
         ``on_abandoned(job)`` once (with ``decided=``, the Outcomes of
@@ -77,6 +82,7 @@ class SMTPTransport:
         self.router = router
         self._reactor = reactor
         self._group_size = recipients_per_transaction
+        self.answering = 0
 
     # -- the queue's way in ---------------------------------------------------
 
@@ -110,9 +116,14 @@ class SMTPTransport:
             problem = f"bad smtp next hop {next_hop!r}: {error}"
             return defer.succeed({address: RecipientOutcome.deferred(problem, "4.3.5")
                                   for address in recipients})
+        self.answering += 1
         d = self._message_file(message)
         d.addCallback(self._send, message, groups)
-        return d
+        return d.addBoth(self._answered)
+
+    def _answered(self, result):
+        self.answering -= 1
+        return result
 
     def _destinations(self, recipients, next_hop):
         """``[(destination, addresses)]``: the jobs to submit."""
@@ -156,7 +167,9 @@ class SMTPTransport:
                           _cut(job, decided)))
             self.pool.submit(job)
             asked.append(done)
-        d = defer.gatherResults(asked)
+        # consumeErrors: a cancelled deliver() cancels every job's Deferred,
+        # and each one's CancelledError would be logged as unhandled.
+        d = defer.gatherResults(asked, consumeErrors=True)
         d.addCallback(lambda lists: {o.address: recipient_outcome(o) for ol in lists for o in ol})
         if copied:
             d.addBoth(_removing, path)

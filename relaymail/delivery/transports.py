@@ -70,6 +70,12 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 #: The longest reason kept from a transport (log line, queue record, DSN).
 MAX_REASON = 500
 
+#: Seconds a stop waits, before it cancels them, for site transports that
+#: send on through smtp to pass on what smtp answered them: the pool's
+#: cut sessions answer in a few reactor turns, and the scheduler's drain
+#: waits DRAIN_EXTRA (5 s) for every outcome after the cut.
+STOP_WAIT = 1.0
+
 
 @dataclass(frozen=True)
 class TransportHop:
@@ -176,6 +182,7 @@ class TransportRunner:
         self._transports = {}       # name -> _Running
         self._draining = False
         self._stopping = False
+        self._cancelling = None     # the delayed call of a stop's cancel
 
     @property
     def busy(self):
@@ -213,13 +220,32 @@ class TransportRunner:
     def stop(self):
         """Give up on the deliveries still running: their jobs are left to
         the next start (a transport may have delivered some of them: the
-        queue's contract, twice rather than never)."""
-        self._stopping = True
-        for transport in self.registry.taking_jobs():
+        queue's contract, twice rather than never).
+
+        A site transport that sends on through smtp (``deliver()`` of a
+        transport taking jobs) is not cancelled at once: stopping smtp
+        answers it with what its SMTP transactions delivered, and it gets
+        up to :data:`STOP_WAIT` seconds to pass that on, or those would be
+        sent again at the next start.  A second stop cancels at once."""
+        again, self._stopping = self._stopping, True
+        taking = self.registry.taking_jobs()
+        for transport in taking:
             transport.stop()
-        for queue in list(self._transports.values()):
-            for _job, running in list(queue.running.values()):
-                running.cancel()
+        if not again and any(getattr(t, "answering", 0) for t in taking) and self._running():
+            self._cancelling = self._reactor.callLater(STOP_WAIT, self._cancel_running)
+            return
+        self._cancel_running()
+
+    def _running(self):
+        return [running for queue in self._transports.values()
+                for _job, running in queue.running.values()]
+
+    def _cancel_running(self):
+        if self._cancelling is not None and self._cancelling.active():
+            self._cancelling.cancel()
+        self._cancelling = None
+        for running in self._running():
+            running.cancel()
 
     def _pump(self):
         if self._draining or self._stopping:
@@ -235,6 +261,9 @@ class TransportRunner:
 
     def _over(self, outcomes, queue, job):
         queue.running.pop(id(job), None)
+        if self._cancelling is not None and not self._running():
+            # Every delivery a stop waited for has answered.
+            self._cancel_running()
         if outcomes is None:
             abandon(job)
         elif self._stopping:
