@@ -823,6 +823,37 @@ class ScriptedTests(LMTPTestCase):
         self.assertEqual(factory.only.messages, [content + b".\r\n"] * 2)
         self.assertEqual([r.closed for r in readers], [True])
 
+    async def test_a_site_message_that_gives_a_wrong_size_is_sent_with_its_files_size(self):
+        # SIZE= and a further transaction go by the file, not by what the
+        # site's IMessage says (found by review: SIZE=3 was sent).
+        content = b"Subject: x\r\n\r\nbody\r\n"
+        message = self.message(content, self.FIVE[:3])
+        message.size = 3
+        factory, hop = self.serve(Script(rcpt_limit=2, keywords=("PIPELINING", "SIZE 1000")))
+        outcomes = await self.transport().deliver(message, self.FIVE[:3], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        mails = [c for c in factory.only.commands if c.startswith(b"MAIL")]
+        self.assertEqual(mails, [b"MAIL FROM:<%s> SIZE=%d" % (SENDER.encode(), len(content))] * 2)
+        self.assertEqual(factory.only.messages, [content + b".\r\n"] * 2)
+
+    async def test_a_site_message_whose_file_starts_past_its_beginning_is_sent_from_there(self):
+        # A site's open() that gives a real file read up to the message
+        # (a header of its own before it): what is left is the message,
+        # and a further transaction sends that again, not the whole file.
+        content = b"Subject: x\r\n\r\nbody\r\n"
+        message = self.message(b"SITE-HEADER\n" + content, self.FIVE[:3])
+        message.size = len(content)
+
+        def after_the_header():
+            file = open(message.path, "rb")
+            file.readline()
+            return file
+        message.open = after_the_header
+        factory, hop = self.serve(Script(rcpt_limit=2, keywords=("PIPELINING", "SIZE 1000")))
+        outcomes = await self.transport().deliver(message, self.FIVE[:3], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.messages, [content + b".\r\n"] * 2)
+
     async def test_cancelled_in_the_first_transaction_defers_everyone_4_4_2(self):
         factory, hop = self.serve(Script(stall="DATA"))
         message = self.message(b"Subject: x\r\n\r\nbody\r\n", self.FIVE[:2])

@@ -72,6 +72,7 @@ there is no policy key to require or verify TLS yet.
 
 import functools
 import ipaddress
+import os
 import shutil
 import tempfile
 
@@ -636,17 +637,19 @@ def _rereadable(message):
     """``(file, size)``: ``message`` in a file that can seek and be mapped.
     The queue file itself for a message read whole from it (the
     scheduler's), else what ``message.open()`` gives, copied to a
-    temporary file when it is not a real file (IMessage.open promises a
-    file to read, no more; a MessageView with changed fields is not one)."""
+    temporary file when it is not a real file from its start
+    (IMessage.open promises a file to read, no more; a MessageView with
+    changed fields is not one).  The size is the file's: SIZE= and a
+    further transaction's re-read go by it, not by what a site's
+    IMessage says."""
     path = whole_file(message)
     if path is not None:
         file = open_message(path, message.size)
         return file, file.size
     file = message.open()
     try:
-        if file.seekable():
-            file.fileno()
-            return file, message.size
+        if file.seekable() and file.tell() == 0:
+            return file, os.fstat(file.fileno()).st_size
     except Exception:
         pass        # not a real file: only read() is sure
     try:
