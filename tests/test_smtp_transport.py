@@ -65,7 +65,7 @@ class SMTPTransportTests(unittest.TestCase):
             "routes__one.test": f"[127.0.0.1]:{self.first.port}",
             "routes__two.test": f"[127.0.0.1]:{self.second.port}",
             "delivery__connect_timeout": "2", "delivery__command_timeout": "5"})
-        router = BuiltinRouter(Router(settings, resolver=object(), reactor=reactor))
+        self.router = router = BuiltinRouter(Router(settings, resolver=object(), reactor=reactor))
         self.pool = DestinationPool(reactor, router.router, client_configs(settings), 4, 10)
         self.transport = SMTPTransport(self.pool, router, reactor)
         self.addCleanup(self.pool_idle)
@@ -307,6 +307,44 @@ class SMTPTransportTests(unittest.TestCase):
         runner.stop()
         self.assertEqual(ended.result, ("abandoned", ()))
         yield ended
+
+
+    @defer.inlineCallbacks
+    def test_a_cancelled_deliver_takes_back_a_job_still_waiting_for_a_connection(self):
+        # One connection at most: the second message waits behind the
+        # first, which the next hop holds.  Its caller gives up (the
+        # runner's transport_timeout cancels): it fails, and it is not
+        # sent when the connection comes free, after its recipients were
+        # reported deferred (it would then be sent again at the retry).
+        self.pool = DestinationPool(reactor, self.router.router,
+                                    client_configs(self.settings), 1, 1)
+        self.transport = SMTPTransport(self.pool, self.router, reactor)
+        reached, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def mail_reply(sender):
+            reached.set()
+            release.wait(10)
+            return 250, "2.1.0 Ok"
+
+        self.first.mail_reply = mail_reply
+        first = self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.first.mail_reply = lambda sender: (250, "2.1.0 Ok")
+        second = self.transport.deliver(self.queued(["b@one.test"]), ["b@one.test"], None)
+        failed = []
+        second.addErrback(failed.append)
+        second.cancel()
+        self.assertEqual(len(failed), 1)
+        self.assertTrue(failed[0].check(defer.FirstError), failed[0])
+        self.assertEqual(self.transport.answering, 1)
+        release.set()
+        result = yield first
+        self.assertEqual(result["a@one.test"].kind, "delivered")
+        yield self.pool_idle()
+        self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
+        self.assertEqual(self.transport.answering, 0)
 
 
 class RunnerTests(unittest.TestCase):

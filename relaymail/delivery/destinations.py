@@ -169,6 +169,20 @@ class DestinationPool:
             queue.jobs.clear()
         return left
 
+    def withdraw(self, job):
+        """Take back ``job`` if it is still waiting for a connection: it
+        will not run, and its callbacks are not called.
+
+        :return: True if it was waiting, False if it has started or ended."""
+        queue = self._queues.get(job.destination)
+        if queue is None:
+            return False
+        try:
+            queue.jobs.remove(job)
+        except ValueError:
+            return False
+        return True
+
     def stop(self):
         """Drop every session; jobs still queued are left to the next start
         (their messages stay in the spool)."""

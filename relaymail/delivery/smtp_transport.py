@@ -153,20 +153,18 @@ class SMTPTransport:
         asked = []
         record = envelope.to_dict()
         for destination, addresses in groups:
-            done = defer.Deferred()
+            answer = _Answer(self.pool)
             destination = tls_policy.with_demand(destination, record)
-            job = Job(queue_id=message.queue_id, destination=destination, sender=sender,
-                      recipients=addresses, message_path=path,
-                      # A private copy is the message whole, whatever a
-                      # site's IMessage says its size is.
-                      message_size=None if copied else message.size,
-                      body=envelope.body,
-                      smtputf8=envelope.smtputf8, envelope=record,
-                      on_done=lambda job, outcomes, done=done: done.callback(outcomes),
-                      on_abandoned=lambda job, decided=(), done=done: done.callback(
-                          _cut(job, decided)))
-            self.pool.submit(job)
-            asked.append(done)
+            answer.job = Job(queue_id=message.queue_id, destination=destination, sender=sender,
+                             recipients=addresses, message_path=path,
+                             # A private copy is the message whole, whatever
+                             # a site's IMessage says its size is.
+                             message_size=None if copied else message.size,
+                             body=envelope.body,
+                             smtputf8=envelope.smtputf8, envelope=record,
+                             on_done=answer.done, on_abandoned=answer.abandoned)
+            self.pool.submit(answer.job)
+            asked.append(answer.outcomes)
         # consumeErrors: a cancelled deliver() cancels every job's Deferred,
         # and each one's CancelledError would be logged as unhandled.
         d = defer.gatherResults(asked, consumeErrors=True)
@@ -180,6 +178,35 @@ def recipient_outcome(outcome):
     """The RecipientOutcome saying what the pool's Outcome says."""
     return RecipientOutcome(_KINDS[outcome.status], outcome.enhanced, outcome.text,
                             code=outcome.code, remote=outcome.remote, tls=outcome.tls)
+
+
+class _Answer:
+    """One job that :meth:`SMTPTransport.deliver` gave the pool, and the
+    Deferred (``outcomes``) of its Outcomes.
+
+    Cancelling it (the caller's caller gave up: the TransportRunner's
+    ``transport_timeout``) fails it with CancelledError, as a plain
+    Deferred does, and takes the job back from the pool if it is still
+    waiting for a connection: sent after its recipients were reported
+    deferred, it would be sent again at the retry.  A job already under
+    way goes on, and what it does is not reported: twice rather than
+    never.  (It does not answer instead: a caller's callbacks after the
+    answer would run, and one that waited on more would never end.)"""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.job = None
+        self.outcomes = defer.Deferred(self._cancelled)
+
+    def done(self, job, outcomes):
+        if not self.outcomes.called:
+            self.outcomes.callback(outcomes)
+
+    def abandoned(self, job, decided=()):
+        self.done(job, _cut(job, decided))
+
+    def _cancelled(self, outcomes):
+        self.pool.withdraw(self.job)
 
 
 def _cut(job, decided):
