@@ -23,12 +23,14 @@ from zope.interface import implementer, verify
 from relaymail.address import parse_forward_path
 from relaymail.delivery.client import ClientConfig
 from relaymail.delivery.destinations import SENT, Job
+from relaymail.delivery import lmtp
 from relaymail.delivery.lmtp import LMTPTransport, NextHop, client_config, parse_next_hop
 from relaymail.delivery.transports import TransportHop, TransportRunner
 from relaymail.envelope import Envelope
 from relaymail.header_section import Field
 from relaymail.interfaces import IMessage, ITransport, RecipientOutcome
 from relaymail.queue.message_view import MessageView
+from relaymail.queue.queue_file import open_message
 from tests.dovecot import FULL_USER, Dovecot
 from tests.support import make_settings
 
@@ -853,6 +855,52 @@ class ScriptedTests(LMTPTestCase):
         outcomes = await self.transport().deliver(message, self.FIVE[:3], hop)
         self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
         self.assertEqual(factory.only.messages, [content + b".\r\n"] * 2)
+
+    async def test_a_bounded_file_from_a_site_is_copied_and_sent_with_its_own_size(self):
+        # relaymail's own MessageFile (open_message) is seekable, at 0 and
+        # has a fileno, but fstat counts what follows the message (the
+        # queue record).  Found by review.
+        content = b"Subject: x\r\n\r\nbody\r\n"
+        message = self.message(content + b"TRAILING-QUEUE-RECORD " * 10, self.FIVE[:2])
+        message.size = len(content)
+        message.open = lambda: open_message(message.path, len(content))
+        factory, hop = self.serve(Script(keywords=("PIPELINING", "SIZE 1000")))
+        outcomes = await self.transport().deliver(message, self.FIVE[:2], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        self.assertEqual(factory.only.messages, [content + b".\r\n"])
+        mails = [c for c in factory.only.commands if c.startswith(b"MAIL")]
+        self.assertEqual(mails, [b"MAIL FROM:<%s> SIZE=%d" % (SENDER.encode(), len(content))])
+
+    async def test_a_bounded_file_converted_to_7bit_stops_where_the_message_ends(self):
+        content = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                   b"caf\xc3\xa9\r\n")
+        message = self.message(content + b"SECRET-QUEUE-RECORD\r\n", self.FIVE[:2],
+                               body="8BITMIME")
+        message.size = len(content)
+        message.open = lambda: open_message(message.path, len(content))
+        factory, hop = self.serve(Script(keywords=("PIPELINING",)))
+        outcomes = await self.transport().deliver(message, self.FIVE[:2], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        [sent] = factory.only.messages
+        self.assertNotIn(b"SECRET", sent)
+        self.assertTrue(sent.isascii())
+
+    async def test_a_file_whose_fstat_says_0_is_copied(self):
+        # A regular file whose fstat says 0 (procfs, sysfs, FUSE): mapped
+        # in place, the 7-bit check saw 0 bytes and sent 8-bit content
+        # unconverted to a server without 8BITMIME.
+        content = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                   b"caf\xc3\xa9\r\n")
+        message = self.message(content, self.FIVE[:2], body="8BITMIME")
+        real_fstat = os.fstat
+        self.patch(lmtp.os, "fstat", lambda fd: os.stat_result(
+            (*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:])))
+        factory, hop = self.serve(Script(keywords=("PIPELINING", "SIZE 1000")))
+        outcomes = await self.transport().deliver(message, self.FIVE[:2], hop)
+        self.assertEqual({o.kind for o in outcomes.values()}, {"delivered"})
+        [sent] = factory.only.messages
+        self.assertTrue(sent.isascii())
+        self.assertIn(b"caf=C3=A9", sent)
 
     async def test_cancelled_in_the_first_transaction_defers_everyone_4_4_2(self):
         factory, hop = self.serve(Script(stall="DATA"))

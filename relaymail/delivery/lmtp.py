@@ -71,6 +71,7 @@ there is no policy key to require or verify TLS yet.
 """
 
 import functools
+import io
 import ipaddress
 import os
 import shutil
@@ -649,7 +650,12 @@ def _rereadable(message):
     file = message.open()
     try:
         if file.seekable() and file.tell() == 0:
-            return file, os.fstat(file.fileno()).st_size
+            # In place only when the descriptor's file is what read() gives:
+            # a wrapper's (MessageFile: the queue record follows; gzip) or
+            # a procfs file's fstat size is not; the copy's always is.
+            size = os.fstat(file.fileno()).st_size
+            if type(getattr(file, "raw", file)) is io.FileIO and size == message.size:
+                return file, size
     except Exception:
         pass        # not a real file: only read() is sure
     try:
