@@ -231,21 +231,33 @@ class TransportRunner:
         taking = self.registry.taking_jobs()
         for transport in taking:
             transport.stop()
-        if not again and any(getattr(t, "answering", 0) for t in taking) and self._running():
-            self._cancelling = self._reactor.callLater(STOP_WAIT, self._cancel_running)
-            return
+        if not again and any(getattr(t, "answering", 0) for t in taking):
+            # A transport run in threads cannot be waiting on smtp: it is
+            # cut now, as is one still reading its message (_deliver).
+            self._cancel_running(self._runs_in_threads)
+            if self._running():
+                self._cancelling = self._reactor.callLater(STOP_WAIT, self._cancel_running)
+                return
         self._cancel_running()
 
     def _running(self):
-        return [running for queue in self._transports.values()
-                for _job, running in queue.running.values()]
+        """``[(job, Deferred)]`` of the deliveries under way."""
+        return [each for queue in self._transports.values() for each in queue.running.values()]
 
-    def _cancel_running(self):
-        if self._cancelling is not None and self._cancelling.active():
-            self._cancelling.cancel()
-        self._cancelling = None
-        for running in self._running():
-            running.cancel()
+    def _runs_in_threads(self, job):
+        transport = self.registry.get(job.destination.transport)
+        return getattr(transport, "blocking", False) is True
+
+    def _cancel_running(self, which=None):
+        """Cancel the deliveries under way, or those of them whose job
+        ``which(job)`` is true."""
+        if which is None and self._cancelling is not None:
+            if self._cancelling.active():
+                self._cancelling.cancel()
+            self._cancelling = None
+        for job, running in self._running():
+            if which is None or which(job):
+                running.cancel()
 
     def _pump(self):
         if self._draining or self._stopping:
@@ -333,6 +345,10 @@ class TransportRunner:
             raise _Unreadable(f"cannot read the message file: {exc.strerror or exc}") from None
 
     def _deliver(self, message, transport, job):
+        if self._stopping:
+            # Its message was read while a stop waited (STOP_WAIT) for
+            # others: it does not begin now, to be cut a moment later.
+            raise defer.CancelledError()
         recipients = list(job.recipients)
         next_hop = job.destination.next_hop
         if getattr(transport, "blocking", False) is True:
