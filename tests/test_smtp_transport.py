@@ -16,7 +16,7 @@ from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
 from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
 from relaymail.delivery import transports
-from relaymail.delivery.destinations import SENT
+from relaymail.delivery.destinations import DEFERRED, SENT
 from relaymail.delivery.transports import (TransportHop, TransportRegistry, TransportRunner,
                                            delivery_transports)
 from relaymail.envelope import Envelope
@@ -303,12 +303,16 @@ class SMTPTransportTests(unittest.TestCase):
                 return smtp.deliver(message, recipients, None).addCallback(
                     lambda _: defer.Deferred())
 
+        self.patch(transports, "STOP_WAIT", 0.2)
         runner, ended = yield self.held_in_the_second_transaction(Stuck())
         runner.stop()
         self.assertFalse(ended.called)
+        stopped_again_at = reactor.seconds()
         runner.stop()
-        self.assertEqual(ended.result, ("abandoned", ()))
-        yield ended
+        # Cancelled, it goes on (a callback after smtp's answer waits on
+        # more): the runner ends it STOP_WAIT later.
+        self.assertEqual((yield ended), ("abandoned", ()))
+        self.assertLess(reactor.seconds() - stopped_again_at, 0.9)
 
 
     def forward(self):
@@ -389,13 +393,80 @@ class SMTPTransportTests(unittest.TestCase):
         self.assertEqual(how, "abandoned")
         yield slow_ended
 
+    def runner_timing_out(self, site, limit, concurrency=2):
+        registry = TransportRegistry(reactor, self.settings, [site], smtp=self.transport)
+        return TransportRunner(reactor, registry, lambda job: self.queued(job.recipients),
+                               None, concurrency, limit)
+
+    def hold_second_hop(self):
+        """The second next hop holds every MAIL until the test ends."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def mail_reply(sender):
+            release.wait(10)
+            return 250, "2.1.0 Ok"
+        self.second.mail_reply = mail_reply
+
+    @defer.inlineCallbacks
+    def test_a_timeout_keeps_what_smtp_delivered_for_a_site_transport(self):
+        # Two jobs, one a domain: one.test's is delivered, two.test's is
+        # held by its next hop past transport_timeout.  smtp answers the
+        # cancel with one.test's delivery and two.test's recipient
+        # deferred; the runner keeps both (failing instead, smtp had the
+        # delivered recipient sent again at the retry).  Found by review.
+        self.hold_second_hop()
+        runner = self.runner_timing_out(self.forward(), 0.5)
+        job, ended = self.site_job(["a@one.test", "b@two.test"])
+        runner.submit(job)
+        how, outcomes = yield ended
+        self.assertEqual(how, "done")
+        self.assertEqual([(o.address, o.status, o.enhanced, o.text) for o in outcomes], [
+            ("a@one.test", SENT, "2.0.0", "Ok: queued"),
+            ("b@two.test", DEFERRED, "4.4.2",
+             "delivery given up while under way: it may have been delivered")])
+        self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
+
+    @defer.inlineCallbacks
+    def test_a_site_transport_that_goes_on_after_its_timeout_is_ended_by_the_runner(self):
+        # Its callback after smtp's answer waits on something that never
+        # comes, so the timeout's cancel does not end it: STOP_WAIT later
+        # the runner does, the recipients deferred by the timeout, and the
+        # transport's slot is free again.
+        smtp = self.transport
+
+        class GoesOn:
+            name = "forward"
+
+            def deliver(self, message, recipients, next_hop):
+                return smtp.deliver(message, recipients, None).addCallback(
+                    lambda _: defer.Deferred())
+
+        self.patch(transports, "STOP_WAIT", 0.2)
+        self.hold_second_hop()
+        runner = self.runner_timing_out(GoesOn(), 0.3, concurrency=1)
+        job, ended = self.site_job(["b@two.test"])
+        runner.submit(job)
+        how, outcomes = yield ended
+        self.assertEqual([(how, o.address, o.status, o.enhanced, o.text) for o in outcomes], [
+            ("done", "b@two.test", DEFERRED, "4.3.0",
+             "transport forward did not answer within 0.3s")])
+        # The one slot is free: the next job runs (and ends the same way).
+        self.first.mail_reply = lambda sender: (250, "2.1.0 Ok")
+        after, after_ended = self.site_job(["a@one.test"])
+        runner.submit(after)
+        how, outcomes = yield after_ended
+        self.assertEqual([(how, o.address, o.status) for o in outcomes],
+                         [("done", "a@one.test", DEFERRED)])
+        self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
+
     @defer.inlineCallbacks
     def test_a_cancelled_deliver_takes_back_a_job_still_waiting_for_a_connection(self):
         # One connection at most: the second message waits behind the
         # first, which the next hop holds.  Its caller gives up (the
-        # runner's transport_timeout cancels): it fails, and it is not
-        # sent when the connection comes free, after its recipients were
-        # reported deferred (it would then be sent again at the retry).
+        # runner's transport_timeout cancels): it answers at once, its
+        # recipient deferred, and it is not sent when the connection comes
+        # free (it would then be sent again at the retry).
         self.pool = DestinationPool(reactor, self.router.router,
                                     client_configs(self.settings), 1, 1)
         self.transport = SMTPTransport(self.pool, self.router, reactor)
@@ -413,11 +484,10 @@ class SMTPTransportTests(unittest.TestCase):
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.first.mail_reply = lambda sender: (250, "2.1.0 Ok")
         second = self.transport.deliver(self.queued(["b@one.test"]), ["b@one.test"], None)
-        failed = []
-        second.addErrback(failed.append)
         second.cancel()
-        self.assertEqual(len(failed), 1)
-        self.assertTrue(failed[0].check(defer.FirstError), failed[0])
+        self.assertEqual(second.result, {"b@one.test": RecipientOutcome(
+            "deferred", "4.4.2",
+            "not sent: the delivery was given up before a connection was free")})
         self.assertEqual(self.transport.answering, 1)
         release.set()
         result = yield first

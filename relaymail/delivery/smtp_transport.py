@@ -108,7 +108,8 @@ class SMTPTransport:
 
         A next hop that does not parse defers every recipient (4.3.5) as
         the queue does for a router's bad smtp next hop; a stop that cuts
-        the delivery defers the recipients still open (4.4.2)."""
+        the delivery, or a cancel of the Deferred, defers the recipients
+        still open (4.4.2) and keeps what the rest decided."""
         recipients = list(recipients)
         try:
             groups = self._destinations(recipients, next_hop)
@@ -165,8 +166,9 @@ class SMTPTransport:
                              on_done=answer.done, on_abandoned=answer.abandoned)
             self.pool.submit(answer.job)
             asked.append(answer.outcomes)
-        # consumeErrors: a cancelled deliver() cancels every job's Deferred,
-        # and each one's CancelledError would be logged as unhandled.
+        # A cancelled deliver() cancels every job's Deferred, which answers
+        # (_Answer); consumeErrors for a failure all the same, so that it
+        # is not logged as unhandled once for each.
         d = defer.gatherResults(asked, consumeErrors=True)
         d.addCallback(lambda lists: {o.address: recipient_outcome(o) for ol in lists for o in ol})
         if copied:
@@ -184,14 +186,16 @@ class _Answer:
     """One job that :meth:`SMTPTransport.deliver` gave the pool, and the
     Deferred (``outcomes``) of its Outcomes.
 
-    Cancelling it (the caller's caller gave up: the TransportRunner's
-    ``transport_timeout``) fails it with CancelledError, as a plain
-    Deferred does, and takes the job back from the pool if it is still
-    waiting for a connection: sent after its recipients were reported
-    deferred, it would be sent again at the retry.  A job already under
-    way goes on, and what it does is not reported: twice rather than
-    never.  (It does not answer instead: a caller's callbacks after the
-    answer would run, and one that waited on more would never end.)"""
+    Cancelled (the caller's caller gave up: the TransportRunner's
+    ``transport_timeout``, or a stop after its wait), it answers at once
+    with every recipient deferred (4.4.2), so that the deliver() answers
+    with what its other jobs decided, as the transport contract asks.  A
+    job still waiting for a connection is taken back from the pool first:
+    sent later, after its recipients were reported deferred, it would be
+    sent again at the retry.  One already under way goes on, and what it
+    does is not reported: twice rather than never.  (A caller whose
+    callbacks wait on more after that answer is ended by the runner,
+    TransportRunner._not_ended.)"""
 
     def __init__(self, pool):
         self.pool = pool
@@ -206,14 +210,21 @@ class _Answer:
         self.done(job, _cut(job, decided))
 
     def _cancelled(self, outcomes):
-        self.pool.withdraw(self.job)
+        waited = self.pool.withdraw(self.job)
+        outcomes.callback(_cut(self.job, (), NOT_SENT if waited else GIVEN_UP))
 
 
-def _cut(job, decided):
-    """A job a stop cut: ``decided`` (what it delivered before), the rest
-    deferred."""
+#: Why the recipients of a job that smtp's deliver() gave up are deferred.
+CUT_BY_A_STOP = "delivery cut by a stop"
+NOT_SENT = "not sent: the delivery was given up before a connection was free"
+GIVEN_UP = "delivery given up while under way: it may have been delivered"
+
+
+def _cut(job, decided, why=CUT_BY_A_STOP):
+    """A job cut short: ``decided`` (what it delivered before), the rest
+    deferred, saying ``why``."""
     done = {outcome.address for outcome in decided}
-    return list(decided) + [Outcome(address, DEFERRED, None, "4.4.2", "delivery cut by a stop")
+    return list(decided) + [Outcome(address, DEFERRED, None, "4.4.2", why)
                             for address in job.recipients if address not in done]
 
 

@@ -183,6 +183,8 @@ class TransportRunner:
         self._draining = False
         self._stopping = False
         self._cancelling = None     # the delayed call of a stop's cancel
+        #: id(job) -> the delayed call of _not_ended, for a job with a limit
+        self._backstops = {}
 
     @property
     def busy(self):
@@ -258,6 +260,45 @@ class TransportRunner:
         for job, running in self._running():
             if which is None or which(job):
                 running.cancel()
+                if self._still_running(job):
+                    # Answering its cancel may take a few turns (lmtp hangs
+                    # up first); one that never does is not waited for.
+                    self._end_by(job, STOP_WAIT, None)
+
+    def _still_running(self, job):
+        queue = self._transports.get(job.destination.transport)
+        return queue is not None and id(job) in queue.running
+
+    def _end_by(self, job, delay, limit):
+        """End ``job`` in ``delay`` seconds if it is still running then
+        (_not_ended), in place of any such call made before."""
+        earlier = self._backstops.pop(id(job), None)
+        if earlier is not None and earlier.active():
+            earlier.cancel()
+        self._backstops[id(job)] = self._reactor.callLater(delay, self._not_ended, job, limit)
+
+    def _not_ended(self, job, limit):
+        """The cancel of a delivery by its timeout (``limit``) or by a
+        stop (None) has not ended it STOP_WAIT later: it waits on something
+        of its own (a callback after its answer returned a Deferred).  Its
+        recipients are deferred by the timeout, or left to the next start,
+        the transport's slot is free again, and whatever it answers later
+        is not taken."""
+        self._backstops.pop(id(job), None)
+        if not self._still_running(job):
+            return
+        hop = job.destination
+        queue = self._transports[hop.transport]
+        if limit is None or self._stopping:
+            log.error("{queue_id}: transport {transport} went on after it was cancelled by "
+                      "the stop; its recipients are left to the next start",
+                      queue_id=job.queue_id, transport=hop.transport)
+            self._over(None, queue, job)
+            return
+        problem = f"transport {hop.transport} did not answer within {limit:g}s"
+        log.error("{queue_id}: {problem}, nor when it was cancelled", queue_id=job.queue_id,
+                  problem=problem)
+        self._over(_all(job, LOCAL_FAILURE, problem, hop), queue, job)
 
     def _pump(self):
         if self._draining or self._stopping:
@@ -272,7 +313,11 @@ class TransportRunner:
                 del self._transports[name]
 
     def _over(self, outcomes, queue, job):
-        queue.running.pop(id(job), None)
+        if queue.running.pop(id(job), None) is None:
+            return      # given up on before it answered (_not_ended, a stop)
+        backstop = self._backstops.pop(id(job), None)
+        if backstop is not None and backstop.active():
+            backstop.cancel()
         if self._cancelling is not None and not self._running():
             # Every delivery a stop waited for has answered.
             self._cancel_running()
@@ -303,6 +348,7 @@ class TransportRunner:
         limit = self._limit_for(transport, job)
         if limit is not None:
             d.addTimeout(limit, self._reactor, onTimeoutCancel=_timed_out)
+            self._end_by(job, limit + STOP_WAIT, limit)
         return d.addCallbacks(lambda result: self._outcomes(job, result, limit),
                               self._failed, errbackArgs=(job, limit))
 
