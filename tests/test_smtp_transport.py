@@ -2,7 +2,10 @@
 contract, against real next-hop servers over real sockets, and the queue's
 jobs reaching the same connection pool through the TransportRunner."""
 
+import glob
 import io
+import os
+import tempfile
 import threading
 
 from twisted.internet import defer, reactor, task
@@ -460,6 +463,33 @@ class SMTPTransportTests(unittest.TestCase):
                          [("done", "a@one.test", DEFERRED)])
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
 
+    def one_connection(self, recipients_per_transaction=None):
+        """One connection at most, in a new pool and transport."""
+        self.pool = DestinationPool(reactor, self.router.router,
+                                    client_configs(self.settings), 1, 1)
+        self.transport = SMTPTransport(self.pool, self.router, reactor,
+                                       recipients_per_transaction)
+
+    @defer.inlineCallbacks
+    def held_at_mail(self, recipients, reply=(250, "2.1.0 Ok")):
+        """deliver() to ``recipients``, the first next hop holding its
+        first MAIL until the Event returned with the Deferred is set,
+        then answering ``reply`` (later ones answer 250 at once)."""
+        reached, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def mail_reply(sender):
+            self.first.mail_reply = lambda sender: (250, "2.1.0 Ok")
+            reached.set()
+            release.wait(10)
+            return reply
+
+        self.first.mail_reply = mail_reply
+        d = self.transport.deliver(self.queued(recipients), recipients, None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        return d, release
+
     @defer.inlineCallbacks
     def test_a_cancelled_deliver_takes_back_a_job_still_waiting_for_a_connection(self):
         # One connection at most: the second message waits behind the
@@ -467,22 +497,8 @@ class SMTPTransportTests(unittest.TestCase):
         # runner's transport_timeout cancels): it answers at once, its
         # recipient deferred, and it is not sent when the connection comes
         # free (it would then be sent again at the retry).
-        self.pool = DestinationPool(reactor, self.router.router,
-                                    client_configs(self.settings), 1, 1)
-        self.transport = SMTPTransport(self.pool, self.router, reactor)
-        reached, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-
-        def mail_reply(sender):
-            reached.set()
-            release.wait(10)
-            return 250, "2.1.0 Ok"
-
-        self.first.mail_reply = mail_reply
-        first = self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.first.mail_reply = lambda sender: (250, "2.1.0 Ok")
+        self.one_connection()
+        first, release = yield self.held_at_mail(["a@one.test"])
         second = self.transport.deliver(self.queued(["b@one.test"]), ["b@one.test"], None)
         second.cancel()
         self.assertEqual(second.result, {"b@one.test": RecipientOutcome(
@@ -495,6 +511,75 @@ class SMTPTransportTests(unittest.TestCase):
         yield self.pool_idle()
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
         self.assertEqual(self.transport.answering, 0)
+
+    @defer.inlineCallbacks
+    def test_a_job_given_up_while_under_way_is_not_tried_anew_on_the_next_hop(self):
+        # Two hops.  The first holds MAIL when deliver() is cancelled (the
+        # job is under way: reported deferred, "may have been delivered"),
+        # then answers 451: the pool does not move the job to the second
+        # hop, where it would be sent after its recipient was reported
+        # deferred, and again at the retry.  Found by review.
+        hops = [Hop("127.0.0.1", "127.0.0.1", self.first.port),
+                Hop("127.0.0.1", "127.0.0.1", self.second.port)]
+
+        class TwoHops:
+            def hops(self, destination):
+                return defer.succeed(list(hops))
+        self.pool._router = TwoHops()
+        d, release = yield self.held_at_mail(["a@one.test"], reply=(451, "4.3.0 try later"))
+        d.cancel()
+        self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
+            "deferred", "4.4.2", "delivery given up while under way: it may have been delivered")})
+        release.set()
+        yield self.pool_idle()
+        self.assertEqual((self.first.messages, self.second.messages), ([], []))
+
+    @defer.inlineCallbacks
+    def test_a_cancel_while_a_site_message_is_copied_answers_and_leaves_no_copy(self):
+        # A site's IMessage is copied to a private file in a thread first;
+        # a cancel then answers, and the copy, made after, is removed.
+        # Found by review.
+        opened, may_read = threading.Event(), threading.Event()
+        self.addCleanup(may_read.set)
+        copies = os.path.join(tempfile.gettempdir(), "relaymail-smtp-*")
+        before = set(glob.glob(copies))
+
+        class Slow(SiteMessage):
+            def open(self):
+                opened.set()
+                may_read.wait(10)
+                return super().open()
+
+        message = Slow(BODY, "alice@sender.test", ["a@one.test"])
+        d = self.transport.deliver(message, ["a@one.test"], None)
+        while not opened.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
+            "deferred", "4.4.2",
+            "not sent: the delivery was given up before a connection was free")})
+        may_read.set()
+        for _ in range(300):
+            if self.transport.answering == 0 and not set(glob.glob(copies)) - before:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(sorted(set(glob.glob(copies)) - before), [])
+        self.assertEqual(self.first.messages, [])
+
+    @defer.inlineCallbacks
+    def test_a_cancel_answers_for_every_group_of_recipients(self):
+        # recipients_per_transaction 1 and one connection: a@ under way
+        # (held), b@ and c@ waiting.  The cancel answers all three
+        # deferred, and only a@ is sent.
+        self.one_connection(recipients_per_transaction=1)
+        d, release = yield self.held_at_mail(["a@one.test", "b@one.test", "c@one.test"])
+        d.cancel()
+        self.assertEqual({a: (o.kind, o.reason[:9]) for a, o in d.result.items()}, {
+            "a@one.test": ("deferred", "delivery "), "b@one.test": ("deferred", "not sent:"),
+            "c@one.test": ("deferred", "not sent:")})
+        release.set()
+        yield self.pool_idle()
+        self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
 
 
 class RunnerTests(unittest.TestCase):

@@ -88,6 +88,10 @@ class Job:
     #: queue file at ``message_path`` is message (None: the file says,
     #: relaymail.queue.queue_file).
     message_size: int = None
+    #: Set when its caller gave up on it while it was under way
+    #: (SMTPTransport's cancelled deliver()): it is not tried anew on
+    #: another hop, its recipients having been reported deferred.
+    given_up: bool = field(default=False, compare=False)
 
 
 def abandon(job, decided=()):
@@ -254,6 +258,10 @@ class DestinationPool:
                 self._fail_queued(queue, error)
                 return
             retry = yield self._serve(session, queue, retry[0] if retry else None, bool(hops))
+            if retry is not None and retry[0].given_up:
+                self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                retry = None
+                continue
             if retry is None:
                 return
 

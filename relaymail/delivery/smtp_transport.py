@@ -140,14 +140,30 @@ class SMTPTransport:
     def _message_file(self, message):
         """``(path, is a copy)``: the queue file itself when ``message`` is
         one read whole from it, else a private copy made in a thread (the
-        client streams from a file it can stat and seek)."""
+        client streams from a file it can stat and seek); None when the
+        delivery was cancelled while the copy was being made."""
         path = whole_file(message)
         if path is not None:
             return defer.succeed((path, False))
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                                         _copy, message)
+        copying = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                            _copy, message)
+        # Cancelled while copying: answered at once (_send of None), and
+        # the copy, when it is made, removed.
+        file = defer.Deferred(lambda d: d.callback(None))
+
+        def copied(result):
+            if file.called:
+                _removing(None, result[0])
+            else:
+                file.callback(result)
+
+        copying.addCallbacks(copied, lambda f: None if file.called else file.errback(f))
+        return file
 
     def _send(self, file, message, groups):
+        if file is None:
+            return {address: RecipientOutcome.deferred(NOT_SENT, "4.4.2")
+                    for _destination, addresses in groups for address in addresses}
         path, copied = file
         envelope = message.envelope
         sender = str(message.sender) if message.sender is not None else ""
@@ -211,6 +227,8 @@ class _Answer:
 
     def _cancelled(self, outcomes):
         waited = self.pool.withdraw(self.job)
+        if not waited:
+            self.job.given_up = True
         outcomes.callback(_cut(self.job, (), NOT_SENT if waited else GIVEN_UP))
 
 
