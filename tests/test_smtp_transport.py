@@ -19,7 +19,7 @@ from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
 from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
 from relaymail.delivery import transports
-from relaymail.delivery.destinations import DEFERRED, SENT
+from relaymail.delivery.destinations import DEFERRED, SENT, abandon
 from relaymail.delivery.transports import (TransportHop, TransportRegistry, TransportRunner,
                                            delivery_transports)
 from relaymail.envelope import Envelope
@@ -463,10 +463,11 @@ class SMTPTransportTests(unittest.TestCase):
                          [("done", "a@one.test", DEFERRED)])
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
 
-    def one_connection(self, recipients_per_transaction=None):
-        """One connection at most, in a new pool and transport."""
+    def one_connection(self, recipients_per_transaction=None, total=1):
+        """One connection a destination at most (and ``total`` in all), in
+        a new pool and transport."""
         self.pool = DestinationPool(reactor, self.router.router,
-                                    client_configs(self.settings), 1, 1)
+                                    client_configs(self.settings), 1, total)
         self.transport = SMTPTransport(self.pool, self.router, reactor,
                                        recipients_per_transaction)
 
@@ -489,6 +490,29 @@ class SMTPTransportTests(unittest.TestCase):
         while not reached.is_set():
             yield task.deferLater(reactor, 0.01, lambda: None)
         return d, release
+
+    @defer.inlineCallbacks
+    def test_a_drain_leaves_a_site_job_whose_smtp_job_waited_to_the_next_start(self):
+        # The scheduler's drain gives back the pool's waiting jobs; a site
+        # transport's smtp job among them is answered "cut by a stop", and
+        # the site job is abandoned (no attempt counted) as the queue's own
+        # smtp jobs are, not done with a deferral that counts an attempt
+        # and could bounce a message at the end of its lifetime.  The
+        # delivered recipient of the same answer stands.  Found by review.
+        self.one_connection(total=2)
+        held, release = yield self.held_at_mail(["a@one.test"])
+        runner = self.runner_with(self.forward())
+        job, ended = self.site_job(["b@one.test", "c@two.test"])
+        runner.submit(job)
+        while not (self.second.messages and any(q.jobs for q in self.pool._queues.values())):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        for left in runner.drain():
+            abandon(left)
+        how, decided = yield ended
+        self.assertEqual([(how, o.address, o.status) for o in decided],
+                         [("abandoned", "c@two.test", SENT)])
+        release.set()
+        yield held
 
     @defer.inlineCallbacks
     def test_a_cancelled_deliver_takes_back_a_job_still_waiting_for_a_connection(self):

@@ -328,6 +328,13 @@ class TransportRunner:
             # does): what it delivered stands, the rest is left as it was
             # for the next start, no attempt counted.
             abandon(job, [o for o in outcomes if o.status == SENT])
+        elif self._draining and any(o.status == DEFERRED for o in outcomes):
+            # A stop is under way, and a deferral now may be its doing: a
+            # site transport's smtp jobs the drain would not start.  Not
+            # counted as an attempt (which could bounce a message at the
+            # end of its lifetime): the deferred recipients are tried
+            # again at the next start, what was decided stands.
+            abandon(job, [o for o in outcomes if o.status != DEFERRED])
         else:
             _call(job.on_done, job, outcomes)
         # Later, not now: a job that ended at once would recurse.
