@@ -536,6 +536,58 @@ class SMTPTransportTests(unittest.TestCase):
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
         self.assertEqual(self.transport.answering, 0)
 
+    def two_hops(self, second_port):
+        """Every destination's hosts: the first next hop, then a second
+        at ``second_port``."""
+        hops = [Hop("127.0.0.1", "127.0.0.1", self.first.port),
+                Hop("127.0.0.1", "127.0.0.1", second_port)]
+
+        class TwoHops:
+            def hops(self, destination):
+                return defer.succeed(list(hops))
+        self.pool._router = TwoHops()
+
+    @defer.inlineCallbacks
+    def test_a_job_given_up_while_the_next_hop_is_being_opened_is_not_sent_there(self):
+        # 451 at the first hop moves the job to the second; deliver() is
+        # cancelled while that connection opens.  Found by review.
+        self.two_hops(self.second.port)
+        reached, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        converse = self.second._converse
+
+        def slow(wire):
+            reached.set()
+            release.wait(10)
+            return converse(wire)
+        self.second._converse = slow
+        self.first.mail_reply = lambda sender: (451, "4.3.0 try later")
+        d = self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        self.assertEqual(d.result["a@one.test"].kind, "deferred")
+        release.set()
+        yield self.pool_idle()
+        self.assertEqual(self.second.messages, [])
+
+    @defer.inlineCallbacks
+    def test_the_jobs_behind_a_given_up_job_start_again_at_the_first_hop(self):
+        # One connection: a@ under way on the first hop (held at MAIL, then
+        # 451), b@ waiting behind it, the second hop down.  a@ is given up;
+        # b@ goes by the first hop, which works, not by the second.  Found
+        # by review.
+        self.one_connection()
+        self.two_hops(free_port())
+        a, release = yield self.held_at_mail(["a@one.test"], reply=(451, "4.3.0 try later"))
+        b = self.transport.deliver(self.queued(["b@one.test"]), ["b@one.test"], None)
+        a.cancel()
+        release.set()
+        got = yield b
+        yield self.pool_idle()
+        self.assertEqual(got["b@one.test"].kind, "delivered")
+        self.assertEqual([m["recipients"] for m in self.first.messages], [["b@one.test"]])
+
     @defer.inlineCallbacks
     def test_a_job_given_up_while_under_way_is_not_tried_anew_on_the_next_hop(self):
         # Two hops.  The first holds MAIL when deliver() is cancelled (the
@@ -543,13 +595,7 @@ class SMTPTransportTests(unittest.TestCase):
         # then answers 451: the pool does not move the job to the second
         # hop, where it would be sent after its recipient was reported
         # deferred, and again at the retry.  Found by review.
-        hops = [Hop("127.0.0.1", "127.0.0.1", self.first.port),
-                Hop("127.0.0.1", "127.0.0.1", self.second.port)]
-
-        class TwoHops:
-            def hops(self, destination):
-                return defer.succeed(list(hops))
-        self.pool._router = TwoHops()
+        self.two_hops(self.second.port)
         d, release = yield self.held_at_mail(["a@one.test"], reply=(451, "4.3.0 try later"))
         d.cancel()
         self.assertEqual(d.result, {"a@one.test": RecipientOutcome(

@@ -1192,3 +1192,96 @@ class StoppedTests(unittest.TestCase):
             await task.deferLater(reactor, 0.01, lambda: None)
         runner.stop()
         self.assertEqual(await ended, "abandoned")
+
+
+class _MailboxRoutes:
+    """Routes example.net to the ``mbox`` transport."""
+
+    routers_enabled = True
+
+    def route(self, recipient, context):
+        from relaymail.interfaces import Route
+        if recipient.domain_key != "example.net":
+            return defer.succeed((None, None))
+        return defer.succeed((Route("mbox", None), "site"))
+
+
+class _Mailbox:
+    """A mailbox transport (no smtp behind it) answering as the test says."""
+
+    name = "mbox"
+
+    def __init__(self):
+        self.calls = []
+
+    def deliver(self, message, recipients, next_hop):
+        d = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+class DeferredDuringADrainTests(unittest.TestCase):
+    """A transport's real deferral during a stop's drain counts as an
+    attempt; only smtp's "cut by a stop" for a job the drain would not
+    start is left to the next start (found by review: every deferral was,
+    so a mailbox that was full at every stop never reached its lifetime)."""
+
+    timeout = 20
+
+    def setUp(self):
+        from pathlib import Path
+        self.tmp = Path(self.mktemp())
+        self.tmp.mkdir()
+
+    @defer.inlineCallbacks
+    def attempt(self, spool, now, stop, answer):
+        """One start of a delivery worker whose ``mbox`` transport answers
+        ``answer``, during a stop's drain when ``stop``."""
+        from relaymail.delivery.routing import Router
+        from relaymail.delivery.transports import TransportRegistry
+        from relaymail.policy.threads import PluginThreads
+        from relaymail.queue.scheduler import Scheduler
+        from tests.support import make_settings
+        settings = make_settings(self.tmp, delivery__smarthost="[127.0.0.1]:2526",
+                                 queue__lifetime="25", queue__min_backoff="10",
+                                 queue__max_backoff="10")
+        mailbox = _Mailbox()
+        runner = TransportRunner(reactor, TransportRegistry(reactor, settings, [mailbox]),
+                                 lambda job: "the message", PluginThreads(reactor, 1), 1, None)
+        scheduler = Scheduler(spool, DrainingPool(), Router(settings, resolver=object()),
+                              settings, reactor, clock=lambda: now, policy=_MailboxRoutes(),
+                              transports=runner)
+        scheduler.startService()
+        while not mailbox.calls:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        drained = scheduler.drain(10) if stop else None
+        mailbox.calls[0].callback(answer)
+        while scheduler._attempts:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        if drained is not None:
+            yield drained
+        scheduler.stopService()
+
+    @defer.inlineCallbacks
+    def test_a_mailbox_full_during_a_drain_is_counted_and_bounces_past_the_lifetime(self):
+        from tests.test_scheduler import T0, Spool
+        for stop in (False, True):
+            (self.tmp / str(stop)).mkdir()
+            spool = Spool(self.tmp / str(stop))
+            spool.add("AAAA", ["a@example.net"])
+            yield self.attempt(spool, T0 + 30, stop, {
+                "a@example.net": RecipientOutcome.deferred("452 mailbox full", "4.2.2")})
+            # Bounced 4.4.7, the DSN queued, with or without the stop.
+            self.assertEqual(("AAAA" in spool.records, "DSN1" in spool.records), (False, True))
+
+    @defer.inlineCallbacks
+    def test_smtps_cut_by_the_drain_is_left_to_the_next_start(self):
+        from relaymail.delivery.smtp_transport import CUT_BY_A_STOP
+        from tests.test_scheduler import T0, Spool
+        spool = Spool(self.tmp)
+        spool.add("AAAA", ["a@example.net"])
+        yield self.attempt(spool, T0 + 30, True, {
+            "a@example.net": RecipientOutcome.deferred(CUT_BY_A_STOP, "4.4.2")})
+        record = spool.records["AAAA"]
+        self.assertEqual((record["attempts"], record["recipients"][0]["status"],
+                          "DSN1" in spool.records), (0, "pending", False))

@@ -248,6 +248,13 @@ class DestinationPool:
             waiting = retry[0] if retry is not None else (queue.jobs[0] if queue.jobs else None)
             session, error, hops = yield self._open_session(
                 destination, hops, waiting.queue_id if waiting else "-")
+            if retry is not None and retry[0].given_up:
+                # Given up while the next hop was being opened: not sent
+                # there; the jobs queued start again at the first hop.
+                self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                if session is not None:
+                    session.abort()
+                return
             if session is None:
                 if self._stopping or self._draining:
                     if retry is not None:
@@ -260,8 +267,7 @@ class DestinationPool:
             retry = yield self._serve(session, queue, retry[0] if retry else None, bool(hops))
             if retry is not None and retry[0].given_up:
                 self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
-                retry = None
-                continue
+                return
             if retry is None:
                 return
 

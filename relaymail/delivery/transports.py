@@ -40,7 +40,7 @@ from relaymail.config import ConfigError
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Outcome, abandon
 from relaymail.delivery.lmtp import LMTPTransport, parse_next_hop
 from relaymail.delivery.router import SMTP
-from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
+from relaymail.delivery.smtp_transport import CUT_BY_A_STOP, ITakesJobs, SMTPTransport
 from relaymail.interfaces import RecipientOutcome
 from relaymail.policy.threads import PluginThreads
 from relaymail.queue.message_view import queued_message
@@ -328,13 +328,13 @@ class TransportRunner:
             # does): what it delivered stands, the rest is left as it was
             # for the next start, no attempt counted.
             abandon(job, [o for o in outcomes if o.status == SENT])
-        elif self._draining and any(o.status == DEFERRED for o in outcomes):
+        elif self._draining and any(_cut_by_drain(o) for o in outcomes):
             # A stop is under way, and a deferral now may be its doing: a
             # site transport's smtp jobs the drain would not start.  Not
             # counted as an attempt (which could bounce a message at the
             # end of its lifetime): the deferred recipients are tried
             # again at the next start, what was decided stands.
-            abandon(job, [o for o in outcomes if o.status != DEFERRED])
+            abandon(job, [o for o in outcomes if not _cut_by_drain(o)])
         else:
             _call(job.on_done, job, outcomes)
         # Later, not now: a job that ended at once would recurse.
@@ -515,6 +515,11 @@ class _Cut:
 
     def __init__(self, outcomes):
         self.outcomes = outcomes
+
+
+def _cut_by_drain(outcome):
+    """A deferral smtp's deliver() gave for a job the drain would not start."""
+    return outcome.status == DEFERRED and outcome.text == CUT_BY_A_STOP
 
 
 def _call(function, *args):
