@@ -637,6 +637,26 @@ class SMTPTransportTests(unittest.TestCase):
         self.assertEqual(self.first.messages, [])
 
     @defer.inlineCallbacks
+    def test_a_site_message_the_jobs_cannot_be_made_of_fails_and_leaves_no_copy(self):
+        # Its envelope will not turn into the queue's record: deliver()
+        # fails (the runner defers), nothing is sent, the copy goes.
+        copies = os.path.join(tempfile.gettempdir(), "relaymail-smtp-*")
+        before = set(glob.glob(copies))
+        message = SiteMessage(BODY, "alice@sender.test", ["a@one.test"])
+
+        class Broken:
+            body = smtputf8 = None
+
+            def to_dict(self):
+                raise ValueError("no record of this")
+        message.envelope = Broken()
+        failures = []
+        yield self.transport.deliver(message, ["a@one.test"], None).addErrback(failures.append)
+        self.assertEqual([str(f.value) for f in failures], ["no record of this"])
+        self.assertEqual(sorted(set(glob.glob(copies)) - before), [])
+        self.assertEqual((self.first.messages, self.transport.answering), ([], 0))
+
+    @defer.inlineCallbacks
     def test_a_cancel_answers_for_every_group_of_recipients(self):
         # recipients_per_transaction 1 and one connection: a@ under way
         # (held), b@ and c@ waiting.  The cancel answers all three

@@ -165,10 +165,34 @@ class SMTPTransport:
             return {address: RecipientOutcome.deferred(NOT_SENT, "4.4.2")
                     for _destination, addresses in groups for address in addresses}
         path, copied = file
+        try:
+            answers = self._answers(path, copied, message, groups)
+        except BaseException:
+            # A site's IMessage the jobs cannot be made of: nothing was
+            # submitted, and the copy goes.
+            if copied:
+                _removing(None, path)
+            raise
+        asked = []
+        for answer in answers:
+            self.pool.submit(answer.job)
+            asked.append(answer.outcomes)
+        # A cancelled deliver() cancels every job's Deferred, which answers
+        # (_Answer); consumeErrors for a failure all the same, so that it
+        # is not logged as unhandled once for each.
+        d = defer.gatherResults(asked, consumeErrors=True)
+        d.addCallback(lambda lists: {o.address: recipient_outcome(o) for ol in lists for o in ol})
+        if copied:
+            d.addBoth(_removing, path)
+        return d
+
+
+    def _answers(self, path, copied, message, groups):
+        """An :class:`_Answer` with its Job for each group."""
         envelope = message.envelope
         sender = str(message.sender) if message.sender is not None else ""
-        asked = []
         record = envelope.to_dict()
+        answers = []
         for destination, addresses in groups:
             answer = _Answer(self.pool)
             destination = tls_policy.with_demand(destination, record)
@@ -180,16 +204,8 @@ class SMTPTransport:
                              body=envelope.body,
                              smtputf8=envelope.smtputf8, envelope=record,
                              on_done=answer.done, on_abandoned=answer.abandoned)
-            self.pool.submit(answer.job)
-            asked.append(answer.outcomes)
-        # A cancelled deliver() cancels every job's Deferred, which answers
-        # (_Answer); consumeErrors for a failure all the same, so that it
-        # is not logged as unhandled once for each.
-        d = defer.gatherResults(asked, consumeErrors=True)
-        d.addCallback(lambda lists: {o.address: recipient_outcome(o) for ol in lists for o in ol})
-        if copied:
-            d.addBoth(_removing, path)
-        return d
+            answers.append(answer)
+        return answers
 
 
 def recipient_outcome(outcome):
