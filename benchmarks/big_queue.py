@@ -21,10 +21,10 @@ reports:
   relay delivers.
 
 The page cache is warm: the files were just written.  They are written
-back (``sync``) before the start, as a queue that built up over time is:
-otherwise the kernel's writeback of the 800 MB just written shares the
-start with the relay (it held the first 220 back by 0.2-0.4 s on
-2026-12-07).  ``--no-sync`` starts at once, with that writeback running.
+back (``sync``) before the start, as a queue that built up over time is,
+so that the kernel's writeback of the 800 MB just written does not share
+the start with the relay.  ``--no-sync`` starts at once, with that
+writeback running (on 2026-12-07 both gave the first 220 after 1.05 s).
 """
 
 import argparse
