@@ -202,13 +202,27 @@ class SMTPTransportTests(unittest.TestCase):
         self.first.mail_reply, self.first.rcpt_reply = mail_reply, rcpt_reply
         return reached
 
-    def runner_with(self, *sites, message_for=None):
+    def runner_with(self, *sites, message_for=None, limit=None, concurrency=2):
         """A TransportRunner as a delivery process has, with ``sites`` as
-        the site transports, reading messages with ``message_for``."""
+        the site transports, reading messages with ``message_for``, each
+        delivery bounded by ``limit`` (transport_timeout)."""
         registry = TransportRegistry(reactor, self.settings, sites, smtp=self.transport)
         return TransportRunner(reactor, registry,
                                message_for or (lambda job: self.queued(job.recipients)),
-                               PluginThreads(reactor, 2), 2, None)
+                               PluginThreads(reactor, 2), concurrency, limit)
+
+    def goes_on(self):
+        """A site transport that sends on by smtp, then waits on something
+        of its own that never comes, whatever cancels it."""
+        smtp = self.transport
+
+        class GoesOn:
+            name = "forward"
+
+            def deliver(self, message, recipients, next_hop):
+                return smtp.deliver(message, recipients, None).addCallback(
+                    lambda _: defer.Deferred())
+        return GoesOn()
 
     def site_job(self, recipients):
         """A job for the site transport: ``(job, Deferred)``; the Deferred
@@ -297,17 +311,8 @@ class SMTPTransportTests(unittest.TestCase):
     def test_a_second_stop_cancels_at_once(self):
         # The scheduler stops the transports at its drain's cut and again
         # when the service stops: the second does not wait.
-        smtp = self.transport
-
-        class Stuck:
-            name = "forward"
-
-            def deliver(self, message, recipients, next_hop):
-                return smtp.deliver(message, recipients, None).addCallback(
-                    lambda _: defer.Deferred())
-
         self.patch(transports, "STOP_WAIT", 0.2)
-        runner, ended = yield self.held_in_the_second_transaction(Stuck())
+        runner, ended = yield self.held_in_the_second_transaction(self.goes_on())
         runner.stop()
         self.assertFalse(ended.called)
         stopped_again_at = reactor.seconds()
@@ -396,11 +401,6 @@ class SMTPTransportTests(unittest.TestCase):
         self.assertEqual(how, "abandoned")
         yield slow_ended
 
-    def runner_timing_out(self, site, limit, concurrency=2):
-        registry = TransportRegistry(reactor, self.settings, [site], smtp=self.transport)
-        return TransportRunner(reactor, registry, lambda job: self.queued(job.recipients),
-                               None, concurrency, limit)
-
     def hold_second_hop(self):
         """The second next hop holds every MAIL until the test ends."""
         release = threading.Event()
@@ -419,7 +419,7 @@ class SMTPTransportTests(unittest.TestCase):
         # deferred; the runner keeps both (failing instead, smtp had the
         # delivered recipient sent again at the retry).  Found by review.
         self.hold_second_hop()
-        runner = self.runner_timing_out(self.forward(), 0.5)
+        runner = self.runner_with(self.forward(), limit=0.5)
         job, ended = self.site_job(["a@one.test", "b@two.test"])
         runner.submit(job)
         how, outcomes = yield ended
@@ -436,18 +436,9 @@ class SMTPTransportTests(unittest.TestCase):
         # comes, so the timeout's cancel does not end it: STOP_WAIT later
         # the runner does, the recipients deferred by the timeout, and the
         # transport's slot is free again.
-        smtp = self.transport
-
-        class GoesOn:
-            name = "forward"
-
-            def deliver(self, message, recipients, next_hop):
-                return smtp.deliver(message, recipients, None).addCallback(
-                    lambda _: defer.Deferred())
-
         self.patch(transports, "STOP_WAIT", 0.2)
         self.hold_second_hop()
-        runner = self.runner_timing_out(GoesOn(), 0.3, concurrency=1)
+        runner = self.runner_with(self.goes_on(), limit=0.3, concurrency=1)
         job, ended = self.site_job(["b@two.test"])
         runner.submit(job)
         how, outcomes = yield ended

@@ -251,7 +251,7 @@ class DestinationPool:
             if retry is not None and retry[0].given_up:
                 # Given up while the next hop was being opened: not sent
                 # there; the jobs queued start again at the first hop.
-                self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                self._finish_retry(retry)
                 if session is not None:
                     session.abort()
                 return
@@ -261,15 +261,21 @@ class DestinationPool:
                         self._abandon(retry[0])
                     return
                 if retry is not None:
-                    self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                    self._finish_retry(retry)
                 self._fail_queued(queue, error)
                 return
             retry = yield self._serve(session, queue, retry[0] if retry else None, bool(hops))
             if retry is not None and retry[0].given_up:
-                self._finish(retry[0], [_from_error(a, retry[1], None) for a in retry[0].recipients])
+                self._finish_retry(retry)
                 return
             if retry is None:
                 return
+
+    def _finish_retry(self, retry):
+        """End the job of ``retry`` (job, error) with that error: no other
+        hop is tried for it."""
+        job, error = retry
+        self._finish(job, [_from_error(address, error, None) for address in job.recipients])
 
     @defer.inlineCallbacks
     def _serve(self, session, queue, first, more_hops):

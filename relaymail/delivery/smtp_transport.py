@@ -186,7 +186,6 @@ class SMTPTransport:
             d.addBoth(_removing, path)
         return d
 
-
     def _answers(self, path, copied, message, groups):
         """An :class:`_Answer` with its Job for each group."""
         envelope = message.envelope

@@ -247,8 +247,7 @@ class TransportRunner:
         return [each for queue in self._transports.values() for each in queue.running.values()]
 
     def _runs_in_threads(self, job):
-        transport = self.registry.get(job.destination.transport)
-        return getattr(transport, "blocking", False) is True
+        return _in_threads(self.registry.get(job.destination.transport))
 
     def _cancel_running(self, which=None):
         """Cancel the deliveries under way, or those of them whose job
@@ -272,10 +271,13 @@ class TransportRunner:
     def _end_by(self, job, delay, limit):
         """End ``job`` in ``delay`` seconds if it is still running then
         (_not_ended), in place of any such call made before."""
-        earlier = self._backstops.pop(id(job), None)
-        if earlier is not None and earlier.active():
-            earlier.cancel()
+        self._drop_backstop(job)
         self._backstops[id(job)] = self._reactor.callLater(delay, self._not_ended, job, limit)
+
+    def _drop_backstop(self, job):
+        backstop = self._backstops.pop(id(job), None)
+        if backstop is not None and backstop.active():
+            backstop.cancel()
 
     def _not_ended(self, job, limit):
         """The cancel of a delivery by its timeout (``limit``) or by a
@@ -315,9 +317,7 @@ class TransportRunner:
     def _over(self, outcomes, queue, job):
         if queue.running.pop(id(job), None) is None:
             return      # given up on before it answered (_not_ended, a stop)
-        backstop = self._backstops.pop(id(job), None)
-        if backstop is not None and backstop.active():
-            backstop.cancel()
+        self._drop_backstop(job)
         if self._cancelling is not None and not self._running():
             # Every delivery a stop waited for has answered.
             self._cancel_running()
@@ -404,7 +404,7 @@ class TransportRunner:
             raise defer.CancelledError()
         recipients = list(job.recipients)
         next_hop = job.destination.next_hop
-        if getattr(transport, "blocking", False) is True:
+        if _in_threads(transport):
             return self._threads.run(transport.deliver, message, recipients, next_hop)
         return transport.deliver(message, recipients, next_hop)
 
@@ -515,6 +515,12 @@ class _Cut:
 
     def __init__(self, outcomes):
         self.outcomes = outcomes
+
+
+def _in_threads(transport):
+    """Whether ``transport`` says its calls block (``blocking = True``):
+    they run in the plugin threads."""
+    return getattr(transport, "blocking", False) is True
 
 
 def _cut_by_drain(outcome):
