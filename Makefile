@@ -50,12 +50,12 @@ run: install
 	mkdir -p var
 	$(VENV)/bin/twistd -n --pidfile= relaymail --config etc/relaymail.ini
 
+# The tests start hundreds of relays and tools from this checkout
+# (PYTHONPATH): compiled once here, as pip compiles an installed copy,
+# rather than by every one of them where PYTHONDONTWRITEBYTECODE is set
+# (a quarter of their CPU: user time of tests/test_processes.py 29.8 s
+# against 22.1 s).
 test: install test-tools
-	# The tests start hundreds of relays and tools from this checkout
-	# (PYTHONPATH); compiled once here, as pip compiles an installed copy,
-	# rather than by every one of them where PYTHONDONTWRITEBYTECODE is set
-	# (a quarter of their CPU: user time of tests/test_processes.py 29.8 s
-	# against 22.1 s).
 	$(PY) -m compileall -q relaymail twisted
 	$(PY) -m pytest -q
 
