@@ -402,7 +402,8 @@ class SMTPTransportTests(unittest.TestCase):
         yield slow_ended
 
     def hold_second_hop(self):
-        """The second next hop holds every MAIL until the test ends."""
+        """The second next hop holds every MAIL until the test ends or the
+        Event returned is set."""
         release = threading.Event()
         self.addCleanup(release.set)
 
@@ -410,15 +411,17 @@ class SMTPTransportTests(unittest.TestCase):
             release.wait(10)
             return 250, "2.1.0 Ok"
         self.second.mail_reply = mail_reply
+        return release
 
     @defer.inlineCallbacks
     def test_a_timeout_keeps_what_smtp_delivered_for_a_site_transport(self):
         # Two jobs, one a domain: one.test's is delivered, two.test's is
-        # held by its next hop past transport_timeout.  smtp answers the
-        # cancel with one.test's delivery and two.test's recipient
-        # deferred; the runner keeps both (failing instead, smtp had the
-        # delivered recipient sent again at the retry).  Found by review.
-        self.hold_second_hop()
+        # held at MAIL by its next hop past transport_timeout.  smtp
+        # answers the cancel with one.test's delivery and two.test's
+        # recipient deferred, its connection dropped before the message;
+        # the runner keeps both (failing instead, smtp had the delivered
+        # recipient sent again at the retry).  Found by review.
+        release = self.hold_second_hop()
         runner = self.runner_with(self.forward(), limit=0.5)
         job, ended = self.site_job(["a@one.test", "b@two.test"])
         runner.submit(job)
@@ -427,8 +430,11 @@ class SMTPTransportTests(unittest.TestCase):
         self.assertEqual([(o.address, o.status, o.enhanced, o.text) for o in outcomes], [
             ("a@one.test", SENT, "2.0.0", "Ok: queued"),
             ("b@two.test", DEFERRED, "4.4.2",
-             "delivery given up while under way: it may have been delivered")])
+             "not sent: the delivery was given up before its message went")])
+        release.set()
+        yield self.pool_idle()
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
+        self.assertEqual(self.second.messages, [])
 
     @defer.inlineCallbacks
     def test_a_site_transport_that_goes_on_after_its_timeout_is_ended_by_the_runner(self):
@@ -518,7 +524,7 @@ class SMTPTransportTests(unittest.TestCase):
         second.cancel()
         self.assertEqual(second.result, {"b@one.test": RecipientOutcome(
             "deferred", "4.4.2",
-            "not sent: the delivery was given up before a connection was free")})
+            "not sent: the delivery was given up before its message went")})
         self.assertEqual(self.transport.answering, 1)
         release.set()
         result = yield first
@@ -557,7 +563,8 @@ class SMTPTransportTests(unittest.TestCase):
         while not reached.is_set():
             yield task.deferLater(reactor, 0.01, lambda: None)
         d.cancel()
-        self.assertEqual(d.result["a@one.test"].kind, "deferred")
+        self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
+            "deferred", "4.4.2", "not sent: the delivery was given up before its message went")})
         release.set()
         yield self.pool_idle()
         self.assertEqual(self.second.messages, [])
@@ -581,19 +588,20 @@ class SMTPTransportTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_job_given_up_while_under_way_is_not_tried_anew_on_the_next_hop(self):
-        # Two hops.  The first holds MAIL when deliver() is cancelled (the
-        # job is under way: reported deferred, "may have been delivered"),
-        # then answers 451: the pool does not move the job to the second
-        # hop, where it would be sent after its recipient was reported
+        # Two hops.  The first holds MAIL when deliver() is cancelled: the
+        # job is under way, its message not begun, so that connection is
+        # dropped, and the pool does not move the job to the second hop,
+        # where it would be sent after its recipient was reported
         # deferred, and again at the retry.  Found by review.
         self.two_hops(self.second.port)
         d, release = yield self.held_at_mail(["a@one.test"], reply=(451, "4.3.0 try later"))
         d.cancel()
         self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
-            "deferred", "4.4.2", "delivery given up while under way: it may have been delivered")})
+            "deferred", "4.4.2", "not sent: the delivery was given up before its message went")})
         release.set()
         yield self.pool_idle()
         self.assertEqual((self.first.messages, self.second.messages), ([], []))
+        self.assertEqual(self.second.connections, 0)
 
     @defer.inlineCallbacks
     def test_a_cancel_while_a_site_message_is_copied_answers_and_leaves_no_copy(self):
@@ -618,7 +626,7 @@ class SMTPTransportTests(unittest.TestCase):
         d.cancel()
         self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
             "deferred", "4.4.2",
-            "not sent: the delivery was given up before a connection was free")})
+            "not sent: the delivery was given up before its message went")})
         may_read.set()
         for _ in range(300):
             if self.transport.answering == 0 and not set(glob.glob(copies)) - before:
@@ -650,17 +658,76 @@ class SMTPTransportTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_cancel_answers_for_every_group_of_recipients(self):
         # recipients_per_transaction 1 and one connection: a@ under way
-        # (held), b@ and c@ waiting.  The cancel answers all three
-        # deferred, and only a@ is sent.
+        # (held at MAIL), b@ and c@ waiting.  The cancel answers all three
+        # deferred, and none is sent: a@'s connection is dropped before
+        # its message went (sent, it would be sent again at the retry).
         self.one_connection(recipients_per_transaction=1)
         d, release = yield self.held_at_mail(["a@one.test", "b@one.test", "c@one.test"])
         d.cancel()
         self.assertEqual({a: (o.kind, o.reason[:9]) for a, o in d.result.items()}, {
-            "a@one.test": ("deferred", "delivery "), "b@one.test": ("deferred", "not sent:"),
+            "a@one.test": ("deferred", "not sent:"), "b@one.test": ("deferred", "not sent:"),
             "c@one.test": ("deferred", "not sent:")})
         release.set()
         yield self.pool_idle()
+        self.assertEqual(self.first.messages, [])
+
+    @defer.inlineCallbacks
+    def held_at_the_dot(self, recipients):
+        """deliver() to ``recipients``, the first next hop holding its
+        reply to the end of the message until the Event returned with the
+        Deferred is set, then taking the message."""
+        reached, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def data_reply(transaction):
+            reached.set()
+            release.wait(10)
+            return 250, "2.0.0 Ok: queued"
+
+        self.first.data_reply = data_reply
+        d = self.transport.deliver(self.queued(recipients), recipients, None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        return d, release
+
+    @defer.inlineCallbacks
+    def test_a_job_whose_message_went_goes_on_when_its_deliver_is_cancelled(self):
+        # The message has gone, the reply to its end is due: dropping the
+        # connection now could lose nothing only if the server had not
+        # taken it, which nobody can know.  The job goes on (the server
+        # delivers), the recipient is answered deferred, "may have been
+        # delivered": twice rather than never.
+        d, release = yield self.held_at_the_dot(["a@one.test"])
+        d.cancel()
+        self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
+            "deferred", "4.4.2", "delivery given up while under way: it may have been delivered")})
+        release.set()
+        yield self.first_message()
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
+
+    @defer.inlineCallbacks
+    def test_a_bdat_chunk_sent_with_the_envelope_counts_as_the_message_gone(self):
+        # With CHUNKING and PIPELINING a small message's one BDAT LAST goes
+        # in the envelope's write: held at MAIL, the server has the whole
+        # message already and takes it once MAIL is answered, so the job is
+        # not called unsent, and its connection is not dropped.
+        self.first.extensions.append("CHUNKING")
+        d, release = yield self.held_at_mail(["a@one.test"])
+        d.cancel()
+        self.assertEqual(d.result["a@one.test"].reason,
+                         "delivery given up while under way: it may have been delivered")
+        release.set()
+        yield self.first_message()
+        self.assertEqual([m["chunks"] for m in self.first.messages], [[len(BODY)]])
+
+    @defer.inlineCallbacks
+    def first_message(self):
+        """Until the first next hop has taken a message and the pool is idle."""
+        for _ in range(500):
+            if self.first.messages:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.pool_idle()
 
 
 class RunnerTests(unittest.TestCase):

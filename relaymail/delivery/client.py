@@ -179,6 +179,8 @@ class OutboundSession:
         self._connection = connection
         self._busy = False
         self._needs_reset = False
+        #: The connection's bodies_begun when the transaction under way began.
+        self._bodies_before = 0
         self.remote = hop.label
         self.extensions = {}
         #: The TLS level held to (relaymail.delivery.tls_policy).
@@ -280,6 +282,19 @@ class OutboundSession:
     def abort(self):
         """Drop the connection now."""
         self._connection.abort()
+
+    def drop_before_the_message(self):
+        """Drop the connection if the delivery under way has not begun to
+        send its message: a server takes a message only at the end of its
+        data (RFC 5321 4.1.1.4; with BDAT, at its last chunk: RFC 3030), so
+        it then has nothing to deliver.
+
+        :return: True if dropped; False if no delivery is under way or
+            some of its message went (the server may deliver it)."""
+        if not self._busy or self._connection.bodies_begun != self._bodies_before:
+            return False
+        self._connection.abort()
+        return True
 
     def wait_closed(self):
         """A Deferred firing once the connection is gone."""
@@ -486,6 +501,7 @@ class OutboundSession:
         if self._busy:
             raise RuntimeError("deliver() called while another transaction is running")
         self._busy = True
+        self._bodies_before = self._connection.bodies_begun
         try:
             with self._open_message(message_path, length) as spooled:
                 size = spooled.size

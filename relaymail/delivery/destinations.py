@@ -88,8 +88,8 @@ class Job:
     #: queue file at ``message_path`` is message (None: the file says,
     #: relaymail.queue.queue_file).
     message_size: int = None
-    #: Set when its caller gave up on it while it was under way
-    #: (SMTPTransport's cancelled deliver()): it is not tried anew on
+    #: Set when its caller gave up on it (SMTPTransport's cancelled
+    #: deliver(), DestinationPool.give_up): it is not tried anew on
     #: another hop, its recipients having been reported deferred.
     given_up: bool = field(default=False, compare=False)
 
@@ -140,6 +140,9 @@ class DestinationPool:
         self._queues = {}
         self._connections = 0
         self._sessions = set()
+        #: id(job) -> the session carrying it, or None while it waits for
+        #: its next host; from its start until it is finished or abandoned.
+        self._carrying = {}
         self._stopping = False
         self._draining = False
 
@@ -173,18 +176,34 @@ class DestinationPool:
             queue.jobs.clear()
         return left
 
-    def withdraw(self, job):
-        """Take back ``job`` if it is still waiting for a connection: it
-        will not run, and its callbacks are not called.
+    def give_up(self, job):
+        """``job``'s caller has given it up and answered for it: it is not
+        started, nor moved to another host, nor left running where that
+        loses nothing.  One still waiting for a connection is taken back
+        (its callbacks are not called); one under way on a connection
+        that has not begun to send its message has that connection
+        dropped; one whose message has begun to go goes on (the server
+        may deliver it) and its outcome reaches its callbacks as before.
 
-        :return: True if it was waiting, False if it has started or ended."""
+        :return: True when surely none of its recipients was delivered to
+            (waiting, between hosts, or dropped), False when some of its
+            message went."""
+        job.given_up = True
         queue = self._queues.get(job.destination)
-        if queue is None:
+        waiting = [] if queue is None else [i for i, each in enumerate(queue.jobs) if each is job]
+        if waiting:
+            del queue.jobs[waiting[0]]
+            return True
+        if id(job) not in self._carrying:
+            return False        # over already
+        session = self._carrying[id(job)]
+        if session is None:
+            return True         # its last host failed it before the message
+        if not session.drop_before_the_message():
             return False
-        try:
-            queue.jobs.remove(job)
-        except ValueError:
-            return False
+        logline.info(log, f"{job.queue_id}: {session.remote}: connection dropped: the delivery "
+                          "was given up before its message went", queue_id=job.queue_id,
+                     relay=session.remote)
         return True
 
     def stop(self):
@@ -265,9 +284,6 @@ class DestinationPool:
                 self._fail_queued(queue, error)
                 return
             retry = yield self._serve(session, queue, retry[0] if retry else None, bool(hops))
-            if retry is not None and retry[0].given_up:
-                self._finish_retry(retry)
-                return
             if retry is None:
                 return
 
@@ -294,6 +310,7 @@ class DestinationPool:
                         break
                     job = queue.jobs.popleft()
                 served = True
+                self._carrying[id(job)] = session
                 try:
                     results = yield session.deliver(
                         job.sender, job.recipients, job.message_path,
@@ -305,11 +322,17 @@ class DestinationPool:
                         # Cut by the stop, not refused by the next hop.
                         self._abandon(job)
                         return None
+                    if job.given_up:
+                        # Its caller answered for it (give_up, which may
+                        # have dropped this connection): no other host.
+                        self._finish(job, [_from_error(a, error, session) for a in job.recipients])
+                        return None
                     # Another hop only when this one surely did not take
                     # the message; after the content went, wait and retry.
                     if error.temporary and more_hops and not error.after_data:
                         log.info("{queue_id}: {remote}: {text}; trying the next host",
                                  queue_id=job.queue_id, remote=session.remote, text=error.text)
+                        self._carrying[id(job)] = None
                         return (job, error)
                     self._finish(job, [_from_error(a, error, session) for a in job.recipients])
                     return None
@@ -394,9 +417,11 @@ class DestinationPool:
             self._finish(job, [_from_error(a, error, None) for a in job.recipients])
 
     def _abandon(self, job, decided=()):
+        self._carrying.pop(id(job), None)
         abandon(job, decided)
 
     def _finish(self, job, outcomes):
+        self._carrying.pop(id(job), None)
         try:
             job.on_done(job, outcomes)
         except Exception:

@@ -220,13 +220,15 @@ class _Answer:
     Cancelled (the caller's caller gave up: the TransportRunner's
     ``transport_timeout``, or a stop after its wait), it answers at once
     with every recipient deferred (4.4.2), so that the deliver() answers
-    with what its other jobs decided, as the transport contract asks.  A
-    job still waiting for a connection is taken back from the pool first:
-    sent later, after its recipients were reported deferred, it would be
-    sent again at the retry.  One already under way goes on, and what it
-    does is not reported: twice rather than never.  (A caller whose
-    callbacks wait on more after that answer is ended by the runner,
-    TransportRunner._not_ended.)"""
+    with what its other jobs decided, as the transport contract asks.  The
+    pool gives the job up first (DestinationPool.give_up): sent after its
+    recipients were reported deferred, it would be sent again at the
+    retry.  One waiting for a connection or for its next host is not
+    sent, one under way whose message has not begun to go has its
+    connection dropped ("not sent"); one whose message went goes on, and
+    what it does is not reported ("may have been delivered"): twice
+    rather than never.  (A caller whose callbacks wait on more after that
+    answer is ended by the runner, TransportRunner._not_ended.)"""
 
     def __init__(self, pool):
         self.pool = pool
@@ -241,15 +243,13 @@ class _Answer:
         self.done(job, _cut(job, decided))
 
     def _cancelled(self, outcomes):
-        waited = self.pool.withdraw(self.job)
-        if not waited:
-            self.job.given_up = True
-        outcomes.callback(_cut(self.job, (), NOT_SENT if waited else GIVEN_UP))
+        unsent = self.pool.give_up(self.job)
+        outcomes.callback(_cut(self.job, (), NOT_SENT if unsent else GIVEN_UP))
 
 
 #: Why the recipients of a job that smtp's deliver() gave up are deferred.
 CUT_BY_A_STOP = "delivery cut by a stop"
-NOT_SENT = "not sent: the delivery was given up before a connection was free"
+NOT_SENT = "not sent: the delivery was given up before its message went"
 GIVEN_UP = "delivery given up while under way: it may have been delivered"
 
 

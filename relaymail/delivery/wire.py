@@ -77,6 +77,10 @@ class ClientConnection(Protocol):
         self._closed_waiters = []
         self.tls_active = False
         self.lost = False
+        #: Message bodies (DATA contents, BDAT chunks) begun on this
+        #: connection: before a transaction's first, the server has
+        #: nothing it could deliver (OutboundSession.drop_before_the_message).
+        self.bodies_begun = 0
 
     # -- what the session uses -------------------------------------------
 
@@ -176,6 +180,7 @@ class ClientConnection(Protocol):
         # reply per message towards "unsolicited" and was dropped after a
         # few messages.
         self._owed += 1
+        self.bodies_begun += 1
         deferred = defer.Deferred()
         self._stream = wait = self._timed_wait(deferred, block_timeout, "sending the message body")
 
