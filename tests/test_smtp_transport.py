@@ -468,21 +468,35 @@ class SMTPTransportTests(unittest.TestCase):
         self.transport = SMTPTransport(self.pool, self.router, reactor,
                                        recipients_per_transaction)
 
-    @defer.inlineCallbacks
     def held_at_mail(self, recipients, reply=(250, "2.1.0 Ok")):
         """deliver() to ``recipients``, the first next hop holding its
         first MAIL until the Event returned with the Deferred is set,
         then answering ``reply`` (later ones answer 250 at once)."""
+        return self.held_at("mail_reply", recipients, reply)
+
+    def held_at_the_dot(self, recipients):
+        """deliver() to ``recipients``, the first next hop holding its
+        reply to the end of the message until the Event returned with the
+        Deferred is set, then taking the message."""
+        return self.held_at("data_reply", recipients, (250, "2.0.0 Ok: queued"))
+
+    @defer.inlineCallbacks
+    def held_at(self, hook, recipients, reply):
+        """deliver() to ``recipients``, the first next hop's ``hook``
+        (``mail_reply``, ``data_reply``) holding its first answer until
+        the Event returned with the Deferred is set, then answering
+        ``reply``; later ones as before."""
         reached, release = threading.Event(), threading.Event()
         self.addCleanup(release.set)
+        usual = getattr(self.first, hook)
 
-        def mail_reply(sender):
-            self.first.mail_reply = lambda sender: (250, "2.1.0 Ok")
+        def held(_):
+            setattr(self.first, hook, usual)
             reached.set()
             release.wait(10)
             return reply
 
-        self.first.mail_reply = mail_reply
+        setattr(self.first, hook, held)
         d = self.transport.deliver(self.queued(recipients), recipients, None)
         while not reached.is_set():
             yield task.deferLater(reactor, 0.01, lambda: None)
@@ -670,25 +684,6 @@ class SMTPTransportTests(unittest.TestCase):
         release.set()
         yield self.pool_idle()
         self.assertEqual(self.first.messages, [])
-
-    @defer.inlineCallbacks
-    def held_at_the_dot(self, recipients):
-        """deliver() to ``recipients``, the first next hop holding its
-        reply to the end of the message until the Event returned with the
-        Deferred is set, then taking the message."""
-        reached, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-
-        def data_reply(transaction):
-            reached.set()
-            release.wait(10)
-            return 250, "2.0.0 Ok: queued"
-
-        self.first.data_reply = data_reply
-        d = self.transport.deliver(self.queued(recipients), recipients, None)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        return d, release
 
     @defer.inlineCallbacks
     def test_a_job_whose_message_went_goes_on_when_its_deliver_is_cancelled(self):
