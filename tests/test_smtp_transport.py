@@ -9,6 +9,7 @@ import tempfile
 import threading
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -17,9 +18,9 @@ from relaymail.delivery.client import Hop, RecipientResult
 from relaymail.delivery.destinations import DestinationPool, Job, client_configs
 from relaymail.delivery.router import BuiltinRouter
 from relaymail.delivery.routing import Router
-from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport
+from relaymail.delivery.smtp_transport import ITakesJobs, SMTPTransport, _Answer
 from relaymail.delivery import transports
-from relaymail.delivery.destinations import DEFERRED, SENT, abandon
+from relaymail.delivery.destinations import DEFERRED, SENT, Outcome, abandon
 from relaymail.delivery.transports import (TransportHop, TransportRegistry, TransportRunner,
                                            delivery_transports)
 from relaymail.envelope import Envelope
@@ -422,10 +423,14 @@ class SMTPTransportTests(unittest.TestCase):
         # the runner keeps both (failing instead, smtp had the delivered
         # recipient sent again at the retry).  Found by review.
         release = self.hold_second_hop()
+        lines = self.log_lines()
         runner = self.runner_with(self.forward(), limit=0.5)
         job, ended = self.site_job(["a@one.test", "b@two.test"])
         runner.submit(job)
         how, outcomes = yield ended
+        self.assertEqual([line for line in lines if "given up" in line], [
+            f"QUEUE1: 127.0.0.1[127.0.0.1]:{self.second.port}: given up before its message "
+            "went: connection dropped, not sent"])
         self.assertEqual(how, "done")
         self.assertEqual([(o.address, o.status, o.enhanced, o.text) for o in outcomes], [
             ("a@one.test", SENT, "2.0.0", "Ok: queued"),
@@ -547,11 +552,21 @@ class SMTPTransportTests(unittest.TestCase):
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
         self.assertEqual(self.transport.answering, 0)
 
-    def two_hops(self, second_port):
+    def log_lines(self):
+        """The text of every event logged from now on, as it comes."""
+        lines = []
+
+        def observe(event):
+            lines.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
+    def two_hops(self, second_port, *more_ports):
         """Every destination's hosts: the first next hop, then a second
-        at ``second_port``."""
-        hops = [Hop("127.0.0.1", "127.0.0.1", self.first.port),
-                Hop("127.0.0.1", "127.0.0.1", second_port)]
+        at ``second_port`` (and the others at ``more_ports``)."""
+        hops = [Hop("127.0.0.1", "127.0.0.1", port)
+                for port in (self.first.port, second_port, *more_ports)]
 
         class TwoHops:
             def hops(self, destination):
@@ -582,6 +597,33 @@ class SMTPTransportTests(unittest.TestCase):
         release.set()
         yield self.pool_idle()
         self.assertEqual(self.second.messages, [])
+
+    @defer.inlineCallbacks
+    def test_no_further_host_is_tried_for_a_job_given_up_on_its_way_to_the_next(self):
+        # 451 at the first hop; the second is slow to greet and then hangs
+        # up.  Given up meanwhile, the job goes to no third host.
+        third = NextHop()
+        self.addCleanup(third.stop)
+        self.two_hops(self.second.port, third.port)
+        reached, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def hangs_up(wire):
+            reached.set()
+            release.wait(10)
+        self.second._converse = hangs_up
+        self.first.mail_reply = lambda sender: (451, "4.3.0 try later")
+        lines = self.log_lines()
+        d = self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
+        while not reached.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        release.set()
+        yield self.pool_idle()
+        self.assertEqual(d.result["a@one.test"].reason,
+                         "not sent: the delivery was given up before its message went")
+        self.assertEqual(third.connections, 0)
+        self.assertIn("QUEUE1: given up while waiting for its next host: not sent", lines)
 
     @defer.inlineCallbacks
     def test_the_jobs_behind_a_given_up_job_start_again_at_the_first_hop(self):
@@ -692,6 +734,7 @@ class SMTPTransportTests(unittest.TestCase):
         # taken it, which nobody can know.  The job goes on (the server
         # delivers), the recipient is answered deferred, "may have been
         # delivered": twice rather than never.
+        lines = self.log_lines()
         d, release = yield self.held_at_the_dot(["a@one.test"])
         d.cancel()
         self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
@@ -699,6 +742,12 @@ class SMTPTransportTests(unittest.TestCase):
         release.set()
         yield self.first_message()
         self.assertEqual([m["recipients"] for m in self.first.messages], [["a@one.test"]])
+        # Nobody hears what it did but the log.
+        self.assertEqual([line for line in lines if "given up" in line], [
+            f"QUEUE1: 127.0.0.1[127.0.0.1]:{self.first.port}: given up while its message went: "
+            "it goes on, and what it does is logged",
+            "QUEUE1: the delivery given up while its message went ended: "
+            "a@one.test sent 2.0.0 Ok: queued"])
 
     @defer.inlineCallbacks
     def test_a_bdat_chunk_sent_with_the_envelope_counts_as_the_message_gone(self):
@@ -723,6 +772,27 @@ class SMTPTransportTests(unittest.TestCase):
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
         yield self.pool_idle()
+
+
+class AnswerTests(unittest.TestCase):
+
+    def test_a_cancel_the_pool_answers_at_once_is_not_answered_twice(self):
+        # A session whose drop ended its delivery within give_up (a
+        # transport other than Twisted's TCP could) has answered already:
+        # the cancel must not answer again (AlreadyCalledError).  Found by
+        # review.
+        answer = _Answer(None)
+        answer.job = Job(queue_id="Q", destination=None, sender="", recipients=["a@x.test"],
+                         message_path=None)
+        said = [Outcome("a@x.test", DEFERRED, None, "4.4.2", "lost connection")]
+
+        class Pool:
+            def give_up(self, job):
+                answer.done(job, said)
+                return True
+        answer.pool = Pool()
+        answer.outcomes.cancel()
+        self.assertEqual(answer.outcomes.result, said)
 
 
 class RunnerTests(unittest.TestCase):

@@ -189,22 +189,30 @@ class DestinationPool:
             (waiting, between hosts, or dropped), False when some of its
             message went."""
         job.given_up = True
+        unsent, what, relay = self._give_up(job)
+        if what is not None:
+            fields = {"relay": relay} if relay is not None else {}
+            logline.info(log, f"{job.queue_id}: {what}", queue_id=job.queue_id, **fields)
+        return unsent
+
+    def _give_up(self, job):
+        """give_up() but the log line: ``(unsent, what, relay)``."""
         queue = self._queues.get(job.destination)
         waiting = [] if queue is None else [i for i, each in enumerate(queue.jobs) if each is job]
         if waiting:
             del queue.jobs[waiting[0]]
-            return True
+            return True, "given up while waiting for a connection: not sent", None
         if id(job) not in self._carrying:
-            return False        # over already
+            return False, None, None        # over already
         session = self._carrying[id(job)]
         if session is None:
-            return True         # its last host failed it before the message
-        if not session.drop_before_the_message():
-            return False
-        logline.info(log, f"{job.queue_id}: {session.remote}: connection dropped: the delivery "
-                          "was given up before its message went", queue_id=job.queue_id,
-                     relay=session.remote)
-        return True
+            # Its last host failed it before the message went.
+            return True, "given up while waiting for its next host: not sent", None
+        if session.drop_before_the_message():
+            return True, (f"{session.remote}: given up before its message went: connection "
+                          "dropped, not sent"), session.remote
+        return False, (f"{session.remote}: given up while its message went: it goes on, and "
+                       "what it does is logged"), session.remote
 
     def stop(self):
         """Drop every session; jobs still queued are left to the next start
@@ -266,7 +274,8 @@ class DestinationPool:
                 return
             waiting = retry[0] if retry is not None else (queue.jobs[0] if queue.jobs else None)
             session, error, hops = yield self._open_session(
-                destination, hops, waiting.queue_id if waiting else "-")
+                destination, hops, waiting.queue_id if waiting else "-",
+                retry[0] if retry is not None else None)
             if retry is not None and retry[0].given_up:
                 # Given up while the next hop was being opened: not sent
                 # there; the jobs queued start again at the first hop.
@@ -381,16 +390,18 @@ class DestinationPool:
             self._sessions.discard(session)
 
     @defer.inlineCallbacks
-    def _open_session(self, destination, hops, queue_id):
+    def _open_session(self, destination, hops, queue_id, retrying=None):
         """Try the hops in order; ``queue_id`` is the message the
-        connection is opened for, named in the log line of a failure.
+        connection is opened for, named in the log line of a failure;
+        ``retrying``, the job moving to its next host, for which no
+        further host is tried once it is given up.
 
         :return: (session, None, hops not yet tried) or (None, last error, []).
         """
         config = self._config_for(destination)
         error = None
         hops = list(hops)
-        while hops:
+        while hops and not (retrying is not None and retrying.given_up):
             hop = hops.pop(0)
             try:
                 session = yield _as_delivery_error(self._connect(self._reactor, hop, config),

@@ -27,13 +27,17 @@ import shutil
 import tempfile
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from relaymail import logline
 from relaymail.delivery import tls_policy
 from relaymail.delivery.destinations import BOUNCED, DEFERRED, SENT, Job, Outcome, in_groups
 from relaymail.delivery.router import SMTP
 from relaymail.interfaces import ITransport, RecipientOutcome
 from relaymail.queue.message_view import mailbox_of, whole_file
+
+log = Logger(namespace="relaymail.delivery")
 
 
 class ITakesJobs(Interface):
@@ -234,17 +238,28 @@ class _Answer:
         self.pool = pool
         self.job = None
         self.outcomes = defer.Deferred(self._cancelled)
+        #: Set when cancelled after its message began to go: it goes on.
+        self.went_on = False
 
     def done(self, job, outcomes):
         if not self.outcomes.called:
             self.outcomes.callback(outcomes)
+        elif self.went_on:
+            # Nobody hears this answer: the log does, so that whoever
+            # sees the message come twice (or not) can find out why.
+            said = "; ".join(f"{o.address} {o.status} {o.enhanced} {o.text}" for o in outcomes)
+            logline.info(log, f"{job.queue_id}: the delivery given up while its message went "
+                              f"ended: {said}", queue_id=job.queue_id)
 
     def abandoned(self, job, decided=()):
         self.done(job, _cut(job, decided))
 
     def _cancelled(self, outcomes):
         unsent = self.pool.give_up(self.job)
-        outcomes.callback(_cut(self.job, (), NOT_SENT if unsent else GIVEN_UP))
+        self.went_on = not unsent
+        if not outcomes.called:
+            # (A session whose drop ended its delivery at once answered it.)
+            outcomes.callback(_cut(self.job, (), NOT_SENT if unsent else GIVEN_UP))
 
 
 #: Why the recipients of a job that smtp's deliver() gave up are deferred.
