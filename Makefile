@@ -21,11 +21,13 @@ SOURCES := $(shell find relaymail twisted -name '*.py') setup.cfg pyproject.toml
 # any PATH, so named by its absolute path, which command -v takes as well.
 # The sql plugin is tested against a real PostgreSQL (tests/test_sql_plugin.py),
 # whose server lives in /usr/lib/postgresql/VERSION/bin: a wildcard there is
-# looked for as a file pattern.
+# looked for as a file pattern.  libfaketime steps the wall clock under a
+# running relay (tests/test_clock_steps.py).
 TEST_TOOLS := swaks msmtp curl node:nodejs /usr/share/nodejs/nodemailer/package.json:node-nodemailer \
 	postfix '/usr/lib/*/libidn.so.12:libidn12' ss:iproute2 haproxy systemd-analyze:systemd chromium \
 	chromedriver:chromium-driver redis-server dovecot:dovecot-core \
-	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql'
+	/usr/lib/dovecot/lmtp:dovecot-lmtpd '/usr/lib/postgresql/*/bin/postgres:postgresql' \
+	'/usr/lib/*/faketime/libfaketime.so.1:faketime'
 
 # Exim conflicts with Postfix as the installed MTA (both are Debian's
 # mail-transport-agent), so tests/interop/exim.py runs Debian's

@@ -63,13 +63,14 @@ class RelayProcess:
         self.extra_args = []
         self.host = "127.0.0.1"
         self.preexec_fn = None      # run in the child before twistd
+        self.environment = {}       # variables added to the relay's
 
     def start(self, timeout=20):
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *self.extra_args, "relaymail", "--config", self.config],
-            cwd=self.workdir, env=_env(), stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=self.preexec_fn)
+            cwd=self.workdir, env={**_env(), **self.environment}, stdout=self._log,
+            stderr=subprocess.STDOUT, preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -45,7 +45,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 import relaymail
-from relaymail import logobserver
+from relaymail import clock, logobserver
 from relaymail.metrics import instruments
 from relaymail.process.launch import GO
 from relaymail.process.pickup import socket_pair
@@ -606,7 +606,7 @@ def _restart_delay(young_deaths):
 def _environment():
     """The workers' environment: ours, with relaymail importable from where
     this process imported it (a checkout, or site-packages)."""
-    env = dict(os.environ)
+    env = clock.for_workers(os.environ)
     # Set for a worker only by Master._exec, when [metrics] listen is on.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     home = os.path.dirname(os.path.dirname(os.path.abspath(relaymail.__file__)))

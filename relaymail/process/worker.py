@@ -111,7 +111,9 @@ def main(argv=None):
     except ConfigError as error:
         raise SystemExit(f"relaymail {arguments.name}: {error}")
     from twisted.internet import reactor
+    from relaymail import clock
     from relaymail.process import roles
+    clock.run_steadily(reactor)     # before anything is timed by it
     fds = dict(arguments.fd)
     for fd in fds.values():
         # Ours alone: a process a plugin starts must not keep the spool
