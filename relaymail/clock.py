@@ -47,5 +47,5 @@ def run_steadily(reactor):
 def for_workers(env):
     """``env`` with the offset this process runs on, for a worker it starts."""
     if _offset is None:
-        return env
+        return dict(env)
     return {**env, OFFSET_VARIABLE: repr(_offset)}

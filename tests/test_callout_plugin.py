@@ -453,6 +453,25 @@ def test_a_full_row_remembers_no_new_answer_until_old_ones_are_too_old(verdicts,
     assert table.get("u0@example.com", now, ttl=60) is None
 
 
+@pytest.mark.parametrize("row, step", [(0, -3600), (1, 3600)])
+def test_a_full_row_ages_answers_by_the_callers_clock_not_the_wall_clock(verdicts, monkeypatch,
+                                                                        row, step):
+    # The callers' times are the reactor's steady clock (relaymail.clock),
+    # which a step of the wall clock leaves an hour off it, either way: a
+    # pack must neither drop answers still young nor keep ones too old,
+    # the row full for good.  Found by review.
+    from relaymail.process import shared_counts
+    monkeypatch.setattr(shared_counts, "_PACK_PAUSE", 0.0)
+    table = verdicts(row)
+    now = time.time() + step
+    for n in range(768):
+        assert table.put(f"u{n}@example.com", 550, 0, now - 10, ttl=60)
+    assert not table.put("late@example.com", 550, 0, now, ttl=60)
+    assert table.get("u0@example.com", now, ttl=60) == (550, 0)
+    assert table.put("late@example.com", 550, 0, now, ttl=5)
+    assert table.get("u0@example.com", now, ttl=60) is None
+
+
 def test_two_inbound_workers_ask_the_next_hop_once_about_an_address(tmp_path):
     from tests.test_processes import wait_for_worker, worker_of_session
     hop = NextHop(extensions=("ENHANCEDSTATUSCODES",))

@@ -361,8 +361,9 @@ class SharedBuckets(_Table):
 
 class SharedVerdicts(_Table):
     """Answers remembered by name for every inbound worker together:
-    entries of ``(name hash, when written in ms since the epoch, reply
-    code, enhanced code packed by pack_enhanced)``.  Each worker writes its
+    entries of ``(name hash, when written in ms of the callers' clock (the
+    reactor's, relaymail.clock, shared by every worker), reply code,
+    enhanced code packed by pack_enhanced)``.  Each worker writes its
     own row; a lookup takes the newest entry of any row younger than the
     ``ttl`` asked with.  The callout plugin's
     (relaymail.plugins.callout_cache), one table per kind of answer.
@@ -377,6 +378,7 @@ class SharedVerdicts(_Table):
     def __init__(self, fd, offset, rows, slots, row):
         super().__init__(fd, offset, rows, slots, row)
         self._ttl_ms = 0        # the last ttl get() or put() was given
+        self._now_ms = 0        # and the last time: a pack ages entries by it
         # A worker killed while it packed left its row's count odd: its
         # successor, the row's one writer now, ends that pack (the entries
         # left are whole: each was written before its hash).
@@ -386,10 +388,10 @@ class SharedVerdicts(_Table):
 
     def get(self, key, now, ttl):
         """``(code, packed enhanced code)`` of the newest answer for
-        ``key`` written less than ``ttl`` seconds before ``now`` (seconds
-        since the epoch) in any worker, or None."""
+        ``key`` written less than ``ttl`` seconds before ``now`` (seconds,
+        by the clock put() is given) in any worker, or None."""
         self._ttl_ms = int(ttl * 1000)
-        now_ms = int(now * 1000)
+        self._now_ms = now_ms = int(now * 1000)
         wanted = client_hash(key)
         words = self._words
         best = None
@@ -417,8 +419,9 @@ class SharedVerdicts(_Table):
         """Remember ``code`` and ``enhanced`` for ``key`` in this worker's
         row; False when the row is full of answers still young."""
         self._ttl_ms = int(ttl * 1000)
+        self._now_ms = int(now * 1000)
         wanted = client_hash(key)
-        written = max(1, int(now * 1000))
+        written = max(1, self._now_ms)
         index = self._find(self._row, wanted)
         if index is None:
             return self._claim(wanted, written, code, enhanced) is not None
@@ -441,7 +444,8 @@ class SharedVerdicts(_Table):
             self._words[packs] += 1
 
     def _counts(self, entry):
-        return entry[1] != 0 and time.time() * 1000 - entry[1] < self._ttl_ms
+        # By the writers' clock, not the wall clock, which a step moves.
+        return entry[1] != 0 and self._now_ms - entry[1] < self._ttl_ms
 
 
 def pack_enhanced(enhanced):
