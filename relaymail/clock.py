@@ -1,13 +1,13 @@
 """The reactor's clock: steady seconds that read like the epoch.
 
 Twisted's reactor times every delayed call -- each session's timeout, each
-delivery's, the retry timer, every LoopingCall -- by ``time.time()``, the
+delivery's, every LoopingCall and callLater -- by ``time.time()``, the
 wall clock.  When that clock is stepped (NTP at boot, a virtual machine
 restored from a snapshot, ``date -s``) every pending call moves with it:
 stepped back an hour, no session times out and no timer fires for an
-hour, so a slow client holds its connection and the queue stands still;
-stepped forward, every timeout fires at once, dropping every session and
-every delivery under way.  ``CLOCK_MONOTONIC`` is never stepped, so the
+hour, so a slow client holds its connection and a stalled next hop its
+delivery; stepped forward, every timeout fires at once, dropping every
+session and every delivery under way.  ``CLOCK_MONOTONIC`` is never stepped, so the
 relay's reactors run on it, plus the offset that made it read as the
 epoch when the master started: times a reactor gives still look like
 Twisted's (a web log line's date), and every worker is given the
@@ -16,7 +16,10 @@ master's offset so that the times the workers share through memory
 stepped between their starts.
 
 What is wall-clock time by nature stays so: a record's arrival and next
-attempt, a log line's date, a certificate's validity.
+attempt, a log line's date, a certificate's validity.  So a deferred
+message's retry, due at the time its record names, waits out a step
+back of the wall clock, as Postfix's do (its queue file's time); new
+mail goes at once.
 """
 
 import os
