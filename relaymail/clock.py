@@ -6,14 +6,14 @@ wall clock.  When that clock is stepped (NTP at boot, a virtual machine
 restored from a snapshot, ``date -s``) every pending call moves with it:
 stepped back an hour, no session times out and no timer fires for an
 hour, so a slow client holds its connection and a stalled next hop its
-delivery; stepped forward, every timeout fires at once, dropping every
-session and every delivery under way.  ``CLOCK_MONOTONIC`` is never stepped, so the
-relay's reactors run on it, plus the offset that made it read as the
-epoch when the master started: times a reactor gives still look like
-Twisted's (a web log line's date), and every worker is given the
-master's offset so that the times the workers share through memory
-(relaymail.process.shared_counts) agree even when the wall clock was
-stepped between their starts.
+delivery; stepped forward, every timeout is due at the reactor's next
+turn, dropping every session and every delivery under way.
+``CLOCK_MONOTONIC`` is never stepped, so the relay's reactors run on it,
+plus the offset that made it read as the epoch when the master started:
+times a reactor gives still look like Twisted's (a web log line's date),
+and every worker is given the master's offset so that the times the
+workers share through memory (relaymail.process.shared_counts) agree
+even when the wall clock was stepped between their starts.
 
 What is wall-clock time by nature stays so: a record's arrival and next
 attempt, a log line's date, a certificate's validity.  So a deferred

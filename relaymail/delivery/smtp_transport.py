@@ -230,7 +230,7 @@ class _Answer:
     retry.  One waiting for a connection or for its next host is not
     sent, one under way whose message has not begun to go has its
     connection dropped ("not sent"); one whose message went goes on, and
-    what it does is not reported ("may have been delivered"): twice
+    what it does reaches only the log ("may have been delivered"): twice
     rather than never.  (A caller whose callbacks wait on more after that
     answer is ended by the runner, TransportRunner._not_ended.)"""
 
