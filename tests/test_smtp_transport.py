@@ -76,6 +76,12 @@ class SMTPTransportTests(unittest.TestCase):
         self.addCleanup(self.pool_idle)
 
     @defer.inlineCallbacks
+    def until_set(self, event):
+        """Until ``event`` is set (by a next hop's or a transport's thread)."""
+        while not event.is_set():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    @defer.inlineCallbacks
     def pool_idle(self):
         """Once a job is reported the pool still says QUIT and closes."""
         for _ in range(500):
@@ -169,8 +175,7 @@ class SMTPTransportTests(unittest.TestCase):
         reached = self.slow_second_transaction()
         recipients = [f"r{n}@one.test" for n in range(1, 5)]
         d = self.transport.deliver(self.queued(recipients), recipients, None)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.until_set(reached)
         self.pool.stop()
         result = yield d
         self.assertEqual([(r, result[r].kind, result[r].reason) for r in recipients], [
@@ -245,8 +250,7 @@ class SMTPTransportTests(unittest.TestCase):
         runner = self.runner_with(site, *others, message_for=message_for)
         job, ended = self.site_job([f"r{n}@one.test" for n in range(1, 5)])
         runner.submit(job)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.until_set(reached)
         return runner, ended
 
     @defer.inlineCallbacks
@@ -361,11 +365,7 @@ class SMTPTransportTests(unittest.TestCase):
 
         runner, ended = yield self.held_in_the_second_transaction(
             self.forward(), Hook(), message_for=message_for)
-        hook_job, hook_ended = self.site_job(["x@one.test"])
-        hook_job.destination = TransportHop("hook")
-        runner.submit(hook_job)
-        while not reading.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        hook_ended = yield self.submitted_to(runner, "hook", reading)
         runner.stop()
         read_may_end.set()
         how, decided = yield ended
@@ -389,11 +389,7 @@ class SMTPTransportTests(unittest.TestCase):
                 return {r: RecipientOutcome.delivered() for r in recipients}
 
         runner, ended = yield self.held_in_the_second_transaction(self.forward(), Slow())
-        slow_job, slow_ended = self.site_job(["x@one.test"])
-        slow_job.destination = TransportHop("slow")
-        runner.submit(slow_job)
-        while not started.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        slow_ended = yield self.submitted_to(runner, "slow", started)
         runner.stop()
         self.assertEqual(slow_ended.result, ("abandoned", ()))
         self.assertFalse(ended.called)
@@ -401,6 +397,16 @@ class SMTPTransportTests(unittest.TestCase):
         how, decided = yield ended
         self.assertEqual(how, "abandoned")
         yield slow_ended
+
+    @defer.inlineCallbacks
+    def submitted_to(self, runner, name, started):
+        """A site job for x@one.test submitted to ``runner`` for transport
+        ``name``, once that transport sets ``started``: its ``ended``."""
+        job, ended = self.site_job(["x@one.test"])
+        job.destination = TransportHop(name)
+        runner.submit(job)
+        yield self.until_set(started)
+        return ended
 
     def hold_second_hop(self):
         """The second next hop holds every MAIL until the test ends or the
@@ -503,8 +509,7 @@ class SMTPTransportTests(unittest.TestCase):
 
         setattr(self.first, hook, held)
         d = self.transport.deliver(self.queued(recipients), recipients, None)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.until_set(reached)
         return d, release
 
     @defer.inlineCallbacks
@@ -589,8 +594,7 @@ class SMTPTransportTests(unittest.TestCase):
         self.second._converse = slow
         self.first.mail_reply = lambda sender: (451, "4.3.0 try later")
         d = self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.until_set(reached)
         d.cancel()
         self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
             "deferred", "4.4.2", "not sent: the delivery was given up before its message went")})
@@ -615,8 +619,7 @@ class SMTPTransportTests(unittest.TestCase):
         self.first.mail_reply = lambda sender: (451, "4.3.0 try later")
         lines = self.log_lines()
         d = self.transport.deliver(self.queued(["a@one.test"]), ["a@one.test"], None)
-        while not reached.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.until_set(reached)
         d.cancel()
         release.set()
         yield self.pool_idle()
@@ -677,8 +680,7 @@ class SMTPTransportTests(unittest.TestCase):
 
         message = Slow(BODY, "alice@sender.test", ["a@one.test"])
         d = self.transport.deliver(message, ["a@one.test"], None)
-        while not opened.is_set():
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.until_set(opened)
         d.cancel()
         self.assertEqual(d.result, {"a@one.test": RecipientOutcome(
             "deferred", "4.4.2",
