@@ -195,6 +195,54 @@ def test_no_linger_without_something_to_expect():
     assert store.sizes == [1]
 
 
+class _TurnReactor(_ImmediateReactor):
+    """Runs what is called later only when told to: the end of a turn."""
+
+    def __init__(self):
+        self.later = []
+
+    def callLater(self, delay, function, *args):
+        call = task.DelayedCall(0, function, args, {}, self.later.remove,
+                                lambda call: None, seconds=lambda: 0)
+        self.later.append(call)
+        return call
+
+    def end_turn(self):
+        for call in list(self.later):
+            self.later.remove(call)
+            call.called = True
+            call.func(*call.args)
+
+
+def gathering():
+    store, turns = Batches(), _TurnReactor()
+    removals = CommitBatcher(turns, store, gather=True)
+    removals.start()
+    return removals, store, turns
+
+
+def test_gathered_items_go_over_together_at_the_end_of_the_turn():
+    removals, store, turns = gathering()
+    results = []
+    for item in ("a", "b", "c"):
+        removals.submit(item).addCallback(results.append)
+        time.sleep(0.02)        # the thread could take an item handed over at once
+    assert store.sizes == [] and len(turns.later) == 1
+    turns.end_turn()
+    assert store.stored.wait(10)
+    removals.stop()
+    assert store.sizes == [3] and results == ["a", "b", "c"]
+
+
+def test_stop_hands_over_what_this_turn_gathered():
+    removals, store, turns = gathering()
+    results = []
+    removals.submit("a").addCallback(results.append)
+    removals.stop()
+    assert store.sizes == [1] and results == ["a"]
+    assert turns.later == []        # the hand-over it would have made is cancelled
+
+
 # -- the spool, with real files -------------------------------------------------
 
 class SpoolCommitDelayTests(unittest.TestCase):

@@ -682,6 +682,33 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(unlinked_in, {"relaymail-unlink"})
         self.assertEqual((yield self.spool.remove_soon(queue_ids[0])), False)
 
+
+    @defer.inlineCallbacks
+    def test_the_removals_of_one_reactor_turn_reach_the_thread_as_one_batch(self):
+        queue_ids = yield defer.gatherResults(
+            [self.begin().commit(make_envelope()) for _ in range(3)])
+        yield self.spool.stop()
+        batches = []
+        remove_batch = self.spool._remove_batch
+
+        def recorded(ids):
+            batches.append(list(ids))
+            return remove_batch(ids)
+        # Before start(), which hands it to the unlink thread.
+        self.spool._remove_batch = recorded
+        self.spool.start()
+        removals = []
+        for queue_id in queue_ids:
+            removals.append(self.spool.remove_soon(queue_id))
+            # The reactor thread lets the GIL go between two deliveries'
+            # replies (a sendto, a read): time for the thread to take a
+            # removal handed over at once on its own.
+            time.sleep(0.02)
+        self.assertEqual(batches, [])
+        removed = yield defer.gatherResults(removals)
+        self.assertEqual(removed, [True] * 3)
+        self.assertEqual(batches, [queue_ids])
+        self.assertEqual(listing(self.spool, "active"), [])
     @defer.inlineCallbacks
     def test_stop_waits_for_the_removals_asked_for(self):
         queue_id = yield self.begin().commit(make_envelope())

@@ -191,8 +191,10 @@ class Spool(service.Service):
         self._batcher.start()
         # Removals get a thread of their own rather than a place in the
         # commit thread's batches: they need no sync, and a 250 should not
-        # wait behind unlinks, nor an unlink behind a syncfs.
-        self._remover = CommitBatcher(self._reactor, self._remove_batch, name="relaymail-unlink")
+        # wait behind unlinks, nor an unlink behind a syncfs.  The removals
+        # of one reactor turn go over together (gather).
+        self._remover = CommitBatcher(self._reactor, self._remove_batch, name="relaymail-unlink",
+                                      gather=True)
         self._remover.start()
         self._accepting = True
 
@@ -908,8 +910,9 @@ class Spool(service.Service):
         """:meth:`remove`, in the spool's unlink thread: for the delivery
         engine, whose reactor thread must not wait on the file system (the
         unlink(2) calls per delivered message were 30% of its time, queued
-        behind the commit thread's syncs).  Removals waiting at the
-        same moment go in one batch.
+        behind the commit thread's syncs).  The removals asked for in
+        one turn of the reactor go to that thread together, at the end of
+        the turn, as one batch.
 
         :return: a Deferred of :meth:`remove`'s result; :meth:`stop` waits
             for it.
