@@ -331,6 +331,28 @@ def test_with_a_log_file_the_workers_events_reach_it_through_the_master(tmp_path
     assert re.fullmatch(r"\S+ \[delivery\.0 relaymail\.queue\.spool\.Spool#warn\] .*", warning)
 
 
+def test_workers_never_import_a_relaymail_found_in_the_launch_directory(tmp_path, nexthop):
+    # A relay started from a directory others can write (/tmp), or from
+    # one holding another checkout: a relaymail/ there must not be what
+    # the workers, which start as root, import instead of the master's.
+    planted = tmp_path / "relaymail"
+    planted.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'a').write('ran')\n"
+        "raise SystemExit('the planted relaymail was imported')\n")
+    relay = relay_with(tmp_path, nexthop.port, inbound=1, delivery=1)
+    relay.start()               # cwd: tmp_path, the launch directory
+    try:
+        queue_id = send(relay, "alice@example.org", ["bob@example.net"])
+        [message] = nexthop.wait_for(1)
+    finally:
+        relay.stop()
+    assert queue_id.encode() in message["data"]
+    assert not marker.exists()
+    assert "planted" not in relay.log()
+
+
 def test_the_start_check_reads_the_files_of_the_config_the_master_read(tmp_path):
     # The check runs a worker's start for real (as the --uid user; here as
     # ourselves) on the text the master read, not on the file as it is now.

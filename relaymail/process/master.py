@@ -57,6 +57,14 @@ from relaymail.queue.spool import Spool
 
 log = Logger(namespace="relaymail.process")
 
+#: How a worker is started.  -P (Python 3.11): its sys.path does not begin
+#: with its working directory, the launch directory, as ``python -m``'s
+#: does.  Without it a relaymail/ there was what the workers imported, as
+#: root: an administrator's checkout, older or newer than the installed
+#: relay the master runs, or one planted by anyone who can write there
+#: (a relay started from /tmp).
+WORKER_COMMAND = (sys.executable, "-P", "-m", "relaymail.process.worker")
+
 #: A worker that exits within this many seconds of starting "died young":
 #: its successor waits, twice as long each time, up to MAX_RESTART_DELAY.
 YOUNG = 10.0
@@ -293,7 +301,7 @@ class Master(service.Service):
             arguments += ["--fd", f"{name}={number}"]
             if name == "ready":
                 worker.ready_fd = number
-        argv = [sys.executable, "-m", "relaymail.process.worker", *arguments]
+        argv = [*WORKER_COMMAND, *arguments]
         env = self._launch.environment(_environment())
         if self.metrics_dir is not None:
             env = self.metrics_dir.environment(env)
@@ -580,7 +588,7 @@ def check_workers_can_start(launch, uid, gid):
         if gid is not None and gid >= 0:
             os.setgid(gid)
         os.setuid(uid)
-    argv = [sys.executable, "-m", "relaymail.process.worker", "check", "--name", "check",
+    argv = [*WORKER_COMMAND, "check", "--name", "check",
             "--slot", "0", "--master-pid", str(os.getpid()), *launch.arguments()]
     try:
         tried = subprocess.run(argv, env=launch.environment(_environment()), capture_output=True,
