@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from relaymail import clock, logobserver
+from relaymail import clock, dispatch, logobserver
 from relaymail.auth.checker import make_portal
 from relaymail.auth.passwords import PasswordFileError
 from relaymail.config import ConfigError, load_config, read_config_text
@@ -607,6 +607,7 @@ def _run_as(options):
 def makeService(options):
     from twisted.internet import reactor
     clock.run_steadily(reactor)
+    dispatch.dispatch_plainly(reactor)
     try:
         # Read once: the workers get this text and this directory, so they
         # check the settings the master checked, whatever the file or

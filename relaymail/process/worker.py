@@ -111,9 +111,10 @@ def main(argv=None):
     except ConfigError as error:
         raise SystemExit(f"relaymail {arguments.name}: {error}")
     from twisted.internet import reactor
-    from relaymail import clock
+    from relaymail import clock, dispatch
     from relaymail.process import roles
     clock.run_steadily(reactor)     # before anything is timed by it
+    dispatch.dispatch_plainly(reactor)
     fds = dict(arguments.fd)
     for fd in fds.values():
         # Ours alone: a process a plugin starts must not keep the spool
