@@ -39,8 +39,10 @@ def dispatch_plainly(reactor):
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:         # not Linux
         return False
-    if getattr(type(reactor), "doPoll", None) is not EPollReactor.doPoll:
-        return False
+    kind = type(reactor)
+    if (getattr(kind, "doPoll", None) is not EPollReactor.doPoll
+            or getattr(kind, "doIteration", None) is not EPollReactor.doIteration):
+        return False        # another kind, or a subclass with a loop of its own
     try:
         poller = reactor._poller
         selectables = reactor._selectables

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaymail.config import ConfigError
-from relaymail.queue.batch import CommitBatcher
+from relaymail.queue.batch import MAX_BATCH, CommitBatcher
 from relaymail.queue.spool import Spool
 from relaymail.smtp.sessions import OpenSessions, OpenTransactions
 from tests.relay_process import RelayProcess
@@ -241,6 +241,43 @@ def test_stop_hands_over_what_this_turn_gathered():
     removals.stop()
     assert store.sizes == [1] and results == ["a"]
     assert turns.later == []        # the hand-over it would have made is cancelled
+
+
+def test_a_batch_joined_from_gathered_lists_stays_within_max_batch():
+    release = threading.Event()
+    sizes = []
+
+    def store(items):
+        if items == ["blocker"]:
+            release.wait(10)        # the thread is busy while two lists queue up
+        sizes.append(len(items))
+        return list(items)
+    turns = _TurnReactor()
+    removals = CommitBatcher(turns, store, gather=True)
+    removals.start()
+    removals.submit("blocker")
+    turns.end_turn()
+    for count in (MAX_BATCH - 1, MAX_BATCH):
+        time.sleep(0.05)
+        for item in range(count):
+            removals.submit(item)
+        turns.end_turn()
+    release.set()
+    removals.stop()
+    assert sizes == [1, MAX_BATCH - 1, MAX_BATCH]
+
+
+def test_a_submission_from_another_thread_goes_to_the_thread_at_once():
+    # callLater is for the reactor's thread alone, and would not wake a
+    # reactor asleep in epoll_wait.
+    removals, store, turns = gathering()
+    results = []
+    submitting = threading.Thread(target=lambda: removals.submit("a").addCallback(results.append))
+    submitting.start()
+    submitting.join(10)
+    assert store.stored.wait(10)
+    removals.stop()
+    assert store.sizes == [1] and results == ["a"] and turns.later == []
 
 
 # -- the spool, with real files -------------------------------------------------

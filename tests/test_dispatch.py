@@ -103,3 +103,20 @@ def test_a_reactor_of_another_kind_is_left_alone():
         assert "doIteration" not in vars(reactor)
     finally:
         reactor.removeAll()
+
+
+def test_an_epoll_reactor_with_a_loop_of_its_own_is_left_alone():
+    class Counting(EPollReactor):
+        turns = 0
+
+        def doIteration(self, timeout):
+            self.turns += 1
+            return EPollReactor.doIteration(self, timeout)
+    reactor = Counting()
+    try:
+        assert dispatch_plainly(reactor) is False
+        reactor.iterate(0)
+        assert reactor.turns == 1
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()

@@ -36,9 +36,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 _STOP = object()
-#: Most messages in one batch: a bound on what one failure can take down
-#: (a batch taken as it comes; one that joins gathered lists may reach twice
-#: this, each list being at most this).
+#: Most messages in one batch: a bound on what one failure can take down.
 MAX_BATCH = 256
 
 
@@ -106,7 +104,9 @@ class CommitBatcher:
         are read in one turn).  Handed over one by one, each woke the
         thread, which took the GIL from the reactor thread and woke the
         reactor back: a dozen futex(2) calls and a pipe write per item.
-        ``submit`` must then be called in the reactor thread.
+        Only submissions from the thread that made the batcher (the
+        reactor's) are gathered: ``callLater`` is for that thread alone,
+        so one from any other goes to the thread at once.
     """
 
     def __init__(self, reactor, store_batch, name="relaymail-commit", linger=0.0,
@@ -119,6 +119,7 @@ class CommitBatcher:
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._gather = gather
+        self._gathering_thread = threading.get_ident()
         self._gathered = []
         self._handing_over = None   # the DelayedCall that hands _gathered over
 
@@ -135,7 +136,7 @@ class CommitBatcher:
 
     def submit(self, item):
         d = defer.Deferred()
-        if not self._gather:
+        if not self._gather or threading.get_ident() != self._gathering_thread:
             self._queue.put([(item, d)])
         else:
             if not self._gathered:
@@ -149,8 +150,12 @@ class CommitBatcher:
             self._queue.put(gathered[start:start + MAX_BATCH])
 
     def _run(self):
+        held = None     # a list taken that would have made the last batch too big
         while True:
-            first = self._queue.get()
+            if held is not None:
+                first, held = held, None
+            else:
+                first = self._queue.get()
             if first is _STOP:
                 return
             batch = list(first)
@@ -163,9 +168,12 @@ class CommitBatcher:
                 if jobs is _STOP:
                     stop = True
                     break
+                if len(batch) + len(jobs) > MAX_BATCH:
+                    held = jobs
+                    break
                 batch.extend(jobs)
-            if not stop and self._linger > 0:
-                stop = self._wait_for_more(batch)
+            if not stop and held is None and self._linger > 0:
+                stop, held = self._wait_for_more(batch)
             try:
                 results = self._store_batch([item for item, _ in batch])
             except BaseException as error:      # a bug: fail the batch, keep going
@@ -176,7 +184,11 @@ class CommitBatcher:
 
     def _wait_for_more(self, batch):
         """Add to ``batch`` what comes within the linger while more is
-        expected; True if told to stop meanwhile."""
+        expected.
+
+        :return: ``(stop, held)``: whether told to stop meanwhile, and a
+            list taken that would have made the batch too big, or None.
+        """
         deadline = time.monotonic() + self._linger
         while len(batch) < MAX_BATCH and self._expected() > 0:
             left = deadline - time.monotonic()
@@ -187,9 +199,11 @@ class CommitBatcher:
             except queue.Empty:
                 break
             if jobs is _STOP:
-                return True
+                return True, None
+            if len(batch) + len(jobs) > MAX_BATCH:
+                return False, jobs
             batch.extend(jobs)
-        return False
+        return False, None
 
     @staticmethod
     def _deliver(batch, results):
