@@ -120,3 +120,16 @@ def test_the_trailer_names_the_record_and_its_checksum(spool):
     assert int(offset, 16) == len(BODY)
     assert int(crc, 16) == zlib.crc32(line)
     assert json.loads(line)["id"] == queue_id
+
+
+def test_a_record_is_one_compact_line_of_ascii_that_reads_back_the_same():
+    record = records.new_record(
+        "3645Q7VGEH4000T1",
+        Envelope(sender="jürgen@example.org", recipients=["bob@example.com"],
+                 client_ip="192.0.2.7", helo="client.example.org", received_at=1767225600.0),
+        len(BODY), 1767225600.0)
+    line = records.encode(record)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert line.startswith(b'{"version":1,') and b'"sender":"j\\u00fcrgen@example.org"' in line
+    assert b": " not in line and b", " not in line
+    assert records.decode(line, "3645Q7VGEH4000T1") == record
