@@ -21,6 +21,7 @@ in a reply.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ class Mailbox:
         """
         if self.domain == "" or self.is_address_literal:
             return self.domain.lower()
-        return _check_domain(self.domain, smtputf8=True)
+        return _check_domain(self.domain, True)
 
     @property
     def is_address_literal(self) -> bool:
@@ -345,6 +346,11 @@ def _check_local_part(local: str) -> None:
 
 # -- Domain ------------------------------------------------------------------
 
+# Remembered: a relay sees the same few domains again and again, and each
+# is checked several times a message (MAIL, RCPT, routing, domain_key):
+# 3 us a check, 0.2 us remembered.  Only valid domains are kept (an
+# AddressError is not), at most this many, the least recently used going.
+@functools.lru_cache(maxsize=4096)
 def _check_domain(domain: str, smtputf8: bool) -> str:
     """Check Domain = sub-domain *("." sub-domain) and return its key form:
     lower case with U-labels turned into A-labels."""

@@ -633,3 +633,16 @@ def test_split_round_trips_parameters(local, domain, params):
     words = [key if value is None else f"{key}={value}" for key, value in params.items()]
     arg = " ".join([f"FROM:<{local}@{domain}>"] + words)
     assert split_mail_argument(arg, "FROM") == (f"<{local}@{domain}>", params)
+
+
+def test_a_valid_domain_is_checked_once_and_an_invalid_one_every_time():
+    from relaymail.address import _check_domain
+    _check_domain.cache_clear()
+    for _ in range(3):
+        assert parse_forward_path("<bob@Mail.Example.NET>").domain_key == "mail.example.net"
+    # The parse checks "Mail.Example.NET" as written; domain_key once more.
+    assert _check_domain.cache_info().misses == 2
+    for _ in range(2):
+        with pytest.raises(AddressError, match="hyphen at start or end of domain label"):
+            parse_forward_path("<bob@-bad.example>")
+    assert _check_domain.cache_info().currsize == 2
