@@ -395,6 +395,21 @@ def test_received_header_escapes_what_would_start_a_forged_field():
         b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
 
 
+def test_received_headers_of_successive_seconds_and_clients_each_get_their_own():
+    # The date of a second and a client's address literal are remembered;
+    # each header still says its own.
+    from relaymail.smtp.received import received_header
+    headers = [received_header("c.test", ip, "mx.test", "ESMTP", "Q0001", when=when)
+               for ip, when in [("192.0.2.1", 1700000000.9), ("2001:db8::1", 1700000001.0),
+                                ("192.0.2.1", 1700000000.0), ("::ffff:192.0.2.9", 1700000059.5)]]
+    assert [header.splitlines()[0] for header in headers] == [
+        b"Received: from c.test ([192.0.2.1])", b"Received: from c.test ([IPv6:2001:db8::1])",
+        b"Received: from c.test ([192.0.2.1])", b"Received: from c.test ([192.0.2.9])"]
+    assert [header.splitlines()[-1] for header in headers] == [
+        b"\tTue, 14 Nov 2023 22:13:20 +0000", b"\tTue, 14 Nov 2023 22:13:21 +0000",
+        b"\tTue, 14 Nov 2023 22:13:20 +0000", b"\tTue, 14 Nov 2023 22:14:19 +0000"]
+
+
 def test_transaction_is_cleared_after_data(session):
     transaction(session)
     session.command(b"DATA")
