@@ -86,6 +86,11 @@ class RelayProcess:
                     return self
             except OSError:
                 time.sleep(0.05)
+        # Not left running (a test that fails here never reaches its stop):
+        # a relay that never listened would go on restarting its workers.
+        self.process.kill()
+        self.process.wait(15)
+        self._wait_for_the_workers()
         raise RuntimeError(f"relay did not listen:\n{self.log()}")
 
     def stop(self, sig=signal.SIGTERM):
