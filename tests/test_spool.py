@@ -682,7 +682,6 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(unlinked_in, {"relaymail-unlink"})
         self.assertEqual((yield self.spool.remove_soon(queue_ids[0])), False)
 
-
     @defer.inlineCallbacks
     def test_the_removals_of_one_reactor_turn_reach_the_thread_as_one_batch(self):
         queue_ids = yield defer.gatherResults(
@@ -709,6 +708,7 @@ class DeferredCommitTests(unittest.TestCase):
         self.assertEqual(removed, [True] * 3)
         self.assertEqual(batches, [queue_ids])
         self.assertEqual(listing(self.spool, "active"), [])
+
     @defer.inlineCallbacks
     def test_stop_waits_for_the_removals_asked_for(self):
         queue_id = yield self.begin().commit(make_envelope())
