@@ -18,6 +18,7 @@ traceback's further lines from a new event.
 """
 
 import json
+import re
 import sys
 import time
 
@@ -38,6 +39,14 @@ _format = "text"
 # them off; the DNS servers in use are in resolv.conf for whoever asks.
 _RESOLVER_NOISE = ("Resolver added ", "changed, reparsing")
 
+# And the two lines Twisted's UDP port writes for every DNS query, since
+# each query has a port of its own: "_UDPQuery starting on 43861" (relaymail's
+# resolver, relaymail.delivery.secure_dns; "DNSDatagramProtocol ..." for
+# twisted.names') and "(UDP Port 43861 Closed)".  A relay delivering to MX
+# hosts asks several names a message: these were most of its log.
+_QUERY_PORT_NOISE = re.compile(
+    r"(?:_UDPQuery|DNSDatagramProtocol) starting on \d+|\(UDP Port \d+ Closed\)")
+
 
 def is_noise(event):
     """True for an event no observer of ours writes."""
@@ -46,7 +55,8 @@ def is_noise(event):
         return False
     text = message[0]
     return isinstance(text, str) and (text.startswith(_RESOLVER_NOISE[0])
-                                      or text.endswith(_RESOLVER_NOISE[1]))
+                                      or text.endswith(_RESOLVER_NOISE[1])
+                                      or _QUERY_PORT_NOISE.fullmatch(text) is not None)
 
 
 @implementer(ILogObserver)

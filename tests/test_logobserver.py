@@ -5,7 +5,9 @@ import io
 import json
 import pickle
 
-from twisted.logger import Logger, LogPublisher, eventAsJSON, formatEvent, textFileLogObserver
+from twisted.logger import (
+    Logger, LogPublisher, eventAsJSON, formatEvent, globalLogPublisher, textFileLogObserver)
+from twisted.python import log as legacy_log
 from twisted.scripts._twistd_unix import ServerOptions
 
 from relaymail import logline, logobserver
@@ -124,3 +126,19 @@ def test_a_copied_logline_event_keeps_its_text():
     for copied in (copy.deepcopy(events[0]), pickle.loads(pickle.dumps(events[0]["log_format"]))):
         form = copied["log_format"] if isinstance(copied, dict) else copied
         assert form == "s1: {{ABC}}" and form.text == "s1: {ABC}"
+
+
+def test_the_lines_of_a_dns_query_port_are_left_out_and_other_ports_are_not():
+    out = io.StringIO()
+    observer = TextObserver(out)
+    globalLogPublisher.addObserver(observer)
+    try:
+        for text in ["_UDPQuery starting on 43861", "DNSDatagramProtocol starting on 5300",
+                     "(UDP Port 43861 Closed)", "SMTPFactory starting on 2525",
+                     "(TCP Port 2525 Closed)", "(UDP Port 43861 Closed) and more"]:
+            legacy_log.msg(text)        # as Twisted's ports write them
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [line.split(" ", 2)[2] for line in out.getvalue().splitlines()] == [
+        "SMTPFactory starting on 2525", "(TCP Port 2525 Closed)",
+        "(UDP Port 43861 Closed) and more"]

@@ -6,14 +6,18 @@ names it is told are signed, truncates the UDP answers it is told to, and
 can be made to answer SERVFAIL (a bogus signature) or a forged id.
 """
 
+import io
+
 from twisted.internet import defer, reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import globalLogPublisher
 from twisted.names import dns
 from twisted.trial import unittest
 
 from relaymail.delivery.secure_dns import (
     Answer, DNSLookupError, SecureResolver, nameservers, trusts_ad)
+from relaymail.logobserver import TextObserver
 from tests.test_routing import A, MX, RecordingServer, Zone
 
 
@@ -105,6 +109,21 @@ class SecureResolverTests(unittest.TestCase):
         self.assertEqual(record.payload.name.name, b"mx.signed.test")
         # AD and DO were both asked (RFC 6840 5.7, RFC 3225).
         self.assertEqual(self.server.flags_seen, [(True, True)])
+
+    @defer.inlineCallbacks
+    def test_a_query_writes_no_line_to_the_log(self):
+        # Each query has a UDP port of its own; Twisted announces the port
+        # and the protocol as they start and stop.  Four lines a query, and
+        # a relay delivering to MX hosts asks several names a message.
+        out = io.StringIO()
+        observer = TextObserver(out)
+        globalLogPublisher.addObserver(observer)
+        try:
+            yield self.resolver.lookup("mx.plain.test", dns.A)
+            yield self.resolver.lookup("signed.test", dns.MX)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.assertEqual(out.getvalue(), "")
 
     @defer.inlineCallbacks
     def test_an_unsigned_answer_is_not_authenticated(self):

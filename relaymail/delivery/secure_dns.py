@@ -240,6 +240,7 @@ class _Query:
 
 class _UDPQuery(_Query, protocol.DatagramProtocol):
     port = None
+    noisy = False       # no "Starting protocol"/"Stopping protocol" line per query
 
     def start(self, reactor, server):
         try:
