@@ -88,9 +88,7 @@ class RelayProcess:
                 time.sleep(0.05)
         # Not left running (a test that fails here never reaches its stop):
         # a relay that never listened would go on restarting its workers.
-        self.process.kill()
-        self.process.wait(15)
-        self._wait_for_the_workers()
+        self.stop(signal.SIGKILL)
         raise RuntimeError(f"relay did not listen:\n{self.log()}")
 
     def stop(self, sig=signal.SIGTERM):

@@ -214,8 +214,8 @@ class _TurnReactor(_ImmediateReactor):
             call.func(*call.args)
 
 
-def gathering():
-    store, turns = Batches(), _TurnReactor()
+def gathering(store=None):
+    store, turns = store or Batches(), _TurnReactor()
     removals = CommitBatcher(turns, store, gather=True)
     removals.start()
     return removals, store, turns
@@ -252,9 +252,7 @@ def test_a_batch_joined_from_gathered_lists_stays_within_max_batch():
             release.wait(10)        # the thread is busy while two lists queue up
         sizes.append(len(items))
         return list(items)
-    turns = _TurnReactor()
-    removals = CommitBatcher(turns, store, gather=True)
-    removals.start()
+    removals, _, turns = gathering(store)
     removals.submit("blocker")
     turns.end_turn()
     for count in (MAX_BATCH - 1, MAX_BATCH):
